@@ -1,0 +1,152 @@
+"""``run_with_hooks(..., remote=True)``: trace the hooks TL would call, run the graph on the
+server, and hand back what TL would have returned."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from hookwire.client import RemoteModelInfo, get_connection
+from hookwire.errors import HookwireError, TraceError
+from hookwire.frames import DTYPE_NAMES
+from hookwire.rebind import rebind
+from hookwire.trace import Proxy, Tracer, tracing
+
+RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+def model_name_of(model, remote_model: str | None) -> str:
+    if remote_model:
+        return remote_model
+    stand_in = getattr(model, "_hookwire_remote", None)
+    if stand_in:
+        return stand_in["model"]
+    return model.cfg.model_name
+
+
+def hook_label(hp, key) -> str:
+    """The user's hook function as a readable name (TL wraps it in ``full_hook``)."""
+    for handle in getattr(hp, "fwd_hooks", []):
+        if getattr(handle.hook, "id", None) == key and handle.user_hook is not None:
+            fn = handle.user_hook
+            if isinstance(fn, functools.partial):
+                return f"partial({getattr(fn.func, '__qualname__', fn.func)!s})"
+            return getattr(fn, "__qualname__", None) or repr(fn)
+    return "hook"
+
+
+def tokens_of(model, input) -> torch.Tensor:
+    if isinstance(input, torch.Tensor):
+        tokens = input
+    elif isinstance(input, (str, list)):
+        tokens = model.to_tokens(input)
+    else:
+        raise TypeError(f"remote runs take token ids or text, not {type(input).__name__}")
+    if tokens.device.type == "meta":
+        raise HookwireError("token ids are on the meta device")
+    tokens = tokens.detach().to("cpu")
+    if tokens.dim() == 1:
+        tokens = tokens.unsqueeze(0)
+    return tokens.to(torch.int64)
+
+
+def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
+                      tracer: Tracer) -> None:
+    """Call every forward hook TL registered, in the server's firing order, on proxies."""
+    hook_dict = model.hook_dict
+    hooked = {id(hp) for hp in hook_dict.values() if getattr(hp, "_forward_hooks", None)}
+    covered = set()
+    with tracing(tracer):
+        for site in info.sites:
+            hp = hook_dict.get(site.name)
+            if hp is None or not hp._forward_hooks:
+                continue
+            covered.add(id(hp))
+            x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
+                                 site.dtype)
+            index = len(tracer.sites) - 1
+            out = x
+            for key, fn in list(hp._forward_hooks.items()):
+                tracer.context = (hook_label(hp, key), site.name)
+                if hp._forward_hooks_with_kwargs.get(key):
+                    result = fn(hp, (x,), {}, out)
+                else:
+                    result = fn(hp, (x,), out)
+                if result is not None:
+                    out = result
+            tracer.context = None
+            if x._hw_version > 0:
+                tracer.write_site(index, x, "inplace")
+            if out is not x:
+                _check_replacement(out, x, site.name)
+                tracer.write_site(index, out, "replace")
+            del x, out, result
+    missing = hooked - covered
+    if missing:
+        names = [n for n, hp in hook_dict.items() if id(hp) in missing]
+        raise HookwireError(f"hooks on {names[:5]} cannot run remotely: the server's model "
+                            "has no such site (is it the same architecture?)")
+
+
+def _check_replacement(out, x, site_name):
+    if not isinstance(out, torch.Tensor):
+        raise TraceError(f"a hook on {site_name!r} returned a {type(out).__name__}; return a "
+                         "tensor or None")
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
+        raise TraceError(f"a hook on {site_name!r} returned a tensor of shape "
+                         f"{tuple(out.shape)} {out.dtype}; the activation is {tuple(x.shape)} "
+                         f"{x.dtype}")
+
+
+def build_request(tracer: Tracer, model_name: str, tokens: torch.Tensor, return_type,
+                  loss_per_token: bool) -> tuple[dict, dict]:
+    tensors = {"input_ids": tokens}
+    tensors.update(tracer.constants)
+    graph = {"version": 1, "model": model_name, "inputs": {"input_ids": "input_ids"},
+             "constants": list(tracer.constants), "sites": tracer.sites,
+             "nodes": tracer.nodes, "saves": tracer.saves,
+             "forward": {"return_type": return_type, "loss_per_token": loss_per_token}}
+    return graph, tensors
+
+
+def run_remote(model, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True,
+               clear_contexts=False, return_type="logits", stop_at_layer=None,
+               start_at_layer=None, remove_batch_dim=False, *, remote=True,
+               remote_model=None, loss_per_token=False, **kwargs):
+    if return_type not in RETURN_TYPES:
+        raise ValueError(f"return_type must be one of {RETURN_TYPES}")
+    if bwd_hooks:
+        raise HookwireError("bwd_hooks are not supported in remote runs yet")
+    for name, value in (("stop_at_layer", stop_at_layer), ("start_at_layer", start_at_layer)):
+        if value is not None:
+            raise HookwireError(f"{name} is not supported in remote runs yet")
+    if remove_batch_dim or kwargs:
+        raise HookwireError(f"unsupported arguments for a remote run: "
+                            f"{['remove_batch_dim'] if remove_batch_dim else list(kwargs)}")
+    stand_in = getattr(model, "_hookwire_remote", None) or {}
+    url = remote if isinstance(remote, str) else stand_in.get("url")
+    conn = get_connection(url, stand_in.get("api_key"))
+    name = model_name_of(model, remote_model)
+    info = conn.model_info(name)
+    tokens = tokens_of(model, input)
+    tracer = Tracer()
+    with model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=[], reset_hooks_end=reset_hooks_end,
+                     clear_contexts=clear_contexts):
+        trace_hook_points(model, info, tokens.shape[0], tokens.shape[1], tracer)
+    escaped = tracer.escaped()
+    for i, proxy in enumerate(escaped):
+        tracer.save(f"__escaped_{i}", proxy)
+    graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token)
+    result = conn.run(graph, tensors)
+    rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
+    del escaped
+    if return_type == "logits":
+        return result.values["__logits__"]
+    if return_type == "loss":
+        return result.values["__loss__"]
+    if return_type == "both":
+        return result.values["__logits__"], result.values["__loss__"]
+    return None
+
+
+__all__ = ["run_remote", "trace_hook_points", "build_request", "Proxy", "DTYPE_NAMES"]

@@ -1,0 +1,61 @@
+"""``RemoteModel(name)``: a TL 4 ``TransformerBridge`` with no weights (meta device), built
+from what the server sends -- config, architecture (looked up in an allow-list) and tokenizer
+files. Hook names, aliases, ``cfg``, ``to_tokens``/``to_string`` are TL's own."""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+from hookwire.client import get_connection
+from hookwire.families import build_hf_model
+from hookwire.tokenizer import tokenizer_from_files
+
+
+def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    conn = get_connection(url, api_key)
+    info = conn.model_info(name)
+    tokenizer = tokenizer_from_files(info.tokenizer_files)
+    hf_model, cfg = build_hf_model(info.architecture, info.config, device="meta")
+    with _meta_weights_readable():
+        bridge = build_bridge_from_module(hf_model, info.architecture, hf_config=cfg,
+                                          tokenizer=tokenizer, model_name=name)
+    bridge.eval()
+    bridge.cfg.device = "cpu"  # tokens are made here; there are no weights to move them to
+    bridge._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
+    return bridge
+
+
+# TL refuses to split a fused QKV matrix on the meta device because it cannot read values.
+# The stand-in only needs the *shapes* of the split, which meta tensors have, so while the
+# bridge is built the readability check passes meta weights through. (Module names here are
+# our own constants, not wire data.)
+_TL_MODULES_CHECKING_WEIGHTS = (
+    "transformer_lens.model_bridge.generalized_components.joint_qkv_attention",
+    "transformer_lens.model_bridge.generalized_components.attention",
+    "transformer_lens.model_bridge.generalized_components.mlp",
+)
+
+
+@contextlib.contextmanager
+def _meta_weights_readable():
+    patched = []
+    for modname in _TL_MODULES_CHECKING_WEIGHTS:
+        module = importlib.import_module(modname)
+        original = getattr(module, "require_readable_weight", None)
+        if original is None:
+            continue
+
+        def passthrough(weight, *args, _original=original, **kwargs):
+            if getattr(weight, "is_meta", False):
+                return weight
+            return _original(weight, *args, **kwargs)
+
+        module.require_readable_weight = passthrough
+        patched.append((module, original))
+    try:
+        yield
+    finally:
+        for module, original in patched:
+            module.require_readable_weight = original

@@ -1,0 +1,221 @@
+"""The client side of the wire: connect, ask what a model looks like, submit a traced graph,
+and collect saved tensors as they stream in.
+
+Synchronous on purpose (``websockets.sync``): hooks are traced in the user's thread and
+notebooks have their own event loop, so the client does not need one of its own.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+from hookwire import __version__
+from hookwire.errors import AuthError, ProtocolError, ServerUnavailable, error_from_code
+from hookwire.frames import (CHUNK_BYTES, DTYPES, TensorAssembler, decode_frame,
+                             encode_chunks, header_for)
+from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Done, Error, HelloOk, ModelInfo,
+                               Progress, Result, parse_server_message)
+from hookwire.validate import SiteInfo
+
+MAX_RESULT_BYTES = 64 << 30  # what a client accepts from a server in one request
+
+
+@dataclass
+class Settings:
+    url: str | None = None
+    api_key: str | None = None
+
+
+_settings = Settings()
+
+
+def configure(url: str | None = None, api_key: str | None = None) -> None:
+    """Set the default server and API key (else HOOKWIRE_URL / HOOKWIRE_API_KEY)."""
+    _settings.url = url
+    _settings.api_key = api_key
+
+
+def resolve_server(url: str | None = None, api_key: str | None = None) -> tuple[str, str | None]:
+    url = url or _settings.url or os.environ.get("HOOKWIRE_URL")
+    if not url:
+        raise ServerUnavailable("no hookwire server configured: call hookwire.configure("
+                                "url='ws://host:port'), set HOOKWIRE_URL, or pass "
+                                "remote='ws://host:port'")
+    return url, api_key or _settings.api_key or os.environ.get("HOOKWIRE_API_KEY")
+
+
+@dataclass
+class RemoteModelInfo:
+    """What a server tells a client about one model (enough for a weightless stand-in)."""
+    name: str
+    architecture: str
+    config: dict
+    sites: list[SiteInfo]
+    tokenizer_files: dict[str, str]
+    site_index: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    @classmethod
+    def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
+        sites = []
+        for s in msg.sites:
+            if s.dtype not in DTYPES:
+                raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
+            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype]))
+        info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
+        info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
+        return info
+
+
+@dataclass
+class RunResult:
+    values: dict[str, torch.Tensor]
+    timings: dict[str, float]
+    bytes_sent: int
+    bytes_received: int
+
+
+class Connection:
+    """One websocket to one server. Thread-safe: requests are serialized by a lock."""
+
+    def __init__(self, url: str, api_key: str | None = None, open_timeout: float = 30):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        try:
+            self.ws = ws_connect(url, additional_headers=headers, compression=None,
+                                 max_size=None, open_timeout=open_timeout,
+                                 ping_interval=None)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status == 401:
+                raise AuthError(f"the server at {url} refused the API key (HTTP 401)") from None
+            raise ServerUnavailable(f"the server at {url} answered HTTP {status}") from None
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot reach a hookwire server at {url}: {exc}") from None
+        self.url = url
+        self.lock = threading.Lock()
+        self.models: dict[str, RemoteModelInfo] = {}
+        self._ids = itertools.count()
+        self.ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION,
+                                 "client_version": __version__}))
+        msg = self._recv_control()
+        if isinstance(msg, Error):
+            raise error_from_code(msg.code, msg.message, msg.details)
+        if not isinstance(msg, HelloOk):
+            raise ProtocolError(f"expected hello_ok, got {msg.type}")
+        self.server_version = msg.server_version
+        self.available_models = msg.models
+
+    def close(self):
+        self.ws.close()
+
+    def _recv(self):
+        try:
+            return self.ws.recv()
+        except ConnectionClosed as exc:
+            raise ServerUnavailable(f"the connection to {self.url} closed: {exc}") from None
+
+    def _recv_control(self):
+        data = self._recv()
+        if isinstance(data, bytes):
+            raise ProtocolError("expected a control message, got binary data")
+        return parse_server_message(data)
+
+    def model_info(self, name: str) -> RemoteModelInfo:
+        with self.lock:
+            if name not in self.models:
+                self.ws.send(json.dumps({"type": "model_info", "model": name}))
+                msg = self._recv_control()
+                if isinstance(msg, Error):
+                    raise error_from_code(msg.code, msg.message, msg.details)
+                if not isinstance(msg, ModelInfo):
+                    raise ProtocolError(f"expected model_info, got {msg.type}")
+                self.models[name] = RemoteModelInfo.from_message(msg)
+            return self.models[name]
+
+    def run(self, graph: dict, tensors: dict[str, torch.Tensor],
+            on_event: Callable[[object], None] | None = None) -> RunResult:
+        """Submit a graph with its tensors; block until done, streaming results in."""
+        with self.lock:
+            rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            headers = [header_for(tid, t).model_dump() for tid, t in tensors.items()]
+            body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
+                               "tensors": headers}, separators=(",", ":"))
+            sent = len(body)
+            self.ws.send(body)
+            for tid, t in tensors.items():
+                for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
+                    sent += len(frame)
+                    self.ws.send(frame)
+            return self._collect(rid, on_event, sent)
+
+    def _collect(self, rid, on_event, sent) -> RunResult:
+        values: dict[str, torch.Tensor] = {}
+        pending: dict[str, tuple] = {}  # tid -> (name, assembler)
+        received = 0
+        while True:
+            data = self._recv()
+            received += len(data)
+            if isinstance(data, bytes):
+                head, payload = decode_frame(data)
+                if head["rid"] != rid or head["tid"] not in pending:
+                    raise ProtocolError("server sent bytes for a tensor it did not announce")
+                name, asm = pending[head["tid"]]
+                asm.add(head, payload)
+                if asm.complete:
+                    values[name] = asm.tensors()[head["tid"]]
+                    del pending[head["tid"]]
+                continue
+            msg = parse_server_message(data)
+            if getattr(msg, "request_id", rid) not in (rid, None):
+                raise ProtocolError("server answered a request this client did not send")
+            if isinstance(msg, Result):
+                asm = TensorAssembler([msg.tensor], MAX_RESULT_BYTES)
+                if msg.tensor.nbytes() == 0:
+                    values[msg.name] = asm.tensors()[msg.tensor.tid]
+                else:
+                    pending[msg.tensor.tid] = (msg.name, asm)
+            elif isinstance(msg, Error):
+                raise error_from_code(msg.code, msg.message, msg.details)
+            elif isinstance(msg, Done):
+                if pending:
+                    raise ProtocolError("server finished before sending every result")
+                return RunResult(values, msg.timings, sent, received)
+            elif isinstance(msg, (Accepted, Progress)):
+                pass
+            if on_event is not None:
+                on_event(msg)
+
+
+_connections: dict[tuple[str, str | None], Connection] = {}
+_connections_lock = threading.Lock()
+
+
+def get_connection(url: str | None = None, api_key: str | None = None) -> Connection:
+    """A cached connection per (url, key), reopened if the server closed it."""
+    url, api_key = resolve_server(url, api_key)
+    with _connections_lock:
+        conn = _connections.get((url, api_key))
+        if conn is not None and conn.ws.protocol.state.name != "OPEN":
+            conn = None
+        if conn is None:
+            conn = Connection(url, api_key)
+            _connections[(url, api_key)] = conn
+        return conn
+
+
+def close_connections() -> None:
+    with _connections_lock:
+        for conn in _connections.values():
+            try:
+                conn.close()
+            except Exception:
+                pass
+        _connections.clear()

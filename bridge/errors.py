@@ -1,0 +1,62 @@
+"""Typed errors. Each has a stable ``code`` that travels in protocol ``error`` messages, so a
+client re-raises the same type the server raised."""
+from __future__ import annotations
+
+
+class HookwireError(Exception):
+    code = "hookwire_error"
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class TraceError(HookwireError):
+    """A hook did something that cannot become a graph (raised on the client, before sending)."""
+    code = "trace_error"
+
+
+class ProtocolError(HookwireError):
+    """A message or frame that does not follow the wire protocol."""
+    code = "protocol_error"
+
+
+class FrameError(ProtocolError):
+    code = "frame_error"
+
+
+class GraphValidationError(HookwireError):
+    """The server refused a graph before running it; names the node and the rule."""
+    code = "graph_invalid"
+
+
+class LimitExceeded(GraphValidationError):
+    code = "limit_exceeded"
+
+
+class UnknownModel(HookwireError):
+    code = "unknown_model"
+
+
+class ExecutionError(HookwireError):
+    """An op failed while the model ran."""
+    code = "execution_error"
+
+
+class AuthError(HookwireError):
+    code = "auth_error"
+
+
+class ServerUnavailable(HookwireError):
+    code = "server_unavailable"
+
+
+ERROR_TYPES = {cls.code: cls for cls in (
+    HookwireError, TraceError, ProtocolError, FrameError, GraphValidationError, LimitExceeded,
+    UnknownModel, ExecutionError, AuthError, ServerUnavailable)}
+
+
+def error_from_code(code: str, message: str, details: dict | None = None) -> HookwireError:
+    cls = ERROR_TYPES.get(code, HookwireError)
+    return cls(message, **(details or {}))

@@ -1,0 +1,150 @@
+"""Wire protocol: control messages are JSON text messages validated by pydantic; tensors are
+binary chunk frames (see :mod:`hookwire.frames`). Versioned; the JSON schema is published by
+:func:`protocol_json_schema`.
+
+Client -> server: hello, model_info, submit, cancel.
+Server -> client: hello_ok, model_info, accepted, progress, result (+ frames), error, done.
+"""
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from hookwire.errors import ProtocolError
+from hookwire.frames import TensorHeader
+from hookwire.graph import Graph
+
+PROTOCOL_VERSION = 1
+MAX_CONTROL_BYTES = 64 << 20
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Hello(_Msg):
+    type: Literal["hello"] = "hello"
+    protocol: int
+    client_version: str = Field(max_length=64)
+
+
+class ModelInfoRequest(_Msg):
+    type: Literal["model_info"] = "model_info"
+    model: str = Field(max_length=256)
+
+
+class Submit(_Msg):
+    type: Literal["submit"] = "submit"
+    request_id: str = Field(max_length=64)
+    graph: Graph
+    tensors: list[TensorHeader] = Field(default_factory=list, max_length=100_000)
+
+
+class Cancel(_Msg):
+    type: Literal["cancel"] = "cancel"
+    request_id: str = Field(max_length=64)
+
+
+class HelloOk(_Msg):
+    type: Literal["hello_ok"] = "hello_ok"
+    protocol: int
+    server_version: str
+    models: list[str]
+
+
+class SiteDescription(_Msg):
+    name: str
+    call: int = 0
+    shape: list[Union[int, Literal["B", "S"]]]
+    dtype: str
+
+
+class ModelInfo(_Msg):
+    type: Literal["model_info"] = "model_info"
+    model: str
+    architecture: str
+    config: dict
+    sites: list[SiteDescription]
+    tokenizer_files: dict[str, str]
+
+
+class Accepted(_Msg):
+    type: Literal["accepted"] = "accepted"
+    request_id: str
+    queue_position: int
+
+
+class Progress(_Msg):
+    type: Literal["progress"] = "progress"
+    request_id: str
+    stage: Literal["queued", "started", "site"]
+    queue_position: int | None = None
+    site: int | None = None
+    of: int | None = None
+
+
+class Result(_Msg):
+    """A saved value: its header; its bytes follow as binary frames."""
+    type: Literal["result"] = "result"
+    request_id: str
+    name: str
+    tensor: TensorHeader
+
+
+class Error(_Msg):
+    type: Literal["error"] = "error"
+    request_id: str | None = None
+    code: str
+    message: str
+    details: dict = Field(default_factory=dict)
+
+
+class Done(_Msg):
+    type: Literal["done"] = "done"
+    request_id: str
+    timings: dict[str, float] = Field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+ClientMessage = Annotated[Union[Hello, ModelInfoRequest, Submit, Cancel],
+                          Field(discriminator="type")]
+ServerMessage = Annotated[Union[HelloOk, ModelInfo, Accepted, Progress, Result, Error, Done],
+                          Field(discriminator="type")]
+_client_adapter = TypeAdapter(ClientMessage)
+_server_adapter = TypeAdapter(ServerMessage)
+
+
+def _parse(adapter, text: str | bytes):
+    if len(text) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control message of {len(text)} bytes; limit {MAX_CONTROL_BYTES}")
+    try:
+        return adapter.validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()))
+        raise ProtocolError(f"malformed message at {loc or 'top level'}: "
+                            f"{first.get('msg', str(exc))[:300]}") from None
+
+
+def parse_client_message(text: str | bytes):
+    return _parse(_client_adapter, text)
+
+
+def parse_server_message(text: str | bytes):
+    return _parse(_server_adapter, text)
+
+
+def dump(msg: _Msg) -> str:
+    return msg.model_dump_json(exclude_none=False)
+
+
+def protocol_json_schema() -> dict:
+    return {"protocol": PROTOCOL_VERSION,
+            "client": _client_adapter.json_schema(),
+            "server": _server_adapter.json_schema()}
+
+
+__all__ = [n for n in dir() if not n.startswith("_")] + ["json"]

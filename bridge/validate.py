@@ -1,0 +1,266 @@
+"""Everything the server checks before a single op runs.
+
+Structure (ids unique, refs point backwards so the graph is acyclic, ops registered, args
+fit their schema, sites exist and are listed in firing order), then shapes and dtypes by
+running every op on the meta device, which also bounds memory before a byte is allocated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hookwire.errors import GraphValidationError, LimitExceeded
+from hookwire.graph import Const, Graph, Ref, decode_arg
+from hookwire.ops import OPS, OpSpec, check_args
+
+SPECIAL = ("site.read", "site.write")
+WRITE_MODES = ("replace", "inplace")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_nodes: int = 100_000
+    max_constant_bytes: int = 512 << 20
+    max_saved_bytes: int = 2 << 30
+    max_value_bytes: int = 2 << 30        # any single intermediate
+    max_total_value_bytes: int = 16 << 30  # all intermediates together (upper bound)
+    max_batch: int = 1024
+    max_seq: int = 8192
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """A site as the model declares it: symbolic shape ('B', 'S' or an int per dim)."""
+    name: str
+    call: int
+    shape: tuple
+    dtype: torch.dtype
+
+    def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
+        return tuple(batch if d == "B" else seq if d == "S" else d for d in self.shape)
+
+
+@dataclass
+class DecodedNode:
+    id: int
+    op: str
+    args: tuple
+    kwargs: dict
+    spec: OpSpec | None
+    stage: int = -1            # index of the latest site this node depends on (-1: none)
+    site: int | None = None    # for site.read / site.write
+    mode: str | None = None    # for site.write
+
+
+@dataclass
+class ValidatedGraph:
+    graph: Graph
+    nodes: list[DecodedNode]
+    site_infos: list[SiteInfo]
+    shapes: dict[int, object] = field(default_factory=dict)  # node id -> meta value
+    saved_bytes: int = 0
+
+
+def _fail(node_id, op, rule, message, cls=GraphValidationError):
+    where = f"node {node_id} ({op})" if node_id is not None else "graph"
+    raise cls(f"{where}: {message}", node=node_id, op=op, rule=rule)
+
+
+def _walk_refs(value, out: list):
+    if isinstance(value, Ref):
+        out.append(value.node)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _walk_refs(v, out)
+    elif isinstance(value, slice):
+        for v in (value.start, value.stop, value.step):
+            _walk_refs(v, out)
+    return out
+
+
+def _walk_consts(value, out: list):
+    if isinstance(value, Const):
+        out.append(value.tid)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _walk_consts(v, out)
+    return out
+
+
+def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo],
+                       site_order: dict[tuple[str, int], int], limits: Limits
+                       ) -> ValidatedGraph:
+    if len(graph.nodes) > limits.max_nodes:
+        _fail(None, None, "max_nodes", f"{len(graph.nodes)} nodes; limit {limits.max_nodes}",
+              LimitExceeded)
+    site_infos = []
+    last_pos = -1
+    for i, site in enumerate(graph.sites):
+        key = (site.name, site.call)
+        if key not in site_table:
+            _fail(None, None, "unknown_site", f"site {i} {site.name!r} (call {site.call}) "
+                  "does not exist on this model")
+        if site_order[key] <= last_pos:
+            _fail(None, None, "site_order", f"site {i} {site.name!r} is listed out of firing "
+                  "order or twice")
+        last_pos = site_order[key]
+        site_infos.append(site_table[key])
+    constants = set(graph.constants)
+    if len(constants) != len(graph.constants):
+        _fail(None, None, "constants", "a constant id is declared twice")
+    decoded: list[DecodedNode] = []
+    by_id: dict[int, DecodedNode] = {}
+    reads, writes = set(), set()
+    for node in graph.nodes:
+        where = f"node {node.id} ({node.op})"
+        if node.id in by_id:
+            _fail(node.id, node.op, "unique_id", "node id used twice")
+        args = tuple(decode_arg(a, where) for a in node.args)
+        kwargs = {str(k)[:64]: decode_arg(v, where) for k, v in node.kwargs.items()}
+        dn = DecodedNode(node.id, node.op, args, kwargs, None)
+        if node.op in SPECIAL:
+            if not args or not isinstance(args[0], int) or isinstance(args[0], bool) or \
+                    not 0 <= args[0] < len(graph.sites):
+                _fail(node.id, node.op, "site_index", "first argument must be a site index")
+            dn.site = args[0]
+            if node.op == "site.read":
+                if len(args) != 1 or kwargs:
+                    _fail(node.id, node.op, "args", "site.read takes exactly a site index")
+                if dn.site in reads:
+                    _fail(node.id, node.op, "site_read_once", "site read twice")
+                reads.add(dn.site)
+                dn.stage = dn.site
+            else:
+                mode = kwargs.get("mode", "replace")
+                if len(args) != 2 or not isinstance(args[1], (Ref, Const)) or \
+                        set(kwargs) - {"mode"} or mode not in WRITE_MODES:
+                    _fail(node.id, node.op, "args", "site.write takes (site, tensor) and "
+                          f"mode in {WRITE_MODES}")
+                if (dn.site, mode) in writes:
+                    _fail(node.id, node.op, "site_write_once", f"site written twice ({mode})")
+                writes.add((dn.site, mode))
+                dn.mode = mode
+        else:
+            spec = OPS.get(node.op)
+            if spec is None:
+                _fail(node.id, node.op, "unknown_op", f"op {node.op[:64]!r} is not in the "
+                      "registry of allowed operations")
+            reason = check_args(spec, args, kwargs)
+            if reason:
+                _fail(node.id, node.op, "op_schema", reason)
+            dn.spec = spec
+        refs = _walk_refs(args, []) + _walk_refs(tuple(kwargs.values()), [])
+        stage = dn.stage
+        for r in refs:
+            if r not in by_id:
+                _fail(node.id, node.op, "ref_order", f"refers to node {r}, which is not "
+                      "defined before it (graphs are topologically ordered; cycles refused)")
+            stage = max(stage, by_id[r].stage)
+        for tid in _walk_consts(args, []) + _walk_consts(tuple(kwargs.values()), []):
+            if tid not in constants:
+                _fail(node.id, node.op, "const_ref", f"refers to undeclared constant {tid!r}")
+        if node.op == "site.write" and stage > dn.site:
+            _fail(node.id, node.op, "write_stage", f"writes site {dn.site} with a value that "
+                  f"depends on site {stage}, which fires later")
+        dn.stage = stage if node.op != "site.write" else dn.site
+        decoded.append(dn)
+        by_id[node.id] = dn
+    for name, nid in graph.saves.items():
+        if nid not in by_id:
+            _fail(None, None, "save_ref", f"save {name[:64]!r} refers to unknown node {nid}")
+    return ValidatedGraph(graph, decoded, site_infos)
+
+
+def resolve(value, values: dict, constants: dict):
+    if isinstance(value, Ref):
+        return values[value.node]
+    if isinstance(value, Const):
+        return constants[value.tid]
+    if isinstance(value, tuple):
+        return tuple(resolve(v, values, constants) for v in value)
+    if isinstance(value, list):
+        return [resolve(v, values, constants) for v in value]
+    return value
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    return 0
+
+
+def _meta_constant(t: torch.Tensor):
+    # Small integer/bool constants stay real: indexing with a boolean mask has a shape
+    # that depends on the mask's values.
+    if t.dtype in (torch.bool, torch.int64, torch.int32, torch.uint8) and t.numel() <= 1 << 20:
+        return t
+    return torch.empty_like(t, device="meta")
+
+
+def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, torch.Tensor],
+                 limits: Limits) -> ValidatedGraph:
+    """Run the graph on the meta device: shapes, dtypes and byte counts, nothing allocated."""
+    if batch > limits.max_batch or seq > limits.max_seq:
+        _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
+              f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
+    metas = {tid: _meta_constant(t) for tid, t in constants.items()}
+    values: dict[int, object] = {}
+    total = 0
+    for dn in vg.nodes:
+        if dn.op == "site.read":
+            info = vg.site_infos[dn.site]
+            out = torch.empty(info.concrete_shape(batch, seq), dtype=info.dtype, device="meta")
+        elif dn.op == "site.write":
+            info = vg.site_infos[dn.site]
+            val = resolve(dn.args[1], values, metas)
+            want = info.concrete_shape(batch, seq)
+            if not isinstance(val, torch.Tensor) or tuple(val.shape) != want or \
+                    val.dtype != info.dtype:
+                got = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else type(val)
+                _fail(dn.id, dn.op, "write_shape", f"writes {got} into site "
+                      f"{info.name!r}, which holds {want} {info.dtype}")
+            out = None
+        else:
+            args = resolve(dn.args, values, metas)
+            kwargs = {k: resolve(v, values, metas) for k, v in dn.kwargs.items()}
+            refs = _walk_refs(dn.args, []) + _walk_refs(tuple(dn.kwargs.values()), [])
+            if dn.op == "tuple_get":
+                if not isinstance(dn.args[0], Ref) or not isinstance(args[0], tuple) or \
+                        not -len(args[0]) <= args[1] < len(args[0]):
+                    _fail(dn.id, dn.op, "tuple_get", "needs a multi-output node and an "
+                          "index inside it")
+            elif any(isinstance(values[r], tuple) for r in refs):
+                _fail(dn.id, dn.op, "tuple_value", "a multi-output value must be unpacked "
+                      "with tuple_get before use")
+            try:
+                out = dn.spec.fn(*args, **kwargs)
+            except Exception as exc:  # the op itself refused these shapes/dtypes
+                _fail(dn.id, dn.op, "shape_inference", f"{type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+            if isinstance(out, torch.Tensor) and out.device.type != "meta":
+                out = out.to("meta")
+            if isinstance(out, tuple) and not isinstance(out, torch.Tensor):
+                out = tuple(out)
+            size = _nbytes(out)
+            if size > limits.max_value_bytes:
+                _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
+                      f"{limits.max_value_bytes}", LimitExceeded)
+            total += size
+            if total > limits.max_total_value_bytes:
+                _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "
+                      f"{total} bytes; limit {limits.max_total_value_bytes}", LimitExceeded)
+        values[dn.id] = out
+    saved = 0
+    for name, nid in vg.graph.saves.items():
+        if not isinstance(values[nid], torch.Tensor):
+            _fail(nid, None, "save_value", f"save {name[:64]!r} is not a single tensor")
+        saved += _nbytes(values[nid])
+    if saved > limits.max_saved_bytes:
+        _fail(None, None, "max_saved_bytes", f"saves total {saved} bytes; limit "
+              f"{limits.max_saved_bytes}", LimitExceeded)
+    vg.shapes = values
+    vg.saved_bytes = saved
+    return vg

@@ -1,0 +1,81 @@
+"""hookwire.server: host models and serve intervention graphs over websockets.
+
+``start(models=..., port=0)`` runs a real server on 127.0.0.1 in a background thread and
+returns a handle with ``.url`` and ``.stop()`` -- for tests, examples and notebooks.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from hookwire.server.app import HookwireServer
+from hookwire.server.models import (BUILTIN_MODELS, HostedModel, host_model_object,
+                                    load_model)
+from hookwire.validate import Limits
+
+
+class ServerHandle:
+    def __init__(self, server: HookwireServer):
+        self.server = server
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hookwire-server", daemon=True)
+
+    def _run(self):
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # surfaced to the starter
+            self._error = exc
+            self._ready.set()
+
+    async def _main(self):
+        self._stop = asyncio.Event()
+        await self.server.serve_async(ready=self._ready, stop=self._stop)
+
+    def start(self, timeout: float = 120) -> "ServerHandle":
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("hookwire server did not start in time")
+        if self._error is not None:
+            raise RuntimeError(f"hookwire server failed to start: {self._error}") from self._error
+        return self
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self, timeout: float = 30) -> None:
+        loop = self.server.loop
+        if loop is not None and self._thread.is_alive():
+            loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout)
+        self.server.worker.stop()
+        if self.server.worker.is_alive():
+            self.server.worker.join(timeout)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int = 0,
+          api_keys: list[str] | None = None, limits: Limits | None = None) -> ServerHandle:
+    """Start a server in this process. ``models`` maps names to model objects (TL bridges or
+    HF models) or is a list of built-in names / checkpoint paths."""
+    if models is None:
+        models = ["tiny-gpt2"]
+    if isinstance(models, (list, tuple)):
+        hosted = {}
+        for spec in models:
+            h = load_model(spec)
+            hosted[h.name] = h
+    else:
+        hosted = {name: host_model_object(name, m) for name, m in models.items()}
+    server = HookwireServer(hosted, host=host, port=port, api_keys=api_keys, limits=limits)
+    return ServerHandle(server).start()
+
+
+__all__ = ["start", "ServerHandle", "HookwireServer", "load_model", "BUILTIN_MODELS",
+           "HostedModel"]

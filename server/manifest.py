@@ -1,0 +1,76 @@
+"""What a client needs to know about a hosted model: its hook sites in firing order with
+symbolic shapes, its config and its tokenizer files.
+
+Sites are found by running two small probe forwards with different batch and sequence
+sizes and recording every hook point as it fires; each dimension is then named ``B``
+(batch), ``S`` (sequence) or kept as a number.
+"""
+from __future__ import annotations
+
+import torch
+from transformer_lens.hook_points import HookPoint
+
+from hookwire.frames import DTYPE_NAMES
+from hookwire.protocol import ModelInfo, SiteDescription
+from hookwire.tokenizer import tokenizer_files
+from hookwire.validate import SiteInfo
+
+_PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
+
+
+def _record_sites(bridge, batch: int, seq: int) -> list[tuple[str, int, tuple, torch.dtype]]:
+    points = {id(hp): (name, hp) for name, hp in bridge.hook_dict.items()
+              if isinstance(hp, HookPoint)}
+    fired: list = []
+    counts: dict[str, int] = {}
+    handles = []
+    for name, hp in points.values():
+        def hook(module, args, output, name=name):
+            if isinstance(output, torch.Tensor):
+                call = counts.get(name, 0)
+                counts[name] = call + 1
+                fired.append((name, call, tuple(output.shape), output.dtype))
+        handles.append(hp.register_forward_hook(hook))
+    try:
+        vocab = bridge.cfg.d_vocab
+        tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
+                               .manual_seed(0)).to(next(bridge.parameters()).device)
+        with torch.no_grad():
+            bridge(tokens, return_type="logits")
+    finally:
+        for h in handles:
+            h.remove()
+    return fired
+
+
+def probe_sites(bridge) -> list[SiteInfo]:
+    (b1, s1), (b2, s2) = _PROBES
+    first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
+    if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
+        raise RuntimeError("hook sites fire in a different order for different input sizes")
+    sites = []
+    for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
+        if len(shape1) != len(shape2):
+            continue
+        dims = []
+        for d1, d2 in zip(shape1, shape2):
+            if d1 == d2:
+                dims.append(d1)
+            elif (d1, d2) == (b1, b2):
+                dims.append("B")
+            elif (d1, d2) == (s1, s2):
+                dims.append("S")
+            else:
+                dims = None
+                break
+        if dims is not None and dtype in DTYPE_NAMES:
+            sites.append(SiteInfo(name, call, tuple(dims), dtype))
+    return sites
+
+
+def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
+    return ModelInfo(
+        model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
+        sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
+                               dtype=DTYPE_NAMES[s.dtype]) for s in sites],
+        tokenizer_files=tokenizer_files(hosted.tokenizer))

@@ -1,0 +1,123 @@
+"""Models the server can host: the built-in ones (built from configs with fixed seeds, no
+download) and local HF checkpoints. Every model is hosted as a TL 4 ``TransformerBridge``
+over the HF model, so TL hook names and HF module paths address one shared instance."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hookwire.families import FAMILIES, build_hf_model, family_for_architecture
+from hookwire.tokenizer import byte_level_tokenizer
+
+
+@dataclass(frozen=True)
+class BuiltinSpec:
+    architecture: str
+    config: dict
+    seed: int
+
+
+BUILTIN_MODELS: dict[str, BuiltinSpec] = {
+    "tiny-gpt2": BuiltinSpec(
+        "GPT2LMHeadModel",
+        dict(n_layer=2, n_embd=64, n_head=4, n_positions=256, vocab_size=257,
+             bos_token_id=256, eos_token_id=256),
+        seed=0,
+    ),
+    "tiny-llama": BuiltinSpec(
+        "LlamaForCausalLM",
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=257,
+             max_position_embeddings=256, bos_token_id=256, eos_token_id=256,
+             pad_token_id=256),
+        seed=0,
+    ),
+    # GPT-2 small's shapes with random weights: the benchmark model.
+    "gpt2-small-random": BuiltinSpec(
+        "GPT2LMHeadModel",
+        dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257,
+             bos_token_id=50256, eos_token_id=50256),
+        seed=0,
+    ),
+}
+
+
+def wrap_in_bridge(hf_model, architecture: str, cfg, tokenizer, name: str):
+    from transformer_lens.model_bridge.sources import build_bridge_from_module
+
+    bridge = build_bridge_from_module(hf_model, architecture, hf_config=cfg,
+                                      tokenizer=tokenizer, model_name=name)
+    bridge.eval()
+    return bridge
+
+
+@dataclass
+class HostedModel:
+    """One model as the server holds it."""
+    name: str
+    architecture: str
+    config_dict: dict
+    bridge: torch.nn.Module
+    tokenizer: object
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.bridge.parameters()).device
+
+
+def load_builtin(name: str) -> HostedModel:
+    spec = BUILTIN_MODELS[name]
+    hf_model, cfg = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+    tokenizer = byte_level_tokenizer(bos_id=spec.config["bos_token_id"])
+    bridge = wrap_in_bridge(hf_model, spec.architecture, cfg, tokenizer, name)
+    return HostedModel(name, spec.architecture, dict(spec.config), bridge, tokenizer)
+
+
+def load_checkpoint(path: str, name: str | None = None) -> HostedModel:
+    """A local HF checkpoint folder (or a name already in the local HF cache)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    architecture = (cfg.architectures or [""])[0]
+    family = family_for_architecture(architecture)
+    hf_model = family.model_class.from_pretrained(path, trust_remote_code=False).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    name = name or os.path.basename(os.path.normpath(path))
+    bridge = wrap_in_bridge(hf_model, architecture, cfg, tokenizer, name)
+    return HostedModel(name, architecture, family.config_to_dict(cfg), bridge, tokenizer)
+
+
+def load_model(name_or_path: str) -> HostedModel:
+    if name_or_path in BUILTIN_MODELS:
+        return load_builtin(name_or_path)
+    if os.path.isdir(name_or_path) or "/" in name_or_path:
+        return load_checkpoint(name_or_path)
+    raise ValueError(f"unknown model {name_or_path!r}: not built in "
+                     f"({', '.join(BUILTIN_MODELS)}) and not a local checkpoint folder")
+
+
+def host_model_object(name: str, model) -> HostedModel:
+    """Host an already-built object: a TL bridge, or an HF model of a known family."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(model, HostedModel):
+        return model
+    if isinstance(model, TransformerBridge):
+        hf_model = model.original_model
+        cfg = hf_model.config
+        architecture = (cfg.architectures or [type(hf_model).__name__])[0]
+        family = family_for_architecture(architecture)
+        return HostedModel(name, architecture, family.config_to_dict(cfg), model,
+                           model.tokenizer)
+    cfg = model.config
+    architecture = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
+    family = family_for_architecture(architecture)
+    tokenizer = byte_level_tokenizer(bos_id=getattr(cfg, "bos_token_id", None) or 0)
+    bridge = wrap_in_bridge(model.eval(), architecture, cfg, tokenizer, name)
+    return HostedModel(name, architecture, family.config_to_dict(cfg), bridge, tokenizer)
+
+
+__all__ = ["BUILTIN_MODELS", "FAMILIES", "HostedModel", "load_model", "host_model_object",
+           "build_hf_model", "wrap_in_bridge"]
