@@ -203,6 +203,7 @@ class Proxy(torch.Tensor):
         p._hw_meta = meta
         p._hw_view = None
         p._hw_version = 0
+        p._hw_key = ("T", tuple(meta.shape), meta.dtype, tuple(meta.stride()))
         tracer.created.append(weakref.ref(p))
         return p
 
@@ -257,11 +258,29 @@ class Tracer:
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
         nid = self._next
         self._next += 1
-        node = {"id": nid, "op": op, "args": [encode_arg(self._lower(a)) for a in args]}
+        node = {"id": nid, "op": op, "args": [self._encode(a) for a in args]}
         if kwargs:
-            node["kwargs"] = {k: encode_arg(self._lower(v)) for k, v in kwargs.items()}
+            node["kwargs"] = {k: self._encode(v) for k, v in kwargs.items()}
         self.nodes.append(node)
         return nid
+
+    def _encode(self, value):
+        """Python/torch argument -> JSON graph argument, in one pass."""
+        t = type(value)
+        if t is Proxy:
+            return {"ref": self.current(value)}
+        if t is int or t is bool or t is str or value is None:
+            return value
+        if t is float:
+            return encode_arg(value)
+        if t is slice:
+            return {"slice": [self._encode(value.start), self._encode(value.stop),
+                              self._encode(value.step)]}
+        if t is tuple or t is torch.Size:
+            return [self._encode(v) for v in value]
+        if t is list:
+            return {"list": [self._encode(v) for v in value]}
+        return encode_arg(self._lower(value))
 
     def constant(self, tensor: torch.Tensor) -> Const:
         key = id(tensor)
@@ -391,8 +410,18 @@ class Tracer:
         return value
 
     def _run_meta(self, fn, args, kwargs, what):
+        """(meta result, whether it aliases the first argument). Results are cached by the
+        shapes and arguments involved: hooks repeat the same ops on every layer, and meta
+        kernels of elementwise ops run through slow Python reference implementations."""
+        key = _meta_key(fn, args, kwargs)
+        hit = _META_CACHE.get(key) if key is not None else None
+        if hit is not None:
+            specs, aliases = hit
+            return _from_specs(specs), aliases
         try:
-            return fn(*self._meta(args), **{k: self._meta(v) for k, v in kwargs.items()})
+            first = self._meta(args[0]) if args else None
+            out = fn(*((first,) + tuple(self._meta(args[1:]))) if args else (),
+                     **{k: self._meta(v) for k, v in kwargs.items()})
         except TraceError:
             raise
         except Exception as exc:
@@ -403,6 +432,13 @@ class Tracer:
                                   "masks instead of traced ones") from None
             raise trace_error(f"`{what}` failed on these shapes ({text[:200]})",
                               "the same call would fail locally too") from None
+        aliases = isinstance(out, torch.Tensor) and isinstance(first, torch.Tensor) and \
+            _base_of(out) is _base_of(first)
+        if key is not None and len(_META_CACHE) < 100_000:
+            specs = _to_specs(out)
+            if specs is not None:
+                _META_CACHE[key] = (specs, aliases)
+        return out, aliases
 
     def _wrap(self, meta_out, node: int):
         if isinstance(meta_out, torch.Tensor):
@@ -414,16 +450,16 @@ class Tracer:
         raise trace_error("an op returning a non-tensor value")
 
     def _functional(self, func, name, args, kwargs):
-        meta_out = self._run_meta(func, args, kwargs, _func_name(func))
+        meta_out, aliases = self._run_meta(func, args, kwargs, _func_name(func))
         node = self.emit(name, args, kwargs)
         out = self._wrap(meta_out, node)
         src = args[0] if args else None
         if isinstance(src, Proxy) and (name in _RESHAPE_VIEWS or name in _PERMUTE_VIEWS
                                        or name in _INDEX_VIEWS or name in _PIECE_OPS):
-            self._track_view(name, src, args, kwargs, meta_out, out)
+            self._track_view(name, src, args, kwargs, meta_out, out, aliases)
         return out
 
-    def _track_view(self, name, src: Proxy, args, kwargs, meta_out, out):
+    def _track_view(self, name, src: Proxy, args, kwargs, meta_out, out, aliases):
         rest, kw = args[1:], dict(kwargs)
         if name in _PIECE_OPS:
             # Each piece is an index view of the source.
@@ -441,8 +477,7 @@ class Tracer:
                     start += length
                 self._index_view(src, piece, index)
             return
-        if not isinstance(meta_out, torch.Tensor) or \
-                _base_of(meta_out) is not _base_of(src._hw_meta) and name != "detach":
+        if not isinstance(meta_out, torch.Tensor) or not aliases and name != "detach":
             return  # the op copied (e.g. reshape of a non-viewable layout): not a view
         if name == "getitem":
             index = rest[0]
@@ -485,7 +520,7 @@ class Tracer:
             fargs = (target,)
         else:
             fargs = tuple(args)
-        meta_out = self._run_meta(OPS[name].fn, fargs, kwargs, _func_name(func))
+        meta_out, _ = self._run_meta(OPS[name].fn, fargs, kwargs, _func_name(func))
         if tuple(meta_out.shape) != tuple(target.shape):
             raise trace_error(f"`{_func_name(func)}` would change the shape of the tensor it "
                               "edits in place", "the same edit fails locally")
@@ -538,6 +573,61 @@ class Tracer:
                 out.append(p)
             del p
         return out
+
+
+_META_CACHE: dict = {}
+
+
+_SCALAR_TYPES = frozenset((int, float, bool, str, type(None), type(Ellipsis), torch.dtype))
+
+
+def _key_of(value):
+    t = type(value)
+    if t is Proxy:
+        return value._hw_key
+    if t in _SCALAR_TYPES:
+        return (t, value)
+    if t is tuple or t is torch.Size:
+        return ("t",) + tuple([_key_of(v) for v in value])
+    if t is slice:
+        return ("s", _key_of(value.start), _key_of(value.stop), _key_of(value.step))
+    if t is list:
+        return ("l",) + tuple([_key_of(v) for v in value])
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.dtype in (torch.bool, torch.int64, torch.int32,
+                                               torch.uint8):
+            raise _Uncacheable  # real index tensors: their values decide shapes
+        return ("T", tuple(value.shape), value.dtype, tuple(value.stride()))
+    raise _Uncacheable
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _meta_key(fn, args, kwargs):
+    try:
+        return (fn, _key_of(args), _key_of(tuple(kwargs.items())) if kwargs else ())
+    except (_Uncacheable, TypeError):
+        return None
+
+
+def _to_specs(out):
+    if isinstance(out, torch.Tensor):
+        return ("T", tuple(out.shape), tuple(out.stride()), out.dtype)
+    if isinstance(out, tuple):
+        items = [_to_specs(o) for o in out]
+        if any(i is None or i[0] != "T" for i in items):
+            return None
+        return ("tuple", type(out), tuple(items))
+    return None
+
+
+def _from_specs(specs):
+    if specs[0] == "T":
+        return torch.empty_strided(specs[1], specs[2], dtype=specs[3], device="meta")
+    items = [_from_specs(s) for s in specs[2]]
+    return specs[1](items) if specs[1] is not tuple else tuple(items)
 
 
 def _is_basic_index(index) -> bool:

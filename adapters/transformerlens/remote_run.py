@@ -3,6 +3,7 @@ server, and hand back what TL would have returned."""
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -53,8 +54,8 @@ def tokens_of(model, input) -> torch.Tensor:
 def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
                       tracer: Tracer) -> None:
     """Call every forward hook TL registered, in the server's firing order, on proxies."""
-    hook_dict = model.hook_dict
-    hooked = {id(hp) for hp in hook_dict.values() if getattr(hp, "_forward_hooks", None)}
+    hook_dict = _hook_points(model)
+    hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks}
     covered = set()
     with tracing(tracer):
         for site in info.sites:
@@ -88,10 +89,26 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
                             "has no such site (is it the same architecture?)")
 
 
+_HOOK_POINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _hook_points(model) -> dict:
+    """name -> HookPoint, computed once per model: TL 4 rebuilds ``hook_dict`` (with its
+    aliases) on every access, which costs more than tracing a typical hook."""
+    points = _HOOK_POINTS.get(model)
+    if points is None:
+        points = {name: hp for name, hp in model.hook_dict.items()
+                  if hasattr(hp, "_forward_hooks")}
+        _HOOK_POINTS[model] = points
+    return points
+
+
 def _check_replacement(out, x, site_name):
     if not isinstance(out, torch.Tensor):
         raise TraceError(f"a hook on {site_name!r} returned a {type(out).__name__}; return a "
                          "tensor or None")
+    if type(out) is Proxy and out._hw_key[1:3] == x._hw_key[1:3]:
+        return  # same shape and dtype (read from the proxy's cached key: no torch dispatch)
     if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
         raise TraceError(f"a hook on {site_name!r} returned a tensor of shape "
                          f"{tuple(out.shape)} {out.dtype}; the activation is {tuple(x.shape)} "

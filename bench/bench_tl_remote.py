@@ -1,0 +1,102 @@
+"""Remote vs local ``run_with_hooks`` on gpt2-small-random, batch 8 x 128 tokens, and the
+client's trace+encode time for 48 hooks. Ratios are taken in one run (machines are noisy).
+
+    python bench/bench_tl_remote.py [--repeats 10] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import hookwire
+import hookwire.transformerlens as htl
+from hookwire.server.models import load_model
+from hookwire.transformerlens.remote_run import build_request, trace_hook_points
+from hookwire.trace import Tracer
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from server_proc import ServerProcess  # noqa: E402
+
+MODEL = "gpt2-small-random"
+
+
+def ablate_head(z, hook):
+    z[:, :, 3, :] = 0.0
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    local = load_model(MODEL).bridge
+    tokens = torch.randint(0, 256, (8, 128), generator=torch.Generator().manual_seed(0))
+    results = {}
+    with ServerProcess(MODEL) as server:
+        hookwire.configure(url=server.url)
+        remote = htl.RemoteModel(MODEL)
+        for return_type in ("logits", None):
+            def run(model):
+                cache = {}
+
+                def store(act, hook):
+                    cache[hook.name] = act.detach()
+                fwd = [("blocks.4.attn.hook_z", ablate_head),
+                       (lambda n: n.endswith("hook_resid_post"), store)]
+                out = model.run_with_hooks(tokens, fwd_hooks=fwd, return_type=return_type)
+                return out, cache
+            r_out, r_cache = run(remote)
+            l_out, l_cache = run(local)
+            if return_type is not None:
+                torch.testing.assert_close(r_out, l_out)
+            for k in l_cache:
+                torch.testing.assert_close(r_cache[k], l_cache[k])
+            t_local = median_time(lambda: run(local), args.repeats)
+            t_remote = median_time(lambda: run(remote), args.repeats)
+            key = f"return_type={return_type}"
+            results[key] = {"local_s": t_local, "remote_s": t_remote,
+                            "ratio": t_remote / t_local}
+            print(f"{key:22s} local {t_local*1e3:8.1f} ms  remote {t_remote*1e3:8.1f} ms  "
+                  f"ratio {t_remote/t_local:.3f}  (goal <= 1.10)", flush=True)
+
+        # Trace + encode: 48 hooks (4 per layer on 12 layers), no network.
+        info = hookwire.client.get_connection(server.url).model_info(MODEL)
+        names = []
+        for layer in range(12):
+            names += [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.hook_resid_pre",
+                      f"blocks.{layer}.mlp.hook_post", f"blocks.{layer}.hook_resid_post"]
+        fwd = [(n, ablate_head if "hook_z" in n else (lambda a, hook: a * 0.9)) for n in names]
+
+        def trace_encode():
+            tracer = Tracer()
+            with remote.hooks(fwd_hooks=fwd):
+                trace_hook_points(remote, info, 8, 128, tracer)
+            graph, _ = build_request(tracer, MODEL, tokens, "logits", False)
+            return json.dumps(graph)
+        t_trace = median_time(trace_encode, max(args.repeats, 20), warmup=3)
+        results["trace_encode_48_hooks_ms"] = t_trace * 1e3
+        print(f"trace+encode 48 hooks   {t_trace*1e3:.2f} ms  (goal <= 5 ms)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

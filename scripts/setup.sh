@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install hookwire with its TransformerLens and dev extras.
+#
+# torch==2.13.0 is installed FIRST and on purpose: on these machines it is a fast local CPU
+# build, whereas an unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA
+# build. Idempotent: a re-run with an unchanged pyproject.toml and a working venv does nothing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+TORCH_PIN="torch==2.13.0"
+STAMP="$VENV/.hookwire-setup"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+
+log() { echo "[setup] $*"; }
+
+pick_python() {
+    local cand
+    for cand in python3.11 python3; do
+        if command -v "$cand" >/dev/null 2>&1 &&
+           "$cand" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
+            echo "$cand"
+            return 0
+        fi
+    done
+    echo "[setup] error: hookwire needs Python >= 3.11 (python3.11 or python3 on PATH)" >&2
+    return 1
+}
+
+if [ ! -x "$PY" ] || ! "$PY" -c 'import sys' >/dev/null 2>&1; then
+    BASE="$(pick_python)"
+    log "creating $VENV with $BASE ($("$BASE" --version 2>&1))"
+    rm -rf "$VENV"
+    "$BASE" -m venv "$VENV"
+fi
+
+# What the installed state must match: the project's metadata and the torch pin.
+WANT="$( { cat pyproject.toml; echo "$TORCH_PIN"; echo "$ROOT"; } | sha256sum | cut -d' ' -f1)"
+
+installed_ok() {
+    [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] &&
+    "$PY" - <<'PY' >/dev/null 2>&1
+# Metadata only (no torch import): a re-run stays well under a second.
+import sys
+from importlib.metadata import PackageNotFoundError, version
+try:
+    assert version("torch").split("+")[0] == "2.13.0"
+    for dist in ("hookwire", "transformer-lens", "pytest", "pytest-timeout", "hypothesis"):
+        version(dist)
+except (AssertionError, PackageNotFoundError):
+    sys.exit(1)
+PY
+}
+
+if installed_ok; then
+    log "environment up to date ($VENV)"
+    exit 0
+fi
+
+log "installing $TORCH_PIN (CPU build) first"
+"$PY" -m pip install -q --progress-bar off "$TORCH_PIN"
+log "installing hookwire (editable) with extras [tl,dev]"
+"$PY" -m pip install -q --progress-bar off -e ".[tl,dev]"
+# Keep the CPU build even if a dependency resolver tried to move it.
+"$PY" -c 'import torch, sys; v = torch.__version__; print("[setup] torch", v); sys.exit(0 if v.startswith("2.13.0") else 1)'
+echo "$WANT" > "$STAMP"
+log "done ($VENV)"

@@ -1,0 +1,84 @@
+"""Shared fixtures: one real hookwire server per test module hosting both tiny models.
+
+The server hosts the very bridge objects that ``local_models`` hands out, so a remote run and
+a local TL run use identical weights. Everything listens on 127.0.0.1 with ephemeral ports.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hookwire
+import hookwire.client
+import hookwire.server as hs
+import hookwire.transformerlens as htl
+from hookwire.server.models import load_model
+
+MODEL_NAMES = ("tiny-gpt2", "tiny-llama")
+TEXTS = ["hello world", "abcdefghij!"]
+CLEAN_TEXTS = ["The cat sat on a mat", "Paris is in France!!"]
+CORRUPT_TEXTS = ["The dog sat on a rug", "Rome is in Italy!!!!"]
+
+
+@pytest.fixture(scope="module")
+def hosted():
+    """name -> HostedModel, built from configs with fixed seeds (no download)."""
+    return {name: load_model(name) for name in MODEL_NAMES}
+
+
+@pytest.fixture(scope="module")
+def server(hosted, request):
+    """A real websocket server on 127.0.0.1 (ephemeral port) hosting both tiny models."""
+    srv = hs.start(models={name: h.bridge for name, h in hosted.items()}, port=0)
+
+    def finalize():
+        try:
+            hookwire.client.close_connections()
+        finally:
+            try:
+                srv.stop()
+            finally:
+                hookwire.configure(url=None)
+
+    request.addfinalizer(finalize)
+    assert srv.url.startswith("ws://127.0.0.1:")
+    hookwire.configure(url=srv.url)
+    return srv
+
+
+@pytest.fixture(scope="module")
+def local_models(hosted, server):
+    """name -> the TL 4 TransformerBridge the server hosts (same object, same weights)."""
+    return {name: h.bridge for name, h in hosted.items()}
+
+
+@pytest.fixture(scope="module")
+def remote_models(server):
+    """name -> weightless RemoteModel stand-in built from what the server sends."""
+    return {name: htl.RemoteModel(name) for name in MODEL_NAMES}
+
+
+@pytest.fixture(scope="module")
+def tokens(hosted):
+    """Token ids (batch 2) -- both tiny models share the byte-level tokenizer."""
+    toks = hosted["tiny-gpt2"].bridge.to_tokens(TEXTS)
+    assert toks.shape[0] == 2 and toks.dtype == torch.int64
+    return toks
+
+
+@pytest.fixture(scope="module")
+def clean_corrupt_tokens(hosted):
+    b = hosted["tiny-gpt2"].bridge
+    clean, corrupt = b.to_tokens(CLEAN_TEXTS), b.to_tokens(CORRUPT_TEXTS)
+    assert clean.shape == corrupt.shape
+    return clean, corrupt
+
+
+@pytest.fixture(autouse=True)
+def _no_hooks_left_behind(request):
+    """Every test leaves the models without hooks (a failed test must not poison others)."""
+    yield
+    for fixture in ("local_models", "remote_models"):
+        if fixture in request.fixturenames:
+            for model in request.getfixturevalue(fixture).values():
+                model.reset_hooks(including_permanent=True)
