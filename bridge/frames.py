@@ -82,8 +82,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
-                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """Yield the binary frames carrying ``tensor`` (at least one, even when empty)."""
+                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytearray]:
+    """Yield the binary frames carrying ``tensor`` (at least one, even when empty). Each
+    frame is built with a single copy of its payload."""
     data = tensor_bytes(tensor)
     total = len(data)
     offset = 0
@@ -91,7 +92,11 @@ def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
         piece = data[offset:offset + chunk_bytes]
         head = json.dumps({"v": FRAME_VERSION, "rid": rid, "tid": tid, "offset": offset},
                           separators=(",", ":")).encode()
-        yield struct.pack("<I", len(head)) + head + piece.tobytes()
+        frame = bytearray(4 + len(head) + len(piece))
+        struct.pack_into("<I", frame, 0, len(head))
+        frame[4:4 + len(head)] = head
+        frame[4 + len(head):] = piece
+        yield frame
         offset += len(piece)
         if offset >= total:
             return

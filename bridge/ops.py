@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hookwire.graph import Const, Ref
+from hookwire.random import seeded_rand_like, seeded_randn_like
 
 T = torch.Tensor
 
@@ -234,6 +235,8 @@ op("split", torch.split, "t,ii|i", clients=_auto_clients("split"), dim="i", mult
 op("chunk", torch.chunk, "t,i|i", clients=_auto_clients("chunk"), dim="i", multi_output=True)
 op("unbind", torch.unbind, "t|i", clients=_auto_clients("unbind"), dim="i",
    multi_output=True)
+op("randn_like", seeded_randn_like, "t", clients=[], seed="i", dtype="d?")
+op("rand_like", seeded_rand_like, "t", clients=[], seed="i", dtype="d?")
 op("getitem", _getitem, "t,idx", clients=[T.__getitem__])
 op("setitem", _setitem, "t,idx,tn", clients=[])
 op("copy", _copy_into, "t,tn", clients=[])

@@ -83,6 +83,7 @@ _CASTS = {T.float: torch.float32, T.double: torch.float64, T.half: torch.float16
 _DEVICE_MOVES = {T.cpu, T.cuda, T.requires_grad_, T.pin_memory, T.share_memory_,
                  T.retain_grad}
 
+_RANDOM_FUNCS = {torch.randn_like, torch.rand_like, T.normal_, T.uniform_}
 _RESHAPE_VIEWS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten",
                   "squeeze", "unsqueeze", "detach", "contiguous"}
 _PERMUTE_VIEWS = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "t", "T", "mT"}
@@ -380,7 +381,9 @@ class Tracer:
         if func is T.data.__get__:
             func = T.detach
         if func is T.contiguous:
-            return args[0]  # proxies are laid out contiguously: torch returns self
+            return args[0]
+        if func in _RANDOM_FUNCS:
+            return self._unseeded_random(func, args, kwargs)  # proxies are laid out contiguously: torch returns self
         if "out" in kwargs and kwargs["out"] is not None:
             raise trace_error("an `out=` argument", "assign the result instead")
         kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and v is not None}
@@ -532,6 +535,32 @@ class Tracer:
             node = self.emit("to", (Ref(node), target.dtype))
         self._mutated(target, node)
         return None if func is T.__setitem__ else target
+
+    def random(self, op: str, like: Proxy, seed: int, dtype=None) -> Proxy:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+            raise trace_error(f"seed {seed!r}", "seeds are ints in [0, 2**63)")
+        dtype = dtype or like.dtype
+        kwargs = {"seed": seed, "dtype": dtype}
+        node = self.emit(op, (like,), kwargs)
+        return Proxy(self, node, torch.empty(like.shape, dtype=dtype, device="meta"))
+
+    def _unseeded_random(self, func, args, kwargs):
+        """torch.randn_like(act) & co: a seed from the caller's RNG, so torch.manual_seed
+        makes remote runs reproducible (the draws differ from a local randn_like's)."""
+        like = args[0]
+        gen = kwargs.get("generator")
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen).item())
+        op = "rand_like" if func in (torch.rand_like, T.uniform_) else "randn_like"
+        if func in (T.normal_, T.uniform_):
+            if len(args) > 1 or set(kwargs) - {"generator"}:
+                raise trace_error(f"`{_func_name(func)}` with parameters",
+                                  "use hookwire.randn_like(x, seed) * std + mean instead")
+            self._mutated(like, self.random(op, like, seed)._hw_node)
+            return like
+        if len(args) > 1 or set(kwargs) - {"generator", "dtype"}:
+            raise trace_error(f"`{_func_name(func)}` with extra arguments",
+                              "use hookwire.randn_like(x, seed, dtype)")
+        return self.random(op, like, seed, kwargs.get("dtype"))
 
     def _cast(self, p, dtype):
         if p.dtype == dtype:

@@ -142,8 +142,8 @@ class ModelWorker(threading.Thread):
         constants = {k: v.to(device) for k, v in constants.items()}
         sent = [0]
 
-        def on_save(name, value):
-            sent[0] += self._send_tensor(job, name, value)
+        def on_save(name, value, snapshot=True):
+            sent[0] += self._send_tensor(job, name, value, snapshot)
 
         def on_site(k, n):
             send(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
@@ -161,24 +161,24 @@ class ModelWorker(threading.Thread):
         with torch.no_grad():
             output = interleaver.run(entry.site_modules, forward, need_output)
         if spec.return_type == "logits":
-            on_save("__logits__", output)
+            on_save("__logits__", output, snapshot=False)
         elif spec.return_type == "loss":
-            on_save("__loss__", output)
+            on_save("__loss__", output, snapshot=False)
         elif spec.return_type == "both":
             logits, loss = output
-            on_save("__logits__", logits)
-            on_save("__loss__", loss)
+            on_save("__logits__", logits, snapshot=False)
+            on_save("__loss__", loss, snapshot=False)
         t_done = time.perf_counter()
         send(dump(Done(request_id=rid, bytes_sent=sent[0], bytes_received=job.received_bytes,
                        timings={"queued_s": t_start - job.enqueued,
                                 "validate_s": t_validated - t_start,
                                 "execute_s": t_done - t_validated})))
 
-    def _send_tensor(self, job: Job, name: str, value) -> int:
+    def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True) -> int:
         if not isinstance(value, torch.Tensor):
             raise ProtocolError(f"save {name!r} is not a tensor")
-        # Snapshot now: the forward may still edit this tensor in place after the hook.
-        value = value.detach().to("cpu", copy=True)
+        # Snapshot values saved mid-forward: the model may still edit them in place.
+        value = value.detach().to("cpu", copy=snapshot)
         tid = f"t{abs(hash((job.request_id, name))) % (1 << 40)}"
         header = header_for(tid, value)
         job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
