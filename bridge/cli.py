@@ -149,6 +149,7 @@ class ServerProcess:
         self.echo = echo
         self.proc: subprocess.Popen | None = None
         self.lines: queue.Queue = queue.Queue()
+        self.output: list[str] = []  # everything the server printed, for error reports
         self.url: str | None = None
 
     def start(self, timeout: float = DEMO_READY_TIMEOUT_S) -> str:
@@ -165,16 +166,19 @@ class ServerProcess:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise RuntimeError(f"the server did not report listening within {timeout:.0f} s")
+                raise RuntimeError(f"the server did not report listening within {timeout:.0f} s"
+                                   f"{self._output_note()}")
             try:
                 line = self.lines.get(timeout=min(left, 0.5))
             except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    raise RuntimeError(f"the server exited with code {self.proc.returncode} "
-                                       "before listening (its output is above)")
                 continue
-            if line is None:
-                continue
+            if line is None:  # end of its output: the server exited (or closed stdout)
+                try:
+                    code = self.proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    code = "?"
+                raise RuntimeError(f"the server exited with code {code} before listening"
+                                   f"{self._output_note()}")
             m = READY_RE.match(line)
             if m:
                 self.url = m.group("url")
@@ -187,8 +191,14 @@ class ServerProcess:
             line = line.rstrip("\n")
             if self.echo:
                 print(f"[server] {line}", flush=True)
+            self.output.append(line)
             self.lines.put(line)
         self.lines.put(None)
+
+    def _output_note(self) -> str:
+        if self.echo:
+            return " (its output is above)"
+        return "; its output:\n" + "\n".join("  " + line for line in self.output[-20:])
 
     def stop(self, timeout: float = 30) -> None:
         proc = self.proc

@@ -62,6 +62,7 @@ class RemoteModelInfo:
     sites: list[SiteInfo]
     tokenizer_files: dict[str, str]
     site_index: dict[tuple[str, int], int] = field(default_factory=dict)
+    hook_names: frozenset = frozenset()
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -72,6 +73,7 @@ class RemoteModelInfo:
             sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype]))
         info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
+        info.hook_names = frozenset(msg.hook_names)
         return info
 
 

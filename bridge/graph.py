@@ -32,7 +32,7 @@ ARG_JSON_SCHEMA: dict = {
     "anyOf": [
         {"type": ["integer", "number", "boolean", "null"]},
         {"type": "string", "maxLength": MAX_STR_LEN},
-        {"type": "array", "items": {"$ref": "#/$defs/Arg"}},
+        {"type": "array", "description": "a tuple of arguments"},
         {"type": "object", "properties": {"list": {"type": "array"}}, "required": ["list"]},
         {"type": "object", "properties": {"ref": {"type": "integer"}}, "required": ["ref"]},
         {"type": "object", "properties": {"const": {"type": "string"}}, "required": ["const"]},

@@ -155,7 +155,8 @@ op("nan_to_num", torch.nan_to_num, "t|n?,n?,n?", clients=_auto_clients("nan_to_n
    nan="n?", posinf="n?", neginf="n?")
 op("clamp", torch.clamp, "t|tn?,tn?", clients=_auto_clients("clamp", torch.clip, T.clip),
    min="tn?", max="tn?")
-op("full_like", torch.full_like, "t,n", clients=[torch.full_like], dtype="d?")
+op("full_like", torch.full_like, "t|n", clients=[torch.full_like], fill_value="n",
+   dtype="d?")
 op("T", _T, "t", clients=[T.T.__get__])
 op("mT", _mT, "t", clients=[T.mT.__get__])
 op("gelu", F.gelu, "t", clients=[F.gelu], approximate="s")
@@ -163,15 +164,16 @@ op("silu", F.silu, "t", clients=[F.silu])
 op("softplus", F.softplus, "t|n,n", clients=[F.softplus], beta="n", threshold="n")
 op("leaky_relu", F.leaky_relu, "t|n", clients=[F.leaky_relu], negative_slope="n")
 for _name in ("softmax", "log_softmax"):
-    op(_name, getattr(torch, _name), "t,i|d?", clients=_auto_clients(_name), dim="i",
+    op(_name, getattr(torch, _name), "t|i,d?", clients=_auto_clients(_name), dim="i",
        dtype="d?")
-op("layer_norm", F.layer_norm, "t,ii|t?,t?,n", clients=[F.layer_norm], weight="t?",
+op("layer_norm", F.layer_norm, "t|ii,t?,t?,n", clients=[F.layer_norm],
+   normalized_shape="ii", weight="t?",
    bias="t?", eps="n")
 op("normalize", F.normalize, "t|n,i,n", clients=[F.normalize], p="n", dim="i", eps="n")
 op("cosine_similarity", F.cosine_similarity, "t,t|i,n", clients=[F.cosine_similarity,
    torch.cosine_similarity], dim="i", eps="n")
 op("one_hot", F.one_hot, "t|i", clients=[F.one_hot], num_classes="i")
-op("pad", F.pad, "t,ii|s,n?", clients=[F.pad], mode="s", value="n?")
+op("pad", F.pad, "t|ii,s,n?", clients=[F.pad], pad="ii", mode="s", value="n?")
 
 # Reductions.
 for _name in ("sum", "mean", "nansum", "prod", "amax", "amin", "logsumexp", "all", "any",
@@ -184,17 +186,18 @@ for _name in ("argmax", "argmin"):
 for _name in ("var", "std"):
     op(_name, getattr(torch, _name), "t|ii?,b,b", clients=_auto_clients(_name), dim="ii?",
        keepdim="b", unbiased="b", correction="n?")
-op("norm", torch.norm, "t|n?,ii?,b", clients=_auto_clients("norm"), p="n?", dim="ii?",
+op("norm", torch.norm, "t|nps?,ii?,b", clients=_auto_clients("norm"), p="nps?", dim="ii?",
    keepdim="b", dtype="d?")
 for _name in ("max", "min"):
     # max(x) -> tensor; max(x, dim) -> (values, indices); max(x, other) -> tensor.
     op(_name, getattr(torch, _name), "t|tn,b", clients=_auto_clients(_name), dim="i",
        keepdim="b", multi_output=True)
-op("topk", torch.topk, "t,i|i,b,b", clients=_auto_clients("topk"), dim="i", largest="b",
+op("topk", torch.topk, "t|i,i,b,b", clients=_auto_clients("topk"), k="i", dim="i",
+   largest="b",
    sorted="b", multi_output=True)
 op("sort", torch.sort, "t|i,b", clients=_auto_clients("sort"), dim="i", descending="b",
    stable="b", multi_output=True)
-op("cumsum", torch.cumsum, "t,i", clients=_auto_clients("cumsum"), dim="i", dtype="d?")
+op("cumsum", torch.cumsum, "t|i", clients=_auto_clients("cumsum"), dim="i", dtype="d?")
 
 # Shapes and views.
 for _name in ("view", "reshape", "expand", "repeat", "permute", "flip"):
@@ -205,24 +208,25 @@ for _name in ("view_as", "reshape_as", "expand_as", "type_as"):
     op(_name, getattr(T, _name), "t,t", clients=_auto_clients(_name))
 op("flatten", torch.flatten, "t|i,i", clients=_auto_clients("flatten"), start_dim="i",
    end_dim="i")
-op("unflatten", torch.unflatten, "t,i,ii", clients=_auto_clients("unflatten"), dim="i",
+op("unflatten", torch.unflatten, "t|i,ii", clients=_auto_clients("unflatten"), dim="i",
    sizes="ii")
 for _name in ("transpose", "swapaxes", "swapdims"):
     op(_name, getattr(torch, _name), "t,i,i", clients=_auto_clients(_name))
-op("movedim", torch.movedim, "t,ii,ii", clients=_auto_clients("movedim", T.moveaxis,
+op("movedim", torch.movedim, "t|ii,ii", clients=_auto_clients("movedim", T.moveaxis,
    torch.moveaxis), source="ii", destination="ii")
 op("squeeze", torch.squeeze, "t|ii", clients=_auto_clients("squeeze"), dim="ii")
-op("unsqueeze", torch.unsqueeze, "t,i", clients=_auto_clients("unsqueeze"), dim="i")
+op("unsqueeze", torch.unsqueeze, "t|i", clients=_auto_clients("unsqueeze"), dim="i")
 op("narrow", torch.narrow, "t,i,i,i", clients=_auto_clients("narrow"))
 op("select", torch.select, "t,i,i", clients=_auto_clients("select"))
-op("roll", torch.roll, "t,ii|ii", clients=_auto_clients("roll"), dims="ii")
+op("roll", torch.roll, "t|ii,ii", clients=_auto_clients("roll"), shifts="ii", dims="ii")
 for _name in ("tril", "triu"):
     op(_name, getattr(torch, _name), "t|i", clients=_auto_clients(_name), diagonal="i")
 op("diagonal", torch.diagonal, "t|i,i,i", clients=_auto_clients("diagonal"), offset="i",
    dim1="i", dim2="i")
-op("gather", torch.gather, "t,i,t", clients=_auto_clients("gather"))
+op("gather", torch.gather, "t|i,t", clients=_auto_clients("gather"), dim="i", index="t")
 op("scatter", torch.scatter, "t,i,t,tn", clients=_auto_clients("scatter"), reduce="s")
-op("index_select", torch.index_select, "t,i,t", clients=_auto_clients("index_select"))
+op("index_select", torch.index_select, "t|i,t", clients=_auto_clients("index_select"),
+   dim="i", index="t")
 op("masked_fill", torch.masked_fill, "t,t,tn", clients=_auto_clients("masked_fill"))
 op("where", torch.where, "t,tn,tn", clients=[torch.where])
 op("cat", torch.cat, "ts|i", clients=[torch.cat, torch.concat, torch.concatenate], dim="i")
@@ -231,8 +235,10 @@ op("einsum", torch.einsum, "eq,*t", clients=[torch.einsum])
 for _name in ("matmul", "bmm", "mm", "outer", "dot", "mv"):
     op(_name, getattr(torch, _name), "t,t", clients=_auto_clients(_name))
 OPS["matmul"].clients.append(T.__matmul__)
-op("split", torch.split, "t,ii|i", clients=_auto_clients("split"), dim="i", multi_output=True)
-op("chunk", torch.chunk, "t,i|i", clients=_auto_clients("chunk"), dim="i", multi_output=True)
+op("split", torch.split, "t|ii,i", clients=_auto_clients("split"), split_size_or_sections="ii",
+   split_size="ii", dim="i", multi_output=True)
+op("chunk", torch.chunk, "t|i,i", clients=_auto_clients("chunk"), chunks="i", dim="i",
+   multi_output=True)
 op("unbind", torch.unbind, "t|i", clients=_auto_clients("unbind"), dim="i",
    multi_output=True)
 op("randn_like", seeded_randn_like, "t", clients=[], seed="i", dtype="d?")
@@ -300,6 +306,8 @@ def kind_matches(kind: str, v) -> bool:
         return _is_tensor_ref(v)
     if kind == "n":
         return isinstance(v, (int, float, bool))
+    if kind == "nps":  # a norm order: number or a name like "fro"
+        return isinstance(v, (int, float)) or (isinstance(v, str) and v in ("fro", "nuc"))
     if kind == "tn":
         return _is_tensor_ref(v) or isinstance(v, (int, float, bool))
     if kind == "i":

@@ -67,6 +67,8 @@ class ModelInfo(_Msg):
     architecture: str
     config: dict
     sites: list[SiteDescription]
+    hook_names: list[str] = Field(default_factory=list,
+                                  description="every hook point, including ones that never fire")
     tokenizer_files: dict[str, str]
 
 

@@ -73,4 +73,5 @@ def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
         sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
                                dtype=DTYPE_NAMES[s.dtype]) for s in sites],
+        hook_names=[name for name in hosted.bridge.hook_dict],
         tokenizer_files=tokenizer_files(hosted.tokenizer))

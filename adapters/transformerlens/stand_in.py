@@ -24,7 +24,20 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
     bridge.eval()
     bridge.cfg.device = "cpu"  # tokens are made here; there are no weights to move them to
     bridge._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
+    # A weightless model must never run locally: it would return meta tensors silently.
+    bridge.forward = _no_local_forward(name)
     return bridge
+
+
+def _no_local_forward(name: str):
+    from hookwire.errors import HookwireError
+
+    def forward(*args, **kwargs):
+        raise HookwireError(
+            f"RemoteModel({name!r}) has no weights here: run it with "
+            "run_with_hooks(..., remote=True) (remote run_with_cache and plain calls are not "
+            "supported yet)")
+    return forward
 
 
 # TL refuses to split a fused QKV matrix on the meta device because it cannot read values.
