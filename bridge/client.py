@@ -91,9 +91,11 @@ class Connection:
     def __init__(self, url: str, api_key: str | None = None, open_timeout: float = 30):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            self.ws = ws_connect(url, additional_headers=headers, compression=None,
-                                 max_size=None, open_timeout=open_timeout,
-                                 ping_interval=None)
+            # Entered by hand (not in a `with`): the connection lives as long as this object.
+            self._cm = ws_connect(url, additional_headers=headers, compression=None,
+                                  max_size=None, open_timeout=open_timeout,
+                                  ping_interval=None)
+            self.ws = self._cm.__enter__()
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:
@@ -116,7 +118,7 @@ class Connection:
         self.available_models = msg.models
 
     def close(self):
-        self.ws.close()
+        self._cm.__exit__(None, None, None)
 
     def _recv(self):
         try:

@@ -210,8 +210,12 @@ op("flatten", torch.flatten, "t|i,i", clients=_auto_clients("flatten"), start_di
    end_dim="i")
 op("unflatten", torch.unflatten, "t|i,ii", clients=_auto_clients("unflatten"), dim="i",
    sizes="ii")
-for _name in ("transpose", "swapaxes", "swapdims"):
-    op(_name, getattr(torch, _name), "t,i,i", clients=_auto_clients(_name))
+op("transpose", torch.transpose, "t|i,i", clients=_auto_clients("transpose"), dim0="i",
+   dim1="i")
+op("swapaxes", torch.swapaxes, "t|i,i", clients=_auto_clients("swapaxes"), axis0="i",
+   axis1="i")
+op("swapdims", torch.swapdims, "t|i,i", clients=_auto_clients("swapdims"), dim0="i",
+   dim1="i")
 op("movedim", torch.movedim, "t|ii,ii", clients=_auto_clients("movedim", T.moveaxis,
    torch.moveaxis), source="ii", destination="ii")
 op("squeeze", torch.squeeze, "t|ii", clients=_auto_clients("squeeze"), dim="ii")

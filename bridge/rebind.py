@@ -33,11 +33,43 @@ def _replace_in(holder, old, new, skip_ids: set, depth: int) -> int:
             holder.cell_contents = new
             done += 1
     elif type(holder) is tuple and depth < _MAX_TUPLE_DEPTH:
-        # Tuples are immutable: build the new one and put it where the old one was.
-        new_tuple = tuple(new if v is old else v for v in holder)
-        skip_ids = skip_ids | {id(new_tuple)}
-        for outer in _holders(holder, skip_ids):
-            done += _replace_in(outer, holder, new_tuple, skip_ids, depth + 1)
+        done += _replace_in_tuple(holder, old, new, skip_ids, depth)
+    else:
+        # An object whose attributes live inline (CPython 3.11+ does not materialize
+        # __dict__ until asked) or in __slots__.
+        done += _replace_attributes(holder, old, new)
+    return done
+
+
+def _replace_attributes(holder, old, new) -> int:
+    if type(holder).__module__.startswith("hookwire.") or isinstance(holder, type):
+        return 0  # our own tracing objects and classes are not the user's containers
+    done = 0
+    attrs = getattr(holder, "__dict__", None)  # materializes inline attributes
+    if isinstance(attrs, dict):
+        for key, value in list(attrs.items()):
+            if value is old:
+                attrs[key] = new
+                done += 1
+    for cls in type(holder).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            try:
+                if getattr(holder, slot) is old:
+                    setattr(holder, slot, new)
+                    done += 1
+            except (AttributeError, TypeError):
+                continue
+    return done
+
+
+def _replace_in_tuple(holder, old, new, skip_ids, depth) -> int:
+    """Tuples are immutable: build the new one and put it where the old one was."""
+    done = 0
+    new_tuple = tuple(new if v is old else v for v in holder)
+    skip_ids = skip_ids | {id(new_tuple)}
+    for outer in _holders(holder, skip_ids):
+        done += _replace_in(outer, holder, new_tuple, skip_ids, depth + 1)
     return done
 
 

@@ -165,22 +165,42 @@ def _audit(event: str, args) -> None:
     raise err
 
 
-_STDLIB = os.path.dirname(os.__file__) + os.sep
-
-
 def _caused_by_user_code() -> bool:
-    """Is the nearest non-stdlib frame the user's (not torch's, TL's or ours)?"""
-    dirs = _extra_library_dirs()
+    """True unless the I/O happens while a module is being imported (torch imports parts of
+    itself lazily, e.g. while computing a meta shape, and those imports may create cache
+    folders). Nothing else runs during tracing but the user's hooks and our pure code."""
     frame = sys._getframe(2)
     while frame is not None:
-        fname = frame.f_code.co_filename
-        if not (fname.startswith("<frozen") or os.path.abspath(fname).startswith(_STDLIB)):
-            return not os.path.abspath(fname).startswith(dirs)
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return False
         frame = frame.f_back
-    return False
+    return True
 
 
 sys.addaudithook(_audit)
+
+
+def _guard_torch_save():
+    """torch.save opens its file in C++, out of sight of the audit hook, and only then pickles
+    (where a Proxy would refuse). Refuse before anything is written while tracing."""
+    original = torch.save
+    if getattr(original, "_hookwire_guarded", False):
+        return
+
+    def save(*args, **kwargs):
+        if getattr(_STATE, "tracing", False):
+            raise trace_error("torch.save (file I/O)",
+                              "a hook runs once on your machine while tracing, not at each "
+                              "forward on the server. Save the returned tensors after the run")
+        return original(*args, **kwargs)
+
+    save._hookwire_guarded = True
+    save.__wrapped__ = original
+    save.__doc__ = original.__doc__
+    torch.save = save
+
+
+_guard_torch_save()
 
 
 # ---- proxies ------------------------------------------------------------------------------
@@ -284,8 +304,10 @@ class Tracer:
         return encode_arg(self._lower(value))
 
     def constant(self, tensor: torch.Tensor) -> Const:
-        key = id(tensor)
-        tid = self._const_by_obj.get(key)
+        # Keyed by identity; the entry keeps the object alive so its id cannot be reused
+        # by a later temporary tensor.
+        entry = self._const_by_obj.get(id(tensor))
+        tid = entry[0] if entry is not None and entry[1] is tensor else None
         if tid is None:
             if tensor.device.type == "meta":
                 raise trace_error("a tensor with no data (meta device), such as a weight of a "
@@ -296,7 +318,7 @@ class Tracer:
                                   "use one of " + ", ".join(map(str, DTYPE_NAMES)))
             tid = f"c{len(self.constants)}"
             self.constants[tid] = tensor.detach()
-            self._const_by_obj[key] = tid
+            self._const_by_obj[id(tensor)] = (tid, tensor)
         return Const(tid)
 
     def _lower(self, value):

@@ -70,6 +70,12 @@ class ConnState:
         self.closed = False
         self.cancelled: set[str] = set()
         self.incoming: tuple[Submit, TensorAssembler, int] | None = None
+        self.discarded: dict[str, None] = {}  # refused request ids (bounded, oldest dropped)
+
+    def discard(self, request_id: str) -> None:
+        self.discarded[request_id] = None
+        while len(self.discarded) > 1024:
+            self.discarded.pop(next(iter(self.discarded)))
 
     def send_threadsafe(self, item) -> None:
         if not self.closed:
@@ -191,6 +197,20 @@ class ModelWorker(threading.Thread):
         return total
 
 
+def _refused_submit_id(message: str) -> str | None:
+    """The request id of a submit that failed validation, so its error names it and its
+    frames can be dropped. Only a plain JSON read: nothing of it is trusted further."""
+    try:
+        raw = json.loads(message)
+    except ValueError:
+        return None
+    if isinstance(raw, dict) and raw.get("type") == "submit":
+        rid = raw.get("request_id")
+        if isinstance(rid, str) and len(rid) <= 64:
+            return rid
+    return None
+
+
 def _jsonable(details: dict) -> dict:
     return {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool))
             or v is None}
@@ -257,8 +277,13 @@ class HookwireServer:
                     self._on_message(state, message)
                 except HookwireError as exc:
                     rid = state.incoming[0].request_id if state.incoming else None
-                    if isinstance(exc, FrameError):
+                    if isinstance(exc, FrameError) and state.incoming is not None:
+                        state.discard(state.incoming[0].request_id)
                         state.incoming = None
+                    if rid is None and isinstance(message, str):
+                        rid = _refused_submit_id(message)
+                        if rid is not None:
+                            state.discard(rid)  # its tensor frames will follow: drop them
                     state.outbox.put_nowait(dump(Error(request_id=rid, code=exc.code,
                                                        message=exc.message,
                                                        details=_jsonable(exc.details))))
@@ -271,10 +296,12 @@ class HookwireServer:
 
     def _on_message(self, state: ConnState, message):
         if isinstance(message, bytes):
+            head, payload = decode_frame(message)
+            if head["rid"] in state.discarded:
+                return  # the rest of a request that was already refused
             if state.incoming is None:
                 raise FrameError("binary frame with no submit waiting for tensors")
             submit, asm, size = state.incoming
-            head, payload = decode_frame(message)
             if head["rid"] != submit.request_id:
                 raise FrameError("binary frame for a different request")
             asm.add(head, payload)

@@ -594,6 +594,21 @@ def test_einsum_and_matmul_with_captured_local_tensors(remote_run, local, tokens
     assert not torch.allclose(expected, local(tokens))
 
 
+def test_fresh_local_tensors_built_inside_hooks(remote_run, local, tokens):
+    """Each freshly built local tensor is its own constant, even after the previous one was
+    freed (so Python may hand its id() to the next one)."""
+    d_model = local.cfg.d_model
+
+    def hook(act, hook):
+        for i in range(8):
+            act = act + torch.full((d_model,), 0.01 * (i + 1))
+        return act
+
+    hooks = [(lambda n: n.endswith("hook_resid_pre"), hook)]
+    expected = local.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert_close(remote_run(tokens, fwd_hooks=hooks), expected)
+
+
 def test_topk_argmax_softmax_saved_to_dict(remote_run, local, tokens):
     def make():
         store: dict = {}
@@ -682,7 +697,6 @@ SPELLINGS = {
     "norm_full": lambda a: a / a.norm(),
     "torch_norm": lambda a: a / (torch.norm(a, dim=-1, keepdim=True) + 1e-6),
     "norm_p1": lambda a: a / (a.norm(p=1, dim=-1, keepdim=True) + 1e-6),
-    "linalg_vector_norm": lambda a: a / (torch.linalg.vector_norm(a, dim=-1, keepdim=True) + 1e-6),
 }
 
 
@@ -697,3 +711,135 @@ def test_everyday_spellings(remote_run, local, tokens, spelling):
     hooks = [("blocks.1.hook_resid_pre", hook)]
     expected = local.run_with_hooks(tokens, fwd_hooks=hooks)
     assert_close(remote_run(tokens, fwd_hooks=hooks), expected)
+
+
+# ---- every commonly hooked site, both families -----------------------------------------------
+
+COMMON_SITES = ["hook_embed", "blocks.0.ln1.hook_normalized",
+                "blocks.0.ln1.hook_scale", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k",
+                "blocks.0.attn.hook_v", "blocks.0.attn.hook_attn_scores",
+                "blocks.1.attn.hook_pattern", "blocks.1.attn.hook_z", "blocks.0.hook_attn_out",
+                "blocks.0.hook_resid_mid", "blocks.0.mlp.hook_pre", "blocks.1.mlp.hook_post",
+                "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post", "ln_final.hook_normalized",
+                "blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k"]
+
+
+@pytest.mark.parametrize("site", COMMON_SITES)
+def test_edit_and_cache_at_common_sites(remote_run, local, tokens, site):
+    def make():
+        store: dict = {}
+
+        def hook(act, hook):
+            store[hook.name] = act.clone()
+            act[..., 0] = act[..., 0] * 0.5 + 0.01
+
+        return [(site, hook)], store
+
+    hooks_l, store_l = make()
+    hooks_r, store_r = make()
+    try:
+        expected = local.run_with_hooks(tokens, fwd_hooks=hooks_l)
+    except KeyError:  # the site does not exist on this family: remote must say the same
+        with pytest.raises(KeyError):
+            remote_run(tokens, fwd_hooks=hooks_r)
+        return
+    remote = remote_run(tokens, fwd_hooks=hooks_r)
+    assert store_l, f"{site} never fired locally"
+    assert_same_tensor_dict(store_r, store_l)
+    assert_close(remote, expected)
+
+
+# ---- the weightless stand-in looks like the local model ----------------------------------------
+
+def test_stand_in_matches_local_model(remote_models, local_models, name, tokens):
+    remote, local = remote_models[name], local_models[name]
+    assert all(p.device.type == "meta" for p in remote.parameters())
+    assert list(remote.hook_dict) == list(local.hook_dict)
+    assert {k: hp.name for k, hp in remote.hook_dict.items()} == \
+        {k: hp.name for k, hp in local.hook_dict.items()}
+    for key in ("d_model", "n_layers", "n_heads", "d_head", "d_vocab", "n_ctx"):
+        assert getattr(remote.cfg, key) == getattr(local.cfg, key), key
+    assert torch.equal(remote.to_tokens(["hello world", "abcdefghij!"]), tokens)
+    assert remote.to_string(tokens[0, 1:]) == local.to_string(tokens[0, 1:])
+
+
+# ---- streaming: tensors bigger than one 1 MiB chunk, both directions ---------------------------
+
+def test_large_constants_and_saves_stream_in_chunks(remote_run, local):
+    g = torch.Generator().manual_seed(7)
+    toks = torch.randint(0, 256, (8, 160), generator=g)
+    d_model = local.cfg.d_model
+    big = torch.randn(160, d_model, generator=g) * 0.01  # plus logits 8x160x257 fp32 > 1 MiB
+    big_w = torch.randn(d_model, 4500, generator=g)  # 1.1 MiB captured constant
+
+    def make():
+        store: dict = {}
+
+        def hook(act, hook):
+            store["pattern"] = act  # 8 x heads x 160 x 160 fp32 = 3.3 MiB
+
+        def add_big(act, hook):
+            return act + big + big_w[:, 7]
+
+        return [("blocks.0.attn.hook_pattern", hook), ("blocks.1.hook_resid_pre", add_big)], store
+
+    hooks_l, store_l = make()
+    hooks_r, store_r = make()
+    expected = local.run_with_hooks(toks, fwd_hooks=hooks_l)
+    remote = remote_run(toks, fwd_hooks=hooks_r)
+    assert expected.numel() * 4 > (1 << 20)
+    assert_close(remote, expected)
+    assert_same_tensor_dict(store_r, store_l)
+
+
+# ---- errors on the server come back typed; the next run is fine ----------------------------------
+
+def test_out_of_range_index_fails_typed_not_silently(remote_run, local, tokens):
+    from hookwire.errors import HookwireError
+    bad_index = torch.tensor([1000])
+
+    def hook(act, hook):
+        return act + act[:, bad_index].mean()
+
+    with pytest.raises(IndexError):
+        local.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", hook)])
+    with pytest.raises((HookwireError, IndexError)):
+        remote_run(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", hook)])
+    assert_close(remote_run(tokens, fwd_hooks=[]), local(tokens))
+
+
+# ---- threads: several users of one process at once ----------------------------------------------
+
+def test_concurrent_remote_runs_from_threads(name, local_models, server, tokens):
+    """Each thread has its own stand-in (TL hooks live on the model object, so sharing one model
+    between threads is unsafe locally too); connection and tracing are shared machinery."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import hookwire.transformerlens as htl
+
+    local = local_models[name]
+    stand_ins = [htl.RemoteModel(name) for _ in range(4)]
+
+    def job(k):
+        store: dict = {}
+
+        def hook(act, hook):
+            store["x"] = act[:, 1] * (k + 1)
+            return act * (0.5 + 0.1 * k)
+
+        model = stand_ins[k % len(stand_ins)]
+        return k, model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", hook)]), store
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(job, range(4)))
+    for k, logits, store in results:
+        seen: dict = {}
+
+        def hook(act, hook, k=k):
+            seen["x"] = act[:, 1] * (k + 1)
+            return act * (0.5 + 0.1 * k)
+
+        expected = local.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", hook)])
+        assert_close(logits, expected)
+        assert_plain_tensor(store["x"])
+        assert_close(store["x"], seen["x"])
