@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from hookwire import __version__
@@ -27,6 +28,12 @@ from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Done, Error, HelloOk,
 from hookwire.validate import SiteInfo
 
 MAX_RESULT_BYTES = 64 << 30  # what a client accepts from a server in one request
+
+
+class _BulkClientConnection(ClientConnection):
+    """Reads the socket in 4 MiB gulps instead of 64 KiB: results are mostly large tensors,
+    and per-read parsing overhead otherwise caps throughput (measured ~2x on loopback)."""
+    recv_bufsize = 1 << 22
 
 
 @dataclass
@@ -94,7 +101,8 @@ class Connection:
             # Entered by hand (not in a `with`): the connection lives as long as this object.
             self._cm = ws_connect(url, additional_headers=headers, compression=None,
                                   max_size=None, open_timeout=open_timeout,
-                                  ping_interval=None)
+                                  ping_interval=None, max_queue=64,
+                                  create_connection=_BulkClientConnection)
             self.ws = self._cm.__enter__()
         except InvalidStatus as exc:
             status = exc.response.status_code

@@ -17,6 +17,7 @@ import struct
 import sys
 from typing import Iterator
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -82,7 +83,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
-                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytearray]:
+                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
     """Yield the binary frames carrying ``tensor`` (at least one, even when empty). Each
     frame is built with a single copy of its payload."""
     data = tensor_bytes(tensor)
@@ -92,11 +93,8 @@ def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
         piece = data[offset:offset + chunk_bytes]
         head = json.dumps({"v": FRAME_VERSION, "rid": rid, "tid": tid, "offset": offset},
                           separators=(",", ":")).encode()
-        frame = bytearray(4 + len(head) + len(piece))
-        struct.pack_into("<I", frame, 0, len(head))
-        frame[4:4 + len(head)] = head
-        frame[4 + len(head):] = piece
-        yield frame
+        # join allocates once and copies once (a bytearray(n) would zero-fill first)
+        yield b"".join((struct.pack("<I", len(head)), head, piece))
         offset += len(piece)
         if offset >= total:
             return
@@ -138,7 +136,8 @@ class TensorAssembler:
             if total > max_total_bytes:
                 raise FrameError(f"declared tensors total {total} bytes; limit {max_total_bytes}")
         for h in headers:
-            self.buffers[h.tid] = bytearray(h.nbytes())
+            # np.empty: no zero-fill; every byte is written before use (checked by `complete`)
+            self.buffers[h.tid] = np.empty(h.nbytes(), dtype=np.uint8)
             self.received[h.tid] = 0
 
     @property
@@ -153,17 +152,19 @@ class TensorAssembler:
         if offset != self.received[tid] or offset + len(payload) > len(buf):
             raise FrameError(f"frame for tensor {tid!r} at offset {offset} (+{len(payload)}) "
                              f"does not continue its {len(buf)} bytes")
-        buf[offset:offset + len(payload)] = payload
+        buf[offset:offset + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
         self.received[tid] = offset + len(payload)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {tid: bytes_to_tensor(self.headers[tid], self.buffers[tid]) for tid in self.buffers}
 
 
-def bytes_to_tensor(header: TensorHeader, buf: bytearray) -> torch.Tensor:
+def bytes_to_tensor(header: TensorHeader, buf) -> torch.Tensor:
     dtype = DTYPES[header.dtype]
     if len(buf) != header.nbytes():
         raise FrameError(f"tensor {header.tid!r} has {len(buf)} bytes, expected {header.nbytes()}")
     if len(buf) == 0:
         return torch.empty(header.shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(header.shape)
+    if not isinstance(buf, np.ndarray):
+        buf = np.frombuffer(bytearray(buf), dtype=np.uint8)
+    return torch.from_numpy(buf).view(dtype).reshape(header.shape)

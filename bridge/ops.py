@@ -220,8 +220,9 @@ op("movedim", torch.movedim, "t|ii,ii", clients=_auto_clients("movedim", T.movea
    torch.moveaxis), source="ii", destination="ii")
 op("squeeze", torch.squeeze, "t|ii", clients=_auto_clients("squeeze"), dim="ii")
 op("unsqueeze", torch.unsqueeze, "t|i", clients=_auto_clients("unsqueeze"), dim="i")
-op("narrow", torch.narrow, "t,i,i,i", clients=_auto_clients("narrow"))
-op("select", torch.select, "t,i,i", clients=_auto_clients("select"))
+op("narrow", torch.narrow, "t|i,i,i", clients=_auto_clients("narrow"), dim="i", start="i",
+   length="i")
+op("select", torch.select, "t|i,i", clients=_auto_clients("select"), dim="i", index="i")
 op("roll", torch.roll, "t|ii,ii", clients=_auto_clients("roll"), shifts="ii", dims="ii")
 for _name in ("tril", "triu"):
     op(_name, getattr(torch, _name), "t|i", clients=_auto_clients(_name), diagonal="i")
@@ -231,8 +232,9 @@ op("gather", torch.gather, "t|i,t", clients=_auto_clients("gather"), dim="i", in
 op("scatter", torch.scatter, "t,i,t,tn", clients=_auto_clients("scatter"), reduce="s")
 op("index_select", torch.index_select, "t|i,t", clients=_auto_clients("index_select"),
    dim="i", index="t")
-op("masked_fill", torch.masked_fill, "t,t,tn", clients=_auto_clients("masked_fill"))
-op("where", torch.where, "t,tn,tn", clients=[torch.where])
+op("masked_fill", torch.masked_fill, "t|t,tn", clients=_auto_clients("masked_fill"), mask="t",
+   value="tn")
+op("where", torch.where, "t|tn,tn", clients=[torch.where], input="tn", other="tn")
 op("cat", torch.cat, "ts|i", clients=[torch.cat, torch.concat, torch.concatenate], dim="i")
 op("stack", torch.stack, "ts|i", clients=[torch.stack], dim="i")
 op("einsum", torch.einsum, "eq,*t", clients=[torch.einsum])

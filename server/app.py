@@ -31,7 +31,7 @@ from hookwire.frames import (CHUNK_BYTES, TensorAssembler, decode_frame, encode_
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Done, Error, Hello, HelloOk,
                                ModelInfoRequest, Progress, Result, Submit, dump,
                                parse_client_message)
-from hookwire.server.manifest import describe, probe_sites
+from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
@@ -219,10 +219,9 @@ def _jsonable(details: dict) -> dict:
 def prepare_model(hosted: HostedModel) -> ModelEntry:
     sites = probe_sites(hosted.bridge)
     info = describe(hosted, sites)
+    site_table, site_order = site_lookup(hosted.bridge, sites)
     return ModelEntry(
-        hosted=hosted, sites=sites,
-        site_table={(s.name, s.call): s for s in sites},
-        site_order={(s.name, s.call): i for i, s in enumerate(sites)},
+        hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info),
         site_modules={name: hp for name, hp in hosted.bridge.hook_dict.items()})
 
@@ -350,7 +349,7 @@ class HookwireServer:
             self.worker.start()
         async with serve(self._handle, self.host, self.port, compression=None,
                          max_size=MAX_MESSAGE_BYTES, process_request=self._process_request,
-                         ping_interval=None) as server:
+                         ping_interval=None, write_limit=8 << 20, max_queue=64) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
             if ready is not None:

@@ -19,7 +19,8 @@ _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from 
 
 
 def _record_sites(bridge, batch: int, seq: int) -> list[tuple[str, int, tuple, torch.dtype]]:
-    points = {id(hp): (name, hp) for name, hp in bridge.hook_dict.items()
+    # One entry per hook point, named by its canonical name (aliases share the object).
+    points = {id(hp): (hp.name or name, hp) for name, hp in bridge.hook_dict.items()
               if isinstance(hp, HookPoint)}
     fired: list = []
     counts: dict[str, int] = {}
@@ -75,3 +76,18 @@ def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
                                dtype=DTYPE_NAMES[s.dtype]) for s in sites],
         hook_names=[name for name in hosted.bridge.hook_dict],
         tokenizer_files=tokenizer_files(hosted.tokenizer))
+
+
+def site_lookup(bridge, sites: list[SiteInfo]) -> tuple[dict, dict]:
+    """(name, call) -> SiteInfo and -> firing position, under the canonical name *and* every
+    alias TL accepts for the same hook point (``blocks.0.hook_resid_pre`` for
+    ``blocks.0.hook_in``), so graphs may name sites either way."""
+    table = {(s.name, s.call): s for s in sites}
+    order = {(s.name, s.call): i for i, s in enumerate(sites)}
+    for alias, hp in bridge.hook_dict.items():
+        canonical = getattr(hp, "name", None) or alias
+        for s in sites:
+            if s.name == canonical and alias != canonical:
+                table[(alias, s.call)] = s
+                order[(alias, s.call)] = order[(s.name, s.call)]
+    return table, order

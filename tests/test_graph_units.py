@@ -361,13 +361,8 @@ def bridges():
 
 @pytest.fixture(scope="module")
 def site_tables(bridges):
-    from hookwire.server.manifest import probe_sites
-    out = {}
-    for name, bridge in bridges.items():
-        sites = probe_sites(bridge)
-        out[name] = ({(s.name, s.call): s for s in sites},
-                     {(s.name, s.call): i for i, s in enumerate(sites)})
-    return out
+    from hookwire.server.manifest import probe_sites, site_lookup
+    return {name: site_lookup(bridge, probe_sites(bridge)) for name, bridge in bridges.items()}
 
 
 @pytest.fixture(scope="module")
