@@ -161,8 +161,9 @@ class ModelWorker(threading.Thread):
         tokens = input_ids.to(device)
 
         def forward():
-            return bridge(tokens, return_type=spec.return_type or "logits",
-                          loss_per_token=spec.loss_per_token)
+            # The class's forward, not an instance attribute someone may have set on it.
+            return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
+                                        loss_per_token=spec.loss_per_token)
 
         with torch.no_grad():
             output = interleaver.run(entry.site_modules, forward, need_output)

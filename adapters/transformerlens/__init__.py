@@ -1,42 +1,61 @@
-"""hookwire.transformerlens: importing it makes ``run_with_hooks(..., remote=True)`` work on
-TL ``TransformerBridge`` and ``HookedRootModule`` models."""
+"""hookwire.transformerlens: importing it makes ``run_with_hooks(..., remote=True)`` and
+``run_with_cache(..., remote=True)`` work on TL ``TransformerBridge`` and
+``HookedRootModule`` models.
+
+TL's own methods still do all the TL work (resolving names and aliases, filters, caching
+keys, ``hooks()`` contexts, ``reset_hooks_end``, ``clear_contexts``); only the model's
+forward is routed to the server, where the hooks run as a traced graph."""
 from __future__ import annotations
 
 import functools
 
-from hookwire.transformerlens.remote_run import run_remote
+from hookwire.errors import HookwireError
+from hookwire.transformerlens.remote_run import (RemoteTarget, forward_goes_remote,
+                                                 remote_forward)
 from hookwire.transformerlens.stand_in import RemoteModel
 
+_REMOTE_METHODS = ("run_with_hooks", "run_with_cache")
 
-def _patch(cls) -> None:
-    original = cls.run_with_hooks
-    if getattr(original, "_hookwire_patched", False):
+
+def _patch(cls, method_name: str) -> None:
+    original = getattr(cls, method_name, None)
+    if original is None or getattr(original, "_hookwire_patched", False):
         return
 
     @functools.wraps(original)
-    def run_with_hooks(self, input, *args, remote=None, remote_model=None, **kwargs):
+    def method(self, *args, remote=None, remote_model=None, progress=None, **kwargs):
+        stand_in = getattr(self, "_hookwire_remote", None)
         if remote is None:
-            remote = getattr(self, "_hookwire_remote", None) is not None
+            remote = stand_in is not None
         if not remote:
-            return original(self, input, *args, **kwargs)
-        return run_remote(self, input, *args, remote=remote, remote_model=remote_model,
-                          **kwargs)
+            if stand_in is not None:
+                raise HookwireError("a RemoteModel has no weights to run locally; "
+                                    "use remote=True (the default for it)")
+            return original(self, *args, **kwargs)
+        base = stand_in or {}
+        target = RemoteTarget(url=remote if isinstance(remote, str) else base.get("url"),
+                              api_key=base.get("api_key"),
+                              model=remote_model or base.get("model"), progress=progress)
+        with forward_goes_remote(self, target):
+            return original(self, *args, **kwargs)
 
-    run_with_hooks._hookwire_patched = True
-    cls.run_with_hooks = run_with_hooks
+    method._hookwire_patched = True
+    setattr(cls, method_name, method)
 
 
 def install() -> None:
     from transformer_lens.model_bridge import TransformerBridge
 
-    _patch(TransformerBridge)
+    for name in _REMOTE_METHODS:
+        _patch(TransformerBridge, name)
     try:
         from transformer_lens.hook_points import HookedRootModule
     except ImportError:  # pragma: no cover - very old TL
         return
-    _patch(HookedRootModule)
+    for name in _REMOTE_METHODS:
+        _patch(HookedRootModule, name)
 
 
 install()
 
-__all__ = ["RemoteModel", "run_remote", "install"]
+__all__ = ["RemoteModel", "remote_forward", "install"]

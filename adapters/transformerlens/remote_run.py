@@ -2,14 +2,17 @@
 server, and hand back what TL would have returned."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
+from dataclasses import dataclass
 
 import torch
 
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
+from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
 from hookwire.trace import Proxy, Tracer, tracing
 
@@ -130,35 +133,51 @@ def build_request(tracer: Tracer, model_name: str, tokens: torch.Tensor, return_
     return graph, tensors
 
 
-def run_remote(model, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True,
-               clear_contexts=False, return_type="logits", stop_at_layer=None,
-               start_at_layer=None, remove_batch_dim=False, *, remote=True,
-               remote_model=None, loss_per_token=False, **kwargs):
+@dataclass
+class RemoteTarget:
+    """Where a remote forward goes: server, key, model name, and whether to show progress."""
+    url: str | None = None
+    api_key: str | None = None
+    model: str | None = None
+    progress: bool | None = None
+
+
+def remote_forward(model, target: RemoteTarget, input, return_type="logits",
+                   loss_per_token=False, prepend_bos=None, padding_side=None,
+                   attention_mask=None, stop_at_layer=None, start_at_layer=None,
+                   progress=None, **kwargs):
+    """Stands in for ``model.forward``: traces every hook TL has put on the model's hook
+    points (run_with_hooks', run_with_cache's, hooks() contexts', add_hook's), runs the graph
+    on the server, puts the real tensors where the hooks stored theirs, and returns what the
+    forward would have returned. TL's own run_with_hooks / run_with_cache / hooks() wrap it,
+    so hook resolution, caching keys and contexts are exactly TL's."""
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}")
-    if bwd_hooks:
-        raise HookwireError("bwd_hooks are not supported in remote runs yet")
-    for name, value in (("stop_at_layer", stop_at_layer), ("start_at_layer", start_at_layer)):
-        if value is not None:
-            raise HookwireError(f"{name} is not supported in remote runs yet")
-    if remove_batch_dim or kwargs:
-        raise HookwireError(f"unsupported arguments for a remote run: "
-                            f"{['remove_batch_dim'] if remove_batch_dim else list(kwargs)}")
-    stand_in = getattr(model, "_hookwire_remote", None) or {}
-    url = remote if isinstance(remote, str) else stand_in.get("url")
-    conn = get_connection(url, stand_in.get("api_key"))
-    name = model_name_of(model, remote_model)
+    unsupported = {k: v for k, v in dict(attention_mask=attention_mask,
+                                         stop_at_layer=stop_at_layer,
+                                         start_at_layer=start_at_layer, **kwargs).items()
+                   if v is not None}
+    if unsupported:
+        raise HookwireError(f"not supported in remote runs yet: {sorted(unsupported)}")
+    if any(getattr(hp, "bwd_hooks", None) for hp in _hook_points(model).values()):
+        raise HookwireError("backward hooks are not supported in remote runs yet")
+    conn = get_connection(target.url, target.api_key)
+    name = target.model or model_name_of(model, None)
     info = conn.model_info(name)
+    if isinstance(input, (str, list)):
+        input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
     tokens = tokens_of(model, input)
     tracer = Tracer()
-    with model.hooks(fwd_hooks=list(fwd_hooks), bwd_hooks=[], reset_hooks_end=reset_hooks_end,
-                     clear_contexts=clear_contexts):
-        trace_hook_points(model, info, tokens.shape[0], tokens.shape[1], tracer)
+    trace_hook_points(model, info, tokens.shape[0], tokens.shape[1], tracer)
     escaped = tracer.escaped()
     for i, proxy in enumerate(escaped):
         tracer.save(f"__escaped_{i}", proxy)
     graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token)
-    result = conn.run(graph, tensors)
+    show = target.progress if progress is None else progress
+    # While the request runs, the traced hooks are parked: if this very model object also
+    # runs somewhere in this process (a test hosting it in-process), they must not fire there.
+    with _hooks_parked(model), ProgressBar(name, len(tracer.sites), enabled=show) as bar:
+        result = conn.run(graph, tensors, on_event=bar.on_event)
     rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
     del escaped
     if return_type == "logits":
@@ -170,4 +189,41 @@ def run_remote(model, input, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True,
     return None
 
 
-__all__ = ["run_remote", "trace_hook_points", "build_request", "Proxy", "DTYPE_NAMES"]
+@contextlib.contextmanager
+def _hooks_parked(model):
+    parked = []
+    for hp in _hook_points(model).values():
+        if hp._forward_hooks:
+            parked.append((hp, hp._forward_hooks))
+            hp._forward_hooks = type(hp._forward_hooks)()
+    try:
+        yield
+    finally:
+        for hp, hooks in parked:
+            hp._forward_hooks = hooks
+
+
+@contextlib.contextmanager
+def forward_goes_remote(model, target: RemoteTarget):
+    """For the duration of one TL call on a model with weights, route its forward to the
+    server. (A RemoteModel stand-in routes it there permanently.)"""
+    if getattr(model, "_hookwire_remote", None) is not None:
+        previous = model.__dict__.get("forward")
+        model.forward = functools.partial(remote_forward, model, target)
+        try:
+            yield
+        finally:
+            model.forward = previous
+        return
+    if "forward" in model.__dict__:
+        raise HookwireError("this model's forward is already redirected (a remote call is in "
+                            "progress on it in another thread?)")
+    model.forward = functools.partial(remote_forward, model, target)
+    try:
+        yield
+    finally:
+        del model.forward
+
+
+__all__ = ["remote_forward", "forward_goes_remote", "RemoteTarget", "trace_hook_points",
+           "build_request", "Proxy", "DTYPE_NAMES"]

@@ -4,11 +4,13 @@ files. Hook names, aliases, ``cfg``, ``to_tokens``/``to_string`` are TL's own.""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 
 from hookwire.client import get_connection
 from hookwire.families import build_hf_model
 from hookwire.tokenizer import tokenizer_from_files
+from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 
 
 def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
@@ -24,20 +26,11 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
     bridge.eval()
     bridge.cfg.device = "cpu"  # tokens are made here; there are no weights to move them to
     bridge._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
-    # A weightless model must never run locally: it would return meta tensors silently.
-    bridge.forward = _no_local_forward(name)
+    # The stand-in has no weights: its forward always runs on the server, so plain calls,
+    # run_with_hooks and run_with_cache (TL's own code) all go remote.
+    bridge.forward = functools.partial(remote_forward, bridge,
+                                       RemoteTarget(url=conn.url, api_key=api_key, model=name))
     return bridge
-
-
-def _no_local_forward(name: str):
-    from hookwire.errors import HookwireError
-
-    def forward(*args, **kwargs):
-        raise HookwireError(
-            f"RemoteModel({name!r}) has no weights here: run it with "
-            "run_with_hooks(..., remote=True) (remote run_with_cache and plain calls are not "
-            "supported yet)")
-    return forward
 
 
 # TL refuses to split a fused QKV matrix on the meta device because it cannot read values.
