@@ -68,6 +68,7 @@ class ForwardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     return_type: Literal["logits", "loss", "both", None] = "logits"
     loss_per_token: bool = False
+    output_attentions: bool = False  # TL's run_with_cache asks HF for attention weights
 
 
 class Graph(BaseModel):

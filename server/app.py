@@ -162,8 +162,9 @@ class ModelWorker(threading.Thread):
 
         def forward():
             # The class's forward, not an instance attribute someone may have set on it.
+            extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
-                                        loss_per_token=spec.loss_per_token)
+                                        loss_per_token=spec.loss_per_token, **extra)
 
         with torch.no_grad():
             output = interleaver.run(entry.site_modules, forward, need_output)

@@ -145,7 +145,7 @@ class RemoteTarget:
 def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                    loss_per_token=False, prepend_bos=None, padding_side=None,
                    attention_mask=None, stop_at_layer=None, start_at_layer=None,
-                   progress=None, **kwargs):
+                   progress=None, output_attentions=False, **kwargs):
     """Stands in for ``model.forward``: traces every hook TL has put on the model's hook
     points (run_with_hooks', run_with_cache's, hooks() contexts', add_hook's), runs the graph
     on the server, puts the real tensors where the hooks stored theirs, and returns what the
@@ -173,6 +173,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     for i, proxy in enumerate(escaped):
         tracer.save(f"__escaped_{i}", proxy)
     graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token)
+    graph["forward"]["output_attentions"] = bool(output_attentions)
     show = target.progress if progress is None else progress
     # While the request runs, the traced hooks are parked: if this very model object also
     # runs somewhere in this process (a test hosting it in-process), they must not fire there.
