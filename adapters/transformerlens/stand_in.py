@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 
 from hookwire.client import get_connection
 from hookwire.families import build_hf_model
@@ -35,20 +34,14 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
 
 # TL refuses to split a fused QKV matrix on the meta device because it cannot read values.
 # The stand-in only needs the *shapes* of the split, which meta tensors have, so while the
-# bridge is built the readability check passes meta weights through. (Module names here are
-# our own constants, not wire data.)
-_TL_MODULES_CHECKING_WEIGHTS = (
-    "transformer_lens.model_bridge.generalized_components.joint_qkv_attention",
-    "transformer_lens.model_bridge.generalized_components.attention",
-    "transformer_lens.model_bridge.generalized_components.mlp",
-)
-
-
+# bridge is built the readability check passes meta weights through.
 @contextlib.contextmanager
 def _meta_weights_readable():
+    from transformer_lens.model_bridge.generalized_components import (attention,
+                                                                      joint_qkv_attention, mlp)
+
     patched = []
-    for modname in _TL_MODULES_CHECKING_WEIGHTS:
-        module = importlib.import_module(modname)
+    for module in (joint_qkv_attention, attention, mlp):
         original = getattr(module, "require_readable_weight", None)
         if original is None:
             continue
