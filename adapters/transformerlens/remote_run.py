@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
@@ -55,27 +57,37 @@ def tokens_of(model, input) -> torch.Tensor:
 
 
 def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
-                      tracer: Tracer) -> None:
-    """Call every forward hook TL registered, in the server's firing order, on proxies."""
+                      tracer: Tracer, stop_at: str | None = None) -> bool:
+    """Call every forward hook TL registered, in the server's firing order, on proxies.
+
+    With ``stop_at`` (a site name), tracing ends at that site, as a TL forward with
+    ``stop_at_layer`` ends there, and its value (after its hooks) is saved as ``__stop__``."""
     hook_dict = _hook_points(model)
     hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks}
     covered = set()
     with tracing(tracer):
         for site in info.sites:
             hp = hook_dict.get(site.name)
-            if hp is None or not hp._forward_hooks:
+            stopping = stop_at is not None and site.name == stop_at and site.call == 0
+            if hp is None or not (hp._forward_hooks or stopping):
                 continue
             covered.add(id(hp))
             x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
                                  site.dtype)
             index = len(tracer.sites) - 1
             out = x
+            stopped_by_hook = None
             for key, fn in list(hp._forward_hooks.items()):
                 tracer.context = (hook_label(hp, key), site.name)
-                if hp._forward_hooks_with_kwargs.get(key):
-                    result = fn(hp, (x,), {}, out)
-                else:
-                    result = fn(hp, (x,), out)
+                try:
+                    if hp._forward_hooks_with_kwargs.get(key):
+                        result = fn(hp, (x,), {}, out)
+                    else:
+                        result = fn(hp, (x,), out)
+                except StopAtLayerException as exc:
+                    # TL's run_with_cache(stop_at_layer=k) stops the forward from a hook.
+                    stopped_by_hook = exc.layer_output
+                    break
                 if result is not None:
                     out = result
             tracer.context = None
@@ -84,7 +96,10 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
             if out is not x:
                 _check_replacement(out, x, site.name)
                 tracer.write_site(index, out, "replace")
-            del x, out, result
+            if stopping or stopped_by_hook is not None:
+                tracer.save("__stop__", out if stopped_by_hook is None else stopped_by_hook)
+                return True  # later hook points never fire: the forward stops here
+            del x, out
     missing = hooked - covered
     if missing:
         # Hook points the server knows but that never fire in a forward (e.g. a fused qkv
@@ -94,6 +109,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
         if names:
             raise HookwireError(f"hooks on {names[:5]} cannot run remotely: the server's "
                                 "model has no such hook point (is it the same architecture?)")
+    return False
 
 
 _HOOK_POINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -154,7 +170,6 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}")
     unsupported = {k: v for k, v in dict(attention_mask=attention_mask,
-                                         stop_at_layer=stop_at_layer,
                                          start_at_layer=start_at_layer, **kwargs).items()
                    if v is not None}
     if unsupported:
@@ -168,7 +183,10 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
     tokens = tokens_of(model, input)
     tracer = Tracer()
-    trace_hook_points(model, info, tokens.shape[0], tokens.shape[1], tracer)
+    stopped = trace_hook_points(model, info, tokens.shape[0], tokens.shape[1], tracer,
+                                _stop_site(model, info, stop_at_layer))
+    if stopped:
+        return_type = None  # the forward ends at the stop site: nothing after it is computed
     escaped = tracer.escaped()
     for i, proxy in enumerate(escaped):
         tracer.save(f"__escaped_{i}", proxy)
@@ -181,6 +199,9 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         result = conn.run(graph, tensors, on_event=bar.on_event)
     rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
     del escaped
+    if stopped:
+        # What a TL forward with stop_at_layer does: TL's callers catch it.
+        raise StopAtLayerException(result.values["__stop__"])
     if return_type == "logits":
         return result.values["__logits__"]
     if return_type == "loss":
@@ -188,6 +209,22 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     if return_type == "both":
         return result.values["__logits__"], result.values["__loss__"]
     return None
+
+
+def _stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
+    """The site where a forward with ``stop_at_layer`` stops: the input hook of that block
+    (TL raises there, after the hook ran). None when no block stops it."""
+    if stop_at_layer is None:
+        return None
+    n_layers = model.cfg.n_layers
+    k = n_layers + stop_at_layer if stop_at_layer < 0 else stop_at_layer
+    if not 0 <= k < n_layers:
+        return None
+    name = f"blocks.{k}.hook_in"
+    if (name, 0) not in info.site_index:
+        raise HookwireError(f"stop_at_layer={stop_at_layer}: the server's model has no site "
+                            f"{name!r}")
+    return name
 
 
 @contextlib.contextmanager
