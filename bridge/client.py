@@ -153,10 +153,15 @@ class Connection:
             return self.models[name]
 
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],
-            on_event: Callable[[object], None] | None = None) -> RunResult:
-        """Submit a graph with its tensors; block until done, streaming results in."""
+            on_event: Callable[[object], None] | None = None,
+            on_value: Callable[[str, torch.Tensor], None] | None = None,
+            on_submit: Callable[[str], None] | None = None) -> RunResult:
+        """Submit a graph with its tensors; block until done. Each saved value is handed to
+        ``on_value`` the moment its last byte arrives, before the forward pass ends."""
         with self.lock:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            if on_submit is not None:
+                on_submit(rid)
             headers = [header_for(tid, t).model_dump() for tid, t in tensors.items()]
             body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
                                "tensors": headers}, separators=(",", ":"))
@@ -166,9 +171,13 @@ class Connection:
                 for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
                     sent += len(frame)
                     self.ws.send(frame)
-            return self._collect(rid, on_event, sent)
+            return self._collect(rid, on_event, on_value, sent)
 
-    def _collect(self, rid, on_event, sent) -> RunResult:
+    def cancel(self, request_id: str) -> None:
+        """Ask the server to stop a request (safe from another thread while run() waits)."""
+        self.ws.send(json.dumps({"type": "cancel", "request_id": request_id}))
+
+    def _collect(self, rid, on_event, on_value, sent) -> RunResult:
         values: dict[str, torch.Tensor] = {}
         pending: dict[str, tuple] = {}  # tid -> (name, assembler)
         received = 0
@@ -184,6 +193,8 @@ class Connection:
                 if asm.complete:
                     values[name] = asm.tensors()[head["tid"]]
                     del pending[head["tid"]]
+                    if on_value is not None:
+                        on_value(name, values[name])
                 continue
             msg = parse_server_message(data)
             if getattr(msg, "request_id", rid) not in (rid, None):
@@ -192,6 +203,8 @@ class Connection:
                 asm = TensorAssembler([msg.tensor], MAX_RESULT_BYTES)
                 if msg.tensor.nbytes() == 0:
                     values[msg.name] = asm.tensors()[msg.tensor.tid]
+                    if on_value is not None:
+                        on_value(msg.name, values[msg.name])
                 else:
                     pending[msg.tensor.tid] = (msg.name, asm)
             elif isinstance(msg, Error):

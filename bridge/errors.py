@@ -44,6 +44,11 @@ class ExecutionError(HookwireError):
     code = "execution_error"
 
 
+class Cancelled(HookwireError):
+    """The request was cancelled (by its client) before it finished."""
+    code = "cancelled"
+
+
 class AuthError(HookwireError):
     code = "auth_error"
 
@@ -54,7 +59,7 @@ class ServerUnavailable(HookwireError):
 
 ERROR_TYPES = {cls.code: cls for cls in (
     HookwireError, TraceError, ProtocolError, FrameError, GraphValidationError, LimitExceeded,
-    UnknownModel, ExecutionError, AuthError, ServerUnavailable)}
+    UnknownModel, ExecutionError, Cancelled, AuthError, ServerUnavailable)}
 
 
 def error_from_code(code: str, message: str, details: dict | None = None) -> HookwireError:

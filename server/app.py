@@ -24,7 +24,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from hookwire import __version__
-from hookwire.errors import FrameError, HookwireError, ProtocolError, UnknownModel
+from hookwire.errors import Cancelled, FrameError, HookwireError, ProtocolError, UnknownModel
 from hookwire.executor import Interleaver
 from hookwire.frames import (CHUNK_BYTES, TensorAssembler, decode_frame, encode_chunks,
                              header_for)
@@ -105,7 +105,11 @@ class ModelWorker(threading.Thread):
             job = self.jobs.get()
             if job is None or self.stopping:
                 return
-            if job.conn.closed or job.request_id in job.conn.cancelled:
+            if job.conn.closed:
+                continue
+            if job.request_id in job.conn.cancelled:
+                job.conn.send_threadsafe(dump(Error(request_id=job.request_id, code="cancelled",
+                                                    message="cancelled before it started")))
                 continue
             try:
                 self.execute(job)
@@ -152,6 +156,8 @@ class ModelWorker(threading.Thread):
             sent[0] += self._send_tensor(job, name, value, snapshot)
 
         def on_site(k, n):
+            if rid in job.conn.cancelled or job.conn.closed:
+                raise Cancelled(f"request {rid} was cancelled at site {k} of {n}")
             send(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
 
         interleaver = Interleaver(vg, constants, on_save, on_site)

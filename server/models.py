@@ -62,6 +62,11 @@ class HostedModel:
     bridge: torch.nn.Module
     tokenizer: object
 
+    def __post_init__(self):
+        # Lets a client in the same process (tests, notebooks) know its hooks must not stay
+        # on this object while the server runs it.
+        self.bridge._hookwire_hosted = True
+
     @property
     def device(self) -> torch.device:
         return next(self.bridge.parameters()).device

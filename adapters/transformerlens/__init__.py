@@ -8,8 +8,10 @@ forward is routed to the server, where the hooks run as a traced graph."""
 from __future__ import annotations
 
 import functools
+import threading
 
 from hookwire.errors import HookwireError
+from hookwire.runs import RemoteRun
 from hookwire.transformerlens.remote_run import (RemoteTarget, forward_goes_remote,
                                                  remote_forward)
 from hookwire.transformerlens.stand_in import RemoteModel
@@ -23,7 +25,8 @@ def _patch(cls, method_name: str) -> None:
         return
 
     @functools.wraps(original)
-    def method(self, *args, remote=None, remote_model=None, progress=None, **kwargs):
+    def method(self, *args, remote=None, remote_model=None, progress=None, blocking=True,
+               **kwargs):
         stand_in = getattr(self, "_hookwire_remote", None)
         if remote is None:
             remote = stand_in is not None
@@ -36,8 +39,20 @@ def _patch(cls, method_name: str) -> None:
         target = RemoteTarget(url=remote if isinstance(remote, str) else base.get("url"),
                               api_key=base.get("api_key"),
                               model=remote_model or base.get("model"), progress=progress)
-        with forward_goes_remote(self, target):
-            return original(self, *args, **kwargs)
+        if blocking:
+            with forward_goes_remote(self, target):
+                return original(self, *args, **kwargs)
+        # Non-blocking: TL's method runs in the background; the caller waits only for the
+        # tracing, so trace errors still surface here, then gets the RemoteRun handle.
+        target.traced = threading.Event()
+
+        def work(run):
+            target.run = run
+            with forward_goes_remote(self, target):
+                return original(self, *args, **kwargs)
+        run = RemoteRun(work).start()
+        run.wait_until_traced(target.traced)
+        return run
 
     method._hookwire_patched = True
     setattr(cls, method_name, method)

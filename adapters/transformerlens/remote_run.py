@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
 from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
+from hookwire.runs import RemoteRun, SavedValue
 from hookwire.trace import Proxy, Tracer, tracing
 
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -156,6 +158,8 @@ class RemoteTarget:
     api_key: str | None = None
     model: str | None = None
     progress: bool | None = None
+    run: "RemoteRun | None" = None                 # set for blocking=False calls
+    traced: "threading.Event | None" = None        # set once tracing is over
 
 
 def remote_forward(model, target: RemoteTarget, input, return_type="logits",
@@ -193,11 +197,32 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token)
     graph["forward"]["output_attentions"] = bool(output_attentions)
     show = target.progress if progress is None else progress
-    # While the request runs, the traced hooks are parked: if this very model object also
-    # runs somewhere in this process (a test hosting it in-process), they must not fire there.
-    with _hooks_parked(model), ProgressBar(name, len(tracer.sites), enabled=show) as bar:
-        result = conn.run(graph, tensors, on_event=bar.on_event)
-    rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
+    run = target.run
+    if target.traced is not None:
+        target.traced.set()
+    on_event, on_value, on_submit = None, None, None
+    if run is not None:
+        # Non-blocking: each saved value is put in place the moment it arrives.
+        def on_value(value_name, value):
+            if value_name.startswith("__escaped_"):
+                rebind([escaped[int(value_name[10:])]], [value])
+            run.emit(SavedValue(value_name, value))
+
+        def on_submit(request_id):
+            run.submitted(conn, request_id)
+    # If this very model object is also hosted by a server in this process (tests do that),
+    # the traced hooks must not fire on the server's real forward: park them meanwhile.
+    parked = _hooks_parked(model) if getattr(model, "_hookwire_hosted", False) else \
+        contextlib.nullcontext()
+    with parked, ProgressBar(name, len(tracer.sites), enabled=show) as bar:
+        def events(msg):
+            bar.on_event(msg)
+            if run is not None:
+                run.emit(msg)
+        result = conn.run(graph, tensors, on_event=events, on_value=on_value,
+                          on_submit=on_submit)
+    if run is None:
+        rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
     del escaped
     if stopped:
         # What a TL forward with stop_at_layer does: TL's callers catch it.
