@@ -1,0 +1,159 @@
+"""blocking=False: a RemoteRun handle whose events stream progress and saved values as they
+arrive, whose result equals the local run, which can be cancelled; from scripts, threads and
+inside a running event loop (as in Jupyter)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hookwire.transformerlens as htl
+from hookwire.errors import Cancelled, TraceError
+from hookwire.protocol import Accepted, Progress
+from hookwire.runs import RemoteRun, SavedValue
+
+MODELS = ("tiny-gpt2", "tiny-llama")
+
+
+def _caching(store: dict):
+    def hook(act, hook):
+        store[hook.name] = act.detach()
+    return hook
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_events_then_result_equal_local(local_models, remote_models, name):
+    local, remote = local_models[name], remote_models[name]
+    tokens = local.to_tokens(["hello world", "abcdefghij!"])
+    got, want = {}, {}
+    is_resid_post = lambda n: n.endswith("hook_resid_post")  # noqa: E731
+    run = remote.run_with_hooks(tokens, fwd_hooks=[(is_resid_post, _caching(got))],
+                                blocking=False)
+    assert isinstance(run, RemoteRun)
+    events = []
+    for event in run.events():
+        events.append(event)
+        if isinstance(event, SavedValue) and event.name.startswith("__escaped_"):
+            # usable the moment it arrives: already a real tensor in the user's dict
+            assert any(type(v) is torch.Tensor for v in got.values())
+    out = run.result(timeout=60)
+    expected = local.run_with_hooks(tokens, fwd_hooks=[(is_resid_post, _caching(want))])
+    assert_close(out, expected)
+    assert list(got) == list(want)
+    for key in want:
+        assert type(got[key]) is torch.Tensor
+        assert_close(got[key], want[key])
+    assert isinstance(events[0], Accepted)
+    assert any(isinstance(e, Progress) and e.stage == "site" for e in events)
+    saved = [e for e in events if isinstance(e, SavedValue)]
+    assert len(saved) == len(want) + 1  # every cached activation, then the logits
+    assert saved[-1].name == "__logits__"
+    assert run.done()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_run_with_cache_non_blocking(local_models, remote_models, name):
+    local, remote = local_models[name], remote_models[name]
+    tokens = local.to_tokens(["hello world"])
+    out, cache = remote.run_with_cache(tokens, blocking=False).result(timeout=60)
+    want_out, want_cache = local.run_with_cache(tokens)
+    assert_close(out, want_out)
+    assert list(cache.keys()) == list(want_cache.keys())
+    for key in want_cache.keys():
+        assert_close(cache[key], want_cache[key])
+
+
+def test_local_bridge_non_blocking(local_models):
+    local = local_models["tiny-gpt2"]
+    tokens = local.to_tokens(["hello"])
+
+    def halve(act, hook):
+        return act * 0.5
+    run = local.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", halve)],
+                               remote=True, remote_model="tiny-gpt2", blocking=False)
+    got = run.result(timeout=60)
+    assert_close(got, local.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre",
+                                                                halve)]))
+
+
+def test_trace_errors_surface_at_the_call(remote_models):
+    remote = remote_models["tiny-gpt2"]
+    tokens = remote.to_tokens(["hello"])
+
+    def data_dependent(act, hook):
+        if act.sum() > 0:
+            return act
+    with pytest.raises(TraceError, match="data_dependent"):
+        remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", data_dependent)],
+                              blocking=False)
+
+
+def test_from_threads(server, local_models):
+    """Each thread its own stand-in; all results equal local."""
+    local = local_models["tiny-llama"]
+    tokens = local.to_tokens(["hello world"])
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            model = htl.RemoteModel("tiny-llama", url=server.url)
+
+            def scale(act, hook, k=i):
+                return act * (1 + k)
+            run = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_pre", scale)],
+                                       blocking=False)
+            results[i] = run.result(timeout=120)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    for i in range(3):
+        def scale(act, hook, k=i):
+            return act * (1 + k)
+        assert_close(results[i], local.run_with_hooks(
+            tokens, fwd_hooks=[("blocks.1.hook_resid_pre", scale)]))
+
+
+def test_inside_a_running_event_loop(local_models, remote_models):
+    """Jupyter runs cells inside an asyncio loop; the client must not need its own."""
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    tokens = local.to_tokens(["hello"])
+
+    async def cell():
+        assert asyncio.get_running_loop() is not None
+        blocking = remote.run_with_hooks(tokens, fwd_hooks=[])
+        handle = remote.run_with_hooks(tokens, fwd_hooks=[], blocking=False)
+        return blocking, handle.result(timeout=60)
+    blocking, non_blocking = asyncio.run(cell())
+    expected = local(tokens)
+    assert_close(blocking, expected)
+    assert_close(non_blocking, expected)
+
+
+def test_cancel_stops_the_request_and_the_connection_keeps_serving(local_models,
+                                                                    remote_models):
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    tokens = local.to_tokens(["hello world"])
+    gate = torch.randn(64, 64)
+
+    def slow(act, hook):
+        # Many real matmuls on the server: long enough to cancel before the later sites.
+        x = act
+        for _ in range(3000):
+            x = torch.tanh(x @ gate)
+        return act + 0 * x
+    fwd = [("blocks.0.hook_resid_pre", slow),
+           (lambda n: n.endswith("hook_resid_post"), lambda a, hook: None)]
+    run = remote.run_with_hooks(tokens, fwd_hooks=fwd, blocking=False)
+    run.cancel()
+    with pytest.raises(Cancelled):
+        run.result(timeout=120)
+    # the same connection still serves, with the right answer
+    assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
