@@ -22,9 +22,10 @@ import sys
 import threading
 import weakref
 
+import numpy as np
 import torch
 
-from hookwire.errors import TraceError
+from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
 from hookwire.graph import Const, Ref, encode_arg
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
@@ -235,6 +236,7 @@ class Proxy(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         tracer = _find_tracer(args, kwargs)
+        _check_live(args, kwargs, tracer)
         return tracer.handle(func, args, kwargs)
 
     @classmethod
@@ -252,6 +254,21 @@ def _find_tracer(args, kwargs):
             if isinstance(v, (tuple, list)):
                 stack.append(v)
     return _STATE.tracer
+
+
+def _check_live(args, kwargs, tracer) -> None:
+    """A Proxy left over from another trace (kept in hook.ctx or a dict by a run that failed)
+    has no value: using it must fail loudly, never turn into a reference to a wrong node."""
+    stack = [args, tuple(kwargs.values())]
+    while stack:
+        for v in stack.pop():
+            if isinstance(v, Proxy):
+                if v._hw_tracer.closed or v._hw_tracer is not tracer:
+                    raise HookwireError(
+                        "this tensor was stored by a hook during a remote run that failed, so "
+                        "it never received a value; rerun the call that produces it")
+            elif isinstance(v, (tuple, list)):
+                stack.append(v)
 
 
 def _func_name(func) -> str:
@@ -274,6 +291,8 @@ class Tracer:
         self.created: list[weakref.ref] = []
         self.context: tuple[str, str] | None = None
         self._next = 0
+        self._kept: list = []
+        self.closed = False  # set when the run failed: its proxies have no value, ever
 
     # ---- recording ------------------------------------------------------------------------
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
@@ -302,6 +321,10 @@ class Tracer:
         if t is list:
             return {"list": [self._encode(v) for v in value]}
         return encode_arg(self._lower(value))
+
+    def _keep(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._kept.append(tensor)
+        return tensor
 
     def constant(self, tensor: torch.Tensor) -> Const:
         # Keyed by identity; the entry keeps the object alive so its id cannot be reused
@@ -339,7 +362,10 @@ class Tracer:
             if isinstance(value, slice):
                 return slice(*(self._lower(v) for v in (value.start, value.stop, value.step)))
             return value
-        if hasattr(value, "item") and type(value).__module__ == "numpy":
+        if isinstance(value, np.ndarray):
+            # An array (e.g. TL's pos_slice indices) indexes like a tensor: send it as one.
+            return self.constant(self._keep(torch.from_numpy(np.array(value))))
+        if isinstance(value, np.generic):
             return value.item()
         raise trace_error(f"an argument of type {type(value).__name__}",
                           "only tensors, numbers, slices, tuples/lists and dtypes can be "

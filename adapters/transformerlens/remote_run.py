@@ -200,14 +200,19 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     run = target.run
     if target.traced is not None:
         target.traced.set()
-    on_event, on_value, on_submit = None, None, None
-    if run is not None:
-        # Non-blocking: each saved value is put in place the moment it arrives.
-        def on_value(value_name, value):
-            if value_name.startswith("__escaped_"):
-                rebind([escaped[int(value_name[10:])]], [value])
-            run.emit(SavedValue(value_name, value))
+    on_submit = None
+    arrived: dict[int, torch.Tensor] = {}
 
+    def on_value(value_name, value):
+        if value_name.startswith("__escaped_"):
+            index = int(value_name[10:])
+            if run is not None:  # non-blocking: put each value in place the moment it arrives
+                rebind([escaped[index]], [value])
+            else:  # blocking: one heap walk at the end for all of them
+                arrived[index] = value
+        if run is not None:
+            run.emit(SavedValue(value_name, value))
+    if run is not None:
         def on_submit(request_id):
             run.submitted(conn, request_id)
     # If this very model object is also hosted by a server in this process (tests do that),
@@ -219,8 +224,16 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
             bar.on_event(msg)
             if run is not None:
                 run.emit(msg)
-        result = conn.run(graph, tensors, on_event=events, on_value=on_value,
-                          on_submit=on_submit)
+        try:
+            result = conn.run(graph, tensors, on_event=events, on_value=on_value,
+                              on_submit=on_submit)
+        except BaseException:
+            # As after a local failure: what was stored before the failing point holds its
+            # value; proxies stored by later hooks can never get one and refuse to be used.
+            if arrived:
+                rebind([escaped[i] for i in arrived], list(arrived.values()))
+            tracer.closed = True
+            raise
     if run is None:
         rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
     del escaped
