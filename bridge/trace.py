@@ -236,7 +236,8 @@ class Proxy(torch.Tensor):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         tracer = _find_tracer(args, kwargs)
-        _check_live(args, kwargs, tracer)
+        if tracer.closed:
+            raise _dead_proxy_error()
         return tracer.handle(func, args, kwargs)
 
     @classmethod
@@ -256,19 +257,11 @@ def _find_tracer(args, kwargs):
     return _STATE.tracer
 
 
-def _check_live(args, kwargs, tracer) -> None:
+def _dead_proxy_error() -> HookwireError:
     """A Proxy left over from another trace (kept in hook.ctx or a dict by a run that failed)
     has no value: using it must fail loudly, never turn into a reference to a wrong node."""
-    stack = [args, tuple(kwargs.values())]
-    while stack:
-        for v in stack.pop():
-            if isinstance(v, Proxy):
-                if v._hw_tracer.closed or v._hw_tracer is not tracer:
-                    raise HookwireError(
-                        "this tensor was stored by a hook during a remote run that failed, so "
-                        "it never received a value; rerun the call that produces it")
-            elif isinstance(v, (tuple, list)):
-                stack.append(v)
+    return HookwireError("this tensor was stored by a hook during a remote run that failed, "
+                         "so it never received a value; rerun the call that produces it")
 
 
 def _func_name(func) -> str:
@@ -389,6 +382,8 @@ class Tracer:
     # ---- views and versions ---------------------------------------------------------------
     def current(self, p: Proxy) -> int:
         """The node holding p's value now (re-deriving a view whose base changed)."""
+        if p._hw_tracer is not self:
+            raise _dead_proxy_error()
         view = p._hw_view
         if view is not None:
             base = view.base
