@@ -113,6 +113,8 @@ class Connection:
             raise ServerUnavailable(f"cannot reach a hookwire server at {url}: {exc}") from None
         self.url = url
         self.lock = threading.Lock()
+        self.broken = False
+        self._request_ended = True
         self.models: dict[str, RemoteModelInfo] = {}
         self._ids = itertools.count()
         self.ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION,
@@ -162,16 +164,40 @@ class Connection:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if on_submit is not None:
                 on_submit(rid)
-            headers = [header_for(tid, t).model_dump() for tid, t in tensors.items()]
-            body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
-                               "tensors": headers}, separators=(",", ":"))
-            sent = len(body)
-            self.ws.send(body)
-            for tid, t in tensors.items():
-                for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
-                    sent += len(frame)
-                    self.ws.send(frame)
-            return self._collect(rid, on_event, on_value, sent)
+            self._request_ended = False
+            try:
+                return self._submit_and_collect(rid, graph, tensors, on_event, on_value)
+            except BaseException:
+                # Interrupted (Ctrl-C in a notebook), a callback raised, or the stream broke:
+                # this socket may still carry the old request's messages, so it must not be
+                # reused. Tell the server to stop (best effort) and drop the connection.
+                # (A typed error from the server ends its request cleanly: keep the socket.)
+                if not self._request_ended:
+                    self._abandon(rid)
+                raise
+
+    def _submit_and_collect(self, rid, graph, tensors, on_event, on_value) -> RunResult:
+        headers = [header_for(tid, t).model_dump() for tid, t in tensors.items()]
+        body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
+                           "tensors": headers}, separators=(",", ":"))
+        sent = len(body)
+        self.ws.send(body)
+        for tid, t in tensors.items():
+            for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
+                sent += len(frame)
+                self.ws.send(frame)
+        return self._collect(rid, on_event, on_value, sent)
+
+    def _abandon(self, rid: str) -> None:
+        self.broken = True
+        try:
+            self.cancel(rid)
+        except Exception:
+            pass
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop a request (safe from another thread while run() waits)."""
@@ -208,10 +234,12 @@ class Connection:
                 else:
                     pending[msg.tensor.tid] = (msg.name, asm)
             elif isinstance(msg, Error):
+                self._request_ended = True
                 raise error_from_code(msg.code, msg.message, msg.details)
             elif isinstance(msg, Done):
                 if pending:
                     raise ProtocolError("server finished before sending every result")
+                self._request_ended = True
                 return RunResult(values, msg.timings, sent, received)
             elif isinstance(msg, (Accepted, Progress)):
                 pass
@@ -228,7 +256,7 @@ def get_connection(url: str | None = None, api_key: str | None = None) -> Connec
     url, api_key = resolve_server(url, api_key)
     with _connections_lock:
         conn = _connections.get((url, api_key))
-        if conn is not None and conn.ws.protocol.state.name != "OPEN":
+        if conn is not None and (conn.broken or conn.ws.protocol.state.name != "OPEN"):
             conn = None
         if conn is None:
             conn = Connection(url, api_key)
