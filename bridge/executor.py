@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
-from hookwire.graph import Ref
 from hookwire.validate import ValidatedGraph, _walk_refs, resolve
 
 
@@ -139,4 +138,4 @@ class Interleaver:
         return output
 
 
-__all__ = ["Interleaver", "Ref"]
+__all__ = ["Interleaver"]

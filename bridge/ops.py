@@ -12,7 +12,6 @@ are optional.
 """
 from __future__ import annotations
 
-import operator
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -360,4 +359,4 @@ def check_args(spec: OpSpec, args: tuple, kwargs: dict) -> str | None:
 
 
 __all__ = ["OPS", "CLIENT_OPS", "INPLACE_OPS", "OpSpec", "check_args", "kind_matches",
-           "SPECIAL_OPS", "operator"]
+           "SPECIAL_OPS"]

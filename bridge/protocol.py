@@ -7,7 +7,6 @@ Server -> client: hello_ok, model_info, accepted, progress, result (+ frames), e
 """
 from __future__ import annotations
 
-import json
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -149,4 +148,6 @@ def protocol_json_schema() -> dict:
             "server": _server_adapter.json_schema()}
 
 
-__all__ = [n for n in dir() if not n.startswith("_")] + ["json"]
+__all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "Cancel", "HelloOk",
+           "SiteDescription", "ModelInfo", "Accepted", "Progress", "Result", "Error", "Done",
+           "parse_client_message", "parse_server_message", "dump", "protocol_json_schema"]

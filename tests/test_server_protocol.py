@@ -20,7 +20,7 @@ from torch.testing import assert_close
 
 import hookwire.server as hs
 from hookwire.client import Connection
-from hookwire.errors import (ExecutionError, FrameError, GraphValidationError, HookwireError,
+from hookwire.errors import (ExecutionError, GraphValidationError, HookwireError,
                              LimitExceeded, ProtocolError, ServerUnavailable, UnknownModel)
 from hookwire.frames import encode_chunks
 from hookwire.protocol import Done, Error, parse_server_message

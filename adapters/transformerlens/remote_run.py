@@ -200,7 +200,6 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     run = target.run
     if target.traced is not None:
         target.traced.set()
-    on_submit = None
     arrived: dict[int, torch.Tensor] = {}
 
     def on_value(value_name, value):
@@ -212,9 +211,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                 arrived[index] = value
         if run is not None:
             run.emit(SavedValue(value_name, value))
-    if run is not None:
-        def on_submit(request_id):
-            run.submitted(conn, request_id)
+    on_submit = None if run is None else (lambda request_id: run.submitted(conn, request_id))
     # If this very model object is also hosted by a server in this process (tests do that),
     # the traced hooks must not fire on the server's real forward: park them meanwhile.
     parked = _hooks_parked(model) if getattr(model, "_hookwire_hosted", False) else \
@@ -236,7 +233,6 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
             raise
     if run is None:
         rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
-    del escaped
     if stopped:
         # What a TL forward with stop_at_layer does: TL's callers catch it.
         raise StopAtLayerException(result.values["__stop__"])
