@@ -1,4 +1,4 @@
-"""Tensors on the wire: a small JSON header and the raw bytes, never pickle.
+"""Tensors on the wire: a small JSON header and the raw bytes, never a serialized Python object.
 
 One binary websocket message is one *chunk frame*::
 

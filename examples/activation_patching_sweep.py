@@ -13,11 +13,9 @@ import functools
 
 import torch
 
-import hookwire
-import hookwire.server as hs
-import hookwire.transformerlens as htl  # makes run_with_hooks(..., remote=True) work
-from hookwire.client import close_connections
-from hookwire.server.models import load_model
+import hookwire.transformerlens  # noqa: F401  (adds remote= to run_with_hooks / run_with_cache)
+
+from _pairs import remote_and_local  # examples/_pairs.py: server + model pairs
 
 MODELS = ["tiny-gpt2", "tiny-llama"]
 # The tiny models use a byte-level tokenizer: the prompts differ in exactly one token, and the
@@ -55,13 +53,8 @@ def sweep(model, clean, corrupt, answer: int, wrong: int):
 
 
 def main() -> None:
-    srv = hs.start(models=MODELS, port=0)
-    try:
-        print(f"server at {srv.url}")
-        hookwire.configure(url=srv.url)
-        for name in MODELS:
-            remote_model = htl.RemoteModel(name)  # no weights: meta device stand-in
-            local_model = load_model(name).bridge  # same config and seed: same weights
+    with remote_and_local(MODELS) as pairs:
+        for name, remote_model, local_model in pairs:
             clean, corrupt = local_model.to_tokens(CLEAN), local_model.to_tokens(CORRUPT)
             assert clean.shape == corrupt.shape
             answer = local_model.to_tokens(ANSWER, prepend_bos=False)
@@ -84,9 +77,6 @@ def main() -> None:
                   f"{clean_diff.item():+.4f}, corrupt {corrupt_diff.item():+.4f}, patching "
                   f"L0 pos {diff_pos} -> {results[0, diff_pos].item():+.4f}; remote == local")
         print("activation patching sweep: remote == local")
-    finally:
-        close_connections()
-        srv.stop()
 
 
 if __name__ == "__main__":

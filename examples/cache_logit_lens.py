@@ -13,11 +13,9 @@ from __future__ import annotations
 import torch
 from transformer_lens import ActivationCache
 
-import hookwire
-import hookwire.server as hs
-import hookwire.transformerlens as htl  # makes run_with_cache(..., remote=True) work
-from hookwire.client import close_connections
-from hookwire.server.models import load_model
+import hookwire.transformerlens  # noqa: F401  (adds remote= to run_with_hooks / run_with_cache)
+
+from _pairs import remote_and_local  # examples/_pairs.py: server + model pairs
 
 MODELS = ["tiny-gpt2", "tiny-llama"]
 PROMPT = "The quick brown fox jumps over the lazy dog."
@@ -65,18 +63,10 @@ def run(name: str, remote_model, local_model) -> None:
 
 
 def main() -> None:
-    srv = hs.start(models=MODELS, port=0)
-    try:
-        print(f"server at {srv.url}")
-        hookwire.configure(url=srv.url)
-        for name in MODELS:
-            remote_model = htl.RemoteModel(name)  # no weights: meta device stand-in
-            local_model = load_model(name).bridge  # same config and seed: same weights
+    with remote_and_local(MODELS) as pairs:
+        for name, remote_model, local_model in pairs:
             run(name, remote_model, local_model)
         print("logit lens from the remote cache: remote == local")
-    finally:
-        close_connections()
-        srv.stop()
 
 
 if __name__ == "__main__":

@@ -9,11 +9,9 @@ import functools
 
 import torch
 
-import hookwire
-import hookwire.server as hs
-import hookwire.transformerlens as htl  # makes run_with_hooks(..., remote=True) work
-from hookwire.client import close_connections
-from hookwire.server.models import load_model
+import hookwire.transformerlens  # noqa: F401  (adds remote= to run_with_hooks / run_with_cache)
+
+from _pairs import remote_and_local  # examples/_pairs.py: server + model pairs
 
 MODELS = ["tiny-gpt2", "tiny-llama"]
 PROMPTS = ["The quick brown fox jumps over the lazy dog.",
@@ -38,13 +36,8 @@ def sweep(model, tokens) -> torch.Tensor:
 
 
 def main() -> None:
-    srv = hs.start(models=MODELS, port=0)
-    try:
-        print(f"server at {srv.url}")
-        hookwire.configure(url=srv.url)
-        for name in MODELS:
-            remote_model = htl.RemoteModel(name)  # no weights: meta device stand-in
-            local_model = load_model(name).bridge  # same config and seed: same weights
+    with remote_and_local(MODELS) as pairs:
+        for name, remote_model, local_model in pairs:
             tokens = local_model.to_tokens(PROMPTS)
             with torch.no_grad():
                 local_deltas = sweep(local_model, tokens)
@@ -56,9 +49,6 @@ def main() -> None:
                   f"{remote_deltas[layer, head].item():+.5f} at L{layer}H{head}; "
                   f"remote == local")
         print("head ablation sweep: remote == local")
-    finally:
-        close_connections()
-        srv.stop()
 
 
 if __name__ == "__main__":
