@@ -77,7 +77,7 @@ class RemoteModelInfo:
         for s in msg.sites:
             if s.dtype not in DTYPES:
                 raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
-            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype]))
+            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad))
         info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)

@@ -4,9 +4,17 @@ Like ``torch.fx.Interpreter``, ``run_node`` dispatches on the node's kind. Hooks
 the sites the graph uses. At each site the nodes whose inputs are now complete run (their
 *stage* is that site), saved values go to ``on_save`` the moment they exist, values nobody
 needs any more are dropped, and when no later site and no output is needed the forward stops.
+
+With ``Graph.backward`` set, the forward runs with autograd on and keeps, at every site whose
+gradient is read, the tensor the model goes on with (after the graph's writes: what a
+torch full backward hook on that module sees). After the forward, ``finish`` runs the
+output-stage nodes (a metric), then ``torch.autograd.grad`` of the chosen scalar with respect
+to exactly those tensors -- never the weights, so nothing accumulates in ``.grad`` of the
+shared model -- and then the gradient-stage nodes.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from typing import Callable
@@ -44,11 +52,32 @@ class Interleaver:
         self.writes: dict[int, dict[str, int]] = defaultdict(dict)
         self.sites_done = 0
         self.timings: dict[str, float] = {}
+        self.backward = vg.graph.backward
+        if self.backward is not None:
+            self.pending[self.backward] += 1  # kept until the backward pass
+        self.grad_sites = {dn.site for dn in vg.nodes if dn.op == "site.grad"}
+        self.inplace_sites = {dn.site for dn in vg.nodes
+                              if dn.op == "site.write" and dn.mode == "inplace"}
+        self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
+        self.grads: dict[int, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.backward is not None
+
+    def grad_mode(self):
+        """The autograd mode the forward must run in for this graph."""
+        return torch.enable_grad() if self.needs_grad else torch.no_grad()
 
     # ---- node kinds ----------------------------------------------------------------------
     def run_node(self, dn, site_value=None):
         if dn.op == "site.read":
             return site_value
+        if dn.op == "site.grad":
+            return self.grads[dn.site]
+        if dn.op == "output.read":
+            return self.outputs[dn.args[0]]
         if dn.op == "site.write":
             self.writes[dn.site][dn.mode] = dn.id
             return resolve(dn.args[1], self.values, self.constants)
@@ -86,19 +115,36 @@ class Interleaver:
                 return None
             if not isinstance(output, torch.Tensor):
                 raise ExecutionError(f"site {name!r} did not produce a tensor")
-            self._run_stage(index, output)
+            # With autograd on, an in-place write must not touch a tensor the graph's own
+            # ops saved for backward: they read a (differentiable) copy instead.
+            copy_read = self.needs_grad and index in self.inplace_sites
+            self._run_stage(index, output.clone() if copy_read else output)
             result = None
             writes = self.writes.pop(index, {})
             if "inplace" in writes:
                 value = self.values.pop(writes["inplace"], None)
                 read_id = self._read_node(index)
-                if read_id is not None and self.pending.get(read_id, 0) > 0:
+                if not copy_read and read_id is not None and self.pending.get(read_id, 0) > 0:
                     # Someone still needs the value as it was read: keep a copy.
                     self.values[read_id] = output.clone()
-                with torch.no_grad():
+                # Differentiable when a backward follows (gradients flow through the edit).
+                with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
                     output.copy_(value)
             if "replace" in writes:
                 result = self.values.pop(writes["replace"], None)
+            if index in self.grad_sites:
+                final = output if result is None else result
+                if not final.requires_grad:
+                    info = self.vg.site_infos[index]
+                    raise ExecutionError(
+                        f"site {info.name!r} (call {info.call}) has no gradient in this run: "
+                        "its value no longer depends on the weights (a hook replaced it with "
+                        "a constant?); locally its backward hook would not fire")
+                # A fresh tensor as the site's output (as torch's full backward hooks make
+                # one): the gradient is the one flowing through *this* site's uses only, not
+                # through other sites that received the same tensor object.
+                final = result = final.view_as(final)
+                self.grad_inputs[index] = final
             self.sites_done += 1
             self.on_site(self.sites_done, len(self.vg.site_infos))
             if stop_early and index == last_needed:
@@ -136,6 +182,37 @@ class Interleaver:
                                  f"{len(self.vg.site_infos)} sites")
         self.timings["execute_s"] = time.perf_counter() - t0
         return output
+
+    def finish(self, outputs: dict[str, torch.Tensor], on_backward: Callable[[], None] = None):
+        """After the forward: output-stage nodes (reading ``outputs``), the backward pass if
+        the graph asks for one, then the gradient-stage nodes."""
+        self.outputs = outputs
+        self._run_stage(self.vg.output_stage)
+        if self.backward is None:
+            return
+        t0 = time.perf_counter()
+        if on_backward is not None:
+            on_backward()
+        target = self.values.get(self.backward)
+        if not isinstance(target, torch.Tensor) or not target.requires_grad:
+            raise ExecutionError(f"node {self.backward}: the value to differentiate does not "
+                                 "depend on any site whose gradient is read", node=self.backward)
+        order = sorted(self.grad_inputs)
+        grads = torch.autograd.grad(target, [self.grad_inputs[i] for i in order],
+                                    allow_unused=True) if order else ()
+        for i, g in zip(order, grads):
+            if g is None:
+                info = self.vg.site_infos[i]
+                raise ExecutionError(f"site {info.name!r} (call {info.call}) does not influence "
+                                     "the value being differentiated (locally its backward "
+                                     "hook would not fire)")
+            self.grads[i] = g
+        self.grad_inputs.clear()
+        self.values.pop(self.backward, None)
+        with torch.no_grad():
+            self._run_stage(self.vg.grad_stage)
+        self.grads.clear()
+        self.timings["backward_s"] = time.perf_counter() - t0
 
 
 __all__ = ["Interleaver"]

@@ -11,6 +11,11 @@ Arguments are JSON values in a small closed vocabulary (see :data:`ARG_JSON_SCHE
     {"ellipsis": true}
     {"dtype": "float32"}           from the frame dtype allow-list
     {"float": "nan" | "inf" | "-inf"}
+
+Special ops touch the model rather than compute: ``site.read`` (a site's activation),
+``site.write`` (replace it, or overwrite it in place), ``output.read`` (the forward's logits or
+loss, once the forward is over) and ``site.grad`` (the gradient of ``Graph.backward`` at a
+site, once the backward pass is over).
 """
 from __future__ import annotations
 
@@ -69,6 +74,9 @@ class ForwardSpec(BaseModel):
     return_type: Literal["logits", "loss", "both", None] = "logits"
     loss_per_token: bool = False
     output_attentions: bool = False  # TL's run_with_cache asks HF for attention weights
+    # False when the output is only read by the graph (a metric to differentiate): computed,
+    # but not sent back.
+    send_output: bool = True
 
 
 class Graph(BaseModel):
@@ -82,6 +90,9 @@ class Graph(BaseModel):
     nodes: list[Node] = Field(default_factory=list)
     saves: dict[str, int] = Field(default_factory=dict, description="save name -> node id")
     forward: ForwardSpec = Field(default_factory=ForwardSpec)
+    backward: int | None = Field(default=None, description=(
+        "id of a scalar float node to differentiate after the forward; `site.grad` nodes "
+        "then read the gradient of that scalar at their site"))
 
 
 def graph_json_schema() -> dict:

@@ -58,6 +58,7 @@ class SiteDescription(_Msg):
     call: int = 0
     shape: list[Union[int, Literal["B", "S"]]]
     dtype: str
+    grad: bool = False  # has a gradient in a backward pass (depends on the weights)
 
 
 class ModelInfo(_Msg):
@@ -80,7 +81,7 @@ class Accepted(_Msg):
 class Progress(_Msg):
     type: Literal["progress"] = "progress"
     request_id: str
-    stage: Literal["queued", "started", "site"]
+    stage: Literal["queued", "started", "site", "backward"]
     queue_position: int | None = None
     site: int | None = None
     of: int | None = None

@@ -281,6 +281,7 @@ class Tracer:
         self._const_by_obj: dict[int, str] = {}
         self.sites: list[dict] = []
         self.saves: dict[str, int] = {}
+        self.backward: int | None = None  # node to differentiate after the forward
         self.created: list[weakref.ref] = []
         self.context: tuple[str, str] | None = None
         self._next = 0
@@ -364,10 +365,23 @@ class Tracer:
                           "only tensors, numbers, slices, tuples/lists and dtypes can be "
                           "arguments of traced ops")
 
-    def read_site(self, name: str, call: int, shape, dtype) -> Proxy:
-        index = len(self.sites)
+    def add_site(self, name: str, call: int) -> int:
+        """List a site (in firing order) and return its index."""
         self.sites.append({"name": name, "call": call})
-        node = self.emit("site.read", (index,))
+        return len(self.sites) - 1
+
+    def read_site(self, name: str, call: int, shape, dtype) -> Proxy:
+        node = self.emit("site.read", (self.add_site(name, call),))
+        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
+
+    def read_grad(self, index: int, shape, dtype) -> Proxy:
+        """The gradient of the graph's ``backward`` value at site ``index``."""
+        node = self.emit("site.grad", (index,))
+        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
+
+    def read_output(self, kind: str, shape, dtype) -> Proxy:
+        """The forward's output (``logits`` or ``loss``), once the forward is over."""
+        node = self.emit("output.read", (kind,))
         return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
 
     def write_site(self, index: int, value, mode: str):

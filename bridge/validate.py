@@ -14,8 +14,9 @@ from hookwire.errors import GraphValidationError, LimitExceeded
 from hookwire.graph import Const, Graph, Ref, decode_arg
 from hookwire.ops import OPS, OpSpec, check_args
 
-SPECIAL = ("site.read", "site.write")
+SPECIAL = ("site.read", "site.write", "site.grad")
 WRITE_MODES = ("replace", "inplace")
+OUTPUT_KINDS = {"logits": ("logits", "both"), "loss": ("loss", "both")}  # kind -> return types
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class SiteInfo:
     call: int
     shape: tuple
     dtype: torch.dtype
+    grad: bool = False  # its value depends on the weights, so a backward pass reaches it
 
     def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
         return tuple(batch if d == "B" else seq if d == "S" else d for d in self.shape)
@@ -48,7 +50,9 @@ class DecodedNode:
     args: tuple
     kwargs: dict
     spec: OpSpec | None
-    stage: int = -1            # index of the latest site this node depends on (-1: none)
+    # When the node can run: -1 before the forward, k at site k, len(sites) once the
+    # forward's output exists, len(sites) + 1 after the backward pass.
+    stage: int = -1
     site: int | None = None    # for site.read / site.write
     mode: str | None = None    # for site.write
 
@@ -60,6 +64,14 @@ class ValidatedGraph:
     site_infos: list[SiteInfo]
     shapes: dict[int, object] = field(default_factory=dict)  # node id -> meta value
     saved_bytes: int = 0
+
+    @property
+    def output_stage(self) -> int:
+        return len(self.site_infos)
+
+    @property
+    def grad_stage(self) -> int:
+        return len(self.site_infos) + 1
 
 
 def _fail(node_id, op, rule, message, cls=GraphValidationError):
@@ -111,7 +123,7 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
         _fail(None, None, "constants", "a constant id is declared twice")
     decoded: list[DecodedNode] = []
     by_id: dict[int, DecodedNode] = {}
-    reads, writes = set(), set()
+    reads, writes, grads, outputs_read = set(), set(), set(), set()
     for node in graph.nodes:
         where = f"node {node.id} ({node.op})"
         if node.id in by_id:
@@ -119,7 +131,18 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
         args = tuple(decode_arg(a, where) for a in node.args)
         kwargs = {str(k)[:64]: decode_arg(v, where) for k, v in node.kwargs.items()}
         dn = DecodedNode(node.id, node.op, args, kwargs, None)
-        if node.op in SPECIAL:
+        if node.op == "output.read":
+            kind = args[0] if len(args) == 1 and not kwargs else None
+            if not isinstance(kind, str) or kind not in OUTPUT_KINDS:
+                _fail(node.id, node.op, "args", f"output.read takes one of {list(OUTPUT_KINDS)}")
+            if graph.forward.return_type not in OUTPUT_KINDS[kind]:
+                _fail(node.id, node.op, "output_kind", f"reads the forward's {kind}, but the "
+                      f"forward's return_type is {graph.forward.return_type!r}")
+            if kind in outputs_read:
+                _fail(node.id, node.op, "output_read_once", f"{kind} read twice")
+            outputs_read.add(kind)
+            dn.stage = len(graph.sites)
+        elif node.op in SPECIAL:
             if not args or not isinstance(args[0], int) or isinstance(args[0], bool) or \
                     not 0 <= args[0] < len(graph.sites):
                 _fail(node.id, node.op, "site_index", "first argument must be a site index")
@@ -131,6 +154,16 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
                     _fail(node.id, node.op, "site_read_once", "site read twice")
                 reads.add(dn.site)
                 dn.stage = dn.site
+            elif node.op == "site.grad":
+                if len(args) != 1 or kwargs:
+                    _fail(node.id, node.op, "args", "site.grad takes exactly a site index")
+                if graph.backward is None:
+                    _fail(node.id, node.op, "grad_without_backward", "reads a gradient, but "
+                          "the graph names no value to differentiate (backward)")
+                if dn.site in grads:
+                    _fail(node.id, node.op, "site_grad_once", "gradient of a site read twice")
+                grads.add(dn.site)
+                dn.stage = len(graph.sites) + 1
             else:
                 mode = kwargs.get("mode", "replace")
                 if len(args) != 2 or not isinstance(args[1], (Ref, Const)) or \
@@ -169,6 +202,12 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
     for name, nid in graph.saves.items():
         if nid not in by_id:
             _fail(None, None, "save_ref", f"save {name[:64]!r} refers to unknown node {nid}")
+    if graph.backward is not None:
+        if graph.backward not in by_id:
+            _fail(None, None, "backward_ref", f"backward refers to unknown node {graph.backward}")
+        if by_id[graph.backward].stage > len(graph.sites):
+            _fail(graph.backward, by_id[graph.backward].op, "backward_stage",
+                  "the value to differentiate cannot depend on gradients")
     return ValidatedGraph(graph, decoded, site_infos)
 
 
@@ -201,8 +240,12 @@ def _meta_constant(t: torch.Tensor):
 
 
 def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, torch.Tensor],
-                 limits: Limits) -> ValidatedGraph:
-    """Run the graph on the meta device: shapes, dtypes and byte counts, nothing allocated."""
+                 limits: Limits, outputs: dict[str, tuple[tuple, torch.dtype]] | None = None
+                 ) -> ValidatedGraph:
+    """Run the graph on the meta device: shapes, dtypes and byte counts, nothing allocated.
+
+    ``outputs`` gives the (shape, dtype) of the forward's ``logits`` and ``loss`` for
+    ``output.read`` nodes."""
     if batch > limits.max_batch or seq > limits.max_seq:
         _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
@@ -210,9 +253,17 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     values: dict[int, object] = {}
     total = 0
     for dn in vg.nodes:
-        if dn.op == "site.read":
+        if dn.op in ("site.read", "site.grad"):
             info = vg.site_infos[dn.site]
+            if dn.op == "site.grad" and not info.grad:
+                _fail(dn.id, dn.op, "no_grad_site", f"site {info.name!r} has no gradient: its "
+                      f"value ({info.dtype}) does not depend on the model's weights")
             out = torch.empty(info.concrete_shape(batch, seq), dtype=info.dtype, device="meta")
+        elif dn.op == "output.read":
+            if not outputs or dn.args[0] not in outputs:
+                _fail(dn.id, dn.op, "output_kind", f"this model has no {dn.args[0]} output")
+            shape, dtype = outputs[dn.args[0]]
+            out = torch.empty(shape, dtype=dtype, device="meta")
         elif dn.op == "site.write":
             info = vg.site_infos[dn.site]
             val = resolve(dn.args[1], values, metas)
@@ -261,6 +312,14 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     if saved > limits.max_saved_bytes:
         _fail(None, None, "max_saved_bytes", f"saves total {saved} bytes; limit "
               f"{limits.max_saved_bytes}", LimitExceeded)
+    if vg.graph.backward is not None:
+        target = values[vg.graph.backward]
+        if not isinstance(target, torch.Tensor) or target.numel() != 1 or \
+                not target.dtype.is_floating_point:
+            got = (tuple(target.shape), target.dtype) if isinstance(target, torch.Tensor) \
+                else type(target).__name__
+            _fail(vg.graph.backward, None, "backward_scalar", f"the value to differentiate "
+                  f"must be a floating-point scalar, got {got}")
     vg.shapes = values
     vg.saved_bytes = saved
     return vg

@@ -33,6 +33,7 @@ from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Done, Error, 
                                parse_client_message)
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
+from hookwire.server.tl_modes import marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
 log = logging.getLogger("hookwire.server")
@@ -145,7 +146,8 @@ class ModelWorker(threading.Thread):
             raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
         batch, seq = input_ids.shape
-        infer_shapes(vg, batch, seq, constants, self.limits)
+        infer_shapes(vg, batch, seq, constants, self.limits,
+                     outputs=_output_shapes(entry, graph.forward, batch, seq))
         t_validated = time.perf_counter()
 
         device = entry.hosted.device
@@ -172,21 +174,28 @@ class ModelWorker(threading.Thread):
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
                                         loss_per_token=spec.loss_per_token, **extra)
 
-        with torch.no_grad():
+        def on_backward():
+            send(dump(Progress(request_id=rid, stage="backward")))
+
+        # Autograd only for graphs that differentiate; the weights are never a target of it.
+        with interleaver.grad_mode(), marked_for_graph(entry.site_modules, vg):
             output = interleaver.run(entry.site_modules, forward, need_output)
-        if spec.return_type == "logits":
-            on_save("__logits__", output, snapshot=False)
-        elif spec.return_type == "loss":
-            on_save("__loss__", output, snapshot=False)
-        elif spec.return_type == "both":
-            logits, loss = output
-            on_save("__logits__", logits, snapshot=False)
-            on_save("__loss__", loss, snapshot=False)
+            outputs = {}
+            if spec.return_type in ("logits", "loss"):
+                outputs[spec.return_type] = output
+            elif spec.return_type == "both":
+                outputs["logits"], outputs["loss"] = output
+            if spec.send_output:
+                for kind, value in outputs.items():
+                    on_save(f"__{kind}__", value, snapshot=False)
+            interleaver.finish(outputs, on_backward)
         t_done = time.perf_counter()
         send(dump(Done(request_id=rid, bytes_sent=sent[0], bytes_received=job.received_bytes,
                        timings={"queued_s": t_start - job.enqueued,
                                 "validate_s": t_validated - t_start,
-                                "execute_s": t_done - t_validated})))
+                                "execute_s": t_done - t_validated,
+                                **{k: v for k, v in interleaver.timings.items()
+                                   if k == "backward_s"}})))
 
     def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True) -> int:
         if not isinstance(value, torch.Tensor):
@@ -203,6 +212,14 @@ class ModelWorker(threading.Thread):
                 total += len(frame)
                 job.conn.send_threadsafe(frame)
         return total
+
+
+def _output_shapes(entry: ModelEntry, spec, batch: int, seq: int) -> dict:
+    """(shape, dtype) of what the forward returns, for graphs that read it."""
+    dtype = entry.sites[-1].dtype if entry.sites else torch.float32
+    loss_shape = (batch, seq - 1) if spec.loss_per_token else ()
+    return {"logits": ((batch, seq, entry.hosted.bridge.cfg.d_vocab), dtype),
+            "loss": (loss_shape, dtype)}
 
 
 def _refused_submit_id(message: str) -> str | None:

@@ -11,6 +11,7 @@ import torch
 from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
+from hookwire.server.tl_modes import tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription
 from hookwire.tokenizer import tokenizer_files
 from hookwire.validate import SiteInfo
@@ -18,11 +19,18 @@ from hookwire.validate import SiteInfo
 _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
 
-def _record_sites(bridge, batch: int, seq: int) -> list[tuple[str, int, tuple, torch.dtype]]:
+def _record_sites(bridge, batch: int, seq: int
+                  ) -> list[tuple[str, int, tuple, torch.dtype, bool]]:
+    """(name, call, shape, dtype, has_gradient) for every hook point as it fires.
+
+    The probe runs with autograd on and then differentiates the logits: a site has a gradient
+    when its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in``
+    on Llama does not). Locally, only such sites fire their backward hooks."""
     # One entry per hook point, named by its canonical name (aliases share the object).
     points = {id(hp): (hp.name or name, hp) for name, hp in bridge.hook_dict.items()
               if isinstance(hp, HookPoint)}
     fired: list = []
+    outputs: list = []
     counts: dict[str, int] = {}
     handles = []
     for name, hp in points.values():
@@ -31,26 +39,39 @@ def _record_sites(bridge, batch: int, seq: int) -> list[tuple[str, int, tuple, t
                 call = counts.get(name, 0)
                 counts[name] = call + 1
                 fired.append((name, call, tuple(output.shape), output.dtype))
+                if output.requires_grad:
+                    # A fresh tensor per site, as the executor makes for gradient sites.
+                    output = output.view_as(output)
+                outputs.append(output)
+                return output
+            return None
         handles.append(hp.register_forward_hook(hook))
     try:
         vocab = bridge.cfg.d_vocab
         tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
                                .manual_seed(0)).to(next(bridge.parameters()).device)
-        with torch.no_grad():
-            bridge(tokens, return_type="logits")
+        # As a local run_with_cache(incl_bwd=True) would: backward hooks everywhere (TL's
+        # normalizations then keep hook_normalized in the autograd graph).
+        with torch.enable_grad(), tl_hooks_marked(bwd_points=[hp for _, hp in
+                                                             points.values()]):
+            logits = bridge(tokens, return_type="logits")
+        differentiable = [i for i, out in enumerate(outputs) if out.requires_grad]
+        grads = torch.autograd.grad(logits.sum(), [outputs[i] for i in differentiable],
+                                    allow_unused=True) if logits.requires_grad else ()
+        has_grad = {i for i, g in zip(differentiable, grads) if g is not None}
     finally:
         for h in handles:
             h.remove()
-    return fired
+    return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
 def probe_sites(bridge) -> list[SiteInfo]:
     (b1, s1), (b2, s2) = _PROBES
     first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
-    if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
+    if [(n, c) for n, c, *_ in first] != [(n, c) for n, c, *_ in second]:
         raise RuntimeError("hook sites fire in a different order for different input sizes")
     sites = []
-    for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
+    for (name, call, shape1, dtype, grad), (_, _, shape2, *_) in zip(first, second):
         if len(shape1) != len(shape2):
             continue
         dims = []
@@ -65,7 +86,7 @@ def probe_sites(bridge) -> list[SiteInfo]:
                 dims = None
                 break
         if dims is not None and dtype in DTYPE_NAMES:
-            sites.append(SiteInfo(name, call, tuple(dims), dtype))
+            sites.append(SiteInfo(name, call, tuple(dims), dtype, grad))
     return sites
 
 
@@ -73,7 +94,7 @@ def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
     return ModelInfo(
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
         sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
-                               dtype=DTYPE_NAMES[s.dtype]) for s in sites],
+                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites],
         hook_names=[name for name in hosted.bridge.hook_dict],
         tokenizer_files=tokenizer_files(hosted.tokenizer))
 

@@ -12,6 +12,7 @@ import torch
 
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
+from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
@@ -59,21 +60,31 @@ def tokens_of(model, input) -> torch.Tensor:
 
 
 def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
-                      tracer: Tracer, stop_at: str | None = None) -> bool:
+                      tracer: Tracer, stop_at: str | None = None,
+                      backward_sites: list | None = None) -> bool:
     """Call every forward hook TL registered, in the server's firing order, on proxies.
 
     With ``stop_at`` (a site name), tracing ends at that site, as a TL forward with
-    ``stop_at_layer`` ends there, and its value (after its hooks) is saved as ``__stop__``."""
+    ``stop_at_layer`` ends there, and its value (after its hooks) is saved as ``__stop__``.
+    Sites with backward hooks are listed too, and appended to ``backward_sites`` as
+    ``(index, site, hook_point)`` for :func:`trace_backward_hooks`."""
     hook_dict = _hook_points(model)
-    hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks}
+    hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks or hp._backward_hooks}
     covered = set()
     with tracing(tracer):
         for site in info.sites:
             hp = hook_dict.get(site.name)
             stopping = stop_at is not None and site.name == stop_at and site.call == 0
-            if hp is None or not (hp._forward_hooks or stopping):
+            if hp is None or not (hp._forward_hooks or hp._backward_hooks or stopping):
                 continue
             covered.add(id(hp))
+            # Backward hooks fire only where a gradient arrives (as locally).
+            if hp._backward_hooks and backward_sites is not None and site.grad:
+                backward_sites.append((len(tracer.sites), site, hp))
+            if not (hp._forward_hooks or stopping):
+                if site.grad:
+                    tracer.add_site(site.name, site.call)  # its gradient is read, not its value
+                continue
             x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
                                  site.dtype)
             index = len(tracer.sites) - 1
@@ -114,6 +125,69 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     return False
 
 
+def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tracer) -> None:
+    """Call every backward hook on the gradient of its site, latest site first (the order a
+    backward pass reaches them). Hooks that read gradients are supported; hooks that change
+    them are refused (the server's backward pass does not run graph nodes mid-way)."""
+    with tracing(tracer):
+        for index, site, hp in reversed(backward_sites):
+            if hp._backward_pre_hooks:
+                raise HookwireError(f"backward pre-hooks on {site.name!r} cannot run remotely")
+            grad = tracer.read_grad(index, site.concrete_shape(batch, seq), site.dtype)
+            for key, fn in list(hp._backward_hooks.items()):
+                tracer.context = (_bwd_hook_label(hp, key), site.name)
+                # TL's backward wrapper takes (module, grad_input, grad_output); for a hook
+                # point both are the gradient of its output.
+                result = fn(hp, (grad,), (grad,))
+                if result is not None or grad._hw_version > 0:
+                    raise TraceError(f"a backward hook on {site.name!r} changes the gradient; "
+                                     "remote backward hooks can read gradients (cache, "
+                                     "attribute, reduce them) but not replace them")
+            tracer.context = None
+            del grad
+
+
+def _bwd_hook_label(hp, key) -> str:
+    for handle in getattr(hp, "bwd_hooks", []):
+        if handle.user_hook is not None:
+            fn = handle.user_hook
+            return getattr(getattr(fn, "func", fn), "__qualname__", None) or repr(fn)
+    return "backward hook"
+
+
+def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: int, seq: int,
+                          return_type, loss_per_token: bool, metric):
+    """The scalar the server differentiates: ``metric(output)`` traced like a hook, or the
+    loss itself. Returns (proxy, forward return_type to request)."""
+    dtype = info.sites[-1].dtype if info.sites else torch.float32
+    if return_type is None:
+        raise HookwireError("metric= and backward hooks need the forward's output: "
+                            "return_type=None computes none")
+    loss_shape = (batch, seq - 1) if loss_per_token else ()
+    outputs = {}
+    if return_type in ("logits", "both"):
+        outputs["logits"] = tracer.read_output("logits", (batch, seq, model.cfg.d_vocab), dtype)
+    if return_type in ("loss", "both"):
+        outputs["loss"] = tracer.read_output("loss", loss_shape, dtype)
+    if metric is None:
+        if "loss" not in outputs or loss_per_token:
+            raise HookwireError(
+                "backward hooks in a remote run need a scalar to differentiate: pass "
+                "return_type='loss', or metric=lambda logits: ... (a function of the output, "
+                "traced like a hook, whose value the server differentiates)")
+        return outputs["loss"]
+    output = outputs["logits"] if return_type == "logits" else outputs["loss"] \
+        if return_type == "loss" else (outputs["logits"], outputs["loss"])
+    with tracing(tracer):
+        tracer.context = (getattr(metric, "__qualname__", "metric"), "the model's output")
+        value = metric(output)
+        tracer.context = None
+    if not isinstance(value, Proxy):
+        raise TraceError(f"metric returned a {type(value).__name__}, not a tensor computed "
+                         "from the model's output")
+    return value
+
+
 _HOOK_POINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -141,13 +215,16 @@ def _check_replacement(out, x, site_name):
 
 
 def build_request(tracer: Tracer, model_name: str, tokens: torch.Tensor, return_type,
-                  loss_per_token: bool) -> tuple[dict, dict]:
+                  loss_per_token: bool, send_output: bool = True) -> tuple[dict, dict]:
     tensors = {"input_ids": tokens}
     tensors.update(tracer.constants)
     graph = {"version": 1, "model": model_name, "inputs": {"input_ids": "input_ids"},
              "constants": list(tracer.constants), "sites": tracer.sites,
              "nodes": tracer.nodes, "saves": tracer.saves,
-             "forward": {"return_type": return_type, "loss_per_token": loss_per_token}}
+             "forward": {"return_type": return_type, "loss_per_token": loss_per_token,
+                         "send_output": send_output}}
+    if tracer.backward is not None:
+        graph["backward"] = tracer.backward
     return graph, tensors
 
 
@@ -165,12 +242,19 @@ class RemoteTarget:
 def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                    loss_per_token=False, prepend_bos=None, padding_side=None,
                    attention_mask=None, stop_at_layer=None, start_at_layer=None,
-                   progress=None, output_attentions=False, **kwargs):
+                   progress=None, output_attentions=False, metric=None, **kwargs):
     """Stands in for ``model.forward``: traces every hook TL has put on the model's hook
     points (run_with_hooks', run_with_cache's, hooks() contexts', add_hook's), runs the graph
     on the server, puts the real tensors where the hooks stored theirs, and returns what the
     forward would have returned. TL's own run_with_hooks / run_with_cache / hooks() wrap it,
-    so hook resolution, caching keys and contexts are exactly TL's."""
+    so hook resolution, caching keys and contexts are exactly TL's.
+
+    Backward hooks (``bwd_hooks``, ``incl_bwd``, ``add_hook(..., dir="bwd")``) make the
+    server run a backward pass from a scalar: the loss (``return_type="loss"``) or
+    ``metric(output)``, a function the user passes that is traced like a hook. The value
+    returned is then that scalar, and its ``.backward()`` is a no-op (see
+    :mod:`hookwire.backward_done`). With ``metric`` and no backward hooks, the metric's value
+    is returned instead of the output (and the output is not sent)."""
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}")
     unsupported = {k: v for k, v in dict(attention_mask=attention_mask,
@@ -178,8 +262,6 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                    if v is not None}
     if unsupported:
         raise HookwireError(f"not supported in remote runs yet: {sorted(unsupported)}")
-    if any(getattr(hp, "bwd_hooks", None) for hp in _hook_points(model).values()):
-        raise HookwireError("backward hooks are not supported in remote runs yet")
     conn = get_connection(target.url, target.api_key)
     name = target.model or model_name_of(model, None)
     info = conn.model_info(name)
@@ -187,14 +269,38 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
     tokens = tokens_of(model, input)
     tracer = Tracer()
-    stopped = trace_hook_points(model, info, tokens.shape[0], tokens.shape[1], tracer,
-                                _stop_site(model, info, stop_at_layer))
+    batch, seq = tokens.shape
+    backward_sites: list = []
+    stopped = trace_hook_points(model, info, batch, seq, tracer,
+                                _stop_site(model, info, stop_at_layer), backward_sites)
+    differentiate = bool(backward_sites)
     if stopped:
+        if differentiate or metric is not None:
+            raise HookwireError("backward hooks and metric= cannot be combined with "
+                                "stop_at_layer: the forward stops before the output")
         return_type = None  # the forward ends at the stop site: nothing after it is computed
-    escaped = tracer.escaped()
+    send_output = True
+    exclude = ()
+    if differentiate or metric is not None:
+        scalar = trace_backward_target(tracer, info, model, batch, seq, return_type,
+                                       loss_per_token, metric)
+        if metric is not None:
+            tracer.save("__metric__", scalar)
+            send_output = False
+        if differentiate:
+            if scalar.numel() != 1 or not scalar.dtype.is_floating_point:
+                raise TraceError(f"the value to differentiate must be a floating-point scalar, "
+                                 f"got shape {tuple(scalar.shape)} {scalar.dtype} (reduce it, "
+                                 "e.g. with .mean() or .sum())")
+            tracer.backward = tracer.current(scalar)
+            trace_backward_hooks(backward_sites, batch, seq, tracer)
+        exclude = (id(scalar),)
+        del scalar
+    escaped = tracer.escaped(exclude_ids=exclude)
     for i, proxy in enumerate(escaped):
         tracer.save(f"__escaped_{i}", proxy)
-    graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token)
+    graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token,
+                                   send_output)
     graph["forward"]["output_attentions"] = bool(output_attentions)
     show = target.progress if progress is None else progress
     run = target.run
@@ -236,12 +342,15 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     if stopped:
         # What a TL forward with stop_at_layer does: TL's callers catch it.
         raise StopAtLayerException(result.values["__stop__"])
+    done = backward_ran_on_server if differentiate else (lambda value: value)
+    if metric is not None:
+        return done(result.values["__metric__"])
     if return_type == "logits":
         return result.values["__logits__"]
     if return_type == "loss":
-        return result.values["__loss__"]
+        return done(result.values["__loss__"])
     if return_type == "both":
-        return result.values["__logits__"], result.values["__loss__"]
+        return result.values["__logits__"], done(result.values["__loss__"])
     return None
 
 
@@ -265,14 +374,16 @@ def _stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
 def _hooks_parked(model):
     parked = []
     for hp in _hook_points(model).values():
-        if hp._forward_hooks:
-            parked.append((hp, hp._forward_hooks))
-            hp._forward_hooks = type(hp._forward_hooks)()
+        for attr in ("_forward_hooks", "_backward_hooks"):
+            hooks = getattr(hp, attr)
+            if hooks:
+                parked.append((hp, attr, hooks))
+                setattr(hp, attr, type(hooks)())
     try:
         yield
     finally:
-        for hp, hooks in parked:
-            hp._forward_hooks = hooks
+        for hp, attr, hooks in parked:
+            setattr(hp, attr, hooks)
 
 
 @contextlib.contextmanager

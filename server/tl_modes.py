@@ -1,0 +1,58 @@
+"""TL 4 bridge components pick code paths by asking whether their hook points carry TL hooks.
+
+A normalization bridge, for one, runs a python re-implementation (whose ``hook_normalized``
+is part of the autograd graph) when ``hook_scale``/``hook_normalized`` have backward hooks,
+and builds autograd history for its intermediates only when they have forward hooks. The
+server's interleaver hooks modules with plain torch hooks, which TL does not see; so for
+the duration of a request the server marks, in TL's own hook lists, exactly the hook points
+where the user's local run would have had TL hooks: forward at the sites the graph reads or
+writes, backward at the sites whose gradient it reads. Same paths, same numerics as local.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+
+from torch.utils.hooks import RemovableHandle
+
+
+def _marker():
+    from transformer_lens.hook_points import LensHandle
+
+    # A handle to nothing: removing it (TL's reset_hooks) is harmless.
+    return LensHandle(hook=RemovableHandle(OrderedDict()), is_permanent=False,
+                      context_level=None)
+
+
+@contextlib.contextmanager
+def tl_hooks_marked(fwd_points=(), bwd_points=()):
+    """Mark hook points as hooked (forward / backward) in TL's lists, then unmark them."""
+    added = []
+    for points, attr in ((fwd_points, "fwd_hooks"), (bwd_points, "bwd_hooks")):
+        for hp in dict.fromkeys(points):  # each point once, in order
+            hooks = getattr(hp, attr, None)
+            if isinstance(hooks, list):
+                marker = _marker()
+                hooks.append(marker)
+                added.append((hooks, marker))
+    try:
+        yield
+    finally:
+        for hooks, marker in added:
+            if marker in hooks:
+                hooks.remove(marker)
+
+
+def marked_for_graph(site_modules: dict, vg):
+    """The marks for one validated graph: forward where it reads or writes a site, backward
+    where it reads a gradient."""
+    fwd, bwd = [], []
+    for dn in vg.nodes:
+        if dn.site is None:
+            continue
+        module = site_modules.get(vg.site_infos[dn.site].name)
+        (bwd if dn.op == "site.grad" else fwd).append(module)
+    return tl_hooks_marked([m for m in fwd if m is not None], [m for m in bwd if m is not None])
+
+
+__all__ = ["tl_hooks_marked", "marked_for_graph"]
