@@ -7,6 +7,8 @@ sizes and recording every hook point as it fires; each dimension is then named `
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformer_lens.hook_points import HookPoint
 
@@ -53,7 +55,9 @@ def _record_sites(bridge, batch: int, seq: int
         # As a local run_with_cache(incl_bwd=True) would: backward hooks everywhere (TL's
         # normalizations then keep hook_normalized in the autograd graph).
         with torch.enable_grad(), tl_hooks_marked(bwd_points=[hp for _, hp in
-                                                             points.values()]):
+                                                             points.values()]), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TL's notes on the path it takes: expected here
             logits = bridge(tokens, return_type="logits")
         differentiable = [i for i, out in enumerate(outputs) if out.requires_grad]
         grads = torch.autograd.grad(logits.sum(), [outputs[i] for i in differentiable],

@@ -512,3 +512,75 @@ def test_execution_error_leaves_no_hooks(bridges, site_tables, unit_tokens):
         execute(bridge, site_tables["tiny-gpt2"], g, unit_tokens,
                 constants={"c0": torch.tensor([100])})
     assert not bridge.hook_dict[site]._forward_hooks
+
+
+# ---- gradients and output reads: refused before anything runs ----------------------------
+
+def _grad_graph(nodes, sites, backward=None, return_type="logits", saves=None):
+    g = _graph("tiny-gpt2", nodes, sites, saves=saves, return_type=return_type)
+    if backward is not None:
+        g["backward"] = backward
+    return g
+
+
+LOGITS_SUM = [{"id": 0, "op": "output.read", "args": ["logits"]},
+              {"id": 1, "op": "sum", "args": [{"ref": 0}]}]
+
+
+@pytest.mark.parametrize("graph,rule", [
+    # a gradient read with nothing to differentiate
+    (_grad_graph([{"id": 0, "op": "site.grad", "args": [0]}], ["blocks.0.hook_resid_pre"]),
+     "grad_without_backward"),
+    # the same site's gradient read twice
+    (_grad_graph(LOGITS_SUM + [{"id": 2, "op": "site.grad", "args": [0]},
+                               {"id": 3, "op": "site.grad", "args": [0]}],
+                 ["blocks.0.hook_resid_pre"], backward=1), "site_grad_once"),
+    # the loss, when the forward computes logits only
+    (_grad_graph([{"id": 0, "op": "output.read", "args": ["loss"]}], []), "output_kind"),
+    (_grad_graph([{"id": 0, "op": "output.read", "args": ["weights"]}], []), "args"),
+    (_grad_graph([{"id": 0, "op": "output.read", "args": [{"list": ["logits"]}]}], []), "args"),
+    # backward of a node that does not exist, or that itself needs gradients
+    (_grad_graph(LOGITS_SUM, [], backward=7), "backward_ref"),
+    (_grad_graph(LOGITS_SUM + [{"id": 2, "op": "site.grad", "args": [0]},
+                               {"id": 3, "op": "sum", "args": [{"ref": 2}]}],
+                 ["blocks.0.hook_resid_pre"], backward=3), "backward_stage"),
+    # a site write that depends on the output or on a gradient (they exist only later)
+    (_grad_graph(LOGITS_SUM + [{"id": 2, "op": "site.read", "args": [0]},
+                               {"id": 3, "op": "add", "args": [{"ref": 2}, {"ref": 1}]},
+                               {"id": 4, "op": "site.write", "args": [0, {"ref": 3}]}],
+                 ["blocks.0.hook_resid_pre"]), "write_stage"),
+])
+def test_gradient_graph_structure_refused(site_tables, graph, rule):
+    from hookwire.errors import GraphValidationError
+    site_table, site_order = site_tables["tiny-gpt2"]
+    with pytest.raises(GraphValidationError) as info:
+        validate_structure(Graph.model_validate(graph), site_table, site_order, Limits())
+    assert info.value.details.get("rule") == rule
+
+
+@pytest.mark.parametrize("graph,rule", [
+    # backward of a non-scalar
+    (_grad_graph([{"id": 0, "op": "output.read", "args": ["logits"]},
+                  {"id": 1, "op": "site.grad", "args": [0]}],
+                 ["blocks.0.hook_resid_pre"], backward=0), "backward_scalar"),
+    # the gradient of token ids (an integer site) does not exist
+    (_grad_graph(LOGITS_SUM + [{"id": 2, "op": "site.grad", "args": [0]}],
+                 ["embed.hook_in"], backward=1), "no_grad_site"),
+])
+def test_gradient_graph_shapes_refused(site_tables, unit_tokens, graph, rule):
+    from hookwire.errors import GraphValidationError
+    site_table, site_order = site_tables["tiny-gpt2"]
+    g = Graph.model_validate(graph)
+    vg = validate_structure(g, site_table, site_order, Limits())
+    outputs = {"logits": ((2, unit_tokens.shape[1], 257), torch.float32),
+               "loss": ((), torch.float32)}
+    with pytest.raises(GraphValidationError) as info:
+        infer_shapes(vg, unit_tokens.shape[0], unit_tokens.shape[1], {}, Limits(), outputs)
+    assert info.value.details.get("rule") == rule
+
+
+def test_sites_report_which_get_gradients(site_tables):
+    site_table, _ = site_tables["tiny-gpt2"]
+    assert site_table[("blocks.0.hook_resid_pre", 0)].grad
+    assert site_table[("hook_embed", 0)].grad
+    assert not site_table[("embed.hook_in", 0)].grad  # token ids
