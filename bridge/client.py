@@ -20,9 +20,11 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from hookwire import __version__
-from hookwire.errors import AuthError, ProtocolError, ServerUnavailable, error_from_code
-from hookwire.frames import (CHUNK_BYTES, DTYPES, TensorAssembler, decode_frame,
+from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
+                             error_from_code)
+from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
+from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Done, Error, HelloOk, ModelInfo,
                                Progress, Result, parse_server_message)
 from hookwire.validate import SiteInfo
@@ -90,6 +92,18 @@ class RunResult:
     timings: dict[str, float]
     bytes_sent: int
     bytes_received: int
+    tensor_bytes_sent: int = 0     # payload bytes of uploaded tensors
+    tensors_referenced: int = 0    # attached tensors sent as references to resident values
+
+
+@dataclass
+class UploadStats:
+    """Running totals for one connection (what benchmarks read)."""
+    requests: int = 0
+    bytes_sent: int = 0
+    tensor_bytes_sent: int = 0
+    tensors_referenced: int = 0
+    resident_misses: int = 0
 
 
 class Connection:
@@ -116,6 +130,9 @@ class Connection:
         self.broken = False
         self._request_ended = True
         self.models: dict[str, RemoteModelInfo] = {}
+        self.residents = ClientResidents()
+        self.use_residents = True
+        self.stats = UploadStats()
         self._ids = itertools.count()
         self.ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION,
                                  "client_version": __version__}))
@@ -166,7 +183,19 @@ class Connection:
                 on_submit(rid)
             self._request_ended = False
             try:
-                return self._submit_and_collect(rid, graph, tensors, on_event, on_value)
+                try:
+                    return self._submit_and_collect(rid, graph, tensors, on_event, on_value)
+                except ResidentMissing as exc:
+                    # The server dropped values we referred to (expired or evicted): forget
+                    # them and send their bytes. Nothing ran; the request is simply resent.
+                    self.stats.resident_misses += 1
+                    self.residents.forget(str(exc.details.get("missing", "")).split(","))
+                    rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+                    if on_submit is not None:
+                        on_submit(rid)
+                    self._request_ended = False
+                    return self._submit_and_collect(rid, graph, tensors, on_event, on_value,
+                                                    refer=False)
             except BaseException:
                 # Interrupted (Ctrl-C in a notebook), a callback raised, or the stream broke:
                 # this socket may still carry the old request's messages, so it must not be
@@ -176,17 +205,52 @@ class Connection:
                     self._abandon(rid)
                 raise
 
-    def _submit_and_collect(self, rid, graph, tensors, on_event, on_value) -> RunResult:
-        headers = [header_for(tid, t).model_dump() for tid, t in tensors.items()]
-        body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
-                           "tensors": headers}, separators=(",", ":"))
-        sent = len(body)
-        self.ws.send(body)
+    def _plan_uploads(self, tensors: dict[str, torch.Tensor], refer: bool):
+        """Split attached tensors into uploads and references to resident values; ask the
+        server to keep uploads that are big enough to be worth referring to later."""
+        uploads, refs, keep = {}, [], {}
         for tid, t in tensors.items():
+            if refer and self.use_residents:
+                ref = self.residents.ref_for(t)
+                if ref is None and t.numel() * t.element_size() >= MIN_REF_BYTES:
+                    cid = content_id(t)
+                    if cid in self.residents.server_has:
+                        ref = {"resident": cid, "dtype": DTYPE_NAMES[t.dtype],
+                               "shape": list(t.shape), "stride": contiguous_strides(t.shape),
+                               "offset": 0}
+                    else:
+                        keep[tid] = cid
+                if ref is not None:
+                    refs.append({"tid": tid, **ref})
+                    continue
+            elif self.use_residents and t.numel() * t.element_size() >= MIN_REF_BYTES:
+                keep[tid] = content_id(t)
+            uploads[tid] = t
+        return uploads, refs, keep
+
+    def _submit_and_collect(self, rid, graph, tensors, on_event, on_value,
+                            refer: bool = True) -> RunResult:
+        uploads, refs, keep = self._plan_uploads(tensors, refer)
+        headers = [header_for(tid, t).model_dump() for tid, t in uploads.items()]
+        body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
+                           "tensors": headers, "refs": refs, "keep": keep,
+                           "keep_results": self.use_residents}, separators=(",", ":"))
+        sent = len(body)
+        tensor_bytes = 0
+        self.ws.send(body)
+        for tid, t in uploads.items():
+            tensor_bytes += t.numel() * t.element_size()
             for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
                 sent += len(frame)
                 self.ws.send(frame)
-        return self._collect(rid, on_event, on_value, sent)
+        result = self._collect(rid, on_event, on_value, sent)
+        self.residents.server_has.update(keep.values())
+        result.tensor_bytes_sent, result.tensors_referenced = tensor_bytes, len(refs)
+        self.stats.requests += 1
+        self.stats.bytes_sent += sent
+        self.stats.tensor_bytes_sent += tensor_bytes
+        self.stats.tensors_referenced += len(refs)
+        return result
 
     def _abandon(self, rid: str) -> None:
         self.broken = True
@@ -206,6 +270,7 @@ class Connection:
     def _collect(self, rid, on_event, on_value, sent) -> RunResult:
         values: dict[str, torch.Tensor] = {}
         pending: dict[str, tuple] = {}  # tid -> (name, assembler)
+        resident_ids: dict[str, str | None] = {}  # save name -> id the server keeps it under
         received = 0
         while True:
             data = self._recv()
@@ -219,6 +284,8 @@ class Connection:
                 if asm.complete:
                     values[name] = asm.tensors()[head["tid"]]
                     del pending[head["tid"]]
+                    if resident_ids.get(name):
+                        self.residents.register_download(values[name], resident_ids[name])
                     if on_value is not None:
                         on_value(name, values[name])
                 continue
@@ -226,6 +293,7 @@ class Connection:
             if getattr(msg, "request_id", rid) not in (rid, None):
                 raise ProtocolError("server answered a request this client did not send")
             if isinstance(msg, Result):
+                resident_ids[msg.name] = msg.resident
                 asm = TensorAssembler([msg.tensor], MAX_RESULT_BYTES)
                 if msg.tensor.nbytes() == 0:
                     values[msg.name] = asm.tensors()[msg.tensor.tid]

@@ -49,6 +49,12 @@ class Cancelled(HookwireError):
     code = "cancelled"
 
 
+class ResidentMissing(HookwireError):
+    """A request referred to a value the server no longer holds (expired, evicted, or never
+    this user's). The client re-sends the bytes; users rarely see this."""
+    code = "resident_missing"
+
+
 class AuthError(HookwireError):
     code = "auth_error"
 
@@ -59,7 +65,7 @@ class ServerUnavailable(HookwireError):
 
 ERROR_TYPES = {cls.code: cls for cls in (
     HookwireError, TraceError, ProtocolError, FrameError, GraphValidationError, LimitExceeded,
-    UnknownModel, ExecutionError, Cancelled, AuthError, ServerUnavailable)}
+    UnknownModel, ExecutionError, Cancelled, ResidentMissing, AuthError, ServerUnavailable)}
 
 
 def error_from_code(code: str, message: str, details: dict | None = None) -> HookwireError:

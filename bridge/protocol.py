@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hookwire.errors import ProtocolError
-from hookwire.frames import TensorHeader
+from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.graph import Graph
 
 PROTOCOL_VERSION = 1
@@ -34,11 +34,32 @@ class ModelInfoRequest(_Msg):
     model: str = Field(max_length=256)
 
 
+RESIDENT_ID_PATTERN = r"^[vh][0-9a-f]{24,32}$"
+
+
+class ResidentRef(_Msg):
+    """An attached tensor that is not sent because the server holds it: a strided view
+    (``shape``, ``stride``, ``offset`` in elements) of the resident value ``resident`` --
+    a result id (``v…``) the server gave, or a content id (``h…``) of an earlier upload."""
+    tid: str = Field(max_length=64)
+    resident: str = Field(pattern=RESIDENT_ID_PATTERN)
+    dtype: str = Field(max_length=16)
+    shape: list[int] = Field(max_length=MAX_DIMS)
+    stride: list[int] = Field(max_length=MAX_DIMS)
+    offset: int = Field(ge=0)
+
+
 class Submit(_Msg):
     type: Literal["submit"] = "submit"
     request_id: str = Field(max_length=64)
     graph: Graph
     tensors: list[TensorHeader] = Field(default_factory=list, max_length=100_000)
+    refs: list[ResidentRef] = Field(default_factory=list, max_length=100_000)
+    # Uploaded tensors to keep for later requests: tid -> its content id (checked on arrival).
+    keep: dict[Annotated[str, Field(max_length=64)],
+               Annotated[str, Field(pattern=RESIDENT_ID_PATTERN)]] = Field(
+        default_factory=dict, max_length=100_000)
+    keep_results: bool = True  # keep the saved values resident, so later requests can refer
 
 
 class Cancel(_Msg):
@@ -93,6 +114,7 @@ class Result(_Msg):
     request_id: str
     name: str
     tensor: TensorHeader
+    resident: str | None = None  # the id under which the server keeps it for this user
 
 
 class Error(_Msg):
@@ -150,5 +172,5 @@ def protocol_json_schema() -> dict:
 
 
 __all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "Cancel", "HelloOk",
-           "SiteDescription", "ModelInfo", "Accepted", "Progress", "Result", "Error", "Done",
+           "SiteDescription", "ModelInfo", "ResidentRef", "Accepted", "Progress", "Result", "Error", "Done",
            "parse_client_message", "parse_server_message", "dump", "protocol_json_schema"]

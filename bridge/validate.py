@@ -28,6 +28,8 @@ class Limits:
     max_total_value_bytes: int = 16 << 30  # all intermediates together (upper bound)
     max_batch: int = 1024
     max_seq: int = 8192
+    max_resident_bytes: int = 1 << 30     # per user: values kept between requests
+    resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ connection sends them in order, so each saved tensor leaves the moment it exists
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import http
 import json
@@ -33,6 +34,8 @@ from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Done, Error, 
                                parse_client_message)
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
+from hookwire.server.residents import (Residents, ResidentStore, keep_uploads, new_result_id,
+                                       resolve_refs)
 from hookwire.server.tl_modes import marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
@@ -62,15 +65,20 @@ class Job:
 
 
 class ConnState:
-    """One client connection: its outbox and the request whose tensors are arriving."""
+    """One client connection: its outbox, the request whose tensors are arriving, and the
+    store of values kept for its user."""
 
-    def __init__(self, ws: ServerConnection, loop: asyncio.AbstractEventLoop):
+    def __init__(self, ws: ServerConnection, loop: asyncio.AbstractEventLoop,
+                 user: str, store: ResidentStore):
         self.ws = ws
         self.loop = loop
+        self.user = user
+        self.store = store
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.closed = False
         self.cancelled: set[str] = set()
-        self.incoming: tuple[Submit, TensorAssembler, int] | None = None
+        # (submit, assembler of its uploads, bytes so far, tensors it referred to)
+        self.incoming: tuple[Submit, TensorAssembler, int, dict] | None = None
         self.discarded: dict[str, None] = {}  # refused request ids (bounded, oldest dropped)
 
     def discard(self, request_id: str) -> None:
@@ -134,6 +142,7 @@ class ModelWorker(threading.Thread):
         rid = job.request_id
         send = job.conn.send_threadsafe
         send(dump(Progress(request_id=rid, stage="started")))
+        keep_uploads(job.conn.store, job.submit.keep, job.tensors)
         input_ids = job.tensors.get(graph.inputs.get("input_ids", ""))
         if input_ids is None or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ProtocolError("input_ids must be an attached int64 tensor of shape (batch, seq)")
@@ -201,11 +210,17 @@ class ModelWorker(threading.Thread):
         if not isinstance(value, torch.Tensor):
             raise ProtocolError(f"save {name!r} is not a tensor")
         # Snapshot values saved mid-forward: the model may still edit them in place.
-        value = value.detach().to("cpu", copy=snapshot)
+        kept = value.detach().clone() if snapshot else value.detach()
+        value = kept.to("cpu")
         tid = f"t{abs(hash((job.request_id, name))) % (1 << 40)}"
         header = header_for(tid, value)
+        resident = None
+        if job.submit.keep_results:
+            resident = new_result_id()
+            if not job.conn.store.put(resident, kept):
+                resident = None  # larger than the user's whole quota
         job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
-                                             tensor=header)))
+                                             tensor=header, resident=resident)))
         total = 0
         if value.numel():
             for frame in encode_chunks(job.request_id, tid, value, CHUNK_BYTES):
@@ -260,6 +275,7 @@ class HookwireServer:
         self.api_keys = [k.encode() for k in api_keys] if api_keys else None
         self.limits = limits or Limits()
         self.worker = ModelWorker(self.entries, self.limits)
+        self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -280,6 +296,8 @@ class HookwireServer:
                 ok |= hmac.compare_digest(token, key)
             if not ok:
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
+            # The user is the key (hashed: the key itself is not kept around in memory dumps).
+            connection.hookwire_user = "key:" + hashlib.sha256(token).hexdigest()[:32]
         return None
 
     async def _writer(self, state: ConnState):
@@ -293,7 +311,10 @@ class HookwireServer:
                 return
 
     async def _handle(self, ws: ServerConnection):
-        state = ConnState(ws, asyncio.get_running_loop())
+        # With API keys a user is a key (its resident values outlive a connection); without,
+        # each connection is its own user.
+        user = getattr(ws, "hookwire_user", None) or f"conn:{id(ws)}"
+        state = ConnState(ws, asyncio.get_running_loop(), user, self.residents.for_user(user))
         writer = asyncio.create_task(self._writer(state))
         try:
             async for message in ws:
@@ -316,6 +337,8 @@ class HookwireServer:
         finally:
             state.closed = True
             state.outbox.put_nowait(None)
+            if user.startswith("conn:"):
+                self.residents.drop_user(user)
             await writer
 
     def _on_message(self, state: ConnState, message):
@@ -325,14 +348,15 @@ class HookwireServer:
                 return  # the rest of a request that was already refused
             if state.incoming is None:
                 raise FrameError("binary frame with no submit waiting for tensors")
-            submit, asm, size = state.incoming
+            submit, asm, size, referred = state.incoming
             if head["rid"] != submit.request_id:
                 raise FrameError("binary frame for a different request")
             asm.add(head, payload)
-            state.incoming = (submit, asm, size + len(message))
+            state.incoming = (submit, asm, size + len(message), referred)
             if asm.complete:
                 state.incoming = None
-                self._enqueue(state, submit, asm.tensors(), size + len(message))
+                self._enqueue(state, submit, {**asm.tensors(), **referred},
+                              size + len(message))
             return
         msg = parse_client_message(message)
         if isinstance(msg, Hello):
@@ -353,10 +377,13 @@ class HookwireServer:
             if state.incoming is not None:
                 raise ProtocolError("a new submit arrived before the previous one's tensors")
             asm = TensorAssembler(msg.tensors, self.limits.max_constant_bytes + (256 << 20))
+            if {r.tid for r in msg.refs} & {h.tid for h in msg.tensors}:
+                raise ProtocolError("a tensor id is both uploaded and referenced")
+            referred = resolve_refs(state.store, msg.refs, self.limits.max_constant_bytes)
             if asm.complete:
-                self._enqueue(state, msg, asm.tensors(), len(message))
+                self._enqueue(state, msg, {**asm.tensors(), **referred}, len(message))
             else:
-                state.incoming = (msg, asm, len(message))
+                state.incoming = (msg, asm, len(message), referred)
         elif isinstance(msg, Cancel):
             state.cancelled.add(msg.request_id)
 

@@ -1,0 +1,193 @@
+"""Values that stay on the server: a patching sweep refers to the clean cache instead of
+re-sending it; edited tensors, expired values and other users' ids fall back or fail cleanly;
+results always equal local TL."""
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+
+import pytest
+import torch
+
+import hookwire.server as hs
+from hookwire.client import Connection, close_connections, get_connection
+from hookwire.errors import ProtocolError, ResidentMissing
+from hookwire.frames import encode_chunks, header_for
+from hookwire.protocol import Error, parse_server_message
+from hookwire.residents import content_id
+from hookwire.validate import Limits
+
+RESID = "blocks.{}.hook_resid_pre"
+
+
+def patch_position(resid, hook, pos, clean_resid):
+    resid[:, pos, :] = clean_resid[:, pos, :]
+
+
+def sweep(model, clean_cache, corrupt, positions, remote):
+    """Residual patching over layers x positions, reading the clean cache (the TL way)."""
+    kw = {"remote": remote, "progress": False} if remote else {}
+    out = []
+    for layer in range(model.cfg.n_layers):
+        for pos in positions:
+            hook = functools.partial(patch_position, pos=pos,
+                                     clean_resid=clean_cache[RESID.format(layer)])
+            logits = model.run_with_hooks(corrupt, fwd_hooks=[(RESID.format(layer), hook)], **kw)
+            out.append(logits[:, -1])
+    return torch.stack(out)
+
+
+def is_resid(name):
+    return name.endswith("hook_resid_pre")
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_sweep_refers_to_the_clean_cache_instead_of_uploading(local_models, remote_models,
+                                                              clean_corrupt_tokens, name):
+    clean, corrupt = clean_corrupt_tokens
+    local, remote = local_models[name], remote_models[name]
+    with torch.no_grad():
+        _, local_cache = local.run_with_cache(clean, names_filter=is_resid)
+        expected = sweep(local, local_cache, corrupt, range(clean.shape[1]), remote=False)
+    _, remote_cache = remote.run_with_cache(clean, names_filter=is_resid)
+    conn = get_connection()
+    before = (conn.stats.tensor_bytes_sent, conn.stats.tensors_referenced)
+    got = sweep(remote, remote_cache, corrupt, range(clean.shape[1]), remote=True)
+    torch.testing.assert_close(got, expected)
+    uploaded = conn.stats.tensor_bytes_sent - before[0]
+    referenced = conn.stats.tensors_referenced - before[1]
+    calls = remote.cfg.n_layers * clean.shape[1]
+    # Without residents every call uploads its token ids and its slice of the clean cache.
+    patch_bytes = clean.shape[0] * remote.cfg.d_model * 4
+    without = calls * (corrupt.numel() * 8 + patch_bytes)
+    assert referenced >= 2 * calls - 1          # the cache slice always; tokens after call 1
+    assert uploaded <= corrupt.numel() * 8      # at most the corrupt tokens, once
+    assert uploaded <= 0.01 * without
+
+
+def test_edited_cache_values_are_uploaded_not_referred_to(local_models, remote_models,
+                                                          clean_corrupt_tokens):
+    clean, corrupt = clean_corrupt_tokens
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    _, remote_cache = remote.run_with_cache(clean, names_filter=is_resid)
+    with torch.no_grad():
+        _, local_cache = local.run_with_cache(clean, names_filter=is_resid)
+    for cache in (remote_cache, local_cache):
+        cache[RESID.format(1)][:, 2:5] *= -3.0     # an in-place edit, through a view
+    conn = get_connection()
+    before = conn.stats.tensor_bytes_sent
+    got = sweep(remote, remote_cache, corrupt, [3], remote=True)
+    with torch.no_grad():
+        expected = sweep(local, local_cache, corrupt, [3], remote=False)
+    torch.testing.assert_close(got, expected)
+    # Layer 1's cache entry changed since it arrived: its slice travels as bytes.
+    assert conn.stats.tensor_bytes_sent - before >= clean.shape[0] * remote.cfg.d_model * 4
+
+
+def test_expired_values_are_uploaded_again(local_models, hosted, clean_corrupt_tokens):
+    """A server that keeps almost nothing: every reference misses, the client re-sends the
+    bytes, and the results are still right."""
+    clean, corrupt = clean_corrupt_tokens
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(resident_ttl_s=0.0))
+    try:
+        local = local_models["tiny-gpt2"]
+        url = srv.url
+        _, cache = local.run_with_cache(clean, names_filter=is_resid, remote=url)
+        with torch.no_grad():
+            _, local_cache = local.run_with_cache(clean, names_filter=is_resid)
+            expected = sweep(local, local_cache, corrupt, [1, 4], remote=False)
+        conn = get_connection(url)
+        got = sweep(local, cache, corrupt, [1, 4], remote=url)
+        torch.testing.assert_close(got, expected)
+        assert conn.stats.resident_misses >= 1
+    finally:
+        close_connections()
+        srv.stop()
+
+
+def _raw_submit(conn: Connection, refs=(), tensors=None, keep=None, graph=None):
+    rid = f"raw-{uuid.uuid4().hex[:8]}"
+    tensors = tensors or {}
+    graph = graph or {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+                      "constants": [r["tid"] for r in refs if r["tid"] != "input_ids"],
+                      "sites": [], "nodes": [], "forward": {"return_type": "logits"}}
+    conn.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": graph,
+                             "tensors": [header_for(t, v).model_dump()
+                                         for t, v in tensors.items()],
+                             "refs": list(refs), "keep": keep or {}}))
+    for tid, value in tensors.items():
+        for frame in encode_chunks(rid, tid, value):
+            conn.ws.send(frame)
+    while True:
+        data = conn.ws.recv(timeout=30)
+        if isinstance(data, bytes):
+            continue
+        msg = parse_server_message(data)
+        if msg.type in ("error", "done"):
+            return msg
+
+
+def test_other_users_values_and_bad_references_are_refused(hosted, tokens):
+    """With API keys, a user's store is theirs alone; references are checked against the
+    resident's dtype and extent; a connection survives every refusal."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=["alice-key", "bob-key"])
+    alice = Connection(srv.url, "alice-key")
+    bob = Connection(srv.url, "bob-key")
+    try:
+        graph = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+                 "sites": [{"name": "blocks.0.hook_resid_pre"}],
+                 "nodes": [{"id": 0, "op": "site.read", "args": [0]}], "saves": {"r": 0},
+                 "forward": {"return_type": None}}
+        result = alice.run(graph, {"input_ids": tokens})
+        resid = result.values["r"]
+        vid = alice.residents.ref_for(resid)["resident"]
+        ref = {"tid": "input_ids", "resident": vid, "dtype": "float32",
+               "shape": list(resid.shape), "stride": list(resid.stride()), "offset": 0}
+        # Bob cannot read Alice's value: to him it does not exist.
+        msg = _raw_submit(bob, refs=[ref])
+        assert isinstance(msg, Error) and msg.code == ResidentMissing.code
+        assert vid in msg.details["missing"]
+        # Alice's own reference, with a view that runs past the value's end / wrong dtype.
+        for bad in ({"offset": resid.numel()}, {"dtype": "int64"},
+                    {"stride": [-1] + list(resid.stride())[1:]}):
+            msg = _raw_submit(alice, refs=[{**ref, **bad}])
+            assert isinstance(msg, Error) and msg.code in (ProtocolError.code, "protocol_error")
+        # A kept upload whose content id does not match its bytes is refused, not stored.
+        t = torch.arange(100, dtype=torch.float32)
+        wrong = content_id(t + 1)
+        msg = _raw_submit(alice, tensors={"input_ids": tokens, "c0": t}, keep={"c0": wrong},
+                          graph={**graph, "constants": ["c0"]})
+        assert isinstance(msg, Error) and "content id" in msg.message
+        # Both connections still work.
+        for conn in (alice, bob):
+            again = conn.run(graph, {"input_ids": tokens})
+            torch.testing.assert_close(again.values["r"], resid)
+    finally:
+        alice.close()
+        bob.close()
+        srv.stop()
+
+
+def test_a_referenced_value_used_as_the_activation_stays_intact(local_models, remote_models,
+                                                                 tokens):
+    """A hook returns a cached tensor as the activation, so the model goes on from it: the
+    server works on a copy of the resident value, so every later reference sees the
+    original, and each run equals local."""
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    _, cache = remote.run_with_cache(tokens, names_filter=is_resid)
+    clean = cache[RESID.format(1)]
+    kept = clean.clone()
+    with torch.no_grad():
+        expected = local.run_with_hooks(tokens, fwd_hooks=[
+            (RESID.format(1), lambda act, hook: kept.clone())])
+    conn = get_connection()
+    for _ in range(3):
+        before = conn.stats.tensors_referenced
+        got = remote.run_with_hooks(tokens, fwd_hooks=[
+            (RESID.format(1), lambda act, hook: clean)])
+        torch.testing.assert_close(got, expected)
+        assert conn.stats.tensors_referenced > before
+    torch.testing.assert_close(clean, kept)
