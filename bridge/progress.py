@@ -23,6 +23,8 @@ class ProgressBar:
         elif isinstance(msg, Progress):
             if msg.stage == "started":
                 self.bar.set_postfix_str("running")
+            elif msg.stage == "backward":
+                self.bar.set_postfix_str("backward pass")
             elif msg.stage == "site" and msg.site is not None:
                 self.bar.n = min(msg.site, self.bar.total)
                 self.bar.refresh()
