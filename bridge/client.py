@@ -183,19 +183,22 @@ class Connection:
                 on_submit(rid)
             self._request_ended = False
             try:
-                try:
-                    return self._submit_and_collect(rid, graph, tensors, on_event, on_value)
-                except ResidentMissing as exc:
-                    # The server dropped values we referred to (expired or evicted): forget
-                    # them and send their bytes. Nothing ran; the request is simply resent.
-                    self.stats.resident_misses += 1
-                    self.residents.forget(str(exc.details.get("missing", "")).split(","))
-                    rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-                    if on_submit is not None:
-                        on_submit(rid)
-                    self._request_ended = False
-                    return self._submit_and_collect(rid, graph, tensors, on_event, on_value,
-                                                    refer=False)
+                # The server may have dropped values we refer to (expired or evicted): it
+                # then refuses the request before running anything, we forget those and send
+                # their bytes. A second miss (values expiring at once) sends every byte.
+                for refer in (True, True, False):
+                    try:
+                        return self._submit_and_collect(rid, graph, tensors, on_event,
+                                                        on_value, refer=refer)
+                    except ResidentMissing as exc:
+                        if not refer:
+                            raise
+                        self.stats.resident_misses += 1
+                        self.residents.forget(str(exc.details.get("missing", "")).split(","))
+                        rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+                        if on_submit is not None:
+                            on_submit(rid)
+                        self._request_ended = False
             except BaseException:
                 # Interrupted (Ctrl-C in a notebook), a callback raised, or the stream broke:
                 # this socket may still carry the old request's messages, so it must not be

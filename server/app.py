@@ -163,8 +163,8 @@ class ModelWorker(threading.Thread):
         constants = {k: v.to(device) for k, v in constants.items()}
         sent = [0]
 
-        def on_save(name, value, snapshot=True):
-            sent[0] += self._send_tensor(job, name, value, snapshot)
+        def on_save(name, value, snapshot=True, keep=True):
+            sent[0] += self._send_tensor(job, name, value, snapshot, keep)
 
         def on_site(k, n):
             if rid in job.conn.cancelled or job.conn.closed:
@@ -196,7 +196,10 @@ class ModelWorker(threading.Thread):
                 outputs["logits"], outputs["loss"] = output
             if spec.send_output:
                 for kind, value in outputs.items():
-                    on_save(f"__{kind}__", value, snapshot=False)
+                    # Outputs are not kept resident: logits are the largest thing a request
+                    # makes and almost never come back as a hook's input, so keeping them
+                    # would only push the values that do (caches) out of the user's quota.
+                    on_save(f"__{kind}__", value, snapshot=False, keep=False)
             interleaver.finish(outputs, on_backward)
         t_done = time.perf_counter()
         send(dump(Done(request_id=rid, bytes_sent=sent[0], bytes_received=job.received_bytes,
@@ -206,7 +209,8 @@ class ModelWorker(threading.Thread):
                                 **{k: v for k, v in interleaver.timings.items()
                                    if k == "backward_s"}})))
 
-    def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True) -> int:
+    def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
+                     keep: bool = True) -> int:
         if not isinstance(value, torch.Tensor):
             raise ProtocolError(f"save {name!r} is not a tensor")
         # Snapshot values saved mid-forward: the model may still edit them in place.
@@ -215,7 +219,7 @@ class ModelWorker(threading.Thread):
         tid = f"t{abs(hash((job.request_id, name))) % (1 << 40)}"
         header = header_for(tid, value)
         resident = None
-        if job.submit.keep_results:
+        if keep and job.submit.keep_results:
             resident = new_result_id()
             if not job.conn.store.put(resident, kept):
                 resident = None  # larger than the user's whole quota
