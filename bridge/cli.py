@@ -107,7 +107,12 @@ def cmd_serve(args) -> int:
         print("hookwire: no --api-key-file given: no authentication, so the server only binds "
               "to loopback", file=sys.stderr, flush=True)
 
-    server = HookwireServer(hosted, host=args.host, port=args.port, api_keys=api_keys)
+    from hookwire.validate import Limits
+
+    server = HookwireServer(hosted, host=args.host, port=args.port, api_keys=api_keys,
+                            limits=Limits(max_request_seconds=args.max_request_seconds),
+                            batching=not args.no_batching,
+                            batch_window_s=args.batch_window_ms / 1000)
     ready = _AnnounceWhenListening(
         lambda: f"{READY_PREFIX}{','.join(hosted)} on {_ws_url(args.host, server.port)}")
 
@@ -379,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free)")
     s.add_argument("--api-key-file", metavar="F",
                    help="file with one API key per line (blank lines, #comments ignored)")
+    s.add_argument("--no-batching", action="store_true",
+                   help="run requests one at a time instead of batching users together")
+    s.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long a request waits for batch mates (default 5 ms)")
+    s.add_argument("--max-request-seconds", type=float, default=600.0,
+                   help="wall-time limit of one request (default 600)")
     s.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)

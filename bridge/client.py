@@ -21,7 +21,7 @@ from websockets.sync.client import connect as ws_connect
 
 from hookwire import __version__
 from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
-                             error_from_code)
+                             TooManyConnections, error_from_code)
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
@@ -122,6 +122,9 @@ class Connection:
             status = exc.response.status_code
             if status == 401:
                 raise AuthError(f"the server at {url} refused the API key (HTTP 401)") from None
+            if status == 429:
+                raise TooManyConnections(f"the server at {url} refused another connection for "
+                                         "this API key (HTTP 429): close one first") from None
             raise ServerUnavailable(f"the server at {url} answered HTTP {status}") from None
         except OSError as exc:
             raise ServerUnavailable(f"cannot reach a hookwire server at {url}: {exc}") from None

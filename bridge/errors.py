@@ -49,6 +49,21 @@ class Cancelled(HookwireError):
     code = "cancelled"
 
 
+class QueueFull(LimitExceeded):
+    """This user already has as many requests queued as the server allows."""
+    code = "queue_full"
+
+
+class DeadlineExceeded(HookwireError):
+    """The request ran longer than the server's wall-time limit and was stopped."""
+    code = "deadline_exceeded"
+
+
+class TooManyConnections(HookwireError):
+    """This user already holds as many connections as the server allows (HTTP 429)."""
+    code = "too_many_connections"
+
+
 class ResidentMissing(HookwireError):
     """A request referred to a value the server no longer holds (expired, evicted, or never
     this user's). The client re-sends the bytes; users rarely see this."""
@@ -63,9 +78,15 @@ class ServerUnavailable(HookwireError):
     code = "server_unavailable"
 
 
+class ServerShuttingDown(ServerUnavailable):
+    """The server stopped before running the request; retry against it once it is back."""
+    code = "server_shutting_down"
+
+
 ERROR_TYPES = {cls.code: cls for cls in (
     HookwireError, TraceError, ProtocolError, FrameError, GraphValidationError, LimitExceeded,
-    UnknownModel, ExecutionError, Cancelled, ResidentMissing, AuthError, ServerUnavailable)}
+    UnknownModel, ExecutionError, Cancelled, ResidentMissing, AuthError, ServerUnavailable,
+    QueueFull, DeadlineExceeded, TooManyConnections, ServerShuttingDown)}
 
 
 def error_from_code(code: str, message: str, details: dict | None = None) -> HookwireError:

@@ -113,44 +113,60 @@ class Interleaver:
             index = calls_to_site.get(call)
             if index is None:
                 return None
-            if not isinstance(output, torch.Tensor):
-                raise ExecutionError(f"site {name!r} did not produce a tensor")
-            # With autograd on, an in-place write must not touch a tensor the graph's own
-            # ops saved for backward: they read a (differentiable) copy instead.
-            copy_read = self.needs_grad and index in self.inplace_sites
-            self._run_stage(index, output.clone() if copy_read else output)
-            result = None
-            writes = self.writes.pop(index, {})
-            if "inplace" in writes:
-                value = self.values.pop(writes["inplace"], None)
-                read_id = self._read_node(index)
-                if not copy_read and read_id is not None and self.pending.get(read_id, 0) > 0:
-                    # Someone still needs the value as it was read: keep a copy.
-                    self.values[read_id] = output.clone()
-                # Differentiable when a backward follows (gradients flow through the edit).
-                with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
-                    output.copy_(value)
-            if "replace" in writes:
-                result = self.values.pop(writes["replace"], None)
-            if index in self.grad_sites:
-                final = output if result is None else result
-                if not final.requires_grad:
-                    info = self.vg.site_infos[index]
-                    raise ExecutionError(
-                        f"site {info.name!r} (call {info.call}) has no gradient in this run: "
-                        "its value no longer depends on the weights (a hook replaced it with "
-                        "a constant?); locally its backward hook would not fire")
-                # A fresh tensor as the site's output (as torch's full backward hooks make
-                # one): the gradient is the one flowing through *this* site's uses only, not
-                # through other sites that received the same tensor object.
-                final = result = final.view_as(final)
-                self.grad_inputs[index] = final
-            self.sites_done += 1
-            self.on_site(self.sites_done, len(self.vg.site_infos))
+            result = self.at_site(index, output)
             if stop_early and index == last_needed:
                 raise _StopForward
             return result
         return hook
+
+    def at_site(self, index: int, output):
+        """This graph's work at its site ``index``, on the activation ``output`` (for a batch,
+        a view of the request's own rows): reads, in-place writes (into ``output``), and the
+        replacement to return (or None)."""
+        if not isinstance(output, torch.Tensor):
+            raise ExecutionError(f"site {self.vg.site_infos[index].name!r} did not produce "
+                                 "a tensor")
+        # With autograd on, an in-place write must not touch a tensor the graph's own
+        # ops saved for backward: they read a (differentiable) copy instead.
+        copy_read = self.needs_grad and index in self.inplace_sites
+        self._run_stage(index, output.clone() if copy_read else output)
+        result = None
+        writes = self.writes.pop(index, {})
+        if "inplace" in writes:
+            value = self.values.pop(writes["inplace"], None)
+            read_id = self._read_node(index)
+            if not copy_read and read_id is not None and self.pending.get(read_id, 0) > 0:
+                # Someone still needs the value as it was read: keep a copy.
+                self.values[read_id] = output.clone()
+            # Differentiable when a backward follows (gradients flow through the edit).
+            with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
+                output.copy_(value)
+        if "replace" in writes:
+            result = self.values.pop(writes["replace"], None)
+        if index in self.grad_sites:
+            final = output if result is None else result
+            if not final.requires_grad:
+                info = self.vg.site_infos[index]
+                raise ExecutionError(
+                    f"site {info.name!r} (call {info.call}) has no gradient in this run: "
+                    "its value no longer depends on the weights (a hook replaced it with "
+                    "a constant?); locally its backward hook would not fire")
+            # A fresh tensor as the site's output (as torch's full backward hooks make
+            # one): the gradient is the one flowing through *this* site's uses only, not
+            # through other sites that received the same tensor object.
+            final = result = final.view_as(final)
+            self.grad_inputs[index] = final
+        self.sites_done += 1
+        self.on_site(self.sites_done, len(self.vg.site_infos))
+        return result
+
+    def start(self):
+        """Nodes that need no site (constants only) run before the forward."""
+        self._run_stage(-1)
+
+    @property
+    def finished_sites(self) -> bool:
+        return self.sites_done == len(self.vg.site_infos)
 
     def _read_node(self, index: int):
         for dn in self.by_stage.get(index, ()):
@@ -163,7 +179,7 @@ class Interleaver:
         """Run the forward with hooks at the graph's sites; returns the forward's output
         (None when it was stopped early because nothing after the last site is needed)."""
         t0 = time.perf_counter()
-        self._run_stage(-1)
+        self.start()
         handles = []
         last = len(self.vg.site_infos) - 1
         try:
@@ -177,7 +193,7 @@ class Interleaver:
         finally:
             for h in handles:
                 h.remove()
-        if self.sites_done != len(self.vg.site_infos):
+        if not self.finished_sites:
             raise ExecutionError(f"the forward pass reached {self.sites_done} of "
                                  f"{len(self.vg.site_infos)} sites")
         self.timings["execute_s"] = time.perf_counter() - t0

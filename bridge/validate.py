@@ -29,6 +29,9 @@ class Limits:
     max_batch: int = 1024
     max_seq: int = 8192
     max_resident_bytes: int = 1 << 30     # per user: values kept between requests
+    max_queued_per_user: int = 64         # requests waiting to run, per user
+    max_connections_per_user: int = 32
+    max_request_seconds: float = 600.0    # wall time of one request once it starts
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
 
 

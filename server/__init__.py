@@ -9,6 +9,7 @@ import asyncio
 import threading
 
 from hookwire.server.app import HookwireServer
+from hookwire.server.worker import BATCH_WINDOW_S
 from hookwire.server.models import (BUILTIN_MODELS, HostedModel, host_model_object,
                                     load_model)
 from hookwire.validate import Limits
@@ -61,9 +62,12 @@ class ServerHandle:
 
 
 def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int = 0,
-          api_keys: list[str] | None = None, limits: Limits | None = None) -> ServerHandle:
+          api_keys: list[str] | None = None, limits: Limits | None = None,
+          batching: bool = True, batch_window_s: float = BATCH_WINDOW_S) -> ServerHandle:
     """Start a server in this process. ``models`` maps names to model objects (TL bridges or
-    HF models) or is a list of built-in names / checkpoint paths."""
+    HF models) or is a list of built-in names / checkpoint paths. ``batching=False`` runs
+    requests one at a time (as NDIF does); otherwise requests arriving within
+    ``batch_window_s`` of each other share a forward pass."""
     if models is None:
         models = ["tiny-gpt2"]
     if isinstance(models, (list, tuple)):
@@ -73,7 +77,8 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
             hosted[h.name] = h
     else:
         hosted = {name: host_model_object(name, m) for name, m in models.items()}
-    server = HookwireServer(hosted, host=host, port=port, api_keys=api_keys, limits=limits)
+    server = HookwireServer(hosted, host=host, port=port, api_keys=api_keys, limits=limits,
+                            batching=batching, batch_window_s=batch_window_s)
     return ServerHandle(server).start()
 
 

@@ -13,31 +13,26 @@ import hmac
 import http
 import json
 import logging
-import queue
 import threading
-import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
-import torch
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from hookwire import __version__
-from hookwire.errors import Cancelled, FrameError, HookwireError, ProtocolError, UnknownModel
-from hookwire.executor import Interleaver
-from hookwire.frames import (CHUNK_BYTES, TensorAssembler, decode_frame, encode_chunks,
-                             header_for)
-from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Done, Error, Hello, HelloOk,
-                               ModelInfoRequest, Progress, Result, Submit, dump,
+from hookwire.errors import FrameError, HookwireError, ProtocolError, UnknownModel
+from hookwire.frames import TensorAssembler, decode_frame
+from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
+                               ModelInfoRequest, Submit, dump,
                                parse_client_message)
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
-from hookwire.server.residents import (Residents, ResidentStore, keep_uploads, new_result_id,
-                                       resolve_refs)
-from hookwire.server.tl_modes import marked_for_graph
-from hookwire.validate import Limits, infer_shapes, validate_structure
+from hookwire.server.residents import Residents, ResidentStore, resolve_refs
+from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
+from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
@@ -52,16 +47,6 @@ class ModelEntry:
     site_order: dict
     info_json: str
     site_modules: dict
-
-
-@dataclass
-class Job:
-    conn: "ConnState"
-    request_id: str
-    submit: Submit
-    tensors: dict[str, torch.Tensor]
-    received_bytes: int
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 class ConnState:
@@ -89,156 +74,6 @@ class ConnState:
     def send_threadsafe(self, item) -> None:
         if not self.closed:
             self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
-
-
-class ModelWorker(threading.Thread):
-    """Runs jobs one after another (cross-user batching arrives with issue 5)."""
-
-    def __init__(self, models: dict[str, ModelEntry], limits: Limits):
-        super().__init__(name="hookwire-model-worker", daemon=True)
-        self.models = models
-        self.limits = limits
-        self.jobs: queue.Queue = queue.Queue()
-        self.stopping = False
-
-    def submit(self, job: Job) -> int:
-        self.jobs.put(job)
-        return self.jobs.qsize()
-
-    def stop(self):
-        self.stopping = True
-        self.jobs.put(None)
-
-    def run(self):
-        while True:
-            job = self.jobs.get()
-            if job is None or self.stopping:
-                return
-            if job.conn.closed:
-                continue
-            if job.request_id in job.conn.cancelled:
-                job.conn.send_threadsafe(dump(Error(request_id=job.request_id, code="cancelled",
-                                                    message="cancelled before it started")))
-                continue
-            try:
-                self.execute(job)
-            except HookwireError as exc:
-                job.conn.send_threadsafe(dump(Error(request_id=job.request_id, code=exc.code,
-                                                   message=exc.message,
-                                                   details=_jsonable(exc.details))))
-            except Exception as exc:  # a bug of ours must not kill the worker
-                log.exception("request %s failed", job.request_id)
-                job.conn.send_threadsafe(dump(Error(request_id=job.request_id,
-                                                    code="internal_error",
-                                                    message=f"{type(exc).__name__}: {exc}")))
-
-    def execute(self, job: Job):
-        t_start = time.perf_counter()
-        graph = job.submit.graph
-        entry = self.models.get(graph.model)
-        if entry is None:
-            raise UnknownModel(f"model {graph.model!r} is not served here; "
-                               f"served: {', '.join(self.models)}")
-        rid = job.request_id
-        send = job.conn.send_threadsafe
-        send(dump(Progress(request_id=rid, stage="started")))
-        keep_uploads(job.conn.store, job.submit.keep, job.tensors)
-        input_ids = job.tensors.get(graph.inputs.get("input_ids", ""))
-        if input_ids is None or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
-            raise ProtocolError("input_ids must be an attached int64 tensor of shape (batch, seq)")
-        vocab = entry.hosted.bridge.cfg.d_vocab
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ProtocolError(f"token ids must lie in [0, {vocab})")
-        constants = {tid: job.tensors[tid] for tid in graph.constants if tid in job.tensors}
-        missing = [tid for tid in graph.constants if tid not in job.tensors]
-        if missing:
-            raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
-        vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
-        batch, seq = input_ids.shape
-        infer_shapes(vg, batch, seq, constants, self.limits,
-                     outputs=_output_shapes(entry, graph.forward, batch, seq))
-        t_validated = time.perf_counter()
-
-        device = entry.hosted.device
-        constants = {k: v.to(device) for k, v in constants.items()}
-        sent = [0]
-
-        def on_save(name, value, snapshot=True, keep=True):
-            sent[0] += self._send_tensor(job, name, value, snapshot, keep)
-
-        def on_site(k, n):
-            if rid in job.conn.cancelled or job.conn.closed:
-                raise Cancelled(f"request {rid} was cancelled at site {k} of {n}")
-            send(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
-
-        interleaver = Interleaver(vg, constants, on_save, on_site)
-        spec = graph.forward
-        need_output = spec.return_type is not None
-        bridge = entry.hosted.bridge
-        tokens = input_ids.to(device)
-
-        def forward():
-            # The class's forward, not an instance attribute someone may have set on it.
-            extra = {"output_attentions": True} if spec.output_attentions else {}
-            return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
-                                        loss_per_token=spec.loss_per_token, **extra)
-
-        def on_backward():
-            send(dump(Progress(request_id=rid, stage="backward")))
-
-        # Autograd only for graphs that differentiate; the weights are never a target of it.
-        with interleaver.grad_mode(), marked_for_graph(entry.site_modules, vg):
-            output = interleaver.run(entry.site_modules, forward, need_output)
-            outputs = {}
-            if spec.return_type in ("logits", "loss"):
-                outputs[spec.return_type] = output
-            elif spec.return_type == "both":
-                outputs["logits"], outputs["loss"] = output
-            if spec.send_output:
-                for kind, value in outputs.items():
-                    # Outputs are not kept resident: logits are the largest thing a request
-                    # makes and almost never come back as a hook's input, so keeping them
-                    # would only push the values that do (caches) out of the user's quota.
-                    on_save(f"__{kind}__", value, snapshot=False, keep=False)
-            interleaver.finish(outputs, on_backward)
-        t_done = time.perf_counter()
-        send(dump(Done(request_id=rid, bytes_sent=sent[0], bytes_received=job.received_bytes,
-                       timings={"queued_s": t_start - job.enqueued,
-                                "validate_s": t_validated - t_start,
-                                "execute_s": t_done - t_validated,
-                                **{k: v for k, v in interleaver.timings.items()
-                                   if k == "backward_s"}})))
-
-    def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
-                     keep: bool = True) -> int:
-        if not isinstance(value, torch.Tensor):
-            raise ProtocolError(f"save {name!r} is not a tensor")
-        # Snapshot values saved mid-forward: the model may still edit them in place.
-        kept = value.detach().clone() if snapshot else value.detach()
-        value = kept.to("cpu")
-        tid = f"t{abs(hash((job.request_id, name))) % (1 << 40)}"
-        header = header_for(tid, value)
-        resident = None
-        if keep and job.submit.keep_results:
-            resident = new_result_id()
-            if not job.conn.store.put(resident, kept):
-                resident = None  # larger than the user's whole quota
-        job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
-                                             tensor=header, resident=resident)))
-        total = 0
-        if value.numel():
-            for frame in encode_chunks(job.request_id, tid, value, CHUNK_BYTES):
-                total += len(frame)
-                job.conn.send_threadsafe(frame)
-        return total
-
-
-def _output_shapes(entry: ModelEntry, spec, batch: int, seq: int) -> dict:
-    """(shape, dtype) of what the forward returns, for graphs that read it."""
-    dtype = entry.sites[-1].dtype if entry.sites else torch.float32
-    loss_shape = (batch, seq - 1) if spec.loss_per_token else ()
-    return {"logits": ((batch, seq, entry.hosted.bridge.cfg.d_vocab), dtype),
-            "loss": (loss_shape, dtype)}
 
 
 def _refused_submit_id(message: str) -> str | None:
@@ -273,12 +108,16 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
 class HookwireServer:
     def __init__(self, models: dict[str, HostedModel], host: str = "127.0.0.1",
                  port: int = 8765, api_keys: list[str] | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, batching: bool = True,
+                 batch_window_s: float = BATCH_WINDOW_S):
         self.entries = {name: prepare_model(h) for name, h in models.items()}
         self.host, self.port = host, port
         self.api_keys = [k.encode() for k in api_keys] if api_keys else None
         self.limits = limits or Limits()
-        self.worker = ModelWorker(self.entries, self.limits)
+        self.worker = ModelWorker(self.entries, self.limits, batching=batching,
+                                  window_s=batch_window_s)
+        self.connections_per_user: Counter = Counter()
+        self.states: set = set()
         self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -288,7 +127,8 @@ class HookwireServer:
         if request.path == "/health":
             body = json.dumps({"status": "ok", "version": __version__,
                                "protocol": PROTOCOL_VERSION, "models": list(self.entries),
-                               "queue_depth": self.worker.jobs.qsize()}).encode()
+                               "queue_depth": self.worker.queue_depth(),
+                               "batching": self.worker.batching}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
         if self.api_keys is not None:
@@ -301,7 +141,12 @@ class HookwireServer:
             if not ok:
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
             # The user is the key (hashed: the key itself is not kept around in memory dumps).
-            connection.hookwire_user = "key:" + hashlib.sha256(token).hexdigest()[:32]
+            user = "key:" + hashlib.sha256(token).hexdigest()[:32]
+            if self.connections_per_user[user] >= self.limits.max_connections_per_user:
+                return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS,
+                                          f"at most {self.limits.max_connections_per_user} "
+                                          "connections per API key\n")
+            connection.hookwire_user = user
         return None
 
     async def _writer(self, state: ConnState):
@@ -319,6 +164,8 @@ class HookwireServer:
         # each connection is its own user.
         user = getattr(ws, "hookwire_user", None) or f"conn:{id(ws)}"
         state = ConnState(ws, asyncio.get_running_loop(), user, self.residents.for_user(user))
+        self.connections_per_user[user] += 1
+        self.states.add(state)
         writer = asyncio.create_task(self._writer(state))
         try:
             async for message in ws:
@@ -341,6 +188,10 @@ class HookwireServer:
         finally:
             state.closed = True
             state.outbox.put_nowait(None)
+            self.states.discard(state)
+            self.connections_per_user[user] -= 1
+            if self.connections_per_user[user] <= 0:
+                del self.connections_per_user[user]
             if user.startswith("conn:"):
                 self.residents.drop_user(user)
             await writer
@@ -392,7 +243,13 @@ class HookwireServer:
             state.cancelled.add(msg.request_id)
 
     def _enqueue(self, state: ConnState, submit: Submit, tensors, size: int):
-        position = self.worker.submit(Job(state, submit.request_id, submit, tensors, size))
+        try:
+            position = self.worker.submit(Job(state, submit.request_id, submit, tensors, size))
+        except HookwireError as exc:  # queue full: answered under the request's own id
+            state.outbox.put_nowait(dump(Error(request_id=submit.request_id, code=exc.code,
+                                               message=exc.message,
+                                               details=_jsonable(exc.details))))
+            return
         state.outbox.put_nowait(dump(Accepted(request_id=submit.request_id,
                                               queue_position=position)))
 
@@ -411,8 +268,15 @@ class HookwireServer:
             if ready is not None:
                 ready.set()
             await self._stop_event.wait()
-        self.worker.stop()
-        self.worker.join(timeout=30)
+            # Shutting down: queued requests get a typed error, the running batch finishes,
+            # and every answer is flushed before the connections close. Nothing accepted is
+            # left without its done or error.
+            self.worker.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.join, 60)
+            for _ in range(100):
+                if all(st.outbox.empty() for st in list(self.states)):
+                    break
+                await asyncio.sleep(0.05)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,103 @@
+"""The queue in front of the model worker: requests wait per user, and batches are formed
+round-robin across users, so one user with many queued requests cannot starve the others.
+
+A batch is the first waiting request plus every compatible request (same model and forward
+options, within the row and token budget) the rotation reaches, taken one per user per turn.
+The worker asks for a batch, the scheduler waits up to ``window_s`` after the first arrival
+for batch mates.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Callable
+
+from hookwire.errors import QueueFull
+
+
+class Scheduler:
+    def __init__(self, max_queued_per_user: int, window_s: float, max_rows: int,
+                 max_tokens: int):
+        self.max_queued = max_queued_per_user
+        self.window_s, self.max_rows, self.max_tokens = window_s, max_rows, max_tokens
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[str, deque] = OrderedDict()  # user -> jobs, rotation order
+        self._closed = False
+
+    def put(self, job, user: str) -> int:
+        """Queue a job; returns its position (requests ahead of it, plus one)."""
+        with self._cond:
+            q = self._queues.setdefault(user, deque())
+            if len(q) >= self.max_queued:
+                raise QueueFull(f"{len(q)} requests already queued for this user; limit "
+                                f"{self.max_queued}", rule="max_queued_per_user")
+            q.append(job)
+            self._cond.notify()
+            return self._size()
+
+    def _size(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def qsize(self) -> int:
+        with self._cond:
+            return self._size()
+
+    def close(self) -> list:
+        """Stop handing out batches; returns every job still queued."""
+        with self._cond:
+            self._closed = True
+            left = [job for q in self._queues.values() for job in q]
+            self._queues.clear()
+            self._cond.notify_all()
+            return left
+
+    def next_batch(self, key: Callable, rows: Callable, tokens: Callable) -> list | None:
+        """Block until a batch is ready (None once closed). ``key(job)`` says which jobs may
+        share a forward (None: this one runs alone); ``rows``/``tokens`` size a job."""
+        with self._cond:
+            while not self._size() and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.window_s
+            while not self._closed and self._size() < self.max_rows:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._closed:
+                return None
+            return self._take(key, rows, tokens)
+
+    def _take(self, key, rows, tokens) -> list:
+        users = [u for u, q in self._queues.items() if q]
+        first = self._queues[users[0]].popleft()
+        batch, batch_key = [first], key(first)
+        n_rows, n_tok = rows(first), tokens(first)
+        served = [users[0]]
+        if batch_key is not None:
+            progress = True
+            while progress:
+                progress = False
+                for user in users[1:] + users[:1]:
+                    q = self._queues[user]
+                    if not q or key(q[0]) != batch_key:
+                        continue
+                    job = q[0]
+                    r, t = rows(job), tokens(job)
+                    if n_rows + r > self.max_rows or n_tok + t > self.max_tokens:
+                        continue
+                    batch.append(q.popleft())
+                    n_rows, n_tok = n_rows + r, n_tok + t
+                    served.append(user)
+                    progress = True
+        # Rotate: users served go to the back, so the next batch starts with someone else.
+        for user in dict.fromkeys(served):
+            q = self._queues.pop(user)
+            if q:
+                self._queues[user] = q
+        return batch
+
+
+__all__ = ["Scheduler"]

@@ -1,0 +1,217 @@
+"""Co-tenancy: requests from several clients that arrive together run in one batched forward,
+each seeing only its own rows and positions, each equal to its solo run; a failing request
+fails alone; queues are fair and bounded; the wall-time limit, shutdown with requests
+queued and per-key connection limits each end in their own typed error."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+import hookwire.server as hs
+from hookwire.client import Connection
+from hookwire.errors import (DeadlineExceeded, ExecutionError, QueueFull, ServerShuttingDown,
+                             TooManyConnections)
+from hookwire.frames import encode_chunks, header_for
+from hookwire.protocol import Done, Error, parse_server_message
+from hookwire.server.scheduler import Scheduler
+from hookwire.validate import Limits
+
+SITE = "blocks.1.hook_resid_pre"
+FULL = {"slice": [None, None, None]}
+
+
+def last_token_graph(model: str, mode: str, scale: float):
+    """Save the request's own last-token residual, then scale that position (in place or by
+    returning a new tensor) -- ``act[:, -1]`` must mean *this request's* last token."""
+    index = [FULL, -1, FULL]
+    nodes = [{"id": 0, "op": "site.read", "args": [0]},
+             {"id": 1, "op": "getitem", "args": [{"ref": 0}, index]},
+             {"id": 2, "op": "mul", "args": [{"ref": 1}, scale]},
+             {"id": 3, "op": "setitem", "args": [{"ref": 0}, index, {"ref": 2}]},
+             {"id": 4, "op": "site.write", "args": [0, {"ref": 3}], "kwargs": {"mode": mode}}]
+    return {"model": model, "inputs": {"input_ids": "input_ids"},
+            "sites": [{"name": SITE}], "nodes": nodes, "saves": {"last": 1},
+            "forward": {"return_type": "logits"}}
+
+
+def local_answer(bridge, tokens, scale):
+    seen = {}
+
+    def hook(act, hook):
+        seen["last"] = act[:, -1].clone()
+        act[:, -1] = act[:, -1] * scale
+    with torch.no_grad():
+        logits = bridge.run_with_hooks(tokens, fwd_hooks=[(SITE, hook)])
+    return logits, seen["last"]
+
+
+@pytest.fixture(scope="module")
+def batching_server(hosted):
+    """A server that waits long for batch mates, so concurrent requests surely share one."""
+    srv = hs.start(models={n: h.bridge for n, h in hosted.items()}, port=0,
+                   batch_window_s=0.3)
+    yield srv
+    srv.stop()
+
+
+def run_concurrently(url, requests):
+    """requests: [(graph, tensors)]; each on its own connection, all at once."""
+    results = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def one(i, graph, tensors):
+        conn = Connection(url)
+        try:
+            barrier.wait()
+            try:
+                results[i] = conn.run(graph, tensors)
+            except Exception as exc:
+                results[i] = exc
+        finally:
+            conn.close()
+    threads = [threading.Thread(target=one, args=(i, g, t)) for i, (g, t) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_concurrent_requests_share_a_forward_and_equal_their_solo_runs(
+        batching_server, local_models, model):
+    bridge = local_models[model]
+    texts = [["hello world"], ["a much longer prompt than the others", "and its twin!"],
+             ["short"], ["medium sized text", "second row here."]]
+    requests, expected = [], []
+    for i, batch in enumerate(texts):
+        tokens = bridge.to_tokens(batch)
+        scale = 0.5 + i
+        mode = "inplace" if i % 2 else "replace"
+        requests.append((last_token_graph(model, mode, scale), {"input_ids": tokens}))
+        expected.append(local_answer(bridge, tokens, scale))
+    results = run_concurrently(batching_server.url, requests)
+    sizes = []
+    for result, (logits, last) in zip(results, expected):
+        assert not isinstance(result, Exception), result
+        torch.testing.assert_close(result.values["__logits__"], logits)
+        torch.testing.assert_close(result.values["last"], last)
+        sizes.append(result.timings["batch_size"])
+    assert max(sizes) > 1, f"no two requests shared a forward: {sizes}"
+
+
+def test_a_failing_request_does_not_fail_its_batch_mates(batching_server, local_models):
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["hello world", "other text!"])
+    bad = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"}, "constants": ["c0"],
+           "sites": [{"name": SITE}],
+           "nodes": [{"id": 0, "op": "site.read", "args": [0]},
+                     {"id": 1, "op": "index_select", "args": [{"ref": 0}, 1, {"const": "c0"}]}],
+           "saves": {"x": 1}, "forward": {"return_type": "logits"}}
+    requests = [(last_token_graph("tiny-gpt2", "replace", 2.0), {"input_ids": tokens}),
+                (bad, {"input_ids": tokens, "c0": torch.tensor([10_000])}),
+                (last_token_graph("tiny-gpt2", "inplace", 3.0), {"input_ids": tokens})]
+    results = run_concurrently(batching_server.url, requests)
+    assert isinstance(results[1], ExecutionError)
+    for i, scale in ((0, 2.0), (2, 3.0)):
+        logits, last = local_answer(bridge, tokens, scale)
+        torch.testing.assert_close(results[i].values["__logits__"], logits)
+        torch.testing.assert_close(results[i].values["last"], last)
+    assert max(results[0].timings["batch_size"], results[2].timings["batch_size"]) > 1
+
+
+def test_scheduler_is_round_robin_across_users():
+    sched = Scheduler(max_queued_per_user=100, window_s=0.0, max_rows=3, max_tokens=10**6)
+    for i in range(6):
+        sched.put(("greedy", i), "greedy")
+    sched.put(("polite", 0), "polite")
+    sched.put(("other", 0), "other")
+    key, size = (lambda job: "same"), (lambda job: 1)
+    first = sched.next_batch(key, size, size)
+    # One per user per turn: the two small users are in the very first batch.
+    assert first == [("greedy", 0), ("polite", 0), ("other", 0)]
+    assert sched.next_batch(key, size, size) == [("greedy", 1), ("greedy", 2), ("greedy", 3)]
+    with pytest.raises(QueueFull):
+        small = Scheduler(max_queued_per_user=1, window_s=0.0, max_rows=3, max_tokens=100)
+        small.put("a", "u")
+        small.put("b", "u")
+
+
+def _submit_raw(conn, graph, tensors):
+    rid = f"raw-{uuid.uuid4().hex[:8]}"
+    conn.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": graph,
+                             "tensors": [header_for(t, v).model_dump()
+                                         for t, v in tensors.items()]}))
+    for tid, value in tensors.items():
+        for frame in encode_chunks(rid, tid, value):
+            conn.ws.send(frame)
+    return rid
+
+
+def _finals(conn, rids, timeout=60):
+    """request id -> its final message (done or error); fails on a second final."""
+    finals = {}
+    deadline = time.monotonic() + timeout
+    while len(finals) < len(rids) and time.monotonic() < deadline:
+        data = conn.ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        if isinstance(data, bytes):
+            continue
+        msg = parse_server_message(data)
+        if isinstance(msg, (Done, Error)) and msg.request_id in rids:
+            assert msg.request_id not in finals, "two final answers for one request"
+            finals[msg.request_id] = msg
+    return finals
+
+
+def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
+    """Per-user queue limit -> queue_full; over the wall-time limit -> deadline_exceeded;
+    stopping with requests queued -> server_shutting_down for each; every request answered
+    exactly once."""
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+    graph = last_token_graph("tiny-gpt2", "replace", 2.0)
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   batch_window_s=1.0, batching=True,
+                   limits=Limits(max_queued_per_user=3, max_request_seconds=0.0))
+    conn = Connection(srv.url)
+    try:
+        rids = [_submit_raw(conn, graph, {"input_ids": tokens}) for _ in range(6)]
+        finals = _finals(conn, set(rids))
+        codes = sorted(m.code if isinstance(m, Error) else "done" for m in finals.values())
+        assert len(finals) == 6
+        assert codes.count(QueueFull.code) >= 2
+        assert codes.count(DeadlineExceeded.code) >= 1  # those that ran hit the limit
+        # Now queue some and stop the server before the batch window closes.
+        rids = [_submit_raw(conn, graph, {"input_ids": tokens}) for _ in range(2)]
+        time.sleep(0.2)
+    finally:
+        stopper = threading.Thread(target=srv.stop)
+        stopper.start()
+    try:
+        finals = _finals(conn, set(rids), timeout=30)
+        assert set(finals) == set(rids)
+        for msg in finals.values():
+            assert isinstance(msg, Error)
+            assert msg.code in (ServerShuttingDown.code, DeadlineExceeded.code)
+        assert any(m.code == ServerShuttingDown.code for m in finals.values())
+    finally:
+        stopper.join(60)
+        conn.close()
+
+
+def test_connections_per_key_are_limited(hosted):
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=["k1"], limits=Limits(max_connections_per_user=1))
+    first = Connection(srv.url, "k1")
+    try:
+        with pytest.raises(TooManyConnections):
+            Connection(srv.url, "k1")
+        first.close()
+        time.sleep(0.2)
+        Connection(srv.url, "k1").close()  # the slot is free again
+    finally:
+        srv.stop()
