@@ -1,7 +1,7 @@
 """Run a hookwire server in its own process for benchmarks (separate GIL, like production).
 
-Usage: python bench/_server_process.py MODEL [MODEL ...]; prints "READY <url>" when listening
-and serves until stdin closes or it gets SIGTERM."""
+Usage: python bench/_server_process.py [--no-batching] MODEL [MODEL ...]; prints "READY <url>"
+when listening and serves until stdin closes or it gets SIGTERM."""
 import signal
 import sys
 import threading
@@ -9,7 +9,10 @@ import threading
 import hookwire.server as hs
 
 if __name__ == "__main__":
-    handle = hs.start(models=sys.argv[1:], port=0)
+    args = sys.argv[1:]
+    batching = "--no-batching" not in args
+    handle = hs.start(models=[a for a in args if not a.startswith("--")], port=0,
+                      batching=batching)
     print("READY", handle.url, flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: done.set())

@@ -9,9 +9,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class ServerProcess:
-    def __init__(self, *models: str):
+    def __init__(self, *models: str, batching: bool = True):
+        flags = [] if batching else ["--no-batching"]
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_server_process.py"),
-                                      *models], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      *flags, *models], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("READY"):

@@ -226,22 +226,35 @@ class ModelWorker(threading.Thread):
                 outputs[spec.return_type] = output
             elif spec.return_type == "both":
                 outputs["logits"], outputs["loss"] = output
-            self._complete(p, outputs, on_backward, batch_size=1)
+            done = self._complete(p, outputs, on_backward, batch_size=1)
+        # Only now: the model's TL hook marks are gone before the client hears "done".
+        p.job.conn.send_threadsafe(done)
 
     def run_together(self, ready: list[Prepared]):
         """One forward for several requests: rows stacked, shorter ones right-padded."""
         entry, spec = ready[0].entry, ready[0].job.submit.graph.forward
         full_seq = max(p.tokens.shape[1] for p in ready)
         blocks, members, row = [], [], 0
+        failed: list = []  # (job, error), answered once the TL hook marks are gone
         for p in ready:
             b, s = p.tokens.shape
             blocks.append(torch.nn.functional.pad(p.tokens, (0, full_seq - s), value=0))
             members.append(BatchMember(
                 p.interleaver, slice(row, row + b), s,
                 need_output=p.job.submit.graph.forward.return_type is not None,
-                on_error=lambda exc, p=p: self._fail(p.job, exc)))
+                on_error=lambda exc, p=p: failed.append((p.job, exc))))
             row += b
         tokens = torch.cat(blocks)
+        finals: list = []
+        try:
+            self._run_members(ready, members, entry, spec, tokens, full_seq, finals, failed)
+        finally:
+            for job, exc in failed:
+                self._fail(job, exc)
+            for job, done in finals:
+                job.conn.send_threadsafe(done)
+
+    def _run_members(self, ready, members, entry, spec, tokens, full_seq, finals, failed):
         t0 = time.perf_counter()
         with torch.no_grad(), contextlib.ExitStack() as marks:
             for p in ready:
@@ -268,12 +281,13 @@ class ModelWorker(threading.Thread):
                     outputs = {}
                     if m.need_output:
                         outputs["logits"] = output[m.rows, :m.seq]
-                    self._complete(p, outputs, None, batch_size=len(ready))
+                    finals.append((p.job, self._complete(p, outputs, None,
+                                                         batch_size=len(ready))))
                 except Exception as exc:
-                    self._fail(p.job, exc)
+                    failed.append((p.job, exc))
 
-    def _complete(self, p: Prepared, outputs: dict, on_backward, batch_size: int):
-        """Send the outputs, run output/gradient stages, then ``done``."""
+    def _complete(self, p: Prepared, outputs: dict, on_backward, batch_size: int) -> str:
+        """Send the outputs, run output/gradient stages; returns the ``done`` message."""
         spec = p.job.submit.graph.forward
         if spec.send_output:
             for kind, value in outputs.items():
@@ -288,9 +302,8 @@ class ModelWorker(threading.Thread):
                    "execute_s": t_done - p.t_validated, "batch_size": float(batch_size)}
         if "backward_s" in p.interleaver.timings:
             timings["backward_s"] = p.interleaver.timings["backward_s"]
-        p.job.conn.send_threadsafe(dump(Done(
-            request_id=p.job.request_id, bytes_sent=p.sent[0],
-            bytes_received=p.job.received_bytes, timings=timings)))
+        return dump(Done(request_id=p.job.request_id, bytes_sent=p.sent[0],
+                         bytes_received=p.job.received_bytes, timings=timings))
 
     def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
                      keep: bool = True) -> int:
