@@ -93,7 +93,10 @@ def install() -> None:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # TL 2.x (HookedTransformer only): see legacy.py
         TransformerBridge = None
-    from transformer_lens.hook_points import HookedRootModule
+    try:
+        from transformer_lens.hook_points import HookedRootModule
+    except ImportError:  # TL 4 moved it; there bridges are what is served remotely
+        HookedRootModule = None
     try:  # TL 2.x/3.x: its run_with_cache wraps HookedRootModule's (ActivationCache)
         from transformer_lens import HookedTransformer
     except ImportError:

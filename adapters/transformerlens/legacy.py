@@ -88,7 +88,11 @@ def check_compatible(model, info: RemoteModelInfo) -> None:
     """A local legacy model must have the server model's shapes, or its hooks mean nothing."""
     want = legacy_config_kwargs(info.architecture, info.config)
     cfg = model.cfg
-    for key in ("n_layers", "d_model", "n_heads", "d_head", "d_vocab"):
+    keys = ["n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab",
+            "positional_embedding_type"]
+    if getattr(cfg, "original_architecture", None):  # unset on hand-built configs
+        keys.append("original_architecture")
+    for key in keys:
         if getattr(cfg, key, None) != want[key]:
             raise HookwireError(
                 f"the local model's {key}={getattr(cfg, key, None)} but the server's "
