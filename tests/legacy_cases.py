@@ -143,6 +143,22 @@ def _halve_later_positions_rot(k, hook):
     k[:, 1:, 1, :] *= 0.5  # [batch, pos, kv_head, d_head]
 
 
+def case_add_hook_and_loss(model, tokens, kw):
+    """A hook added with add_hook stays for later calls until reset_hooks(); losses."""
+    def scale_mlp(act, hook):
+        return act * 2.0
+
+    model.add_hook("blocks.0.hook_mlp_out", scale_mlp)
+    try:
+        logits = model.run_with_hooks(tokens, fwd_hooks=[], **kw)
+        loss = model.run_with_hooks(tokens, fwd_hooks=[], return_type="loss", **kw)
+    finally:
+        model.reset_hooks()
+    per_token = model.run_with_hooks(tokens, fwd_hooks=[], return_type="loss",
+                                     loss_per_token=True, **kw)
+    return {"logits": logits, "loss": loss, "loss_per_token": per_token}
+
+
 def case_stop_at_layer(model, tokens, kw):
     return {"resid": model.run_with_hooks(tokens, fwd_hooks=[], stop_at_layer=1, **kw)}
 
@@ -167,5 +183,6 @@ def run_all(model, name, tokens, clean, corrupt, kw, ctx_kw) -> tuple[dict, dict
     add("patching", case_patching(model, clean, corrupt, kw))
     if name == "tiny-llama":
         add("gqa", case_gqa(model, tokens, kw))
+    add("add_hook", case_add_hook_and_loss(model, tokens, kw))
     add("stop_at_layer", case_stop_at_layer(model, tokens, kw))
     return results, facts

@@ -122,6 +122,17 @@ def main(url: str, folder: str) -> None:
         model_facts["cache_keys"] = list(cache.keys())
         # Text in, as TL 2.x users call it.
         results["text/logits"] = stand_in.run_with_hooks("hello world", fwd_hooks=[])
+        # Non-blocking: a handle at once, the same values when waited for.
+        run = stand_in.run_with_hooks(tokens, blocking=False,
+                                      fwd_hooks=[("blocks.0.attn.hook_z",
+                                                  legacy_cases._ablate_head(1)),
+                                                 ("blocks.1.attn.hook_z",
+                                                  legacy_cases._ablate_head(3))])
+        model_facts["nonblocking_equal"] = torch.equal(run.result(),
+                                                       results["ablate_hook_z/logits"])
+        run = stand_in.run_with_cache(tokens, blocking=False, names_filter="hook_embed")
+        _, nb_cache = run.result()
+        model_facts["nonblocking_cache"] = [type(nb_cache).__name__, list(nb_cache.keys())]
         save_all(os.path.join(out, name, "standin"), results)
 
         local = local_hooked_transformer(name, info, os.path.join(folder, "weights", name))

@@ -142,7 +142,8 @@ def test_legacy_env_is_tl2_with_transformers_4(legacy_run):
 def test_remote_legacy_hooks_equal_local_tl4(legacy_run, expected, name, variant):
     """run_with_hooks (hook_z ablation, resid edits, returned tensors, stores),
     run_with_cache (callable, list and str filters, remove_batch_dim), hooks() contexts,
-    activation patching, GQA/rotary layouts and stop_at_layer: all equal to TL 4 locally."""
+    add_hook, losses, activation patching, GQA/rotary layouts and stop_at_layer: all equal to
+    TL 4 locally."""
     got = legacy_run["results"][name][variant]
     want = expected[name]
     if variant == "local_remote":
@@ -154,7 +155,7 @@ def test_remote_legacy_hooks_equal_local_tl4(legacy_run, expected, name, variant
     # The edits did something, or the comparisons prove nothing.
     base = want["baseline/logits"]
     for key in ("ablate_hook_z/logits", "resid_edits/logits", "returned/logits",
-                "hooks_ctx/ctx+forward", "hooks_ctx/ctx+run_with_hooks"):
+                "hooks_ctx/ctx+forward", "hooks_ctx/ctx+run_with_hooks", "add_hook/logits"):
         assert not torch.allclose(want[key], base), key
     assert not torch.allclose(want["patching/patched/0"], want["patching/patched/1"])
 
@@ -165,6 +166,12 @@ def test_hooks_see_legacy_names_and_cache_is_activation_cache(legacy_run, name):
     assert sorted(set(facts["names_seen"])) == sorted(points)  # hook.name: legacy, not TL 4's
     assert facts["cache_is_activation_cache"]
     assert facts["cache_keys"] == ["blocks.1.hook_resid_post"]
+
+
+def test_nonblocking_runs_from_a_legacy_client(legacy_run, name):
+    facts = legacy_run["facts"]["models"][name]
+    assert facts["nonblocking_equal"] is True
+    assert facts["nonblocking_cache"] == ["ActivationCache", ["hook_embed"]]
 
 
 def test_text_input_tokenizes_like_tl4(legacy_run, hosted, name):
