@@ -96,7 +96,7 @@ def main(url: str, folder: str) -> None:
     import hookwire
     import hookwire.transformerlens as htl
     from hookwire.client import get_connection
-    from hookwire.errors import HookwireError
+    from hookwire.errors import HookwireError, TraceError
 
     hookwire.configure(url=url)
     tokens, clean, corrupt = (load_npy(os.path.join(folder, f"{n}.npy"))
@@ -165,6 +165,13 @@ def main(url: str, folder: str) -> None:
                 HookwireError, "hook_result")
         finally:
             local.cfg.use_attn_result = False
+        def branches_on_values(act, hook):
+            if act.sum() > 0:  # data-dependent Python control flow: untraceable
+                return act * 2
+        errors["trace"] = expect_error(
+            lambda: stand_in.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre",
+                                                                branches_on_values)]),
+            TraceError, "branches_on_values")
         other = "tiny-llama" if name == "tiny-gpt2" else "tiny-gpt2"
         errors["wrong_model"] = expect_error(
             lambda: local.run_with_hooks(tokens, remote=True, remote_model=other,

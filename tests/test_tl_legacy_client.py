@@ -183,6 +183,7 @@ def test_typed_errors_before_sending(legacy_run, name):
     errors = legacy_run["facts"]["models"][name]["errors"]
     assert "HookwireError" in errors["hook_result"]
     assert "HookwireError" in errors["wrong_model"]
+    assert "TraceError" in errors["trace"] and "blocks.0.hook_resid_pre" in errors["trace"]
     if name == "tiny-llama":
         assert "ungroup_grouped_query_attention" in errors["ungrouped_k"]
 
