@@ -29,6 +29,17 @@ FAMILY_POINTS = {
                    "blocks.1.mlp.hook_pre_linear"],
 }
 
+# Every point a TL 2.x forward fires on each family (no use_* flags set).
+ALL_POINTS = {
+    name: sorted(set([p.replace("blocks.0.", f"blocks.{layer}.").replace("blocks.1.", f"blocks.{layer}.")
+           for layer in range(2) for p in COMMON_POINTS + FAMILY_POINTS[name]
+           + ["blocks.0.ln2.hook_scale", "blocks.0.attn.hook_z"]
+           if p.startswith("blocks.")]
+    + ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+    + (["hook_pos_embed"] if name == "tiny-gpt2" else [])))
+    for name in FAMILY_POINTS
+}
+
 
 def _ablate_head(head):
     def ablate(z, hook):
@@ -82,7 +93,7 @@ def case_store(model, tokens, kw, name):
     return {"logits": logits, **{f"store/{k}": v for k, v in store.items()}}, names_seen
 
 
-def case_cache(model, tokens, kw):
+def case_cache(model, tokens, kw, name):
     out = {}
     logits, cache = model.run_with_cache(
         tokens, names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_z")), **kw)
@@ -95,6 +106,10 @@ def case_cache(model, tokens, kw):
     out["list/logits"] = logits
     for key in wanted:
         out[f"list/{key}"] = cache[key]
+    logits, full = model.run_with_cache(tokens, **kw)  # no filter: every point that fires
+    out["all/logits"] = logits
+    for key in ALL_POINTS[name]:
+        out[f"all/{key}"] = full[key]
     _, cache = model.run_with_cache(tokens[:1], names_filter="blocks.1.hook_resid_post",
                                     remove_batch_dim=True, **kw)
     out["str/blocks.1.hook_resid_post"] = cache["blocks.1.hook_resid_post"]
@@ -177,7 +192,7 @@ def run_all(model, name, tokens, clean, corrupt, kw, ctx_kw) -> tuple[dict, dict
     add("returned", case_returned_tensors(model, tokens, kw))
     values, facts["names_seen"] = case_store(model, tokens, kw, name)
     add("store", values)
-    values, facts["last_cache"] = case_cache(model, tokens, kw)
+    values, facts["last_cache"] = case_cache(model, tokens, kw, name)
     add("cache", values)
     add("hooks_ctx", case_hooks_context(model, tokens, kw, ctx_kw))
     add("patching", case_patching(model, clean, corrupt, kw))

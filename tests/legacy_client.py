@@ -141,6 +141,9 @@ def main(url: str, folder: str) -> None:
                                                    kw=remote_kw, ctx_kw=remote_kw)
         assert not any(hp._forward_hooks for hp in local.hook_dict.values()), "hooks left"
         save_all(os.path.join(out, name, "local_remote"), results)
+        model_facts["full_cache_keys"] = {
+            "remote": sorted(stand_in.run_with_cache(tokens)[1].keys()),
+            "local": sorted(local.run_with_cache(tokens)[1].keys())}
         results, _ = legacy_cases.run_all(local, name, tokens, clean, corrupt, kw={},
                                           ctx_kw={})
         save_all(os.path.join(out, name, "legacy_local"), results)

@@ -166,6 +166,10 @@ def test_hooks_see_legacy_names_and_cache_is_activation_cache(legacy_run, name):
     assert sorted(set(facts["names_seen"])) == sorted(points)  # hook.name: legacy, not TL 4's
     assert facts["cache_is_activation_cache"]
     assert facts["cache_keys"] == ["blocks.1.hook_resid_post"]
+    # run_with_cache() with no filter: exactly the points a local TL 2.x forward fires
+    # (gated-off ones such as hook_result are hooked by TL but never fire, here or there).
+    keys = facts["full_cache_keys"]
+    assert keys["remote"] == keys["local"] == legacy_cases.ALL_POINTS[name]
 
 
 def test_nonblocking_runs_from_a_legacy_client(legacy_run, name):

@@ -31,6 +31,20 @@ _HEADS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")  # [B,S,H*
 _ROTARY = ("attn.hook_rot_q", "attn.hook_rot_k")                       # [B,H,S,D] -> [B,S,H,D]
 
 
+# Hook points TL 2.x only computes when a config flag is on (else they never fire locally).
+_GATED = {"attn.hook_result": "use_attn_result", "hook_q_input": "use_split_qkv_input",
+          "hook_k_input": "use_split_qkv_input", "hook_v_input": "use_split_qkv_input",
+          "hook_attn_in": "use_attn_in", "hook_mlp_in": "use_hook_mlp_in",
+          "hook_tokens": "use_hook_tokens"}
+
+
+def _fires_locally(model, name: str) -> bool:
+    for suffix, flag in _GATED.items():
+        if name.endswith(suffix):
+            return bool(getattr(model.cfg, flag, False))
+    return True
+
+
 def is_legacy(model) -> bool:
     """True for hooked models that are not TL 4 bridges (TL 2.x/3.x ``HookedTransformer``)."""
     try:
@@ -114,7 +128,8 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer
             continue
         site = site_for(info, name)
         if site is None:
-            unmapped.append(name)
+            if _fires_locally(model, name):  # e.g. run_with_cache() hooks every point
+                unmapped.append(name)
         else:
             by_site.setdefault(site, []).append((name, hp))
     if unmapped:
