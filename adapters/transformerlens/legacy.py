@@ -100,7 +100,10 @@ def _label(fn) -> str:
 
 def check_compatible(model, info: RemoteModelInfo) -> None:
     """A local legacy model must have the server model's shapes, or its hooks mean nothing."""
-    want = legacy_config_kwargs(info.architecture, info.config)
+    want = info.__dict__.get("_legacy_cfg")
+    if want is None:  # once per server model: building an HF config is not free
+        want = info.__dict__["_legacy_cfg"] = legacy_config_kwargs(info.architecture,
+                                                                    info.config)
     cfg = model.cfg
     keys = ["n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab",
             "positional_embedding_type"]
@@ -152,7 +155,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer
             index = len(tracer.sites) - 1
             current = x
             for name, hp in points:
-                current = _run_point_hooks(model, name, hp, current, tracer, site.name)
+                current = _run_point_hooks(model, name, hp, current, tracer)
             tracer.context = None
             if x._hw_version > 0:
                 tracer.write_site(index, x, "inplace")
@@ -162,7 +165,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer
     return False
 
 
-def _run_point_hooks(model, name, hp, x, tracer: Tracer, site_name: str):
+def _run_point_hooks(model, name, hp, x, tracer: Tracer):
     """One legacy hook point's hooks, as TL 2.x calls them, on a TL 4-shaped site value.
     Returns the site's value afterwards (``x`` itself unless a hook returned a tensor)."""
     view = _to_legacy(name, x, model.cfg.d_head)
