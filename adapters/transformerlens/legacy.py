@@ -127,6 +127,9 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer
     by_site: dict[str, list] = {}
     unmapped = []
     for name, hp in model.hook_dict.items():
+        if hp._backward_hooks or hp._backward_pre_hooks:
+            raise HookwireError(f"backward hooks ({name!r}) are not supported yet in remote "
+                                "runs of TL 2.x models; TL 4 bridges support them")
         if not hp._forward_hooks:
             continue
         site = site_for(info, name)
