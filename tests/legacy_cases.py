@@ -174,6 +174,34 @@ def case_add_hook_and_loss(model, tokens, kw):
     return {"logits": logits, "loss": loss, "loss_per_token": per_token}
 
 
+def case_gradients(model, tokens, kw):
+    """Backward hooks (legacy layouts) and incl_bwd caches, from the loss."""
+    grads, order = {}, []
+
+    def grad_hook(grad, hook, key):
+        grads[key] = grad.detach().clone()
+        order.append(key)
+
+    points = ["blocks.0.attn.hook_z", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out",
+              "blocks.1.attn.hook_pattern", "blocks.0.attn.hook_v"]
+    try:
+        loss = model.run_with_hooks(
+            tokens, return_type="loss",
+            bwd_hooks=[(p, functools.partial(grad_hook, key=p)) for p in points], **kw)
+        loss.backward()  # locally: runs the hooks; remotely: a no-op (the server ran it)
+        out = {"loss": loss.detach(), **{f"grad/{k}": v for k, v in grads.items()}}
+        loss, cache = model.run_with_cache(
+            tokens, return_type="loss", incl_bwd=True,
+            names_filter=lambda n: n.endswith(("hook_resid_pre", "hook_z")), **kw)
+        out["cache/loss"] = loss.detach()
+        for key in ("blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"):
+            out[f"cache/{key}"] = cache[key]
+            out[f"cache/{key}_grad"] = cache[key + "_grad"]
+    finally:
+        model.zero_grad(set_to_none=True)  # local runs accumulate into the weights
+    return out, order
+
+
 def case_stop_at_layer(model, tokens, kw):
     return {"resid": model.run_with_hooks(tokens, fwd_hooks=[], stop_at_layer=1, **kw)}
 
@@ -199,5 +227,7 @@ def run_all(model, name, tokens, clean, corrupt, kw, ctx_kw) -> tuple[dict, dict
     if name == "tiny-llama":
         add("gqa", case_gqa(model, tokens, kw))
     add("add_hook", case_add_hook_and_loss(model, tokens, kw))
+    values, facts["grad_order"] = case_gradients(model, tokens, kw)
+    add("gradients", values)
     add("stop_at_layer", case_stop_at_layer(model, tokens, kw))
     return results, facts

@@ -116,6 +116,7 @@ def main(url: str, folder: str) -> None:
         results, case_facts = legacy_cases.run_all(stand_in, name, tokens, clean, corrupt,
                                                    kw={}, ctx_kw={})
         model_facts["names_seen"] = case_facts["names_seen"]
+        model_facts["grad_order"] = {"remote": case_facts["grad_order"]}
         cache = case_facts["last_cache"]
         model_facts["cache_type"] = type(cache).__name__
         model_facts["cache_is_activation_cache"] = isinstance(cache, ActivationCache)
@@ -144,8 +145,9 @@ def main(url: str, folder: str) -> None:
         model_facts["full_cache_keys"] = {
             "remote": sorted(stand_in.run_with_cache(tokens)[1].keys()),
             "local": sorted(local.run_with_cache(tokens)[1].keys())}
-        results, _ = legacy_cases.run_all(local, name, tokens, clean, corrupt, kw={},
-                                          ctx_kw={})
+        results, case_facts = legacy_cases.run_all(local, name, tokens, clean, corrupt, kw={},
+                                                   ctx_kw={})
+        model_facts["grad_order"]["local"] = case_facts["grad_order"]
         save_all(os.path.join(out, name, "legacy_local"), results)
 
         processed = local_hooked_transformer(name, info, os.path.join(folder, "weights", name),

@@ -11,6 +11,9 @@ out of ``hook_q/k/v/z``; ``hook_rot_q/k`` as [batch, pos, head, d_head]). Legacy
 the same layouts, so the trace applies the same views here; an edit through the view writes
 the site, a returned tensor is mapped back before it replaces the site.
 
+Backward hooks (``bwd_hooks``, ``incl_bwd``) see the gradient of their site in the same
+legacy layout; as for TL 4 models they may read gradients, not replace them.
+
 Numerics: the server runs a TL 4 bridge over *unprocessed* HF weights, which equals a legacy
 ``HookedTransformer.from_pretrained_no_processing`` model -- not ``from_pretrained``'s default
 (fold_ln, center_writing_weights, center_unembed, fold_value_biases change activations such as
@@ -117,20 +120,20 @@ def check_compatible(model, info: RemoteModelInfo) -> None:
 
 
 def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer: Tracer,
-                      stop_at: str | None = None) -> bool:
+                      stop_at: str | None = None, backward_sites: list | None = None) -> bool:
     """Like :func:`remote_run.trace_hook_points`, for legacy hook names: call each legacy hook
     point's forward hooks on proxies of the site TL 4 maps its name to, in the server's firing
     order. With ``stop_at``, tracing ends *before* that site's hooks (a legacy forward with
     ``stop_at_layer=k`` returns the residual without entering block k) and its value is saved
-    as ``__stop__``."""
+    as ``__stop__``. Sites whose legacy points have backward hooks are appended to
+    ``backward_sites`` for :func:`trace_backward_hooks`."""
     check_compatible(model, info)
     by_site: dict[str, list] = {}
     unmapped = []
     for name, hp in model.hook_dict.items():
-        if hp._backward_hooks or hp._backward_pre_hooks:
-            raise HookwireError(f"backward hooks ({name!r}) are not supported yet in remote "
-                                "runs of TL 2.x models; TL 4 bridges support them")
-        if not hp._forward_hooks:
+        if hp._backward_pre_hooks:
+            raise HookwireError(f"backward pre-hooks on {name!r} cannot run remotely")
+        if not (hp._forward_hooks or hp._backward_hooks):
             continue
         site = site_for(info, name)
         if site is None:
@@ -153,11 +156,22 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer
             points = by_site.get(site.name) if site.call == 0 else None
             if not points:
                 continue
+            backward = [(n, hp) for n, hp in points if hp._backward_hooks]
+            forward = [(n, hp) for n, hp in points if hp._forward_hooks]
+            if not forward:
+                if backward and backward_sites is not None and site.grad:
+                    # Its gradient is read, not its value.
+                    backward_sites.append((tracer.add_site(site.name, site.call), site,
+                                           backward, model.cfg.d_head))
+                continue
             x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
                                  site.dtype)
             index = len(tracer.sites) - 1
+            if backward and backward_sites is not None and site.grad:
+                # Backward hooks fire only where a gradient arrives (as locally).
+                backward_sites.append((index, site, backward, model.cfg.d_head))
             current = x
-            for name, hp in points:
+            for name, hp in forward:
                 current = _run_point_hooks(model, name, hp, current, tracer)
             tracer.context = None
             if x._hw_version > 0:
@@ -195,6 +209,27 @@ def _run_point_hooks(model, name, hp, x, tracer: Tracer):
         raise TraceError(f"a hook on {name!r} returned a tensor of shape {tuple(out.shape)} "
                          f"{out.dtype}; the activation is {tuple(view.shape)} {view.dtype}")
     return _from_legacy(name, out, tuple(x.shape))
+
+
+def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tracer) -> None:
+    """Legacy backward hooks on the gradient of their site, latest site first, each seeing
+    the gradient in its legacy layout (as TL 2.x's ``register_full_backward_hook`` does).
+    They may read gradients, not replace them (as for TL 4 models)."""
+    with tracing(tracer):
+        for index, site, points, d_head in reversed(backward_sites):
+            grad = tracer.read_grad(index, site.concrete_shape(batch, seq), site.dtype)
+            for name, hp in points:
+                view = _to_legacy(name, grad, d_head)
+                for fn in list(hp._backward_hooks.values()):
+                    tracer.context = (_label(fn), name)
+                    result = fn(hp, (view,), (view,))
+                    if result is not None or grad._hw_version > 0 or view._hw_version > 0:
+                        raise TraceError(
+                            f"a backward hook on {name!r} changes the gradient; remote backward "
+                            "hooks can read gradients (cache, attribute, reduce them) but not "
+                            "replace them")
+            tracer.context = None
+            del grad
 
 
 def stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
@@ -262,5 +297,5 @@ def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | No
     return model
 
 
-__all__ = ["is_legacy", "site_for", "trace_hook_points", "stop_site", "legacy_config_kwargs",
+__all__ = ["is_legacy", "site_for", "trace_hook_points", "trace_backward_hooks", "stop_site", "legacy_config_kwargs",
            "RemoteHookedTransformer", "check_compatible"]

@@ -277,11 +277,12 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     backward_sites: list = []
     from hookwire.transformerlens import legacy  # lazy: legacy.py imports this module
     if legacy.is_legacy(model):  # TL 2.x names and semantics, mapped onto the TL 4 sites
-        stopped = legacy.trace_hook_points(model, info, batch, seq, tracer,
-                                           legacy.stop_site(model, info, stop_at_layer))
+        trace, stop_site, trace_bwd = (legacy.trace_hook_points, legacy.stop_site,
+                                       legacy.trace_backward_hooks)
     else:
-        stopped = trace_hook_points(model, info, batch, seq, tracer,
-                                    _stop_site(model, info, stop_at_layer), backward_sites)
+        trace, stop_site, trace_bwd = trace_hook_points, _stop_site, trace_backward_hooks
+    stopped = trace(model, info, batch, seq, tracer, stop_site(model, info, stop_at_layer),
+                    backward_sites)
     differentiate = bool(backward_sites)
     if stopped:
         if differentiate or metric is not None:
@@ -302,7 +303,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                                  f"got shape {tuple(scalar.shape)} {scalar.dtype} (reduce it, "
                                  "e.g. with .mean() or .sum())")
             tracer.backward = tracer.current(scalar)
-            trace_backward_hooks(backward_sites, batch, seq, tracer)
+            trace_bwd(backward_sites, batch, seq, tracer)
         exclude = (id(scalar),)
         del scalar
     escaped = tracer.escaped(exclude_ids=exclude)
