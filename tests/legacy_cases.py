@@ -202,6 +202,23 @@ def case_gradients(model, tokens, kw):
     return out, order
 
 
+def case_hook_ctx(model, tokens, kw):
+    """A value a hook keeps in hook.ctx persists (client side) into the next call."""
+    def remember(act, hook):
+        hook.ctx["mean"] = act.mean(0)
+
+    def subtract(act, hook):
+        return act - hook.ctx["mean"]
+
+    point = "blocks.0.hook_resid_post"
+    model.run_with_hooks(tokens, fwd_hooks=[(point, remember)], **kw)
+    mean = model.hook_dict[point].ctx["mean"]
+    logits = model.run_with_hooks(tokens, fwd_hooks=[(point, subtract)], clear_contexts=True,
+                                  **kw)
+    assert not model.hook_dict[point].ctx, "clear_contexts=True empties hook.ctx"
+    return {"mean": mean, "logits": logits}
+
+
 def case_stop_at_layer(model, tokens, kw):
     return {"resid": model.run_with_hooks(tokens, fwd_hooks=[], stop_at_layer=1, **kw)}
 
@@ -229,5 +246,6 @@ def run_all(model, name, tokens, clean, corrupt, kw, ctx_kw) -> tuple[dict, dict
     add("add_hook", case_add_hook_and_loss(model, tokens, kw))
     values, facts["grad_order"] = case_gradients(model, tokens, kw)
     add("gradients", values)
+    add("hook_ctx", case_hook_ctx(model, tokens, kw))
     add("stop_at_layer", case_stop_at_layer(model, tokens, kw))
     return results, facts

@@ -121,6 +121,11 @@ def main(url: str, folder: str) -> None:
         model_facts["cache_type"] = type(cache).__name__
         model_facts["cache_is_activation_cache"] = isinstance(cache, ActivationCache)
         model_facts["cache_keys"] = list(cache.keys())
+        # A patching sweep refers to the clean cache the server still holds.
+        stats = get_connection().stats
+        before = stats.tensors_referenced
+        legacy_cases.case_patching(stand_in, clean, corrupt, {})
+        model_facts["patching_references"] = stats.tensors_referenced - before
         # Text in, as TL 2.x users call it.
         results["text/logits"] = stand_in.run_with_hooks("hello world", fwd_hooks=[])
         # Non-blocking: a handle at once, the same values when waited for.

@@ -143,7 +143,7 @@ def test_legacy_env_is_tl2_with_transformers_4(legacy_run):
 def test_remote_legacy_hooks_equal_local_tl4(legacy_run, expected, name, variant):
     """run_with_hooks (hook_z ablation, resid edits, returned tensors, stores),
     run_with_cache (callable, list and str filters, remove_batch_dim), hooks() contexts,
-    add_hook, losses, backward hooks and incl_bwd, activation patching, GQA/rotary layouts and
+    add_hook, hook.ctx, losses, backward hooks and incl_bwd, activation patching, GQA/rotary layouts and
     stop_at_layer: all equal to TL 4 locally."""
     got = legacy_run["results"][name][variant]
     want = expected[name]
@@ -180,6 +180,11 @@ def test_backward_hooks_fire_in_backward_order(legacy_run, name):
     order = legacy_run["facts"]["models"][name]["grad_order"]
     assert order["remote"] == order["local"]  # latest site first, as TL 2.x locally
     assert len(order["remote"]) == 5
+
+
+def test_patching_refers_to_server_resident_values(legacy_run, name):
+    # Two patched runs, each reading a slice of the clean cache that came from the server.
+    assert legacy_run["facts"]["models"][name]["patching_references"] >= 2
 
 
 def test_nonblocking_runs_from_a_legacy_client(legacy_run, name):
