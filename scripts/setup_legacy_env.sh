@@ -6,8 +6,8 @@
 #
 # torch==2.13.0 is installed FIRST (a fast local CPU build here; an unpinned torch would pull
 # a multi-GB CUDA build). TL 2.18 (the last 2.x) needs, to import, "datasets<4" and
-# "pyarrow<21" (and so numpy<2). hookwire itself goes in with --no-deps (its pyproject asks
-# for nothing TL 2.x conflicts with, but its [tl] extra would pull TL 4) plus its light deps.
+# "pyarrow<21" (and so numpy<2). hookwire itself goes in with --no-deps (its [tl] extra would
+# pull TL 4), its other dependencies are read from pyproject.toml and installed with the pins.
 # Idempotent: a re-run with unchanged pins and a working venv does nothing.
 set -euo pipefail
 
@@ -19,7 +19,6 @@ PY="$VENV/bin/python"
 TORCH_PIN="torch==2.13.0"
 LEGACY_PINS=("transformer-lens==2.18.0" "transformers==4.57.*" "datasets<4" "pyarrow<21"
              "numpy<2")
-LIGHT_DEPS=("pydantic>=2.6" "websockets>=14" "tqdm" "tokenizers")
 STAMP="$VENV/.hookwire-legacy-setup"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
@@ -70,6 +69,17 @@ if installed_ok; then
     exit 0
 fi
 
+# hookwire's own dependencies from pyproject.toml, less the two pinned above (torch, and
+# transformers, which must stay 4.57 here): pydantic, websockets, tqdm, tokenizers, numpy...
+mapfile -t LIGHT_DEPS < <("$PY" - <<'PY'
+import re, tomllib
+with open("pyproject.toml", "rb") as fh:
+    deps = tomllib.load(fh)["project"]["dependencies"]
+for dep in deps:
+    if re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower() not in ("torch", "transformers"):
+        print(dep)
+PY
+)
 log "installing $TORCH_PIN (CPU build) first"
 "$PY" -m pip install -q --progress-bar off "$TORCH_PIN"
 log "installing ${LEGACY_PINS[*]} ${LIGHT_DEPS[*]}"
@@ -86,6 +96,7 @@ assert torch.__version__.startswith("2.13.0"), torch.__version__
 assert transformers.__version__.startswith("4.57."), transformers.__version__
 assert version("transformer-lens").startswith("2."), version("transformer-lens")
 from transformer_lens import HookedTransformer  # noqa: F401
+import hookwire.transformerlens  # noqa: F401  (the client imports without TL 4)
 PY
 echo "$WANT" > "$STAMP"
 log "done ($VENV)"
