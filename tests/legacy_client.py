@@ -155,6 +155,22 @@ def main(url: str, folder: str) -> None:
         model_facts["grad_order"]["local"] = case_facts["grad_order"]
         save_all(os.path.join(out, name, "legacy_local"), results)
 
+        # TL 2.x-only run_with_cache options: pos_slice (TL 4 has none), remote vs TL 2.x
+        # locally on the same weights.
+        worst = 0.0
+        for pos_slice in (-1, [0, 2], (1, 5)):
+            names = lambda n: n.endswith(("hook_z", "hook_resid_pre", "hook_pattern"))  # noqa
+            _, remote_cache = stand_in.run_with_cache(tokens, pos_slice=pos_slice,
+                                                      names_filter=names)
+            _, local_cache = local.run_with_cache(tokens, pos_slice=pos_slice,
+                                                  names_filter=names)
+            assert list(remote_cache.keys()) == list(local_cache.keys())
+            for key in local_cache.keys():
+                assert remote_cache[key].shape == local_cache[key].shape, (key, pos_slice)
+                diff = (remote_cache[key] - local_cache[key]).abs().max().item()
+                worst = max(worst, diff)
+        model_facts["pos_slice_max_abs_diff"] = worst
+
         processed = local_hooked_transformer(name, info, os.path.join(folder, "weights", name),
                                              processed=True)
         values = {}

@@ -182,6 +182,12 @@ def test_backward_hooks_fire_in_backward_order(legacy_run, name):
     assert len(order["remote"]) == 5
 
 
+def test_pos_slice_caches_match_tl2_locally(legacy_run, name):
+    # run_with_cache(pos_slice=...) exists only in TL 2.x: compared with TL 2.x run locally
+    # on the same weights (unprocessed), so to float rounding.
+    assert legacy_run["facts"]["models"][name]["pos_slice_max_abs_diff"] < 1e-4
+
+
 def test_patching_refers_to_server_resident_values(legacy_run, name):
     # Two patched runs, each reading a slice of the clean cache that came from the server.
     assert legacy_run["facts"]["models"][name]["patching_references"] >= 2
