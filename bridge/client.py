@@ -72,6 +72,7 @@ class RemoteModelInfo:
     tokenizer_files: dict[str, str]
     site_index: dict[tuple[str, int], int] = field(default_factory=dict)
     hook_names: frozenset = frozenset()
+    hook_aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -83,6 +84,7 @@ class RemoteModelInfo:
         info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)
+        info.hook_aliases = dict(msg.hook_aliases)
         return info
 
 

@@ -90,6 +90,10 @@ class ModelInfo(_Msg):
     sites: list[SiteDescription]
     hook_names: list[str] = Field(default_factory=list,
                                   description="every hook point, including ones that never fire")
+    hook_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="alias -> canonical hook name (e.g. blocks.0.hook_resid_pre -> "
+                    "blocks.0.hook_in), so clients without TL 4 can map legacy names")
     tokenizer_files: dict[str, str]
 
 

@@ -50,9 +50,29 @@ def tokenizer_from_files(files: dict[str, str]):
     from transformers import AutoTokenizer
 
     folder = tempfile.mkdtemp(prefix="hookwire-tokenizer-in-")
+    files = _loadable_here(files)
     for fname, text in files.items():
         if fname not in ALLOWED_TOKENIZER_FILES:
             continue
         with open(os.path.join(folder, fname), "w", encoding="utf-8") as fh:
             fh.write(text)
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def _loadable_here(files: dict[str, str]) -> dict[str, str]:
+    """A server on transformers 5 names its generic fast tokenizer ``TokenizersBackend``, a
+    class transformers 4.x (a legacy TL 2.x client) lacks; there the same ``tokenizer.json``
+    loads as ``PreTrainedTokenizerFast``."""
+    import json
+
+    import transformers
+
+    text = files.get("tokenizer_config.json")
+    if text is None or "tokenizer.json" not in files:
+        return files
+    config = json.loads(text)
+    cls = config.get("tokenizer_class")
+    if not isinstance(cls, str) or hasattr(transformers, cls):
+        return files
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return {**files, "tokenizer_config.json": json.dumps(config)}

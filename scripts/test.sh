@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the whole test suite. Extra arguments go to pytest.
+# Set up .venv (and .venv-legacy) if needed, then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+# The TL 2.x client environment for tests/test_tl_legacy_client.py (fails loudly if it
+# cannot be built; a re-run with nothing changed takes well under a second).
+bash scripts/setup_legacy_env.sh
 exec .venv/bin/python -m pytest -q tests/ "$@"

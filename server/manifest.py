@@ -100,7 +100,18 @@ def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
         sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
                                dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites],
         hook_names=[name for name in hosted.bridge.hook_dict],
+        hook_aliases=hook_aliases(hosted.bridge),
         tokenizer_files=tokenizer_files(hosted.tokenizer))
+
+
+def hook_aliases(bridge) -> dict[str, str]:
+    """alias -> canonical name for every hook point TL 4 knows under another name."""
+    out = {}
+    for alias, hp in bridge.hook_dict.items():
+        canonical = getattr(hp, "name", None)
+        if canonical and canonical != alias:
+            out[alias] = canonical
+    return out
 
 
 def site_lookup(bridge, sites: list[SiteInfo]) -> tuple[dict, dict]:

@@ -1,12 +1,14 @@
-"""hookwire.transformerlens: importing it makes ``run_with_hooks(..., remote=True)`` and
-``run_with_cache(..., remote=True)`` work on TL ``TransformerBridge`` and
-``HookedRootModule`` models.
+"""hookwire.transformerlens: importing it makes ``run_with_hooks(..., remote=True)``,
+``run_with_cache(..., remote=True)`` and ``with model.hooks(..., remote=True)`` work on TL 4
+``TransformerBridge`` and ``HookedRootModule`` models -- including TL 2.x
+``HookedTransformer`` in an environment with transformers 4.x (see legacy.py).
 
 TL's own methods still do all the TL work (resolving names and aliases, filters, caching
 keys, ``hooks()`` contexts, ``reset_hooks_end``, ``clear_contexts``); only the model's
 forward is routed to the server, where the hooks run as a traced graph."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 
@@ -14,6 +16,7 @@ from hookwire.errors import HookwireError
 from hookwire.runs import RemoteRun
 from hookwire.transformerlens.remote_run import (RemoteTarget, forward_goes_remote,
                                                  remote_forward)
+from hookwire.transformerlens.legacy import RemoteHookedTransformer
 from hookwire.transformerlens.stand_in import RemoteModel
 
 _REMOTE_METHODS = ("run_with_hooks", "run_with_cache")
@@ -28,6 +31,10 @@ def _patch(cls, method_name: str) -> None:
     def method(self, *args, remote=None, remote_model=None, progress=None, blocking=True,
                **kwargs):
         stand_in = getattr(self, "_hookwire_remote", None)
+        redirected = self.__dict__.get("forward")
+        if stand_in is None and getattr(redirected, "func", None) is remote_forward:
+            # Inside ``with model.hooks(..., remote=...)``: the forward already goes remote.
+            return original(self, *args, **kwargs)
         if remote is None:
             remote = stand_in is not None
         if not remote:
@@ -58,19 +65,51 @@ def _patch(cls, method_name: str) -> None:
     setattr(cls, method_name, method)
 
 
-def install() -> None:
-    from transformer_lens.model_bridge import TransformerBridge
+def _patch_hooks_context(cls) -> None:
+    """``with model.hooks(fwd_hooks=..., remote=True):`` -- every forward of the model inside
+    the block (``model(tokens)``, ``run_with_cache``...) runs on the server with the hooks."""
+    original = getattr(cls, "hooks", None)
+    if original is None or getattr(original, "_hookwire_patched", False):
+        return
 
-    for name in _REMOTE_METHODS:
-        _patch(TransformerBridge, name)
+    @functools.wraps(original)
+    @contextlib.contextmanager
+    def hooks(self, *args, remote=None, remote_model=None, progress=None, **kwargs):
+        with original(self, *args, **kwargs) as ctx:
+            if not remote or getattr(self, "_hookwire_remote", None) is not None:
+                yield ctx  # not asked for, or a stand-in (always remote already)
+                return
+            target = RemoteTarget(url=remote if isinstance(remote, str) else None,
+                                  model=remote_model, progress=progress)
+            with forward_goes_remote(self, target):
+                yield ctx
+
+    hooks._hookwire_patched = True
+    setattr(cls, "hooks", hooks)
+
+
+def install() -> None:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # TL 2.x (HookedTransformer only): see legacy.py
+        TransformerBridge = None
     try:
         from transformer_lens.hook_points import HookedRootModule
-    except ImportError:  # pragma: no cover - very old TL
-        return
-    for name in _REMOTE_METHODS:
-        _patch(HookedRootModule, name)
+    except ImportError:  # TL 4 moved it; there bridges are what is served remotely
+        HookedRootModule = None
+    try:  # TL 2.x/3.x: its run_with_cache wraps HookedRootModule's (ActivationCache)
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        HookedTransformer = None
+
+    for cls in (TransformerBridge, HookedRootModule, HookedTransformer):
+        if cls is None:
+            continue
+        for name in _REMOTE_METHODS:
+            _patch(cls, name)
+        _patch_hooks_context(cls)
 
 
 install()
 
-__all__ = ["RemoteModel", "remote_forward", "install"]
+__all__ = ["RemoteModel", "RemoteHookedTransformer", "remote_forward", "install"]

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from transformer_lens.model_bridge.exceptions import StopAtLayerException
+try:
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+except ImportError:  # TL 2.x has no bridges; its forward returns early instead of raising
+    class StopAtLayerException(Exception):
+        pass
 
 from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
@@ -271,8 +275,14 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     tracer = Tracer()
     batch, seq = tokens.shape
     backward_sites: list = []
-    stopped = trace_hook_points(model, info, batch, seq, tracer,
-                                _stop_site(model, info, stop_at_layer), backward_sites)
+    from hookwire.transformerlens import legacy  # lazy: legacy.py imports this module
+    if legacy.is_legacy(model):  # TL 2.x names and semantics, mapped onto the TL 4 sites
+        trace, stop_site, trace_bwd = (legacy.trace_hook_points, legacy.stop_site,
+                                       legacy.trace_backward_hooks)
+    else:
+        trace, stop_site, trace_bwd = trace_hook_points, _stop_site, trace_backward_hooks
+    stopped = trace(model, info, batch, seq, tracer, stop_site(model, info, stop_at_layer),
+                    backward_sites)
     differentiate = bool(backward_sites)
     if stopped:
         if differentiate or metric is not None:
@@ -293,7 +303,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                                  f"got shape {tuple(scalar.shape)} {scalar.dtype} (reduce it, "
                                  "e.g. with .mean() or .sum())")
             tracer.backward = tracer.current(scalar)
-            trace_backward_hooks(backward_sites, batch, seq, tracer)
+            trace_bwd(backward_sites, batch, seq, tracer)
         exclude = (id(scalar),)
         del scalar
     escaped = tracer.escaped(exclude_ids=exclude)
@@ -340,6 +350,8 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     if run is None:
         rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
     if stopped:
+        if legacy.is_legacy(model):  # a TL 2.x forward returns the residual
+            return result.values["__stop__"]
         # What a TL forward with stop_at_layer does: TL's callers catch it.
         raise StopAtLayerException(result.values["__stop__"])
     done = backward_ran_on_server if differentiate else (lambda value: value)

@@ -13,7 +13,13 @@ from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 
 
 def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
-    from transformer_lens.model_bridge.sources import build_bridge_from_module
+    """A weightless TL model of the server's ``name``: a TL 4 bridge, or, where TL has no
+    bridges (TL 2.x), a legacy ``HookedTransformer`` (see legacy.RemoteHookedTransformer)."""
+    try:
+        from transformer_lens.model_bridge.sources import build_bridge_from_module
+    except ImportError:
+        from hookwire.transformerlens.legacy import RemoteHookedTransformer
+        return RemoteHookedTransformer(name, url, api_key)
 
     conn = get_connection(url, api_key)
     info = conn.model_info(name)
