@@ -40,7 +40,8 @@ def _ws_url(host: str, port: int) -> str:
 # ---- serve ------------------------------------------------------------------------------------
 
 def read_api_keys(path: str) -> list[str]:
-    """One key per line; blank lines and ``#`` comments ignored."""
+    """One key per line, or ``sha256:<hex>`` of a key (the file then holds no secret);
+    blank lines and ``#`` comments ignored."""
     keys = []
     with open(path, encoding="utf-8") as f:
         for line in f:

@@ -32,6 +32,7 @@ class Limits:
     max_queued_per_user: int = 64         # requests waiting to run, per user
     max_connections_per_user: int = 32
     max_request_seconds: float = 600.0    # wall time of one request once it starts
+    max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
 
 

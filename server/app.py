@@ -36,7 +36,6 @@ from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
-MAX_MESSAGE_BYTES = 64 << 20  # one websocket message; tensors arrive in 1 MiB chunks
 
 
 @dataclass
@@ -134,10 +133,15 @@ class HookwireServer:
         if self.api_keys is not None:
             auth = request.headers.get("Authorization", "")
             token = auth[7:].encode() if auth.startswith("Bearer ") else b""
-            # Constant-time comparison against every key.
+            # Constant-time comparison against every entry: a key, or a key's SHA-256
+            # ("sha256:<hex>", so the key file need not hold the secret itself).
+            digest = hashlib.sha256(token).hexdigest().encode()
             ok = False
             for key in self.api_keys:
-                ok |= hmac.compare_digest(token, key)
+                if key.startswith(b"sha256:"):
+                    ok |= hmac.compare_digest(digest, key[7:].lower())
+                else:
+                    ok |= hmac.compare_digest(token, key)
             if not ok:
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
             # The user is the key (hashed: the key itself is not kept around in memory dumps).
@@ -261,7 +265,8 @@ class HookwireServer:
         if not self.worker.is_alive():
             self.worker.start()
         async with serve(self._handle, self.host, self.port, compression=None,
-                         max_size=MAX_MESSAGE_BYTES, process_request=self._process_request,
+                         max_size=self.limits.max_message_bytes,
+                         process_request=self._process_request,
                          ping_interval=None, write_limit=8 << 20, max_queue=64) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
