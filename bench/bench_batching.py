@@ -4,8 +4,10 @@ request at a time, as NDIF runs them), measured in the same run.
 
 Each client is its own process (its own GIL, like separate users) with a weightless
 RemoteModel stand-in; every request is a TL ``run_with_hooks(remote=True)`` patching one
-(layer, position) of the residual stream from a clean cache. Reported: requests per second
-in both modes, their ratio, and per-request latency percentiles.
+(layer, position) of the residual stream from a clean cache, with the logit difference as
+``metric=`` (so a scalar comes back, not 6 MB of logits). All clients start together (a
+barrier) and each sends its requests back to back. Reported: requests per second in both
+modes, their ratio, and per-request latency percentiles.
 
     .venv/bin/python bench/bench_batching.py [--clients 16] [--requests 12]
 """
@@ -31,8 +33,16 @@ def patch(resid, hook, pos, clean):
     resid[:, pos, :] = clean[:, pos, :]
 
 
+_BARRIER = None
+
+
+def _init(barrier):
+    global _BARRIER
+    _BARRIER = barrier
+
+
 def client(args):
-    url, index, n_requests, start_at = args
+    url, index, n_requests = args
     import torch
 
     import hookwire
@@ -50,34 +60,40 @@ def client(args):
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("resid_pre"),
                                     progress=False)
     name = "blocks.{}.hook_resid_pre"
-    model.run_with_hooks(corrupt, progress=False)  # warm-up
-    time.sleep(max(0.0, start_at - time.time()))
+    def logit_diff(logits):
+        return logits[:, -1, 5] - logits[:, -1, 7]
+
+    model.run_with_hooks(corrupt, metric=logit_diff, progress=False)  # warm-up
+    _BARRIER.wait()
+    started = time.time()
     latencies, first = [], None
     for i in range(n_requests):
         layer, pos = i % model.cfg.n_layers, (index + i) % SEQ
         hook = functools.partial(patch, pos=pos, clean=cache[name.format(layer)])
         t0 = time.perf_counter()
-        logits = model.run_with_hooks(corrupt, fwd_hooks=[(name.format(layer), hook)],
-                                      return_type="logits", progress=False)
+        value = model.run_with_hooks(corrupt, fwd_hooks=[(name.format(layer), hook)],
+                                     metric=logit_diff, progress=False)
         latencies.append(time.perf_counter() - t0)
         if first is None:
-            first = logits[0, -1, :8].tolist()
-    return time.time(), latencies, first
+            first = value.tolist()
+    return started, time.time(), latencies, first
 
 
-def run_mode(batching: bool, n_clients: int, n_requests: int, pool) -> dict:
-    with ServerProcess(MODEL, batching=batching) as srv:
-        start_at = time.time() + 20.0  # every client connected and warmed up by then
-        results = pool.map(client, [(srv.url, i, n_requests, start_at)
-                                    for i in range(n_clients)])
-    end = max(r[0] for r in results)
-    latencies = sorted(x for r in results for x in r[1])
+def run_mode(batching: bool, n_clients: int, n_requests: int) -> dict:
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(n_clients)
+    with ServerProcess(MODEL, batching=batching) as srv, \
+            ctx.Pool(n_clients, initializer=_init, initargs=(barrier,)) as pool:
+        results = pool.map(client, [(srv.url, i, n_requests) for i in range(n_clients)])
+    start_at = min(r[0] for r in results)
+    end = max(r[1] for r in results)
+    latencies = sorted(x for r in results for x in r[2])
     total = n_clients * n_requests
     return {"batching": batching, "requests": total, "seconds": end - start_at,
             "requests_per_s": total / (end - start_at),
             "latency_p50_s": statistics.median(latencies),
             "latency_p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-            "first_results": [r[2] for r in results]}
+            "first_results": [r[3] for r in results]}
 
 
 def main():
@@ -85,10 +101,8 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=12)
     args = ap.parse_args()
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(args.clients) as pool:
-        on = run_mode(True, args.clients, args.requests, pool)
-        off = run_mode(False, args.clients, args.requests, pool)
+    on = run_mode(True, args.clients, args.requests)
+    off = run_mode(False, args.clients, args.requests)
     # Same requests, same answers, whichever way they ran.
     import torch
     torch.testing.assert_close(torch.tensor(on.pop("first_results")),

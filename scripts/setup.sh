@@ -17,25 +17,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 
 log() { echo "[setup] $*"; }
 
-pick_python() {
-    local cand
-    for cand in python3.11 python3; do
-        if command -v "$cand" >/dev/null 2>&1 &&
-           "$cand" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
-            echo "$cand"
-            return 0
-        fi
-    done
-    echo "[setup] error: hookwire needs Python >= 3.11 (python3.11 or python3 on PATH)" >&2
-    return 1
-}
-
-if [ ! -x "$PY" ] || ! "$PY" -c 'import sys' >/dev/null 2>&1; then
-    BASE="$(pick_python)"
-    log "creating $VENV with $BASE ($("$BASE" --version 2>&1))"
-    rm -rf "$VENV"
-    "$BASE" -m venv "$VENV"
-fi
+# shellcheck source=scripts/_venv.sh
+source "$ROOT/scripts/_venv.sh"
+ensure_venv
 
 # What the installed state must match: the project's metadata and the torch pin.
 WANT="$( { cat pyproject.toml; echo "$TORCH_PIN"; echo "$ROOT"; } | sha256sum | cut -d' ' -f1)"
