@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
+from hookwire.module_sites import attach
 from hookwire.validate import ValidatedGraph, _walk_refs, resolve
 
 
@@ -122,8 +123,10 @@ class Interleaver:
         last = len(self.vg.site_infos) - 1
         try:
             for name in dict.fromkeys(info.name for info in self.vg.site_infos):
-                handles.append(site_modules[name].register_forward_hook(
-                    self._site_hook(name, last, stop_early=not need_output)))
+                # TL hook points take a forward hook; HF module sites a (pre-)hook that
+                # hands over one tensor (hookwire.module_sites).
+                handles.append(attach(site_modules[name], name,
+                                      self._site_hook(name, last, stop_early=not need_output)))
             try:
                 output = forward()
             except _StopForward:

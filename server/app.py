@@ -24,13 +24,16 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from hookwire import __version__
-from hookwire.errors import Cancelled, FrameError, HookwireError, ProtocolError, UnknownModel
+from hookwire.errors import (Cancelled, FrameError, GraphValidationError, HookwireError,
+                             ProtocolError, UnknownModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import (CHUNK_BYTES, TensorAssembler, decode_frame, encode_chunks,
                              header_for)
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Done, Error, Hello, HelloOk,
                                ModelInfoRequest, Progress, Result, Submit, dump,
                                parse_client_message)
+from hookwire.module_sites import is_module_site
+from hookwire.server.hf_modules import module_table, plain_hf_model, probe_module_sites
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.validate import Limits, infer_shapes, validate_structure
@@ -48,6 +51,7 @@ class ModelEntry:
     site_order: dict
     info_json: str
     site_modules: dict
+    hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
 
 
 @dataclass
@@ -144,6 +148,7 @@ class ModelWorker(threading.Thread):
         if missing:
             raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
+        on_modules = _uses_module_sites(graph)
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits)
         t_validated = time.perf_counter()
@@ -167,6 +172,9 @@ class ModelWorker(threading.Thread):
         tokens = input_ids.to(device)
 
         def forward():
+            if on_modules:  # HF module sites live in the plain HF forward (logits only)
+                return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
+                                                 use_cache=False).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
@@ -224,14 +232,32 @@ def _jsonable(details: dict) -> dict:
             or v is None}
 
 
+def _uses_module_sites(graph) -> bool:
+    """True for a graph on HF module sites; refuses one that mixes them with TL hook points
+    (the two kinds fire in different forwards)."""
+    kinds = {is_module_site(site.name) for site in graph.sites}
+    if len(kinds) > 1:
+        raise GraphValidationError("a graph uses TL hook points or HF module sites ('hf:...'), "
+                                   "not both: they fire in different forwards",
+                                   rule="site_kinds")
+    if kinds == {True} and graph.forward.return_type not in ("logits", None):
+        raise GraphValidationError("graphs on HF module sites return logits or nothing",
+                                   rule="return_type")
+    return kinds == {True}
+
+
 def prepare_model(hosted: HostedModel) -> ModelEntry:
-    sites = probe_sites(hosted.bridge)
+    hf_model = plain_hf_model(hosted.bridge)
+    # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
+    # clients see the sites they always saw, in the same order.
+    sites = probe_sites(hosted.bridge) + probe_module_sites(hf_model)
     info = describe(hosted, sites)
     site_table, site_order = site_lookup(hosted.bridge, sites)
+    site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
+    site_modules.update(module_table(hf_model))
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
-        info_json=dump(info),
-        site_modules={name: hp for name, hp in hosted.bridge.hook_dict.items()})
+        info_json=dump(info), site_modules=site_modules, hf_model=hf_model)
 
 
 class HookwireServer:
