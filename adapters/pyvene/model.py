@@ -1,0 +1,204 @@
+"""``RemoteIntervenableModel``: pyvene's ``IntervenableModel`` call, run on a hookwire server.
+
+The client builds pyvene's own ``IntervenableModel`` over a *weightless* stand-in of the
+server's model (an HF model of the reported family on the meta device). That gives exactly
+pyvene's intervention keys, groups, links and intervention objects (with their parameters,
+initialised as pyvene initialises them), and pyvene's own argument broadcasting. It is never
+run: each call is planned (``plan``), traced (``translate``) and sent as one graph whose single
+forward holds the base rows and the source rows together.
+"""
+from __future__ import annotations
+
+import torch
+import pyvene as pv
+from pyvene.models.intervenable_base import IntervenableModelOutput
+
+from hookwire.client import get_connection
+from hookwire.errors import HookwireError
+from hookwire.families import build_hf_model, family_for_architecture
+from hookwire.module_sites import module_site
+from hookwire.progress import ProgressBar
+from hookwire.pyvene.allowed import check_intervention
+from hookwire.pyvene.components import check_fires, component_site
+from hookwire.pyvene.plan import Layout, parallel_tasks, serial_tasks
+from hookwire.pyvene.translate import trace_call
+
+
+class RemoteIntervenableModel:
+    """Stands in for ``pv.IntervenableModel(config, model)`` with the model on a server.
+
+    ``model`` is the served model's name. ``url`` / ``api_key`` default to
+    ``hookwire.configure`` / ``HOOKWIRE_URL``. ``interventions``, ``representations``,
+    ``sorted_keys``, ``get_trainable_parameters()`` are pyvene's own objects: set intervention
+    weights on them as you would locally."""
+
+    def __init__(self, config, model: str, *, url: str | None = None,
+                 api_key: str | None = None, use_fast: bool = False, progress: bool = False):
+        self.model_name = model
+        self._target = (url, api_key)
+        self.progress = progress
+        info = get_connection(url, api_key).model_info(model)
+        self.info = info
+        self.family = family_for_architecture(info.architecture)
+        self.stand_in, self.hf_config = build_hf_model(info.architecture, info.config,
+                                                       device="meta")
+        self.model_class = type(self.stand_in)
+        if isinstance(config, (dict, list)):
+            config = pv.IntervenableConfig(representations=config)
+        # Name errors first, and typed: pyvene itself would fail on them with a bare
+        # AttributeError while resolving module paths on the stand-in.
+        for rep in config.representations:
+            check_fires(component_site(self.model_class, rep), info.site_index, model)
+        self._pv = pv.IntervenableModel(config, self.stand_in, use_fast=use_fast)
+        self._use_fast = use_fast
+        self.sites = {key: component_site(self.model_class, rep)
+                      for key, rep in self._pv.representations.items()}
+        for key, iv in self._pv.interventions.items():
+            check_intervention(key, iv)
+        self.logits_site = module_site(_module_path(self.stand_in,
+                                                    self.stand_in.get_output_embeddings()))
+        self.output_class = self.model_class.forward.__annotations__.get("return")
+
+    # ---- pyvene's surface -------------------------------------------------------------------
+    @property
+    def interventions(self):
+        return self._pv.interventions
+
+    @property
+    def representations(self):
+        return self._pv.representations
+
+    @property
+    def sorted_keys(self):
+        return self._pv.sorted_keys
+
+    @property
+    def mode(self):
+        return self._pv.mode
+
+    @property
+    def config(self):
+        return self._pv.config
+
+    def get_trainable_parameters(self):
+        return [p for iv in self._pv.interventions.values()
+                if isinstance(iv, pv.TrainableIntervention) for p in iv.parameters()]
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    # ---- the call ---------------------------------------------------------------------------
+    def __call__(self, base, sources=None, unit_locations=None, source_representations=None,
+                 subspaces=None, labels=None, output_original_output=False, return_dict=None,
+                 use_cache=None, intervention_additional_kwargs=None):
+        pvm = self._pv
+        for key, iv in pvm.interventions.items():
+            check_intervention(key, iv)  # they may have been swapped since construction
+        if labels is not None:
+            raise HookwireError("labels= (a loss from the server) is not supported remotely "
+                                "yet: compute the loss from the returned logits")
+        if intervention_additional_kwargs:
+            raise HookwireError("intervention_additional_kwargs only matter to custom "
+                                "interventions, which cannot run remotely")
+        if sources is not None and not isinstance(sources, list):
+            sources = [sources]
+        base_ids = _input_ids(base, "base")
+        if sources is None and source_representations is None and unit_locations is None \
+                and len(pvm.interventions) == 0:
+            return self._run(Layout(), base_ids, [], False, False)[1], None  # as pyvene
+        batch = base_ids.shape[0]
+        pvm.use_fast = self._use_fast  # pyvene leaves it on after one broadcast call
+        unit_locations = pvm._broadcast_unit_locations(batch, unit_locations)
+        sources = [None] * len(pvm._intervention_group) if sources is None else \
+            pvm._broadcast_sources(list(sources))
+        source_reps = pvm._broadcast_source_representations(source_representations)
+        subspaces = pvm._broadcast_subspaces(batch, subspaces)
+        pvm._input_validation(base, sources, unit_locations, source_reps, subspaces)
+        use_fast = pvm.use_fast
+        pvm.use_fast = self._use_fast
+
+        layout = Layout()
+        layout.add(base_ids)
+        source_ids = [None if s is None else _input_ids(s, f"sources[{i}]")
+                      for i, s in enumerate(sources)]
+        for ids in source_ids:
+            if ids is not None and ids.shape[0] != batch:
+                raise HookwireError(f"a source has batch size {ids.shape[0]}, the base "
+                                    f"{batch}: pyvene pairs them row by row")
+        if source_reps is not None:
+            source_reps = {k: v.detach() for k, v in source_reps.items()}
+        make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
+        tasks = make(pvm, layout, self.sites, source_ids, unit_locations, source_reps,
+                     subspaces)
+        base_out, cf_out, collected = self._run(layout, base_ids, tasks, use_fast,
+                                                output_original_output)
+        if collected is not None:
+            if return_dict:
+                return IntervenableModelOutput(original_outputs=base_out,
+                                               intervened_outputs=cf_out,
+                                               collected_activations=collected)
+            return (base_out, collected), cf_out
+        if return_dict:
+            return IntervenableModelOutput(original_outputs=base_out, intervened_outputs=cf_out,
+                                           collected_activations=None)
+        return base_out, cf_out
+
+    def _run(self, layout: Layout, base_ids, tasks, use_fast, output_original_output):
+        if not layout.rows:
+            layout.add(base_ids)
+        outputs = [layout.rows[0]]
+        if output_original_output:
+            outputs.append(layout.add(base_ids))  # the same base, never intervened on
+        traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
+                            self.hf_config, use_fast, self._pv._intervention_reverse_link,
+                            self.logits_site, outputs)
+        tr = traced.tracer
+        tensors = {"input_ids": layout.input_ids(pad_id=0)}
+        tensors.update(tr.constants)
+        graph = {"version": 1, "model": self.model_name, "inputs": {"input_ids": "input_ids"},
+                 "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
+                 "saves": tr.saves, "forward": {"return_type": None}}
+        conn = get_connection(*self._target)
+        with ProgressBar(self.model_name, len(tr.sites), enabled=self.progress) as bar:
+            result = conn.run(graph, tensors, on_event=bar.on_event)
+        logits = [result.values[name] for name in traced.output_names]
+        cf_out = self.output_class(logits=logits[0])
+        base_out = self.output_class(logits=logits[1]) if output_original_output else None
+        has_collect = any(isinstance(iv, pv.CollectIntervention)
+                          for iv in self._pv.interventions.values())
+        collected = None
+        if has_collect:
+            by_key = {}
+            for k, key in enumerate(traced.collect_keys):
+                by_key.setdefault(key, []).append(result.values[f"__collect_{k}"])
+            collected = [v for key in self._pv.sorted_keys for v in by_key.get(key, [])]
+        return base_out, cf_out, collected
+
+
+def _module_path(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise HookwireError("the model's output embedding is not one of its modules")
+
+
+def _input_ids(inputs, what: str) -> torch.Tensor:
+    """pyvene calls ``model(**inputs)``: a dict with input_ids (and, if all ones, an
+    attention_mask) is what a remote forward takes."""
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise HookwireError(f"{what} must be a dict with 'input_ids' (as pyvene passes it to "
+                            "the model as keyword arguments)")
+    extra = set(inputs) - {"input_ids", "attention_mask"}
+    if extra:
+        raise HookwireError(f"{what}: model inputs {sorted(extra)} are not supported remotely")
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is not None and not bool((mask == 1).all()):
+        raise HookwireError(f"{what}: padded inputs (an attention_mask with zeros) are not "
+                            "supported remotely yet; pass equal-length rows or no mask")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise HookwireError(f"{what}['input_ids'] must be a (batch, seq) tensor")
+    return ids.detach().to("cpu", torch.int64)
+
+
+__all__ = ["RemoteIntervenableModel"]
