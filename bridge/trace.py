@@ -438,7 +438,9 @@ class Tracer:
             return self._unseeded_random(func, args, kwargs)  # proxies are laid out contiguously: torch returns self
         if "out" in kwargs and kwargs["out"] is not None:
             raise trace_error("an `out=` argument", "assign the result instead")
-        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and v is not None}
+        # inplace=False (F.relu & co.) is the plain op; inplace=True stays and is refused.
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and v is not None
+                  and not (k == "inplace" and v is False)}
         if func in INPLACE_OPS:
             return self._inplace(func, INPLACE_OPS[func], args, kwargs)
         name = CLIENT_OPS.get(func)
