@@ -247,14 +247,21 @@ def _uses_module_sites(graph) -> bool:
 
 
 def prepare_model(hosted: HostedModel) -> ModelEntry:
-    hf_model = plain_hf_model(hosted.bridge)
     # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
     # clients see the sites they always saw, in the same order.
-    sites = probe_sites(hosted.bridge) + probe_module_sites(hf_model)
+    sites = probe_sites(hosted.bridge)
+    try:
+        hf_model = plain_hf_model(hosted.bridge)
+        module_sites = probe_module_sites(hf_model)
+    except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
+        log.exception("no HF module sites for %s", hosted.name)
+        hf_model, module_sites = None, []
+    sites = sites + module_sites
     info = describe(hosted, sites)
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
-    site_modules.update(module_table(hf_model))
+    if hf_model is not None:
+        site_modules.update(module_table(hf_model))
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model)

@@ -207,6 +207,28 @@ def test_subspace_partition(hf_models, name):
                                   subspace_partition=[[0, 10], [10, 64]]), call)
 
 
+@pytest.mark.parametrize("itype", [pv.VanillaIntervention, pv.AdditionIntervention,
+                                   pv.SubtractionIntervention, pv.ZeroIntervention])
+def test_per_example_subspaces_are_not_merged(hf_models, name, itype):
+    """pyvene 0.1.8 merges equal-length, different per-example subspaces of localist
+    interventions across the batch (hookwire/pyvene/fixes.py). Remote does each example's own
+    subspace; the reference is local pyvene run on each example alone (nothing to merge)."""
+    subs = [[0, 1, 2], [5, 6, 9]]
+    remote = hpv.RemoteIntervenableModel(cfg(itype=itype)(), name)
+    _, got = remote(BASE, [SRC], {"sources->base": 3}, subspaces=[subs])
+    rows = []
+    for i in range(B):
+        def one(d):
+            return {"input_ids": d["input_ids"][i:i + 1]}
+        local = pv.IntervenableModel(cfg(itype=itype)(), copy.deepcopy(hf_models[name]))
+        _, out = local(one(BASE), [one(SRC)], {"sources->base": 3}, subspaces=[[subs[i]]])
+        rows.append(out.logits)
+    assert_close(got.logits, torch.cat(rows))
+    merged = pv.IntervenableModel(cfg(itype=itype)(), copy.deepcopy(hf_models[name]))
+    _, bad = merged(BASE, [SRC], {"sources->base": 3}, subspaces=[subs])
+    assert not torch.allclose(bad.logits, got.logits)  # the difference is pyvene's bug
+
+
 def test_autoencoder_with_given_weights(hf_models, name):
     def prepare(local):
         torch.manual_seed(7)

@@ -15,7 +15,9 @@ from pyvene.models.interventions import CollectIntervention, InterventionOutput,
 from pyvene.models.modeling_utils import (do_intervention, gather_neurons,
                                           output_to_subcomponent, scatter_neurons)
 
+from hookwire.errors import HookwireError
 from hookwire.pyvene.components import check_fires
+from hookwire.pyvene.fixes import needs_fix, per_example_swap
 from hookwire.pyvene.plan import Layout, Rows, Task
 from hookwire.trace import Tracer, tracing
 
@@ -56,6 +58,13 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
     events.setdefault(logits_site, [])
     order = sorted(events, key=lambda name: info.site_index[(name, 0)])
     batch, seq = sum(r.stop - r.start for r in layout.rows), layout.seq_len
+    if any(r.length != seq for r in layout.rows):
+        for name in order:  # padding is cut off along dim 1: it must be the sequence
+            shape = info.sites[info.site_index[(name, 0)]].shape
+            if tuple(shape[:2]) != ("B", "S"):
+                raise HookwireError(f"site {name!r} has shape {shape}, not (batch, seq, ...): "
+                                    "base and sources of different lengths cannot share its "
+                                    "forward; pass inputs of equal length")
 
     tracer = Tracer()
     gathered: dict[str, object] = {}
@@ -102,7 +111,10 @@ def _setter(t: Task, x, seq, gathered, hot, reverse_link, model_class, hf_config
     source = None
     if not iv.is_source_constant:
         source = gathered.get(t.key) if t.source_constant is None else t.source_constant
-    out = do_intervention(selected, source, iv, t.subspaces)
+    if needs_fix(iv, selected, t.subspaces):  # pyvene 0.1.8 merges them (see fixes.py)
+        out = per_example_swap(iv, selected, source, t.subspaces)
+    else:
+        out = do_intervention(selected, source, iv, t.subspaces)
     if isinstance(out, InterventionOutput):
         out = out.output
     if link is not None:
