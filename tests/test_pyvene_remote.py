@@ -335,6 +335,13 @@ def test_output_original_output_and_return_dict(hf_models, name):
     assert_close(got.original_outputs.logits, hf_models[name](**BASE).logits)
 
 
+def test_labels_give_the_loss(hf_models, name):
+    def call(model):
+        return model(BASE, [SRC], {"sources->base": 3}, labels=BASE["input_ids"])
+    got, expected = run_both(hf_models, name, cfg(), call)
+    assert_close(got[1].loss, expected[1].loss)
+
+
 def test_collect_with_return_dict(hf_models, name):
     def call(model):
         return model(BASE, unit_locations={"base": 2}, return_dict=True)

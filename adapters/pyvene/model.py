@@ -94,9 +94,6 @@ class RemoteIntervenableModel:
         pvm = self._pv
         for key, iv in pvm.interventions.items():
             check_intervention(key, iv)  # they may have been swapped since construction
-        if labels is not None:
-            raise HookwireError("labels= (a loss from the server) is not supported remotely "
-                                "yet: compute the loss from the returned logits")
         if intervention_additional_kwargs:
             raise HookwireError("intervention_additional_kwargs only matter to custom "
                                 "interventions, which cannot run remotely")
@@ -105,7 +102,7 @@ class RemoteIntervenableModel:
         base_ids = _input_ids(base, "base")
         if sources is None and source_representations is None and unit_locations is None \
                 and len(pvm.interventions) == 0:
-            return self._run(Layout(), base_ids, [], False, False)[1], None  # as pyvene
+            return self._run(Layout(), base_ids, [], False, False, labels)[1], None  # as pyvene
         batch = base_ids.shape[0]
         pvm.use_fast = self._use_fast  # pyvene leaves it on after one broadcast call
         unit_locations = pvm._broadcast_unit_locations(batch, unit_locations)
@@ -131,7 +128,7 @@ class RemoteIntervenableModel:
         tasks = make(pvm, layout, self.sites, source_ids, unit_locations, source_reps,
                      subspaces)
         base_out, cf_out, collected = self._run(layout, base_ids, tasks, use_fast,
-                                                output_original_output)
+                                                output_original_output, labels)
         if collected is not None:
             if return_dict:
                 return IntervenableModelOutput(original_outputs=base_out,
@@ -143,7 +140,8 @@ class RemoteIntervenableModel:
                                            collected_activations=None)
         return base_out, cf_out
 
-    def _run(self, layout: Layout, base_ids, tasks, use_fast, output_original_output):
+    def _run(self, layout: Layout, base_ids, tasks, use_fast, output_original_output,
+             labels=None):
         if not layout.rows:
             layout.add(base_ids)
         outputs = [layout.rows[0]]
@@ -162,7 +160,12 @@ class RemoteIntervenableModel:
         with ProgressBar(self.model_name, len(tr.sites), enabled=self.progress) as bar:
             result = conn.run(graph, tensors, on_event=bar.on_event)
         logits = [result.values[name] for name in traced.output_names]
-        cf_out = self.output_class(logits=logits[0])
+        loss = None
+        if labels is not None:  # the model's own loss function, on the returned logits
+            loss = self.stand_in.loss_function(logits=logits[0], labels=labels.to("cpu"),
+                                               vocab_size=self.hf_config.vocab_size)
+        # past_key_values stay None: a cache is not worth its bytes for a single forward.
+        cf_out = self.output_class(loss=loss, logits=logits[0])
         base_out = self.output_class(logits=logits[1]) if output_original_output else None
         has_collect = any(isinstance(iv, pv.CollectIntervention)
                           for iv in self._pv.interventions.values())
