@@ -3,8 +3,8 @@
 Local: ``pv.IntervenableModel`` on a plain HF model with the served weights (pyvene runs the
 source forward, then the base forward). Remote: ``hookwire.pyvene.RemoteIntervenableModel``
 against a server in its own process on 127.0.0.1 (one batched forward of base + source rows,
-logits of the base rows sent back). Both measured in the same run, median of ``--repeats``
-after warm-up; the ratio remote/local is the figure (goal <= 0.65).
+logits of the base rows sent back). Both measured in the same run, interleaved, median of
+``--repeats`` after warm-up; the ratio remote/local is the figure (goal <= 0.65).
 
     python bench/bench_pyvene_remote.py [--repeats 10] [--layer 6] [--json out.json]
 """
@@ -31,15 +31,19 @@ from server_proc import ServerProcess  # noqa: E402
 MODEL = "gpt2-small-random"
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
+def paired_medians(fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median time of each function, the runs interleaved (a, b, a, b, ...) so that load from
+    other processes on a shared machine falls on both alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def main():
@@ -67,8 +71,8 @@ def main():
         def run(model):
             return model(base, [source], {"sources->base": 17})[1].logits
         torch.testing.assert_close(run(remote), run(local))
-        t_local = median_time(lambda: run(local), args.repeats)
-        t_remote = median_time(lambda: run(remote), args.repeats)
+        t_local, t_remote = paired_medians([lambda: run(local), lambda: run(remote)],
+                                           args.repeats)
     ratio = t_remote / t_local
     print(f"vanilla interchange, layer {args.layer} {args.component}, batch 8 x 64: "
           f"local pyvene {t_local*1e3:.1f} ms, remote {t_remote*1e3:.1f} ms, "
