@@ -294,8 +294,13 @@ def test_intervention_link_key(hf_models, name):
                                                                 [[[3]] * B, [[3]] * B])}))
 
 
-def test_serial_mode(hf_models, name):
-    config = two_reps(mode="serial")
+@pytest.mark.parametrize("later_first", [False, True])
+def test_serial_mode(hf_models, name, later_first):
+    # Serial chains source_0 -> source_1 -> base inside one forward, whichever of the two
+    # sites fires first.
+    config = two_reps(mode="serial") if not later_first else (lambda: pv.IntervenableConfig(
+        [dict(layer=1, component="block_output"), dict(layer=0, component="mlp_output")],
+        intervention_types=pv.VanillaIntervention, mode="serial"))
 
     def call(model):
         return model(BASE, [SRC, SRC2], {"source_0->source_1": 2, "source_1->base": 4})
@@ -360,7 +365,10 @@ def test_source_and_base_share_one_forward(hf_models, name, monkeypatch):
         return real_run(self, graph, tensors, **kwargs)
     monkeypatch.setattr(hookwire.client.Connection, "run", counting_run)
     run_both(hf_models, name, cfg(), interchange)
-    assert requests == [torch.Size([2 * B, S])]
+    run_both(hf_models, name, cfg(), lambda m: m(BASE, [SRC], {"sources->base": 3},
+                                                 output_original_output=True))
+    # the second call adds an untouched copy of the base: still one request
+    assert requests == [torch.Size([2 * B, S]), torch.Size([3 * B, S])]
 
 
 # ---- errors ------------------------------------------------------------------------------------

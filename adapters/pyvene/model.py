@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import pyvene as pv
 from pyvene.models.intervenable_base import IntervenableModelOutput
+from transformers.modeling_outputs import CausalLMOutput
 
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError
@@ -57,7 +58,8 @@ class RemoteIntervenableModel:
             check_intervention(key, iv)
         self.logits_site = module_site(_module_path(self.stand_in,
                                                     self.stand_in.get_output_embeddings()))
-        self.output_class = self.model_class.forward.__annotations__.get("return")
+        returns = self.model_class.forward.__annotations__.get("return")
+        self.output_class = returns if isinstance(returns, type) else CausalLMOutput
 
     # ---- pyvene's surface -------------------------------------------------------------------
     @property
