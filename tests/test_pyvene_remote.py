@@ -368,7 +368,10 @@ def test_source_and_base_share_one_forward(hf_models, name, monkeypatch):
     run_both(hf_models, name, cfg(), lambda m: m(BASE, [SRC], {"sources->base": 3},
                                                  output_original_output=True))
     # the second call adds an untouched copy of the base: still one request
-    assert requests == [torch.Size([2 * B, S]), torch.Size([3 * B, S])]
+    # two groups given one source share its rows
+    run_both(hf_models, name, two_reps(), lambda m: m(BASE, [SRC], {"sources->base": 4}))
+    assert requests == [torch.Size([2 * B, S]), torch.Size([3 * B, S]),
+                        torch.Size([2 * B, S])]
 
 
 # ---- errors ------------------------------------------------------------------------------------

@@ -118,8 +118,14 @@ class RemoteIntervenableModel:
 
         layout = Layout()
         layout.add(base_ids)
-        source_ids = [None if s is None else _input_ids(s, f"sources[{i}]")
-                      for i, s in enumerate(sources)]
+        # One tensor per distinct source object: groups given the same source (pyvene
+        # broadcasts one source to all groups) then share its rows in parallel mode.
+        converted: dict[int, torch.Tensor] = {}
+        source_ids = []
+        for i, s in enumerate(sources):
+            if s is not None and id(s) not in converted:
+                converted[id(s)] = _input_ids(s, f"sources[{i}]")
+            source_ids.append(None if s is None else converted[id(s)])
         for ids in source_ids:
             if ids is not None and ids.shape[0] != batch:
                 raise HookwireError(f"a source has batch size {ids.shape[0]}, the base "
