@@ -208,23 +208,37 @@ def test_subspace_partition(hf_models, name):
 
 
 @pytest.mark.parametrize("itype", [pv.VanillaIntervention, pv.AdditionIntervention,
-                                   pv.SubtractionIntervention, pv.ZeroIntervention])
+                                   pv.SubtractionIntervention, pv.ZeroIntervention,
+                                   pv.JumpReLUAutoencoderIntervention])
 def test_per_example_subspaces_are_not_merged(hf_models, name, itype):
     """pyvene 0.1.8 merges equal-length, different per-example subspaces of localist
     interventions across the batch (hookwire/pyvene/fixes.py). Remote does each example's own
     subspace; the reference is local pyvene run on each example alone (nothing to merge)."""
     subs = [[0, 1, 2], [5, 6, 9]]
-    remote = hpv.RemoteIntervenableModel(cfg(itype=itype)(), name)
+    make = cfg(itype=itype, **({"low_rank_dimension": 12}
+                                if itype is pv.JumpReLUAutoencoderIntervention else {}))
+
+    def weights(model):  # a JumpReLU SAE with given (seeded) weights; no-op for the others
+        torch.manual_seed(8)
+        for iv in model.interventions.values():
+            for p in iv.parameters():
+                p.data = torch.randn_like(p) * 0.3
+            if hasattr(iv, "threshold"):
+                iv.threshold.data = torch.rand_like(iv.threshold) * 0.1
+    remote = hpv.RemoteIntervenableModel(make(), name)
+    weights(remote)
     _, got = remote(BASE, [SRC], {"sources->base": 3}, subspaces=[subs])
     rows = []
     for i in range(B):
         def one(d):
             return {"input_ids": d["input_ids"][i:i + 1]}
-        local = pv.IntervenableModel(cfg(itype=itype)(), copy.deepcopy(hf_models[name]))
+        local = pv.IntervenableModel(make(), copy.deepcopy(hf_models[name]))
+        weights(local)
         _, out = local(one(BASE), [one(SRC)], {"sources->base": 3}, subspaces=[[subs[i]]])
         rows.append(out.logits)
     assert_close(got.logits, torch.cat(rows))
-    merged = pv.IntervenableModel(cfg(itype=itype)(), copy.deepcopy(hf_models[name]))
+    merged = pv.IntervenableModel(make(), copy.deepcopy(hf_models[name]))
+    weights(merged)
     _, bad = merged(BASE, [SRC], {"sources->base": 3}, subspaces=[subs])
     assert not torch.allclose(bad.logits, got.logits)  # the difference is pyvene's bug
 

@@ -5,8 +5,8 @@ Per-example subspaces on a (batch, units, dim) representation. pyvene's swap hel
 not the batch -- so with equal-length, different subspaces per example (say ``[[0, 1],
 [5, 6]]``) every example swaps the union of all examples' dimensions (or, with as many units
 as examples, example i's dims land on unit i). That hits the localist interventions, which
-keep the units axis: Vanilla, Addition, Subtraction, Zero (Collect flattens the units first
-and is right). Example i should swap (or add, subtract, zero) exactly its own dimensions, at
+keep the units axis: Vanilla, Addition, Subtraction, Zero, and JumpReLUAutoencoder's latent
+swap (``keep_last_dim``); Collect and the rotations flatten the units first and are right. Example i should swap (or add, subtract, zero) exactly its own dimensions, at
 every unit -- which is what
 pyvene computes when each example runs alone, and what the tests check against.
 """
@@ -16,7 +16,8 @@ import pyvene as pv
 import torch
 
 _MODES = {pv.VanillaIntervention: "interchange", pv.AdditionIntervention: "add",
-          pv.SubtractionIntervention: "subtract", pv.ZeroIntervention: "zero"}
+          pv.SubtractionIntervention: "subtract", pv.ZeroIntervention: "zero",
+          pv.JumpReLUAutoencoderIntervention: "latent"}
 
 
 def needs_fix(intervention, selected, subspaces) -> bool:
@@ -37,14 +38,24 @@ def _dims(intervention, subspaces) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def _mask(dims: torch.Tensor, like) -> torch.Tensor:
+    """(batch, 1, dim) 0/1 weights selecting each example's dims. Weights, not torch.where:
+    exact (x * 1 == x, x * 0 == 0) and traced as plain arithmetic."""
+    b, d = like.shape[0], like.shape[-1]
+    mask = torch.zeros(b, 1, d, dtype=like.dtype)
+    mask[torch.arange(b)[:, None], 0, dims] = 1.0
+    return mask
+
+
 def per_example_swap(intervention, base, source, subspaces):
     """The intervention on each example's own subspace (base: batch, units, dim)."""
     mode = _MODES[type(intervention)]
     dims = _dims(intervention, subspaces)
-    b, _, d = base.shape
-    mask = torch.zeros(b, 1, d, dtype=base.dtype)
-    mask[torch.arange(b)[:, None], 0, dims] = 1.0
-    # 0/1 weights, not torch.where: exact (x * 1 == x, x * 0 == 0) and traced as plain math.
+    if mode == "latent":  # swap the examples' own latents, then decode (pyvene's math)
+        base_latent, source_latent = intervention.encode(base), intervention.encode(source)
+        mask = _mask(dims, base_latent)
+        return intervention.decode(base_latent * (1.0 - mask) + source_latent * mask)
+    mask = _mask(dims, base)
     if mode == "zero":
         return base * (1.0 - mask)
     if intervention.source_representation is not None:
