@@ -425,3 +425,17 @@ def test_component_that_never_fires(server):
     config = pv.IntervenableConfig([dict(layer=0, component="attention_weight")])
     with pytest.raises(hpv.UnknownComponent, match="attention_weight"):
         hpv.RemoteIntervenableModel(config, "tiny-gpt2")
+
+
+def test_intervention_swapped_in_later_is_refused_before_sending(server):
+    model = hpv.RemoteIntervenableModel(cfg()(), "tiny-gpt2")
+    key = model.sorted_keys[0]
+    model.interventions[key] = MyIntervention(embed_dim=64)
+    with pytest.raises(hpv.UnsupportedIntervention, match="MyIntervention"):
+        model(BASE, [SRC], {"sources->base": 3})
+
+
+def test_source_batch_must_match_base(server):
+    model = hpv.RemoteIntervenableModel(cfg()(), "tiny-gpt2")
+    with pytest.raises(hookwire.HookwireError, match="batch size"):
+        model(BASE, [ids(5, batch=3)], {"sources->base": 3})
