@@ -89,6 +89,14 @@ class RemoteIntervenableModel:
     def forward(self, *args, **kwargs):
         return self(*args, **kwargs)
 
+    def train(self, mode: bool = True):
+        """Only the local interventions change mode: the served model is always in eval."""
+        self._pv.interventions.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
     # ---- the call ---------------------------------------------------------------------------
     def __call__(self, base, sources=None, unit_locations=None, source_representations=None,
                  subspaces=None, labels=None, output_original_output=False, return_dict=None,
