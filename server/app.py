@@ -170,11 +170,12 @@ class ModelWorker(threading.Thread):
         need_output = spec.return_type is not None
         bridge = entry.hosted.bridge
         tokens = input_ids.to(device)
+        mask = _attention_mask(job, graph, input_ids, device) if on_modules else None
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
                 return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
-                                                 use_cache=False).logits
+                                                 attention_mask=mask, use_cache=False).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
@@ -230,6 +231,18 @@ def _refused_submit_id(message: str) -> str | None:
 def _jsonable(details: dict) -> dict:
     return {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool))
             or v is None}
+
+
+def _attention_mask(job: Job, graph, input_ids, device):
+    """The optional 0/1 attention mask of a module-site graph (padded rows)."""
+    mask = job.tensors.get(graph.inputs.get("attention_mask", ""))
+    if mask is None:
+        return None
+    if mask.shape != input_ids.shape or mask.dtype not in (torch.int64, torch.bool) or \
+            bool(((mask != 0) & (mask != 1)).any()):
+        raise ProtocolError("attention_mask must be a 0/1 int64 or bool tensor shaped like "
+                            "input_ids")
+    return mask.to(device, torch.int64)
 
 
 def _uses_module_sites(graph) -> bool:

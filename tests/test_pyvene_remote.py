@@ -338,6 +338,15 @@ def test_source_of_other_length(hf_models, name, src_len):
              lambda m: m(BASE, [source], {"sources->base": (src_len - 1, 2)}))
 
 
+def test_padded_inputs_with_attention_mask(hf_models, name):
+    # Left-padded rows, as a tokenizer pads a batch for a causal LM; the mask travels.
+    mask = torch.ones(B, S, dtype=torch.int64)
+    mask[0, :2] = 0
+    base = {"input_ids": BASE["input_ids"], "attention_mask": mask}
+    source = {"input_ids": SRC["input_ids"], "attention_mask": mask.flip(0)}
+    run_both(hf_models, name, cfg(), lambda m: m(base, [source], {"sources->base": 4}))
+
+
 def test_source_representations_without_source_pass(hf_models, name):
     rep = torch.randn(B, 1, 64, generator=torch.Generator().manual_seed(9))
 

@@ -109,11 +109,11 @@ class RemoteIntervenableModel:
                                 "interventions, which cannot run remotely")
         if sources is not None and not isinstance(sources, list):
             sources = [sources]
-        base_ids = _input_ids(base, "base")
+        base_inputs = _inputs(base, "base")
         if sources is None and source_representations is None and unit_locations is None \
                 and len(pvm.interventions) == 0:
-            return self._run(Layout(), base_ids, [], False, False, labels)[1], None  # as pyvene
-        batch = base_ids.shape[0]
+            return self._run(Layout(), base_inputs, [], False, False, labels)[1], None  # pyvene
+        batch = base_inputs[0].shape[0]
         pvm.use_fast = self._use_fast  # pyvene leaves it on after one broadcast call
         unit_locations = pvm._broadcast_unit_locations(batch, unit_locations)
         sources = [None] * len(pvm._intervention_group) if sources is None else \
@@ -125,25 +125,25 @@ class RemoteIntervenableModel:
         pvm.use_fast = self._use_fast
 
         layout = Layout()
-        layout.add(base_ids)
+        layout.add(*base_inputs)
         # One tensor per distinct source object: groups given the same source (pyvene
         # broadcasts one source to all groups) then share its rows in parallel mode.
-        converted: dict[int, torch.Tensor] = {}
-        source_ids = []
+        converted: dict[int, tuple] = {}
+        source_inputs = []
         for i, s in enumerate(sources):
             if s is not None and id(s) not in converted:
-                converted[id(s)] = _input_ids(s, f"sources[{i}]")
-            source_ids.append(None if s is None else converted[id(s)])
-        for ids in source_ids:
-            if ids is not None and ids.shape[0] != batch:
-                raise HookwireError(f"a source has batch size {ids.shape[0]}, the base "
-                                    f"{batch}: pyvene pairs them row by row")
+                converted[id(s)] = _inputs(s, f"sources[{i}]")
+                if converted[id(s)][0].shape[0] != batch:
+                    raise HookwireError(f"sources[{i}] has batch size "
+                                        f"{converted[id(s)][0].shape[0]}, the base {batch}: "
+                                        "pyvene pairs them row by row")
+            source_inputs.append(None if s is None else converted[id(s)])
         if source_reps is not None:
             source_reps = {k: v.detach() for k, v in source_reps.items()}
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
-        tasks = make(pvm, layout, self.sites, source_ids, unit_locations, source_reps,
+        tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
                      subspaces)
-        base_out, cf_out, collected = self._run(layout, base_ids, tasks, use_fast,
+        base_out, cf_out, collected = self._run(layout, base_inputs, tasks, use_fast,
                                                 output_original_output, labels)
         if collected is not None:
             if return_dict:
@@ -156,20 +156,25 @@ class RemoteIntervenableModel:
                                            collected_activations=None)
         return base_out, cf_out
 
-    def _run(self, layout: Layout, base_ids, tasks, use_fast, output_original_output,
+    def _run(self, layout: Layout, base_inputs, tasks, use_fast, output_original_output,
              labels=None):
         if not layout.rows:
-            layout.add(base_ids)
+            layout.add(*base_inputs)
         outputs = [layout.rows[0]]
         if output_original_output:
-            outputs.append(layout.add(base_ids))  # the same base, never intervened on
+            outputs.append(layout.add(*base_inputs))  # the same base, never intervened on
         traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
                             self.hf_config, use_fast, self._pv._intervention_reverse_link,
                             self.logits_site, outputs)
         tr = traced.tracer
         tensors = {"input_ids": layout.input_ids(pad_id=0)}
+        inputs = {"input_ids": "input_ids"}
+        mask = layout.attention_mask()
+        if mask is not None:
+            inputs["attention_mask"] = "attention_mask"
+            tensors["attention_mask"] = mask
         tensors.update(tr.constants)
-        graph = {"version": 1, "model": self.model_name, "inputs": {"input_ids": "input_ids"},
+        graph = {"version": 1, "model": self.model_name, "inputs": inputs,
                  "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
                  "saves": tr.saves, "forward": {"return_type": None}}
         conn = get_connection(*self._target)
@@ -201,9 +206,9 @@ def _module_path(model, module) -> str:
     raise HookwireError("the model's output embedding is not one of its modules")
 
 
-def _input_ids(inputs, what: str) -> torch.Tensor:
-    """pyvene calls ``model(**inputs)``: a dict with input_ids (and, if all ones, an
-    attention_mask) is what a remote forward takes."""
+def _inputs(inputs, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pyvene calls ``model(**inputs)``: a dict with input_ids and, optionally, a 0/1
+    attention_mask (kept only when it pads something) is what a remote forward takes."""
     if not isinstance(inputs, dict) or "input_ids" not in inputs:
         raise HookwireError(f"{what} must be a dict with 'input_ids' (as pyvene passes it to "
                             "the model as keyword arguments)")
@@ -211,13 +216,13 @@ def _input_ids(inputs, what: str) -> torch.Tensor:
     if extra:
         raise HookwireError(f"{what}: model inputs {sorted(extra)} are not supported remotely")
     ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask")
-    if mask is not None and not bool((mask == 1).all()):
-        raise HookwireError(f"{what}: padded inputs (an attention_mask with zeros) are not "
-                            "supported remotely yet; pass equal-length rows or no mask")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
         raise HookwireError(f"{what}['input_ids'] must be a (batch, seq) tensor")
-    return ids.detach().to("cpu", torch.int64)
-
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+            raise HookwireError(f"{what}['attention_mask'] must be shaped like input_ids")
+        mask = None if bool((mask == 1).all()) else mask.detach().to("cpu", torch.int64)
+    return ids.detach().to("cpu", torch.int64), mask
 
 __all__ = ["RemoteIntervenableModel"]

@@ -38,12 +38,14 @@ class Rows:
 @dataclass
 class Layout:
     blocks: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
     rows: list[Rows] = field(default_factory=list)
 
-    def add(self, input_ids: torch.Tensor) -> Rows:
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Rows:
         start = self.rows[-1].stop if self.rows else 0
         r = Rows(start, start + input_ids.shape[0], input_ids.shape[1])
         self.blocks.append(input_ids)
+        self.masks.append(attention_mask)
         self.rows.append(r)
         return r
 
@@ -55,6 +57,16 @@ class Layout:
         s = self.seq_len
         return torch.cat([F.pad(ids, (0, s - ids.shape[1]), value=pad_id)
                           for ids in self.blocks], dim=0)
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """None unless some block came with padding of its own (the user's 0/1 mask); our
+        right padding is masked out too then."""
+        if all(m is None for m in self.masks):
+            return None
+        s = self.seq_len
+        return torch.cat([F.pad(torch.ones_like(ids) if m is None else m.to(torch.int64),
+                                (0, s - ids.shape[1]), value=0)
+                          for ids, m in zip(self.blocks, self.masks)], dim=0)
 
 
 @dataclass
@@ -98,7 +110,7 @@ def parallel_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locatio
                         source_constant=const)
             if source_reps is None and _needs_getter(iv):
                 if id(source) not in blocks:
-                    blocks[id(source)] = layout.add(source)
+                    blocks[id(source)] = layout.add(*source)
                 task.src = blocks[id(source)]
                 task.src_locs = ul_src[i] if ul_src is not None else None
             tasks.append(task)
@@ -123,7 +135,7 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
                                       subspaces[i] if subspaces is not None else None,
                                       source_constant=source_reps.get(key)))
         return tasks
-    rows = {g: layout.add(sources[g]) for g, _ in groups if sources[g] is not None}
+    rows = {g: layout.add(*sources[g]) for g, _ in groups if sources[g] is not None}
     order = [g for g, _ in groups if sources[g] is not None]
     tasks = []
     for n, g in enumerate(order):
