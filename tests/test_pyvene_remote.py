@@ -24,6 +24,9 @@ from hookwire.server.models import BUILTIN_MODELS  # noqa: E402
 
 from conftest import MODEL_NAMES  # noqa: E402
 
+# pyvene's SigmoidMaskIntervention copies its temperature with torch.tensor(tensor).
+pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")
+
 B, S = 2, 7
 
 
