@@ -9,6 +9,11 @@ keep the units axis: Vanilla, Addition, Subtraction, Zero, and JumpReLUAutoencod
 swap (``keep_last_dim``); Collect and the rotations flatten the units first and are right. Example i should swap (or add, subtract, zero) exactly its own dimensions, at
 every unit -- which is what
 pyvene computes when each example runs alone, and what the tests check against.
+
+Also: pyvene sets ``use_fast`` on the model the first time a call's unit locations are
+broadcast (an int or a flat list) and never resets it, so a later call with per-example
+locations would scatter every example at the first example's positions. The remote model
+decides ``use_fast`` per call (``model.py``).
 """
 from __future__ import annotations
 
