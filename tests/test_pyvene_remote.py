@@ -330,6 +330,18 @@ def test_per_example_positions(hf_models, name):
     run_both(hf_models, name, cfg(max_number_of_units=2), call)
 
 
+def test_per_example_positions_after_a_broadcast_call(hf_models, name):
+    # pyvene keeps use_fast on after a broadcast call (fixes.py); remote decides per call, so
+    # its second call equals a fresh local model's.
+    remote = hpv.RemoteIntervenableModel(cfg()(), name)
+    remote(BASE, [SRC], {"sources->base": 3})
+    locs = {"sources->base": ([[[1], [5]]], [[[4], [2]]])}
+    _, got = remote(BASE, [SRC], locs)
+    _, expected = pv.IntervenableModel(cfg()(), copy.deepcopy(hf_models[name]))(BASE, [SRC],
+                                                                               locs)
+    assert_close(got.logits, expected.logits)
+
+
 def test_source_base_position_pair(hf_models, name):
     run_both(hf_models, name, cfg(), lambda m: m(BASE, [SRC], {"sources->base": (1, 5)}))
 
