@@ -463,3 +463,18 @@ def test_source_batch_must_match_base(server):
     model = hpv.RemoteIntervenableModel(cfg()(), "tiny-gpt2")
     with pytest.raises(hookwire.HookwireError, match="batch size"):
         model(BASE, [ids(5, batch=3)], {"sources->base": 3})
+
+
+def test_layout_pads_right_and_masks_only_when_asked():
+    from hookwire.pyvene.plan import Layout
+    layout = Layout()
+    base = layout.add(torch.ones(2, 5, dtype=torch.int64))
+    src = layout.add(torch.full((2, 3), 7))
+    assert (base.start, base.stop, src.start, src.stop, layout.seq_len) == (0, 2, 2, 4, 5)
+    ids = layout.input_ids(pad_id=0)
+    assert ids.shape == (4, 5) and ids[2:, 3:].eq(0).all() and ids[2:, :3].eq(7).all()
+    assert layout.attention_mask() is None  # causal: right padding is never seen
+    layout.add(torch.ones(1, 4, dtype=torch.int64), torch.tensor([[0, 1, 1, 1]]))
+    mask = layout.attention_mask()
+    assert mask.tolist() == [[1] * 5, [1] * 5, [1, 1, 1, 0, 0], [1, 1, 1, 0, 0],
+                             [0, 1, 1, 1, 0]]
