@@ -11,6 +11,7 @@ place, as pyvene's hooks do, and the site is written back in place.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils import parametrize
 from pyvene.models.interventions import CollectIntervention, InterventionOutput, SkipIntervention
 from pyvene.models.modeling_utils import (do_intervention, gather_neurons,
                                           output_to_subcomponent, scatter_neurons)
@@ -71,7 +72,9 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
     hot: dict[str, object] = {}
     collect_keys: list[str] = []
     output_names: list[str] = []
-    with tracing(tracer), torch.no_grad():
+    # cached(): a parametrized weight (pyvene's orthogonal rotations) is computed once per
+    # call, so it becomes one constant, not one per use.
+    with tracing(tracer), torch.no_grad(), parametrize.cached():
         for name in order:
             site = info.sites[info.site_index[(name, 0)]]
             x = tracer.read_site(name, 0, site.concrete_shape(batch, seq), site.dtype)
