@@ -98,8 +98,8 @@ class Interleaver:
                     self.values[read_id] = output.clone()
                 with torch.no_grad():
                     output.copy_(value)
-            if "replace" in writes:
-                result = self.values.pop(writes["replace"], None)
+            if "replace" in writes or "narrow" in writes:  # narrow: fewer batch rows
+                result = self.values.pop(writes.get("replace", writes.get("narrow")), None)
             self.sites_done += 1
             self.on_site(self.sites_done, len(self.vg.site_infos))
             if stop_early and index == last_needed:

@@ -253,6 +253,10 @@ def _uses_module_sites(graph) -> bool:
         raise GraphValidationError("a graph uses TL hook points or HF module sites ('hf:...'), "
                                    "not both: they fire in different forwards",
                                    rule="site_kinds")
+    if kinds != {True} and any(n.op == "site.write" and n.kwargs.get("mode") == "narrow"
+                               for n in graph.nodes):
+        raise GraphValidationError("narrowing writes run on HF module sites only",
+                                   rule="narrow_site")
     if kinds == {True} and graph.forward.return_type not in ("logits", None):
         raise GraphValidationError("graphs on HF module sites return logits or nothing",
                                    rule="return_type")

@@ -104,3 +104,55 @@ def test_graph_cannot_mix_tl_and_module_sites(server):
              "forward": {"return_type": None}}
     with pytest.raises(hookwire.GraphValidationError, match="not both"):
         get_connection().run(graph, {"input_ids": TOKENS})
+
+
+def test_narrow_write_drops_rows_for_the_rest_of_the_forward(server):
+    """A "narrow" write keeps the first k rows: later sites (and the logits) hold k rows, and
+    those rows compute what they compute alone."""
+    info = get_connection().model_info("tiny-gpt2")
+    tracer = Tracer()
+    with tracing(tracer):
+        for site, batch in (("hf:transformer.h.0:output", 2), ("hf:lm_head:output", 1)):
+            s = info.sites[info.site_index[(site, 0)]]
+            x = tracer.read_site(site, 0, s.concrete_shape(batch, 6), s.dtype)
+            if batch == 2:
+                tracer.write_site(0, x[:1], "narrow")
+            else:
+                tracer.save("logits", x)
+    graph = {"version": 1, "model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+             "constants": list(tracer.constants), "sites": tracer.sites,
+             "nodes": tracer.nodes, "saves": tracer.saves, "forward": {"return_type": None}}
+    logits = get_connection().run(graph, {"input_ids": TOKENS}).values["logits"]
+    with torch.no_grad():
+        assert_close(logits, plain("tiny-gpt2")(input_ids=TOKENS[:1]).logits)
+
+
+def test_narrow_write_after_a_later_read_is_refused(server):
+    info = get_connection().model_info("tiny-gpt2")
+    tracer = Tracer()
+    with tracing(tracer):
+        s0 = info.sites[info.site_index[("hf:transformer.h.0:output", 0)]]
+        s1 = info.sites[info.site_index[("hf:transformer.h.1:output", 0)]]
+        x = tracer.read_site(s0.name, 0, s0.concrete_shape(2, 6), s0.dtype)
+        y = tracer.read_site(s1.name, 0, s1.concrete_shape(2, 6), s1.dtype)
+        tracer.write_site(0, x[:1], "narrow")
+        tracer.save("y", y)
+    graph = {"version": 1, "model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+             "sites": tracer.sites, "nodes": tracer.nodes, "saves": tracer.saves,
+             "forward": {"return_type": None}}
+    with pytest.raises(hookwire.GraphValidationError, match="narrowing write"):
+        get_connection().run(graph, {"input_ids": TOKENS})
+
+
+def test_narrow_write_on_tl_sites_is_refused(server):
+    info = get_connection().model_info("tiny-gpt2")
+    tracer = Tracer()
+    with tracing(tracer):
+        s = info.sites[info.site_index[("blocks.0.hook_out", 0)]]
+        x = tracer.read_site(s.name, 0, s.concrete_shape(2, 6), s.dtype)
+        tracer.write_site(0, x[:1], "narrow")
+    graph = {"version": 1, "model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+             "sites": tracer.sites, "nodes": tracer.nodes, "saves": tracer.saves,
+             "forward": {"return_type": "logits"}}
+    with pytest.raises(hookwire.GraphValidationError, match="HF module sites only"):
+        get_connection().run(graph, {"input_ids": TOKENS})

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 import pyvene as pv
+from pyvene.models.configuration_intervenable_model import RepresentationConfig
 from pyvene.models.intervenable_base import IntervenableModelOutput
+from pyvene.models.intervenable_modelcard import type_to_module_mapping
 from transformers.modeling_outputs import CausalLMOutput
 
 from hookwire.client import get_connection
@@ -112,7 +114,8 @@ class RemoteIntervenableModel:
         base_inputs = _inputs(base, "base")
         if sources is None and source_representations is None and unit_locations is None \
                 and len(pvm.interventions) == 0:
-            return self._run(Layout(), base_inputs, [], False, False, labels)[1], None  # pyvene
+            layout = Layout()
+            return self._run(layout, [layout.add(*base_inputs)], [], False, labels)[1], None
         batch = base_inputs[0].shape[0]
         pvm.use_fast = self._use_fast  # pyvene leaves it on after one broadcast call
         unit_locations = pvm._broadcast_unit_locations(batch, unit_locations)
@@ -125,7 +128,9 @@ class RemoteIntervenableModel:
         pvm.use_fast = self._use_fast
 
         layout = Layout()
-        layout.add(*base_inputs)
+        outputs = [layout.add(*base_inputs)]
+        if output_original_output:  # the same base, never intervened on; kept next to it
+            outputs.append(layout.add(*base_inputs))
         # One tensor per distinct source object: groups given the same source (pyvene
         # broadcasts one source to all groups) then share its rows in parallel mode.
         converted: dict[int, tuple] = {}
@@ -143,8 +148,7 @@ class RemoteIntervenableModel:
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
         tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
                      subspaces)
-        base_out, cf_out, collected = self._run(layout, base_inputs, tasks, use_fast,
-                                                output_original_output, labels)
+        base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels)
         if collected is not None:
             if return_dict:
                 return IntervenableModelOutput(original_outputs=base_out,
@@ -156,16 +160,10 @@ class RemoteIntervenableModel:
                                            collected_activations=None)
         return base_out, cf_out
 
-    def _run(self, layout: Layout, base_inputs, tasks, use_fast, output_original_output,
-             labels=None):
-        if not layout.rows:
-            layout.add(*base_inputs)
-        outputs = [layout.rows[0]]
-        if output_original_output:
-            outputs.append(layout.add(*base_inputs))  # the same base, never intervened on
+    def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None):
         traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
                             self.hf_config, use_fast, self._pv._intervention_reverse_link,
-                            self.logits_site, outputs)
+                            self.logits_site, outputs, self._narrowing(layout, outputs, tasks))
         tr = traced.tracer
         tensors = {"input_ids": layout.input_ids(pad_id=0)}
         inputs = {"input_ids": "input_ids"}
@@ -187,7 +185,7 @@ class RemoteIntervenableModel:
                                                vocab_size=self.hf_config.vocab_size)
         # past_key_values stay None: a cache is not worth its bytes for a single forward.
         cf_out = self.output_class(loss=loss, logits=logits[0])
-        base_out = self.output_class(logits=logits[1]) if output_original_output else None
+        base_out = self.output_class(logits=logits[1]) if len(outputs) > 1 else None
         has_collect = any(isinstance(iv, pv.CollectIntervention)
                           for iv in self._pv.interventions.values())
         collected = None
@@ -197,6 +195,32 @@ class RemoteIntervenableModel:
                 by_key.setdefault(key, []).append(result.values[f"__collect_{k}"])
             collected = [v for key in self._pv.sorted_keys for v in by_key.get(key, [])]
         return base_out, cf_out, collected
+
+
+    def _narrowing(self, layout: Layout, outputs, tasks):
+        """(block-output site, rows kept) where the rows only interventions read (sources)
+        leave the batch: after the last block whose output or inner modules touch them, the
+        forward (and the LM head) runs on the kept rows only. None when that cannot be done
+        safely: components given as raw module paths, or padded inputs with a mask."""
+        keep = outputs[-1].stop  # output rows come first in the layout
+        if layout.rows[-1].stop == keep or layout.attention_mask() is not None:
+            return None
+        table = type_to_module_mapping.get(self.model_class, {})
+        touching = [t for t in tasks if (t.src is not None and t.src.start >= keep)
+                    or t.dst.start >= keep]
+        if not touching or "block_output" not in table or \
+                any(t.site.component not in table for t in touching):
+            return None
+        layer = max(int(self._pv.representations[t.key].layer) for t in touching)
+        site = component_site(self.model_class, RepresentationConfig(
+            layer=layer, component="block_output")).site
+        index = self.info.site_index.get((site, 0))
+        last = max(self.info.site_index[(n, 0)] for t in touching
+                   for n in (t.site.site, t.site.input_site)
+                   if (n, 0) in self.info.site_index)
+        if index is None or index < last:
+            return None
+        return site, keep
 
 
 def _module_path(model, module) -> str:

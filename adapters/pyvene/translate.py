@@ -43,8 +43,9 @@ def _gather(value, component: str, unit: str, locs, model_class, hf_config):
 
 def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_class,
                hf_config, use_fast: bool, reverse_link: dict, logits_site: str,
-               outputs: list[Rows]) -> CallTrace:
-    """``outputs``: row blocks whose logits come back (from ``logits_site``), in order."""
+               outputs: list[Rows], narrow: tuple[str, int] | None = None) -> CallTrace:
+    """``outputs``: row blocks whose logits come back (from ``logits_site``), in order.
+    ``narrow``: (site, k) -- after that site only the first k rows go on (a "narrow" write)."""
     events: dict[str, list] = {}
     for t in tasks:
         check_fires(t.site, info.site_index, model_name)
@@ -57,6 +58,8 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
             events.setdefault(get_site, []).append((t.order, 0, t))
         events.setdefault(t.site.site, []).append((t.order, 1, t))
     events.setdefault(logits_site, [])
+    if narrow is not None:
+        events.setdefault(narrow[0], [])
     order = sorted(events, key=lambda name: info.site_index[(name, 0)])
     batch, seq = sum(r.stop - r.start for r in layout.rows), layout.seq_len
     if any(r.length != seq for r in layout.rows):
@@ -93,7 +96,10 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
                 for k, rows in enumerate(outputs):
                     output_names.append(f"__logits_{k}")
                     tracer.save(output_names[-1], rows.of(x, seq))
-            if x._hw_version > 0:
+            if narrow is not None and name == narrow[0]:
+                tracer.write_site(index, x[:narrow[1]], "narrow")
+                batch = narrow[1]  # later sites hold the kept rows only
+            elif x._hw_version > 0:
                 tracer.write_site(index, x, "inplace")
             del x
     return CallTrace(tracer, collect_keys, output_names)
