@@ -6,7 +6,9 @@ given the same source object; serial mode gives every group its own, since a gro
 are intervened on by the group before it), and, for ``output_original_output=True``, a copy of
 the base rows that no intervention touches. Blocks shorter than the longest are padded on
 the right: in a causal LM a position never sees later ones, so the real positions compute
-exactly what they compute alone.
+exactly what they compute alone. The rows whose logits come back (base, and its untouched
+copy) come first, so that after the last block touching a source row the batch can be
+narrowed to them (``RemoteIntervenableModel._narrowing``).
 
 A :class:`Task` is one setter in pyvene's sense: at its component's site, gather the source
 activation from ``src`` rows (pyvene's getter) -- or take a constant -- and write the
