@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hookwire.executor import Interleaver, _StopForward
+from hookwire.module_sites import attach
 
 
 @dataclass
@@ -67,8 +68,8 @@ def run_batch(members: list[BatchMember], site_modules: dict, forward: Callable[
     handles = []
     try:
         for name in names:
-            handles.append(site_modules[name].register_forward_hook(
-                _batch_hook(name, members, full_seq)))
+            handles.append(attach(site_modules[name], name,
+                                  _batch_hook(name, members, full_seq)))
         try:
             return forward()
         except _StopForward:

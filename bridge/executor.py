@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
+from hookwire.module_sites import attach
 from hookwire.validate import ValidatedGraph, _walk_refs, resolve
 
 
@@ -141,8 +142,8 @@ class Interleaver:
             # Differentiable when a backward follows (gradients flow through the edit).
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
                 output.copy_(value)
-        if "replace" in writes:
-            result = self.values.pop(writes["replace"], None)
+        if "replace" in writes or "narrow" in writes:  # narrow: fewer batch rows
+            result = self.values.pop(writes.get("replace", writes.get("narrow")), None)
         if index in self.grad_sites:
             final = output if result is None else result
             if not final.requires_grad:
@@ -184,8 +185,10 @@ class Interleaver:
         last = len(self.vg.site_infos) - 1
         try:
             for name in dict.fromkeys(info.name for info in self.vg.site_infos):
-                handles.append(site_modules[name].register_forward_hook(
-                    self._site_hook(name, last, stop_early=not need_output)))
+                # TL hook points take a forward hook; HF module sites a (pre-)hook that
+                # hands over one tensor (hookwire.module_sites).
+                handles.append(attach(site_modules[name], name,
+                                      self._site_hook(name, last, stop_early=not need_output)))
             try:
                 output = forward()
             except _StopForward:

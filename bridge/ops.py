@@ -159,6 +159,7 @@ op("full_like", torch.full_like, "t|n", clients=[torch.full_like], fill_value="n
 op("T", _T, "t", clients=[T.T.__get__])
 op("mT", _mT, "t", clients=[T.mT.__get__])
 op("gelu", F.gelu, "t", clients=[F.gelu], approximate="s")
+op("linear", F.linear, "t,t|t?", clients=[F.linear], bias="t?")  # x @ W.T + b (nn.Linear)
 op("silu", F.silu, "t", clients=[F.silu])
 op("softplus", F.softplus, "t|n,n", clients=[F.softplus], beta="n", threshold="n")
 op("leaky_relu", F.leaky_relu, "t|n", clients=[F.leaky_relu], negative_slope="n")

@@ -264,6 +264,15 @@ def _dead_proxy_error() -> HookwireError:
                          "so it never received a value; rerun the call that produces it")
 
 
+def _bound(value):
+    """A slice bound that is a real 0-d integer tensor (``x[..., :dim_tensor]``) means its
+    value, as it does to torch; proxies and plain ints pass through."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, Proxy) and value.dim() == 0 \
+            and not value.is_floating_point() and value.device.type != "meta":
+        return int(value)
+    return value
+
+
 def _func_name(func) -> str:
     return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
@@ -308,8 +317,8 @@ class Tracer:
         if t is float:
             return encode_arg(value)
         if t is slice:
-            return {"slice": [self._encode(value.start), self._encode(value.stop),
-                              self._encode(value.step)]}
+            return {"slice": [self._encode(_bound(value.start)), self._encode(_bound(value.stop)),
+                              self._encode(_bound(value.step))]}
         if t is tuple or t is torch.Size:
             return [self._encode(v) for v in value]
         if t is list:
@@ -443,7 +452,9 @@ class Tracer:
             return self._unseeded_random(func, args, kwargs)  # proxies are laid out contiguously: torch returns self
         if "out" in kwargs and kwargs["out"] is not None:
             raise trace_error("an `out=` argument", "assign the result instead")
-        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and v is not None}
+        # inplace=False (F.relu & co.) is the plain op; inplace=True stays and is refused.
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and v is not None
+                  and not (k == "inplace" and v is False)}
         if func in INPLACE_OPS:
             return self._inplace(func, INPLACE_OPS[func], args, kwargs)
         name = CLIENT_OPS.get(func)
@@ -676,7 +687,8 @@ def _key_of(value):
     if t is tuple or t is torch.Size:
         return ("t",) + tuple([_key_of(v) for v in value])
     if t is slice:
-        return ("s", _key_of(value.start), _key_of(value.stop), _key_of(value.step))
+        return ("s", _key_of(_bound(value.start)), _key_of(_bound(value.stop)),
+                _key_of(_bound(value.step)))
     if t is list:
         return ("l",) + tuple([_key_of(v) for v in value])
     if isinstance(value, torch.Tensor):

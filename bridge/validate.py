@@ -15,7 +15,9 @@ from hookwire.graph import Const, Graph, Ref, decode_arg
 from hookwire.ops import OPS, OpSpec, check_args
 
 SPECIAL = ("site.read", "site.write", "site.grad")
-WRITE_MODES = ("replace", "inplace")
+# "narrow": replace the site's value by its first k batch rows; the rest of the forward runs on
+# those rows only (rows a graph no longer needs, e.g. pyvene's source rows, stop computing).
+WRITE_MODES = ("replace", "inplace", "narrow")
 OUTPUT_KINDS = {"logits": ("logits", "both"), "loss": ("loss", "both")}  # kind -> return types
 
 
@@ -176,7 +178,8 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
                         set(kwargs) - {"mode"} or mode not in WRITE_MODES:
                     _fail(node.id, node.op, "args", "site.write takes (site, tensor) and "
                           f"mode in {WRITE_MODES}")
-                if (dn.site, mode) in writes:
+                if (dn.site, mode) in writes or (dn.site, {"replace": "narrow", "narrow":
+                                                         "replace"}.get(mode)) in writes:
                     _fail(node.id, node.op, "site_write_once", f"site written twice ({mode})")
                 writes.add((dn.site, mode))
                 dn.mode = mode
@@ -258,13 +261,16 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     metas = {tid: _meta_constant(t) for tid, t in constants.items()}
     values: dict[int, object] = {}
     total = 0
+    rows, read_at, last_read = batch, {}, -1  # batch rows now, at each site's read
     for dn in vg.nodes:
         if dn.op in ("site.read", "site.grad"):
             info = vg.site_infos[dn.site]
             if dn.op == "site.grad" and not info.grad:
                 _fail(dn.id, dn.op, "no_grad_site", f"site {info.name!r} has no gradient: its "
                       f"value ({info.dtype}) does not depend on the model's weights")
-            out = torch.empty(info.concrete_shape(batch, seq), dtype=info.dtype, device="meta")
+            if dn.op == "site.read":
+                read_at[dn.site], last_read = rows, max(last_read, dn.site)
+            out = torch.empty(info.concrete_shape(rows, seq), dtype=info.dtype, device="meta")
         elif dn.op == "output.read":
             if not outputs or dn.args[0] not in outputs:
                 _fail(dn.id, dn.op, "output_kind", f"this model has no {dn.args[0]} output")
@@ -273,7 +279,16 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
         elif dn.op == "site.write":
             info = vg.site_infos[dn.site]
             val = resolve(dn.args[1], values, metas)
-            want = info.concrete_shape(batch, seq)
+            want = info.concrete_shape(read_at.get(dn.site, rows), seq)
+            if dn.mode == "narrow" and isinstance(val, torch.Tensor) and val.dim() and \
+                    val.shape[0] <= want[0]:
+                if info.shape[:1] != ("B",):
+                    _fail(dn.id, dn.op, "narrow_site", f"site {info.name!r} has no batch dim")
+                if last_read > dn.site:
+                    _fail(dn.id, dn.op, "narrow_order", "a narrowing write must come before "
+                          "any read of a later site")
+                want = (val.shape[0],) + tuple(want[1:])
+                rows = val.shape[0]
             if not isinstance(val, torch.Tensor) or tuple(val.shape) != want or \
                     val.dtype != info.dtype:
                 got = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else type(val)

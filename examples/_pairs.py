@@ -25,3 +25,15 @@ def remote_and_local(models):
     finally:
         close_connections()
         srv.stop()
+
+
+def served_hf_model(name: str):
+    """A plain HF model with the weights the server builds for ``name`` (same config, same
+    seed), for running pyvene locally next to the remote run. pyvene rewires the model it
+    wraps, so this is a separate object from anything the server holds."""
+    from hookwire.families import build_hf_model
+    from hookwire.server.models import BUILTIN_MODELS
+
+    spec = BUILTIN_MODELS[name]
+    model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+    return model

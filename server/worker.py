@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 import torch
 
 from hookwire.batching import BatchMember, run_batch
-from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError, HookwireError,
-                             ProtocolError, ServerShuttingDown, UnknownModel)
+from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
+                             GraphValidationError, HookwireError, ProtocolError,
+                             ServerShuttingDown, UnknownModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
+from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
@@ -53,6 +55,8 @@ class Prepared:
     t_start: float
     t_validated: float
     sent: list = field(default_factory=lambda: [0])
+    mask: torch.Tensor | None = None   # attention mask of a module-site graph
+    on_modules: bool = False           # runs on HF module sites (the plain HF forward)
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -68,8 +72,9 @@ def batch_key(job: Job):
     """Jobs with equal keys may share a forward; None: the job runs alone."""
     graph = job.submit.graph
     spec = graph.forward
-    if graph.backward is not None or spec.return_type not in ("logits", None):
-        return None
+    if graph.backward is not None or spec.return_type not in ("logits", None) or \
+            any(is_module_site(site.name) for site in graph.sites):
+        return None  # module-site graphs (pyvene) batch their own rows already
     return (graph.model, spec.output_attentions)
 
 
@@ -169,12 +174,15 @@ class ModelWorker(threading.Thread):
         if missing:
             raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
+        on_modules = _uses_module_sites(graph)
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq))
         device = entry.hosted.device
         constants = {k: v.to(device) for k, v in constants.items()}
-        p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter())
+        p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
+                     mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
+                     on_modules=on_modules)
         p.interleaver = Interleaver(vg, constants, self._saver(p), self._site_watch(p))
         return p
 
@@ -199,10 +207,13 @@ class ModelWorker(threading.Thread):
         return on_site
 
     @staticmethod
-    def _forward(entry, spec, tokens):
+    def _forward(entry, spec, tokens, on_modules=False, mask=None):
         bridge = entry.hosted.bridge
 
         def forward():
+            if on_modules:  # HF module sites live in the plain HF forward (logits only)
+                return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
+                                                    attention_mask=mask, use_cache=False).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
@@ -219,7 +230,8 @@ class ModelWorker(threading.Thread):
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
-            output = il.run(p.entry.site_modules, self._forward(p.entry, spec, p.tokens),
+            output = il.run(p.entry.site_modules,
+                            self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -329,6 +341,36 @@ class ModelWorker(threading.Thread):
                 total += len(frame)
                 job.conn.send_threadsafe(frame)
         return total
+
+
+def _attention_mask(job: Job, graph, input_ids, device):
+    """The optional 0/1 attention mask of a module-site graph (padded rows)."""
+    mask = job.tensors.get(graph.inputs.get("attention_mask", ""))
+    if mask is None:
+        return None
+    if mask.shape != input_ids.shape or mask.dtype not in (torch.int64, torch.bool) or \
+            bool(((mask != 0) & (mask != 1)).any()):
+        raise ProtocolError("attention_mask must be a 0/1 int64 or bool tensor shaped like "
+                            "input_ids")
+    return mask.to(device, torch.int64)
+
+
+def _uses_module_sites(graph) -> bool:
+    """True for a graph on HF module sites; refuses one that mixes them with TL hook points
+    (the two kinds fire in different forwards)."""
+    kinds = {is_module_site(site.name) for site in graph.sites}
+    if len(kinds) > 1:
+        raise GraphValidationError("a graph uses TL hook points or HF module sites ('hf:...'), "
+                                   "not both: they fire in different forwards",
+                                   rule="site_kinds")
+    if kinds != {True} and any(n.op == "site.write" and n.kwargs.get("mode") == "narrow"
+                               for n in graph.nodes):
+        raise GraphValidationError("narrowing writes run on HF module sites only",
+                                   rule="narrow_site")
+    if kinds == {True} and graph.forward.return_type not in ("logits", None):
+        raise GraphValidationError("graphs on HF module sites return logits or nothing",
+                                   rule="return_type")
+    return kinds == {True}
 
 
 def output_shapes(entry, spec, batch: int, seq: int) -> dict:

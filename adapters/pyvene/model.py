@@ -1,0 +1,252 @@
+"""``RemoteIntervenableModel``: pyvene's ``IntervenableModel`` call, run on a hookwire server.
+
+The client builds pyvene's own ``IntervenableModel`` over a *weightless* stand-in of the
+server's model (an HF model of the reported family on the meta device). That gives exactly
+pyvene's intervention keys, groups, links and intervention objects (with their parameters,
+initialised as pyvene initialises them), and pyvene's own argument broadcasting. It is never
+run: each call is planned (``plan``), traced (``translate``) and sent as one graph whose single
+forward holds the base rows and the source rows together.
+"""
+from __future__ import annotations
+
+import torch
+import pyvene as pv
+from pyvene.models.configuration_intervenable_model import RepresentationConfig
+from pyvene.models.intervenable_base import IntervenableModelOutput
+from pyvene.models.intervenable_modelcard import type_to_module_mapping
+from transformers.modeling_outputs import CausalLMOutput
+
+from hookwire.client import get_connection
+from hookwire.errors import HookwireError
+from hookwire.families import build_hf_model, family_for_architecture
+from hookwire.module_sites import module_site
+from hookwire.progress import ProgressBar
+from hookwire.pyvene.allowed import check_intervention
+from hookwire.pyvene.components import check_fires, component_site
+from hookwire.pyvene.plan import Layout, parallel_tasks, serial_tasks
+from hookwire.pyvene.translate import trace_call
+
+
+class RemoteIntervenableModel:
+    """Stands in for ``pv.IntervenableModel(config, model)`` with the model on a server.
+
+    ``model`` is the served model's name. ``url`` / ``api_key`` default to
+    ``hookwire.configure`` / ``HOOKWIRE_URL``. ``interventions``, ``representations``,
+    ``sorted_keys``, ``get_trainable_parameters()`` are pyvene's own objects: set intervention
+    weights on them as you would locally."""
+
+    def __init__(self, config, model: str, *, url: str | None = None,
+                 api_key: str | None = None, use_fast: bool = False, progress: bool = False):
+        self.model_name = model
+        self._target = (url, api_key)
+        self.progress = progress
+        info = get_connection(url, api_key).model_info(model)
+        self.info = info
+        self.family = family_for_architecture(info.architecture)
+        self.stand_in, self.hf_config = build_hf_model(info.architecture, info.config,
+                                                       device="meta")
+        self.model_class = type(self.stand_in)
+        if isinstance(config, (dict, list)):
+            config = pv.IntervenableConfig(representations=config)
+        # Name errors first, and typed: pyvene itself would fail on them with a bare
+        # AttributeError while resolving module paths on the stand-in.
+        for rep in config.representations:
+            check_fires(component_site(self.model_class, rep), info.site_index, model)
+        self._pv = pv.IntervenableModel(config, self.stand_in, use_fast=use_fast)
+        self._use_fast = use_fast
+        self.sites = {key: component_site(self.model_class, rep)
+                      for key, rep in self._pv.representations.items()}
+        for key, iv in self._pv.interventions.items():
+            check_intervention(key, iv)
+        self.logits_site = module_site(_module_path(self.stand_in,
+                                                    self.stand_in.get_output_embeddings()))
+        returns = self.model_class.forward.__annotations__.get("return")
+        self.output_class = returns if isinstance(returns, type) else CausalLMOutput
+
+    # ---- pyvene's surface -------------------------------------------------------------------
+    @property
+    def interventions(self):
+        return self._pv.interventions
+
+    @property
+    def representations(self):
+        return self._pv.representations
+
+    @property
+    def sorted_keys(self):
+        return self._pv.sorted_keys
+
+    @property
+    def mode(self):
+        return self._pv.mode
+
+    @property
+    def config(self):
+        return self._pv.config
+
+    def get_trainable_parameters(self):
+        return [p for iv in self._pv.interventions.values()
+                if isinstance(iv, pv.TrainableIntervention) for p in iv.parameters()]
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        """Only the local interventions change mode: the served model is always in eval."""
+        self._pv.interventions.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # ---- the call ---------------------------------------------------------------------------
+    def __call__(self, base, sources=None, unit_locations=None, source_representations=None,
+                 subspaces=None, labels=None, output_original_output=False, return_dict=None,
+                 use_cache=None, intervention_additional_kwargs=None):
+        pvm = self._pv
+        for key, iv in pvm.interventions.items():
+            check_intervention(key, iv)  # they may have been swapped since construction
+        if intervention_additional_kwargs:
+            raise HookwireError("intervention_additional_kwargs only matter to custom "
+                                "interventions, which cannot run remotely")
+        if sources is not None and not isinstance(sources, list):
+            sources = [sources]
+        base_inputs = _inputs(base, "base")
+        if sources is None and source_representations is None and unit_locations is None \
+                and len(pvm.interventions) == 0:
+            layout = Layout()
+            return self._run(layout, [layout.add(*base_inputs)], [], False, labels)[1], None
+        batch = base_inputs[0].shape[0]
+        pvm.use_fast = self._use_fast  # pyvene leaves it on after one broadcast call
+        unit_locations = pvm._broadcast_unit_locations(batch, unit_locations)
+        sources = [None] * len(pvm._intervention_group) if sources is None else \
+            pvm._broadcast_sources(list(sources))
+        source_reps = pvm._broadcast_source_representations(source_representations)
+        subspaces = pvm._broadcast_subspaces(batch, subspaces)
+        pvm._input_validation(base, sources, unit_locations, source_reps, subspaces)
+        use_fast = pvm.use_fast
+        pvm.use_fast = self._use_fast
+
+        layout = Layout()
+        outputs = [layout.add(*base_inputs)]
+        if output_original_output:  # the same base, never intervened on; kept next to it
+            outputs.append(layout.add(*base_inputs))
+        # One tensor per distinct source object: groups given the same source (pyvene
+        # broadcasts one source to all groups) then share its rows in parallel mode.
+        converted: dict[int, tuple] = {}
+        source_inputs = []
+        for i, s in enumerate(sources):
+            if s is not None and id(s) not in converted:
+                converted[id(s)] = _inputs(s, f"sources[{i}]")
+                if converted[id(s)][0].shape[0] != batch:
+                    raise HookwireError(f"sources[{i}] has batch size "
+                                        f"{converted[id(s)][0].shape[0]}, the base {batch}: "
+                                        "pyvene pairs them row by row")
+            source_inputs.append(None if s is None else converted[id(s)])
+        if source_reps is not None:
+            source_reps = {k: v.detach() for k, v in source_reps.items()}
+        make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
+        tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
+                     subspaces)
+        base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels)
+        if collected is not None:
+            if return_dict:
+                return IntervenableModelOutput(original_outputs=base_out,
+                                               intervened_outputs=cf_out,
+                                               collected_activations=collected)
+            return (base_out, collected), cf_out
+        if return_dict:
+            return IntervenableModelOutput(original_outputs=base_out, intervened_outputs=cf_out,
+                                           collected_activations=None)
+        return base_out, cf_out
+
+    def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None):
+        traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
+                            self.hf_config, use_fast, self._pv._intervention_reverse_link,
+                            self.logits_site, outputs, self._narrowing(layout, outputs, tasks))
+        tr = traced.tracer
+        tensors = {"input_ids": layout.input_ids(pad_id=0)}
+        inputs = {"input_ids": "input_ids"}
+        mask = layout.attention_mask()
+        if mask is not None:
+            inputs["attention_mask"] = "attention_mask"
+            tensors["attention_mask"] = mask
+        tensors.update(tr.constants)
+        graph = {"version": 1, "model": self.model_name, "inputs": inputs,
+                 "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
+                 "saves": tr.saves, "forward": {"return_type": None}}
+        conn = get_connection(*self._target)
+        with ProgressBar(self.model_name, len(tr.sites), enabled=self.progress) as bar:
+            result = conn.run(graph, tensors, on_event=bar.on_event)
+        logits = [result.values[name] for name in traced.output_names]
+        loss = None
+        if labels is not None:  # the model's own loss function, on the returned logits
+            loss = self.stand_in.loss_function(logits=logits[0], labels=labels.to("cpu"),
+                                               vocab_size=self.hf_config.vocab_size)
+        # past_key_values stay None: a cache is not worth its bytes for a single forward.
+        cf_out = self.output_class(loss=loss, logits=logits[0])
+        base_out = self.output_class(logits=logits[1]) if len(outputs) > 1 else None
+        has_collect = any(isinstance(iv, pv.CollectIntervention)
+                          for iv in self._pv.interventions.values())
+        collected = None
+        if has_collect:
+            by_key = {}
+            for k, key in enumerate(traced.collect_keys):
+                by_key.setdefault(key, []).append(result.values[f"__collect_{k}"])
+            collected = [v for key in self._pv.sorted_keys for v in by_key.get(key, [])]
+        return base_out, cf_out, collected
+
+
+    def _narrowing(self, layout: Layout, outputs, tasks):
+        """(block-output site, rows kept) where the rows only interventions read (sources)
+        leave the batch: after the last block whose output or inner modules touch them, the
+        forward (and the LM head) runs on the kept rows only. None when that cannot be done
+        safely: components given as raw module paths, or padded inputs with a mask."""
+        keep = outputs[-1].stop  # output rows come first in the layout
+        if layout.rows[-1].stop == keep or layout.attention_mask() is not None:
+            return None
+        table = type_to_module_mapping.get(self.model_class, {})
+        touching = [t for t in tasks if (t.src is not None and t.src.start >= keep)
+                    or t.dst.start >= keep]
+        if not touching or "block_output" not in table or \
+                any(t.site.component not in table for t in touching):
+            return None
+        layer = max(int(self._pv.representations[t.key].layer) for t in touching)
+        site = component_site(self.model_class, RepresentationConfig(
+            layer=layer, component="block_output")).site
+        index = self.info.site_index.get((site, 0))
+        last = max(self.info.site_index[(n, 0)] for t in touching
+                   for n in (t.site.site, t.site.input_site)
+                   if (n, 0) in self.info.site_index)
+        if index is None or index < last:
+            return None
+        return site, keep
+
+
+def _module_path(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise HookwireError("the model's output embedding is not one of its modules")
+
+
+def _inputs(inputs, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pyvene calls ``model(**inputs)``: a dict with input_ids and, optionally, a 0/1
+    attention_mask (kept only when it pads something) is what a remote forward takes."""
+    if not isinstance(inputs, dict) or "input_ids" not in inputs:
+        raise HookwireError(f"{what} must be a dict with 'input_ids' (as pyvene passes it to "
+                            "the model as keyword arguments)")
+    extra = set(inputs) - {"input_ids", "attention_mask"}
+    if extra:
+        raise HookwireError(f"{what}: model inputs {sorted(extra)} are not supported remotely")
+    ids = inputs["input_ids"]
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise HookwireError(f"{what}['input_ids'] must be a (batch, seq) tensor")
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
+            raise HookwireError(f"{what}['attention_mask'] must be shaped like input_ids")
+        mask = None if bool((mask == 1).all()) else mask.detach().to("cpu", torch.int64)
+    return ids.detach().to("cpu", torch.int64), mask
+
+__all__ = ["RemoteIntervenableModel"]

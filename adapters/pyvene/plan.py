@@ -1,0 +1,169 @@
+"""Which rows of the one batched forward hold what, and which swaps happen where.
+
+One remote pyvene call is ONE forward over a batch made of row blocks: the base rows, one
+block per source that some intervention reads (parallel mode shares a block between groups
+given the same source object; serial mode gives every group its own, since a group's rows
+are intervened on by the group before it), and, for ``output_original_output=True``, a copy of
+the base rows that no intervention touches. Blocks shorter than the longest are padded on
+the right: in a causal LM a position never sees later ones, so the real positions compute
+exactly what they compute alone. The rows whose logits come back (base, and its untouched
+copy) come first, so that after the last block touching a source row the batch can be
+narrowed to them (``RemoteIntervenableModel._narrowing``).
+
+A :class:`Task` is one setter in pyvene's sense: at its component's site, gather the source
+activation from ``src`` rows (pyvene's getter) -- or take a constant -- and write the
+intervened activation into ``dst`` rows (pyvene's setter). Which tasks exist mirrors
+``IntervenableModel._wait_for_forward_with_{parallel,serial}_intervention``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hookwire.pyvene.components import ComponentSite
+
+
+@dataclass(frozen=True)
+class Rows:
+    start: int
+    stop: int
+    length: int
+
+    def of(self, x, seq_len: int):
+        """This block's rows of a site value (B, S, ...), cut to the block's own length."""
+        rows = x[self.start:self.stop]
+        return rows if self.length == seq_len else rows[:, :self.length]
+
+
+@dataclass
+class Layout:
+    blocks: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+    rows: list[Rows] = field(default_factory=list)
+
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Rows:
+        start = self.rows[-1].stop if self.rows else 0
+        r = Rows(start, start + input_ids.shape[0], input_ids.shape[1])
+        self.blocks.append(input_ids)
+        self.masks.append(attention_mask)
+        self.rows.append(r)
+        return r
+
+    @property
+    def seq_len(self) -> int:
+        return max(r.length for r in self.rows)
+
+    def input_ids(self, pad_id: int = 0) -> torch.Tensor:
+        s = self.seq_len
+        return torch.cat([F.pad(ids, (0, s - ids.shape[1]), value=pad_id)
+                          for ids in self.blocks], dim=0)
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """None unless some block came with padding of its own (the user's 0/1 mask); our
+        right padding is masked out too then."""
+        if all(m is None for m in self.masks):
+            return None
+        s = self.seq_len
+        return torch.cat([F.pad(torch.ones_like(ids) if m is None else m.to(torch.int64),
+                                (0, s - ids.shape[1]), value=0)
+                          for ids, m in zip(self.blocks, self.masks)], dim=0)
+
+
+@dataclass
+class Task:
+    key: str
+    order: int                      # pyvene's setter order: group, then key within it
+    site: ComponentSite
+    unit: str                       # pyvene unit: "pos", "h", "h.pos", ...
+    intervention: object
+    dst: Rows
+    dst_locs: object                # pyvene unit locations for the setter (None: all)
+    subspaces: object
+    src: Rows | None = None         # rows the getter reads (None: no getter)
+    src_locs: object = None
+    source_constant: object = None  # source_representations[key]
+
+
+def _needs_getter(intervention) -> bool:
+    return not getattr(intervention, "is_source_constant", False)
+
+
+def parallel_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations: dict,
+                   source_reps, subspaces) -> list[Task]:
+    ul_src, ul_dst = unit_locations["sources->base"]
+    base = layout.rows[0]
+    blocks: dict[int, Rows] = {}
+    tasks = []
+    for g, keys in pvm._intervention_group.items():
+        source = sources[g]
+        for key in keys:
+            iv = pvm.interventions[key]
+            i = pvm.sorted_keys.index(key)
+            const = source_reps.get(key) if source_reps is not None else None
+            has_source = const is not None if source_reps is not None else source is not None
+            if not (has_source or iv.is_source_constant):
+                continue  # pyvene registers no setter for it
+            task = Task(key, len(tasks), sites[key], pvm.representations[key].unit, iv,
+                        base,
+                        ul_dst[i] if ul_dst is not None else None,
+                        subspaces[i] if subspaces is not None else None,
+                        source_constant=const)
+            if source_reps is None and _needs_getter(iv):
+                if id(source) not in blocks:
+                    blocks[id(source)] = layout.add(*source)
+                task.src = blocks[id(source)]
+                task.src_locs = ul_src[i] if ul_src is not None else None
+            tasks.append(task)
+    return tasks
+
+
+def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations: dict,
+                 source_reps, subspaces) -> list[Task]:
+    groups = list(pvm._intervention_group.items())
+    base = layout.rows[0]
+    if source_reps is not None:
+        # pyvene runs no source pass then, and every setter stays on for the base run.
+        tasks = []
+        for g, keys in groups:
+            for key in keys:
+                iv = pvm.interventions[key]
+                if key in source_reps or iv.is_source_constant:
+                    i = pvm.sorted_keys.index(key)
+                    dst_locs = _serial_locs(unit_locations, g, len(groups), keys, key)[1]
+                    tasks.append(Task(key, len(tasks), sites[key],
+                                      pvm.representations[key].unit, iv, base, dst_locs,
+                                      subspaces[i] if subspaces is not None else None,
+                                      source_constant=source_reps.get(key)))
+        return tasks
+    rows = {g: layout.add(*sources[g]) for g, _ in groups if sources[g] is not None}
+    order = [g for g, _ in groups if sources[g] is not None]
+    tasks = []
+    for n, g in enumerate(order):
+        keys = pvm._intervention_group[g]
+        dst = rows[order[n + 1]] if n + 1 < len(order) else base
+        for key in keys:
+            src_locs, dst_locs = _serial_locs(unit_locations, g, len(groups), keys, key)
+            if src_locs is None:
+                continue
+            iv = pvm.interventions[key]
+            i = pvm.sorted_keys.index(key)
+            task = Task(key, len(tasks), sites[key], pvm.representations[key].unit, iv, dst,
+                        dst_locs,
+                        subspaces[i] if subspaces is not None else None)
+            if _needs_getter(iv):
+                task.src, task.src_locs = rows[g], src_locs
+            tasks.append(task)
+    return tasks
+
+
+def _serial_locs(unit_locations, g, n_groups, keys, key):
+    name = f"source_{g}->source_{g + 1}" if g != n_groups - 1 else f"source_{g}->base"
+    pair = unit_locations[name]
+    k = keys.index(key)
+    return (pair[0][k] if pair[0] is not None else None,
+            pair[1][k] if pair[1] is not None else None)
+
+
+__all__ = ["Rows", "Layout", "Task", "parallel_tasks", "serial_tasks"]

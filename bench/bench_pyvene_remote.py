@@ -1,0 +1,91 @@
+"""Remote vs local pyvene: a vanilla interchange on gpt2-small-random, batch 8 x 64 tokens.
+
+Local: ``pv.IntervenableModel`` on a plain HF model with the served weights (pyvene runs the
+source forward, then the base forward). Remote: ``hookwire.pyvene.RemoteIntervenableModel``
+against a server in its own process on 127.0.0.1 (one batched forward of base + source rows,
+logits of the base rows sent back). Both measured in the same run, interleaved, median of
+``--repeats`` after warm-up; the ratio remote/local is the figure (goal <= 0.65).
+
+    python bench/bench_pyvene_remote.py [--repeats 10] [--layers 0,6,11] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+import hookwire
+import hookwire.pyvene as hpv
+from hookwire.families import build_hf_model
+from hookwire.server.models import BUILTIN_MODELS
+
+import pyvene as pv
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from server_proc import ServerProcess  # noqa: E402
+
+MODEL = "gpt2-small-random"
+
+
+def paired_medians(fns, repeats: int, warmup: int = 2) -> list[float]:
+    """Median time of each function, the runs interleaved (a, b, a, b, ...) so that load from
+    other processes on a shared machine falls on both alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--layers", default="0,6,11", help="intervened layers, comma-separated")
+    ap.add_argument("--component", default="block_output")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    spec = BUILTIN_MODELS[MODEL]
+    hf_model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+    gen = torch.Generator().manual_seed(0)
+    base = {"input_ids": torch.randint(0, 50257, (8, 64), generator=gen)}
+    source = {"input_ids": torch.randint(0, 50257, (8, 64), generator=gen)}
+    results = {}
+    with ServerProcess(MODEL) as server:
+        hookwire.configure(url=server.url)
+        for layer in [int(x) for x in args.layers.split(",")]:
+            def config():
+                return pv.IntervenableConfig([{"layer": layer, "component": args.component,
+                                               "intervention_type": pv.VanillaIntervention}])
+            local = pv.IntervenableModel(config(), hf_model)  # pyvene owns it: never served
+            remote = hpv.RemoteIntervenableModel(config(), MODEL)
+
+            def run(model):
+                return model(base, [source], {"sources->base": 17})[1].logits
+            torch.testing.assert_close(run(remote), run(local))
+            t_local, t_remote = paired_medians([lambda: run(local), lambda: run(remote)],
+                                               args.repeats)
+            ratio = t_remote / t_local
+            results[f"layer_{layer}"] = {"local_s": t_local, "remote_s": t_remote,
+                                         "ratio": ratio}
+            # The source rows run up to the intervened block only (then the batch is
+            # narrowed to the base rows), so the ratio grows with the layer.
+            print(f"vanilla interchange, layer {layer:2d} {args.component}, batch 8 x 64: "
+                  f"local pyvene {t_local*1e3:8.1f} ms, remote {t_remote*1e3:8.1f} ms, "
+                  f"ratio {ratio:.3f} (goal <= 0.65)", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

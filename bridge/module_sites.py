@@ -1,0 +1,95 @@
+"""HF module sites: graph sites that address a module of the hosted HF model by its path.
+
+Naming scheme (what a graph's ``Site.name`` holds; ``Site.call`` picks the k-th call of a
+module that runs more than once in one forward)::
+
+    hf:<module path>:output    what the module returns (forward hook)
+    hf:<module path>:input     its first input (forward *pre*-hook)
+
+``<module path>`` is the module's dotted name in the plain HF model, exactly as
+``model.named_modules()`` spells it (``transformer.h.1.mlp``, ``model.layers.0.mlp.act_fn``,
+``lm_head``). The value at a site is always one tensor:
+
+* a module returning a tuple (GPT-2 and Llama blocks, attention modules) exposes element 0
+  (the hidden states, which is what pyvene and most HF hooks intervene on); writing the site
+  replaces element 0 and keeps the rest of the tuple;
+* an input site is the first positional argument, or the first tensor keyword argument when
+  the module is called with keywords only (as pyvene reads it).
+
+These sites live in the plain HF forward, TL hook points in the TL bridge's forward: one graph
+uses one kind or the other. Servers list the module sites that fire with a tensor in their
+manifest, after the TL hook points.
+"""
+from __future__ import annotations
+
+import torch
+
+PREFIX = "hf:"
+KINDS = ("output", "input")
+
+
+def module_site(path: str, kind: str = "output") -> str:
+    if kind not in KINDS:
+        raise ValueError(f"a module site is an 'output' or an 'input', not {kind!r}")
+    return f"{PREFIX}{path}:{kind}"
+
+
+def is_module_site(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def parse_module_site(name: str) -> tuple[str, str]:
+    """``hf:transformer.h.1:output`` -> ("transformer.h.1", "output")."""
+    if not is_module_site(name):
+        raise ValueError(f"{name!r} is not a module site (no {PREFIX!r} prefix)")
+    path, _, kind = name[len(PREFIX):].rpartition(":")
+    if kind not in KINDS:
+        raise ValueError(f"module site {name!r} must end in ':output' or ':input'")
+    return path, kind
+
+
+def _first_tensor_kwarg(kwargs: dict):
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return key
+    return None
+
+
+def attach(module: torch.nn.Module, name: str, hook):
+    """Register ``hook(module, args, value) -> replacement | None`` at a site.
+
+    For TL hook points (plain names) this is ``register_forward_hook``. For module sites the
+    hook sees one tensor (see the module docstring) and its replacement is put back where that
+    tensor came from."""
+    if not is_module_site(name):
+        return module.register_forward_hook(hook)
+    _, kind = parse_module_site(name)
+    if kind == "input":
+        def pre_hook(mod, args, kwargs):
+            key = None if args else _first_tensor_kwarg(kwargs)
+            value = args[0] if args else kwargs.get(key) if key is not None else None
+            result = hook(mod, args, value)
+            if result is None:
+                return None
+            if args:
+                return (result,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, key: result}
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def post_hook(mod, args, output):
+        if isinstance(output, tuple) and output:
+            result = hook(mod, args, output[0])
+            return None if result is None else (result,) + tuple(output[1:])
+        return hook(mod, args, output)
+    return module.register_forward_hook(post_hook)
+
+
+def site_value(output):
+    """The tensor a module site exposes for a module's return value (None if none)."""
+    if isinstance(output, tuple) and output:
+        output = output[0]
+    return output if isinstance(output, torch.Tensor) else None
+
+
+__all__ = ["PREFIX", "module_site", "is_module_site", "parse_module_site", "attach",
+           "site_value"]

@@ -1,0 +1,129 @@
+"""The hosted model's plain HF module tree, and the module sites it offers.
+
+A TL 4 ``TransformerBridge`` rewrites the HF model it wraps: blocks become ``BlockBridge``
+wrappers, and GPT-2's attention is re-implemented from split q/k/v linears, so modules such as
+``attn.c_attn`` or ``attn.c_proj`` never run in the bridge's forward. HF module paths (what
+pyvene and HF hooks address) must mean what they mean in HF, so the server keeps a second,
+plain module tree of the same family whose parameters and buffers *are* the bridge's tensors
+(shared storage, no copy). Module sites (``hookwire.module_sites``) run on that tree.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from hookwire.families import family_for_architecture
+from hookwire.frames import DTYPE_NAMES
+from hookwire.module_sites import module_site, site_value
+from hookwire.validate import SiteInfo
+
+_WRAPPED = re.compile(r"(^|\.)_original_component")
+_PROBES = ((3, 11), (5, 13))  # (batch, seq), as for TL hook points
+
+
+def _canonical(name: str) -> str:
+    return _WRAPPED.sub("", name)
+
+
+def plain_hf_model(bridge) -> torch.nn.Module:
+    """A plain HF model (built on the meta device, so nothing is allocated) whose every
+    parameter and buffer is the bridge's own tensor object."""
+    wrapped = bridge.original_model
+    cfg = wrapped.config
+    architecture = (getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0]
+    family = family_for_architecture(architecture)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in list(wrapped.named_parameters(remove_duplicate=False)) + \
+            list(wrapped.named_buffers(remove_duplicate=False)):
+        tensors.setdefault(_canonical(name), t)
+    with torch.device("meta"):
+        plain = family.model_class(cfg)
+    for module_name, module in plain.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        for store in (module._parameters, module._buffers):
+            for key, value in list(store.items()):
+                if value is None:
+                    continue
+                shared = tensors.get(prefix + key)
+                if shared is None or shared.shape != value.shape:
+                    raise RuntimeError(f"cannot share {prefix + key} with the bridge's model")
+                store[key] = shared
+    return plain.eval()
+
+
+def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tuple, torch.dtype]]:
+    fired: list = []
+    counts: dict[str, int] = {}
+
+    def note(name, value):
+        if isinstance(value, torch.Tensor):
+            call = counts.get(name, 0)
+            counts[name] = call + 1
+            fired.append((name, call, tuple(value.shape), value.dtype))
+
+    handles = []
+    for path, module in model.named_modules():
+        if not path:
+            continue  # the whole model's output is the forward's own result
+        out_name, in_name = module_site(path, "output"), module_site(path, "input")
+
+        def pre(mod, args, kwargs, name=in_name):
+            value = args[0] if args else next((v for v in kwargs.values()
+                                               if isinstance(v, torch.Tensor)), None)
+            note(name, value)
+
+        def post(mod, args, output, name=out_name):
+            note(name, site_value(output))
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post))
+    try:
+        device = next(model.parameters()).device
+        tokens = torch.randint(0, min(vocab, 256), (batch, seq),
+                               generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.no_grad():
+            model(input_ids=tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return fired
+
+
+def probe_module_sites(model) -> list[SiteInfo]:
+    """Module sites that fire with a tensor, in firing order, with symbolic shapes."""
+    vocab = model.config.vocab_size
+    (b1, s1), (b2, s2) = _PROBES
+    first, second = _record(model, b1, s1, vocab), _record(model, b2, s2, vocab)
+    if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
+        raise RuntimeError("module sites fire in a different order for different input sizes")
+    sites = []
+    for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
+        if len(shape1) != len(shape2) or dtype not in DTYPE_NAMES:
+            continue
+        dims = []
+        for d1, d2 in zip(shape1, shape2):
+            if d1 == d2:
+                dims.append(d1)
+            elif (d1, d2) == (b1, b2):
+                dims.append("B")
+            elif (d1, d2) == (s1, s2):
+                dims.append("S")
+            else:
+                dims = None
+                break
+        if dims is not None:
+            sites.append(SiteInfo(name, call, tuple(dims), dtype))
+    return sites
+
+
+def module_table(model) -> dict[str, torch.nn.Module]:
+    """site name -> module, for every module of the plain tree (both kinds)."""
+    table = {}
+    for path, module in model.named_modules():
+        if path:
+            table[module_site(path, "output")] = module
+            table[module_site(path, "input")] = module
+    return table
+
+
+__all__ = ["plain_hf_model", "probe_module_sites", "module_table"]
