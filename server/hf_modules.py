@@ -16,10 +16,10 @@ import torch
 from hookwire.families import family_for_architecture
 from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import module_site, site_value
+from hookwire.server.manifest import _PROBES, symbolic_shape
 from hookwire.validate import SiteInfo
 
 _WRAPPED = re.compile(r"(^|\.)_original_component")
-_PROBES = ((3, 11), (5, 13))  # (batch, seq), as for TL hook points
 
 
 def _canonical(name: str) -> str:
@@ -100,19 +100,9 @@ def probe_module_sites(model) -> list[SiteInfo]:
     for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
         if len(shape1) != len(shape2) or dtype not in DTYPE_NAMES:
             continue
-        dims = []
-        for d1, d2 in zip(shape1, shape2):
-            if d1 == d2:
-                dims.append(d1)
-            elif (d1, d2) == (b1, b2):
-                dims.append("B")
-            elif (d1, d2) == (s1, s2):
-                dims.append("S")
-            else:
-                dims = None
-                break
+        dims = symbolic_shape(shape1, shape2)
         if dims is not None:
-            sites.append(SiteInfo(name, call, tuple(dims), dtype))
+            sites.append(SiteInfo(name, call, dims, dtype))
     return sites
 
 

@@ -78,20 +78,27 @@ def probe_sites(bridge) -> list[SiteInfo]:
     for (name, call, shape1, dtype, grad), (_, _, shape2, *_) in zip(first, second):
         if len(shape1) != len(shape2):
             continue
-        dims = []
-        for d1, d2 in zip(shape1, shape2):
-            if d1 == d2:
-                dims.append(d1)
-            elif (d1, d2) == (b1, b2):
-                dims.append("B")
-            elif (d1, d2) == (s1, s2):
-                dims.append("S")
-            else:
-                dims = None
-                break
+        dims = symbolic_shape(shape1, shape2)
         if dims is not None and dtype in DTYPE_NAMES:
-            sites.append(SiteInfo(name, call, tuple(dims), dtype, grad))
+            sites.append(SiteInfo(name, call, dims, dtype, grad))
     return sites
+
+
+def symbolic_shape(shape1, shape2) -> tuple | None:
+    """One site's shapes in the two probes -> each dim as ``B``, ``S`` or its fixed size
+    (None when a dim moves with neither)."""
+    (b1, s1), (b2, s2) = _PROBES
+    dims = []
+    for d1, d2 in zip(shape1, shape2):
+        if d1 == d2:
+            dims.append(d1)
+        elif (d1, d2) == (b1, b2):
+            dims.append("B")
+        elif (d1, d2) == (s1, s2):
+            dims.append("S")
+        else:
+            return None
+    return tuple(dims)
 
 
 def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:

@@ -96,7 +96,8 @@ class RemoteIntervenableModel:
         self._pv.interventions.train(mode)
         return self
 
-    def eval(self):
+    # nn.Module-style mode switch (a method named eval), not Python's eval builtin.
+    def eval(self):  # noqa: not builtin eval
         return self.train(False)
 
     # ---- the call ---------------------------------------------------------------------------
