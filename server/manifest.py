@@ -60,8 +60,11 @@ def _record_sites(bridge, batch: int, seq: int
             warnings.simplefilter("ignore")  # TL's notes on the path it takes: expected here
             logits = bridge(tokens, return_type="logits")
         differentiable = [i for i, out in enumerate(outputs) if out.requires_grad]
-        grads = torch.autograd.grad(logits.sum(), [outputs[i] for i in differentiable],
-                                    allow_unused=True) if logits.requires_grad else ()
+        # enable_grad here too: under a caller's no_grad (a notebook's set_grad_enabled(False))
+        # logits.sum() would have no grad_fn.
+        with torch.enable_grad():
+            grads = torch.autograd.grad(logits.sum(), [outputs[i] for i in differentiable],
+                                        allow_unused=True) if logits.requires_grad else ()
         has_grad = {i for i, g in zip(differentiable, grads) if g is not None}
     finally:
         for h in handles:
