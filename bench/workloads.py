@@ -296,8 +296,10 @@ def attribution_tl(t: Tools, remote=False):
     model = t.remote if remote else t.bridge
     clean, _ = _fwd_bwd_tl(model, t.inputs.clean, remote)
     corrupt, grads = _fwd_bwd_tl(model, t.inputs.corrupt, remote)
+    hooks = model.hook_dict   # TL 4 stores under canonical names; the aliases map to them
     return _attribute(clean, corrupt, grads, t.inputs.n_layers,
-                      lambda i: f"blocks.{i}.hook_resid_pre", lambda i: f"blocks.{i}.attn.hook_z")
+                      lambda i: hooks[f"blocks.{i}.hook_resid_pre"].name,
+                      lambda i: hooks[f"blocks.{i}.attn.hook_z"].name)
 
 
 def attribution_remote(t: Tools):
@@ -308,8 +310,10 @@ def _fwd_bwd_nnsight(t: Tools, tokens):
     n, nh = t.inputs.n_layers, t.inputs.n_heads
     with t.nn.trace(tokens):
         blocks = t.nn.transformer.h
-        resid = [blocks[i].input for i in range(n)]
-        z = [blocks[i].attn.c_proj.input for i in range(n)]
+        resid, z = [], []
+        for i in range(n):   # in the order the forward reaches them
+            resid.append(blocks[i].input)
+            z.append(blocks[i].attn.c_proj.input)
         acts = nnsight.save(resid + z)
         with _mean_diff(t.nn.output.logits).backward():
             grads = nnsight.save([None] * (2 * n))
