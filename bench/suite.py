@@ -116,6 +116,12 @@ def machine() -> dict:
     return info
 
 
+def write_report(report: dict, out: Path):
+    report["seconds"] = time.time() - report["started"]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(markdown(report))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -171,6 +177,7 @@ def main(argv=None):
                            / timings[workload.ratio_to]["median"],
                            "wall_s": time.perf_counter() - t0}
                     report["rows"].append(row)
+                    write_report(report, out)   # after every row: a cut-short run keeps its rows
                     print(f"{model:18s} b={batch} {workload.name:14s} "
                           + "  ".join(f"{c} {v['median']*1e3:8.1f}ms"
                                       for c, v in timings.items())
@@ -180,9 +187,7 @@ def main(argv=None):
             local.clear()
         report["memory"] = client_memory(server.url, models[-1])
         close_connections()
-    report["seconds"] = time.time() - report["started"]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
+    write_report(report, out)
     print(markdown(report))
     print(f"wrote {out / 'report.json'} and {out / 'report.md'} in {report['seconds']:.0f} s")
 

@@ -79,7 +79,12 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    t = t.reshape(-1)
+    if t.stride(0) != 1:
+        # e.g. logits[:, -1, k] with batch 1: "contiguous" (size-1 dims don't count), yet
+        # its stride is the row length, and a byte view needs stride 1.
+        t = t.clone(memory_format=torch.contiguous_format)
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
