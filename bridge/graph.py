@@ -14,8 +14,9 @@ Arguments are JSON values in a small closed vocabulary (see :data:`ARG_JSON_SCHE
 
 Special ops touch the model rather than compute: ``site.read`` (a site's activation),
 ``site.write`` (replace it, or overwrite it in place), ``output.read`` (the forward's logits or
-loss, once the forward is over) and ``site.grad`` (the gradient of ``Graph.backward`` at a
-site, once the backward pass is over).
+loss, once the forward is over), ``site.grad`` (the gradient of ``Graph.backward`` at a
+site, once the backward pass is over) and ``const.grad`` (its gradient with respect to one of
+the request's constants: how a client trains its own parameters through the served model).
 """
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
         _fail(None, None, "constants", "a constant id is declared twice")
     decoded: list[DecodedNode] = []
     by_id: dict[int, DecodedNode] = {}
-    reads, writes, grads, outputs_read = set(), set(), set(), set()
+    reads, writes, grads, outputs_read, const_grads = set(), set(), set(), set(), set()
     for node in graph.nodes:
         where = f"node {node.id} ({node.op})"
         if node.id in by_id:
@@ -150,6 +150,21 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
                 _fail(node.id, node.op, "output_read_once", f"{kind} read twice")
             outputs_read.add(kind)
             dn.stage = len(graph.sites)
+        elif node.op == "const.grad":
+            # The gradient of Graph.backward with respect to an attached constant: what a
+            # client needs to train its own parameters (pyvene's rotations) through the
+            # served model. The weights are never a target, only the request's own tensors.
+            tid = args[0].tid if len(args) == 1 and isinstance(args[0], Const) and \
+                not kwargs else None
+            if tid is None:
+                _fail(node.id, node.op, "args", "const.grad takes exactly one constant")
+            if graph.backward is None:
+                _fail(node.id, node.op, "grad_without_backward", "reads a gradient, but "
+                      "the graph names no value to differentiate (backward)")
+            if tid in const_grads:
+                _fail(node.id, node.op, "const_grad_once", "gradient of a constant read twice")
+            const_grads.add(tid)
+            dn.stage = len(graph.sites) + 1
         elif node.op in SPECIAL:
             if not args or not isinstance(args[0], int) or isinstance(args[0], bool) or \
                     not 0 <= args[0] < len(graph.sites):
@@ -276,6 +291,12 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                 _fail(dn.id, dn.op, "output_kind", f"this model has no {dn.args[0]} output")
             shape, dtype = outputs[dn.args[0]]
             out = torch.empty(shape, dtype=dtype, device="meta")
+        elif dn.op == "const.grad":
+            const = metas[dn.args[0].tid]
+            if not const.dtype.is_floating_point:
+                _fail(dn.id, dn.op, "const_grad_dtype", f"constant {dn.args[0].tid!r} is "
+                      f"{const.dtype}; only floating-point constants have gradients")
+            out = torch.empty(const.shape, dtype=const.dtype, device="meta")
         elif dn.op == "site.write":
             info = vg.site_infos[dn.site]
             val = resolve(dn.args[1], values, metas)
