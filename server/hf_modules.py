@@ -9,6 +9,7 @@ plain module tree of the same family whose parameters and buffers *are* the brid
 """
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from hookwire.families import family_for_architecture
 from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import module_site, site_value
+from hookwire.server.attention_sites import attention_weight_sites
 from hookwire.server.manifest import _PROBES, symbolic_shape
 from hookwire.validate import SiteInfo
 
@@ -30,7 +32,8 @@ def plain_hf_model(bridge) -> torch.nn.Module:
     """A plain HF model (built on the meta device, so nothing is allocated) whose every
     parameter and buffer is the bridge's own tensor object."""
     wrapped = bridge.original_model
-    cfg = wrapped.config
+    # Our own copy of the config: the attention implementation set below is this tree's only.
+    cfg = copy.deepcopy(wrapped.config)
     architecture = (getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0]
     family = family_for_architecture(architecture)
     tensors: dict[str, torch.Tensor] = {}
@@ -81,7 +84,7 @@ def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tup
         device = next(model.parameters()).device
         tokens = torch.randint(0, min(vocab, 256), (batch, seq),
                                generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), attention_weight_sites(model):  # attention probabilities too
             model(input_ids=tokens)
     finally:
         for h in handles:

@@ -23,6 +23,7 @@ from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
+from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.server.tl_modes import marked_for_graph
@@ -57,6 +58,7 @@ class Prepared:
     sent: list = field(default_factory=lambda: [0])
     mask: torch.Tensor | None = None   # attention mask of a module-site graph
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
+    attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -183,6 +185,10 @@ class ModelWorker(threading.Thread):
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
                      on_modules=on_modules)
+        if on_modules:
+            weight_modules = weight_site_modules(entry.hf_model)
+            p.attention_weights = any(id(entry.site_modules[info.name]) in weight_modules
+                                      for info in vg.site_infos)
         p.interleaver = Interleaver(vg, constants, self._saver(p), self._site_watch(p))
         return p
 
@@ -207,13 +213,15 @@ class ModelWorker(threading.Thread):
         return on_site
 
     @staticmethod
-    def _forward(entry, spec, tokens, on_modules=False, mask=None):
+    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False):
         bridge = entry.hosted.bridge
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
-                return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
-                                                    attention_mask=mask, use_cache=False).logits
+                with attention_weight_sites(entry.hf_model, attention_weights):
+                    return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
+                                                        attention_mask=mask,
+                                                        use_cache=False).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
@@ -231,7 +239,8 @@ class ModelWorker(threading.Thread):
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
             output = il.run(p.entry.site_modules,
-                            self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask),
+                            self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
+                                          p.attention_weights),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
