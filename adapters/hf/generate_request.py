@@ -106,8 +106,12 @@ class GenerationRun:
         conn = get_connection(*self.model._target)
         on_submit = None if run is None else (lambda rid: run.submitted(conn, rid))
         with ProgressBar(self.model.name, steps, enabled=self.model.progress) as bar:
+            def on_event(msg):
+                bar.on_event(msg)
+                if run is not None:
+                    run.emit(msg)
             try:
-                conn.run(graphs[0], tensors, on_event=bar.on_event, on_value=on_value,
+                conn.run(graphs[0], tensors, on_event=on_event, on_value=on_value,
                          on_submit=on_submit, submit_extra={"generate": spec})
             except BaseException:
                 for k in range(len(escaped)):
