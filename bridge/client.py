@@ -73,6 +73,8 @@ class RemoteModelInfo:
     site_index: dict[tuple[str, int], int] = field(default_factory=dict)
     hook_names: frozenset = frozenset()
     hook_aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical
+    module_layouts: dict[str, list[str]] = field(default_factory=dict)
+    step_module_layouts: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -85,6 +87,8 @@ class RemoteModelInfo:
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)
         info.hook_aliases = dict(msg.hook_aliases)
+        info.module_layouts = {k: list(v) for k, v in msg.module_layouts.items()}
+        info.step_module_layouts = {k: list(v) for k, v in msg.step_module_layouts.items()}
         return info
 
 
@@ -179,9 +183,11 @@ class Connection:
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],
             on_event: Callable[[object], None] | None = None,
             on_value: Callable[[str, torch.Tensor], None] | None = None,
-            on_submit: Callable[[str], None] | None = None) -> RunResult:
+            on_submit: Callable[[str], None] | None = None,
+            submit_extra: dict | None = None) -> RunResult:
         """Submit a graph with its tensors; block until done. Each saved value is handed to
-        ``on_value`` the moment its last byte arrives, before the forward pass ends."""
+        ``on_value`` the moment its last byte arrives, before the forward pass ends.
+        ``submit_extra``: further fields of the submit message (``generate``)."""
         with self.lock:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if on_submit is not None:
@@ -194,7 +200,8 @@ class Connection:
                 for refer in (True, True, False):
                     try:
                         return self._submit_and_collect(rid, graph, tensors, on_event,
-                                                        on_value, refer=refer)
+                                                        on_value, refer=refer,
+                                                        extra=submit_extra)
                     except ResidentMissing as exc:
                         if not refer:
                             raise
@@ -237,12 +244,13 @@ class Connection:
         return uploads, refs, keep
 
     def _submit_and_collect(self, rid, graph, tensors, on_event, on_value,
-                            refer: bool = True) -> RunResult:
+                            refer: bool = True, extra: dict | None = None) -> RunResult:
         uploads, refs, keep = self._plan_uploads(tensors, refer)
         headers = [header_for(tid, t).model_dump() for tid, t in uploads.items()]
         body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
                            "tensors": headers, "refs": refs, "keep": keep,
-                           "keep_results": self.use_residents}, separators=(",", ":"))
+                           "keep_results": self.use_residents, **(extra or {})},
+                          separators=(",", ":"))
         sent = len(body)
         tensor_bytes = 0
         self.ws.send(body)

@@ -36,6 +36,7 @@ class Limits:
     max_request_seconds: float = 600.0    # wall time of one request once it starts
     max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
+    max_new_tokens: int = 1024            # tokens one generate request may ask for
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from hookwire.frames import TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
                                ModelInfoRequest, Submit, dump,
                                parse_client_message)
-from hookwire.server.hf_modules import module_table, plain_hf_model, probe_module_sites
+from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
+                                        probe_module_sites)
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
@@ -103,15 +104,17 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
     try:
         hf_model = plain_hf_model(hosted.bridge)
         module_sites = probe_module_sites(hf_model)
+        layouts = probe_module_layouts(hf_model)
     except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
         log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites = None, []
+        hf_model, module_sites, layouts = None, [], ({}, {})
     sites = sites + module_sites
     info = describe(hosted, sites)
+    info.module_layouts, info.step_module_layouts = layouts
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
     if hf_model is not None:
-        site_modules.update(module_table(hf_model))
+        site_modules.update(module_table(hf_model, module_sites))
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model)

@@ -16,7 +16,8 @@ import torch
 
 from hookwire.families import family_for_architecture
 from hookwire.frames import DTYPE_NAMES
-from hookwire.module_sites import module_site, site_value
+from hookwire.module_sites import (element_values, is_module_site, module_site,
+                                   parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites
 from hookwire.server.manifest import _PROBES, symbolic_shape
 from hookwire.validate import SiteInfo
@@ -76,7 +77,9 @@ def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tup
                                                if isinstance(v, torch.Tensor)), None)
             note(name, value)
 
-        def post(mod, args, output, name=out_name):
+        def post(mod, args, output, name=out_name, path=path):
+            for element, value in element_values(output):
+                note(module_site(path, "output", element), value)
             note(name, site_value(output))
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
@@ -109,14 +112,60 @@ def probe_module_sites(model) -> list[SiteInfo]:
     return sites
 
 
-def module_table(model) -> dict[str, torch.nn.Module]:
-    """site name -> module, for every module of the plain tree (both kinds)."""
+def _layouts(model, run) -> dict[str, list[str]]:
+    """Type names of tuple outputs and positional arguments, per module site (first call)."""
+    found: dict[str, list[str]] = {}
+
+    def names(values):
+        return ["Tensor" if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+
+    handles = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+
+        def pre(mod, args, path=path):
+            found.setdefault(module_site(path, "input"), names(args))
+
+        def post(mod, args, output, path=path):
+            if isinstance(output, tuple):
+                found.setdefault(module_site(path, "output"), names(output))
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad(), attention_weight_sites(model):  # as in _record
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def probe_module_layouts(model) -> tuple[dict, dict]:
+    """(layouts in a plain forward, layouts in a generation step's forward where they
+    differ): what a client needs to hand hooks the tuples torch would."""
+    device = next(model.parameters()).device
+    tokens = torch.zeros((1, 3), dtype=torch.int64, device=device)
+    fwd = type(model).forward
+    plain = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
+    cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
+    step = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1], past_key_values=cache,
+                                       use_cache=True))
+    return plain, {k: v for k, v in step.items() if plain.get(k) != v}
+
+
+def module_table(model, sites=()) -> dict[str, torch.nn.Module]:
+    """site name -> module, for every module of the plain tree (both kinds), and for the
+    tuple-element sites among the probed ``sites``."""
     table = {}
     for path, module in model.named_modules():
         if path:
             table[module_site(path, "output")] = module
             table[module_site(path, "input")] = module
+    for site in sites:
+        if is_module_site(site.name) and site.name not in table:
+            table[site.name] = model.get_submodule(parse_module_site(site.name)[0])
     return table
 
 
-__all__ = ["plain_hf_model", "probe_module_sites", "module_table"]
+__all__ = ["plain_hf_model", "probe_module_sites", "probe_module_layouts", "module_table"]

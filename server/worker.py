@@ -24,6 +24,7 @@ from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
+from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.server.tl_modes import marked_for_graph
@@ -59,6 +60,7 @@ class Prepared:
     mask: torch.Tensor | None = None   # attention mask of a module-site graph
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
+    generation: list | None = None     # a generate request's validated forwards
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -74,6 +76,8 @@ def batch_key(job: Job):
     """Jobs with equal keys may share a forward; None: the job runs alone."""
     graph = job.submit.graph
     spec = graph.forward
+    if job.submit.generate is not None:
+        return None  # a token loop with its own KV cache runs alone
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
@@ -187,9 +191,11 @@ class ModelWorker(threading.Thread):
                      on_modules=on_modules)
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
-            p.attention_weights = any(id(entry.site_modules[info.name]) in weight_modules
+            p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
                                       for info in vg.site_infos)
         p.interleaver = Interleaver(vg, constants, self._saver(p), self._site_watch(p))
+        if job.submit.generate is not None:
+            p.generation = validate_generation(job, entry, self.limits, input_ids)
         return p
 
     def _saver(self, p: Prepared):
@@ -229,6 +235,9 @@ class ModelWorker(threading.Thread):
         return forward
 
     def run_alone(self, p: Prepared):
+        if p.generation is not None:
+            run_generation(self, p, p.generation)
+            return
         spec = p.job.submit.graph.forward
         il = p.interleaver
         rid = p.job.request_id
