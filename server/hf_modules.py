@@ -18,7 +18,7 @@ from hookwire.families import family_for_architecture
 from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import (element_values, is_module_site, module_site,
                                    parse_module_site, site_value)
-from hookwire.server.attention_sites import attention_weight_sites
+from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.manifest import _PROBES, symbolic_shape
 from hookwire.validate import SiteInfo
 
@@ -56,7 +56,8 @@ def plain_hf_model(bridge) -> torch.nn.Module:
     return plain.eval()
 
 
-def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tuple, torch.dtype]]:
+def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = False
+            ) -> list[tuple[str, int, tuple, torch.dtype]]:
     fired: list = []
     counts: dict[str, int] = {}
 
@@ -87,7 +88,7 @@ def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tup
         device = next(model.parameters()).device
         tokens = torch.randint(0, min(vocab, 256), (batch, seq),
                                generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.no_grad(), attention_weight_sites(model):  # attention probabilities too
+        with torch.no_grad(), attention_weight_sites(model, attention_weights):
             model(input_ids=tokens)
     finally:
         for h in handles:
@@ -100,6 +101,15 @@ def probe_module_sites(model) -> list[SiteInfo]:
     vocab = model.config.vocab_size
     (b1, s1), (b2, s2) = _PROBES
     first, second = _record(model, b1, s1, vocab), _record(model, b2, s2, vocab)
+    weight_names = _weight_site_names(model)
+    if weight_names:
+        # The attention-dropout sites fire only in the eager implementation requests that
+        # hook them run (server.attention_sites); every other site is listed as the default
+        # forward fires it (under SDPA, attention modules return no weights, for example).
+        plain = {(n, c) for n, c, _, _ in first}
+        first, second = ([e for e in _record(model, b, s, vocab, attention_weights=True)
+                          if (e[0], e[1]) in plain or e[0] in weight_names]
+                         for b, s in ((b1, s1), (b2, s2)))
     if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
         raise RuntimeError("module sites fire in a different order for different input sizes")
     sites = []
@@ -110,6 +120,12 @@ def probe_module_sites(model) -> list[SiteInfo]:
         if dims is not None:
             sites.append(SiteInfo(name, call, dims, dtype))
     return sites
+
+
+def _weight_site_names(model) -> set[str]:
+    ids = weight_site_modules(model)
+    return {module_site(path, kind) for path, m in model.named_modules() if id(m) in ids
+            for kind in ("input", "output")}
 
 
 def _layouts(model, run) -> dict[str, list[str]]:
@@ -133,7 +149,7 @@ def _layouts(model, run) -> dict[str, list[str]]:
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
     try:
-        with torch.no_grad(), attention_weight_sites(model):  # as in _record
+        with torch.no_grad():
             run()
     finally:
         for h in handles:
