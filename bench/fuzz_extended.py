@@ -30,7 +30,7 @@ def main() -> int:
                           cwd=ROOT, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
     layers = {}
-    for m in re.finditer(r"^fuzz (\w+): (\d+) messages (\{.*\})$", proc.stdout, re.M):
+    for m in re.finditer(r"fuzz (\w+): (\d+) messages (\{.*\})", proc.stdout):
         layers[m.group(1)] = {"messages": int(m.group(2)),
                               "outcomes": json.loads(m.group(3).replace("'", '"'))}
     tail = proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []
