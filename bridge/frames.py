@@ -145,7 +145,11 @@ class TensorAssembler:
                 raise FrameError(f"declared tensors total {total} bytes; limit {max_total_bytes}")
         for h in headers:
             # np.empty: no zero-fill; every byte is written before use (checked by `complete`)
-            self.buffers[h.tid] = np.empty(h.nbytes(), dtype=np.uint8)
+            try:
+                self.buffers[h.tid] = np.empty(h.nbytes(), dtype=np.uint8)
+            except MemoryError:  # within the limit, but more than this machine can hold
+                raise FrameError(f"tensor {h.tid!r} of {h.nbytes()} bytes does not fit in "
+                                 "memory here") from None
             self.received[h.tid] = 0
 
     @property
