@@ -21,6 +21,11 @@ from typing import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+# A result is computed for real only while it is as small as the constants validation keeps
+# real (validate._meta_constant: 2**20 elements) and cheap; otherwise its meta stand-in goes
+# on, so validation never holds gigabytes or runs a long contraction on real values.
+REAL_BYTES = 8 << 20
+REAL_FLOPS = 10 ** 8
 # Ops whose cost is not bounded by the bytes of their inputs and result.
 CONTRACTIONS = frozenset({"matmul", "rmatmul", "mm", "bmm", "mv", "dot", "einsum", "linear"})
 # Ops whose result shape may depend on values, and is never larger than their inputs.
@@ -58,8 +63,9 @@ def _to_meta(value):
 
 
 def run_for_shape(op: str, fn: Callable, args: tuple, kwargs: dict, max_bytes: int):
-    """``(result, flops)`` of one op in shape inference. A result over ``max_bytes`` comes
-    back as its meta stand-in, never computed for real (the caller refuses it)."""
+    """``(result, flops)`` of one op in shape inference. A result over ``max_bytes`` (which the
+    caller refuses), or too large or costly to compute for real, comes back as its meta
+    stand-in."""
     counter = FlopCounterMode(display=False) if op in CONTRACTIONS else None
     counting = counter if counter is not None else contextlib.nullcontext()
     if not _is_real(args) and not _is_real(kwargs):
@@ -74,7 +80,7 @@ def run_for_shape(op: str, fn: Callable, args: tuple, kwargs: dict, max_bytes: i
             raise
         probe = None  # e.g. a boolean mask: only its values tell the result's shape
     flops = counter.get_total_flops() if counter else 0
-    if probe is not None and nbytes(probe) > max_bytes:
+    if probe is not None and (nbytes(probe) > min(max_bytes, REAL_BYTES) or flops > REAL_FLOPS):
         return probe, flops
     return fn(*args, **kwargs), flops
 

@@ -85,3 +85,15 @@ def test_save_and_constant_names_are_bounded():
     with pytest.raises(ValidationError):
         Graph.model_validate({**base, "constants": ["c" * 65]})
     assert Graph.model_validate({**base, "saves": {"résumé 🙂": 0}}).saves
+
+
+def test_validation_keeps_only_small_cheap_results_real():
+    """Results of ops on real constants stay real only while small and cheap (8 MiB, 1e8
+    flops): a 1000x1000 integer matmul is sized, not computed, during validation."""
+    ints = torch.ones(1000, 1000, dtype=torch.int64)
+    out, flops = run_for_shape("matmul", torch.matmul, (ints, ints), {}, 1 << 31)
+    assert out.device.type == "meta" and flops == 2 * 1000 ** 3
+    out, _ = run_for_shape("repeat", torch.Tensor.repeat, (ints, (2, 1)), {}, 1 << 31)
+    assert out.device.type == "meta" and tuple(out.shape) == (2000, 1000)
+    out, _ = run_for_shape("add", torch.add, (ints[:10], 1), {}, 1 << 31)
+    assert out.device.type == "cpu" and int(out.sum()) == 20000
