@@ -25,8 +25,8 @@ from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUn
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
-from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Done, Error, HelloOk, ModelInfo,
-                               Progress, Result, parse_server_message)
+from hookwire.protocol import (MAX_CONTROL_BYTES, PROTOCOL_VERSION, Accepted, Done, Error,
+                               HelloOk, ModelInfo, Progress, Result, parse_server_message)
 from hookwire.validate import SiteInfo
 
 MAX_RESULT_BYTES = 64 << 30  # what a client accepts from a server in one request
@@ -119,8 +119,10 @@ class Connection:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
             # Entered by hand (not in a `with`): the connection lives as long as this object.
+            # max_size: the server sends tensors in 1 MiB frames and control messages are
+            # bounded (protocol.MAX_CONTROL_BYTES), so a larger message is refused unread.
             self._cm = ws_connect(url, additional_headers=headers, compression=None,
-                                  max_size=None, open_timeout=open_timeout,
+                                  max_size=MAX_CONTROL_BYTES, open_timeout=open_timeout,
                                   ping_interval=None, max_queue=64,
                                   create_connection=_BulkClientConnection)
             self.ws = self._cm.__enter__()
@@ -287,7 +289,7 @@ class Connection:
         values: dict[str, torch.Tensor] = {}
         pending: dict[str, tuple] = {}  # tid -> (name, assembler)
         resident_ids: dict[str, str | None] = {}  # save name -> id the server keeps it under
-        received = 0
+        received = announced = 0
         while True:
             data = self._recv()
             received += len(data)
@@ -310,6 +312,12 @@ class Connection:
                 raise ProtocolError("server answered a request this client did not send")
             if isinstance(msg, Result):
                 resident_ids[msg.name] = msg.resident
+                # Bounded per request, not only per tensor: a server cannot make this
+                # client reserve more than MAX_RESULT_BYTES in announced results.
+                announced += msg.tensor.nbytes()
+                if announced > MAX_RESULT_BYTES:
+                    raise ProtocolError(f"server announced {announced} bytes of results; "
+                                        f"this client accepts {MAX_RESULT_BYTES}")
                 asm = TensorAssembler([msg.tensor], MAX_RESULT_BYTES)
                 if msg.tensor.nbytes() == 0:
                     values[msg.name] = asm.tensors()[msg.tensor.tid]

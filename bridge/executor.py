@@ -150,7 +150,15 @@ class Interleaver:
                 self.values[read_id] = output.clone()
             # Differentiable when a backward follows (gradients flow through the edit).
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
-                output.copy_(value)
+                try:
+                    output.copy_(value)
+                except RuntimeError as exc:
+                    # e.g. a broadcast activation (GPT-2's position embeddings, expanded over
+                    # the batch): torch refuses the in-place write, as it would locally.
+                    info = self.vg.site_infos[index]
+                    raise ExecutionError(f"in-place write into site {info.name!r} failed: "
+                                         f"{str(exc).splitlines()[0][:200]}",
+                                         node=writes["inplace"]) from None
         if "replace" in writes or "narrow" in writes:  # narrow: fewer batch rows
             result = self.values.pop(writes.get("replace", writes.get("narrow")), None)
         if index in self.grad_sites:

@@ -13,6 +13,7 @@ import torch
 from hookwire.errors import GraphValidationError, LimitExceeded
 from hookwire.graph import Const, Graph, Ref, decode_arg
 from hookwire.ops import OPS, OpSpec, check_args
+from hookwire.shape_probe import run_for_shape
 
 SPECIAL = ("site.read", "site.write", "site.grad")
 # "narrow": replace the site's value by its first k batch rows; the rest of the forward runs on
@@ -27,8 +28,16 @@ class Limits:
     max_constant_bytes: int = 512 << 20
     max_saved_bytes: int = 2 << 30
     max_value_bytes: int = 2 << 30        # any single intermediate
+    # Work of a graph's contractions (matmul, einsum, ...), counted on meta before anything
+    # runs: their cost is not bounded by bytes (hookwire.shape_probe). ~1e13 is a minute or
+    # two of CPU, well under a second of GPU.
+    max_flops: int = 10 ** 13
     max_total_value_bytes: int = 16 << 30  # all intermediates together (upper bound)
     max_batch: int = 1024
+    # What the model's own forward makes for one request (its logits, and attention weights
+    # when asked for), sent back or not: batch and sequence alone would let a request of
+    # 1024 x 1024 tokens make 200 GB of GPT-2 logits.
+    max_output_bytes: int = 2 << 30
     max_seq: int = 8192
     max_resident_bytes: int = 1 << 30     # per user: values kept between requests
     max_queued_per_user: int = 64         # requests waiting to run, per user
@@ -276,7 +285,7 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
     metas = {tid: _meta_constant(t) for tid, t in constants.items()}
     values: dict[int, object] = {}
-    total = 0
+    total = flops = 0
     rows, read_at, last_read = batch, {}, -1  # batch rows now, at each site's read
     for dn in vg.nodes:
         if dn.op in ("site.read", "site.grad"):
@@ -330,7 +339,9 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                 _fail(dn.id, dn.op, "tuple_value", "a multi-output value must be unpacked "
                       "with tuple_get before use")
             try:
-                out = dn.spec.fn(*args, **kwargs)
+                # Sized on meta first, even when small int constants are real (shape_probe).
+                out, op_flops = run_for_shape(dn.op, dn.spec.fn, args, kwargs,
+                                              limits.max_value_bytes)
             except Exception as exc:  # the op itself refused these shapes/dtypes
                 _fail(dn.id, dn.op, "shape_inference", f"{type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
@@ -342,6 +353,10 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
             if size > limits.max_value_bytes:
                 _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
                       f"{limits.max_value_bytes}", LimitExceeded)
+            flops += op_flops
+            if flops > limits.max_flops:
+                _fail(dn.id, dn.op, "max_flops", f"contractions would take {flops:.3g} flops; "
+                      f"limit {limits.max_flops:.3g}", LimitExceeded)
             total += size
             if total > limits.max_total_value_bytes:
                 _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "

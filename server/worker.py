@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ import torch
 
 from hookwire.batching import BatchMember, run_batch
 from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
-                             GraphValidationError, HookwireError, ProtocolError,
+                             GraphValidationError, HookwireError, LimitExceeded,
+                             ProtocolError,
                              ServerShuttingDown, UnknownModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
@@ -175,6 +177,7 @@ class ModelWorker(threading.Thread):
         vocab = entry.hosted.bridge.cfg.d_vocab
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
+        check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
         constants = {tid: job.tensors[tid] for tid in graph.constants if tid in job.tensors}
         missing = [tid for tid in graph.constants if tid not in job.tensors]
         if missing:
@@ -389,6 +392,24 @@ def _uses_module_sites(graph) -> bool:
         raise GraphValidationError("graphs on HF module sites return logits or nothing",
                                    rule="return_type")
     return kinds == {True}
+
+
+def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> None:
+    """The model's own forward is bounded before it runs, like the graph's ops: no more
+    positions than the model has, and no more output (logits, attention weights) than
+    ``Limits.max_output_bytes``."""
+    cfg = entry.hosted.bridge.cfg
+    n_ctx = getattr(cfg, "n_ctx", None)
+    if n_ctx and seq > n_ctx:
+        raise GraphValidationError(f"input of {seq} positions; model {entry.hosted.name!r} "
+                                   f"has {n_ctx}", rule="input_size")
+    shape, dtype = output_shapes(entry, spec, batch, seq)["logits"]
+    size = math.prod(shape) * dtype.itemsize
+    if spec.output_attentions:
+        size += cfg.n_layers * batch * cfg.n_heads * seq * seq * dtype.itemsize
+    if size > limits.max_output_bytes:
+        raise LimitExceeded(f"the forward of a {batch}x{seq} input would make {size} bytes of "
+                            f"output; limit {limits.max_output_bytes}", rule="max_output_bytes")
 
 
 def output_shapes(entry, spec, batch: int, seq: int) -> dict:
