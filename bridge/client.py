@@ -25,8 +25,8 @@ from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUn
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
-from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Done, Error, HelloOk, ModelInfo,
-                               Progress, Result, parse_server_message)
+from hookwire.protocol import (MAX_CONTROL_BYTES, PROTOCOL_VERSION, Accepted, Done, Error,
+                               HelloOk, ModelInfo, Progress, Result, parse_server_message)
 from hookwire.validate import SiteInfo
 
 MAX_RESULT_BYTES = 64 << 30  # what a client accepts from a server in one request
@@ -73,6 +73,8 @@ class RemoteModelInfo:
     site_index: dict[tuple[str, int], int] = field(default_factory=dict)
     hook_names: frozenset = frozenset()
     hook_aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical
+    module_layouts: dict[str, list[str]] = field(default_factory=dict)
+    step_module_layouts: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -85,6 +87,8 @@ class RemoteModelInfo:
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)
         info.hook_aliases = dict(msg.hook_aliases)
+        info.module_layouts = {k: list(v) for k, v in msg.module_layouts.items()}
+        info.step_module_layouts = {k: list(v) for k, v in msg.step_module_layouts.items()}
         return info
 
 
@@ -115,8 +119,10 @@ class Connection:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
             # Entered by hand (not in a `with`): the connection lives as long as this object.
+            # max_size: the server sends tensors in 1 MiB frames and control messages are
+            # bounded (protocol.MAX_CONTROL_BYTES), so a larger message is refused unread.
             self._cm = ws_connect(url, additional_headers=headers, compression=None,
-                                  max_size=None, open_timeout=open_timeout,
+                                  max_size=MAX_CONTROL_BYTES, open_timeout=open_timeout,
                                   ping_interval=None, max_queue=64,
                                   create_connection=_BulkClientConnection)
             self.ws = self._cm.__enter__()
@@ -179,9 +185,11 @@ class Connection:
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],
             on_event: Callable[[object], None] | None = None,
             on_value: Callable[[str, torch.Tensor], None] | None = None,
-            on_submit: Callable[[str], None] | None = None) -> RunResult:
+            on_submit: Callable[[str], None] | None = None,
+            submit_extra: dict | None = None) -> RunResult:
         """Submit a graph with its tensors; block until done. Each saved value is handed to
-        ``on_value`` the moment its last byte arrives, before the forward pass ends."""
+        ``on_value`` the moment its last byte arrives, before the forward pass ends.
+        ``submit_extra``: further fields of the submit message (``generate``)."""
         with self.lock:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if on_submit is not None:
@@ -194,7 +202,8 @@ class Connection:
                 for refer in (True, True, False):
                     try:
                         return self._submit_and_collect(rid, graph, tensors, on_event,
-                                                        on_value, refer=refer)
+                                                        on_value, refer=refer,
+                                                        extra=submit_extra)
                     except ResidentMissing as exc:
                         if not refer:
                             raise
@@ -237,12 +246,13 @@ class Connection:
         return uploads, refs, keep
 
     def _submit_and_collect(self, rid, graph, tensors, on_event, on_value,
-                            refer: bool = True) -> RunResult:
+                            refer: bool = True, extra: dict | None = None) -> RunResult:
         uploads, refs, keep = self._plan_uploads(tensors, refer)
         headers = [header_for(tid, t).model_dump() for tid, t in uploads.items()]
         body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
                            "tensors": headers, "refs": refs, "keep": keep,
-                           "keep_results": self.use_residents}, separators=(",", ":"))
+                           "keep_results": self.use_residents, **(extra or {})},
+                          separators=(",", ":"))
         sent = len(body)
         tensor_bytes = 0
         self.ws.send(body)
@@ -279,7 +289,7 @@ class Connection:
         values: dict[str, torch.Tensor] = {}
         pending: dict[str, tuple] = {}  # tid -> (name, assembler)
         resident_ids: dict[str, str | None] = {}  # save name -> id the server keeps it under
-        received = 0
+        received = announced = 0
         while True:
             data = self._recv()
             received += len(data)
@@ -302,6 +312,12 @@ class Connection:
                 raise ProtocolError("server answered a request this client did not send")
             if isinstance(msg, Result):
                 resident_ids[msg.name] = msg.resident
+                # Bounded per request, not only per tensor: a server cannot make this
+                # client reserve more than MAX_RESULT_BYTES in announced results.
+                announced += msg.tensor.nbytes()
+                if announced > MAX_RESULT_BYTES:
+                    raise ProtocolError(f"server announced {announced} bytes of results; "
+                                        f"this client accepts {MAX_RESULT_BYTES}")
                 asm = TensorAssembler([msg.tensor], MAX_RESULT_BYTES)
                 if msg.tensor.nbytes() == 0:
                     values[msg.name] = asm.tensors()[msg.tensor.tid]

@@ -9,8 +9,9 @@ With ``Graph.backward`` set, the forward runs with autograd on and keeps, at eve
 gradient is read, the tensor the model goes on with (after the graph's writes: what a
 torch full backward hook on that module sees). After the forward, ``finish`` runs the
 output-stage nodes (a metric), then ``torch.autograd.grad`` of the chosen scalar with respect
-to exactly those tensors -- never the weights, so nothing accumulates in ``.grad`` of the
-shared model -- and then the gradient-stage nodes.
+to exactly those tensors and to the constants whose gradient the graph reads (``const.grad``)
+-- never the weights, so nothing accumulates in ``.grad`` of the shared model -- and then the
+gradient-stage nodes.
 """
 from __future__ import annotations
 
@@ -35,7 +36,13 @@ class Interleaver:
                  on_save: Callable[[str, torch.Tensor], None],
                  on_site: Callable[[int, int], None] | None = None):
         self.vg = vg
-        self.constants = constants
+        # Constants whose gradient is read become leaves of this request's autograd graph
+        # (fresh copies: the caller's tensors, possibly shared residents, stay untouched).
+        self.grad_consts = [dn.args[0].tid for dn in vg.nodes if dn.op == "const.grad"]
+        self.constants = dict(constants)
+        for tid in self.grad_consts:
+            self.constants[tid] = constants[tid].detach().clone().requires_grad_(True)
+        self.const_grads: dict[str, torch.Tensor] = {}
         self.on_save = on_save
         self.on_site = on_site or (lambda k, n: None)
         self.values: dict[int, object] = {}
@@ -79,6 +86,8 @@ class Interleaver:
             return self.grads[dn.site]
         if dn.op == "output.read":
             return self.outputs[dn.args[0]]
+        if dn.op == "const.grad":
+            return self.const_grads[dn.args[0].tid]
         if dn.op == "site.write":
             self.writes[dn.site][dn.mode] = dn.id
             return resolve(dn.args[1], self.values, self.constants)
@@ -141,7 +150,15 @@ class Interleaver:
                 self.values[read_id] = output.clone()
             # Differentiable when a backward follows (gradients flow through the edit).
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
-                output.copy_(value)
+                try:
+                    output.copy_(value)
+                except RuntimeError as exc:
+                    # e.g. a broadcast activation (GPT-2's position embeddings, expanded over
+                    # the batch): torch refuses the in-place write, as it would locally.
+                    info = self.vg.site_infos[index]
+                    raise ExecutionError(f"in-place write into site {info.name!r} failed: "
+                                         f"{str(exc).splitlines()[0][:200]}",
+                                         node=writes["inplace"]) from None
         if "replace" in writes or "narrow" in writes:  # narrow: fewer batch rows
             result = self.values.pop(writes.get("replace", writes.get("narrow")), None)
         if index in self.grad_sites:
@@ -217,9 +234,13 @@ class Interleaver:
             raise ExecutionError(f"node {self.backward}: the value to differentiate does not "
                                  "depend on any site whose gradient is read", node=self.backward)
         order = sorted(self.grad_inputs)
-        grads = torch.autograd.grad(target, [self.grad_inputs[i] for i in order],
-                                    allow_unused=True) if order else ()
-        for i, g in zip(order, grads):
+        wrt = [self.grad_inputs[i] for i in order] + \
+            [self.constants[tid] for tid in self.grad_consts]
+        grads = torch.autograd.grad(target, wrt, allow_unused=True) if wrt else ()
+        for tid, g in zip(self.grad_consts, grads[len(order):]):
+            # A constant the value does not depend on has a zero gradient.
+            self.const_grads[tid] = torch.zeros_like(self.constants[tid]) if g is None else g
+        for i, g in zip(order, grads[:len(order)]):
             if g is None:
                 info = self.vg.site_infos[i]
                 raise ExecutionError(f"site {info.name!r} (call {info.call}) does not influence "
@@ -231,6 +252,7 @@ class Interleaver:
         with torch.no_grad():
             self._run_stage(self.vg.grad_stage)
         self.grads.clear()
+        self.const_grads.clear()
         self.timings["backward_s"] = time.perf_counter() - t0
 
 

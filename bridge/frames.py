@@ -27,6 +27,11 @@ FRAME_VERSION = 1
 CHUNK_BYTES = 1 << 20  # 1 MiB: large tensors stream in pieces (DESIGN.md "Wire protocol")
 MAX_HEADER_BYTES = 4096
 MAX_DIMS = 8
+# No dimension, and no product of dimensions, may exceed this: torch unpacks sizes and computes
+# strides in int64, so a zero-element shape like (0, 2**70) would otherwise fail *inside*
+# torch (an untyped error) instead of being refused here. 2**48 elements is far past any
+# byte limit a server sets.
+MAX_ELEMENTS = 1 << 48
 
 # The only dtypes that travel. Names are looked up here, never resolved with getattr.
 DTYPES: dict[str, torch.dtype] = {
@@ -62,7 +67,10 @@ def numel(shape) -> int:
         raise FrameError(f"tensor has {len(shape)} dims; at most {MAX_DIMS} allowed")
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-            raise FrameError(f"bad dimension {d!r} in shape {shape}")
+            raise FrameError(f"bad dimension {str(d)[:32]!r} in shape")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise FrameError(f"shape {str(shape)[:120]} exceeds {MAX_ELEMENTS} elements "
+                         "(counting zero-size dimensions as 1)")
     return math.prod(shape)
 
 
@@ -142,7 +150,11 @@ class TensorAssembler:
                 raise FrameError(f"declared tensors total {total} bytes; limit {max_total_bytes}")
         for h in headers:
             # np.empty: no zero-fill; every byte is written before use (checked by `complete`)
-            self.buffers[h.tid] = np.empty(h.nbytes(), dtype=np.uint8)
+            try:
+                self.buffers[h.tid] = np.empty(h.nbytes(), dtype=np.uint8)
+            except MemoryError:  # within the limit, but more than this machine can hold
+                raise FrameError(f"tensor {h.tid!r} of {h.nbytes()} bytes does not fit in "
+                                 "memory here") from None
             self.received[h.tid] = 0
 
     @property

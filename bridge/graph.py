@@ -14,14 +14,15 @@ Arguments are JSON values in a small closed vocabulary (see :data:`ARG_JSON_SCHE
 
 Special ops touch the model rather than compute: ``site.read`` (a site's activation),
 ``site.write`` (replace it, or overwrite it in place), ``output.read`` (the forward's logits or
-loss, once the forward is over) and ``site.grad`` (the gradient of ``Graph.backward`` at a
-site, once the backward pass is over).
+loss, once the forward is over), ``site.grad`` (the gradient of ``Graph.backward`` at a
+site, once the backward pass is over) and ``const.grad`` (its gradient with respect to one of
+the request's constants: how a client trains its own parameters through the served model).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -85,10 +86,13 @@ class Graph(BaseModel):
     model: str = Field(max_length=MAX_STR_LEN)
     inputs: dict[Literal["input_ids", "attention_mask"], str] = Field(
         description="model input name -> id of an attached tensor")
-    constants: list[str] = Field(default_factory=list, description="ids of attached tensors")
+    # Ids and names are bounded like every other string of the graph (echoed in results).
+    constants: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, description="ids of attached tensors")
     sites: list[Site] = Field(default_factory=list)
     nodes: list[Node] = Field(default_factory=list)
-    saves: dict[str, int] = Field(default_factory=dict, description="save name -> node id")
+    saves: dict[Annotated[str, Field(max_length=MAX_STR_LEN)], int] = Field(
+        default_factory=dict, description="save name -> node id")
     forward: ForwardSpec = Field(default_factory=ForwardSpec)
     backward: int | None = Field(default=None, description=(
         "id of a scalar float node to differentiate after the forward; `site.grad` nodes "

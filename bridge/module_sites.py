@@ -4,6 +4,7 @@ Naming scheme (what a graph's ``Site.name`` holds; ``Site.call`` picks the k-th 
 module that runs more than once in one forward)::
 
     hf:<module path>:output    what the module returns (forward hook)
+    hf:<module path>:output.<i>  element i >= 1 of a tuple the module returns
     hf:<module path>:input     its first input (forward *pre*-hook)
 
 ``<module path>`` is the module's dotted name in the plain HF model, exactly as
@@ -12,7 +13,9 @@ module that runs more than once in one forward)::
 
 * a module returning a tuple (GPT-2 and Llama blocks, attention modules) exposes element 0
   (the hidden states, which is what pyvene and most HF hooks intervene on); writing the site
-  replaces element 0 and keeps the rest of the tuple;
+  replaces element 0 and keeps the rest of the tuple. The other tensor elements are sites
+  ``output.<i>`` of their own, which fire just *before* element 0's (so a hook that sees the
+  whole tuple, as torch hooks do, can compute element 0 from the others);
 * an input site is the first positional argument, or the first tensor keyword argument when
   the module is called with keywords only (as pyvene reads it).
 
@@ -28,10 +31,24 @@ PREFIX = "hf:"
 KINDS = ("output", "input")
 
 
-def module_site(path: str, kind: str = "output") -> str:
+def module_site(path: str, kind: str = "output", element: int = 0) -> str:
     if kind not in KINDS:
         raise ValueError(f"a module site is an 'output' or an 'input', not {kind!r}")
+    if element:
+        if kind != "output" or element < 0:
+            raise ValueError("only outputs have elements (tuple positions >= 1)")
+        return f"{PREFIX}{path}:output.{element}"
     return f"{PREFIX}{path}:{kind}"
+
+
+def _split_kind(kind: str) -> tuple[str, int]:
+    """'output' -> ('output', 0); 'output.2' -> ('output', 2); anything else: ValueError."""
+    base, dot, element = kind.partition(".")
+    if base not in KINDS or (dot and (base != "output" or not element.isdigit()
+                                      or element.startswith("0"))):
+        raise ValueError(f"a module site ends in ':output', ':output.<i>' or ':input', "
+                         f"not {kind!r}")
+    return base, int(element) if dot else 0
 
 
 def is_module_site(name: str) -> bool:
@@ -43,9 +60,12 @@ def parse_module_site(name: str) -> tuple[str, str]:
     if not is_module_site(name):
         raise ValueError(f"{name!r} is not a module site (no {PREFIX!r} prefix)")
     path, _, kind = name[len(PREFIX):].rpartition(":")
-    if kind not in KINDS:
-        raise ValueError(f"module site {name!r} must end in ':output' or ':input'")
-    return path, kind
+    return path, _split_kind(kind)[0]
+
+
+def site_element(name: str) -> int:
+    """Which element of a tuple output a module site holds (0 for plain outputs, inputs)."""
+    return _split_kind(name[len(PREFIX):].rpartition(":")[2])[1]
 
 
 def _first_tensor_kwarg(kwargs: dict):
@@ -64,6 +84,7 @@ def attach(module: torch.nn.Module, name: str, hook):
     if not is_module_site(name):
         return module.register_forward_hook(hook)
     _, kind = parse_module_site(name)
+    element = site_element(name)
     if kind == "input":
         def pre_hook(mod, args, kwargs):
             key = None if args else _first_tensor_kwarg(kwargs)
@@ -75,6 +96,16 @@ def attach(module: torch.nn.Module, name: str, hook):
                 return (result,) + tuple(args[1:]), kwargs
             return args, {**kwargs, key: result}
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    if element:
+        def element_hook(mod, args, output):
+            if not isinstance(output, tuple) or len(output) <= element:
+                return hook(mod, args, None)  # the interleaver reports "no tensor"
+            result = hook(mod, args, output[element])
+            if result is None:
+                return None
+            return output[:element] + (result,) + output[element + 1:]
+        return module.register_forward_hook(element_hook)
 
     def post_hook(mod, args, output):
         if isinstance(output, tuple) and output:
@@ -91,5 +122,14 @@ def site_value(output):
     return output if isinstance(output, torch.Tensor) else None
 
 
-__all__ = ["PREFIX", "module_site", "is_module_site", "parse_module_site", "attach",
-           "site_value"]
+def element_values(output) -> list[tuple[int, torch.Tensor]]:
+    """(element, tensor) for the tensor elements >= 1 of a tuple output, in the order their
+    sites fire: last element first, element 0's site after all of them."""
+    if not isinstance(output, tuple):
+        return []
+    return [(i, output[i]) for i in range(len(output) - 1, 0, -1)
+            if isinstance(output[i], torch.Tensor)]
+
+
+__all__ = ["PREFIX", "module_site", "is_module_site", "parse_module_site", "site_element",
+           "attach", "site_value", "element_values"]

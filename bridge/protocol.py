@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hookwire.errors import ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
+from hookwire.generation import GenerateSpec
 from hookwire.graph import Graph
 
 PROTOCOL_VERSION = 1
@@ -60,6 +61,9 @@ class Submit(_Msg):
                Annotated[str, Field(pattern=RESIDENT_ID_PATTERN)]] = Field(
         default_factory=dict, max_length=100_000)
     keep_results: bool = True  # keep the saved values resident, so later requests can refer
+    # Set: generate tokens after the prompt (``graph`` is the prompt's forward); see
+    # hookwire.generation.
+    generate: GenerateSpec | None = None
 
 
 class Cancel(_Msg):
@@ -95,6 +99,13 @@ class ModelInfo(_Msg):
         description="alias -> canonical hook name (e.g. blocks.0.hook_resid_pre -> "
                     "blocks.0.hook_in), so clients without TL 4 can map legacy names")
     tokenizer_files: dict[str, str]
+    # What torch hooks see besides tensors, for HF module sites: "hf:<path>:output" -> the
+    # type names of the tuple a module returns (only tuple outputs are listed), and
+    # "hf:<path>:input" -> those of its positional arguments; e.g. ["Tensor", "NoneType"].
+    # ``step_module_layouts``: the same in a generation step's forward (with a KV cache),
+    # where they differ.
+    module_layouts: dict[str, list[str]] = Field(default_factory=dict)
+    step_module_layouts: dict[str, list[str]] = Field(default_factory=dict)
 
 
 class Accepted(_Msg):

@@ -347,6 +347,12 @@ class Tracer:
             self._const_by_obj[id(tensor)] = (tid, tensor)
         return Const(tid)
 
+    def differentiable_constants(self) -> list[tuple[str, torch.Tensor]]:
+        """(id, the caller's own tensor) of the captured constants that still require grad
+        (traced with autograd on: parameters, and what was computed from them), by id."""
+        found = [(tid, t) for tid, t in self._const_by_obj.values() if t.requires_grad]
+        return sorted(found, key=lambda item: int(item[0][1:]))
+
     def _lower(self, value):
         """Python/torch argument -> graph argument (Ref for proxies, Const for tensors)."""
         if isinstance(value, Proxy):

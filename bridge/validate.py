@@ -13,6 +13,7 @@ import torch
 from hookwire.errors import GraphValidationError, LimitExceeded
 from hookwire.graph import Const, Graph, Ref, decode_arg
 from hookwire.ops import OPS, OpSpec, check_args
+from hookwire.shape_probe import run_for_shape
 
 SPECIAL = ("site.read", "site.write", "site.grad")
 # "narrow": replace the site's value by its first k batch rows; the rest of the forward runs on
@@ -27,8 +28,16 @@ class Limits:
     max_constant_bytes: int = 512 << 20
     max_saved_bytes: int = 2 << 30
     max_value_bytes: int = 2 << 30        # any single intermediate
+    # Work of a graph's contractions (matmul, einsum, ...), counted on meta before anything
+    # runs: their cost is not bounded by bytes (hookwire.shape_probe). ~1e13 is a minute or
+    # two of CPU, well under a second of GPU.
+    max_flops: int = 10 ** 13
     max_total_value_bytes: int = 16 << 30  # all intermediates together (upper bound)
     max_batch: int = 1024
+    # What the model's own forward makes for one request (its logits, and attention weights
+    # when asked for), sent back or not: batch and sequence alone would let a request of
+    # 1024 x 1024 tokens make 200 GB of GPT-2 logits.
+    max_output_bytes: int = 2 << 30
     max_seq: int = 8192
     max_resident_bytes: int = 1 << 30     # per user: values kept between requests
     max_queued_per_user: int = 64         # requests waiting to run, per user
@@ -36,6 +45,7 @@ class Limits:
     max_request_seconds: float = 600.0    # wall time of one request once it starts
     max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
+    max_new_tokens: int = 1024            # tokens one generate request may ask for
 
 
 @dataclass(frozen=True)
@@ -131,7 +141,7 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
         _fail(None, None, "constants", "a constant id is declared twice")
     decoded: list[DecodedNode] = []
     by_id: dict[int, DecodedNode] = {}
-    reads, writes, grads, outputs_read = set(), set(), set(), set()
+    reads, writes, grads, outputs_read, const_grads = set(), set(), set(), set(), set()
     for node in graph.nodes:
         where = f"node {node.id} ({node.op})"
         if node.id in by_id:
@@ -150,6 +160,21 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
                 _fail(node.id, node.op, "output_read_once", f"{kind} read twice")
             outputs_read.add(kind)
             dn.stage = len(graph.sites)
+        elif node.op == "const.grad":
+            # The gradient of Graph.backward with respect to an attached constant: what a
+            # client needs to train its own parameters (pyvene's rotations) through the
+            # served model. The weights are never a target, only the request's own tensors.
+            tid = args[0].tid if len(args) == 1 and isinstance(args[0], Const) and \
+                not kwargs else None
+            if tid is None:
+                _fail(node.id, node.op, "args", "const.grad takes exactly one constant")
+            if graph.backward is None:
+                _fail(node.id, node.op, "grad_without_backward", "reads a gradient, but "
+                      "the graph names no value to differentiate (backward)")
+            if tid in const_grads:
+                _fail(node.id, node.op, "const_grad_once", "gradient of a constant read twice")
+            const_grads.add(tid)
+            dn.stage = len(graph.sites) + 1
         elif node.op in SPECIAL:
             if not args or not isinstance(args[0], int) or isinstance(args[0], bool) or \
                     not 0 <= args[0] < len(graph.sites):
@@ -260,7 +285,7 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
     metas = {tid: _meta_constant(t) for tid, t in constants.items()}
     values: dict[int, object] = {}
-    total = 0
+    total = flops = 0
     rows, read_at, last_read = batch, {}, -1  # batch rows now, at each site's read
     for dn in vg.nodes:
         if dn.op in ("site.read", "site.grad"):
@@ -276,6 +301,12 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                 _fail(dn.id, dn.op, "output_kind", f"this model has no {dn.args[0]} output")
             shape, dtype = outputs[dn.args[0]]
             out = torch.empty(shape, dtype=dtype, device="meta")
+        elif dn.op == "const.grad":
+            const = metas[dn.args[0].tid]
+            if not const.dtype.is_floating_point:
+                _fail(dn.id, dn.op, "const_grad_dtype", f"constant {dn.args[0].tid!r} is "
+                      f"{const.dtype}; only floating-point constants have gradients")
+            out = torch.empty(const.shape, dtype=const.dtype, device="meta")
         elif dn.op == "site.write":
             info = vg.site_infos[dn.site]
             val = resolve(dn.args[1], values, metas)
@@ -308,7 +339,9 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                 _fail(dn.id, dn.op, "tuple_value", "a multi-output value must be unpacked "
                       "with tuple_get before use")
             try:
-                out = dn.spec.fn(*args, **kwargs)
+                # Sized on meta first, even when small int constants are real (shape_probe).
+                out, op_flops = run_for_shape(dn.op, dn.spec.fn, args, kwargs,
+                                              limits.max_value_bytes)
             except Exception as exc:  # the op itself refused these shapes/dtypes
                 _fail(dn.id, dn.op, "shape_inference", f"{type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
@@ -320,6 +353,10 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
             if size > limits.max_value_bytes:
                 _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
                       f"{limits.max_value_bytes}", LimitExceeded)
+            flops += op_flops
+            if flops > limits.max_flops:
+                _fail(dn.id, dn.op, "max_flops", f"contractions would take {flops:.3g} flops; "
+                      f"limit {limits.max_flops:.3g}", LimitExceeded)
             total += size
             if total > limits.max_total_value_bytes:
                 _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "

@@ -23,12 +23,14 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from hookwire import __version__
-from hookwire.errors import FrameError, HookwireError, ProtocolError, UnknownModel
+from hookwire.errors import (FrameError, HookwireError, LimitExceeded, ProtocolError,
+                             UnknownModel)
 from hookwire.frames import TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
                                ModelInfoRequest, Submit, dump,
                                parse_client_message)
-from hookwire.server.hf_modules import module_table, plain_hf_model, probe_module_sites
+from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
+                                        probe_module_sites)
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
@@ -82,13 +84,36 @@ def _refused_submit_id(message: str) -> str | None:
     frames can be dropped. Only a plain JSON read: nothing of it is trusted further."""
     try:
         raw = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json can parse
         return None
     if isinstance(raw, dict) and raw.get("type") == "submit":
         rid = raw.get("request_id")
         if isinstance(rid, str) and len(rid) <= 64:
             return rid
     return None
+
+
+_PRECHECK_BYTES = 1 << 20
+
+
+def _precheck_node_count(message: str, max_nodes: int) -> None:
+    """Refuse an over-long graph before pydantic builds it: pydantic takes ~13 us a node
+    (45 s for a 64 MB message of tiny nodes, holding the GIL, so the whole front stalls),
+    plain ``json.loads`` ~10x less. The count is re-checked by the validator."""
+    try:
+        raw = json.loads(message)
+    except (ValueError, RecursionError):
+        return  # parse_client_message answers with the precise error
+    nodes = raw.get("graph", {}).get("nodes") if isinstance(raw, dict) and \
+        isinstance(raw.get("graph"), dict) else None
+    if isinstance(nodes, list) and len(nodes) > max_nodes:
+        raise LimitExceeded(f"graph: {len(nodes)} nodes; limit {max_nodes}", rule="max_nodes")
+
+
+def _internal_error(exc: Exception) -> HookwireError:
+    err = HookwireError(f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+    err.code = "internal_error"  # the worker's code for the same thing (worker.error_message)
+    return err
 
 
 def _jsonable(details: dict) -> dict:
@@ -103,15 +128,17 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
     try:
         hf_model = plain_hf_model(hosted.bridge)
         module_sites = probe_module_sites(hf_model)
+        layouts = probe_module_layouts(hf_model)
     except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
         log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites = None, []
+        hf_model, module_sites, layouts = None, [], ({}, {})
     sites = sites + module_sites
     info = describe(hosted, sites)
+    info.module_layouts, info.step_module_layouts = layouts
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
     if hf_model is not None:
-        site_modules.update(module_table(hf_model))
+        site_modules.update(module_table(hf_model, module_sites))
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model)
@@ -188,9 +215,16 @@ class HookwireServer:
             async for message in ws:
                 try:
                     self._on_message(state, message)
-                except HookwireError as exc:
+                except Exception as exc:
+                    if not isinstance(exc, HookwireError):
+                        # A bug of ours (the fuzzers look for these) answers this message
+                        # with an error and drops any half-received request; it must not
+                        # end the connection or the server.
+                        log.exception("handling a client message failed")
+                        exc = _internal_error(exc)
                     rid = state.incoming[0].request_id if state.incoming else None
-                    if isinstance(exc, FrameError) and state.incoming is not None:
+                    if (isinstance(exc, FrameError) or exc.code == "internal_error") and \
+                            state.incoming is not None:
                         state.discard(state.incoming[0].request_id)
                         state.incoming = None
                     if rid is None and isinstance(message, str):
@@ -230,6 +264,8 @@ class HookwireServer:
                 self._enqueue(state, submit, {**asm.tensors(), **referred},
                               size + len(message))
             return
+        if len(message) > _PRECHECK_BYTES:
+            _precheck_node_count(message, self.limits.max_nodes)
         msg = parse_client_message(message)
         if isinstance(msg, Hello):
             if msg.protocol != PROTOCOL_VERSION:
@@ -247,7 +283,15 @@ class HookwireServer:
             state.outbox.put_nowait(entry.info_json)
         elif isinstance(msg, Submit):
             if state.incoming is not None:
-                raise ProtocolError("a new submit arrived before the previous one's tensors")
+                # The previous submit declared more bytes than it sent (a lying header, or a
+                # client that gave up): it is refused and dropped, so one bad request cannot
+                # wedge the connection; the new one proceeds.
+                old = state.incoming[0].request_id
+                state.incoming = None
+                state.discard(old)
+                state.outbox.put_nowait(dump(Error(
+                    request_id=old, code=FrameError.code, message="a new submit arrived "
+                    "before this request's declared tensors were complete; dropped")))
             asm = TensorAssembler(msg.tensors, self.limits.max_constant_bytes + (256 << 20))
             if {r.tid for r in msg.refs} & {h.tid for h in msg.tensors}:
                 raise ProtocolError("a tensor id is both uploaded and referenced")

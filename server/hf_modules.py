@@ -9,13 +9,16 @@ plain module tree of the same family whose parameters and buffers *are* the brid
 """
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
 
 from hookwire.families import family_for_architecture
 from hookwire.frames import DTYPE_NAMES
-from hookwire.module_sites import module_site, site_value
+from hookwire.module_sites import (element_values, is_module_site, module_site,
+                                   parse_module_site, site_value)
+from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.manifest import _PROBES, symbolic_shape
 from hookwire.validate import SiteInfo
 
@@ -30,7 +33,8 @@ def plain_hf_model(bridge) -> torch.nn.Module:
     """A plain HF model (built on the meta device, so nothing is allocated) whose every
     parameter and buffer is the bridge's own tensor object."""
     wrapped = bridge.original_model
-    cfg = wrapped.config
+    # Our own copy of the config: the attention implementation set below is this tree's only.
+    cfg = copy.deepcopy(wrapped.config)
     architecture = (getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0]
     family = family_for_architecture(architecture)
     tensors: dict[str, torch.Tensor] = {}
@@ -52,7 +56,8 @@ def plain_hf_model(bridge) -> torch.nn.Module:
     return plain.eval()
 
 
-def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tuple, torch.dtype]]:
+def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = False
+            ) -> list[tuple[str, int, tuple, torch.dtype]]:
     fired: list = []
     counts: dict[str, int] = {}
 
@@ -73,7 +78,9 @@ def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tup
                                                if isinstance(v, torch.Tensor)), None)
             note(name, value)
 
-        def post(mod, args, output, name=out_name):
+        def post(mod, args, output, name=out_name, path=path):
+            for element, value in element_values(output):
+                note(module_site(path, "output", element), value)
             note(name, site_value(output))
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
@@ -81,7 +88,7 @@ def _record(model, batch: int, seq: int, vocab: int) -> list[tuple[str, int, tup
         device = next(model.parameters()).device
         tokens = torch.randint(0, min(vocab, 256), (batch, seq),
                                generator=torch.Generator().manual_seed(0)).to(device)
-        with torch.no_grad():
+        with torch.no_grad(), attention_weight_sites(model, attention_weights):
             model(input_ids=tokens)
     finally:
         for h in handles:
@@ -94,6 +101,15 @@ def probe_module_sites(model) -> list[SiteInfo]:
     vocab = model.config.vocab_size
     (b1, s1), (b2, s2) = _PROBES
     first, second = _record(model, b1, s1, vocab), _record(model, b2, s2, vocab)
+    weight_names = _weight_site_names(model)
+    if weight_names:
+        # The attention-dropout sites fire only in the eager implementation requests that
+        # hook them run (server.attention_sites); every other site is listed as the default
+        # forward fires it (under SDPA, attention modules return no weights, for example).
+        plain = {(n, c) for n, c, _, _ in first}
+        first, second = ([e for e in _record(model, b, s, vocab, attention_weights=True)
+                          if (e[0], e[1]) in plain or e[0] in weight_names]
+                         for b, s in ((b1, s1), (b2, s2)))
     if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
         raise RuntimeError("module sites fire in a different order for different input sizes")
     sites = []
@@ -106,14 +122,66 @@ def probe_module_sites(model) -> list[SiteInfo]:
     return sites
 
 
-def module_table(model) -> dict[str, torch.nn.Module]:
-    """site name -> module, for every module of the plain tree (both kinds)."""
+def _weight_site_names(model) -> set[str]:
+    ids = weight_site_modules(model)
+    return {module_site(path, kind) for path, m in model.named_modules() if id(m) in ids
+            for kind in ("input", "output")}
+
+
+def _layouts(model, run) -> dict[str, list[str]]:
+    """Type names of tuple outputs and positional arguments, per module site (first call)."""
+    found: dict[str, list[str]] = {}
+
+    def names(values):
+        return ["Tensor" if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+
+    handles = []
+    for path, module in model.named_modules():
+        if not path:
+            continue
+
+        def pre(mod, args, path=path):
+            found.setdefault(module_site(path, "input"), names(args))
+
+        def post(mod, args, output, path=path):
+            if isinstance(output, tuple):
+                found.setdefault(module_site(path, "output"), names(output))
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def probe_module_layouts(model) -> tuple[dict, dict]:
+    """(layouts in a plain forward, layouts in a generation step's forward where they
+    differ): what a client needs to hand hooks the tuples torch would."""
+    device = next(model.parameters()).device
+    tokens = torch.zeros((1, 3), dtype=torch.int64, device=device)
+    fwd = type(model).forward
+    plain = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
+    cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
+    step = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1], past_key_values=cache,
+                                       use_cache=True))
+    return plain, {k: v for k, v in step.items() if plain.get(k) != v}
+
+
+def module_table(model, sites=()) -> dict[str, torch.nn.Module]:
+    """site name -> module, for every module of the plain tree (both kinds), and for the
+    tuple-element sites among the probed ``sites``."""
     table = {}
     for path, module in model.named_modules():
         if path:
             table[module_site(path, "output")] = module
             table[module_site(path, "input")] = module
+    for site in sites:
+        if is_module_site(site.name) and site.name not in table:
+            table[site.name] = model.get_submodule(parse_module_site(site.name)[0])
     return table
 
 
-__all__ = ["plain_hf_model", "probe_module_sites", "module_table"]
+__all__ = ["plain_hf_model", "probe_module_sites", "probe_module_layouts", "module_table"]

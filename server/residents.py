@@ -16,7 +16,7 @@ from collections import OrderedDict
 import torch
 
 from hookwire.errors import ProtocolError, ResidentMissing
-from hookwire.frames import DTYPE_NAMES
+from hookwire.frames import DTYPE_NAMES, MAX_ELEMENTS, numel
 from hookwire.residents import content_id
 
 
@@ -109,9 +109,10 @@ def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.
             raise ProtocolError(f"reference {ref.tid!r}: resident value is "
                                 f"{DTYPE_NAMES.get(base.dtype)}, not {ref.dtype}")
         if len(ref.shape) != len(ref.stride) or any(d < 0 for d in ref.shape) or \
-                any(s < 0 for s in ref.stride):
+                any(not 0 <= s <= MAX_ELEMENTS for s in ref.stride) or \
+                ref.offset > MAX_ELEMENTS:
             raise ProtocolError(f"reference {ref.tid!r}: bad view geometry")
-        n = math.prod(ref.shape)
+        n = numel(ref.shape)  # refuses sizes torch could not even represent (FrameError)
         if n:
             last = ref.offset + sum((d - 1) * s for d, s in zip(ref.shape, ref.stride))
             if last >= base.numel():

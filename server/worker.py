@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,12 +18,15 @@ import torch
 
 from hookwire.batching import BatchMember, run_batch
 from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
-                             GraphValidationError, HookwireError, ProtocolError,
+                             GraphValidationError, HookwireError, LimitExceeded,
+                             ProtocolError,
                              ServerShuttingDown, UnknownModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
+from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
+from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.server.tl_modes import marked_for_graph
@@ -57,6 +61,8 @@ class Prepared:
     sent: list = field(default_factory=lambda: [0])
     mask: torch.Tensor | None = None   # attention mask of a module-site graph
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
+    attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
+    generation: list | None = None     # a generate request's validated forwards
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -72,6 +78,8 @@ def batch_key(job: Job):
     """Jobs with equal keys may share a forward; None: the job runs alone."""
     graph = job.submit.graph
     spec = graph.forward
+    if job.submit.generate is not None:
+        return None  # a token loop with its own KV cache runs alone
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
@@ -169,6 +177,7 @@ class ModelWorker(threading.Thread):
         vocab = entry.hosted.bridge.cfg.d_vocab
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
+        check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
         constants = {tid: job.tensors[tid] for tid in graph.constants if tid in job.tensors}
         missing = [tid for tid in graph.constants if tid not in job.tensors]
         if missing:
@@ -183,7 +192,13 @@ class ModelWorker(threading.Thread):
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
                      on_modules=on_modules)
+        if on_modules:
+            weight_modules = weight_site_modules(entry.hf_model)
+            p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
+                                      for info in vg.site_infos)
         p.interleaver = Interleaver(vg, constants, self._saver(p), self._site_watch(p))
+        if job.submit.generate is not None:
+            p.generation = validate_generation(job, entry, self.limits, input_ids)
         return p
 
     def _saver(self, p: Prepared):
@@ -207,13 +222,15 @@ class ModelWorker(threading.Thread):
         return on_site
 
     @staticmethod
-    def _forward(entry, spec, tokens, on_modules=False, mask=None):
+    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False):
         bridge = entry.hosted.bridge
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
-                return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
-                                                    attention_mask=mask, use_cache=False).logits
+                with attention_weight_sites(entry.hf_model, attention_weights):
+                    return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
+                                                        attention_mask=mask,
+                                                        use_cache=False).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
@@ -221,6 +238,9 @@ class ModelWorker(threading.Thread):
         return forward
 
     def run_alone(self, p: Prepared):
+        if p.generation is not None:
+            run_generation(self, p, p.generation)
+            return
         spec = p.job.submit.graph.forward
         il = p.interleaver
         rid = p.job.request_id
@@ -231,7 +251,8 @@ class ModelWorker(threading.Thread):
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
             output = il.run(p.entry.site_modules,
-                            self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask),
+                            self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
+                                          p.attention_weights),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -371,6 +392,24 @@ def _uses_module_sites(graph) -> bool:
         raise GraphValidationError("graphs on HF module sites return logits or nothing",
                                    rule="return_type")
     return kinds == {True}
+
+
+def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> None:
+    """The model's own forward is bounded before it runs, like the graph's ops: no more
+    positions than the model has, and no more output (logits, attention weights) than
+    ``Limits.max_output_bytes``."""
+    cfg = entry.hosted.bridge.cfg
+    n_ctx = getattr(cfg, "n_ctx", None)
+    if n_ctx and seq > n_ctx:
+        raise GraphValidationError(f"input of {seq} positions; model {entry.hosted.name!r} "
+                                   f"has {n_ctx}", rule="input_size")
+    shape, dtype = output_shapes(entry, spec, batch, seq)["logits"]
+    size = math.prod(shape) * dtype.itemsize
+    if spec.output_attentions:
+        size += cfg.n_layers * batch * cfg.n_heads * seq * seq * dtype.itemsize
+    if size > limits.max_output_bytes:
+        raise LimitExceeded(f"the forward of a {batch}x{seq} input would make {size} bytes of "
+                            f"output; limit {limits.max_output_bytes}", rule="max_output_bytes")
 
 
 def output_shapes(entry, spec, batch: int, seq: int) -> dict:

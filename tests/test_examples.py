@@ -15,7 +15,7 @@ import pytest
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = sorted(p.name for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))  # _x.py: helpers
 REQUIRED = {"cache_logit_lens.py", "head_ablation_sweep.py", "activation_patching_sweep.py",
-            "attribution_patching.py"}
+            "attribution_patching.py", "steer_generation.py"}
 TIMEOUT_S = 300
 
 

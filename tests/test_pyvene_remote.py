@@ -444,11 +444,36 @@ def test_bad_component_name(server):
 
 
 def test_component_that_never_fires(server):
-    # GPT-2's attention dropout does not run under SDPA (pyvene's own test of this hook
-    # would never fire either): refused by name, not silently ignored.
-    config = pv.IntervenableConfig([dict(layer=0, component="attention_weight")])
-    with pytest.raises(hpv.UnknownComponent, match="attention_weight"):
+    # A layer the model does not have: refused by name, not silently ignored.
+    config = pv.IntervenableConfig([dict(layer=9, component="block_output")])
+    with pytest.raises(hpv.UnknownComponent, match="block_output"):
         hpv.RemoteIntervenableModel(config, "tiny-gpt2")
+
+
+@pytest.mark.parametrize("itype", [pv.VanillaIntervention, pv.ZeroIntervention])
+def test_attention_weight_on_gpt2(hf_models, itype):
+    """pyvene's ``attention_weight`` (the input of GPT-2's ``attn.attn_dropout``) never fires
+    locally on transformers 5: dropout is functional now, so pyvene silently does nothing.
+    The server routes the probabilities through that module (server/attention_sites.py).
+    Reference: local pyvene on a copy whose attention takes GPT-2's own eager path that still
+    calls ``attn_dropout`` (``reorder_and_upcast_attn``)."""
+    plain = hf_models["tiny-gpt2"]
+    reference = copy.deepcopy(plain)
+    reference.set_attn_implementation("eager")
+    for block in reference.transformer.h:
+        block.attn.reorder_and_upcast_attn = True
+    make = cfg("attention_weight", layer=0, itype=itype)
+
+    def call(model):
+        return model(BASE, [SRC], {"sources->base": 1})
+    with torch.no_grad():
+        _, want = call(pv.IntervenableModel(make(), reference))
+        _, got = call(hpv.RemoteIntervenableModel(make(), "tiny-gpt2"))
+        _, local_default = call(pv.IntervenableModel(make(), copy.deepcopy(plain)))
+        logits = plain(**BASE).logits
+    assert_close(got.logits, want.logits)
+    assert not torch.allclose(got.logits, logits), "the intervention must change the output"
+    assert_close(local_default.logits, logits)  # pyvene's own no-op, documented
 
 
 def test_intervention_swapped_in_later_is_refused_before_sending(server):

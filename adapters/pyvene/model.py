@@ -24,6 +24,7 @@ from hookwire.progress import ProgressBar
 from hookwire.pyvene.allowed import check_intervention
 from hookwire.pyvene.components import check_fires, component_site
 from hookwire.pyvene.plan import Layout, parallel_tasks, serial_tasks
+from hookwire.pyvene.training import DifferentiableCall
 from hookwire.pyvene.translate import trace_call
 
 
@@ -165,9 +166,14 @@ class RemoteIntervenableModel:
         return base_out, cf_out
 
     def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None):
+        # With autograd on and trainable parameters, the call is differentiable with respect
+        # to them (pyvene's training loop: loss.backward() on the returned logits).
+        differentiable = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.get_trainable_parameters())
         traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
                             self.hf_config, use_fast, self._pv._intervention_reverse_link,
-                            self.logits_site, outputs, self._narrowing(layout, outputs, tasks))
+                            self.logits_site, outputs, self._narrowing(layout, outputs, tasks),
+                            differentiable=differentiable)
         tr = traced.tracer
         tensors = {"input_ids": layout.input_ids(pad_id=0)}
         inputs = {"input_ids": "input_ids"}
@@ -179,10 +185,13 @@ class RemoteIntervenableModel:
         graph = {"version": 1, "model": self.model_name, "inputs": inputs,
                  "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
                  "saves": tr.saves, "forward": {"return_type": None}}
-        conn = get_connection(*self._target)
-        with ProgressBar(self.model_name, len(tr.sites), enabled=self.progress) as bar:
-            result = conn.run(graph, tensors, on_event=bar.on_event)
-        logits = [result.values[name] for name in traced.output_names]
+        leaves = tr.differentiable_constants() if differentiable else []
+        if leaves:
+            values = DifferentiableCall(graph, tensors, list(tr.saves), leaves,
+                                        self._request).apply()
+        else:
+            values = self._request(graph, tensors)
+        logits = [values[name] for name in traced.output_names]
         loss = None
         if labels is not None:  # the model's own loss function, on the returned logits
             loss = self.stand_in.loss_function(logits=logits[0], labels=labels.to("cpu"),
@@ -196,10 +205,14 @@ class RemoteIntervenableModel:
         if has_collect:
             by_key = {}
             for k, key in enumerate(traced.collect_keys):
-                by_key.setdefault(key, []).append(result.values[f"__collect_{k}"])
+                by_key.setdefault(key, []).append(values[f"__collect_{k}"])
             collected = [v for key in self._pv.sorted_keys for v in by_key.get(key, [])]
         return base_out, cf_out, collected
 
+    def _request(self, graph: dict, tensors: dict) -> dict:
+        conn = get_connection(*self._target)
+        with ProgressBar(self.model_name, len(graph["sites"]), enabled=self.progress) as bar:
+            return conn.run(graph, tensors, on_event=bar.on_event).values
 
     def _narrowing(self, layout: Layout, outputs, tasks):
         """(block-output site, rows kept) where the rows only interventions read (sources)

@@ -43,9 +43,12 @@ def _gather(value, component: str, unit: str, locs, model_class, hf_config):
 
 def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_class,
                hf_config, use_fast: bool, reverse_link: dict, logits_site: str,
-               outputs: list[Rows], narrow: tuple[str, int] | None = None) -> CallTrace:
+               outputs: list[Rows], narrow: tuple[str, int] | None = None,
+               differentiable: bool = False) -> CallTrace:
     """``outputs``: row blocks whose logits come back (from ``logits_site``), in order.
-    ``narrow``: (site, k) -- after that site only the first k rows go on (a "narrow" write)."""
+    ``narrow``: (site, k) -- after that site only the first k rows go on (a "narrow" write).
+    ``differentiable``: trace with autograd on, so constants computed from trainable
+    parameters keep their link to them (see ``hookwire.pyvene.training``)."""
     events: dict[str, list] = {}
     for t in tasks:
         check_fires(t.site, info.site_index, model_name)
@@ -77,7 +80,7 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
     output_names: list[str] = []
     # cached(): a parametrized weight (pyvene's orthogonal rotations) is computed once per
     # call, so it becomes one constant, not one per use.
-    with tracing(tracer), torch.no_grad(), parametrize.cached():
+    with tracing(tracer), torch.set_grad_enabled(differentiable), parametrize.cached():
         for name in order:
             site = info.sites[info.site_index[(name, 0)]]
             x = tracer.read_site(name, 0, site.concrete_shape(batch, seq), site.dtype)

@@ -19,7 +19,7 @@ from hookwire.transformerlens.remote_run import (RemoteTarget, forward_goes_remo
 from hookwire.transformerlens.legacy import RemoteHookedTransformer
 from hookwire.transformerlens.stand_in import RemoteModel
 
-_REMOTE_METHODS = ("run_with_hooks", "run_with_cache")
+_REMOTE_METHODS = ("run_with_hooks", "run_with_cache", "generate")
 
 
 def _patch(cls, method_name: str) -> None:
@@ -37,6 +37,10 @@ def _patch(cls, method_name: str) -> None:
             return original(self, *args, **kwargs)
         if remote is None:
             remote = stand_in is not None
+        if remote and method_name == "generate":
+            # TL's own loop picks the tokens here; each forward (the whole sequence so far,
+            # hooks traced anew) runs on the server, so no KV cache is kept on either side.
+            kwargs["use_past_kv_cache"] = False
         if not remote:
             if stand_in is not None:
                 raise HookwireError("a RemoteModel has no weights to run locally; "

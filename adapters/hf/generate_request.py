@@ -1,0 +1,130 @@
+"""One remote ``generate``: trace a graph per forward, send them as one request, take the
+tokens as they stream back, and put the values hooks stored where the hooks stored them.
+
+Forward 0 reads the prompt, forward k >= 1 the k-th new token (with the server's KV cache).
+Hooks are traced once per forward they run in, so a hook that appends to a list appends once
+per step, as it does locally."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hookwire.client import get_connection
+from hookwire.generation import TOKEN_PREFIX, parse_step_name
+from hookwire.hf.outputs import GenerateOutput, cache_hooks
+from hookwire.hf.trace_forward import trace_forward
+from hookwire.progress import ProgressBar
+from hookwire.rebind import rebind
+
+
+@dataclass
+class TokenEvent:
+    """A new token for every row, as soon as the server chose it (``step`` 0 is the first)."""
+    step: int
+    tokens: torch.Tensor
+
+
+def _renamed(value, names: dict):
+    """A graph argument with its constant ids mapped through ``names``."""
+    if isinstance(value, dict):
+        if set(value) == {"const"}:
+            return {"const": names[value["const"]]}
+        return {k: _renamed(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, names) for v in value]
+    return value
+
+
+class GenerationRun:
+    def __init__(self, model, tokens: torch.Tensor, hooks: list, modules: list[str],
+                 intervene_on: str, options: dict):
+        self.model, self.tokens, self.hooks = model, tokens, hooks
+        self.modules, self.intervene_on, self.options = list(modules), intervene_on, options
+
+    def _trace(self):
+        """(graph per forward, tensors, escaped proxies per forward, cache dict per forward)."""
+        model = self.model
+        batch, seq = self.tokens.shape
+        steps = self.options["max_new_tokens"]
+        per_step = self.intervene_on == "all" or bool(self.modules)
+        graphs, escaped, caches = [], [], []
+        tensors = {"input_ids": self.tokens}
+        # id(captured tensor) -> constant id: a tensor the hooks capture (a steering vector)
+        # is attached once, however many forwards use it. (The tracers keep them alive.)
+        shared: dict[int, str] = {}
+        alive = []  # the tracers hold those tensors: no id is reused while we look them up
+        for k in range(steps if per_step else 1):
+            cache: dict = {}
+            hooks = self.hooks if k == 0 or self.intervene_on == "all" else []
+            traced = trace_forward(model.info, model.stand_in, batch, seq if k == 0 else 1,
+                                   hooks + cache_hooks(self.modules, cache), cached=True)
+            tr = traced.tracer
+            alive.append(tr)
+            originals = {tid: obj for tid, obj in tr._const_by_obj.values()}
+            names = {}
+            for tid, tensor in tr.constants.items():
+                key = id(originals[tid]) if tid in originals else None
+                if key is not None and key in shared:
+                    names[tid] = shared[key]
+                    continue
+                names[tid] = f"s{k}_{tid}"
+                tensors[names[tid]] = tensor
+                if key is not None:
+                    shared[key] = names[tid]
+            graphs.append({"version": 1, "model": model.name,
+                           "inputs": {"input_ids": "input_ids"} if k == 0 else {},
+                           "constants": sorted(set(names.values())), "sites": tr.sites,
+                           "nodes": _renamed(tr.nodes, names), "saves": tr.saves,
+                           "forward": {"return_type": None}})
+            escaped.append(traced.escaped)
+            caches.append(cache)
+        return graphs, tensors, escaped, caches
+
+    def run(self, on_token=None, run=None, traced=None) -> GenerateOutput:
+        graphs, tensors, escaped, caches = self._trace()
+        spec = {**self.options, "steps": graphs[1:]}
+        if traced is not None:
+            traced.set()
+        steps = self.options["max_new_tokens"]
+        new_tokens: list = [None] * steps
+        arrived: dict[tuple[int, int], torch.Tensor] = {}
+
+        def on_value(name, value):
+            if name.startswith(TOKEN_PREFIX):
+                step = int(name[len(TOKEN_PREFIX):])
+                new_tokens[step] = value
+                if on_token is not None:
+                    on_token(step, value)
+                if run is not None:
+                    run.emit(TokenEvent(step, value))
+                return
+            parsed = parse_step_name(name)
+            if parsed is not None and parsed[1].startswith("__escaped_"):
+                arrived[(parsed[0], int(parsed[1][len("__escaped_"):]))] = value
+
+        conn = get_connection(*self.model._target)
+        on_submit = None if run is None else (lambda rid: run.submitted(conn, rid))
+        with ProgressBar(self.model.name, steps, enabled=self.model.progress) as bar:
+            def on_event(msg):
+                bar.on_event(msg)
+                if run is not None:
+                    run.emit(msg)
+            try:
+                conn.run(graphs[0], tensors, on_event=on_event, on_value=on_value,
+                         on_submit=on_submit, submit_extra={"generate": spec})
+            except BaseException:
+                for k in range(len(escaped)):
+                    got = [(escaped[k][i], v) for (s, i), v in arrived.items() if s == k]
+                    rebind([p for p, _ in got], [v for _, v in got])
+                raise
+        olds = [escaped[k][i] for (k, i) in arrived]
+        rebind(olds, list(arrived.values()))
+        out = GenerateOutput(torch.cat([self.tokens, torch.stack(new_tokens, dim=1)], dim=1),
+                             seed=self.options.get("seed"))
+        for key in self.modules:
+            out.cache[key] = [c[key] for c in caches]
+        return out
+
+
+__all__ = ["GenerationRun", "TokenEvent"]

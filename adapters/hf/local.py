@@ -1,0 +1,102 @@
+"""``LocalModel``: the HF adapter's calls on a local HF model, with plain torch hooks.
+
+It exists so a remote result can be compared with the local one, call for call: the hooks
+are registered with ``register_forward_hook`` / ``register_forward_pre_hook`` for one
+forward and removed after it, and generation picks tokens with the code the server uses
+(:func:`hookwire.generation.next_tokens`)."""
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+import torch
+from transformers import DynamicCache
+
+from hookwire.errors import HookwireError
+from hookwire.generation import GenerateSpec, make_generator, next_tokens
+from hookwire.hf.hooks import hook_list, module_of
+from hookwire.hf.outputs import GenerateOutput, cache_hooks
+
+
+@contextlib.contextmanager
+def hooks_registered(model, hooks: list):
+    """Register (key, fn) pairs as torch hooks for the duration of one forward."""
+    handles = []
+    counters: dict = {}
+
+    def counted(key, fn, pre: bool):
+        def hook(module, args, *output):
+            call = counters.setdefault((key.path, key.kind, id(fn)), [0])
+            index = call[0]
+            call[0] += 1
+            if key.call is not None and index != key.call:
+                return None
+            return fn(module, args) if pre else fn(module, args, output[0])
+        return hook
+
+    try:
+        for key, fn in hooks:
+            module = module_of(model, key)
+            if key.kind == "input":
+                handles.append(module.register_forward_pre_hook(counted(key, fn, True)))
+            else:
+                handles.append(module.register_forward_hook(counted(key, fn, False)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class LocalModel:
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def _call(self, input_ids, **kwargs):
+        return self.model(input_ids=input_ids, **kwargs)
+
+    def run_with_hooks(self, input_ids, hooks: dict | None = None, **_):
+        with torch.no_grad(), hooks_registered(self.model, hook_list(hooks)):
+            return self._call(input_ids, use_cache=False)
+
+    def run_with_cache(self, input_ids, modules: list[str], hooks: dict | None = None, **_):
+        cache: dict = {}
+        with torch.no_grad(), hooks_registered(self.model,
+                                               hook_list(hooks) + cache_hooks(modules, cache)):
+            return self._call(input_ids, use_cache=False), cache
+
+    def generate(self, input_ids, max_new_tokens: int, hooks: dict | None = None, *,
+                 modules: list[str] | None = None, intervene_on: str = "prompt",
+                 do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
+                 top_k: int | None = 50, top_p: float = 1.0, on_token=None, **_):
+        if intervene_on not in ("prompt", "all"):
+            raise HookwireError("intervene_on is 'prompt' or 'all'")
+        if do_sample and seed is None:
+            seed = secrets.randbits(62)
+        spec = GenerateSpec(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
+        device = next(self.model.parameters()).device
+        generator = make_generator(spec, device)
+        listed = hook_list(hooks)
+        cache_kv = DynamicCache(config=self.model.config)
+        step_input = input_ids.to(device)
+        new, caches = [], []
+        with torch.no_grad():
+            for k in range(max_new_tokens):
+                cache: dict = {}
+                active = listed if k == 0 or intervene_on == "all" else []
+                with hooks_registered(self.model, active + cache_hooks(modules, cache)):
+                    out = self._call(step_input, past_key_values=cache_kv, use_cache=True)
+                caches.append(cache)
+                token = next_tokens(out.logits[:, -1], spec, generator)
+                new.append(token)
+                if on_token is not None:
+                    on_token(k, token)
+                step_input = token[:, None]
+        result = GenerateOutput(torch.cat([input_ids.to(device), torch.stack(new, 1)], 1),
+                                seed=seed)
+        for key in modules or ():
+            result.cache[key] = [c[key] for c in caches]
+        return result
+
+
+__all__ = ["LocalModel", "hooks_registered"]

@@ -1,0 +1,43 @@
+"""What the HF adapter's calls return, the same for the remote and the local model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.modeling_outputs import CausalLMOutput
+
+from hookwire.hf.hooks import hook_list
+
+
+def output_class_of(model) -> type:
+    """The model class's own output type (what ``model(input_ids)`` returns)."""
+    returns = type(model).forward.__annotations__.get("return")
+    return returns if isinstance(returns, type) else CausalLMOutput
+
+
+def cache_hooks(modules, cache: dict) -> list:
+    """Hooks that store, under each key of ``modules``, what a torch hook there sees: a
+    module's output (its tuple, for tuple outputs) or, for ``"path:input"``, its args."""
+    hooks = {}
+    for key in modules or ():
+        if key.partition("@")[0].endswith(":input"):
+            def store_args(module, args, key=key):
+                cache[key] = args
+            hooks[key] = store_args
+        else:
+            def store_output(module, args, output, key=key):
+                cache[key] = output
+            hooks[key] = store_output
+    return hook_list(hooks)
+
+
+@dataclass
+class GenerateOutput:
+    """``sequences``: prompt and new tokens ``(batch, seq + max_new_tokens)``; ``cache``: per
+    key of ``modules``, one value per forward (step 0 is the prompt's forward)."""
+    sequences: torch.Tensor
+    cache: dict = field(default_factory=dict)
+    seed: int | None = None
+
+
+__all__ = ["output_class_of", "cache_hooks", "GenerateOutput"]

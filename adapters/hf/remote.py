@@ -1,0 +1,123 @@
+"""``RemoteModel``: an HF model served by a hookwire server, hooked by module path.
+
+The client holds a weightless stand-in (the HF model of the served family on the meta device)
+so hooks get real module objects and paths are checked before anything is sent. Each call
+traces the hooks (:mod:`hookwire.hf.trace_forward`) and runs the graph on the server's plain
+HF module tree; values the hooks stored come back into the user's own containers.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+
+import torch
+
+from hookwire.client import get_connection
+from hookwire.errors import HookwireError
+from hookwire.families import build_hf_model
+from hookwire.hf.generate_request import GenerationRun
+from hookwire.hf.hooks import hook_list, module_of, parse_key
+from hookwire.hf.outputs import GenerateOutput, cache_hooks, output_class_of
+from hookwire.hf.trace_forward import trace_forward
+from hookwire.progress import ProgressBar
+from hookwire.rebind import rebind
+from hookwire.runs import RemoteRun
+
+
+def _input_ids(input_ids) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or \
+            input_ids.dtype not in (torch.int64, torch.int32):
+        raise HookwireError("input_ids must be a (batch, seq) integer tensor")
+    return input_ids.detach().to("cpu", torch.int64)
+
+
+class RemoteModel:
+    """``hhf.RemoteModel("tiny-llama")``: run_with_hooks / run_with_cache / generate on the
+    server's model. ``url`` / ``api_key`` default to ``hookwire.configure`` / HOOKWIRE_URL."""
+
+    def __init__(self, name: str, *, url: str | None = None, api_key: str | None = None,
+                 progress: bool = False):
+        self.name = name
+        self._target = (url, api_key)
+        self.progress = progress
+        self.info = get_connection(url, api_key).model_info(name)
+        self.stand_in, self.config = build_hf_model(self.info.architecture, self.info.config,
+                                                    device="meta")
+        self.output_class = output_class_of(self.stand_in)
+
+    # ---- the torch-like surface ----------------------------------------------------------
+    def get_submodule(self, path: str):
+        return self.stand_in.get_submodule(path)
+
+    def named_modules(self):
+        return self.stand_in.named_modules()
+
+    # ---- one forward ---------------------------------------------------------------------
+    def run_with_hooks(self, input_ids, hooks: dict | None = None, *, progress=None):
+        """The model's output (``.logits``) with ``hooks`` ({module key: fn}) applied, as a
+        local forward with the same functions registered as torch hooks."""
+        return self._forward(input_ids, hook_list(hooks), progress)
+
+    def run_with_cache(self, input_ids, modules: list[str], hooks: dict | None = None, *,
+                       progress=None):
+        """(output, {key: what a forward hook on that module sees -- after ``hooks``})."""
+        cache: dict = {}
+        listed = hook_list(hooks) + cache_hooks(modules, cache)
+        return self._forward(input_ids, listed, progress), cache
+
+    def _forward(self, input_ids, hooks, progress):
+        tokens = _input_ids(input_ids)
+        batch, seq = tokens.shape
+        traced = trace_forward(self.info, self.stand_in, batch, seq, hooks)
+        tr = traced.tracer
+        graph = {"version": 1, "model": self.name, "inputs": {"input_ids": "input_ids"},
+                 "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
+                 "saves": tr.saves, "forward": {"return_type": "logits"}}
+        conn = get_connection(*self._target)
+        show = self.progress if progress is None else progress
+        with ProgressBar(self.name, len(tr.sites), enabled=show) as bar:
+            try:
+                result = conn.run(graph, {"input_ids": tokens, **tr.constants},
+                                  on_event=bar.on_event)
+            except BaseException:
+                tr.closed = True
+                raise
+        rebind(traced.escaped, [result.values[f"__escaped_{i}"]
+                                for i in range(len(traced.escaped))])
+        return self.output_class(logits=result.values["__logits__"])
+
+    # ---- generation ----------------------------------------------------------------------
+    def generate(self, input_ids, max_new_tokens: int, hooks: dict | None = None, *,
+                 modules: list[str] | None = None, intervene_on: str = "prompt",
+                 do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
+                 top_k: int | None = 50, top_p: float = 1.0, on_token=None,
+                 blocking: bool = True):
+        """Generate ``max_new_tokens`` tokens with the KV cache, on the server.
+
+        ``hooks`` apply to the prompt's forward (``intervene_on="prompt"``) or to every
+        forward (``"all"``); ``modules`` are cached at every forward: ``.cache[key]`` is a
+        list with one value per forward (step). ``on_token(step, tokens)`` is called with each
+        new token (one per row) as soon as the server sends it. ``blocking=False`` returns a
+        ``RemoteRun`` whose ``events()`` yield them (and ``result()`` the output).
+        Sampling (``do_sample``) is HF's (temperature, top_k, top_p) with draws from a
+        generator seeded with ``seed`` (a random one if None: see ``.seed`` of the output)."""
+        if intervene_on not in ("prompt", "all"):
+            raise HookwireError("intervene_on is 'prompt' or 'all'")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise HookwireError("max_new_tokens must be a positive int")
+        if do_sample and seed is None:
+            seed = secrets.randbits(62)
+        tokens = _input_ids(input_ids)
+        options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
+                       temperature=temperature, top_k=top_k, top_p=top_p)
+        gen = GenerationRun(self, tokens, hook_list(hooks), modules or [], intervene_on,
+                            options)
+        if blocking:
+            return gen.run(on_token=on_token)
+        traced = threading.Event()
+        run = RemoteRun(lambda r: gen.run(on_token=on_token, run=r, traced=traced)).start()
+        run.wait_until_traced(traced)
+        return run
+
+
+__all__ = ["RemoteModel", "GenerateOutput"]

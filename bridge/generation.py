@@ -1,0 +1,94 @@
+"""Generation with interventions: what a request asks for, and how a next token is chosen.
+
+A generate request is an ordinary submit whose ``graph`` is traced for the prompt's forward,
+plus a :class:`GenerateSpec`: the options below and one graph per later forward (each new
+token's forward, with the model's KV cache) when hooks intervene on every step. The server
+runs forward 0 on the prompt, then forwards 1 .. max_new_tokens-1 on one token each, and
+streams every chosen token back (a result named ``token_name(k)``) as soon as it exists; a
+value graph k saves comes back as ``step_name(k, name)``.
+
+The token choice is here, in the core, so that a local run (``hookwire.hf.LocalModel``) and the
+server pick tokens with exactly the same code. It is what HF's ``generate`` does for greedy
+search and for sampling with its default warpers, in its order: temperature, top-k, top-p,
+then one draw from a ``torch.Generator`` seeded with ``seed`` (HF draws from torch's global
+generator: ``torch.manual_seed(seed)`` before a local ``model.generate`` gives the same draws).
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from hookwire.graph import Graph
+
+TOKEN_PREFIX = "__token__"
+STEP_SEPARATOR = "/"
+
+
+class GenerateSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(ge=1, le=1 << 20)
+    do_sample: bool = False
+    seed: int | None = Field(default=None, ge=0, le=(1 << 63) - 1)
+    temperature: float = Field(default=1.0, gt=0.0, le=1e4)
+    top_k: int | None = Field(default=50, ge=0, le=1 << 24)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # Graphs of forwards 1, 2, ... (one new token each); forward 0 is the submit's ``graph``.
+    # Empty: hooks intervene on the prompt only; the later forwards run untouched.
+    steps: list[Graph] = Field(default_factory=list, max_length=1 << 16)
+
+
+def token_name(step: int) -> str:
+    return f"{TOKEN_PREFIX}{step}"
+
+
+def step_name(step: int, name: str) -> str:
+    return f"{step}{STEP_SEPARATOR}{name}"
+
+
+def parse_step_name(name: str) -> tuple[int, str] | None:
+    """``"3/acts"`` -> (3, "acts"); None for names that are not a step's save."""
+    step, sep, rest = name.partition(STEP_SEPARATOR)
+    return (int(step), rest) if sep and step.isdigit() else None
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, scores.shape[-1])
+    kth = torch.topk(scores, k).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _top_p(scores: torch.Tensor, p: float) -> torch.Tensor:
+    # Drop the least likely tokens whose total probability is at most 1 - p (keeping one).
+    ascending, order = torch.sort(scores, descending=False)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - p)
+    drop[..., -1:] = False
+    return scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, spec: GenerateSpec,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of each row, from the last position's logits ``(batch, vocab)``."""
+    scores = logits.to(torch.float32)
+    if not spec.do_sample:
+        return scores.argmax(dim=-1)
+    if spec.temperature != 1.0:
+        scores = scores / spec.temperature
+    if spec.top_k:
+        scores = _top_k(scores, spec.top_k)
+    if spec.top_p < 1.0:
+        scores = _top_p(scores, spec.top_p)
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def make_generator(spec: GenerateSpec, device) -> torch.Generator | None:
+    if not spec.do_sample:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(spec.seed if spec.seed is not None else 0)
+    return gen
+
+
+__all__ = ["GenerateSpec", "next_tokens", "make_generator", "token_name", "step_name",
+           "parse_step_name", "TOKEN_PREFIX"]

@@ -1,0 +1,159 @@
+"""Server side of a generate request: validation before anything runs, then the token loop.
+
+A generate request (``Submit.generate``, :mod:`hookwire.generation`) runs alone on the plain
+HF module tree with the model's KV cache: forward 0 on the prompt (with the submit's graph),
+forward k on the k-th new token (with ``steps[k-1]`` when given). Every graph is validated as
+any graph is -- structure, sites, shapes on the meta device for its own input size, limits --
+and ``max_new_tokens`` is bounded by ``Limits.max_new_tokens`` (and the sequence by
+``max_seq``). Each chosen token is sent the moment it exists; values a graph saves come back
+as ``"<step>/<name>"``. Nothing the client sent is ever run as code: the graphs are data.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from hookwire.errors import (Cancelled, DeadlineExceeded, GraphValidationError, LimitExceeded,
+                             ProtocolError)
+from hookwire.executor import Interleaver
+from hookwire.generation import make_generator, next_tokens, step_name, token_name
+from hookwire.module_sites import is_module_site
+from hookwire.protocol import Done, Progress, dump
+from hookwire.validate import infer_shapes, validate_structure
+
+
+def _check_graph(graph, model: str, what: str):
+    if graph.model != model:
+        raise GraphValidationError(f"{what} names model {graph.model!r}, the request "
+                                   f"{model!r}", rule="generate_model")
+    if graph.forward.return_type is not None or graph.backward is not None:
+        raise GraphValidationError(f"{what}: a generation forward returns no output and runs "
+                                   "no backward pass (the server picks tokens from the logits)",
+                                   rule="generate_forward")
+    if any(not is_module_site(s.name) for s in graph.sites):
+        raise GraphValidationError(f"{what}: generation graphs use HF module sites "
+                                   "('hf:...') only", rule="site_kinds")
+    if any(n.op == "site.write" and n.kwargs.get("mode") == "narrow" for n in graph.nodes):
+        raise GraphValidationError(f"{what}: narrowing writes cannot change the batch of a "
+                                   "KV cache", rule="narrow_site")
+
+
+def validate_generation(job, entry, limits, input_ids) -> list:
+    """[(validated graph, its constants)] for forwards 0 .. max_new_tokens-1 (None: a
+    forward without intervention). Raises a typed error before anything runs."""
+    submit = job.submit
+    spec = submit.generate
+    if entry.hf_model is None:
+        raise ProtocolError(f"model {submit.graph.model!r} has no HF module tree here: "
+                            "it cannot generate")
+    if spec.max_new_tokens > limits.max_new_tokens:
+        raise LimitExceeded(f"max_new_tokens={spec.max_new_tokens}; limit "
+                            f"{limits.max_new_tokens}", rule="max_new_tokens")
+    batch, seq = input_ids.shape
+    if seq < 1:
+        raise ProtocolError("generation needs a prompt of at least one token")
+    if seq + spec.max_new_tokens > limits.max_seq:
+        raise LimitExceeded(f"prompt of {seq} + {spec.max_new_tokens} new tokens exceeds "
+                            f"max_seq {limits.max_seq}", rule="max_seq")
+    n_positions = getattr(entry.hf_model.config, "n_positions", None) or getattr(
+        entry.hf_model.config, "max_position_embeddings", None)
+    if n_positions and seq + spec.max_new_tokens > n_positions:
+        raise LimitExceeded(f"prompt of {seq} + {spec.max_new_tokens} new tokens exceeds the "
+                            f"model's {n_positions} positions", rule="max_positions")
+    if spec.steps and len(spec.steps) != spec.max_new_tokens - 1:
+        raise GraphValidationError(f"{len(spec.steps)} step graphs for {spec.max_new_tokens} "
+                                   f"new tokens: give none or {spec.max_new_tokens - 1}",
+                                   rule="generate_steps")
+    if submit.graph.inputs.get("attention_mask"):
+        raise GraphValidationError("generation takes unpadded prompts (no attention_mask)",
+                                   rule="generate_inputs")
+    if sum(len(g.nodes) for g in spec.steps) + len(submit.graph.nodes) > limits.max_nodes:
+        raise LimitExceeded(f"the generation's graphs hold more than {limits.max_nodes} nodes",
+                            rule="max_nodes")
+    out = []
+    for k, graph in enumerate([submit.graph] + list(spec.steps)):
+        what = "the prompt's graph" if k == 0 else f"step graph {k}"
+        _check_graph(graph, submit.graph.model, what)
+        if k and graph.inputs:
+            raise GraphValidationError(f"{what}: step inputs are the generated tokens",
+                                       rule="generate_inputs")
+        missing = [tid for tid in graph.constants if tid not in job.tensors]
+        if missing:
+            raise ProtocolError(f"{what}: constants declared but not attached: {missing[:5]}")
+        constants = {tid: job.tensors[tid] for tid in graph.constants}
+        if not graph.sites and not graph.nodes:
+            out.append(None)
+            continue
+        vg = validate_structure(graph, entry.site_table, entry.site_order, limits)
+        infer_shapes(vg, batch, seq if k == 0 else 1, constants, limits)
+        out.append((vg, constants))
+    return out
+
+
+class _Watch:
+    """Stops a generation that was cancelled, lost its client, or ran out of time."""
+
+    def __init__(self, job, t_start: float, limit: float):
+        self.job, self.t_start, self.limit = job, t_start, limit
+
+    def __call__(self, *_):
+        rid = self.job.request_id
+        if rid in self.job.conn.cancelled or self.job.conn.closed:
+            raise Cancelled(f"request {rid} was cancelled during generation")
+        if time.perf_counter() - self.t_start > self.limit:
+            raise DeadlineExceeded(f"request {rid} ran longer than {self.limit:g} s",
+                                   rule="max_request_seconds")
+
+
+def run_generation(worker, p, forwards: list) -> None:
+    """The token loop; ``forwards`` is what :func:`validate_generation` returned."""
+    job, entry = p.job, p.entry
+    spec = job.submit.generate
+    model = entry.hf_model
+    device = entry.hosted.device
+    watch = _Watch(job, p.t_start, worker.limits.max_request_seconds)
+    generator = make_generator(spec, device)
+    kv = DynamicCache(config=model.config)
+    step_input = p.tokens
+    forward = type(model).forward  # the class's forward, not an attribute set on the object
+    sent = [0]
+
+    def saver(k):
+        def on_save(name, value, snapshot=True, keep=True):
+            sent[0] += worker._send_tensor(job, step_name(k, name), value, snapshot, keep)
+        return on_save
+
+    with torch.no_grad():
+        for k in range(spec.max_new_tokens):
+            watch()
+            inputs = step_input
+
+            def run_forward():
+                return forward(model, input_ids=inputs, past_key_values=kv,
+                               use_cache=True).logits
+            planned = forwards[k] if k < len(forwards) else None
+            if planned is None:
+                logits = run_forward()
+            else:
+                vg, constants = planned
+                il = Interleaver(vg, {t: c.to(device) for t, c in constants.items()},
+                                 saver(k), watch)
+                logits = il.run(entry.site_modules, run_forward, need_output=True)
+                il.finish({})
+            token = next_tokens(logits[:, -1], spec, generator)
+            sent[0] += worker._send_tensor(job, token_name(k), token, snapshot=False,
+                                           keep=False)
+            job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="site",
+                                                   site=k + 1, of=spec.max_new_tokens)))
+            step_input = token[:, None]
+    t_done = time.perf_counter()
+    job.conn.send_threadsafe(dump(Done(
+        request_id=job.request_id, bytes_sent=sent[0], bytes_received=job.received_bytes,
+        timings={"queued_s": p.t_start - job.enqueued, "validate_s": p.t_validated - p.t_start,
+                 "execute_s": t_done - p.t_validated, "batch_size": 1.0,
+                 "tokens": float(spec.max_new_tokens)})))
+
+
+__all__ = ["validate_generation", "run_generation"]

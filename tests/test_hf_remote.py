@@ -1,0 +1,244 @@
+"""hookwire.hf against a real server on both families: module-path hooks with torch's
+signatures, run_with_cache, generation with interventions (greedy and seeded sampling, KV
+cache on the server, tokens streamed) -- each compared with plain torch hooks / HF's own
+``generate`` on a local HF model that shares the server's weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hookwire.hf as hhf
+from hookwire.client import get_connection
+from hookwire.errors import HookwireError, LimitExceeded, TraceError
+from hookwire.hf.generate_request import TokenEvent
+from hookwire.protocol import Done
+from hookwire.runs import SavedValue
+from hookwire.server.hf_modules import plain_hf_model
+
+PROMPT = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+PATHS = {  # (mlp, attention, a linear inside the mlp, a decoder block)
+    "tiny-gpt2": ("transformer.h.1.mlp", "transformer.h.0.attn", "transformer.h.1.mlp.c_proj",
+                  "transformer.h.0"),
+    "tiny-llama": ("model.layers.1.mlp", "model.layers.0.self_attn",
+                   "model.layers.1.mlp.down_proj", "model.layers.0"),
+}
+FAMILIES = list(PATHS)
+
+
+@pytest.fixture(scope="module")
+def plain(hosted, server):
+    """name -> a plain HF model whose tensors are the served model's own."""
+    return {name: plain_hf_model(h.bridge) for name, h in hosted.items()}
+
+
+def torch_hooks_run(model, hooks: dict, ids):
+    """The reference: the same functions registered with torch, one forward."""
+    handles = []
+    for key, fn in hooks.items():
+        path, _, kind = key.partition(":")
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(fn) if kind == "input"
+                       else module.register_forward_hook(fn))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def make_hooks(name, store):
+    mlp, attn, linear, block = PATHS[name]
+
+    def scale_mlp(module, args, output):           # returns a replacement
+        store["mlp"] = output
+        return output * 0.5
+
+    def attn_tuple(module, args, output):           # a tuple, as torch hands it over
+        hidden, weights = output
+        store["attn_len"] = len(output)
+        store["attn_rest"] = output[1:]
+        return (hidden + 0.25,) + output[1:]
+
+    def pre_double(module, args):                   # pre-hook: replaces the args
+        store["pre_args"] = args
+        return (args[0] * 2,) + args[1:]
+
+    def block_in_place(module, args, output):       # in place, returns None
+        output[:, -1] = 0.0
+        store["block_args0"] = args[0].clone()
+    return {mlp: scale_mlp, attn: attn_tuple, f"{linear}:input": pre_double,
+            block: block_in_place}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_run_with_hooks_equals_torch_hooks(server, plain, name):
+    remote_store, local_store = {}, {}
+    remote = hhf.RemoteModel(name)
+    out = remote.run_with_hooks(PROMPT, make_hooks(name, remote_store))
+    expected = torch_hooks_run(plain[name], make_hooks(name, local_store), PROMPT)
+    assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(expected, torch_hooks_run(plain[name], {}, PROMPT))  # hooks bite
+    assert set(remote_store) == set(local_store)
+    for key in local_store:  # stored tensors (and tuples with None) came back as torch's
+        assert_close(remote_store[key], local_store[key], rtol=1e-5, atol=1e-5)
+    assert remote_store["attn_len"] == 2 and remote_store["attn_rest"] == (None,)
+    local = hhf.LocalModel(plain[name]).run_with_hooks(PROMPT, make_hooks(name, {}))
+    assert_close(local.logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_run_with_cache_tuples_and_args(server, plain, name):
+    mlp, attn, linear, block = PATHS[name]
+    modules = [mlp, attn, f"{linear}:input", f"{mlp}@0"]
+    hooks = {mlp: lambda m, a, o: o + 1.0}
+    out, cache = hhf.RemoteModel(name).run_with_cache(PROMPT, modules, hooks)
+    lout, lcache = hhf.LocalModel(plain[name]).run_with_cache(PROMPT, modules, hooks)
+    assert_close(out.logits, lout.logits, rtol=1e-5, atol=1e-5)
+    assert set(cache) == set(modules)
+    for key in modules:
+        assert type(cache[key]) is type(lcache[key])
+        assert_close(cache[key], lcache[key], rtol=1e-5, atol=1e-5)
+    assert isinstance(cache[attn], tuple) and cache[attn][1] is None
+    assert_close(cache[mlp], cache[f"{mlp}@0"])  # a cache hook sees the edited output
+
+
+def test_rotary_tuple_elements_are_sites(server, plain):
+    """Element 1 of a tuple output (Llama's rotary (cos, sin)) is readable and writable."""
+    def swap(module, args, output):
+        cos, sin = output
+        return (cos, sin * 0.5)
+    hooks = {"model.rotary_emb": swap}
+    out = hhf.RemoteModel("tiny-llama").run_with_hooks(PROMPT, hooks)
+    assert_close(out.logits, torch_hooks_run(plain["tiny-llama"], hooks, PROMPT),
+                 rtol=1e-5, atol=1e-5)
+
+
+def test_errors_before_anything_is_sent(server):
+    remote = hhf.RemoteModel("tiny-gpt2")
+    with pytest.raises(HookwireError, match="no module"):
+        remote.run_with_hooks(PROMPT, {"transformer.h.9.mlp": lambda m, a, o: o})
+    with pytest.raises(HookwireError, match="runs 1 time"):
+        remote.run_with_hooks(PROMPT, {"transformer.h.0.mlp@1": lambda m, a, o: o})
+    with pytest.raises(TraceError, match="tuple of 2"):
+        remote.run_with_hooks(PROMPT, {"transformer.h.0.attn": lambda m, a, o: o[0]})
+    with pytest.raises(TraceError, match="shape"):
+        remote.run_with_hooks(PROMPT, {"transformer.h.0.mlp": lambda m, a, o: o[:, :2]})
+    with pytest.raises(TraceError):  # values are not known while tracing
+        remote.run_with_hooks(PROMPT, {"transformer.h.0.mlp": lambda m, a, o: float(o.sum())})
+    assert remote.run_with_hooks(PROMPT).logits.shape == (2, 7, 257)  # still serving
+
+
+# ---- generation --------------------------------------------------------------------------
+
+def steering(name, store):
+    mlp, attn, linear, block = PATHS[name]
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(9))
+
+    def steer(module, args, output):
+        store.append(output[:, -1].clone())
+        return output + 0.3 * vector
+    return {mlp: steer}
+
+
+def hf_generate(model, ids, hooks: dict, **kw):
+    """HF's own generate with the hooks registered by torch (the reference)."""
+    handles = [model.get_submodule(p).register_forward_hook(fn) for p, fn in hooks.items()]
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=None,
+                                  pad_token_id=0, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_equals_local_and_hf_generate(server, plain, name, do_sample):
+    mlp = PATHS[name][0]
+    remote_steps, local_steps, hf_steps = [], [], []
+    kw = dict(max_new_tokens=6, do_sample=do_sample, top_k=20, temperature=0.8)
+    out = hhf.RemoteModel(name).generate(PROMPT, hooks=steering(name, remote_steps),
+                                         intervene_on="all", seed=11, modules=[mlp], **kw)
+    local = hhf.LocalModel(plain[name]).generate(PROMPT, hooks=steering(name, local_steps),
+                                                 intervene_on="all", seed=11, modules=[mlp],
+                                                 **kw)
+    torch.manual_seed(11)  # HF samples from the global generator
+    reference = hf_generate(plain[name], PROMPT, steering(name, hf_steps), **kw)
+    assert torch.equal(out.sequences, reference)
+    assert torch.equal(local.sequences, reference)
+    assert len(remote_steps) == len(hf_steps) == 6  # the hook ran once per forward
+    for a, b in zip(remote_steps, hf_steps):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(out.cache[mlp]) == 6
+    assert out.cache[mlp][0].shape == (2, 7, 64) and out.cache[mlp][1].shape == (2, 1, 64)
+    for a, b in zip(out.cache[mlp], local.cache[mlp]):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_intervene_on_prompt_only(server, plain, name):
+    remote_steps, local_steps = [], []
+    out = hhf.RemoteModel(name).generate(PROMPT, 5, steering(name, remote_steps))
+    local = hhf.LocalModel(plain[name]).generate(PROMPT, 5, steering(name, local_steps))
+    assert torch.equal(out.sequences, local.sequences)
+    assert len(remote_steps) == len(local_steps) == 1
+    assert_close(remote_steps[0], local_steps[0], rtol=1e-5, atol=1e-5)
+    plain_run = hhf.RemoteModel(name).generate(PROMPT, 5)
+    assert not torch.equal(plain_run.sequences, out.sequences)  # the steering mattered
+
+
+def test_generate_streams_each_token(server, plain):
+    """Each token arrives as its own event, before the next step's progress and the end."""
+    seen = []
+    run = hhf.RemoteModel("tiny-gpt2").generate(PROMPT, 4, on_token=lambda k, t: seen.append(k),
+                                                blocking=False)
+    order = []
+    for event in run.events():
+        if isinstance(event, TokenEvent):
+            order.append(("token", event.step))
+        elif getattr(event, "stage", None) == "site":
+            order.append(("step", event.site))
+        elif isinstance(event, Done):
+            order.append(("done", None))
+    out = run.result()
+    assert [e for e in order if e[0] == "token"] == [("token", k) for k in range(4)]
+    for k in range(3):  # token k is out before forward k+1 is over
+        assert order.index(("token", k)) < order.index(("step", k + 2))
+    assert seen == [0, 1, 2, 3] and out.sequences.shape == (2, 11)
+    assert all(not isinstance(e, SavedValue) for e in order)
+
+
+def test_generate_limits_are_typed_and_server_goes_on(server):
+    remote = hhf.RemoteModel("tiny-gpt2")
+    with pytest.raises(LimitExceeded, match="positions|max_new_tokens"):
+        remote.generate(PROMPT, 1000)
+    conn = get_connection()
+    assert conn.model_info("tiny-gpt2").name == "tiny-gpt2"
+    assert remote.generate(PROMPT, 2).sequences.shape == (2, 9)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_tl_generate_remote_equals_local(server, local_models, remote_models, name, do_sample):
+    model = local_models[name]
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(2))
+
+    def steer(act, hook):
+        return act + 0.5 * vector
+    hooks = [("blocks.0.hook_resid_post", steer)]
+    kw = dict(max_new_tokens=5, do_sample=do_sample, verbose=False, stop_at_eos=False)
+    with model.hooks(fwd_hooks=hooks):
+        torch.manual_seed(4)
+        local = model.generate(PROMPT, **kw)
+    with model.hooks(fwd_hooks=hooks):
+        torch.manual_seed(4)
+        remote = model.generate(PROMPT, remote=True, **kw)
+    with remote_models[name].hooks(fwd_hooks=hooks):
+        torch.manual_seed(4)
+        stand_in = remote_models[name].generate(PROMPT, **kw)
+    assert torch.equal(remote, local) and torch.equal(stand_in, local)
+    if not do_sample:  # (a near-uniform tiny model samples alike either way)
+        assert not torch.equal(model.generate(PROMPT, **kw), local)  # the hook mattered

@@ -1,0 +1,200 @@
+"""Shared weights never change: hash every parameter and buffer of the served models (the TL
+bridge and the HF tree module sites run on), then send the whole hostile corpus, in-place
+and replacing writes of NaN into every site of both models, a backward pass, and a fuzzing
+batch through the server -- and check the hashes, that no weight got a ``.grad``, that no
+hook was left on any module, and that a clean request's result is bit-identical before and
+after."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fuzzing as fz
+from hookwire.client import Connection
+from hookwire.errors import ExecutionError, HookwireError
+from hookwire.frames import tensor_bytes
+from hostile.runner import PAYLOAD_MARKER, load_corpus, resident_ids, run_case
+from test_server_protocol import good_graph
+
+from conftest import MODEL_NAMES
+
+
+# A view expanded over the batch: torch refuses in-place writes into it (tested below).
+BROADCAST_SITE = "pos_embed.hook_out"
+
+
+def _modules(server):
+    for name, entry in server.server.entries.items():
+        yield f"{name}/bridge", entry.hosted.bridge
+        if entry.hf_model is not None:
+            yield f"{name}/hf", entry.hf_model
+
+
+def weight_state(server) -> dict:
+    """name -> (sha256 of dtype, shape and bytes; requires_grad; grad is None)."""
+    out = {}
+    for prefix, module in _modules(server):
+        for kind, named in (("param", module.named_parameters(remove_duplicate=False)),
+                            ("buffer", module.named_buffers(remove_duplicate=False))):
+            for name, t in named:
+                h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+                h.update(tensor_bytes(t))
+                out[f"{prefix}:{kind}:{name}"] = (h.hexdigest(), t.requires_grad, t.grad is None)
+    return out
+
+
+def hooks_on_modules(server) -> dict:
+    """Hooks torch holds on every module (the model's own, e.g. HF output capturing, and
+    whatever a request left behind)."""
+    return {f"{prefix}:{name}": (len(m._forward_hooks), len(m._forward_pre_hooks),
+                                 len(m._backward_hooks))
+            for prefix, module in _modules(server) for name, m in module.named_modules()}
+
+
+def clean_results(conn, tokens) -> dict:
+    return {model: conn.run(good_graph(model), {"input_ids": tokens}).values
+            for model in MODEL_NAMES}
+
+
+def write_everywhere(model: str, sites: list, module_sites: bool, mode: str,
+                     skip_broadcast: bool = True) -> dict:
+    """Read every site of one kind and write NaN (zeros for integer sites) back into it."""
+    chosen = [s for s in sites if s.name.startswith("hf:") == module_sites and
+              not (skip_broadcast and mode == "inplace" and s.name == BROADCAST_SITE)]
+    nodes = []
+    for k, s in enumerate(chosen):
+        read = len(nodes)
+        fill = 0 if not s.dtype.is_floating_point else {"float": "nan"}
+        nodes += [{"id": read, "op": "site.read", "args": [k]},
+                  {"id": read + 1, "op": "full_like", "args": [{"ref": read}, fill]},
+                  {"id": read + 2, "op": "site.write", "args": [k, {"ref": read + 1}],
+                   "kwargs": {"mode": mode}}]
+    return {"version": 1, "model": model, "inputs": {"input_ids": "input_ids"},
+            "sites": [{"name": s.name, "call": s.call} for s in chosen], "nodes": nodes,
+            "saves": {}, "forward": {"return_type": "logits"}}
+
+
+def backward_graph(model: str) -> dict:
+    """The gradient of the logits' sum at one residual stream site."""
+    return {"version": 1, "model": model, "inputs": {"input_ids": "input_ids"},
+            "sites": [{"name": "blocks.0.hook_out"}],
+            "nodes": [{"id": 0, "op": "site.read", "args": [0]},
+                      {"id": 1, "op": "output.read", "args": ["logits"]},
+                      {"id": 2, "op": "sum", "args": [{"ref": 1}]},
+                      {"id": 3, "op": "site.grad", "args": [0]}],
+            "saves": {"grad": 3}, "backward": 2, "forward": {"return_type": "logits"}}
+
+
+@pytest.fixture
+def conns(server):
+    mine, other = Connection(server.url), Connection(server.url)
+    yield mine, other
+    other.close()
+    mine.close()
+
+
+def test_weights_unchanged_after_hostile_traffic(server, conns, tokens):
+    conn, other = conns
+    before, hooks_before = weight_state(server), hooks_on_modules(server)
+    assert len(before) > 100 and all(grad_none for _, _, grad_none in before.values())
+    clean_before = clean_results(conn, tokens)
+
+    # 1. the whole hostile corpus
+    ids = resident_ids(conn, other, good_graph("tiny-gpt2"), tokens)
+    for case in load_corpus():
+        run_case(conn, case, tokens, ids)
+    assert not PAYLOAD_MARKER.exists()
+
+    # 2. NaN written into every site of both models, in place and as a replacement
+    ran = 0
+    for model in MODEL_NAMES:
+        sites = conn.model_info(model).sites
+        for module_sites in (False, True):
+            for mode in ("inplace", "replace"):
+                result = conn.run(write_everywhere(model, sites, module_sites, mode),
+                                  {"input_ids": tokens})
+                assert result.values["__logits__"].isnan().any()
+                ran += 1
+        grad = conn.run(backward_graph(model), {"input_ids": tokens}).values["grad"]
+        assert grad.shape[:2] == tokens.shape and grad.abs().sum() > 0
+    assert ran == 8
+
+    # 3. a fuzzing batch through the same server
+    outcomes = []
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(st.data(), st.integers(0, 10 ** 6))
+    def fuzz_batch(data, seed):
+        graph = data.draw(fz.graphs(server.server.entries["tiny-gpt2"].sites))
+        outcomes.append(fz.through_server(conn, graph, fz.tensors_for(seed, graph["constants"])))
+    fuzz_batch()
+    assert len(outcomes) == 150 and "ok" in outcomes
+
+    after = weight_state(server)
+    changed = [name for name in before if before[name] != after[name]]
+    assert changed == [] and set(after) == set(before)
+    assert hooks_on_modules(server) == hooks_before
+    clean_after = clean_results(conn, tokens)
+    for model in MODEL_NAMES:
+        for name, value in clean_before[model].items():
+            assert torch.equal(clean_after[model][name], value), (model, name)
+
+
+def test_a_site_value_never_aliases_a_weight(server, tokens):
+    """No site hands a graph a tensor that shares memory with a parameter or buffer (so an
+    in-place write can only ever touch activations)."""
+    weights = {t.untyped_storage().data_ptr() for _, module in _modules(server)
+               for t in list(module.parameters()) + list(module.buffers()) if t.numel()}
+    from hookwire.module_sites import attach
+    for name, entry in server.server.entries.items():
+        shared = []
+
+        def check(site):
+            def hook(module, args, value):
+                if isinstance(value, torch.Tensor) and value.numel() and \
+                        value.untyped_storage().data_ptr() in weights:
+                    shared.append(site)
+            return hook
+        handles = [attach(entry.site_modules[s.name], s.name, check(s.name))
+                   for s in {s.name: s for s in entry.sites}.values()]
+        try:
+            with torch.no_grad():
+                entry.hosted.bridge(tokens)
+                if entry.hf_model is not None:
+                    entry.hf_model(input_ids=tokens)
+        finally:
+            for h in handles:
+                h.remove()
+        assert shared == [], f"{name}: sites aliasing weights: {shared}"
+
+
+def test_hostile_errors_are_typed(server, conns, tokens):
+    """Every corpus case is answered by a HookwireError subclass or a result (never an
+    internal error), on a connection that then still works."""
+    conn, other = conns
+    ids = resident_ids(conn, other, good_graph("tiny-gpt2"), tokens)
+    for case in load_corpus()[:20]:
+        outcome = run_case(conn, case, tokens, ids)
+        assert outcome.error != "internal_error"
+    with pytest.raises(HookwireError):
+        conn.run(good_graph("no-such-model"), {"input_ids": tokens})
+
+
+def test_in_place_write_into_a_broadcast_site_is_a_typed_error(server, tokens):
+    """GPT-2's position embeddings reach the residual stream as a view expanded over the
+    batch: torch refuses to write into it in place, so the request gets an ExecutionError
+    (not an internal error), like a local hook would, and the connection goes on."""
+    conn = Connection(server.url)
+    try:
+        sites = [s for s in conn.model_info("tiny-gpt2").sites if s.name == "pos_embed.hook_out"]
+        with pytest.raises(ExecutionError):
+            conn.run(write_everywhere("tiny-gpt2", sites, False, "inplace", False),
+                     {"input_ids": tokens})
+        assert conn.run(good_graph("tiny-gpt2"), {"input_ids": tokens}).values["resid"].shape
+    finally:
+        conn.close()

@@ -1,0 +1,99 @@
+"""Unit checks of the mechanisms SECURITY.md names that the corpus reaches only from outside:
+sizing on meta before real work, the flops budget, frame sizes torch cannot represent, and
+the node-count precheck."""
+from __future__ import annotations
+
+import json
+import resource
+
+import pytest
+import torch
+
+from pydantic import ValidationError
+
+from hookwire.errors import FrameError, LimitExceeded
+from hookwire.frames import MAX_ELEMENTS, TensorAssembler, TensorHeader, numel
+from hookwire.graph import Graph
+from hookwire.server.app import _precheck_node_count, _refused_submit_id
+from hookwire.shape_probe import run_for_shape
+from hookwire.validate import Limits, infer_shapes, validate_structure
+
+
+def constant_graph(nodes, constants=("c0",)):
+    g = Graph.model_validate({"model": "m", "inputs": {"input_ids": "i"},
+                              "constants": list(constants), "nodes": nodes})
+    return validate_structure(g, {}, {}, Limits())
+
+
+def test_real_int_constants_are_sized_on_meta_before_any_allocation():
+    vg = constant_graph([{"id": 0, "op": "repeat", "args": [{"const": "c0"}, [40000, 40000]]}])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(LimitExceeded) as info:
+        infer_shapes(vg, 1, 1, {"c0": torch.ones(1, dtype=torch.int64)}, Limits())
+    assert info.value.details["rule"] == "max_value_bytes"
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 1 << 20, f"validation grew the process by {grown_kib} KiB"
+
+
+def test_data_dependent_shapes_still_use_the_real_mask():
+    vg = constant_graph([{"id": 0, "op": "getitem", "args": [{"const": "c0"}, {"const": "m"}]}],
+                        constants=("c0", "m"))
+    infer_shapes(vg, 1, 1, {"c0": torch.arange(6), "m": torch.tensor([1, 0, 1, 1, 0, 0]).bool()},
+                 Limits())
+    assert tuple(vg.shapes[0].shape) == (3,)
+    out, flops = run_for_shape("repeat", torch.Tensor.repeat, (torch.ones(2, dtype=torch.int64),
+                                                             (3,)), {}, 1 << 20)
+    assert torch.equal(out, torch.ones(6, dtype=torch.int64)) and flops == 0
+
+
+def test_contractions_are_held_to_the_flops_budget():
+    nodes = [{"id": 0, "op": "expand", "args": [{"const": "c0"}, [3000, 3000]]},
+             {"id": 1, "op": "matmul", "args": [{"ref": 0}, {"ref": 0}]}]
+    c0 = {"c0": torch.ones(1, 1)}
+    infer_shapes(constant_graph(nodes), 1, 1, c0, Limits())  # 5.4e10 flops: fine by default
+    with pytest.raises(LimitExceeded) as info:
+        infer_shapes(constant_graph(nodes), 1, 1, c0, Limits(max_flops=10 ** 10))
+    assert info.value.details["rule"] == "max_flops"
+    _, flops = run_for_shape("einsum", torch.einsum, ("ij,jk->ik", torch.empty(
+        20, 30, device="meta"), torch.empty(30, 40, device="meta")), {}, 1 << 30)
+    assert flops == 2 * 20 * 30 * 40
+
+
+@pytest.mark.parametrize("shape", [[0, 2 ** 70], [0, 2 ** 62, 2 ** 62], [2 ** 49], [-1]])
+def test_shapes_torch_cannot_represent_are_frame_errors(shape):
+    with pytest.raises(FrameError):
+        numel(shape)
+    with pytest.raises(FrameError):
+        TensorAssembler([TensorHeader(tid="x", dtype="float32", shape=shape)], 1 << 20)
+    assert numel([0, MAX_ELEMENTS]) == 0
+
+
+def test_node_count_is_checked_before_pydantic():
+    msg = json.dumps({"type": "submit", "graph": {"nodes": [{}] * 101}})
+    with pytest.raises(LimitExceeded):
+        _precheck_node_count(msg, 100)
+    _precheck_node_count(msg, 101)
+    _precheck_node_count("[" * 100_000, 100)          # not JSON enough: left to pydantic
+    assert _refused_submit_id("[" * 100_000) is None  # no RecursionError
+
+
+def test_save_and_constant_names_are_bounded():
+    base = {"model": "m", "inputs": {"input_ids": "i"}}
+    with pytest.raises(ValidationError) as info:
+        Graph.model_validate({**base, "saves": {"x" * 1000: 0}})
+    assert "saves" in str(info.value)
+    with pytest.raises(ValidationError):
+        Graph.model_validate({**base, "constants": ["c" * 65]})
+    assert Graph.model_validate({**base, "saves": {"résumé 🙂": 0}}).saves
+
+
+def test_validation_keeps_only_small_cheap_results_real():
+    """Results of ops on real constants stay real only while small and cheap (8 MiB, 1e8
+    flops): a 1000x1000 integer matmul is sized, not computed, during validation."""
+    ints = torch.ones(1000, 1000, dtype=torch.int64)
+    out, flops = run_for_shape("matmul", torch.matmul, (ints, ints), {}, 1 << 31)
+    assert out.device.type == "meta" and flops == 2 * 1000 ** 3
+    out, _ = run_for_shape("repeat", torch.Tensor.repeat, (ints, (2, 1)), {}, 1 << 31)
+    assert out.device.type == "meta" and tuple(out.shape) == (2000, 1000)
+    out, _ = run_for_shape("add", torch.add, (ints[:10], 1), {}, 1 << 31)
+    assert out.device.type == "cpu" and int(out.sum()) == 20000
