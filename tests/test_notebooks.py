@@ -6,11 +6,6 @@ kernel is shut down when the run ends, error or not. Plots go to ``HOOKWIRE_FIGU
 temporary folder here) and must exist and be non-empty PNGs. Committed notebooks carry no
 outputs.
 
-One exception, marked in the notebook itself: the DAS training cell of pyvene_remote.ipynb is
-tagged ``raises-exception`` + ``needs-remote-das`` until gradients of intervention parameters
-through ``RemoteIntervenableModel`` land; if that cell errors the test is an expected failure
-(xfail, naming the error), and it passes as soon as the cell runs. Remove the tags then, so
-any later error in it fails the suite.
 """
 from __future__ import annotations
 
@@ -29,7 +24,6 @@ FIGURES = {
     "side_by_side.ipynb": ["side_by_side_timings.png", "side_by_side_patching.png"],
     "pyvene_remote.ipynb": ["pyvene_interchange.png"],
 }
-PENDING_TAG = "needs-remote-das"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,6 +36,8 @@ def test_committed_notebook_has_no_outputs(name):
     nb = nbformat.read(EXAMPLES / name, as_version=4)
     nbformat.validate(nb)
     for k, cell in enumerate(nb.cells):
+        # no cell may be allowed to fail (nbclient's raises-exception tag)
+        assert "raises-exception" not in cell.metadata.get("tags", []), (name, k)
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, \
                 f"{name} cell {k} has outputs: strip them before committing"
@@ -61,7 +57,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(EXAMPLES)}})
-    client.execute()   # raises CellExecutionError on any cell not tagged raises-exception
+    client.execute()   # raises CellExecutionError on the first cell that errors
 
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
     assert os.path.realpath(printed) == os.path.realpath(sys.executable), printed
@@ -70,10 +66,4 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
         assert path.is_file(), f"{name} did not save {figure}"
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 2000, (figure, len(data))
-    failed = [(k, cell) for k, cell in enumerate(nb.cells) if _errors(cell)]
-    for k, cell in failed:   # only cells allowed to raise get here
-        assert PENDING_TAG in cell.metadata.get("tags", []), f"{name} cell {k} errored"
-    if failed:
-        err = _errors(failed[0][1])[0]
-        pytest.xfail(f"{name}: DAS training through RemoteIntervenableModel not available yet "
-                     f"({err['ename']}: {err['evalue'][:200]})")
+    assert not [k for k, cell in enumerate(nb.cells) if _errors(cell)]
