@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("nnsight")
-pytest.importorskip("pyvene")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.suite import build_tools, check_equal  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402

@@ -5,7 +5,6 @@ Each notebook starts its own hookwire server on 127.0.0.1 and stops it in its la
 kernel is shut down when the run ends, error or not. Plots go to ``HOOKWIRE_FIGURES`` (a
 temporary folder here) and must exist and be non-empty PNGs. Committed notebooks carry no
 outputs.
-
 """
 from __future__ import annotations
 
@@ -13,10 +12,9 @@ import os
 import sys
 from pathlib import Path
 
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FIGURES = {
