@@ -64,7 +64,7 @@ class ServerHandle:
 def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int = 0,
           api_keys: list[str] | None = None, limits: Limits | None = None,
           batching: bool = True, batch_window_s: float = BATCH_WINDOW_S,
-          engine: str = "embedded", replicas: int = 1, ray_address: str | None = None,
+          engine: str = "embedded", replicas: int | dict = 1, ray_address: str | None = None,
           num_cpus_per_replica: float = 1, num_gpus_per_replica: float = 0,
           device_map=None) -> ServerHandle:
     """Start a server in this process. ``models`` maps names to model objects (TL bridges or
@@ -73,8 +73,8 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
     ``batch_window_s`` of each other share a forward pass.
 
     ``engine="ray"`` (needs ``hookwire[ray]``) runs each model as a Ray Serve deployment of
-    ``replicas`` replicas instead of a thread here: on the cluster at ``ray_address``
-    ("auto" for one started with ``ray start``), or on a private local Ray when None. Each
+    ``replicas`` replicas (or {model: replicas}) instead of a thread here: on the cluster at
+    ``ray_address`` ("auto": one started with ``ray start``), or on a private local Ray. Each
     replica gets ``num_cpus_per_replica``/``num_gpus_per_replica`` and loads its model with
     accelerate's ``device_map`` (e.g. "auto": across the replica's GPUs)."""
     if models is None:

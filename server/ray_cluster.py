@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
+from ray._private import ray_constants  # noqa: E402
 
 SETUP_HOOK = "hookwire.server.ray_cluster.bind_internal_grpc_to_node_ip"
 LOOPBACK = "127.0.0.1"
@@ -59,6 +60,10 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
+        # A private instance stays on loopback even if ray was imported before this module
+        # set the variable (Ray reads it at import; its processes read it at start).
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
                  runtime_env=runtime_env(), log_to_driver=False,
                  configure_logging=False)

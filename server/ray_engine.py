@@ -69,7 +69,7 @@ class _ResultCatcher:
 
 
 class RayEngine:
-    def __init__(self, models: list[str], replicas: int = 1, limits: Limits | None = None,
+    def __init__(self, models: list[str], replicas: int | dict = 1, limits: Limits | None = None,
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,
                  address: str | None = None, num_cpus_per_replica: float = 1,
                  num_gpus_per_replica: float = 0, device_map=None,
@@ -83,8 +83,9 @@ class RayEngine:
         self.entries: dict[str, RemoteEntry] = {}
         try:
             for spec in self.specs:
+                count = replicas.get(spec, 1) if isinstance(replicas, dict) else replicas
                 handle = ray_cluster.deploy(
-                    spec, replicas=replicas, limits=dataclasses.asdict(self.limits),
+                    spec, replicas=count, limits=dataclasses.asdict(self.limits),
                     batching=batching, window_s=window_s, num_cpus=num_cpus_per_replica,
                     num_gpus=num_gpus_per_replica, device_map=device_map)
                 info = handle.info.remote().result()
@@ -94,6 +95,8 @@ class RayEngine:
             self._teardown()
             raise
         self.served_by: Counter = Counter()   # replica id -> requests it answered
+        self.replica_pids: dict[str, int] = {}  # replica id -> its process (not on /health)
+        self.replica_models: dict[str, str] = {}  # replica id -> the model it holds
         self.retried = 0
         self._tasks: dict[tuple[int, str], asyncio.Task] = {}
         self._per_user: Counter = Counter()
@@ -224,6 +227,8 @@ class RayEngine:
     def _on_note(self, note: dict, job: Job) -> None:
         if "replica" in note:
             self.served_by[note["replica"]] += 1
+            self.replica_pids[note["replica"]] = note["pid"]
+            self.replica_models[note["replica"]] = note["model"]
         elif "keep_upload" in note:
             tensor = job.tensors.get(note["keep_upload"])
             if tensor is not None:

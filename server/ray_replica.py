@@ -95,7 +95,7 @@ class ModelReplica:
     async def run(self, payload: dict):
         conn = ReplicaConn(asyncio.get_running_loop(), payload["user"],
                            self.limits.max_resident_bytes)
-        first = [{"replica": self.replica, "pid": os.getpid()}]
+        first = [{"replica": self.replica, "pid": os.getpid(), "model": self.name}]
         try:
             job = job_from_payload(payload, conn)
             conn.store.uploads = {id(t): tid for tid, t in job.tensors.items()}
