@@ -211,6 +211,11 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
 
     engine = server.server.worker
     local = local_models["tiny-gpt2"]
+    for _ in range(20):  # both replicas known to the engine (they answered something)
+        if sum(m == "tiny-gpt2" for m in engine.replica_models.values()) >= 2:
+            break
+        _run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
+                     on_result=lambda k, values: None)
     victim = next(rid for rid, model in engine.replica_models.items() if model == "tiny-gpt2")
     results: list = []
     lock = threading.Lock()
@@ -235,27 +240,22 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
           f"{lost} answered with replica_lost")
     assert len(answered) >= len(results) // 2
 
-    # Serve restarts the replica: two running replicas again, and a new one answers.
-    app = "hookwire-tiny-gpt2"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        status = serve.status().applications[app].deployments["model"]
-        if status.replica_states.get("RUNNING", 0) == 2 and status.status == "HEALTHY":
-            break
-        time.sleep(1)
-    else:
-        pytest.fail(f"Serve did not bring back the replica: {status}")
+    # Serve restarts the replica: a new one answers requests (bounded wait), and the
+    # deployment is back to two running replicas.
     known = set(engine.replica_models)
     new_ids: set = set()
-    for _ in range(30):  # until the router sends something to the new replica (bounded)
+    deadline = time.monotonic() + 240
+    while not new_ids and time.monotonic() < deadline:
         fresh: list = []
         _run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
                      on_result=lambda k, values: fresh.append((k, values)))
         for k, values in fresh:
+            assert not isinstance(values, ReplicaLost), values
             _check(values, local, tokens, k)
         new_ids = set(engine.replica_models) - known
-        if new_ids:
-            break
+        time.sleep(1)
+    status = serve.status().applications["hookwire-tiny-gpt2"].deployments["model"]
+    assert status.replica_states.get("RUNNING", 0) == 2, status
     assert new_ids, "no request reached the restarted replica"
     assert victim not in new_ids
     assert not psutil.pid_exists(killed["pid"]) or \
