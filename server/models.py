@@ -86,8 +86,13 @@ def place_on_devices(hf_model, device_map):
         device_map = infer_auto_device_map(
             hf_model, no_split_module_classes=hf_model._no_split_modules or [])
     # Offloaded weights go to a folder of this process's own (weights only, never input).
-    offload_dir = tempfile.mkdtemp(prefix="hookwire_offload_") \
-        if "disk" in device_map.values() else None
+    offload_dir = None
+    if "disk" in device_map.values():
+        import shutil
+        import weakref
+
+        offload_dir = tempfile.mkdtemp(prefix="hookwire_offload_")
+        weakref.finalize(hf_model, shutil.rmtree, offload_dir, True)  # gone with the model
     return dispatch_model(hf_model, device_map=dict(device_map), offload_dir=offload_dir)
 
 

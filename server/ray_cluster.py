@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 
 # Before ray is imported: on these machines Ray otherwise rewrites a loopback node address to
 # the machine's external one (its "cluster mode" address discovery).
@@ -19,6 +21,7 @@ from ray._private import ray_constants  # noqa: E402
 
 SETUP_HOOK = "hookwire.server.ray_cluster.bind_internal_grpc_to_node_ip"
 LOOPBACK = "127.0.0.1"
+_private_temp_dir: str | None = None  # the session folder of a Ray this process started
 
 
 def bind_internal_grpc_to_node_ip() -> None:
@@ -64,9 +67,12 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> bool:
         # set the variable (Ray reads it at import; its processes read it at start).
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         ray_constants.ENABLE_RAY_CLUSTER = False
+        global _private_temp_dir
+        # Its own session folder (logs, sockets), not the shared /tmp/ray; removed at shutdown.
+        _private_temp_dir = tempfile.mkdtemp(prefix="hookwire_ray_")
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
                  runtime_env=runtime_env(), log_to_driver=False,
-                 configure_logging=False)
+                 configure_logging=False, _temp_dir=_private_temp_dir)
         return True
     ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False)
     return False
@@ -101,8 +107,14 @@ def undeploy(model_spec: str) -> None:
 
 
 def shutdown() -> None:
-    serve.shutdown()
-    ray.shutdown()
+    global _private_temp_dir
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        if _private_temp_dir is not None:
+            shutil.rmtree(_private_temp_dir, ignore_errors=True)
+            _private_temp_dir = None
 
 
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)

@@ -37,6 +37,9 @@ from test_tl_cache_and_hooks import (  # noqa: E402,F401
     test_run_with_cache_stop_at_layer)
 from test_tl_gradients import (  # noqa: E402,F401
     _zero_grads, test_bwd_hooks_with_loss_then_backward, test_run_with_cache_incl_bwd)
+from test_tl_nonblocking import (  # noqa: E402,F401
+    test_cancel_stops_the_request_and_the_connection_keeps_serving,
+    test_events_then_result_equal_local)
 from test_tl_remote_equals_local import (  # noqa: E402,F401
     remote_model, remote_run, test_activation_patching_with_partial,
     test_concurrent_remote_runs_from_threads, test_head_ablation_in_place_hook_z,
