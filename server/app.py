@@ -1,9 +1,12 @@
 """The websocket server: one asyncio front that speaks the protocol, and one model worker
 thread that runs validated graphs against the preloaded models.
 
-The front never runs model code; the worker never touches sockets. Results cross from the
-worker to a connection's outbox with ``call_soon_threadsafe``, and a writer task per
-connection sends them in order, so each saved tensor leaves the moment it exists.
+The front talks to an *engine*: by default the ``ModelWorker`` thread in this process; with
+``engine="ray"`` a ``RayEngine`` whose Ray Serve replicas each run that same worker
+(server/ray_engine.py). The front never runs model code; the worker never touches sockets.
+Results cross from the worker to a connection's outbox with ``call_soon_threadsafe``, and a
+writer task per connection sends them in order, so each saved tensor leaves the moment it
+exists.
 """
 from __future__ import annotations
 

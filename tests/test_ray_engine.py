@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 import urllib.request
@@ -182,27 +181,21 @@ def _ray_process(p: psutil.Process) -> bool:
 
 
 def test_nothing_listens_beyond_loopback(server):
-    """Every listening TCP socket of this process, its descendants (Ray's GCS, raylet, agents,
+    """Every listening TCP socket (IPv4 and IPv6) of this process, its descendants (Ray's GCS, raylet, agents,
     workers, Serve controller and replicas) and any other Ray process is on loopback."""
     ours = {psutil.Process().pid} | {p.pid for p in psutil.Process().children(recursive=True)}
     ray_pids = {p.pid for p in psutil.process_iter() if _ray_process(p)}
     assert any(p.name().startswith("ray::ServeRepli") for p in psutil.process_iter()
                if p.pid in ours), "no replica process found: the check would be empty"
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     checked, bad = 0, []
-    for line in out.splitlines():
-        fields = line.split()
-        local_addr = fields[3]
-        pids = {int(x.split("=")[1]) for x in fields[5:] for x in x.split(",")
-                if x.startswith("pid=")} if len(fields) > 5 else set()
-        if not pids & (ours | ray_pids):
+    for c in psutil.net_connections(kind="inet"):  # what `ss -ltnp` lists, with owners' PIDs
+        if c.status != psutil.CONN_LISTEN or c.pid not in ours | ray_pids:
             continue
         checked += 1
-        host = local_addr.rsplit(":", 1)[0].strip("[]")
-        if host not in ("127.0.0.1", "::1", "::ffff:127.0.0.1") and \
-                not host.startswith("127."):
-            bad.append(line)
-    assert checked >= 5, out  # GCS, raylet, two replicas, front ... all seen
+        host = c.laddr.ip
+        if not (host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")):
+            bad.append(f"{host}:{c.laddr.port} pid {c.pid} {psutil.Process(c.pid).name()}")
+    assert checked >= 5, checked  # GCS, raylet, replicas, controller, the front ... all seen
     assert not bad, "listening beyond loopback:\n" + "\n".join(bad)
 
 
