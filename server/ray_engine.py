@@ -130,16 +130,18 @@ class RayEngine:
                             rule="max_queued_per_user")
         self._per_user[user] += 1
         key = (id(job.conn), job.request_id)
-        self._tasks[key] = asyncio.get_running_loop().create_task(self._relay(job, key))
+        stop = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(self._relay(job, key, stop))
+        self._tasks[key] = (task, stop)
         self._idle.clear()
         return len(self._tasks)
 
     def cancel(self, conn, request_id: str | None = None) -> None:
         """A client's cancel (or, with no id, its connection closing): stop relaying, which
         makes the replica drop or stop the request."""
-        for (cid, rid), task in list(self._tasks.items()):
+        for (cid, rid), (_, stop) in list(self._tasks.items()):
             if cid == id(conn) and (request_id is None or rid == request_id):
-                task.cancel()
+                stop.set()
 
     def stop(self) -> None:
         """Refuse new requests; those in flight finish (``join`` waits for them)."""
@@ -158,24 +160,22 @@ class RayEngine:
             self._teardown()
 
     # ---- one request ----------------------------------------------------------------------
-    async def _relay(self, job: Job, key) -> None:
+    async def _relay(self, job: Job, key, stop: asyncio.Event) -> None:
         conn, rid = job.conn, job.request_id
         try:
             handle = self.handles.get(job.submit.graph.model)
             if handle is None:
                 raise UnknownModel(f"model {job.submit.graph.model!r} is not served here; "
                                    f"served: {', '.join(self.handles)}")
+            if rid in conn.cancelled:  # the client's cancel may overtake its own submit
+                raise Cancelled(f"request {rid} was cancelled before it started")
             payload = job_to_payload(job)
             catcher = _ResultCatcher(conn.store, self.limits.max_resident_bytes)
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 stream = handle.options(stream=True).run.remote(payload)
                 relayed = [False]  # anything besides progress reached the client
                 try:
-                    await self._pump(stream, job, catcher, relayed)
-                    return
-                except asyncio.CancelledError:
-                    stream.cancel()
-                    raise
+                    finished = await self._pump(stream, job, catcher, relayed, stop)
                 except ray_cluster.RETRYABLE as exc:
                     if relayed[0] or attempt == MAX_ATTEMPTS:
                         raise ReplicaLost(
@@ -187,12 +187,13 @@ class RayEngine:
                     self.retried += 1
                     log.warning("replica lost while running %s; sending it again", rid)
                     await asyncio.sleep(RETRY_PAUSE_S * attempt)
-        except asyncio.CancelledError:
-            if rid in conn.cancelled and not conn.closed:
-                conn.send_threadsafe(error_message(rid, Cancelled(
-                    f"request {rid} was cancelled")))
+                    continue
+                if not finished and rid in conn.cancelled and not conn.closed:
+                    conn.send_threadsafe(error_message(rid, Cancelled(
+                        f"request {rid} was cancelled")))
+                return
         except Exception as exc:
-            if not isinstance(exc, ReplicaLost):
+            if not isinstance(exc, (ReplicaLost, Cancelled)):
                 log.exception("request %s failed in the ray engine", rid)
             conn.send_threadsafe(error_message(rid, exc))
         finally:
@@ -203,26 +204,48 @@ class RayEngine:
             if not self._tasks:
                 self._idle.set()
 
-    async def _pump(self, stream, job: Job, catcher: _ResultCatcher, relayed: list) -> None:
+    async def _pump(self, stream, job: Job, catcher: _ResultCatcher, relayed: list,
+                    stop: asyncio.Event) -> bool:
+        """Relay the replica's stream to the client until it ends (True) or ``stop`` is set
+        by a cancel or disconnect (False: the stream is cancelled, so the replica drops or
+        stops the request)."""
         conn = job.conn
-        async for items in stream:
-            for item in items:
-                if isinstance(item, dict):
-                    self._on_note(item, job)
-                    continue
-                if isinstance(item, bytes):
-                    catcher.on_frame(item)
-                    relayed[0] = True
-                else:
-                    msg = json.loads(item)
-                    if msg.get("type") == "result":
-                        catcher.on_result(msg)
-                    if msg.get("type") != "progress":
-                        relayed[0] = True
-                conn.send_threadsafe(item)
-            if conn.closed:
-                stream.cancel()
-                return
+        items_iter = stream.__aiter__()
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            while True:
+                following = asyncio.ensure_future(items_iter.__anext__())
+                await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
+                if not following.done():
+                    following.cancel()
+                    stream.cancel()
+                    return False
+                try:
+                    items = following.result()
+                except StopAsyncIteration:
+                    return True
+                for item in items:
+                    self._relay_item(item, job, catcher, relayed)
+                if conn.closed:
+                    stream.cancel()
+                    return False
+        finally:
+            stopped.cancel()
+
+    def _relay_item(self, item, job: Job, catcher: _ResultCatcher, relayed: list) -> None:
+        if isinstance(item, dict):
+            self._on_note(item, job)
+            return
+        if isinstance(item, bytes):
+            catcher.on_frame(item)
+            relayed[0] = True
+        else:
+            msg = json.loads(item)
+            if msg.get("type") == "result":
+                catcher.on_result(msg)
+            if msg.get("type") != "progress":
+                relayed[0] = True
+        job.conn.send_threadsafe(item)
 
     def _on_note(self, note: dict, job: Job) -> None:
         if "replica" in note:

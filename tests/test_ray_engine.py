@@ -16,7 +16,6 @@ import threading
 import time
 import urllib.request
 
-import psutil
 import pytest
 import torch
 from torch.testing import assert_close
@@ -25,6 +24,7 @@ from torch.testing import assert_close
 pytest.importorskip("hookwire.server.ray_cluster",
                     reason="the Ray engine needs the 'ray' extra (scripts/setup.sh installs it)")
 
+import psutil  # noqa: E402  (installed with ray)
 from conftest import MODEL_NAMES  # noqa: E402
 # Core tests of the TL adapter, re-run here on the Ray engine (their fixtures come along).
 from test_residents import (  # noqa: E402,F401
@@ -169,6 +169,37 @@ def test_concurrent_clients_are_spread_over_both_replicas(server, local_models, 
     gpt2 = {rid for rid, model in engine.replica_models.items() if model == "tiny-gpt2"}
     assert sum(served.values()) == 32 and set(served) <= set(engine.replica_models)
     assert {rid for rid, n in served.items() if n > 0} == gpt2 and len(gpt2) == 2, served
+
+
+def test_cancel_while_the_replica_runs_it(server, local_models, remote_models):
+    """A cancel that arrives while the replica is running the request: the client gets
+    Cancelled, the engine holds nothing for it afterwards, the connection keeps serving."""
+    from hookwire.errors import Cancelled
+    from hookwire.protocol import Progress
+
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    tokens = local.to_tokens(["hello world"])
+    gate = torch.randn(64, 64)
+
+    def slow(act, hook):
+        x = act
+        for _ in range(20000):  # seconds of real matmuls on the replica
+            x = torch.tanh(x @ gate)
+        return act + 0 * x
+
+    run = remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", slow)],
+                                blocking=False)
+    for event in run.events():
+        if isinstance(event, Progress) and event.stage in ("started", "site"):
+            run.cancel()  # the replica has started it
+            break
+    with pytest.raises(Cancelled):
+        run.result(timeout=120)
+    assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
+    deadline = time.monotonic() + 30
+    while server.server.worker.queue_depth() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.server.worker.queue_depth() == 0
 
 
 def _ray_process(p: psutil.Process) -> bool:
