@@ -89,7 +89,7 @@ class RayEngine:
                     batching=batching, window_s=window_s, num_cpus=num_cpus_per_replica,
                     num_gpus=num_gpus_per_replica, device_map=device_map)
                 info = handle.info.remote().result()
-                self.handles[info["name"]] = handle
+                self.handles[info["name"]] = handle.options(stream=True)  # generator calls
                 self.entries[info["name"]] = RemoteEntry(info["info_json"])
         except BaseException:
             self._teardown()
@@ -172,7 +172,7 @@ class RayEngine:
             payload = job_to_payload(job)
             catcher = _ResultCatcher(conn.store, self.limits.max_resident_bytes)
             for attempt in range(1, MAX_ATTEMPTS + 1):
-                stream = handle.options(stream=True).run.remote(payload)
+                stream = handle.run.remote(payload)
                 relayed = [False]  # anything besides progress reached the client
                 try:
                     finished = await self._pump(stream, job, catcher, relayed, stop)
