@@ -14,6 +14,9 @@ import tempfile
 # Before ray is imported: on these machines Ray otherwise rewrites a loopback node address to
 # the machine's external one (its "cluster mode" address discovery).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Ray's distributed tqdm otherwise replaces builtins.print in this (the front's) process for
+# good, which a user's code in the same process would not expect.
+os.environ.setdefault("RAY_TQDM_PATCH_PRINT", "0")
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402

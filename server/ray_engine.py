@@ -68,6 +68,13 @@ class _ResultCatcher:
             self.store.put(resident, asm.tensors()[tid])
 
 
+def _retrieve(future) -> None:
+    """Read the outcome of an abandoned stream read (a RequestCancelledError once we cancelled
+    its stream), so asyncio does not report it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 class RayEngine:
     def __init__(self, models: list[str], replicas: int | dict = 1, limits: Limits | None = None,
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,
@@ -218,34 +225,45 @@ class RayEngine:
                 await asyncio.wait((following, stopped), return_when=asyncio.FIRST_COMPLETED)
                 if not following.done():
                     following.cancel()
+                    following.add_done_callback(_retrieve)
                     stream.cancel()
                     return False
                 try:
                     items = following.result()
                 except StopAsyncIteration:
                     return True
+                final = False
                 for item in items:
-                    self._relay_item(item, job, catcher, relayed)
+                    final |= self._relay_item(item, job, catcher, relayed)
+                if final:
+                    # The request's done/error is out: its answer is complete. Not waiting
+                    # for the stream's end saves a round trip, and a replica dying after
+                    # this point can no longer add a second ending.
+                    return True
                 if conn.closed:
                     stream.cancel()
                     return False
         finally:
             stopped.cancel()
 
-    def _relay_item(self, item, job: Job, catcher: _ResultCatcher, relayed: list) -> None:
+    def _relay_item(self, item, job: Job, catcher: _ResultCatcher, relayed: list) -> bool:
+        """Relay one item; True if it ended the request (its done or error)."""
         if isinstance(item, dict):
             self._on_note(item, job)
-            return
+            return False
+        kind = None
         if isinstance(item, bytes):
             catcher.on_frame(item)
             relayed[0] = True
         else:
             msg = json.loads(item)
-            if msg.get("type") == "result":
+            kind = msg.get("type")
+            if kind == "result":
                 catcher.on_result(msg)
-            if msg.get("type") != "progress":
+            if kind != "progress":
                 relayed[0] = True
         job.conn.send_threadsafe(item)
+        return kind in ("done", "error")
 
     def _on_note(self, note: dict, job: Job) -> None:
         if "replica" in note:
