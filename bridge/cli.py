@@ -90,30 +90,32 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from hookwire.server.app import HookwireServer
-    from hookwire.server.models import load_model
+    from hookwire.validate import Limits
 
-    hosted = {}
-    for spec in args.model:
-        print(f"hookwire: loading model {spec} ...", file=sys.stderr, flush=True)
-        try:
-            h = load_model(spec)
-        except Exception as exc:
-            _err(f"cannot load model {spec!r}: {type(exc).__name__}: {exc}")
+    limits = Limits(max_request_seconds=args.max_request_seconds)
+    try:
+        device_map = _device_map(args.device_map)
+    except ValueError as exc:
+        _err(str(exc))
+        return 2
+    if args.engine == "ray":
+        engine = _ray_engine(args, limits, device_map)
+        if engine is None:
             return 2
-        if h.name in hosted:
-            _err(f"two --model arguments are both named {h.name!r}")
+        hosted = {}
+    else:
+        engine = None
+        hosted = _load_models(args.model, device_map)
+        if hosted is None:
             return 2
-        hosted[h.name] = h
     if api_keys is None:
         print("hookwire: no --api-key-file given: no authentication, so the server only binds "
               "to loopback", file=sys.stderr, flush=True)
 
-    from hookwire.validate import Limits
-
     server = HookwireServer(hosted, host=args.host, port=args.port, api_keys=api_keys,
-                            limits=Limits(max_request_seconds=args.max_request_seconds),
-                            batching=not args.no_batching,
-                            batch_window_s=args.batch_window_ms / 1000)
+                            limits=limits, batching=not args.no_batching,
+                            batch_window_s=args.batch_window_ms / 1000, engine=engine)
+    hosted = server.entries
     ready = _AnnounceWhenListening(
         lambda: f"{READY_PREFIX}{','.join(hosted)} on {_ws_url(args.host, server.port)}")
 
@@ -141,8 +143,62 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:  # second Ctrl-C during shutdown
         _err("interrupted during shutdown")
         return 130
+    finally:
+        if engine is not None:  # the Ray deployments go too (already gone after a clean stop)
+            engine.close()
     print("hookwire: server stopped", file=sys.stderr, flush=True)
     return 0
+
+
+def _device_map(text: str | None):
+    """--device-map: "auto", "balanced", "balanced_low_0", "sequential", or a JSON object
+    {module prefix: device} (the user's own command line, read as plain JSON)."""
+    if text is None or text in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(v, (str, int)) for v in value.values()):
+        raise ValueError(f"--device-map {text!r}: use auto, balanced, sequential or a JSON "
+                         'object like {"transformer.h.0": 0, "transformer.h.1": 1}')
+    return value
+
+
+def _load_models(specs: list[str], device_map) -> dict | None:
+    from hookwire.server.models import load_model
+
+    hosted = {}
+    for spec in specs:
+        print(f"hookwire: loading model {spec} ...", file=sys.stderr, flush=True)
+        try:
+            h = load_model(spec, device_map=device_map)
+        except Exception as exc:
+            _err(f"cannot load model {spec!r}: {type(exc).__name__}: {exc}")
+            return None
+        if h.name in hosted:
+            _err(f"two --model arguments are both named {h.name!r}")
+            return None
+        hosted[h.name] = h
+    return hosted
+
+
+def _ray_engine(args, limits, device_map):
+    try:
+        from hookwire.server.ray_engine import RayEngine
+    except ImportError as exc:
+        _err(f"--engine ray needs Ray Serve: pip install 'hookwire[ray]' ({exc})")
+        return None
+    print(f"hookwire: deploying {', '.join(args.model)} on Ray Serve ({args.replicas} "
+          f"replica(s) each) ...", file=sys.stderr, flush=True)
+    try:
+        return RayEngine(args.model, replicas=args.replicas, limits=limits,
+                         batching=not args.no_batching, window_s=args.batch_window_ms / 1000,
+                         address=args.ray_address, num_cpus_per_replica=args.cpus_per_replica,
+                         num_gpus_per_replica=args.gpus_per_replica, device_map=device_map)
+    except Exception as exc:
+        _err(f"cannot deploy on Ray: {type(exc).__name__}: {exc}")
+        return None
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -391,6 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request waits for batch mates (default 5 ms)")
     s.add_argument("--max-request-seconds", type=float, default=600.0,
                    help="wall-time limit of one request (default 600)")
+    s.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
+                   help="embedded: models run in this process (default); ray: each model is "
+                        "a Ray Serve deployment (pip install 'hookwire[ray]')")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="--engine ray: replicas per model (default 1)")
+    s.add_argument("--ray-address", default=None,
+                   help="--engine ray: cluster to join ('auto' = the one `ray start` made on "
+                        "this node); default: a private local Ray on 127.0.0.1")
+    s.add_argument("--cpus-per-replica", type=float, default=1.0,
+                   help="--engine ray: CPUs reserved per replica (default 1)")
+    s.add_argument("--gpus-per-replica", type=float, default=0.0,
+                   help="--engine ray: GPUs per replica (Ray's num_gpus; default 0)")
+    s.add_argument("--device-map", default=None,
+                   help="spread each model over several devices with accelerate: auto, "
+                        "balanced, sequential or a JSON {module: device} map")
     s.add_argument("--log-level", default="warning",
                    choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)

@@ -83,10 +83,17 @@ class ServerShuttingDown(ServerUnavailable):
     code = "server_shutting_down"
 
 
+class ReplicaLost(ServerUnavailable):
+    """The model replica running the request stopped (a Ray engine server); the request may
+    be sent again."""
+    code = "replica_lost"
+
+
 ERROR_TYPES = {cls.code: cls for cls in (
     HookwireError, TraceError, ProtocolError, FrameError, GraphValidationError, LimitExceeded,
     UnknownModel, ExecutionError, Cancelled, ResidentMissing, AuthError, ServerUnavailable,
-    QueueFull, DeadlineExceeded, TooManyConnections, ServerShuttingDown)}
+    QueueFull, DeadlineExceeded, TooManyConnections, ServerShuttingDown,
+    ReplicaLost)}
 
 
 def error_from_code(code: str, message: str, details: dict | None = None) -> HookwireError:

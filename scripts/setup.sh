@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install hookwire with its TransformerLens, pyvene and dev extras.
+# Create .venv (if missing) and install hookwire with its TransformerLens, pyvene, Ray and dev
+# extras.
 #
 # torch==2.13.0 is installed FIRST and on purpose: on these machines it is a fast local CPU
 # build, whereas an unpinned torch (pulled in by a dependency) would fetch a multi-GB CUDA
@@ -33,7 +34,7 @@ from importlib.metadata import PackageNotFoundError, version
 try:
     assert version("torch").split("+")[0] == "2.13.0"
     for dist in ("hookwire", "transformer-lens", "pyvene", "pytest", "pytest-timeout",
-                 "hypothesis", "pip-audit", "nnsight", "nbclient", "ipykernel"):
+                 "hypothesis", "pip-audit", "ray", "nnsight", "nbclient", "ipykernel"):
         version(dist)
 except (AssertionError, PackageNotFoundError):
     sys.exit(1)
@@ -47,8 +48,8 @@ fi
 
 log "installing $TORCH_PIN (CPU build) first"
 "$PY" -m pip install -q --progress-bar off "$TORCH_PIN"
-log "installing hookwire (editable) with extras [tl,dev,pyvene]"
-"$PY" -m pip install -q --progress-bar off -e ".[tl,dev,pyvene]"
+log "installing hookwire (editable) with extras [tl,dev,pyvene,ray]"
+"$PY" -m pip install -q --progress-bar off -e ".[tl,dev,pyvene,ray]"
 # Keep the CPU build even if a dependency resolver tried to move it.
 "$PY" -c 'import torch, sys; v = torch.__version__; print("[setup] torch", v); sys.exit(0 if v.startswith("2.13.0") else 1)'
 echo "$WANT" > "$STAMP"

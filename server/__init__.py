@@ -63,17 +63,45 @@ class ServerHandle:
 
 def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int = 0,
           api_keys: list[str] | None = None, limits: Limits | None = None,
-          batching: bool = True, batch_window_s: float = BATCH_WINDOW_S) -> ServerHandle:
+          batching: bool = True, batch_window_s: float = BATCH_WINDOW_S,
+          engine: str = "embedded", replicas: int | dict = 1, ray_address: str | None = None,
+          num_cpus_per_replica: float = 1, num_gpus_per_replica: float = 0,
+          device_map=None) -> ServerHandle:
     """Start a server in this process. ``models`` maps names to model objects (TL bridges or
     HF models) or is a list of built-in names / checkpoint paths. ``batching=False`` runs
     requests one at a time (as NDIF does); otherwise requests arriving within
-    ``batch_window_s`` of each other share a forward pass."""
+    ``batch_window_s`` of each other share a forward pass.
+
+    ``engine="ray"`` (needs ``hookwire[ray]``) runs each model as a Ray Serve deployment of
+    ``replicas`` replicas (or {model: replicas}) instead of a thread here: on the cluster at
+    ``ray_address`` ("auto": one started with ``ray start``), or on a private local Ray. Each
+    replica gets ``num_cpus_per_replica``/``num_gpus_per_replica`` and loads its model with
+    accelerate's ``device_map`` (e.g. "auto": across the replica's GPUs)."""
     if models is None:
         models = ["tiny-gpt2"]
+    if engine == "ray":
+        if not isinstance(models, (list, tuple)):
+            raise TypeError("engine='ray' loads models by name or checkpoint path in each "
+                            "replica: pass a list, not model objects")
+        from hookwire.server.ray_engine import RayEngine  # imports ray: only on request
+
+        ray_engine = RayEngine(list(models), replicas=replicas, limits=limits,
+                               batching=batching, window_s=batch_window_s, address=ray_address,
+                               num_cpus_per_replica=num_cpus_per_replica,
+                               num_gpus_per_replica=num_gpus_per_replica, device_map=device_map)
+        try:
+            server = HookwireServer({}, host=host, port=port, api_keys=api_keys, limits=limits,
+                                    batching=batching, engine=ray_engine)
+            return ServerHandle(server).start()
+        except BaseException:
+            ray_engine.close()
+            raise
+    if engine != "embedded":
+        raise ValueError(f"unknown engine {engine!r}: 'embedded' or 'ray'")
     if isinstance(models, (list, tuple)):
         hosted = {}
         for spec in models:
-            h = load_model(spec)
+            h = load_model(spec, device_map=device_map)
             hosted[h.name] = h
     else:
         hosted = {name: host_model_object(name, m) for name, m in models.items()}

@@ -1,9 +1,12 @@
 """The websocket server: one asyncio front that speaks the protocol, and one model worker
 thread that runs validated graphs against the preloaded models.
 
-The front never runs model code; the worker never touches sockets. Results cross from the
-worker to a connection's outbox with ``call_soon_threadsafe``, and a writer task per
-connection sends them in order, so each saved tensor leaves the moment it exists.
+The front talks to an *engine*: by default the ``ModelWorker`` thread in this process; with
+``engine="ray"`` a ``RayEngine`` whose Ray Serve replicas each run that same worker
+(server/ray_engine.py). The front never runs model code; the worker never touches sockets.
+Results cross from the worker to a connection's outbox with ``call_soon_threadsafe``, and a
+writer task per connection sends them in order, so each saved tensor leaves the moment it
+exists.
 """
 from __future__ import annotations
 
@@ -148,13 +151,17 @@ class HookwireServer:
     def __init__(self, models: dict[str, HostedModel], host: str = "127.0.0.1",
                  port: int = 8765, api_keys: list[str] | None = None,
                  limits: Limits | None = None, batching: bool = True,
-                 batch_window_s: float = BATCH_WINDOW_S):
-        self.entries = {name: prepare_model(h) for name, h in models.items()}
+                 batch_window_s: float = BATCH_WINDOW_S, engine=None):
         self.host, self.port = host, port
         self.api_keys = [k.encode() for k in api_keys] if api_keys else None
         self.limits = limits or Limits()
-        self.worker = ModelWorker(self.entries, self.limits, batching=batching,
-                                  window_s=batch_window_s)
+        if engine is None:  # embedded: the models run in a thread of this process
+            self.entries = {name: prepare_model(h) for name, h in models.items()}
+            engine = ModelWorker(self.entries, self.limits, batching=batching,
+                                 window_s=batch_window_s)
+        else:  # e.g. RayEngine: its replicas hold the models; it tells what they offer
+            self.entries = engine.entries
+        self.worker = engine  # the engine seam: submit, queue_depth, cancel, describe, stop
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
         self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s)
@@ -167,7 +174,8 @@ class HookwireServer:
             body = json.dumps({"status": "ok", "version": __version__,
                                "protocol": PROTOCOL_VERSION, "models": list(self.entries),
                                "queue_depth": self.worker.queue_depth(),
-                               "batching": self.worker.batching}).encode()
+                               "batching": self.worker.batching,
+                               "engine": self.worker.describe()}).encode()
             return Response(200, "OK", Headers([("Content-Type", "application/json"),
                                                 ("Content-Length", str(len(body)))]), body)
         if self.api_keys is not None:
@@ -245,6 +253,7 @@ class HookwireServer:
                 del self.connections_per_user[user]
             if user.startswith("conn:"):
                 self.residents.drop_user(user)
+            self.worker.cancel(state)  # whatever of this connection is still running
             await writer
 
     def _on_message(self, state: ConnState, message):
@@ -302,6 +311,7 @@ class HookwireServer:
                 state.incoming = (msg, asm, len(message), referred)
         elif isinstance(msg, Cancel):
             state.cancelled.add(msg.request_id)
+            self.worker.cancel(state, msg.request_id)
 
     def _enqueue(self, state: ConnState, submit: Submit, tensors, size: int):
         try:

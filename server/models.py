@@ -72,33 +72,61 @@ class HostedModel:
         return next(self.bridge.parameters()).device
 
 
-def load_builtin(name: str) -> HostedModel:
+def place_on_devices(hf_model, device_map):
+    """Spread a model built on the CPU over several devices with accelerate's ``device_map``
+    ("auto", "balanced", or {module prefix: device}; "disk" offloads). Inside a Ray replica
+    the visible GPUs are the ones Ray gave it (``ray_actor_options={"num_gpus": N}``)."""
+    if device_map is None:
+        return hf_model
+    import tempfile
+
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(
+            hf_model, no_split_module_classes=hf_model._no_split_modules or [])
+    # Offloaded weights go to a folder of this process's own (weights only, never input).
+    offload_dir = None
+    if "disk" in device_map.values():
+        import shutil
+        import weakref
+
+        offload_dir = tempfile.mkdtemp(prefix="hookwire_offload_")
+        weakref.finalize(hf_model, shutil.rmtree, offload_dir, True)  # gone with the model
+    return dispatch_model(hf_model, device_map=dict(device_map), offload_dir=offload_dir)
+
+
+def load_builtin(name: str, device_map=None) -> HostedModel:
     spec = BUILTIN_MODELS[name]
     hf_model, cfg = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+    hf_model = place_on_devices(hf_model, device_map)
     tokenizer = byte_level_tokenizer(bos_id=spec.config["bos_token_id"])
     bridge = wrap_in_bridge(hf_model, spec.architecture, cfg, tokenizer, name)
     return HostedModel(name, spec.architecture, dict(spec.config), bridge, tokenizer)
 
 
-def load_checkpoint(path: str, name: str | None = None) -> HostedModel:
-    """A local HF checkpoint folder (or a name already in the local HF cache)."""
+def load_checkpoint(path: str, name: str | None = None, device_map=None) -> HostedModel:
+    """A local HF checkpoint folder (or a name already in the local HF cache); with
+    ``device_map`` its weights load straight onto several devices (accelerate)."""
     from transformers import AutoConfig, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     architecture = (cfg.architectures or [""])[0]
     family = family_for_architecture(architecture)
-    hf_model = family.model_class.from_pretrained(path, trust_remote_code=False).eval()
+    extra = {"device_map": device_map} if device_map is not None else {}
+    hf_model = family.model_class.from_pretrained(path, trust_remote_code=False,
+                                                  **extra).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     name = name or os.path.basename(os.path.normpath(path))
     bridge = wrap_in_bridge(hf_model, architecture, cfg, tokenizer, name)
     return HostedModel(name, architecture, family.config_to_dict(cfg), bridge, tokenizer)
 
 
-def load_model(name_or_path: str) -> HostedModel:
+def load_model(name_or_path: str, device_map=None) -> HostedModel:
     if name_or_path in BUILTIN_MODELS:
-        return load_builtin(name_or_path)
+        return load_builtin(name_or_path, device_map)
     if os.path.isdir(name_or_path) or "/" in name_or_path:
-        return load_checkpoint(name_or_path)
+        return load_checkpoint(name_or_path, device_map=device_map)
     raise ValueError(f"unknown model {name_or_path!r}: not built in "
                      f"({', '.join(BUILTIN_MODELS)}) and not a local checkpoint folder")
 
@@ -125,4 +153,4 @@ def host_model_object(name: str, model) -> HostedModel:
 
 
 __all__ = ["BUILTIN_MODELS", "FAMILIES", "HostedModel", "load_model", "host_model_object",
-           "build_hf_model", "wrap_in_bridge"]
+           "build_hf_model", "wrap_in_bridge", "place_on_devices"]

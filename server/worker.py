@@ -113,6 +113,15 @@ class ModelWorker(threading.Thread):
     def queue_depth(self) -> int:
         return self.scheduler.qsize()
 
+    # The engine seam (see server/ray_engine.py for the other engine): what /health shows of
+    # the engine, and a cancel hook -- this worker checks ``conn.cancelled``/``closed`` at
+    # each site itself, so it has nothing to do.
+    def describe(self) -> dict:
+        return {"kind": "embedded"}
+
+    def cancel(self, conn, request_id: str | None = None) -> None:
+        pass
+
     def stop(self):
         """Refuse what is still queued (each gets a typed error) and end the thread."""
         for job in self.scheduler.close():

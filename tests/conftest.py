@@ -5,6 +5,8 @@ a local TL run use identical weights. Everything listens on 127.0.0.1 with ephem
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -27,16 +29,32 @@ def hosted():
 
 
 @pytest.fixture(scope="module")
-def server(hosted, request):
-    """A real websocket server on 127.0.0.1 (ephemeral port) hosting both tiny models."""
-    srv = hs.start(models={name: h.bridge for name, h in hosted.items()}, port=0)
+def engine():
+    """The engine the module's ``server`` runs its models on. tests/test_ray_engine.py sets
+    "ray" and re-runs core tests there; everywhere else the models run in-process."""
+    return "embedded"
+
+
+@pytest.fixture(scope="module")
+def server(hosted, engine, request):
+    """A real websocket server on 127.0.0.1 (ephemeral port) hosting both tiny models. On the
+    embedded engine it hosts the very objects of ``hosted``; on the Ray engine its replicas
+    build the same models from the same configs and seeds."""
+    if engine == "ray":
+        from ray_helpers import start_ray_server, stop_ray_server
+
+        srv, before = start_ray_server(MODEL_NAMES)
+        stop = functools.partial(stop_ray_server, srv, before)
+    else:
+        srv = hs.start(models={name: h.bridge for name, h in hosted.items()}, port=0)
+        stop = srv.stop
 
     def finalize():
         try:
             hookwire.client.close_connections()
         finally:
             try:
-                srv.stop()
+                stop()
             finally:
                 hookwire.configure(url=None)
 

@@ -1,0 +1,126 @@
+"""One Ray Serve replica of a model: it loads the model and runs the same :class:`ModelWorker`
+(interleaving executor, batching scheduler) as the embedded engine.
+
+Each request arrives as a plain payload (:mod:`hookwire.server.job_payload`) through a
+deployment handle and is answered by an async generator -- Serve streams what it yields back
+to the front. What the worker would send to a websocket (protocol JSON and binary tensor
+frames) is yielded as it is, in lists of whatever is ready at once (one Ray round trip carries
+many small messages). Small dicts from our own code ride along: the replica's id first, and
+"keep this upload" notes for the user's store, which lives at the front.
+
+Importing this module does not import Ray; Serve imports it inside the replica process.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+from hookwire.errors import HookwireError
+from hookwire.server.app import prepare_model
+from hookwire.server.job_payload import job_from_payload
+from hookwire.server.models import load_model
+from hookwire.server.worker import ModelWorker, error_message
+from hookwire.validate import Limits
+
+_FINAL_TYPES = ("done", "error")
+
+
+class KeptValues:
+    """The worker keeps values for the user here. The user's store is at the front, so this
+    only answers "would it fit" the way the real store does, and notes which uploads to keep
+    (saved results are caught by the front from the result frames it relays anyway)."""
+
+    def __init__(self, conn: "ReplicaConn", max_bytes: int):
+        self.conn, self.max_bytes = conn, max_bytes
+        self.uploads: dict[int, str] = {}  # id(tensor) -> its tid, for the job's uploads
+
+    def put(self, rid: str, tensor) -> bool:
+        if tensor.numel() * tensor.element_size() > self.max_bytes:
+            return False
+        tid = self.uploads.get(id(tensor))
+        if tid is not None:
+            self.conn.send_threadsafe({"keep_upload": tid, "as": rid})
+        return True
+
+
+class ReplicaConn:
+    """Stands in for the client's connection inside the replica: what the worker sends goes
+    to this request's stream. ``closed`` is set when the front stops listening (cancel,
+    disconnect), and the worker stops the request at its next site."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, user: str, max_resident_bytes: int):
+        self.loop, self.user = loop, user
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.closed = False
+        self.cancelled: set[str] = set()
+        self.store = KeptValues(self, max_resident_bytes)
+
+    def send_threadsafe(self, item) -> None:
+        if not self.closed:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _is_final(item) -> bool:
+    return isinstance(item, str) and json.loads(item).get("type") in _FINAL_TYPES
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (a unit test constructing the class directly)
+        return f"pid{os.getpid()}"
+
+
+class ModelReplica:
+    """The Serve deployment class: ``run`` streams one request's answers; ``info`` tells the
+    front what the model offers."""
+
+    def __init__(self, model_spec: str, limits: dict, batching: bool, window_s: float,
+                 device_map=None):
+        hosted = load_model(model_spec, device_map=device_map)
+        self.name = hosted.name
+        self.entry = prepare_model(hosted)
+        self.limits = Limits(**limits)
+        self.worker = ModelWorker({self.name: self.entry}, self.limits, batching=batching,
+                                  window_s=window_s)
+        self.worker.start()
+        self.replica = _replica_id()
+
+    def info(self) -> dict:
+        return {"name": self.name, "info_json": self.entry.info_json,
+                "replica": self.replica, "pid": os.getpid()}
+
+    async def run(self, payload: dict):
+        conn = ReplicaConn(asyncio.get_running_loop(), payload["user"],
+                           self.limits.max_resident_bytes)
+        first = [{"replica": self.replica, "pid": os.getpid(), "model": self.name}]
+        try:
+            job = job_from_payload(payload, conn)
+            conn.store.uploads = {id(t): tid for tid, t in job.tensors.items()}
+            try:
+                self.worker.submit(job)
+            except HookwireError as exc:  # this replica's queue is full for the user
+                yield first + [error_message(job.request_id, exc)]
+                return
+            while True:
+                items = first + [await conn.queue.get()]
+                first = []
+                while not conn.queue.empty():
+                    items.append(conn.queue.get_nowait())
+                yield items
+                if any(_is_final(item) for item in items):
+                    return
+        finally:
+            # Cancelled or abandoned by the front (or finished): the worker drops the job
+            # before it starts, or stops it at its next site.
+            conn.closed = True
+
+    def __del__(self):
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.stop()
+
+
+__all__ = ["ModelReplica", "ReplicaConn", "KeptValues"]
