@@ -4,9 +4,19 @@ A hook that did ``cache[hook.name] = act`` left a Proxy in ``cache``. We find ev
 still holding it (dicts -- including objects' ``__dict__`` and ActivationCache's dict --, lists,
 closure cells, objects' attributes and slots, and tuples inside those) and swap in the tensor
 that came back. ``gc.get_referrers`` walks the whole heap, so it is called once for all
-proxies together, not once per proxy."""
+proxies together, not once per proxy.
+
+That walk costs tens of milliseconds in a client that has torch, TL and pyvene imported, a
+large share of a small model's remote call. So :func:`rebind` first looks where the hooks
+themselves can reach (``roots``: the hook functions and hook points; from a function, its
+closure, defaults and the globals its code names), and counts what it replaced: the
+replacements of each proxy must number the user references
+:meth:`hookwire.trace.Tracer.escaped` counted by reference count when the run was traced.
+Only otherwise does it walk the heap, for the proxies still held somewhere else.
+"""
 from __future__ import annotations
 
+import functools
 import gc
 import types
 
@@ -18,6 +28,16 @@ def _holders(objs, skip_ids: set) -> list:
             if id(h) not in skip_ids and not isinstance(h, types.FrameType)]
 
 
+_REPLACED: dict | None = None  # old id -> replacements made, while rebind counts them (ids of
+# other threads' proxies landing here are never looked up: harmless)
+
+
+def _count(value) -> int:
+    if _REPLACED is not None:
+        _REPLACED[id(value)] = _REPLACED.get(id(value), 0) + 1
+    return 1
+
+
 def _replace_in(holder, mapping: dict, skip_ids: set, depth: int) -> int:
     """Replace, inside ``holder``, every object whose id is a key of ``mapping``."""
     done = 0
@@ -26,13 +46,13 @@ def _replace_in(holder, mapping: dict, skip_ids: set, depth: int) -> int:
             new = mapping.get(id(value))
             if new is not None and new[0] is value:
                 holder[key] = new[1]
-                done += 1
+                done += _count(value)
     elif isinstance(holder, list):
         for i, value in enumerate(holder):
             new = mapping.get(id(value))
             if new is not None and new[0] is value:
                 holder[i] = new[1]
-                done += 1
+                done += _count(value)
     elif isinstance(holder, types.CellType):
         try:
             value = holder.cell_contents
@@ -41,7 +61,7 @@ def _replace_in(holder, mapping: dict, skip_ids: set, depth: int) -> int:
         new = mapping.get(id(value))
         if new is not None and new[0] is value:
             holder.cell_contents = new[1]
-            done += 1
+            done += _count(value)
     elif type(holder) is tuple:
         if depth < _MAX_TUPLE_DEPTH:
             done += _replace_in_tuple(holder, mapping, skip_ids, depth)
@@ -69,7 +89,7 @@ def _replace_attributes(holder, mapping: dict) -> int:
             new = mapping.get(id(value))
             if new is not None and new[0] is value:
                 setattr(holder, slot, new[1])
-                done += 1
+                done += _count(value)
     return done
 
 
@@ -86,17 +106,102 @@ def _replace_in_tuple(holder, mapping, skip_ids, depth) -> int:
     return done
 
 
-def rebind(olds: list, news: list, skip: tuple = ()) -> int:
+_MAX_REACH_DEPTH = 12
+_MAX_REACH_OBJECTS = 20_000
+
+
+def _reachable(roots, skip_ids: set) -> list:
+    """Containers the hooks can reach, breadth first and bounded: functions lead to their
+    closure cells, defaults and the globals their code names (and, through those, to the
+    functions they call); partials and bound methods to what they wrap; dicts, lists,
+    tuples, cells and plain objects to what they hold."""
+    seen = set(skip_ids)
+    out, frontier = [], list(roots)
+    for _ in range(_MAX_REACH_DEPTH):
+        nxt = []
+        for obj in frontier:
+            if id(obj) in seen or len(out) >= _MAX_REACH_OBJECTS:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
+                nxt.extend(_callable_parts(obj))
+            elif isinstance(obj, (dict, list, tuple, types.CellType)):
+                out.append(obj)
+                if not isinstance(obj, types.CellType) and len(obj) > 50_000:
+                    continue  # replaced in, not searched through
+                if isinstance(obj, dict):
+                    nxt.extend(obj.values())
+                elif isinstance(obj, types.CellType):
+                    nxt.extend(_cell_contents(obj))
+                else:
+                    nxt.extend(obj)
+            elif not isinstance(obj, (type, types.ModuleType, str, bytes, int, float)) and \
+                    not type(obj).__module__.startswith(("torch", "hookwire.")):
+                out.append(obj)  # a user object: its attributes (or slots)
+                attrs = getattr(obj, "__dict__", None)
+                if isinstance(attrs, dict):
+                    nxt.extend(attrs.values())
+            elif hasattr(obj, "ctx") and isinstance(getattr(obj, "ctx", None), dict):
+                nxt.append(obj.ctx)  # a TL hook point: hook.ctx is the user's
+        frontier = nxt
+    return out
+
+
+def _cell_contents(cell) -> list:
+    try:
+        return [cell.cell_contents]
+    except ValueError:
+        return []
+
+
+def _callable_parts(fn) -> list:
+    if isinstance(fn, functools.partial):
+        return [fn.func, *fn.args, *fn.keywords.values()]
+    if isinstance(fn, types.MethodType):
+        return [fn.__func__, fn.__self__]
+    parts = list(fn.__closure__ or ()) + list(fn.__defaults__ or ()) + \
+        list((fn.__kwdefaults__ or {}).values())
+    names = set(fn.__code__.co_names)
+    for const in fn.__code__.co_consts:  # names used by nested functions and lambdas
+        if isinstance(const, types.CodeType):
+            names.update(const.co_names)
+    parts.extend(fn.__globals__[n] for n in names if n in fn.__globals__)
+    return parts
+
+
+def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
+           expected: dict | None = None) -> int:
     """Replace each ``olds[i]`` by ``news[i]`` wherever user code holds it. ``skip`` lists
-    containers of the caller's own that must be left alone."""
+    containers of the caller's own that must be left alone. With ``roots`` and ``expected``
+    (id -> how many user references each old has), look near the roots first."""
     if not olds:
         return 0
     mapping = {id(o): (o, n) for o, n in zip(olds, news)}
     # Our own bookkeeping (the mapping and its pairs) must never be rewritten.
     skip_ids = {id(olds), id(news), id(mapping)} | {id(s) for s in skip} | {
         id(pair) for pair in mapping.values()}
-    holders = _holders(olds, skip_ids)
     total = 0
+    remaining = list(olds)
+    if roots and expected is not None:
+        global _REPLACED
+        near = _reachable(roots, skip_ids)
+        _REPLACED = {}
+        try:
+            for holder in near:
+                if type(holder) is tuple and not any(id(v) in mapping for v in holder):
+                    continue  # rebuilding a tuple means finding its holders: only if needed
+                total += _replace_in(holder, mapping, skip_ids | {id(near)}, 0)
+            replaced = _REPLACED
+        finally:
+            _REPLACED = None
+        del near
+        # Every reference user code held (counted when the run was traced) replaced?
+        remaining = [o for o in olds if replaced.get(id(o), 0) < expected.get(id(o), 1)]
+        if not remaining:
+            return total
+        mapping = {id(o): mapping[id(o)] for o in remaining}
+        skip_ids |= {id(mapping), id(remaining)}
+    holders = _holders(remaining, skip_ids)
     for holder in holders:
         total += _replace_in(holder, mapping, skip_ids | {id(holders)}, 0)
     return total

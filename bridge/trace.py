@@ -296,6 +296,7 @@ class Tracer:
         self._next = 0
         self._kept: list = []
         self.closed = False  # set when the run failed: its proxies have no value, ever
+        self.user_refs: dict[int, int] = {}  # escaped proxy id -> references user code holds
 
     # ---- recording ------------------------------------------------------------------------
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
@@ -672,7 +673,9 @@ class Tracer:
             if p is None or id(p) in exclude_ids:
                 continue
             # getrefcount counts its argument and our local name: 2.
-            if sys.getrefcount(p) - 2 - children.get(id(p), 0) > 0:
+            users = sys.getrefcount(p) - 2 - children.get(id(p), 0)
+            if users > 0:
+                self.user_refs[id(p)] = users  # what rebind must replace (hookwire.rebind)
                 out.append(p)
             del p
         return out

@@ -348,7 +348,12 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
             tracer.closed = True
             raise
     if run is None:
-        rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))])
+        # Where the hooks (and the metric) can reach is searched first (hookwire.rebind).
+        roots = tuple(hp for hp in _hook_points(model).values()
+                      if hp._forward_hooks or hp._backward_hooks) + \
+            ((metric,) if metric is not None else ())
+        rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))],
+               roots=roots, expected=tracer.user_refs)
     if stopped:
         if legacy.is_legacy(model):  # a TL 2.x forward returns the residual
             return result.values["__stop__"]
