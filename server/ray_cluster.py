@@ -6,6 +6,7 @@ embedded engine never loads it.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -102,7 +103,27 @@ def deploy(model_spec: str, *, replicas: int, limits: dict, batching: bool, wind
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus,
                            "runtime_env": runtime_env()})
     app = deployment.bind(model_spec, limits, batching, window_s, device_map)
-    return serve.run(app, name=app_name(model_spec), route_prefix=None)
+    try:
+        return serve.run(app, name=app_name(model_spec), route_prefix=None)
+    except RuntimeError as exc:  # Serve says only "failed": add why the replicas did
+        raise RuntimeError(f"{exc}\n{_replica_errors()}") from None
+
+
+def _replica_errors(max_chars: int = 4000) -> str:
+    """The ends of the replica logs that mention an error, from a Ray this process started."""
+    if _private_temp_dir is None:
+        return "(replica logs: see the Ray cluster's session folder)"
+    found = []
+    for path in sorted(glob.glob(os.path.join(_private_temp_dir, "session_*", "logs", "**",
+                                              "*replica*"), recursive=True)):
+        try:
+            with open(path, errors="replace") as fh:
+                text = fh.read()
+        except OSError:
+            continue
+        if "Error" in text or "Traceback" in text:
+            found.append(f"--- {os.path.basename(path)}\n{text[-max_chars:]}")
+    return "\n".join(found)[-max_chars:] or "(no replica log mentions an error)"
 
 
 def undeploy(model_spec: str) -> None:
