@@ -28,10 +28,22 @@ LOOPBACK = "127.0.0.1"
 _private_temp_dir: str | None = None  # the session folder of a Ray this process started
 
 
+def _define_anyio_classes_first() -> None:
+    """nnsight (which pyvene imports when it is installed) mounts a ``save`` attribute on
+    ``object``; anyio refuses to define its socket attribute classes once every class has an
+    unannotated ``save``, and Serve replicas import them late, at initialization. Defining
+    them first, before anything can import nnsight, keeps replicas starting."""
+    try:
+        import anyio._backends._asyncio  # noqa: F401
+    except Exception:  # already broken by an earlier import: Serve will say so
+        pass
+
+
 def bind_internal_grpc_to_node_ip() -> None:
     """Worker setup hook: a Serve replica opens an inter-deployment gRPC server on "[::]:0"
     (all interfaces, ray/serve/_private/replica.py ``_on_initialized``). Bind it to the node's
     own address instead: loopback on a single machine, the node IP on a real cluster."""
+    _define_anyio_classes_first()
     try:
         from ray.serve._private import replica
     except ImportError:  # a worker that will never be a replica
