@@ -84,7 +84,9 @@ class Graph(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = GRAPH_VERSION
     model: str = Field(max_length=MAX_STR_LEN)
-    inputs: dict[Literal["input_ids", "attention_mask"], str] = Field(
+    # attention_mask and position_ids: graphs on HF module sites only (left-padded rows, as
+    # nnsight batches them, count their positions from their first token).
+    inputs: dict[Literal["input_ids", "attention_mask", "position_ids"], str] = Field(
         description="model input name -> id of an attached tensor")
     # Ids and names are bounded like every other string of the graph (echoed in results).
     constants: list[Annotated[str, Field(max_length=64)]] = Field(
@@ -157,6 +159,18 @@ def decode_arg(value: Any, where: str, depth: int = 0):
             return _FLOATS[inner]
     raise GraphValidationError(f"{where}: argument {str(value)[:80]!r} is not in the argument "
                                f"vocabulary", rule="arg_form")
+
+
+def rename_constants(value: Any, names: dict[str, str]):
+    """A JSON graph argument (or node list) with its constant ids mapped through ``names``:
+    how several graphs of one request (a generation's forwards) share one set of tensors."""
+    if isinstance(value, dict):
+        if set(value) == {"const"}:
+            return {"const": names[value["const"]]}
+        return {k: rename_constants(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rename_constants(v, names) for v in value]
+    return value
 
 
 def encode_arg(value: Any):

@@ -98,7 +98,9 @@ _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + 
 
 def _extra_library_dirs():
     dirs = list(_LIBRARY_DIRS)
-    for name in ("transformer_lens", "einops", "functools", "hookwire"):
+    # nnsight runs a trace block's code in greenlets, through its own frames: the user's
+    # line is the innermost frame outside these.
+    for name in ("transformer_lens", "einops", "functools", "hookwire", "nnsight", "greenlet"):
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, "__file__", None):
             path = os.path.dirname(os.path.abspath(mod.__file__))
@@ -216,10 +218,13 @@ class _ViewOf:
 
 class Proxy(torch.Tensor):
     @staticmethod
-    def __new__(cls, tracer: "Tracer", node: int, meta: torch.Tensor):
+    def __new__(cls, tracer: "Tracer", node: int, meta: torch.Tensor,
+                requires_grad: bool = False):
+        # requires_grad is only ever reported (Tracer.track_grad): no autograd runs on proxies.
         p = torch.Tensor._make_wrapper_subclass(
             cls, meta.shape, strides=meta.stride(), dtype=meta.dtype, device="cpu",
-            requires_grad=False)
+            requires_grad=requires_grad and (meta.dtype.is_floating_point
+                                             or meta.dtype.is_complex))
         p._hw_tracer = tracer
         p._hw_node = node
         p._hw_meta = meta
@@ -237,7 +242,7 @@ class Proxy(torch.Tensor):
                 return func(*args, **kwargs)
         tracer = _find_tracer(args, kwargs)
         if tracer.closed:
-            raise _dead_proxy_error()
+            raise _dead_proxy_error(tracer)
         return tracer.handle(func, args, kwargs)
 
     @classmethod
@@ -257,11 +262,24 @@ def _find_tracer(args, kwargs):
     return _STATE.tracer
 
 
-def _dead_proxy_error() -> HookwireError:
+def _dead_proxy_error(owner: "Tracer | None" = None) -> HookwireError:
     """A Proxy left over from another trace (kept in hook.ctx or a dict by a run that failed)
     has no value: using it must fail loudly, never turn into a reference to a wrong node."""
+    if owner is not None and not owner.closed:
+        # A live proxy of another graph: another forward of the same run (a generation
+        # step), which the server runs as a graph of its own.
+        return trace_error("a value traced in another forward pass (another generation "
+                           "step, or another trace)", "each forward runs on the server as a "
+                           "graph of its own: compute the value in the forward that uses it, "
+                           "or save it and pass the real tensor to a later trace")
     return HookwireError("this tensor was stored by a hook during a remote run that failed, "
                          "so it never received a value; rerun the call that produces it")
+
+
+def _is_backward(func) -> bool:
+    # By name: nnsight replaces Tensor.backward (to open `with loss.backward():` blocks), so
+    # which function object arrives here depends on import order.
+    return getattr(func, "__qualname__", None) == "Tensor.backward"
 
 
 def _bound(value):
@@ -297,6 +315,14 @@ class Tracer:
         self._kept: list = []
         self.closed = False  # set when the run failed: its proxies have no value, ever
         self.user_refs: dict[int, int] = {}  # escaped proxy id -> references user code holds
+        # Extension points for adapters whose library drives autograd on the traced values
+        # (nnsight's `with loss.backward():` blocks). Unset, both are refused as before.
+        # track_grad: proxies report requires_grad as autograd would compute it.
+        self.track_grad = False
+        # on_backward(tensor, args, kwargs) runs for `tensor.backward(...)` on a proxy;
+        # on_register_hook(tensor, fn) for `tensor.register_hook(fn)`, returning a handle.
+        self.on_backward = None
+        self.on_register_hook = None
 
     # ---- recording ------------------------------------------------------------------------
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
@@ -386,9 +412,11 @@ class Tracer:
         self.sites.append({"name": name, "call": call})
         return len(self.sites) - 1
 
-    def read_site(self, name: str, call: int, shape, dtype) -> Proxy:
+    def read_site(self, name: str, call: int, shape, dtype, requires_grad: bool = False
+                  ) -> Proxy:
         node = self.emit("site.read", (self.add_site(name, call),))
-        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
+        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
+                     requires_grad and self.track_grad)
 
     def read_grad(self, index: int, shape, dtype) -> Proxy:
         """The gradient of the graph's ``backward`` value at site ``index``."""
@@ -398,7 +426,8 @@ class Tracer:
     def read_output(self, kind: str, shape, dtype) -> Proxy:
         """The forward's output (``logits`` or ``loss``), once the forward is over."""
         node = self.emit("output.read", (kind,))
-        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
+        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
+                     self.track_grad and torch.is_grad_enabled())
 
     def write_site(self, index: int, value, mode: str):
         if not isinstance(value, torch.Tensor):
@@ -413,7 +442,7 @@ class Tracer:
     def current(self, p: Proxy) -> int:
         """The node holding p's value now (re-deriving a view whose base changed)."""
         if p._hw_tracer is not self:
-            raise _dead_proxy_error()
+            raise _dead_proxy_error(p._hw_tracer)
         view = p._hw_view
         if view is not None:
             base = view.base
@@ -441,8 +470,12 @@ class Tracer:
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
-        if func in _BLOCKED:
-            raise trace_error(_BLOCKED[func])
+        if self.on_backward is not None and _is_backward(func):
+            return self.on_backward(args[0], args[1:], kwargs)
+        if self.on_register_hook is not None and func is T.register_hook:
+            return self.on_register_hook(args[0], args[1] if len(args) > 1 else kwargs["hook"])
+        if func in _BLOCKED or _is_backward(func):
+            raise trace_error(_BLOCKED.get(func, "calling backward inside a hook"))
         if func in _DEVICE_MOVES:
             return args[0]
         if func is T.__iter__:
@@ -518,11 +551,11 @@ class Tracer:
                 _META_CACHE[key] = (specs, aliases)
         return out, aliases
 
-    def _wrap(self, meta_out, node: int):
+    def _wrap(self, meta_out, node: int, requires_grad: bool = False):
         if isinstance(meta_out, torch.Tensor):
-            return Proxy(self, node, meta_out)
+            return Proxy(self, node, meta_out, requires_grad)
         if isinstance(meta_out, tuple):
-            items = [Proxy(self, self.emit("tuple_get", (Ref(node), k)), m)
+            items = [Proxy(self, self.emit("tuple_get", (Ref(node), k)), m, requires_grad)
                      for k, m in enumerate(meta_out)]
             return type(meta_out)(items) if type(meta_out) is not tuple else tuple(items)
         raise trace_error("an op returning a non-tensor value")
@@ -530,12 +563,25 @@ class Tracer:
     def _functional(self, func, name, args, kwargs):
         meta_out, aliases = self._run_meta(func, args, kwargs, _func_name(func))
         node = self.emit(name, args, kwargs)
-        out = self._wrap(meta_out, node)
+        out = self._wrap(meta_out, node, self._requires_grad(name, args, kwargs))
         src = args[0] if args else None
         if isinstance(src, Proxy) and (name in _RESHAPE_VIEWS or name in _PERMUTE_VIEWS
                                        or name in _INDEX_VIEWS or name in _PIECE_OPS):
             self._track_view(name, src, args, kwargs, meta_out, out, aliases)
         return out
+
+    def _requires_grad(self, name, args, kwargs) -> bool:
+        """What autograd would say of an op's result (only with ``track_grad``)."""
+        if not self.track_grad or name == "detach" or not torch.is_grad_enabled():
+            return False
+        stack = [args, tuple(kwargs.values())]
+        while stack:
+            for v in stack.pop():
+                if isinstance(v, Proxy) and v.requires_grad:
+                    return True
+                if isinstance(v, (tuple, list)):
+                    stack.append(v)
+        return False
 
     def _track_view(self, name, src: Proxy, args, kwargs, meta_out, out, aliases):
         rest, kw = args[1:], dict(kwargs)
@@ -641,7 +687,8 @@ class Tracer:
         if p.dtype == dtype:
             return p  # torch returns the tensor itself
         node = self.emit("to", (p, dtype))
-        return Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"))
+        return Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"),
+                     p.requires_grad and torch.is_grad_enabled())
 
     def _to(self, func, args, kwargs):
         p = args[0]

@@ -134,10 +134,11 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
         layouts = probe_module_layouts(hf_model)
     except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
         log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites, layouts = None, [], ({}, {})
+        hf_model, module_sites, layouts = None, [], ({}, {}, {}, {})
     sites = sites + module_sites
     info = describe(hosted, sites)
-    info.module_layouts, info.step_module_layouts = layouts
+    (info.module_layouts, info.step_module_layouts, info.module_kwarg_layouts,
+     info.step_module_kwarg_layouts) = layouts
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
     if hf_model is not None:

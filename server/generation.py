@@ -66,9 +66,9 @@ def validate_generation(job, entry, limits, input_ids) -> list:
         raise GraphValidationError(f"{len(spec.steps)} step graphs for {spec.max_new_tokens} "
                                    f"new tokens: give none or {spec.max_new_tokens - 1}",
                                    rule="generate_steps")
-    if submit.graph.inputs.get("attention_mask"):
-        raise GraphValidationError("generation takes unpadded prompts (no attention_mask)",
-                                   rule="generate_inputs")
+    if submit.graph.inputs.get("attention_mask") or submit.graph.inputs.get("position_ids"):
+        raise GraphValidationError("generation takes unpadded prompts (no attention_mask or "
+                                   "position_ids)", rule="generate_inputs")
     if sum(len(g.nodes) for g in spec.steps) + len(submit.graph.nodes) > limits.max_nodes:
         raise LimitExceeded(f"the generation's graphs hold more than {limits.max_nodes} nodes",
                             rule="max_nodes")
