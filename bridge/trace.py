@@ -100,7 +100,9 @@ def _extra_library_dirs():
     dirs = list(_LIBRARY_DIRS)
     # nnsight runs a trace block's code in greenlets, through its own frames: the user's
     # line is the innermost frame outside these.
-    for name in ("transformer_lens", "einops", "functools", "hookwire", "nnsight", "greenlet"):
+    for name in ("transformer_lens", "einops", "functools", "hookwire", "nnsight", "greenlet",
+                 "hookwire.transformerlens", "hookwire.pyvene", "hookwire.hf",
+                 "hookwire.nnsight"):
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, "__file__", None):
             path = os.path.dirname(os.path.abspath(mod.__file__))

@@ -129,7 +129,9 @@ class ForwardDriver:
         if self.wanted(location):
             return self._handoff(location, self.output_object())
         self._handoff(location, None)
-        if self.wanted("result") or self._model_output is not None:
+        # A single forward's output is also the trace's `tracer.result`; a generation step's
+        # is not (the generated ids are).
+        if self.logits == "output" and (self.wanted("result") or self._model_output is not None):
             return self.output_object()
         return None
 

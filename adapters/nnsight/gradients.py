@@ -79,7 +79,7 @@ class Backward:
                               "remotely the server differentiates only to hand gradients to a "
                               "`with loss.backward():` block (it never accumulates .grad on "
                               "the model's weights): read the gradients you want inside one")
-        if args or {k: v for k, v in kwargs.items() if v is not None}:
+        if any(v is not None and v is not False for v in list(args) + list(kwargs.values())):
             raise trace_error("backward() with arguments (gradient=, retain_graph=, ...)",
                               "differentiate a scalar: call .backward() on .sum() or .mean()")
         if self.tracer.backward is not None:
