@@ -163,7 +163,7 @@ def _audit(event: str, args) -> None:
     _STATE.tracing = False  # building the message must not trip the hook again
     try:
         err = trace_error(f"file or network I/O ({event})",
-                          "a hook runs once on your machine while tracing, not at each "
+                          "traced code (a hook, an nnsight trace block) runs once on your machine while tracing, not at each "
                           "forward on the server. Do I/O after the run, on the returned tensors")
     finally:
         _STATE.tracing = True
@@ -195,7 +195,7 @@ def _guard_torch_save():
     def save(*args, **kwargs):
         if getattr(_STATE, "tracing", False):
             raise trace_error("torch.save (file I/O)",
-                              "a hook runs once on your machine while tracing, not at each "
+                              "traced code (a hook, an nnsight trace block) runs once on your machine while tracing, not at each "
                               "forward on the server. Save the returned tensors after the run")
         return original(*args, **kwargs)
 
@@ -367,7 +367,9 @@ class Tracer:
             if tensor.device.type == "meta":
                 raise trace_error("a tensor with no data (meta device), such as a weight of a "
                                   "weightless remote model,", "read weights on the server by "
-                                  "hooking the site that uses them, or pass real tensors")
+                                  "hooking the site that uses them, or use a local model that "
+                                  "has its weights with remote=True (weights it computes with "
+                                  "are then sent as constants)")
             if tensor.dtype not in DTYPE_NAMES:
                 raise trace_error(f"a captured tensor of dtype {tensor.dtype}",
                                   "use one of " + ", ".join(map(str, DTYPE_NAMES)))

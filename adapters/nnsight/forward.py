@@ -42,7 +42,7 @@ class ForwardDriver:
 
     def __init__(self, info, interleaver, tracer, events, batch: int, seq: int, *,
                  root: str, output_cls: type, lm_head: str, cached: bool = False,
-                 logits: str = "output"):
+                 logits: str = "output", last_only: str | None = None):
         self.info, self.interleaver, self.tracer = info, interleaver, tracer
         self.events, self.batch, self.seq = events, batch, seq
         self.root, self.output_cls, self.lm_head, self.logits = root, output_cls, lm_head, logits
@@ -52,6 +52,11 @@ class ForwardDriver:
             self.layouts.update(info.step_module_layouts)
             self.kw_layouts.update(info.step_module_kwarg_layouts)
         self.final_logits = None   # lm_head's output as the forward goes on with it
+        # HF's generate asks for the last position's logits only (logits_to_keep=1): locally
+        # the output module then sees and returns that position alone. The server computes
+        # every position; the block is served the last (a view), writes go back into it.
+        self.last_only = last_only
+        self._full: dict[int, tuple] = {}
         self._model_output = None
 
     # ---- helpers ------------------------------------------------------------------------
@@ -62,13 +67,33 @@ class ForwardDriver:
     def _loc(self, path: str, what: str) -> str:
         return f"{self.root}.{path}.{what}" if path else f"{self.root}.{what}"
 
-    def _read(self, index: int) -> tuple[Proxy, int]:
+    def _read(self, index: int, path: str | None = None) -> tuple[Proxy, int]:
         site = self.info.sites[index]
         proxy = self.tracer.read_site(site.name, site.call,
                                       site.concrete_shape(self.batch, self.seq), site.dtype,
                                       requires_grad=site.grad)
         proxy._hw_site = len(self.tracer.sites) - 1   # for .grad (hookwire.nnsight.gradients)
+        if path is not None and path == self.last_only:
+            served = proxy[:, -1:]
+            self._full[id(served)] = (served, proxy)
+            return served, proxy._hw_site
         return proxy, proxy._hw_site
+
+    def _write(self, index: int, served: Proxy, new, where: str):
+        """Site writes for what the block did to ``served``: edited in place, replaced."""
+        full = self._full.get(id(served), (None, None))[1]
+        if full is None:
+            if served._hw_version > 0:
+                self.tracer.write_site(index, served, "inplace")
+            if new is not served:
+                _check_like(new, served, where)
+                self.tracer.write_site(index, new, "replace")
+            return
+        if full._hw_version > 0:   # an edit of the view went into the whole value
+            self.tracer.write_site(index, full, "inplace")
+        if new is not served:
+            _check_like(new, served, where)
+            self.tracer.write_site(index, torch.cat([full[:, :-1], new], dim=1), "replace")
 
     def _handoff(self, location: str, value):
         return self.interleaver.handle(location, value)
@@ -147,7 +172,7 @@ class ForwardDriver:
             kwargs = {k: _placeholder(t) for k, t in self.kw_layouts.get(site, {}).items()}
             proxy, index, slot = None, None, None
             if ev.site is not None:
-                proxy, index = self._read(ev.site)
+                proxy, index = self._read(ev.site, ev.path)
                 if args and self.layouts[site][0] == "Tensor":
                     slot = 0
                     args[0] = proxy
@@ -182,11 +207,7 @@ class ForwardDriver:
         if proxy is None:
             return
         value = new[0][slot] if isinstance(slot, int) else new[1][slot]
-        if proxy._hw_version > 0:
-            self.tracer.write_site(index, proxy, "inplace")
-        if value is not proxy:
-            _check_like(value, proxy, where)
-            self.tracer.write_site(index, value, "replace")
+        self._write(index, proxy, value, where)
 
     def _output(self, ev):
         location = self._loc(ev.path, "output")
@@ -210,14 +231,14 @@ class ForwardDriver:
     def _read_output(self, ev):
         layout = self.layouts.get(module_site(ev.path, "output"))
         if layout is None:
-            proxy, index = self._read(ev.site)
+            proxy, index = self._read(ev.site, ev.path)
             return proxy, [(None, index)]
         items = [_placeholder(t) for t in layout]
         sites = []
         for element, site in ev.elements:
             items[element], index = self._read(site)
             sites.append((element, index))
-        items[0], index = self._read(ev.site)
+        items[0], index = self._read(ev.site, ev.path)
         sites.append((0, index))
         return tuple(items), sites
 
@@ -235,11 +256,7 @@ class ForwardDriver:
         for element, index in sites:
             old = given if element is None else given[element]
             new = final if element is None else final[element]
-            if old._hw_version > 0:
-                self.tracer.write_site(index, old, "inplace")
-            if new is not old:
-                _check_like(new, old, where)
-                self.tracer.write_site(index, new, "replace")
+            self._write(index, old, new, where)
 
     def _skipped_output(self, ev, replacement):
         """``.skip(value)``: the module's children never hand anything over; its output is

@@ -16,7 +16,7 @@ forwards a local run would not have made.
 """
 from __future__ import annotations
 
-import secrets
+import inspect
 import warnings
 
 import torch
@@ -131,6 +131,9 @@ class GenerationJob:
             batch, seq = ids.shape
             n = self.spec["max_new_tokens"]
             streamer = f"{root}.generator.streamer"
+            # HF's generate computes the prompt's logits at its last position only.
+            forward_params = inspect.signature(type(self.envoy._module).forward).parameters
+            last_only = target.lm_head if "logits_to_keep" in forward_params else None
             self._module_call(streamer, (ids,), ids)
             for k in range(n):
                 if k == len(self.tracers):
@@ -144,7 +147,8 @@ class GenerationJob:
                     ForwardDriver(self.info, self.envoy.interleaver, hw, target.events, batch,
                                   seq if k == 0 else 1, root=root, cached=True,
                                   output_cls=target.output_cls, lm_head=target.lm_head,
-                                  logits="lm_head").run((), {"input_ids": step_ids})
+                                  logits="lm_head", last_only=last_only if k == 0 else None
+                                  ).run((), {"input_ids": step_ids})
                 token = PendingTokens((batch,), f"the token of generation step {k}")
                 self.tokens.append(token)
                 self._module_call(streamer, (token,), token)
