@@ -89,8 +89,11 @@ class Graph(BaseModel):
     inputs: dict[Literal["input_ids", "attention_mask", "position_ids"], str] = Field(
         description="model input name -> id of an attached tensor")
     # Ids and names are bounded like every other string of the graph (echoed in results).
-    constants: list[Annotated[str, Field(max_length=64)]] = Field(
-        default_factory=list, description="ids of attached tensors")
+    # An id "@<name>" is no attachment: it names a parameter or buffer of the served model's HF
+    # module tree (read only; servers may refuse them, Limits.allow_parameter_reads).
+    constants: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=list, description="ids of attached tensors, or '@' + the name of a "
+                                          "parameter of the served model")
     sites: list[Site] = Field(default_factory=list)
     nodes: list[Node] = Field(default_factory=list)
     saves: dict[Annotated[str, Field(max_length=MAX_STR_LEN)], int] = Field(
@@ -161,12 +164,20 @@ def decode_arg(value: Any, where: str, depth: int = 0):
                                f"vocabulary", rule="arg_form")
 
 
+PARAMETER_PREFIX = "@"
+
+
+def is_parameter(tid: str) -> bool:
+    """A constant id naming a parameter (or buffer) of the served model, not an attachment."""
+    return tid.startswith(PARAMETER_PREFIX)
+
+
 def rename_constants(value: Any, names: dict[str, str]):
     """A JSON graph argument (or node list) with its constant ids mapped through ``names``:
     how several graphs of one request (a generation's forwards) share one set of tensors."""
     if isinstance(value, dict):
         if set(value) == {"const"}:
-            return {"const": names[value["const"]]}
+            return {"const": names.get(value["const"], value["const"])}
         return {k: rename_constants(v, names) for k, v in value.items()}
     if isinstance(value, list):
         return [rename_constants(v, names) for v in value]

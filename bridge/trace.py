@@ -27,7 +27,7 @@ import torch
 
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
-from hookwire.graph import Const, Ref, encode_arg
+from hookwire.graph import PARAMETER_PREFIX, Const, Ref, encode_arg
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
 
 T = torch.Tensor
@@ -325,6 +325,12 @@ class Tracer:
         # on_register_hook(tensor, fn) for `tensor.register_hook(fn)`, returning a handle.
         self.on_backward = None
         self.on_register_hook = None
+        # id(tensor) -> name, for tensors standing for a parameter (or buffer) of the served
+        # model (a weightless stand-in's meta weights): used as "@<name>" constants, which the
+        # server resolves to its own tensor. Each such tensor is kept in the dict's values'
+        # owner (the stand-in), so ids stay valid.
+        self.parameters: dict[int, str] = {}
+        self.parameter_refs: set[str] = set()
 
     # ---- recording ------------------------------------------------------------------------
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
@@ -363,6 +369,10 @@ class Tracer:
         # by a later temporary tensor.
         entry = self._const_by_obj.get(id(tensor))
         tid = entry[0] if entry is not None and entry[1] is tensor else None
+        name = self.parameters.get(id(tensor)) if tid is None else None
+        if name is not None:
+            self.parameter_refs.add(PARAMETER_PREFIX + name)
+            return Const(PARAMETER_PREFIX + name)
         if tid is None:
             if tensor.device.type == "meta":
                 raise trace_error("a tensor with no data (meta device), such as a weight of a "
@@ -377,6 +387,10 @@ class Tracer:
             self.constants[tid] = tensor.detach()
             self._const_by_obj[id(tensor)] = (tid, tensor)
         return Const(tid)
+
+    def constant_ids(self) -> list[str]:
+        """What a graph's ``constants`` lists: attachments, then served parameters."""
+        return list(self.constants) + sorted(self.parameter_refs)
 
     def differentiable_constants(self) -> list[tuple[str, torch.Tensor]]:
         """(id, the caller's own tensor) of the captured constants that still require grad

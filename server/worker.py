@@ -23,9 +23,11 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              ServerShuttingDown, UnknownModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
+from hookwire.graph import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
+from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
@@ -188,17 +190,14 @@ class ModelWorker(threading.Thread):
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
         check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
-        constants = {tid: job.tensors[tid] for tid in graph.constants if tid in job.tensors}
-        missing = [tid for tid in graph.constants if tid not in job.tensors]
-        if missing:
-            raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
+        constants = graph_constants(job, graph, entry, self.limits)
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
         on_modules = _uses_module_sites(graph)
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq))
         device = entry.hosted.device
-        constants = {k: v.to(device) for k, v in constants.items()}
+        constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
                      positions=_position_ids(job, graph, input_ids, entry, device, on_modules),

@@ -139,6 +139,7 @@ class GenerationJob:
                 if k == len(self.tracers):
                     self.tracers.append(Tracer())
                 hw = self.tracers[k]
+                hw.parameters = target.parameters
                 if k:
                     self.step_inputs.append(PendingTokens(
                         (batch, 1), f"the input ids of generation step {k}"))
@@ -189,7 +190,8 @@ class GenerationJob:
                     shared[key] = names[tid]
             graphs.append({"version": 1, "model": self.info.name,
                            "inputs": {"input_ids": "input_ids"} if k == 0 else {},
-                           "constants": sorted(set(names.values())), "sites": hw.sites,
+                           "constants": sorted(set(names.values()) | hw.parameter_refs),
+                           "sites": hw.sites,
                            "nodes": rename_constants(hw.nodes, names), "saves": hw.saves,
                            "forward": {"return_type": None}})
         return graphs, tensors

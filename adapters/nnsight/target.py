@@ -23,6 +23,9 @@ class Target:
     events: list                 # hookwire.nnsight.plan.Event, one forward
     lm_head: str                 # path of the module whose output is the logits
     output_cls: type             # what the model's forward returns
+    # id -> name of the weightless stand-in's (meta) parameters and buffers: module calls in a
+    # block (a logit lens' model.lm_head(...)) compute with the server's own weights.
+    parameters: dict
 
 
 def _config_matches(local_cfg, served: dict) -> bool:
@@ -85,8 +88,12 @@ def target_of(envoy, conn, name: str | None) -> Target:
             name = getattr(envoy, "_hookwire_model", None) or _served_name(module, conn)
         info = conn.model_info(name)
         _check(module, info)
+        weightless = {id(t): name for name, t in
+                      list(module.named_parameters(remove_duplicate=False))
+                      + list(module.named_buffers(remove_duplicate=False))
+                      if t.device.type == "meta"}
         cache[key] = Target(info, envoy.path, forward_events(info, module), _lm_head(module),
-                            output_class(module))
+                            output_class(module), weightless)
     return cache[key]
 
 

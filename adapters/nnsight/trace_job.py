@@ -80,6 +80,7 @@ class ForwardJob:
     def trace(self, nn_tracer) -> None:
         hw, target = self.tracer, self.target
         hw.track_grad = torch.is_grad_enabled()
+        hw.parameters = target.parameters
         backward = Backward(hw, self.info)
         original = nn_tracer.fn
 
@@ -111,7 +112,7 @@ class ForwardJob:
         reads_output = any(n["op"] == "output.read" for n in hw.nodes)
         self.graph = {"version": 1, "model": self.info.name,
                       "inputs": {k: k for k in self.inputs},
-                      "constants": list(hw.constants), "sites": hw.sites, "nodes": hw.nodes,
+                      "constants": hw.constant_ids(), "sites": hw.sites, "nodes": hw.nodes,
                       "saves": hw.saves, "backward": hw.backward,
                       "forward": {"return_type": "logits" if reads_output else None,
                                   "send_output": False}}
