@@ -39,7 +39,7 @@ _METADATA_NAMES = (
     "is_cuda", "requires_grad", "layout", "stride", "is_contiguous", "__len__",
     "element_size", "is_floating_point", "is_complex", "get_device", "is_meta", "__hash__",
     "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_nested", "is_mps",
-    "storage_offset", "itemsize", "nbytes", "is_inference", "output_nr", "grad")
+    "storage_offset", "itemsize", "nbytes", "is_inference", "output_nr", "grad", "_base")
 _METADATA = set()
 for _n in _METADATA_NAMES:
     _attr = T.__dict__.get(_n) if _n in T.__dict__ else getattr(torch._C.TensorBase, _n, None)

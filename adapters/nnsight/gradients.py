@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from hookwire.module_sites import parse_module_site
 from hookwire.trace import Proxy, trace_error
 
 
@@ -119,7 +120,10 @@ class Backward:
                                                          device="meta"))
         result = fn(given)
         if (result is not None and result is not given) or given._hw_version > 0:
-            raise trace_error("editing a gradient (`t.grad = ...`, or in place)",
+            # Raised from the `with ...backward():` line: the block has moved past the edit.
+            path, kind = parse_module_site(self.tracer.sites[site]["name"])
+            raise trace_error(f"editing the gradient of {path}.{kind} (`t.grad = ...`, or in "
+                              "place) in the `with ....backward():` block",
                               "the server computes gradients in one backward pass and cannot "
                               "replace one midway yet: read gradients and compute with them")
 
