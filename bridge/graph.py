@@ -91,7 +91,7 @@ class Graph(BaseModel):
     # Ids and names are bounded like every other string of the graph (echoed in results).
     # An id "@<name>" is no attachment: it names a parameter or buffer of the served model's HF
     # module tree (read only; servers may refuse them, Limits.allow_parameter_reads).
-    constants: list[Annotated[str, Field(max_length=128)]] = Field(
+    constants: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=list, description="ids of attached tensors, or '@' + the name of a "
                                           "parameter of the served model")
     sites: list[Site] = Field(default_factory=list)
