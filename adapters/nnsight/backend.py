@@ -18,6 +18,7 @@ printing values, file or network I/O, ops outside the registry) raises
 from __future__ import annotations
 
 import threading
+import types
 
 import torch
 from nnsight.intervention.tracer import InterleavingTracer
@@ -73,7 +74,7 @@ class RemoteBackend(Backend):
         generating = getattr(tracer.fn, "__name__", None) == "generate"
         job = (GenerationJob if generating else ForwardJob)(envoy, target)
         job.trace(tracer)   # the block runs here: every TraceError is raised now
-        delivery = _Delivery(job, tracer.info.frame)
+        delivery = _Delivery(job, tracer.info.frame, tracer.info.code)
         job = None
         if self.blocking:
             delivery.run(self, None)
@@ -100,15 +101,36 @@ class RemoteBackend(Backend):
         self.run.cancel()
 
 
-class _Delivery:
-    """Sends a traced job and puts the values that come back where the block left proxies."""
+def _code_names(code) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:   # comprehensions, lambdas, nested functions
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
 
-    def __init__(self, job, frame):
+
+class _Delivery:
+    """Sends a traced job and puts the values that come back where the block left proxies.
+
+    Where the block can have left them: the caller's variables (nnsight pushed the saved ones
+    there), what those hold (lists, dicts, a ``tracer.cache()``), the globals the block's code
+    names. :func:`hookwire.rebind.rebind` looks there first and walks the heap only when it
+    finds fewer references than the block left (counted when it was traced)."""
+
+    def __init__(self, job, frame, code):
         self.job, self.frame = job, frame
         self.thread = threading.get_ident()
+        pending = job.pending_ids()
         # The caller's variables that hold proxies (or pending tokens) after the block.
-        self.names = {name: id(v) for name, v in frame.f_locals.items()
-                      if isinstance(v, torch.Tensor) and id(v) in job.pending_ids()}
+        local_vars = frame.f_locals
+        self.names = {name: id(v) for name, v in local_vars.items()
+                      if isinstance(v, torch.Tensor) and id(v) in pending}
+        glbls = frame.f_globals
+        self.roots = [local_vars] + [glbls[n] for n in _code_names(code) if n in glbls]
+        self.expected = job.user_refs()
+        if local_vars is not glbls:   # a function's variables are also its fast locals,
+            for i in self.names.values():   # which push_frame replaces, not rebind
+                self.expected[i] = self.expected.get(i, 1) - 1
         self.values: dict[int, torch.Tensor] = {}   # id of what the block held -> value
 
     def run(self, backend: RemoteBackend, run: RemoteRun | None):
@@ -127,7 +149,11 @@ class _Delivery:
                 raise
         olds, news = job.replacements(arrived)
         self.values = {id(o): n for o, n in zip(olds, news)}
-        rebind(olds, news, skip=(self.values,))
+        # Non-blocking: the caller's code ran on meanwhile and may hold more references than
+        # were counted, so the whole heap is searched.
+        rebind(olds, news, skip=(self.values,), roots=tuple(self.roots),
+               expected=self.expected if run is None else None)
+        self.roots = None
         if run is not None:
             for old, new in zip(olds, news):
                 run.emit(SavedValue(getattr(old, "_hw_name", "value"), new))

@@ -17,6 +17,7 @@ forwards a local run would not have made.
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 
 import torch
@@ -201,6 +202,18 @@ class GenerationJob:
         if self.sequences is not None:
             ids.add(id(self.sequences))
         return ids | {id(p) for step in self.escaped for p in step}
+
+    def user_refs(self) -> dict[int, int]:
+        """id -> references the caller's code holds, for each proxy and pending token."""
+        refs: dict[int, int] = {}
+        for hw in self.tracers:
+            refs.update(hw.user_refs)
+        for kept in (self.tokens, self.step_inputs):
+            for t in kept:   # our list's reference, the loop's and getrefcount's own
+                refs[id(t)] = sys.getrefcount(t) - 3
+        if self.sequences is not None:   # our attribute and getrefcount's own
+            refs[id(self.sequences)] = sys.getrefcount(self.sequences) - 2
+        return refs
 
     def progress_total(self) -> int:
         return self.spec["max_new_tokens"] if self.spec else 1

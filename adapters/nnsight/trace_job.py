@@ -120,6 +120,10 @@ class ForwardJob:
     def pending_ids(self) -> set[int]:
         return {id(p) for p in self.escaped}
 
+    def user_refs(self) -> dict[int, int]:
+        """id -> references the caller's code holds, for each proxy left behind."""
+        return dict(self.tracer.user_refs)
+
     def progress_total(self) -> int:
         return len(self.tracer.sites)
 
