@@ -21,6 +21,7 @@ import threading
 import types
 
 import torch
+from nnsight.intervention.envoy import Envoy
 from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.backend import Backend
 from nnsight.tracing.tracer import save
@@ -101,6 +102,10 @@ class RemoteBackend(Backend):
         self.run.cancel()
 
 
+# Not searched for the block's values (large; user code keeps no traced value in them).
+_MODELS = (torch.nn.Module, Envoy, InterleavingTracer)
+
+
 def _code_names(code) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:   # comprehensions, lambdas, nested functions
@@ -152,7 +157,7 @@ class _Delivery:
         # Non-blocking: the caller's code ran on meanwhile and may hold more references than
         # were counted, so the whole heap is searched.
         rebind(olds, news, skip=(self.values,), roots=tuple(self.roots),
-               expected=self.expected if run is None else None)
+               expected=self.expected if run is None else None, opaque=_MODELS)
         self.roots = None
         if run is not None:
             for old, new in zip(olds, news):
