@@ -555,12 +555,18 @@ def _grad_of_a_computed_value(model):
             g = h.grad.save()                                  # <- here
 
 
+def _source(model):
+    with model.trace(PROMPT):
+        out = model.transformer.h[0].attn.source.attention_interface_0.output.save()  # <- here
+
+
 UNTRACEABLE = [(_item, "`.item()`"), (_branch, "truth value"), (_print, "printing"),
                (_file, "file or network I/O"), (_unregistered_op, "registry"),
                (_custom_module, "`.item()`"), (_function, "`float(tensor)`"),
                (_tokens, "generated ids"), (_model_output_of_a_module, "model.transformer"),
                (_edit_gradient, "editing the gradient of transformer.h.0.output"), (_bare_backward, "outside a `with"),
-               (_grad_of_a_computed_value, "computed in the trace block")]
+               (_grad_of_a_computed_value, "computed in the trace block"),
+               (_source, "`.source`")]
 
 
 def _marked_line(fn) -> int:
@@ -583,6 +589,15 @@ def test_untraceable_code_raises_naming_the_line(trios, fn, what):
     with model.trace(PROMPT):               # and the model still works
         h = model.transformer.h[0].output.save()
     assert h.shape == (1, len(PROMPT), 64)
+
+
+def test_scan_runs_without_the_server(trios):
+    """nnsight's scan (shapes on fake tensors) needs no weights: it runs on the stand-in."""
+    model = trios["tiny-llama"].remote
+    before = requests()
+    with model.scan(PROMPT):
+        shape = nnsight.save(model.model.layers[0].output.shape)
+    assert tuple(shape) == (1, len(PROMPT), 64) and requests() == before
 
 
 def test_a_custom_module_of_traceable_ops_runs_remotely(trios):

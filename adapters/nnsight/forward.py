@@ -14,13 +14,15 @@ every other handoff just counts, as nnsight counts the visits it serves nobody.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from nnsight.intervention.source import NO_SKIP
 
 from hookwire.errors import TraceError
 from hookwire.module_sites import ServerObject, module_site
 from hookwire.nnsight.values import NotSent
-from hookwire.trace import Proxy, trace_error
+from hookwire.trace import Proxy, _extra_library_dirs, trace_error
 
 
 def _placeholder(type_name: str):
@@ -96,7 +98,11 @@ class ForwardDriver:
             self.tracer.write_site(index, torch.cat([full[:, :-1], new], dim=1), "replace")
 
     def _handoff(self, location: str, value):
-        return self.interleaver.handle(location, value)
+        out = self.interleaver.handle(location, value)
+        for parked in self.interleaver.parked:
+            if ".source." in parked:
+                _refuse_source(self.interleaver, parked)
+        return out
 
     # ---- one forward ----------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict):
@@ -290,6 +296,34 @@ class ForwardDriver:
             self.tracer.write_site(index, value, "replace")
         if ev.path == self.lm_head:
             self.final_logits = final if not isinstance(final, tuple) else final[0]
+
+
+def _refuse_source(interleaver, location: str):
+    """``.source`` (an operation inside a module's forward) never fires here: the server offers
+    module sites only. Raised at the block's line that asked for it."""
+    where = None
+    for mediator in interleaver.mediators:
+        pending = mediator.pending
+        if pending is not None and pending.provider == location and mediator.worker:
+            where = _user_line(mediator.worker.gr_frame)
+    what = (f"`.source` ({location.rsplit('.', 1)[0]}): an operation inside a module's "
+            "forward")
+    advice = ("the server offers module inputs and outputs only: read the module (or "
+              "submodule) whose input or output it is")
+    if where is None:
+        raise trace_error(what, advice)
+    raise TraceError(f"at {where[0]}:{where[1]}: {what} cannot be traced for a remote run; "
+                     f"{advice}", file=where[0], line=where[1])
+
+
+def _user_line(frame):
+    dirs = _extra_library_dirs()
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(dirs) and not name.startswith("<frozen"):
+            return frame.f_code.co_filename, frame.f_lineno
+        frame = frame.f_back
+    return None
 
 
 def _same(new, old) -> bool:

@@ -11,8 +11,8 @@ block runs (they can be saved, not computed with) and real ids afterwards.
 
 The server generates every one of ``max_new_tokens``; where HF would have stopped at an EOS
 token, the returned ids are made what HF returns (a finished row continues with the pad token,
-and the ids end once every row has finished), with a warning if values were kept from
-forwards a local run would not have made.
+and the ids end once every row has finished), with a warning that the later steps' values come
+from forwards a local run would not have made.
 """
 from __future__ import annotations
 

@@ -94,7 +94,9 @@ class RemoteLanguageModel(LanguageModel):
         return super().trace(*inputs, remote=remote, **kwargs)
 
     def interleave(self, fn, *args, **kwargs):
-        if not getattr(fn, "_hookwire", False):
+        from torch._guards import detect_fake_mode
+        # model.scan(...) runs on fake tensors (shapes only): it needs no weights.
+        if not getattr(fn, "_hookwire", False) and detect_fake_mode() is None:
             raise HookwireError(f"{self._hookwire_model!r} has no weights here: run it in a "
                                 "`with model.trace(...)` or `with model.generate(...)` block")
         return super().interleave(fn, *args, **kwargs)
