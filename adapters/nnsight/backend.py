@@ -32,7 +32,6 @@ from hookwire.errors import HookwireError
 from hookwire.nnsight.generate import GenerationJob
 from hookwire.nnsight.target import target_of
 from hookwire.nnsight.trace_job import ForwardJob
-from hookwire.nnsight.values import PendingTokens
 from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
 from hookwire.runs import RemoteRun, SavedValue
@@ -179,4 +178,4 @@ class _Delivery:
         return out
 
 
-__all__ = ["RemoteBackend", "PendingTokens"]
+__all__ = ["RemoteBackend"]
