@@ -15,6 +15,7 @@ gradient in one ``torch.autograd.grad`` and has no way to replace one mid-backwa
 from __future__ import annotations
 
 import torch
+from nnsight.intervention.interleaver import Interleaver
 
 from hookwire.module_sites import parse_module_site
 from hookwire.trace import Proxy, trace_error
@@ -25,8 +26,10 @@ class _Handle:
         self.owner, self.entry = owner, entry
 
     def remove(self):
-        if self.entry in self.owner.hooks:
-            self.owner.hooks.remove(self.entry)
+        self.owner.drop(self.entry)
+        # nnsight's hook holds this handle (to remove itself) and the entry holds the hook:
+        # let go, or the cycle keeps the proxy alive as if user code held it.
+        self.entry = None
 
 
 def _inside_backward_block() -> bool:
@@ -42,11 +45,23 @@ class Backward:
         self.hooks: list = []          # [(graph site index, tensor, fn)]
         self.position: int | None = None   # the site the simulated backward has reached
         self.grads: dict[int, Proxy] = {}
+        self.interleavers: dict[int, Interleaver] = {}   # the backward blocks' own
         tracer.on_backward = self.backward
         tracer.on_register_hook = self.register_hook
 
+    def drop(self, entry) -> None:
+        # By identity: entries hold proxies, whose == would be traced.
+        self.hooks[:] = [h for h in self.hooks if h is not entry]
+
     def close(self):
         """Forget every proxy (before the tracer counts what user code still holds)."""
+        # A finished `with ...backward():` block leaves its worker and the worker's scope (a
+        # copy of the trace block's variables) in a reference cycle until the next garbage
+        # collection, which would count as references user code holds: release them with
+        # nnsight's own end-of-run cleanup.
+        for interleaver in self.interleavers.values():
+            interleaver.cancel()
+        self.interleavers.clear()
         self.hooks.clear()
         self.grads.clear()
         self.tracer.on_backward = self.tracer.on_register_hook = None
@@ -69,6 +84,13 @@ class Backward:
         if not info.grad:
             raise trace_error(f"`.grad` of {graph_site['name']!r}, whose value does not "
                               "depend on the model's weights", "no gradient reaches it")
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                held = cell.cell_contents
+            except ValueError:   # a cell not filled yet (the hook's own handle)
+                continue
+            if isinstance(held, Interleaver):
+                self.interleavers[id(held)] = held
         entry = (site, tensor, fn)
         self.hooks.append(entry)
         return _Handle(self, entry)
@@ -101,7 +123,7 @@ class Backward:
             site = max(h[0] for h in due)
             self.position = site + 1
             entry = next(h for h in self.hooks if h[0] == site)
-            self.hooks.remove(entry)
+            self.drop(entry)
             self._fire(*entry)
         self.position = 0
 
