@@ -15,7 +15,7 @@ registry reads as a table:
 ``Reduction(k)``          ``k`` flops per *logical* input element (an ``expand``-ed view of
                           one number counts every element it pretends to have)
 ``Sorting(...)``          n log n per row; copies and index buffers
-``Linalg(kind)``          SVD / QR / eigh: cubic work, LAPACK and cuSOLVER workspaces
+``Linalg(kind)``          SVD / QR / eigh: cubic work, input copy, workspaces
 ``Decomposed()``          composites (``matmul``, ``einsum``, ``cosine_similarity``,
                           ``cross_entropy``, ...): the op is run on the meta device under a
                           dispatch mode that adds up every tensor its decomposition creates
@@ -39,13 +39,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-# CUDA's radix sort keeps a second key buffer, a second index buffer and its scratch space
-# beside the input; the CPU sorts a contiguous copy in place. Both fit in this many copies of
-# (values + int64 indices).
-SORT_BUFFERS = 3
-# cuSOLVER and LAPACK workspaces of the decompositions, in copies of the input matrix (the
-# divide-and-conquer SVD is the largest: gesdd's lwork is ~ 4n^2 + 4mn for an m x n matrix).
-LINALG_WORKSPACE = 8
+# CUDA's segmented radix sort keeps a second key and index buffer (double buffering) and a
+# contiguous copy of the input; the CPU sorts a contiguous copy in place. Both fit in this
+# many copies of (values + int64 indices).
+SORT_BUFFERS = 2
 
 
 @dataclass(frozen=True)
@@ -147,13 +144,18 @@ FREE = _Free()
 
 @dataclass(frozen=True)
 class Copy(CostModel):
-    """Writes its result once; ``temps`` extra result-sized buffers on the way."""
+    """Writes its result once; ``temps`` extra result-sized buffers on the way, and
+    ``input_copies`` copies of the first input (kernels that make it contiguous first)."""
     temps: float = 0
+    input_copies: float = 0
     kind = "copy"
 
     def __call__(self, args, kwargs, out):
         outs = _outputs(out)
-        return Cost(sum(o.numel() for o in outs), int(self.temps * sum(map(nbytes, outs))))
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        copies = self.input_copies * nbytes(first) if first is not None else 0
+        return Cost(sum(o.numel() for o in outs),
+                    int(self.temps * sum(map(nbytes, outs)) + copies))
 
 
 @dataclass(frozen=True)
@@ -170,41 +172,51 @@ class Pointwise(CostModel):
         n = sum(o.numel() for o in outs)
         dtype = _computing_dtype(inputs, outs)
         cast = _cast_bytes(inputs, dtype) if dtype is not None else 0
-        widest = max([nbytes(t) // max(t.numel(), 1) for t in inputs + outs] or [1])
-        return Cost(self.k * n, int(cast + self.temps * n * widest))
+        # Composite kernels only build their temporaries for floating inputs (an integer is
+        # never inf); they are as wide as the widest floating input.
+        floats = [_itemsize(t.dtype) for t in inputs if t.is_floating_point() or t.is_complex()]
+        return Cost(self.k * n, int(cast + self.temps * n * max(floats, default=0)))
 
 
 @dataclass(frozen=True)
 class Reduction(CostModel):
     """``k`` flops per logical input element (every element of an ``expand``-ed view is
-    read). On CPU an input whose dtype is not the accumulating one (``sum`` of ints into
-    int64, ``dtype=``) is copied first; ``copies`` more input-sized buffers for kernels that
-    work on a contiguous copy or a composite (``logsumexp`` subtracts the max first)."""
+    read). ``into_result``: the op accumulates in its result's dtype, so on CPU an input of
+    another dtype is copied first (``sum`` of int32 or bool into int64, ``any`` of floats into
+    bool, ``dtype=``). ``copies`` more input-sized buffers for kernels that work on a
+    contiguous copy or are composites (``logsumexp`` subtracts the max first)."""
     k: float = 1
     copies: float = 0
+    into_result: bool = False
+    scratch: float = 0       # more bytes per input element (count_nonzero: a bool and an int64)
+    widen_half: bool = False  # float16/bfloat16 inputs are widened to float32 first (CPU mean)
     kind = "reduction"
 
     def __call__(self, args, kwargs, out):
         inputs, outs = _inputs(args, kwargs), _outputs(out)
         n = sum(t.numel() for t in inputs)
         acc = kwargs.get("dtype") if isinstance(kwargs.get("dtype"), torch.dtype) else None
-        if acc is None and outs and outs[0].dtype.is_floating_point is False and \
-                outs[0].dtype is not torch.bool and inputs:
-            acc = outs[0].dtype  # integer sums and products accumulate in the result's dtype
+        if acc is None and self.into_result and outs:
+            acc = outs[0].dtype
         cast = _cast_bytes(inputs, acc) if acc is not None else 0
-        widest = max([nbytes(t) // max(t.numel(), 1) for t in inputs] or [1])
-        if acc is not None:
-            widest = max(widest, _itemsize(acc))
-        return Cost(self.k * n, int(cast + self.copies * n * widest))
+        if self.widen_half:
+            cast += sum(nbytes(t, torch.float32) for t in inputs
+                        if t.dtype in (torch.float16, torch.bfloat16))
+        widest = max([_itemsize(t.dtype) for t in inputs] or [1])
+        return Cost(self.k * n, int(cast + self.copies * n * widest + self.scratch * n))
 
 
 @dataclass(frozen=True)
 class Sorting(CostModel):
-    """Sorts rows along ``dim`` (argument ``dim_arg``, keyword ``dim``; default last):
-    n log n comparisons; the kernel's buffers are :data:`SORT_BUFFERS` copies of values plus
-    int64 indices of the whole input (CUDA's radix sort), whatever part of it is returned."""
+    """Sorts rows along ``dim`` (argument ``dim_arg``, keyword ``dim``; ``default_dim`` when
+    absent, None for the whole tensor): n log n comparisons, and :data:`SORT_BUFFERS` copies
+    of values plus int64 indices of the whole input, whatever part of it is returned.
+    ``select``: an order statistic along a dim (``topk``, ``median(dim)``) selects rather than
+    sorts -- one contiguous copy of the values and the indices."""
     dim_arg: int = 1
     default_dim: int | None = -1
+    select: bool = False
+    index_buffer: bool = True  # False: a selection that keeps no int64 buffer (CUDA median)
     kind = "sort"
 
     def __call__(self, args, kwargs, out):
@@ -215,8 +227,9 @@ class Sorting(CostModel):
                          self.default_dim)
         row = _dim_size(x, dim if isinstance(dim, int) else None)
         n = x.numel()
-        return Cost(n * _log2(row) * 2,
-                    SORT_BUFFERS * (nbytes(x) + n * 8))
+        if self.select and isinstance(dim, int):
+            return Cost(n * _log2(row) * 2, nbytes(x) + (n * 8 if self.index_buffer else 0))
+        return Cost(n * _log2(row) * 2, SORT_BUFFERS * (nbytes(x) + n * 8))
 
 
 def _matrix_dims(t: torch.Tensor) -> tuple[int, int, int]:
@@ -240,9 +253,8 @@ def _decomposition_flops(kind: str, b: int, m: int, n: int) -> float:
 
 @dataclass(frozen=True)
 class Linalg(CostModel):
-    """A matrix decomposition of the last two dims: cubic flops (``kind`` picks the
-    formula) and :data:`LINALG_WORKSPACE` matrix-sized workspaces (plus the full-size
-    factors a reduced result throws away)."""
+    """A matrix decomposition of the last two dims (``decomposition`` picks the formula:
+    see :func:`linalg_cost`)."""
     decomposition: str = "svd"
     kind = "matrix decomposition"
 
@@ -254,11 +266,14 @@ class Linalg(CostModel):
 
 
 def linalg_cost(kind: str, x: torch.Tensor) -> Cost:
+    """Cubic flops; the column-major copy of the input LAPACK/cuSOLVER overwrite, the
+    factors computed in full before a reduced result is cut from them, and a workspace:
+    ``2 m n + 2 min(m, n)^2`` elements per matrix (measured on CPU: 1.05 m n for the SVD,
+    2.04 n^2 for eigh with vectors)."""
     b, m, n = _matrix_dims(x)
-    big = max(m, n)
+    small = min(m, n)
     elsize = max(_itemsize(x.dtype), 4)
-    workspace = b * (LINALG_WORKSPACE * big * big + 2 * m * n) * elsize
-    return Cost(_decomposition_flops(kind, b, m, n), workspace)
+    return Cost(_decomposition_flops(kind, b, m, n), b * (2 * m * n + 2 * small * small) * elsize)
 
 
 @dataclass(frozen=True)
@@ -369,7 +384,7 @@ def _leaf_sort(args, kwargs, out):
 
 def _leaf_softmax(args, kwargs, out):
     x = args[0]
-    return Cost(4 * x.numel(), nbytes(x, torch.float32) + nbytes(x))  # contiguous float copy
+    return Cost(4 * x.numel(), nbytes(x))  # the kernel works on a contiguous copy
 
 
 def _leaf_euclidean(args, kwargs, out):
@@ -377,6 +392,11 @@ def _leaf_euclidean(args, kwargs, out):
     # norms, padding columns and the concatenated operands, as in ATen's _euclidean_dist
     elsize = _itemsize(x1.dtype)
     return Cost(0, 3 * (x1.numel() + x2.numel() + 2 * (x1.shape[-2] + x2.shape[-2])) * elsize)
+
+
+def _leaf_mse(args, kwargs, out):
+    x = args[0]
+    return Cost(3 * x.numel(), 2 * nbytes(x))  # the difference and its square
 
 
 def _leaf_layer_norm(args, kwargs, out):
@@ -391,6 +411,7 @@ LEAF_COSTS: dict = {
     torch.ops.aten._safe_softmax: _leaf_softmax,
     torch.ops.aten._euclidean_dist: _leaf_euclidean,
     torch.ops.aten.native_layer_norm: _leaf_layer_norm,
+    torch.ops.aten.mse_loss: _leaf_mse,
     torch.ops.aten._linalg_svd: lambda a, k, o: linalg_cost("svd", a[0]),
     torch.ops.aten.linalg_qr: lambda a, k, o: linalg_cost("qr", a[0]),
     torch.ops.aten._linalg_eigh: lambda a, k, o: linalg_cost("eigh", a[0]),

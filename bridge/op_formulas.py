@@ -28,9 +28,9 @@ def _itemsize(dtype) -> int:
 
 
 def _reduction(x: torch.Tensor, dtype=None) -> Cost:
-    # abs/pow per element and the sum; a cast or contiguous copy of the input on the way.
-    return Cost(3 * x.numel(), nbytes(x, dtype if isinstance(dtype, torch.dtype) else None)
-                + nbytes(x))
+    # abs/pow per element and the sum; with ``dtype=`` the input is cast first (a copy).
+    cast = nbytes(x, dtype) if isinstance(dtype, torch.dtype) and dtype != x.dtype else 0
+    return Cost(3 * x.numel(), cast)
 
 
 def _matrix_view(x: torch.Tensor, dims) -> torch.Tensor:
@@ -84,22 +84,27 @@ def bucketize_cost(args, kwargs, out) -> Cost:
         return ZERO
     boundaries = max(t.numel() for t in ts)
     values = sum(t.numel() for t in ts)
-    return Cost(values * _log2(boundaries + 1), sum(nbytes(t) for t in ts))
+    return Cost(values * _log2(boundaries + 1), 2 * sum(nbytes(t) for t in ts))
 
 
 def cdist_cost(args, kwargs, out) -> Cost:
     """Pairwise distances of (..., P, M) and (..., R, M): 3 flops per pair and coordinate.
     Broadcast batch dims are expanded into copies of both inputs; the matrix-product path of
-    the euclidean distance adds norms and padded copies of both, (P + R) x (M + 2) each."""
-    x1, x2 = args[0], args[1]
+    the euclidean distance (p=2 with more than 25 rows, the default) adds norms and padded
+    copies of both, (P + R) x (M + 2) each, and the product's operand copies."""
+    x1, x2 = args[0], args[1] if len(args) > 1 else None
     if not isinstance(x1, torch.Tensor) or not isinstance(x2, torch.Tensor) or \
             x1.dim() < 2 or x2.dim() < 2 or not isinstance(out, torch.Tensor):
         return ZERO
     p_rows, r_rows, m = x1.shape[-2], x2.shape[-2], x1.shape[-1]
     batch = out.numel() // max(p_rows * r_rows, 1) if p_rows * r_rows else 0
     elsize = _itemsize(out.dtype)
-    return Cost(3 * batch * p_rows * r_rows * m,
-                4 * batch * (p_rows + r_rows) * (m + 2) * elsize)
+    p = _get(args, kwargs, 2, "p", 2.0)
+    mode = _get(args, kwargs, 3, "compute_mode", "use_mm_for_euclid_dist_if_necessary")
+    expanded = batch * (p_rows + r_rows) * m * elsize
+    uses_mm = p == 2 and mode != "donot_use_mm_for_euclid_dist"
+    padded = 4 * batch * (p_rows + r_rows) * (m + 2) * elsize if uses_mm else 0
+    return Cost(3 * batch * p_rows * r_rows * m, expanded + padded)
 
 
 def diff_cost(args, kwargs, out) -> Cost:
@@ -122,8 +127,9 @@ def diff_cost(args, kwargs, out) -> Cost:
 
 
 def fft_cost(name: str):
-    """5 N log2 N flops per transformed row (N the longer of input and output length); the
-    input promoted to complex, padded or made contiguous, and the kernel's own buffer."""
+    """5 N log2 N flops per transformed row (N the longer of input and output length); a
+    contiguous, padded or complex copy of the input, and a result-sized plan workspace
+    (cuFFT)."""
     def cost(args, kwargs, out) -> Cost:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is None or not isinstance(out, torch.Tensor) or x.dim() == 0:
@@ -135,17 +141,20 @@ def fft_cost(name: str):
         rows = max(out.numel() // max(n_out, 1), 1)
         complex_dtype = out.dtype if out.dtype.is_complex else _COMPLEX_OF.get(
             x.dtype, torch.complex64)
-        biggest = max(x.numel(), out.numel(), rows * length)
-        return Cost(5 * rows * length * _log2(length),
-                    2 * biggest * _itemsize(complex_dtype) + nbytes(x))
+        copy = rows * length * _itemsize(complex_dtype)
+        return Cost(5 * rows * length * _log2(length), copy + nbytes(out))
     return cost
 
 
-def _index_buffers(index) -> int:
+def _index_buffers(index, value=None) -> int:
     """Bytes of the int64 index buffers advanced indexing builds: ``nonzero`` of each bool
     mask (one int64 per set element per mask dim; at most every element), and each integer
     index tensor broadcast against the others (and widened to int64)."""
     items = index if isinstance(index, tuple) else (index,)
+    if len(items) == 1 and isinstance(items[0], torch.Tensor) and \
+            items[0].dtype is torch.bool and (isinstance(value, (int, float, bool)) or (
+                isinstance(value, torch.Tensor) and value.numel() == 1)):
+        return 0  # x[mask] = scalar is a masked_fill: no index buffers
     masks = [i for i in items if isinstance(i, torch.Tensor) and i.dtype is torch.bool]
     ints = [i for i in items if isinstance(i, torch.Tensor) and i.dtype is not torch.bool]
     ints += [torch.empty(len(i), device="meta") for i in items if isinstance(i, list)]
@@ -174,7 +183,7 @@ def setitem_cost(args, kwargs, out) -> Cost:
         return ZERO
     cast = nbytes(value, x.dtype) if isinstance(value, torch.Tensor) else 0
     return Cost(x.numel() + (value.numel() if isinstance(value, torch.Tensor) else 0),
-                cast + _index_buffers(index))
+                cast + _index_buffers(index, value))
 
 
 __all__ = ["norm_cost", "bucketize_cost", "cdist_cost", "diff_cost", "fft_cost",

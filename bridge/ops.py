@@ -289,7 +289,9 @@ for _name, _fn in (("rtruediv", T.__rtruediv__), ("rfloordiv", T.__rfloordiv__),
                    ("rpow", T.__rpow__), ("rmod", T.__rmod__),
                    ("and", T.__and__), ("or", T.__or__), ("xor", T.__xor__),
                    ("rand", T.__rand__), ("ror", T.__ror__), ("rxor", T.__rxor__)):
-    op(_name, _fn, "t,tn", cost=Pointwise(TRANSCENDENTAL if _name == "rpow" else 1),
+    # x.__rtruediv__(y) is y * reciprocal(x): a result-sized temporary
+    op(_name, _fn, "t,tn", cost=Pointwise(TRANSCENDENTAL if _name == "rpow" else 1,
+                                          temps=1 if _name == "rtruediv" else 0),
        clients=[_fn])
 OPS["rsub"].clients.append(T.__rsub__)
 
@@ -327,7 +329,7 @@ op("masked_fill", torch.masked_fill, "t|t,tn", cost=Pointwise(),
    clients=_auto_clients("masked_fill"), mask="t", value="tn")
 op("where", torch.where, "t|tn,tn", cost=Pointwise(), clients=[torch.where], input="tn",
    other="tn")
-op("angle", torch.angle, "t", cost=Pointwise(TRANSCENDENTAL), clients=_auto_clients("angle"))
+op("angle", torch.angle, "t", cost=Pointwise(TRANSCENDENTAL, temps=2), clients=_auto_clients("angle"))
 
 # Casts and copies: the result written once.
 for _name in ("clone", "contiguous", "float", "double", "half", "bfloat16", "int", "long",
@@ -337,7 +339,7 @@ for _name in ("clone", "contiguous", "float", "double", "half", "bfloat16", "int
        **(dict(memory_format="any") if _name == "clone" else {}))
 op("to", _to_dtype, "t,d", cost=Copy(), clients=[])
 op("type_as", T.type_as, "t,t", cost=Copy(), clients=_auto_clients("type_as"))
-op("copy", _copy_into, "t,tn", cost=Copy(), clients=[])
+op("copy", _copy_into, "t,tn", cost=Copy(temps=1), clients=[])
 for _name in ("new_zeros", "new_ones"):
     op(_name, getattr(T, _name), "t,*ii", cost=Copy(), clients=[getattr(T, _name)],
        dtype="d?")
@@ -361,11 +363,12 @@ op("view_as_real", torch.view_as_real, "t", cost=FREE, clients=[torch.view_as_re
 # ---- reductions and scans ------------------------------------------------------------------
 
 for _name in ("sum", "mean", "nansum", "prod", "amax", "amin", "all", "any"):
-    op(_name, getattr(torch, _name), "t|ii?,b", cost=Reduction(), clients=_auto_clients(_name),
-       dim="ii?", keepdim="b", dtype="d?")
-# count_nonzero compares with zero first (a bool copy); logsumexp subtracts the max and
-# exponentiates (two input-sized buffers).
-op("count_nonzero", torch.count_nonzero, "t|ii?", cost=Reduction(copies=1),
+    op(_name, getattr(torch, _name), "t|ii?,b",
+       cost=Reduction(into_result=_name not in ("amax", "amin"), widen_half=_name == "mean"),
+       clients=_auto_clients(_name), dim="ii?", keepdim="b", dtype="d?")
+# count_nonzero compares with zero first (a bool copy) and sums that into int64; logsumexp
+# subtracts the max and exponentiates (two input-sized buffers).
+op("count_nonzero", torch.count_nonzero, "t|ii?", cost=Reduction(scratch=9),
    clients=_auto_clients("count_nonzero"), dim="ii?")
 op("logsumexp", torch.logsumexp, "t|ii,b", cost=Reduction(TRANSCENDENTAL, copies=2),
    clients=_auto_clients("logsumexp"), dim="ii", keepdim="b")
@@ -380,7 +383,7 @@ for _name in ("max", "min"):
     op(_name, getattr(torch, _name), "t|tn,b", cost=Reduction(copies=1),
        clients=_auto_clients(_name), dim="i", keepdim="b", multi_output=True)
 for _name in ("cumsum", "cumprod"):
-    op(_name, getattr(torch, _name), "t|i", cost=Reduction(copies=1),
+    op(_name, getattr(torch, _name), "t|i", cost=Reduction(into_result=True),
        clients=_auto_clients(_name), dim="i", dtype="d?")
 for _name in ("softmax", "log_softmax"):
     op(_name, getattr(torch, _name), "t|i,d?", cost=Decomposed(getattr(torch, _name)),
@@ -397,7 +400,7 @@ op("linalg_norm", torch.linalg.norm, "t|nps?,ii?,b", cost=Formula(norm_cost("lin
    clients=[torch.linalg.norm], ord="nps?", dim="ii?", keepdim="b", dtype="d?")
 
 # Sorting and order statistics.
-op("topk", torch.topk, "t|i,i,b,b", cost=Sorting(dim_arg=2), clients=_auto_clients("topk"),
+op("topk", torch.topk, "t|i,i,b,b", cost=Sorting(dim_arg=2, select=True), clients=_auto_clients("topk"),
    k="i", dim="i", largest="b", sorted="b", multi_output=True)
 op("sort", torch.sort, "t|i,b", cost=Sorting(), clients=_auto_clients("sort"), dim="i",
    descending="b", stable="b", multi_output=True)
@@ -405,7 +408,8 @@ op("argsort", torch.argsort, "t|i,b", cost=Sorting(), clients=_auto_clients("arg
    dim="i", descending="b", stable="b")
 for _name in ("median", "nanmedian"):
     # median(x) -> tensor; median(x, dim) -> (values, indices)
-    op(_name, getattr(torch, _name), "t|i,b", cost=Sorting(default_dim=None),
+    op(_name, getattr(torch, _name), "t|i,b", cost=Sorting(default_dim=None, select=True,
+                                                                index_buffer=False),
        clients=_auto_clients(_name), dim="i", keepdim="b", multi_output=True)
 for _name in ("quantile", "nanquantile"):
     op(_name, getattr(torch, _name), "t,tn|i?,b", cost=Decomposed(getattr(torch, _name)),
@@ -450,7 +454,7 @@ op("select", torch.select, "t|i,i", cost=FREE, clients=_auto_clients("select"), 
    index="i")
 op("diagonal", torch.diagonal, "t|i,i,i", cost=FREE, clients=_auto_clients("diagonal"),
    offset="i", dim1="i", dim2="i")
-op("roll", torch.roll, "t|ii,ii", cost=Copy(), clients=_auto_clients("roll"), shifts="ii",
+op("roll", torch.roll, "t|ii,ii", cost=Copy(input_copies=1), clients=_auto_clients("roll"), shifts="ii",
    dims="ii")
 for _name in ("tril", "triu"):
     op(_name, getattr(torch, _name), "t|i", cost=Copy(), clients=_auto_clients(_name),
@@ -483,7 +487,7 @@ op("scatter", _scatter, "t,i,t,tn", cost=Copy(), clients=_auto_clients("scatter"
 op("scatter_add", _scatter_add, "t,i,t,t", cost=Copy(), clients=_auto_clients("scatter_add"))
 op("scatter_reduce", _scatter_reduce, "t,i,t,t,s", cost=Copy(1),
    clients=_auto_clients("scatter_reduce"), include_self="b")
-op("index_select", _index_select, "t|i,t", cost=Copy(), clients=_auto_clients("index_select"),
+op("index_select", _index_select, "t|i,t", cost=Copy(input_copies=1), clients=_auto_clients("index_select"),
    dim="i", index="t")
 op("index_add", _index_add, "t,i,t,t", cost=Copy(), clients=_auto_clients("index_add"),
    alpha="n")
