@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from hookwire.op_costs import Cost, Decomposed
+from hookwire.op_costs import Cost, Decomposed, Pointwise, Reduction
 
 # A result is computed for real only while it is as small as the constants validation keeps
 # real (validate._meta_constant: 2**20 elements) and cheap; otherwise its meta stand-in goes
 # on, so validation never holds gigabytes or runs a long contraction on real values.
 REAL_BYTES = 8 << 20
 REAL_FLOPS = 10 ** 8
+# Ops whose meta run is checked against the real kernel on one-element twins.
+TWIN_CHECKED = (Pointwise, Reduction)
 
 
 def nbytes(value) -> int:
@@ -68,6 +70,8 @@ def run_for_shape(spec, args: tuple, kwargs: dict, max_bytes: int) -> tuple[obje
         if isinstance(spec.cost, Decomposed):
             return spec.cost.run(args, kwargs)
         out = spec.fn(*args, **kwargs)
+        if isinstance(spec.cost, TWIN_CHECKED):
+            out = check_on_twins(spec.fn, args, kwargs, out)
         return out, spec.cost(args, kwargs, out)
     try:
         probe = spec.fn(*_to_meta(args), **_to_meta(kwargs))
@@ -76,6 +80,8 @@ def run_for_shape(spec, args: tuple, kwargs: dict, max_bytes: int) -> tuple[obje
             raise
         probe = None  # e.g. a boolean mask: only its values tell the result's shape
     if probe is not None:
+        if isinstance(spec.cost, TWIN_CHECKED):
+            probe = check_on_twins(spec.fn, args, kwargs, probe)
         cost = spec.cost(args, kwargs, probe)
         if True in kinds or nbytes(probe) > min(max_bytes, REAL_BYTES) or \
                 cost.flops > REAL_FLOPS or cost.transient_bytes > REAL_BYTES:
@@ -86,4 +92,37 @@ def run_for_shape(spec, args: tuple, kwargs: dict, max_bytes: int) -> tuple[obje
     return out, spec.cost(args, kwargs, out)
 
 
-__all__ = ["run_for_shape", "nbytes"]
+
+
+# ---- dtype twins -----------------------------------------------------------------------------
+
+def _twin(value):
+    """A one-element real tensor with ``value``'s dtype and number of dims (ones: no
+    division by zero, in range for every integer dtype)."""
+    if isinstance(value, torch.Tensor):
+        return torch.ones((1,) * value.dim(), dtype=value.dtype)
+    if isinstance(value, tuple):
+        return tuple(_twin(v) for v in value)
+    if isinstance(value, list):
+        return [_twin(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _twin(v) for k, v in value.items()}
+    return value
+
+
+def check_on_twins(fn, args: tuple, kwargs: dict, meta_out):
+    """Elementwise ops and reductions run on meta through reference implementations that
+    are laxer than the real kernels in a few dtype corners (``float - bool`` and ``bool //
+    True`` pass on meta; the kernels refuse the first and return bool for the second). The
+    dtype of the result depends only on the inputs' dtypes and whether they are 0-dim, so
+    running the real kernel on one-element twins of the inputs tells the truth cheaply:
+    refuses where torch refuses, and gives the dtype torch gives."""
+    twin_out = fn(*_twin(args), **_twin(kwargs))
+    if isinstance(meta_out, torch.Tensor) and isinstance(twin_out, torch.Tensor) and \
+            twin_out.dtype != meta_out.dtype:
+        return torch.empty_strided(meta_out.shape, meta_out.stride(), dtype=twin_out.dtype,
+                                   device=meta_out.device)
+    return meta_out
+
+
+__all__ = ["run_for_shape", "nbytes", "check_on_twins", "TWIN_CHECKED"]

@@ -31,6 +31,7 @@ from hookwire.frames import DTYPE_NAMES
 from hookwire.graph import Const, Ref, encode_arg
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
+from hookwire.shape_probe import TWIN_CHECKED, check_on_twins
 
 T = torch.Tensor
 _STATE = threading.local()
@@ -519,7 +520,7 @@ class Tracer:
             return tuple(out) if isinstance(value, tuple) else out
         return value
 
-    def _run_meta(self, fn, args, kwargs, what, data_dependent=False):
+    def _run_meta(self, fn, args, kwargs, what, data_dependent=False, twins=False):
         """(meta result, whether it aliases the first argument). Results are cached by the
         shapes and arguments involved: hooks repeat the same ops on every layer, and meta
         kernels of elementwise ops run through slow Python reference implementations.
@@ -534,8 +535,12 @@ class Tracer:
         keep = data_dependent
         try:
             first = self._meta(args[0], keep) if args else None
-            out = fn(*((first,) + tuple(self._meta(args[1:], keep))) if args else (),
-                     **{k: self._meta(v, keep) for k, v in kwargs.items()})
+            margs = (first,) + tuple(self._meta(args[1:], keep)) if args else ()
+            mkwargs = {k: self._meta(v, keep) for k, v in kwargs.items()}
+            out = fn(*margs, **mkwargs)
+            if twins:  # the real kernel's dtype rules, on one-element twins
+                with torch._C.DisableTorchFunctionSubclass():
+                    out = check_on_twins(fn, margs, mkwargs, out)
         except TraceError:
             raise
         except Exception as exc:
@@ -570,8 +575,10 @@ class Tracer:
         raise trace_error("an op returning a non-tensor value")
 
     def _functional(self, func, name, args, kwargs):
+        spec = OPS[name]
         meta_out, aliases = self._run_meta(func, args, kwargs, _display_name(func),
-                                           OPS[name].data_dependent)
+                                           spec.data_dependent,
+                                           isinstance(spec.cost, TWIN_CHECKED))
         node = self.emit(name, args, kwargs)
         out = self._wrap(meta_out, node)
         src = args[0] if args else None
@@ -641,8 +648,18 @@ class Tracer:
             fargs = (target,)
         else:
             fargs = tuple(args)
+        # The in-place kernel itself, on twins, refuses what torch refuses in place.
         meta_out, _ = self._run_meta(OPS[name].fn, fargs, kwargs, _display_name(func),
                                      OPS[name].data_dependent)
+        if isinstance(OPS[name].cost, TWIN_CHECKED) and func is not T.__setitem__:
+            try:
+                with torch._C.DisableTorchFunctionSubclass():
+                    check_on_twins(func, tuple(self._meta(a) for a in fargs),
+                                   {k: self._meta(v) for k, v in kwargs.items()}, meta_out)
+            except Exception as exc:
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise trace_error(f"`{_display_name(func)}` failed on these dtypes "
+                                  f"({text[:200]})", "the same edit fails locally") from None
         if tuple(meta_out.shape) != tuple(target.shape):
             raise trace_error(f"`{_display_name(func)}` would change the shape of the tensor it "
                               "edits in place", "the same edit fails locally")
