@@ -99,6 +99,9 @@ SUGGESTIONS = {
 def display_name(func) -> str:
     """A torch callable as a user writes it: ``torch.take``, ``Tensor.take``,
     ``torch.linalg.det``, ``torch.nn.functional.embedding``."""
+    owner = getattr(func, "__self__", None)
+    if getattr(func, "__name__", None) == "__get__" and hasattr(owner, "__objclass__"):
+        return "Tensor." + owner.__name__  # a property: x.T, x.mT, x.real
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
     name = getattr(func, "__name__", qualname)
     module = getattr(func, "__module__", None) or ""

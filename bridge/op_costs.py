@@ -278,8 +278,10 @@ def linalg_cost(kind: str, x: torch.Tensor) -> Cost:
 
 @dataclass(frozen=True)
 class Formula(CostModel):
-    """A cost written out for one op: ``fn(args, kwargs, out) -> Cost``."""
+    """A cost written out for one op: ``fn(args, kwargs, out) -> Cost``; ``label`` says
+    what it counts (docs/ops.md)."""
     fn: Callable
+    label: str = "formula"
     kind = "formula"
 
     def __call__(self, args, kwargs, out):

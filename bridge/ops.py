@@ -329,7 +329,8 @@ op("masked_fill", torch.masked_fill, "t|t,tn", cost=Pointwise(),
    clients=_auto_clients("masked_fill"), mask="t", value="tn")
 op("where", torch.where, "t|tn,tn", cost=Pointwise(), clients=[torch.where], input="tn",
    other="tn")
-op("angle", torch.angle, "t", cost=Pointwise(TRANSCENDENTAL, temps=2), clients=_auto_clients("angle"))
+op("angle", torch.angle, "t", cost=Pointwise(TRANSCENDENTAL, temps=2),
+   clients=_auto_clients("angle"))
 
 # Casts and copies: the result written once.
 for _name in ("clone", "contiguous", "float", "double", "half", "bfloat16", "int", "long",
@@ -390,17 +391,22 @@ for _name in ("softmax", "log_softmax"):
        clients=_auto_clients(_name), dim="i", dtype="d?")
 
 # Norms: a reduction, or an SVD for the nuclear and spectral matrix norms.
-op("norm", torch.norm, "t|nps?,ii?,b", cost=Formula(norm_cost("norm")),
+op("norm", torch.norm, "t|nps?,ii?,b",
+   cost=Formula(norm_cost("norm"), "SVD for p='nuc', else a reduction"),
    clients=_auto_clients("norm"), p="nps?", dim="ii?", keepdim="b", dtype="d?")
-op("vector_norm", torch.linalg.vector_norm, "t|n,ii?,b", cost=Formula(norm_cost("vector")),
+op("vector_norm", torch.linalg.vector_norm, "t|n,ii?,b",
+   cost=Formula(norm_cost("vector"), "reduction"),
    clients=[torch.linalg.vector_norm], ord="n", dim="ii?", keepdim="b", dtype="d?")
-op("matrix_norm", torch.linalg.matrix_norm, "t|nps,ii,b", cost=Formula(norm_cost("matrix")),
+op("matrix_norm", torch.linalg.matrix_norm, "t|nps,ii,b",
+   cost=Formula(norm_cost("matrix"), "SVD for ord 2, -2, 'nuc'; else a reduction"),
    clients=[torch.linalg.matrix_norm], ord="nps", dim="ii", keepdim="b", dtype="d?")
-op("linalg_norm", torch.linalg.norm, "t|nps?,ii?,b", cost=Formula(norm_cost("linalg")),
+op("linalg_norm", torch.linalg.norm, "t|nps?,ii?,b",
+   cost=Formula(norm_cost("linalg"), "SVD for matrix ord 2, -2, 'nuc'; else a reduction"),
    clients=[torch.linalg.norm], ord="nps?", dim="ii?", keepdim="b", dtype="d?")
 
 # Sorting and order statistics.
-op("topk", torch.topk, "t|i,i,b,b", cost=Sorting(dim_arg=2, select=True), clients=_auto_clients("topk"),
+op("topk", torch.topk, "t|i,i,b,b", cost=Sorting(dim_arg=2, select=True),
+   clients=_auto_clients("topk"),
    k="i", dim="i", largest="b", sorted="b", multi_output=True)
 op("sort", torch.sort, "t|i,b", cost=Sorting(), clients=_auto_clients("sort"), dim="i",
    descending="b", stable="b", multi_output=True)
@@ -414,9 +420,11 @@ for _name in ("median", "nanmedian"):
 for _name in ("quantile", "nanquantile"):
     op(_name, getattr(torch, _name), "t,tn|i?,b", cost=Decomposed(getattr(torch, _name)),
        clients=_auto_clients(_name), q="tn", dim="i?", keepdim="b", interpolation="s")
-op("bucketize", torch.bucketize, "t,t", cost=Formula(bucketize_cost),
+op("bucketize", torch.bucketize, "t,t",
+   cost=Formula(bucketize_cost, "binary search per value"),
    clients=[torch.bucketize], out_int32="b", right="b")
-op("searchsorted", torch.searchsorted, "t,tn", cost=Formula(bucketize_cost),
+op("searchsorted", torch.searchsorted, "t,tn",
+   cost=Formula(bucketize_cost, "binary search per value"),
    clients=[torch.searchsorted], out_int32="b", right="b", side="s?", sorter="t?")
 
 # ---- shapes and views ----------------------------------------------------------------------
@@ -454,7 +462,8 @@ op("select", torch.select, "t|i,i", cost=FREE, clients=_auto_clients("select"), 
    index="i")
 op("diagonal", torch.diagonal, "t|i,i,i", cost=FREE, clients=_auto_clients("diagonal"),
    offset="i", dim1="i", dim2="i")
-op("roll", torch.roll, "t|ii,ii", cost=Copy(input_copies=1), clients=_auto_clients("roll"), shifts="ii",
+op("roll", torch.roll, "t|ii,ii", cost=Copy(input_copies=1), clients=_auto_clients("roll"),
+   shifts="ii",
    dims="ii")
 for _name in ("tril", "triu"):
     op(_name, getattr(torch, _name), "t|i", cost=Copy(), clients=_auto_clients(_name),
@@ -463,7 +472,8 @@ op("pad", F.pad, "t|ii,s,n?", cost=Copy(), clients=[F.pad], pad="ii", mode="s", 
 op("cat", torch.cat, "ts|i", cost=Copy(), clients=[torch.cat, torch.concat,
                                                      torch.concatenate], dim="i")
 op("stack", torch.stack, "ts|i", cost=Copy(), clients=[torch.stack], dim="i")
-op("diff", torch.diff, "t|i,i,t?,t?", cost=Formula(diff_cost), clients=_auto_clients("diff"),
+op("diff", torch.diff, "t|i,i,t?,t?",
+   cost=Formula(diff_cost, "n passes over the joined input"), clients=_auto_clients("diff"),
    n="i", dim="i", prepend="t?", append="t?")
 op("split", torch.split, "t|ii,i", cost=FREE, clients=_auto_clients("split"),
    split_size_or_sections="ii", split_size="ii", dim="i", multi_output=True)
@@ -475,20 +485,20 @@ op("tuple_get", _tuple_get, "any,i", cost=FREE, clients=[])
 
 # ---- indexing (indices range-checked before the kernel) ------------------------------------
 
-op("getitem", _getitem, "t,idx", cost=Formula(indexing_cost), clients=[T.__getitem__],
-   data_dependent=True)
-op("setitem", _setitem, "t,idx,tn", cost=Formula(setitem_cost), clients=[],
-   data_dependent=True)
-op("index_put", _index_put, "t,ts,t|b", cost=Formula(setitem_cost),
-   clients=_auto_clients("index_put"), accumulate="b", data_dependent=True)
+_SETITEM_COST = Formula(setitem_cost, "clone; value cast; mask and index buffers")
+op("getitem", _getitem, "t,idx", cost=Formula(indexing_cost, "copy; mask and index buffers"),
+   clients=[T.__getitem__], data_dependent=True)
+op("setitem", _setitem, "t,idx,tn", cost=_SETITEM_COST, clients=[], data_dependent=True)
+op("index_put", _index_put, "t,ts,t|b", cost=_SETITEM_COST, clients=_auto_clients("index_put"),
+   accumulate="b", data_dependent=True)
 op("gather", _gather, "t|i,t", cost=Copy(), clients=_auto_clients("gather"), dim="i",
    index="t", sparse_grad="b")
 op("scatter", _scatter, "t,i,t,tn", cost=Copy(), clients=_auto_clients("scatter"), reduce="s")
 op("scatter_add", _scatter_add, "t,i,t,t", cost=Copy(), clients=_auto_clients("scatter_add"))
 op("scatter_reduce", _scatter_reduce, "t,i,t,t,s", cost=Copy(1),
    clients=_auto_clients("scatter_reduce"), include_self="b")
-op("index_select", _index_select, "t|i,t", cost=Copy(input_copies=1), clients=_auto_clients("index_select"),
-   dim="i", index="t")
+op("index_select", _index_select, "t|i,t", cost=Copy(input_copies=1),
+   clients=_auto_clients("index_select"), dim="i", index="t")
 op("index_add", _index_add, "t,i,t,t", cost=Copy(), clients=_auto_clients("index_add"),
    alpha="n")
 op("one_hot", _one_hot, "t|i", cost=Copy(), clients=[F.one_hot], num_classes="i")
@@ -509,8 +519,9 @@ op("normalize", F.normalize, "t|n,i,n", cost=Decomposed(F.normalize), clients=[F
    p="n", dim="i", eps="n")
 op("cosine_similarity", F.cosine_similarity, "t,t|i,n", cost=Decomposed(F.cosine_similarity),
    clients=[F.cosine_similarity, torch.cosine_similarity], dim="i", eps="n")
-op("cdist", torch.cdist, "t,t|n,s", cost=Formula(cdist_cost), clients=[torch.cdist], p="n",
-   compute_mode="s")
+op("cdist", torch.cdist, "t,t|n,s",
+   cost=Formula(cdist_cost, "3 flops per pair and coordinate; expanded, padded copies"),
+   clients=[torch.cdist], p="n", compute_mode="s")
 op("scaled_dot_product_attention", _sdpa, "t,t,t|t?,n,b,n?",
    cost=Decomposed(_sdpa), clients=[F.scaled_dot_product_attention], attn_mask="t?",
    dropout_p="n", is_causal="b", scale="n?", enable_gqa="b")
@@ -536,7 +547,8 @@ op("eigh", torch.linalg.eigh, "t|s", cost=Linalg("eigh"), clients=[torch.linalg.
 op("eigvalsh", torch.linalg.eigvalsh, "t|s", cost=Linalg("eigh"),
    clients=[torch.linalg.eigvalsh], UPLO="s")
 for _name in ("fft", "ifft", "rfft", "irfft"):
-    op(_name, getattr(torch.fft, _name), "t|i?,i,s?", cost=Formula(fft_cost(_name)),
+    op(_name, getattr(torch.fft, _name), "t|i?,i,s?",
+       cost=Formula(fft_cost(_name), "5 N log2 N per row; complex copy, plan workspace"),
        clients=[getattr(torch.fft, _name)], n="i?", dim="i", norm="s?")
 
 # Rebuild the client map now that every op's clients are final.

@@ -355,16 +355,16 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
             if size > limits.max_value_bytes:
                 _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
                       f"{limits.max_value_bytes}", LimitExceeded)
+            flops += cost.flops
+            if flops > limits.max_flops:
+                _fail(dn.id, dn.op, "max_flops", f"ops would take {flops:.3g} flops; "
+                      f"limit {limits.max_flops:.3g}", LimitExceeded)
             # What torch allocates inside the op and frees before it returns (casts, copies,
             # broadcast products, sort buffers, workspaces) is an intermediate too.
             if cost.transient_bytes > limits.max_value_bytes:
                 _fail(dn.id, dn.op, "max_transient_bytes", f"would allocate "
                       f"{cost.transient_bytes} bytes of temporaries inside the op; limit "
                       f"{limits.max_value_bytes}", LimitExceeded)
-            flops += cost.flops
-            if flops > limits.max_flops:
-                _fail(dn.id, dn.op, "max_flops", f"ops would take {flops:.3g} flops; "
-                      f"limit {limits.max_flops:.3g}", LimitExceeded)
             total += size
             if total + cost.transient_bytes > limits.max_total_value_bytes:
                 _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "

@@ -267,3 +267,12 @@ def test_new_empty_never_hands_out_uninitialised_memory():
     x = torch.randn(3)
     assert torch.equal(OPS["new_empty"].fn(x, 1000), torch.zeros(1000))
     assert torch.equal(OPS["empty_like"].fn(torch.randn(50, 50)), torch.zeros(50, 50))
+
+
+def test_docs_ops_md_is_generated_from_the_registry():
+    from pathlib import Path
+
+    from hookwire.op_table import markdown
+    path = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
+    assert path.read_text() == markdown(), \
+        "docs/ops.md is stale: run .venv/bin/python -m hookwire.op_table > docs/ops.md"
