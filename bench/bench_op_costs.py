@@ -1,11 +1,13 @@
 """How the time of the registry's expensive ops grows, against how their cost model's flops
 grow (``hookwire.op_costs``), and what a counted flop costs in time for each kind of op.
 
-For each op and size n it prints the predicted flops, the median wall time over repeats
-(min-max), the time per counted flop, and the growth from the previous size: measured time
-ratio against predicted flops ratio. A model that grows slower than the time it predicts
-would let a request buy more work than the budget says; the last column is that ratio
-(measured growth / predicted growth, ~1 or below is honest).
+For each op and size n it prints the predicted (charged) flops, the median wall time over
+repeats (min-max), the time per charged flop, and the growth from the previous size:
+measured time ratio against predicted flops ratio. A model that grows slower than the time
+it predicts would let a request buy more work than the budget says; the last column is that
+ratio (measured growth / predicted growth, ~1 or below is honest). At the end: the time per
+charged flop of each op relative to a matrix product of the same size (what one unit of
+``Limits.max_flops`` buys in time, per kind of op).
 
     .venv/bin/python -m bench.bench_op_costs            # sizes 64..512
     .venv/bin/python -m bench.bench_op_costs --quick    # sizes 64..256, fewer repeats
@@ -74,6 +76,7 @@ def main(argv=None):
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sizes {sizes}")
     print(f"{'op':26} {'n':>5} {'pred flops':>11} {'median s':>10} {'min-max s':>19} "
           f"{'ns/flop':>8} {'time x':>7} {'flops x':>7} {'ratio':>6}")
+    per_flop: dict[str, float] = {}
     for label, name, build in CASES:
         spec = OPS[name]
         previous = None
@@ -90,6 +93,11 @@ def main(argv=None):
                   f"{min(times):9.5f}-{max(times):9.5f} {med / cost.flops * 1e9:8.3f} "
                   f"{growth}")
             previous = (med, cost.flops)
+        per_flop[label] = previous[0] / previous[1]
+    base = per_flop["matmul n x n"]
+    print(f"\ntime per charged flop at n={sizes[-1]}, relative to matmul at the same n:")
+    for label, value in per_flop.items():
+        print(f"  {label:26} {value / base:8.2f}x")
 
 
 if __name__ == "__main__":

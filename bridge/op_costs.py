@@ -15,7 +15,7 @@ registry reads as a table:
 ``Reduction(k)``          ``k`` flops per *logical* input element (an ``expand``-ed view of
                           one number counts every element it pretends to have)
 ``Sorting(...)``          n log n per row; copies and index buffers
-``Linalg(kind)``          SVD / QR / eigh: cubic work, input copy, workspaces
+``Linalg(kind)``          SVD / QR / eigh: cubic work (weighted), input copy, workspaces
 ``Decomposed()``          composites (``matmul``, ``einsum``, ``cosine_similarity``,
                           ``cross_entropy``, ...): the op is run on the meta device under a
                           dispatch mode that adds up every tensor its decomposition creates
@@ -43,6 +43,14 @@ from torch.utils.flop_counter import flop_registry
 # contiguous copy of the input; the CPU sorts a contiguous copy in place. Both fit in this
 # many copies of (values + int64 indices).
 SORT_BUFFERS = 2
+
+
+# The budget (``Limits.max_flops``) is in matrix-product flops: what bounds a single op's time
+# when bytes do not. Decompositions do far fewer flops per second than a matrix product of the
+# same size (bench/bench_op_costs.py: ~5-15x fewer on CPU; cuSOLVER trails cuBLAS by more),
+# so each of their flops is charged this many times. Elementwise ops, reductions and sorts
+# are slower per flop still, but their time is bounded by the bytes they touch.
+DECOMPOSITION_WEIGHT = 10
 
 
 @dataclass(frozen=True)
@@ -241,14 +249,17 @@ def _matrix_dims(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _decomposition_flops(kind: str, b: int, m: int, n: int) -> float:
+    """Textbook arithmetic of the decomposition, times :data:`DECOMPOSITION_WEIGHT`."""
     big, small = max(m, n), min(m, n)
     if kind == "svd":  # Golub & Van Loan, full U and V: 4m^2n + 8mn^2 + 9n^3
-        return b * (4 * big * big * small + 8 * big * small * small + 9 * small ** 3)
-    if kind == "qr":   # Householder 2mn^2 - 2n^3/3, and forming Q: as much again
-        return b * 4 * big * small * small + b * 4 * big * big * small
-    if kind == "eigh":  # tridiagonal reduction and divide and conquer with vectors: ~9n^3
-        return b * 9 * big ** 3
-    raise AssertionError(kind)
+        count = b * (4 * big * big * small + 8 * big * small * small + 9 * small ** 3)
+    elif kind == "qr":   # Householder 2mn^2 - 2n^3/3, and forming Q: as much again
+        count = b * 4 * big * small * small + b * 4 * big * big * small
+    elif kind == "eigh":  # tridiagonal reduction and divide and conquer with vectors: ~9n^3
+        count = b * 9 * big ** 3
+    else:
+        raise AssertionError(kind)
+    return DECOMPOSITION_WEIGHT * count
 
 
 @dataclass(frozen=True)

@@ -177,8 +177,8 @@ def setitem_cost(args, kwargs, out) -> Cost:
     """``setitem`` / ``index_put``: the clone is the result; the value is broadcast and cast
     to the target's dtype (a copy), and masks and index tensors build index buffers."""
     x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-    index = args[1] if len(args) > 1 else None
-    value = args[2] if len(args) > 2 else None
+    index = _get(args, kwargs, 1, "indices")
+    value = _get(args, kwargs, 2, "values")
     if x is None:
         return ZERO
     cast = nbytes(value, x.dtype) if isinstance(value, torch.Tensor) else 0

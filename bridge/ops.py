@@ -116,8 +116,9 @@ def _gather(x, dim, index, *, sparse_grad=False):
     return torch.gather(x, dim, index)
 
 
-def _scatter(x, dim, index, src, *, reduce=None):
+def _scatter(x, dim, index, src=None, *, value=None, reduce=None):
     _check_range(index, _dim_of(x, dim), "scatter", negative=False)
+    src = value if src is None else src
     return torch.scatter(x, dim, index, src) if reduce is None else \
         torch.scatter(x, dim, index, src, reduce=reduce)
 
@@ -142,10 +143,20 @@ def _index_add(x, dim, index, source, *, alpha=1):
     return torch.index_add(x, dim, index, source, alpha=alpha)
 
 
+def _as_index(item):
+    """A (nested) list of ints or bools indexes as the tensor torch makes of it."""
+    if isinstance(item, list):
+        try:
+            return torch.as_tensor(item)
+        except (TypeError, ValueError, RuntimeError):
+            return item
+    return item
+
+
 def _check_advanced_index(x: torch.Tensor, index):
     """Range-check the integer tensors of an indexing expression against the dims they
     index (a bool mask consumes as many dims as it has; None adds one; ... fills)."""
-    items = index if isinstance(index, tuple) else (index,)
+    items = tuple(_as_index(i) for i in (index if isinstance(index, tuple) else (index,)))
     consumed = [1 if not isinstance(i, torch.Tensor) or i.dtype is not torch.bool else
                 max(i.dim(), 1) for i in items if i is not None and i is not Ellipsis]
     dim = 0
@@ -155,8 +166,6 @@ def _check_advanced_index(x: torch.Tensor, index):
         if i is Ellipsis:
             dim += x.dim() - sum(consumed)
             continue
-        if isinstance(i, list) and i and all(isinstance(v, int) for v in i):
-            i = torch.tensor(i)
         if isinstance(i, torch.Tensor) and i.dtype is not torch.bool:
             _check_range(i, x.shape[dim] if dim < x.dim() else 0, "index", negative=True)
             dim += 1
@@ -180,7 +189,7 @@ def _setitem(x, index, value):
     return out
 
 
-def _index_put(x, indices, values, accumulate=False):
+def _index_put(x, indices=(), values=None, accumulate=False):
     _check_advanced_index(x, tuple(indices))
     return torch.index_put(x, tuple(indices), values, accumulate)
 
@@ -420,7 +429,7 @@ for _name in ("median", "nanmedian"):
 for _name in ("quantile", "nanquantile"):
     op(_name, getattr(torch, _name), "t,tn|i?,b", cost=Decomposed(getattr(torch, _name)),
        clients=_auto_clients(_name), q="tn", dim="i?", keepdim="b", interpolation="s")
-op("bucketize", torch.bucketize, "t,t",
+op("bucketize", torch.bucketize, "t|t", boundaries="t",
    cost=Formula(bucketize_cost, "binary search per value"),
    clients=[torch.bucketize], out_int32="b", right="b")
 op("searchsorted", torch.searchsorted, "t,tn",
@@ -489,18 +498,22 @@ _SETITEM_COST = Formula(setitem_cost, "clone; value cast; mask and index buffers
 op("getitem", _getitem, "t,idx", cost=Formula(indexing_cost, "copy; mask and index buffers"),
    clients=[T.__getitem__], data_dependent=True)
 op("setitem", _setitem, "t,idx,tn", cost=_SETITEM_COST, clients=[], data_dependent=True)
-op("index_put", _index_put, "t,ts,t|b", cost=_SETITEM_COST, clients=_auto_clients("index_put"),
-   accumulate="b", data_dependent=True)
+op("index_put", _index_put, "t|ts,t,b", cost=_SETITEM_COST, clients=_auto_clients("index_put"),
+   indices="ts", values="t", accumulate="b", data_dependent=True)
 op("gather", _gather, "t|i,t", cost=Copy(), clients=_auto_clients("gather"), dim="i",
    index="t", sparse_grad="b")
-op("scatter", _scatter, "t,i,t,tn", cost=Copy(), clients=_auto_clients("scatter"), reduce="s")
-op("scatter_add", _scatter_add, "t,i,t,t", cost=Copy(), clients=_auto_clients("scatter_add"))
-op("scatter_reduce", _scatter_reduce, "t,i,t,t,s", cost=Copy(1),
-   clients=_auto_clients("scatter_reduce"), include_self="b")
+# Arguments torch names are accepted by name too (x.scatter_add(dim=-1, index=i, src=s)).
+op("scatter", _scatter, "t|i,t,tn", cost=Copy(), clients=_auto_clients("scatter"), dim="i",
+   index="t", src="t", value="tn", reduce="s")
+op("scatter_add", _scatter_add, "t|i,t,t", cost=Copy(), clients=_auto_clients("scatter_add"),
+   dim="i", index="t", src="t")
+op("scatter_reduce", _scatter_reduce, "t|i,t,t,s", cost=Copy(1),
+   clients=_auto_clients("scatter_reduce"), dim="i", index="t", src="t", reduce="s",
+   include_self="b")
 op("index_select", _index_select, "t|i,t", cost=Copy(input_copies=1),
    clients=_auto_clients("index_select"), dim="i", index="t")
-op("index_add", _index_add, "t,i,t,t", cost=Copy(), clients=_auto_clients("index_add"),
-   alpha="n")
+op("index_add", _index_add, "t|i,t,t", cost=Copy(), clients=_auto_clients("index_add"),
+   dim="i", index="t", source="t", alpha="n")
 op("one_hot", _one_hot, "t|i", cost=Copy(), clients=[F.one_hot], num_classes="i")
 
 # ---- contractions and composites, costed by their decomposition ----------------------------
