@@ -132,8 +132,13 @@ def _log2(n: int) -> float:
 # ---- the models ------------------------------------------------------------------------------
 
 class CostModel:
-    """Flops and transient bytes of one op from its (meta) inputs and result."""
+    """Flops and transient bytes of one op from its (meta) inputs and result.
+
+    ``twin_checked``: the op's meta result is checked against the real kernel run on
+    one-element twins of its inputs (``shape_probe.check_on_twins``) -- for ops whose inputs
+    can be shrunk to one element without changing what is valid."""
     kind = "abstract"
+    twin_checked = False
 
     def __call__(self, args: tuple, kwargs: dict, out) -> Cost:
         raise NotImplementedError
@@ -174,6 +179,7 @@ class Pointwise(CostModel):
     k: float = 1
     temps: float = 0
     kind = "pointwise"
+    twin_checked = True
 
     def __call__(self, args, kwargs, out):
         inputs, outs = _inputs(args, kwargs), _outputs(out)
@@ -199,6 +205,7 @@ class Reduction(CostModel):
     scratch: float = 0       # more bytes per input element (count_nonzero: a bool and an int64)
     widen_half: bool = False  # float16/bfloat16 inputs are widened to float32 first (CPU mean)
     kind = "reduction"
+    twin_checked = True
 
     def __call__(self, args, kwargs, out):
         inputs, outs = _inputs(args, kwargs), _outputs(out)
@@ -225,6 +232,7 @@ class Sorting(CostModel):
     default_dim: int | None = -1
     select: bool = False
     index_buffer: bool = True  # False: a selection that keeps no int64 buffer (CUDA median)
+    twin_checked: bool = True
     kind = "sort"
 
     def __call__(self, args, kwargs, out):
@@ -293,6 +301,7 @@ class Formula(CostModel):
     what it counts (docs/ops.md)."""
     fn: Callable
     label: str = "formula"
+    twin_checked: bool = False
     kind = "formula"
 
     def __call__(self, args, kwargs, out):
@@ -373,6 +382,7 @@ class Decomposed(CostModel):
     own internal buffers add :data:`LEAF_COSTS`. Nothing is freed early in this count: it
     is an upper bound of the peak."""
     fn: Callable
+    twin_checked: bool = False
     kind = "decomposed on meta"
 
     def __call__(self, args, kwargs, out):

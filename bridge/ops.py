@@ -396,7 +396,8 @@ for _name in ("cumsum", "cumprod"):
     op(_name, getattr(torch, _name), "t|i", cost=Reduction(into_result=True),
        clients=_auto_clients(_name), dim="i", dtype="d?")
 for _name in ("softmax", "log_softmax"):
-    op(_name, getattr(torch, _name), "t|i,d?", cost=Decomposed(getattr(torch, _name)),
+    op(_name, getattr(torch, _name), "t|i,d?",
+       cost=Decomposed(getattr(torch, _name), twin_checked=True),
        clients=_auto_clients(_name), dim="i", dtype="d?")
 
 # Norms: a reduction, or an SVD for the nuclear and spectral matrix norms.
@@ -414,7 +415,7 @@ op("linalg_norm", torch.linalg.norm, "t|nps?,ii?,b",
    clients=[torch.linalg.norm], ord="nps?", dim="ii?", keepdim="b", dtype="d?")
 
 # Sorting and order statistics.
-op("topk", torch.topk, "t|i,i,b,b", cost=Sorting(dim_arg=2, select=True),
+op("topk", torch.topk, "t|i,i,b,b", cost=Sorting(dim_arg=2, select=True, twin_checked=False),
    clients=_auto_clients("topk"),
    k="i", dim="i", largest="b", sorted="b", multi_output=True)
 op("sort", torch.sort, "t|i,b", cost=Sorting(), clients=_auto_clients("sort"), dim="i",
@@ -427,7 +428,8 @@ for _name in ("median", "nanmedian"):
                                                                 index_buffer=False),
        clients=_auto_clients(_name), dim="i", keepdim="b", multi_output=True)
 for _name in ("quantile", "nanquantile"):
-    op(_name, getattr(torch, _name), "t,tn|i?,b", cost=Decomposed(getattr(torch, _name)),
+    op(_name, getattr(torch, _name), "t,tn|i?,b",
+       cost=Decomposed(getattr(torch, _name), twin_checked=True),
        clients=_auto_clients(_name), q="tn", dim="i?", keepdim="b", interpolation="s")
 op("bucketize", torch.bucketize, "t|t", boundaries="t",
    cost=Formula(bucketize_cost, "binary search per value"),
@@ -522,18 +524,22 @@ op("linear", F.linear, "t,t|t?", cost=Decomposed(F.linear), clients=[F.linear],
    bias="t?")  # x @ W.T + b (nn.Linear)
 op("einsum", torch.einsum, "eq,*t", cost=Decomposed(torch.einsum), clients=[torch.einsum])
 for _name in ("matmul", "bmm", "mm", "outer", "dot", "mv"):
-    op(_name, getattr(torch, _name), "t,t", cost=Decomposed(getattr(torch, _name)),
+    op(_name, getattr(torch, _name), "t,t",
+       cost=Decomposed(getattr(torch, _name), twin_checked=True),
        clients=_auto_clients(_name))
 OPS["matmul"].clients.append(T.__matmul__)
 op("rmatmul", T.__rmatmul__, "t,tn", cost=Decomposed(T.__rmatmul__), clients=[T.__rmatmul__])
 op("layer_norm", F.layer_norm, "t|ii,t?,t?,n", cost=Decomposed(F.layer_norm),
    clients=[F.layer_norm], normalized_shape="ii", weight="t?", bias="t?", eps="n")
-op("normalize", F.normalize, "t|n,i,n", cost=Decomposed(F.normalize), clients=[F.normalize],
+op("normalize", F.normalize, "t|n,i,n", cost=Decomposed(F.normalize, twin_checked=True),
+   clients=[F.normalize],
    p="n", dim="i", eps="n")
-op("cosine_similarity", F.cosine_similarity, "t,t|i,n", cost=Decomposed(F.cosine_similarity),
+op("cosine_similarity", F.cosine_similarity, "t,t|i,n",
+   cost=Decomposed(F.cosine_similarity, twin_checked=True),
    clients=[F.cosine_similarity, torch.cosine_similarity], dim="i", eps="n")
 op("cdist", torch.cdist, "t,t|n,s",
-   cost=Formula(cdist_cost, "3 flops per pair and coordinate; expanded, padded copies"),
+   cost=Formula(cdist_cost, "3 flops per pair and coordinate; expanded, padded copies",
+                twin_checked=True),
    clients=[torch.cdist], p="n", compute_mode="s")
 op("scaled_dot_product_attention", _sdpa, "t,t,t|t?,n,b,n?",
    cost=Decomposed(_sdpa), clients=[F.scaled_dot_product_attention], attn_mask="t?",
@@ -543,7 +549,8 @@ op("cross_entropy", _cross_entropy, "t,t|t?,b?,i,b?,s,n", cost=Decomposed(_cross
    reduce="b?", reduction="s", label_smoothing="n")
 op("nll_loss", _nll_loss, "t,t|t?,b?,i,b?,s", cost=Decomposed(_nll_loss), clients=[F.nll_loss],
    weight="t?", size_average="b?", ignore_index="i", reduce="b?", reduction="s")
-op("mse_loss", F.mse_loss, "t,t|b?,b?,s", cost=Decomposed(F.mse_loss), clients=[F.mse_loss],
+op("mse_loss", F.mse_loss, "t,t|b?,b?,s", cost=Decomposed(F.mse_loss, twin_checked=True),
+   clients=[F.mse_loss],
    size_average="b?", reduce="b?", reduction="s", weight="t?")
 
 # ---- decompositions and transforms ---------------------------------------------------------

@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from hookwire.op_costs import Cost, Decomposed, Pointwise, Reduction
+from hookwire.op_costs import Cost, Decomposed
 
 # A result is computed for real only while it is as small as the constants validation keeps
 # real (validate._meta_constant: 2**20 elements) and cheap; otherwise its meta stand-in goes
 # on, so validation never holds gigabytes or runs a long contraction on real values.
 REAL_BYTES = 8 << 20
 REAL_FLOPS = 10 ** 8
-# Ops whose meta run is checked against the real kernel on one-element twins.
-TWIN_CHECKED = (Pointwise, Reduction)
 
 
 def nbytes(value) -> int:
@@ -68,11 +66,13 @@ def run_for_shape(spec, args: tuple, kwargs: dict, max_bytes: int) -> tuple[obje
     kinds = _devices(kwargs, _devices(args, set()))
     if False not in kinds:  # everything on meta
         if isinstance(spec.cost, Decomposed):
-            return spec.cost.run(args, kwargs)
-        out = spec.fn(*args, **kwargs)
-        if isinstance(spec.cost, TWIN_CHECKED):
+            out, cost = spec.cost.run(args, kwargs)
+        else:
+            out = spec.fn(*args, **kwargs)
+            cost = None
+        if spec.cost.twin_checked:
             out = check_on_twins(spec.fn, args, kwargs, out)
-        return out, spec.cost(args, kwargs, out)
+        return out, cost if cost is not None else spec.cost(args, kwargs, out)
     try:
         probe = spec.fn(*_to_meta(args), **_to_meta(kwargs))
     except Exception:
@@ -80,7 +80,7 @@ def run_for_shape(spec, args: tuple, kwargs: dict, max_bytes: int) -> tuple[obje
             raise
         probe = None  # e.g. a boolean mask: only its values tell the result's shape
     if probe is not None:
-        if isinstance(spec.cost, TWIN_CHECKED):
+        if spec.cost.twin_checked:
             probe = check_on_twins(spec.fn, args, kwargs, probe)
         cost = spec.cost(args, kwargs, probe)
         if True in kinds or nbytes(probe) > min(max_bytes, REAL_BYTES) or \
@@ -98,9 +98,10 @@ def run_for_shape(spec, args: tuple, kwargs: dict, max_bytes: int) -> tuple[obje
 
 def _twin(value):
     """A one-element real tensor with ``value``'s dtype and number of dims (ones: no
-    division by zero, in range for every integer dtype)."""
+    division by zero, in range for every integer dtype); empty where ``value`` is empty
+    (kernels skip their dtype checks on empty inputs)."""
     if isinstance(value, torch.Tensor):
-        return torch.ones((1,) * value.dim(), dtype=value.dtype)
+        return torch.ones(tuple(0 if s == 0 else 1 for s in value.shape), dtype=value.dtype)
     if isinstance(value, tuple):
         return tuple(_twin(v) for v in value)
     if isinstance(value, list):
@@ -125,4 +126,4 @@ def check_on_twins(fn, args: tuple, kwargs: dict, meta_out):
     return meta_out
 
 
-__all__ = ["run_for_shape", "nbytes", "check_on_twins", "TWIN_CHECKED"]
+__all__ = ["run_for_shape", "nbytes", "check_on_twins"]

@@ -31,7 +31,7 @@ from hookwire.frames import DTYPE_NAMES
 from hookwire.graph import Const, Ref, encode_arg
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
-from hookwire.shape_probe import TWIN_CHECKED, check_on_twins
+from hookwire.shape_probe import check_on_twins
 
 T = torch.Tensor
 _STATE = threading.local()
@@ -577,8 +577,7 @@ class Tracer:
     def _functional(self, func, name, args, kwargs):
         spec = OPS[name]
         meta_out, aliases = self._run_meta(func, args, kwargs, _display_name(func),
-                                           spec.data_dependent,
-                                           isinstance(spec.cost, TWIN_CHECKED))
+                                           spec.data_dependent, spec.cost.twin_checked)
         node = self.emit(name, args, kwargs)
         out = self._wrap(meta_out, node)
         src = args[0] if args else None
@@ -651,7 +650,7 @@ class Tracer:
         # The in-place kernel itself, on twins, refuses what torch refuses in place.
         meta_out, _ = self._run_meta(OPS[name].fn, fargs, kwargs, _display_name(func),
                                      OPS[name].data_dependent)
-        if isinstance(OPS[name].cost, TWIN_CHECKED) and func is not T.__setitem__:
+        if OPS[name].cost.twin_checked and func is not T.__setitem__:
             try:
                 with torch._C.DisableTorchFunctionSubclass():
                     check_on_twins(func, tuple(self._meta(a) for a in fargs),

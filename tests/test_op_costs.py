@@ -280,3 +280,70 @@ def test_docs_ops_md_is_generated_from_the_registry():
     path = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
     assert path.read_text() == markdown(), \
         "docs/ops.md is stale: run .venv/bin/python -m hookwire.op_table > docs/ops.md"
+
+
+# ---- property: random shapes and dtypes --------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hookwire.frames import DTYPES  # noqa: E402
+
+PROPERTY_OPS = ["add", "mul", "div", "sub", "pow", "maximum", "eq", "where", "atan2",
+                "floor_divide", "remainder", "logical_xor", "bitwise_or", "hypot", "sum",
+                "mean", "amax", "prod", "cumsum", "softmax", "logsumexp", "argmax", "var",
+                "exp", "sqrt", "neg", "isinf", "sign", "clamp", "masked_fill", "sort",
+                "cosine_similarity", "matmul", "cdist", "diff"]
+
+
+@st.composite
+def broadcast_pair(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = [draw(st.integers(0, 4)) for _ in range(ndim)]
+    other = [s if draw(st.booleans()) else 1 for s in shape][draw(st.integers(0, ndim - 1)):]
+    dtypes = list(DTYPES.values())
+    return (tuple(shape), draw(st.sampled_from(dtypes)), tuple(other),
+            draw(st.sampled_from(dtypes)), draw(st.integers(-ndim, ndim - 1)))
+
+
+def _call_args(name, a, b, dim):
+    if name in ("sum", "mean", "amax", "prod", "argmax", "var", "logsumexp"):
+        return (a,), {"dim": dim}
+    if name in ("cumsum", "softmax", "sort"):
+        return (a, dim), {}
+    if name in ("exp", "sqrt", "neg", "isinf", "sign"):
+        return (a,), {}
+    if name == "clamp":
+        return (a,), {"min": b}
+    if name == "masked_fill":
+        return (a, b > 0, 1.5), {}
+    if name == "where":
+        return (a > 0, a, b), {}
+    if name == "diff":
+        return (a,), {"dim": dim}
+    if name == "cosine_similarity":
+        return (a, b), {"dim": dim}
+    return (a, b), {}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(case=broadcast_pair(), name=st.sampled_from(PROPERTY_OPS))
+def test_inference_equals_torch_on_random_shapes_and_dtypes(case, name):
+    """Random broadcastable shapes (including empty dims) and dtype pairs: the server's
+    inference gives torch's shape and dtype, or refuses exactly where torch refuses."""
+    shape_a, dtype_a, shape_b, dtype_b, dim = case
+    a = (torch.arange(max(1, torch.Size(shape_a).numel())) % 5 + 1)[
+        :torch.Size(shape_a).numel()].reshape(shape_a).to(dtype_a)
+    b = (torch.arange(max(1, torch.Size(shape_b).numel())) % 3 + 1)[
+        :torch.Size(shape_b).numel()].reshape(shape_b).to(dtype_b)
+    args, kwargs = _call_args(name, a, b, dim)
+    spec = OPS[name]
+    try:
+        want = layout(spec.fn(*args, **kwargs))
+    except Exception:  # noqa: BLE001 - torch refusing is an outcome
+        want = "refused"
+    try:
+        got = layout(run_for_shape(spec, all_meta(args), all_meta(kwargs), 1 << 40)[0])
+    except Exception:  # noqa: BLE001 - the server refusing is an outcome
+        got = "refused"
+    assert got == want, (name, case)
