@@ -12,7 +12,8 @@ charged flop of each op relative to a matrix product of the same size (what one 
     .venv/bin/python -m bench.bench_op_costs            # sizes 64..512
     .venv/bin/python -m bench.bench_op_costs --quick    # sizes 64..256, fewer repeats
 
-CPU only, one process; timings are noisy on a shared machine: read ratios, not absolutes.
+CPU only, one process, one thread; timings are noisy on a shared machine: read ratios, not
+absolutes.
 """
 from __future__ import annotations
 
@@ -73,6 +74,7 @@ def main(argv=None):
     sizes = (64, 128, 256) if args.quick else (64, 128, 256, 512)
     repeats = 3 if args.quick else 7
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # other processes share the cores: one thread measures steadier
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sizes {sizes}")
     print(f"{'op':26} {'n':>5} {'pred flops':>11} {'median s':>10} {'min-max s':>19} "
           f"{'ns/flop':>8} {'time x':>7} {'flops x':>7} {'ratio':>6}")
