@@ -8,13 +8,18 @@ let a graph cost more than its budget shows are closed, refused before anything 
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hookwire.errors import LimitExceeded
+from hookwire.frames import DTYPES
 from hookwire.graph import Graph
 from hookwire.op_costs import Cost, CostModel, nbytes, tensors_in
+from hookwire.op_table import markdown
 from hookwire.ops import OPS, op
 from hookwire.shape_probe import run_for_shape
 from hookwire.validate import Limits, infer_shapes, validate_structure
@@ -274,20 +279,12 @@ def test_new_empty_never_hands_out_uninitialised_memory():
 
 
 def test_docs_ops_md_is_generated_from_the_registry():
-    from pathlib import Path
-
-    from hookwire.op_table import markdown
     path = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
     assert path.read_text() == markdown(), \
         "docs/ops.md is stale: run .venv/bin/python -m hookwire.op_table > docs/ops.md"
 
 
 # ---- property: random shapes and dtypes --------------------------------------------------------
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from hookwire.frames import DTYPES  # noqa: E402
 
 PROPERTY_OPS = ["add", "mul", "div", "sub", "pow", "maximum", "eq", "where", "atan2",
                 "floor_divide", "remainder", "logical_xor", "bitwise_or", "hypot", "sum",
