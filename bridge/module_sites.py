@@ -143,5 +143,5 @@ def element_values(output) -> list[tuple[int, torch.Tensor]]:
             if isinstance(output[i], torch.Tensor)]
 
 
-__all__ = ["PREFIX", "ServerObject", "module_site", "is_module_site", "parse_module_site", "site_element",
-           "attach", "site_value", "element_values"]
+__all__ = ["PREFIX", "ServerObject", "module_site", "is_module_site", "parse_module_site",
+           "site_element", "attach", "site_value", "element_values"]

@@ -1,10 +1,15 @@
-"""Seeded randomness that gives the same numbers locally and remotely.
+"""Seeded randomness drawn on the server, identical locally and remotely.
 
 ``hookwire.randn_like(act, seed=0)`` draws from a fresh CPU generator seeded with ``seed``
 (then moves to the activation's device), so a local run and a remote run of the same hook
-produce identical noise. Plain ``torch.randn_like(act)`` in a remote hook also works: it is
-traced with a seed drawn from the caller's torch RNG (so ``torch.manual_seed`` makes the run
-reproducible), but its draws differ from a local ``randn_like``'s.
+produce identical noise, and nothing is uploaded: the noise is made where it is used.
+
+Plain ``torch.randn_like(act)`` (and ``rand_like``, ``randint_like``, in-place fills such as
+``act.normal_()``, ``F.dropout`` in training mode) in a remote hook is drawn on the caller's
+machine while tracing, from the caller's generator, exactly as a local CPU run draws it
+(``hookwire.trace``), and sent as a constant: the remote result equals the local one and the
+caller's RNG state moves as it would locally -- at the price of uploading the noise, which
+``hookwire.randn_like`` avoids for large activations.
 """
 from __future__ import annotations
 

@@ -24,11 +24,14 @@ import weakref
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
 from hookwire.graph import PARAMETER_PREFIX, Const, Ref, encode_arg
+from hookwire.op_advice import display_name as _display_name, unsupported_advice
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
+from hookwire.shape_probe import check_on_twins
 
 T = torch.Tensor
 _STATE = threading.local()
@@ -84,13 +87,32 @@ _CASTS = {T.float: torch.float32, T.double: torch.float64, T.half: torch.float16
 _DEVICE_MOVES = {T.cpu, T.cuda, T.requires_grad_, T.pin_memory, T.share_memory_,
                  T.retain_grad}
 
-_RANDOM_FUNCS = {torch.randn_like, torch.rand_like, T.normal_, T.uniform_}
+# Random draws that do not depend on the values of the tensor they are shaped like: drawn here,
+# from the caller's generator, exactly as a local run would draw them, and sent as constants.
+_LOCAL_DRAWS = {torch.randn_like, torch.rand_like, torch.randint_like}
+_LOCAL_FILLS = {T.normal_, T.uniform_, T.bernoulli_, T.random_, T.exponential_, T.geometric_,
+                T.cauchy_, T.log_normal_}
+# Dropout is the input times a mask drawn from the input's shape alone.
+_DROPOUTS = {F.dropout, torch.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+# Draws whose distribution depends on the values: they would need the server's values here.
+_VALUE_DRAWS = {
+    torch.bernoulli: "(hookwire.rand_like(p, seed) < p).to(p.dtype)",
+    T.bernoulli: "(hookwire.rand_like(p, seed) < p).to(p.dtype)",
+    torch.normal: "mean + std * torch.randn_like(mean)",
+    torch.poisson: "a fixed tensor drawn locally, or saving the rates and drawing after the run",
+    torch.multinomial: "torch.distributions.Categorical on the saved probabilities after the run",
+    T.multinomial: "torch.distributions.Categorical on the saved probabilities after the run",
+    F.alpha_dropout: "F.dropout, or training=False",
+    F.feature_alpha_dropout: "F.dropout, or training=False",
+}
 _RESHAPE_VIEWS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten",
                   "squeeze", "unsqueeze", "detach", "contiguous"}
 _PERMUTE_VIEWS = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "t", "T", "mT"}
 _INDEX_VIEWS = {"getitem", "select", "narrow"}
 _PIECE_OPS = {"unbind", "split", "chunk"}
 _DROP_KWARGS = {"_stacklevel", "memory_format", "non_blocking", "copy"}
+# Where a new tensor lives: the server puts it beside the activation it is made from.
+_PLACEMENT_KWARGS = {"device", "requires_grad", "layout", "pin_memory"}
 
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,)
@@ -163,8 +185,9 @@ def _audit(event: str, args) -> None:
     _STATE.tracing = False  # building the message must not trip the hook again
     try:
         err = trace_error(f"file or network I/O ({event})",
-                          "traced code (a hook, an nnsight trace block) runs once on your machine while tracing, not at each "
-                          "forward on the server. Do I/O after the run, on the returned tensors")
+                          "traced code (a hook, an nnsight trace block) runs once on your "
+                          "machine while tracing, not at each forward on the server. Do I/O "
+                          "after the run, on the returned tensors")
     finally:
         _STATE.tracing = True
     raise err
@@ -195,8 +218,9 @@ def _guard_torch_save():
     def save(*args, **kwargs):
         if getattr(_STATE, "tracing", False):
             raise trace_error("torch.save (file I/O)",
-                              "traced code (a hook, an nnsight trace block) runs once on your machine while tracing, not at each "
-                              "forward on the server. Save the returned tensors after the run")
+                              "traced code (a hook, an nnsight trace block) runs once on "
+                              "your machine while tracing, not at each forward on the "
+                              "server. Save the returned tensors after the run")
         return original(*args, **kwargs)
 
     save._hookwire_guarded = True
@@ -291,10 +315,6 @@ def _bound(value):
             and not value.is_floating_point() and value.device.type != "meta":
         return int(value)
     return value
-
-
-def _func_name(func) -> str:
-    return getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
 
 
 def _base_of(meta: torch.Tensor):
@@ -454,6 +474,10 @@ class Tracer:
         self.emit("site.write", (index, value), {"mode": mode})
 
     def save(self, name: str, value: Proxy):
+        if value.dtype not in DTYPE_NAMES:
+            raise trace_error(f"keeping a {value.dtype} tensor after the run",
+                              "complex values cannot be sent back; keep x.real and x.imag, "
+                              "torch.view_as_real(x) or x.abs() instead")
         self.saves[name] = self.current(value)
 
     # ---- views and versions ---------------------------------------------------------------
@@ -506,59 +530,84 @@ class Tracer:
             func = T.detach
         if func is T.contiguous:
             return args[0]
-        if func in _RANDOM_FUNCS:
-            return self._unseeded_random(func, args, kwargs)  # proxies are laid out contiguously: torch returns self
+        if func in _LOCAL_DRAWS or func in _LOCAL_FILLS or func in _DROPOUTS:
+            return self._local_random(func, args, kwargs)
+        if func in _VALUE_DRAWS:
+            raise trace_error(f"`{_display_name(func)}` draws from a distribution that depends on "
+                              "tensor values", f"use {_VALUE_DRAWS[func]} instead")
+        if func is T.new_tensor:
+            return self._new_tensor(args, kwargs)
         if "out" in kwargs and kwargs["out"] is not None:
             raise trace_error("an `out=` argument", "assign the result instead")
         # inplace=False (F.relu & co.) is the plain op; inplace=True stays and is refused.
         kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and v is not None
                   and not (k == "inplace" and v is False)}
+        name = CLIENT_OPS.get(func) or INPLACE_OPS.get(func)
+        if name is not None and (name.startswith("new_") or name.endswith("_like")):
+            kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
+        if name == "scaled_dot_product_attention" and (kwargs.get("dropout_p") or (
+                len(args) > 4 and args[4])):
+            raise trace_error("`scaled_dot_product_attention` with dropout_p > 0",
+                              "attention dropout draws random numbers inside the kernel; "
+                              "compute softmax(q @ k.mT * scale) yourself and apply F.dropout "
+                              "to it, or pass dropout_p=0.0")
         if func in INPLACE_OPS:
             return self._inplace(func, INPLACE_OPS[func], args, kwargs)
         name = CLIENT_OPS.get(func)
         if name is None:
-            raise trace_error(f"`{_func_name(func)}`",
-                              "it is not in hookwire's registry of allowed operations "
-                              "(see hookwire.ops.OPS)")
+            raise trace_error(f"`{_display_name(func)}`", unsupported_advice(func))
         if name == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
             args = (args[0], *args[1])
         return self._functional(func, name, args, kwargs)
 
-    def _meta(self, value):
+    def _meta(self, value, keep_indices: bool = False):
         if isinstance(value, Proxy):
             self.current(value)
             return value._hw_meta
         if isinstance(value, torch.Tensor):
-            if value.dtype in (torch.bool, torch.int64, torch.int32, torch.uint8) \
-                    and value.dim() > 0:
-                return value  # index tensors stay real: masks decide shapes
+            if keep_indices and value.dim() > 0 and value.dtype in _INDEX_DTYPES:
+                return value  # index tensors stay real where masks decide shapes
             return value if value.dim() == 0 else torch.empty_like(value, device="meta")
         if isinstance(value, (tuple, list)):
-            out = [self._meta(v) for v in value]
+            out = [self._meta(v, keep_indices) for v in value]
             return tuple(out) if isinstance(value, tuple) else out
         return value
 
-    def _run_meta(self, fn, args, kwargs, what):
+    def _run_meta(self, fn, args, kwargs, what, data_dependent=False, twins=False):
         """(meta result, whether it aliases the first argument). Results are cached by the
         shapes and arguments involved: hooks repeat the same ops on every layer, and meta
-        kernels of elementwise ops run through slow Python reference implementations."""
-        key = _meta_key(fn, args, kwargs)
+        kernels of elementwise ops run through slow Python reference implementations.
+        Local integer and bool tensors stay real only for indexing (``data_dependent``),
+        where a mask's values decide the shape; elsewhere (``x * torch.arange(n)``) only
+        their shape and dtype matter."""
+        key = _meta_key(fn, args, kwargs, data_dependent)
         hit = _META_CACHE.get(key) if key is not None else None
         if hit is not None:
             specs, aliases = hit
             return _from_specs(specs), aliases
+        keep = data_dependent
         try:
-            first = self._meta(args[0]) if args else None
-            out = fn(*((first,) + tuple(self._meta(args[1:]))) if args else (),
-                     **{k: self._meta(v) for k, v in kwargs.items()})
+            first = self._meta(args[0], keep) if args else None
+            margs = (first,) + tuple(self._meta(args[1:], keep)) if args else ()
+            mkwargs = {k: self._meta(v, keep) for k, v in kwargs.items()}
+            out = fn(*margs, **mkwargs)
+            if twins:  # the real kernel's dtype rules, on one-element twins
+                with torch._C.DisableTorchFunctionSubclass():
+                    out = check_on_twins(fn, margs, mkwargs, out)
         except TraceError:
             raise
         except Exception as exc:
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            if "data-dependent" in text or "nonzero" in text or "meta" in text.lower():
+            if data_dependent and ("data-dependent" in text or "nonzero" in text or
+                                   "meta" in text.lower()):
                 raise trace_error(f"`{what}` here has a shape that depends on tensor values",
                                   "use torch.where(mask, x, 0) or index with real (local) "
                                   "masks instead of traced ones") from None
+            if isinstance(exc, NotImplementedError) and "meta" in text.lower():
+                raise trace_error(f"`{what}` with these arguments",
+                                  f"torch cannot work out its result's shape without running "
+                                  f"it ({text[:160]}); it is not supported in remote hooks") \
+                    from None
             raise trace_error(f"`{what}` failed on these shapes ({text[:200]})",
                               "the same call would fail locally too") from None
         aliases = isinstance(out, torch.Tensor) and isinstance(first, torch.Tensor) and \
@@ -579,7 +628,9 @@ class Tracer:
         raise trace_error("an op returning a non-tensor value")
 
     def _functional(self, func, name, args, kwargs):
-        meta_out, aliases = self._run_meta(func, args, kwargs, _func_name(func))
+        spec = OPS[name]
+        meta_out, aliases = self._run_meta(func, args, kwargs, _display_name(func),
+                                           spec.data_dependent, spec.cost.twin_checked)
         node = self.emit(name, args, kwargs)
         out = self._wrap(meta_out, node, self._requires_grad(name, args, kwargs))
         src = args[0] if args else None
@@ -662,14 +713,25 @@ class Tracer:
             fargs = (target,)
         else:
             fargs = tuple(args)
-        meta_out, _ = self._run_meta(OPS[name].fn, fargs, kwargs, _func_name(func))
+        # The in-place kernel itself, on twins, refuses what torch refuses in place.
+        meta_out, _ = self._run_meta(OPS[name].fn, fargs, kwargs, _display_name(func),
+                                     OPS[name].data_dependent)
+        if OPS[name].cost.twin_checked and func is not T.__setitem__:
+            try:
+                with torch._C.DisableTorchFunctionSubclass():
+                    check_on_twins(func, tuple(self._meta(a) for a in fargs),
+                                   {k: self._meta(v) for k, v in kwargs.items()}, meta_out)
+            except Exception as exc:
+                text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise trace_error(f"`{_display_name(func)}` failed on these dtypes "
+                                  f"({text[:200]})", "the same edit fails locally") from None
         if tuple(meta_out.shape) != tuple(target.shape):
-            raise trace_error(f"`{_func_name(func)}` would change the shape of the tensor it "
+            raise trace_error(f"`{_display_name(func)}` would change the shape of the tensor it "
                               "edits in place", "the same edit fails locally")
         node = self.emit(name, fargs, kwargs)
         if meta_out.dtype != target.dtype:
             if not torch.can_cast(meta_out.dtype, target.dtype):
-                raise trace_error(f"`{_func_name(func)}` would store {meta_out.dtype} in a "
+                raise trace_error(f"`{_display_name(func)}` would store {meta_out.dtype} in a "
                                   f"{target.dtype} tensor", "the same edit fails locally")
             node = self.emit("to", (Ref(node), target.dtype))
         self._mutated(target, node)
@@ -683,23 +745,58 @@ class Tracer:
         node = self.emit(op, (like,), kwargs)
         return Proxy(self, node, torch.empty(like.shape, dtype=dtype, device="meta"))
 
-    def _unseeded_random(self, func, args, kwargs):
-        """torch.randn_like(act) & co: a seed from the caller's RNG, so torch.manual_seed
-        makes remote runs reproducible (the draws differ from a local randn_like's)."""
+    def _local_random(self, func, args, kwargs):
+        """``torch.randn_like(act)``, ``act.normal_()``, ``F.dropout(act, p)`` & co: the
+        draw does not depend on the activation's values, only on its shape, dtype and
+        layout, which are known here. So it is drawn here, from the caller's generator
+        (torch's global one unless ``generator=`` says otherwise), with the same call a
+        local run on CPU makes -- same numbers, same RNG state after the run -- and sent
+        as a constant. (``hookwire.randn_like(x, seed)`` draws on the server instead: no
+        upload, the same numbers locally and remotely, but not torch's.)"""
         like = args[0]
-        gen = kwargs.get("generator")
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen).item())
-        op = "rand_like" if func in (torch.rand_like, T.uniform_) else "randn_like"
-        if func in (T.normal_, T.uniform_):
-            if len(args) > 1 or set(kwargs) - {"generator"}:
-                raise trace_error(f"`{_func_name(func)}` with parameters",
-                                  "use hookwire.randn_like(x, seed) * std + mean instead")
-            self._mutated(like, self.random(op, like, seed)._hw_node)
-            return like
-        if len(args) > 1 or set(kwargs) - {"generator", "dtype"}:
-            raise trace_error(f"`{_func_name(func)}` with extra arguments",
-                              "use hookwire.randn_like(x, seed, dtype)")
-        return self.random(op, like, seed, kwargs.get("dtype"))
+        if not isinstance(like, Proxy):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        if func in _DROPOUTS:
+            return self._dropout(func, like, args, kwargs)
+        template = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype)
+        if func in _LOCAL_DRAWS:
+            return func(template, *args[1:], **kwargs)  # a real tensor: a constant when used
+        func(template, *args[1:], **kwargs)  # the in-place fill, drawn here
+        self._mutated(like, self.emit("copy", (like, template)))
+        return like
+
+    def _dropout(self, func, x: Proxy, args, kwargs):
+        names = ("input", "p", "training", "inplace")
+        bound = dict(zip(names, args))
+        bound.update(kwargs)
+        p = bound.get("p", 0.5)
+        training = bound.get("training", bound.get("train", True))
+        if func is torch.dropout:
+            training = args[2] if len(args) > 2 else kwargs.get("train", True)
+        if not training or p == 0:
+            return x  # torch returns its input unchanged
+        # Dropout is the input times a mask scaled by 1/(1-p), drawn from the shape alone;
+        # applied to ones, torch returns exactly that mask (1 * m == m), with the same draws.
+        ones = torch.ones(x.shape, dtype=x.dtype)
+        with torch._C.DisableTorchFunctionSubclass():
+            mask = func(ones, p, True) if func is torch.dropout else func(ones, p=p,
+                                                                          training=True)
+        node = self.emit("mul", (x, mask))
+        if bound.get("inplace"):
+            self._mutated(x, node)
+            return x
+        return Proxy(self, node, torch.empty(x.shape, dtype=x.dtype, device="meta"))
+
+    def _new_tensor(self, args, kwargs):
+        """``x.new_tensor(data)``: a tensor from data, with x's dtype unless told."""
+        like, data = args[0], args[1] if len(args) > 1 else kwargs.get("data")
+        dtype = kwargs.get("dtype") or like.dtype
+        if isinstance(data, Proxy) or (isinstance(data, (list, tuple)) and any(
+                isinstance(v, Proxy) for v in data)):
+            raise trace_error("`Tensor.new_tensor` of a traced tensor",
+                              "use x.detach().clone().to(dtype), or torch.stack")
+        return torch.tensor(data, dtype=dtype)
 
     def _cast(self, p, dtype):
         if p.dtype == dtype:
@@ -747,6 +844,7 @@ class Tracer:
 
 
 _META_CACHE: dict = {}
+_INDEX_DTYPES = (torch.bool, torch.int64, torch.int32, torch.uint8)
 
 
 _SCALAR_TYPES = frozenset((int, float, bool, str, type(None), type(Ellipsis), torch.dtype))
@@ -766,9 +864,6 @@ def _key_of(value):
     if t is list:
         return ("l",) + tuple([_key_of(v) for v in value])
     if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.dtype in (torch.bool, torch.int64, torch.int32,
-                                               torch.uint8):
-            raise _Uncacheable  # real index tensors: their values decide shapes
         return ("T", tuple(value.shape), value.dtype, tuple(value.stride()))
     raise _Uncacheable
 
@@ -777,7 +872,9 @@ class _Uncacheable(Exception):
     pass
 
 
-def _meta_key(fn, args, kwargs):
+def _meta_key(fn, args, kwargs, data_dependent=False):
+    if data_dependent:
+        return None  # real index tensors: their values decide shapes
     try:
         return (fn, _key_of(args), _key_of(tuple(kwargs.items())) if kwargs else ())
     except (_Uncacheable, TypeError):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hookwire.errors import GraphValidationError, LimitExceeded
+from hookwire.frames import DTYPE_NAMES
 from hookwire.graph import Const, Graph, Ref, decode_arg, is_parameter
 from hookwire.ops import OPS, OpSpec, check_args
 from hookwire.shape_probe import run_for_shape
@@ -27,10 +28,11 @@ class Limits:
     max_nodes: int = 100_000
     max_constant_bytes: int = 512 << 20
     max_saved_bytes: int = 2 << 30
-    max_value_bytes: int = 2 << 30        # any single intermediate
-    # Work of a graph's contractions (matmul, einsum, ...), counted on meta before anything
-    # runs: their cost is not bounded by bytes (hookwire.shape_probe). ~1e13 is a minute or
-    # two of CPU, well under a second of GPU.
+    # any single intermediate, and the temporaries inside one op together
+    max_value_bytes: int = 2 << 30
+    # Work of a graph's ops, from each op's cost model before anything runs
+    # (hookwire.op_costs): contractions, decompositions and sorts cost more than their
+    # result's bytes show. ~1e13 is a minute or two of CPU, well under a second of GPU.
     max_flops: int = 10 ** 13
     max_total_value_bytes: int = 16 << 30  # all intermediates together (upper bound)
     max_batch: int = 1024
@@ -345,9 +347,9 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                 _fail(dn.id, dn.op, "tuple_value", "a multi-output value must be unpacked "
                       "with tuple_get before use")
             try:
-                # Sized on meta first, even when small int constants are real (shape_probe).
-                out, op_flops = run_for_shape(dn.op, dn.spec.fn, args, kwargs,
-                                              limits.max_value_bytes)
+                # Sized on meta first, even when small int constants are real (shape_probe);
+                # the cost model of the op's registry entry prices it from the same shapes.
+                out, cost = run_for_shape(dn.spec, args, kwargs, limits.max_value_bytes)
             except Exception as exc:  # the op itself refused these shapes/dtypes
                 _fail(dn.id, dn.op, "shape_inference", f"{type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
@@ -359,19 +361,30 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
             if size > limits.max_value_bytes:
                 _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
                       f"{limits.max_value_bytes}", LimitExceeded)
-            flops += op_flops
+            flops += cost.flops
             if flops > limits.max_flops:
-                _fail(dn.id, dn.op, "max_flops", f"contractions would take {flops:.3g} flops; "
+                _fail(dn.id, dn.op, "max_flops", f"ops would take {flops:.3g} flops; "
                       f"limit {limits.max_flops:.3g}", LimitExceeded)
+            # What torch allocates inside the op and frees before it returns (casts, copies,
+            # broadcast products, sort buffers, workspaces) is an intermediate too.
+            if cost.transient_bytes > limits.max_value_bytes:
+                _fail(dn.id, dn.op, "max_transient_bytes", f"would allocate "
+                      f"{cost.transient_bytes} bytes of temporaries inside the op; limit "
+                      f"{limits.max_value_bytes}", LimitExceeded)
             total += size
-            if total > limits.max_total_value_bytes:
+            if total + cost.transient_bytes > limits.max_total_value_bytes:
                 _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "
-                      f"{total} bytes; limit {limits.max_total_value_bytes}", LimitExceeded)
+                      f"{total + cost.transient_bytes} bytes; limit "
+                      f"{limits.max_total_value_bytes}", LimitExceeded)
         values[dn.id] = out
     saved = 0
     for name, nid in vg.graph.saves.items():
         if not isinstance(values[nid], torch.Tensor):
             _fail(nid, None, "save_value", f"save {name[:64]!r} is not a single tensor")
+        if values[nid].dtype not in DTYPE_NAMES:
+            _fail(nid, None, "save_dtype", f"save {name[:64]!r} is {values[nid].dtype}, which "
+                  "cannot be sent back; save x.real and x.imag, torch.view_as_real(x) or "
+                  "x.abs() instead")
         saved += _nbytes(values[nid])
     if saved > limits.max_saved_bytes:
         _fail(None, None, "max_saved_bytes", f"saves total {saved} bytes; limit "

@@ -508,7 +508,7 @@ def _file(model):
 
 def _unregistered_op(model):
     with model.trace(PROMPT):
-        u = torch.linalg.svd(model.transformer.h[0].output[0])   # <- here
+        u = torch.kron(model.transformer.h[0].output[0], torch.ones(2, 2))   # <- here
 
 
 def _custom_module(model):
@@ -564,7 +564,8 @@ UNTRACEABLE = [(_item, "`.item()`"), (_branch, "truth value"), (_print, "printin
                (_file, "file or network I/O"), (_unregistered_op, "registry"),
                (_custom_module, "`.item()`"), (_function, "`float(tensor)`"),
                (_tokens, "generated ids"), (_model_output_of_a_module, "model.transformer"),
-               (_edit_gradient, "editing the gradient of transformer.h.0.output"), (_bare_backward, "outside a `with"),
+               (_edit_gradient, "editing the gradient of transformer.h.0.output"),
+               (_bare_backward, "outside a `with"),
                (_grad_of_a_computed_value, "computed in the trace block"),
                (_source, "`.source`")]
 

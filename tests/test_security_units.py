@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from hookwire.errors import FrameError, LimitExceeded
 from hookwire.frames import MAX_ELEMENTS, TensorAssembler, TensorHeader, numel
 from hookwire.graph import Graph
+from hookwire.ops import OPS
 from hookwire.server.app import _precheck_node_count, _refused_submit_id
 from hookwire.shape_probe import run_for_shape
 from hookwire.validate import Limits, infer_shapes, validate_structure
@@ -41,9 +42,9 @@ def test_data_dependent_shapes_still_use_the_real_mask():
     infer_shapes(vg, 1, 1, {"c0": torch.arange(6), "m": torch.tensor([1, 0, 1, 1, 0, 0]).bool()},
                  Limits())
     assert tuple(vg.shapes[0].shape) == (3,)
-    out, flops = run_for_shape("repeat", torch.Tensor.repeat, (torch.ones(2, dtype=torch.int64),
-                                                             (3,)), {}, 1 << 20)
-    assert torch.equal(out, torch.ones(6, dtype=torch.int64)) and flops == 0
+    out, cost = run_for_shape(OPS["repeat"], (torch.ones(2, dtype=torch.int64), (3,)), {},
+                              1 << 20)
+    assert torch.equal(out, torch.ones(6, dtype=torch.int64)) and cost.flops == 6
 
 
 def test_contractions_are_held_to_the_flops_budget():
@@ -54,9 +55,9 @@ def test_contractions_are_held_to_the_flops_budget():
     with pytest.raises(LimitExceeded) as info:
         infer_shapes(constant_graph(nodes), 1, 1, c0, Limits(max_flops=10 ** 10))
     assert info.value.details["rule"] == "max_flops"
-    _, flops = run_for_shape("einsum", torch.einsum, ("ij,jk->ik", torch.empty(
+    _, cost = run_for_shape(OPS["einsum"], ("ij,jk->ik", torch.empty(
         20, 30, device="meta"), torch.empty(30, 40, device="meta")), {}, 1 << 30)
-    assert flops == 2 * 20 * 30 * 40
+    assert cost.flops == 2 * 20 * 30 * 40
 
 
 @pytest.mark.parametrize("shape", [[0, 2 ** 70], [0, 2 ** 62, 2 ** 62], [2 ** 49], [-1]])
@@ -91,9 +92,9 @@ def test_validation_keeps_only_small_cheap_results_real():
     """Results of ops on real constants stay real only while small and cheap (8 MiB, 1e8
     flops): a 1000x1000 integer matmul is sized, not computed, during validation."""
     ints = torch.ones(1000, 1000, dtype=torch.int64)
-    out, flops = run_for_shape("matmul", torch.matmul, (ints, ints), {}, 1 << 31)
-    assert out.device.type == "meta" and flops == 2 * 1000 ** 3
-    out, _ = run_for_shape("repeat", torch.Tensor.repeat, (ints, (2, 1)), {}, 1 << 31)
+    out, cost = run_for_shape(OPS["matmul"], (ints, ints), {}, 1 << 31)
+    assert out.device.type == "meta" and cost.flops == 2 * 1000 ** 3
+    out, _ = run_for_shape(OPS["repeat"], (ints, (2, 1)), {}, 1 << 31)
     assert out.device.type == "meta" and tuple(out.shape) == (2000, 1000)
-    out, _ = run_for_shape("add", torch.add, (ints[:10], 1), {}, 1 << 31)
+    out, _ = run_for_shape(OPS["add"], (ints[:10], 1), {}, 1 << 31)
     assert out.device.type == "cpu" and int(out.sum()) == 20000
