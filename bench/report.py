@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 HEADER = ("| model | batch | workload (unit) | plain fwd | local TL | local pyvene | local NNsight "
-          "| hookwire remote | remote / local | {n} clients: latency p50 | {n} clients: "
-          "units/s (x 1 client) |")
+          "| hookwire remote | remote / local | NNsight code on hookwire | / local NNsight "
+          "| {n} clients: latency p50 | {n} clients: units/s (x 1 client) |")
 
 
 def _ms(t: dict | None) -> str:
     if t is None:
         return "—"
     return f"{t['median']*1e3:.1f} ({t['min']*1e3:.1f}–{t['max']*1e3:.1f})"
+
+
+def _ratio(x) -> str:
+    return "—" if x is None else f"{x:.2f} x"
 
 
 def _mib(b: int) -> str:
@@ -19,7 +23,7 @@ def _mib(b: int) -> str:
 def markdown(report: dict) -> str:
     rows = report["rows"]
     n = rows[0]["concurrent"]["clients"] if rows else 8
-    lines = [HEADER.format(n=n), "|" + "---|" * 11]
+    lines = [HEADER.format(n=n), "|" + "---|" * 13]
     for r in rows:
         t = r["times_s"]
         conc = r["concurrent"]
@@ -29,6 +33,7 @@ def markdown(report: dict) -> str:
             f"| {r['model']} | {r['batch']} | {r['workload']} ({r['unit']}; {r['calls']} in "
             f"all) | {_ms(t.get('plain'))} | {_ms(t.get('tl'))} | {_ms(t.get('pyvene'))} "
             f"| {_ms(t.get('nnsight'))} | {_ms(t['remote'])} | {r['remote_ratio']:.2f} x {ref} "
+            f"| {_ms(t.get('nnsight_remote'))} | {_ratio(r.get('nnsight_ratio'))} "
             f"| {_ms(conc['latency_s'])} | {conc['units_per_s']:.2f} "
             f"({conc['units_per_s'] / single:.2f}) |")
     m = report.get("machine", {})

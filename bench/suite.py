@@ -30,11 +30,12 @@ from bench.report import markdown
 from bench.server_proc import ServerProcess
 from bench.workloads import WORKLOADS, Tools, make_inputs
 
-COLUMNS = ("plain", "tl", "pyvene", "nnsight", "remote")
+COLUMNS = ("plain", "tl", "pyvene", "nnsight", "remote", "nnsight_remote")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_tools(model: str, batch: int, local: dict) -> Tools:
+    import hookwire.nnsight as hnn
     import hookwire.pyvene as hpv
     import hookwire.transformerlens as htl
 
@@ -48,11 +49,12 @@ def build_tools(model: str, batch: int, local: dict) -> Tools:
         def hf():   # same config and seed as the server's: the same weights
             return build_hf_model(spec.architecture, spec.config, seed=spec.seed)[0].eval()
         local.update(hf=hf(), bridge=load_model(model).bridge, pv_hf=hf(),
-                     nn=nnsight.NNsight(hf()), remote=htl.RemoteModel(model))
+                     nn=nnsight.NNsight(hf()), remote=htl.RemoteModel(model),
+                     nn_remote=hnn.RemoteLanguageModel(model))
     cfg = local["bridge"].cfg
     inputs = make_inputs(cfg.n_layers, cfg.n_heads, cfg.d_model, batch)
     return Tools(inputs, hf=local["hf"], bridge=local["bridge"], pv_hf=local["pv_hf"],
-                 nn=local["nn"], remote=local["remote"],
+                 nn=local["nn"], remote=local["remote"], nn_remote=local["nn_remote"],
                  remote_pv=lambda c: hpv.RemoteIntervenableModel(c, model))
 
 
@@ -175,6 +177,10 @@ def main(argv=None):
                            "concurrent": conc,
                            "remote_ratio": timings["remote"]["median"]
                            / timings[workload.ratio_to]["median"],
+                           # NNsight code on hookwire / the same code in local NNsight
+                           "nnsight_ratio": timings["nnsight_remote"]["median"]
+                           / timings["nnsight"]["median"]
+                           if "nnsight_remote" in timings else None,
                            "wall_s": time.perf_counter() - t0}
                     report["rows"].append(row)
                     write_report(report, out)   # after every row: a cut-short run keeps its rows

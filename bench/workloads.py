@@ -2,13 +2,15 @@
 would write it.
 
 A workload is a set of callables, one per column (``plain``, ``tl``, ``pyvene``, ``nnsight``,
-``remote``), each taking a :class:`Tools` and returning tensors; a column a tool has no natural
+``remote``, ``nnsight_remote``), each taking a :class:`Tools` and returning tensors; a column a tool has no natural
 way to express is absent. Every callable is one timing *unit*; what a unit is (one call of a
 sweep, or the whole experiment) is in ``Workload.unit``. ``plain`` is the floor: the same number
 of forward (and backward) passes of the plain HF model, with no hook at all.
 
 The remote callables need nothing but ``Tools.remote`` / ``Tools.remote_pv`` (weightless
 stand-ins), so the concurrent-clients processes run them without building a local model.
+``nnsight_remote`` is the ``nnsight`` column's own code, unchanged, on a weightless
+``hookwire.nnsight.RemoteLanguageModel`` (NNsight code on hookwire).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Callable
 
 import nnsight
 import torch
+
+import hookwire.nnsight  # noqa: F401  (Tools.nn_remote)
 
 SEQ = 16                 # tokens per prompt (2 shared cores: gpt2-small is ~0.2 s a forward)
 ANSWER, WRONG = 5, 7     # token ids compared at the last position (valid in both vocabularies)
@@ -59,6 +63,7 @@ class Tools:
     bridge: object = None         # local TL 4 TransformerBridge, same weights
     pv_hf: object = None          # HF model that local pyvene wraps (pyvene rewires it)
     nn: object = None             # nnsight.NNsight over another HF copy
+    nn_remote: object = None      # hookwire.nnsight.RemoteLanguageModel (no weights)
     remote: object = None         # hookwire.transformerlens.RemoteModel
     remote_pv: Callable | None = None   # config -> hookwire.pyvene.RemoteIntervenableModel
     state: dict = field(default_factory=dict)   # per-workload setup (clean caches, models)
@@ -97,10 +102,11 @@ def cache_one_remote(t: Tools):
     return cache_one_tl(t, t.remote, progress=False)
 
 
-def cache_one_nnsight(t: Tools):
-    with t.nn.trace(t.inputs.clean):
-        act = t.nn.transformer.h[t.inputs.layer].output.save()
-        logits = t.nn.output.logits.save()
+def cache_one_nnsight(t: Tools, nn=None):
+    nn = nn if nn is not None else t.nn
+    with nn.trace(t.inputs.clean):
+        act = nn.transformer.h[t.inputs.layer].output.save()
+        logits = nn.output.logits.save()
     return logits, act
 
 
@@ -133,10 +139,11 @@ def cache_all_remote(t: Tools):
     return cache_all_tl(t, t.remote, progress=False)
 
 
-def cache_all_nnsight(t: Tools):
-    with t.nn.trace(t.inputs.clean):
-        acts = nnsight.save([block.output for block in t.nn.transformer.h])
-        logits = t.nn.output.logits.save()
+def cache_all_nnsight(t: Tools, nn=None):
+    nn = nn if nn is not None else t.nn
+    with nn.trace(t.inputs.clean):
+        acts = nnsight.save([block.output for block in nn.transformer.h])
+        logits = nn.output.logits.save()
     return logits, torch.stack(acts)
 
 
@@ -170,13 +177,14 @@ def head_ablation_remote(t: Tools, head=None):
                                    progress=False)
 
 
-def head_ablation_nnsight(t: Tools, head=None):
+def head_ablation_nnsight(t: Tools, head=None, nn=None):
     head = _head(t) if head is None else head
+    nn = nn if nn is not None else t.nn
     dh = t.inputs.d_head
-    with t.nn.trace(t.inputs.clean):
+    with nn.trace(t.inputs.clean):
         # GPT-2's c_proj input is the heads' outputs side by side (TL's hook_z, flattened)
-        t.nn.transformer.h[t.inputs.layer].attn.c_proj.input[:, :, head * dh:(head + 1) * dh] = 0
-        diff = logit_diff(t.nn.output.logits).save()
+        nn.transformer.h[t.inputs.layer].attn.c_proj.input[:, :, head * dh:(head + 1) * dh] = 0
+        diff = logit_diff(nn.output.logits).save()
     return diff
 
 
@@ -220,18 +228,21 @@ def patching_remote(t: Tools, layer_pos=None):
     return patching_tl(t, remote=True, layer_pos=layer_pos)
 
 
-def patching_setup_nnsight(t: Tools):
-    with t.nn.trace(t.inputs.clean):
-        acts = nnsight.save([block.input for block in t.nn.transformer.h])
-    t.state["clean_nn"] = acts
+def patching_setup_nnsight(t: Tools, nn=None):
+    key = "clean_nn" if nn is None else "clean_nn_remote"
+    nn = nn if nn is not None else t.nn
+    with nn.trace(t.inputs.clean):
+        acts = nnsight.save([block.input for block in nn.transformer.h])
+    t.state[key] = acts
 
 
-def patching_nnsight(t: Tools, layer_pos=None):
+def patching_nnsight(t: Tools, layer_pos=None, nn=None):
     layer, pos = _grid(t) if layer_pos is None else layer_pos
-    clean = t.state["clean_nn"][layer]
-    with t.nn.trace(t.inputs.corrupt):
-        t.nn.transformer.h[layer].input[:, pos, :] = clean[:, pos, :]
-        diff = logit_diff(t.nn.output.logits).save()
+    clean = t.state["clean_nn" if nn is None else "clean_nn_remote"][layer]
+    nn = nn if nn is not None else t.nn
+    with nn.trace(t.inputs.corrupt):
+        nn.transformer.h[layer].input[:, pos, :] = clean[:, pos, :]
+        diff = logit_diff(nn.output.logits).save()
     return diff
 
 
@@ -306,16 +317,17 @@ def attribution_remote(t: Tools):
     return attribution_tl(t, remote=True)
 
 
-def _fwd_bwd_nnsight(t: Tools, tokens):
+def _fwd_bwd_nnsight(t: Tools, tokens, nn=None):
     n, nh = t.inputs.n_layers, t.inputs.n_heads
-    with t.nn.trace(tokens):
-        blocks = t.nn.transformer.h
+    nn = nn if nn is not None else t.nn
+    with nn.trace(tokens):
+        blocks = nn.transformer.h
         resid, z = [], []
         for i in range(n):   # in the order the forward reaches them
             resid.append(blocks[i].input)
             z.append(blocks[i].attn.c_proj.input)
         acts = nnsight.save(resid + z)
-        with _mean_diff(t.nn.output.logits).backward():
+        with _mean_diff(nn.output.logits).backward():
             grads = nnsight.save([None] * (2 * n))
             for i in reversed(range(n)):   # gradients arrive last layer first
                 grads[n + i] = z[i].grad
@@ -326,9 +338,9 @@ def _fwd_bwd_nnsight(t: Tools, tokens):
     return cache, grad
 
 
-def attribution_nnsight(t: Tools):
-    clean, _ = _fwd_bwd_nnsight(t, t.inputs.clean)
-    corrupt, grads = _fwd_bwd_nnsight(t, t.inputs.corrupt)
+def attribution_nnsight(t: Tools, nn=None):
+    clean, _ = _fwd_bwd_nnsight(t, t.inputs.clean, nn)
+    corrupt, grads = _fwd_bwd_nnsight(t, t.inputs.corrupt, nn)
     return _attribute(clean, corrupt, grads, t.inputs.n_layers, lambda i: f"r{i}",
                       lambda i: f"z{i}")
 
@@ -370,14 +382,23 @@ def interchange_tl(t: Tools):
     return t.bridge.run_with_hooks(t.inputs.corrupt, fwd_hooks=[hook])
 
 
-def interchange_nnsight(t: Tools):
-    block = t.nn.transformer.h[t.inputs.layer]
-    with t.nn.trace(t.inputs.clean):
+def interchange_nnsight(t: Tools, nn=None):
+    nn = nn if nn is not None else t.nn
+    block = nn.transformer.h[t.inputs.layer]
+    with nn.trace(t.inputs.clean):
         source = block.output.save()
-    with t.nn.trace(t.inputs.corrupt):
+    with nn.trace(t.inputs.corrupt):
         block.output[:, SEQ // 2, :] = source[:, SEQ // 2, :]
-        logits = t.nn.output.logits.save()
+        logits = nn.output.logits.save()
     return logits
+
+
+def _on_hookwire(fn):
+    """The nnsight column's code as it is, on the weightless remote model."""
+    def run(t: Tools):
+        return fn(t, nn=t.nn_remote)
+    run.__name__ = f"{fn.__name__}_on_hookwire"
+    return run
 
 
 def rotated_pyvene(t: Tools):
@@ -413,30 +434,36 @@ WORKLOADS = [
     Workload("cache_one", "cache one site (resid_post of the middle layer) + logits",
              "one call", lambda i: 1,
              {"plain": _plain_forwards(1), "tl": cache_one_tl, "pyvene": cache_one_pyvene,
-              "nnsight": cache_one_nnsight, "remote": cache_one_remote}),
+              "nnsight": cache_one_nnsight, "remote": cache_one_remote,
+              "nnsight_remote": _on_hookwire(cache_one_nnsight)}),
     Workload("cache_all", "cache every resid_post + logits", "one call", lambda i: 1,
              {"plain": _plain_forwards(1), "tl": cache_all_tl, "nnsight": cache_all_nnsight,
-              "remote": cache_all_remote}),
+              "remote": cache_all_remote, "nnsight_remote": _on_hookwire(cache_all_nnsight)}),
     Workload("head_ablation", "zero-ablate each head of the middle layer, logit diff",
              "one head (one call)", lambda i: i.n_heads,
              {"plain": _plain_forwards(1), "tl": head_ablation_tl,
-              "nnsight": head_ablation_nnsight, "remote": head_ablation_remote}),
+              "nnsight": head_ablation_nnsight, "remote": head_ablation_remote,
+              "nnsight_remote": _on_hookwire(head_ablation_nnsight)}),
     Workload("patching", "resid_pre patching, every layer x positions "
              f"{list(SWEEP_POSITIONS)}, logit diff", "one (layer, position) patch",
              lambda i: i.n_layers * len(SWEEP_POSITIONS),
              {"plain": _plain_forwards(1), "tl": patching_tl, "pyvene": patching_pyvene,
-              "nnsight": patching_nnsight, "remote": patching_remote},
+              "nnsight": patching_nnsight, "remote": patching_remote,
+              "nnsight_remote": _on_hookwire(patching_nnsight)},
              setup=lambda t: (t.bridge is not None and patching_setup_tl(t, False),
                               t.remote is not None and patching_setup_tl(t, True),
-                              t.nn is not None and patching_setup_nnsight(t))),
+                              t.nn is not None and patching_setup_nnsight(t),
+                              t.nn_remote is not None and patching_setup_nnsight(t, t.nn_remote))),
     Workload("attribution", "attribution patching: clean + corrupt forward and backward, "
              "resid_pre and hook_z of every layer", "whole experiment", lambda i: 1,
              {"plain": _plain_forwards(2, backward=True), "tl": attribution_tl,
-              "nnsight": attribution_nnsight, "remote": attribution_remote}, grad=True),
+              "nnsight": attribution_nnsight, "remote": attribution_remote,
+              "nnsight_remote": _on_hookwire(attribution_nnsight)}, grad=True),
     Workload("interchange", "pyvene vanilla interchange, block_output of the middle layer",
              "one call", lambda i: 1,
              {"plain": _plain_forwards(2), "tl": interchange_tl, "pyvene": interchange_pyvene,
-              "nnsight": interchange_nnsight, "remote": interchange_remote},
+              "nnsight": interchange_nnsight, "remote": interchange_remote,
+              "nnsight_remote": _on_hookwire(interchange_nnsight)},
              compare_to="pyvene", ratio_to="pyvene"),
     Workload("rotated", "pyvene RotatedSpaceIntervention forward, block_output, middle layer",
              "one call", lambda i: 1,

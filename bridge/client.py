@@ -75,6 +75,8 @@ class RemoteModelInfo:
     hook_aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical
     module_layouts: dict[str, list[str]] = field(default_factory=dict)
     step_module_layouts: dict[str, list[str]] = field(default_factory=dict)
+    module_kwarg_layouts: dict[str, dict[str, str]] = field(default_factory=dict)
+    step_module_kwarg_layouts: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -89,6 +91,9 @@ class RemoteModelInfo:
         info.hook_aliases = dict(msg.hook_aliases)
         info.module_layouts = {k: list(v) for k, v in msg.module_layouts.items()}
         info.step_module_layouts = {k: list(v) for k, v in msg.step_module_layouts.items()}
+        info.module_kwarg_layouts = {k: dict(v) for k, v in msg.module_kwarg_layouts.items()}
+        info.step_module_kwarg_layouts = {k: dict(v) for k, v in
+                                          msg.step_module_kwarg_layouts.items()}
         return info
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
+from hookwire.graph import is_parameter
 from hookwire.module_sites import attach
 from hookwire.validate import ValidatedGraph, _walk_refs, resolve
 
@@ -36,6 +37,10 @@ class Interleaver:
                  on_save: Callable[[str, torch.Tensor], None],
                  on_site: Callable[[int, int], None] | None = None):
         self.vg = vg
+        # Storage of the served model's own parameters the graph reads ("@" constants): a
+        # value sharing it never becomes an activation, which the model may edit in place.
+        self.read_only = {t.untyped_storage().data_ptr() for tid, t in constants.items()
+                          if is_parameter(tid)}
         # Constants whose gradient is read become leaves of this request's autograd graph
         # (fresh copies: the caller's tensors, possibly shared residents, stay untouched).
         self.grad_consts = [dn.args[0].tid for dn in vg.nodes if dn.op == "const.grad"]
@@ -161,6 +166,9 @@ class Interleaver:
                                          node=writes["inplace"]) from None
         if "replace" in writes or "narrow" in writes:  # narrow: fewer batch rows
             result = self.values.pop(writes.get("replace", writes.get("narrow")), None)
+            if self.read_only and isinstance(result, torch.Tensor) and \
+                    result.untyped_storage().data_ptr() in self.read_only:
+                result = result.clone()
         if index in self.grad_sites:
             final = output if result is None else result
             if not final.requires_grad:

@@ -84,11 +84,16 @@ class Graph(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = GRAPH_VERSION
     model: str = Field(max_length=MAX_STR_LEN)
-    inputs: dict[Literal["input_ids", "attention_mask"], str] = Field(
+    # attention_mask and position_ids: graphs on HF module sites only (left-padded rows, as
+    # nnsight batches them, count their positions from their first token).
+    inputs: dict[Literal["input_ids", "attention_mask", "position_ids"], str] = Field(
         description="model input name -> id of an attached tensor")
     # Ids and names are bounded like every other string of the graph (echoed in results).
+    # An id "@<name>" is no attachment: it names a parameter or buffer of the served model's HF
+    # module tree (read only; servers may refuse them, Limits.allow_parameter_reads).
     constants: list[Annotated[str, Field(max_length=64)]] = Field(
-        default_factory=list, description="ids of attached tensors")
+        default_factory=list, description="ids of attached tensors, or '@' + the name of a "
+                                          "parameter of the served model")
     sites: list[Site] = Field(default_factory=list)
     nodes: list[Node] = Field(default_factory=list)
     saves: dict[Annotated[str, Field(max_length=MAX_STR_LEN)], int] = Field(
@@ -157,6 +162,26 @@ def decode_arg(value: Any, where: str, depth: int = 0):
             return _FLOATS[inner]
     raise GraphValidationError(f"{where}: argument {str(value)[:80]!r} is not in the argument "
                                f"vocabulary", rule="arg_form")
+
+
+PARAMETER_PREFIX = "@"
+
+
+def is_parameter(tid: str) -> bool:
+    """A constant id naming a parameter (or buffer) of the served model, not an attachment."""
+    return tid.startswith(PARAMETER_PREFIX)
+
+
+def rename_constants(value: Any, names: dict[str, str]):
+    """A JSON graph argument (or node list) with its constant ids mapped through ``names``:
+    how several graphs of one request (a generation's forwards) share one set of tensors."""
+    if isinstance(value, dict):
+        if set(value) == {"const"}:
+            return {"const": names.get(value["const"], value["const"])}
+        return {k: rename_constants(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rename_constants(v, names) for v in value]
+    return value
 
 
 def encode_arg(value: Any):

@@ -31,6 +31,18 @@ PREFIX = "hf:"
 KINDS = ("output", "input")
 
 
+class ServerObject:
+    """Stands in, on a client, for a value a module gets or returns on the server that is no
+    module site (a KV cache, a tensor argument such as ``position_ids``): pass it on
+    unchanged."""
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+    def __repr__(self):
+        return f"<{self.type_name} on the server>"
+
+
 def module_site(path: str, kind: str = "output", element: int = 0) -> str:
     if kind not in KINDS:
         raise ValueError(f"a module site is an 'output' or an 'input', not {kind!r}")
@@ -131,5 +143,5 @@ def element_values(output) -> list[tuple[int, torch.Tensor]]:
             if isinstance(output[i], torch.Tensor)]
 
 
-__all__ = ["PREFIX", "module_site", "is_module_site", "parse_module_site", "site_element",
-           "attach", "site_value", "element_values"]
+__all__ = ["PREFIX", "ServerObject", "module_site", "is_module_site", "parse_module_site",
+           "site_element", "attach", "site_value", "element_values"]

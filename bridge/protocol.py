@@ -106,6 +106,10 @@ class ModelInfo(_Msg):
     # where they differ.
     module_layouts: dict[str, list[str]] = Field(default_factory=dict)
     step_module_layouts: dict[str, list[str]] = Field(default_factory=dict)
+    # "hf:<path>:input" -> {keyword: type name} for modules called with keyword arguments
+    # (what nnsight's ``.inputs`` hands over as its kwargs), and the same in a generation step.
+    module_kwarg_layouts: dict[str, dict[str, str]] = Field(default_factory=dict)
+    step_module_kwarg_layouts: dict[str, dict[str, str]] = Field(default_factory=dict)
 
 
 class Accepted(_Msg):

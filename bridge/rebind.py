@@ -110,17 +110,20 @@ _MAX_REACH_DEPTH = 12
 _MAX_REACH_OBJECTS = 20_000
 
 
-def _reachable(roots, skip_ids: set) -> list:
+def _reachable(roots, skip_ids: set, opaque: tuple = ()) -> list:
     """Containers the hooks can reach, breadth first and bounded: functions lead to their
     closure cells, defaults and the globals their code names (and, through those, to the
     functions they call); partials and bound methods to what they wrap; dicts, lists,
-    tuples, cells and plain objects to what they hold."""
+    tuples, cells and plain objects to what they hold -- except instances of ``opaque``
+    (models: large, and never where user code keeps a traced value; if one is, the count
+    check of :func:`rebind` sends it to the heap walk)."""
     seen = set(skip_ids)
     out, frontier = [], list(roots)
     for _ in range(_MAX_REACH_DEPTH):
         nxt = []
         for obj in frontier:
-            if id(obj) in seen or len(out) >= _MAX_REACH_OBJECTS:
+            if id(obj) in seen or len(out) >= _MAX_REACH_OBJECTS or \
+                    (opaque and isinstance(obj, opaque)):
                 continue
             seen.add(id(obj))
             if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)):
@@ -170,10 +173,11 @@ def _callable_parts(fn) -> list:
 
 
 def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
-           expected: dict | None = None) -> int:
+           expected: dict | None = None, opaque: tuple = ()) -> int:
     """Replace each ``olds[i]`` by ``news[i]`` wherever user code holds it. ``skip`` lists
     containers of the caller's own that must be left alone. With ``roots`` and ``expected``
-    (id -> how many user references each old has), look near the roots first."""
+    (id -> how many user references each old has), look near the roots first, without
+    entering instances of the types in ``opaque``."""
     if not olds:
         return 0
     mapping = {id(o): (o, n) for o, n in zip(olds, news)}
@@ -184,7 +188,7 @@ def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
     remaining = list(olds)
     if roots and expected is not None:
         global _REPLACED
-        near = _reachable(roots, skip_ids)
+        near = _reachable(roots, skip_ids, opaque)
         _REPLACED = {}
         try:
             for holder in near:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
-from hookwire.graph import Const, Ref, encode_arg
+from hookwire.graph import PARAMETER_PREFIX, Const, Ref, encode_arg
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
 from hookwire.shape_probe import check_on_twins
@@ -42,7 +42,7 @@ _METADATA_NAMES = (
     "is_cuda", "requires_grad", "layout", "stride", "is_contiguous", "__len__",
     "element_size", "is_floating_point", "is_complex", "get_device", "is_meta", "__hash__",
     "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_nested", "is_mps",
-    "storage_offset", "itemsize", "nbytes", "is_inference", "output_nr", "grad")
+    "storage_offset", "itemsize", "nbytes", "is_inference", "output_nr", "grad", "_base")
 _METADATA = set()
 for _n in _METADATA_NAMES:
     _attr = T.__dict__.get(_n) if _n in T.__dict__ else getattr(torch._C.TensorBase, _n, None)
@@ -120,7 +120,11 @@ _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + 
 
 def _extra_library_dirs():
     dirs = list(_LIBRARY_DIRS)
-    for name in ("transformer_lens", "einops", "functools", "hookwire"):
+    # nnsight runs a trace block's code in greenlets, through its own frames: the user's
+    # line is the innermost frame outside these.
+    for name in ("transformer_lens", "einops", "functools", "hookwire", "nnsight", "greenlet",
+                 "hookwire.transformerlens", "hookwire.pyvene", "hookwire.hf",
+                 "hookwire.nnsight"):
         mod = sys.modules.get(name)
         if mod is not None and getattr(mod, "__file__", None):
             path = os.path.dirname(os.path.abspath(mod.__file__))
@@ -181,8 +185,9 @@ def _audit(event: str, args) -> None:
     _STATE.tracing = False  # building the message must not trip the hook again
     try:
         err = trace_error(f"file or network I/O ({event})",
-                          "a hook runs once on your machine while tracing, not at each "
-                          "forward on the server. Do I/O after the run, on the returned tensors")
+                          "traced code (a hook, an nnsight trace block) runs once on your "
+                          "machine while tracing, not at each forward on the server. Do I/O "
+                          "after the run, on the returned tensors")
     finally:
         _STATE.tracing = True
     raise err
@@ -213,8 +218,9 @@ def _guard_torch_save():
     def save(*args, **kwargs):
         if getattr(_STATE, "tracing", False):
             raise trace_error("torch.save (file I/O)",
-                              "a hook runs once on your machine while tracing, not at each "
-                              "forward on the server. Save the returned tensors after the run")
+                              "traced code (a hook, an nnsight trace block) runs once on "
+                              "your machine while tracing, not at each forward on the "
+                              "server. Save the returned tensors after the run")
         return original(*args, **kwargs)
 
     save._hookwire_guarded = True
@@ -238,10 +244,13 @@ class _ViewOf:
 
 class Proxy(torch.Tensor):
     @staticmethod
-    def __new__(cls, tracer: "Tracer", node: int, meta: torch.Tensor):
+    def __new__(cls, tracer: "Tracer", node: int, meta: torch.Tensor,
+                requires_grad: bool = False):
+        # requires_grad is only ever reported (Tracer.track_grad): no autograd runs on proxies.
         p = torch.Tensor._make_wrapper_subclass(
             cls, meta.shape, strides=meta.stride(), dtype=meta.dtype, device="cpu",
-            requires_grad=False)
+            requires_grad=requires_grad and (meta.dtype.is_floating_point
+                                             or meta.dtype.is_complex))
         p._hw_tracer = tracer
         p._hw_node = node
         p._hw_meta = meta
@@ -259,7 +268,7 @@ class Proxy(torch.Tensor):
                 return func(*args, **kwargs)
         tracer = _find_tracer(args, kwargs)
         if tracer.closed:
-            raise _dead_proxy_error()
+            raise _dead_proxy_error(tracer)
         return tracer.handle(func, args, kwargs)
 
     @classmethod
@@ -279,11 +288,24 @@ def _find_tracer(args, kwargs):
     return _STATE.tracer
 
 
-def _dead_proxy_error() -> HookwireError:
+def _dead_proxy_error(owner: "Tracer | None" = None) -> HookwireError:
     """A Proxy left over from another trace (kept in hook.ctx or a dict by a run that failed)
     has no value: using it must fail loudly, never turn into a reference to a wrong node."""
+    if owner is not None and not owner.closed:
+        # A live proxy of another graph: another forward of the same run (a generation
+        # step), which the server runs as a graph of its own.
+        return trace_error("a value traced in another forward pass (another generation "
+                           "step, or another trace)", "each forward runs on the server as a "
+                           "graph of its own: compute the value in the forward that uses it, "
+                           "or save it and pass the real tensor to a later trace")
     return HookwireError("this tensor was stored by a hook during a remote run that failed, "
                          "so it never received a value; rerun the call that produces it")
+
+
+def _is_backward(func) -> bool:
+    # By name: nnsight replaces Tensor.backward (to open `with loss.backward():` blocks), so
+    # which function object arrives here depends on import order.
+    return getattr(func, "__qualname__", None) == "Tensor.backward"
 
 
 def _bound(value):
@@ -315,6 +337,20 @@ class Tracer:
         self._kept: list = []
         self.closed = False  # set when the run failed: its proxies have no value, ever
         self.user_refs: dict[int, int] = {}  # escaped proxy id -> references user code holds
+        # Extension points for adapters whose library drives autograd on the traced values
+        # (nnsight's `with loss.backward():` blocks). Unset, both are refused as before.
+        # track_grad: proxies report requires_grad as autograd would compute it.
+        self.track_grad = False
+        # on_backward(tensor, args, kwargs) runs for `tensor.backward(...)` on a proxy;
+        # on_register_hook(tensor, fn) for `tensor.register_hook(fn)`, returning a handle.
+        self.on_backward = None
+        self.on_register_hook = None
+        # id(tensor) -> name, for tensors standing for a parameter (or buffer) of the served
+        # model (a weightless stand-in's meta weights): used as "@<name>" constants, which the
+        # server resolves to its own tensor. Each such tensor is kept in the dict's values'
+        # owner (the stand-in), so ids stay valid.
+        self.parameters: dict[int, str] = {}
+        self.parameter_refs: set[str] = set()
 
     # ---- recording ------------------------------------------------------------------------
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
@@ -353,11 +389,17 @@ class Tracer:
         # by a later temporary tensor.
         entry = self._const_by_obj.get(id(tensor))
         tid = entry[0] if entry is not None and entry[1] is tensor else None
+        name = self.parameters.get(id(tensor)) if tid is None else None
+        if name is not None:
+            self.parameter_refs.add(PARAMETER_PREFIX + name)
+            return Const(PARAMETER_PREFIX + name)
         if tid is None:
             if tensor.device.type == "meta":
                 raise trace_error("a tensor with no data (meta device), such as a weight of a "
                                   "weightless remote model,", "read weights on the server by "
-                                  "hooking the site that uses them, or pass real tensors")
+                                  "hooking the site that uses them, or use a local model that "
+                                  "has its weights with remote=True (weights it computes with "
+                                  "are then sent as constants)")
             if tensor.dtype not in DTYPE_NAMES:
                 raise trace_error(f"a captured tensor of dtype {tensor.dtype}",
                                   "use one of " + ", ".join(map(str, DTYPE_NAMES)))
@@ -365,6 +407,10 @@ class Tracer:
             self.constants[tid] = tensor.detach()
             self._const_by_obj[id(tensor)] = (tid, tensor)
         return Const(tid)
+
+    def constant_ids(self) -> list[str]:
+        """What a graph's ``constants`` lists: attachments, then served parameters."""
+        return list(self.constants) + sorted(self.parameter_refs)
 
     def differentiable_constants(self) -> list[tuple[str, torch.Tensor]]:
         """(id, the caller's own tensor) of the captured constants that still require grad
@@ -404,9 +450,11 @@ class Tracer:
         self.sites.append({"name": name, "call": call})
         return len(self.sites) - 1
 
-    def read_site(self, name: str, call: int, shape, dtype) -> Proxy:
+    def read_site(self, name: str, call: int, shape, dtype, requires_grad: bool = False
+                  ) -> Proxy:
         node = self.emit("site.read", (self.add_site(name, call),))
-        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
+        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
+                     requires_grad and self.track_grad)
 
     def read_grad(self, index: int, shape, dtype) -> Proxy:
         """The gradient of the graph's ``backward`` value at site ``index``."""
@@ -416,7 +464,8 @@ class Tracer:
     def read_output(self, kind: str, shape, dtype) -> Proxy:
         """The forward's output (``logits`` or ``loss``), once the forward is over."""
         node = self.emit("output.read", (kind,))
-        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
+        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
+                     self.track_grad and torch.is_grad_enabled())
 
     def write_site(self, index: int, value, mode: str):
         if not isinstance(value, torch.Tensor):
@@ -435,7 +484,7 @@ class Tracer:
     def current(self, p: Proxy) -> int:
         """The node holding p's value now (re-deriving a view whose base changed)."""
         if p._hw_tracer is not self:
-            raise _dead_proxy_error()
+            raise _dead_proxy_error(p._hw_tracer)
         view = p._hw_view
         if view is not None:
             base = view.base
@@ -463,8 +512,12 @@ class Tracer:
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
-        if func in _BLOCKED:
-            raise trace_error(_BLOCKED[func])
+        if self.on_backward is not None and _is_backward(func):
+            return self.on_backward(args[0], args[1:], kwargs)
+        if self.on_register_hook is not None and func is T.register_hook:
+            return self.on_register_hook(args[0], args[1] if len(args) > 1 else kwargs["hook"])
+        if func in _BLOCKED or _is_backward(func):
+            raise trace_error(_BLOCKED.get(func, "calling backward inside a hook"))
         if func in _DEVICE_MOVES:
             return args[0]
         if func is T.__iter__:
@@ -565,11 +618,11 @@ class Tracer:
                 _META_CACHE[key] = (specs, aliases)
         return out, aliases
 
-    def _wrap(self, meta_out, node: int):
+    def _wrap(self, meta_out, node: int, requires_grad: bool = False):
         if isinstance(meta_out, torch.Tensor):
-            return Proxy(self, node, meta_out)
+            return Proxy(self, node, meta_out, requires_grad)
         if isinstance(meta_out, tuple):
-            items = [Proxy(self, self.emit("tuple_get", (Ref(node), k)), m)
+            items = [Proxy(self, self.emit("tuple_get", (Ref(node), k)), m, requires_grad)
                      for k, m in enumerate(meta_out)]
             return type(meta_out)(items) if type(meta_out) is not tuple else tuple(items)
         raise trace_error("an op returning a non-tensor value")
@@ -579,12 +632,25 @@ class Tracer:
         meta_out, aliases = self._run_meta(func, args, kwargs, _display_name(func),
                                            spec.data_dependent, spec.cost.twin_checked)
         node = self.emit(name, args, kwargs)
-        out = self._wrap(meta_out, node)
+        out = self._wrap(meta_out, node, self._requires_grad(name, args, kwargs))
         src = args[0] if args else None
         if isinstance(src, Proxy) and (name in _RESHAPE_VIEWS or name in _PERMUTE_VIEWS
                                        or name in _INDEX_VIEWS or name in _PIECE_OPS):
             self._track_view(name, src, args, kwargs, meta_out, out, aliases)
         return out
+
+    def _requires_grad(self, name, args, kwargs) -> bool:
+        """What autograd would say of an op's result (only with ``track_grad``)."""
+        if not self.track_grad or name == "detach" or not torch.is_grad_enabled():
+            return False
+        stack = [args, tuple(kwargs.values())]
+        while stack:
+            for v in stack.pop():
+                if isinstance(v, Proxy) and v.requires_grad:
+                    return True
+                if isinstance(v, (tuple, list)):
+                    stack.append(v)
+        return False
 
     def _track_view(self, name, src: Proxy, args, kwargs, meta_out, out, aliases):
         rest, kw = args[1:], dict(kwargs)
@@ -736,7 +802,8 @@ class Tracer:
         if p.dtype == dtype:
             return p  # torch returns the tensor itself
         node = self.emit("to", (p, dtype))
-        return Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"))
+        return Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"),
+                     p.requires_grad and torch.is_grad_enabled())
 
     def _to(self, func, args, kwargs):
         p = args[0]

@@ -12,7 +12,7 @@ import torch
 
 from hookwire.errors import GraphValidationError, LimitExceeded
 from hookwire.frames import DTYPE_NAMES
-from hookwire.graph import Const, Graph, Ref, decode_arg
+from hookwire.graph import Const, Graph, Ref, decode_arg, is_parameter
 from hookwire.ops import OPS, OpSpec, check_args
 from hookwire.shape_probe import run_for_shape
 
@@ -48,6 +48,9 @@ class Limits:
     max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
     max_new_tokens: int = 1024            # tokens one generate request may ask for
+    # Graphs may compute with the served model's parameters and buffers ("@<name>" constants:
+    # what a logit lens does with the unembedding), read only. False refuses them.
+    allow_parameter_reads: bool = True
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,9 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
                       "the graph names no value to differentiate (backward)")
             if tid in const_grads:
                 _fail(node.id, node.op, "const_grad_once", "gradient of a constant read twice")
+            if is_parameter(tid):
+                _fail(node.id, node.op, "const_grad_parameter", "the model's weights are never "
+                      "differentiated")
             const_grads.add(tid)
             dn.stage = len(graph.sites) + 1
         elif node.op in SPECIAL:

@@ -53,6 +53,8 @@ class ModelEntry:
     info_json: str
     site_modules: dict
     hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
+    # name -> tensor (detached, same storage) for "@<name>" constants: its parameters, buffers
+    parameters: dict = None
 
 
 class ConnState:
@@ -134,17 +136,24 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
         layouts = probe_module_layouts(hf_model)
     except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
         log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites, layouts = None, [], ({}, {})
+        hf_model, module_sites, layouts = None, [], ({}, {}, {}, {})
     sites = sites + module_sites
     info = describe(hosted, sites)
-    info.module_layouts, info.step_module_layouts = layouts
+    (info.module_layouts, info.step_module_layouts, info.module_kwarg_layouts,
+     info.step_module_kwarg_layouts) = layouts
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
     if hf_model is not None:
         site_modules.update(module_table(hf_model, module_sites))
+    parameters = {}
+    if hf_model is not None:
+        for name, t in list(hf_model.named_parameters(remove_duplicate=False)) + \
+                list(hf_model.named_buffers(remove_duplicate=False)):
+            parameters.setdefault(name, t.detach())
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
-        info_json=dump(info), site_modules=site_modules, hf_model=hf_model)
+        info_json=dump(info), site_modules=site_modules, hf_model=hf_model,
+        parameters=parameters)
 
 
 class HookwireServer:

@@ -19,8 +19,10 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, GraphValidationError, 
                              ProtocolError)
 from hookwire.executor import Interleaver
 from hookwire.generation import make_generator, next_tokens, step_name, token_name
+from hookwire.graph import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Progress, dump
+from hookwire.server.constants import graph_constants
 from hookwire.validate import infer_shapes, validate_structure
 
 
@@ -66,9 +68,9 @@ def validate_generation(job, entry, limits, input_ids) -> list:
         raise GraphValidationError(f"{len(spec.steps)} step graphs for {spec.max_new_tokens} "
                                    f"new tokens: give none or {spec.max_new_tokens - 1}",
                                    rule="generate_steps")
-    if submit.graph.inputs.get("attention_mask"):
-        raise GraphValidationError("generation takes unpadded prompts (no attention_mask)",
-                                   rule="generate_inputs")
+    if submit.graph.inputs.get("attention_mask") or submit.graph.inputs.get("position_ids"):
+        raise GraphValidationError("generation takes unpadded prompts (no attention_mask or "
+                                   "position_ids)", rule="generate_inputs")
     if sum(len(g.nodes) for g in spec.steps) + len(submit.graph.nodes) > limits.max_nodes:
         raise LimitExceeded(f"the generation's graphs hold more than {limits.max_nodes} nodes",
                             rule="max_nodes")
@@ -79,10 +81,7 @@ def validate_generation(job, entry, limits, input_ids) -> list:
         if k and graph.inputs:
             raise GraphValidationError(f"{what}: step inputs are the generated tokens",
                                        rule="generate_inputs")
-        missing = [tid for tid in graph.constants if tid not in job.tensors]
-        if missing:
-            raise ProtocolError(f"{what}: constants declared but not attached: {missing[:5]}")
-        constants = {tid: job.tensors[tid] for tid in graph.constants}
+        constants = graph_constants(job, graph, entry, limits, what)
         if not graph.sites and not graph.nodes:
             out.append(None)
             continue
@@ -138,8 +137,8 @@ def run_generation(worker, p, forwards: list) -> None:
                 logits = run_forward()
             else:
                 vg, constants = planned
-                il = Interleaver(vg, {t: c.to(device) for t, c in constants.items()},
-                                 saver(k), watch)
+                il = Interleaver(vg, {t: c if is_parameter(t) else c.to(device)
+                                      for t, c in constants.items()}, saver(k), watch)
                 logits = il.run(entry.site_modules, run_forward, need_output=True)
                 il.finish({})
             token = next_tokens(logits[:, -1], spec, generator)

@@ -16,7 +16,7 @@ import torch
 
 from hookwire.families import family_for_architecture
 from hookwire.frames import DTYPE_NAMES
-from hookwire.module_sites import (element_values, is_module_site, module_site,
+from hookwire.module_sites import (attach, element_values, is_module_site, module_site,
                                    parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.manifest import _PROBES, symbolic_shape
@@ -112,14 +112,60 @@ def probe_module_sites(model) -> list[SiteInfo]:
                          for b, s in ((b1, s1), (b2, s2)))
     if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
         raise RuntimeError("module sites fire in a different order for different input sizes")
-    sites = []
+    listed = []
     for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
         if len(shape1) != len(shape2) or dtype not in DTYPE_NAMES:
             continue
         dims = symbolic_shape(shape1, shape2)
         if dims is not None:
-            sites.append(SiteInfo(name, call, dims, dtype))
-    return sites
+            listed.append((name, call, dims, dtype))
+    names = {name for name, *_ in listed}
+    graded = _gradient_sites(model, b1, s1, vocab, names - weight_names, False)
+    if weight_names:
+        graded |= {key for key in _gradient_sites(model, b1, s1, vocab, weight_names, True)
+                   if key[0] in weight_names}
+    return [SiteInfo(name, call, dims, dtype, (name, call) in graded)
+            for name, call, dims, dtype in listed]
+
+
+def _gradient_sites(model, batch: int, seq: int, vocab: int, names: set,
+                    attention_weights: bool) -> set[tuple[str, int]]:
+    """(site, call) of the module sites whose value reaches the logits and depends on the
+    weights: where a backward pass delivers a gradient. Measured as the executor takes it: the
+    value the model goes on with is a fresh view at every site (hookwire.executor)."""
+    kept: list = []
+    counts: dict[str, int] = {}
+
+    def keeper(name):
+        def hook(mod, args, value):
+            call = counts.get(name, 0)
+            counts[name] = call + 1
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                value = value.view_as(value)
+                kept.append(((name, call), value))
+                return value
+            return None
+        return hook
+
+    table = module_table(model)
+    handles = []
+    try:
+        for name in sorted(names):
+            module = table.get(name)
+            if module is None:
+                module = model.get_submodule(parse_module_site(name)[0])
+            handles.append(attach(module, name, keeper(name)))
+        device = next(model.parameters()).device
+        tokens = torch.randint(0, min(vocab, 256), (batch, seq),
+                               generator=torch.Generator().manual_seed(0)).to(device)
+        with torch.enable_grad(), attention_weight_sites(model, attention_weights):
+            logits = model(input_ids=tokens).logits
+            grads = torch.autograd.grad(logits.sum(), [v for _, v in kept],
+                                        allow_unused=True) if kept else ()
+    finally:
+        for h in handles:
+            h.remove()
+    return {key for (key, _), g in zip(kept, grads) if g is not None}
 
 
 def _weight_site_names(model) -> set[str]:
@@ -128,25 +174,31 @@ def _weight_site_names(model) -> set[str]:
             for kind in ("input", "output")}
 
 
-def _layouts(model, run) -> dict[str, list[str]]:
-    """Type names of tuple outputs and positional arguments, per module site (first call)."""
-    found: dict[str, list[str]] = {}
+def _type_name(value) -> str:
+    return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
-    def names(values):
-        return ["Tensor" if isinstance(v, torch.Tensor) else type(v).__name__ for v in values]
+
+def _layouts(model, run) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """Type names of tuple outputs and positional arguments, per module site (first call);
+    and of the keyword arguments of modules called with any, per input site."""
+    found: dict[str, list[str]] = {}
+    keywords: dict[str, dict[str, str]] = {}
 
     handles = []
     for path, module in model.named_modules():
         if not path:
             continue
 
-        def pre(mod, args, path=path):
-            found.setdefault(module_site(path, "input"), names(args))
+        def pre(mod, args, kwargs, path=path):
+            site = module_site(path, "input")
+            found.setdefault(site, [_type_name(v) for v in args])
+            if kwargs:
+                keywords.setdefault(site, {str(k): _type_name(v) for k, v in kwargs.items()})
 
         def post(mod, args, output, path=path):
             if isinstance(output, tuple):
-                found.setdefault(module_site(path, "output"), names(output))
-        handles.append(module.register_forward_pre_hook(pre))
+                found.setdefault(module_site(path, "output"), [_type_name(v) for v in output])
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
         with torch.no_grad():
@@ -154,20 +206,22 @@ def _layouts(model, run) -> dict[str, list[str]]:
     finally:
         for h in handles:
             h.remove()
-    return found
+    return found, keywords
 
 
-def probe_module_layouts(model) -> tuple[dict, dict]:
+def probe_module_layouts(model) -> tuple[dict, dict, dict, dict]:
     """(layouts in a plain forward, layouts in a generation step's forward where they
-    differ): what a client needs to hand hooks the tuples torch would."""
+    differ, keyword layouts in a plain forward, in a step's where they differ): what a client
+    needs to hand hooks the tuples (and nnsight the keyword arguments) torch would."""
     device = next(model.parameters()).device
     tokens = torch.zeros((1, 3), dtype=torch.int64, device=device)
     fwd = type(model).forward
-    plain = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
+    plain, plain_kw = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
     cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
-    step = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1], past_key_values=cache,
-                                       use_cache=True))
-    return plain, {k: v for k, v in step.items() if plain.get(k) != v}
+    step, step_kw = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1],
+                                                 past_key_values=cache, use_cache=True))
+    return (plain, {k: v for k, v in step.items() if plain.get(k) != v},
+            plain_kw, {k: v for k, v in step_kw.items() if plain_kw.get(k) != v})
 
 
 def module_table(model, sites=()) -> dict[str, torch.nn.Module]:

@@ -23,9 +23,11 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              ServerShuttingDown, UnknownModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
+from hookwire.graph import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
+from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
@@ -60,6 +62,7 @@ class Prepared:
     t_validated: float
     sent: list = field(default_factory=lambda: [0])
     mask: torch.Tensor | None = None   # attention mask of a module-site graph
+    positions: torch.Tensor | None = None  # its position ids (left-padded rows)
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
     generation: list | None = None     # a generate request's validated forwards
@@ -187,19 +190,17 @@ class ModelWorker(threading.Thread):
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
         check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
-        constants = {tid: job.tensors[tid] for tid in graph.constants if tid in job.tensors}
-        missing = [tid for tid in graph.constants if tid not in job.tensors]
-        if missing:
-            raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
+        constants = graph_constants(job, graph, entry, self.limits)
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
         on_modules = _uses_module_sites(graph)
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq))
         device = entry.hosted.device
-        constants = {k: v.to(device) for k, v in constants.items()}
+        constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
+                     positions=_position_ids(job, graph, input_ids, entry, device, on_modules),
                      on_modules=on_modules)
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
@@ -231,15 +232,17 @@ class ModelWorker(threading.Thread):
         return on_site
 
     @staticmethod
-    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False):
+    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
+                 positions=None):
         bridge = entry.hosted.bridge
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
+                extra = {} if positions is None else {"position_ids": positions}
                 with attention_weight_sites(entry.hf_model, attention_weights):
                     return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
                                                         attention_mask=mask,
-                                                        use_cache=False).logits
+                                                        use_cache=False, **extra).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
             return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
@@ -261,7 +264,7 @@ class ModelWorker(threading.Thread):
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
-                                          p.attention_weights),
+                                          p.attention_weights, p.positions),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -383,6 +386,24 @@ def _attention_mask(job: Job, graph, input_ids, device):
         raise ProtocolError("attention_mask must be a 0/1 int64 or bool tensor shaped like "
                             "input_ids")
     return mask.to(device, torch.int64)
+
+
+def _position_ids(job: Job, graph, input_ids, entry, device, on_modules: bool):
+    """The optional position ids of a module-site graph: int64, shaped like input_ids, each
+    in [0, the model's positions)."""
+    ids = job.tensors.get(graph.inputs.get("position_ids", ""))
+    if ids is None:
+        return None
+    if not on_modules:
+        raise ProtocolError("position_ids are an input of graphs on HF module sites only")
+    cfg = entry.hf_model.config if entry.hf_model is not None else None
+    n_positions = getattr(cfg, "n_positions", None) or getattr(
+        cfg, "max_position_embeddings", None) or entry.hosted.bridge.cfg.n_ctx
+    if ids.shape != input_ids.shape or ids.dtype != torch.int64 or (ids.numel() and (
+            int(ids.min()) < 0 or int(ids.max()) >= n_positions)):
+        raise ProtocolError(f"position_ids must be an int64 tensor shaped like input_ids with "
+                            f"values in [0, {n_positions})")
+    return ids.to(device)
 
 
 def _uses_module_sites(graph) -> bool:

@@ -1,6 +1,7 @@
 """The benchmark suite's workloads compute the same thing in every column: local
-TransformerLens, local pyvene, local NNsight and hookwire remote (the suite checks this before
-timing; here it is checked on tiny-gpt2 without timing anything, so the suite cannot rot)."""
+TransformerLens, local pyvene, local NNsight, hookwire remote and NNsight code on hookwire (the
+suite checks this before timing; here it is checked on tiny-gpt2 without timing anything, so
+the suite cannot rot)."""
 from __future__ import annotations
 
 import sys
@@ -29,3 +30,5 @@ def test_columns_agree(workload, local_copies):
     # every column but the floor and the reference was compared
     assert set(checked) == set(workload.columns) - {"plain", workload.compare_to}
     assert "remote" in checked
+    if "nnsight" in workload.columns:   # NNsight's own code, on the weightless remote model
+        assert "nnsight_remote" in checked

@@ -198,3 +198,53 @@ def test_in_place_write_into_a_broadcast_site_is_a_typed_error(server, tokens):
         assert conn.run(good_graph("tiny-gpt2"), {"input_ids": tokens}).values["resid"].shape
     finally:
         conn.close()
+
+
+def _parameter_graph(model: str, seq: int) -> dict:
+    """Reads the model's own position embeddings ("@" constant) and puts a view of them where
+    the model goes on: as the replacement of the position embedding's output, in place into
+    the residual stream, and through a functional setitem of the parameter itself."""
+    wpe = {"const": "@transformer.wpe.weight"}
+    return {"version": 1, "model": model, "inputs": {"input_ids": "input_ids"},
+            "constants": ["@transformer.wpe.weight"],
+            "sites": [{"name": "hf:transformer.wpe:output"}, {"name": "hf:transformer.drop:output"}],
+            "nodes": [{"id": 0, "op": "getitem", "args": [wpe, [{"slice": [0, seq, None]}]]},
+                      {"id": 1, "op": "unsqueeze", "args": [{"ref": 0}, 0]},
+                      {"id": 2, "op": "site.read", "args": [0]},
+                      {"id": 3, "op": "site.write", "args": [0, {"ref": 1}],
+                       "kwargs": {"mode": "replace"}},
+                      {"id": 4, "op": "setitem", "args": [wpe, [0], {"float": "nan"}]},
+                      {"id": 5, "op": "site.read", "args": [1]},
+                      {"id": 6, "op": "expand_as", "args": [{"ref": 1}, {"ref": 5}]},
+                      {"id": 9, "op": "site.write", "args": [1, {"ref": 6}],
+                       "kwargs": {"mode": "inplace"}},
+                      {"id": 7, "op": "getitem", "args": [{"ref": 4}, [0]]}],
+            "saves": {"nan_row": 7, "wpe": 0}, "forward": {"return_type": "logits"}}
+
+
+def test_graphs_reading_parameters_cannot_change_them(server, tokens):
+    """"@<name>" constants are the served tensors themselves: every op is functional, and a
+    value sharing a parameter's storage is copied before the model goes on with it."""
+    conn = Connection(server.url)
+    try:
+        before = weight_state(server)
+        values = conn.run(_parameter_graph("tiny-gpt2", tokens.shape[1]),
+                          {"input_ids": tokens}).values
+        assert values["nan_row"].isnan().all()          # computed on a copy...
+        wpe = server.server.entries["tiny-gpt2"].parameters["transformer.wpe.weight"]
+        torch.testing.assert_close(values["wpe"], wpe[:tokens.shape[1]])
+        assert weight_state(server) == before           # ...the served weights unchanged
+        graph = _parameter_graph("tiny-gpt2", tokens.shape[1])
+        graph["nodes"].append({"id": 10, "op": "const.grad",
+                               "args": [{"const": "@transformer.wpe.weight"}]})
+        graph["backward"] = 1
+        with pytest.raises(HookwireError, match="never differentiated"):
+            conn.run(graph, {"input_ids": tokens})
+        graph = _parameter_graph("tiny-gpt2", tokens.shape[1])
+        graph["constants"] = ["@transformer.no_such.weight"]
+        graph["nodes"][0]["args"][0] = {"const": "@transformer.no_such.weight"}
+        with pytest.raises(HookwireError, match="no parameter"):
+            conn.run(graph, {"input_ids": tokens})
+        assert weight_state(server) == before
+    finally:
+        conn.close()

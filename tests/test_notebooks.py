@@ -21,6 +21,7 @@ FIGURES = {
     "getting_started.ipynb": ["getting_started_patching.png"],
     "side_by_side.ipynb": ["side_by_side_timings.png", "side_by_side_patching.png"],
     "pyvene_remote.ipynb": ["pyvene_interchange.png"],
+    "nnsight_remote.ipynb": ["nnsight_activation_patching.png", "nnsight_logit_lens.png"],
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,6 +12,7 @@ import torch
 
 from hookwire.client import get_connection
 from hookwire.generation import TOKEN_PREFIX, parse_step_name
+from hookwire.graph import rename_constants
 from hookwire.hf.outputs import GenerateOutput, cache_hooks
 from hookwire.hf.trace_forward import trace_forward
 from hookwire.progress import ProgressBar
@@ -23,17 +24,6 @@ class TokenEvent:
     """A new token for every row, as soon as the server chose it (``step`` 0 is the first)."""
     step: int
     tokens: torch.Tensor
-
-
-def _renamed(value, names: dict):
-    """A graph argument with its constant ids mapped through ``names``."""
-    if isinstance(value, dict):
-        if set(value) == {"const"}:
-            return {"const": names[value["const"]]}
-        return {k: _renamed(v, names) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_renamed(v, names) for v in value]
-    return value
 
 
 class GenerationRun:
@@ -75,7 +65,7 @@ class GenerationRun:
             graphs.append({"version": 1, "model": model.name,
                            "inputs": {"input_ids": "input_ids"} if k == 0 else {},
                            "constants": sorted(set(names.values())), "sites": tr.sites,
-                           "nodes": _renamed(tr.nodes, names), "saves": tr.saves,
+                           "nodes": rename_constants(tr.nodes, names), "saves": tr.saves,
                            "forward": {"return_type": None}})
             escaped.append(traced.escaped)
             caches.append(cache)

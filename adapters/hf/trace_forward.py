@@ -20,19 +20,8 @@ import torch
 
 from hookwire.errors import HookwireError, TraceError
 from hookwire.hf.hooks import HookKey, module_of
-from hookwire.module_sites import module_site
+from hookwire.module_sites import ServerObject, module_site
 from hookwire.trace import Proxy, Tracer, tracing
-
-
-class ServerObject:
-    """Stands in for a non-tensor object the module gets or returns on the server (e.g. the
-    KV cache): pass it on unchanged."""
-
-    def __init__(self, type_name: str):
-        self.type_name = type_name
-
-    def __repr__(self):
-        return f"<{self.type_name} on the server>"
 
 
 @dataclass
