@@ -81,9 +81,13 @@ class HelloOk(_Msg):
 class SiteDescription(_Msg):
     name: str
     call: int = 0
-    shape: list[Union[int, Literal["B", "S"]]]
+    # "B": batch, "S": sequence, "B*S": both flattened into one dim (batch-major)
+    shape: list[Union[int, Literal["B", "S", "B*S"]]]
     dtype: str
     grad: bool = False  # has a gradient in a backward pass (depends on the weights)
+    # Fires only with eager attention (attention patterns and scores): requests that use it
+    # run with eager attention, as TransformerLens's own loader always does.
+    eager: bool = False
 
 
 class ModelInfo(_Msg):
@@ -99,6 +103,14 @@ class ModelInfo(_Msg):
         description="alias -> canonical hook name (e.g. blocks.0.hook_resid_pre -> "
                     "blocks.0.hook_in), so clients without TL 4 can map legacy names")
     tokenizer_files: dict[str, str]
+    # Sites that fire in the model's forward but cannot be hooked remotely as they run
+    # locally: name (a TL hook point or "hf:<path>:<kind>") -> why. Clients refuse hooks on
+    # them before sending anything.
+    unserved_sites: dict[str, str] = Field(default_factory=dict)
+    # What the forward returns: "logits", or "last_hidden_state" for a base model without an
+    # LM head (graphs read it as the "logits" output either way).
+    output: Literal["logits", "last_hidden_state"] = "logits"
+    output_dtype: str = "float32"
     # What torch hooks see besides tensors, for HF module sites: "hf:<path>:output" -> the
     # type names of the tuple a module returns (only tuple outputs are listed), and
     # "hf:<path>:input" -> those of its positional arguments; e.g. ["Tensor", "NoneType"].

@@ -48,17 +48,30 @@ class Limits:
     max_new_tokens: int = 1024            # tokens one generate request may ask for
 
 
+# A dim of a site's symbolic shape: "B" (batch), "S" (sequence), "B*S" (batch and sequence
+# flattened into one dim, batch-major: OPT's MLP, MoE routers) or a fixed size.
+FLAT = "B*S"
+
+
 @dataclass(frozen=True)
 class SiteInfo:
-    """A site as the model declares it: symbolic shape ('B', 'S' or an int per dim)."""
+    """A site as the model declares it: symbolic shape ('B', 'S', 'B*S' or an int per dim)."""
     name: str
     call: int
     shape: tuple
     dtype: torch.dtype
     grad: bool = False  # its value depends on the weights, so a backward pass reaches it
+    eager: bool = False  # fires only when attention runs eagerly (patterns, scores)
 
     def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else seq if d == "S" else d for d in self.shape)
+        return tuple(batch if d == "B" else seq if d == "S" else batch * seq if d == FLAT
+                     else d for d in self.shape)
+
+    @property
+    def flattened(self) -> bool:
+        """Batch and sequence share one dim: a request's rows are not a block of it once
+        requests of different lengths are padded together (such requests run alone)."""
+        return FLAT in self.shape
 
 
 @dataclass

@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -32,27 +31,14 @@ from hookwire.frames import TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
                                ModelInfoRequest, Submit, dump,
                                parse_client_message)
-from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
-                                        probe_module_sites)
-from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
+from hookwire.server.prepare import ModelEntry, prepare_model  # noqa: F401 (re-exported)
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
 from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
-
-
-@dataclass
-class ModelEntry:
-    hosted: HostedModel
-    sites: list
-    site_table: dict
-    site_order: dict
-    info_json: str
-    site_modules: dict
-    hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
 
 
 class ConnState:
@@ -122,29 +108,6 @@ def _internal_error(exc: Exception) -> HookwireError:
 def _jsonable(details: dict) -> dict:
     return {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool))
             or v is None}
-
-
-def prepare_model(hosted: HostedModel) -> ModelEntry:
-    # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
-    # clients see the sites they always saw, in the same order.
-    sites = probe_sites(hosted.bridge)
-    try:
-        hf_model = plain_hf_model(hosted.bridge)
-        module_sites = probe_module_sites(hf_model)
-        layouts = probe_module_layouts(hf_model)
-    except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
-        log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites, layouts = None, [], ({}, {})
-    sites = sites + module_sites
-    info = describe(hosted, sites)
-    info.module_layouts, info.step_module_layouts = layouts
-    site_table, site_order = site_lookup(hosted.bridge, sites)
-    site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
-    if hf_model is not None:
-        site_modules.update(module_table(hf_model, module_sites))
-    return ModelEntry(
-        hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
-        info_json=dump(info), site_modules=site_modules, hf_model=hf_model)
 
 
 class HookwireServer:

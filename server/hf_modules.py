@@ -15,11 +15,11 @@ import re
 import torch
 
 from hookwire.families import family_for_architecture
-from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import (element_values, is_module_site, module_site,
                                    parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
-from hookwire.server.manifest import _PROBES, symbolic_shape
+from hookwire.server.devices import input_device
+from hookwire.server.manifest import _PROBES, describe_fired
 from hookwire.validate import SiteInfo
 
 _WRAPPED = re.compile(r"(^|\.)_original_component")
@@ -29,14 +29,17 @@ def _canonical(name: str) -> str:
     return _WRAPPED.sub("", name)
 
 
-def plain_hf_model(bridge) -> torch.nn.Module:
-    """A plain HF model (built on the meta device, so nothing is allocated) whose every
-    parameter and buffer is the bridge's own tensor object."""
-    wrapped = bridge.original_model
+def plain_hf_model(hosted) -> torch.nn.Module:
+    """The plain HF tree module sites run on: a base model (no bridge) is its own; for a
+    bridge, a plain HF model (built on the meta device, so nothing is allocated) whose every
+    parameter and buffer is the bridge's own tensor object. A model spread over devices by
+    accelerate gets the same dispatch hooks on the mirror, so its sites survive the split."""
+    if hosted.bridge is None:
+        return hosted.hf_model
+    wrapped = hosted.bridge.original_model
     # Our own copy of the config: the attention implementation set below is this tree's only.
     cfg = copy.deepcopy(wrapped.config)
-    architecture = (getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0]
-    family = family_for_architecture(architecture)
+    family = family_for_architecture(hosted.architecture)
     tensors: dict[str, torch.Tensor] = {}
     for name, t in list(wrapped.named_parameters(remove_duplicate=False)) + \
             list(wrapped.named_buffers(remove_duplicate=False)):
@@ -53,7 +56,33 @@ def plain_hf_model(bridge) -> torch.nn.Module:
                 if shared is None or shared.shape != value.shape:
                     raise RuntimeError(f"cannot share {prefix + key} with the bridge's model")
                 store[key] = shared
+    if getattr(wrapped, "hf_device_map", None):
+        _mirror_dispatch(wrapped, plain)
     return plain.eval()
+
+
+def _mirror_dispatch(wrapped, plain) -> None:
+    """Give each module of ``plain`` a copy of accelerate's hook on its counterpart in the
+    bridge's model: inputs move to the module's device, offloaded weights are brought in for
+    its forward and dropped after (each hook keeps its own parameter slots, so the two trees
+    never see each other's loaded weights)."""
+    from accelerate.hooks import add_hook_to_module
+
+    hooks: dict[str, object] = {}
+    for name, module in wrapped.named_modules(remove_duplicate=False):
+        hook = getattr(module, "_hf_hook", None)
+        canonical = _canonical(name)
+        if hook is None:
+            continue
+        try:
+            counterpart = plain.get_submodule(canonical)
+        except AttributeError:
+            continue
+        if type(counterpart) is type(module):  # the HF module, not a TL wrapper of it
+            hooks[canonical] = hook
+    for name, hook in hooks.items():
+        add_hook_to_module(plain.get_submodule(name), copy.copy(hook))
+    plain.hf_device_map = dict(wrapped.hf_device_map)
 
 
 def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = False
@@ -85,9 +114,9 @@ def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = F
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
-        device = next(model.parameters()).device
         tokens = torch.randint(0, min(vocab, 256), (batch, seq),
-                               generator=torch.Generator().manual_seed(0)).to(device)
+                               generator=torch.Generator().manual_seed(0)).to(
+                                   input_device(model))
         with torch.no_grad(), attention_weight_sites(model, attention_weights):
             model(input_ids=tokens)
     finally:
@@ -96,8 +125,9 @@ def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = F
     return fired
 
 
-def probe_module_sites(model) -> list[SiteInfo]:
-    """Module sites that fire with a tensor, in firing order, with symbolic shapes."""
+def probe_module_sites(model) -> tuple[list[SiteInfo], dict[str, str]]:
+    """(module sites that fire with a tensor, in firing order, with symbolic shapes;
+    {site: why it cannot be served} for those whose shapes cannot be described)."""
     vocab = model.config.vocab_size
     (b1, s1), (b2, s2) = _PROBES
     first, second = _record(model, b1, s1, vocab), _record(model, b2, s2, vocab)
@@ -110,16 +140,11 @@ def probe_module_sites(model) -> list[SiteInfo]:
         first, second = ([e for e in _record(model, b, s, vocab, attention_weights=True)
                           if (e[0], e[1]) in plain or e[0] in weight_names]
                          for b, s in ((b1, s1), (b2, s2)))
-    if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
-        raise RuntimeError("module sites fire in a different order for different input sizes")
-    sites = []
-    for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
-        if len(shape1) != len(shape2) or dtype not in DTYPE_NAMES:
-            continue
-        dims = symbolic_shape(shape1, shape2)
-        if dims is not None:
-            sites.append(SiteInfo(name, call, dims, dtype))
-    return sites
+    try:
+        return describe_fired(first, second)
+    except RuntimeError:
+        raise RuntimeError("module sites fire in a different order for different input "
+                           "sizes") from None
 
 
 def _weight_site_names(model) -> set[str]:
@@ -160,8 +185,7 @@ def _layouts(model, run) -> dict[str, list[str]]:
 def probe_module_layouts(model) -> tuple[dict, dict]:
     """(layouts in a plain forward, layouts in a generation step's forward where they
     differ): what a client needs to hand hooks the tuples torch would."""
-    device = next(model.parameters()).device
-    tokens = torch.zeros((1, 3), dtype=torch.int64, device=device)
+    tokens = torch.zeros((1, 3), dtype=torch.int64, device=input_device(model))
     fwd = type(model).forward
     plain = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
     cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values

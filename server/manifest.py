@@ -8,15 +8,17 @@ sizes and recording every hook point as it fires; each dimension is then named `
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
+from hookwire.server.devices import input_device
 from hookwire.server.tl_modes import tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription
 from hookwire.tokenizer import tokenizer_files
-from hookwire.validate import SiteInfo
+from hookwire.validate import FLAT, SiteInfo
 
 _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
@@ -51,7 +53,7 @@ def _record_sites(bridge, batch: int, seq: int
     try:
         vocab = bridge.cfg.d_vocab
         tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
-                               .manual_seed(0)).to(next(bridge.parameters()).device)
+                               .manual_seed(0)).to(input_device(bridge.original_model))
         # As a local run_with_cache(incl_bwd=True) would: backward hooks everywhere (TL's
         # normalizations then keep hook_normalized in the autograd graph).
         with torch.enable_grad(), tl_hooks_marked(bwd_points=[hp for _, hp in
@@ -72,24 +74,69 @@ def _record_sites(bridge, batch: int, seq: int
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
-def probe_sites(bridge) -> list[SiteInfo]:
+def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str]]:
+    """(TL hook sites in firing order, {hook point: why it cannot be served}).
+
+    With ``eager_model`` (the bridge's HF model, when it does not already run eager
+    attention) the probe runs a second time with eager attention, as TransformerLens's own
+    loader hosts every model: sites that fire only there (``hook_pattern``,
+    ``hook_attn_scores`` on models whose attention is otherwise SDPA) are listed with
+    ``eager=True``; requests that read or write them run with eager attention."""
     (b1, s1), (b2, s2) = _PROBES
-    first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
-    if [(n, c) for n, c, *_ in first] != [(n, c) for n, c, *_ in second]:
+    fired = [_record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)]
+    eager_only: set = set()
+    if eager_model is not None:
+        from hookwire.server.attention_sites import eager_attention
+
+        with eager_attention(eager_model):
+            eager = [_record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)]
+        plain = [(n, c) for n, c, *_ in fired[0]]
+        with_eager = [(n, c) for n, c, *_ in eager[0]]
+        if [k for k in with_eager if k in set(plain)] == plain and len(with_eager) > len(plain):
+            eager_only = set(with_eager) - set(plain)
+            fired = eager
+    sites, unserved = describe_fired(*fired)
+    return [SiteInfo(s.name, s.call, s.shape, s.dtype, s.grad, (s.name, s.call) in eager_only)
+            for s in sites], unserved
+
+
+def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str, str]]:
+    """Two probes' fired sites ``(name, call, shape, dtype[, grad])`` -> the sites a graph may
+    use, with symbolic shapes, and {name: why not} for those that fire but cannot be
+    described: a shape that follows the values rather than the input's size (tokens routed
+    to one expert), calls whose number depends on the input, dtypes that cannot travel."""
+    unserved: dict[str, str] = {}
+    calls1, calls2 = Counter(e[0] for e in first), Counter(e[0] for e in second)
+    for name in calls1.keys() | calls2.keys():
+        if calls1[name] != calls2[name]:
+            unserved[name] = ("it fires a number of times that depends on the input "
+                              f"({calls1[name]} and {calls2[name]} calls for two input "
+                              "sizes), so a graph cannot name its calls before it runs")
+    first = [e for e in first if e[0] not in unserved]
+    second = [e for e in second if e[0] not in unserved]
+    if [(e[0], e[1]) for e in first] != [(e[0], e[1]) for e in second]:
         raise RuntimeError("hook sites fire in a different order for different input sizes")
     sites = []
-    for (name, call, shape1, dtype, grad), (_, _, shape2, *_) in zip(first, second):
-        if len(shape1) != len(shape2):
-            continue
-        dims = symbolic_shape(shape1, shape2)
-        if dims is not None and dtype in DTYPE_NAMES:
-            sites.append(SiteInfo(name, call, dims, dtype, grad))
-    return sites
+    for (name, call, shape1, dtype, *rest), (_, _, shape2, *_) in zip(first, second):
+        dims = symbolic_shape(shape1, shape2) if len(shape1) == len(shape2) else None
+        if dims is None:
+            (b1, s1), (b2, s2) = _PROBES
+            unserved.setdefault(name, (
+                f"its shape ({tuple(shape1)} for a {b1}x{s1} input, {tuple(shape2)} for "
+                f"{b2}x{s2}) does not follow batch and sequence length alone: it depends on "
+                "the values (e.g. how many tokens a router sends to an expert), and a graph's "
+                "shapes must be known before it runs"))
+        elif dtype not in DTYPE_NAMES:
+            unserved.setdefault(name, f"its values are {dtype}, which cannot travel")
+        else:
+            sites.append(SiteInfo(name, call, dims, dtype, bool(rest and rest[0])))
+    served = {s.name for s in sites}
+    return sites, {k: v for k, v in unserved.items() if k not in served}
 
 
 def symbolic_shape(shape1, shape2) -> tuple | None:
-    """One site's shapes in the two probes -> each dim as ``B``, ``S`` or its fixed size
-    (None when a dim moves with neither)."""
+    """One site's shapes in the two probes -> each dim as ``B``, ``S``, ``B*S`` (batch and
+    sequence flattened) or its fixed size (None when a dim moves with none of them)."""
     (b1, s1), (b2, s2) = _PROBES
     dims = []
     for d1, d2 in zip(shape1, shape2):
@@ -99,19 +146,25 @@ def symbolic_shape(shape1, shape2) -> tuple | None:
             dims.append("B")
         elif (d1, d2) == (s1, s2):
             dims.append("S")
+        elif (d1, d2) == (b1 * s1, b2 * s2):
+            dims.append(FLAT)
         else:
             return None
     return tuple(dims)
 
 
-def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
+def describe(hosted, sites: list[SiteInfo], unserved: dict[str, str]) -> ModelInfo:
+    bridge = hosted.bridge
     return ModelInfo(
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
         sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
-                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites],
-        hook_names=[name for name in hosted.bridge.hook_dict],
-        hook_aliases=hook_aliases(hosted.bridge),
-        tokenizer_files=tokenizer_files(hosted.tokenizer))
+                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager)
+               for s in sites],
+        unserved_sites=unserved,
+        hook_names=[name for name in bridge.hook_dict] if bridge is not None else [],
+        hook_aliases=hook_aliases(bridge) if bridge is not None else {},
+        tokenizer_files=tokenizer_files(hosted.tokenizer),
+        output=hosted.family.output_field)
 
 
 def hook_aliases(bridge) -> dict[str, str]:

@@ -1,0 +1,139 @@
+"""Getting a hosted model ready to serve: its hook sites (TL hook points, then HF module
+sites) with their shapes, what it tells clients, and the checks that it can be served at all.
+
+A model that cannot be served is refused here, at load, with the reason
+(``UnsupportedModel``): its TL bridge fails, its sites cannot be probed, or it is not causal
+(a later token changes earlier positions, so padded and co-batched requests would not equal
+their solo runs).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from hookwire.errors import UnsupportedModel
+from hookwire.frames import DTYPE_NAMES
+from hookwire.module_sites import PREFIX
+from hookwire.protocol import dump
+from hookwire.server.attention_sites import runs_eager
+from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
+                                        probe_module_sites)
+from hookwire.server.manifest import describe, probe_sites, site_lookup
+from hookwire.server.models import HostedModel, bridge_failure
+
+log = logging.getLogger("hookwire.server")
+
+# The manifest's entry for "no HF module sites at all" (the reason is its value).
+ALL_MODULE_SITES = PREFIX + "*"
+
+
+@dataclass
+class ModelEntry:
+    hosted: HostedModel
+    sites: list
+    site_table: dict
+    site_order: dict
+    info_json: str
+    site_modules: dict
+    hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
+    unserved: dict = field(default_factory=dict)   # site name -> why it cannot be hooked
+    output_dtype: torch.dtype = torch.float32      # of what the forward returns
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the last dim of what the forward returns (vocabulary, or hidden size)."""
+        if self.hosted.family.has_lm_head:
+            return self.hosted.vocab_size
+        return int(self.hosted.original.config.hidden_size)
+
+
+def prepare_model(hosted: HostedModel) -> ModelEntry:
+    try:
+        return _prepare(hosted)
+    except UnsupportedModel:
+        raise
+    except Exception as exc:
+        raise UnsupportedModel(bridge_failure(hosted.architecture, exc),
+                               architecture=hosted.architecture) from exc
+
+
+def _prepare(hosted: HostedModel) -> ModelEntry:
+    # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
+    # clients see the sites they always saw, in the same order.
+    sites, unserved = [], {}
+    if hosted.bridge is not None:
+        original = hosted.original
+        sites, unserved = probe_sites(hosted.bridge,
+                                      None if runs_eager(original) else original)
+    try:
+        hf_model = plain_hf_model(hosted)
+        module_sites, module_unserved = probe_module_sites(hf_model)
+        layouts = probe_module_layouts(hf_model)
+    except Exception as exc:
+        if hosted.bridge is None:
+            raise
+        # A model whose HF tree we cannot mirror still serves its TL sites; clients of the
+        # module-path fronts are told why they cannot use it.
+        log.exception("no HF module sites for %s", hosted.name)
+        hf_model, module_sites, layouts = None, [], ({}, {})
+        module_unserved = {ALL_MODULE_SITES: f"the server could not mirror {hosted.name!r}'s "
+                           f"HF module tree ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
+    output_dtype = check_causal(hosted, hf_model)
+    sites = sites + module_sites
+    unserved.update(module_unserved)
+    info = describe(hosted, sites, unserved)
+    info.output_dtype = DTYPE_NAMES[output_dtype]
+    info.module_layouts, info.step_module_layouts = layouts
+    site_table, site_order = (site_lookup(hosted.bridge, sites) if hosted.bridge is not None
+                              else _plain_lookup(sites))
+    site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()} \
+        if hosted.bridge is not None else {}
+    if hf_model is not None:
+        site_modules.update(module_table(hf_model, module_sites))
+    return ModelEntry(
+        hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
+        info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
+        output_dtype=output_dtype)
+
+
+def _plain_lookup(sites) -> tuple[dict, dict]:
+    return ({(s.name, s.call): s for s in sites},
+            {(s.name, s.call): i for i, s in enumerate(sites)})
+
+
+def check_causal(hosted: HostedModel, hf_model) -> torch.dtype:
+    """Refuse a model in which a later token changes earlier positions' outputs: requests are
+    padded on the right and co-batched on the promise that they cannot. Returns the dtype of
+    the forward's output."""
+    model = hosted.bridge if hosted.bridge is not None else hf_model
+    from hookwire.server.devices import input_device
+
+    tokens = torch.randint(0, min(hosted.vocab_size, 256), (1, 6),
+                           generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % min(hosted.vocab_size, 256)
+    outs = []
+    with torch.no_grad():
+        for t in (tokens, changed):
+            t = t.to(input_device(hosted.original))
+            if hosted.bridge is not None:
+                out = type(model).forward(model, t, return_type="logits")
+            else:
+                out = type(model).forward(model, input_ids=t, use_cache=False)
+                out = getattr(out, hosted.family.output_field)
+            dtype = out.dtype
+            outs.append(out[:, :-1].float().cpu())
+    scale = outs[0].abs().max().clamp_min(1e-6)
+    if not bool(((outs[0] - outs[1]).abs().max() / scale) < 1e-2):
+        raise UnsupportedModel(
+            f"cannot serve {hosted.name!r} ({hosted.architecture}): it is not causal -- a "
+            "later token changes the outputs at earlier positions (e.g. an encoder used as a "
+            "decoder without is_decoder=True), so padded and co-batched requests would not "
+            "equal their solo runs", architecture=hosted.architecture)
+    return dtype
+
+
+__all__ = ["ModelEntry", "prepare_model", "check_causal", "ALL_MODULE_SITES"]
