@@ -62,6 +62,12 @@ class Family:
         """The field of the model's output that a forward returns (and graphs read)."""
         return "logits" if self.has_lm_head else "last_hidden_state"
 
+    @property
+    def output_class(self) -> type:
+        """The model class's own output type (what ``model(input_ids)`` returns), read from
+        its forward's annotation (``tuple | CausalLMOutputWithPast`` included)."""
+        return output_class(self.model_class, self.has_lm_head)
+
     def config_to_dict(self, cfg, dtype: torch.dtype | None = None) -> dict:
         """The config as the client needs it to build the same model: every JSON value,
         lists and nested sub-configs included, and the dtype the model is *hosted* in."""
@@ -72,6 +78,17 @@ class Family:
         if dtype in DTYPES.values():
             out["dtype"] = next(k for k, v in DTYPES.items() if v == dtype)
         return out
+
+
+def output_class(model_class: type, has_lm_head: bool = True) -> type:
+    from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+    from transformers.utils import ModelOutput
+
+    returns = model_class.forward.__annotations__.get("return")
+    for candidate in (returns, *getattr(returns, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, ModelOutput):
+            return candidate
+    return CausalLMOutput if has_lm_head else BaseModelOutput
 
 
 # ---- the table ---------------------------------------------------------------------------------
@@ -202,5 +219,5 @@ def build_hf_model(architecture: str, config_dict: dict, *, seed: int | None = N
     return model.eval(), cfg
 
 
-__all__ = ["Family", "DTYPES", "family_for_architecture", "build_hf_model", "config_from_dict",
+__all__ = ["Family", "DTYPES", "output_class", "family_for_architecture", "build_hf_model", "config_from_dict",
            "served_architectures", "base_architectures", "refusal", "tl_architectures"]

@@ -30,16 +30,18 @@ def _canonical(name: str) -> str:
 
 
 def plain_hf_model(hosted) -> torch.nn.Module:
-    """The plain HF tree module sites run on: a base model (no bridge) is its own; for a
-    bridge, a plain HF model (built on the meta device, so nothing is allocated) whose every
+    """The plain HF tree module sites run on (``hosted``: a HostedModel, or a TL bridge): a
+    base model (no bridge) is its own; for a bridge, a plain HF model (built on the meta device, so nothing is allocated) whose every
     parameter and buffer is the bridge's own tensor object. A model spread over devices by
     accelerate gets the same dispatch hooks on the mirror, so its sites survive the split."""
-    if hosted.bridge is None:
+    bridge = getattr(hosted, "bridge", hosted)
+    if bridge is None:
         return hosted.hf_model
-    wrapped = hosted.bridge.original_model
+    wrapped = bridge.original_model
     # Our own copy of the config: the attention implementation set below is this tree's only.
     cfg = copy.deepcopy(wrapped.config)
-    family = family_for_architecture(hosted.architecture)
+    family = family_for_architecture(getattr(hosted, "architecture", None) or (
+        getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0])
     tensors: dict[str, torch.Tensor] = {}
     for name, t in list(wrapped.named_parameters(remove_duplicate=False)) + \
             list(wrapped.named_buffers(remove_duplicate=False)):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hookwire.errors import HookwireError, TraceError
+from hookwire.errors import HookwireError, SiteNotServed, TraceError
 from hookwire.hf.hooks import HookKey, module_of
 from hookwire.module_sites import module_site
 from hookwire.trace import Proxy, Tracer, tracing
@@ -69,6 +69,11 @@ class _ForwardTrace:
         for key, fn in hooks:
             module_of(self.stand_in, key)  # a clear error for a path the model lacks
             name = module_site(key.path, key.kind)
+            reason = self.info.unserved_reason(name)
+            if reason is not None:
+                raise SiteNotServed(f"hook {key.label!r} cannot run remotely: {reason}. Hook "
+                                    "a neighbouring module instead, or run this model "
+                                    "locally", site=name)
             calls = self.calls.get(name, [])
             if key.call is not None:
                 if key.call not in calls:

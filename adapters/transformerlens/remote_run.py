@@ -18,7 +18,7 @@ except ImportError:  # TL 2.x has no bridges; its forward returns early instead 
 
 from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
-from hookwire.errors import HookwireError, TraceError
+from hookwire.errors import HookwireError, SiteNotServed, TraceError
 from hookwire.frames import DTYPE_NAMES
 from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
@@ -74,6 +74,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     ``(index, site, hook_point)`` for :func:`trace_backward_hooks`."""
     hook_dict = _hook_points(model)
     hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks or hp._backward_hooks}
+    check_served(hook_dict, info)
     covered = set()
     with tracing(tracer):
         for site in info.sites:
@@ -129,6 +130,20 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     return False
 
 
+def check_served(hook_dict: dict, info: RemoteModelInfo) -> None:
+    """Refuse, before anything is sent, hooks on hook points that fire in the server's forward
+    but that it cannot run hooks on as they run locally (the manifest says why)."""
+    for name, hp in hook_dict.items():
+        if not (hp._forward_hooks or hp._backward_hooks):
+            continue
+        reason = info.unserved_reason(getattr(hp, "name", None) or name) or \
+            info.unserved_reason(name)
+        if reason is not None:
+            raise SiteNotServed(f"a hook on {name!r} cannot run remotely: {reason}. Hook a "
+                                "neighbouring site instead, or run this model locally",
+                                site=name)
+
+
 def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tracer) -> None:
     """Call every backward hook on the gradient of its site, latest site first (the order a
     backward pass reaches them). Hooks that read gradients are supported; hooks that change
@@ -163,7 +178,7 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
                           return_type, loss_per_token: bool, metric):
     """The scalar the server differentiates: ``metric(output)`` traced like a hook, or the
     loss itself. Returns (proxy, forward return_type to request)."""
-    dtype = info.sites[-1].dtype if info.sites else torch.float32
+    dtype = info.output_dtype
     if return_type is None:
         raise HookwireError("metric= and backward hooks need the forward's output: "
                             "return_type=None computes none")
