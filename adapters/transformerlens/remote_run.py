@@ -75,6 +75,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     hook_dict = _hook_points(model)
     hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks or hp._backward_hooks}
     check_served(hook_dict, info)
+    stamp_token_shape(hook_dict, batch, seq)
     covered = set()
     with tracing(tracer):
         for site in info.sites:
@@ -112,6 +113,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
             if x._hw_version > 0:
                 tracer.write_site(index, x, "inplace")
             if out is not x:
+                out = _token_layout(out, x, hp)
                 _check_replacement(out, x, site.name)
                 tracer.write_site(index, out, "replace")
             if stopping or stopped_by_hook is not None:
@@ -128,6 +130,18 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
             raise HookwireError(f"hooks on {names[:5]} cannot run remotely: the server's "
                                 "model has no such hook point (is it the same architecture?)")
     return False
+
+
+def stamp_token_shape(hook_dict: dict, batch: int, seq: int) -> None:
+    """Some TL hook conversions need the live (batch, seq) to show a hook the shape it sees
+    locally: OPT's blocks flatten tokens to (batch*seq, d) around the MLP, and TL's block
+    forward stamps (batch, seq) on those hook points' conversions so hooks get
+    (batch, seq, d). Here the block's forward runs on the server, so the stamp is made
+    before tracing, as the block would make it."""
+    for hp in hook_dict.values():
+        conversion = getattr(hp, "hook_conversion", None)
+        if conversion is not None and hasattr(conversion, "batch_seq"):
+            conversion.batch_seq = (batch, seq)
 
 
 def check_served(hook_dict: dict, info: RemoteModelInfo) -> None:
@@ -219,6 +233,21 @@ def _hook_points(model) -> dict:
                   if hasattr(hp, "_forward_hooks")}
         _HOOK_POINTS[model] = points
     return points
+
+
+def _token_layout(out, x, hp):
+    """TL's OPT conversion reverts what a hook returns to the flattened (batch*seq, d) layout
+    even at hook points whose activation is (batch, seq, d), and locally torch then carries
+    the flattened tensor on (the values are the same). On the server the write keeps the
+    site's own layout: the same elements, reshaped."""
+    if getattr(hp, "hook_conversion", None) is None or not isinstance(out, torch.Tensor) or \
+            out.dtype != x.dtype or out.dim() == x.dim():
+        return out
+    shape, got = tuple(x.shape), tuple(out.shape)
+    flat = (shape[0] * shape[1],) + shape[2:] if len(shape) >= 2 else None
+    if got == flat or (len(got) >= 2 and (got[0] * got[1],) + got[2:] == shape):
+        return out.reshape(shape)
+    return out
 
 
 def _check_replacement(out, x, site_name):
