@@ -78,6 +78,8 @@ class RemoteModelInfo:
     unserved: dict[str, str] = field(default_factory=dict)  # site -> why it cannot be hooked
     output: str = "logits"          # or "last_hidden_state" (a base model without LM head)
     output_dtype: torch.dtype = torch.float32
+    generate_refused: str | None = None   # why it cannot generate on the server
+    list_outputs: frozenset = frozenset()  # output sites whose module returns a list
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -98,6 +100,8 @@ class RemoteModelInfo:
         if msg.output_dtype not in DTYPES:
             raise ProtocolError(f"server described the output with dtype {msg.output_dtype!r}")
         info.output_dtype = DTYPES[msg.output_dtype]
+        info.generate_refused = msg.generate_refused
+        info.list_outputs = frozenset(msg.list_outputs)
         return info
 
     def unserved_reason(self, name: str) -> str | None:

@@ -18,6 +18,7 @@ nothing is imported by a name the table does not already hold.
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 
@@ -35,16 +36,24 @@ _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _clean_config(value, depth: int = 0):
-    """A config's JSON values, minus keys that must not travel (see ``_DROPPED_KEYS``)."""
+_FLOAT = "__float__"  # JSON has no inf/nan: {"__float__": "inf"} stands for float("inf")
+
+
+def _clean_config(value, depth: int = 0, decode: bool = False):
+    """A config's JSON values, minus keys that must not travel (see ``_DROPPED_KEYS``);
+    non-finite floats are encoded (``decode``: decoded back)."""
     if depth > 8:
         raise UnsupportedModel("model config nested deeper than 8 levels")
     if isinstance(value, dict):
-        return {k: _clean_config(v, depth + 1) for k, v in value.items()
+        if decode and set(value) == {_FLOAT} and value[_FLOAT] in ("inf", "-inf", "nan"):
+            return float(value[_FLOAT])
+        return {k: _clean_config(v, depth + 1, decode) for k, v in value.items()
                 if isinstance(k, str) and _KEY.match(k) and k not in _DROPPED_KEYS
                 and "implementation" not in k}
     if isinstance(value, (list, tuple)):
-        return [_clean_config(v, depth + 1) for v in value]
+        return [_clean_config(v, depth + 1, decode) for v in value]
+    if isinstance(value, float) and not math.isfinite(value) and not decode:
+        return {_FLOAT: str(value)}
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     return None  # not JSON: left to the config class's default
@@ -191,7 +200,7 @@ def config_from_dict(family: Family, config_dict: dict):
     """The family's config from a dict that may have crossed the wire (cleaned again)."""
     if not isinstance(config_dict, dict):
         raise UnsupportedModel("a model config must be a JSON object")
-    values = _clean_config(config_dict)
+    values = _clean_config(config_dict, decode=True)
     dtype = config_dict.get("dtype")
     cfg = family.config_class(**values)
     cfg.architectures = [family.architecture]

@@ -111,6 +111,8 @@ class ModelInfo(_Msg):
     # LM head (graphs read it as the "logits" output either way).
     output: Literal["logits", "last_hidden_state"] = "logits"
     output_dtype: str = "float32"
+    # Why the model cannot generate on the server (hookwire.hf generate), or None.
+    generate_refused: str | None = None
     # What torch hooks see besides tensors, for HF module sites: "hf:<path>:output" -> the
     # type names of the tuple a module returns (only tuple outputs are listed), and
     # "hf:<path>:input" -> those of its positional arguments; e.g. ["Tensor", "NoneType"].
@@ -118,6 +120,8 @@ class ModelInfo(_Msg):
     # where they differ.
     module_layouts: dict[str, list[str]] = Field(default_factory=dict)
     step_module_layouts: dict[str, list[str]] = Field(default_factory=dict)
+    # Output sites of modules that return a list rather than a tuple (GPT-1's blocks).
+    list_outputs: list[str] = Field(default_factory=list)
 
 
 class Accepted(_Msg):

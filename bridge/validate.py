@@ -40,6 +40,9 @@ class Limits:
     max_output_bytes: int = 2 << 30
     max_seq: int = 8192
     max_resident_bytes: int = 1 << 30     # per user: values kept between requests
+    # server-wide: of those, bytes kept in accelerator (GPU) memory; the rest stay in CPU
+    # memory and move to the activation's device when a request uses them
+    max_resident_device_bytes: int = 1 << 30
     max_queued_per_user: int = 64         # requests waiting to run, per user
     max_connections_per_user: int = 32
     max_request_seconds: float = 600.0    # wall time of one request once it starts

@@ -127,7 +127,8 @@ class HookwireServer:
         self.worker = engine  # the engine seam: submit, queue_depth, cancel, describe, stop
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
-        self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s)
+        self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s,
+                                   self.limits.max_resident_device_bytes)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
 

@@ -48,9 +48,9 @@ def validate_generation(job, entry, limits, input_ids) -> list:
     if entry.hf_model is None:
         raise ProtocolError(f"model {submit.graph.model!r} has no HF module tree here: "
                             "it cannot generate")
-    if not entry.hosted.family.has_lm_head:
-        raise UnsupportedModel(f"model {submit.graph.model!r} ({entry.hosted.architecture}) "
-                               "has no LM head: there are no logits to pick tokens from")
+    if entry.generate_refused is not None:
+        raise UnsupportedModel(f"model {submit.graph.model!r} cannot generate on this server: "
+                               f"{entry.generate_refused}")
     if spec.max_new_tokens > limits.max_new_tokens:
         raise LimitExceeded(f"max_new_tokens={spec.max_new_tokens}; limit "
                             f"{limits.max_new_tokens}", rule="max_new_tokens")

@@ -39,7 +39,11 @@ def plain_hf_model(hosted) -> torch.nn.Module:
         return hosted.hf_model
     wrapped = bridge.original_model
     # Our own copy of the config: the attention implementation set below is this tree's only.
+    # It is the HF model's own (or transformers' default), not the eager one TransformerLens
+    # may have forced on the bridge's model for its hook points: module-path users compare
+    # with a plain HF model.
     cfg = copy.deepcopy(wrapped.config)
+    cfg._attn_implementation = getattr(hosted, "hf_attention", None)
     family = family_for_architecture(getattr(hosted, "architecture", None) or (
         getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0])
     tensors: dict[str, torch.Tensor] = {}
@@ -155,8 +159,9 @@ def _weight_site_names(model) -> set[str]:
             for kind in ("input", "output")}
 
 
-def _layouts(model, run) -> dict[str, list[str]]:
-    """Type names of tuple outputs and positional arguments, per module site (first call)."""
+def _layouts(model, run, lists: set | None = None) -> dict[str, list[str]]:
+    """Type names of tuple (or list) outputs and positional arguments, per module site
+    (first call); output sites of modules that return a list go to ``lists``."""
     found: dict[str, list[str]] = {}
 
     def names(values):
@@ -171,8 +176,10 @@ def _layouts(model, run) -> dict[str, list[str]]:
             found.setdefault(module_site(path, "input"), names(args))
 
         def post(mod, args, output, path=path):
-            if isinstance(output, tuple):
+            if isinstance(output, (tuple, list)):
                 found.setdefault(module_site(path, "output"), names(output))
+                if isinstance(output, list) and lists is not None:
+                    lists.add(module_site(path, "output"))
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
     try:
@@ -184,16 +191,22 @@ def _layouts(model, run) -> dict[str, list[str]]:
     return found
 
 
-def probe_module_layouts(model) -> tuple[dict, dict]:
+def probe_module_layouts(model) -> tuple[dict, dict, list]:
     """(layouts in a plain forward, layouts in a generation step's forward where they
-    differ): what a client needs to hand hooks the tuples torch would."""
+    differ, output sites whose module returns a list): what a client needs to hand hooks the
+    tuples (and lists) torch would."""
     tokens = torch.zeros((1, 3), dtype=torch.int64, device=input_device(model))
     fwd = type(model).forward
-    plain = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
-    cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
-    step = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1], past_key_values=cache,
-                                       use_cache=True))
-    return plain, {k: v for k, v in step.items() if plain.get(k) != v}
+    lists: set = set()
+    plain = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False), lists)
+    try:
+        with torch.no_grad():
+            cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
+        step = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1],
+                                           past_key_values=cache, use_cache=True))
+    except Exception:  # no KV cache: the model does not generate on the server (prepare.py)
+        step = {}
+    return plain, {k: v for k, v in step.items() if plain.get(k) != v}, sorted(lists)
 
 
 def module_table(model, sites=()) -> dict[str, torch.nn.Module]:

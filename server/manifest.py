@@ -23,13 +23,23 @@ from hookwire.validate import FLAT, SiteInfo
 _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
 
-def _record_sites(bridge, batch: int, seq: int
+def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None
                   ) -> list[tuple[str, int, tuple, torch.dtype, bool]]:
-    """(name, call, shape, dtype, has_gradient) for every hook point as it fires.
+    """(name, call, shape, dtype, has_gradient) for every hook point as it fires with a
+    tensor; hook points that fire with something else go to ``nontensor`` (name -> what).
 
     The probe runs with autograd on and then differentiates the logits: a site has a gradient
     when its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in``
-    on Llama does not). Locally, only such sites fire their backward hooks."""
+    on Llama does not). Locally, only such sites fire their backward hooks. It runs as a
+    local ``run_with_cache(incl_bwd=True)`` would (backward hooks everywhere), unless TL's
+    own backward-hook path fails on this model; then without them."""
+    try:
+        return _record(bridge, batch, seq, nontensor, mark_backward=True)
+    except Exception:
+        return _record(bridge, batch, seq, nontensor, mark_backward=False)
+
+
+def _record(bridge, batch, seq, nontensor, mark_backward):
     # One entry per hook point, named by its canonical name (aliases share the object).
     points = {id(hp): (hp.name or name, hp) for name, hp in bridge.hook_dict.items()
               if isinstance(hp, HookPoint)}
@@ -48,16 +58,16 @@ def _record_sites(bridge, batch: int, seq: int
                     output = output.view_as(output)
                 outputs.append(output)
                 return output
+            if nontensor is not None and output is not None:
+                nontensor.setdefault(name, _describe_value(output))
             return None
         handles.append(hp.register_forward_hook(hook))
     try:
         vocab = bridge.cfg.d_vocab
         tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
                                .manual_seed(0)).to(input_device(bridge.original_model))
-        # As a local run_with_cache(incl_bwd=True) would: backward hooks everywhere (TL's
-        # normalizations then keep hook_normalized in the autograd graph).
-        with torch.enable_grad(), tl_hooks_marked(bwd_points=[hp for _, hp in
-                                                             points.values()]), \
+        marks = [hp for _, hp in points.values()] if mark_backward else []
+        with torch.enable_grad(), tl_hooks_marked(bwd_points=marks), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TL's notes on the path it takes: expected here
             logits = bridge(tokens, return_type="logits")
@@ -74,6 +84,14 @@ def _record_sites(bridge, batch: int, seq: int
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
+def _describe_value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join("Tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                          for v in value)
+        return f"a {type(value).__name__} ({inner})"
+    return f"a {type(value).__name__}"
+
+
 def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str]]:
     """(TL hook sites in firing order, {hook point: why it cannot be served}).
 
@@ -83,7 +101,8 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
     ``hook_attn_scores`` on models whose attention is otherwise SDPA) are listed with
     ``eager=True``; requests that read or write them run with eager attention."""
     (b1, s1), (b2, s2) = _PROBES
-    fired = [_record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)]
+    nontensor: dict[str, str] = {}
+    fired = [_record_sites(bridge, b1, s1, nontensor), _record_sites(bridge, b2, s2)]
     eager_only: set = set()
     if eager_model is not None:
         from hookwire.server.attention_sites import eager_attention
@@ -96,6 +115,12 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
             eager_only = set(with_eager) - set(plain)
             fired = eager
     sites, unserved = describe_fired(*fired)
+    for name, what in nontensor.items():
+        # Remote TL hooks are handed tensors; locally this one gets the whole value.
+        unserved.setdefault(name, f"it fires with {what}, not a tensor, and remote TL hooks "
+                                  "get tensors; hook the HF module it wraps with "
+                                  "hookwire.hf instead (torch hooks there get the whole "
+                                  "tuple)")
     return [SiteInfo(s.name, s.call, s.shape, s.dtype, s.grad, (s.name, s.call) in eager_only)
             for s in sites], unserved
 

@@ -78,6 +78,10 @@ class HostedModel:
     tokenizer: object
     hf_model: torch.nn.Module | None = None   # set for base models (no bridge)
     family: Family | None = field(default=None, repr=False)
+    # The HF model's own attention implementation, before TransformerLens forced eager on
+    # it for its hook points (None: transformers' default). HF module sites run with it, as
+    # the same model does in a local HF forward.
+    hf_attention: str | None = None
 
     def __post_init__(self):
         if self.family is None:
@@ -151,6 +155,7 @@ def host(name: str, hf_model, cfg, tokenizer, architecture: str) -> HostedModel:
     """Wrap an HF model of a served family for hosting, or refuse it with the reason."""
     family = family_for_architecture(architecture)
     config_dict = family.config_to_dict(cfg, dtype=model_dtype(hf_model))
+    hf_attention = getattr(hf_model.config, "_attn_implementation", None)
     if not family.has_lm_head:
         return HostedModel(name, architecture, config_dict, None, tokenizer,
                            hf_model=hf_model.eval(), family=family)
@@ -159,7 +164,8 @@ def host(name: str, hf_model, cfg, tokenizer, architecture: str) -> HostedModel:
     except Exception as exc:
         raise UnsupportedModel(bridge_failure(architecture, exc),
                                architecture=architecture) from exc
-    return HostedModel(name, architecture, config_dict, bridge, tokenizer, family=family)
+    return HostedModel(name, architecture, config_dict, bridge, tokenizer, family=family,
+                       hf_attention=hf_attention)
 
 
 def bridge_failure(architecture: str, exc: BaseException) -> str:

@@ -40,6 +40,7 @@ class ModelEntry:
     hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
     unserved: dict = field(default_factory=dict)   # site name -> why it cannot be hooked
     output_dtype: torch.dtype = torch.float32      # of what the forward returns
+    generate_refused: str | None = None            # why it cannot generate here (None: can)
 
     @property
     def output_dim(self) -> int:
@@ -77,16 +78,18 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         # A model whose HF tree we cannot mirror still serves its TL sites; clients of the
         # module-path fronts are told why they cannot use it.
         log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites, layouts = None, [], ({}, {})
+        hf_model, module_sites, layouts = None, [], ({}, {}, [])
         module_unserved = {ALL_MODULE_SITES: f"the server could not mirror {hosted.name!r}'s "
                            f"HF module tree ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
     output_dtype = check_causal(hosted, hf_model)
+    generate_refused = kv_cache_refusal(hosted, hf_model)
     sites = sites + module_sites
     unserved.update(module_unserved)
     info = describe(hosted, sites, unserved)
     info.output_dtype = DTYPE_NAMES[output_dtype]
-    info.module_layouts, info.step_module_layouts = layouts
+    info.generate_refused = generate_refused
+    info.module_layouts, info.step_module_layouts, info.list_outputs = layouts
     site_table, site_order = (site_lookup(hosted.bridge, sites) if hosted.bridge is not None
                               else _plain_lookup(sites))
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()} \
@@ -96,7 +99,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
-        output_dtype=output_dtype)
+        output_dtype=output_dtype, generate_refused=generate_refused)
 
 
 def _plain_lookup(sites) -> tuple[dict, dict]:
@@ -136,4 +139,43 @@ def check_causal(hosted: HostedModel, hf_model) -> torch.dtype:
     return dtype
 
 
-__all__ = ["ModelEntry", "prepare_model", "check_causal", "ALL_MODULE_SITES"]
+def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
+    """Why the server's token loop cannot generate with this model (None: it can). The loop
+    keeps a transformers ``DynamicCache`` and runs one new token per forward; it is used only
+    where that gives the logits a full forward gives (models that keep their state in an
+    object of their own -- SSMs, RWKV -- or keep none are refused, with a way out)."""
+    if not hosted.family.has_lm_head:
+        return f"{hosted.architecture} has no LM head: there are no logits to pick tokens from"
+    if hf_model is None:
+        return "the server has no HF module tree for it"
+    from transformers import DynamicCache
+
+    from hookwire.server.devices import input_device
+
+    way_out = ("; generate with TransformerLens's generate(remote=True) instead (it re-runs "
+               "the whole sequence at every step), or locally")
+    tokens = torch.randint(0, min(hosted.vocab_size, 256), (1, 5),
+                           generator=torch.Generator().manual_seed(2)).to(
+                               input_device(hf_model))
+    forward = type(hf_model).forward
+    try:
+        with torch.no_grad():
+            full = forward(hf_model, input_ids=tokens, use_cache=False).logits[:, -1]
+            kv = DynamicCache(config=hf_model.config)
+            forward(hf_model, input_ids=tokens[:, :-1], past_key_values=kv, use_cache=True)
+            step = forward(hf_model, input_ids=tokens[:, -1:], past_key_values=kv,
+                           use_cache=True).logits[:, -1]
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return (f"{hosted.architecture} does not run with a KV cache here "
+                f"({type(exc).__name__}: {first})" + way_out)
+    scale = full.float().abs().max().clamp_min(1e-6)
+    if not bool(((step.float() - full.float()).abs().max() / scale) < 1e-2):
+        return (f"{hosted.architecture} keeps its state in a cache of its own, not in a KV "
+                "cache: the server's token loop would give other tokens than a full forward"
+                + way_out)
+    return None
+
+
+__all__ = ["ModelEntry", "prepare_model", "check_causal", "kv_cache_refusal",
+           "ALL_MODULE_SITES"]

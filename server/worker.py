@@ -389,7 +389,7 @@ class ModelWorker(threading.Thread):
         resident = None
         if keep and job.submit.keep_results:
             resident = new_result_id()
-            if not job.conn.store.put(resident, kept):
+            if not job.conn.store.put(resident, kept, cpu_copy=value):
                 resident = None  # larger than the user's whole quota
         job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
                                              tensor=header, resident=resident)))

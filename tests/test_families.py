@@ -30,9 +30,8 @@ import hookwire.pyvene
 import hookwire.server as hs
 import hookwire.transformerlens as htl
 import pyvene as pv
-from hookwire.errors import UnsupportedModel
+from hookwire.errors import SiteNotServed, UnsupportedModel
 from hookwire.families import (build_hf_model, family_for_architecture, served_architectures)
-from hookwire.hf.local import LocalModel
 from hookwire.server.attention_sites import eager_attention
 from hookwire.server.models import wrap_in_bridge
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
@@ -70,11 +69,14 @@ class Case:
 
 
 def layers_path(model) -> str:
+    """The decoder layers' module list (the first list of ``num_hidden_layers`` modules, or,
+    for a model that counts layers otherwise -- HRM's two stacks -- its first list)."""
+    lists = [path for path, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module)]
     n = model.config.num_hidden_layers
-    for path, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return path
-    raise AssertionError(f"{type(model).__name__}: no module list of {n} layers")
+    exact = [p for p in lists if len(model.get_submodule(p)) == n]
+    assert lists, f"{type(model).__name__} has no module list"
+    return (exact or lists)[0]
 
 
 @pytest.fixture(scope="module", params=SERVED)
@@ -107,7 +109,18 @@ def test_refused_at_load_with_the_reason(arch):
 
 # ---- TransformerLens -----------------------------------------------------------------------
 
-def tl_hooks(store: dict):
+def resid_sites(case) -> list[str]:
+    """Hook points that carry the residual stream (batch, seq, d_model), in firing order:
+    the matrix hooks a third and two thirds of the way through (names differ by family)."""
+    d_model = case.local_tl.cfg.d_model
+    info = hookwire.client.get_connection().model_info(case.name)
+    names = [s.name for s in info.sites if not s.name.startswith("hf:") and s.call == 0
+             and s.shape == ("B", "S", d_model) and not s.name.startswith("hook_")]
+    assert len(names) >= 3, names
+    return [names[len(names) // 3], names[2 * len(names) // 3]]
+
+
+def tl_hooks(sites: list[str], store: dict):
     def steer(x, hook):
         return x + 0.25
 
@@ -116,40 +129,48 @@ def tl_hooks(store: dict):
 
     def keep(x, hook):
         store[hook.name] = x.detach().clone()
-    return [("blocks.0.hook_out", steer), ("blocks.1.hook_out", edit_in_place),
-            ("blocks.1.hook_out", keep)]
+    return [(sites[0], steer), (sites[1], edit_in_place), (sites[1], keep)]
 
 
 @pytest.mark.parametrize("front", ["stand_in", "local_bridge"])
 def test_tl_run_with_hooks(case, front):
+    sites = resid_sites(case)
     local_store, remote_store = {}, {}
-    expected = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(local_store))
+    expected = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(sites, local_store))
     if front == "stand_in":
-        got = htl.RemoteModel(case.name).run_with_hooks(TOKENS, fwd_hooks=tl_hooks(remote_store))
+        got = htl.RemoteModel(case.name).run_with_hooks(
+            TOKENS, fwd_hooks=tl_hooks(sites, remote_store))
     else:
-        got = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(remote_store),
+        got = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(sites, remote_store),
                                            remote=True, remote_model=case.name)
     assert_close(got, expected)
-    assert remote_store.keys() == local_store.keys() and remote_store
-    for key in local_store:
-        assert_close(remote_store[key], local_store[key])
+    assert local_store.keys() == {sites[1]}, f"{sites[1]} never fired locally"
+    assert remote_store.keys() == local_store.keys()
+    assert_close(remote_store[sites[1]], local_store[sites[1]])
 
 
 @pytest.mark.parametrize("front", ["stand_in", "local_bridge"])
 def test_tl_run_with_cache_of_every_hook_point(case, front):
-    # Every hook point that fires: with attention patterns among them, the server runs eager
-    # attention, as TransformerLens's loader does; so does the local reference.
+    """Every hook point that fires (every one the server serves: hooks on the others are
+    refused before anything is sent, below). With attention patterns among them the server
+    runs eager attention, as TransformerLens's loader does; so does the local reference."""
+    unserved = hookwire.client.get_connection().model_info(case.name).unserved
+
+    def served(name):
+        hp = case.local_tl.hook_dict[name]
+        return (getattr(hp, "name", None) or name) not in unserved
     with eager_attention(case.local_tl.original_model):
-        expected_logits, expected = case.local_tl.run_with_cache(TOKENS)
-    if front == "stand_in":
-        logits, cache = htl.RemoteModel(case.name).run_with_cache(TOKENS)
-    else:
-        logits, cache = case.local_tl.run_with_cache(TOKENS, remote=True,
-                                                     remote_model=case.name)
+        expected_logits, expected = case.local_tl.run_with_cache(TOKENS, names_filter=served)
+    model = htl.RemoteModel(case.name) if front == "stand_in" else case.local_tl
+    extra = {} if front == "stand_in" else {"remote": True, "remote_model": case.name}
+    logits, cache = model.run_with_cache(TOKENS, names_filter=served, **extra)
     assert_close(logits, expected_logits)
     assert set(cache.keys()) == set(expected.keys())
     for key in expected.keys():
         assert_close(cache[key], expected[key], msg=lambda m, key=key: f"{key}: {m}")
+    if any(not name.startswith("hf:") for name in unserved):
+        with pytest.raises(SiteNotServed):
+            model.run_with_cache(TOKENS, **extra)
 
 
 # ---- hookwire.hf -----------------------------------------------------------------------------
@@ -157,6 +178,8 @@ def test_tl_run_with_cache_of_every_hook_point(case, front):
 def steer_layer(module, args, output):
     if isinstance(output, tuple):
         return (output[0] + 0.25,) + output[1:]
+    if isinstance(output, list):  # GPT-1's blocks return a list
+        return [output[0] + 0.25] + output[1:]
     return output + 0.25
 
 
@@ -169,13 +192,42 @@ def test_hf_module_hooks_and_cache_of_every_module(case):
                and not s.name.endswith("attn_dropout:output")]
     hooks = {f"{case.layers}.0": steer_layer}
     got, cache = remote.run_with_cache(TOKENS, modules=modules, hooks=hooks)
-    expected, expected_cache = LocalModel(case.local_hf).run_with_cache(TOKENS, modules=modules,
-                                                                        hooks=hooks)
+    expected, expected_cache = local_cache(case.local_hf, modules, hooks)
     field = remote.info.output
     assert_close(getattr(got, field), getattr(expected, field))
     assert cache.keys() == expected_cache.keys()
     for key, value in expected_cache.items():
         same_values(cache[key], value, key)
+
+
+def local_cache(model, modules, hooks):
+    """Plain torch hooks; each cached value is cloned when its hook runs, as the server
+    snapshots it then (a model may edit the tensor in place afterwards: Falcon's parallel
+    attention adds into its MLP output)."""
+    cache = {}
+
+    def keep(key):
+        def hook(module, args, output):
+            cache[key] = _cloned(output)
+        return hook
+    handles = [model.get_submodule(key).register_forward_hook(fn)
+               for key, fn in hooks.items()]  # the user's hooks first, then the cache's
+    handles += [model.get_submodule(key).register_forward_hook(keep(key)) for key in modules]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=TOKENS, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, cache
+
+
+def _cloned(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(v) for v in value)
+    return value
 
 
 def same_values(got, expected, where):
@@ -191,8 +243,12 @@ def same_values(got, expected, where):
 
 def test_hf_generation_with_a_steering_hook(case):
     remote = hhf.RemoteModel(case.name)
-    if remote.info.output != "logits":
-        pytest.skip("a base model has no LM head to generate with")
+    if remote.info.generate_refused is not None:
+        # Refused before anything is sent, with the reason and a way out.
+        assert "generate(remote=True)" in remote.info.generate_refused
+        with pytest.raises(UnsupportedModel, match="cannot generate"):
+            remote.generate(TOKENS, max_new_tokens=3)
+        return
     got = remote.generate(TOKENS, max_new_tokens=3, hooks={f"{case.layers}.0": steer_layer},
                           intervene_on="all")
     handle = case.local_hf.get_submodule(f"{case.layers}.0").register_forward_hook(steer_layer)

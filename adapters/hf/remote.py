@@ -107,9 +107,9 @@ class RemoteModel:
         generator seeded with ``seed`` (a random one if None: see ``.seed`` of the output)."""
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
-        if self.info.output != "logits":
-            raise UnsupportedModel(f"model {self.name!r} ({self.info.architecture}) has no LM "
-                                   "head: there are no logits to generate tokens from")
+        if self.info.generate_refused is not None:
+            raise UnsupportedModel(f"model {self.name!r} cannot generate on the server: "
+                                   f"{self.info.generate_refused}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise HookwireError("max_new_tokens must be a positive int")
         if do_sample and seed is None:

@@ -64,27 +64,39 @@ def _no_tokenizer(name: str, method: str, *args, **kwargs):
 
 
 # TL refuses to split a fused QKV (or gate/up) matrix on the meta device because it cannot
-# read values. The stand-in only needs the *shapes* of the split, which meta tensors have, so
-# while the bridge is built the readability check passes meta weights through -- in every TL
-# module that imported the check (architecture adapters included, e.g. Phi-3's).
+# read values, and some adapters refuse a model whose weights it cannot read (BitNet's check
+# for packed checkpoints). The stand-in only needs the *shapes*, which meta tensors have, so
+# while the bridge is built TL's readability checks pass meta weights through -- in every TL
+# module that imported them (architecture adapters included, e.g. Phi-3's, BitNet's).
 @contextlib.contextmanager
 def _meta_weights_readable():
     from transformer_lens.utilities import quantization
 
-    original = quantization.require_readable_weight
+    originals = {"require_readable_weight": quantization.require_readable_weight,
+                 "unreadable_weight_reason": quantization.unreadable_weight_reason}
 
-    def passthrough(weight, *args, **kwargs):
+    def require_readable_weight(weight, *args, **kwargs):
         if getattr(weight, "is_meta", False):
             return weight
-        return original(weight, *args, **kwargs)
+        return originals["require_readable_weight"](weight, *args, **kwargs)
 
-    patched = [module for module in list(sys.modules.values())
-               if getattr(module, "__name__", "").startswith("transformer_lens")
-               and getattr(module, "require_readable_weight", None) is original]
-    for module in patched:
-        module.require_readable_weight = passthrough
+    def unreadable_weight_reason(weight, *args, **kwargs):
+        if getattr(weight, "is_meta", False):
+            return None
+        return originals["unreadable_weight_reason"](weight, *args, **kwargs)
+
+    replacements = {"require_readable_weight": require_readable_weight,
+                    "unreadable_weight_reason": unreadable_weight_reason}
+    patched = []
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("transformer_lens"):
+            continue
+        for attr, original in originals.items():
+            if getattr(module, attr, None) is original:
+                setattr(module, attr, replacements[attr])
+                patched.append((module, attr, original))
     try:
         yield
     finally:
-        for module in patched:
-            module.require_readable_weight = original
+        for module, attr, original in patched:
+            setattr(module, attr, original)
