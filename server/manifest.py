@@ -23,8 +23,8 @@ from hookwire.validate import FLAT, SiteInfo
 _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
 
-def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None
-                  ) -> list[tuple[str, int, tuple, torch.dtype, bool]]:
+def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None,
+                  gradients: bool = True) -> list[tuple[str, int, tuple, torch.dtype, bool]]:
     """(name, call, shape, dtype, has_gradient) for every hook point as it fires with a
     tensor; hook points that fire with something else go to ``nontensor`` (name -> what).
 
@@ -32,14 +32,18 @@ def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None
     when its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in``
     on Llama does not). Locally, only such sites fire their backward hooks. It runs as a
     local ``run_with_cache(incl_bwd=True)`` would (backward hooks everywhere), unless TL's
-    own backward-hook path fails on this model; then without them."""
+    own backward-hook path fails on this model; then without them. ``gradients=False``: shapes
+    only (a plain forward; every has_gradient is False)."""
+    if not gradients:
+        with torch.no_grad():
+            return _record(bridge, batch, seq, nontensor, False, False)
     try:
-        return _record(bridge, batch, seq, nontensor, mark_backward=True)
+        return _record(bridge, batch, seq, nontensor, True, True)
     except Exception:
-        return _record(bridge, batch, seq, nontensor, mark_backward=False)
+        return _record(bridge, batch, seq, nontensor, False, True)
 
 
-def _record(bridge, batch, seq, nontensor, mark_backward):
+def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
     # One entry per hook point, named by its canonical name (aliases share the object).
     points = {id(hp): (hp.name or name, hp) for name, hp in bridge.hook_dict.items()
               if isinstance(hp, HookPoint)}
@@ -67,7 +71,7 @@ def _record(bridge, batch, seq, nontensor, mark_backward):
         tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
                                .manual_seed(0)).to(input_device(bridge.original_model))
         marks = [hp for _, hp in points.values()] if mark_backward else []
-        with torch.enable_grad(), tl_hooks_marked(bwd_points=marks), \
+        with torch.set_grad_enabled(gradients), tl_hooks_marked(bwd_points=marks), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TL's notes on the path it takes: expected here
             logits = bridge(tokens, return_type="logits")
@@ -76,7 +80,8 @@ def _record(bridge, batch, seq, nontensor, mark_backward):
         # logits.sum() would have no grad_fn.
         with torch.enable_grad():
             grads = torch.autograd.grad(logits.sum(), [outputs[i] for i in differentiable],
-                                        allow_unused=True) if logits.requires_grad else ()
+                                        allow_unused=True) \
+                if gradients and logits.requires_grad and differentiable else ()
         has_grad = {i for i, g in zip(differentiable, grads) if g is not None}
     finally:
         for h in handles:
@@ -102,18 +107,26 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
     ``eager=True``; requests that read or write them run with eager attention."""
     (b1, s1), (b2, s2) = _PROBES
     nontensor: dict[str, str] = {}
-    fired = [_record_sites(bridge, b1, s1, nontensor), _record_sites(bridge, b2, s2)]
+    # Gradients (which sites a backward pass reaches) from the first probe; the second, at
+    # another size, only for the shapes.
+    fired = [_record_sites(bridge, b1, s1, nontensor),
+             _record_sites(bridge, b2, s2, gradients=False)]
     eager_only: set = set()
-    if eager_model is not None:
+    canonical = {hp.name or name for name, hp in bridge.hook_dict.items()
+                 if isinstance(hp, HookPoint)}
+    silent = canonical - {e[0] for e in fired[0]} - set(nontensor)
+    if eager_model is not None and silent:  # some hook points never fired: try eager
         from hookwire.server.attention_sites import eager_attention
 
         with eager_attention(eager_model):
-            eager = [_record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)]
-        plain = [(n, c) for n, c, *_ in fired[0]]
-        with_eager = [(n, c) for n, c, *_ in eager[0]]
-        if [k for k in with_eager if k in set(plain)] == plain and len(with_eager) > len(plain):
-            eager_only = set(with_eager) - set(plain)
-            fired = eager
+            first = _record_sites(bridge, b1, s1, gradients=False)
+            plain = [(n, c) for n, c, *_ in fired[0]]
+            with_eager = [(n, c) for n, c, *_ in first]
+            if [k for k in with_eager if k in set(plain)] == plain and \
+                    len(with_eager) > len(plain):
+                eager_only = set(with_eager) - set(plain)
+                fired = [_record_sites(bridge, b1, s1),
+                         _record_sites(bridge, b2, s2, gradients=False)]
     sites, unserved = describe_fired(*fired)
     for name, what in nontensor.items():
         # Remote TL hooks are handed tensors; locally this one gets the whole value.
