@@ -63,7 +63,7 @@ class ResidentStore:
         if size > self.max_bytes:
             return False
         tensor = tensor.detach()
-        if tensor.device.type not in ("cpu", "meta") and \
+        if tensor.device.type != "cpu" and \
                 not self.device_budget.reserve(size):
             tensor = cpu_copy.detach() if cpu_copy is not None else tensor.to("cpu")
         tensor = tensor.contiguous()
@@ -93,7 +93,7 @@ class ResidentStore:
         entry = self._values.pop(rid, None)
         if entry is not None:
             self.bytes -= entry[1]
-            if entry[0].device.type not in ("cpu", "meta"):
+            if entry[0].device.type != "cpu":
                 self.device_budget.release(entry[1])
 
     def clear(self) -> None:
