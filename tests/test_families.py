@@ -13,10 +13,16 @@ One server per family, shared by its fronts (module-scoped, parametrized fixture
 whose TransformerLens bridge does not run on this transformers are refused at load; the
 refusal and its reason are asserted (``REFUSED``): if TransformerLens fixes one, its test
 fails and it moves to the served list.
+
+On a GPU machine ``scripts/gpu_check.sh`` runs the same matrix with the models on the GPU
+(``HOOKWIRE_TEST_DEVICE=cuda:0``; the local references there too), in another dtype
+(``HOOKWIRE_TEST_DTYPE=bfloat16``), or split over two devices
+(``HOOKWIRE_TEST_DEVICE_MAP=split``: layers over cuda:0 and cuda:1, or CPU and disk).
 """
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -31,9 +37,10 @@ import hookwire.server as hs
 import hookwire.transformerlens as htl
 import pyvene as pv
 from hookwire.errors import SiteNotServed, UnsupportedModel
-from hookwire.families import (build_hf_model, family_for_architecture, served_architectures)
+from hookwire.families import (DTYPES, build_hf_model, family_for_architecture,
+                               served_architectures)
 from hookwire.server.attention_sites import eager_attention
-from hookwire.server.models import wrap_in_bridge
+from hookwire.server.models import place_on_devices, wrap_in_bridge
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
 from family_configs import tiny_config
@@ -51,11 +58,51 @@ SERVED = sorted(served_architectures() - set(REFUSED))
 B, S = 2, 6
 TOKENS = torch.randint(3, 250, (B, S), generator=torch.Generator().manual_seed(7))
 SOURCE = torch.randint(3, 250, (B, S), generator=torch.Generator().manual_seed(8))
+DEVICE = torch.device(os.environ.get("HOOKWIRE_TEST_DEVICE", "cpu"))
+DTYPE = DTYPES[os.environ.get("HOOKWIRE_TEST_DTYPE", "float32")]
+SPLIT = os.environ.get("HOOKWIRE_TEST_DEVICE_MAP") == "split"
+LOCAL_TOKENS, LOCAL_SOURCE = TOKENS.to(DEVICE), SOURCE.to(DEVICE)
 
 
-def build(arch: str):
+def build(arch: str, device=DEVICE):
+    """The family's tiny model (seed 0: every build has the same weights), in DTYPE."""
     family = family_for_architecture(arch)
-    return build_hf_model(arch, tiny_config(arch, family.config_class), seed=0)
+    model, cfg = build_hf_model(arch, tiny_config(arch, family.config_class), seed=0,
+                                dtype=DTYPE)
+    return model.to(device), cfg
+
+
+def build_served(arch: str):
+    """The model the server hosts: on DEVICE, or split layer-wise over two devices (the GPUs
+    cuda:0 and cuda:1, or, on a CPU run, the CPU and disk offload)."""
+    if not SPLIT:
+        return build(arch)[0]
+    model, _ = build(arch, device="cpu")
+    first, second = ("cpu", "disk") if DEVICE.type == "cpu" else (0, 1)
+    layers = layers_path(model)
+    n = len(model.get_submodule(layers))
+    device_map, seen_layers = {}, False
+    for name, _ in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        module = name.rsplit(".", 1)[0]
+        if name.startswith(layers + "."):
+            index = int(name[len(layers) + 1:].split(".", 1)[0])
+            device_map[f"{layers}.{index}"] = first if index < max(n // 2, 1) else second
+            seen_layers = True
+        else:   # before the layers (embeddings) on the first device, after them on the second
+            device_map.setdefault(module, second if seen_layers else first)
+    return place_on_devices(model, device_map)
+
+
+def cpu(value):
+    """Local results (on DEVICE) where the remote ones arrive: on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: cpu(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(cpu(v) for v in value)
+    return value
 
 
 @dataclass
@@ -83,8 +130,7 @@ def layers_path(model) -> str:
 def case(request):
     arch = request.param
     name = f"tiny-{arch}"
-    served, _ = build(arch)
-    srv = hs.start(models={name: served}, port=0)
+    srv = hs.start(models={name: build_served(arch)}, port=0)
     hookwire.configure(url=srv.url)
     local_hf, cfg = build(arch)
     tl_model, _ = build(arch)
@@ -136,17 +182,18 @@ def tl_hooks(sites: list[str], store: dict):
 def test_tl_run_with_hooks(case, front):
     sites = resid_sites(case)
     local_store, remote_store = {}, {}
-    expected = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(sites, local_store))
+    expected = case.local_tl.run_with_hooks(LOCAL_TOKENS,
+                                            fwd_hooks=tl_hooks(sites, local_store))
     if front == "stand_in":
         got = htl.RemoteModel(case.name).run_with_hooks(
             TOKENS, fwd_hooks=tl_hooks(sites, remote_store))
     else:
         got = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(sites, remote_store),
                                            remote=True, remote_model=case.name)
-    assert_close(got, expected)
+    assert_close(got, cpu(expected))
     assert local_store.keys() == {sites[1]}, f"{sites[1]} never fired locally"
     assert remote_store.keys() == local_store.keys()
-    assert_close(remote_store[sites[1]], local_store[sites[1]])
+    assert_close(remote_store[sites[1]], cpu(local_store[sites[1]]))
 
 
 @pytest.mark.parametrize("front", ["stand_in", "local_bridge"])
@@ -160,14 +207,15 @@ def test_tl_run_with_cache_of_every_hook_point(case, front):
         hp = case.local_tl.hook_dict[name]
         return (getattr(hp, "name", None) or name) not in unserved
     with eager_attention(case.local_tl.original_model):
-        expected_logits, expected = case.local_tl.run_with_cache(TOKENS, names_filter=served)
+        expected_logits, expected = case.local_tl.run_with_cache(LOCAL_TOKENS,
+                                                                 names_filter=served)
     model = htl.RemoteModel(case.name) if front == "stand_in" else case.local_tl
     extra = {} if front == "stand_in" else {"remote": True, "remote_model": case.name}
     logits, cache = model.run_with_cache(TOKENS, names_filter=served, **extra)
-    assert_close(logits, expected_logits)
+    assert_close(logits, cpu(expected_logits))
     assert set(cache.keys()) == set(expected.keys())
     for key in expected.keys():
-        assert_close(cache[key], expected[key], msg=lambda m, key=key: f"{key}: {m}")
+        assert_close(cache[key], cpu(expected[key]), msg=lambda m, key=key: f"{key}: {m}")
     if any(not name.startswith("hf:") for name in unserved):
         with pytest.raises(SiteNotServed):
             model.run_with_cache(TOKENS, **extra)
@@ -194,10 +242,10 @@ def test_hf_module_hooks_and_cache_of_every_module(case):
     got, cache = remote.run_with_cache(TOKENS, modules=modules, hooks=hooks)
     expected, expected_cache = local_cache(case.local_hf, modules, hooks)
     field = remote.info.output
-    assert_close(getattr(got, field), getattr(expected, field))
+    assert_close(getattr(got, field), cpu(getattr(expected, field)))
     assert cache.keys() == expected_cache.keys()
     for key, value in expected_cache.items():
-        same_values(cache[key], value, key)
+        same_values(cache[key], cpu(value), key)
 
 
 def local_cache(model, modules, hooks):
@@ -215,7 +263,7 @@ def local_cache(model, modules, hooks):
     handles += [model.get_submodule(key).register_forward_hook(keep(key)) for key in modules]
     try:
         with torch.no_grad():
-            out = model(input_ids=TOKENS, use_cache=False)
+            out = model(input_ids=LOCAL_TOKENS, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -254,11 +302,11 @@ def test_hf_generation_with_a_steering_hook(case):
     handle = case.local_hf.get_submodule(f"{case.layers}.0").register_forward_hook(steer_layer)
     try:
         with torch.no_grad():
-            expected = case.local_hf.generate(TOKENS, max_new_tokens=3, do_sample=False,
+            expected = case.local_hf.generate(LOCAL_TOKENS, max_new_tokens=3, do_sample=False,
                                               eos_token_id=None, pad_token_id=0)
     finally:
         handle.remove()
-    assert torch.equal(got.sequences, expected)
+    assert torch.equal(got.sequences, expected.cpu())
 
 
 # ---- pyvene ------------------------------------------------------------------------------------
@@ -273,8 +321,38 @@ def test_pyvene_interchange(case):
                                        "intervention_type": pv.VanillaIntervention}])
     local = pv.IntervenableModel(config(), copy.deepcopy(case.local_hf))
     remote = hookwire.pyvene.RemoteIntervenableModel(config(), case.name)
-    call = dict(base={"input_ids": TOKENS}, sources=[{"input_ids": SOURCE}],
-                unit_locations={"sources->base": 3})
-    expected = local(**call)
-    got = remote(**call)
+    expected = local(base={"input_ids": LOCAL_TOKENS}, sources=[{"input_ids": LOCAL_SOURCE}],
+                     unit_locations={"sources->base": 3})
+    got = remote(base={"input_ids": TOKENS}, sources=[{"input_ids": SOURCE}],
+                 unit_locations={"sources->base": 3})
+    assert_close(got[1].logits, cpu(expected[1].logits))
+
+
+def test_gemma2_pyvene_keeps_final_logit_softcapping():
+    """pyvene's logits come from the model's own output, after Gemma 2 soft-caps them
+    (``tanh(logits / cap) * cap``), not from the LM head's output. A cap of 0.5 makes the
+    difference plain. (The intervention is at the last layer: an earlier one with a source
+    hits the eager attention mask of the pyvene issue, which its helper fixes.)"""
+    arch = "Gemma2ForCausalLM"
+    config = dict(tiny_config(arch, family_for_architecture(arch).config_class),
+                  final_logit_softcapping=0.5)
+    served, _ = build_hf_model(arch, config, seed=0)
+    local, _ = build_hf_model(arch, config, seed=0)
+
+    def pv_config():
+        return pv.IntervenableConfig([{"layer": 1, "component": "block_output",
+                                       "intervention_type": pv.VanillaIntervention}])
+    call = ({"input_ids": TOKENS}, [{"input_ids": SOURCE}], {"sources->base": 3})
+    expected = pv.IntervenableModel(pv_config(), copy.deepcopy(local))(*call)
+    srv = hs.start(models={"gemma2-capped": served}, port=0)
+    try:
+        got = hookwire.pyvene.RemoteIntervenableModel(pv_config(), "gemma2-capped",
+                                                      url=srv.url)(*call)
+    finally:
+        hookwire.client.close_connections()
+        srv.stop()
     assert_close(got[1].logits, expected[1].logits)
+    assert got[1].logits.abs().max() <= 0.5
+    with torch.no_grad():
+        uncapped = local.lm_head(local.model(input_ids=TOKENS).last_hidden_state)
+    assert uncapped.abs().max() > 0.5   # without the cap the logits would be larger
