@@ -103,16 +103,22 @@ def output_class(model_class: type, has_lm_head: bool = True) -> type:
 # ---- the table ---------------------------------------------------------------------------------
 
 def tl_architectures() -> frozenset[str]:
-    """TransformerLens 4's architecture table; the snapshot of it (``tl_architectures.py``,
-    checked against the live table by the test suite) where TL 4 is not installed (a pyvene
-    or hookwire.hf client, a TL 2.x client)."""
-    try:
-        from transformer_lens.factories.architecture_adapter_factory import (
-            SUPPORTED_ARCHITECTURES)
-    except ImportError:
-        from hookwire.tl_architectures import TL_ARCHITECTURES
-        return TL_ARCHITECTURES
-    return frozenset(SUPPORTED_ARCHITECTURES)
+    """TransformerLens 4's architecture table where TL 4 is in use (the server, TL clients);
+    elsewhere (a pyvene or hookwire.hf client, a TL 2.x client) the snapshot of it in
+    ``tl_architectures.py``, which the test suite checks equals the live table -- importing
+    TL only for its table would cost those clients seconds."""
+    import sys
+
+    factory = "transformer_lens.factories.architecture_adapter_factory"
+    if factory in sys.modules or "transformer_lens.model_bridge" in sys.modules:
+        try:
+            from transformer_lens.factories.architecture_adapter_factory import (
+                SUPPORTED_ARCHITECTURES)
+            return frozenset(SUPPORTED_ARCHITECTURES)
+        except ImportError:
+            pass
+    from hookwire.tl_architectures import TL_ARCHITECTURES
+    return TL_ARCHITECTURES
 
 
 def _auto_names(mapping: str) -> dict[str, str]:
@@ -135,9 +141,12 @@ def _tables() -> tuple[frozenset, dict, dict]:
     kinds = {"seq2seq": set(_auto_names("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES").values()),
              "masked": set(_auto_names("MODEL_FOR_MASKED_LM_MAPPING_NAMES").values())}
     causal_names = set(causal.values())
+    # Names transformers exports, without importing every model's module (dir() of its lazy
+    # module lists them).
+    exported = set(dir(transformers))
     served, refused = set(), {}
     for arch in tl:
-        if not hasattr(transformers, arch):
+        if arch not in exported:
             refused[arch] = (f"transformers {transformers.__version__} has no class "
                              f"{arch} (its checkpoints ship their own modelling code, and "
                              "hookwire never runs a checkpoint's code)")
@@ -158,7 +167,7 @@ def _tables() -> tuple[frozenset, dict, dict]:
     base_models = _auto_names("MODEL_MAPPING_NAMES")
     bases = {base_models[mt]: name for mt, name in causal.items()
              if name in served and mt in base_models and base_models[mt] not in tl
-             and hasattr(transformers, base_models[mt])}
+             and base_models[mt] in exported}
     return frozenset(served), bases, refused
 
 

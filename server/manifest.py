@@ -115,19 +115,30 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
     canonical = {hp.name or name for name, hp in bridge.hook_dict.items()
                  if isinstance(hp, HookPoint)}
     silent = canonical - {e[0] for e in fired[0]} - set(nontensor)
+    eager_failed = None
     if eager_model is not None and silent:  # some hook points never fired: try eager
         from hookwire.server.attention_sites import eager_attention
 
-        with eager_attention(eager_model):
-            first = _record_sites(bridge, b1, s1, gradients=False)
-            plain = [(n, c) for n, c, *_ in fired[0]]
-            with_eager = [(n, c) for n, c, *_ in first]
-            if [k for k in with_eager if k in set(plain)] == plain and \
-                    len(with_eager) > len(plain):
-                eager_only = set(with_eager) - set(plain)
-                fired = [_record_sites(bridge, b1, s1),
-                         _record_sites(bridge, b2, s2, gradients=False)]
+        try:
+            with eager_attention(eager_model):
+                first = _record_sites(bridge, b1, s1, gradients=False)
+                plain = [(n, c) for n, c, *_ in fired[0]]
+                with_eager = [(n, c) for n, c, *_ in first]
+                if [k for k in with_eager if k in set(plain)] == plain and \
+                        len(with_eager) > len(plain):
+                    eager_only = set(with_eager) - set(plain)
+                    fired = [_record_sites(bridge, b1, s1),
+                             _record_sites(bridge, b2, s2, gradients=False)]
+        except Exception as exc:
+            eager_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" \
+                if str(exc) else type(exc).__name__
     sites, unserved = describe_fired(*fired)
+    if eager_failed is not None:
+        for name in silent:
+            if name.endswith(("hook_pattern", "hook_attn_scores")):
+                unserved[name] = ("attention patterns and scores exist only with eager "
+                                  "attention, which this model cannot switch to "
+                                  f"({eager_failed})")
     for name, what in nontensor.items():
         # Remote TL hooks are handed tensors; locally this one gets the whole value.
         unserved.setdefault(name, f"it fires with {what}, not a tensor, and remote TL hooks "
