@@ -9,6 +9,7 @@ their solo runs).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -163,7 +164,8 @@ def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
                                input_device(hf_model))
     forward = type(hf_model).forward
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' notes on cache arguments
             full = forward(hf_model, input_ids=tokens, use_cache=False).logits[:, -1]
             kv = DynamicCache(config=hf_model.config)
             forward(hf_model, input_ids=tokens[:, :-1], past_key_values=kv, use_cache=True)
