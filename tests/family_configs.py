@@ -27,6 +27,7 @@ _LINEAR_ATTN = dict(layer_types=["linear_attention", "full_attention"], linear_k
                     linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
 
 SPECIAL = {
+    "BertLMHeadModel": dict(is_decoder=True),   # causal: BERT as a decoder
     "GPTNeoForCausalLM": dict(attention_types=[[["global", "local"], 1]], window_size=4),
     "GPTJForCausalLM": dict(rotary_dim=8),
     "CodeGenForCausalLM": dict(rotary_dim=8),
