@@ -80,6 +80,7 @@ class RemoteModelInfo:
     output_dtype: torch.dtype = torch.float32
     generate_refused: str | None = None   # why it cannot generate on the server
     list_outputs: frozenset = frozenset()  # output sites whose module returns a list
+    tl_refused: str | None = None          # why TL hook points are not served
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -102,6 +103,7 @@ class RemoteModelInfo:
         info.output_dtype = DTYPES[msg.output_dtype]
         info.generate_refused = msg.generate_refused
         info.list_outputs = frozenset(msg.list_outputs)
+        info.tl_refused = msg.tl_refused
         return info
 
     def unserved_reason(self, name: str) -> str | None:

@@ -113,6 +113,8 @@ class ModelInfo(_Msg):
     output_dtype: str = "float32"
     # Why the model cannot generate on the server (hookwire.hf generate), or None.
     generate_refused: str | None = None
+    # Why its TransformerLens hook points are not served (TL clients refuse it), or None.
+    tl_refused: str | None = None
     # What torch hooks see besides tensors, for HF module sites: "hf:<path>:output" -> the
     # type names of the tuple a module returns (only tuple outputs are listed), and
     # "hf:<path>:input" -> those of its positional arguments; e.g. ["Tensor", "NoneType"].

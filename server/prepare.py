@@ -2,9 +2,11 @@
 sites) with their shapes, what it tells clients, and the checks that it can be served at all.
 
 A model that cannot be served is refused here, at load, with the reason
-(``UnsupportedModel``): its TL bridge fails, its sites cannot be probed, or it is not causal
-(a later token changes earlier positions, so padded and co-batched requests would not equal
-their solo runs).
+(``UnsupportedModel``): its sites cannot be probed, or it is not causal (a later token changes
+earlier positions, so padded and co-batched requests would not equal their solo runs). A front
+that cannot serve it is refused with the reason in the manifest: TL hook points when
+TransformerLens's bridge does not run on it (or it has no LM head), generation when it keeps
+no KV cache, HF module sites when its HF tree cannot be mirrored.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ class ModelEntry:
     unserved: dict = field(default_factory=dict)   # site name -> why it cannot be hooked
     output_dtype: torch.dtype = torch.float32      # of what the forward returns
     generate_refused: str | None = None            # why it cannot generate here (None: can)
+    tl_refused: str | None = None                  # why TL hook points are not served
 
     @property
     def output_dim(self) -> int:
@@ -64,17 +67,29 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
 def _prepare(hosted: HostedModel) -> ModelEntry:
     # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
     # clients see the sites they always saw, in the same order.
-    sites, unserved = [], {}
-    if hosted.bridge is not None:
+    sites, unserved, tl_refused = [], {}, None
+    if hosted.bridge is None:
+        tl_refused = (f"{hosted.architecture} has no LM head (its output is "
+                      f"{hosted.family.output_field}), and TransformerLens needs one: use "
+                      "hookwire.hf or hookwire.pyvene with it, or serve the family's LM model "
+                      "(e.g. GPT2LMHeadModel) for TL hooks")
+    else:
         original = hosted.original
-        sites, unserved = probe_sites(hosted.bridge,
-                                      None if runs_eager(original) else original)
+        try:
+            sites, unserved = probe_sites(hosted.bridge,
+                                          None if runs_eager(original) else original)
+        except Exception as exc:
+            # TransformerLens's bridge does not run on this model (this transformers, this
+            # dtype): its hook points are refused with the reason; the HF module-path fronts
+            # may still serve it.
+            log.warning("TL hook points of %s not served: %s", hosted.name, exc)
+            tl_refused = bridge_failure(hosted.architecture, exc)
     try:
         hf_model = plain_hf_model(hosted)
         module_sites, module_unserved = probe_module_sites(hf_model)
         layouts = probe_module_layouts(hf_model)
     except Exception as exc:
-        if hosted.bridge is None:
+        if hosted.bridge is None or tl_refused is not None:
             raise
         # A model whose HF tree we cannot mirror still serves its TL sites; clients of the
         # module-path fronts are told why they cannot use it.
@@ -90,6 +105,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
     info = describe(hosted, sites, unserved)
     info.output_dtype = DTYPE_NAMES[output_dtype]
     info.generate_refused = generate_refused
+    info.tl_refused = tl_refused
     info.module_layouts, info.step_module_layouts, info.list_outputs = layouts
     site_table, site_order = (site_lookup(hosted.bridge, sites) if hosted.bridge is not None
                               else _plain_lookup(sites))
@@ -100,7 +116,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
-        output_dtype=output_dtype, generate_refused=generate_refused)
+        output_dtype=output_dtype, generate_refused=generate_refused, tl_refused=tl_refused)
 
 
 def _plain_lookup(sites) -> tuple[dict, dict]:

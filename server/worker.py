@@ -19,8 +19,8 @@ import torch
 from hookwire.batching import BatchMember, run_batch
 from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              GraphValidationError, HookwireError, LimitExceeded,
-                             ProtocolError,
-                             ServerShuttingDown, UnknownModel)
+                             ProtocolError, ServerShuttingDown, UnknownModel,
+                             UnsupportedModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.module_sites import is_module_site
@@ -91,6 +91,8 @@ def batch_key(job: Job, models: dict | None = None):
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
     entry = (models or {}).get(graph.model)
+    if entry is not None and entry.tl_refused is not None:
+        return None  # no TL forward to share: runs alone, on the plain HF forward
     eager = False
     if entry is not None:
         for site in graph.sites:
@@ -211,6 +213,11 @@ class ModelWorker(threading.Thread):
             raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
         on_modules = _uses_module_sites(graph)
+        if not on_modules and entry.tl_refused is not None:
+            if graph.sites:
+                raise UnsupportedModel(f"model {entry.hosted.name!r}: TransformerLens hook "
+                                       f"points are not served: {entry.tl_refused}")
+            on_modules = entry.hf_model is not None  # no hooks: the plain forward will do
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq))

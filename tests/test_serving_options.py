@@ -231,6 +231,8 @@ def test_base_model_is_hosted_and_returns_what_the_local_model_returns(arch, tmp
         expected = LocalModel(local).run_with_hooks(TOKENS, hooks={layer: double})
         assert type(got) is type(expected) and not hasattr(got, "logits")
         assert_close(got.last_hidden_state, expected.last_hidden_state)
+        plain = remote.run_with_hooks(TOKENS)    # no hooks at all: the plain forward
+        assert_close(plain.last_hidden_state, local(input_ids=TOKENS).last_hidden_state)
 
         def config():
             return pv.IntervenableConfig([{"layer": 0, "component": "block_output",

@@ -18,7 +18,7 @@ except ImportError:  # TL 2.x has no bridges; its forward returns early instead 
 
 from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
-from hookwire.errors import HookwireError, SiteNotServed, TraceError
+from hookwire.errors import HookwireError, SiteNotServed, TraceError, UnsupportedModel
 from hookwire.frames import DTYPE_NAMES
 from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
@@ -313,6 +313,9 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     conn = get_connection(target.url, target.api_key)
     name = target.model or model_name_of(model, None)
     info = conn.model_info(name)
+    if info.tl_refused is not None:
+        raise UnsupportedModel(f"model {name!r}: TransformerLens hook points are not served: "
+                               f"{info.tl_refused}", architecture=info.architecture)
     if isinstance(input, (str, list)):
         input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
     tokens = tokens_of(model, input)

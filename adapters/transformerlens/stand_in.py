@@ -32,12 +32,9 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
 
     conn = get_connection(url, api_key)
     info = conn.model_info(name)
-    if info.output != "logits":
-        raise UnsupportedModel(
-            f"model {name!r} ({info.architecture}) has no LM head (its output is "
-            f"{info.output}); TransformerLens needs one. Use hookwire.hf or hookwire.pyvene "
-            "with it, or serve the family's LM model (e.g. GPT2LMHeadModel) for TL hooks",
-            architecture=info.architecture)
+    if info.tl_refused is not None:
+        raise UnsupportedModel(f"model {name!r}: TransformerLens hook points are not served: "
+                               f"{info.tl_refused}", architecture=info.architecture)
     tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files else None
     hf_model, cfg = build_hf_model(info.architecture, info.config, device="meta")
     with _meta_weights_readable():
