@@ -81,8 +81,9 @@ class HelloOk(_Msg):
 class SiteDescription(_Msg):
     name: str
     call: int = 0
-    # "B": batch, "S": sequence, "B*S": both flattened into one dim (batch-major)
-    shape: list[Union[int, Literal["B", "S", "B*S"]]]
+    # "B": batch, "S": sequence, "B*S": both flattened into one dim (batch-major), "B*S*k":
+    # the same times k (top-k token x expert pairs)
+    shape: list[Union[int, Annotated[str, Field(pattern=r"^(B|S|B\*S(\*[1-9][0-9]{0,5})?)$")]]]
     dtype: str
     grad: bool = False  # has a gradient in a backward pass (depends on the weights)
     # Fires only with eager attention (attention patterns and scores): requests that use it

@@ -52,8 +52,24 @@ class Limits:
 
 
 # A dim of a site's symbolic shape: "B" (batch), "S" (sequence), "B*S" (batch and sequence
-# flattened into one dim, batch-major: OPT's MLP, MoE routers) or a fixed size.
+# flattened into one dim, batch-major: OPT's MLP, MoE routers), "B*S*k" (the same with a
+# further factor: a top-k router's token x expert pairs, heads folded into the rows) or a
+# fixed size.
 FLAT = "B*S"
+
+
+def flat_factor(d) -> int | None:
+    """k for a "B*S" (1) or "B*S*k" dim; None for any other dim."""
+    if not isinstance(d, str) or not d.startswith(FLAT):
+        return None
+    rest = d[len(FLAT):]
+    if not rest:
+        return 1
+    return int(rest[1:]) if rest[0] == "*" and rest[1:].isdigit() else None
+
+
+def flat_dim(k: int) -> str:
+    return FLAT if k == 1 else f"{FLAT}*{k}"
 
 
 @dataclass(frozen=True)
@@ -67,14 +83,14 @@ class SiteInfo:
     eager: bool = False  # fires only when attention runs eagerly (patterns, scores)
 
     def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else seq if d == "S" else batch * seq if d == FLAT
-                     else d for d in self.shape)
+        return tuple(batch if d == "B" else seq if d == "S" else
+                     batch * seq * flat_factor(d) if flat_factor(d) else d for d in self.shape)
 
     @property
     def flattened(self) -> bool:
         """Batch and sequence share one dim: a request's rows are not a block of it once
         requests of different lengths are padded together (such requests run alone)."""
-        return FLAT in self.shape
+        return any(flat_factor(d) for d in self.shape)
 
 
 @dataclass

@@ -18,29 +18,30 @@ from hookwire.server.devices import input_device
 from hookwire.server.tl_modes import tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription
 from hookwire.tokenizer import tokenizer_files
-from hookwire.validate import FLAT, SiteInfo
+from hookwire.validate import SiteInfo, flat_dim
 
 _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
 
 def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None,
-                  gradients: bool = True) -> list[tuple[str, int, tuple, torch.dtype, bool]]:
-    """(name, call, shape, dtype, has_gradient) for every hook point as it fires with a
-    tensor; hook points that fire with something else go to ``nontensor`` (name -> what).
+                  gradients: bool = True, marked: bool | None = None):
+    """((name, call, shape, dtype, has_gradient) for every hook point as it fires with a
+    tensor, whether it ran with TL hook marks); hook points that fire with something else go
+    to ``nontensor`` (name -> what).
 
-    The probe runs with autograd on and then differentiates the logits: a site has a gradient
-    when its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in``
-    on Llama does not). Locally, only such sites fire their backward hooks. It runs as a
-    local ``run_with_cache(incl_bwd=True)`` would (backward hooks everywhere), unless TL's
-    own backward-hook path fails on this model; then without them. ``gradients=False``: shapes
-    only (a plain forward; every has_gradient is False)."""
-    if not gradients:
-        with torch.no_grad():
-            return _record(bridge, batch, seq, nontensor, False, False)
+    The probe runs as a local ``run_with_cache(incl_bwd=True)`` would: TL sees forward and
+    backward hooks on every hook point (some TL components fire a hook point only when it is
+    hooked), unless TL's own hooked path fails on this model (``marked=None`` tries it, then
+    goes without). With ``gradients`` it differentiates the logits: a site has a gradient when
+    its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in`` on
+    Llama does not); locally only such sites fire their backward hooks. ``gradients=False``:
+    shapes only (every has_gradient False)."""
+    if marked is not None:
+        return _record(bridge, batch, seq, nontensor, marked, gradients), marked
     try:
-        return _record(bridge, batch, seq, nontensor, True, True)
+        return _record(bridge, batch, seq, nontensor, True, gradients), True
     except Exception:
-        return _record(bridge, batch, seq, nontensor, False, True)
+        return _record(bridge, batch, seq, nontensor, False, gradients), False
 
 
 def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
@@ -71,7 +72,7 @@ def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
         tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
                                .manual_seed(0)).to(input_device(bridge.original_model))
         marks = [hp for _, hp in points.values()] if mark_backward else []
-        with torch.set_grad_enabled(gradients), tl_hooks_marked(bwd_points=marks), \
+        with torch.set_grad_enabled(gradients), tl_hooks_marked(marks, marks), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TL's notes on the path it takes: expected here
             logits = bridge(tokens, return_type="logits")
@@ -109,8 +110,8 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
     nontensor: dict[str, str] = {}
     # Gradients (which sites a backward pass reaches) from the first probe; the second, at
     # another size, only for the shapes.
-    fired = [_record_sites(bridge, b1, s1, nontensor),
-             _record_sites(bridge, b2, s2, gradients=False)]
+    first, marked = _record_sites(bridge, b1, s1, nontensor)
+    fired = [first, _record_sites(bridge, b2, s2, gradients=False, marked=marked)[0]]
     eager_only: set = set()
     canonical = {hp.name or name for name, hp in bridge.hook_dict.items()
                  if isinstance(hp, HookPoint)}
@@ -121,14 +122,15 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
 
         try:
             with eager_attention(eager_model):
-                first = _record_sites(bridge, b1, s1, gradients=False)
+                first, _ = _record_sites(bridge, b1, s1, gradients=False, marked=marked)
                 plain = [(n, c) for n, c, *_ in fired[0]]
                 with_eager = [(n, c) for n, c, *_ in first]
                 if [k for k in with_eager if k in set(plain)] == plain and \
                         len(with_eager) > len(plain):
                     eager_only = set(with_eager) - set(plain)
-                    fired = [_record_sites(bridge, b1, s1),
-                             _record_sites(bridge, b2, s2, gradients=False)]
+                    fired = [_record_sites(bridge, b1, s1, marked=marked)[0],
+                             _record_sites(bridge, b2, s2, gradients=False,
+                                           marked=marked)[0]]
         except Exception as exc:
             eager_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" \
                 if str(exc) else type(exc).__name__
@@ -169,12 +171,7 @@ def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str,
     for (name, call, shape1, dtype, *rest), (_, _, shape2, *_) in zip(first, second):
         dims = symbolic_shape(shape1, shape2) if len(shape1) == len(shape2) else None
         if dims is None:
-            (b1, s1), (b2, s2) = _PROBES
-            unserved.setdefault(name, (
-                f"its shape ({tuple(shape1)} for a {b1}x{s1} input, {tuple(shape2)} for "
-                f"{b2}x{s2}) does not follow batch and sequence length alone: it depends on "
-                "the values (e.g. how many tokens a router sends to an expert), and a graph's "
-                "shapes must be known before it runs"))
+            unserved.setdefault(name, _shape_reason(shape1, shape2))
         elif dtype not in DTYPE_NAMES:
             unserved.setdefault(name, f"its values are {dtype}, which cannot travel")
         else:
@@ -183,9 +180,34 @@ def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str,
     return sites, {k: v for k, v in unserved.items() if k not in served}
 
 
+def _shape_reason(shape1, shape2) -> str:
+    """Why a site's shapes in the two probes have no symbolic form, as precisely as we can."""
+    (b1, s1), (b2, s2) = _PROBES
+    seen = f"its shape ({tuple(shape1)} for a {b1}x{s1} input, {tuple(shape2)} for {b2}x{s2})"
+    if len(shape1) != len(shape2):
+        return f"{seen} changes rank with the input"
+    for d1, d2 in zip(shape1, shape2):
+        if d1 == d2 or symbolic_shape((d1,), (d2,)) is not None:
+            continue
+        derived = None
+        if d2 - d1 == s2 - s1:
+            derived = f"the sequence length {d1 - s1:+d} (e.g. a convolution's padding)"
+        elif d1 % b1 == 0 and d2 == d1 // b1 * b2:
+            derived = f"batch x {d1 // b1} flattened into one dim"
+        elif d1 % s1 == 0 and d2 == d1 // s1 * s2:
+            derived = f"sequence x {d1 // s1} flattened into one dim"
+        if derived is not None:
+            return (f"{seen} has a dim that is {derived}, which the manifest's symbolic "
+                    "shapes (batch, sequence, batch x sequence, fixed sizes) do not describe")
+    return (f"{seen} does not follow batch and sequence length: it depends on the values "
+            "(e.g. how many tokens a router sends to an expert), and a graph's shapes must be "
+            "known before it runs")
+
+
 def symbolic_shape(shape1, shape2) -> tuple | None:
-    """One site's shapes in the two probes -> each dim as ``B``, ``S``, ``B*S`` (batch and
-    sequence flattened) or its fixed size (None when a dim moves with none of them)."""
+    """One site's shapes in the two probes -> each dim as ``B``, ``S``, ``B*S`` / ``B*S*k``
+    (batch and sequence flattened, times k) or its fixed size (None when a dim moves with none
+    of them)."""
     (b1, s1), (b2, s2) = _PROBES
     dims = []
     for d1, d2 in zip(shape1, shape2):
@@ -195,8 +217,8 @@ def symbolic_shape(shape1, shape2) -> tuple | None:
             dims.append("B")
         elif (d1, d2) == (s1, s2):
             dims.append("S")
-        elif (d1, d2) == (b1 * s1, b2 * s2):
-            dims.append(FLAT)
+        elif d1 % (b1 * s1) == 0 and d2 == d1 // (b1 * s1) * (b2 * s2):
+            dims.append(flat_dim(d1 // (b1 * s1)))   # B*S, or B*S*k
         else:
             return None
     return tuple(dims)

@@ -3,9 +3,11 @@ the call raises before anything is sent, naming the site and why.
 
 - attention patterns and scores on models whose attention is SDPA (GPT-J, OPT): requests that
   hook them get eager attention, as TransformerLens's own loader gives every model;
-- sites whose batch and sequence are flattened into one dim (OPT's MLP and ln2, MoE routers)
-  are served with their real shapes, and such requests run alone (never co-batched);
-- sites whose shape depends on the values (tokens routed to one expert) and TL hook points
+- sites whose batch and sequence are flattened into one dim (OPT's MLP and ln2, MoE routers,
+  a top-k router's token x expert pairs) are served with their real shapes, and such
+  requests run alone (never co-batched);
+- sites whose shape the manifest cannot describe (a convolution's padded length, shapes that
+  depend on the values), values that cannot travel (complex rotary tables) and TL hook points
   that fire with a tuple are refused by name, on every front.
 """
 from __future__ import annotations
@@ -34,7 +36,8 @@ from family_configs import tiny_config
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
 TOKENS = torch.randint(3, 250, (2, 6), generator=torch.Generator().manual_seed(11))
-FAMILIES = ("GPTJForCausalLM", "OPTForCausalLM", "MixtralForCausalLM", "JambaForCausalLM")
+FAMILIES = ("GPTJForCausalLM", "OPTForCausalLM", "MixtralForCausalLM", "JambaForCausalLM",
+            "RecurrentGemmaForCausalLM")
 
 
 def build(arch):
@@ -197,25 +200,57 @@ def test_flattened_and_eager_requests_run_alone_others_share_a_forward(server):
 
 # ---- sites that cannot be served are refused, by name, before anything is sent ------------------
 
-def test_value_dependent_and_tuple_sites_are_refused_by_name(server):
+def test_top_k_expert_rows_are_served_with_their_shape(server):
+    """Jamba's experts run over every (token, chosen expert) pair: (batch*seq*2, d)."""
     arch = "JambaForCausalLM"
     info = hookwire.client.get_connection().model_info(arch)
-    expert = "hf:model.layers.1.feed_forward.experts.act_fn:output"
-    assert "depends on the values" in info.unserved[expert]
-    assert "tuple" in info.unserved["blocks.1.mlp.router.hook_out"]
+    shapes = {s.name: s.shape for s in info.sites}
+    assert shapes["hf:model.layers.1.feed_forward.experts.act_fn:output"] == ("B*S*2", 128)
+    model, _ = build(arch)
+    seen = {}
+
+    def halve(module, args, output):
+        seen["shape"] = tuple(output.shape)
+        return output * 0.5
+    hooks = {"model.layers.1.feed_forward.experts.act_fn": halve}
+    got = hhf.RemoteModel(arch).run_with_hooks(TOKENS, hooks=hooks).logits
+    assert seen.pop("shape") == (24, 128)    # traced with the real shape
+    assert_close(got, LocalModel(model).run_with_hooks(TOKENS, hooks=hooks).logits)
+    assert seen["shape"] == (24, 128)
+
+
+def test_sites_that_cannot_be_served_are_refused_by_name(server):
+    jamba, gemma = "JambaForCausalLM", "RecurrentGemmaForCausalLM"
+    conn = hookwire.client.get_connection()
+    assert "tuple" in conn.model_info(jamba).unserved["blocks.1.mlp.router.hook_out"]
+    conv = "hf:model.layers.0.temporal_block.conv_1d:output"
+    assert "sequence length +3" in conn.model_info(gemma).unserved[conv]
 
     def touch(x, *rest):
         return None
     with pytest.raises(SiteNotServed, match="blocks.1.mlp.router.hook_out.*tuple"):
-        htl.RemoteModel(arch).run_with_hooks(TOKENS, fwd_hooks=[
+        htl.RemoteModel(jamba).run_with_hooks(TOKENS, fwd_hooks=[
             ("blocks.1.mlp.router.hook_out", touch)])
-    with pytest.raises(SiteNotServed, match="experts.act_fn.*depends on the values"):
-        hhf.RemoteModel(arch).run_with_hooks(TOKENS, hooks={
-            "model.layers.1.feed_forward.experts.act_fn": lambda m, a, o: o * 2})
-    config = pv.IntervenableConfig([{"component": "model.layers[1].feed_forward.experts."
-                                     "act_fn.output", "intervention_type": pv.ZeroIntervention}])
-    with pytest.raises(SiteNotServed, match="depends on the values"):
-        hpv.RemoteIntervenableModel(config, arch)
-    # The same model still serves everything else.
-    local = local_bridge(arch)
-    assert_close(htl.RemoteModel(arch)(TOKENS), local(TOKENS))
+    with pytest.raises(SiteNotServed, match="conv_1d.*sequence length"):
+        hhf.RemoteModel(gemma).run_with_hooks(TOKENS, hooks={
+            "model.layers.0.temporal_block.conv_1d": lambda m, a, o: o * 2})
+    config = pv.IntervenableConfig([{"component": "model.layers[0].temporal_block.conv_1d."
+                                     "output", "intervention_type": pv.ZeroIntervention}])
+    with pytest.raises(SiteNotServed, match="sequence length"):
+        hpv.RemoteIntervenableModel(config, gemma)
+    # The same models still serve everything else.
+    assert_close(htl.RemoteModel(jamba)(TOKENS), local_bridge(jamba)(TOKENS))
+
+
+def test_shapes_that_follow_the_values_or_calls_that_follow_the_input_are_refused():
+    """What the manifest says of a site whose shape follows routing (not the input's size),
+    or that fires a number of times that depends on the input."""
+    from hookwire.server.manifest import describe_fired
+    f32 = torch.float32
+    first = [("ok", 0, (3, 11, 8), f32), ("routed", 0, (7, 8), f32), ("loop", 0, (3, 8), f32)]
+    second = [("ok", 0, (5, 13, 8), f32), ("routed", 0, (40, 8), f32), ("loop", 0, (5, 8), f32),
+              ("loop", 1, (5, 8), f32)]
+    sites, unserved = describe_fired(first, second)
+    assert [s.name for s in sites] == ["ok"] and sites[0].shape == ("B", "S", 8)
+    assert "depends on the values" in unserved["routed"]
+    assert "number of times" in unserved["loop"]
