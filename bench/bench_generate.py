@@ -27,7 +27,6 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from server_proc import ServerProcess  # noqa: E402
 
 MODEL = "gpt2-small-random"
-BLOCK = "transformer.h.6"
 
 
 def alternating_medians(fns, repeats: int) -> list[float]:
@@ -50,34 +49,46 @@ def main():
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cpu", help="server and local model (e.g. cuda:0)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", default=MODEL, help="a built-in model (tiny-gpt2: a quick check)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # 2 shared cores: the server process has its own
-    spec = BUILTIN_MODELS[MODEL]
-    local = hhf.LocalModel(build_hf_model(spec.architecture, spec.config, seed=spec.seed)[0])
-    prompt = torch.randint(0, 50000, (1, args.prompt),
+    spec = BUILTIN_MODELS[args.model]
+    hidden = spec.config["n_embd"]
+    block = f"transformer.h.{spec.config['n_layer'] // 2}"   # h.6 on gpt2-small-random
+    local = hhf.LocalModel(build_hf_model(spec.architecture, spec.config, seed=spec.seed,
+                                          dtype=getattr(torch, args.dtype))[0].to(args.device))
+    prompt = torch.randint(0, spec.config["vocab_size"] - 1, (1, args.prompt),
                            generator=torch.Generator().manual_seed(0))
-    vector = torch.randn(768, generator=torch.Generator().manual_seed(1))
+    vector = torch.randn(hidden, generator=torch.Generator().manual_seed(1)).to(
+        getattr(torch, args.dtype))
 
-    def steer(module, args_, output):
-        return output + 2.0 * vector
-    cases = {"no hooks": {}, "steer every step": {"hooks": {BLOCK: steer},
-                                                  "intervene_on": "all"},
-             "steer + cache per step": {"hooks": {BLOCK: steer}, "intervene_on": "all",
-                                        "modules": [BLOCK]}}
+    def cases(vector):
+        """The workloads, with the steering vector where the model is (local: the device)."""
+        def steer(module, args_, output):
+            return output + 2.0 * vector
+        return {"no hooks": {}, "steer every step": {"hooks": {block: steer},
+                                                     "intervene_on": "all"},
+                "steer + cache per step": {"hooks": {block: steer}, "intervene_on": "all",
+                                           "modules": [block]}}
+    remote_cases, local_cases = cases(vector), cases(vector.to(args.device))
     results = {}
     # The server process gets one thread too (inherited): the ratio compares like with like.
     os.environ["OMP_NUM_THREADS"] = "1"
-    with ServerProcess(MODEL) as server:
+    with ServerProcess(args.model, device=args.device, dtype=args.dtype) as server:
         hookwire.configure(url=server.url)
-        remote = hhf.RemoteModel(MODEL)
-        for label, kw in cases.items():
+        remote = hhf.RemoteModel(args.model)
+        for label, kw in remote_cases.items():
+            local_kw = local_cases[label]
             r = remote.generate(prompt, args.tokens, **kw)
-            l_ = local.generate(prompt, args.tokens, **kw)
-            assert torch.equal(r.sequences, l_.sequences), label  # remote == local
+            l_ = local.generate(prompt, args.tokens, **local_kw)
+            assert torch.equal(r.sequences, l_.sequences.cpu()), label  # remote == local
             t_local, t_remote = alternating_medians(
-                [lambda: local.generate(prompt, args.tokens, **kw),
+                [lambda: local.generate(prompt, args.tokens, **local_kw),
                  lambda: remote.generate(prompt, args.tokens, **kw)], args.repeats)
-            results[label] = {"local_tok_s": args.tokens / t_local,
+            results[label] = {"device": args.device, "dtype": args.dtype,
+                              "local_tok_s": args.tokens / t_local,
                               "remote_tok_s": args.tokens / t_remote,
                               "remote_over_local_time": t_remote / t_local}
             print(f"{label:24s} local {args.tokens / t_local:7.1f} tok/s  remote "
@@ -85,7 +96,7 @@ def main():
                   f"{t_remote / t_local:.3f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": MODEL, "tokens": args.tokens, "prompt": args.prompt,
+            json.dump({"model": args.model, "tokens": args.tokens, "prompt": args.prompt,
                        "results": results}, f, indent=2)
 
 

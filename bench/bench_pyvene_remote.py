@@ -52,25 +52,37 @@ def main():
     ap.add_argument("--layers", default="0,6,11", help="intervened layers, comma-separated")
     ap.add_argument("--component", default="block_output")
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cpu", help="server and local model (e.g. cuda:0)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", default=MODEL, help="a built-in model (tiny-gpt2: a quick check)")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    spec = BUILTIN_MODELS[MODEL]
-    hf_model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+    spec = BUILTIN_MODELS[args.model]
+    vocab = spec.config["vocab_size"]
+    hf_model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed,
+                                 dtype=getattr(torch, args.dtype))
+    hf_model = hf_model.to(args.device)
     gen = torch.Generator().manual_seed(0)
-    base = {"input_ids": torch.randint(0, 50257, (8, 64), generator=gen)}
-    source = {"input_ids": torch.randint(0, 50257, (8, 64), generator=gen)}
-    results = {}
-    with ServerProcess(MODEL) as server:
+    base = {"input_ids": torch.randint(0, vocab, (8, 64), generator=gen)}
+    source = {"input_ids": torch.randint(0, vocab, (8, 64), generator=gen)}
+    local_inputs = ({"input_ids": base["input_ids"].to(args.device)},
+                    {"input_ids": source["input_ids"].to(args.device)})
+    results = {"device": args.device, "dtype": args.dtype}
+    with ServerProcess(args.model, device=args.device, dtype=args.dtype) as server:
         hookwire.configure(url=server.url)
         for layer in [int(x) for x in args.layers.split(",")]:
             def config():
                 return pv.IntervenableConfig([{"layer": layer, "component": args.component,
                                                "intervention_type": pv.VanillaIntervention}])
             local = pv.IntervenableModel(config(), hf_model)  # pyvene owns it: never served
-            remote = hpv.RemoteIntervenableModel(config(), MODEL)
+            remote = hpv.RemoteIntervenableModel(config(), args.model)
 
             def run(model):
-                return model(base, [source], {"sources->base": 17})[1].logits
+                b, s = (base, source) if model is remote else local_inputs
+                out = model(b, [s], {"sources->base": 17})[1].logits
+                if model is not remote and args.device != "cpu":
+                    torch.cuda.synchronize()
+                return out.cpu()
             torch.testing.assert_close(run(remote), run(local))
             t_local, t_remote = paired_medians([lambda: run(local), lambda: run(remote)],
                                                args.repeats)

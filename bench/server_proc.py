@@ -9,8 +9,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class ServerProcess:
-    def __init__(self, *models: str, batching: bool = True):
+    def __init__(self, *models: str, batching: bool = True, device: str | None = None,
+                 dtype: str | None = None):
         flags = [] if batching else ["--no-batching"]
+        flags += [f"--device={device}"] if device else []
+        flags += [f"--dtype={dtype}"] if dtype else []
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_server_process.py"),
                                       *flags, *models], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)

@@ -95,6 +95,8 @@ def cmd_serve(args) -> int:
     limits = Limits(max_request_seconds=args.max_request_seconds)
     try:
         device_map = _device_map(args.device_map)
+        # A Ray replica resolves the device itself (it sees the GPUs Ray gave it).
+        device = _device(args.device, device_map) if args.engine != "ray" else None
     except ValueError as exc:
         _err(str(exc))
         return 2
@@ -105,7 +107,7 @@ def cmd_serve(args) -> int:
         hosted = {}
     else:
         engine = None
-        hosted = _load_models(args.model, device_map)
+        hosted = _load_models(args.model, device_map, args.dtype, device)
         if hosted is None:
             return 2
     if api_keys is None:
@@ -165,14 +167,29 @@ def _device_map(text: str | None):
     return value
 
 
-def _load_models(specs: list[str], device_map) -> dict | None:
+def _device(text: str, device_map) -> str | None:
+    """--device: checked here (a clear message for a typo or a missing GPU); "auto" defers to
+    --device-map when one is given."""
+    if device_map is not None:
+        if text != "auto":
+            raise ValueError("--device and --device-map exclude each other: the map says "
+                             "where each part of the model goes")
+        return None
+    from hookwire.server.devices import parse_device
+
+    return str(parse_device(text))
+
+
+def _load_models(specs: list[str], device_map, dtype: str = "auto",
+                 device: str | None = None) -> dict | None:
     from hookwire.server.models import load_model
 
     hosted = {}
     for spec in specs:
-        print(f"hookwire: loading model {spec} ...", file=sys.stderr, flush=True)
+        print(f"hookwire: loading model {spec} ({dtype}, {device or device_map}) ...",
+              file=sys.stderr, flush=True)
         try:
-            h = load_model(spec, device_map=device_map)
+            h = load_model(spec, device_map=device_map, dtype=dtype, device=device)
         except Exception as exc:
             _err(f"cannot load model {spec!r}: {type(exc).__name__}: {exc}")
             return None
@@ -181,6 +198,14 @@ def _load_models(specs: list[str], device_map) -> dict | None:
             return None
         hosted[h.name] = h
     return hosted
+
+
+def _replica_device(text: str, device_map) -> str | None:
+    """A Ray replica resolves the device ("auto" included) itself: it sees the GPUs Ray gave
+    it, not this node's."""
+    if device_map is not None and text != "auto":
+        raise ValueError("--device and --device-map exclude each other")
+    return None if device_map is not None else text
 
 
 def _ray_engine(args, limits, device_map):
@@ -195,7 +220,8 @@ def _ray_engine(args, limits, device_map):
         return RayEngine(args.model, replicas=args.replicas, limits=limits,
                          batching=not args.no_batching, window_s=args.batch_window_ms / 1000,
                          address=args.ray_address, num_cpus_per_replica=args.cpus_per_replica,
-                         num_gpus_per_replica=args.gpus_per_replica, device_map=device_map)
+                         num_gpus_per_replica=args.gpus_per_replica, device_map=device_map,
+                         dtype=args.dtype, device=_replica_device(args.device, device_map))
     except Exception as exc:
         _err(f"cannot deploy on Ray: {type(exc).__name__}: {exc}")
         return None
@@ -459,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--engine ray: CPUs reserved per replica (default 1)")
     s.add_argument("--gpus-per-replica", type=float, default=0.0,
                    help="--engine ray: GPUs per replica (Ray's num_gpus; default 0)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype to host models in (default auto: a checkpoint's own dtype, "
+                        "float32 for built-in models)")
+    s.add_argument("--device", default="auto",
+                   help="cpu, cuda or cuda:N (default auto: the first GPU if there is one, "
+                        "else the CPU); not with --device-map")
     s.add_argument("--device-map", default=None,
                    help="spread each model over several devices with accelerate: auto, "
                         "balanced, sequential or a JSON {module: device} map")

@@ -77,6 +77,12 @@ class RemoteModelInfo:
     step_module_layouts: dict[str, list[str]] = field(default_factory=dict)
     module_kwarg_layouts: dict[str, dict[str, str]] = field(default_factory=dict)
     step_module_kwarg_layouts: dict[str, dict[str, str]] = field(default_factory=dict)
+    unserved: dict[str, str] = field(default_factory=dict)  # site -> why it cannot be hooked
+    output: str = "logits"          # or "last_hidden_state" (a base model without LM head)
+    output_dtype: torch.dtype = torch.float32
+    generate_refused: str | None = None   # why it cannot generate on the server
+    list_outputs: frozenset = frozenset()  # output sites whose module returns a list
+    tl_refused: str | None = None          # why TL hook points are not served
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -84,7 +90,8 @@ class RemoteModelInfo:
         for s in msg.sites:
             if s.dtype not in DTYPES:
                 raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
-            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad))
+            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad,
+                                  s.eager))
         info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)
@@ -94,7 +101,22 @@ class RemoteModelInfo:
         info.module_kwarg_layouts = {k: dict(v) for k, v in msg.module_kwarg_layouts.items()}
         info.step_module_kwarg_layouts = {k: dict(v) for k, v in
                                           msg.step_module_kwarg_layouts.items()}
+        info.unserved = {str(k): str(v) for k, v in msg.unserved_sites.items()}
+        info.output = msg.output
+        if msg.output_dtype not in DTYPES:
+            raise ProtocolError(f"server described the output with dtype {msg.output_dtype!r}")
+        info.output_dtype = DTYPES[msg.output_dtype]
+        info.generate_refused = msg.generate_refused
+        info.list_outputs = frozenset(msg.list_outputs)
+        info.tl_refused = msg.tl_refused
         return info
+
+    def unserved_reason(self, name: str) -> str | None:
+        """Why a hook on site ``name`` cannot run remotely (None: it can, or never fires)."""
+        reason = self.unserved.get(name)
+        if reason is None and name.startswith("hf:"):
+            reason = self.unserved.get("hf:*")
+        return reason
 
 
 @dataclass

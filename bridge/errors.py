@@ -39,6 +39,18 @@ class UnknownModel(HookwireError):
     code = "unknown_model"
 
 
+class UnsupportedModel(ProtocolError):
+    """A model hookwire does not serve (its architecture, or a front it lacks: e.g. a base
+    model without an LM head has no TransformerLens bridge); the message says why."""
+    code = "unsupported_model"
+
+
+class SiteNotServed(HookwireError):
+    """A hook names a site that fires in the model's forward but that the server cannot run
+    hooks on as they run locally (raised before anything is sent; the message says why)."""
+    code = "site_not_served"
+
+
 class ExecutionError(HookwireError):
     """An op failed while the model ran."""
     code = "execution_error"
@@ -91,7 +103,8 @@ class ReplicaLost(ServerUnavailable):
 
 ERROR_TYPES = {cls.code: cls for cls in (
     HookwireError, TraceError, ProtocolError, FrameError, GraphValidationError, LimitExceeded,
-    UnknownModel, ExecutionError, Cancelled, ResidentMissing, AuthError, ServerUnavailable,
+    UnknownModel, UnsupportedModel, SiteNotServed, ExecutionError, Cancelled,
+    ResidentMissing, AuthError, ServerUnavailable,
     QueueFull, DeadlineExceeded, TooManyConnections, ServerShuttingDown,
     ReplicaLost)}
 

@@ -74,6 +74,7 @@ class Interleaver:
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
+        self.device: torch.device | None = None  # of the activation at the current site
 
     @property
     def needs_grad(self) -> bool:
@@ -98,12 +99,24 @@ class Interleaver:
             return resolve(dn.args[1], self.values, self.constants)
         args = resolve(dn.args, self.values, self.constants)
         kwargs = {k: resolve(v, self.values, self.constants) for k, v in dn.kwargs.items()}
+        if len(_devices(args, _devices(tuple(kwargs.values())))) > 1:
+            args, kwargs = self._co_locate(args, kwargs)
         try:
             return dn.spec.fn(*args, **kwargs)
         except Exception as exc:
             raise ExecutionError(f"node {dn.id} ({dn.op}) failed: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:300] if str(exc) else ''}",
                                  node=dn.id, op=dn.op) from None
+
+    def _co_locate(self, args, kwargs):
+        """Tensors of one op that live on different devices (a model spread over several):
+        constants, resident values and earlier sites' values go to the device of the
+        activation they meet -- the current site's -- as they would if the user's hook had
+        run on that layer's device."""
+        devices = _devices(args, _devices(tuple(kwargs.values())))
+        target = self.device if self.device in devices else \
+            next((d for d in devices if d.type != "cpu"), next(iter(devices)))
+        return _to(args, target), {k: _to(v, target) for k, v in kwargs.items()}
 
     def _run_stage(self, stage: int, site_value=None):
         for dn in self.by_stage.get(stage, ()):
@@ -141,6 +154,7 @@ class Interleaver:
         if not isinstance(output, torch.Tensor):
             raise ExecutionError(f"site {self.vg.site_infos[index].name!r} did not produce "
                                  "a tensor")
+        self.device = output.device
         # With autograd on, an in-place write must not touch a tensor the graph's own
         # ops saved for backward: they read a (differentiable) copy instead.
         copy_read = self.needs_grad and index in self.inplace_sites
@@ -169,6 +183,8 @@ class Interleaver:
             if self.read_only and isinstance(result, torch.Tensor) and \
                     result.untyped_storage().data_ptr() in self.read_only:
                 result = result.clone()
+            if isinstance(result, torch.Tensor) and result.device != output.device:
+                result = result.to(output.device)  # e.g. a constant, or another layer's value
         if index in self.grad_sites:
             final = output if result is None else result
             if not final.requires_grad:
@@ -231,6 +247,9 @@ class Interleaver:
         """After the forward: output-stage nodes (reading ``outputs``), the backward pass if
         the graph asks for one, then the gradient-stage nodes."""
         self.outputs = outputs
+        for value in outputs.values():
+            if isinstance(value, torch.Tensor):
+                self.device = value.device
         self._run_stage(self.vg.output_stage)
         if self.backward is None:
             return
@@ -262,6 +281,26 @@ class Interleaver:
         self.grads.clear()
         self.const_grads.clear()
         self.timings["backward_s"] = time.perf_counter() - t0
+
+
+def _devices(values, out: set | None = None) -> set:
+    out = set() if out is None else out
+    if isinstance(values, torch.Tensor):
+        out.add(values.device)
+    elif isinstance(values, (tuple, list)):
+        for v in values:
+            _devices(v, out)
+    return out
+
+
+def _to(values, device: torch.device):
+    if isinstance(values, torch.Tensor):
+        return values if values.device == device else values.to(device)
+    if isinstance(values, tuple):
+        return tuple(_to(v, device) for v in values)
+    if isinstance(values, list):
+        return [_to(v, device) for v in values]
+    return values
 
 
 __all__ = ["Interleaver"]

@@ -111,33 +111,40 @@ def attach(module: torch.nn.Module, name: str, hook):
 
     if element:
         def element_hook(mod, args, output):
-            if not isinstance(output, tuple) or len(output) <= element:
+            if not isinstance(output, (tuple, list)) or len(output) <= element:
                 return hook(mod, args, None)  # the interleaver reports "no tensor"
             result = hook(mod, args, output[element])
             if result is None:
                 return None
-            return output[:element] + (result,) + output[element + 1:]
+            return _replaced(output, element, result)
         return module.register_forward_hook(element_hook)
 
     def post_hook(mod, args, output):
-        if isinstance(output, tuple) and output:
+        if isinstance(output, (tuple, list)) and output:
             result = hook(mod, args, output[0])
-            return None if result is None else (result,) + tuple(output[1:])
+            return None if result is None else _replaced(output, 0, result)
         return hook(mod, args, output)
     return module.register_forward_hook(post_hook)
 
 
+def _replaced(output, element: int, value):
+    """``output`` (a tuple, or a list: GPT-1's blocks return one) with one element replaced."""
+    items = list(output)
+    items[element] = value
+    return items if isinstance(output, list) else tuple(items)
+
+
 def site_value(output):
     """The tensor a module site exposes for a module's return value (None if none)."""
-    if isinstance(output, tuple) and output:
+    if isinstance(output, (tuple, list)) and output:
         output = output[0]
     return output if isinstance(output, torch.Tensor) else None
 
 
 def element_values(output) -> list[tuple[int, torch.Tensor]]:
-    """(element, tensor) for the tensor elements >= 1 of a tuple output, in the order their
-    sites fire: last element first, element 0's site after all of them."""
-    if not isinstance(output, tuple):
+    """(element, tensor) for the tensor elements >= 1 of a tuple (or list) output, in the
+    order their sites fire: last element first, element 0's site after all of them."""
+    if not isinstance(output, (tuple, list)):
         return []
     return [(i, output[i]) for i in range(len(output) - 1, 0, -1)
             if isinstance(output[i], torch.Tensor)]

@@ -81,9 +81,14 @@ class HelloOk(_Msg):
 class SiteDescription(_Msg):
     name: str
     call: int = 0
-    shape: list[Union[int, Literal["B", "S"]]]
+    # "B": batch, "S": sequence, "B*S": both flattened into one dim (batch-major), "B*S*k":
+    # the same times k (top-k token x expert pairs)
+    shape: list[Union[int, Annotated[str, Field(pattern=r"^(B|S|B\*S(\*[1-9][0-9]{0,5})?)$")]]]
     dtype: str
     grad: bool = False  # has a gradient in a backward pass (depends on the weights)
+    # Fires only with eager attention (attention patterns and scores): requests that use it
+    # run with eager attention, as TransformerLens's own loader always does.
+    eager: bool = False
 
 
 class ModelInfo(_Msg):
@@ -99,6 +104,18 @@ class ModelInfo(_Msg):
         description="alias -> canonical hook name (e.g. blocks.0.hook_resid_pre -> "
                     "blocks.0.hook_in), so clients without TL 4 can map legacy names")
     tokenizer_files: dict[str, str]
+    # Sites that fire in the model's forward but cannot be hooked remotely as they run
+    # locally: name (a TL hook point or "hf:<path>:<kind>") -> why. Clients refuse hooks on
+    # them before sending anything.
+    unserved_sites: dict[str, str] = Field(default_factory=dict)
+    # What the forward returns: "logits", or "last_hidden_state" for a base model without an
+    # LM head (graphs read it as the "logits" output either way).
+    output: Literal["logits", "last_hidden_state"] = "logits"
+    output_dtype: str = "float32"
+    # Why the model cannot generate on the server (hookwire.hf generate), or None.
+    generate_refused: str | None = None
+    # Why its TransformerLens hook points are not served (TL clients refuse it), or None.
+    tl_refused: str | None = None
     # What torch hooks see besides tensors, for HF module sites: "hf:<path>:output" -> the
     # type names of the tuple a module returns (only tuple outputs are listed), and
     # "hf:<path>:input" -> those of its positional arguments; e.g. ["Tensor", "NoneType"].
@@ -110,6 +127,8 @@ class ModelInfo(_Msg):
     # (what nnsight's ``.inputs`` hands over as its kwargs), and the same in a generation step.
     module_kwarg_layouts: dict[str, dict[str, str]] = Field(default_factory=dict)
     step_module_kwarg_layouts: dict[str, dict[str, str]] = Field(default_factory=dict)
+    # Output sites of modules that return a list rather than a tuple (GPT-1's blocks).
+    list_outputs: list[str] = Field(default_factory=list)
 
 
 class Accepted(_Msg):

@@ -29,7 +29,10 @@ def byte_level_tokenizer(bos_id: int = 256):
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:
-    """The tokenizer's JSON files, to ship to clients (text only; nothing executable)."""
+    """The tokenizer's JSON files, to ship to clients (text only; nothing executable); none
+    for a model served without a tokenizer."""
+    if tokenizer is None:
+        return {}
     folder = tempfile.mkdtemp(prefix="hookwire-tokenizer-out-")
     tokenizer.save_pretrained(folder)
     files = {}

@@ -42,6 +42,9 @@ class Limits:
     max_output_bytes: int = 2 << 30
     max_seq: int = 8192
     max_resident_bytes: int = 1 << 30     # per user: values kept between requests
+    # server-wide: of those, bytes kept in accelerator (GPU) memory; the rest stay in CPU
+    # memory and move to the activation's device when a request uses them
+    max_resident_device_bytes: int = 1 << 30
     max_queued_per_user: int = 64         # requests waiting to run, per user
     max_connections_per_user: int = 32
     max_request_seconds: float = 600.0    # wall time of one request once it starts
@@ -53,17 +56,46 @@ class Limits:
     allow_parameter_reads: bool = True
 
 
+# A dim of a site's symbolic shape: "B" (batch), "S" (sequence), "B*S" (batch and sequence
+# flattened into one dim, batch-major: OPT's MLP, MoE routers), "B*S*k" (the same with a
+# further factor: a top-k router's token x expert pairs, heads folded into the rows) or a
+# fixed size.
+FLAT = "B*S"
+
+
+def flat_factor(d) -> int | None:
+    """k for a "B*S" (1) or "B*S*k" dim; None for any other dim."""
+    if not isinstance(d, str) or not d.startswith(FLAT):
+        return None
+    rest = d[len(FLAT):]
+    if not rest:
+        return 1
+    return int(rest[1:]) if rest[0] == "*" and rest[1:].isdigit() else None
+
+
+def flat_dim(k: int) -> str:
+    return FLAT if k == 1 else f"{FLAT}*{k}"
+
+
 @dataclass(frozen=True)
 class SiteInfo:
-    """A site as the model declares it: symbolic shape ('B', 'S' or an int per dim)."""
+    """A site as the model declares it: symbolic shape ('B', 'S', 'B*S' or an int per dim)."""
     name: str
     call: int
     shape: tuple
     dtype: torch.dtype
     grad: bool = False  # its value depends on the weights, so a backward pass reaches it
+    eager: bool = False  # fires only when attention runs eagerly (patterns, scores)
 
     def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else seq if d == "S" else d for d in self.shape)
+        return tuple(batch if d == "B" else seq if d == "S" else
+                     batch * seq * flat_factor(d) if flat_factor(d) else d for d in self.shape)
+
+    @property
+    def flattened(self) -> bool:
+        """Batch and sequence share one dim: a request's rows are not a block of it once
+        requests of different lengths are padded together (such requests run alone)."""
+        return any(flat_factor(d) for d in self.shape)
 
 
 @dataclass

@@ -66,7 +66,8 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
           batching: bool = True, batch_window_s: float = BATCH_WINDOW_S,
           engine: str = "embedded", replicas: int | dict = 1, ray_address: str | None = None,
           num_cpus_per_replica: float = 1, num_gpus_per_replica: float = 0,
-          device_map=None) -> ServerHandle:
+          device_map=None, dtype=None, device=None,
+          tokenizers: dict | None = None) -> ServerHandle:
     """Start a server in this process. ``models`` maps names to model objects (TL bridges or
     HF models) or is a list of built-in names / checkpoint paths. ``batching=False`` runs
     requests one at a time (as NDIF does); otherwise requests arriving within
@@ -76,7 +77,14 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
     ``replicas`` replicas (or {model: replicas}) instead of a thread here: on the cluster at
     ``ray_address`` ("auto": one started with ``ray start``), or on a private local Ray. Each
     replica gets ``num_cpus_per_replica``/``num_gpus_per_replica`` and loads its model with
-    accelerate's ``device_map`` (e.g. "auto": across the replica's GPUs)."""
+    accelerate's ``device_map`` (e.g. "auto": across the replica's GPUs).
+
+    ``dtype`` ("auto", "float32", "bfloat16", "float16"): built-in models are built in it,
+    checkpoints load in it ("auto"/None: their own dtype), model objects are converted to it.
+    ``device`` ("cpu", "cuda", "cuda:N", "auto": the first GPU if any; None: the CPU for
+    models loaded here, objects stay where they are). ``tokenizers`` maps names of HF model
+    objects to their tokenizers (without one a model is served without a tokenizer: clients
+    pass token ids)."""
     if models is None:
         models = ["tiny-gpt2"]
     if engine == "ray":
@@ -88,7 +96,8 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
         ray_engine = RayEngine(list(models), replicas=replicas, limits=limits,
                                batching=batching, window_s=batch_window_s, address=ray_address,
                                num_cpus_per_replica=num_cpus_per_replica,
-                               num_gpus_per_replica=num_gpus_per_replica, device_map=device_map)
+                               num_gpus_per_replica=num_gpus_per_replica, device_map=device_map,
+                               dtype=dtype, device=device)
         try:
             server = HookwireServer({}, host=host, port=port, api_keys=api_keys, limits=limits,
                                     batching=batching, engine=ray_engine)
@@ -101,10 +110,12 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
     if isinstance(models, (list, tuple)):
         hosted = {}
         for spec in models:
-            h = load_model(spec, device_map=device_map)
+            h = load_model(spec, device_map=device_map, dtype=dtype, device=device)
             hosted[h.name] = h
     else:
-        hosted = {name: host_model_object(name, m) for name, m in models.items()}
+        hosted = {name: host_model_object(name, m, (tokenizers or {}).get(name), dtype=dtype,
+                                          device=device)
+                  for name, m in models.items()}
     server = HookwireServer(hosted, host=host, port=port, api_keys=api_keys, limits=limits,
                             batching=batching, batch_window_s=batch_window_s)
     return ServerHandle(server).start()

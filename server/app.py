@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -32,29 +31,14 @@ from hookwire.frames import TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
                                ModelInfoRequest, Submit, dump,
                                parse_client_message)
-from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
-                                        probe_module_sites)
-from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
+from hookwire.server.prepare import ModelEntry, prepare_model  # noqa: F401 (re-exported)
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
 from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
-
-
-@dataclass
-class ModelEntry:
-    hosted: HostedModel
-    sites: list
-    site_table: dict
-    site_order: dict
-    info_json: str
-    site_modules: dict
-    hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
-    # name -> tensor (detached, same storage) for "@<name>" constants: its parameters, buffers
-    parameters: dict = None
 
 
 class ConnState:
@@ -126,36 +110,6 @@ def _jsonable(details: dict) -> dict:
             or v is None}
 
 
-def prepare_model(hosted: HostedModel) -> ModelEntry:
-    # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
-    # clients see the sites they always saw, in the same order.
-    sites = probe_sites(hosted.bridge)
-    try:
-        hf_model = plain_hf_model(hosted.bridge)
-        module_sites = probe_module_sites(hf_model)
-        layouts = probe_module_layouts(hf_model)
-    except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
-        log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites, layouts = None, [], ({}, {}, {}, {})
-    sites = sites + module_sites
-    info = describe(hosted, sites)
-    (info.module_layouts, info.step_module_layouts, info.module_kwarg_layouts,
-     info.step_module_kwarg_layouts) = layouts
-    site_table, site_order = site_lookup(hosted.bridge, sites)
-    site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
-    if hf_model is not None:
-        site_modules.update(module_table(hf_model, module_sites))
-    parameters = {}
-    if hf_model is not None:
-        for name, t in list(hf_model.named_parameters(remove_duplicate=False)) + \
-                list(hf_model.named_buffers(remove_duplicate=False)):
-            parameters.setdefault(name, t.detach())
-    return ModelEntry(
-        hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
-        info_json=dump(info), site_modules=site_modules, hf_model=hf_model,
-        parameters=parameters)
-
-
 class HookwireServer:
     def __init__(self, models: dict[str, HostedModel], host: str = "127.0.0.1",
                  port: int = 8765, api_keys: list[str] | None = None,
@@ -173,7 +127,8 @@ class HookwireServer:
         self.worker = engine  # the engine seam: submit, queue_depth, cancel, describe, stop
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
-        self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s)
+        self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s,
+                                   self.limits.max_resident_device_bytes)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
 

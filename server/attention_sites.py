@@ -1,4 +1,5 @@
-"""Attention probabilities as a module site on the server's plain HF tree.
+"""Attention implementations a request may need: attention probabilities as a module site on
+the server's plain HF tree, and eager attention for TL hook points that only fire there.
 
 pyvene's ``attention_weight`` component (and an HF user hooking ``attn.attn_dropout``) means
 "the input of the attention-dropout module": the softmaxed attention probabilities. In
@@ -69,4 +70,25 @@ def attention_weight_sites(model, enabled: bool = True):
         model.set_attn_implementation(previous)
 
 
-__all__ = ["attention_weight_sites", "weight_site_modules", "attention_with_weight_site"]
+def runs_eager(model) -> bool:
+    return getattr(model.config, "_attn_implementation", None) == "eager"
+
+
+@contextlib.contextmanager
+def eager_attention(model, enabled: bool = True):
+    """Run ``model`` (an HF model, e.g. the one inside the TL bridge) with eager attention for
+    the duration: the path TransformerLens's own loader always takes, where attention
+    patterns and scores exist (under SDPA their hook points never fire)."""
+    if not enabled or runs_eager(model):
+        yield
+        return
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+__all__ = ["attention_weight_sites", "weight_site_modules", "attention_with_weight_site",
+           "eager_attention", "runs_eager"]

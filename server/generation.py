@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from hookwire.errors import (Cancelled, DeadlineExceeded, GraphValidationError, LimitExceeded,
-                             ProtocolError)
+                             ProtocolError, UnsupportedModel)
 from hookwire.executor import Interleaver
 from hookwire.generation import make_generator, next_tokens, step_name, token_name
 from hookwire.graph import is_parameter
@@ -50,6 +50,9 @@ def validate_generation(job, entry, limits, input_ids) -> list:
     if entry.hf_model is None:
         raise ProtocolError(f"model {submit.graph.model!r} has no HF module tree here: "
                             "it cannot generate")
+    if entry.generate_refused is not None:
+        raise UnsupportedModel(f"model {submit.graph.model!r} cannot generate on this server: "
+                               f"{entry.generate_refused}")
     if spec.max_new_tokens > limits.max_new_tokens:
         raise LimitExceeded(f"max_new_tokens={spec.max_new_tokens}; limit "
                             f"{limits.max_new_tokens}", rule="max_new_tokens")

@@ -10,16 +10,18 @@ plain module tree of the same family whose parameters and buffers *are* the brid
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import re
 
 import torch
 
 from hookwire.families import family_for_architecture
-from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import (attach, element_values, is_module_site, module_site,
                                    parse_module_site, site_value)
+                                   parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
-from hookwire.server.manifest import _PROBES, symbolic_shape
+from hookwire.server.devices import input_device
+from hookwire.server.manifest import _PROBES, describe_fired
 from hookwire.validate import SiteInfo
 
 _WRAPPED = re.compile(r"(^|\.)_original_component")
@@ -29,14 +31,23 @@ def _canonical(name: str) -> str:
     return _WRAPPED.sub("", name)
 
 
-def plain_hf_model(bridge) -> torch.nn.Module:
-    """A plain HF model (built on the meta device, so nothing is allocated) whose every
-    parameter and buffer is the bridge's own tensor object."""
+def plain_hf_model(hosted) -> torch.nn.Module:
+    """The plain HF tree module sites run on (``hosted``: a HostedModel, or a TL bridge): a
+    base model (no bridge) is its own; for a bridge, a plain HF model (built on the meta device, so nothing is allocated) whose every
+    parameter and buffer is the bridge's own tensor object. A model spread over devices by
+    accelerate gets the same dispatch hooks on the mirror, so its sites survive the split."""
+    bridge = getattr(hosted, "bridge", hosted)
+    if bridge is None:
+        return hosted.hf_model
     wrapped = bridge.original_model
     # Our own copy of the config: the attention implementation set below is this tree's only.
+    # It is the HF model's own (or transformers' default), not the eager one TransformerLens
+    # may have forced on the bridge's model for its hook points: module-path users compare
+    # with a plain HF model.
     cfg = copy.deepcopy(wrapped.config)
-    architecture = (getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0]
-    family = family_for_architecture(architecture)
+    cfg._attn_implementation = getattr(hosted, "hf_attention", None)
+    family = family_for_architecture(getattr(hosted, "architecture", None) or (
+        getattr(cfg, "architectures", None) or [type(wrapped).__name__])[0])
     tensors: dict[str, torch.Tensor] = {}
     for name, t in list(wrapped.named_parameters(remove_duplicate=False)) + \
             list(wrapped.named_buffers(remove_duplicate=False)):
@@ -53,7 +64,33 @@ def plain_hf_model(bridge) -> torch.nn.Module:
                 if shared is None or shared.shape != value.shape:
                     raise RuntimeError(f"cannot share {prefix + key} with the bridge's model")
                 store[key] = shared
+    if getattr(wrapped, "hf_device_map", None):
+        _mirror_dispatch(wrapped, plain)
     return plain.eval()
+
+
+def _mirror_dispatch(wrapped, plain) -> None:
+    """Give each module of ``plain`` a copy of accelerate's hook on its counterpart in the
+    bridge's model: inputs move to the module's device, offloaded weights are brought in for
+    its forward and dropped after (each hook keeps its own parameter slots, so the two trees
+    never see each other's loaded weights)."""
+    from accelerate.hooks import add_hook_to_module
+
+    hooks: dict[str, object] = {}
+    for name, module in wrapped.named_modules(remove_duplicate=False):
+        hook = getattr(module, "_hf_hook", None)
+        canonical = _canonical(name)
+        if hook is None:
+            continue
+        try:
+            counterpart = plain.get_submodule(canonical)
+        except AttributeError:
+            continue
+        if type(counterpart) is type(module):  # the HF module, not a TL wrapper of it
+            hooks[canonical] = hook
+    for name, hook in hooks.items():
+        add_hook_to_module(plain.get_submodule(name), copy.copy(hook))
+    plain.hf_device_map = dict(wrapped.hf_device_map)
 
 
 def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = False
@@ -85,9 +122,9 @@ def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = F
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
-        device = next(model.parameters()).device
         tokens = torch.randint(0, min(vocab, 256), (batch, seq),
-                               generator=torch.Generator().manual_seed(0)).to(device)
+                               generator=torch.Generator().manual_seed(0)).to(
+                                   input_device(model))
         with torch.no_grad(), attention_weight_sites(model, attention_weights):
             model(input_ids=tokens)
     finally:
@@ -96,8 +133,9 @@ def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = F
     return fired
 
 
-def probe_module_sites(model) -> list[SiteInfo]:
-    """Module sites that fire with a tensor, in firing order, with symbolic shapes."""
+def probe_module_sites(model) -> tuple[list[SiteInfo], dict[str, str]]:
+    """(module sites that fire with a tensor, in firing order, with symbolic shapes;
+    {site: why it cannot be served} for those whose shapes cannot be described)."""
     vocab = model.config.vocab_size
     (b1, s1), (b2, s2) = _PROBES
     first, second = _record(model, b1, s1, vocab), _record(model, b2, s2, vocab)
@@ -110,27 +148,26 @@ def probe_module_sites(model) -> list[SiteInfo]:
         first, second = ([e for e in _record(model, b, s, vocab, attention_weights=True)
                           if (e[0], e[1]) in plain or e[0] in weight_names]
                          for b, s in ((b1, s1), (b2, s2)))
-    if [(n, c) for n, c, _, _ in first] != [(n, c) for n, c, _, _ in second]:
-        raise RuntimeError("module sites fire in a different order for different input sizes")
-    listed = []
-    for (name, call, shape1, dtype), (_, _, shape2, _) in zip(first, second):
-        if len(shape1) != len(shape2) or dtype not in DTYPE_NAMES:
-            continue
-        dims = symbolic_shape(shape1, shape2)
-        if dims is not None:
-            listed.append((name, call, dims, dtype))
-    names = {name for name, *_ in listed}
-    graded = _gradient_sites(model, b1, s1, vocab, names - weight_names, False)
-    if weight_names:
-        graded |= {key for key in _gradient_sites(model, b1, s1, vocab, weight_names, True)
-                   if key[0] in weight_names}
-    return [SiteInfo(name, call, dims, dtype, (name, call) in graded)
-            for name, call, dims, dtype in listed]
+    try:
+        sites, unserved = describe_fired(first, second)
+    except RuntimeError:
+        raise RuntimeError("module sites fire in a different order for different input "
+                           "sizes") from None
+    names = {site.name for site in sites}
+    try:
+        graded = _gradient_sites(model, b1, s1, vocab, names - weight_names, False)
+        if names & weight_names:
+            graded |= {key for key in _gradient_sites(model, b1, s1, vocab,
+                                                      names & weight_names, True)
+                       if key[0] in weight_names}
+    except Exception:  # no backward on this model: no module site offers a gradient
+        graded = set()
+    return [replace(site, grad=(site.name, site.call) in graded) for site in sites], unserved
 
 
 def _gradient_sites(model, batch: int, seq: int, vocab: int, names: set,
                     attention_weights: bool) -> set[tuple[str, int]]:
-    """(site, call) of the module sites whose value reaches the logits and depends on the
+    """(site, call) of the module sites whose value reaches the output and depends on the
     weights: where a backward pass delivers a gradient. Measured as the executor takes it: the
     value the model goes on with is a fresh view at every site (hookwire.executor)."""
     kept: list = []
@@ -155,12 +192,12 @@ def _gradient_sites(model, batch: int, seq: int, vocab: int, names: set,
             if module is None:
                 module = model.get_submodule(parse_module_site(name)[0])
             handles.append(attach(module, name, keeper(name)))
-        device = next(model.parameters()).device
         tokens = torch.randint(0, min(vocab, 256), (batch, seq),
-                               generator=torch.Generator().manual_seed(0)).to(device)
+                               generator=torch.Generator().manual_seed(0)).to(
+                                   input_device(model))
         with torch.enable_grad(), attention_weight_sites(model, attention_weights):
-            logits = model(input_ids=tokens).logits
-            grads = torch.autograd.grad(logits.sum(), [v for _, v in kept],
+            output = model(input_ids=tokens)[0]  # logits, or a base model's hidden states
+            grads = torch.autograd.grad(output.float().sum(), [v for _, v in kept],
                                         allow_unused=True) if kept else ()
     finally:
         for h in handles:
@@ -178,9 +215,11 @@ def _type_name(value) -> str:
     return "Tensor" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _layouts(model, run) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
-    """Type names of tuple outputs and positional arguments, per module site (first call);
-    and of the keyword arguments of modules called with any, per input site."""
+def _layouts(model, run, lists: set | None = None
+             ) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]]:
+    """Type names of tuple (or list) outputs and positional arguments, per module site (first
+    call), and of the keyword arguments of modules called with any, per input site; output
+    sites of modules that return a list go to ``lists``."""
     found: dict[str, list[str]] = {}
     keywords: dict[str, dict[str, str]] = {}
 
@@ -196,8 +235,10 @@ def _layouts(model, run) -> tuple[dict[str, list[str]], dict[str, dict[str, str]
                 keywords.setdefault(site, {str(k): _type_name(v) for k, v in kwargs.items()})
 
         def post(mod, args, output, path=path):
-            if isinstance(output, tuple):
+            if isinstance(output, (tuple, list)):
                 found.setdefault(module_site(path, "output"), [_type_name(v) for v in output])
+                if isinstance(output, list) and lists is not None:
+                    lists.add(module_site(path, "output"))
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
@@ -209,19 +250,26 @@ def _layouts(model, run) -> tuple[dict[str, list[str]], dict[str, dict[str, str]
     return found, keywords
 
 
-def probe_module_layouts(model) -> tuple[dict, dict, dict, dict]:
+def probe_module_layouts(model) -> tuple[dict, dict, dict, dict, list]:
     """(layouts in a plain forward, layouts in a generation step's forward where they
-    differ, keyword layouts in a plain forward, in a step's where they differ): what a client
-    needs to hand hooks the tuples (and nnsight the keyword arguments) torch would."""
-    device = next(model.parameters()).device
-    tokens = torch.zeros((1, 3), dtype=torch.int64, device=device)
+    differ, keyword layouts in a plain forward, in a step's where they differ, output sites
+    whose module returns a list): what a client needs to hand hooks the tuples and lists
+    (and nnsight the keyword arguments) torch would."""
+    tokens = torch.zeros((1, 3), dtype=torch.int64, device=input_device(model))
     fwd = type(model).forward
-    plain, plain_kw = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False))
-    cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
-    step, step_kw = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1],
-                                                 past_key_values=cache, use_cache=True))
+    lists: set = set()
+    plain, plain_kw = _layouts(model, lambda: fwd(model, input_ids=tokens, use_cache=False),
+                               lists)
+    try:
+        with torch.no_grad():
+            cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
+        step, step_kw = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1],
+                                                     past_key_values=cache, use_cache=True))
+    except Exception:  # no KV cache: the model does not generate on the server (prepare.py)
+        step, step_kw = {}, {}
     return (plain, {k: v for k, v in step.items() if plain.get(k) != v},
-            plain_kw, {k: v for k, v in step_kw.items() if plain_kw.get(k) != v})
+            plain_kw, {k: v for k, v in step_kw.items() if plain_kw.get(k) != v},
+            sorted(lists))
 
 
 def module_table(model, sites=()) -> dict[str, torch.nn.Module]:

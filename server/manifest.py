@@ -8,26 +8,43 @@ sizes and recording every hook point as it fires; each dimension is then named `
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
+from hookwire.server.devices import input_device
 from hookwire.server.tl_modes import tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription
 from hookwire.tokenizer import tokenizer_files
-from hookwire.validate import SiteInfo
+from hookwire.validate import SiteInfo, flat_dim
 
 _PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
 
-def _record_sites(bridge, batch: int, seq: int
-                  ) -> list[tuple[str, int, tuple, torch.dtype, bool]]:
-    """(name, call, shape, dtype, has_gradient) for every hook point as it fires.
+def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None,
+                  gradients: bool = True, marked: bool | None = None):
+    """((name, call, shape, dtype, has_gradient) for every hook point as it fires with a
+    tensor, whether it ran with TL hook marks); hook points that fire with something else go
+    to ``nontensor`` (name -> what).
 
-    The probe runs with autograd on and then differentiates the logits: a site has a gradient
-    when its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in``
-    on Llama does not). Locally, only such sites fire their backward hooks."""
+    The probe runs as a local ``run_with_cache(incl_bwd=True)`` would: TL sees forward and
+    backward hooks on every hook point (some TL components fire a hook point only when it is
+    hooked), unless TL's own hooked path fails on this model (``marked=None`` tries it, then
+    goes without). With ``gradients`` it differentiates the logits: a site has a gradient when
+    its output depends on the weights *and* reaches the logits (``rotary_emb.hook_in`` on
+    Llama does not); locally only such sites fire their backward hooks. ``gradients=False``:
+    shapes only (every has_gradient False)."""
+    if marked is not None:
+        return _record(bridge, batch, seq, nontensor, marked, gradients), marked
+    try:
+        return _record(bridge, batch, seq, nontensor, True, gradients), True
+    except Exception:
+        return _record(bridge, batch, seq, nontensor, False, gradients), False
+
+
+def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
     # One entry per hook point, named by its canonical name (aliases share the object).
     points = {id(hp): (hp.name or name, hp) for name, hp in bridge.hook_dict.items()
               if isinstance(hp, HookPoint)}
@@ -46,16 +63,16 @@ def _record_sites(bridge, batch: int, seq: int
                     output = output.view_as(output)
                 outputs.append(output)
                 return output
+            if nontensor is not None and output is not None:
+                nontensor.setdefault(name, _describe_value(output))
             return None
         handles.append(hp.register_forward_hook(hook))
     try:
         vocab = bridge.cfg.d_vocab
         tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
-                               .manual_seed(0)).to(next(bridge.parameters()).device)
-        # As a local run_with_cache(incl_bwd=True) would: backward hooks everywhere (TL's
-        # normalizations then keep hook_normalized in the autograd graph).
-        with torch.enable_grad(), tl_hooks_marked(bwd_points=[hp for _, hp in
-                                                             points.values()]), \
+                               .manual_seed(0)).to(input_device(bridge.original_model))
+        marks = [hp for _, hp in points.values()] if mark_backward else []
+        with torch.set_grad_enabled(gradients), tl_hooks_marked(marks, marks), \
                 warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TL's notes on the path it takes: expected here
             logits = bridge(tokens, return_type="logits")
@@ -64,7 +81,8 @@ def _record_sites(bridge, batch: int, seq: int
         # logits.sum() would have no grad_fn.
         with torch.enable_grad():
             grads = torch.autograd.grad(logits.sum(), [outputs[i] for i in differentiable],
-                                        allow_unused=True) if logits.requires_grad else ()
+                                        allow_unused=True) \
+                if gradients and logits.requires_grad and differentiable else ()
         has_grad = {i for i, g in zip(differentiable, grads) if g is not None}
     finally:
         for h in handles:
@@ -72,24 +90,124 @@ def _record_sites(bridge, batch: int, seq: int
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
-def probe_sites(bridge) -> list[SiteInfo]:
+def _describe_value(value) -> str:
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join("Tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+                          for v in value)
+        return f"a {type(value).__name__} ({inner})"
+    return f"a {type(value).__name__}"
+
+
+def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str]]:
+    """(TL hook sites in firing order, {hook point: why it cannot be served}).
+
+    With ``eager_model`` (the bridge's HF model, when it does not already run eager
+    attention) the probe runs a second time with eager attention, as TransformerLens's own
+    loader hosts every model: sites that fire only there (``hook_pattern``,
+    ``hook_attn_scores`` on models whose attention is otherwise SDPA) are listed with
+    ``eager=True``; requests that read or write them run with eager attention."""
     (b1, s1), (b2, s2) = _PROBES
-    first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
-    if [(n, c) for n, c, *_ in first] != [(n, c) for n, c, *_ in second]:
+    nontensor: dict[str, str] = {}
+    # Gradients (which sites a backward pass reaches) from the first probe; the second, at
+    # another size, only for the shapes.
+    first, marked = _record_sites(bridge, b1, s1, nontensor)
+    fired = [first, _record_sites(bridge, b2, s2, gradients=False, marked=marked)[0]]
+    eager_only: set = set()
+    canonical = {hp.name or name for name, hp in bridge.hook_dict.items()
+                 if isinstance(hp, HookPoint)}
+    silent = canonical - {e[0] for e in fired[0]} - set(nontensor)
+    eager_failed = None
+    if eager_model is not None and silent:  # some hook points never fired: try eager
+        from hookwire.server.attention_sites import eager_attention
+
+        try:
+            with eager_attention(eager_model):
+                first, _ = _record_sites(bridge, b1, s1, gradients=False, marked=marked)
+                plain = [(n, c) for n, c, *_ in fired[0]]
+                with_eager = [(n, c) for n, c, *_ in first]
+                if [k for k in with_eager if k in set(plain)] == plain and \
+                        len(with_eager) > len(plain):
+                    eager_only = set(with_eager) - set(plain)
+                    fired = [_record_sites(bridge, b1, s1, marked=marked)[0],
+                             _record_sites(bridge, b2, s2, gradients=False,
+                                           marked=marked)[0]]
+        except Exception as exc:
+            eager_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" \
+                if str(exc) else type(exc).__name__
+    sites, unserved = describe_fired(*fired)
+    if eager_failed is not None:
+        for name in silent:
+            if name.endswith(("hook_pattern", "hook_attn_scores")):
+                unserved[name] = ("attention patterns and scores exist only with eager "
+                                  "attention, which this model cannot switch to "
+                                  f"({eager_failed})")
+    for name, what in nontensor.items():
+        # Remote TL hooks are handed tensors; locally this one gets the whole value.
+        unserved.setdefault(name, f"it fires with {what}, not a tensor, and remote TL hooks "
+                                  "get tensors; hook the HF module it wraps with "
+                                  "hookwire.hf instead (torch hooks there get the whole "
+                                  "tuple)")
+    return [SiteInfo(s.name, s.call, s.shape, s.dtype, s.grad, (s.name, s.call) in eager_only)
+            for s in sites], unserved
+
+
+def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str, str]]:
+    """Two probes' fired sites ``(name, call, shape, dtype[, grad])`` -> the sites a graph may
+    use, with symbolic shapes, and {name: why not} for those that fire but cannot be
+    described: a shape that follows the values rather than the input's size (tokens routed
+    to one expert), calls whose number depends on the input, dtypes that cannot travel."""
+    unserved: dict[str, str] = {}
+    calls1, calls2 = Counter(e[0] for e in first), Counter(e[0] for e in second)
+    for name in calls1.keys() | calls2.keys():
+        if calls1[name] != calls2[name]:
+            unserved[name] = ("it fires a number of times that depends on the input "
+                              f"({calls1[name]} and {calls2[name]} calls for two input "
+                              "sizes), so a graph cannot name its calls before it runs")
+    first = [e for e in first if e[0] not in unserved]
+    second = [e for e in second if e[0] not in unserved]
+    if [(e[0], e[1]) for e in first] != [(e[0], e[1]) for e in second]:
         raise RuntimeError("hook sites fire in a different order for different input sizes")
     sites = []
-    for (name, call, shape1, dtype, grad), (_, _, shape2, *_) in zip(first, second):
-        if len(shape1) != len(shape2):
+    for (name, call, shape1, dtype, *rest), (_, _, shape2, *_) in zip(first, second):
+        dims = symbolic_shape(shape1, shape2) if len(shape1) == len(shape2) else None
+        if dims is None:
+            unserved.setdefault(name, _shape_reason(shape1, shape2))
+        elif dtype not in DTYPE_NAMES:
+            unserved.setdefault(name, f"its values are {dtype}, which cannot travel")
+        else:
+            sites.append(SiteInfo(name, call, dims, dtype, bool(rest and rest[0])))
+    served = {s.name for s in sites}
+    return sites, {k: v for k, v in unserved.items() if k not in served}
+
+
+def _shape_reason(shape1, shape2) -> str:
+    """Why a site's shapes in the two probes have no symbolic form, as precisely as we can."""
+    (b1, s1), (b2, s2) = _PROBES
+    seen = f"its shape ({tuple(shape1)} for a {b1}x{s1} input, {tuple(shape2)} for {b2}x{s2})"
+    if len(shape1) != len(shape2):
+        return f"{seen} changes rank with the input"
+    for d1, d2 in zip(shape1, shape2):
+        if d1 == d2 or symbolic_shape((d1,), (d2,)) is not None:
             continue
-        dims = symbolic_shape(shape1, shape2)
-        if dims is not None and dtype in DTYPE_NAMES:
-            sites.append(SiteInfo(name, call, dims, dtype, grad))
-    return sites
+        derived = None
+        if d2 - d1 == s2 - s1:
+            derived = f"the sequence length {d1 - s1:+d} (e.g. a convolution's padding)"
+        elif d1 % b1 == 0 and d2 == d1 // b1 * b2:
+            derived = f"batch x {d1 // b1} flattened into one dim"
+        elif d1 % s1 == 0 and d2 == d1 // s1 * s2:
+            derived = f"sequence x {d1 // s1} flattened into one dim"
+        if derived is not None:
+            return (f"{seen} has a dim that is {derived}, which the manifest's symbolic "
+                    "shapes (batch, sequence, batch x sequence, fixed sizes) do not describe")
+    return (f"{seen} does not follow batch and sequence length: it depends on the values "
+            "(e.g. how many tokens a router sends to an expert), and a graph's shapes must be "
+            "known before it runs")
 
 
 def symbolic_shape(shape1, shape2) -> tuple | None:
-    """One site's shapes in the two probes -> each dim as ``B``, ``S`` or its fixed size
-    (None when a dim moves with neither)."""
+    """One site's shapes in the two probes -> each dim as ``B``, ``S``, ``B*S`` / ``B*S*k``
+    (batch and sequence flattened, times k) or its fixed size (None when a dim moves with none
+    of them)."""
     (b1, s1), (b2, s2) = _PROBES
     dims = []
     for d1, d2 in zip(shape1, shape2):
@@ -99,19 +217,25 @@ def symbolic_shape(shape1, shape2) -> tuple | None:
             dims.append("B")
         elif (d1, d2) == (s1, s2):
             dims.append("S")
+        elif d1 % (b1 * s1) == 0 and d2 == d1 // (b1 * s1) * (b2 * s2):
+            dims.append(flat_dim(d1 // (b1 * s1)))   # B*S, or B*S*k
         else:
             return None
     return tuple(dims)
 
 
-def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
+def describe(hosted, sites: list[SiteInfo], unserved: dict[str, str]) -> ModelInfo:
+    bridge = hosted.bridge
     return ModelInfo(
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
         sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
-                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites],
-        hook_names=[name for name in hosted.bridge.hook_dict],
-        hook_aliases=hook_aliases(hosted.bridge),
-        tokenizer_files=tokenizer_files(hosted.tokenizer))
+                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager)
+               for s in sites],
+        unserved_sites=unserved,
+        hook_names=[name for name in bridge.hook_dict] if bridge is not None else [],
+        hook_aliases=hook_aliases(bridge) if bridge is not None else {},
+        tokenizer_files=tokenizer_files(hosted.tokenizer),
+        output=hosted.family.output_field)
 
 
 def hook_aliases(bridge) -> dict[str, str]:

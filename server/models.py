@@ -1,14 +1,25 @@
 """Models the server can host: the built-in ones (built from configs with fixed seeds, no
-download) and local HF checkpoints. Every model is hosted as a TL 4 ``TransformerBridge``
-over the HF model, so TL hook names and HF module paths address one shared instance."""
+download), local HF checkpoints, and model objects handed to ``start()``.
+
+A causal LM is hosted as a TL 4 ``TransformerBridge`` over the HF model, so TL hook names and
+HF module paths address one shared instance. A base model without an LM head (``GPT2Model``)
+has no TL bridge: it is hosted as the HF model alone, for the module-path fronts.
+
+Which architectures are served is ``hookwire.families``' table (TransformerLens 4's own); a
+model of another one, or one whose TL bridge does not run, or that is not causal, is refused
+here with the reason (``UnsupportedModel``) -- at load, before a client ever asks.
+"""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from hookwire.families import FAMILIES, build_hf_model, family_for_architecture
+from hookwire.errors import UnsupportedModel
+from hookwire.families import Family, build_hf_model, family_for_architecture
+from hookwire.server.devices import (input_device, model_dtype, parse_device,  # noqa: F401
+                                     parse_dtype)
 from hookwire.tokenizer import byte_level_tokenizer
 
 
@@ -43,6 +54,9 @@ BUILTIN_MODELS: dict[str, BuiltinSpec] = {
     ),
 }
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model",
+                   "spiece.model", "vocab.txt")
+
 
 def wrap_in_bridge(hf_model, architecture: str, cfg, tokenizer, name: str):
     from transformer_lens.model_bridge.sources import build_bridge_from_module
@@ -55,21 +69,52 @@ def wrap_in_bridge(hf_model, architecture: str, cfg, tokenizer, name: str):
 
 @dataclass
 class HostedModel:
-    """One model as the server holds it."""
+    """One model as the server holds it: a TL bridge over the HF model (causal LMs), or the
+    HF model alone (``bridge`` None: a base model without an LM head)."""
     name: str
     architecture: str
     config_dict: dict
-    bridge: torch.nn.Module
+    bridge: torch.nn.Module | None
     tokenizer: object
+    hf_model: torch.nn.Module | None = None   # set for base models (no bridge)
+    family: Family | None = field(default=None, repr=False)
+    # The HF model's own attention implementation, before TransformerLens forced eager on
+    # it for its hook points (None: transformers' default). HF module sites run with it, as
+    # the same model does in a local HF forward.
+    hf_attention: str | None = None
 
     def __post_init__(self):
-        # Lets a client in the same process (tests, notebooks) know its hooks must not stay
-        # on this object while the server runs it.
-        self.bridge._hookwire_hosted = True
+        if self.family is None:
+            self.family = family_for_architecture(self.architecture)
+        if self.bridge is not None:
+            # Lets a client in the same process (tests, notebooks) know its hooks must not
+            # stay on this object while the server runs it.
+            self.bridge._hookwire_hosted = True
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module whose parameters are the weights (bridge or HF model)."""
+        return self.bridge if self.bridge is not None else self.hf_model
+
+    @property
+    def original(self) -> torch.nn.Module:
+        """The HF model (inside the bridge, for causal LMs)."""
+        return self.bridge.original_model if self.bridge is not None else self.hf_model
 
     @property
     def device(self) -> torch.device:
-        return next(self.bridge.parameters()).device
+        """Where inputs go: for a model spread over devices, accelerate's main device."""
+        return input_device(self.original)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.original)
+
+    @property
+    def vocab_size(self) -> int:
+        if self.bridge is not None:
+            return int(self.bridge.cfg.d_vocab)
+        return int(self.original.config.vocab_size)
 
 
 def place_on_devices(hf_model, device_map):
@@ -96,61 +141,126 @@ def place_on_devices(hf_model, device_map):
     return dispatch_model(hf_model, device_map=dict(device_map), offload_dir=offload_dir)
 
 
-def load_builtin(name: str, device_map=None) -> HostedModel:
+def _place(hf_model, device_map, device):
+    if device_map is not None and device is not None:
+        raise ValueError("give a device or a device_map, not both")
+    if device_map is not None:
+        return place_on_devices(hf_model, device_map)
+    if device is not None:
+        return hf_model.to(device)
+    return hf_model
+
+
+def host(name: str, hf_model, cfg, tokenizer, architecture: str) -> HostedModel:
+    """Wrap an HF model of a served family for hosting, or refuse it with the reason."""
+    family = family_for_architecture(architecture)
+    config_dict = family.config_to_dict(cfg, dtype=model_dtype(hf_model))
+    hf_attention = getattr(hf_model.config, "_attn_implementation", None)
+    if not family.has_lm_head:
+        return HostedModel(name, architecture, config_dict, None, tokenizer,
+                           hf_model=hf_model.eval(), family=family)
+    try:
+        bridge = wrap_in_bridge(hf_model, architecture, cfg, tokenizer, name)
+    except Exception as exc:
+        raise UnsupportedModel(bridge_failure(architecture, exc),
+                               architecture=architecture) from exc
+    return HostedModel(name, architecture, config_dict, bridge, tokenizer, family=family,
+                       hf_attention=hf_attention)
+
+
+def bridge_failure(architecture: str, exc: BaseException) -> str:
+    import transformers
+    from importlib.metadata import version
+
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return (f"cannot serve {architecture}: TransformerLens {version('transformer-lens')}'s "
+            f"bridge for it fails with transformers {transformers.__version__} "
+            f"({type(exc).__name__}: {first})")
+
+
+def load_builtin(name: str, device_map=None, dtype=None, device=None) -> HostedModel:
     spec = BUILTIN_MODELS[name]
-    hf_model, cfg = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
-    hf_model = place_on_devices(hf_model, device_map)
+    hf_model, cfg = build_hf_model(spec.architecture, spec.config, seed=spec.seed,
+                                   dtype=parse_dtype(dtype))
+    hf_model = _place(hf_model, device_map, parse_device(device))
     tokenizer = byte_level_tokenizer(bos_id=spec.config["bos_token_id"])
-    bridge = wrap_in_bridge(hf_model, spec.architecture, cfg, tokenizer, name)
-    return HostedModel(name, spec.architecture, dict(spec.config), bridge, tokenizer)
+    return host(name, hf_model, cfg, tokenizer, spec.architecture)
 
 
-def load_checkpoint(path: str, name: str | None = None, device_map=None) -> HostedModel:
-    """A local HF checkpoint folder (or a name already in the local HF cache); with
-    ``device_map`` its weights load straight onto several devices (accelerate)."""
-    from transformers import AutoConfig, AutoTokenizer
+def checkpoint_tokenizer(path: str):
+    """The checkpoint's tokenizer, or None when the folder has no tokenizer files (the model
+    is then served without one: clients pass token ids)."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f))
+                                       for f in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_checkpoint(path: str, name: str | None = None, device_map=None, dtype="auto",
+                    device=None) -> HostedModel:
+    """A local HF checkpoint folder (or a name already in the local HF cache), in its own
+    dtype (``dtype="auto"``) or the one given; with ``device_map`` its weights load straight
+    onto several devices (accelerate)."""
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=False)
     architecture = (cfg.architectures or [""])[0]
     family = family_for_architecture(architecture)
-    extra = {"device_map": device_map} if device_map is not None else {}
+    torch_dtype = parse_dtype(dtype)
+    device = parse_device(device)
+    extra = {"dtype": torch_dtype or "auto"}
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("give a device or a device_map, not both")
+        extra["device_map"] = device_map
     hf_model = family.model_class.from_pretrained(path, trust_remote_code=False,
                                                   **extra).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if device is not None:
+        hf_model = hf_model.to(device)
     name = name or os.path.basename(os.path.normpath(path))
-    bridge = wrap_in_bridge(hf_model, architecture, cfg, tokenizer, name)
-    return HostedModel(name, architecture, family.config_to_dict(cfg), bridge, tokenizer)
+    return host(name, hf_model, hf_model.config, checkpoint_tokenizer(path), architecture)
 
 
-def load_model(name_or_path: str, device_map=None) -> HostedModel:
+def load_model(name_or_path: str, device_map=None, dtype=None, device=None) -> HostedModel:
     if name_or_path in BUILTIN_MODELS:
-        return load_builtin(name_or_path, device_map)
+        return load_builtin(name_or_path, device_map, dtype, device)
     if os.path.isdir(name_or_path) or "/" in name_or_path:
-        return load_checkpoint(name_or_path, device_map=device_map)
+        return load_checkpoint(name_or_path, device_map=device_map, dtype=dtype or "auto",
+                               device=device)
     raise ValueError(f"unknown model {name_or_path!r}: not built in "
                      f"({', '.join(BUILTIN_MODELS)}) and not a local checkpoint folder")
 
 
-def host_model_object(name: str, model) -> HostedModel:
-    """Host an already-built object: a TL bridge, or an HF model of a known family."""
+def host_model_object(name: str, model, tokenizer=None, dtype=None,
+                      device=None) -> HostedModel:
+    """Host an already-built object: a TL bridge (with its own tokenizer, possibly None), or
+    an HF model of a served family (with ``tokenizer``, or none: clients then pass token
+    ids). ``dtype``/``device`` convert it in place, as ``model.to`` does."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(model, HostedModel):
         return model
+    torch_dtype, device = parse_dtype(dtype), parse_device(device)
+    if torch_dtype is not None or device is not None:
+        model.to(device=device, dtype=torch_dtype)
     if isinstance(model, TransformerBridge):
         hf_model = model.original_model
         cfg = hf_model.config
         architecture = (cfg.architectures or [type(hf_model).__name__])[0]
         family = family_for_architecture(architecture)
-        return HostedModel(name, architecture, family.config_to_dict(cfg), model,
-                           model.tokenizer)
+        if torch_dtype is not None:
+            model.cfg.dtype = torch_dtype
+        return HostedModel(name, architecture,
+                           family.config_to_dict(cfg, dtype=model_dtype(hf_model)), model,
+                           tokenizer if tokenizer is not None else model.tokenizer,
+                           family=family)
     cfg = model.config
-    architecture = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
-    family = family_for_architecture(architecture)
-    tokenizer = byte_level_tokenizer(bos_id=getattr(cfg, "bos_token_id", None) or 0)
-    bridge = wrap_in_bridge(model.eval(), architecture, cfg, tokenizer, name)
-    return HostedModel(name, architecture, family.config_to_dict(cfg), bridge, tokenizer)
+    architecture = type(model).__name__
+    return host(name, model.eval(), cfg, tokenizer, architecture)
 
 
-__all__ = ["BUILTIN_MODELS", "FAMILIES", "HostedModel", "load_model", "host_model_object",
-           "build_hf_model", "wrap_in_bridge", "place_on_devices"]
+__all__ = ["BUILTIN_MODELS", "HostedModel", "load_model", "host_model_object",
+           "build_hf_model", "wrap_in_bridge", "place_on_devices", "parse_dtype",
+           "parse_device", "input_device", "host"]

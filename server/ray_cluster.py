@@ -100,9 +100,10 @@ def app_name(model_spec: str) -> str:
 
 def deploy(model_spec: str, *, replicas: int, limits: dict, batching: bool, window_s: float,
            num_cpus: float = 1, num_gpus: float = 0, device_map=None,
-           max_ongoing_requests: int = 64):
+           max_ongoing_requests: int = 64, dtype=None, device=None):
     """One Serve application per model: ``replicas`` copies, each with ``num_cpus`` CPUs and
-    ``num_gpus`` GPUs of its own (``device_map`` spreads the model over them). Returns the
+    ``num_gpus`` GPUs of its own (``device_map`` spreads the model over them; ``dtype`` and
+    ``device`` as for ``hookwire serve``: names, not objects, cross to the replica). Returns the
     deployment handle. No HTTP proxy: the websocket front reaches replicas through handles."""
     from hookwire.server.ray_replica import ModelReplica
 
@@ -114,7 +115,9 @@ def deploy(model_spec: str, *, replicas: int, limits: dict, batching: bool, wind
         health_check_period_s=2, health_check_timeout_s=30,
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus,
                            "runtime_env": runtime_env()})
-    app = deployment.bind(model_spec, limits, batching, window_s, device_map)
+    app = deployment.bind(model_spec, limits, batching, window_s, device_map,
+                          None if dtype is None else str(dtype).replace("torch.", ""),
+                          None if device is None else str(device))
     try:
         return serve.run(app, name=app_name(model_spec), route_prefix=None)
     except RuntimeError as exc:  # Serve says only "failed": add why the replicas did

@@ -80,7 +80,7 @@ class RayEngine:
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,
                  address: str | None = None, num_cpus_per_replica: float = 1,
                  num_gpus_per_replica: float = 0, device_map=None,
-                 ray_num_cpus: int | None = None):
+                 ray_num_cpus: int | None = None, dtype=None, device=None):
         self.limits = limits or Limits()
         self.batching = batching
         self.replicas = replicas
@@ -94,7 +94,8 @@ class RayEngine:
                 handle = ray_cluster.deploy(
                     spec, replicas=count, limits=dataclasses.asdict(self.limits),
                     batching=batching, window_s=window_s, num_cpus=num_cpus_per_replica,
-                    num_gpus=num_gpus_per_replica, device_map=device_map)
+                    num_gpus=num_gpus_per_replica, device_map=device_map, dtype=dtype,
+                    device=device)
                 info = handle.info.remote().result()
                 self.handles[info["name"]] = handle.options(stream=True)  # generator calls
                 self.entries[info["name"]] = RemoteEntry(info["info_json"])

@@ -35,7 +35,7 @@ class KeptValues:
         self.conn, self.max_bytes = conn, max_bytes
         self.uploads: dict[int, str] = {}  # id(tensor) -> its tid, for the job's uploads
 
-    def put(self, rid: str, tensor) -> bool:
+    def put(self, rid: str, tensor, cpu_copy=None) -> bool:
         if tensor.numel() * tensor.element_size() > self.max_bytes:
             return False
         tid = self.uploads.get(id(tensor))
@@ -78,8 +78,8 @@ class ModelReplica:
     front what the model offers."""
 
     def __init__(self, model_spec: str, limits: dict, batching: bool, window_s: float,
-                 device_map=None):
-        hosted = load_model(model_spec, device_map=device_map)
+                 device_map=None, dtype=None, device=None):
+        hosted = load_model(model_spec, device_map=device_map, dtype=dtype, device=device)
         self.name = hosted.name
         self.entry = prepare_model(hosted)
         self.limits = Limits(**limits)

@@ -24,21 +24,49 @@ def new_result_id() -> str:
     return "v" + secrets.token_hex(12)
 
 
+class DeviceBudget:
+    """Bytes of resident values held in accelerator memory, across every user: capped
+    server-wide, so users' kept values cannot pile up next to the model in GPU memory (past
+    the cap they are kept in CPU memory, and moved to the activation's device when used)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._lock = threading.Lock()
+
+    def reserve(self, size: int) -> bool:
+        with self._lock:
+            if self.bytes + size > self.max_bytes:
+                return False
+            self.bytes += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self.bytes -= size
+
+
 class ResidentStore:
     """One user's resident values, LRU under ``max_bytes``, each dropped ``ttl_s`` after its
-    last use."""
+    last use. Values on an accelerator stay there while ``device_budget`` (server-wide)
+    allows; otherwise their CPU copy is kept."""
 
-    def __init__(self, max_bytes: int, ttl_s: float):
+    def __init__(self, max_bytes: int, ttl_s: float, device_budget: DeviceBudget | None = None):
         self.max_bytes, self.ttl_s = max_bytes, ttl_s
+        self.device_budget = device_budget or DeviceBudget(0)
         self._values: OrderedDict[str, tuple[torch.Tensor, int, float]] = OrderedDict()
         self.bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, rid: str, tensor: torch.Tensor) -> bool:
+    def put(self, rid: str, tensor: torch.Tensor,
+            cpu_copy: torch.Tensor | None = None) -> bool:
         size = tensor.numel() * tensor.element_size()
         if size > self.max_bytes:
             return False
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach()
+        if tensor.device.type != "cpu" and \
+                not self.device_budget.reserve(size):
+            tensor = cpu_copy.detach() if cpu_copy is not None else tensor.to("cpu")
+        tensor = tensor.contiguous()
         with self._lock:
             self._drop(rid)
             self._values[rid] = (tensor, size, time.monotonic())
@@ -65,6 +93,14 @@ class ResidentStore:
         entry = self._values.pop(rid, None)
         if entry is not None:
             self.bytes -= entry[1]
+            if entry[0].device.type != "cpu":
+                self.device_budget.release(entry[1])
+
+    def clear(self) -> None:
+        """Drop everything (the user is gone): device bytes go back to the budget."""
+        with self._lock:
+            for rid in list(self._values):
+                self._drop(rid)
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s
@@ -76,10 +112,11 @@ class ResidentStore:
 
 
 class Residents:
-    """Every user's store."""
+    """Every user's store, and the server-wide budget of accelerator memory they share."""
 
-    def __init__(self, max_bytes_per_user: int, ttl_s: float):
+    def __init__(self, max_bytes_per_user: int, ttl_s: float, max_device_bytes: int = 0):
         self.max_bytes, self.ttl_s = max_bytes_per_user, ttl_s
+        self.device_budget = DeviceBudget(max_device_bytes)
         self._stores: dict[str, ResidentStore] = {}
         self._lock = threading.Lock()
 
@@ -87,12 +124,15 @@ class Residents:
         with self._lock:
             store = self._stores.get(user)
             if store is None:
-                store = self._stores[user] = ResidentStore(self.max_bytes, self.ttl_s)
+                store = self._stores[user] = ResidentStore(self.max_bytes, self.ttl_s,
+                                                           self.device_budget)
             return store
 
     def drop_user(self, user: str) -> None:
         with self._lock:
-            self._stores.pop(user, None)
+            store = self._stores.pop(user, None)
+        if store is not None:
+            store.clear()
 
 
 def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.Tensor]:
@@ -143,4 +183,4 @@ def keep_uploads(store: ResidentStore, keep: dict[str, str], tensors: dict) -> N
         store.put(cid, tensor)
 
 
-__all__ = ["ResidentStore", "Residents", "resolve_refs", "keep_uploads", "new_result_id"]
+__all__ = ["DeviceBudget", "ResidentStore", "Residents", "resolve_refs", "keep_uploads", "new_result_id"]

@@ -19,14 +19,15 @@ import torch
 from hookwire.batching import BatchMember, run_batch
 from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              GraphValidationError, HookwireError, LimitExceeded,
-                             ProtocolError,
-                             ServerShuttingDown, UnknownModel)
+                             ProtocolError, ServerShuttingDown, UnknownModel,
+                             UnsupportedModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.graph import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
-from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
+from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
+                                             weight_site_modules)
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
@@ -65,6 +66,7 @@ class Prepared:
     positions: torch.Tensor | None = None  # its position ids (left-padded rows)
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
+    eager: bool = False                # uses sites that fire only with eager attention
     generation: list | None = None     # a generate request's validated forwards
 
 
@@ -77,8 +79,13 @@ def error_message(request_id: str, exc: BaseException) -> str:
                       message=f"{type(exc).__name__}: {exc}"))
 
 
-def batch_key(job: Job):
-    """Jobs with equal keys may share a forward; None: the job runs alone."""
+def batch_key(job: Job, models: dict | None = None):
+    """Jobs with equal keys may share a forward; None: the job runs alone.
+
+    Alone: generation, backward passes, losses, module-site graphs (pyvene batches its own
+    rows), and graphs on sites whose batch and sequence share one flattened dim (padding
+    would interleave other requests' positions with theirs). Graphs on sites that fire only
+    with eager attention share a forward only with each other."""
     graph = job.submit.graph
     spec = graph.forward
     if job.submit.generate is not None:
@@ -86,7 +93,19 @@ def batch_key(job: Job):
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
-    return (graph.model, spec.output_attentions)
+    entry = (models or {}).get(graph.model)
+    if entry is not None and entry.tl_refused is not None:
+        return None  # no TL forward to share: runs alone, on the plain HF forward
+    eager = False
+    if entry is not None:
+        for site in graph.sites:
+            info = entry.site_table.get((site.name, site.call))
+            if info is None:
+                continue  # refused when it is prepared
+            if info.flattened:
+                return None
+            eager |= info.eager
+    return (graph.model, spec.output_attentions, eager)
 
 
 def _rows(job: Job) -> int:
@@ -133,7 +152,8 @@ class ModelWorker(threading.Thread):
                 "back")))
 
     def run(self):
-        key = batch_key if self.batching else (lambda job: None)
+        key = (lambda job: batch_key(job, self.models)) if self.batching else \
+            (lambda job: None)
         while True:
             jobs = self.scheduler.next_batch(key, _rows, _tokens)
             if jobs is None:
@@ -186,13 +206,18 @@ class ModelWorker(threading.Thread):
         input_ids = job.tensors.get(graph.inputs.get("input_ids", ""))
         if input_ids is None or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ProtocolError("input_ids must be an attached int64 tensor of shape (batch, seq)")
-        vocab = entry.hosted.bridge.cfg.d_vocab
+        vocab = entry.hosted.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
         check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
         constants = graph_constants(job, graph, entry, self.limits)
         vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
         on_modules = _uses_module_sites(graph)
+        if not on_modules and entry.tl_refused is not None:
+            if graph.sites:
+                raise UnsupportedModel(f"model {entry.hosted.name!r}: TransformerLens hook "
+                                       f"points are not served: {entry.tl_refused}")
+            on_modules = entry.hf_model is not None  # no hooks: the plain forward will do
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq))
@@ -201,7 +226,7 @@ class ModelWorker(threading.Thread):
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
                      positions=_position_ids(job, graph, input_ids, entry, device, on_modules),
-                     on_modules=on_modules)
+                     on_modules=on_modules, eager=any(info.eager for info in vg.site_infos))
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
@@ -233,20 +258,29 @@ class ModelWorker(threading.Thread):
 
     @staticmethod
     def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
-                 positions=None):
+                 positions=None, eager=False):
         bridge = entry.hosted.bridge
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
                 extra = {} if positions is None else {"position_ids": positions}
                 with attention_weight_sites(entry.hf_model, attention_weights):
-                    return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
-                                                        attention_mask=mask,
-                                                        use_cache=False, **extra).logits
+                    out = type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
+                                                       attention_mask=mask, use_cache=False,
+                                                       **extra)
+                # A base model's output is its last hidden state (what graphs read as the
+                # forward's output).
+                return getattr(out, entry.hosted.family.output_field)
+            if bridge is None:
+                raise GraphValidationError(f"model {entry.hosted.name!r} has no LM head and "
+                                           "no TL hook points: use HF module sites",
+                                           rule="site_kinds")
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
-            return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
-                                        loss_per_token=spec.loss_per_token, **extra)
+            with eager_attention(entry.hosted.original, eager):
+                return type(bridge).forward(bridge, tokens,
+                                            return_type=spec.return_type or "logits",
+                                            loss_per_token=spec.loss_per_token, **extra)
         return forward
 
     def run_alone(self, p: Prepared):
@@ -264,7 +298,7 @@ class ModelWorker(threading.Thread):
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
-                                          p.attention_weights, p.positions),
+                                          p.attention_weights, p.positions, p.eager),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -306,7 +340,8 @@ class ModelWorker(threading.Thread):
                 marks.enter_context(marked_for_graph(entry.site_modules, p.interleaver.vg))
             try:
                 output = run_batch(members, entry.site_modules,
-                                   self._forward(entry, spec, tokens), full_seq)
+                                   self._forward(entry, spec, tokens, eager=ready[0].eager),
+                                   full_seq)
             except Exception as exc:  # the model itself failed: everyone still running
                 for m in members:
                     if m.active:
@@ -364,7 +399,7 @@ class ModelWorker(threading.Thread):
         resident = None
         if keep and job.submit.keep_results:
             resident = new_result_id()
-            if not job.conn.store.put(resident, kept):
+            if not job.conn.store.put(resident, kept, cpu_copy=value):
                 resident = None  # larger than the user's whole quota
         job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
                                              tensor=header, resident=resident)))
@@ -428,25 +463,34 @@ def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> Non
     """The model's own forward is bounded before it runs, like the graph's ops: no more
     positions than the model has, and no more output (logits, attention weights) than
     ``Limits.max_output_bytes``."""
-    cfg = entry.hosted.bridge.cfg
-    n_ctx = getattr(cfg, "n_ctx", None)
+    n_ctx = model_positions(entry)
     if n_ctx and seq > n_ctx:
         raise GraphValidationError(f"input of {seq} positions; model {entry.hosted.name!r} "
                                    f"has {n_ctx}", rule="input_size")
     shape, dtype = output_shapes(entry, spec, batch, seq)["logits"]
     size = math.prod(shape) * dtype.itemsize
-    if spec.output_attentions:
+    if spec.output_attentions and entry.hosted.bridge is not None:
+        cfg = entry.hosted.bridge.cfg
         size += cfg.n_layers * batch * cfg.n_heads * seq * seq * dtype.itemsize
     if size > limits.max_output_bytes:
         raise LimitExceeded(f"the forward of a {batch}x{seq} input would make {size} bytes of "
                             f"output; limit {limits.max_output_bytes}", rule="max_output_bytes")
 
 
+def model_positions(entry) -> int | None:
+    """How many positions the model has (None: no fixed limit it declares)."""
+    if entry.hosted.bridge is not None:
+        return getattr(entry.hosted.bridge.cfg, "n_ctx", None)
+    cfg = entry.hosted.original.config
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
 def output_shapes(entry, spec, batch: int, seq: int) -> dict:
-    """(shape, dtype) of what the forward returns, for graphs that read it."""
-    dtype = entry.sites[-1].dtype if entry.sites else torch.float32
+    """(shape, dtype) of what the forward returns, for graphs that read it: logits, or a base
+    model's last hidden state (read as "logits")."""
+    dtype = entry.output_dtype
     loss_shape = (batch, seq - 1) if spec.loss_per_token else ()
-    return {"logits": ((batch, seq, entry.hosted.bridge.cfg.d_vocab), dtype),
+    return {"logits": ((batch, seq, entry.output_dim), dtype),
             "loss": (loss_shape, dtype)}
 
 

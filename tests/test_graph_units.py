@@ -362,7 +362,7 @@ def bridges():
 @pytest.fixture(scope="module")
 def site_tables(bridges):
     from hookwire.server.manifest import probe_sites, site_lookup
-    return {name: site_lookup(bridge, probe_sites(bridge)) for name, bridge in bridges.items()}
+    return {name: site_lookup(bridge, probe_sites(bridge)[0]) for name, bridge in bridges.items()}
 
 
 @pytest.fixture(scope="module")

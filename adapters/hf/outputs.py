@@ -4,15 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.modeling_outputs import CausalLMOutput
 
+from hookwire.families import output_class
 from hookwire.hf.hooks import hook_list
 
 
 def output_class_of(model) -> type:
     """The model class's own output type (what ``model(input_ids)`` returns)."""
-    returns = type(model).forward.__annotations__.get("return")
-    return returns if isinstance(returns, type) else CausalLMOutput
+    return output_class(type(model), has_lm_head=model.get_output_embeddings() is not None)
 
 
 def cache_hooks(modules, cache: dict) -> list:

@@ -13,7 +13,7 @@ import threading
 import torch
 
 from hookwire.client import get_connection
-from hookwire.errors import HookwireError
+from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model
 from hookwire.hf.generate_request import GenerationRun
 from hookwire.hf.hooks import hook_list, module_of, parse_key
@@ -41,6 +41,9 @@ class RemoteModel:
         self._target = (url, api_key)
         self.progress = progress
         self.info = get_connection(url, api_key).model_info(name)
+        reason = self.info.unserved.get("hf:*")
+        if reason is not None:
+            raise UnsupportedModel(f"model {name!r} offers no HF module sites: {reason}")
         self.stand_in, self.config = build_hf_model(self.info.architecture, self.info.config,
                                                     device="meta")
         self.output_class = output_class_of(self.stand_in)
@@ -84,7 +87,8 @@ class RemoteModel:
                 raise
         rebind(traced.escaped, [result.values[f"__escaped_{i}"]
                                 for i in range(len(traced.escaped))])
-        return self.output_class(logits=result.values["__logits__"])
+        # logits, or a base model's last_hidden_state: what the local model returns
+        return self.output_class(**{self.info.output: result.values["__logits__"]})
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int, hooks: dict | None = None, *,
@@ -103,6 +107,9 @@ class RemoteModel:
         generator seeded with ``seed`` (a random one if None: see ``.seed`` of the output)."""
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
+        if self.info.generate_refused is not None:
+            raise UnsupportedModel(f"model {self.name!r} cannot generate on the server: "
+                                   f"{self.info.generate_refused}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise HookwireError("max_new_tokens must be a positive int")
         if do_sample and seed is None:

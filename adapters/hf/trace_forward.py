@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hookwire.errors import HookwireError, TraceError
+from hookwire.errors import HookwireError, SiteNotServed, TraceError
 from hookwire.hf.hooks import HookKey, module_of
 from hookwire.module_sites import ServerObject, module_site
 from hookwire.trace import Proxy, Tracer, tracing
@@ -58,6 +58,11 @@ class _ForwardTrace:
         for key, fn in hooks:
             module_of(self.stand_in, key)  # a clear error for a path the model lacks
             name = module_site(key.path, key.kind)
+            reason = self.info.unserved_reason(name)
+            if reason is not None:
+                raise SiteNotServed(f"hook {key.label!r} cannot run remotely: {reason}. Hook "
+                                    "a neighbouring module instead, or run this model "
+                                    "locally", site=name)
             calls = self.calls.get(name, [])
             if key.call is not None:
                 if key.call not in calls:
@@ -120,7 +125,11 @@ class _ForwardTrace:
                     items[i] = _placeholder(layout[i])
             items[0], index = self._read(module_site(path, "output"), call)
             sites.append((0, index))
-            given = tuple(items)
+            # As torch hands it over: a tuple, or a list where the module returns one.
+            given = items if module_site(path, "output") in self.info.list_outputs \
+                else tuple(items)
+        # What the hooks were handed, as it was (a list may be edited in place by them).
+        before = list(given) if isinstance(given, list) else given
         output = given
         for fn in fns:
             self.tracer.context = (_label(fn), path)
@@ -128,13 +137,13 @@ class _ForwardTrace:
             if result is not None:
                 output = result
         self.tracer.context = None
-        self._write_back(path, "output", given, output, sites)
+        self._write_back(path, "output", before, output, sites)
 
     def _write_back(self, path, kind, given, final, sites):
         """Writes for what the hooks changed: ``sites`` lists (element or None, site index)."""
         where = f"{path}:{kind}"
-        if isinstance(given, tuple):
-            if not isinstance(final, tuple) or len(final) != len(given):
+        if isinstance(given, (tuple, list)):
+            if not isinstance(final, (tuple, list)) or len(final) != len(given):
                 raise TraceError(f"hooks on {where!r} returned {_describe(final)}; torch "
                                  f"hands them a tuple of {len(given)}: return one like it "
                                  "(only tensors may change), or None")

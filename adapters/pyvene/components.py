@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pyvene.models.constants import CONST_INPUT_HOOK, CONST_OUTPUT_HOOK
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
-from hookwire.errors import HookwireError
+from hookwire.errors import HookwireError, SiteNotServed
 from hookwire.module_sites import module_site
 
 _HOOK_KINDS = {CONST_INPUT_HOOK: "input", CONST_OUTPUT_HOOK: "output"}
@@ -71,9 +71,15 @@ def component_site(model_class: type, representation) -> ComponentSite:
         f"{known}, or a module path ending in '.input' / '.output'", component=component)
 
 
-def check_fires(cs: ComponentSite, site_index: dict, model_name: str) -> None:
-    """The server lists only module sites that fire with a tensor: refuse others by name."""
-    if (cs.site, 0) not in site_index:
+def check_fires(cs: ComponentSite, info, model_name: str) -> None:
+    """The server lists only module sites that fire with a tensor: refuse others by name,
+    and sites it cannot serve with the reason it gives."""
+    reason = info.unserved_reason(cs.site)
+    if reason is not None:
+        raise SiteNotServed(f"component {cs.component!r} maps to module {cs.path!r} "
+                            f"({cs.kind}), which cannot be intervened on remotely: {reason}",
+                            component=cs.component)
+    if (cs.site, 0) not in info.site_index:
         raise UnknownComponent(
             f"component {cs.component!r} maps to module {cs.path!r} ({cs.kind}), which does not "
             f"run with a tensor {cs.kind} in {model_name!r}'s forward on the server (wrong layer "

@@ -14,12 +14,10 @@ import pyvene as pv
 from pyvene.models.configuration_intervenable_model import RepresentationConfig
 from pyvene.models.intervenable_base import IntervenableModelOutput
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
-from transformers.modeling_outputs import CausalLMOutput
 
 from hookwire.client import get_connection
-from hookwire.errors import HookwireError
-from hookwire.families import build_hf_model, family_for_architecture
-from hookwire.module_sites import module_site
+from hookwire.errors import HookwireError, UnsupportedModel
+from hookwire.families import build_hf_model, family_for_architecture, output_class
 from hookwire.progress import ProgressBar
 from hookwire.pyvene.allowed import check_intervention
 from hookwire.pyvene.components import check_fires, component_site
@@ -43,6 +41,9 @@ class RemoteIntervenableModel:
         self.progress = progress
         info = get_connection(url, api_key).model_info(model)
         self.info = info
+        if "hf:*" in info.unserved:
+            raise UnsupportedModel(f"model {model!r} offers no HF module sites: "
+                                   f"{info.unserved['hf:*']}")
         self.family = family_for_architecture(info.architecture)
         self.stand_in, self.hf_config = build_hf_model(info.architecture, info.config,
                                                        device="meta")
@@ -52,17 +53,19 @@ class RemoteIntervenableModel:
         # Name errors first, and typed: pyvene itself would fail on them with a bare
         # AttributeError while resolving module paths on the stand-in.
         for rep in config.representations:
-            check_fires(component_site(self.model_class, rep), info.site_index, model)
+            check_fires(component_site(self.model_class, rep), info, model)
         self._pv = pv.IntervenableModel(config, self.stand_in, use_fast=use_fast)
         self._use_fast = use_fast
         self.sites = {key: component_site(self.model_class, rep)
                       for key, rep in self._pv.representations.items()}
         for key, iv in self._pv.interventions.items():
             check_intervention(key, iv)
-        self.logits_site = module_site(_module_path(self.stand_in,
-                                                    self.stand_in.get_output_embeddings()))
-        returns = self.model_class.forward.__annotations__.get("return")
-        self.output_class = returns if isinstance(returns, type) else CausalLMOutput
+        # What comes back is the forward's own output: logits (after all the model does to
+        # them), or a base model's last hidden state.
+        self.has_lm_head = info.output == "logits"
+        self.output_dim = int(self.hf_config.vocab_size if self.has_lm_head
+                              else self.hf_config.hidden_size)
+        self.output_class = output_class(self.model_class, self.has_lm_head)
 
     # ---- pyvene's surface -------------------------------------------------------------------
     @property
@@ -172,7 +175,7 @@ class RemoteIntervenableModel:
             p.requires_grad for p in self.get_trainable_parameters())
         traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
                             self.hf_config, use_fast, self._pv._intervention_reverse_link,
-                            self.logits_site, outputs, self._narrowing(layout, outputs, tasks),
+                            self.output_dim, outputs, self._narrowing(layout, outputs, tasks),
                             differentiable=differentiable)
         tr = traced.tracer
         tensors = {"input_ids": layout.input_ids(pad_id=0)}
@@ -184,7 +187,8 @@ class RemoteIntervenableModel:
         tensors.update(tr.constants)
         graph = {"version": 1, "model": self.model_name, "inputs": inputs,
                  "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
-                 "saves": tr.saves, "forward": {"return_type": None}}
+                 "saves": tr.saves,
+                 "forward": {"return_type": "logits", "send_output": False}}
         leaves = tr.differentiable_constants() if differentiable else []
         if leaves:
             values = DifferentiableCall(graph, tensors, list(tr.saves), leaves,
@@ -192,13 +196,21 @@ class RemoteIntervenableModel:
         else:
             values = self._request(graph, tensors)
         logits = [values[name] for name in traced.output_names]
-        loss = None
-        if labels is not None:  # the model's own loss function, on the returned logits
-            loss = self.stand_in.loss_function(logits=logits[0], labels=labels.to("cpu"),
-                                               vocab_size=self.hf_config.vocab_size)
-        # past_key_values stay None: a cache is not worth its bytes for a single forward.
-        cf_out = self.output_class(loss=loss, logits=logits[0])
-        base_out = self.output_class(logits=logits[1]) if len(outputs) > 1 else None
+        if not self.has_lm_head:  # a base model returns its last hidden state
+            if labels is not None:
+                raise HookwireError(f"labels=: {self.info.architecture} has no LM head, so "
+                                    "there is no loss to compute")
+            cf_out = self.output_class(last_hidden_state=logits[0])
+            base_out = self.output_class(last_hidden_state=logits[1]) if len(outputs) > 1 \
+                else None
+        else:
+            loss = None
+            if labels is not None:  # the model's own loss function, on the returned logits
+                loss = self.stand_in.loss_function(logits=logits[0], labels=labels.to("cpu"),
+                                                   vocab_size=self.hf_config.vocab_size)
+            # past_key_values stay None: a cache is not worth its bytes for a single forward.
+            cf_out = self.output_class(loss=loss, logits=logits[0])
+            base_out = self.output_class(logits=logits[1]) if len(outputs) > 1 else None
         has_collect = any(isinstance(iv, pv.CollectIntervention)
                           for iv in self._pv.interventions.values())
         collected = None
@@ -238,13 +250,6 @@ class RemoteIntervenableModel:
         if index is None or index < last:
             return None
         return site, keep
-
-
-def _module_path(model, module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return name
-    raise HookwireError("the model's output embedding is not one of its modules")
 
 
 def _inputs(inputs, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:

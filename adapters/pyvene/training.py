@@ -109,7 +109,9 @@ def backward_graph(graph: dict, tensors: dict, outputs: list[str], grads,
         return None, None
     g["backward"] = total
     g["saves"] = {f"__grad_{tid}": emit("const.grad", {"const": tid}) for tid in leaf_ids}
-    g["forward"] = dict(g["forward"], return_type=None)
+    # The forward's output is still read (the saved outputs are slices of it); only the
+    # gradients come back.
+    g["forward"] = dict(g["forward"], send_output=False)
     return g, tensors
 
 

@@ -42,25 +42,26 @@ def _gather(value, component: str, unit: str, locs, model_class, hf_config):
 
 
 def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_class,
-               hf_config, use_fast: bool, reverse_link: dict, logits_site: str,
+               hf_config, use_fast: bool, reverse_link: dict, output_dim: int,
                outputs: list[Rows], narrow: tuple[str, int] | None = None,
                differentiable: bool = False) -> CallTrace:
-    """``outputs``: row blocks whose logits come back (from ``logits_site``), in order.
+    """``outputs``: row blocks whose outputs come back, in order: of the forward's own output
+    (logits after everything the model does to them -- Gemma 2's soft-capping, Cohere's
+    logit scale --, or a base model's last hidden state), ``output_dim`` wide.
     ``narrow``: (site, k) -- after that site only the first k rows go on (a "narrow" write).
     ``differentiable``: trace with autograd on, so constants computed from trainable
     parameters keep their link to them (see ``hookwire.pyvene.training``)."""
     events: dict[str, list] = {}
     for t in tasks:
-        check_fires(t.site, info.site_index, model_name)
+        check_fires(t.site, info, model_name)
         if t.src is not None:
             get_site = t.site.input_site if isinstance(t.intervention, SkipIntervention) \
                 else t.site.site
             if isinstance(t.intervention, SkipIntervention):
                 check_fires(type(t.site)(t.site.component, t.site.path, "input"),
-                            info.site_index, model_name)
+                            info, model_name)
             events.setdefault(get_site, []).append((t.order, 0, t))
         events.setdefault(t.site.site, []).append((t.order, 1, t))
-    events.setdefault(logits_site, [])
     if narrow is not None:
         events.setdefault(narrow[0], [])
     order = sorted(events, key=lambda name: info.site_index[(name, 0)])
@@ -95,16 +96,16 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
                 if result is not None:
                     collect_keys.append(t.key)
                     tracer.save(f"__collect_{len(collect_keys) - 1}", result)
-            if name == logits_site:
-                for k, rows in enumerate(outputs):
-                    output_names.append(f"__logits_{k}")
-                    tracer.save(output_names[-1], rows.of(x, seq))
             if narrow is not None and name == narrow[0]:
                 tracer.write_site(index, x[:narrow[1]], "narrow")
                 batch = narrow[1]  # later sites hold the kept rows only
             elif x._hw_version > 0:
                 tracer.write_site(index, x, "inplace")
             del x
+        out = tracer.read_output("logits", (batch, seq, output_dim), info.output_dtype)
+        for k, rows in enumerate(outputs):
+            output_names.append(f"__logits_{k}")
+            tracer.save(output_names[-1], rows.of(out, seq))
     return CallTrace(tracer, collect_keys, output_names)
 
 

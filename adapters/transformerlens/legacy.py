@@ -26,7 +26,7 @@ import torch
 
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, TraceError
-from hookwire.families import family_for_architecture
+from hookwire.families import config_from_dict, family_for_architecture
 from hookwire.trace import Tracer, tracing
 
 # Legacy name suffix -> how TL 4 presents the site to a hook on that name.
@@ -251,7 +251,7 @@ def stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
 def legacy_config_kwargs(architecture: str, config: dict) -> dict:
     """HookedTransformerConfig arguments for a server model (allow-listed families only)."""
     family = family_for_architecture(architecture)
-    c = family.config_class(**config)
+    c = config_from_dict(family, config)
     if architecture == "GPT2LMHeadModel":
         return dict(n_layers=c.n_layer, d_model=c.n_embd, n_heads=c.n_head,
                     d_head=c.n_embd // c.n_head, d_mlp=c.n_inner or 4 * c.n_embd,
@@ -267,11 +267,19 @@ def legacy_config_kwargs(architecture: str, config: dict) -> dict:
                     d_vocab=c.vocab_size, n_ctx=c.max_position_embeddings, eps=c.rms_norm_eps,
                     act_fn=c.hidden_act, normalization_type="RMS", final_rms=True,
                     positional_embedding_type="rotary", rotary_dim=d_head,
-                    rotary_base=int(config.get("rope_theta", getattr(c, "rope_theta", 10000))),
+                    rotary_base=int(_rope_theta(config, c)),
                     rotary_adjacent_pairs=False, gated_mlp=True,
                     n_key_value_heads=n_kv if n_kv != c.num_attention_heads else None,
                     original_architecture=architecture)
     raise HookwireError(f"no legacy HookedTransformer layout for {architecture!r}")
+
+
+def _rope_theta(config: dict, c) -> float:
+    """transformers 5 keeps rope_theta in ``rope_parameters``; 4.x on the config itself."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        return params["rope_theta"]
+    return config.get("rope_theta", getattr(c, "rope_theta", 10000))
 
 
 def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | None = None):
@@ -287,7 +295,7 @@ def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | No
     info = conn.model_info(name)
     cfg = HookedTransformerConfig(model_name=name, init_weights=False, device="cpu",
                                   **legacy_config_kwargs(info.architecture, info.config))
-    tokenizer = tokenizer_from_files(info.tokenizer_files)
+    tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files else None
     with torch.device("meta"):
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.eval()

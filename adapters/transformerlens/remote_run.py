@@ -18,7 +18,7 @@ except ImportError:  # TL 2.x has no bridges; its forward returns early instead 
 
 from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
-from hookwire.errors import HookwireError, TraceError
+from hookwire.errors import HookwireError, SiteNotServed, TraceError, UnsupportedModel
 from hookwire.frames import DTYPE_NAMES
 from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
@@ -74,6 +74,8 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     ``(index, site, hook_point)`` for :func:`trace_backward_hooks`."""
     hook_dict = _hook_points(model)
     hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks or hp._backward_hooks}
+    check_served(hook_dict, info)
+    stamp_token_shape(hook_dict, batch, seq)
     covered = set()
     with tracing(tracer):
         for site in info.sites:
@@ -111,6 +113,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
             if x._hw_version > 0:
                 tracer.write_site(index, x, "inplace")
             if out is not x:
+                out = _token_layout(out, x, hp)
                 _check_replacement(out, x, site.name)
                 tracer.write_site(index, out, "replace")
             if stopping or stopped_by_hook is not None:
@@ -127,6 +130,32 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
             raise HookwireError(f"hooks on {names[:5]} cannot run remotely: the server's "
                                 "model has no such hook point (is it the same architecture?)")
     return False
+
+
+def stamp_token_shape(hook_dict: dict, batch: int, seq: int) -> None:
+    """Some TL hook conversions need the live (batch, seq) to show a hook the shape it sees
+    locally: OPT's blocks flatten tokens to (batch*seq, d) around the MLP, and TL's block
+    forward stamps (batch, seq) on those hook points' conversions so hooks get
+    (batch, seq, d). Here the block's forward runs on the server, so the stamp is made
+    before tracing, as the block would make it."""
+    for hp in hook_dict.values():
+        conversion = getattr(hp, "hook_conversion", None)
+        if conversion is not None and hasattr(conversion, "batch_seq"):
+            conversion.batch_seq = (batch, seq)
+
+
+def check_served(hook_dict: dict, info: RemoteModelInfo) -> None:
+    """Refuse, before anything is sent, hooks on hook points that fire in the server's forward
+    but that it cannot run hooks on as they run locally (the manifest says why)."""
+    for name, hp in hook_dict.items():
+        if not (hp._forward_hooks or hp._backward_hooks):
+            continue
+        reason = info.unserved_reason(getattr(hp, "name", None) or name) or \
+            info.unserved_reason(name)
+        if reason is not None:
+            raise SiteNotServed(f"a hook on {name!r} cannot run remotely: {reason}. Hook a "
+                                "neighbouring site instead, or run this model locally",
+                                site=name)
 
 
 def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tracer) -> None:
@@ -163,7 +192,7 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
                           return_type, loss_per_token: bool, metric):
     """The scalar the server differentiates: ``metric(output)`` traced like a hook, or the
     loss itself. Returns (proxy, forward return_type to request)."""
-    dtype = info.sites[-1].dtype if info.sites else torch.float32
+    dtype = info.output_dtype
     if return_type is None:
         raise HookwireError("metric= and backward hooks need the forward's output: "
                             "return_type=None computes none")
@@ -204,6 +233,21 @@ def _hook_points(model) -> dict:
                   if hasattr(hp, "_forward_hooks")}
         _HOOK_POINTS[model] = points
     return points
+
+
+def _token_layout(out, x, hp):
+    """TL's OPT conversion reverts what a hook returns to the flattened (batch*seq, d) layout
+    even at hook points whose activation is (batch, seq, d), and locally torch then carries
+    the flattened tensor on (the values are the same). On the server the write keeps the
+    site's own layout: the same elements, reshaped."""
+    if getattr(hp, "hook_conversion", None) is None or not isinstance(out, torch.Tensor) or \
+            out.dtype != x.dtype or out.dim() == x.dim():
+        return out
+    shape, got = tuple(x.shape), tuple(out.shape)
+    flat = (shape[0] * shape[1],) + shape[2:] if len(shape) >= 2 else None
+    if got == flat or (len(got) >= 2 and (got[0] * got[1],) + got[2:] == shape):
+        return out.reshape(shape)
+    return out
 
 
 def _check_replacement(out, x, site_name):
@@ -269,6 +313,9 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     conn = get_connection(target.url, target.api_key)
     name = target.model or model_name_of(model, None)
     info = conn.model_info(name)
+    if info.tl_refused is not None:
+        raise UnsupportedModel(f"model {name!r}: TransformerLens hook points are not served: "
+                               f"{info.tl_refused}", architecture=info.architecture)
     if isinstance(input, (str, list)):
         input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
     tokens = tokens_of(model, input)

@@ -1,15 +1,24 @@
 """``RemoteModel(name)``: a TL 4 ``TransformerBridge`` with no weights (meta device), built
-from what the server sends -- config, architecture (looked up in an allow-list) and tokenizer
-files. Hook names, aliases, ``cfg``, ``to_tokens``/``to_string`` are TL's own."""
+from what the server sends -- config (every value, lists and sub-configs included, and the
+dtype the model is hosted in), architecture (looked up in hookwire's family table) and
+tokenizer files. Hook names, aliases, ``cfg`` (``cfg.dtype`` included),
+``to_tokens``/``to_string`` are TL's own."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 
 from hookwire.client import get_connection
+from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model
 from hookwire.tokenizer import tokenizer_from_files
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
+
+# What TL offers that needs a tokenizer: on a stand-in of a model served without one, each
+# raises a clear error instead of TL's assertion.
+_TOKENIZER_METHODS = ("to_tokens", "to_string", "to_str_tokens", "to_single_token",
+                      "to_single_str_token", "get_token_position", "tokens_to_residual_directions")
 
 
 def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
@@ -23,7 +32,10 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
 
     conn = get_connection(url, api_key)
     info = conn.model_info(name)
-    tokenizer = tokenizer_from_files(info.tokenizer_files)
+    if info.tl_refused is not None:
+        raise UnsupportedModel(f"model {name!r}: TransformerLens hook points are not served: "
+                               f"{info.tl_refused}", architecture=info.architecture)
+    tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files else None
     hf_model, cfg = build_hf_model(info.architecture, info.config, device="meta")
     with _meta_weights_readable():
         bridge = build_bridge_from_module(hf_model, info.architecture, hf_config=cfg,
@@ -35,32 +47,53 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
     # run_with_hooks and run_with_cache (TL's own code) all go remote.
     bridge.forward = functools.partial(remote_forward, bridge,
                                        RemoteTarget(url=conn.url, api_key=api_key, model=name))
+    if tokenizer is None:
+        for method in _TOKENIZER_METHODS:
+            if hasattr(bridge, method):
+                setattr(bridge, method, functools.partial(_no_tokenizer, name, method))
     return bridge
 
 
-# TL refuses to split a fused QKV matrix on the meta device because it cannot read values.
-# The stand-in only needs the *shapes* of the split, which meta tensors have, so while the
-# bridge is built the readability check passes meta weights through.
+def _no_tokenizer(name: str, method: str, *args, **kwargs):
+    raise HookwireError(f"{method}: the server hosts {name!r} without a tokenizer, so text "
+                        "cannot be turned into tokens here; pass token ids (a (batch, seq) "
+                        "int64 tensor) to the model instead")
+
+
+# TL refuses to split a fused QKV (or gate/up) matrix on the meta device because it cannot
+# read values, and some adapters refuse a model whose weights it cannot read (BitNet's check
+# for packed checkpoints). The stand-in only needs the *shapes*, which meta tensors have, so
+# while the bridge is built TL's readability checks pass meta weights through -- in every TL
+# module that imported them (architecture adapters included, e.g. Phi-3's, BitNet's).
 @contextlib.contextmanager
 def _meta_weights_readable():
-    from transformer_lens.model_bridge.generalized_components import (attention,
-                                                                      joint_qkv_attention, mlp)
+    from transformer_lens.utilities import quantization
 
+    originals = {"require_readable_weight": quantization.require_readable_weight,
+                 "unreadable_weight_reason": quantization.unreadable_weight_reason}
+
+    def require_readable_weight(weight, *args, **kwargs):
+        if getattr(weight, "is_meta", False):
+            return weight
+        return originals["require_readable_weight"](weight, *args, **kwargs)
+
+    def unreadable_weight_reason(weight, *args, **kwargs):
+        if getattr(weight, "is_meta", False):
+            return None
+        return originals["unreadable_weight_reason"](weight, *args, **kwargs)
+
+    replacements = {"require_readable_weight": require_readable_weight,
+                    "unreadable_weight_reason": unreadable_weight_reason}
     patched = []
-    for module in (joint_qkv_attention, attention, mlp):
-        original = getattr(module, "require_readable_weight", None)
-        if original is None:
+    for module in list(sys.modules.values()):
+        if not getattr(module, "__name__", "").startswith("transformer_lens"):
             continue
-
-        def passthrough(weight, *args, _original=original, **kwargs):
-            if getattr(weight, "is_meta", False):
-                return weight
-            return _original(weight, *args, **kwargs)
-
-        module.require_readable_weight = passthrough
-        patched.append((module, original))
+        for attr, original in originals.items():
+            if getattr(module, attr, None) is original:
+                setattr(module, attr, replacements[attr])
+                patched.append((module, attr, original))
     try:
         yield
     finally:
-        for module, original in patched:
-            module.require_readable_weight = original
+        for module, attr, original in patched:
+            setattr(module, attr, original)

@@ -1,0 +1,212 @@
+"""Getting a hosted model ready to serve: its hook sites (TL hook points, then HF module
+sites) with their shapes, what it tells clients, and the checks that it can be served at all.
+
+A model that cannot be served is refused here, at load, with the reason
+(``UnsupportedModel``): its sites cannot be probed, or it is not causal (a later token changes
+earlier positions, so padded and co-batched requests would not equal their solo runs). A front
+that cannot serve it is refused with the reason in the manifest: TL hook points when
+TransformerLens's bridge does not run on it (or it has no LM head), generation when it keeps
+no KV cache, HF module sites when its HF tree cannot be mirrored.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from hookwire.errors import UnsupportedModel
+from hookwire.frames import DTYPE_NAMES
+from hookwire.module_sites import PREFIX
+from hookwire.protocol import dump
+from hookwire.server.attention_sites import runs_eager
+from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
+                                        probe_module_sites)
+from hookwire.server.manifest import describe, probe_sites, site_lookup
+from hookwire.server.models import HostedModel, bridge_failure
+
+log = logging.getLogger("hookwire.server")
+
+# The manifest's entry for "no HF module sites at all" (the reason is its value).
+ALL_MODULE_SITES = PREFIX + "*"
+
+
+@dataclass
+class ModelEntry:
+    hosted: HostedModel
+    sites: list
+    site_table: dict
+    site_order: dict
+    info_json: str
+    site_modules: dict
+    hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
+    unserved: dict = field(default_factory=dict)   # site name -> why it cannot be hooked
+    output_dtype: torch.dtype = torch.float32      # of what the forward returns
+    generate_refused: str | None = None            # why it cannot generate here (None: can)
+    tl_refused: str | None = None                  # why TL hook points are not served
+    # name -> tensor (detached, same storage) for "@<name>" constants: its parameters, buffers
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the last dim of what the forward returns (vocabulary, or hidden size)."""
+        if self.hosted.family.has_lm_head:
+            return self.hosted.vocab_size
+        return int(self.hosted.original.config.hidden_size)
+
+
+def prepare_model(hosted: HostedModel) -> ModelEntry:
+    try:
+        return _prepare(hosted)
+    except UnsupportedModel:
+        raise
+    except Exception as exc:
+        raise UnsupportedModel(bridge_failure(hosted.architecture, exc),
+                               architecture=hosted.architecture) from exc
+
+
+def _prepare(hosted: HostedModel) -> ModelEntry:
+    # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
+    # clients see the sites they always saw, in the same order.
+    sites, unserved, tl_refused = [], {}, None
+    if hosted.bridge is None:
+        tl_refused = (f"{hosted.architecture} has no LM head (its output is "
+                      f"{hosted.family.output_field}), and TransformerLens needs one: use "
+                      "hookwire.hf or hookwire.pyvene with it, or serve the family's LM model "
+                      "(e.g. GPT2LMHeadModel) for TL hooks")
+    else:
+        original = hosted.original
+        try:
+            sites, unserved = probe_sites(hosted.bridge,
+                                          None if runs_eager(original) else original)
+        except Exception as exc:
+            # TransformerLens's bridge does not run on this model (this transformers, this
+            # dtype): its hook points are refused with the reason; the HF module-path fronts
+            # may still serve it.
+            log.warning("TL hook points of %s not served: %s", hosted.name, exc)
+            tl_refused = bridge_failure(hosted.architecture, exc)
+    try:
+        hf_model = plain_hf_model(hosted)
+        module_sites, module_unserved = probe_module_sites(hf_model)
+        layouts = probe_module_layouts(hf_model)
+    except Exception as exc:
+        if hosted.bridge is None or tl_refused is not None:
+            raise
+        # A model whose HF tree we cannot mirror still serves its TL sites; clients of the
+        # module-path fronts are told why they cannot use it.
+        log.exception("no HF module sites for %s", hosted.name)
+        hf_model, module_sites, layouts = None, [], ({}, {}, {}, {}, [])
+        module_unserved = {ALL_MODULE_SITES: f"the server could not mirror {hosted.name!r}'s "
+                           f"HF module tree ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
+    output_dtype = check_causal(hosted, hf_model)
+    generate_refused = kv_cache_refusal(hosted, hf_model)
+    sites = sites + module_sites
+    unserved.update(module_unserved)
+    info = describe(hosted, sites, unserved)
+    info.output_dtype = DTYPE_NAMES[output_dtype]
+    info.generate_refused = generate_refused
+    info.tl_refused = tl_refused
+    (info.module_layouts, info.step_module_layouts, info.module_kwarg_layouts,
+     info.step_module_kwarg_layouts, info.list_outputs) = layouts
+    site_table, site_order = (site_lookup(hosted.bridge, sites) if hosted.bridge is not None
+                              else _plain_lookup(sites))
+    site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()} \
+        if hosted.bridge is not None else {}
+    if hf_model is not None:
+        site_modules.update(module_table(hf_model, module_sites))
+    parameters = {}
+    if hf_model is not None:
+        for name, t in list(hf_model.named_parameters(remove_duplicate=False)) + \
+                list(hf_model.named_buffers(remove_duplicate=False)):
+            parameters.setdefault(name, t.detach())
+    return ModelEntry(
+        hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
+        info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
+        output_dtype=output_dtype, generate_refused=generate_refused, tl_refused=tl_refused,
+        parameters=parameters)
+
+
+def _plain_lookup(sites) -> tuple[dict, dict]:
+    return ({(s.name, s.call): s for s in sites},
+            {(s.name, s.call): i for i, s in enumerate(sites)})
+
+
+def check_causal(hosted: HostedModel, hf_model) -> torch.dtype:
+    """Refuse a model in which a later token changes earlier positions' outputs: requests are
+    padded on the right and co-batched on the promise that they cannot. Returns the dtype of
+    the forward's output."""
+    # The plain HF forward where there is one (the same computation as the bridge's, without
+    # TL's bookkeeping); the bridge otherwise.
+    use_bridge = hf_model is None
+    model = hosted.bridge if use_bridge else hf_model
+    from hookwire.server.devices import input_device
+
+    tokens = torch.randint(0, min(hosted.vocab_size, 256), (1, 6),
+                           generator=torch.Generator().manual_seed(1))
+    changed = tokens.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % min(hosted.vocab_size, 256)
+    outs = []
+    with torch.no_grad():
+        for t in (tokens, changed):
+            t = t.to(input_device(hosted.original))
+            if use_bridge:
+                out = type(model).forward(model, t, return_type="logits")
+            else:
+                out = type(model).forward(model, input_ids=t, use_cache=False)
+                out = getattr(out, hosted.family.output_field)
+            dtype = out.dtype
+            outs.append(out[:, :-1].float().cpu())
+    scale = outs[0].abs().max().clamp_min(1e-6)
+    # Exactly equal for causal models, up to reduction order (MoE expert grouping: ~1e-7).
+    if not bool(((outs[0] - outs[1]).abs().max() / scale) < 1e-4):
+        raise UnsupportedModel(
+            f"cannot serve {hosted.name!r} ({hosted.architecture}): it is not causal -- a "
+            "later token changes the outputs at earlier positions (e.g. an encoder used as a "
+            "decoder without is_decoder=True), so padded and co-batched requests would not "
+            "equal their solo runs", architecture=hosted.architecture)
+    return dtype
+
+
+def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
+    """Why the server's token loop cannot generate with this model (None: it can). The loop
+    keeps a transformers ``DynamicCache`` and runs one new token per forward; it is used only
+    where that gives the logits a full forward gives (models that keep their state in an
+    object of their own -- SSMs, RWKV -- or keep none are refused, with a way out)."""
+    if not hosted.family.has_lm_head:
+        return f"{hosted.architecture} has no LM head: there are no logits to pick tokens from"
+    if hf_model is None:
+        return "the server has no HF module tree for it"
+    from transformers import DynamicCache
+
+    from hookwire.server.devices import input_device
+
+    way_out = ("; generate with TransformerLens's generate(remote=True) instead (it re-runs "
+               "the whole sequence at every step), or locally")
+    tokens = torch.randint(0, min(hosted.vocab_size, 256), (1, 5),
+                           generator=torch.Generator().manual_seed(2)).to(
+                               input_device(hf_model))
+    forward = type(hf_model).forward
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers' notes on cache arguments
+            full = forward(hf_model, input_ids=tokens, use_cache=False).logits[:, -1]
+            kv = DynamicCache(config=hf_model.config)
+            forward(hf_model, input_ids=tokens[:, :-1], past_key_values=kv, use_cache=True)
+            step = forward(hf_model, input_ids=tokens[:, -1:], past_key_values=kv,
+                           use_cache=True).logits[:, -1]
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        return (f"{hosted.architecture} does not run with a KV cache here "
+                f"({type(exc).__name__}: {first})" + way_out)
+    scale = full.float().abs().max().clamp_min(1e-6)
+    if not bool(((step.float() - full.float()).abs().max() / scale) < 1e-2):
+        return (f"{hosted.architecture} keeps its state in a cache of its own, not in a KV "
+                "cache: the server's token loop would give other tokens than a full forward"
+                + way_out)
+    return None
+
+
+__all__ = ["ModelEntry", "prepare_model", "check_causal", "kv_cache_refusal",
+           "ALL_MODULE_SITES"]

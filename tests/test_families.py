@@ -1,0 +1,380 @@
+"""The family matrix: every architecture hookwire serves (``hookwire.families``, driven by
+TransformerLens 4's own table), as a tiny random checkpoint built here (``family_configs``),
+on every front that applies, each equal to the local library on the same weights:
+
+- TransformerLens ``run_with_hooks`` and ``run_with_cache`` (every hook point) through the
+  weightless ``RemoteModel`` and through a local bridge with ``remote=True``, against
+  TransformerLens itself on a bridge of its own over the same weights;
+- ``hookwire.hf`` module hooks and a cache of every module, against plain torch hooks;
+- generation with a steering hook at every step, against HF's own ``generate``;
+- pyvene interchange, where pyvene has a mapping for the model class, against pyvene.
+
+One server per family, shared by its fronts (module-scoped, parametrized fixture). A front
+that cannot serve a family refuses it with the reason, before anything is sent, and the
+refusal is asserted instead: TL hook points of families whose TransformerLens bridge does not
+run on this transformers (``TL_REFUSED``: if TransformerLens fixes one, its test fails and it
+moves to the served list), generation of families without a KV cache.
+
+On a GPU machine ``scripts/gpu_check.sh`` runs the same matrix with the models on the GPU
+(``HOOKWIRE_TEST_DEVICE=cuda:0``; the local references there too), in another dtype
+(``HOOKWIRE_TEST_DTYPE=bfloat16``), or split over two devices
+(``HOOKWIRE_TEST_DEVICE_MAP=split``: layers over cuda:0 and cuda:1, or CPU and disk).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hookwire
+import hookwire.client
+import hookwire.hf as hhf
+import hookwire.pyvene
+import hookwire.server as hs
+import hookwire.transformerlens as htl
+import pyvene as pv
+from hookwire.errors import SiteNotServed, UnsupportedModel
+from hookwire.families import (DTYPES, build_hf_model, family_for_architecture,
+                               served_architectures)
+from hookwire.server.attention_sites import eager_attention
+from hookwire.server.models import place_on_devices, wrap_in_bridge
+from pyvene.models.intervenable_modelcard import type_to_module_mapping
+
+from family_configs import tiny_config
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning",
+                                         "ignore::UserWarning",
+                                         "ignore::DeprecationWarning")]
+
+# TransformerLens 4.3's bridges that fail on transformers 5.24, with (part of) their error:
+# their TL fronts are refused with it; hookwire.hf, generation and pyvene still serve them.
+TL_REFUSED = {
+    "CodeGenForCausalLM": "'CodeGenAttention' object has no attribute 'embed_positions'",
+    "GraniteMoeHybridForCausalLM": "Original component not set for model.rotary_emb",
+}
+SERVED = sorted(served_architectures())
+B, S = 2, 6
+TOKENS = torch.randint(3, 250, (B, S), generator=torch.Generator().manual_seed(7))
+SOURCE = torch.randint(3, 250, (B, S), generator=torch.Generator().manual_seed(8))
+DEVICE = torch.device(os.environ.get("HOOKWIRE_TEST_DEVICE", "cpu"))
+DTYPE = DTYPES[os.environ.get("HOOKWIRE_TEST_DTYPE", "float32")]
+SPLIT = os.environ.get("HOOKWIRE_TEST_DEVICE_MAP") == "split"
+LOCAL_TOKENS, LOCAL_SOURCE = TOKENS.to(DEVICE), SOURCE.to(DEVICE)
+if DTYPE != torch.float32:   # OLMo's bridges mix float32 into half-precision matmuls
+    TL_REFUSED.update(dict.fromkeys(
+        ["OlmoForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM", "FlexOlmoForCausalLM"],
+        "expected m1 and m2 to have the same dtype"))
+
+
+def build(arch: str, device=DEVICE):
+    """The family's tiny model (seed 0: every build has the same weights), in DTYPE."""
+    family = family_for_architecture(arch)
+    model, cfg = build_hf_model(arch, tiny_config(arch, family.config_class), seed=0,
+                                dtype=DTYPE)
+    return model.to(device), cfg
+
+
+def build_served(arch: str):
+    """The model the server hosts: on DEVICE, or split layer-wise over two devices (the GPUs
+    cuda:0 and cuda:1, or, on a CPU run, the CPU and disk offload)."""
+    if not SPLIT:
+        return build(arch)[0]
+    model, _ = build(arch, device="cpu")
+    first, second = ("cpu", "disk") if DEVICE.type == "cpu" else (0, 1)
+    layers = layers_path(model)
+    n = len(model.get_submodule(layers))
+    device_map, seen_layers = {}, False
+    for name, _ in list(model.named_parameters(remove_duplicate=False)) + \
+            list(model.named_buffers(remove_duplicate=False)):
+        module = name.rsplit(".", 1)[0]
+        if name.startswith(layers + "."):
+            index = int(name[len(layers) + 1:].split(".", 1)[0])
+            device_map[f"{layers}.{index}"] = first if index < max(n // 2, 1) else second
+            seen_layers = True
+        else:   # before the layers (embeddings) on the first device, after them on the second
+            device_map.setdefault(module, second if seen_layers else first)
+    return place_on_devices(model, device_map)
+
+
+def cpu(value):
+    """Local results (on DEVICE) where the remote ones arrive: on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: cpu(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(cpu(v) for v in value)
+    return value
+
+
+@dataclass
+class Case:
+    arch: str
+    name: str
+    server: object
+    local_hf: torch.nn.Module        # the same weights, never served: HF, pyvene, generate
+    local_tl: torch.nn.Module        # a TL bridge of its own over the same weights
+    layers: str                      # the module path of the decoder layers
+
+
+def layers_path(model) -> str:
+    """The decoder layers' module list (the first list of ``num_hidden_layers`` modules, or,
+    for a model that counts layers otherwise -- HRM's two stacks -- its first list)."""
+    lists = [path for path, module in model.named_modules()
+             if isinstance(module, torch.nn.ModuleList) and len(module)]
+    n = model.config.num_hidden_layers
+    exact = [p for p in lists if len(model.get_submodule(p)) == n]
+    assert lists, f"{type(model).__name__} has no module list"
+    return (exact or lists)[0]
+
+
+@pytest.fixture(scope="module", params=SERVED)
+def case(request):
+    arch = request.param
+    name = f"tiny-{arch}"
+    srv = hs.start(models={name: build_served(arch)}, port=0)
+    hookwire.configure(url=srv.url)
+    local_hf, cfg = build(arch)
+    tl_model, _ = build(arch)
+    local_tl = wrap_in_bridge(tl_model, arch, cfg, None, name)
+    try:
+        yield Case(arch, name, srv, local_hf, local_tl, layers_path(local_hf))
+    finally:
+        try:
+            hookwire.client.close_connections()
+        finally:
+            srv.stop()
+            hookwire.configure(url=None)
+
+
+def tl_refusal(case) -> str | None:
+    """Why the server refuses the family's TL hook points (None: it serves them). Known
+    refusals must come with their reason; any other refusal fails the matrix."""
+    reason = hookwire.client.get_connection().model_info(case.name).tl_refused
+    if case.arch in TL_REFUSED or reason is not None:
+        assert reason is not None and TL_REFUSED.get(case.arch, "?") in reason, reason
+    return reason
+
+
+def assert_tl_refused(case, reason):
+    with pytest.raises(UnsupportedModel, match="TransformerLens hook points are not served"):
+        htl.RemoteModel(case.name)
+    with pytest.raises(UnsupportedModel, match="TransformerLens hook points are not served"):
+        case.local_tl.run_with_hooks(TOKENS, fwd_hooks=[], remote=True, remote_model=case.name)
+
+
+# ---- TransformerLens -----------------------------------------------------------------------
+
+def resid_sites(case) -> list[str]:
+    """Hook points that carry the residual stream (batch, seq, d_model), in firing order:
+    the matrix hooks a third and two thirds of the way through (names differ by family)."""
+    d_model = case.local_tl.cfg.d_model
+    info = hookwire.client.get_connection().model_info(case.name)
+    names = [s.name for s in info.sites if not s.name.startswith("hf:") and s.call == 0
+             and s.shape == ("B", "S", d_model) and not s.name.startswith("hook_")]
+    assert len(names) >= 3, names
+    return [names[len(names) // 3], names[2 * len(names) // 3]]
+
+
+def tl_hooks(sites: list[str], store: dict):
+    def steer(x, hook):
+        return x + 0.25
+
+    def edit_in_place(x, hook):
+        x[:, -1] *= 0.5
+
+    def keep(x, hook):
+        store[hook.name] = x.detach().clone()
+    return [(sites[0], steer), (sites[1], edit_in_place), (sites[1], keep)]
+
+
+@pytest.mark.parametrize("front", ["stand_in", "local_bridge"])
+def test_tl_run_with_hooks(case, front):
+    reason = tl_refusal(case)
+    if reason is not None:
+        return assert_tl_refused(case, reason)
+    sites = resid_sites(case)
+    local_store, remote_store = {}, {}
+    expected = case.local_tl.run_with_hooks(LOCAL_TOKENS,
+                                            fwd_hooks=tl_hooks(sites, local_store))
+    if front == "stand_in":
+        got = htl.RemoteModel(case.name).run_with_hooks(
+            TOKENS, fwd_hooks=tl_hooks(sites, remote_store))
+    else:
+        got = case.local_tl.run_with_hooks(TOKENS, fwd_hooks=tl_hooks(sites, remote_store),
+                                           remote=True, remote_model=case.name)
+    assert_close(got, cpu(expected))
+    assert local_store.keys() == {sites[1]}, f"{sites[1]} never fired locally"
+    assert remote_store.keys() == local_store.keys()
+    assert_close(remote_store[sites[1]], cpu(local_store[sites[1]]))
+
+
+@pytest.mark.parametrize("front", ["stand_in", "local_bridge"])
+def test_tl_run_with_cache_of_every_hook_point(case, front):
+    """Every hook point that fires (every one the server serves: hooks on the others are
+    refused before anything is sent, below). Where attention patterns exist only in eager
+    attention the server runs it for this request, as TransformerLens's loader does; so does
+    the local reference."""
+    reason = tl_refusal(case)
+    if reason is not None:
+        return assert_tl_refused(case, reason)
+    info = hookwire.client.get_connection().model_info(case.name)
+    unserved = info.unserved
+
+    def served(name):
+        hp = case.local_tl.hook_dict[name]
+        return (getattr(hp, "name", None) or name) not in unserved
+    with eager_attention(case.local_tl.original_model, any(s.eager for s in info.sites)):
+        expected_logits, expected = case.local_tl.run_with_cache(LOCAL_TOKENS,
+                                                                 names_filter=served)
+    model = htl.RemoteModel(case.name) if front == "stand_in" else case.local_tl
+    extra = {} if front == "stand_in" else {"remote": True, "remote_model": case.name}
+    logits, cache = model.run_with_cache(TOKENS, names_filter=served, **extra)
+    assert_close(logits, cpu(expected_logits))
+    assert set(cache.keys()) == set(expected.keys())
+    for key in expected.keys():
+        assert_close(cache[key], cpu(expected[key]), msg=lambda m, key=key: f"{key}: {m}")
+    if any(not name.startswith("hf:") for name in unserved):
+        with pytest.raises(SiteNotServed):
+            model.run_with_cache(TOKENS, **extra)
+
+
+# ---- hookwire.hf -----------------------------------------------------------------------------
+
+def steer_layer(module, args, output):
+    if isinstance(output, tuple):
+        return (output[0] + 0.25,) + output[1:]
+    if isinstance(output, list):  # GPT-1's blocks return a list
+        return [output[0] + 0.25] + output[1:]
+    return output + 0.25
+
+
+def test_hf_module_hooks_and_cache_of_every_module(case):
+    remote = hhf.RemoteModel(case.name)
+    # Every module that runs with a tensor -- except attention-dropout modules, which run only
+    # remotely, on purpose (server/attention_sites.py: pyvene's attention_weight component).
+    modules = [s.name[3:-7] for s in remote.info.sites
+               if s.name.startswith("hf:") and s.name.endswith(":output") and s.call == 0
+               and not s.name.endswith("attn_dropout:output")]
+    hooks = {f"{case.layers}.0": steer_layer}
+    got, cache = remote.run_with_cache(TOKENS, modules=modules, hooks=hooks)
+    expected, expected_cache = local_cache(case.local_hf, modules, hooks)
+    field = remote.info.output
+    assert_close(getattr(got, field), cpu(getattr(expected, field)))
+    assert cache.keys() == expected_cache.keys()
+    for key, value in expected_cache.items():
+        same_values(cache[key], cpu(value), key)
+
+
+def local_cache(model, modules, hooks):
+    """Plain torch hooks; each cached value is cloned when its hook runs, as the server
+    snapshots it then (a model may edit the tensor in place afterwards: Falcon's parallel
+    attention adds into its MLP output)."""
+    cache = {}
+
+    def keep(key):
+        def hook(module, args, output):
+            cache[key] = _cloned(output)
+        return hook
+    handles = [model.get_submodule(key).register_forward_hook(fn)
+               for key, fn in hooks.items()]  # the user's hooks first, then the cache's
+    handles += [model.get_submodule(key).register_forward_hook(keep(key)) for key in modules]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=LOCAL_TOKENS, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, cache
+
+
+def _cloned(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cloned(v) for v in value)
+    return value
+
+
+def same_values(got, expected, where):
+    if isinstance(expected, torch.Tensor):
+        assert_close(got, expected, msg=lambda m: f"{where}: {m}")
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(expected), where
+        for g, e in zip(got, expected):
+            same_values(g, e, where)
+    elif expected is None:
+        assert got is None, where
+
+
+def test_hf_generation_with_a_steering_hook(case):
+    remote = hhf.RemoteModel(case.name)
+    if remote.info.generate_refused is not None:
+        # Refused before anything is sent, with the reason and a way out.
+        assert "generate(remote=True)" in remote.info.generate_refused
+        with pytest.raises(UnsupportedModel, match="cannot generate"):
+            remote.generate(TOKENS, max_new_tokens=3)
+        return
+    got = remote.generate(TOKENS, max_new_tokens=3, hooks={f"{case.layers}.0": steer_layer},
+                          intervene_on="all")
+    handle = case.local_hf.get_submodule(f"{case.layers}.0").register_forward_hook(steer_layer)
+    try:
+        with torch.no_grad():
+            expected = case.local_hf.generate(LOCAL_TOKENS, max_new_tokens=3, do_sample=False,
+                                              eos_token_id=None, pad_token_id=0)
+    finally:
+        handle.remove()
+    assert torch.equal(got.sequences, expected.cpu())
+
+
+# ---- pyvene ------------------------------------------------------------------------------------
+
+def test_pyvene_interchange(case):
+    model_class = type(case.local_hf)
+    if model_class not in type_to_module_mapping:
+        pytest.skip(f"pyvene has no mapping for {model_class.__name__}")
+
+    def config():
+        return pv.IntervenableConfig([{"layer": 1, "component": "block_output",
+                                       "intervention_type": pv.VanillaIntervention}])
+    local = pv.IntervenableModel(config(), copy.deepcopy(case.local_hf))
+    remote = hookwire.pyvene.RemoteIntervenableModel(config(), case.name)
+    expected = local(base={"input_ids": LOCAL_TOKENS}, sources=[{"input_ids": LOCAL_SOURCE}],
+                     unit_locations={"sources->base": 3})
+    got = remote(base={"input_ids": TOKENS}, sources=[{"input_ids": SOURCE}],
+                 unit_locations={"sources->base": 3})
+    assert_close(got[1].logits, cpu(expected[1].logits))
+
+
+def test_gemma2_pyvene_keeps_final_logit_softcapping():
+    """pyvene's logits come from the model's own output, after Gemma 2 soft-caps them
+    (``tanh(logits / cap) * cap``), not from the LM head's output. A cap of 0.5 makes the
+    difference plain. (The intervention is at the last layer: an earlier one with a source
+    hits the eager attention mask of the pyvene issue, which its helper fixes.)"""
+    arch = "Gemma2ForCausalLM"
+    config = dict(tiny_config(arch, family_for_architecture(arch).config_class),
+                  final_logit_softcapping=0.5)
+    served, _ = build_hf_model(arch, config, seed=0)
+    local, _ = build_hf_model(arch, config, seed=0)
+
+    def pv_config():
+        return pv.IntervenableConfig([{"layer": 1, "component": "block_output",
+                                       "intervention_type": pv.VanillaIntervention}])
+    call = ({"input_ids": TOKENS}, [{"input_ids": SOURCE}], {"sources->base": 3})
+    expected = pv.IntervenableModel(pv_config(), copy.deepcopy(local))(*call)
+    srv = hs.start(models={"gemma2-capped": served}, port=0)
+    try:
+        got = hookwire.pyvene.RemoteIntervenableModel(pv_config(), "gemma2-capped",
+                                                      url=srv.url)(*call)
+    finally:
+        hookwire.client.close_connections()
+        srv.stop()
+    assert_close(got[1].logits, expected[1].logits)
+    assert got[1].logits.abs().max() <= 0.5
+    with torch.no_grad():
+        uncapped = local.lm_head(local.model(input_ids=TOKENS).last_hidden_state)
+    assert uncapped.abs().max() > 0.5   # without the cap the logits would be larger
