@@ -46,6 +46,15 @@ class Limits:
     max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
     max_new_tokens: int = 1024            # tokens one generate request may ask for
+    # Memory requests hold while not running: uploads, materialised references to resident
+    # values, results not yet read by their client (server/memory.py). Per user, and for
+    # the whole server (without API keys every connection is a user).
+    max_pending_bytes_per_user: int = 2 << 30
+    max_pending_bytes_total: int = 8 << 30
+    max_resident_bytes_total: int = 8 << 30  # resident values of all users together
+    submit_timeout_s: float = 60.0        # a submit's declared tensors must all arrive by then
+    send_timeout_s: float = 120.0         # a client that reads nothing this long is dropped
+    max_connections: int = 1024           # all users together (each holds buffers, a task)
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,7 @@ class ValidatedGraph:
     site_infos: list[SiteInfo]
     shapes: dict[int, object] = field(default_factory=dict)  # node id -> meta value
     saved_bytes: int = 0
+    value_bytes: int = 0  # all intermediates together (an upper bound of what it holds)
 
     @property
     def output_stage(self) -> int:
@@ -274,12 +284,13 @@ def _meta_constant(t: torch.Tensor):
 
 
 def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, torch.Tensor],
-                 limits: Limits, outputs: dict[str, tuple[tuple, torch.dtype]] | None = None
-                 ) -> ValidatedGraph:
+                 limits: Limits, outputs: dict[str, tuple[tuple, torch.dtype]] | None = None,
+                 on_node=None) -> ValidatedGraph:
     """Run the graph on the meta device: shapes, dtypes and byte counts, nothing allocated.
 
     ``outputs`` gives the (shape, dtype) of the forward's ``logits`` and ``loss`` for
-    ``output.read`` nodes."""
+    ``output.read`` nodes; ``on_node()`` is called before each node (it may raise: a
+    request's deadline covers its validation too)."""
     if batch > limits.max_batch or seq > limits.max_seq:
         _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
@@ -288,6 +299,8 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     total = flops = 0
     rows, read_at, last_read = batch, {}, -1  # batch rows now, at each site's read
     for dn in vg.nodes:
+        if on_node is not None:
+            on_node()
         if dn.op in ("site.read", "site.grad"):
             info = vg.site_infos[dn.site]
             if dn.op == "site.grad" and not info.grad:
@@ -380,4 +393,5 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                   f"must be a floating-point scalar, got {got}")
     vg.shapes = values
     vg.saved_bytes = saved
+    vg.value_bytes = total
     return vg

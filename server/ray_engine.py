@@ -25,6 +25,7 @@ from hookwire.errors import Cancelled, QueueFull, ReplicaLost, ServerShuttingDow
 from hookwire.frames import TensorAssembler, TensorHeader, decode_frame
 from hookwire.server import ray_cluster
 from hookwire.server.job_payload import job_to_payload
+from hookwire.server.residents import materialize_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, error_message
 from hookwire.validate import Limits
 
@@ -66,6 +67,13 @@ class _ResultCatcher:
         if asm.complete:
             del self.pending[tid]
             self.store.put(resident, asm.tensors()[tid])
+
+
+def _payload_of(job: Job) -> dict:
+    if job.refs:
+        job.tensors = {**job.tensors, **materialize_refs(job.refs)}
+        job.refs = []
+    return job_to_payload(job)
 
 
 def _retrieve(future) -> None:
@@ -176,7 +184,10 @@ class RayEngine:
                                    f"served: {', '.join(self.handles)}")
             if rid in conn.cancelled:  # the client's cancel may overtake its own submit
                 raise Cancelled(f"request {rid} was cancelled before it started")
-            payload = job_to_payload(job)
+            # Materialising references and copying tensors into the payload grow with the
+            # request: done in a thread, not on the front's event loop.
+            payload = await asyncio.get_running_loop().run_in_executor(
+                None, _payload_of, job)
             catcher = _ResultCatcher(conn.store, self.limits.max_resident_bytes)
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 stream = handle.run.remote(payload)
@@ -204,6 +215,7 @@ class RayEngine:
                 log.exception("request %s failed in the ray engine", rid)
             conn.send_threadsafe(error_message(rid, exc))
         finally:
+            job.finish()  # its memory reservation (server/memory.py)
             self._tasks.pop(key, None)
             self._per_user[conn.user] -= 1
             if self._per_user[conn.user] <= 0:
