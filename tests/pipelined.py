@@ -39,8 +39,8 @@ class PipelinedClient:
                                  "client_version": "test"}))
         assert parse_server_message(self.ws.recv(timeout=30)).type == "hello_ok"
 
-    def send(self, graph: dict, tensors: dict, **extra) -> str:
-        rid = f"p-{uuid.uuid4().hex[:12]}"
+    def send(self, graph: dict, tensors: dict, rid: str | None = None, **extra) -> str:
+        rid = rid or f"p-{uuid.uuid4().hex[:12]}"
         self.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": graph,
                                  "tensors": [header_for(t, v).model_dump()
                                              for t, v in tensors.items()],
