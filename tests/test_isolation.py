@@ -499,3 +499,47 @@ def test_cancel_ids_of_requests_never_sent_are_not_kept(hosted):
     finally:
         client.close()
         srv.stop()
+
+
+def test_results_nobody_reads_are_bounded_and_their_reader_dropped(hosted):
+    """A client that submits a request with large results and stops reading: the results
+    queued for it count against its user's memory (so that user's next submit is refused),
+    and after ``send_timeout_s`` without progress its connection is dropped, freeing them."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(send_timeout_s=5.0,
+                                                   max_pending_bytes_per_user=24 * MiB))
+    from websockets.sync.client import connect
+    sleeper = connect(srv.url, additional_headers={"Authorization": f"Bearer {KEY_A}"},
+                      max_size=None, max_queue=1, ping_interval=None)
+    other = PipelinedClient(srv.url, KEY_A)
+    try:
+        sleeper.send(json.dumps({"type": "hello", "protocol": 1, "client_version": "t"}))
+        sleeper.recv(timeout=30)
+        tokens = torch.randint(0, 256, (128, 256))  # 4 saves of 8 MiB, 33 MiB of logits
+        graph = read_graph("tiny-gpt2", [(f"blocks.{b}.hook_resid_{kind}", 0)
+                                         for b in (0, 1) for kind in ("pre", "post")])
+        sleeper.send(json.dumps({"type": "submit", "request_id": "unread", "graph": graph,
+                                 "tensors": [header_for("input_ids", tokens).model_dump()],
+                                 "keep_results": False}))
+        for frame in encode_chunks("unread", "input_ids", tokens):
+            sleeper.send(frame)
+        # While the unread results pile up, the same user's next submit is refused.
+        err, deadline = None, time.monotonic() + 60
+        while err is None and time.monotonic() < deadline:
+            rid = other.send(read_graph("tiny-gpt2", [], return_type=None),
+                             {"input_ids": torch.randint(0, 256, (1, 8))})
+            err = other.collect([rid])[rid].error
+            time.sleep(0.2)
+        assert err is not None and err.details.get("rule") == "max_pending_bytes_per_user", err
+        deadline = time.monotonic() + 30  # dropped after send_timeout_s without progress
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.server.memory.pending_total == 0
+        assert len(srv.server.states) == 1  # only the other connection is left
+    finally:
+        other.close()
+        try:
+            sleeper.close()
+        except Exception:
+            pass
+        srv.stop()
