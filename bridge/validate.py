@@ -43,7 +43,9 @@ class Limits:
     max_queued_per_user: int = 64         # requests waiting to run, per user
     max_connections_per_user: int = 32
     max_request_seconds: float = 600.0    # wall time of one request once it starts
-    max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
+    # One websocket message (larger: close code 1009). Tensors travel in 1 MiB frames, so
+    # this bounds control messages: a graph of max_nodes nodes is ~10 MB of JSON.
+    max_message_bytes: int = 16 << 20
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
     max_new_tokens: int = 1024            # tokens one generate request may ask for
     # Memory requests hold while not running: uploads, materialised references to resident
@@ -55,6 +57,9 @@ class Limits:
     submit_timeout_s: float = 60.0        # a submit's declared tensors must all arrive by then
     send_timeout_s: float = 120.0         # a client that reads nothing this long is dropped
     max_connections: int = 1024           # all users together (each holds buffers, a task)
+    # Seconds of the front's time (reading, parsing, admitting, answering messages) each
+    # user may spend per second; over it, its connections' next reads wait.
+    front_share: float = 0.25
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import http
 import json
 import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_modu
                                         probe_module_sites)
 from hookwire.server.batch_probe import replace_sensitive_sites
 from hookwire.server.index_guard import value_ranges
-from hookwire.server.intake import Intake
+from hookwire.server.intake import FrontShare, Intake
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.memory import MemoryBudget, Reservation
 from hookwire.server.models import HostedModel
@@ -229,6 +230,7 @@ class HookwireServer:
         # tensor headers and references (2-3 each), and some slack.
         self.max_containers = 16 * self.limits.max_nodes + 5 * MAX_LIST_ITEMS + 4096
         self.intake: Intake | None = None
+        self.share = FrontShare(self.limits.front_share)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -297,6 +299,7 @@ class HookwireServer:
         writer = asyncio.create_task(self._writer(state))
         try:
             async for message in ws:
+                t0, cost = time.perf_counter(), [0.0]
                 try:
                     if isinstance(message, bytes):
                         self._on_frame(state, message)
@@ -304,7 +307,8 @@ class HookwireServer:
                         # Parsed, and a submit admitted, in the intake's threads: never on
                         # this loop, whatever the message holds.
                         outcome = await self.intake.run(user, len(message), self._admit,
-                                                        state, message)
+                                                        state, message, cost=cost)
+                        t0 = time.perf_counter()  # (waiting for the intake is not loop time)
                         self._on_message(state, outcome)
                 except Exception as exc:
                     if not isinstance(exc, HookwireError):
@@ -325,6 +329,9 @@ class HookwireServer:
                                                        message=exc.message,
                                                        details=_jsonable(exc.details))))
                     del exc
+                # This user's share of the front: over it, its next read waits (server/intake).
+                self.share.charge(user, time.perf_counter() - t0 + cost[0], len(message))
+                await self.share.wait_turn(user)
         except ConnectionClosed:
             pass
         finally:
@@ -337,6 +344,7 @@ class HookwireServer:
                 del self.connections_per_user[user]
             if user.startswith("conn:"):
                 self.residents.drop_user(user)
+                self.share.forget(user)
             self.worker.cancel(state)  # whatever of this connection is still running
             await writer
             while not state.outbox.empty():  # what the writer did not send

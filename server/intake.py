@@ -65,12 +65,13 @@ class _Lane(threading.Thread):
             task = self._next()
             if task is None:
                 return
-            loop, future, fn, args = task
+            loop, future, fn, args, cost = task
             t0 = time.perf_counter()
             try:
                 result, error = fn(*args), None
             except BaseException as exc:  # handed to the awaiting connection
                 result, error = None, exc
+            cost[0] = time.perf_counter() - t0
             try:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             except RuntimeError:  # the loop is gone (server stopping)
@@ -97,17 +98,54 @@ class Intake:
         self.small.start()
         self.large.start()
 
-    async def run(self, user: str, size: int, fn: Callable, *args):
+    async def run(self, user: str, size: int, fn: Callable, *args, cost: list | None = None):
         """``fn(*args)`` in the lane for a message of ``size`` bytes; its result (or its
-        exception) once done."""
+        exception) once done. ``cost[0]`` is set to the seconds it took there."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        (self.small if size <= SMALL_BYTES else self.large).put(user, (loop, future, fn, args))
-        return await future
+        (self.small if size <= SMALL_BYTES else self.large).put(
+            user, (loop, future, fn, args, cost if cost is not None else [0.0]))
+        try:
+            return await future
+        finally:
+            # The future holds the exception, whose traceback holds this frame: without
+            # this, a refused message (its text too) would wait for the cycle collector.
+            del future
 
     def close(self) -> None:
         self.small.close()
         self.large.close()
 
 
-__all__ = ["Intake", "SMALL_BYTES"]
+class FrontShare:
+    """Each user's share of the front's time. Every message a user sends costs the front
+    time (reading its bytes, parsing, admitting, answering -- a refused message too); each
+    user may spend ``share`` of a second per second, with a burst of as much. A user over
+    its share has its connections' next reads wait until it is back in credit, so a tenant
+    flooding the server with messages (refused or not) is slowed by TCP backpressure, not
+    everyone else."""
+
+    BYTES_PER_S = 1e9  # what receiving a message costs the loop (websockets), per byte
+
+    def __init__(self, share: float):
+        self.share = share
+        self._credit: dict[str, tuple[float, float]] = {}  # user -> (credit s, as of)
+
+    def _now_credit(self, user: str) -> float:
+        credit, since = self._credit.get(user, (self.share, 0.0))
+        return min(self.share, credit + (time.monotonic() - since) * self.share)
+
+    def charge(self, user: str, seconds: float, nbytes: int = 0) -> None:
+        credit = self._now_credit(user) - seconds - nbytes / self.BYTES_PER_S
+        self._credit[user] = (credit, time.monotonic())
+
+    async def wait_turn(self, user: str) -> None:
+        credit = self._now_credit(user)
+        if credit < 0:
+            await asyncio.sleep(-credit / self.share)
+
+    def forget(self, user: str) -> None:
+        self._credit.pop(user, None)
+
+
+__all__ = ["Intake", "FrontShare", "SMALL_BYTES"]
