@@ -97,6 +97,7 @@ class ValidatedGraph:
     shapes: dict[int, object] = field(default_factory=dict)  # node id -> meta value
     saved_bytes: int = 0
     value_bytes: int = 0  # all intermediates together (an upper bound of what it holds)
+    flops: int = 0        # counted work of its ops
 
     @property
     def output_stage(self) -> int:
@@ -399,4 +400,5 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     vg.shapes = values
     vg.saved_bytes = saved
     vg.value_bytes = total
+    vg.flops = flops
     return vg

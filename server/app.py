@@ -330,7 +330,7 @@ class HookwireServer:
                                                        details=_jsonable(exc.details))))
                     del exc
                 # This user's share of the front: over it, its next read waits (server/intake).
-                self.share.charge(user, time.perf_counter() - t0 + cost[0], len(message))
+                self.share.charge(user, time.perf_counter() - t0 + cost[0], message)
                 await self.share.wait_turn(user)
         except ConnectionClosed:
             pass
@@ -476,7 +476,10 @@ class HookwireServer:
         async with serve(self._handle, self.host, self.port, compression=None,
                          max_size=self.limits.max_message_bytes,
                          process_request=self._process_request,
-                         ping_interval=None, write_limit=8 << 20, max_queue=64) as server:
+                         # Messages read ahead per connection: each may be up to
+                         # max_message_bytes, and a reader that is made to wait (its user's
+                         # front share) must push back on the sender instead of buffering.
+                         ping_interval=None, write_limit=8 << 20, max_queue=1) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
             if ready is not None:

@@ -125,7 +125,9 @@ class FrontShare:
     flooding the server with messages (refused or not) is slowed by TCP backpressure, not
     everyone else."""
 
-    BYTES_PER_S = 1e9  # what receiving a message costs the loop (websockets), per byte
+    # What receiving a message costs the loop (websockets: reading, unmasking, assembling;
+    # a text message is UTF-8 decoded too), per byte.
+    BYTES_PER_S = {bytes: 1e9, str: 250e6}
 
     def __init__(self, share: float):
         self.share = share
@@ -135,8 +137,10 @@ class FrontShare:
         credit, since = self._credit.get(user, (self.share, 0.0))
         return min(self.share, credit + (time.monotonic() - since) * self.share)
 
-    def charge(self, user: str, seconds: float, nbytes: int = 0) -> None:
-        credit = self._now_credit(user) - seconds - nbytes / self.BYTES_PER_S
+    def charge(self, user: str, seconds: float, message=b"") -> None:
+        """``seconds`` measured for ``message``, plus what receiving it cost the loop."""
+        credit = self._now_credit(user) - seconds - \
+            len(message) / self.BYTES_PER_S[type(message)]
         self._credit[user] = (credit, time.monotonic())
 
     async def wait_turn(self, user: str) -> None:

@@ -47,6 +47,11 @@ log = logging.getLogger("hookwire.server")
 BATCH_WINDOW_S = 0.005   # how long the first request of a batch waits for batch mates
 MAX_BATCH_ROWS = 64
 MAX_BATCH_TOKENS = 64 * 512
+# A batch member with more of its own work than this runs in a forward of its own, after the
+# light members it was batched with (worker._groups).
+HEAVY_BYTES = 16 << 20
+HEAVY_FLOPS = 10 ** 9
+MAX_SIZE_RATIO = 8  # batch mates' token counts differ by at most this factor
 
 
 @dataclass
@@ -196,11 +201,17 @@ class ModelWorker(threading.Thread):
     def batch_fits(self, jobs: list[Job]) -> bool:
         """A batch is bounded as a whole after right-padding: every row carries the longest
         member's positions, so rows x longest sequence must fit the token budget and the
-        forward's output (logits, attention weights) ``max_output_bytes``."""
+        forward's output (logits, attention weights) ``max_output_bytes``; and its members
+        are of like size."""
         entry = self.models.get(jobs[0].submit.graph.model)
         shapes = [_input_shape(job) for job in jobs]
         rows, seq = sum(b for b, _ in shapes), max(s for _, s in shapes)
         if entry is None or rows * seq > MAX_BATCH_TOKENS:
+            return False
+        # Members of like size only: a small request does not wait for a big one's forward,
+        # nor is it padded to a long one's length (at most half a batch is padding).
+        sizes = [b * s for b, s in shapes]
+        if max(sizes) > MAX_SIZE_RATIO * min(sizes) or rows * seq > 2 * sum(sizes):
             return False
         try:
             check_forward_size(entry, jobs[0].submit.graph.forward, rows, seq, self.limits)
@@ -242,7 +253,7 @@ class ModelWorker(threading.Thread):
             except Exception as exc:
                 self._fail(job, exc)
         try:
-            for group in self._memory_groups(ready):
+            for group in self._groups(ready):
                 self._run_group(group)
         finally:
             for p in ready:
@@ -258,18 +269,29 @@ class ModelWorker(threading.Thread):
         elif group:
             self.run_together(group)
 
-    def _memory_groups(self, ready: list[Prepared]) -> list[list[Prepared]]:
-        """Members whose intermediates together fit ``max_total_value_bytes`` share a
-        forward; the rest run in the next forward (each member alone fits: validation)."""
+    def _groups(self, ready: list[Prepared]) -> list[list[Prepared]]:
+        """Which of a batch's members share a forward, in order. Light members (little work
+        and memory of their own: almost every request) go first, together; a heavy member
+        (``_heavy``) runs after them, alone, so it slows no light batch mate down. Members
+        share a forward only while their intermediates together fit
+        ``max_total_value_bytes`` (each alone fits: validation)."""
+        light = [p for p in ready if not self._heavy(p)]
+        heavy = [[p] for p in ready if self._heavy(p)]
         groups, current, held = [], [], 0
-        for p in ready:
+        for p in light:
             need = p.interleaver.vg.value_bytes
             if current and held + need > self.limits.max_total_value_bytes:
                 groups.append(current)
                 current, held = [], 0
             current.append(p)
             held += need
-        return groups + ([current] if current else [])
+        return groups + ([current] if current else []) + heavy
+
+    @staticmethod
+    def _heavy(p: Prepared) -> bool:
+        vg = p.interleaver.vg
+        constants = sum(t.numel() * t.element_size() for t in p.constants.values())
+        return vg.value_bytes + constants > HEAVY_BYTES or vg.flops > HEAVY_FLOPS
 
     def _fail(self, job: Job, exc: BaseException):
         if not isinstance(exc, HookwireError):
