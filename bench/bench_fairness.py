@@ -58,7 +58,7 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               max_resident_bytes=64 * MiB, max_resident_bytes_total=256 * MiB,
               max_value_bytes=64 * MiB, max_total_value_bytes=256 * MiB,
               max_saved_bytes=64 * MiB, max_output_bytes=64 * MiB, submit_timeout_s=5.0,
-              send_timeout_s=5.0)
+              send_timeout_s=5.0, max_message_bytes=16 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
          "unfinished", "uploads", "auth_guess", "padding", "unread"]
@@ -159,8 +159,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
         g = graph(nodes, constants=["c"], saves={"y": 2999}, return_type="logits")
         work = lambda conn: conn.submit(g, {"input_ids": ids, "c": c})  # noqa: E731
     elif kind == "json_bomb":
-        from hookwire.validate import Limits
-        bomb = "[" + ",".join(["[]"] * ((Limits().max_message_bytes - 16) // 3)) + "]"
+        bomb = "[" + ",".join(["[]"] * ((LIMITS["max_message_bytes"] - 16) // 3)) + "]"
 
         def work(conn):
             conn.ws.send(bomb)

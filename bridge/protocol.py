@@ -8,11 +8,12 @@ Server -> client: hello_ok, model_info, accepted, progress, result (+ frames), e
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from hookwire.errors import ProtocolError
+from hookwire.errors import HookwireError, LimitExceeded, ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.generation import GenerateSpec
 from hookwire.graph import Graph, Node
@@ -206,7 +207,26 @@ def check_structure(text: str, max_containers: int) -> None:
                                 f"{start} (limit {MAX_CONTAINERS_PER_CHUNK})")
         total += n
         if total > max_containers:
-            raise ProtocolError(f"message has more than {max_containers} arrays/objects")
+            # (max_containers is what a graph of Limits.max_nodes nodes can need)
+            raise LimitExceeded(f"message has more than {max_containers} arrays/objects: "
+                                "more than a graph of the largest allowed size needs",
+                                rule="max_nodes")
+
+
+_SUBMIT_ID = re.compile(r'"type"\s*:\s*"submit"|"request_id"\s*:\s*"([^"\\]{1,64})"')
+
+
+def _declared_request_id(text: str) -> str | None:
+    """The request id a submit names in its first 4 KiB (clients write ``type`` and
+    ``request_id`` first), read without parsing: so a message refused before it is parsed
+    still names its request, and that request's frames are dropped."""
+    head, is_submit, rid = text[:4096], False, None
+    for match in _SUBMIT_ID.finditer(head):
+        if match.group(1) is None:
+            is_submit = True
+        elif rid is None:
+            rid = match.group(1)
+    return rid if is_submit else None
 
 
 def request_id_of(raw) -> str | None:
@@ -250,11 +270,14 @@ def parse_client_message_bounded(text: str | bytes, max_containers: int):
             raise ProtocolError("control message is not UTF-8") from None
     if len(text) > MAX_CONTROL_BYTES:
         raise ProtocolError(f"control message of {len(text)} bytes; limit {MAX_CONTROL_BYTES}")
-    check_structure(text, max_containers)
     try:
+        check_structure(text, max_containers)
         raw = json.loads(text, object_pairs_hook=_pairs)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(f"malformed message: not JSON ({str(exc)[:200]})") from None
+    except (ValueError, RecursionError, HookwireError) as exc:
+        error = exc if isinstance(exc, HookwireError) else ProtocolError(
+            f"malformed message: not JSON ({str(exc)[:200]})")
+        error.request_id = _declared_request_id(text)
+        raise error from None
     rid = request_id_of(raw)
     try:
         if rid is not None and isinstance(raw.get("graph"), dict):

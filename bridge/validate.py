@@ -44,8 +44,9 @@ class Limits:
     max_connections_per_user: int = 32
     max_request_seconds: float = 600.0    # wall time of one request once it starts
     # One websocket message (larger: close code 1009). Tensors travel in 1 MiB frames, so
-    # this bounds control messages: a graph of max_nodes nodes is ~10 MB of JSON.
-    max_message_bytes: int = 16 << 20
+    # this bounds control messages (a graph of 100,000 nodes is ~10 MB of JSON) and what
+    # a connection's message in flight can hold; a shared server may well lower it.
+    max_message_bytes: int = 64 << 20
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
     max_new_tokens: int = 1024            # tokens one generate request may ask for
     # Memory requests hold while not running: uploads, materialised references to resident

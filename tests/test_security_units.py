@@ -73,7 +73,7 @@ def test_structure_is_capped_before_anything_is_parsed():
     densely packed, arrays/objects before json builds a single one; a refusal still names the
     submit it refuses; JSON nested 100,000 deep is a ProtocolError, not a RecursionError."""
     msg = json.dumps({"type": "submit", "graph": {"nodes": [{}] * 101}})
-    with pytest.raises(ProtocolError, match="more than 100"):
+    with pytest.raises(LimitExceeded, match="more than 100"):
         parse_client_message_bounded(msg, 100)
     with pytest.raises(ProtocolError, match="too dense"):
         parse_client_message_bounded("[" + ",".join(["[]"] * 50_000) + "]", 10 ** 9)
