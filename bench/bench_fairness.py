@@ -327,6 +327,7 @@ def main() -> int:
     if args.serve:
         serve()
         return 0
+    torch.set_num_threads(1)  # clients: one thread each (bench/README)
     if args.attack:
         attack(args.attack, args.url, args.seconds)
         return 0
