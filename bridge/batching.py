@@ -10,14 +10,49 @@ and a replacement is copied back into its own block only.
 A request whose op fails mid-forward is dropped from the rest of the pass (its error goes to
 its own callback); its batch mates go on. The forward stops early once no request needs a
 later site or the output.
+
+Only *batch-major* sites (:func:`is_batch_major`: one dim is the batch) can be split into
+rows. A site that holds one tensor for the whole batch (GPT-2's position ids, Llama's rotary
+tables: no batch dim at all) is *shared*: each member reads its own positions of it, and a
+write would reach every member, so the server runs a request that writes such a site alone.
+Any other layout (a flattened batch x position dim, dims the manifest names otherwise) cannot
+be split here at all: a request that touches it runs alone (:func:`site_batching`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
+from hookwire.errors import ExecutionError
 from hookwire.executor import Interleaver, _StopForward
 from hookwire.module_sites import attach
+
+
+def is_batch_major(shape) -> bool:
+    """True for a site's symbolic shape with exactly one batch dim ("B") and otherwise only
+    positions ("S") and fixed sizes: a member's rows of it are its own."""
+    return sum(d == "B" for d in shape) == 1 and \
+        all(d in ("B", "S") or _fixed(d) for d in shape)
+
+
+def is_batch_shared(shape) -> bool:
+    """True for a site with no batch dim at all (positions and fixed sizes only): one value
+    the whole batch shares, e.g. position ids (1, S) or rotary tables (1, S, d)."""
+    return all(d == "S" or _fixed(d) for d in shape)
+
+
+def _fixed(d) -> bool:
+    return isinstance(d, int) and not isinstance(d, bool)
+
+
+def site_batching(shape, writes: bool) -> bool:
+    """May a request that reads (``writes=False``) or writes this site share a forward?
+    Reads of batch-major and batch-shared sites may; writes only into batch-major ones."""
+    if is_batch_major(shape):
+        return True
+    return not writes and is_batch_shared(shape)
 
 
 @dataclass
@@ -79,6 +114,30 @@ def run_batch(members: list[BatchMember], site_modules: dict, forward: Callable[
             h.remove()
 
 
+def _broadcast(t) -> bool:
+    """True if elements of ``t`` share memory along a dim (stride 0, e.g. ``expand``)."""
+    return any(st == 0 and sz > 1 for sz, st in zip(t.shape, t.stride()))
+
+
+def _own_copy_for_inplace(output, name: str, call: int, members, full_seq: int):
+    """An activation broadcast over the batch (GPT-2's position embeddings, one row
+    expanded to every row) has no memory of each member's own: a member's in-place write
+    into "its" row would land in every row. Members that write in place then get rows of a
+    copy (which the forward goes on with); a member whose own rows are themselves broadcast
+    gets the error torch raises for the same write when it runs alone."""
+    writers = [m for m in members if m.active and m._index.get((name, call)) in
+               m.interleaver.inplace_sites]
+    if not writers or not isinstance(output, torch.Tensor) or not _broadcast(output):
+        return None
+    for m in writers:
+        info = m.interleaver.vg.site_infos[m._index[(name, call)]]
+        if _broadcast(output[m.own_part(info, full_seq)]):
+            m.fail(ExecutionError(f"in-place write into site {info.name!r} failed: its value "
+                                  "is one tensor broadcast over the batch (torch refuses "
+                                  "the write, as it does locally)"))
+    return output.clone()
+
+
 def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
     counter = [0]
 
@@ -86,6 +145,9 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
         call = counter[0]
         counter[0] += 1
         replacements = []
+        new = _own_copy_for_inplace(output, name, call, members, full_seq)
+        if new is not None:
+            output = new
         for m in members:
             index = m._index.get((name, call)) if m.active else None
             if index is None:
@@ -99,10 +161,10 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
                 continue
             if result is not None:
                 replacements.append((part, result))
-        new = None
         if replacements:
             # Applied after every member's in-place edits, so none is lost in the copy.
-            new = output.clone()
+            if new is None:
+                new = output.clone()
             for part, value in replacements:
                 new[part] = value
         if not any(m.wants_more for m in members):

@@ -40,13 +40,14 @@ def _ws_url(host: str, port: int) -> str:
 # ---- serve ------------------------------------------------------------------------------------
 
 def read_api_keys(path: str) -> list[str]:
-    """One key per line, or ``sha256:<hex>`` of a key (the file then holds no secret);
-    blank lines and ``#`` comments ignored."""
+    """One key per line -- the whole line, surrounding whitespace stripped, so a key may hold
+    any character, ``#`` included -- or ``sha256:<hex>`` of a key (the file then holds no
+    secret). Blank lines, and lines whose first non-blank character is ``#``, are ignored."""
     keys = []
     with open(path, encoding="utf-8") as f:
         for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
+            line = line.strip()
+            if line and not line.startswith("#"):
                 keys.append(line)
     return keys
 
@@ -74,8 +75,14 @@ def cmd_serve(args) -> int:
             return 2
         if not api_keys:
             # An empty key list would mean "no authentication" to the server: refuse instead.
-            _err(f"--api-key-file {args.api_key_file!r} holds no key (one key per line, "
-                 "'#' starts a comment)")
+            _err(f"--api-key-file {args.api_key_file!r} holds no key (one key per line; a "
+                 "line starting with '#' is a comment)")
+            return 2
+        from hookwire.server.app import check_api_keys
+        try:
+            check_api_keys(api_keys)
+        except ValueError as exc:
+            _err(f"--api-key-file {args.api_key_file!r}: {exc}")
             return 2
     elif args.host not in LOOPBACK_HOSTS:
         _err(f"refusing to bind to {args.host!r}: no --api-key-file was given, so the server "
@@ -466,7 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--api-key-file)")
     s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free)")
     s.add_argument("--api-key-file", metavar="F",
-                   help="file with one API key per line (blank lines, #comments ignored)")
+                   help="file with one API key per line, the whole line (at least 16 "
+                        "characters; blank lines and lines starting with # ignored)")
     s.add_argument("--no-batching", action="store_true",
                    help="run requests one at a time instead of batching users together")
     s.add_argument("--batch-window-ms", type=float, default=5.0,

@@ -22,6 +22,7 @@ from websockets.sync.client import connect as ws_connect
 from hookwire import __version__
 from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
                              TooManyConnections, error_from_code)
+from hookwire.expected_results import expected_results
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
@@ -276,10 +277,15 @@ class Connection:
                             refer: bool = True, extra: dict | None = None) -> RunResult:
         uploads, refs, keep = self._plan_uploads(tensors, refer)
         headers = [header_for(tid, t).model_dump() for tid, t in uploads.items()]
-        body = json.dumps({"type": "submit", "request_id": rid, "graph": graph,
-                           "tensors": headers, "refs": refs, "keep": keep,
+        graph_json = json.dumps(graph, separators=(",", ":"))
+        # What this request may get back (names, sizes): nothing else is accepted.
+        expected = expected_results(graph, graph_json, tensors, self.models.get(
+            graph.get("model")), (extra or {}).get("generate"))
+        rest = json.dumps({"tensors": headers, "refs": refs, "keep": keep,
                            "keep_results": self.use_residents, **(extra or {})},
                           separators=(",", ":"))
+        body = (f'{{"type":"submit","request_id":{json.dumps(rid)},"graph":{graph_json},'
+                + rest[1:])
         sent = len(body)
         tensor_bytes = 0
         self.ws.send(body)
@@ -288,7 +294,7 @@ class Connection:
             for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
                 sent += len(frame)
                 self.ws.send(frame)
-        result = self._collect(rid, on_event, on_value, sent)
+        result = self._collect(rid, on_event, on_value, sent, expected)
         self.residents.server_has.update(keep.values())
         result.tensor_bytes_sent, result.tensors_referenced = tensor_bytes, len(refs)
         self.stats.requests += 1
@@ -312,7 +318,7 @@ class Connection:
         """Ask the server to stop a request (safe from another thread while run() waits)."""
         self.ws.send(json.dumps({"type": "cancel", "request_id": request_id}))
 
-    def _collect(self, rid, on_event, on_value, sent) -> RunResult:
+    def _collect(self, rid, on_event, on_value, sent, expected=None) -> RunResult:
         values: dict[str, torch.Tensor] = {}
         pending: dict[str, tuple] = {}  # tid -> (name, assembler)
         resident_ids: dict[str, str | None] = {}  # save name -> id the server keeps it under
@@ -338,6 +344,8 @@ class Connection:
             if getattr(msg, "request_id", rid) not in (rid, None):
                 raise ProtocolError("server answered a request this client did not send")
             if isinstance(msg, Result):
+                if expected is not None:
+                    expected.admit(msg.name, msg.tensor.nbytes())
                 resident_ids[msg.name] = msg.resident
                 # Bounded per request, not only per tensor: a server cannot make this
                 # client reserve more than MAX_RESULT_BYTES in announced results.

@@ -33,14 +33,26 @@ class _StopForward(Exception):
 
 
 class Interleaver:
+    """Runs one validated graph alongside a forward pass.
+
+    ``on_site(k, n)`` is called after the k-th of n sites, ``on_node()`` before every node
+    (both may raise to stop the request: cancelled, over its deadline). ``value_ranges``
+    maps a site index to the ``[low, high)`` range integer values written there must lie in
+    (token ids: the vocabulary; position ids: the positions), checked before the model
+    indexes with them."""
+
     def __init__(self, vg: ValidatedGraph, constants: dict[str, torch.Tensor],
                  on_save: Callable[[str, torch.Tensor], None],
-                 on_site: Callable[[int, int], None] | None = None):
+                 on_site: Callable[[int, int], None] | None = None,
+                 on_node: Callable[[], None] | None = None,
+                 value_ranges: dict[int, tuple[int, int]] | None = None):
         self.vg = vg
         # Storage of the served model's own parameters the graph reads ("@" constants): a
         # value sharing it never becomes an activation, which the model may edit in place.
         self.read_only = {t.untyped_storage().data_ptr() for tid, t in constants.items()
                           if is_parameter(tid)}
+        self.on_node = on_node or (lambda: None)
+        self.value_ranges = value_ranges or {}
         # Constants whose gradient is read become leaves of this request's autograd graph
         # (fresh copies: the caller's tensors, possibly shared residents, stay untouched).
         self.grad_consts = [dn.args[0].tid for dn in vg.nodes if dn.op == "const.grad"]
@@ -120,6 +132,7 @@ class Interleaver:
 
     def _run_stage(self, stage: int, site_value=None):
         for dn in self.by_stage.get(stage, ()):
+            self.on_node()  # between nodes too: nodes after the last site obey the deadline
             value = self.run_node(dn, site_value)
             self.values[dn.id] = value
             for name in self.saves_of.get(dn.id, ()):
@@ -161,6 +174,8 @@ class Interleaver:
         self._run_stage(index, output.clone() if copy_read else output)
         result = None
         writes = self.writes.pop(index, {})
+        for node in writes.values():
+            self._check_range(index, node, self.values.get(node))
         if "inplace" in writes:
             value = self.values.pop(writes["inplace"], None)
             read_id = self._read_node(index)
@@ -201,6 +216,34 @@ class Interleaver:
         self.sites_done += 1
         self.on_site(self.sites_done, len(self.vg.site_infos))
         return result
+
+    def _check_range(self, index: int, node: int, value) -> None:
+        """Integer values written into a site the model indexes with (token ids, position
+        ids) must lie in its range: out of range, the model's embedding would raise -- on
+        CUDA, a device-side assert that poisons the process for every user."""
+        bounds = self.value_ranges.get(index)
+        if bounds is None or not isinstance(value, torch.Tensor) or not value.numel() or \
+                value.is_floating_point():
+            return
+        low, high = bounds
+        lo, hi = int(value.min()), int(value.max())
+        if lo < low or hi >= high:
+            info = self.vg.site_infos[index]
+            raise ExecutionError(f"node {node} writes values in [{lo}, {hi}] into site "
+                                 f"{info.name!r}, whose values must lie in [{low}, {high}): "
+                                 "the model indexes with them", node=node, op="site.write",
+                                 rule="value_range", site=info.name)
+
+    def release(self) -> None:
+        """Drop every value and callback now that the request is over, so its tensors are
+        freed at once instead of when the cycle collector finds the request's closures."""
+        self.values.clear()
+        self.constants.clear()
+        self.grad_inputs.clear()
+        self.grads.clear()
+        self.const_grads.clear()
+        self.outputs = {}
+        self.on_save = self.on_site = self.on_node = None
 
     def start(self):
         """Nodes that need no site (constants only) run before the forward."""

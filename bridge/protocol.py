@@ -7,14 +7,16 @@ Server -> client: hello_ok, model_info, accepted, progress, result (+ frames), e
 """
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from hookwire.errors import ProtocolError
+from hookwire.errors import HookwireError, LimitExceeded, ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.generation import GenerateSpec
-from hookwire.graph import Graph
+from hookwire.graph import Graph, Node
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 << 20
@@ -48,6 +50,9 @@ class ResidentRef(_Msg):
     shape: list[int] = Field(max_length=MAX_DIMS)
     stride: list[int] = Field(max_length=MAX_DIMS)
     offset: int = Field(ge=0)
+
+
+_RefList = TypeAdapter(list[ResidentRef])
 
 
 class Submit(_Msg):
@@ -195,6 +200,130 @@ def parse_client_message(text: str | bytes):
     return _parse(_client_adapter, text)
 
 
+# ---- bounded parsing of client messages (the server's intake, off its event loop) ---------
+
+STRUCTURE_CHUNK = 1 << 16      # density is checked per 64 KiB of message
+MAX_CONTAINERS_PER_CHUNK = 8192  # [ and { per chunk: ~1 per 8 bytes (a graph has ~1 per 12)
+_SLICE = 2000                  # list items validated per call (each call is short)
+_NodeList = TypeAdapter(list[Node])
+_HeaderList = TypeAdapter(list[TensorHeader])
+
+
+def _pairs(pairs):
+    # A Python-level hook the C scanner calls at the end of every object: the interpreter
+    # gets the chance to hand the GIL to other threads (the event loop) while a big
+    # message is parsed.
+    return dict(pairs)
+
+
+def check_structure(text: str, max_containers: int) -> None:
+    """Cheap caps before any parsing: the total number of containers ([ and {) and their
+    density per 64 KiB. What makes JSON expensive to parse is containers (a message of
+    ``[],[],...`` costs ~1 us per 3 bytes, 100x a graph's bytes), so both are bounded before
+    a single object is built. Work per call is bounded: str.count on 64 KiB slices."""
+    total = 0
+    for start in range(0, len(text), STRUCTURE_CHUNK):
+        chunk = text[start:start + STRUCTURE_CHUNK]
+        n = chunk.count("[") + chunk.count("{")
+        if n > MAX_CONTAINERS_PER_CHUNK:
+            raise ProtocolError(f"message too dense: {n} arrays/objects in 64 KiB at byte "
+                                f"{start} (limit {MAX_CONTAINERS_PER_CHUNK})")
+        total += n
+        if total > max_containers:
+            # (max_containers is what a graph of Limits.max_nodes nodes can need)
+            raise LimitExceeded(f"message has more than {max_containers} arrays/objects: "
+                                "more than a graph of the largest allowed size needs",
+                                rule="max_nodes")
+
+
+_SUBMIT_ID = re.compile(r'"type"\s*:\s*"submit"|"request_id"\s*:\s*"([^"\\]{1,64})"')
+
+
+def _declared_request_id(text: str) -> str | None:
+    """The request id a submit names in its first 4 KiB (clients write ``type`` and
+    ``request_id`` first), read without parsing: so a message refused before it is parsed
+    still names its request, and that request's frames are dropped."""
+    head, is_submit, rid = text[:4096], False, None
+    for match in _SUBMIT_ID.finditer(head):
+        if match.group(1) is None:
+            is_submit = True
+        elif rid is None:
+            rid = match.group(1)
+    return rid if is_submit else None
+
+
+def request_id_of(raw) -> str | None:
+    """The request id of a parsed (not validated) submit, so a refusal can name it."""
+    if isinstance(raw, dict) and raw.get("type") == "submit":
+        rid = raw.get("request_id")
+        if isinstance(rid, str) and len(rid) <= 64:
+            return rid
+    return None
+
+
+def _presplit(raw: dict, key: str, adapter: TypeAdapter, where: str) -> None:
+    """Validate a long list in short slices (each a separate, short call into pydantic),
+    leaving validated objects in place: pydantic then takes them as they are."""
+    items = raw.get(key)
+    if not isinstance(items, list) or len(items) <= _SLICE:
+        return
+    out = []
+    for i in range(0, len(items), _SLICE):
+        try:
+            out += adapter.validate_python(items[i:i + _SLICE])
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.errors() else {}
+            at = list(first.get("loc", ())) or [0]
+            at[0] = at[0] + i if isinstance(at[0], int) else at[0]
+            loc = ".".join(str(p) for p in (where, key, *at) if p != "")
+            raise ProtocolError(f"malformed message at {loc}: "
+                                f"{first.get('msg', str(exc))[:300]}") from None
+    raw[key] = out
+
+
+def parse_client_message_bounded(text: str | bytes, max_containers: int):
+    """(request id or None, message) -- the server's one parse of a client message: caps
+    first (:func:`check_structure`), then one ``json.loads``, then pydantic on the parsed
+    value, long lists in short slices. Raises ``ProtocolError`` (``exc.request_id`` names
+    the submit it refuses, when there is one)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("control message is not UTF-8") from None
+    if len(text) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control message of {len(text)} bytes; limit {MAX_CONTROL_BYTES}")
+    try:
+        check_structure(text, max_containers)
+        raw = json.loads(text, object_pairs_hook=_pairs)
+    except (ValueError, RecursionError, HookwireError) as exc:
+        error = exc if isinstance(exc, HookwireError) else ProtocolError(
+            f"malformed message: not JSON ({str(exc)[:200]})")
+        error.request_id = _declared_request_id(text)
+        raise error from None
+    rid = request_id_of(raw)
+    try:
+        if rid is not None and isinstance(raw.get("graph"), dict):
+            _presplit(raw["graph"], "nodes", _NodeList, "graph")
+            for key in ("tensors", "refs"):
+                _presplit(raw, key, _HeaderList if key == "tensors" else _RefList, "")
+            gen = raw.get("generate")
+            if isinstance(gen, dict) and isinstance(gen.get("steps"), list):
+                for k, step in enumerate(gen["steps"]):
+                    if isinstance(step, dict):
+                        _presplit(step, "nodes", _NodeList, f"generate.steps.{k}")
+        try:
+            return rid, _client_adapter.validate_python(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.errors() else {}
+            loc = ".".join(str(p) for p in first.get("loc", ()))
+            raise ProtocolError(f"malformed message at {loc or 'top level'}: "
+                                f"{first.get('msg', str(exc))[:300]}") from None
+    except ProtocolError as exc:
+        exc.request_id = rid
+        raise
+
+
 def parse_server_message(text: str | bytes):
     return _parse(_server_adapter, text)
 
@@ -211,4 +340,5 @@ def protocol_json_schema() -> dict:
 
 __all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "Cancel", "HelloOk",
            "SiteDescription", "ModelInfo", "ResidentRef", "Accepted", "Progress", "Result", "Error", "Done",
-           "parse_client_message", "parse_server_message", "dump", "protocol_json_schema"]
+           "parse_client_message", "parse_client_message_bounded", "check_structure",
+           "request_id_of", "parse_server_message", "dump", "protocol_json_schema"]

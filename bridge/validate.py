@@ -48,7 +48,10 @@ class Limits:
     max_queued_per_user: int = 64         # requests waiting to run, per user
     max_connections_per_user: int = 32
     max_request_seconds: float = 600.0    # wall time of one request once it starts
-    max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
+    # One websocket message (larger: close code 1009). Tensors travel in 1 MiB frames, so
+    # this bounds control messages (a graph of 100,000 nodes is ~10 MB of JSON) and what
+    # a connection's message in flight can hold; a shared server may well lower it.
+    max_message_bytes: int = 64 << 20
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
     max_new_tokens: int = 1024            # tokens one generate request may ask for
     # Graphs may compute with the served model's parameters and buffers ("@<name>" constants:
@@ -75,6 +78,18 @@ def flat_factor(d) -> int | None:
 
 def flat_dim(k: int) -> str:
     return FLAT if k == 1 else f"{FLAT}*{k}"
+    # Memory requests hold while not running: uploads, materialised references to resident
+    # values, results not yet read by their client (server/memory.py). Per user, and for
+    # the whole server (without API keys every connection is a user).
+    max_pending_bytes_per_user: int = 2 << 30
+    max_pending_bytes_total: int = 8 << 30
+    max_resident_bytes_total: int = 8 << 30  # resident values of all users together
+    submit_timeout_s: float = 60.0        # a submit's declared tensors must all arrive by then
+    send_timeout_s: float = 120.0         # a client that reads nothing this long is dropped
+    max_connections: int = 1024           # all users together (each holds buffers, a task)
+    # Seconds of the front's time (reading, parsing, admitting, answering messages) each
+    # user may spend per second; over it, its connections' next reads wait.
+    front_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -119,6 +134,8 @@ class ValidatedGraph:
     site_infos: list[SiteInfo]
     shapes: dict[int, object] = field(default_factory=dict)  # node id -> meta value
     saved_bytes: int = 0
+    value_bytes: int = 0  # all intermediates together (an upper bound of what it holds)
+    flops: int = 0        # counted work of its ops
 
     @property
     def output_stage(self) -> int:
@@ -314,12 +331,13 @@ def _meta_constant(t: torch.Tensor):
 
 
 def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, torch.Tensor],
-                 limits: Limits, outputs: dict[str, tuple[tuple, torch.dtype]] | None = None
-                 ) -> ValidatedGraph:
+                 limits: Limits, outputs: dict[str, tuple[tuple, torch.dtype]] | None = None,
+                 on_node=None) -> ValidatedGraph:
     """Run the graph on the meta device: shapes, dtypes and byte counts, nothing allocated.
 
     ``outputs`` gives the (shape, dtype) of the forward's ``logits`` and ``loss`` for
-    ``output.read`` nodes."""
+    ``output.read`` nodes; ``on_node()`` is called before each node (it may raise: a
+    request's deadline covers its validation too)."""
     if batch > limits.max_batch or seq > limits.max_seq:
         _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
@@ -328,6 +346,8 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     total = flops = 0
     rows, read_at, last_read = batch, {}, -1  # batch rows now, at each site's read
     for dn in vg.nodes:
+        if on_node is not None:
+            on_node()
         if dn.op in ("site.read", "site.grad"):
             info = vg.site_infos[dn.site]
             if dn.op == "site.grad" and not info.grad:
@@ -431,4 +451,6 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
                   f"must be a floating-point scalar, got {got}")
     vg.shapes = values
     vg.saved_bytes = saved
+    vg.value_bytes = total
+    vg.flops = flops
     return vg

@@ -7,6 +7,14 @@ The front talks to an *engine*: by default the ``ModelWorker`` thread in this pr
 Results cross from the worker to a connection's outbox with ``call_soon_threadsafe``, and a
 writer task per connection sends them in order, so each saved tensor leaves the moment it
 exists.
+
+The event loop does nothing whose cost grows with a message: control messages are parsed,
+and submits admitted (references checked, memory reserved, buffers allocated), in the
+intake's threads (server/intake.py); binary frames are at most one chunk each. Memory that
+requests hold while queued, and results nobody has read yet, are counted per user and
+server-wide (server/memory.py); a submit whose tensors do not all arrive in
+``Limits.submit_timeout_s`` is dropped, and a client that reads nothing for
+``Limits.send_timeout_s`` is disconnected.
 """
 from __future__ import annotations
 
@@ -17,7 +25,9 @@ import http
 import json
 import logging
 import threading
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -25,78 +35,104 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from hookwire import __version__
-from hookwire.errors import (FrameError, HookwireError, LimitExceeded, ProtocolError,
+from hookwire.errors import (FrameError, HookwireError, ProtocolError,
                              UnknownModel)
-from hookwire.frames import TensorAssembler, decode_frame
+from hookwire.frames import CHUNK_BYTES, MAX_HEADER_BYTES, TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
                                ModelInfoRequest, Submit, dump,
-                               parse_client_message)
+                               parse_client_message_bounded)
+from hookwire.server.intake import FrontShare, Intake
+from hookwire.server.memory import MemoryBudget, Reservation
 from hookwire.server.models import HostedModel
 from hookwire.server.prepare import ModelEntry, prepare_model  # noqa: F401 (re-exported)
-from hookwire.server.residents import Residents, ResidentStore, resolve_refs
+from hookwire.server.residents import Residents, ResidentStore, check_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
 from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
+MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
+MAX_FRAME_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4   # one chunk frame, as clients send them
+MAX_LIST_ITEMS = 100_000  # tensors, refs (protocol.Submit)
+
+
+class RecentIds(OrderedDict):
+    """A set of request ids that keeps only the most recent ``cap`` (a client cannot grow
+    the server's memory by naming ids)."""
+
+    def __init__(self, cap: int = 1024):
+        super().__init__()
+        self.cap = cap
+
+    def add(self, rid: str) -> None:
+        self[rid] = None
+        self.move_to_end(rid)
+        while len(self) > self.cap:
+            self.popitem(last=False)
+
+    def discard(self, rid: str) -> None:
+        self.pop(rid, None)
+
+
+@dataclass
+class Incoming:
+    """A submit admitted by the intake: its memory is reserved, its buffers allocated; its
+    declared tensors may still be arriving."""
+    submit: Submit
+    assembler: TensorAssembler
+    refs: list                # checked references (materialised when it runs)
+    reservation: Reservation
+    size: int                 # bytes received so far
+    timer: object = None      # drops it after Limits.submit_timeout_s
+
+    def drop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.reservation.release()
 
 
 class ConnState:
     """One client connection: its outbox, the request whose tensors are arriving, and the
-    store of values kept for its user."""
+    store of values kept for its user. Binary frames waiting in the outbox (results not yet
+    sent) count against the user's memory budget until they leave."""
 
     def __init__(self, ws: ServerConnection, loop: asyncio.AbstractEventLoop,
-                 user: str, store: ResidentStore):
+                 user: str, store: ResidentStore, memory: MemoryBudget | None = None):
         self.ws = ws
         self.loop = loop
         self.user = user
         self.store = store
+        self.memory = memory
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.closed = False
-        self.cancelled: set[str] = set()
-        # (submit, assembler of its uploads, bytes so far, tensors it referred to)
-        self.incoming: tuple[Submit, TensorAssembler, int, dict] | None = None
-        self.discarded: dict[str, None] = {}  # refused request ids (bounded, oldest dropped)
+        self.cancelled = RecentIds()
+        self.incoming: Incoming | None = None
+        self.discarded = RecentIds()  # refused request ids: their frames are dropped
 
     def discard(self, request_id: str) -> None:
-        self.discarded[request_id] = None
-        while len(self.discarded) > 1024:
-            self.discarded.pop(next(iter(self.discarded)))
+        self.discarded.add(request_id)
 
     def send_threadsafe(self, item) -> None:
         if not self.closed:
-            self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._put, item)
 
+    def _put(self, item) -> None:  # on the loop
+        if self.closed and item is not None:
+            return
+        if isinstance(item, bytes) and self.memory is not None:
+            self.memory.force(self.user, len(item))
+        self.outbox.put_nowait(item)
 
-def _refused_submit_id(message: str) -> str | None:
-    """The request id of a submit that failed validation, so its error names it and its
-    frames can be dropped. Only a plain JSON read: nothing of it is trusted further."""
-    try:
-        raw = json.loads(message)
-    except (ValueError, RecursionError):  # not JSON, or nested deeper than json can parse
-        return None
-    if isinstance(raw, dict) and raw.get("type") == "submit":
-        rid = raw.get("request_id")
-        if isinstance(rid, str) and len(rid) <= 64:
-            return rid
-    return None
+    def sent(self, item) -> None:
+        """``item`` left the outbox (sent, or dropped with the connection)."""
+        if isinstance(item, bytes) and self.memory is not None:
+            self.memory.release(self.user, len(item))
 
-
-_PRECHECK_BYTES = 1 << 20
-
-
-def _precheck_node_count(message: str, max_nodes: int) -> None:
-    """Refuse an over-long graph before pydantic builds it: pydantic takes ~13 us a node
-    (45 s for a 64 MB message of tiny nodes, holding the GIL, so the whole front stalls),
-    plain ``json.loads`` ~10x less. The count is re-checked by the validator."""
-    try:
-        raw = json.loads(message)
-    except (ValueError, RecursionError):
-        return  # parse_client_message answers with the precise error
-    nodes = raw.get("graph", {}).get("nodes") if isinstance(raw, dict) and \
-        isinstance(raw.get("graph"), dict) else None
-    if isinstance(nodes, list) and len(nodes) > max_nodes:
-        raise LimitExceeded(f"graph: {len(nodes)} nodes; limit {max_nodes}", rule="max_nodes")
+    def drop_incoming(self) -> Incoming | None:
+        incoming, self.incoming = self.incoming, None
+        if incoming is not None:
+            incoming.drop()
+        return incoming
 
 
 def _internal_error(exc: Exception) -> HookwireError:
@@ -110,12 +146,26 @@ def _jsonable(details: dict) -> dict:
             or v is None}
 
 
+def check_api_keys(api_keys) -> None:
+    """Refuse, at start-up, keys too short to be secret and malformed hashed entries."""
+    for key in api_keys or ():
+        if key.startswith("sha256:"):
+            if len(key) != 71 or any(c not in "0123456789abcdefABCDEF" for c in key[7:]):
+                raise ValueError("an API key entry 'sha256:<hex>' needs the 64 hex digits "
+                                 "of the key's SHA-256")
+        elif len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"an API key of {len(key)} characters is too short to be secret "
+                             f"(at least {MIN_KEY_CHARS}); generate one with e.g. "
+                             "python -c 'import secrets; print(secrets.token_urlsafe(24))'")
+
+
 class HookwireServer:
     def __init__(self, models: dict[str, HostedModel], host: str = "127.0.0.1",
                  port: int = 8765, api_keys: list[str] | None = None,
                  limits: Limits | None = None, batching: bool = True,
                  batch_window_s: float = BATCH_WINDOW_S, engine=None):
         self.host, self.port = host, port
+        check_api_keys(api_keys)
         self.api_keys = [k.encode() for k in api_keys] if api_keys else None
         self.limits = limits or Limits()
         if engine is None:  # embedded: the models run in a thread of this process
@@ -128,12 +178,23 @@ class HookwireServer:
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
         self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s,
+                                   self.limits.max_resident_bytes_total,
                                    self.limits.max_resident_device_bytes)
+        self.memory = MemoryBudget(self.limits.max_pending_bytes_per_user,
+                                   self.limits.max_pending_bytes_total)
+        # Containers ([ and {) a legitimate message can need: a graph's nodes (~10 each),
+        # tensor headers and references (2-3 each), and some slack.
+        self.max_containers = 16 * self.limits.max_nodes + 5 * MAX_LIST_ITEMS + 4096
+        self.intake: Intake | None = None
+        self.share = FrontShare(self.limits.front_share)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ---- handshake: auth and health before any upgrade -----------------------------------
     def _process_request(self, connection, request):
+        if len(self.states) >= self.limits.max_connections:
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE,
+                                      "the server holds as many connections as it allows\n")
         if request.path == "/health":
             body = json.dumps({"status": "ok", "version": __version__,
                                "protocol": PROTOCOL_VERSION, "models": list(self.entries),
@@ -171,22 +232,40 @@ class HookwireServer:
             if item is None:
                 return
             try:
-                await state.ws.send(item)
-            except ConnectionClosed:
+                # A client that stops reading would make its results pile up here: after
+                # send_timeout_s without progress it is disconnected.
+                await asyncio.wait_for(state.ws.send(item), self.limits.send_timeout_s)
+            except (ConnectionClosed, asyncio.TimeoutError) as exc:
+                if isinstance(exc, asyncio.TimeoutError):
+                    log.warning("dropping a connection of %s: it read nothing for %g s",
+                                state.user, self.limits.send_timeout_s)
+                    state.ws.transport.abort()
+                state.sent(item)
                 return
+            state.sent(item)
 
     async def _handle(self, ws: ServerConnection):
         # With API keys a user is a key (its resident values outlive a connection); without,
         # each connection is its own user.
         user = getattr(ws, "hookwire_user", None) or f"conn:{id(ws)}"
-        state = ConnState(ws, asyncio.get_running_loop(), user, self.residents.for_user(user))
+        state = ConnState(ws, asyncio.get_running_loop(), user, self.residents.for_user(user),
+                          self.memory)
         self.connections_per_user[user] += 1
         self.states.add(state)
         writer = asyncio.create_task(self._writer(state))
         try:
             async for message in ws:
+                t0, cost = time.perf_counter(), [0.0]
                 try:
-                    self._on_message(state, message)
+                    if isinstance(message, bytes):
+                        self._on_frame(state, message)
+                    else:
+                        # Parsed, and a submit admitted, in the intake's threads: never on
+                        # this loop, whatever the message holds.
+                        outcome = await self.intake.run(user, len(message), self._admit,
+                                                        state, message, cost=cost)
+                        t0 = time.perf_counter()  # (waiting for the intake is not loop time)
+                        self._on_message(state, outcome)
                 except Exception as exc:
                     if not isinstance(exc, HookwireError):
                         # A bug of ours (the fuzzers look for these) answers this message
@@ -194,22 +273,26 @@ class HookwireServer:
                         # end the connection or the server.
                         log.exception("handling a client message failed")
                         exc = _internal_error(exc)
-                    rid = state.incoming[0].request_id if state.incoming else None
-                    if (isinstance(exc, FrameError) or exc.code == "internal_error") and \
-                            state.incoming is not None:
-                        state.discard(state.incoming[0].request_id)
-                        state.incoming = None
-                    if rid is None and isinstance(message, str):
-                        rid = _refused_submit_id(message)
-                        if rid is not None:
-                            state.discard(rid)  # its tensor frames will follow: drop them
+                    rid = getattr(exc, "request_id", None)  # a submit the intake refused
+                    if rid is not None:
+                        state.discard(rid)  # its tensor frames will follow: drop them
+                    elif state.incoming is not None:
+                        rid = state.incoming.submit.request_id
+                        if isinstance(exc, FrameError) or exc.code == "internal_error":
+                            state.discard(rid)
+                            state.drop_incoming()
                     state.outbox.put_nowait(dump(Error(request_id=rid, code=exc.code,
                                                        message=exc.message,
                                                        details=_jsonable(exc.details))))
+                    del exc
+                # This user's share of the front: over it, its next read waits (server/intake).
+                self.share.charge(user, time.perf_counter() - t0 + cost[0], message)
+                await self.share.wait_turn(user)
         except ConnectionClosed:
             pass
         finally:
             state.closed = True
+            state.drop_incoming()
             state.outbox.put_nowait(None)
             self.states.discard(state)
             self.connections_per_user[user] -= 1
@@ -217,30 +300,93 @@ class HookwireServer:
                 del self.connections_per_user[user]
             if user.startswith("conn:"):
                 self.residents.drop_user(user)
+                self.share.forget(user)
             self.worker.cancel(state)  # whatever of this connection is still running
             await writer
+            while not state.outbox.empty():  # what the writer did not send
+                state.sent(state.outbox.get_nowait())
 
-    def _on_message(self, state: ConnState, message):
-        if isinstance(message, bytes):
-            head, payload = decode_frame(message)
-            if head["rid"] in state.discarded:
-                return  # the rest of a request that was already refused
-            if state.incoming is None:
-                raise FrameError("binary frame with no submit waiting for tensors")
-            submit, asm, size, referred = state.incoming
-            if head["rid"] != submit.request_id:
-                raise FrameError("binary frame for a different request")
-            asm.add(head, payload)
-            state.incoming = (submit, asm, size + len(message), referred)
-            if asm.complete:
-                state.incoming = None
-                self._enqueue(state, submit, {**asm.tensors(), **referred},
-                              size + len(message))
+    # ---- in the intake's threads: everything that grows with a message -------------------
+    def _admit(self, state: ConnState, message: str):
+        """Parse a control message (once, bounded) and admit a submit: check its references
+        against the user's resident values, reserve the memory its tensors will take
+        (declared uploads + materialised references), then allocate their buffers."""
+        _, msg = parse_client_message_bounded(message, self.max_containers)
+        if not isinstance(msg, Submit):
+            return msg
+        try:
+            if {r.tid for r in msg.refs} & {h.tid for h in msg.tensors}:
+                raise ProtocolError("a tensor id is both uploaded and referenced")
+            refs, ref_bytes = check_refs(state.store, msg.refs, self.limits.max_constant_bytes)
+            declared = sum(h.nbytes() for h in msg.tensors)
+            limit = self.limits.max_constant_bytes + (256 << 20)
+            if declared > limit:
+                raise FrameError(f"declared tensors total {declared} bytes; limit {limit}")
+            reservation = self.memory.reserve(state.user, declared + ref_bytes,
+                                              f"request {msg.request_id}")
+            try:
+                asm = TensorAssembler(msg.tensors, limit)
+            except BaseException:
+                reservation.release()
+                raise
+        except HookwireError as exc:
+            exc.request_id = msg.request_id
+            raise
+        return Incoming(msg, asm, refs, reservation, len(message))
+
+    # ---- on the loop: O(1) per message (a frame copies at most one chunk) ----------------
+    def _on_frame(self, state: ConnState, message: bytes):
+        if len(message) > MAX_FRAME_BYTES:
+            raise FrameError(f"binary frame of {len(message)} bytes; tensors travel in chunks "
+                             f"of at most {CHUNK_BYTES} bytes")
+        head, payload = decode_frame(message)
+        if head["rid"] in state.discarded:
+            return  # the rest of a request that was already refused
+        incoming = state.incoming
+        if incoming is None:
+            raise FrameError("binary frame with no submit waiting for tensors")
+        if head["rid"] != incoming.submit.request_id:
+            raise FrameError("binary frame for a different request")
+        incoming.assembler.add(head, payload)
+        incoming.size += len(message)
+        if incoming.assembler.complete:
+            state.incoming = None
+            self._enqueue(state, incoming)
+
+    def _expire(self, state: ConnState, incoming: Incoming) -> None:
+        """A submit whose declared tensors did not all arrive in time: dropped, its memory
+        released, its late frames discarded."""
+        if state.incoming is not incoming or state.closed:
             return
-        if len(message) > _PRECHECK_BYTES:
-            _precheck_node_count(message, self.limits.max_nodes)
-        msg = parse_client_message(message)
-        if isinstance(msg, Hello):
+        state.drop_incoming()
+        rid = incoming.submit.request_id
+        state.discard(rid)
+        state.outbox.put_nowait(dump(Error(
+            request_id=rid, code=FrameError.code,
+            message=f"the request's declared tensors did not all arrive within "
+                    f"{self.limits.submit_timeout_s:g} seconds; dropped")))
+
+    def _on_message(self, state: ConnState, msg):
+        if isinstance(msg, Incoming):
+            if state.closed:
+                msg.drop()
+                return
+            if state.incoming is not None:
+                # The previous submit declared more bytes than it sent (a lying header, or a
+                # client that gave up): it is refused and dropped, so one bad request cannot
+                # wedge the connection; the new one proceeds.
+                old = state.drop_incoming().submit.request_id
+                state.discard(old)
+                state.outbox.put_nowait(dump(Error(
+                    request_id=old, code=FrameError.code, message="a new submit arrived "
+                    "before this request's declared tensors were complete; dropped")))
+            if msg.assembler.complete:
+                self._enqueue(state, msg)
+            else:
+                state.incoming = msg
+                msg.timer = self.loop.call_later(self.limits.submit_timeout_s, self._expire,
+                                                 state, msg)
+        elif isinstance(msg, Hello):
             if msg.protocol != PROTOCOL_VERSION:
                 raise ProtocolError(f"client speaks protocol {msg.protocol}, this server "
                                     f"{PROTOCOL_VERSION} (server {__version__}); upgrade the "
@@ -254,33 +400,20 @@ class HookwireServer:
                 raise UnknownModel(f"model {msg.model!r} is not served here; served: "
                                    f"{', '.join(self.entries)}")
             state.outbox.put_nowait(entry.info_json)
-        elif isinstance(msg, Submit):
-            if state.incoming is not None:
-                # The previous submit declared more bytes than it sent (a lying header, or a
-                # client that gave up): it is refused and dropped, so one bad request cannot
-                # wedge the connection; the new one proceeds.
-                old = state.incoming[0].request_id
-                state.incoming = None
-                state.discard(old)
-                state.outbox.put_nowait(dump(Error(
-                    request_id=old, code=FrameError.code, message="a new submit arrived "
-                    "before this request's declared tensors were complete; dropped")))
-            asm = TensorAssembler(msg.tensors, self.limits.max_constant_bytes + (256 << 20))
-            if {r.tid for r in msg.refs} & {h.tid for h in msg.tensors}:
-                raise ProtocolError("a tensor id is both uploaded and referenced")
-            referred = resolve_refs(state.store, msg.refs, self.limits.max_constant_bytes)
-            if asm.complete:
-                self._enqueue(state, msg, {**asm.tensors(), **referred}, len(message))
-            else:
-                state.incoming = (msg, asm, len(message), referred)
         elif isinstance(msg, Cancel):
             state.cancelled.add(msg.request_id)
             self.worker.cancel(state, msg.request_id)
 
-    def _enqueue(self, state: ConnState, submit: Submit, tensors, size: int):
+    def _enqueue(self, state: ConnState, incoming: Incoming):
+        if incoming.timer is not None:
+            incoming.timer.cancel()
+        submit = incoming.submit
+        job = Job(state, submit.request_id, submit, incoming.assembler.tensors(),
+                  incoming.size, refs=incoming.refs, reservation=incoming.reservation)
         try:
-            position = self.worker.submit(Job(state, submit.request_id, submit, tensors, size))
+            position = self.worker.submit(job)
         except HookwireError as exc:  # queue full: answered under the request's own id
+            job.finish()
             state.outbox.put_nowait(dump(Error(request_id=submit.request_id, code=exc.code,
                                                message=exc.message,
                                                details=_jsonable(exc.details))))
@@ -293,12 +426,16 @@ class HookwireServer:
                           stop: asyncio.Event | None = None):
         self.loop = asyncio.get_running_loop()
         self._stop_event = stop or asyncio.Event()
+        self.intake = Intake(getattr(self.worker, "busy", None))
         if not self.worker.is_alive():
             self.worker.start()
         async with serve(self._handle, self.host, self.port, compression=None,
                          max_size=self.limits.max_message_bytes,
                          process_request=self._process_request,
-                         ping_interval=None, write_limit=8 << 20, max_queue=64) as server:
+                         # Messages read ahead per connection: each may be up to
+                         # max_message_bytes, and a reader that is made to wait (its user's
+                         # front share) must push back on the sender instead of buffering.
+                         ping_interval=None, write_limit=8 << 20, max_queue=1) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
             if ready is not None:
@@ -313,6 +450,7 @@ class HookwireServer:
                 if all(st.outbox.empty() for st in list(self.states)):
                     break
                 await asyncio.sleep(0.05)
+            self.intake.close()
 
     @property
     def url(self) -> str:

@@ -23,6 +23,7 @@ from hookwire.graph import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Progress, dump
 from hookwire.server.constants import graph_constants
+from hookwire.server.index_guard import embeddings_guarded
 from hookwire.validate import infer_shapes, validate_structure
 
 
@@ -133,17 +134,25 @@ def run_generation(worker, p, forwards: list) -> None:
             inputs = step_input
 
             def run_forward():
-                return forward(model, input_ids=inputs, past_key_values=kv,
-                               use_cache=True).logits
+                with embeddings_guarded(model):  # ids out of range never reach a kernel
+                    return forward(model, input_ids=inputs, past_key_values=kv,
+                                   use_cache=True).logits
             planned = forwards[k] if k < len(forwards) else None
             if planned is None:
                 logits = run_forward()
             else:
                 vg, constants = planned
+                ranges = getattr(entry, "value_ranges", {})
                 il = Interleaver(vg, {t: c if is_parameter(t) else c.to(device)
-                                      for t, c in constants.items()}, saver(k), watch)
-                logits = il.run(entry.site_modules, run_forward, need_output=True)
-                il.finish({})
+                                      for t, c in constants.items()},
+                                 saver(k), watch, watch,
+                                 {i: ranges[s.name] for i, s in enumerate(vg.site_infos)
+                                  if s.name in ranges})
+                try:
+                    logits = il.run(entry.site_modules, run_forward, need_output=True)
+                    il.finish({})
+                finally:
+                    il.release()
             token = next_tokens(logits[:, -1], spec, generator)
             sent[0] += worker._send_tensor(job, token_name(k), token, snapshot=False,
                                            keep=False)

@@ -18,7 +18,6 @@ import torch
 from hookwire.families import family_for_architecture
 from hookwire.module_sites import (attach, element_values, is_module_site, module_site,
                                    parse_module_site, site_value)
-                                   parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.devices import input_device
 from hookwire.server.manifest import _PROBES, describe_fired

@@ -21,8 +21,10 @@ from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import PREFIX
 from hookwire.protocol import dump
 from hookwire.server.attention_sites import runs_eager
+from hookwire.server.batch_probe import replace_sensitive_sites
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
+from hookwire.server.index_guard import value_ranges
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel, bridge_failure
 
@@ -47,6 +49,11 @@ class ModelEntry:
     tl_refused: str | None = None                  # why TL hook points are not served
     # name -> tensor (detached, same storage) for "@<name>" constants: its parameters, buffers
     parameters: dict = field(default_factory=dict)
+    # site name -> [low, high) its integer values must lie in (server/index_guard.py)
+    value_ranges: dict = field(default_factory=dict)
+    # (name, call) of sites a replacing write changes the forward's path at: such a writer
+    # runs alone (server/batch_probe.py)
+    solo_replace_sites: set = field(default_factory=set)
 
     @property
     def output_dim(self) -> int:
@@ -125,7 +132,22 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
         output_dtype=output_dtype, generate_refused=generate_refused, tl_refused=tl_refused,
-        parameters=parameters)
+        parameters=parameters, value_ranges=value_ranges(sites, hosted.bridge, hf_model),
+        solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused))
+
+
+def _solo_replace_sites(hosted, sites, site_modules, tl_refused) -> set:
+    """TL sites where a replacing write moves the forward onto another code path (such a
+    writer runs alone). Where the probe itself cannot run, every TL site counts as one:
+    writers run alone, which is slower but never changes a batch mate's result."""
+    if hosted.bridge is None or tl_refused is not None:
+        return set()
+    try:
+        return replace_sensitive_sites(hosted.bridge, sites, site_modules)
+    except Exception:
+        log.warning("replace-sensitivity probe failed for %s; TL writers run alone",
+                    hosted.name, exc_info=True)
+        return {(s.name, s.call) for s in sites if not s.name.startswith(PREFIX)}
 
 
 def _plain_lookup(sites) -> tuple[dict, dict]:

@@ -100,16 +100,17 @@ def app_name(model_spec: str) -> str:
 
 def deploy(model_spec: str, *, replicas: int, limits: dict, batching: bool, window_s: float,
            num_cpus: float = 1, num_gpus: float = 0, device_map=None,
-           max_ongoing_requests: int = 64, dtype=None, device=None):
+           max_ongoing_requests: int = 64, dtype=None, device=None, replica_class=None):
     """One Serve application per model: ``replicas`` copies, each with ``num_cpus`` CPUs and
     ``num_gpus`` GPUs of its own (``device_map`` spreads the model over them; ``dtype`` and
     ``device`` as for ``hookwire serve``: names, not objects, cross to the replica). Returns the
-    deployment handle. No HTTP proxy: the websocket front reaches replicas through handles."""
+    deployment handle. No HTTP proxy: the websocket front reaches replicas through handles.
+    ``replica_class``: a subclass of ``ModelReplica`` to deploy instead (tests)."""
     from hookwire.server.ray_replica import ModelReplica
 
     serve.start(proxy_location="Disabled")
     deployment = serve.deployment(
-        ModelReplica, name="model", num_replicas=replicas,
+        replica_class or ModelReplica, name="model", num_replicas=replicas,
         # Many requests may wait inside one replica: that is what its batcher groups.
         max_ongoing_requests=max_ongoing_requests,
         health_check_period_s=2, health_check_timeout_s=30,
@@ -156,7 +157,13 @@ def shutdown() -> None:
             _private_temp_dir = None
 
 
-RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+# The replica (or its worker process, or its node) died: the request may go to another one.
+RETRYABLE = tuple(getattr(ray.exceptions, name) for name in (
+    "RayActorError", "ActorUnavailableError", "WorkerCrashedError", "NodeDiedError",
+    "OutOfMemoryError") if hasattr(ray.exceptions, name))
+# Ray's memory monitor killed it: perhaps because of this very request, so it is sent again
+# once at most (a request that exhausts memory must not take down replica after replica).
+OUT_OF_MEMORY = (ray.exceptions.OutOfMemoryError,)
 
 __all__ = ["connect", "deploy", "undeploy", "shutdown", "bind_internal_grpc_to_node_ip",
-           "RETRYABLE"]
+           "RETRYABLE", "OUT_OF_MEMORY"]

@@ -9,7 +9,10 @@ streaming call through the model's deployment handle; the replica runs the same
 
 Every accepted request still ends in exactly one ``done`` or ``error``: if the replica dies
 before any result of the request was relayed, the request is sent again (Serve routes it to a
-live replica); after that, the client gets a typed ``replica_lost`` error and may retry.
+live replica); after that, the client gets a typed ``replica_lost`` error and may retry. A
+replica that Ray's memory monitor killed counts the same (``OutOfMemoryError`` is typed as
+``replica_lost`` with ``details["cause"] == "out_of_memory"``), but such a request is sent again
+once only: it may itself be what exhausted the memory.
 """
 from __future__ import annotations
 
@@ -25,12 +28,14 @@ from hookwire.errors import Cancelled, QueueFull, ReplicaLost, ServerShuttingDow
 from hookwire.frames import TensorAssembler, TensorHeader, decode_frame
 from hookwire.server import ray_cluster
 from hookwire.server.job_payload import job_to_payload
+from hookwire.server.residents import materialize_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, error_message
 from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server.ray")
 
 MAX_ATTEMPTS = 4          # one request, sent again after a replica died before answering
+MAX_OOM_RETRIES = 1       # ... but after an out-of-memory kill only once (it may be the cause)
 RETRY_PAUSE_S = 0.5       # ... Serve needs a moment to stop routing to the dead replica
 
 
@@ -68,6 +73,13 @@ class _ResultCatcher:
             self.store.put(resident, asm.tensors()[tid])
 
 
+def _payload_of(job: Job) -> dict:
+    if job.refs:
+        job.tensors = {**job.tensors, **materialize_refs(job.refs)}
+        job.refs = []
+    return job_to_payload(job)
+
+
 def _retrieve(future) -> None:
     """Read the outcome of an abandoned stream read (a RequestCancelledError once we cancelled
     its stream), so asyncio does not report it as never retrieved."""
@@ -80,7 +92,8 @@ class RayEngine:
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,
                  address: str | None = None, num_cpus_per_replica: float = 1,
                  num_gpus_per_replica: float = 0, device_map=None,
-                 ray_num_cpus: int | None = None, dtype=None, device=None):
+                 ray_num_cpus: int | None = None, dtype=None, device=None,
+                 replica_class=None):
         self.limits = limits or Limits()
         self.batching = batching
         self.replicas = replicas
@@ -95,7 +108,7 @@ class RayEngine:
                     spec, replicas=count, limits=dataclasses.asdict(self.limits),
                     batching=batching, window_s=window_s, num_cpus=num_cpus_per_replica,
                     num_gpus=num_gpus_per_replica, device_map=device_map, dtype=dtype,
-                    device=device)
+                    device=device, replica_class=replica_class)
                 info = handle.info.remote().result()
                 self.handles[info["name"]] = handle.options(stream=True)  # generator calls
                 self.entries[info["name"]] = RemoteEntry(info["info_json"])
@@ -177,23 +190,33 @@ class RayEngine:
                                    f"served: {', '.join(self.handles)}")
             if rid in conn.cancelled:  # the client's cancel may overtake its own submit
                 raise Cancelled(f"request {rid} was cancelled before it started")
-            payload = job_to_payload(job)
+            # Materialising references and copying tensors into the payload grow with the
+            # request: done in a thread, not on the front's event loop.
+            payload = await asyncio.get_running_loop().run_in_executor(
+                None, _payload_of, job)
             catcher = _ResultCatcher(conn.store, self.limits.max_resident_bytes)
+            out_of_memory = 0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 stream = handle.run.remote(payload)
                 relayed = [False]  # anything besides progress reached the client
                 try:
                     finished = await self._pump(stream, job, catcher, relayed, stop)
                 except ray_cluster.RETRYABLE as exc:
-                    if relayed[0] or attempt == MAX_ATTEMPTS:
+                    oom = isinstance(exc, ray_cluster.OUT_OF_MEMORY)
+                    out_of_memory += oom
+                    why = ("Ray's memory monitor killed it: the node ran out of memory"
+                           if oom else type(exc).__name__)
+                    if relayed[0] or attempt == MAX_ATTEMPTS or out_of_memory > MAX_OOM_RETRIES:
                         raise ReplicaLost(
-                            f"the replica running request {rid} stopped ({type(exc).__name__}) "
-                            "after part of its answer was sent; retry the request"
-                            if relayed[0] else
-                            f"request {rid} was not answered by {attempt} replicas; retry "
-                            "later") from exc
+                            f"the replica running request {rid} stopped ({why}) after part "
+                            "of its answer was sent; retry the request" if relayed[0] else
+                            f"request {rid} was not answered: {attempt} replica(s) stopped "
+                            f"while running it ({why}); retry later",
+                            cause="out_of_memory" if oom else "replica_died") from None
                     self.retried += 1
-                    log.warning("replica lost while running %s; sending it again", rid)
+                    log.warning("replica lost while running %s (%s); sending it again", rid,
+                                why)
+                    del exc
                     await asyncio.sleep(RETRY_PAUSE_S * attempt)
                     continue
                 if not finished and rid in conn.cancelled and not conn.closed:
@@ -205,6 +228,7 @@ class RayEngine:
                 log.exception("request %s failed in the ray engine", rid)
             conn.send_threadsafe(error_message(rid, exc))
         finally:
+            job.finish()  # its memory reservation (server/memory.py)
             self._tasks.pop(key, None)
             self._per_user[conn.user] -= 1
             if self._per_user[conn.user] <= 0:

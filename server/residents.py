@@ -1,9 +1,18 @@
 """Values the server keeps for a user between requests: results it sent (``v…`` ids) and
 uploads the client asked it to keep (``h…`` content ids).
 
-Bounded twice: a per-user byte quota (least recently used values go first) and a time to
-live. A store belongs to one user -- one API key, or one connection when the server runs
-without keys -- so ids are never resolved across users: someone else's id is simply missing.
+Bounded three times: a per-user byte quota (least recently used values go first), a time to
+live, and a server-wide total (``Limits.max_resident_bytes_total``: without API keys every
+connection is a user, so per-user quotas alone bound nothing) -- over it, the user holding
+the most loses its least recently used values first, so one tenant filling the server evicts
+its own values before anyone else's. A store belongs to one user -- one API key, or one
+connection when the server runs without keys -- so ids are never resolved across users:
+someone else's id is simply missing.
+
+A reference to a resident value is a strided view of it. Its geometry is checked and its
+*materialised* size counted when the submit arrives (:func:`check_refs`, off the event loop,
+before anything is allocated); the copy is made only when the request runs
+(:func:`materialize_refs`).
 """
 from __future__ import annotations
 
@@ -47,20 +56,23 @@ class DeviceBudget:
 
 class ResidentStore:
     """One user's resident values, LRU under ``max_bytes``, each dropped ``ttl_s`` after its
-    last use. Values on an accelerator stay there while ``device_budget`` (server-wide)
-    allows; otherwise their CPU copy is kept."""
+    last use. In a :class:`Residents` pool the stores also share a server-wide total. Values
+    on an accelerator stay there while ``device_budget`` (server-wide) allows; otherwise their
+    CPU copy is kept."""
 
-    def __init__(self, max_bytes: int, ttl_s: float, device_budget: DeviceBudget | None = None):
-        self.max_bytes, self.ttl_s = max_bytes, ttl_s
+    def __init__(self, max_bytes: int, ttl_s: float, pool: "Residents | None" = None,
+                 device_budget: DeviceBudget | None = None):
+        self.max_bytes, self.ttl_s, self.pool = max_bytes, ttl_s, pool
         self.device_budget = device_budget or DeviceBudget(0)
         self._values: OrderedDict[str, tuple[torch.Tensor, int, float]] = OrderedDict()
         self.bytes = 0
-        self._lock = threading.Lock()
+        # One lock for the whole pool: a put may evict from another user's store.
+        self._lock = pool._lock if pool is not None else threading.RLock()
 
     def put(self, rid: str, tensor: torch.Tensor,
             cpu_copy: torch.Tensor | None = None) -> bool:
         size = tensor.numel() * tensor.element_size()
-        if size > self.max_bytes:
+        if size > self.max_bytes or (self.pool is not None and size > self.pool.max_total):
             return False
         tensor = tensor.detach()
         if tensor.device.type != "cpu" and \
@@ -70,11 +82,18 @@ class ResidentStore:
         with self._lock:
             self._drop(rid)
             self._values[rid] = (tensor, size, time.monotonic())
-            self.bytes += size
+            self._count(size)
             self._expire()
             while self.bytes > self.max_bytes:
                 self._drop(next(iter(self._values)))
+            if self.pool is not None:
+                self.pool.evict_over_total()
         return True
+
+    def _count(self, size: int) -> None:
+        self.bytes += size
+        if self.pool is not None:
+            self.pool.total_bytes += size
 
     def get(self, rid: str) -> torch.Tensor | None:
         with self._lock:
@@ -92,15 +111,19 @@ class ResidentStore:
     def _drop(self, rid: str) -> None:
         entry = self._values.pop(rid, None)
         if entry is not None:
-            self.bytes -= entry[1]
+            self._count(-entry[1])
             if entry[0].device.type != "cpu":
                 self.device_budget.release(entry[1])
+
+    def drop_oldest(self) -> None:
+        if self._values:
+            self._drop(next(iter(self._values)))
 
     def clear(self) -> None:
         """Drop everything (the user is gone): device bytes go back to the budget."""
         with self._lock:
-            for rid in list(self._values):
-                self._drop(rid)
+            while self._values:
+                self.drop_oldest()
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s
@@ -112,34 +135,47 @@ class ResidentStore:
 
 
 class Residents:
-    """Every user's store, and the server-wide budget of accelerator memory they share."""
+    """Every user's store, the server-wide total they share, and the server-wide budget of
+    accelerator memory."""
 
-    def __init__(self, max_bytes_per_user: int, ttl_s: float, max_device_bytes: int = 0):
+    def __init__(self, max_bytes_per_user: int, ttl_s: float, max_total: int | None = None,
+                 max_device_bytes: int = 0):
         self.max_bytes, self.ttl_s = max_bytes_per_user, ttl_s
+        self.max_total = max_total if max_total is not None else float("inf")
+        self.total_bytes = 0
         self.device_budget = DeviceBudget(max_device_bytes)
         self._stores: dict[str, ResidentStore] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def for_user(self, user: str) -> ResidentStore:
         with self._lock:
             store = self._stores.get(user)
             if store is None:
-                store = self._stores[user] = ResidentStore(self.max_bytes, self.ttl_s,
+                store = self._stores[user] = ResidentStore(self.max_bytes, self.ttl_s, self,
                                                            self.device_budget)
             return store
 
     def drop_user(self, user: str) -> None:
         with self._lock:
             store = self._stores.pop(user, None)
-        if store is not None:
-            store.clear()
+            if store is not None:
+                store.clear()
+
+    def evict_over_total(self) -> None:
+        """Over the server-wide total: the user holding most gives up its oldest values."""
+        with self._lock:
+            while self.total_bytes > self.max_total:
+                largest = max(self._stores.values(), key=lambda st: st.bytes, default=None)
+                if largest is None or not largest.bytes:
+                    return
+                largest.drop_oldest()
 
 
-def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.Tensor]:
-    """Attached tensors given as references -> tensors (copies of views of resident values:
-    a request can never write into what the store holds). Every reference is checked against
-    the resident's dtype and extent; missing ones are reported all at once."""
-    out, missing, total = {}, [], 0
+def check_refs(store: ResidentStore, refs, max_bytes: int) -> tuple[list, int]:
+    """Check references against the resident values they view: ([(tid, base, ref)], bytes
+    they will take once materialised). Nothing is allocated; missing ids are reported all at
+    once (``ResidentMissing``)."""
+    out, missing, total, seen = [], [], 0, set()
     for ref in refs:
         base = store.get(ref.resident)
         if base is None:
@@ -158,17 +194,33 @@ def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.
             if last >= base.numel():
                 raise ProtocolError(f"reference {ref.tid!r}: the view reaches element {last} "
                                     f"of a resident value with {base.numel()}")
+        # What the copy will take, not what the view spans: a stride-0 view of one element
+        # counts every element it expands to.
         total += n * base.element_size()
         if total > max_bytes:
-            raise ProtocolError(f"referenced tensors total more than {max_bytes} bytes")
-        if ref.tid in out:
+            raise ProtocolError(f"referenced tensors would take more than {max_bytes} bytes "
+                                "once materialised")
+        if ref.tid in seen:
             raise ProtocolError(f"tensor id {ref.tid!r} referenced twice")
-        out[ref.tid] = base.as_strided(ref.shape, ref.stride, ref.offset).clone()
+        seen.add(ref.tid)
+        out.append((ref.tid, base, ref))
     if missing:
         raise ResidentMissing(f"{len(missing)} referenced value(s) are no longer held by the "
                               "server (expired, evicted, or not this user's)",
                               missing=",".join(missing))
-    return out
+    return out, total
+
+
+def materialize_refs(checked) -> dict[str, torch.Tensor]:
+    """The checked references as tensors: copies of the views (a request can never write into
+    what the store holds). Runs when the request runs, not when it is queued."""
+    return {tid: base.as_strided(ref.shape, ref.stride, ref.offset).clone()
+            for tid, base, ref in checked}
+
+
+def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.Tensor]:
+    """check_refs + materialize_refs at once."""
+    return materialize_refs(check_refs(store, refs, max_bytes)[0])
 
 
 def keep_uploads(store: ResidentStore, keep: dict[str, str], tensors: dict) -> None:
@@ -183,4 +235,5 @@ def keep_uploads(store: ResidentStore, keep: dict[str, str], tensors: dict) -> N
         store.put(cid, tensor)
 
 
-__all__ = ["DeviceBudget", "ResidentStore", "Residents", "resolve_refs", "keep_uploads", "new_result_id"]
+__all__ = ["DeviceBudget", "ResidentStore", "Residents", "check_refs", "materialize_refs",
+           "resolve_refs", "keep_uploads", "new_result_id"]

@@ -52,9 +52,11 @@ class Scheduler:
             self._cond.notify_all()
             return left
 
-    def next_batch(self, key: Callable, rows: Callable, tokens: Callable) -> list | None:
+    def next_batch(self, key: Callable, rows: Callable, tokens: Callable,
+                   fits: Callable | None = None) -> list | None:
         """Block until a batch is ready (None once closed). ``key(job)`` says which jobs may
-        share a forward (None: this one runs alone); ``rows``/``tokens`` size a job."""
+        share a forward (None: this one runs alone); ``rows``/``tokens`` size a job;
+        ``fits(jobs)`` may refuse a batch as a whole (e.g. what right-padding makes of it)."""
         with self._cond:
             while not self._size() and not self._closed:
                 self._cond.wait()
@@ -68,9 +70,9 @@ class Scheduler:
                 self._cond.wait(remaining)
             if self._closed:
                 return None
-            return self._take(key, rows, tokens)
+            return self._take(key, rows, tokens, fits)
 
-    def _take(self, key, rows, tokens) -> list:
+    def _take(self, key, rows, tokens, fits=None) -> list:
         users = [u for u, q in self._queues.items() if q]
         first = self._queues[users[0]].popleft()
         batch, batch_key = [first], key(first)
@@ -86,7 +88,8 @@ class Scheduler:
                         continue
                     job = q[0]
                     r, t = rows(job), tokens(job)
-                    if n_rows + r > self.max_rows or n_tok + t > self.max_tokens:
+                    if n_rows + r > self.max_rows or n_tok + t > self.max_tokens or \
+                            (fits is not None and not fits(batch + [job])):
                         continue
                     batch.append(q.popleft())
                     n_rows, n_tok = n_rows + r, n_tok + t

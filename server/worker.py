@@ -2,8 +2,16 @@
 
 Each request is prepared on its own (validated, shapes inferred, constants placed) and a
 failure there answers only that request. Requests that can share a forward (logits or
-nothing back, no backward pass) run as one batched forward (:mod:`hookwire.batching`);
-others run alone. Every accepted request ends in exactly one ``done`` or ``error``.
+nothing back, no backward pass, no write into a site that is not batch-major) run as one
+batched forward (:mod:`hookwire.batching`); others run alone. Every accepted request ends in
+exactly one ``done`` or ``error``.
+
+Co-tenancy (SECURITY.md): a batch is bounded as a whole (rows, tokens and output *after*
+right-padding, intermediates of all members); if the model itself fails on a batch, the
+batch runs again without the members that wrote into the model (each of those alone), so one
+member's data fails that member only; the deadline is checked between nodes and during
+validation; and a finished request drops its tensors at once (no reference cycles left for
+the collector).
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hookwire.batching import BatchMember, run_batch
+from hookwire.batching import BatchMember, run_batch, site_batching
 from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              GraphValidationError, HookwireError, LimitExceeded,
                              ProtocolError, ServerShuttingDown, UnknownModel,
@@ -30,7 +38,9 @@ from hookwire.server.attention_sites import (attention_weight_sites, eager_atten
                                              weight_site_modules)
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
-from hookwire.server.residents import keep_uploads, new_result_id
+from hookwire.server.index_guard import embeddings_guarded
+from hookwire.server.memory import NO_RESERVATION
+from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.server.tl_modes import marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
@@ -40,6 +50,11 @@ log = logging.getLogger("hookwire.server")
 BATCH_WINDOW_S = 0.005   # how long the first request of a batch waits for batch mates
 MAX_BATCH_ROWS = 64
 MAX_BATCH_TOKENS = 64 * 512
+# A batch member with more of its own work than this runs in a forward of its own, after the
+# light members it was batched with (worker._groups).
+HEAVY_BYTES = 16 << 20
+HEAVY_FLOPS = 10 ** 9
+MAX_SIZE_RATIO = 8  # batch mates' token counts differ by at most this factor
 
 
 @dataclass
@@ -50,6 +65,16 @@ class Job:
     tensors: dict
     received_bytes: int
     enqueued: float = field(default_factory=time.perf_counter)
+    # References to resident values, checked when the submit arrived and materialised only
+    # when the request runs (server.residents.check_refs): [(tid, base tensor, ref)].
+    refs: list = field(default_factory=list)
+    reservation: object = NO_RESERVATION  # the memory it holds (server.memory)
+    key: object = "unset"            # batch_key, computed once in the worker thread
+
+    def finish(self) -> None:
+        """The request is over: its memory is released and its tensors dropped."""
+        self.reservation.release()
+        self.tensors, self.refs = {}, []
 
 
 @dataclass
@@ -62,12 +87,22 @@ class Prepared:
     t_start: float
     t_validated: float
     sent: list = field(default_factory=lambda: [0])
+    sent_names: set = field(default_factory=set)  # saves already streamed (not re-sent on retry)
+    constants: dict = field(default_factory=dict)  # on the device, to rebuild the interleaver
+    value_ranges: dict = field(default_factory=dict)  # site index -> [low, high)
+    writes: bool = False               # the graph writes into the model (a suspect on failure)
     mask: torch.Tensor | None = None   # attention mask of a module-site graph
     positions: torch.Tensor | None = None  # its position ids (left-padded rows)
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
     eager: bool = False                # uses sites that fire only with eager attention
     generation: list | None = None     # a generate request's validated forwards
+
+    def release(self) -> None:
+        """The request is over: drop what it holds (no cycle keeps it for the collector)."""
+        if self.interleaver is not None:
+            self.interleaver.release()
+        self.constants, self.tokens, self.mask, self.generation = {}, None, None, None
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -79,13 +114,18 @@ def error_message(request_id: str, exc: BaseException) -> str:
                       message=f"{type(exc).__name__}: {exc}"))
 
 
-def batch_key(job: Job, models: dict | None = None):
+def batch_key(job: Job, entry=None):
     """Jobs with equal keys may share a forward; None: the job runs alone.
 
     Alone: generation, backward passes, losses, module-site graphs (pyvene batches its own
-    rows), and graphs on sites whose batch and sequence share one flattened dim (padding
-    would interleave other requests' positions with theirs). Graphs on sites that fire only
-    with eager attention share a forward only with each other."""
+    rows), models whose TL hook points are not served. With the model's ``entry``, the layout
+    of each site decides too (``hookwire.batching.site_batching``): a write into a site that
+    is not batch-major (position ids, rotary tables: one tensor for the whole batch) would
+    reach every batch mate, and a site whose layout cannot be split by rows (batch and
+    sequence flattened into one dim) cannot be shared at all. A replacing write into one of
+    the entry's ``solo_replace_sites`` (server/batch_probe.py) would move every batch mate
+    onto another code path. Graphs on sites that fire only with eager attention share a
+    forward only with each other."""
     graph = job.submit.graph
     spec = graph.forward
     if job.submit.generate is not None:
@@ -93,29 +133,41 @@ def batch_key(job: Job, models: dict | None = None):
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
-    entry = (models or {}).get(graph.model)
-    if entry is not None and entry.tl_refused is not None:
+    if entry is None:
+        return (graph.model, spec.output_attentions, False)
+    if entry.tl_refused is not None:
         return None  # no TL forward to share: runs alone, on the plain HF forward
+    writes = [n for n in graph.nodes if n.op == "site.write" and n.args]
+    written = {n.args[0] for n in writes}
+    replaced = {n.args[0] for n in writes if n.kwargs.get("mode", "replace") != "inplace"}
+    solo_replace = getattr(entry, "solo_replace_sites", frozenset())
     eager = False
-    if entry is not None:
-        for site in graph.sites:
-            info = entry.site_table.get((site.name, site.call))
-            if info is None:
-                continue  # refused when it is prepared
-            if info.flattened:
-                return None
-            eager |= info.eager
+    for i, site in enumerate(graph.sites):
+        info = entry.site_table.get((site.name, site.call))
+        if info is None or not site_batching(info.shape, writes=i in written):
+            return None  # (an unknown site is refused when the request is prepared)
+        if i in replaced and (info.name, info.call) in solo_replace:
+            return None
+        eager |= info.eager
     return (graph.model, spec.output_attentions, eager)
 
 
+def _input_shape(job: Job) -> tuple:
+    """(batch, seq) of the job's input ids, uploaded or referred to (1, 1 if malformed)."""
+    tid = job.submit.graph.inputs.get("input_ids", "")
+    t = job.tensors.get(tid)
+    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else next(
+        (tuple(ref.shape) for ref_tid, _, ref in job.refs if ref_tid == tid), ())
+    return (int(shape[0]), int(shape[1])) if len(shape) == 2 else (1, 1)
+
+
 def _rows(job: Job) -> int:
-    t = job.tensors.get(job.submit.graph.inputs.get("input_ids", ""))
-    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() == 2 else 1
+    return _input_shape(job)[0]
 
 
 def _tokens(job: Job) -> int:
-    t = job.tensors.get(job.submit.graph.inputs.get("input_ids", ""))
-    return int(t.numel()) if isinstance(t, torch.Tensor) else 1
+    b, s = _input_shape(job)
+    return b * s
 
 
 class ModelWorker(threading.Thread):
@@ -128,6 +180,7 @@ class ModelWorker(threading.Thread):
         self.scheduler = Scheduler(limits.max_queued_per_user, window_s if batching else 0.0,
                                    MAX_BATCH_ROWS, MAX_BATCH_TOKENS)
         self.current: list[Job] = []   # what is running now (for shutdown)
+        self.busy = threading.Event()  # set while a batch runs (the front's intake yields)
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -150,21 +203,53 @@ class ModelWorker(threading.Thread):
             job.conn.send_threadsafe(error_message(job.request_id, ServerShuttingDown(
                 "the server is shutting down; the request did not run. Retry when it is "
                 "back")))
+            job.finish()
+
+    def batch_key(self, job: Job):
+        if job.key == "unset":  # once per job, here in the worker thread (O(graph))
+            entry = self.models.get(job.submit.graph.model)
+            job.key = None if entry is None else batch_key(job, entry)
+        return job.key
+
+    def batch_fits(self, jobs: list[Job]) -> bool:
+        """A batch is bounded as a whole after right-padding: every row carries the longest
+        member's positions, so rows x longest sequence must fit the token budget and the
+        forward's output (logits, attention weights) ``max_output_bytes``; and its members
+        are of like size."""
+        entry = self.models.get(jobs[0].submit.graph.model)
+        shapes = [_input_shape(job) for job in jobs]
+        rows, seq = sum(b for b, _ in shapes), max(s for _, s in shapes)
+        if entry is None or rows * seq > MAX_BATCH_TOKENS:
+            return False
+        # Members of like size only: a small request does not wait for a big one's forward,
+        # nor is it padded to a long one's length (at most half a batch is padding).
+        sizes = [b * s for b, s in shapes]
+        if max(sizes) > MAX_SIZE_RATIO * min(sizes) or rows * seq > 2 * sum(sizes):
+            return False
+        try:
+            check_forward_size(entry, jobs[0].submit.graph.forward, rows, seq, self.limits)
+        except HookwireError:
+            return False
+        return True
 
     def run(self):
-        key = (lambda job: batch_key(job, self.models)) if self.batching else \
-            (lambda job: None)
+        key = self.batch_key if self.batching else (lambda job: None)
         while True:
-            jobs = self.scheduler.next_batch(key, _rows, _tokens)
+            jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits)
             if jobs is None:
                 return
             self.current = jobs
+            self.busy.set()
             try:
                 self.execute_batch(jobs)
             except Exception:  # a bug of ours must not kill the worker
                 log.exception("batch failed")
             finally:
+                self.busy.clear()
                 self.current = []
+                for job in jobs:
+                    job.finish()
+                del jobs
 
     # ---- one batch -----------------------------------------------------------------------
     def execute_batch(self, jobs: list[Job]):
@@ -180,19 +265,67 @@ class ModelWorker(threading.Thread):
                 ready.append(self.prepare(job))
             except Exception as exc:
                 self._fail(job, exc)
-        if len(ready) == 1:
-            p = ready[0]
+        try:
+            for group in self._groups(ready):
+                self._run_group(group)
+        finally:
+            for p in ready:
+                p.release()
+
+    def _run_group(self, group: list[Prepared]) -> None:
+        if len(group) == 1:
+            p = group[0]
             try:
                 self.run_alone(p)
             except Exception as exc:
                 self._fail(p.job, exc)
-        elif ready:
-            self.run_together(ready)
+        elif group:
+            self.run_together(group)
+
+    def _groups(self, ready: list[Prepared]) -> list[list[Prepared]]:
+        """Which of a batch's members share a forward, in order. Light members (little work
+        and memory of their own: almost every request) go first, together; a heavy member
+        (``_heavy``) runs after them, alone, so it slows no light batch mate down. Members
+        share a forward only while their intermediates together fit
+        ``max_total_value_bytes`` (each alone fits: validation)."""
+        light = [p for p in ready if not self._heavy(p)]
+        heavy = [[p] for p in ready if self._heavy(p)]
+        groups, current, held = [], [], 0
+        for p in light:
+            need = p.interleaver.vg.value_bytes
+            if current and held + need > self.limits.max_total_value_bytes:
+                groups.append(current)
+                current, held = [], 0
+            current.append(p)
+            held += need
+        return groups + ([current] if current else []) + heavy
+
+    @staticmethod
+    def _heavy(p: Prepared) -> bool:
+        vg = p.interleaver.vg
+        constants = sum(t.numel() * t.element_size() for t in p.constants.values())
+        return vg.value_bytes + constants > HEAVY_BYTES or vg.flops > HEAVY_FLOPS
 
     def _fail(self, job: Job, exc: BaseException):
         if not isinstance(exc, HookwireError):
             log.exception("request %s failed", job.request_id, exc_info=exc)
         job.conn.send_threadsafe(error_message(job.request_id, exc))
+        # The traceback's frames hold the request's tensors (and the lists that hold this
+        # exception: a cycle); drop them now rather than when the collector runs.
+        exc.__traceback__ = None
+
+    def _watch(self, job: Job, t_start: float):
+        """Stops a request that was cancelled, lost its client, or ran out of time; called
+        before every node, during validation too."""
+        limit, rid, conn = self.limits.max_request_seconds, job.request_id, job.conn
+
+        def check():
+            if rid in conn.cancelled or conn.closed:
+                raise Cancelled(f"request {rid} was cancelled")
+            if time.perf_counter() - t_start > limit:
+                raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s",
+                                       rule="max_request_seconds")
+        return check
 
     def prepare(self, job: Job) -> Prepared:
         t_start = time.perf_counter()
@@ -202,6 +335,9 @@ class ModelWorker(threading.Thread):
             raise UnknownModel(f"model {graph.model!r} is not served here; "
                                f"served: {', '.join(self.models)}")
         job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="started")))
+        if job.refs:  # counted when the submit arrived; copied only now that it runs
+            job.tensors = {**job.tensors, **materialize_refs(job.refs)}
+            job.refs = []
         keep_uploads(job.conn.store, job.submit.keep, job.tensors)
         input_ids = job.tensors.get(graph.inputs.get("input_ids", ""))
         if input_ids is None or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
@@ -220,24 +356,37 @@ class ModelWorker(threading.Thread):
             on_modules = entry.hf_model is not None  # no hooks: the plain forward will do
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
-                     outputs=output_shapes(entry, graph.forward, batch, seq))
+                     outputs=output_shapes(entry, graph.forward, batch, seq),
+                     on_node=self._watch(job, t_start))
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
                      positions=_position_ids(job, graph, input_ids, entry, device, on_modules),
-                     on_modules=on_modules, eager=any(info.eager for info in vg.site_infos))
+                     on_modules=on_modules, eager=any(info.eager for info in vg.site_infos),
+                     constants=constants)
+        ranges = getattr(entry, "value_ranges", {})
+        p.value_ranges = {i: ranges[info.name] for i, info in enumerate(vg.site_infos)
+                          if info.name in ranges}
+        p.writes = any(dn.op == "site.write" for dn in vg.nodes)
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
                                       for info in vg.site_infos)
-        p.interleaver = Interleaver(vg, constants, self._saver(p), self._site_watch(p))
+        p.interleaver = self._interleaver(p, vg)
         if job.submit.generate is not None:
             p.generation = validate_generation(job, entry, self.limits, input_ids)
         return p
 
+    def _interleaver(self, p: Prepared, vg) -> Interleaver:
+        return Interleaver(vg, p.constants, self._saver(p), self._site_watch(p),
+                           self._watch(p.job, p.t_start), p.value_ranges)
+
     def _saver(self, p: Prepared):
         def on_save(name, value, snapshot=True, keep=True):
+            if name in p.sent_names:  # streamed by an earlier attempt (see _run_again)
+                return
+            p.sent_names.add(name)
             p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep)
         return on_save
 
@@ -264,7 +413,8 @@ class ModelWorker(threading.Thread):
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
                 extra = {} if positions is None else {"position_ids": positions}
-                with attention_weight_sites(entry.hf_model, attention_weights):
+                with attention_weight_sites(entry.hf_model, attention_weights), \
+                        embeddings_guarded(entry.hf_model):
                     out = type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
                                                        attention_mask=mask, use_cache=False,
                                                        **extra)
@@ -277,7 +427,8 @@ class ModelWorker(threading.Thread):
                                            rule="site_kinds")
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
-            with eager_attention(entry.hosted.original, eager):
+            # ids out of range never reach a kernel
+            with eager_attention(entry.hosted.original, eager), embeddings_guarded(bridge):
                 return type(bridge).forward(bridge, tokens,
                                             return_type=spec.return_type or "logits",
                                             loss_per_token=spec.loss_per_token, **extra)
@@ -310,7 +461,9 @@ class ModelWorker(threading.Thread):
         p.job.conn.send_threadsafe(done)
 
     def run_together(self, ready: list[Prepared]):
-        """One forward for several requests: rows stacked, shorter ones right-padded."""
+        """One forward for several requests: rows stacked, shorter ones right-padded. If the
+        model itself fails, the members still running go again without the batch that failed
+        (:meth:`_run_again`)."""
         entry, spec = ready[0].entry, ready[0].job.submit.graph.forward
         full_seq = max(p.tokens.shape[1] for p in ready)
         blocks, members, row = [], [], 0
@@ -325,15 +478,43 @@ class ModelWorker(threading.Thread):
             row += b
         tokens = torch.cat(blocks)
         finals: list = []
+        again: list = []
         try:
-            self._run_members(ready, members, entry, spec, tokens, full_seq, finals, failed)
+            crash = self._run_members(ready, members, entry, spec, tokens, full_seq, finals,
+                                      failed)
+            if crash is not None:
+                again = [p for p, m in zip(ready, members) if m.active]
         finally:
             for job, exc in failed:
                 self._fail(job, exc)
             for job, done in finals:
                 job.conn.send_threadsafe(done)
+            failed.clear()  # (job, exception) pairs: the exceptions' frames refer to this list
+            members.clear()
+        if again:
+            self._run_again(again, crash)
+
+    def _run_again(self, ready: list[Prepared], crash: BaseException) -> None:
+        """The model raised on a batch: someone's data made it fail, but which member's the
+        model cannot say. Members that wrote nothing into the model cannot have caused it
+        (their inputs were checked), so they go again together; each member that wrote goes
+        again alone. A member that fails alone gets its own error; nobody else does. Values
+        the failed forward already streamed are not sent twice."""
+        log.warning("a batched forward of %d requests failed (%s: %s); running them again "
+                    "without each other", len(ready), type(crash).__name__, crash)
+        for p in ready:
+            p.interleaver.release()
+            p.interleaver = self._interleaver(p, p.interleaver.vg)
+        writers = [p for p in ready if p.writes]
+        others = [p for p in ready if not p.writes]
+        if not writers:  # nothing to tell apart: each alone
+            writers, others = others, []
+        for group in ([others] if others else []) + [[p] for p in writers]:
+            self._run_group(group)
 
     def _run_members(self, ready, members, entry, spec, tokens, full_seq, finals, failed):
+        """Run the batched forward; returns the exception if the model itself failed (the
+        members still active are then to run again), else None."""
         t0 = time.perf_counter()
         with torch.no_grad(), contextlib.ExitStack() as marks:
             for p in ready:
@@ -342,12 +523,15 @@ class ModelWorker(threading.Thread):
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens, eager=ready[0].eager),
                                    full_seq)
-            except Exception as exc:  # the model itself failed: everyone still running
+            except Exception as exc:  # the model itself failed
+                if sum(m.active for m in members) > 1:
+                    exc.__traceback__ = None
+                    return exc
                 for m in members:
                     if m.active:
                         m.fail(exc if isinstance(exc, HookwireError) else ExecutionError(
-                            f"the batched forward failed: {type(exc).__name__}: {exc}"))
-                return
+                            f"the forward failed: {type(exc).__name__}: {exc}"))
+                return None
             forward_s = time.perf_counter() - t0
             for p, m in zip(ready, members):
                 if not m.active:
@@ -365,6 +549,7 @@ class ModelWorker(threading.Thread):
                                                          batch_size=len(ready))))
                 except Exception as exc:
                     failed.append((p.job, exc))
+        return None
 
     def _complete(self, p: Prepared, outputs: dict, on_backward, batch_size: int) -> str:
         """Send the outputs, run output/gradient stages; returns the ``done`` message."""

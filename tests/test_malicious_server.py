@@ -22,8 +22,14 @@ from hostile.runner import CORPUS_PATH, PAYLOAD_MARKER
 PICKLE = base64.b64decode(next(c for c in json.loads(CORPUS_PATH.read_text())["cases"]
                                if c["name"].startswith("pickle payload as a whole"))["raw"][0]
                           ["binary_b64"])
-GRAPH = {"version": 1, "model": "m", "inputs": {"input_ids": "input_ids"}, "nodes": [],
-         "saves": {}}
+# The request asks for one value, "x" (what the site reads), and no logits.
+GRAPH = {"version": 1, "model": "m", "inputs": {"input_ids": "input_ids"},
+         "sites": [{"name": "s"}], "nodes": [{"id": 0, "op": "site.read", "args": [0]}],
+         "saves": {"x": 0}, "forward": {"return_type": None}}
+# What the lying server says about model "m" (for the client to size what it asked for).
+MODEL_INFO = {"type": "model_info", "model": "m", "architecture": "GPT2LMHeadModel",
+              "config": {"vocab_size": 8}, "tokenizer_files": {},
+              "sites": [{"name": "s", "shape": ["B", "S", 4], "dtype": "float32"}]}
 
 
 def result(rid, shape=(2, 3), tid="t1", dtype="float32"):
@@ -59,6 +65,16 @@ LIES = {
     "a message larger than the client accepts": (lambda rid: [b"\0" * (MAX_CONTROL_BYTES + 1)],
                                                  ServerUnavailable),
     "not JSON": (lambda rid: ["{'type': 'done'}"], ProtocolError),
+    # It asked for "x" only: a 1 GiB value under another name (e.g. the logits of a request
+    # that wants none back) is refused before anything is buffered...
+    "a result the request never asked for": (lambda rid: [result(rid, (1 << 28,), "t1")
+                                                          .replace('"x"', '"__logits__"')],
+                                             ProtocolError),
+    # ...and so is "x" twice, or "x" larger than the site it reads (1 x 2 x 4 float32).
+    "the same result twice": (lambda rid: [result(rid, (1, 2, 4), "t1"), frame(
+        rid, "t1", 0, bytes(32)), result(rid, (1, 2, 4), "t2")], ProtocolError),
+    "a result larger than the request can make": (lambda rid: [result(rid, (1, 2, 1 << 20))],
+                                                  ProtocolError),
 }
 
 
@@ -75,6 +91,8 @@ def hostile_server():
             if msg["type"] == "hello":
                 ws.send(json.dumps({"type": "hello_ok", "protocol": 1, "server_version": "evil",
                                     "models": ["m"]}))
+            elif msg["type"] == "model_info":
+                ws.send(json.dumps(MODEL_INFO))
             elif msg["type"] == "submit":
                 for out in lie["make"](msg["request_id"]):
                     ws.send(out)
@@ -95,6 +113,8 @@ def test_client_refuses_a_lying_server(hostile_server, name):
     make, error = LIES[name]
     lie["make"] = make
     conn = Connection(url)
+    if name != "a pickle as a result's bytes":  # (without it, names are checked, not sizes)
+        conn.model_info("m")
     got = {}
     try:
         with pytest.raises(HookwireError) as info:
@@ -103,6 +123,8 @@ def test_client_refuses_a_lying_server(hostile_server, name):
         assert isinstance(info.value, error), repr(info.value)
         if name == "a pickle as a result's bytes":  # handed over as the inert bytes they are
             assert torch.equal(got.pop("x"), torch.frombuffer(bytearray(PICKLE), dtype=torch.uint8))
+        if name == "the same result twice":  # the first one was a proper answer
+            assert torch.equal(got.pop("x"), torch.zeros(1, 2, 4))
         assert got == {}
         assert not PAYLOAD_MARKER.exists()
     finally:

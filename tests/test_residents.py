@@ -133,9 +133,9 @@ def test_other_users_values_and_bad_references_are_refused(hosted, tokens):
     """With API keys, a user's store is theirs alone; references are checked against the
     resident's dtype and extent; a connection survives every refusal."""
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
-                   api_keys=["alice-key", "bob-key"])
-    alice = Connection(srv.url, "alice-key")
-    bob = Connection(srv.url, "bob-key")
+                   api_keys=["alice-key-0123456789", "bob-key-0123456789ab"])
+    alice = Connection(srv.url, "alice-key-0123456789")
+    bob = Connection(srv.url, "bob-key-0123456789ab")
     try:
         graph = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
                  "sites": [{"name": "blocks.0.hook_resid_pre"}],

@@ -11,11 +11,11 @@ import torch
 
 from pydantic import ValidationError
 
-from hookwire.errors import FrameError, LimitExceeded
+from hookwire.errors import FrameError, LimitExceeded, ProtocolError
 from hookwire.frames import MAX_ELEMENTS, TensorAssembler, TensorHeader, numel
 from hookwire.graph import Graph
 from hookwire.ops import OPS
-from hookwire.server.app import _precheck_node_count, _refused_submit_id
+from hookwire.protocol import parse_client_message_bounded, request_id_of
 from hookwire.shape_probe import run_for_shape
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
@@ -69,13 +69,23 @@ def test_shapes_torch_cannot_represent_are_frame_errors(shape):
     assert numel([0, MAX_ELEMENTS]) == 0
 
 
-def test_node_count_is_checked_before_pydantic():
+def test_structure_is_capped_before_anything_is_parsed():
+    """The server's one parse of a control message refuses a message of too many, or too
+    densely packed, arrays/objects before json builds a single one; a refusal still names the
+    submit it refuses; JSON nested 100,000 deep is a ProtocolError, not a RecursionError."""
     msg = json.dumps({"type": "submit", "graph": {"nodes": [{}] * 101}})
-    with pytest.raises(LimitExceeded):
-        _precheck_node_count(msg, 100)
-    _precheck_node_count(msg, 101)
-    _precheck_node_count("[" * 100_000, 100)          # not JSON enough: left to pydantic
-    assert _refused_submit_id("[" * 100_000) is None  # no RecursionError
+    with pytest.raises(LimitExceeded, match="more than 100"):
+        parse_client_message_bounded(msg, 100)
+    with pytest.raises(ProtocolError, match="too dense"):
+        parse_client_message_bounded("[" + ",".join(["[]"] * 50_000) + "]", 10 ** 9)
+    with pytest.raises(ProtocolError):
+        parse_client_message_bounded("[" * 5000 + "]" * 5000, 10 ** 9)
+    with pytest.raises(ProtocolError) as info:
+        parse_client_message_bounded(json.dumps({"type": "submit", "request_id": "r7",
+                                                 "graph": {"nodes": [{"id": -1}] * 3000}}),
+                                     10 ** 9)
+    assert info.value.request_id == "r7" and "graph.nodes.0.id" in info.value.message
+    assert request_id_of({"type": "submit", "request_id": "x" * 65}) is None
 
 
 def test_save_and_constant_names_are_bounded():

@@ -16,20 +16,22 @@ from hookwire.server.models import load_model
 
 @pytest.fixture(scope="module")
 def keyed_server():
-    handle = hs.start(models=["tiny-gpt2"], api_keys=["right-key", "second-key"])
+    handle = hs.start(models=["tiny-gpt2"],
+                      api_keys=["right-key-0123456789", "second-key-0123456789"])
     try:
         yield handle
     finally:
         handle.stop()
 
 
-@pytest.mark.parametrize("key", [None, "wrong-key", "right-ke", "right-key-and-more", ""])
+@pytest.mark.parametrize("key", [None, "wrong-key-0123456789", "right-key-012345678",
+                                 "right-key-0123456789-and-more", ""])
 def test_missing_or_wrong_key_is_refused(keyed_server, key):
     with pytest.raises(AuthError, match="401"):
         Connection(keyed_server.url, api_key=key)
 
 
-@pytest.mark.parametrize("key", ["right-key", "second-key"])
+@pytest.mark.parametrize("key", ["right-key-0123456789", "second-key-0123456789"])
 def test_right_key_serves(keyed_server, key):
     conn = Connection(keyed_server.url, api_key=key)
     try:

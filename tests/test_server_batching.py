@@ -205,13 +205,13 @@ def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
 
 def test_connections_per_key_are_limited(hosted):
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
-                   api_keys=["k1"], limits=Limits(max_connections_per_user=1))
-    first = Connection(srv.url, "k1")
+                   api_keys=["key-one-0123456789ab"], limits=Limits(max_connections_per_user=1))
+    first = Connection(srv.url, "key-one-0123456789ab")
     try:
         with pytest.raises(TooManyConnections):
-            Connection(srv.url, "k1")
+            Connection(srv.url, "key-one-0123456789ab")
         first.close()
         time.sleep(0.2)
-        Connection(srv.url, "k1").close()  # the slot is free again
+        Connection(srv.url, "key-one-0123456789ab").close()  # the slot is free again
     finally:
         srv.stop()

@@ -1,0 +1,404 @@
+"""Fairness under attack: one tenant sends maximal hostile messages of one kind at full rate
+while another tenant runs small requests; how much slower, and how much bigger, does the
+server get for the victim?
+
+Three processes, all on 127.0.0.1, stopped by PID at the end: a hookwire server (limits of a
+shared server, below; two API keys; a fresh one per kind, idle figures measured on it
+first), the attacker (``--attack KIND``: 4 connections of its
+own key, each keeping up to 4 hostile messages in flight), and this process, the victim: one
+connection of the other key sending a small request (read one residual site of tiny-gpt2 and
+the logits, 1 x 8 tokens) as soon as the previous one is answered, every answer checked
+against the idle answer (``allclose``, rtol 1e-5, atol 1e-6). Per kind: the victim's p50/p99
+latency over its idle p50/p99 (goal p99 <= 2x), the server's peak RSS over its idle RSS (goal
+<= 1.5x), requests that failed or were wrong (goal 0).
+
+Kinds (SECURITY.md, "Co-tenancy", names each class):
+  shared_write   1: replace GPT-2's position ids (one tensor for the whole batch)
+  bad_ids        2: write token ids outside the vocabulary into embed.hook_in
+  late_work      3: a chain of matmuls after the forward (reads the logits) until the deadline
+  json_bomb      4: a maximal text message of ``[],[],...``
+  huge_graph     4: a maximal graph (max_nodes nodes, ~10 MB of JSON)
+  view_bomb      5: stride-0 views of a 256-byte resident, each the largest a request may hold
+  unfinished     5: submits that declare the largest upload and never send it
+  uploads        6: the largest upload, request after request
+  auth_guess     7: connections with a wrong key (a 2-character prefix of a real one)
+  padding        found: one 256-token row with one-token rows (right-padding)
+  unread         found: requests with large results, on connections that never read
+
+    .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
+    .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import psutil
+import torch
+from websockets.sync.client import connect
+
+from hookwire.client import Connection
+from hookwire.frames import encode_chunks, header_for
+from hookwire.residents import content_id
+
+MODEL = "tiny-gpt2"
+VICTIM_KEY = "victim-key-0123456789abcdef"
+ATTACKER_KEY = "attacker-key-0123456789abcdef"
+MiB = 1 << 20
+# A shared server's limits (everything else: hookwire.validate.Limits defaults).
+LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
+              max_pending_bytes_per_user=128 * MiB, max_pending_bytes_total=256 * MiB,
+              max_resident_bytes=64 * MiB, max_resident_bytes_total=256 * MiB,
+              max_value_bytes=64 * MiB, max_total_value_bytes=256 * MiB,
+              max_saved_bytes=64 * MiB, max_output_bytes=64 * MiB, submit_timeout_s=5.0,
+              send_timeout_s=5.0, max_message_bytes=16 * MiB)
+SITE = "blocks.1.hook_resid_post"
+KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
+         "unfinished", "uploads", "auth_guess", "padding", "unread"]
+
+
+# ---- the server process ------------------------------------------------------------------
+
+def serve() -> None:
+    import hookwire.server as hs
+    from hookwire.validate import Limits
+
+    handle = hs.start(models=[MODEL], port=0, api_keys=[VICTIM_KEY, ATTACKER_KEY],
+                      limits=Limits(**LIMITS))
+    print("READY", handle.url, flush=True)
+    sys.stdin.read()  # until the benchmark closes our stdin
+    handle.stop()
+
+
+# ---- the attacker process ----------------------------------------------------------------
+
+def graph(nodes, sites=(), constants=(), saves=None, return_type="logits"):
+    return {"model": MODEL, "inputs": {"input_ids": "input_ids"}, "constants": list(constants),
+            "sites": [{"name": s} for s in sites], "nodes": nodes, "saves": saves or {},
+            "forward": {"return_type": return_type}}
+
+
+def write(site, op, arg):
+    return graph([{"id": 0, "op": "site.read", "args": [0]},
+                  {"id": 1, "op": op, "args": [{"ref": 0}, arg]},
+                  {"id": 2, "op": "site.write", "args": [0, {"ref": 1}]}], sites=[site])
+
+
+class Raw:
+    """A raw protocol connection that sends without waiting and drains answers in a
+    background thread (so its socket never fills)."""
+
+    def __init__(self, url, key=ATTACKER_KEY, read=True):
+        self.ws = connect(url, additional_headers={"Authorization": f"Bearer {key}"},
+                          max_size=None, ping_interval=None, max_queue=None if read else 1,
+                          open_timeout=60)
+        self.ws.send(json.dumps({"type": "hello", "protocol": 1, "client_version": "bench"}))
+        self.ws.recv(timeout=60)
+        self.finals = threading.Semaphore(0)
+        if read:
+            threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        try:
+            while True:
+                msg = self.ws.recv()
+                if isinstance(msg, str) and ('"type":"done"' in msg or '"type":"error"' in msg):
+                    self.finals.release()
+        except Exception:
+            self.finals.release()
+
+    def submit(self, g, tensors, **extra):
+        rid = "a" + uuid.uuid4().hex[:12]
+        self.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": g,
+                                 "tensors": [header_for(t, v).model_dump()
+                                             for t, v in tensors.items()],
+                                 "keep_results": False, **extra}))
+        for tid, v in tensors.items():
+            for frame in encode_chunks(rid, tid, v):
+                self.ws.send(frame)
+        return rid
+
+
+def attack(kind: str, url: str, seconds: float) -> None:
+    stop = time.monotonic() + seconds
+    ids = torch.randint(0, 256, (1, 16))
+    sent = [0]
+
+    def pipelined(make, window=8 if kind == "padding" else 4):
+        conn = Raw(url)
+        inflight = 0
+        while time.monotonic() < stop:
+            while inflight >= window:
+                conn.finals.acquire(timeout=5)
+                inflight -= 1
+            make(conn)
+            sent[0] += 1
+            inflight += 1
+
+    if kind == "shared_write":
+        g = write("pos_embed.hook_in", "flip", -1)
+        work = lambda c: c.submit(g, {"input_ids": ids})  # noqa: E731
+    elif kind == "bad_ids":
+        g = write("embed.hook_in", "add", 100_000)
+        work = lambda c: c.submit(g, {"input_ids": ids})  # noqa: E731
+    elif kind == "late_work":
+        c = torch.randn(512, 512) / 512 ** 0.5
+        nodes = [{"id": 0, "op": "output.read", "args": ["logits"]},
+                 {"id": 1, "op": "sum", "args": [{"ref": 0}]},
+                 {"id": 2, "op": "mul", "args": [{"ref": 1}, 0.0]},
+                 {"id": 3, "op": "add", "args": [{"const": "c"}, {"ref": 2}]}]
+        nodes += [{"id": i, "op": "matmul", "args": [{"ref": i - 1}, {"const": "c"}]}
+                  for i in range(4, 3000)]
+        g = graph(nodes, constants=["c"], saves={"y": 2999}, return_type="logits")
+        work = lambda conn: conn.submit(g, {"input_ids": ids, "c": c})  # noqa: E731
+    elif kind == "json_bomb":
+        bomb = "[" + ",".join(["[]"] * ((LIMITS["max_message_bytes"] - 16) // 3)) + "]"
+
+        def work(conn):
+            conn.ws.send(bomb)
+    elif kind == "huge_graph":
+        from hookwire.validate import Limits
+        nodes = [{"id": 0, "op": "site.read", "args": [0]}] + [
+            {"id": i, "op": "getitem", "args": [{"ref": i - 1}, [{"slice": [None, None, None]},
+                                                               -1]]}
+            for i in range(1, Limits().max_nodes)]
+        g = graph(nodes, sites=[SITE], return_type=None)
+        work = lambda conn: conn.submit(g, {"input_ids": ids})  # noqa: E731
+    elif kind == "view_bomb":
+        small = torch.arange(64, dtype=torch.float32)
+        cid = content_id(small)
+        n = LIMITS["max_constant_bytes"] // 4
+        g = graph([{"id": 0, "op": "getitem", "args": [{"const": "v"}, n - 1]}],
+                  constants=["v"], saves={"s": 0}, return_type=None)
+
+        def work(conn):
+            if not getattr(conn, "kept", False):
+                conn.submit(graph([], return_type=None), {"input_ids": ids, "small": small},
+                            keep={"small": cid})
+                conn.kept = True
+            conn.submit(g, {"input_ids": ids}, refs=[{"tid": "v", "resident": cid,
+                                                      "dtype": "float32", "shape": [n],
+                                                      "stride": [0], "offset": 0}])
+    elif kind == "unfinished":
+        n = LIMITS["max_constant_bytes"] // 8
+
+        def work(conn):
+            conn.ws.send(json.dumps({"type": "submit", "request_id": uuid.uuid4().hex,
+                                     "graph": graph([]), "tensors": [
+                                         {"tid": "input_ids", "dtype": "int64",
+                                          "shape": [1, n]}]}))
+            conn.finals.release()  # nothing will answer it until it times out
+    elif kind == "uploads":
+        big = torch.ones(LIMITS["max_constant_bytes"] // 4)
+        g = graph([{"id": 0, "op": "sum", "args": [{"const": "big"}]}], constants=["big"],
+                  saves={"s": 0}, return_type=None)
+        work = lambda conn: conn.submit(g, {"input_ids": ids, "big": big})  # noqa: E731
+    elif kind == "auth_guess":
+        def loop():
+            while time.monotonic() < stop:
+                try:
+                    Raw(url, key=ATTACKER_KEY[:2])
+                except Exception:
+                    sent[0] += 1
+        threads = [threading.Thread(target=loop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({"sent": sent[0]}), flush=True)
+        return
+    elif kind == "padding":
+        long = torch.randint(0, 256, (1, 256))
+        short = torch.randint(0, 256, (1, 1))
+        g = graph([], return_type="logits")
+
+        def work(conn):  # one long row, then seven one-token ones, again and again
+            conn.count = getattr(conn, "count", -1) + 1
+            conn.submit(g, {"input_ids": long if conn.count % 8 == 0 else short})
+    elif kind == "unread":
+        tokens = torch.randint(0, 256, (64, 256))
+        g = graph([{"id": 0, "op": "site.read", "args": [0]}], sites=[SITE],
+                  saves={"x": 0}, return_type="logits")
+
+        def loop():
+            while time.monotonic() < stop:
+                try:
+                    conn = Raw(url, read=False)
+                    while time.monotonic() < stop:
+                        conn.submit(g, {"input_ids": tokens})
+                        sent[0] += 1
+                        time.sleep(0.05)
+                except Exception:
+                    time.sleep(0.2)  # dropped for not reading: come back
+        threads = [threading.Thread(target=loop) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({"sent": sent[0]}), flush=True)
+        return
+    else:
+        raise SystemExit(f"unknown kind {kind}")
+
+    def guarded():
+        while time.monotonic() < stop:
+            try:
+                pipelined(work)
+            except Exception:
+                time.sleep(0.2)  # the server dropped us (e.g. a closing frame): reconnect
+    threads = [threading.Thread(target=guarded) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"sent": sent[0]}), flush=True)
+
+
+# ---- the victim (this process) -----------------------------------------------------------
+
+VICTIM_GRAPH = graph([{"id": 0, "op": "site.read", "args": [0]}], sites=[SITE],
+                     saves={"x": 0}, return_type="logits")
+VICTIM_IDS = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+
+
+def victim(url, seconds, reference):
+    conn = Connection(url, api_key=VICTIM_KEY)
+    conn.use_residents = False
+    lat, wrong, failed = [], 0, []
+    stop = time.monotonic() + seconds
+    try:
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                out = conn.run(VICTIM_GRAPH, {"input_ids": VICTIM_IDS}).values
+            except Exception as exc:
+                failed.append(f"{type(exc).__name__}: {str(exc)[:120]}")
+                if conn.broken:
+                    conn = Connection(url, api_key=VICTIM_KEY)
+                continue
+            lat.append(time.perf_counter() - t0)
+            if reference is not None and not all(
+                    torch.allclose(out[k], reference[k], rtol=1e-5, atol=1e-6)
+                    for k in reference):
+                wrong += 1
+            elif reference is None:
+                reference = out
+    finally:
+        conn.close()
+    return lat, wrong, failed, reference
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid):
+        super().__init__(daemon=True)
+        self.proc, self.samples, self.running = psutil.Process(pid), [], True
+
+    def run(self):
+        while self.running:
+            try:
+                self.samples.append(self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(0.02)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=60.0, help="attack length per kind")
+    ap.add_argument("--idle-seconds", type=float, default=15.0, help="idle phase per kind")
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--attack", help=argparse.SUPPRESS)
+    ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    if args.serve:
+        serve()
+        return 0
+    torch.set_num_threads(1)  # clients: one thread each (bench/README)
+    if args.attack:
+        attack(args.attack, args.url, args.seconds)
+        return 0
+    me = os.path.abspath(__file__)
+    rows, code = [], 0
+    for kind in args.kinds.split(","):
+        # A fresh server per kind: what one attack leaves in the allocator does not count
+        # against the next, and each kind has its own idle figures.
+        server = subprocess.Popen([sys.executable, me, "--serve"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            line = server.stdout.readline()
+            if not line.startswith("READY"):
+                raise RuntimeError(f"server did not start: {line!r}")
+            url = line.split()[1]
+            victim(url, 3.0, None)  # warm up
+            sampler = RssSampler(server.pid)
+            sampler.start()
+            lat, wrong, failed, reference = victim(url, args.idle_seconds, None)
+            idle = {"p50": statistics.median(lat), "p99": pct(lat, 0.99),
+                    "rss": statistics.median(sampler.samples), "n": len(lat)}
+            attacker = subprocess.Popen([sys.executable, me, "--attack", kind, "--url", url,
+                                         "--seconds", str(args.seconds)],
+                                        stdout=subprocess.PIPE, text=True)
+            try:
+                settle = min(2.0, args.seconds / 10)
+                time.sleep(settle)  # the attack is under way
+                sampler.samples.clear()
+                lat, wrong, failed, _ = victim(url, args.seconds - 2 * settle, reference)
+                peak = max(sampler.samples)
+                out = attacker.communicate(timeout=args.seconds + 120)[0]
+            finally:
+                if attacker.poll() is None:
+                    attacker.kill()
+                    attacker.wait()
+            sampler.running = False
+        finally:
+            if server.poll() is None:
+                server.stdin.close()
+                try:
+                    server.wait(60)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+                    server.wait()
+        sent = json.loads(out.strip().splitlines()[-1])["sent"] if out.strip() else 0
+        row = {"kind": kind, "attacker_messages": sent, "victim_requests": len(lat),
+               "idle_p50_ms": idle["p50"] * 1e3, "idle_p99_ms": idle["p99"] * 1e3,
+               "idle_rss_mib": idle["rss"] / MiB,
+               "p50_ms": statistics.median(lat) * 1e3 if lat else None,
+               "p99_ms": pct(lat, 0.99) * 1e3 if lat else None,
+               "p50_x": statistics.median(lat) / idle["p50"] if lat else None,
+               "p99_x": pct(lat, 0.99) / idle["p99"] if lat else None,
+               "peak_rss_mib": peak / MiB, "rss_x": peak / idle["rss"],
+               "wrong": wrong, "failed": len(failed), "failures": failed[:3]}
+        rows.append(row)
+        ok = row["p99_x"] is not None and row["p99_x"] <= 2 and row["rss_x"] <= 1.5 and \
+            not wrong and not failed
+        code |= 0 if ok else 1
+        print(f"{kind:13s} attacker sent {sent:6d} | victim {len(lat):5d} requests, "
+              f"p50 {row['p50_ms'] or float('nan'):6.1f} ms ({row['p50_x'] or 0:4.2f}x idle "
+              f"{row['idle_p50_ms']:.1f}) p99 {row['p99_ms'] or float('nan'):6.1f} ms "
+              f"({row['p99_x'] or 0:4.2f}x idle {row['idle_p99_ms']:.1f}) | server peak RSS "
+              f"{row['peak_rss_mib']:5.0f} MiB ({row['rss_x']:4.2f}x idle "
+              f"{row['idle_rss_mib']:.0f}) | wrong {wrong} failed {len(failed)} "
+              f"{'ok' if ok else 'OVER GOAL'}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"limits": LIMITS, "seconds": args.seconds,
+                       "idle_seconds": args.idle_seconds, "rows": rows}, f, indent=2)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

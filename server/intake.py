@@ -1,0 +1,155 @@
+"""Work the front does per message, off its event loop.
+
+Everything whose cost grows with a client's message -- parsing a control message, checking
+a submit's declared tensors and references, reserving its memory, allocating its buffers --
+runs here, in background threads, never on the event loop that serves every connection.
+The loop only hands the message over and, when the result comes back, does O(1) work with
+it. Each connection has at most one message here at a time (its reader awaits the result),
+so messages keep their order and TCP backpressure holds a fast sender back.
+
+Two lanes, so a small message (a victim's next request: a few KB) never waits behind a
+large one: messages up to ``SMALL_BYTES`` go to one thread, larger ones to another. Each
+lane serves users round-robin, and the large lane pauses while a batch runs (its work,
+though off the loop, shares the interpreter with the model worker), so a tenant sending
+maximal messages at full rate takes at most about half of the front's time from others.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Callable
+
+log = logging.getLogger("hookwire.server")
+
+SMALL_BYTES = 256 << 10
+
+
+class _Lane(threading.Thread):
+    """One thread running tasks round-robin across users."""
+
+    def __init__(self, name: str, busy: threading.Event | None):
+        super().__init__(name=name, daemon=True)
+        self.busy = busy
+        self._cond = threading.Condition()
+        self._queues: OrderedDict[str, deque] = OrderedDict()
+        self._closed = False
+
+    def put(self, user: str, task) -> None:
+        with self._cond:
+            self._queues.setdefault(user, deque()).append(task)
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _next(self):
+        with self._cond:
+            while not self._queues and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            user, queue = next(iter(self._queues.items()))
+            task = queue.popleft()
+            del self._queues[user]
+            if queue:  # this user goes to the back of the rotation
+                self._queues[user] = queue
+            return task
+
+    def run(self) -> None:
+        while True:
+            task = self._next()
+            if task is None:
+                return
+            loop, future, fn, args, cost = task
+            t0 = time.perf_counter()
+            try:
+                result, error = fn(*args), None
+            except BaseException as exc:  # handed to the awaiting connection
+                result, error = None, exc
+            cost[0] = time.perf_counter() - t0
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop is gone (server stopping)
+                return
+            del task, future, result, error
+            if self.busy is not None and self.busy.is_set():
+                # Large messages give way to a running batch: at most half the time.
+                time.sleep(min(time.perf_counter() - t0, 0.25))
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class Intake:
+    def __init__(self, busy: threading.Event | None = None):
+        self.small = _Lane("hookwire-intake-small", None)
+        self.large = _Lane("hookwire-intake-large", busy)
+        self.small.start()
+        self.large.start()
+
+    async def run(self, user: str, size: int, fn: Callable, *args, cost: list | None = None):
+        """``fn(*args)`` in the lane for a message of ``size`` bytes; its result (or its
+        exception) once done. ``cost[0]`` is set to the seconds it took there."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        (self.small if size <= SMALL_BYTES else self.large).put(
+            user, (loop, future, fn, args, cost if cost is not None else [0.0]))
+        try:
+            return await future
+        finally:
+            # The future holds the exception, whose traceback holds this frame: without
+            # this, a refused message (its text too) would wait for the cycle collector.
+            del future
+
+    def close(self) -> None:
+        self.small.close()
+        self.large.close()
+
+
+class FrontShare:
+    """Each user's share of the front's time. Every message a user sends costs the front
+    time (reading its bytes, parsing, admitting, answering -- a refused message too); each
+    user may spend ``share`` of a second per second, with a burst of as much. A user over
+    its share has its connections' next reads wait until it is back in credit, so a tenant
+    flooding the server with messages (refused or not) is slowed by TCP backpressure, not
+    everyone else."""
+
+    # What receiving a message costs the loop (websockets: reading, unmasking, assembling;
+    # a text message is UTF-8 decoded too), per byte.
+    BYTES_PER_S = {bytes: 1e9, str: 250e6}
+
+    def __init__(self, share: float):
+        self.share = share
+        self._credit: dict[str, tuple[float, float]] = {}  # user -> (credit s, as of)
+
+    def _now_credit(self, user: str) -> float:
+        credit, since = self._credit.get(user, (self.share, 0.0))
+        return min(self.share, credit + (time.monotonic() - since) * self.share)
+
+    def charge(self, user: str, seconds: float, message=b"") -> None:
+        """``seconds`` measured for ``message``, plus what receiving it cost the loop."""
+        credit = self._now_credit(user) - seconds - \
+            len(message) / self.BYTES_PER_S[type(message)]
+        self._credit[user] = (credit, time.monotonic())
+
+    async def wait_turn(self, user: str) -> None:
+        credit = self._now_credit(user)
+        if credit < 0:
+            await asyncio.sleep(-credit / self.share)
+
+    def forget(self, user: str) -> None:
+        self._credit.pop(user, None)
+
+
+__all__ = ["Intake", "FrontShare", "SMALL_BYTES"]

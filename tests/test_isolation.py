@@ -1,0 +1,545 @@
+"""Co-tenants cannot touch each other. One test (or a few) per class of attack a hostile
+tenant can mount on a shared server, each against a real server on 127.0.0.1 and each
+written to fail on the code before the class was closed (SECURITY.md, "Co-tenancy"):
+
+1. writes into batch-shared sites (position ids, rotary tables) reaching batch mates;
+2. one member's data (an out-of-range id) failing the whole batch;
+3. graph nodes after the last site running past the request's deadline;
+4. the event loop doing work proportional to a message (a big control message stalling
+   everyone);
+5. views of resident values amplifying memory; memory per user and server-wide; unfinished
+   submits holding memory forever;
+6. finished requests keeping their memory until the cycle collector runs;
+7. key files cutting keys at '#', and short keys;
+   (8, the client accepting results it never asked for: tests/test_malicious_server.py;
+    9, Ray's memory monitor killing a replica: tests/test_ray_engine.py)
+plus classes found on the way: right-padding amplifying a batch's output, results nobody
+reads piling up, unbounded cancel ids.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+import hookwire.server as hs
+from hookwire.client import Connection
+from hookwire.errors import (AuthError, DeadlineExceeded, ExecutionError, FrameError,
+                             LimitExceeded)
+from hookwire.frames import encode_chunks, header_for
+from hookwire.protocol import Error, parse_server_message
+from hookwire.residents import content_id
+from hookwire.validate import Limits
+
+from pipelined import PipelinedClient, equal_values, read_graph
+
+KEY_A, KEY_B = "tenant-a-0123456789abcdef", "tenant-b-0123456789abcdef"
+READ_SITE = "blocks.1.hook_resid_post"
+MiB = 1 << 20
+
+
+def rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def write_graph(model, site, nodes_after_read, mode="replace", value_node=None):
+    """Read ``site``, compute ``nodes_after_read`` (ids from 1), write the last one back."""
+    nodes = [{"id": 0, "op": "site.read", "args": [0]}] + list(nodes_after_read)
+    last = value_node if value_node is not None else nodes[-1]["id"]
+    nodes.append({"id": 99, "op": "site.write", "args": [0, {"ref": last}],
+                  "kwargs": {"mode": mode}})
+    return {"model": model, "inputs": {"input_ids": "input_ids"}, "sites": [{"name": site}],
+            "nodes": nodes, "saves": {}, "forward": {"return_type": "logits"}}
+
+
+@pytest.fixture(scope="module")
+def two_tenants(hosted):
+    """Two API keys (two users) and a short batch window, so a pair sent back to back
+    shares a forward."""
+    srv = hs.start(models={n: h.bridge for n, h in hosted.items()}, port=0,
+                   api_keys=[KEY_A, KEY_B], batch_window_s=0.05)
+    a, b = PipelinedClient(srv.url, KEY_A), PipelinedClient(srv.url, KEY_B)
+    yield srv, a, b
+    a.close()
+    b.close()
+    srv.stop()
+
+
+def pair(a, b, graph_a, graph_b, tokens, tries=6):
+    """Send a's and b's request back to back until they share a forward (or a fails)."""
+    for _ in range(tries):
+        ra = a.send(graph_a, {"input_ids": tokens})
+        rb = b.send(graph_b, {"input_ids": tokens})
+        ans_a, ans_b = a.collect([ra])[ra], b.collect([rb])[rb]
+        if ans_b.batch_size == 2 or ans_a.batch_size == 2 or ans_b.error is not None:
+            return ans_a, ans_b
+    return ans_a, ans_b
+
+
+def solo(client, graph, tokens):
+    rid = client.send(graph, {"input_ids": tokens})
+    answer = client.collect([rid])[rid]
+    assert answer.error is None, answer.error
+    return answer
+
+
+# ---- 1. writes into batch-shared sites ----------------------------------------------------
+
+@pytest.mark.parametrize("model,site", [("tiny-gpt2", "pos_embed.hook_in"),
+                                        ("tiny-llama", "rotary_emb.hook_cos"),
+                                        ("tiny-llama", "blocks.0.attn.hook_sin")])
+def test_a_write_into_a_batch_shared_site_does_not_reach_the_batch_mate(
+        two_tenants, local_models, model, site):
+    srv, a, b = two_tenants
+    tokens = local_models[model].to_tokens(["hello world, again"])
+    reader = read_graph(model, [(READ_SITE, 0)])
+    expected = solo(b, reader, tokens)
+    if site == "pos_embed.hook_in":  # positions reversed: valid ids, a different input
+        after = [{"id": 1, "op": "flip", "args": [{"ref": 0}, -1]}]
+    else:
+        after = [{"id": 1, "op": "mul", "args": [{"ref": 0}, 0.0]}]
+    writer = write_graph(model, site, after)
+    ans_w, ans_r = pair(a, b, writer, reader, tokens)
+    assert ans_w.error is None and ans_r.error is None
+    assert equal_values(ans_r.values, expected.values), "the write reached the batch mate"
+    assert ans_w.batch_size == 1, "a writer of a batch-shared site must run alone"
+    # ...and the writer got what a local TL run with the same hook gives.
+    fn = (lambda act, hook: act.flip(-1)) if site == "pos_embed.hook_in" else \
+        (lambda act, hook: act * 0.0)
+    with torch.no_grad():
+        local = local_models[model].run_with_hooks(tokens, fwd_hooks=[(site, fn)])
+    torch.testing.assert_close(ans_w.values["__logits__"], local, rtol=0, atol=0)
+
+
+# ---- 2. one member's data fails the whole batch -------------------------------------------
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_out_of_range_token_ids_fail_only_their_writer(two_tenants, local_models, model):
+    srv, a, b = two_tenants
+    tokens = local_models[model].to_tokens(["hello world, again"])
+    reader = read_graph(model, [(READ_SITE, 0)])
+    expected = solo(b, reader, tokens)
+    bad_ids = write_graph(model, "embed.hook_in",
+                          [{"id": 1, "op": "add", "args": [{"ref": 0}, 10_000]}])
+    ans_w, ans_r = pair(a, b, bad_ids, reader, tokens)
+    assert ans_w.error is not None and ans_w.error.code == ExecutionError.code, ans_w.error
+    assert "embed.hook_in" in ans_w.error.message and "10" in ans_w.error.message
+    assert ans_r.error is None, f"a batch mate's bad ids failed this request: {ans_r.error}"
+    assert equal_values(ans_r.values, expected.values)
+    assert ans_r.batch_size == 2, "the reader did not share the forward with the bad writer"
+
+
+def test_out_of_range_position_ids_are_refused_before_the_model_indexes(two_tenants,
+                                                                       local_models):
+    srv, a, b = two_tenants
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world, again"])
+    for delta in (1_000, -100):
+        bad = write_graph("tiny-gpt2", "pos_embed.hook_in",
+                          [{"id": 1, "op": "add", "args": [{"ref": 0}, delta]}])
+        rid = a.send(bad, {"input_ids": tokens})
+        err = a.collect([rid])[rid].error
+        assert err is not None and err.code == ExecutionError.code
+        assert err.details.get("rule") == "value_range", err
+    expected = solo(b, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
+    assert expected.batch_size == 1
+
+
+def test_a_model_error_in_a_batched_forward_is_retried_without_its_cause(two_tenants,
+                                                                         local_models):
+    """The backstop behind the range checks: with the write-time check switched off for the
+    token-id site, the bad ids reach the model, whose embedding guard refuses them mid-
+    forward; the batch is run again without the member that wrote, and only it fails."""
+    srv, a, b = two_tenants
+    entry = srv.server.entries["tiny-gpt2"]
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world, again"])
+    reader = read_graph("tiny-gpt2", [("blocks.0.hook_resid_post", 0), (READ_SITE, 0)])
+    expected = solo(b, reader, tokens)
+    saved = dict(entry.value_ranges)
+    entry.value_ranges.clear()
+    try:
+        bad = write_graph("tiny-gpt2", "embed.hook_in",
+                          [{"id": 1, "op": "add", "args": [{"ref": 0}, 10_000]}])
+        ans_w, ans_r = pair(a, b, bad, reader, tokens)
+    finally:
+        entry.value_ranges.update(saved)
+    assert ans_w.error is not None and ans_w.error.code == ExecutionError.code
+    assert ans_r.error is None, ans_r.error
+    assert equal_values(ans_r.values, expected.values)
+
+
+# ---- 3. the deadline is checked between nodes --------------------------------------------
+
+def test_nodes_after_the_last_site_stop_at_the_deadline(hosted, local_models):
+    """Many matmuls that run once the forward is over (they read the logits) are cut off by
+    the request's wall-time limit instead of holding the worker to their end."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_request_seconds=1.0))
+    conn = Connection(srv.url)
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        c = torch.randn(512, 512) / 512 ** 0.5
+        nodes = [{"id": 0, "op": "output.read", "args": ["logits"]},
+                 {"id": 1, "op": "sum", "args": [{"ref": 0}]},
+                 {"id": 2, "op": "mul", "args": [{"ref": 1}, 0.0]},
+                 {"id": 3, "op": "add", "args": [{"const": "c"}, {"ref": 2}]}]
+        for i in range(4, 2004):  # ~2e12 flops: tens of seconds here, uncounted time
+            nodes.append({"id": i, "op": "matmul", "args": [{"ref": i - 1}, {"const": "c"}]})
+        graph = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+                 "constants": ["c"], "sites": [], "nodes": nodes, "saves": {"y": 2003},
+                 "forward": {"return_type": "logits"}}
+        with pytest.raises(DeadlineExceeded):
+            conn.run(graph, {"input_ids": tokens, "c": c})
+        # The same connection (and the worker) serve the next request right away.
+        out = conn.run(read_graph("tiny-gpt2", [(READ_SITE, 0)]), {"input_ids": tokens})
+        assert out.values["__logits__"].shape == (1, tokens.shape[1], 257)
+    finally:
+        conn.close()
+        srv.stop()
+
+
+# ---- 4. nothing proportional to a message on the event loop ------------------------------
+
+def test_a_huge_control_message_does_not_stall_other_users(hosted, local_models):
+    """While the server takes in a maximal graph (100,000 nodes, ~10 MB of JSON), another
+    user's small request is answered: parsing happens off the event loop. On a front that
+    parses on the loop, the small request waits until the big one is refused."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
+    attacker, victim = PipelinedClient(srv.url), Connection(srv.url)
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        nodes = [{"id": 0, "op": "site.read", "args": [0]}] + [
+            {"id": i, "op": "getitem", "args": [{"ref": i - 1}, [{"slice": [None, None, None]},
+                                                               -1]]}
+            for i in range(1, Limits().max_nodes)]
+        big = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+               "sites": [{"name": READ_SITE}], "nodes": nodes, "saves": {},
+               "forward": {"return_type": None}}
+        order = []
+        rid = attacker.send(big, {"input_ids": tokens})
+        waiter = threading.Thread(target=lambda: (attacker.collect([rid], timeout=600),
+                                                  order.append("attacker")))
+        waiter.start()
+        time.sleep(0.3)  # the server is now taking in the big message
+        out = victim.run(read_graph("tiny-gpt2", [(READ_SITE, 0)]), {"input_ids": tokens})
+        order.append("victim")
+        waiter.join(600)
+        assert out.values[f"{READ_SITE}#0"].shape == (1, tokens.shape[1], 64)
+        assert order == ["victim", "attacker"], order
+    finally:
+        attacker.close()
+        victim.close()
+        srv.stop()
+
+
+# ---- 5. memory: views of residents, per user, server-wide, unfinished submits -----------
+
+def _keep_small_resident(client: PipelinedClient, tokens) -> str:
+    """Upload 64 float32 (256 bytes) and ask the server to keep them: returns the id."""
+    small = torch.arange(64, dtype=torch.float32)
+    cid = content_id(small)
+    rid = client.send(read_graph("tiny-gpt2", [(READ_SITE, 0)], return_type=None),
+                      {"input_ids": tokens, "small": small}, keep={"small": cid})
+    assert client.collect([rid])[rid].error is None
+    return cid
+
+
+def _view_graph(n: int):
+    """Uses constant ``v``: the sum of its last element and its first (of a view)."""
+    return {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"}, "constants": ["v"],
+            "sites": [], "nodes": [{"id": 0, "op": "getitem", "args": [{"const": "v"}, n - 1]},
+                                   {"id": 1, "op": "getitem", "args": [{"const": "v"}, 0]},
+                                   {"id": 2, "op": "add", "args": [{"ref": 0}, {"ref": 1}]}],
+            "saves": {"s": 2}, "forward": {"return_type": None}}
+
+
+def _send_view(client, cid, n, tokens):
+    rid = f"view-{time.monotonic_ns()}"
+    client.ws.send(json.dumps({
+        "type": "submit", "request_id": rid, "graph": _view_graph(n),
+        "tensors": [header_for("input_ids", tokens).model_dump()], "keep_results": False,
+        "refs": [{"tid": "v", "resident": cid, "dtype": "float32", "shape": [n],
+                  "stride": [0], "offset": 5}]}))
+    for frame in encode_chunks(rid, "input_ids", tokens):
+        client.ws.send(frame)
+    return rid
+
+
+def _blocker(client, tokens):
+    """A request that keeps the worker busy until it is cancelled (a minute of matmuls)."""
+    c = torch.randn(1024, 1024) / 32
+    nodes = [{"id": 0, "op": "matmul", "args": [{"const": "c"}, {"const": "c"}]}]
+    nodes += [{"id": i, "op": "matmul", "args": [{"ref": i - 1}, {"const": "c"}]}
+              for i in range(1, 1000)]
+    # return_type "loss": it runs alone, so what is queued behind it waits (not co-batched).
+    graph = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"}, "constants": ["c"],
+             "sites": [], "nodes": nodes, "saves": {}, "forward": {"return_type": "loss"}}
+    return client.send(graph, {"input_ids": tokens, "c": c})
+
+
+def test_a_stride_0_view_of_a_resident_is_counted_before_it_is_allocated(hosted,
+                                                                          local_models):
+    """A 4-byte element viewed with stride 0 as 128 MiB: each such reference is counted
+    against the user's memory budget when it arrives, and materialised only when it runs --
+    so eight of them queued behind a long request neither grow the server by 1 GiB nor get
+    past the budget."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A],
+                   limits=Limits(max_pending_bytes_per_user=300 * MiB))
+    client = PipelinedClient(srv.url, KEY_A)
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        cid = _keep_small_resident(client, tokens)
+        n = 32 * MiB  # float32 elements: 128 MiB each
+        before = rss()
+        blocker = _blocker(client, tokens)
+        rids = [_send_view(client, cid, n, tokens) for _ in range(8)]
+        time.sleep(1.0)  # every submit has arrived and is queued (or refused)
+        grown = rss() - before
+        client.ws.send(json.dumps({"type": "cancel", "request_id": blocker}))
+        answers = client.collect([blocker] + rids)
+        refused = [a.error for r, a in answers.items() if r != blocker and a.error is not None]
+        ran = [a for r, a in answers.items() if r != blocker and a.error is None]
+        assert grown < 200 * MiB, f"the queued views grew the server by {grown / MiB:.0f} MiB"
+        assert refused and all(e.code == LimitExceeded.code and
+                               e.details.get("rule") == "max_pending_bytes_per_user"
+                               for e in refused), refused
+        assert ran, "no view ran at all"
+        for answer in ran:  # element 5 of the resident, twice
+            assert answer.values["s"].item() == 10.0
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_keyless_servers_bound_memory_server_wide(hosted, local_models):
+    """Without keys every connection is a user, so a per-user budget alone bounds nothing:
+    the server-wide budget does."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_pending_bytes_total=300 * MiB))
+    clients = [PipelinedClient(srv.url) for _ in range(6)]
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        cids = [_keep_small_resident(c, tokens) for c in clients]
+        before = rss()
+        blocker = _blocker(clients[0], tokens)
+        rids = [_send_view(c, cid, 32 * MiB, tokens) for c, cid in zip(clients, cids)]
+        time.sleep(1.0)
+        grown = rss() - before
+        clients[0].ws.send(json.dumps({"type": "cancel", "request_id": blocker}))
+        first = clients[0].collect([blocker, rids[0]])
+        answers = [first[rids[0]]] + [c.collect([r])[r] for c, r in zip(clients[1:], rids[1:])]
+        refused = [a.error for a in answers if a.error is not None]
+        assert grown < 200 * MiB, f"queued views grew the server by {grown / MiB:.0f} MiB"
+        assert refused and all(e.details.get("rule") == "max_pending_bytes_total"
+                               for e in refused), refused
+        assert any(a.error is None and a.values["s"].item() == 10.0 for a in answers)
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+
+
+def test_resident_values_are_bounded_server_wide(hosted, local_models):
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_resident_bytes_total=64 * MiB))
+    clients = [PipelinedClient(srv.url) for _ in range(3)]
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        for k, client in enumerate(clients):
+            for i in range(3):  # 3 x 16 MiB kept per user (each user's quota is 1 GiB)
+                value = torch.full((4 * MiB,), float(10 * k + i))
+                rid = client.send(read_graph("tiny-gpt2", [], return_type=None),
+                                  {"input_ids": tokens, "x": value},
+                                  keep={"x": content_id(value)})
+                assert client.collect([rid])[rid].error is None
+        held = sum(store.bytes for store in srv.server.residents._stores.values())
+        assert held <= 64 * MiB, f"{held / MiB:.0f} MiB of resident values held"
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+
+
+def test_an_unfinished_submit_times_out(hosted):
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(submit_timeout_s=1.0))
+    client = PipelinedClient(srv.url)
+    try:
+        client.ws.send(json.dumps({
+            "type": "submit", "request_id": "never-finished",
+            "graph": read_graph("tiny-gpt2", [(READ_SITE, 0)]),
+            "tensors": [{"tid": "input_ids", "dtype": "int64", "shape": [1, 8 * MiB]}]}))
+        msg = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            msg = parse_server_message(client.ws.recv(timeout=deadline - time.monotonic()))
+            if isinstance(msg, Error):
+                break
+        assert isinstance(msg, Error) and msg.request_id == "never-finished"
+        assert msg.code == FrameError.code and "second" in msg.message
+        assert srv.server.memory.pending_total == 0
+    finally:
+        client.close()
+        srv.stop()
+
+
+# ---- 6. finished requests free their memory without the cycle collector ------------------
+
+def test_finished_requests_release_memory_without_the_cycle_collector(hosted, local_models):
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
+    conn = Connection(srv.url)
+    conn.use_residents = False  # nothing is meant to stay
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+    big = torch.ones(64 * MiB // 4)
+    graph = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"}, "constants": ["big"],
+             "sites": [{"name": READ_SITE}],
+             "nodes": [{"id": 0, "op": "site.read", "args": [0]},
+                       {"id": 1, "op": "sum", "args": [{"const": "big"}]},
+                       {"id": 2, "op": "add", "args": [{"ref": 0}, {"ref": 1}]},
+                       {"id": 3, "op": "site.write", "args": [0, {"ref": 2}]}],
+             "saves": {}, "forward": {"return_type": "logits"}}
+    gc.collect()
+    gc.disable()
+    try:
+        conn.run(graph, {"input_ids": tokens, "big": big})  # warm up allocator and caches
+        before = rss()
+        for _ in range(5):
+            conn.run(graph, {"input_ids": tokens, "big": big})
+        time.sleep(0.2)
+        grown = rss() - before
+        assert grown < 96 * MiB, f"5 finished 64 MiB requests still hold {grown / MiB:.0f} MiB"
+    finally:
+        gc.enable()
+        conn.close()
+        srv.stop()
+
+
+# ---- 7. key files ------------------------------------------------------------------------
+
+def _serve(tmp_path, keys_text: str):
+    keys = tmp_path / "keys.txt"
+    keys.write_text(keys_text)
+    exe = os.path.join(os.path.dirname(sys.executable), "hookwire")
+    return subprocess.Popen([exe, "serve", "--model", "tiny-gpt2", "--port", "0",
+                             "--api-key-file", str(keys)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_a_key_file_line_is_the_whole_key(tmp_path):
+    key = "Zq#h7Kf9-PrN2wXv4LmT8sYc"
+    proc = _serve(tmp_path, f"# tenants\n{key}\n\n")
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("hookwire serving "), line + proc.stderr.read()
+        url = line.rsplit(" ", 1)[1].strip()
+        Connection(url, api_key=key).close()
+        with pytest.raises(AuthError):
+            Connection(url, api_key="Zq")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_short_keys_are_refused_at_start_up(tmp_path):
+    proc = _serve(tmp_path, "good-key-0123456789abcdef\nshort\n")
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 2 and "too short" in err, err
+    with pytest.raises(ValueError, match="too short"):
+        hs.start(models=["tiny-gpt2"], port=0, api_keys=["short"])
+
+
+# ---- found on the way --------------------------------------------------------------------
+
+def test_right_padding_cannot_blow_up_a_batch(hosted, local_models):
+    """One long request and many one-token ones: padded together, every row would carry the
+    long one's positions. The batch's padded output stays within ``max_output_bytes``."""
+    limit = 4 * MiB
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   batch_window_s=0.3, limits=Limits(max_output_bytes=limit))
+    clients = [PipelinedClient(srv.url) for _ in range(33)]
+    try:
+        long = torch.randint(0, 256, (1, 256))
+        short = torch.tensor([[7]])
+        graph = read_graph("tiny-gpt2", [], return_type="logits")
+        rids = [clients[0].send(graph, {"input_ids": long})]
+        rids += [c.send(graph, {"input_ids": short}) for c in clients[1:]]
+        answers = [c.collect([r])[r] for c, r in zip(clients, rids)]
+        assert all(a.error is None for a in answers)
+        padded_bytes = answers[0].batch_size * 256 * 257 * 4
+        assert padded_bytes <= limit, f"batch of {answers[0].batch_size} padded to 256"
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+
+
+def test_cancel_ids_of_requests_never_sent_are_not_kept(hosted):
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
+    client = PipelinedClient(srv.url)
+    try:
+        for i in range(5000):
+            client.ws.send(json.dumps({"type": "cancel", "request_id": f"nope-{i:058d}"}))
+        client.ws.send(json.dumps({"type": "model_info", "model": "tiny-gpt2"}))
+        assert parse_server_message(client.ws.recv(timeout=30)).type == "model_info"
+        (state,) = srv.server.states
+        assert len(state.cancelled) <= 1024
+    finally:
+        client.close()
+        srv.stop()
+
+
+def test_results_nobody_reads_are_bounded_and_their_reader_dropped(hosted):
+    """A client that submits a request with large results and stops reading: the results
+    queued for it count against its user's memory (so that user's next submit is refused),
+    and after ``send_timeout_s`` without progress its connection is dropped, freeing them."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(send_timeout_s=5.0,
+                                                   max_pending_bytes_per_user=24 * MiB))
+    from websockets.sync.client import connect
+    sleeper = connect(srv.url, additional_headers={"Authorization": f"Bearer {KEY_A}"},
+                      max_size=None, max_queue=1, ping_interval=None)
+    other = PipelinedClient(srv.url, KEY_A)
+    try:
+        sleeper.send(json.dumps({"type": "hello", "protocol": 1, "client_version": "t"}))
+        sleeper.recv(timeout=30)
+        tokens = torch.randint(0, 256, (128, 256))  # 4 saves of 8 MiB, 33 MiB of logits
+        graph = read_graph("tiny-gpt2", [(f"blocks.{b}.hook_resid_{kind}", 0)
+                                         for b in (0, 1) for kind in ("pre", "post")])
+        sleeper.send(json.dumps({"type": "submit", "request_id": "unread", "graph": graph,
+                                 "tensors": [header_for("input_ids", tokens).model_dump()],
+                                 "keep_results": False}))
+        for frame in encode_chunks("unread", "input_ids", tokens):
+            sleeper.send(frame)
+        # While the unread results pile up, the same user's next submit is refused.
+        err, deadline = None, time.monotonic() + 60
+        while err is None and time.monotonic() < deadline:
+            rid = other.send(read_graph("tiny-gpt2", [], return_type=None),
+                             {"input_ids": torch.randint(0, 256, (1, 8))})
+            err = other.collect([rid])[rid].error
+            time.sleep(0.2)
+        assert err is not None and err.details.get("rule") == "max_pending_bytes_per_user", err
+        deadline = time.monotonic() + 30  # dropped after send_timeout_s without progress
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert srv.server.memory.pending_total == 0
+        assert len(srv.server.states) == 1  # only the other connection is left
+    finally:
+        other.close()
+        try:
+            sleeper.close()
+        except Exception:
+            pass
+        srv.stop()
