@@ -6,6 +6,7 @@ notebooks have their own event loop, so the client does not need one of its own.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -20,8 +21,9 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from hookwire import __version__
-from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
-                             TooManyConnections, error_from_code)
+from hookwire.errors import (AuthError, HookwireError, ProtocolError, ResidentMissing,
+                             ServerUnavailable, TooManyConnections, error_from_code)
+from hookwire.graph import hook_mode
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
@@ -75,21 +77,50 @@ class RemoteModelInfo:
     hook_aliases: dict[str, str] = field(default_factory=dict)  # alias -> canonical
     module_layouts: dict[str, list[str]] = field(default_factory=dict)
     step_module_layouts: dict[str, list[str]] = field(default_factory=dict)
+    tl_config: dict = field(default_factory=dict)
+    hook_modes: dict[str, list[SiteInfo]] = field(default_factory=dict)  # TL sites per mode
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
-        sites = []
-        for s in msg.sites:
-            if s.dtype not in DTYPES:
-                raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
-            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad))
+        sites = _site_infos(msg.sites)
         info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)
         info.hook_aliases = dict(msg.hook_aliases)
         info.module_layouts = {k: list(v) for k, v in msg.module_layouts.items()}
         info.step_module_layouts = {k: list(v) for k, v in msg.step_module_layouts.items()}
+        info.tl_config = dict(msg.tl_config)
+        info.hook_modes = {k: _site_infos(v) for k, v in msg.hook_modes.items()}
         return info
+
+    def for_flags(self, flags) -> "RemoteModelInfo":
+        """This model as it runs with TL's hook switches ``flags`` on (see
+        ``hookwire.graph.TL_HOOK_FLAGS``): the TL sites that fire then, in their order."""
+        if not flags:
+            return self
+        key = hook_mode(flags)
+        views = self.__dict__.setdefault("_mode_views", {})
+        if key not in views:
+            sites = self.hook_modes.get(key)
+            if sites is None:
+                raise HookwireError(
+                    f"the server's {self.name!r} cannot run with {key.replace(',', ' + ')} "
+                    "switched on (TransformerLens refuses it for this architecture, or the "
+                    "server is older than this client); switch it off with "
+                    f"model.set_{sorted(flags)[0]}(False)")
+            view = dataclasses.replace(self, sites=list(sites))
+            view.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
+            views[key] = view
+        return views[key]
+
+
+def _site_infos(descriptions) -> list[SiteInfo]:
+    sites = []
+    for s in descriptions:
+        if s.dtype not in DTYPES:
+            raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
+        sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad))
+    return sites
 
 
 @dataclass

@@ -39,3 +39,7 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
         return False
+
+
+def progress_bar(model: str, n_sites: int, enabled: bool | None = None) -> ProgressBar:
+    return ProgressBar(model, n_sites, enabled)

@@ -106,6 +106,13 @@ class ModelInfo(_Msg):
     # where they differ.
     module_layouts: dict[str, list[str]] = Field(default_factory=dict)
     step_module_layouts: dict[str, list[str]] = Field(default_factory=dict)
+    # The TL 4 config values a local model must share with the server's to run its hooks
+    # remotely (n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, architecture).
+    tl_config: dict = Field(default_factory=dict)
+    # TL's hook switches change which hook points fire, and in what order: the TL sites of
+    # every supported combination of switches (``graph.hook_mode`` key -> sites in firing
+    # order). ``sites`` is the combination with every switch off.
+    hook_modes: dict[str, list[SiteDescription]] = Field(default_factory=dict)
 
 
 class Accepted(_Msg):

@@ -17,6 +17,7 @@ What cannot become a node (reading values with ``.item()``, ``if tensor:``, prin
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -207,11 +208,14 @@ _guard_torch_save()
 # ---- proxies ------------------------------------------------------------------------------
 
 class _ViewOf:
-    """How a view proxy relates to its base: re-derive it, or write an edit back."""
-    __slots__ = ("base", "redo", "undo", "base_version")
+    """How a view proxy relates to its base: re-derive it, or write an edit back. ``replay``
+    (views that keep every element) makes the view from the base's real value on the client
+    (:mod:`hookwire.aliases`)."""
+    __slots__ = ("base", "redo", "undo", "base_version", "replay")
 
-    def __init__(self, base, redo, undo, base_version):
+    def __init__(self, base, redo, undo, base_version, replay=None):
         self.base, self.redo, self.undo, self.base_version = base, redo, undo, base_version
+        self.replay = replay
 
 
 class Proxy(torch.Tensor):
@@ -436,8 +440,8 @@ class Tracer:
             view.base_version = base._hw_version
             child = base
 
-    def _make_view(self, out: Proxy, base: Proxy, redo, undo):
-        out._hw_view = _ViewOf(base, redo, undo, base._hw_version)
+    def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None):
+        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay)
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
@@ -570,16 +574,20 @@ class Tracer:
             self._index_view(src, out, (slice(None),) * dim + (slice(start, start + length),))
         elif name in _RESHAPE_VIEWS:
             shape = tuple(src.shape)
+            out_shape = tuple(out.shape)
             self._make_view(out, src,
                             redo=lambda b, name=name, rest=rest, kw=kw: self.emit(
                                 OPS[name].name, (Ref(b), *rest), kw),
-                            undo=lambda b, v, shape=shape: self.emit("reshape", (Ref(v), shape)))
+                            undo=lambda b, v, shape=shape: self.emit("reshape", (Ref(v), shape)),
+                            replay=T.detach if name == "detach" else
+                            functools.partial(_view_or_reshape, shape=out_shape))
         else:  # permutations
             perm = _permutation_of(name, src.dim(), rest, kw)
             inverse = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
             self._make_view(out, src,
                             redo=lambda b, perm=perm: self.emit("permute", (Ref(b), perm)),
-                            undo=lambda b, v, inv=inverse: self.emit("permute", (Ref(v), inv)))
+                            undo=lambda b, v, inv=inverse: self.emit("permute", (Ref(v), inv)),
+                            replay=lambda t, perm=perm: t.permute(perm))
 
     def _index_view(self, src, out, index):
         self._make_view(out, src,
@@ -735,6 +743,15 @@ def _from_specs(specs):
         return torch.empty_strided(specs[1], specs[2], dtype=specs[3], device="meta")
     items = [_from_specs(s) for s in specs[2]]
     return specs[1](items) if specs[1] is not tuple else tuple(items)
+
+
+def _view_or_reshape(t: torch.Tensor, shape) -> torch.Tensor:
+    """A reshape view replayed on a received tensor (contiguous, so a view almost always
+    works; where strides differ from the traced layout, a reshape gives the same values)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.reshape(shape)
 
 
 def _is_basic_index(index) -> bool:

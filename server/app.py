@@ -34,7 +34,7 @@ from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello,
                                parse_client_message)
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
-from hookwire.server.manifest import describe, probe_sites, site_lookup
+from hookwire.server.manifest import describe, probe_hook_modes, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
@@ -53,6 +53,8 @@ class ModelEntry:
     info_json: str
     site_modules: dict
     hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
+    # TL hook-switch combination (graph.hook_mode) -> (site_table, site_order) of its sites
+    mode_tables: dict = None
 
 
 class ConnState:
@@ -128,6 +130,7 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
     # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
     # clients see the sites they always saw, in the same order.
     sites = probe_sites(hosted.bridge)
+    modes = probe_hook_modes(hosted.bridge)
     try:
         hf_model = plain_hf_model(hosted.bridge)
         module_sites = probe_module_sites(hf_model)
@@ -136,7 +139,7 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
         log.exception("no HF module sites for %s", hosted.name)
         hf_model, module_sites, layouts = None, [], ({}, {})
     sites = sites + module_sites
-    info = describe(hosted, sites)
+    info = describe(hosted, sites, modes)
     info.module_layouts, info.step_module_layouts = layouts
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
@@ -144,7 +147,8 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
         site_modules.update(module_table(hf_model, module_sites))
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
-        info_json=dump(info), site_modules=site_modules, hf_model=hf_model)
+        info_json=dump(info), site_modules=site_modules, hf_model=hf_model,
+        mode_tables={key: site_lookup(hosted.bridge, s) for key, s in modes.items()})
 
 
 class HookwireServer:

@@ -13,7 +13,8 @@ import torch
 from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
-from hookwire.server.tl_modes import tl_hooks_marked
+from hookwire.graph import hook_mode
+from hookwire.server.tl_modes import flags_applied, hook_switch_modes, tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription
 from hookwire.tokenizer import tokenizer_files
 from hookwire.validate import SiteInfo
@@ -72,9 +73,11 @@ def _record_sites(bridge, batch: int, seq: int
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
-def probe_sites(bridge) -> list[SiteInfo]:
+def probe_sites(bridge, flags=()) -> list[SiteInfo]:
+    """The TL sites in firing order, with TL's hook switches ``flags`` on (the rest off)."""
     (b1, s1), (b2, s2) = _PROBES
-    first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
+    with flags_applied(bridge, flags):
+        first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
     if [(n, c) for n, c, *_ in first] != [(n, c) for n, c, *_ in second]:
         raise RuntimeError("hook sites fire in a different order for different input sizes")
     sites = []
@@ -104,14 +107,42 @@ def symbolic_shape(shape1, shape2) -> tuple | None:
     return tuple(dims)
 
 
-def describe(hosted, sites: list[SiteInfo]) -> ModelInfo:
+def probe_hook_modes(bridge) -> dict[str, list[SiteInfo]]:
+    """The TL sites of every combination of TL's hook switches the bridge accepts
+    (``set_use_split_qkv_input`` adds ``hook_q_input``... and reorders the attention's
+    sites), keyed by ``graph.hook_mode``. Probed once, when the model is loaded."""
+    return {hook_mode(flags): probe_sites(bridge, flags) for flags in hook_switch_modes(bridge)}
+
+
+_TL_CONFIG_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
+                   "n_key_value_heads", "architecture")
+
+
+def tl_config(bridge) -> dict:
+    """The TL config values a client's own model must share with this one."""
+    out = {}
+    for key in _TL_CONFIG_KEYS:
+        value = getattr(bridge.cfg, key, None)
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _descriptions(sites: list[SiteInfo]) -> list[SiteDescription]:
+    return [SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
+                            dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites]
+
+
+def describe(hosted, sites: list[SiteInfo], modes: dict | None = None) -> ModelInfo:
     return ModelInfo(
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
-        sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
-                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites],
+        sites=_descriptions(sites),
         hook_names=[name for name in hosted.bridge.hook_dict],
         hook_aliases=hook_aliases(hosted.bridge),
-        tokenizer_files=tokenizer_files(hosted.tokenizer))
+        tokenizer_files=tokenizer_files(hosted.tokenizer) if hosted.tokenizer is not None
+        else {},
+        tl_config=tl_config(hosted.bridge),
+        hook_modes={key: _descriptions(s) for key, s in (modes or {}).items()})
 
 
 def hook_aliases(bridge) -> dict[str, str]:

@@ -131,6 +131,22 @@ def load_model(name_or_path: str, device_map=None) -> HostedModel:
                      f"({', '.join(BUILTIN_MODELS)}) and not a local checkpoint folder")
 
 
+def describe_bridge(bridge) -> tuple[str, dict]:
+    """(architecture, config dict) of a TL bridge the caller hosts. Over an HF model of a
+    known family, the HF config (clients build weightless stand-ins from it). Over anything
+    else -- TL's native models, a training framework's module -- the bridge is served as it
+    is (its TL hook points, run by TL's own forward); there is no HF config to describe it,
+    so clients use their own copy of the model with ``remote=True``."""
+    hf_model = getattr(bridge, "original_model", None)
+    cfg = getattr(hf_model, "config", None)
+    architectures = getattr(cfg, "architectures", None) if cfg is not None else None
+    architecture = (architectures or [getattr(bridge.cfg, "architecture", None)
+                                      or type(hf_model).__name__])[0]
+    if architecture in FAMILIES and cfg is not None:
+        return architecture, FAMILIES[architecture].config_to_dict(cfg)
+    return architecture, {}
+
+
 def host_model_object(name: str, model) -> HostedModel:
     """Host an already-built object: a TL bridge, or an HF model of a known family."""
     from transformer_lens.model_bridge import TransformerBridge
@@ -138,12 +154,8 @@ def host_model_object(name: str, model) -> HostedModel:
     if isinstance(model, HostedModel):
         return model
     if isinstance(model, TransformerBridge):
-        hf_model = model.original_model
-        cfg = hf_model.config
-        architecture = (cfg.architectures or [type(hf_model).__name__])[0]
-        family = family_for_architecture(architecture)
-        return HostedModel(name, architecture, family.config_to_dict(cfg), model,
-                           model.tokenizer)
+        architecture, config = describe_bridge(model)
+        return HostedModel(name, architecture, config, model, model.tokenizer)
     cfg = model.config
     architecture = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
     family = family_for_architecture(architecture)

@@ -55,4 +55,70 @@ def marked_for_graph(site_modules: dict, vg):
     return tl_hooks_marked([m for m in fwd if m is not None], [m for m in bwd if m is not None])
 
 
-__all__ = ["tl_hooks_marked", "marked_for_graph"]
+
+
+# ---- TL's hook switches (set_use_attn_result & co.), per request -------------------------
+
+def current_flags(bridge) -> frozenset:
+    from hookwire.graph import TL_HOOK_FLAGS
+
+    return frozenset(f for f in TL_HOOK_FLAGS if bool(getattr(bridge.cfg, f, False)))
+
+
+def _set_flags(bridge, flags) -> None:
+    from hookwire.graph import TL_HOOK_FLAGS
+
+    on = set(flags)
+    # Off first: use_split_qkv_input and use_attn_in refuse to be on together.
+    for flag in TL_HOOK_FLAGS:
+        if flag not in on and getattr(bridge.cfg, flag, False):
+            getattr(bridge, f"set_{flag}")(False)
+    for flag in TL_HOOK_FLAGS:
+        if flag in on and not getattr(bridge.cfg, flag, False):
+            getattr(bridge, f"set_{flag}")(True)
+
+
+@contextlib.contextmanager
+def flags_applied(bridge, flags=()):
+    """Run with exactly ``flags`` of TL's hook switches on (the others off), then put back
+    what the bridge had: a request's switches are its own, never the next request's."""
+    before = current_flags(bridge)
+    if before == frozenset(flags):
+        yield
+        return
+    _set_flags(bridge, flags)
+    try:
+        yield
+    finally:
+        _set_flags(bridge, before)
+
+
+def hook_switch_modes(bridge) -> list[frozenset]:
+    """Every combination of TL's hook switches this bridge accepts, except all-off
+    (``use_split_qkv_input`` and ``use_attn_in`` exclude each other; TL refuses the attention
+    ones on architectures whose attention it does not re-implement)."""
+    import itertools
+    import warnings
+
+    from hookwire.graph import TL_HOOK_FLAGS
+
+    if not all(hasattr(bridge, f"set_{flag}") for flag in TL_HOOK_FLAGS):
+        return []
+    modes = []
+    for n in range(1, len(TL_HOOK_FLAGS) + 1):
+        for combo in itertools.combinations(TL_HOOK_FLAGS, n):
+            if {"use_split_qkv_input", "use_attn_in"} <= set(combo):
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # hybrid models: TL warns, per layer
+                    with flags_applied(bridge, combo):
+                        pass
+            except (ValueError, NotImplementedError, AttributeError, TypeError):
+                continue
+            modes.append(frozenset(combo))
+    return modes
+
+
+__all__ = ["tl_hooks_marked", "marked_for_graph", "flags_applied", "current_flags",
+           "hook_switch_modes"]

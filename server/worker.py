@@ -29,7 +29,8 @@ from hookwire.server.attention_sites import attention_weight_sites, weight_site_
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
-from hookwire.server.tl_modes import marked_for_graph
+from hookwire.graph import hook_mode
+from hookwire.server.tl_modes import flags_applied, marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
 log = logging.getLogger("hookwire.server")
@@ -63,6 +64,7 @@ class Prepared:
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
     generation: list | None = None     # a generate request's validated forwards
+    residual: torch.Tensor | None = None  # start_at_layer: the residual entering block k
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -81,9 +83,11 @@ def batch_key(job: Job):
     if job.submit.generate is not None:
         return None  # a token loop with its own KV cache runs alone
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
+            spec.start_at_layer is not None or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
-    return (graph.model, spec.output_attentions)
+    # TL's hook switches are the model's state during the forward: only equal ones share it.
+    return (graph.model, spec.output_attentions, hook_mode(spec.tl_flags))
 
 
 def _rows(job: Job) -> int:
@@ -191,8 +195,11 @@ class ModelWorker(threading.Thread):
         missing = [tid for tid in graph.constants if tid not in job.tensors]
         if missing:
             raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
-        vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
+        site_table, site_order = tables_for(entry, graph.forward)
+        vg = validate_structure(graph, site_table, site_order, self.limits)
         on_modules = _uses_module_sites(graph)
+        residual = start_residual(entry, graph, job.tensors, input_ids) \
+            if graph.forward.start_at_layer is not None else None
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq))
@@ -200,7 +207,8 @@ class ModelWorker(threading.Thread):
         constants = {k: v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
                      mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
-                     on_modules=on_modules)
+                     on_modules=on_modules,
+                     residual=residual.to(device) if residual is not None else None)
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
@@ -231,7 +239,8 @@ class ModelWorker(threading.Thread):
         return on_site
 
     @staticmethod
-    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False):
+    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
+                 residual=None):
         bridge = entry.hosted.bridge
 
         def forward():
@@ -242,8 +251,12 @@ class ModelWorker(threading.Thread):
                                                         use_cache=False).logits
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
-            return type(bridge).forward(bridge, tokens, return_type=spec.return_type or "logits",
-                                        loss_per_token=spec.loss_per_token, **extra)
+            if residual is not None:
+                extra["start_at_layer"] = spec.start_at_layer
+            with flags_applied(bridge, spec.tl_flags):
+                return type(bridge).forward(bridge, tokens if residual is None else residual,
+                                            return_type=spec.return_type or "logits",
+                                            loss_per_token=spec.loss_per_token, **extra)
         return forward
 
     def run_alone(self, p: Prepared):
@@ -261,7 +274,7 @@ class ModelWorker(threading.Thread):
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
-                                          p.attention_weights),
+                                          p.attention_weights, p.residual),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -371,6 +384,46 @@ class ModelWorker(threading.Thread):
                 total += len(frame)
                 job.conn.send_threadsafe(frame)
         return total
+
+
+def tables_for(entry, spec) -> tuple[dict, dict]:
+    """The site tables a graph is validated against: those of the TL hook switches it runs
+    with (they change which sites fire, and their order)."""
+    if not spec.tl_flags:
+        return entry.site_table, entry.site_order
+    key = hook_mode(spec.tl_flags)
+    tables = (entry.mode_tables or {}).get(key)
+    if tables is None:
+        raise GraphValidationError(f"model {entry.hosted.name!r} cannot run with TL hook "
+                                   f"switches {key!r} on", rule="tl_flags")
+    return tables
+
+
+def start_residual(entry, graph, tensors: dict, input_ids) -> torch.Tensor:
+    """The residual a ``start_at_layer`` forward starts from: attached, shaped
+    [batch, seq, d_model] like ``input_ids`` says, in the model's dtype; the forward returns
+    logits or nothing (TL computes no loss without the tokens)."""
+    spec, cfg = graph.forward, entry.hosted.bridge.cfg
+    n_layers = cfg.n_layers
+    if not -n_layers <= spec.start_at_layer < n_layers:
+        raise GraphValidationError(f"start_at_layer={spec.start_at_layer}: the model has "
+                                   f"{n_layers} blocks", rule="start_at_layer")
+    if spec.return_type not in ("logits", None):
+        raise GraphValidationError("a forward that starts at a block returns logits or "
+                                   "nothing: the loss needs the tokens", rule="return_type")
+    k = spec.start_at_layer % n_layers
+    for site in graph.sites:
+        if site.name in ("hook_embed", "hook_tokens") or site.name.startswith("embed."):
+            raise GraphValidationError(f"site {site.name!r} does not fire in a forward that "
+                                       f"starts at block {k}", rule="start_at_layer")
+    residual = tensors.get(graph.inputs.get("residual", ""))
+    batch, seq = input_ids.shape
+    dtype = entry.sites[0].dtype if entry.sites else torch.float32
+    if residual is None or tuple(residual.shape) != (batch, seq, cfg.d_model) or \
+            residual.dtype != dtype:
+        raise ProtocolError(f"start_at_layer needs an attached residual of shape "
+                            f"({batch}, {seq}, {cfg.d_model}) and dtype {dtype}")
+    return residual
 
 
 def _attention_mask(job: Job, graph, input_ids, device):

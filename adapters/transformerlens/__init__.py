@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 
 from hookwire.errors import HookwireError
 from hookwire.runs import RemoteRun
-from hookwire.transformerlens.remote_run import (RemoteTarget, forward_goes_remote,
-                                                 remote_forward)
+from hookwire.transformerlens.call_scope import (call_lock, current_remote_target,
+                                                 forward_goes_remote, hook_handles)
+from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 from hookwire.transformerlens.legacy import RemoteHookedTransformer
 from hookwire.transformerlens.stand_in import RemoteModel
 
@@ -31,10 +33,10 @@ def _patch(cls, method_name: str) -> None:
     def method(self, *args, remote=None, remote_model=None, progress=None, blocking=True,
                **kwargs):
         stand_in = getattr(self, "_hookwire_remote", None)
-        redirected = self.__dict__.get("forward")
-        if stand_in is None and getattr(redirected, "func", None) is remote_forward:
+        if current_remote_target(self) is not None:
             # Inside ``with model.hooks(..., remote=...)``: the forward already goes remote.
-            return original(self, *args, **kwargs)
+            with call_lock(self):
+                return original(self, *args, **kwargs)
         if remote is None:
             remote = stand_in is not None
         if remote and method_name == "generate":
@@ -51,16 +53,23 @@ def _patch(cls, method_name: str) -> None:
                               api_key=base.get("api_key"),
                               model=remote_model or base.get("model"), progress=progress)
         if blocking:
-            with forward_goes_remote(self, target):
+            with call_lock(self), forward_goes_remote(self, target):
                 return original(self, *args, **kwargs)
         # Non-blocking: TL's method runs in the background; the caller waits only for the
-        # tracing, so trace errors still surface here, then gets the RemoteRun handle.
+        # tracing, so trace errors still surface here, then gets the RemoteRun handle. Once
+        # traced, the call's temporary hooks come off the model so the next call is traced
+        # without them (see call_scope); generate traces every step, so it keeps the model
+        # to itself until it is done.
         target.traced = threading.Event()
+        target.detach_hooks = method_name != "generate" and kwargs.get("reset_hooks_end", True)
 
         def work(run):
             target.run = run
-            with forward_goes_remote(self, target):
-                return original(self, *args, **kwargs)
+            target.lock = call_lock(self)
+            with target.lock:
+                target.hooks_before = hook_handles(self)
+                with forward_goes_remote(self, target):
+                    return original(self, *args, **kwargs)
         run = RemoteRun(work).start()
         run.wait_until_traced(target.traced)
         return run
@@ -79,14 +88,27 @@ def _patch_hooks_context(cls) -> None:
     @functools.wraps(original)
     @contextlib.contextmanager
     def hooks(self, *args, remote=None, remote_model=None, progress=None, **kwargs):
-        with original(self, *args, **kwargs) as ctx:
+        # TL adds the hooks on entry and removes them on exit: both under the model's call
+        # lock, so a non-blocking call finishing in the background never interleaves.
+        lock = call_lock(self)
+        context = original(self, *args, **kwargs)
+        with lock:
+            ctx = context.__enter__()
+        try:
             if not remote or getattr(self, "_hookwire_remote", None) is not None:
                 yield ctx  # not asked for, or a stand-in (always remote already)
-                return
-            target = RemoteTarget(url=remote if isinstance(remote, str) else None,
-                                  model=remote_model, progress=progress)
-            with forward_goes_remote(self, target):
-                yield ctx
+            else:
+                target = RemoteTarget(url=remote if isinstance(remote, str) else None,
+                                      model=remote_model, progress=progress)
+                with forward_goes_remote(self, target):
+                    yield ctx
+        except BaseException:
+            with lock:
+                if not context.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with lock:
+                context.__exit__(None, None, None)
 
     hooks._hookwire_patched = True
     setattr(cls, "hooks", hooks)
