@@ -6,10 +6,10 @@ notebooks have their own event loop, so the client does not need one of its own.
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -21,8 +21,8 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from hookwire import __version__
-from hookwire.errors import (AuthError, HookwireError, ProtocolError, ResidentMissing,
-                             ServerUnavailable, TooManyConnections, error_from_code)
+from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
+                             TooManyConnections, error_from_code)
 from hookwire.graph import hook_mode
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
@@ -78,7 +78,7 @@ class RemoteModelInfo:
     module_layouts: dict[str, list[str]] = field(default_factory=dict)
     step_module_layouts: dict[str, list[str]] = field(default_factory=dict)
     tl_config: dict = field(default_factory=dict)
-    hook_modes: dict[str, list[SiteInfo]] = field(default_factory=dict)  # TL sites per mode
+    tl_flags: frozenset = frozenset()  # TL hook switches on when these sites were recorded
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
@@ -90,28 +90,8 @@ class RemoteModelInfo:
         info.module_layouts = {k: list(v) for k, v in msg.module_layouts.items()}
         info.step_module_layouts = {k: list(v) for k, v in msg.step_module_layouts.items()}
         info.tl_config = dict(msg.tl_config)
-        info.hook_modes = {k: _site_infos(v) for k, v in msg.hook_modes.items()}
+        info.tl_flags = frozenset(msg.tl_flags)
         return info
-
-    def for_flags(self, flags) -> "RemoteModelInfo":
-        """This model as it runs with TL's hook switches ``flags`` on (see
-        ``hookwire.graph.TL_HOOK_FLAGS``): the TL sites that fire then, in their order."""
-        if not flags:
-            return self
-        key = hook_mode(flags)
-        views = self.__dict__.setdefault("_mode_views", {})
-        if key not in views:
-            sites = self.hook_modes.get(key)
-            if sites is None:
-                raise HookwireError(
-                    f"the server's {self.name!r} cannot run with {key.replace(',', ' + ')} "
-                    "switched on (TransformerLens refuses it for this architecture, or the "
-                    "server is older than this client); switch it off with "
-                    f"model.set_{sorted(flags)[0]}(False)")
-            view = dataclasses.replace(self, sites=list(sites))
-            view.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
-            views[key] = view
-        return views[key]
 
 
 def _site_infos(descriptions) -> list[SiteInfo]:
@@ -201,17 +181,27 @@ class Connection:
             raise ProtocolError("expected a control message, got binary data")
         return parse_server_message(data)
 
-    def model_info(self, name: str) -> RemoteModelInfo:
+    def model_info(self, name: str, tl_flags=()) -> RemoteModelInfo:
+        """What the server's ``name`` looks like; with ``tl_flags`` (TL's ``set_use_*``
+        switches), its TL sites as they fire with those switches on."""
+        key = name if not tl_flags else f"{name}|{hook_mode(tl_flags)}"
         with self.lock:
-            if name not in self.models:
-                self.ws.send(json.dumps({"type": "model_info", "model": name}))
+            if key not in self.models:
+                request = {"type": "model_info", "model": name}
+                if tl_flags:
+                    request["tl_flags"] = sorted(tl_flags)
+                self.ws.send(json.dumps(request))
                 msg = self._recv_control()
                 if isinstance(msg, Error):
                     raise error_from_code(msg.code, msg.message, msg.details)
                 if not isinstance(msg, ModelInfo):
                     raise ProtocolError(f"expected model_info, got {msg.type}")
-                self.models[name] = RemoteModelInfo.from_message(msg)
-            return self.models[name]
+                info = RemoteModelInfo.from_message(msg)
+                if info.tl_flags != frozenset(tl_flags):
+                    raise ProtocolError("server described the model with other TL hook "
+                                        "switches than asked for")
+                self.models[key] = info
+            return self.models[key]
 
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],
             on_event: Callable[[object], None] | None = None,
@@ -302,14 +292,30 @@ class Connection:
         return result
 
     def _abandon(self, rid: str) -> None:
+        """Give up on request ``rid`` now (Ctrl-C, a failing callback): ask the server to stop
+        it, then drop the socket at once. No closing handshake: the server may still be
+        streaming results that nobody will read, and waiting for its close frame behind
+        them took up to websockets' close timeout (10 s). The server notices the closed
+        connection (and the cancel) at the model's next block and stops the forward."""
         self.broken = True
         try:
             self.cancel(rid)
         except Exception:
             pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the TCP connection without a closing handshake."""
+        sock = getattr(self.ws, "socket", None)
         try:
-            self.close()
-        except Exception:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            if sock is not None:
+                sock.close()
+        except OSError:
             pass
 
     def cancel(self, request_id: str) -> None:
@@ -341,7 +347,17 @@ class Connection:
             msg = parse_server_message(data)
             if getattr(msg, "request_id", rid) not in (rid, None):
                 raise ProtocolError("server answered a request this client did not send")
-            if isinstance(msg, Result):
+            if isinstance(msg, Result) and msg.alias_of is not None:
+                # The same tensor as an earlier value of this request: a view of it.
+                base = values.get(msg.alias_of)
+                if base is None or tuple(base.shape) != tuple(msg.tensor.shape) or \
+                        DTYPE_NAMES.get(base.dtype) != msg.tensor.dtype:
+                    raise ProtocolError(f"server sent {msg.name!r} as an alias of a value it "
+                                        "had not sent, or of another shape or dtype")
+                values[msg.name] = base.detach()
+                if on_value is not None:
+                    on_value(msg.name, values[msg.name])
+            elif isinstance(msg, Result):
                 resident_ids[msg.name] = msg.resident
                 # Bounded per request, not only per tensor: a server cannot make this
                 # client reserve more than MAX_RESULT_BYTES in announced results.

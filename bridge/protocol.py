@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from hookwire.errors import ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.generation import GenerateSpec
-from hookwire.graph import Graph
+from hookwire.graph import TL_HOOK_FLAGS, Graph
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 << 20
@@ -33,6 +33,9 @@ class Hello(_Msg):
 class ModelInfoRequest(_Msg):
     type: Literal["model_info"] = "model_info"
     model: str = Field(max_length=256)
+    # The model as it runs with these TL hook switches on (they change which TL hook points
+    # fire, and their order); the server probes each combination once, on first request.
+    tl_flags: list[Literal[TL_HOOK_FLAGS]] = Field(default_factory=list, max_length=4)
 
 
 RESIDENT_ID_PATTERN = r"^[vh][0-9a-f]{24,32}$"
@@ -109,10 +112,8 @@ class ModelInfo(_Msg):
     # The TL 4 config values a local model must share with the server's to run its hooks
     # remotely (n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, architecture).
     tl_config: dict = Field(default_factory=dict)
-    # TL's hook switches change which hook points fire, and in what order: the TL sites of
-    # every supported combination of switches (``graph.hook_mode`` key -> sites in firing
-    # order). ``sites`` is the combination with every switch off.
-    hook_modes: dict[str, list[SiteDescription]] = Field(default_factory=dict)
+    # The TL hook switches on when ``sites`` were recorded (see ModelInfoRequest.tl_flags).
+    tl_flags: list[str] = Field(default_factory=list)
 
 
 class Accepted(_Msg):
@@ -137,6 +138,9 @@ class Result(_Msg):
     name: str
     tensor: TensorHeader
     resident: str | None = None  # the id under which the server keeps it for this user
+    # Set: no bytes follow; this value is the very tensor already sent as ``alias_of`` in
+    # this request (the client makes it a view of that one, as they alias on the server).
+    alias_of: str | None = Field(default=None, max_length=256)
 
 
 class Error(_Msg):

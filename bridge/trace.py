@@ -590,10 +590,14 @@ class Tracer:
                             replay=lambda t, perm=perm: t.permute(perm))
 
     def _index_view(self, src, out, index):
+        # An index that keeps every element (TL's default pos_slice, x[0] of a batch of one)
+        # can be replayed on the received value; a real slice is sent as itself.
+        whole = out.numel() == src.numel() and not isinstance(index, torch.Tensor)
         self._make_view(out, src,
                         redo=lambda b, index=index: self.emit("getitem", (Ref(b), index)),
                         undo=lambda b, v, index=index: self.emit("setitem",
-                                                                 (Ref(b), index, Ref(v))))
+                                                                 (Ref(b), index, Ref(v))),
+                        replay=(lambda t, index=index: t[index]) if whole else None)
 
     def _inplace(self, func, name, args, kwargs):
         target = args[0]

@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -34,7 +34,7 @@ from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello,
                                parse_client_message)
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
-from hookwire.server.manifest import describe, probe_hook_modes, probe_sites, site_lookup
+from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
@@ -53,8 +53,8 @@ class ModelEntry:
     info_json: str
     site_modules: dict
     hf_model: object = None  # the plain HF tree that module sites ("hf:...") run on
-    # TL hook-switch combination (graph.hook_mode) -> (site_table, site_order) of its sites
-    mode_tables: dict = None
+    # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
+    modes: dict = field(default_factory=dict)
 
 
 class ConnState:
@@ -130,7 +130,6 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
     # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
     # clients see the sites they always saw, in the same order.
     sites = probe_sites(hosted.bridge)
-    modes = probe_hook_modes(hosted.bridge)
     try:
         hf_model = plain_hf_model(hosted.bridge)
         module_sites = probe_module_sites(hf_model)
@@ -139,7 +138,7 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
         log.exception("no HF module sites for %s", hosted.name)
         hf_model, module_sites, layouts = None, [], ({}, {})
     sites = sites + module_sites
-    info = describe(hosted, sites, modes)
+    info = describe(hosted, sites)
     info.module_layouts, info.step_module_layouts = layouts
     site_table, site_order = site_lookup(hosted.bridge, sites)
     site_modules = {name: hp for name, hp in hosted.bridge.hook_dict.items()}
@@ -147,8 +146,7 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
         site_modules.update(module_table(hf_model, module_sites))
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
-        info_json=dump(info), site_modules=site_modules, hf_model=hf_model,
-        mode_tables={key: site_lookup(hosted.bridge, s) for key, s in modes.items()})
+        info_json=dump(info), site_modules=site_modules, hf_model=hf_model)
 
 
 class HookwireServer:
@@ -214,6 +212,24 @@ class HookwireServer:
                 await state.ws.send(item)
             except ConnectionClosed:
                 return
+
+    async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
+        """``model_info`` with TL hook switches on: the engine probes that combination once
+        (holding the model), then every client is told from the cached answer."""
+        loop = asyncio.get_running_loop()
+        try:
+            hook_mode_info = getattr(self.worker, "hook_mode_info", None)
+            if hook_mode_info is None:
+                raise HookwireError("this server's engine does not serve TL hook switches")
+            answer = await loop.run_in_executor(None, hook_mode_info, msg.model,
+                                                tuple(msg.tl_flags))
+        except Exception as exc:
+            if not isinstance(exc, HookwireError):
+                log.exception("probing TL hook switches failed")
+                exc = _internal_error(exc)
+            answer = dump(Error(request_id=None, code=exc.code, message=exc.message,
+                                details=_jsonable(exc.details)))
+        state.outbox.put_nowait(answer)
 
     async def _handle(self, ws: ServerConnection):
         # With API keys a user is a key (its resident values outlive a connection); without,
@@ -293,7 +309,11 @@ class HookwireServer:
             if entry is None:
                 raise UnknownModel(f"model {msg.model!r} is not served here; served: "
                                    f"{', '.join(self.entries)}")
-            state.outbox.put_nowait(entry.info_json)
+            if msg.tl_flags:
+                # Probing runs the model: in the engine's own thread, not on this loop.
+                asyncio.get_running_loop().create_task(self._answer_hook_mode(state, msg))
+            else:
+                state.outbox.put_nowait(entry.info_json)
         elif isinstance(msg, Submit):
             if state.incoming is not None:
                 # The previous submit declared more bytes than it sent (a lying header, or a

@@ -8,14 +8,16 @@ sizes and recording every hook point as it fires; each dimension is then named `
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
 from hookwire.graph import hook_mode
-from hookwire.server.tl_modes import flags_applied, hook_switch_modes, tl_hooks_marked
-from hookwire.protocol import ModelInfo, SiteDescription
+from hookwire.errors import GraphValidationError
+from hookwire.server.tl_modes import flags_applied, tl_hooks_marked
+from hookwire.protocol import ModelInfo, SiteDescription, dump
 from hookwire.tokenizer import tokenizer_files
 from hookwire.validate import SiteInfo
 
@@ -107,13 +109,6 @@ def symbolic_shape(shape1, shape2) -> tuple | None:
     return tuple(dims)
 
 
-def probe_hook_modes(bridge) -> dict[str, list[SiteInfo]]:
-    """The TL sites of every combination of TL's hook switches the bridge accepts
-    (``set_use_split_qkv_input`` adds ``hook_q_input``... and reorders the attention's
-    sites), keyed by ``graph.hook_mode``. Probed once, when the model is loaded."""
-    return {hook_mode(flags): probe_sites(bridge, flags) for flags in hook_switch_modes(bridge)}
-
-
 _TL_CONFIG_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
                    "n_key_value_heads", "architecture")
 
@@ -133,7 +128,7 @@ def _descriptions(sites: list[SiteInfo]) -> list[SiteDescription]:
                             dtype=DTYPE_NAMES[s.dtype], grad=s.grad) for s in sites]
 
 
-def describe(hosted, sites: list[SiteInfo], modes: dict | None = None) -> ModelInfo:
+def describe(hosted, sites: list[SiteInfo], tl_flags=()) -> ModelInfo:
     return ModelInfo(
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
         sites=_descriptions(sites),
@@ -141,8 +136,29 @@ def describe(hosted, sites: list[SiteInfo], modes: dict | None = None) -> ModelI
         hook_aliases=hook_aliases(hosted.bridge),
         tokenizer_files=tokenizer_files(hosted.tokenizer) if hosted.tokenizer is not None
         else {},
-        tl_config=tl_config(hosted.bridge),
-        hook_modes={key: _descriptions(s) for key, s in (modes or {}).items()})
+        tl_config=tl_config(hosted.bridge), tl_flags=sorted(tl_flags))
+
+
+@dataclass
+class HookMode:
+    """The model with some of TL's hook switches on: what clients are told, and the tables
+    its graphs are validated against."""
+    info_json: str
+    site_table: dict
+    site_order: dict
+
+
+def probe_hook_mode(hosted, tl_flags) -> HookMode:
+    """Probe the TL sites with ``tl_flags`` on (``set_use_split_qkv_input`` adds
+    ``hook_q_input``... and reorders the attention's sites). Refused with a typed error where
+    TL refuses the switch for this architecture. The caller holds the model's lock."""
+    try:
+        sites = probe_sites(hosted.bridge, tl_flags)
+    except (ValueError, NotImplementedError) as exc:
+        raise GraphValidationError(f"model {hosted.name!r} cannot run with TL hook switches "
+                                   f"{hook_mode(tl_flags)!r}: {exc}", rule="tl_flags") from None
+    table, order = site_lookup(hosted.bridge, sites)
+    return HookMode(dump(describe(hosted, sites, tl_flags)), table, order)
 
 
 def hook_aliases(bridge) -> dict[str, str]:

@@ -93,32 +93,4 @@ def flags_applied(bridge, flags=()):
         _set_flags(bridge, before)
 
 
-def hook_switch_modes(bridge) -> list[frozenset]:
-    """Every combination of TL's hook switches this bridge accepts, except all-off
-    (``use_split_qkv_input`` and ``use_attn_in`` exclude each other; TL refuses the attention
-    ones on architectures whose attention it does not re-implement)."""
-    import itertools
-    import warnings
-
-    from hookwire.graph import TL_HOOK_FLAGS
-
-    if not all(hasattr(bridge, f"set_{flag}") for flag in TL_HOOK_FLAGS):
-        return []
-    modes = []
-    for n in range(1, len(TL_HOOK_FLAGS) + 1):
-        for combo in itertools.combinations(TL_HOOK_FLAGS, n):
-            if {"use_split_qkv_input", "use_attn_in"} <= set(combo):
-                continue
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # hybrid models: TL warns, per layer
-                    with flags_applied(bridge, combo):
-                        pass
-            except (ValueError, NotImplementedError, AttributeError, TypeError):
-                continue
-            modes.append(frozenset(combo))
-    return modes
-
-
-__all__ = ["tl_hooks_marked", "marked_for_graph", "flags_applied", "current_flags",
-           "hook_switch_modes"]
+__all__ = ["tl_hooks_marked", "marked_for_graph", "flags_applied", "current_flags"]

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -26,10 +27,12 @@ from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
+from hookwire.server.cancel_watch import stop_between_blocks
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.graph import hook_mode
+from hookwire.server.manifest import HookMode, probe_hook_mode
 from hookwire.server.tl_modes import flags_applied, marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
@@ -110,6 +113,7 @@ class ModelWorker(threading.Thread):
         self.scheduler = Scheduler(limits.max_queued_per_user, window_s if batching else 0.0,
                                    MAX_BATCH_ROWS, MAX_BATCH_TOKENS)
         self.current: list[Job] = []   # what is running now (for shutdown)
+        self.model_lock = threading.RLock()  # held while the models run (or are probed)
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -121,7 +125,7 @@ class ModelWorker(threading.Thread):
     # the engine, and a cancel hook -- this worker checks ``conn.cancelled``/``closed`` at
     # each site itself, so it has nothing to do.
     def describe(self) -> dict:
-        return {"kind": "embedded"}
+        return {"kind": "embedded", "running": len(self.current)}
 
     def cancel(self, conn, request_id: str | None = None) -> None:
         pass
@@ -141,7 +145,8 @@ class ModelWorker(threading.Thread):
                 return
             self.current = jobs
             try:
-                self.execute_batch(jobs)
+                with self.model_lock:
+                    self.execute_batch(jobs)
             except Exception:  # a bug of ours must not kill the worker
                 log.exception("batch failed")
             finally:
@@ -195,7 +200,7 @@ class ModelWorker(threading.Thread):
         missing = [tid for tid in graph.constants if tid not in job.tensors]
         if missing:
             raise ProtocolError(f"constants declared but not attached: {missing[:5]}")
-        site_table, site_order = tables_for(entry, graph.forward)
+        site_table, site_order = self.tables_for(graph.model, graph.forward)
         vg = validate_structure(graph, site_table, site_order, self.limits)
         on_modules = _uses_module_sites(graph)
         residual = start_residual(entry, graph, job.tensors, input_ids) \
@@ -218,9 +223,37 @@ class ModelWorker(threading.Thread):
             p.generation = validate_generation(job, entry, self.limits, input_ids)
         return p
 
+    # ---- TL hook switches: sites probed per combination, on first use ---------------------
+    def hook_mode(self, model: str, tl_flags) -> HookMode:
+        entry = self.models.get(model)
+        if entry is None:
+            raise UnknownModel(f"model {model!r} is not served here; served: "
+                               f"{', '.join(self.models)}")
+        key = hook_mode(tl_flags)
+        with self.model_lock:  # probing runs the model: never beside a request
+            mode = entry.modes.get(key)
+            if mode is None:
+                mode = entry.modes[key] = probe_hook_mode(entry.hosted, tl_flags)
+        return mode
+
+    def hook_mode_info(self, model: str, tl_flags) -> str:
+        """The ``model_info`` answer for ``model`` with TL's hook switches ``tl_flags`` on."""
+        return self.hook_mode(model, tl_flags).info_json
+
+    def tables_for(self, model: str, spec) -> tuple[dict, dict]:
+        """The site tables a graph is validated against: those of the TL hook switches it
+        runs with (they change which sites fire, and their order)."""
+        if not spec.tl_flags:
+            entry = self.models[model]
+            return entry.site_table, entry.site_order
+        mode = self.hook_mode(model, spec.tl_flags)
+        return mode.site_table, mode.site_order
+
     def _saver(self, p: Prepared):
+        views = SentViews()  # a value this request already sent goes again as a reference
+
         def on_save(name, value, snapshot=True, keep=True):
-            p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep)
+            p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep, views)
         return on_save
 
     def _site_watch(self, p: Prepared):
@@ -237,6 +270,29 @@ class ModelWorker(threading.Thread):
                                        f"at site {k} of {n}", rule="max_request_seconds")
             job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
         return on_site
+
+    def _stop_reason(self, members: list[Prepared]):
+        """For stop_between_blocks: the error that ends the forward once *every* request in
+        it is cancelled, disconnected or over its wall time (between the graph's own sites
+        too: a forward with no hooks has none)."""
+        limit = self.limits.max_request_seconds
+
+        def reason(p: Prepared):
+            job = p.job
+            if job.request_id in job.conn.cancelled or job.conn.closed:
+                return Cancelled(f"request {job.request_id} was cancelled during the forward")
+            if time.perf_counter() - p.t_start > limit:
+                return DeadlineExceeded(f"request {job.request_id} ran longer than "
+                                        f"{limit:g} s", rule="max_request_seconds")
+            return None
+
+        def check():
+            reasons = [reason(p) for p in members]
+            if all(r is not None for r in reasons):
+                log.info("stopped a forward between blocks: %s", reasons[0].message)
+                return reasons[0]
+            return None
+        return check
 
     @staticmethod
     def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
@@ -271,7 +327,9 @@ class ModelWorker(threading.Thread):
             p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
-        with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
+        watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
+        with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg), \
+                stop_between_blocks(watched, self._stop_reason([p])):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
                                           p.attention_weights, p.residual),
@@ -314,6 +372,8 @@ class ModelWorker(threading.Thread):
         with torch.no_grad(), contextlib.ExitStack() as marks:
             for p in ready:
                 marks.enter_context(marked_for_graph(entry.site_modules, p.interleaver.vg))
+            marks.enter_context(stop_between_blocks(entry.hosted.bridge,
+                                                    self._stop_reason(ready)))
             try:
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens), full_seq)
@@ -361,9 +421,20 @@ class ModelWorker(threading.Thread):
                          bytes_received=p.job.received_bytes, timings=timings))
 
     def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
-                     keep: bool = True) -> int:
+                     keep: bool = True, views: "SentViews | None" = None) -> int:
         if not isinstance(value, torch.Tensor):
             raise ProtocolError(f"save {name!r} is not a tensor")
+        earlier = views.match(value) if views is not None else None
+        if earlier is not None:
+            # The very tensor (same storage, view and version) went out already under
+            # ``earlier``: the client makes this one a view of it, as the two alias locally.
+            header = header_for(f"t{abs(hash((job.request_id, name))) % (1 << 40)}",
+                                torch.empty(value.shape, dtype=value.dtype, device="meta"))
+            job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
+                                                 tensor=header, alias_of=earlier)))
+            return 0
+        if views is not None:
+            views.add(value, name)
         # Snapshot values saved mid-forward: the model may still edit them in place. (A
         # batch member's value is a view of its rows; the copy is its own, contiguous.)
         kept = value.detach().clone() if snapshot or value._base is not None else \
@@ -386,17 +457,31 @@ class ModelWorker(threading.Thread):
         return total
 
 
-def tables_for(entry, spec) -> tuple[dict, dict]:
-    """The site tables a graph is validated against: those of the TL hook switches it runs
-    with (they change which sites fire, and their order)."""
-    if not spec.tl_flags:
-        return entry.site_table, entry.site_order
-    key = hook_mode(spec.tl_flags)
-    tables = (entry.mode_tables or {}).get(key)
-    if tables is None:
-        raise GraphValidationError(f"model {entry.hosted.name!r} cannot run with TL hook "
-                                   f"switches {key!r} on", rule="tl_flags")
-    return tables
+class SentViews:
+    """The tensors one request has sent, by storage and view geometry, so a later save of
+    the same unchanged tensor (TL's ``blocks.0.hook_out`` is ``blocks.1.hook_in``) is sent as
+    a reference. Weak references: once a tensor object is gone its entry no longer matches
+    (its storage may be reused), so a match is always the same live tensor."""
+
+    def __init__(self):
+        self.by_key: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                tuple(t.stride()), t.dtype)
+
+    def add(self, t: torch.Tensor, name: str) -> None:
+        if t.numel() and not t.is_sparse:
+            self.by_key[self._key(t)] = (weakref.ref(t), t._version, name)
+
+    def match(self, t: torch.Tensor) -> str | None:
+        if not t.numel() or t.is_sparse:
+            return None
+        entry = self.by_key.get(self._key(t))
+        if entry is None or entry[0]() is None or entry[1] != t._version:
+            return None
+        return entry[2]
 
 
 def start_residual(entry, graph, tensors: dict, input_ids) -> torch.Tensor:
@@ -418,7 +503,8 @@ def start_residual(entry, graph, tensors: dict, input_ids) -> torch.Tensor:
                                        f"starts at block {k}", rule="start_at_layer")
     residual = tensors.get(graph.inputs.get("residual", ""))
     batch, seq = input_ids.shape
-    dtype = entry.sites[0].dtype if entry.sites else torch.float32
+    entering = entry.site_table.get((f"blocks.{k}.hook_in", 0))
+    dtype = entering.dtype if entering is not None else entry.sites[-1].dtype
     if residual is None or tuple(residual.shape) != (batch, seq, cfg.d_model) or \
             residual.dtype != dtype:
         raise ProtocolError(f"start_at_layer needs an attached residual of shape "

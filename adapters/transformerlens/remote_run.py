@@ -21,7 +21,7 @@ from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
-from hookwire.progress import progress_bar
+from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
 from hookwire.runs import RemoteRun, SavedValue
 from hookwire.trace import Proxy, Tracer, tracing
@@ -299,7 +299,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     name = target.model or model_name_of(model, None)
     is_legacy = legacy.is_legacy(model)
     flags = hook_flags(model)
-    info = conn.model_info(name).for_flags(flags)
+    info = conn.model_info(name, flags)
     if not is_legacy:
         check_bridge_compatible(model, info)
     start = None
@@ -381,7 +381,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     parked = _hooks_parked(model) if getattr(model, "_hookwire_hosted", False) else \
         contextlib.nullcontext()
     try:
-        with parked, progress_bar(name, len(tracer.sites), show) as bar:
+        with parked, ProgressBar(name, len(tracer.sites), show) as bar:
             def events(msg):
                 bar.on_event(msg)
                 if run is not None:
