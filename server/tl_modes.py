@@ -86,8 +86,8 @@ def flags_applied(bridge, flags=()):
     if before == frozenset(flags):
         yield
         return
-    _set_flags(bridge, flags)
     try:
+        _set_flags(bridge, flags)
         yield
     finally:
         _set_flags(bridge, before)

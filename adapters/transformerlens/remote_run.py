@@ -304,6 +304,9 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         check_bridge_compatible(model, info)
     start = None
     if start_at_layer is not None:
+        if return_type in ("loss", "both"):  # as TL's forward says (it has no tokens)
+            raise ValueError("Cannot compute loss with inputs_embeds — token IDs required "
+                             "for labels.")
         start, residual = start_input(model, info, input, start_at_layer)
         batch, seq = residual.shape[:2]
         tokens = torch.zeros((batch, seq), dtype=torch.int64)  # sizes only: see build_request
