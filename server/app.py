@@ -130,13 +130,18 @@ def prepare_model(hosted: HostedModel) -> ModelEntry:
     # TL hook points first, then HF module sites (hookwire.module_sites): additive, so TL
     # clients see the sites they always saw, in the same order.
     sites = probe_sites(hosted.bridge)
-    try:
-        hf_model = plain_hf_model(hosted.bridge)
-        module_sites = probe_module_sites(hf_model)
-        layouts = probe_module_layouts(hf_model)
-    except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
-        log.exception("no HF module sites for %s", hosted.name)
-        hf_model, module_sites, layouts = None, [], ({}, {})
+    hf_model, module_sites, layouts = None, [], ({}, {})
+    if getattr(getattr(hosted.bridge, "original_model", None), "config", None) is None:
+        # A bridge over a module that is no HF model (TL's native models...): TL sites only.
+        log.info("%s: no HF module sites (the bridge wraps no HF model)", hosted.name)
+    else:
+        try:
+            hf_model = plain_hf_model(hosted.bridge)
+            module_sites = probe_module_sites(hf_model)
+            layouts = probe_module_layouts(hf_model)
+        except Exception:  # a model whose HF tree we cannot mirror still serves its TL sites
+            log.exception("no HF module sites for %s", hosted.name)
+            hf_model, module_sites, layouts = None, [], ({}, {})
     sites = sites + module_sites
     info = describe(hosted, sites)
     info.module_layouts, info.step_module_layouts = layouts

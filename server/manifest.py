@@ -75,9 +75,20 @@ def _record_sites(bridge, batch: int, seq: int
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
+def probe_sizes(bridge) -> tuple:
+    """The two (batch, seq) probes: the defaults, or shorter sequences for a model with fewer
+    positions (TL's native test models have n_ctx=8)."""
+    n_ctx = getattr(bridge.cfg, "n_ctx", None)
+    (b1, s1), (b2, s2) = _PROBES
+    if isinstance(n_ctx, int) and 2 < n_ctx < s2:
+        return (b1, n_ctx - 1), (b2, n_ctx)
+    return _PROBES
+
+
 def probe_sites(bridge, flags=()) -> list[SiteInfo]:
     """The TL sites in firing order, with TL's hook switches ``flags`` on (the rest off)."""
-    (b1, s1), (b2, s2) = _PROBES
+    probes = probe_sizes(bridge)
+    (b1, s1), (b2, s2) = probes
     with flags_applied(bridge, flags):
         first, second = _record_sites(bridge, b1, s1), _record_sites(bridge, b2, s2)
     if [(n, c) for n, c, *_ in first] != [(n, c) for n, c, *_ in second]:
@@ -86,16 +97,16 @@ def probe_sites(bridge, flags=()) -> list[SiteInfo]:
     for (name, call, shape1, dtype, grad), (_, _, shape2, *_) in zip(first, second):
         if len(shape1) != len(shape2):
             continue
-        dims = symbolic_shape(shape1, shape2)
+        dims = symbolic_shape(shape1, shape2, probes)
         if dims is not None and dtype in DTYPE_NAMES:
             sites.append(SiteInfo(name, call, dims, dtype, grad))
     return sites
 
 
-def symbolic_shape(shape1, shape2) -> tuple | None:
+def symbolic_shape(shape1, shape2, probes=_PROBES) -> tuple | None:
     """One site's shapes in the two probes -> each dim as ``B``, ``S`` or its fixed size
     (None when a dim moves with neither)."""
-    (b1, s1), (b2, s2) = _PROBES
+    (b1, s1), (b2, s2) = probes
     dims = []
     for d1, d2 in zip(shape1, shape2):
         if d1 == d2:

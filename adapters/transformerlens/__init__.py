@@ -114,15 +114,30 @@ def _patch_hooks_context(cls) -> None:
     setattr(cls, "hooks", hooks)
 
 
+def _hooked_root_module():
+    """TL's ``HookedRootModule`` class: ``transformer_lens.HookedRootModule`` on TL 4 (where
+    importing it from ``hook_points`` raises), ``transformer_lens.hook_points`` before."""
+    try:
+        import transformer_lens
+        cls = getattr(transformer_lens, "HookedRootModule", None)
+        cls = getattr(cls, "HookedRootModule", cls)  # the module of that name, on some versions
+        if isinstance(cls, type):
+            return cls
+    except ImportError:
+        pass
+    try:
+        from transformer_lens.hook_points import HookedRootModule
+        return HookedRootModule
+    except ImportError:
+        return None
+
+
 def install() -> None:
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # TL 2.x (HookedTransformer only): see legacy.py
         TransformerBridge = None
-    try:
-        from transformer_lens.hook_points import HookedRootModule
-    except ImportError:  # TL 4 moved it; there bridges are what is served remotely
-        HookedRootModule = None
+    HookedRootModule = _hooked_root_module()
     try:  # TL 2.x/3.x: its run_with_cache wraps HookedRootModule's (ActivationCache)
         from transformer_lens import HookedTransformer
     except ImportError:

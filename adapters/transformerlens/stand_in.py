@@ -7,7 +7,8 @@ import contextlib
 import functools
 
 from hookwire.client import get_connection
-from hookwire.families import build_hf_model
+from hookwire.errors import HookwireError
+from hookwire.families import FAMILIES, build_hf_model
 from hookwire.tokenizer import tokenizer_from_files
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 
@@ -23,6 +24,11 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
 
     conn = get_connection(url, api_key)
     info = conn.model_info(name)
+    if info.architecture not in FAMILIES:
+        raise HookwireError(
+            f"the server hosts {name!r} ({info.architecture}), a model with no weightless "
+            "stand-in here (not built from a known HF family); run your own copy of it with "
+            f"remote=True, remote_model={name!r}")
     tokenizer = tokenizer_from_files(info.tokenizer_files)
     hf_model, cfg = build_hf_model(info.architecture, info.config, device="meta")
     with _meta_weights_readable():
