@@ -243,6 +243,21 @@ class Connection:
                     self._abandon(rid)
                 raise
 
+    def fetch_weights(self, model: str, names: list[str]) -> RunResult:
+        """Some of ``model``'s parameters, by the names its ``named_parameters()`` gives
+        (bounded by the server's ``Limits.max_weight_bytes`` per request)."""
+        with self.lock:
+            rid = f"w{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            self._request_ended = False
+            try:
+                self.ws.send(json.dumps({"type": "weights", "request_id": rid, "model": model,
+                                         "names": list(names)}))
+                return self._collect(rid, None, None, 0)
+            except BaseException:
+                if not self._request_ended:
+                    self._abandon(rid)
+                raise
+
     def _plan_uploads(self, tensors: dict[str, torch.Tensor], refer: bool):
         """Split attached tensors into uploads and references to resident values; ask the
         server to keep uploads that are big enough to be worth referring to later."""

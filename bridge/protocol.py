@@ -74,6 +74,16 @@ class Cancel(_Msg):
     request_id: str = Field(max_length=64)
 
 
+class WeightsRequest(_Msg):
+    """Ask for some of a model's parameters (by the names its ``named_parameters()`` gives):
+    they come back as ``result`` messages with frames, then ``done``. Bounded by
+    ``Limits.max_weight_bytes``."""
+    type: Literal["weights"] = "weights"
+    request_id: str = Field(max_length=64)
+    model: str = Field(max_length=256)
+    names: list[Annotated[str, Field(max_length=512)]] = Field(max_length=100_000)
+
+
 class HelloOk(_Msg):
     type: Literal["hello_ok"] = "hello_ok"
     protocol: int
@@ -159,7 +169,7 @@ class Done(_Msg):
     bytes_received: int = 0
 
 
-ClientMessage = Annotated[Union[Hello, ModelInfoRequest, Submit, Cancel],
+ClientMessage = Annotated[Union[Hello, ModelInfoRequest, Submit, Cancel, WeightsRequest],
                           Field(discriminator="type")]
 ServerMessage = Annotated[Union[HelloOk, ModelInfo, Accepted, Progress, Result, Error, Done],
                           Field(discriminator="type")]
@@ -198,5 +208,6 @@ def protocol_json_schema() -> dict:
 
 
 __all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "Cancel", "HelloOk",
+           "WeightsRequest",
            "SiteDescription", "ModelInfo", "ResidentRef", "Accepted", "Progress", "Result", "Error", "Done",
            "parse_client_message", "parse_server_message", "dump", "protocol_json_schema"]

@@ -46,6 +46,7 @@ class Limits:
     max_message_bytes: int = 64 << 20     # one websocket message (larger: close code 1009)
     resident_ttl_s: float = 900.0         # ... each dropped this long after its last use
     max_new_tokens: int = 1024            # tokens one generate request may ask for
+    max_weight_bytes: int = 2 << 30       # parameters one `weights` request may fetch
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,14 @@ from hookwire.errors import (FrameError, HookwireError, LimitExceeded, ProtocolE
                              UnknownModel)
 from hookwire.frames import TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
-                               ModelInfoRequest, Submit, dump,
+                               ModelInfoRequest, Submit, WeightsRequest, dump,
                                parse_client_message)
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
 from hookwire.server.manifest import describe, probe_sites, site_lookup
 from hookwire.server.models import HostedModel
 from hookwire.server.residents import Residents, ResidentStore, resolve_refs
+from hookwire.server.weights import begin_transfer, check_weights_request, send_weights
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
 from hookwire.validate import Limits
 
@@ -341,6 +342,24 @@ class HookwireServer:
         elif isinstance(msg, Cancel):
             state.cancelled.add(msg.request_id)
             self.worker.cancel(state, msg.request_id)
+        elif isinstance(msg, WeightsRequest):
+            entry = self.entries.get(msg.model)
+            if entry is None:
+                raise UnknownModel(f"model {msg.model!r} is not served here; served: "
+                                   f"{', '.join(self.entries)}")
+            if not isinstance(entry, ModelEntry):
+                raise HookwireError("this server's engine holds its models in other "
+                                    "processes and does not send weights")
+            try:
+                wanted = check_weights_request(entry, msg, self.limits)
+                begin_transfer(state)
+            except HookwireError as exc:  # answered under the request's own id
+                state.outbox.put_nowait(dump(Error(request_id=msg.request_id, code=exc.code,
+                                                   message=exc.message,
+                                                   details=_jsonable(exc.details))))
+                return
+            asyncio.get_running_loop().run_in_executor(None, send_weights, state,
+                                                       msg.request_id, wanted)
 
     def _enqueue(self, state: ConnState, submit: Submit, tensors, size: int):
         try:

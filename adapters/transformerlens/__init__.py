@@ -12,6 +12,7 @@ import contextlib
 import functools
 import sys
 import threading
+import warnings
 
 from hookwire.errors import HookwireError
 from hookwire.runs import RemoteRun
@@ -20,6 +21,7 @@ from hookwire.transformerlens.call_scope import (call_lock, current_remote_targe
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 from hookwire.transformerlens.legacy import RemoteHookedTransformer
 from hookwire.transformerlens.stand_in import RemoteModel
+from hookwire.transformerlens.weights import WeightsNotFetched, fetch_weights
 
 _REMOTE_METHODS = ("run_with_hooks", "run_with_cache", "generate")
 
@@ -40,9 +42,7 @@ def _patch(cls, method_name: str) -> None:
         if remote is None:
             remote = stand_in is not None
         if remote and method_name == "generate":
-            # TL's own loop picks the tokens here; each forward (the whole sequence so far,
-            # hooks traced anew) runs on the server, so no KV cache is kept on either side.
-            kwargs["use_past_kv_cache"] = False
+            _no_kv_cache(self, kwargs)
         if not remote:
             if stand_in is not None:
                 raise HookwireError("a RemoteModel has no weights to run locally; "
@@ -76,6 +76,34 @@ def _patch(cls, method_name: str) -> None:
 
     method._hookwire_patched = True
     setattr(cls, method_name, method)
+
+
+class GenerateWithoutKVCache(UserWarning):
+    """Remote ``generate`` re-runs the whole sequence at each step (no KV cache)."""
+
+
+def _no_kv_cache(model, kwargs: dict) -> None:
+    """TL's own loop picks the tokens; each of its forwards (the whole sequence so far, hooks
+    traced anew) runs on the server, so no KV cache is kept on either side: hooks see every
+    position at every step, as locally with ``use_past_kv_cache=False``. With TL's default
+    (a KV cache) a local hook sees the prompt, then one new position per step. Hooks that
+    treat each position alike (steering ``act + v``, ``act[:, -1]``) give the same tokens
+    either way; hooks that index other positions or store per-step values do not."""
+    hooked = any(hp._forward_hooks or hp._backward_hooks
+                 for hp in model.hook_dict.values() if hasattr(hp, "_forward_hooks"))
+    if kwargs.get("use_past_kv_cache") and hooked:
+        raise HookwireError(
+            "generate(remote=True, use_past_kv_cache=True) with hooks: remote generation keeps "
+            "no KV cache, so the hooks would see the whole sequence at every step instead of "
+            "one new position. Pass use_past_kv_cache=False (what the remote run does, and "
+            "what a local run with that setting gives)")
+    if "use_past_kv_cache" not in kwargs and hooked:
+        warnings.warn("remote generate re-runs the whole sequence at each step (no KV "
+                      "cache): hooks see every position at every step, as local generate "
+                      "with use_past_kv_cache=False (TL's default caches). Position-wise "
+                      "hooks give the same tokens; pass use_past_kv_cache=False to say you "
+                      "mean it", GenerateWithoutKVCache, stacklevel=4)
+    kwargs["use_past_kv_cache"] = False
 
 
 def _patch_hooks_context(cls) -> None:
@@ -153,4 +181,5 @@ def install() -> None:
 
 install()
 
-__all__ = ["RemoteModel", "RemoteHookedTransformer", "remote_forward", "install"]
+__all__ = ["RemoteModel", "RemoteHookedTransformer", "remote_forward", "install",
+           "fetch_weights", "WeightsNotFetched", "GenerateWithoutKVCache"]

@@ -11,6 +11,7 @@ from hookwire.errors import HookwireError
 from hookwire.families import FAMILIES, build_hf_model
 from hookwire.tokenizer import tokenizer_from_files
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
+from hookwire.transformerlens.weights import guard_weightless
 
 
 def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
@@ -36,6 +37,8 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
                                           tokenizer=tokenizer, model_name=name)
     bridge.eval()
     bridge.cfg.device = "cpu"  # tokens are made here; there are no weights to move them to
+    # Reading a weight says how to fetch it (weights.fetch_weights), never a meta error.
+    guard_weightless(bridge, name)
     bridge._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
     # The stand-in has no weights: its forward always runs on the server, so plain calls,
     # run_with_hooks and run_with_cache (TL's own code) all go remote.

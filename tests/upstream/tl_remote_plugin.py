@@ -23,6 +23,7 @@ written once into DIR -- the same model locally and remotely, so the comparison 
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import json
 import os
@@ -163,6 +164,9 @@ class _Hosts:
             return host.target
 
     def stop_dead(self):
+        if not self.by_model:
+            return
+        gc.collect()  # models of finished tests often sit in reference cycles
         with self.lock:
             for key, host in list(self.by_model.items()):
                 if host.ref() is None:
