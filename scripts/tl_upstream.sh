@@ -7,7 +7,7 @@
 # TL's tests are not in this repository: they come from the sdist of the installed
 # transformer-lens version, downloaded once into .cache/tl-upstream (or pass a folder that
 # holds an unpacked sdist: TL_SDIST_DIR=/path/to/transformer_lens-4.3.0). Extra arguments go
-# to both pytest runs (e.g. -k stop_at_layer). Outputs: .cache/tl-upstream/{local,remote}.json
+# to both pytest runs (e.g. -k stop_at_layer). Reports: .cache/tl-upstream/{local,remote}/*.json
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -51,15 +51,21 @@ TESTS=(
     tests/integration/model_bridge/test_bridge_run_with_cache_pos_slice.py
 )
 
-run() {  # $1: local|remote, then extra pytest arguments
+run() {  # $1: local|remote, then extra pytest arguments. One pytest process per test file:
+    # the hub-checkpoint stand-ins are GPT-2-sized, and a whole session's worth of them (each
+    # with a server copy) does not fit a small machine's memory.
     local mode="$1"; shift
+    rm -rf "$CACHE/$mode" && mkdir -p "$CACHE/$mode"
     echo "[tl_upstream] $mode run"
-    (cd "$SDIST" && HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT/tests/upstream:$SDIST" \
-        "$PY" -m pytest -p tl_remote_plugin -p no:cacheprovider -o addopts="" -q \
-        --hookwire-mode="$mode" --hookwire-report="$CACHE/$mode.json" \
-        --hookwire-offline-checkpoints="$CACHE/checkpoints" "${TESTS[@]}" "$@" \
-        | tail -n 3) || true
+    for test in "${TESTS[@]}"; do
+        report="$CACHE/$mode/$(echo "$test" | tr '/' '_').json"
+        (cd "$SDIST" && HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT/tests/upstream:$SDIST" \
+            "$PY" -m pytest -p tl_remote_plugin -p no:cacheprovider -o addopts="" -q \
+            --hookwire-mode="$mode" --hookwire-report="$report" \
+            --hookwire-offline-checkpoints="$CACHE/checkpoints" "$test" "$@" \
+            | tail -n 1 | sed "s|^|    $test: |") || true
+    done
 }
 run local "$@"
 run remote "$@"
-"$PY" tests/upstream/compare.py "$CACHE/local.json" "$CACHE/remote.json"
+"$PY" tests/upstream/compare.py "$CACHE/local" "$CACHE/remote"

@@ -1,18 +1,26 @@
 """Compare a local and a remote run of TransformerLens's own tests (reports written by
 tests/upstream/tl_remote_plugin.py) and print the counts and every remote failure.
 
-    python tests/upstream/compare.py local.json remote.json
+    python tests/upstream/compare.py LOCAL REMOTE
+
+LOCAL and REMOTE are report files, or folders of them (one per test file).
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
 import sys
 from collections import Counter
 
 
 def load(path):
-    with open(path) as fh:
-        return {t["nodeid"]: t for t in json.load(fh)["tests"]}
+    paths = sorted(glob.glob(os.path.join(path, "*.json"))) if os.path.isdir(path) else [path]
+    tests = {}
+    for p in paths:
+        with open(p) as fh:
+            tests.update({t["nodeid"]: t for t in json.load(fh)["tests"]})
+    return tests
 
 
 def category(test) -> str:
