@@ -52,8 +52,7 @@ def _record_sites(bridge, batch: int, seq: int
             return None
         handles.append(hp.register_forward_hook(hook))
     try:
-        vocab = bridge.cfg.d_vocab
-        tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
+        tokens = torch.randint(0, _probe_vocab(bridge), (batch, seq), generator=torch.Generator()
                                .manual_seed(0)).to(next(bridge.parameters()).device)
         # As a local run_with_cache(incl_bwd=True) would: backward hooks everywhere (TL's
         # normalizations then keep hook_normalized in the autograd graph).
@@ -73,6 +72,19 @@ def _record_sites(bridge, batch: int, seq: int
         for h in handles:
             h.remove()
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
+
+
+def _probe_vocab(bridge) -> int:
+    """Token ids the probes may use: below d_vocab, 256 and the rows of the model's first
+    embedding table (a hand-built bridge's cfg can claim more tokens than it embeds)."""
+    limit = min(bridge.cfg.d_vocab, 256)
+    original = getattr(bridge, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        embedding = next((m for m in original.modules() if isinstance(m, torch.nn.Embedding)),
+                         None)
+        if embedding is not None:
+            limit = min(limit, embedding.num_embeddings)
+    return max(limit, 1)
 
 
 def probe_sizes(bridge) -> tuple:

@@ -37,9 +37,9 @@ def check_weights_request(entry, msg, limits) -> list:
     wanted = [(n, table[n]) for n in dict.fromkeys(msg.names)]
     total = sum(p.numel() * p.element_size() for _, p in wanted)
     if total > limits.max_weight_bytes:
-        raise LimitExceeded(f"the parameters asked for make {total} bytes; limit "
-                            f"{limits.max_weight_bytes} per request (ask in several parts)",
-                            rule="max_weight_bytes")
+        raise LimitExceeded(f"the parameters asked for make {total} bytes; this server's "
+                            f"max_weight_bytes is {limits.max_weight_bytes} per request (ask "
+                            "in several parts)", rule="max_weight_bytes")
     return wanted
 
 

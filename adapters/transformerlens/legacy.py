@@ -292,6 +292,8 @@ def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | No
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.eval()
     model._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
+    from hookwire.transformerlens.weights import guard_weightless
+    guard_weightless(model, name, fetchable=False)  # reading a weight says what to do
     model.forward = functools.partial(remote_forward, model,
                                       RemoteTarget(url=conn.url, api_key=api_key, model=name))
     return model

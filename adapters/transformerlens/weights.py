@@ -132,7 +132,12 @@ def _install(model, values: dict) -> None:
 
 # ---- errors that say what to do ----------------------------------------------------------
 
-def _advice(model_name: str, what: str, module: str | None) -> str:
+def _advice(model_name: str, what: str, module: str | None, fetchable: bool = True) -> str:
+    if not fetchable:  # a TL 2.x stand-in: its parameters are not named as the server's
+        return (f"{what} of the weightless stand-in {model_name!r} has no values here (its "
+                "weights stay on the server). Read weights from a local HookedTransformer "
+                "with the server's weights (from_pretrained_no_processing) and run that one "
+                f"with remote=True, remote_model={model_name!r}")
     which = f"[{module!r}]" if module else "[...]"
     return (f"{what} of the weightless stand-in {model_name!r} has no values here (its "
             f"weights stay on the server). Fetch them first with "
@@ -181,7 +186,7 @@ class MissingWeight(torch.Tensor):
 
 
 @functools.lru_cache(maxsize=None)
-def _guarded_class(cls):
+def _guarded_class(cls, fetchable: bool = True):
     """``cls`` with its weight properties (``W_U``, ``b_in``, ``OV``...) returning a
     :class:`MissingWeight` (or raising) where the weights are still on the meta device."""
     overrides = {}
@@ -198,21 +203,21 @@ def _guarded_class(cls):
                 if "meta" not in str(exc):
                     raise
                 raise WeightsNotFetched(_advice(name, f"model.{_attr}",
-                                                _module_of(self, _attr))) from None
+                                                _module_of(self, _attr), fetchable)) from None
             if isinstance(value, torch.Tensor) and value.is_meta:
                 return MissingWeight(value, _advice(name, f"model.{_attr}",
-                                                    _module_of(self, _attr)))
+                                                    _module_of(self, _attr), fetchable))
             return value
         overrides[attr] = property(fget, prop.fset, prop.fdel, prop.__doc__)
     return type(cls.__name__, (cls,), {**overrides, "__module__": cls.__module__,
                                         "__qualname__": cls.__qualname__})
 
 
-def guard_weightless(model, name: str) -> None:
+def guard_weightless(model, name: str, fetchable: bool = True) -> None:
     """Make reads of missing weights on the stand-in ``model`` fail with advice: its weight
     properties, and any module of it run on real tensors while its own weights are meta
     (e.g. ``ln_final`` inside ``accumulated_resid(apply_ln=True)``)."""
-    model.__class__ = _guarded_class(type(model))
+    model.__class__ = _guarded_class(type(model), fetchable)
     paths = {id(m): p for p, m in model.named_modules()}
 
     def check(module, args, kwargs):
@@ -225,7 +230,7 @@ def guard_weightless(model, name: str) -> None:
                 and type(a).__name__ != "Proxy"]
         if real:
             raise WeightsNotFetched(_advice(name, f"module {paths.get(id(module), '?')!r}",
-                                            _owner_path(paths, module, model)))
+                                            _owner_path(paths, module, model), fetchable))
         return None
 
     from transformer_lens.hook_points import HookPoint
