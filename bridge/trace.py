@@ -72,6 +72,9 @@ _BLOCKED = {
     T.__reduce_ex__: "pickling/saving a tensor (file I/O)",
     T.__deepcopy__: "deep-copying an activation",
     T.backward: "calling backward inside a hook",
+    # Its .grad would be read after a local backward that never happens here.
+    T.retain_grad: "`retain_grad()` on an activation (to read its `.grad` after a local "
+                   "backward)",
     T.nonzero: "`nonzero` has a shape that depends on values",
     T.masked_select: "`masked_select` has a shape that depends on values",
     T.unique: "`unique` has a shape that depends on values",
@@ -82,8 +85,7 @@ for _f in (torch.nonzero, torch.masked_select, torch.unique, torch.save):
 _CASTS = {T.float: torch.float32, T.double: torch.float64, T.half: torch.float16,
           T.bfloat16: torch.bfloat16, T.long: torch.int64, T.int: torch.int32,
           T.bool: torch.bool, T.short: torch.int16, T.byte: torch.uint8, T.char: torch.int8}
-_DEVICE_MOVES = {T.cpu, T.cuda, T.requires_grad_, T.pin_memory, T.share_memory_,
-                 T.retain_grad}
+_DEVICE_MOVES = {T.cpu, T.cuda, T.requires_grad_, T.pin_memory, T.share_memory_}
 
 _RANDOM_FUNCS = {torch.randn_like, torch.rand_like, T.normal_, T.uniform_}
 _RESHAPE_VIEWS = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten",
@@ -445,6 +447,10 @@ class Tracer:
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
+        if func is T.retain_grad:
+            raise trace_error(_BLOCKED[func], "gradients of activations come back from "
+                              "backward hooks: pass bwd_hooks=, or run_with_cache("
+                              "incl_bwd=True) with return_type='loss' or metric=")
         if func in _BLOCKED:
             raise trace_error(_BLOCKED[func])
         if func in _DEVICE_MOVES:

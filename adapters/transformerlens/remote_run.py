@@ -33,6 +33,21 @@ from hookwire.transformerlens.checks import (check_bridge_compatible, check_remo
 RETURN_TYPES = ("logits", "loss", "both", None)
 
 
+class NeedsScalar(HookwireError, ValueError):
+    """Backward hooks with no scalar to differentiate (a ``ValueError`` too, as TL's
+    ``run_with_cache(incl_bwd=True)`` raises for a non-scalar output)."""
+
+
+class NothingToDifferentiate(HookwireError, ValueError):
+    """Backward hooks on a model whose parameters are all frozen: locally the output has no
+    grad_fn (TL raises ``ValueError``); remotely it must not silently differentiate."""
+
+
+def _all_frozen(model) -> bool:
+    params = [p for p in model.parameters() if not p.is_meta]
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def model_name_of(model, remote_model: str | None) -> str:
     if remote_model:
         return remote_model
@@ -193,8 +208,8 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
         outputs["loss"] = tracer.read_output("loss", loss_shape, dtype)
     if metric is None:
         if "loss" not in outputs or loss_per_token:
-            raise HookwireError(
-                "backward hooks in a remote run need a scalar to differentiate: pass "
+            raise NeedsScalar(
+                "backward hooks in a remote run need a scalar output to differentiate: pass "
                 "return_type='loss', or metric=lambda logits: ... (a function of the output, "
                 "traced like a hook, whose value the server differentiates)")
         return outputs["loss"]
@@ -341,6 +356,12 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                 tracer.save("__metric__", scalar)
                 send_output = False
             if differentiate:
+                if _all_frozen(model):
+                    raise NothingToDifferentiate(
+                        "every parameter of the local model has requires_grad=False, so "
+                        "locally the output has no grad_fn to differentiate and backward "
+                        "hooks never run; unfreeze them (the server differentiates its own "
+                        "copy either way, and never changes its weights)")
                 if scalar.numel() != 1 or not scalar.dtype.is_floating_point:
                     raise TraceError(f"the value to differentiate must be a floating-point "
                                      f"scalar, got shape {tuple(scalar.shape)} {scalar.dtype} "

@@ -117,7 +117,7 @@ def _install(model, values: dict) -> None:
             raise HookwireError(f"the server sent {name!r} as {tuple(value.shape)} "
                                 f"{value.dtype}; the stand-in has {tuple(old.shape)} "
                                 f"{old.dtype}")
-        replacement[id(old)] = torch.nn.Parameter(value, requires_grad=False)
+        replacement[id(old)] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
     for module in model.modules():
         for key, param in list(module._parameters.items()):
             if param is not None and id(param) in replacement:
