@@ -110,7 +110,9 @@ def main(url: str, folder: str) -> None:
         model_facts = facts["models"][name] = {}
 
         stand_in = htl.RemoteModel(name)
-        assert type(stand_in) is HookedTransformer, type(stand_in)
+        # (a subclass whose weight properties say how to get weights: weights.guard_weightless)
+        assert isinstance(stand_in, HookedTransformer) and \
+            type(stand_in).__name__ == "HookedTransformer", type(stand_in)
         assert next(stand_in.parameters()).device.type == "meta"
         model_facts["text_tokens"] = stand_in.to_tokens("hello world").tolist()
         results, case_facts = legacy_cases.run_all(stand_in, name, tokens, clean, corrupt,
