@@ -33,11 +33,32 @@ class AliasPlan:
         return out
 
 
+def _same_view_key(proxy) -> tuple:
+    """(the value a proxy is ultimately a view of, the views taken, detach left out): two
+    proxies with equal keys hold the same elements (TL's ``pos_slice`` cuts the same slice
+    of an activation once per alias name)."""
+    keys, node = [], proxy
+    while node._hw_view is not None and node._hw_view.key is not None:
+        if node._hw_view.key != ("detach",):
+            keys.append(node._hw_view.key)
+        node = node._hw_view.base
+    return id(node), tuple(reversed(keys))
+
+
 def plan_aliases(escaped: list) -> AliasPlan:
     """Group escaped proxies by the value they are whole views of."""
     plan = AliasPlan()
     slot: dict[int, int] = {}
+    first_of: dict[tuple, int] = {}  # view key -> the escaped proxy first seen with it
     for index, proxy in enumerate(escaped):
+        same = first_of.setdefault(_same_view_key(proxy), index)
+        if same != index:
+            # The same view as an earlier value: a detached view of that one, as locally.
+            for k, members in enumerate(plan.members):
+                for i, chain in members:
+                    if i == same:
+                        plan.members[k].append((index, [torch.Tensor.detach] + chain))
+            continue
         chain, node = [], proxy
         while node._hw_view is not None and getattr(node._hw_view, "replay", None) is not None:
             chain.append(node._hw_view.replay)

@@ -213,11 +213,12 @@ class _ViewOf:
     """How a view proxy relates to its base: re-derive it, or write an edit back. ``replay``
     (views that keep every element) makes the view from the base's real value on the client
     (:mod:`hookwire.aliases`)."""
-    __slots__ = ("base", "redo", "undo", "base_version", "replay")
+    __slots__ = ("base", "redo", "undo", "base_version", "replay", "key")
 
-    def __init__(self, base, redo, undo, base_version, replay=None):
+    def __init__(self, base, redo, undo, base_version, replay=None, key=None):
         self.base, self.redo, self.undo, self.base_version = base, redo, undo, base_version
         self.replay = replay
+        self.key = key  # what view of the base this is (equal keys: equal values)
 
 
 class Proxy(torch.Tensor):
@@ -442,8 +443,8 @@ class Tracer:
             view.base_version = base._hw_version
             child = base
 
-    def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None):
-        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay)
+    def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None, key=None):
+        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay, key)
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
@@ -586,14 +587,16 @@ class Tracer:
                                 OPS[name].name, (Ref(b), *rest), kw),
                             undo=lambda b, v, shape=shape: self.emit("reshape", (Ref(v), shape)),
                             replay=T.detach if name == "detach" else
-                            functools.partial(_view_or_reshape, shape=out_shape))
+                            functools.partial(_view_or_reshape, shape=out_shape),
+                            key=("detach",) if name == "detach" else ("view", out_shape))
         else:  # permutations
             perm = _permutation_of(name, src.dim(), rest, kw)
             inverse = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
             self._make_view(out, src,
                             redo=lambda b, perm=perm: self.emit("permute", (Ref(b), perm)),
                             undo=lambda b, v, inv=inverse: self.emit("permute", (Ref(v), inv)),
-                            replay=lambda t, perm=perm: t.permute(perm))
+                            replay=lambda t, perm=perm: t.permute(perm),
+                            key=("permute", perm))
 
     def _index_view(self, src, out, index):
         # An index that keeps every element (TL's default pos_slice, x[0] of a batch of one)
@@ -603,7 +606,8 @@ class Tracer:
                         redo=lambda b, index=index: self.emit("getitem", (Ref(b), index)),
                         undo=lambda b, v, index=index: self.emit("setitem",
                                                                  (Ref(b), index, Ref(v))),
-                        replay=(lambda t, index=index: t[index]) if whole else None)
+                        replay=(lambda t, index=index: t[index]) if whole else None,
+                        key=("getitem", repr(index), tuple(out.shape)))
 
     def _inplace(self, func, name, args, kwargs):
         target = args[0]

@@ -82,3 +82,18 @@ def test_cache_of_everything_fits_a_limit_the_aliases_would_exceed(hosted, name)
         hookwire.client.close_connections()
         srv.stop()
     assert math.isfinite(float(logits.abs().max()))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("pos_slice", [-1, (1, 4)])
+def test_sliced_caches_alias_as_locally(local_models, remote_models, name, pos_slice):
+    """With ``pos_slice`` every entry is a slice; each alias name cuts the same slice of one
+    activation, and the remote cache shares those slices as the local one does."""
+    local, remote = local_models[name], remote_models[name]
+    tokens = local.to_tokens(["hello world", "abcdefghij!"])
+    _, got = remote.run_with_cache(tokens, pos_slice=pos_slice)
+    _, want = local.run_with_cache(tokens, pos_slice=pos_slice)
+    assert list(got.keys()) == list(want.keys())
+    for key in want.keys():
+        assert_close(got[key], want[key])
+    assert alias_groups(got) == alias_groups(want)
