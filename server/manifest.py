@@ -157,9 +157,16 @@ def describe(hosted, sites: list[SiteInfo], tl_flags=()) -> ModelInfo:
         sites=_descriptions(sites),
         hook_names=[name for name in hosted.bridge.hook_dict],
         hook_aliases=hook_aliases(hosted.bridge),
-        tokenizer_files=tokenizer_files(hosted.tokenizer) if hosted.tokenizer is not None
-        else {},
+        tokenizer_files=_tokenizer_files(hosted.tokenizer),
         tl_config=tl_config(hosted.bridge), tl_flags=sorted(tl_flags))
+
+
+def _tokenizer_files(tokenizer) -> dict:
+    """The tokenizer's files for clients; none for a bridge hosted with no HF tokenizer (a
+    native TL model, a stub): clients then bring their own token ids."""
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    return tokenizer_files(tokenizer)
 
 
 @dataclass
