@@ -100,7 +100,7 @@ class Graph(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = GRAPH_VERSION
     model: str = Field(max_length=MAX_STR_LEN)
-    inputs: dict[Literal["input_ids", "attention_mask", "residual"], str] = Field(
+    inputs: dict[Literal["input_ids", "attention_mask", "position_ids", "residual"], str] = Field(
         description="model input name -> id of an attached tensor")
     # Ids and names are bounded like every other string of the graph (echoed in results).
     constants: list[Annotated[str, Field(max_length=64)]] = Field(

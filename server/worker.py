@@ -68,6 +68,7 @@ class Prepared:
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
     generation: list | None = None     # a generate request's validated forwards
     residual: torch.Tensor | None = None  # start_at_layer: the residual entering block k
+    positions: torch.Tensor | None = None  # position ids given with a TL graph
 
 
 def error_message(request_id: str, exc: BaseException) -> str:
@@ -86,7 +87,8 @@ def batch_key(job: Job):
     if job.submit.generate is not None:
         return None  # a token loop with its own KV cache runs alone
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
-            spec.start_at_layer is not None or \
+            spec.start_at_layer is not None or graph.inputs.get("attention_mask") or \
+            graph.inputs.get("position_ids") or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
     # TL's hook switches are the model's state during the forward: only equal ones share it.
@@ -211,9 +213,10 @@ class ModelWorker(threading.Thread):
         device = entry.hosted.device
         constants = {k: v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
-                     mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
+                     mask=_attention_mask(job, graph, input_ids, device),
                      on_modules=on_modules,
-                     residual=residual.to(device) if residual is not None else None)
+                     residual=residual.to(device) if residual is not None else None,
+                     positions=_position_ids(entry, graph, job.tensors, input_ids, device))
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
@@ -296,7 +299,7 @@ class ModelWorker(threading.Thread):
 
     @staticmethod
     def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
-                 residual=None):
+                 residual=None, positions=None):
         bridge = entry.hosted.bridge
 
         def forward():
@@ -309,6 +312,10 @@ class ModelWorker(threading.Thread):
             extra = {"output_attentions": True} if spec.output_attentions else {}
             if residual is not None:
                 extra["start_at_layer"] = spec.start_at_layer
+            if mask is not None:  # padded rows: TL derives the positions from it, as locally
+                extra["attention_mask"] = mask
+            if positions is not None:
+                extra["position_ids"] = positions
             with flags_applied(bridge, spec.tl_flags):
                 return type(bridge).forward(bridge, tokens if residual is None else residual,
                                             return_type=spec.return_type or "logits",
@@ -332,7 +339,7 @@ class ModelWorker(threading.Thread):
                 stop_between_blocks(watched, self._stop_reason([p])):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
-                                          p.attention_weights, p.residual),
+                                          p.attention_weights, p.residual, p.positions),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -510,6 +517,24 @@ def start_residual(entry, graph, tensors: dict, input_ids) -> torch.Tensor:
         raise ProtocolError(f"start_at_layer needs an attached residual of shape "
                             f"({batch}, {seq}, {cfg.d_model}) and dtype {dtype}")
     return residual
+
+
+def _position_ids(entry, graph, tensors: dict, input_ids, device):
+    """Position ids given with a TL graph: int64, shaped like input_ids, within the model's
+    positions (TL passes them to the model's forward)."""
+    tid = graph.inputs.get("position_ids")
+    if tid is None:
+        return None
+    if any(is_module_site(site.name) for site in graph.sites):
+        raise GraphValidationError("position_ids go with TL hook points only",
+                                   rule="position_ids")
+    pos = tensors.get(tid)
+    n_ctx = getattr(entry.hosted.bridge.cfg, "n_ctx", None) or (1 << 30)
+    if pos is None or pos.shape != input_ids.shape or pos.dtype != torch.int64 or \
+            (pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n_ctx)):
+        raise ProtocolError(f"position_ids must be an attached int64 tensor shaped like "
+                            f"input_ids, with values in [0, {n_ctx})")
+    return pos.to(device)
 
 
 def _attention_mask(job: Job, graph, input_ids, device):

@@ -78,6 +78,63 @@ def start_input(model, info, input, start_at_layer: int) -> tuple[int, torch.Ten
     return k, residual.detach().to("cpu").contiguous()
 
 
+def implicit_attention_mask(model, texts: list, tokens, padding_side):
+    """The mask TL's forward builds itself for a batch of texts padded on the left (right
+    padding is harmless to a causal model, and TL leaves it unmasked): None otherwise."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if len(texts) < 2 or tokenizer is None or tokenizer.pad_token_id is None:
+        return None
+    side = padding_side or getattr(tokenizer, "padding_side", "right")
+    if side != "left":
+        return None
+    try:  # TL 4 (transformer_lens.utils is gone there), then TL 2.x
+        from transformer_lens.utilities import get_attention_mask
+    except ImportError:
+        from transformer_lens.utils import get_attention_mask
+    return get_attention_mask(tokenizer, tokens,
+                              prepend_bos=getattr(model.cfg, "default_prepend_bos", True),
+                              padding_side="left")
+
+
+def implicit_position_ids(model, mask):
+    """The positions TL's forward derives with the mask it builds for left-padded texts (pad
+    slots at position 1), where the model takes derived positions."""
+    accepts = getattr(model, "_accepts_derived_position_ids", None)
+    if accepts is None or not accepts():
+        return None
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
+
+
+def position_ids_input(position_ids, tokens, n_ctx):
+    """A caller's (or TL's) position ids as the server takes them: int64, shaped like the
+    token ids, each within the model's positions."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+        raise HookwireError("position_ids must be an integer tensor")
+    pos = position_ids.detach().to("cpu", torch.int64)
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0).expand(tokens.shape[0], -1)
+    if tuple(pos.shape) != tuple(tokens.shape) or bool((pos < 0).any()) or \
+            (n_ctx and bool((pos >= n_ctx).any())):
+        raise HookwireError(f"position_ids must be in [0, {n_ctx}) with the tokens' shape "
+                            f"{tuple(tokens.shape)}, got {tuple(position_ids.shape)}")
+    return pos.contiguous()
+
+
+def padding_mask(attention_mask, tokens):
+    """A caller's (or TL's) attention mask as the server takes it: 0/1 int64, shaped like
+    the token ids."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise HookwireError("attention_mask must be a tensor")
+    mask = attention_mask.detach().to("cpu")
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if tuple(mask.shape) != tuple(tokens.shape) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise HookwireError(f"attention_mask must be 0/1 with the tokens' shape "
+                            f"{tuple(tokens.shape)}, got {tuple(attention_mask.shape)}")
+    return mask.to(torch.int64)
+
+
 def start_skip(model, start: int | None, legacy: bool):
     """Sites that do not fire when the forward starts at block ``start``: the token
     embedding (the residual is fed in its place); for a TL 2.x model also everything before
@@ -99,4 +156,5 @@ def start_skip(model, start: int | None, legacy: bool):
 
 
 __all__ = ["check_remote_capable", "hook_flags", "check_bridge_compatible", "start_input",
-           "start_skip"]
+           "start_skip", "implicit_attention_mask", "padding_mask", "implicit_position_ids",
+           "position_ids_input"]

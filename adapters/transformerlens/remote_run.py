@@ -28,7 +28,9 @@ from hookwire.trace import Proxy, Tracer, tracing
 from hookwire.transformerlens.call_scope import (call_lock, detach_new_hooks,
                                                  forward_goes_remote)
 from hookwire.transformerlens.checks import (check_bridge_compatible, check_remote_capable,
-                                             hook_flags, start_input, start_skip)
+                                             hook_flags, implicit_attention_mask,
+                                             implicit_position_ids, padding_mask,
+                                             position_ids_input, start_input, start_skip)
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -306,8 +308,8 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         raise ValueError(f"return_type must be one of {RETURN_TYPES}")
     from hookwire.transformerlens import legacy  # lazy: legacy.py imports this module
     check_remote_capable(model)
-    unsupported = {k: v for k, v in dict(attention_mask=attention_mask, **kwargs).items()
-                   if v is not None}
+    position_ids = kwargs.pop("position_ids", None)
+    unsupported = {k: v for k, v in kwargs.items() if v is not None}
     if unsupported:
         raise HookwireError(f"not supported in remote runs yet: {sorted(unsupported)}")
     conn = get_connection(target.url, target.api_key)
@@ -326,10 +328,18 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         batch, seq = residual.shape[:2]
         tokens = torch.zeros((batch, seq), dtype=torch.int64)  # sizes only: see build_request
     else:
+        texts = input if isinstance(input, list) else None
         if isinstance(input, (str, list)):
             input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         tokens = tokens_of(model, input)
         batch, seq = tokens.shape
+        if attention_mask is None and texts is not None:
+            attention_mask = implicit_attention_mask(model, texts, tokens, padding_side)
+            if attention_mask is not None and position_ids is None:
+                position_ids = implicit_position_ids(model, attention_mask)
+    mask = padding_mask(attention_mask, tokens) if attention_mask is not None else None
+    positions = position_ids_input(position_ids, tokens, getattr(model.cfg, "n_ctx", None)) \
+        if position_ids is not None else None
     tracer = Tracer()
     backward_sites: list = []
     if is_legacy:  # TL 2.x names and semantics, mapped onto the TL 4 sites
@@ -381,6 +391,12 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
         graph["forward"]["output_attentions"] = bool(output_attentions)
         if flags:
             graph["forward"]["tl_flags"] = sorted(flags)
+        if mask is not None:
+            graph["inputs"]["attention_mask"] = "attention_mask"
+            tensors["attention_mask"] = mask
+        if positions is not None:
+            graph["inputs"]["position_ids"] = "position_ids"
+            tensors["position_ids"] = positions
         if start is not None:
             graph["forward"]["start_at_layer"] = start
             graph["inputs"]["residual"] = "residual"
