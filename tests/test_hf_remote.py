@@ -298,7 +298,10 @@ def test_tl_generate_remote_equals_local(server, local_models, remote_models, na
     def steer(act, hook):
         return act + 0.5 * vector
     hooks = [("blocks.0.hook_resid_post", steer)]
-    kw = dict(max_new_tokens=5, do_sample=do_sample, verbose=False, stop_at_eos=False)
+    # What remote TL generate equals: local TL without a KV cache (the server keeps none for
+    # TL's loop; test_tl_generate_without_kv_cache_is_never_silent covers the default).
+    kw = dict(max_new_tokens=5, do_sample=do_sample, verbose=False, stop_at_eos=False,
+              use_past_kv_cache=False)
     with model.hooks(fwd_hooks=hooks):
         torch.manual_seed(4)
         local = model.generate(PROMPT, **kw)
@@ -311,3 +314,37 @@ def test_tl_generate_remote_equals_local(server, local_models, remote_models, na
     assert torch.equal(remote, local) and torch.equal(stand_in, local)
     if not do_sample:  # (a near-uniform tiny model samples alike either way)
         assert not torch.equal(model.generate(PROMPT, **kw), local)  # the hook mattered
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tl_generate_without_kv_cache_is_never_silent(server, local_models, name):
+    """Remote TL generate keeps no KV cache: with hooks, asking for one raises, leaving it at
+    TL's default warns, and use_past_kv_cache=False equals local TL with the same setting --
+    hooks see the same shapes at every step."""
+    import warnings
+
+    import hookwire.transformerlens as htl
+
+    model = local_models[name]
+    kw = dict(max_new_tokens=3, verbose=False, stop_at_eos=False, do_sample=False)
+    seen: dict = {"remote": [], "local": []}
+
+    def spy(key):
+        def hook(act, hook):
+            seen[key].append(tuple(act.shape))
+            return act + 0.25
+        return hook
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", spy("remote"))]):
+        with pytest.raises(HookwireError, match="use_past_kv_cache"):
+            model.generate(PROMPT, remote=True, use_past_kv_cache=True, **kw)
+        with pytest.warns(htl.GenerateWithoutKVCache):
+            model.generate(PROMPT, remote=True, **kw)
+    seen["remote"].clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", htl.GenerateWithoutKVCache)
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", spy("remote"))]):
+            remote = model.generate(PROMPT, remote=True, use_past_kv_cache=False, **kw)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", spy("local"))]):
+        local = model.generate(PROMPT, use_past_kv_cache=False, **kw)
+    assert torch.equal(remote, local)
+    assert seen["remote"] == seen["local"] == [(2, 7 + k, 64) for k in range(3)]

@@ -85,10 +85,9 @@ class GenerateWithoutKVCache(UserWarning):
 def _no_kv_cache(model, kwargs: dict) -> None:
     """TL's own loop picks the tokens; each of its forwards (the whole sequence so far, hooks
     traced anew) runs on the server, so no KV cache is kept on either side: hooks see every
-    position at every step, as locally with ``use_past_kv_cache=False``. With TL's default
-    (a KV cache) a local hook sees the prompt, then one new position per step. Hooks that
-    treat each position alike (steering ``act + v``, ``act[:, -1]``) give the same tokens
-    either way; hooks that index other positions or store per-step values do not."""
+    position at every step, as locally with ``use_past_kv_cache=False`` (which it equals).
+    With TL's default (a KV cache) a local hook sees the prompt, then one new position per
+    step, and the tokens differ (even for a hook adding one vector everywhere, on TL 4.3)."""
     hooked = any(hp._forward_hooks or hp._backward_hooks
                  for hp in model.hook_dict.values() if hasattr(hp, "_forward_hooks"))
     if kwargs.get("use_past_kv_cache") and hooked:
@@ -99,10 +98,10 @@ def _no_kv_cache(model, kwargs: dict) -> None:
             "what a local run with that setting gives)")
     if "use_past_kv_cache" not in kwargs and hooked:
         warnings.warn("remote generate re-runs the whole sequence at each step (no KV "
-                      "cache): hooks see every position at every step, as local generate "
-                      "with use_past_kv_cache=False (TL's default caches). Position-wise "
-                      "hooks give the same tokens; pass use_past_kv_cache=False to say you "
-                      "mean it", GenerateWithoutKVCache, stacklevel=4)
+                      "cache): with hooks it equals local generate(use_past_kv_cache=False), "
+                      "not TL's cached default (hooks see every position at every step, and "
+                      "tokens can differ). Pass use_past_kv_cache=False to say you mean it",
+                      GenerateWithoutKVCache, stacklevel=4)
     kwargs["use_past_kv_cache"] = False
 
 
