@@ -99,7 +99,8 @@ def cmd_serve(args) -> int:
     from hookwire.server.app import HookwireServer
     from hookwire.validate import Limits
 
-    limits = Limits(max_request_seconds=args.max_request_seconds)
+    limits = Limits(max_request_seconds=args.max_request_seconds,
+                    max_weight_bytes=args.max_weight_bytes)
     try:
         device_map = _device_map(args.device_map)
         # A Ray replica resolves the device itself (it sees the GPUs Ray gave it).
@@ -481,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a request waits for batch mates (default 5 ms)")
     s.add_argument("--max-request-seconds", type=float, default=600.0,
                    help="wall-time limit of one request (default 600)")
+    s.add_argument("--max-weight-bytes", type=int, default=2 << 30,
+                   help="parameters one weights request (a stand-in's fetch_weights) may fetch "
+                        "(default 2 GiB; 0: never send weights)")
     s.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
                    help="embedded: models run in this process (default); ray: each model is "
                         "a Ray Serve deployment (pip install 'hookwire[ray]')")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from hookwire import __version__
 from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
                              TooManyConnections, error_from_code)
 from hookwire.expected_results import expected_results
+from hookwire.graph import hook_mode
 from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
                              encode_chunks, header_for)
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
@@ -84,15 +86,12 @@ class RemoteModelInfo:
     generate_refused: str | None = None   # why it cannot generate on the server
     list_outputs: frozenset = frozenset()  # output sites whose module returns a list
     tl_refused: str | None = None          # why TL hook points are not served
+    tl_config: dict = field(default_factory=dict)
+    tl_flags: frozenset = frozenset()  # TL hook switches on when these sites were recorded
 
     @classmethod
     def from_message(cls, msg: ModelInfo) -> "RemoteModelInfo":
-        sites = []
-        for s in msg.sites:
-            if s.dtype not in DTYPES:
-                raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
-            sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad,
-                                  s.eager))
+        sites = _site_infos(msg.sites)
         info = cls(msg.model, msg.architecture, msg.config, sites, msg.tokenizer_files)
         info.site_index = {(s.name, s.call): i for i, s in enumerate(sites)}
         info.hook_names = frozenset(msg.hook_names)
@@ -110,6 +109,8 @@ class RemoteModelInfo:
         info.generate_refused = msg.generate_refused
         info.list_outputs = frozenset(msg.list_outputs)
         info.tl_refused = msg.tl_refused
+        info.tl_config = dict(msg.tl_config)
+        info.tl_flags = frozenset(msg.tl_flags)
         return info
 
     def unserved_reason(self, name: str) -> str | None:
@@ -118,6 +119,16 @@ class RemoteModelInfo:
         if reason is None and name.startswith("hf:"):
             reason = self.unserved.get("hf:*")
         return reason
+
+
+def _site_infos(descriptions) -> list[SiteInfo]:
+    sites = []
+    for s in descriptions:
+        if s.dtype not in DTYPES:
+            raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
+        sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad,
+                              s.eager))
+    return sites
 
 
 @dataclass
@@ -198,17 +209,27 @@ class Connection:
             raise ProtocolError("expected a control message, got binary data")
         return parse_server_message(data)
 
-    def model_info(self, name: str) -> RemoteModelInfo:
+    def model_info(self, name: str, tl_flags=()) -> RemoteModelInfo:
+        """What the server's ``name`` looks like; with ``tl_flags`` (TL's ``set_use_*``
+        switches), its TL sites as they fire with those switches on."""
+        key = name if not tl_flags else f"{name}|{hook_mode(tl_flags)}"
         with self.lock:
-            if name not in self.models:
-                self.ws.send(json.dumps({"type": "model_info", "model": name}))
+            if key not in self.models:
+                request = {"type": "model_info", "model": name}
+                if tl_flags:
+                    request["tl_flags"] = sorted(tl_flags)
+                self.ws.send(json.dumps(request))
                 msg = self._recv_control()
                 if isinstance(msg, Error):
                     raise error_from_code(msg.code, msg.message, msg.details)
                 if not isinstance(msg, ModelInfo):
                     raise ProtocolError(f"expected model_info, got {msg.type}")
-                self.models[name] = RemoteModelInfo.from_message(msg)
-            return self.models[name]
+                info = RemoteModelInfo.from_message(msg)
+                if info.tl_flags != frozenset(tl_flags):
+                    raise ProtocolError("server described the model with other TL hook "
+                                        "switches than asked for")
+                self.models[key] = info
+            return self.models[key]
 
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],
             on_event: Callable[[object], None] | None = None,
@@ -246,6 +267,21 @@ class Connection:
                 # this socket may still carry the old request's messages, so it must not be
                 # reused. Tell the server to stop (best effort) and drop the connection.
                 # (A typed error from the server ends its request cleanly: keep the socket.)
+                if not self._request_ended:
+                    self._abandon(rid)
+                raise
+
+    def fetch_weights(self, model: str, names: list[str]) -> RunResult:
+        """Some of ``model``'s parameters, by the names its ``named_parameters()`` gives
+        (bounded by the server's ``Limits.max_weight_bytes`` per request)."""
+        with self.lock:
+            rid = f"w{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+            self._request_ended = False
+            try:
+                self.ws.send(json.dumps({"type": "weights", "request_id": rid, "model": model,
+                                         "names": list(names)}))
+                return self._collect(rid, None, None, 0)
+            except BaseException:
                 if not self._request_ended:
                     self._abandon(rid)
                 raise
@@ -304,14 +340,30 @@ class Connection:
         return result
 
     def _abandon(self, rid: str) -> None:
+        """Give up on request ``rid`` now (Ctrl-C, a failing callback): ask the server to stop
+        it, then drop the socket at once. No closing handshake: the server may still be
+        streaming results that nobody will read, and waiting for its close frame behind
+        them took up to websockets' close timeout (10 s). The server notices the closed
+        connection (and the cancel) at the model's next block and stops the forward."""
         self.broken = True
         try:
             self.cancel(rid)
         except Exception:
             pass
+        self.abort()
+
+    def abort(self) -> None:
+        """Close the TCP connection without a closing handshake."""
+        sock = getattr(self.ws, "socket", None)
         try:
-            self.close()
-        except Exception:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            if sock is not None:
+                sock.close()
+        except OSError:
             pass
 
     def cancel(self, request_id: str) -> None:
@@ -343,7 +395,19 @@ class Connection:
             msg = parse_server_message(data)
             if getattr(msg, "request_id", rid) not in (rid, None):
                 raise ProtocolError("server answered a request this client did not send")
-            if isinstance(msg, Result):
+            if isinstance(msg, Result) and msg.alias_of is not None:
+                # The same tensor as an earlier value of this request: a view of it.
+                base = values.get(msg.alias_of)
+                if base is None or tuple(base.shape) != tuple(msg.tensor.shape) or \
+                        DTYPE_NAMES.get(base.dtype) != msg.tensor.dtype:
+                    raise ProtocolError(f"server sent {msg.name!r} as an alias of a value it "
+                                        "had not sent, or of another shape or dtype")
+                if expected is not None:
+                    expected.admit(msg.name, 0)  # a view: no bytes of its own
+                values[msg.name] = base.detach()
+                if on_value is not None:
+                    on_value(msg.name, values[msg.name])
+            elif isinstance(msg, Result):
                 if expected is not None:
                     expected.admit(msg.name, msg.tensor.nbytes())
                 resident_ids[msg.name] = msg.resident

@@ -35,6 +35,10 @@ class GenerateSpec(BaseModel):
     # Graphs of forwards 1, 2, ... (one new token each); forward 0 is the submit's ``graph``.
     # Empty: hooks intervene on the prompt only; the later forwards run untouched.
     steps: list[Graph] = Field(default_factory=list, max_length=1 << 16)
+    # As HF's generate: a row that chose one of these is finished (later tokens of it are
+    # ``pad_token_id``), and generation stops once every row is. Empty: never stop early.
+    eos_token_id: list[int] = Field(default_factory=list, max_length=64)
+    pad_token_id: int | None = Field(default=None, ge=0)
 
 
 def token_name(step: int) -> str:
@@ -82,6 +86,18 @@ def next_tokens(logits: torch.Tensor, spec: GenerateSpec,
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
 
 
+def finish_rows(tokens: torch.Tensor, unfinished: torch.Tensor, spec: GenerateSpec
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's end-of-sequence rule for one step: rows already finished get the pad token; rows
+    that chose an EOS token are finished from now on. Returns (tokens, unfinished)."""
+    if not spec.eos_token_id:
+        return tokens, unfinished
+    pad = spec.pad_token_id if spec.pad_token_id is not None else spec.eos_token_id[0]
+    tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
+    eos = torch.tensor(spec.eos_token_id, device=tokens.device)
+    return tokens, unfinished & ~torch.isin(tokens, eos)
+
+
 def make_generator(spec: GenerateSpec, device) -> torch.Generator | None:
     if not spec.do_sample:
         return None
@@ -91,4 +107,4 @@ def make_generator(spec: GenerateSpec, device) -> torch.Generator | None:
 
 
 __all__ = ["GenerateSpec", "next_tokens", "make_generator", "token_name", "step_name",
-           "parse_step_name", "TOKEN_PREFIX"]
+           "parse_step_name", "TOKEN_PREFIX", "finish_rows"]

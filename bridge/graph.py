@@ -69,6 +69,17 @@ class Node(BaseModel):
                                    json_schema_extra={"additionalProperties": ARG_JSON_SCHEMA})
 
 
+# TransformerLens's switches for hook points that fire only when asked for
+# (``model.set_use_attn_result(True)`` & co.). A request names the ones its client has on;
+# the server runs that request with exactly those on.
+TL_HOOK_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+
+
+def hook_mode(flags) -> str:
+    """The key of a set of TL hook switches: their names, sorted, joined by commas."""
+    return ",".join(sorted(set(flags)))
+
+
 class ForwardSpec(BaseModel):
     """How the model's own forward is called and what of its output comes back."""
     model_config = ConfigDict(extra="forbid")
@@ -78,15 +89,21 @@ class ForwardSpec(BaseModel):
     # False when the output is only read by the graph (a metric to differentiate): computed,
     # but not sent back.
     send_output: bool = True
+    # TL hook switches on for this request (see TL_HOOK_FLAGS); they change which sites fire.
+    tl_flags: list[Literal[TL_HOOK_FLAGS]] = Field(default_factory=list, max_length=4)
+    # Start at block k: the input ``residual`` [batch, seq, d_model] enters block k (TL's
+    # ``forward(start_at_layer=k)``); ``input_ids`` then only gives the batch and seq sizes.
+    start_at_layer: int | None = Field(default=None, ge=-1024, le=1024)
 
 
 class Graph(BaseModel):
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = GRAPH_VERSION
     model: str = Field(max_length=MAX_STR_LEN)
-    # attention_mask and position_ids: graphs on HF module sites only (left-padded rows, as
-    # nnsight batches them, count their positions from their first token).
-    inputs: dict[Literal["input_ids", "attention_mask", "position_ids"], str] = Field(
+    # attention_mask and position_ids: left-padded rows (as nnsight and TL batch them) count
+    # their positions from their first token; residual: what a start_at_layer forward starts
+    # from.
+    inputs: dict[Literal["input_ids", "attention_mask", "position_ids", "residual"], str] = Field(
         description="model input name -> id of an attached tensor")
     # Ids and names are bounded like every other string of the graph (echoed in results).
     # An id "@<name>" is no attachment: it names a parameter or buffer of the served model's HF

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from hookwire.errors import HookwireError, LimitExceeded, ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.generation import GenerateSpec
-from hookwire.graph import Graph, Node
+from hookwire.graph import TL_HOOK_FLAGS, Graph, Node
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 << 20
@@ -35,6 +35,9 @@ class Hello(_Msg):
 class ModelInfoRequest(_Msg):
     type: Literal["model_info"] = "model_info"
     model: str = Field(max_length=256)
+    # The model as it runs with these TL hook switches on (they change which TL hook points
+    # fire, and their order); the server probes each combination once, on first request.
+    tl_flags: list[Literal[TL_HOOK_FLAGS]] = Field(default_factory=list, max_length=4)
 
 
 RESIDENT_ID_PATTERN = r"^[vh][0-9a-f]{24,32}$"
@@ -74,6 +77,16 @@ class Submit(_Msg):
 class Cancel(_Msg):
     type: Literal["cancel"] = "cancel"
     request_id: str = Field(max_length=64)
+
+
+class WeightsRequest(_Msg):
+    """Ask for some of a model's parameters (by the names its ``named_parameters()`` gives):
+    they come back as ``result`` messages with frames, then ``done``. Bounded by
+    ``Limits.max_weight_bytes``."""
+    type: Literal["weights"] = "weights"
+    request_id: str = Field(max_length=64)
+    model: str = Field(max_length=256)
+    names: list[Annotated[str, Field(max_length=512)]] = Field(max_length=100_000)
 
 
 class HelloOk(_Msg):
@@ -134,6 +147,11 @@ class ModelInfo(_Msg):
     step_module_kwarg_layouts: dict[str, dict[str, str]] = Field(default_factory=dict)
     # Output sites of modules that return a list rather than a tuple (GPT-1's blocks).
     list_outputs: list[str] = Field(default_factory=list)
+    # The TL 4 config values a local model must share with the server's to run its hooks
+    # remotely (n_layers, d_model, n_heads, d_head, d_mlp, d_vocab, architecture).
+    tl_config: dict = Field(default_factory=dict)
+    # The TL hook switches on when ``sites`` were recorded (see ModelInfoRequest.tl_flags).
+    tl_flags: list[str] = Field(default_factory=list)
 
 
 class Accepted(_Msg):
@@ -158,6 +176,9 @@ class Result(_Msg):
     name: str
     tensor: TensorHeader
     resident: str | None = None  # the id under which the server keeps it for this user
+    # Set: no bytes follow; this value is the very tensor already sent as ``alias_of`` in
+    # this request (the client makes it a view of that one, as they alias on the server).
+    alias_of: str | None = Field(default=None, max_length=256)
 
 
 class Error(_Msg):
@@ -176,7 +197,7 @@ class Done(_Msg):
     bytes_received: int = 0
 
 
-ClientMessage = Annotated[Union[Hello, ModelInfoRequest, Submit, Cancel],
+ClientMessage = Annotated[Union[Hello, ModelInfoRequest, Submit, Cancel, WeightsRequest],
                           Field(discriminator="type")]
 ServerMessage = Annotated[Union[HelloOk, ModelInfo, Accepted, Progress, Result, Error, Done],
                           Field(discriminator="type")]
@@ -339,6 +360,7 @@ def protocol_json_schema() -> dict:
 
 
 __all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "Cancel", "HelloOk",
+           "WeightsRequest",
            "SiteDescription", "ModelInfo", "ResidentRef", "Accepted", "Progress", "Result", "Error", "Done",
            "parse_client_message", "parse_client_message_bounded", "check_structure",
            "request_id_of", "parse_server_message", "dump", "protocol_json_schema"]

@@ -209,3 +209,23 @@ def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
     for holder in holders:
         total += _replace_in(holder, mapping, skip_ids | {id(holders)}, 0)
     return total
+
+
+def discard(objs: list) -> int:
+    """Take ``objs`` (proxies that will never get a value) out of the lists and dicts that
+    hold them; returns how many places they were removed from. Other holders keep them
+    (using one then raises: its trace is closed)."""
+    if not objs:
+        return 0
+    ids = {id(o) for o in objs}
+    removed = 0
+    for holder in gc.get_referrers(*objs):
+        if isinstance(holder, list):
+            before = len(holder)
+            holder[:] = [v for v in holder if id(v) not in ids]
+            removed += before - len(holder)
+        elif isinstance(holder, dict) and not isinstance(holder, types.MappingProxyType):
+            for key in [k for k, v in holder.items() if id(v) in ids]:
+                del holder[key]
+                removed += 1
+    return removed

@@ -45,18 +45,23 @@ class ClientResidents:
 
     def __init__(self):
         self._lock = threading.Lock()
-        # storage data_ptr -> (weakref to the downloaded tensor, resident id, version, nbytes)
+        # storage data_ptr -> (weakref to the downloaded tensor's storage, resident id,
+        # version, nbytes, dtype)
         self._downloads: dict[int, tuple] = {}
         self.server_has: set[str] = set()  # content ids of uploads the server kept
 
     def register_download(self, tensor: torch.Tensor, resident_id: str) -> None:
         if tensor.numel() == 0 or tensor.device.type != "cpu":
             return
-        ptr = tensor.untyped_storage().data_ptr()
-        ref = weakref.ref(tensor, lambda _, ptr=ptr: self._forget_ptr(ptr))
+        # The storage, not the tensor object: the user may hold only views of it (a cache's
+        # alias entries), and torch keeps one Python storage object per storage, alive as
+        # long as any tensor uses it -- so its address cannot be reused while it is listed.
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        ref = weakref.ref(storage, lambda _, ptr=ptr: self._forget_ptr(ptr))
         with self._lock:
-            self._downloads[ptr] = (ref, resident_id, tensor._version,
-                                    tensor.untyped_storage().nbytes())
+            self._downloads[ptr] = (ref, resident_id, tensor._version, storage.nbytes(),
+                                    tensor.dtype)
 
     def _forget_ptr(self, ptr: int) -> None:
         with self._lock:
@@ -81,9 +86,9 @@ class ClientResidents:
             entry = self._downloads.get(storage.data_ptr())
         if entry is not None:
             base = entry[0]()
-            # Same allocation (the base is alive, so its address cannot have been reused),
+            # Same allocation (the storage is alive, so its address cannot have been reused),
             # same element type, no in-place edit since it arrived.
-            if base is not None and base.dtype == tensor.dtype and \
+            if base is not None and entry[4] == tensor.dtype and \
                     tensor._version == entry[2] and storage.nbytes() == entry[3]:
                 return {"resident": entry[1], "dtype": DTYPE_NAMES[tensor.dtype],
                         "shape": list(tensor.shape), "stride": list(tensor.stride()),

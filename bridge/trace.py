@@ -17,6 +17,7 @@ What cannot become a node (reading values with ``.item()``, ``if tensor:``, prin
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -74,6 +75,9 @@ _BLOCKED = {
     T.__reduce_ex__: "pickling/saving a tensor (file I/O)",
     T.__deepcopy__: "deep-copying an activation",
     T.backward: "calling backward inside a hook",
+    # Its .grad would be read after a local backward that never happens here.
+    T.retain_grad: "`retain_grad()` on an activation (to read its `.grad` after a local "
+                   "backward)",
     T.nonzero: "`nonzero` has a shape that depends on values",
     T.masked_select: "`masked_select` has a shape that depends on values",
     T.unique: "`unique` has a shape that depends on values",
@@ -84,8 +88,7 @@ for _f in (torch.nonzero, torch.masked_select, torch.unique, torch.save):
 _CASTS = {T.float: torch.float32, T.double: torch.float64, T.half: torch.float16,
           T.bfloat16: torch.bfloat16, T.long: torch.int64, T.int: torch.int32,
           T.bool: torch.bool, T.short: torch.int16, T.byte: torch.uint8, T.char: torch.int8}
-_DEVICE_MOVES = {T.cpu, T.cuda, T.requires_grad_, T.pin_memory, T.share_memory_,
-                 T.retain_grad}
+_DEVICE_MOVES = {T.cpu, T.cuda, T.requires_grad_, T.pin_memory, T.share_memory_}
 
 # Random draws that do not depend on the values of the tensor they are shaped like: drawn here,
 # from the caller's generator, exactly as a local run would draw them, and sent as constants.
@@ -235,11 +238,15 @@ _guard_torch_save()
 # ---- proxies ------------------------------------------------------------------------------
 
 class _ViewOf:
-    """How a view proxy relates to its base: re-derive it, or write an edit back."""
-    __slots__ = ("base", "redo", "undo", "base_version")
+    """How a view proxy relates to its base: re-derive it, or write an edit back. ``replay``
+    (views that keep every element) makes the view from the base's real value on the client
+    (:mod:`hookwire.aliases`)."""
+    __slots__ = ("base", "redo", "undo", "base_version", "replay", "key")
 
-    def __init__(self, base, redo, undo, base_version):
+    def __init__(self, base, redo, undo, base_version, replay=None, key=None):
         self.base, self.redo, self.undo, self.base_version = base, redo, undo, base_version
+        self.replay = replay
+        self.key = key  # what view of the base this is (equal keys: equal values)
 
 
 class Proxy(torch.Tensor):
@@ -507,11 +514,15 @@ class Tracer:
             view.base_version = base._hw_version
             child = base
 
-    def _make_view(self, out: Proxy, base: Proxy, redo, undo):
-        out._hw_view = _ViewOf(base, redo, undo, base._hw_version)
+    def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None, key=None):
+        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay, key)
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
+        if func is T.retain_grad:
+            raise trace_error(_BLOCKED[func], "gradients of activations come back from "
+                              "backward hooks: pass bwd_hooks=, or run_with_cache("
+                              "incl_bwd=True) with return_type='loss' or metric=")
         if self.on_backward is not None and _is_backward(func):
             return self.on_backward(args[0], args[1:], kwargs)
         if self.on_register_hook is not None and func is T.register_hook:
@@ -685,22 +696,33 @@ class Tracer:
             self._index_view(src, out, (slice(None),) * dim + (slice(start, start + length),))
         elif name in _RESHAPE_VIEWS:
             shape = tuple(src.shape)
+            out_shape = tuple(out.shape)
             self._make_view(out, src,
                             redo=lambda b, name=name, rest=rest, kw=kw: self.emit(
                                 OPS[name].name, (Ref(b), *rest), kw),
-                            undo=lambda b, v, shape=shape: self.emit("reshape", (Ref(v), shape)))
+                            undo=lambda b, v, shape=shape: self.emit("reshape", (Ref(v), shape)),
+                            replay=T.detach if name == "detach" else
+                            functools.partial(_view_or_reshape, shape=out_shape),
+                            key=("detach",) if name == "detach" else ("view", out_shape))
         else:  # permutations
             perm = _permutation_of(name, src.dim(), rest, kw)
             inverse = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
             self._make_view(out, src,
                             redo=lambda b, perm=perm: self.emit("permute", (Ref(b), perm)),
-                            undo=lambda b, v, inv=inverse: self.emit("permute", (Ref(v), inv)))
+                            undo=lambda b, v, inv=inverse: self.emit("permute", (Ref(v), inv)),
+                            replay=lambda t, perm=perm: t.permute(perm),
+                            key=("permute", perm))
 
     def _index_view(self, src, out, index):
+        # An index that keeps every element (TL's default pos_slice, x[0] of a batch of one)
+        # can be replayed on the received value; a real slice is sent as itself.
+        whole = out.numel() == src.numel() and not isinstance(index, torch.Tensor)
         self._make_view(out, src,
                         redo=lambda b, index=index: self.emit("getitem", (Ref(b), index)),
                         undo=lambda b, v, index=index: self.emit("setitem",
-                                                                 (Ref(b), index, Ref(v))))
+                                                                 (Ref(b), index, Ref(v))),
+                        replay=(lambda t, index=index: t[index]) if whole else None,
+                        key=("getitem", repr(index), tuple(out.shape)))
 
     def _inplace(self, func, name, args, kwargs):
         target = args[0]
@@ -897,6 +919,15 @@ def _from_specs(specs):
         return torch.empty_strided(specs[1], specs[2], dtype=specs[3], device="meta")
     items = [_from_specs(s) for s in specs[2]]
     return specs[1](items) if specs[1] is not tuple else tuple(items)
+
+
+def _view_or_reshape(t: torch.Tensor, shape) -> torch.Tensor:
+    """A reshape view replayed on a received tensor (contiguous, so a view almost always
+    works; where strides differ from the traced layout, a reshape gives the same values)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.reshape(shape)
 
 
 def _is_basic_index(index) -> bool:

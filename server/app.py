@@ -39,13 +39,14 @@ from hookwire.errors import (FrameError, HookwireError, ProtocolError,
                              UnknownModel)
 from hookwire.frames import CHUNK_BYTES, MAX_HEADER_BYTES, TensorAssembler, decode_frame
 from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
-                               ModelInfoRequest, Submit, dump,
+                               ModelInfoRequest, Submit, WeightsRequest, dump,
                                parse_client_message_bounded)
 from hookwire.server.intake import FrontShare, Intake
 from hookwire.server.memory import MemoryBudget, Reservation
 from hookwire.server.models import HostedModel
 from hookwire.server.prepare import ModelEntry, prepare_model  # noqa: F401 (re-exported)
 from hookwire.server.residents import Residents, ResidentStore, check_refs
+from hookwire.server.weights import begin_transfer, check_weights_request, send_weights
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
 from hookwire.validate import Limits
 
@@ -107,6 +108,7 @@ class ConnState:
         self.closed = False
         self.cancelled = RecentIds()
         self.incoming: Incoming | None = None
+        self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
         self.discarded = RecentIds()  # refused request ids: their frames are dropped
 
     def discard(self, request_id: str) -> None:
@@ -119,14 +121,18 @@ class ConnState:
     def _put(self, item) -> None:  # on the loop
         if self.closed and item is not None:
             return
-        if isinstance(item, bytes) and self.memory is not None:
-            self.memory.force(self.user, len(item))
+        if isinstance(item, bytes):
+            self.queued_bytes += len(item)
+            if self.memory is not None:
+                self.memory.force(self.user, len(item))
         self.outbox.put_nowait(item)
 
     def sent(self, item) -> None:
         """``item`` left the outbox (sent, or dropped with the connection)."""
-        if isinstance(item, bytes) and self.memory is not None:
-            self.memory.release(self.user, len(item))
+        if isinstance(item, bytes):
+            self.queued_bytes -= len(item)
+            if self.memory is not None:
+                self.memory.release(self.user, len(item))
 
     def drop_incoming(self) -> Incoming | None:
         incoming, self.incoming = self.incoming, None
@@ -243,6 +249,24 @@ class HookwireServer:
                 state.sent(item)
                 return
             state.sent(item)
+
+    async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
+        """``model_info`` with TL hook switches on: the engine probes that combination once
+        (holding the model), then every client is told from the cached answer."""
+        loop = asyncio.get_running_loop()
+        try:
+            hook_mode_info = getattr(self.worker, "hook_mode_info", None)
+            if hook_mode_info is None:
+                raise HookwireError("this server's engine does not serve TL hook switches")
+            answer = await loop.run_in_executor(None, hook_mode_info, msg.model,
+                                                tuple(msg.tl_flags))
+        except Exception as exc:
+            if not isinstance(exc, HookwireError):
+                log.exception("probing TL hook switches failed")
+                exc = _internal_error(exc)
+            answer = dump(Error(request_id=None, code=exc.code, message=exc.message,
+                                details=_jsonable(exc.details)))
+        state.outbox.put_nowait(answer)
 
     async def _handle(self, ws: ServerConnection):
         # With API keys a user is a key (its resident values outlive a connection); without,
@@ -399,10 +423,32 @@ class HookwireServer:
             if entry is None:
                 raise UnknownModel(f"model {msg.model!r} is not served here; served: "
                                    f"{', '.join(self.entries)}")
-            state.outbox.put_nowait(entry.info_json)
+            if msg.tl_flags:
+                # Probing runs the model: in the engine's own thread, not on this loop.
+                asyncio.get_running_loop().create_task(self._answer_hook_mode(state, msg))
+            else:
+                state.outbox.put_nowait(entry.info_json)
         elif isinstance(msg, Cancel):
             state.cancelled.add(msg.request_id)
             self.worker.cancel(state, msg.request_id)
+        elif isinstance(msg, WeightsRequest):
+            entry = self.entries.get(msg.model)
+            if entry is None:
+                raise UnknownModel(f"model {msg.model!r} is not served here; served: "
+                                   f"{', '.join(self.entries)}")
+            if not isinstance(entry, ModelEntry):
+                raise HookwireError("this server's engine holds its models in other "
+                                    "processes and does not send weights")
+            try:
+                wanted = check_weights_request(entry, msg, self.limits)
+                begin_transfer(state)
+            except HookwireError as exc:  # answered under the request's own id
+                state.outbox.put_nowait(dump(Error(request_id=msg.request_id, code=exc.code,
+                                                   message=exc.message,
+                                                   details=_jsonable(exc.details))))
+                return
+            asyncio.get_running_loop().run_in_executor(None, send_weights, state,
+                                                       msg.request_id, wanted)
 
     def _enqueue(self, state: ConnState, incoming: Incoming):
         if incoming.timer is not None:

@@ -18,7 +18,8 @@ from transformers import DynamicCache
 from hookwire.errors import (Cancelled, DeadlineExceeded, GraphValidationError, LimitExceeded,
                              ProtocolError, UnsupportedModel)
 from hookwire.executor import Interleaver
-from hookwire.generation import make_generator, next_tokens, step_name, token_name
+from hookwire.generation import (finish_rows, make_generator, next_tokens, step_name,
+                                 token_name)
 from hookwire.graph import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Progress, dump
@@ -128,6 +129,8 @@ def run_generation(worker, p, forwards: list) -> None:
             sent[0] += worker._send_tensor(job, step_name(k, name), value, snapshot, keep)
         return on_save
 
+    unfinished = torch.ones(p.tokens.shape[0], dtype=torch.bool, device=device)
+    steps = spec.max_new_tokens
     with torch.no_grad():
         for k in range(spec.max_new_tokens):
             watch()
@@ -154,17 +157,21 @@ def run_generation(worker, p, forwards: list) -> None:
                 finally:
                     il.release()
             token = next_tokens(logits[:, -1], spec, generator)
+            token, unfinished = finish_rows(token, unfinished, spec)
             sent[0] += worker._send_tensor(job, token_name(k), token, snapshot=False,
                                            keep=False)
             job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="site",
                                                    site=k + 1, of=spec.max_new_tokens)))
             step_input = token[:, None]
+            if not bool(unfinished.any()):  # every row chose EOS: as HF's generate, stop
+                steps = k + 1
+                break
     t_done = time.perf_counter()
     job.conn.send_threadsafe(dump(Done(
         request_id=job.request_id, bytes_sent=sent[0], bytes_received=job.received_bytes,
         timings={"queued_s": p.t_start - job.enqueued, "validate_s": p.t_validated - p.t_start,
                  "execute_s": t_done - p.t_validated, "batch_size": 1.0,
-                 "tokens": float(spec.max_new_tokens)})))
+                 "tokens": float(steps)})))
 
 
 __all__ = ["validate_generation", "run_generation"]

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
+from hookwire.errors import GraphValidationError
+from hookwire.graph import hook_mode
 from hookwire.server.devices import input_device
-from hookwire.server.tl_modes import tl_hooks_marked
-from hookwire.protocol import ModelInfo, SiteDescription
+from hookwire.server.tl_modes import flags_applied, tl_hooks_marked
+from hookwire.protocol import ModelInfo, SiteDescription, dump
 from hookwire.tokenizer import tokenizer_files
 from hookwire.validate import SiteInfo, flat_dim
 
@@ -68,9 +71,8 @@ def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
             return None
         handles.append(hp.register_forward_hook(hook))
     try:
-        vocab = bridge.cfg.d_vocab
-        tokens = torch.randint(0, min(vocab, 256), (batch, seq), generator=torch.Generator()
-                               .manual_seed(0)).to(input_device(bridge.original_model))
+        tokens = torch.randint(0, _probe_vocab(bridge), (batch, seq), generator=torch.Generator()
+                               .manual_seed(0)).to(_bridge_device(bridge))
         marks = [hp for _, hp in points.values()] if mark_backward else []
         with torch.set_grad_enabled(gradients), tl_hooks_marked(marks, marks), \
                 warnings.catch_warnings():
@@ -90,6 +92,13 @@ def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
     return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
 
 
+def _bridge_device(bridge) -> torch.device:
+    original = getattr(bridge, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        return input_device(original)
+    return next(bridge.parameters()).device
+
+
 def _describe_value(value) -> str:
     if isinstance(value, (tuple, list)):
         inner = ", ".join("Tensor" if isinstance(v, torch.Tensor) else type(v).__name__
@@ -98,15 +107,45 @@ def _describe_value(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str]]:
+def _probe_vocab(bridge) -> int:
+    """Token ids the probes may use: below d_vocab, 256 and the rows of the model's first
+    embedding table (a hand-built bridge's cfg can claim more tokens than it embeds)."""
+    limit = min(bridge.cfg.d_vocab, 256)
+    original = getattr(bridge, "original_model", None)
+    if isinstance(original, torch.nn.Module):
+        embedding = next((m for m in original.modules() if isinstance(m, torch.nn.Embedding)),
+                         None)
+        if embedding is not None:
+            limit = min(limit, embedding.num_embeddings)
+    return max(limit, 1)
+
+
+def probe_sizes(bridge) -> tuple:
+    """The two (batch, seq) probes: the defaults, or shorter sequences for a model with fewer
+    positions (TL's native test models have n_ctx=8)."""
+    n_ctx = getattr(bridge.cfg, "n_ctx", None)
+    (b1, s1), (b2, s2) = _PROBES
+    if isinstance(n_ctx, int) and 2 < n_ctx < s2:
+        return (b1, n_ctx - 1), (b2, n_ctx)
+    return _PROBES
+
+
+def probe_sites(bridge, eager_model=None, flags=()) -> tuple[list[SiteInfo], dict[str, str]]:
     """(TL hook sites in firing order, {hook point: why it cannot be served}).
 
     With ``eager_model`` (the bridge's HF model, when it does not already run eager
     attention) the probe runs a second time with eager attention, as TransformerLens's own
     loader hosts every model: sites that fire only there (``hook_pattern``,
     ``hook_attn_scores`` on models whose attention is otherwise SDPA) are listed with
-    ``eager=True``; requests that read or write them run with eager attention."""
-    (b1, s1), (b2, s2) = _PROBES
+    ``eager=True``; requests that read or write them run with eager attention. ``flags``:
+    TL's hook switches on during the probes (the rest off)."""
+    with flags_applied(bridge, flags):
+        return _probe_sites(bridge, eager_model)
+
+
+def _probe_sites(bridge, eager_model):
+    probes = probe_sizes(bridge)
+    (b1, s1), (b2, s2) = probes
     nontensor: dict[str, str] = {}
     # Gradients (which sites a backward pass reaches) from the first probe; the second, at
     # another size, only for the shapes.
@@ -134,7 +173,7 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
         except Exception as exc:
             eager_failed = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}" \
                 if str(exc) else type(exc).__name__
-    sites, unserved = describe_fired(*fired)
+    sites, unserved = describe_fired(*fired, probes=probes)
     if eager_failed is not None:
         for name in silent:
             if name.endswith(("hook_pattern", "hook_attn_scores")):
@@ -151,7 +190,8 @@ def probe_sites(bridge, eager_model=None) -> tuple[list[SiteInfo], dict[str, str
             for s in sites], unserved
 
 
-def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str, str]]:
+def describe_fired(first: list, second: list, probes=_PROBES
+                   ) -> tuple[list[SiteInfo], dict[str, str]]:
     """Two probes' fired sites ``(name, call, shape, dtype[, grad])`` -> the sites a graph may
     use, with symbolic shapes, and {name: why not} for those that fire but cannot be
     described: a shape that follows the values rather than the input's size (tokens routed
@@ -169,9 +209,9 @@ def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str,
         raise RuntimeError("hook sites fire in a different order for different input sizes")
     sites = []
     for (name, call, shape1, dtype, *rest), (_, _, shape2, *_) in zip(first, second):
-        dims = symbolic_shape(shape1, shape2) if len(shape1) == len(shape2) else None
+        dims = symbolic_shape(shape1, shape2, probes) if len(shape1) == len(shape2) else None
         if dims is None:
-            unserved.setdefault(name, _shape_reason(shape1, shape2))
+            unserved.setdefault(name, _shape_reason(shape1, shape2, probes))
         elif dtype not in DTYPE_NAMES:
             unserved.setdefault(name, f"its values are {dtype}, which cannot travel")
         else:
@@ -180,14 +220,14 @@ def describe_fired(first: list, second: list) -> tuple[list[SiteInfo], dict[str,
     return sites, {k: v for k, v in unserved.items() if k not in served}
 
 
-def _shape_reason(shape1, shape2) -> str:
+def _shape_reason(shape1, shape2, probes=_PROBES) -> str:
     """Why a site's shapes in the two probes have no symbolic form, as precisely as we can."""
-    (b1, s1), (b2, s2) = _PROBES
+    (b1, s1), (b2, s2) = probes
     seen = f"its shape ({tuple(shape1)} for a {b1}x{s1} input, {tuple(shape2)} for {b2}x{s2})"
     if len(shape1) != len(shape2):
         return f"{seen} changes rank with the input"
     for d1, d2 in zip(shape1, shape2):
-        if d1 == d2 or symbolic_shape((d1,), (d2,)) is not None:
+        if d1 == d2 or symbolic_shape((d1,), (d2,), probes) is not None:
             continue
         derived = None
         if d2 - d1 == s2 - s1:
@@ -204,11 +244,11 @@ def _shape_reason(shape1, shape2) -> str:
             "known before it runs")
 
 
-def symbolic_shape(shape1, shape2) -> tuple | None:
+def symbolic_shape(shape1, shape2, probes=_PROBES) -> tuple | None:
     """One site's shapes in the two probes -> each dim as ``B``, ``S``, ``B*S`` / ``B*S*k``
     (batch and sequence flattened, times k) or its fixed size (None when a dim moves with none
     of them)."""
-    (b1, s1), (b2, s2) = _PROBES
+    (b1, s1), (b2, s2) = probes
     dims = []
     for d1, d2 in zip(shape1, shape2):
         if d1 == d2:
@@ -224,18 +264,88 @@ def symbolic_shape(shape1, shape2) -> tuple | None:
     return tuple(dims)
 
 
-def describe(hosted, sites: list[SiteInfo], unserved: dict[str, str]) -> ModelInfo:
+_TL_CONFIG_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx",
+                   "n_key_value_heads", "architecture")
+
+
+def tl_config(bridge) -> dict:
+    """The TL config values a client's own model must share with this one."""
+    out = {}
+    for key in _TL_CONFIG_KEYS:
+        value = getattr(bridge.cfg, key, None)
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _descriptions(sites: list[SiteInfo]) -> list[SiteDescription]:
+    return [SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
+                            dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager)
+            for s in sites]
+
+
+def describe(hosted, sites: list[SiteInfo], unserved: dict[str, str], tl_flags=()) -> ModelInfo:
     bridge = hosted.bridge
     return ModelInfo(
         model=hosted.name, architecture=hosted.architecture, config=hosted.config_dict,
-        sites=[SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
-                               dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager)
-               for s in sites],
+        sites=_descriptions(sites),
         unserved_sites=unserved,
         hook_names=[name for name in bridge.hook_dict] if bridge is not None else [],
         hook_aliases=hook_aliases(bridge) if bridge is not None else {},
-        tokenizer_files=tokenizer_files(hosted.tokenizer),
-        output=hosted.family.output_field)
+        tokenizer_files=_tokenizer_files(hosted.tokenizer),
+        output=hosted.family.output_field,
+        tl_config=tl_config(bridge) if bridge is not None else {},
+        tl_flags=sorted(tl_flags))
+
+
+def _tokenizer_files(tokenizer) -> dict:
+    """The tokenizer's files for clients; none for a model hosted with no HF tokenizer (a
+    native TL model, a stub): clients then bring their own token ids."""
+    if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
+        return {}
+    return tokenizer_files(tokenizer)
+
+
+@dataclass
+class HookMode:
+    """The model with some of TL's hook switches on: what clients are told, and the tables
+    its graphs are validated against."""
+    info_json: str
+    site_table: dict
+    site_order: dict
+
+
+def probe_hook_mode(entry, tl_flags) -> HookMode:
+    """Probe the TL sites with ``tl_flags`` on (``set_use_split_qkv_input`` adds
+    ``hook_q_input``... and reorders the attention's sites). Refused with a typed error where
+    TL refuses the switch for this architecture. The caller holds the model's lock. The
+    answer is the model's own description with the TL sites of that mode (module sites, which
+    the switches do not touch, as they are)."""
+    from hookwire.protocol import parse_server_message
+    from hookwire.server.attention_sites import runs_eager
+
+    hosted = entry.hosted
+    if hosted.bridge is None or entry.tl_refused is not None:
+        raise GraphValidationError(f"model {hosted.name!r} serves no TL hook points, so no "
+                                   "TL hook switches", rule="tl_flags")
+    original = hosted.original
+    try:
+        tl_sites, unserved = probe_sites(hosted.bridge, None if runs_eager(original)
+                                         else original, tl_flags)
+    except (ValueError, NotImplementedError) as exc:
+        raise GraphValidationError(f"model {hosted.name!r} cannot run with TL hook switches "
+                                   f"{hook_mode(tl_flags)!r}: {exc}", rule="tl_flags") from None
+    from hookwire.module_sites import is_module_site
+
+    module_sites = [s for s in entry.sites if is_module_site(s.name)]
+    sites = tl_sites + module_sites
+    info = parse_server_message(entry.info_json)
+    info.sites = _descriptions(sites)
+    info.unserved_sites = {**{k: v for k, v in info.unserved_sites.items()
+                              if is_module_site(k)}, **unserved}
+    info.tl_flags = sorted(tl_flags)
+    table, order = site_lookup(hosted.bridge, sites)
+    return HookMode(dump(info), table, order)
 
 
 def hook_aliases(bridge) -> dict[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hookwire.errors import UnsupportedModel
-from hookwire.families import Family, build_hf_model, family_for_architecture
+from hookwire.families import Family, build_hf_model, family_for_architecture, refusal
 from hookwire.server.devices import (input_device, model_dtype, parse_device,  # noqa: F401
                                      parse_dtype)
 from hookwire.tokenizer import byte_level_tokenizer
@@ -233,6 +233,24 @@ def load_model(name_or_path: str, device_map=None, dtype=None, device=None) -> H
                      f"({', '.join(BUILTIN_MODELS)}) and not a local checkpoint folder")
 
 
+def describe_bridge(bridge) -> tuple[str, dict, Family]:
+    """(architecture, config dict, family) of a TL bridge the caller hosts. Over an HF model
+    of a served family, the HF config (clients build weightless stand-ins from it). Over
+    anything else -- TL's native models, a training framework's module -- the bridge is served
+    as it is (its TL hook points, run by TL's own forward); there is no HF config to describe
+    it, so clients use their own copy of the model with ``remote=True``."""
+    hf_model = getattr(bridge, "original_model", None)
+    cfg = getattr(hf_model, "config", None)
+    architectures = getattr(cfg, "architectures", None) if cfg is not None else None
+    architecture = (architectures or [getattr(bridge.cfg, "architecture", None)
+                                      or type(hf_model).__name__])[0]
+    if cfg is not None and refusal(architecture) is None:
+        family = family_for_architecture(architecture)
+        return architecture, family.config_to_dict(cfg, dtype=model_dtype(hf_model)), family
+    # Not an HF model of a served family: TL's own forward and hook points only.
+    return architecture, {}, Family(architecture, type(cfg), type(hf_model))
+
+
 def host_model_object(name: str, model, tokenizer=None, dtype=None,
                       device=None) -> HostedModel:
     """Host an already-built object: a TL bridge (with its own tokenizer, possibly None), or
@@ -246,14 +264,10 @@ def host_model_object(name: str, model, tokenizer=None, dtype=None,
     if torch_dtype is not None or device is not None:
         model.to(device=device, dtype=torch_dtype)
     if isinstance(model, TransformerBridge):
-        hf_model = model.original_model
-        cfg = hf_model.config
-        architecture = (cfg.architectures or [type(hf_model).__name__])[0]
-        family = family_for_architecture(architecture)
+        architecture, config, family = describe_bridge(model)
         if torch_dtype is not None:
             model.cfg.dtype = torch_dtype
-        return HostedModel(name, architecture,
-                           family.config_to_dict(cfg, dtype=model_dtype(hf_model)), model,
+        return HostedModel(name, architecture, config, model,
                            tokenizer if tokenizer is not None else model.tokenizer,
                            family=family)
     cfg = model.config

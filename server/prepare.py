@@ -34,6 +34,10 @@ log = logging.getLogger("hookwire.server")
 ALL_MODULE_SITES = PREFIX + "*"
 
 
+class _NoHFModel(Exception):
+    """The hosted bridge wraps a module that is no HF model: there is no module tree."""
+
+
 @dataclass
 class ModelEntry:
     hosted: HostedModel
@@ -54,6 +58,8 @@ class ModelEntry:
     # (name, call) of sites a replacing write changes the forward's path at: such a writer
     # runs alone (server/batch_probe.py)
     solo_replace_sites: set = field(default_factory=set)
+    # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
+    modes: dict = field(default_factory=dict)
 
     @property
     def output_dim(self) -> int:
@@ -94,6 +100,10 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
             log.warning("TL hook points of %s not served: %s", hosted.name, exc)
             tl_refused = bridge_failure(hosted.architecture, exc)
     try:
+        if hosted.bridge is not None and getattr(hosted.original, "config", None) is None:
+            # A bridge over a module that is no HF model (TL's native models...): TL sites
+            # only.
+            raise _NoHFModel("the bridge wraps no HF model")
         hf_model = plain_hf_model(hosted)
         module_sites, module_unserved = probe_module_sites(hf_model)
         layouts = probe_module_layouts(hf_model)
@@ -102,7 +112,8 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
             raise
         # A model whose HF tree we cannot mirror still serves its TL sites; clients of the
         # module-path fronts are told why they cannot use it.
-        log.exception("no HF module sites for %s", hosted.name)
+        if not isinstance(exc, _NoHFModel):
+            log.exception("no HF module sites for %s", hosted.name)
         hf_model, module_sites, layouts = None, [], ({}, {}, {}, {}, [])
         module_unserved = {ALL_MODULE_SITES: f"the server could not mirror {hosted.name!r}'s "
                            f"HF module tree ({type(exc).__name__}: "

@@ -100,6 +100,7 @@ class RayEngine:
         self.owns_ray = ray_cluster.connect(address, num_cpus=ray_num_cpus)
         self.specs = list(models)
         self.handles: dict = {}
+        self.plain_handles: dict = {}
         self.entries: dict[str, RemoteEntry] = {}
         try:
             for spec in self.specs:
@@ -111,6 +112,7 @@ class RayEngine:
                     device=device, replica_class=replica_class)
                 info = handle.info.remote().result()
                 self.handles[info["name"]] = handle.options(stream=True)  # generator calls
+                self.plain_handles[info["name"]] = handle
                 self.entries[info["name"]] = RemoteEntry(info["info_json"])
         except BaseException:
             self._teardown()
@@ -139,6 +141,14 @@ class RayEngine:
     def describe(self) -> dict:
         return {"kind": "ray", "replicas": self.replicas,
                 "served_by": dict(self.served_by), "retried": self.retried}
+
+    def hook_mode_info(self, model: str, tl_flags) -> str:
+        """``model_info`` with TL hook switches on: asked of a replica (each probes once)."""
+        handle = self.plain_handles.get(model)
+        if handle is None:
+            raise UnknownModel(f"model {model!r} is not served here; served: "
+                               f"{', '.join(self.entries)}")
+        return handle.hook_mode_info.remote(list(tl_flags)).result()
 
     def submit(self, job: Job) -> int:
         """Called on the front's event loop for an accepted request."""

@@ -92,6 +92,13 @@ class ModelReplica:
         return {"name": self.name, "info_json": self.entry.info_json,
                 "replica": self.replica, "pid": os.getpid()}
 
+    def hook_mode_info(self, tl_flags: list) -> str:
+        """The ``model_info`` answer with TL's hook switches on (probed here on first use)."""
+        try:
+            return self.worker.hook_mode_info(self.name, tuple(tl_flags))
+        except HookwireError as exc:  # typed, for the client (not a Ray error wrapper)
+            return error_message(None, exc)
+
     async def run(self, payload: dict):
         conn = ReplicaConn(asyncio.get_running_loop(), payload["user"],
                            self.limits.max_resident_bytes)

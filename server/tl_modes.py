@@ -55,4 +55,42 @@ def marked_for_graph(site_modules: dict, vg):
     return tl_hooks_marked([m for m in fwd if m is not None], [m for m in bwd if m is not None])
 
 
-__all__ = ["tl_hooks_marked", "marked_for_graph"]
+
+
+# ---- TL's hook switches (set_use_attn_result & co.), per request -------------------------
+
+def current_flags(bridge) -> frozenset:
+    from hookwire.graph import TL_HOOK_FLAGS
+
+    return frozenset(f for f in TL_HOOK_FLAGS if bool(getattr(bridge.cfg, f, False)))
+
+
+def _set_flags(bridge, flags) -> None:
+    from hookwire.graph import TL_HOOK_FLAGS
+
+    on = set(flags)
+    # Off first: use_split_qkv_input and use_attn_in refuse to be on together.
+    for flag in TL_HOOK_FLAGS:
+        if flag not in on and getattr(bridge.cfg, flag, False):
+            getattr(bridge, f"set_{flag}")(False)
+    for flag in TL_HOOK_FLAGS:
+        if flag in on and not getattr(bridge.cfg, flag, False):
+            getattr(bridge, f"set_{flag}")(True)
+
+
+@contextlib.contextmanager
+def flags_applied(bridge, flags=()):
+    """Run with exactly ``flags`` of TL's hook switches on (the others off), then put back
+    what the bridge had: a request's switches are its own, never the next request's."""
+    before = current_flags(bridge)
+    if before == frozenset(flags):
+        yield
+        return
+    try:
+        _set_flags(bridge, flags)
+        yield
+    finally:
+        _set_flags(bridge, before)
+
+
+__all__ = ["tl_hooks_marked", "marked_for_graph", "flags_applied", "current_flags"]

@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -36,13 +37,16 @@ from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
                                              weight_site_modules)
+from hookwire.server.cancel_watch import stop_between_blocks
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
-from hookwire.server.tl_modes import marked_for_graph
+from hookwire.graph import hook_mode
+from hookwire.server.manifest import HookMode, probe_hook_mode
+from hookwire.server.tl_modes import flags_applied, marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
 log = logging.getLogger("hookwire.server")
@@ -97,6 +101,7 @@ class Prepared:
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
     eager: bool = False                # uses sites that fire only with eager attention
     generation: list | None = None     # a generate request's validated forwards
+    residual: torch.Tensor | None = None  # start_at_layer: the residual entering block k
 
     def release(self) -> None:
         """The request is over: drop what it holds (no cycle keeps it for the collector)."""
@@ -131,10 +136,12 @@ def batch_key(job: Job, entry=None):
     if job.submit.generate is not None:
         return None  # a token loop with its own KV cache runs alone
     if graph.backward is not None or spec.return_type not in ("logits", None) or \
+            spec.start_at_layer is not None or graph.inputs.get("attention_mask") or \
+            graph.inputs.get("position_ids") or \
             any(is_module_site(site.name) for site in graph.sites):
         return None  # module-site graphs (pyvene) batch their own rows already
     if entry is None:
-        return (graph.model, spec.output_attentions, False)
+        return (graph.model, spec.output_attentions, False, hook_mode(spec.tl_flags))
     if entry.tl_refused is not None:
         return None  # no TL forward to share: runs alone, on the plain HF forward
     writes = [n for n in graph.nodes if n.op == "site.write" and n.args]
@@ -149,7 +156,9 @@ def batch_key(job: Job, entry=None):
         if i in replaced and (info.name, info.call) in solo_replace:
             return None
         eager |= info.eager
-    return (graph.model, spec.output_attentions, eager)
+    # TL's hook switches are the model's state during the forward: only equal ones
+    # share it.
+    return (graph.model, spec.output_attentions, eager, hook_mode(spec.tl_flags))
 
 
 def _input_shape(job: Job) -> tuple:
@@ -181,6 +190,7 @@ class ModelWorker(threading.Thread):
                                    MAX_BATCH_ROWS, MAX_BATCH_TOKENS)
         self.current: list[Job] = []   # what is running now (for shutdown)
         self.busy = threading.Event()  # set while a batch runs (the front's intake yields)
+        self.model_lock = threading.RLock()  # held while the models run (or are probed)
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -192,7 +202,7 @@ class ModelWorker(threading.Thread):
     # the engine, and a cancel hook -- this worker checks ``conn.cancelled``/``closed`` at
     # each site itself, so it has nothing to do.
     def describe(self) -> dict:
-        return {"kind": "embedded"}
+        return {"kind": "embedded", "running": len(self.current)}
 
     def cancel(self, conn, request_id: str | None = None) -> None:
         pass
@@ -241,7 +251,8 @@ class ModelWorker(threading.Thread):
             self.current = jobs
             self.busy.set()
             try:
-                self.execute_batch(jobs)
+                with self.model_lock:
+                    self.execute_batch(jobs)
             except Exception:  # a bug of ours must not kill the worker
                 log.exception("batch failed")
             finally:
@@ -347,13 +358,16 @@ class ModelWorker(threading.Thread):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
         check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
         constants = graph_constants(job, graph, entry, self.limits)
-        vg = validate_structure(graph, entry.site_table, entry.site_order, self.limits)
+        site_table, site_order = self.tables_for(graph.model, graph.forward)
+        vg = validate_structure(graph, site_table, site_order, self.limits)
         on_modules = _uses_module_sites(graph)
         if not on_modules and entry.tl_refused is not None:
             if graph.sites:
                 raise UnsupportedModel(f"model {entry.hosted.name!r}: TransformerLens hook "
                                        f"points are not served: {entry.tl_refused}")
             on_modules = entry.hf_model is not None  # no hooks: the plain forward will do
+        residual = start_residual(entry, graph, job.tensors, input_ids) \
+            if graph.forward.start_at_layer is not None else None
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq),
@@ -361,10 +375,11 @@ class ModelWorker(threading.Thread):
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
-                     mask=_attention_mask(job, graph, input_ids, device) if on_modules else None,
-                     positions=_position_ids(job, graph, input_ids, entry, device, on_modules),
+                     mask=_attention_mask(job, graph, input_ids, device),
+                     positions=_position_ids(job, graph, input_ids, entry, device),
                      on_modules=on_modules, eager=any(info.eager for info in vg.site_infos),
-                     constants=constants)
+                     constants=constants,
+                     residual=residual.to(device) if residual is not None else None)
         ranges = getattr(entry, "value_ranges", {})
         p.value_ranges = {i: ranges[info.name] for i, info in enumerate(vg.site_infos)
                           if info.name in ranges}
@@ -382,12 +397,40 @@ class ModelWorker(threading.Thread):
         return Interleaver(vg, p.constants, self._saver(p), self._site_watch(p),
                            self._watch(p.job, p.t_start), p.value_ranges)
 
+    # ---- TL hook switches: sites probed per combination, on first use ---------------------
+    def hook_mode(self, model: str, tl_flags) -> HookMode:
+        entry = self.models.get(model)
+        if entry is None:
+            raise UnknownModel(f"model {model!r} is not served here; served: "
+                               f"{', '.join(self.models)}")
+        key = hook_mode(tl_flags)
+        with self.model_lock:  # probing runs the model: never beside a request
+            mode = entry.modes.get(key)
+            if mode is None:
+                mode = entry.modes[key] = probe_hook_mode(entry, tl_flags)
+        return mode
+
+    def hook_mode_info(self, model: str, tl_flags) -> str:
+        """The ``model_info`` answer for ``model`` with TL's hook switches ``tl_flags`` on."""
+        return self.hook_mode(model, tl_flags).info_json
+
+    def tables_for(self, model: str, spec) -> tuple[dict, dict]:
+        """The site tables a graph is validated against: those of the TL hook switches it
+        runs with (they change which sites fire, and their order)."""
+        if not spec.tl_flags:
+            entry = self.models[model]
+            return entry.site_table, entry.site_order
+        mode = self.hook_mode(model, spec.tl_flags)
+        return mode.site_table, mode.site_order
+
     def _saver(self, p: Prepared):
+        views = SentViews()  # a value this request already sent goes again as a reference
+
         def on_save(name, value, snapshot=True, keep=True):
             if name in p.sent_names:  # streamed by an earlier attempt (see _run_again)
                 return
             p.sent_names.add(name)
-            p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep)
+            p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep, views)
         return on_save
 
     def _site_watch(self, p: Prepared):
@@ -405,9 +448,32 @@ class ModelWorker(threading.Thread):
             job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
         return on_site
 
+    def _stop_reason(self, members: list[Prepared]):
+        """For stop_between_blocks: the error that ends the forward once *every* request in
+        it is cancelled, disconnected or over its wall time (between the graph's own sites
+        too: a forward with no hooks has none)."""
+        limit = self.limits.max_request_seconds
+
+        def reason(p: Prepared):
+            job = p.job
+            if job.request_id in job.conn.cancelled or job.conn.closed:
+                return Cancelled(f"request {job.request_id} was cancelled during the forward")
+            if time.perf_counter() - p.t_start > limit:
+                return DeadlineExceeded(f"request {job.request_id} ran longer than "
+                                        f"{limit:g} s", rule="max_request_seconds")
+            return None
+
+        def check():
+            reasons = [reason(p) for p in members]
+            if all(r is not None for r in reasons):
+                log.info("stopped a forward between blocks: %s", reasons[0].message)
+                return reasons[0]
+            return None
+        return check
+
     @staticmethod
     def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
-                 positions=None, eager=False):
+                 positions=None, eager=False, residual=None):
         bridge = entry.hosted.bridge
 
         def forward():
@@ -427,9 +493,16 @@ class ModelWorker(threading.Thread):
                                            rule="site_kinds")
             # The class's forward, not an instance attribute someone may have set on it.
             extra = {"output_attentions": True} if spec.output_attentions else {}
+            if residual is not None:
+                extra["start_at_layer"] = spec.start_at_layer
+            if mask is not None:  # padded rows: TL derives the positions from it, as locally
+                extra["attention_mask"] = mask
+            if positions is not None:
+                extra["position_ids"] = positions
             # ids out of range never reach a kernel
-            with eager_attention(entry.hosted.original, eager), embeddings_guarded(bridge):
-                return type(bridge).forward(bridge, tokens,
+            with eager_attention(entry.hosted.original, eager), embeddings_guarded(bridge), \
+                    flags_applied(bridge, spec.tl_flags):
+                return type(bridge).forward(bridge, tokens if residual is None else residual,
                                             return_type=spec.return_type or "logits",
                                             loss_per_token=spec.loss_per_token, **extra)
         return forward
@@ -446,10 +519,13 @@ class ModelWorker(threading.Thread):
             p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
-        with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
+        watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
+        with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg), \
+                stop_between_blocks(watched, self._stop_reason([p])):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
-                                          p.attention_weights, p.positions, p.eager),
+                                          p.attention_weights, p.positions, p.eager,
+                                          p.residual),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
@@ -519,6 +595,8 @@ class ModelWorker(threading.Thread):
         with torch.no_grad(), contextlib.ExitStack() as marks:
             for p in ready:
                 marks.enter_context(marked_for_graph(entry.site_modules, p.interleaver.vg))
+            marks.enter_context(stop_between_blocks(entry.hosted.bridge,
+                                                    self._stop_reason(ready)))
             try:
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens, eager=ready[0].eager),
@@ -571,9 +649,20 @@ class ModelWorker(threading.Thread):
                          bytes_received=p.job.received_bytes, timings=timings))
 
     def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
-                     keep: bool = True) -> int:
+                     keep: bool = True, views: "SentViews | None" = None) -> int:
         if not isinstance(value, torch.Tensor):
             raise ProtocolError(f"save {name!r} is not a tensor")
+        earlier = views.match(value) if views is not None else None
+        if earlier is not None:
+            # The very tensor (same storage, view and version) went out already under
+            # ``earlier``: the client makes this one a view of it, as the two alias locally.
+            header = header_for(f"t{abs(hash((job.request_id, name))) % (1 << 40)}",
+                                torch.empty(value.shape, dtype=value.dtype, device="meta"))
+            job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
+                                                 tensor=header, alias_of=earlier)))
+            return 0
+        if views is not None:
+            views.add(value, name)
         # Snapshot values saved mid-forward: the model may still edit them in place. (A
         # batch member's value is a view of its rows; the copy is its own, contiguous.)
         kept = value.detach().clone() if snapshot or value._base is not None else \
@@ -596,6 +685,61 @@ class ModelWorker(threading.Thread):
         return total
 
 
+class SentViews:
+    """The tensors one request has sent, by storage and view geometry, so a later save of
+    the same unchanged tensor (TL's ``blocks.0.hook_out`` is ``blocks.1.hook_in``) is sent as
+    a reference. Weak references: once a tensor object is gone its entry no longer matches
+    (its storage may be reused), so a match is always the same live tensor."""
+
+    def __init__(self):
+        self.by_key: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape),
+                tuple(t.stride()), t.dtype)
+
+    def add(self, t: torch.Tensor, name: str) -> None:
+        if t.numel() and not t.is_sparse:
+            self.by_key[self._key(t)] = (weakref.ref(t), t._version, name)
+
+    def match(self, t: torch.Tensor) -> str | None:
+        if not t.numel() or t.is_sparse:
+            return None
+        entry = self.by_key.get(self._key(t))
+        if entry is None or entry[0]() is None or entry[1] != t._version:
+            return None
+        return entry[2]
+
+
+def start_residual(entry, graph, tensors: dict, input_ids) -> torch.Tensor:
+    """The residual a ``start_at_layer`` forward starts from: attached, shaped
+    [batch, seq, d_model] like ``input_ids`` says, in the model's dtype; the forward returns
+    logits or nothing (TL computes no loss without the tokens)."""
+    spec, cfg = graph.forward, entry.hosted.bridge.cfg
+    n_layers = cfg.n_layers
+    if not -n_layers <= spec.start_at_layer < n_layers:
+        raise GraphValidationError(f"start_at_layer={spec.start_at_layer}: the model has "
+                                   f"{n_layers} blocks", rule="start_at_layer")
+    if spec.return_type not in ("logits", None):
+        raise GraphValidationError("a forward that starts at a block returns logits or "
+                                   "nothing: the loss needs the tokens", rule="return_type")
+    k = spec.start_at_layer % n_layers
+    for site in graph.sites:
+        if site.name in ("hook_embed", "hook_tokens") or site.name.startswith("embed."):
+            raise GraphValidationError(f"site {site.name!r} does not fire in a forward that "
+                                       f"starts at block {k}", rule="start_at_layer")
+    residual = tensors.get(graph.inputs.get("residual", ""))
+    batch, seq = input_ids.shape
+    entering = entry.site_table.get((f"blocks.{k}.hook_in", 0))
+    dtype = entering.dtype if entering is not None else entry.sites[-1].dtype
+    if residual is None or tuple(residual.shape) != (batch, seq, cfg.d_model) or \
+            residual.dtype != dtype:
+        raise ProtocolError(f"start_at_layer needs an attached residual of shape "
+                            f"({batch}, {seq}, {cfg.d_model}) and dtype {dtype}")
+    return residual
+
+
 def _attention_mask(job: Job, graph, input_ids, device):
     """The optional 0/1 attention mask of a module-site graph (padded rows)."""
     mask = job.tensors.get(graph.inputs.get("attention_mask", ""))
@@ -608,17 +752,14 @@ def _attention_mask(job: Job, graph, input_ids, device):
     return mask.to(device, torch.int64)
 
 
-def _position_ids(job: Job, graph, input_ids, entry, device, on_modules: bool):
-    """The optional position ids of a module-site graph: int64, shaped like input_ids, each
-    in [0, the model's positions)."""
+def _position_ids(job: Job, graph, input_ids, entry, device):
+    """The optional position ids of a graph (left-padded rows count their positions from
+    their first token; TL and the HF forward take them as given): int64, shaped like
+    input_ids, each in [0, the model's positions)."""
     ids = job.tensors.get(graph.inputs.get("position_ids", ""))
     if ids is None:
         return None
-    if not on_modules:
-        raise ProtocolError("position_ids are an input of graphs on HF module sites only")
-    cfg = entry.hf_model.config if entry.hf_model is not None else None
-    n_positions = getattr(cfg, "n_positions", None) or getattr(
-        cfg, "max_position_embeddings", None) or entry.hosted.bridge.cfg.n_ctx
+    n_positions = model_positions(entry) or (1 << 30)
     if ids.shape != input_ids.shape or ids.dtype != torch.int64 or (ids.numel() and (
             int(ids.min()) < 0 or int(ids.max()) >= n_positions)):
         raise ProtocolError(f"position_ids must be an int64 tensor shaped like input_ids with "

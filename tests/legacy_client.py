@@ -110,7 +110,9 @@ def main(url: str, folder: str) -> None:
         model_facts = facts["models"][name] = {}
 
         stand_in = htl.RemoteModel(name)
-        assert type(stand_in) is HookedTransformer, type(stand_in)
+        # (a subclass whose weight properties say how to get weights: weights.guard_weightless)
+        assert isinstance(stand_in, HookedTransformer) and \
+            type(stand_in).__name__ == "HookedTransformer", type(stand_in)
         assert next(stand_in.parameters()).device.type == "meta"
         model_facts["text_tokens"] = stand_in.to_tokens("hello world").tolist()
         results, case_facts = legacy_cases.run_all(stand_in, name, tokens, clean, corrupt,
@@ -180,17 +182,26 @@ def main(url: str, folder: str) -> None:
             values[f"{variant}/blocks.1.hook_resid_post"] = cache["blocks.1.hook_resid_post"]
         save_all(os.path.join(out, name, "processing"), values)
 
-        # Typed errors, raised before anything is sent.
-        errors = model_facts["errors"] = {}
-        local.cfg.use_attn_result = True  # TL 2.x computes hook_result; the server does not
+        # TL's hook switches travel with the request: with use_attn_result on, hook_result
+        # fires on the server as it does in TL 2.x here.
+        gated = {}
+        local.cfg.use_attn_result = True
         try:
-            errors["hook_result"] = expect_error(
-                lambda: local.run_with_hooks(tokens, remote=True, remote_model=name,
-                                             fwd_hooks=[("blocks.0.attn.hook_result",
-                                                         lambda a, hook: None)]),
-                HookwireError, "hook_result")
+            for variant, kwargs in (("remote", dict(remote=True, remote_model=name)),
+                                    ("local", {})):
+                store = {}
+
+                def keep(act, hook, store=store):
+                    store["value"] = act.detach().clone()
+                local.run_with_hooks(tokens, fwd_hooks=[("blocks.0.attn.hook_result", keep)],
+                                     **kwargs)
+                gated[f"{variant}/blocks.0.attn.hook_result"] = store["value"]
         finally:
             local.cfg.use_attn_result = False
+        save_all(os.path.join(out, name, "gated"), gated)
+
+        # Typed errors, raised before anything is sent.
+        errors = model_facts["errors"] = {}
         def branches_on_values(act, hook):
             if act.sum() > 0:  # data-dependent Python control flow: untraceable
                 return act * 2

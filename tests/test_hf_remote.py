@@ -181,13 +181,82 @@ def test_generate_equals_local_and_hf_generate(server, plain, name, do_sample):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generate_intervene_on_prompt_only(server, plain, name):
     remote_steps, local_steps = [], []
-    out = hhf.RemoteModel(name).generate(PROMPT, 5, steering(name, remote_steps))
-    local = hhf.LocalModel(plain[name]).generate(PROMPT, 5, steering(name, local_steps))
+    out = hhf.RemoteModel(name).generate(PROMPT, 5, steering(name, remote_steps),
+                                         intervene_on="prompt")
+    local = hhf.LocalModel(plain[name]).generate(PROMPT, 5, steering(name, local_steps),
+                                                 intervene_on="prompt")
     assert torch.equal(out.sequences, local.sequences)
     assert len(remote_steps) == len(local_steps) == 1
     assert_close(remote_steps[0], local_steps[0], rtol=1e-5, atol=1e-5)
     plain_run = hhf.RemoteModel(name).generate(PROMPT, 5)
     assert not torch.equal(plain_run.sequences, out.sequences)  # the steering mattered
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_defaults_are_hf_generates(server, plain, name):
+    """Called as one would call HF's generate with torch hooks registered: the hooks run at
+    every forward (they are torch hooks) and the model's EOS ends generation, as in HF."""
+    remote_steps, hf_steps = [], []
+    out = hhf.RemoteModel(name).generate(PROMPT, 6, steering(name, remote_steps))
+    reference = hf_generate(plain[name], PROMPT, steering(name, hf_steps), max_new_tokens=6)
+    assert torch.equal(out.sequences, reference)
+    assert len(remote_steps) == len(hf_steps) == 6
+
+
+def _hf_generate_eos(model, ids, hooks: dict, **kw):
+    handles = [model.get_submodule(p).register_forward_hook(fn) for p, fn in hooks.items()]
+    try:
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _eos_plan(tokens: torch.Tensor):
+    """EOS ids that end row 0 at some step i and row 1 at a later step j < 5, given the
+    tokens (2, 6) a run without EOS chose; None if these tokens allow no such plan."""
+    t0, t1 = tokens[0].tolist(), tokens[1].tolist()
+    for j in range(2, 5):
+        for i in range(1, j):
+            e0, e1 = t0[i], t1[j]
+            if e0 != e1 and e0 not in t0[:i] and e1 not in t0[:i] and \
+                    e0 not in t1[:j] and e1 not in t1[:j]:
+                return [e0, e1]
+    return None
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_stops_at_eos_as_hf_generate(server, plain, name):
+    """Row 0 reaches an EOS token first (then gets pad tokens), row 1 later, and generation
+    ends there -- as HF's generate does; hooks that stored a value per step stored one per
+    forward that ran."""
+    remote = hhf.RemoteModel(name)
+    kw = dict(do_sample=True, temperature=3.0, top_k=0)
+    for seed in range(40):  # sampling hot: varied tokens, so a plan exists for some seed
+        free = remote.generate(PROMPT, 6, steering(name, []), eos_token_id=None, seed=seed,
+                               **kw).sequences[:, PROMPT.shape[1]:]
+        eos = _eos_plan(free)
+        if eos is not None:
+            break
+    assert eos is not None
+    remote_steps, local_steps, hf_steps = [], [], []
+    out = remote.generate(PROMPT, 6, steering(name, remote_steps), eos_token_id=eos,
+                          pad_token_id=0, modules=[PATHS[name][0]], seed=seed, **kw)
+    local = hhf.LocalModel(plain[name]).generate(PROMPT, 6, steering(name, local_steps),
+                                                 eos_token_id=eos, pad_token_id=0, seed=seed,
+                                                 **kw)
+    torch.manual_seed(seed)  # HF samples from the global generator
+    reference = _hf_generate_eos(plain[name], PROMPT, steering(name, hf_steps),
+                                 max_new_tokens=6, eos_token_id=eos, pad_token_id=0, **kw)
+    assert torch.equal(out.sequences, reference) and torch.equal(local.sequences, reference)
+    steps = reference.shape[1] - PROMPT.shape[1]
+    assert steps < 6 and int(reference[0, -1]) == 0  # stopped early; row 0 was padded
+    assert len(remote_steps) == len(local_steps) == len(hf_steps) == steps
+    assert len(out.cache[PATHS[name][0]]) == steps
+    for a, b in zip(remote_steps, hf_steps):
+        assert type(a) is torch.Tensor
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_generate_streams_each_token(server, plain):
@@ -229,7 +298,10 @@ def test_tl_generate_remote_equals_local(server, local_models, remote_models, na
     def steer(act, hook):
         return act + 0.5 * vector
     hooks = [("blocks.0.hook_resid_post", steer)]
-    kw = dict(max_new_tokens=5, do_sample=do_sample, verbose=False, stop_at_eos=False)
+    # What remote TL generate equals: local TL without a KV cache (the server keeps none for
+    # TL's loop; test_tl_generate_without_kv_cache_is_never_silent covers the default).
+    kw = dict(max_new_tokens=5, do_sample=do_sample, verbose=False, stop_at_eos=False,
+              use_past_kv_cache=False)
     with model.hooks(fwd_hooks=hooks):
         torch.manual_seed(4)
         local = model.generate(PROMPT, **kw)
@@ -242,3 +314,37 @@ def test_tl_generate_remote_equals_local(server, local_models, remote_models, na
     assert torch.equal(remote, local) and torch.equal(stand_in, local)
     if not do_sample:  # (a near-uniform tiny model samples alike either way)
         assert not torch.equal(model.generate(PROMPT, **kw), local)  # the hook mattered
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_tl_generate_without_kv_cache_is_never_silent(server, local_models, name):
+    """Remote TL generate keeps no KV cache: with hooks, asking for one raises, leaving it at
+    TL's default warns, and use_past_kv_cache=False equals local TL with the same setting --
+    hooks see the same shapes at every step."""
+    import warnings
+
+    import hookwire.transformerlens as htl
+
+    model = local_models[name]
+    kw = dict(max_new_tokens=3, verbose=False, stop_at_eos=False, do_sample=False)
+    seen: dict = {"remote": [], "local": []}
+
+    def spy(key):
+        def hook(act, hook):
+            seen[key].append(tuple(act.shape))
+            return act + 0.25
+        return hook
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", spy("remote"))]):
+        with pytest.raises(HookwireError, match="use_past_kv_cache"):
+            model.generate(PROMPT, remote=True, use_past_kv_cache=True, **kw)
+        with pytest.warns(htl.GenerateWithoutKVCache):
+            model.generate(PROMPT, remote=True, **kw)
+    seen["remote"].clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", htl.GenerateWithoutKVCache)
+        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", spy("remote"))]):
+            remote = model.generate(PROMPT, remote=True, use_past_kv_cache=False, **kw)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", spy("local"))]):
+        local = model.generate(PROMPT, use_past_kv_cache=False, **kw)
+    assert torch.equal(remote, local)
+    assert seen["remote"] == seen["local"] == [(2, 7 + k, 64) for k in range(3)]

@@ -262,10 +262,10 @@ def test_remote_backward_never_touches_weights(local_models, tokens):
 
 def test_backward_needs_a_scalar(local_models, tokens):
     model = local_models["tiny-gpt2"]
-    with pytest.raises(HookwireError, match="scalar to differentiate"):
+    with pytest.raises(HookwireError, match="scalar output to differentiate"):
         model.run_with_hooks(tokens, bwd_hooks=[("blocks.0.hook_resid_pre",
                                                  lambda g, hook: None)], remote=True)
-    with pytest.raises(HookwireError, match="scalar to differentiate"):
+    with pytest.raises(HookwireError, match="scalar output to differentiate"):
         model.run_with_hooks(tokens, return_type="loss", loss_per_token=True,
                              bwd_hooks=[("blocks.0.hook_resid_pre", lambda g, hook: None)],
                              remote=True)
@@ -309,3 +309,33 @@ def test_backward_with_stop_at_layer_is_refused(local_models, tokens):
     model = local_models["tiny-gpt2"]
     with pytest.raises(HookwireError, match="stop_at_layer"):
         model.run_with_hooks(tokens, stop_at_layer=1, metric=logit_diff, remote=True)
+
+
+def test_frozen_model_and_retain_grad_fail_as_locally(local_models, tokens):
+    """What cannot give local TL's gradients raises before anything is sent: a model with
+    every parameter frozen (TL: ValueError, no grad_fn), and ``retain_grad()`` on an
+    activation inside a hook (its .grad would be read after a local backward)."""
+    from hookwire.errors import TraceError
+
+    model = local_models["tiny-gpt2"]
+    names = ["blocks.0.hook_resid_post"]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with pytest.raises(ValueError, match="no grad_fn"):
+            model.run_with_cache(tokens, return_type="loss", names_filter=names,
+                                 incl_bwd=True)
+        with pytest.raises(ValueError, match="grad_fn") as remote:
+            model.run_with_cache(tokens, return_type="loss", names_filter=names,
+                                 incl_bwd=True, remote=True)
+        assert isinstance(remote.value, HookwireError)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+    def keep_grad(act, hook):
+        act.retain_grad()
+    with pytest.raises(TraceError, match="retain_grad.*bwd_hooks"):
+        model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(names[0], keep_grad)],
+                             remote=True)

@@ -104,7 +104,7 @@ def legacy_run(legacy_python, server, hosted, tokens, clean_corrupt_tokens):
             facts = json.load(fh)
         results = {name: {variant: _load_dir(os.path.join(out, name, variant))
                           for variant in ("standin", "local_remote", "legacy_local",
-                                          "processing")}
+                                          "processing", "gated")}
                    for name in MODEL_NAMES}
         yield {"facts": facts, "results": results, "log": done.stdout}
     finally:
@@ -204,9 +204,17 @@ def test_text_input_tokenizes_like_tl4(legacy_run, hosted, name):
     assert facts["text_tokens"] == hosted[name].bridge.to_tokens("hello world").tolist()
 
 
+def test_tl_hook_switches_travel_with_the_request(legacy_run, name):
+    """``cfg.use_attn_result = True`` on a TL 2.x model: hook_result fires remotely, with the
+    values TL 2.x computes locally (unprocessed weights)."""
+    gated = legacy_run["results"][name]["gated"]
+    remote = gated["remote/blocks.0.attn.hook_result"]
+    assert remote.shape[2] == 4  # [batch, pos, head, d_model], as TL 2.x lays it out
+    assert_close(remote, gated["local/blocks.0.attn.hook_result"], rtol=1e-5, atol=1e-5)
+
+
 def test_typed_errors_before_sending(legacy_run, name):
     errors = legacy_run["facts"]["models"][name]["errors"]
-    assert "HookwireError" in errors["hook_result"]
     assert "HookwireError" in errors["wrong_model"]
     assert "TraceError" in errors["trace"] and "blocks.0.hook_resid_pre" in errors["trace"]
     if name == "tiny-llama":

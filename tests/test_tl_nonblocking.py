@@ -157,3 +157,54 @@ def test_cancel_stops_the_request_and_the_connection_keeps_serving(local_models,
         run.result(timeout=120)
     # the same connection still serves, with the right answer
     assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("which", ["stand_in", "local_bridge"])
+def test_consecutive_non_blocking_calls_trace_only_their_own_hooks(local_models,
+                                                                   remote_models, name, which):
+    """TL removes a call's hooks only when the call ends; a non-blocking call ends after the
+    server answered. The next call must still be traced with its own hooks only (it used to
+    see the previous call's too, and its result was silently off)."""
+    local = local_models[name]
+    model = remote_models[name] if which == "stand_in" else local
+    kwargs = {} if which == "stand_in" else {"remote": True}
+    tokens = local.to_tokens(["hello world", "abcdefghij!"])
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_resid_mid",
+             "blocks.1.hook_resid_post"]
+    traced: list[list[int]] = [[] for _ in sites]
+
+    def make(i):
+        def patch(act, hook):
+            traced[i].append(i)
+            return act * (i + 2)
+        return patch
+    runs = [model.run_with_hooks(tokens, fwd_hooks=[(site, make(i))], blocking=False,
+                                 **kwargs) for i, site in enumerate(sites)]
+    results = [run.result(timeout=120) for run in runs]
+    assert traced == [[0], [1], [2], [3]]  # each call traced its own hook, once
+    for i, site in enumerate(sites):
+        want = local.run_with_hooks(tokens, fwd_hooks=[(site, make(i))])
+        assert_close(results[i], want)
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())  # all removed at the end
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_non_blocking_run_with_cache_then_blocking_call(local_models, remote_models, name):
+    """A non-blocking run_with_cache, then (while it may still run) a blocking call with
+    other hooks: neither sees the other's hooks."""
+    local, remote = local_models[name], remote_models[name]
+    tokens = local.to_tokens(["abc"])
+    run = remote.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_resid_post"),
+                                blocking=False)
+    got = remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre",
+                                                    lambda act, hook: act * 3)])
+    logits, cache = run.result(timeout=120)
+    want_logits, want_cache = local.run_with_cache(
+        tokens, names_filter=lambda n: n.endswith("hook_resid_post"))
+    assert_close(logits, want_logits)
+    assert list(cache.keys()) == list(want_cache.keys())
+    for key in want_cache.keys():
+        assert_close(cache[key], want_cache[key])
+    assert_close(got, local.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre",
+                                                               lambda act, hook: act * 3)]))

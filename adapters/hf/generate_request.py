@@ -16,7 +16,7 @@ from hookwire.graph import rename_constants
 from hookwire.hf.outputs import GenerateOutput, cache_hooks
 from hookwire.hf.trace_forward import trace_forward
 from hookwire.progress import ProgressBar
-from hookwire.rebind import rebind
+from hookwire.rebind import discard, rebind
 
 
 @dataclass
@@ -110,10 +110,15 @@ class GenerationRun:
                 raise
         olds = [escaped[k][i] for (k, i) in arrived]
         rebind(olds, list(arrived.values()))
-        out = GenerateOutput(torch.cat([self.tokens, torch.stack(new_tokens, dim=1)], dim=1),
-                             seed=self.options.get("seed"))
+        # Every row reached EOS before max_new_tokens: the later forwards never ran, so what
+        # their hooks stored (traced in advance) is taken back out of the user's lists and
+        # dicts, as if those hooks had never been called -- as locally.
+        ran = next((k for k, t in enumerate(new_tokens) if t is None), steps)
+        discard([p for k in range(ran, len(escaped)) for p in escaped[k]])
+        out = GenerateOutput(torch.cat([self.tokens, torch.stack(new_tokens[:ran], dim=1)],
+                                       dim=1), seed=self.options.get("seed"))
         for key in self.modules:
-            out.cache[key] = [c[key] for c in caches]
+            out.cache[key] = [c[key] for c in caches[:ran]]
         return out
 
 

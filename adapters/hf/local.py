@@ -13,9 +13,9 @@ import torch
 from transformers import DynamicCache
 
 from hookwire.errors import HookwireError
-from hookwire.generation import GenerateSpec, make_generator, next_tokens
+from hookwire.generation import GenerateSpec, finish_rows, make_generator, next_tokens
 from hookwire.hf.hooks import hook_list, module_of
-from hookwire.hf.outputs import GenerateOutput, cache_hooks
+from hookwire.hf.outputs import DEFAULT, GenerateOutput, cache_hooks, eos_options
 
 
 @contextlib.contextmanager
@@ -65,21 +65,24 @@ class LocalModel:
             return self._call(input_ids, use_cache=False), cache
 
     def generate(self, input_ids, max_new_tokens: int, hooks: dict | None = None, *,
-                 modules: list[str] | None = None, intervene_on: str = "prompt",
+                 modules: list[str] | None = None, intervene_on: str = "all",
                  do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = 50, top_p: float = 1.0, on_token=None, **_):
+                 top_k: int | None = 50, top_p: float = 1.0, on_token=None,
+                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, **_):
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
         if do_sample and seed is None:
             seed = secrets.randbits(62)
         spec = GenerateSpec(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
-                            temperature=temperature, top_k=top_k, top_p=top_p)
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            **eos_options(self.model, eos_token_id, pad_token_id))
         device = next(self.model.parameters()).device
         generator = make_generator(spec, device)
         listed = hook_list(hooks)
         cache_kv = DynamicCache(config=self.model.config)
         step_input = input_ids.to(device)
         new, caches = [], []
+        unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         with torch.no_grad():
             for k in range(max_new_tokens):
                 cache: dict = {}
@@ -88,10 +91,13 @@ class LocalModel:
                     out = self._call(step_input, past_key_values=cache_kv, use_cache=True)
                 caches.append(cache)
                 token = next_tokens(out.logits[:, -1], spec, generator)
+                token, unfinished = finish_rows(token, unfinished, spec)
                 new.append(token)
                 if on_token is not None:
                     on_token(k, token)
                 step_input = token[:, None]
+                if not bool(unfinished.any()):
+                    break
         result = GenerateOutput(torch.cat([input_ids.to(device), torch.stack(new, 1)], 1),
                                 seed=seed)
         for key in modules or ():

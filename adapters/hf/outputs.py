@@ -30,13 +30,36 @@ def cache_hooks(modules, cache: dict) -> list:
     return hook_list(hooks)
 
 
+DEFAULT = object()  # "as the model's generation config says"
+
+
+def eos_options(model, eos_token_id=DEFAULT, pad_token_id=DEFAULT) -> dict:
+    """``eos_token_id`` / ``pad_token_id`` of a generation, as HF's ``generate`` picks them:
+    given ones win; otherwise the model's generation config (then its config). ``None`` or
+    ``[]`` for ``eos_token_id``: never stop early."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is DEFAULT:
+        eos_token_id = getattr(config, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(model.config, "eos_token_id", None)
+    if pad_token_id is DEFAULT:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if eos_token_id is None:
+        eos_token_id = []
+    elif isinstance(eos_token_id, int):
+        eos_token_id = [eos_token_id]
+    return {"eos_token_id": [int(t) for t in eos_token_id], "pad_token_id": pad_token_id}
+
+
 @dataclass
 class GenerateOutput:
-    """``sequences``: prompt and new tokens ``(batch, seq + max_new_tokens)``; ``cache``: per
-    key of ``modules``, one value per forward (step 0 is the prompt's forward)."""
+    """``sequences``: prompt and new tokens ``(batch, seq + new)``, where ``new`` is
+    ``max_new_tokens`` unless every row reached an EOS token first (as HF's ``generate``:
+    rows that finished earlier are padded with ``pad_token_id``); ``cache``: per key of
+    ``modules``, one value per forward that ran (step 0 is the prompt's forward)."""
     sequences: torch.Tensor
     cache: dict = field(default_factory=dict)
     seed: int | None = None
 
 
-__all__ = ["output_class_of", "cache_hooks", "GenerateOutput"]
+__all__ = ["output_class_of", "cache_hooks", "GenerateOutput", "eos_options", "DEFAULT"]

@@ -17,7 +17,8 @@ from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model
 from hookwire.hf.generate_request import GenerationRun
 from hookwire.hf.hooks import hook_list, module_of, parse_key
-from hookwire.hf.outputs import GenerateOutput, cache_hooks, output_class_of
+from hookwire.hf.outputs import (DEFAULT, GenerateOutput, cache_hooks, eos_options,
+                                 output_class_of)
 from hookwire.hf.trace_forward import trace_forward
 from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
@@ -92,19 +93,24 @@ class RemoteModel:
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int, hooks: dict | None = None, *,
-                 modules: list[str] | None = None, intervene_on: str = "prompt",
+                 modules: list[str] | None = None, intervene_on: str = "all",
                  do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
                  top_k: int | None = 50, top_p: float = 1.0, on_token=None,
-                 blocking: bool = True):
-        """Generate ``max_new_tokens`` tokens with the KV cache, on the server.
+                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, blocking: bool = True):
+        """Generate up to ``max_new_tokens`` tokens with the KV cache, on the server -- as
+        HF's ``model.generate`` does with the same functions registered as torch hooks.
 
-        ``hooks`` apply to the prompt's forward (``intervene_on="prompt"``) or to every
-        forward (``"all"``); ``modules`` are cached at every forward: ``.cache[key]`` is a
-        list with one value per forward (step). ``on_token(step, tokens)`` is called with each
-        new token (one per row) as soon as the server sends it. ``blocking=False`` returns a
-        ``RemoteRun`` whose ``events()`` yield them (and ``result()`` the output).
-        Sampling (``do_sample``) is HF's (temperature, top_k, top_p) with draws from a
-        generator seeded with ``seed`` (a random one if None: see ``.seed`` of the output)."""
+        ``hooks`` apply to every forward (``intervene_on="all"``, the default: torch hooks
+        fire at every step of HF's generate) or to the prompt's forward only
+        (``"prompt"``); ``modules`` are cached at every forward: ``.cache[key]`` is a list
+        with one value per forward (step). Generation stops when every row has produced an
+        EOS token (``eos_token_id``, by default the model's generation config; ``None``:
+        never), rows that finished earlier being padded with ``pad_token_id``, as HF does.
+        ``on_token(step, tokens)`` is called with each new token (one per row) as soon as the
+        server sends it. ``blocking=False`` returns a ``RemoteRun`` whose ``events()`` yield
+        them (and ``result()`` the output). Sampling (``do_sample``) is HF's (temperature,
+        top_k, top_p) with draws from a generator seeded with ``seed`` (a random one if None:
+        see ``.seed`` of the output)."""
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
         if self.info.generate_refused is not None:
@@ -116,7 +122,8 @@ class RemoteModel:
             seed = secrets.randbits(62)
         tokens = _input_ids(input_ids)
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
-                       temperature=temperature, top_k=top_k, top_p=top_p)
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       **eos_options(self.stand_in, eos_token_id, pad_token_id))
         gen = GenerationRun(self, tokens, hook_list(hooks), modules or [], intervene_on,
                             options)
         if blocking:

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
+import warnings
 
 from hookwire.errors import HookwireError
 from hookwire.runs import RemoteRun
-from hookwire.transformerlens.remote_run import (RemoteTarget, forward_goes_remote,
-                                                 remote_forward)
+from hookwire.transformerlens.call_scope import (call_lock, current_remote_target,
+                                                 forward_goes_remote, hook_handles)
+from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 from hookwire.transformerlens.legacy import RemoteHookedTransformer
 from hookwire.transformerlens.stand_in import RemoteModel
+from hookwire.transformerlens.weights import WeightsNotFetched, fetch_weights
 
 _REMOTE_METHODS = ("run_with_hooks", "run_with_cache", "generate")
 
@@ -31,16 +35,14 @@ def _patch(cls, method_name: str) -> None:
     def method(self, *args, remote=None, remote_model=None, progress=None, blocking=True,
                **kwargs):
         stand_in = getattr(self, "_hookwire_remote", None)
-        redirected = self.__dict__.get("forward")
-        if stand_in is None and getattr(redirected, "func", None) is remote_forward:
+        if current_remote_target(self) is not None:
             # Inside ``with model.hooks(..., remote=...)``: the forward already goes remote.
-            return original(self, *args, **kwargs)
+            with call_lock(self):
+                return original(self, *args, **kwargs)
         if remote is None:
             remote = stand_in is not None
         if remote and method_name == "generate":
-            # TL's own loop picks the tokens here; each forward (the whole sequence so far,
-            # hooks traced anew) runs on the server, so no KV cache is kept on either side.
-            kwargs["use_past_kv_cache"] = False
+            _no_kv_cache(self, kwargs)
         if not remote:
             if stand_in is not None:
                 raise HookwireError("a RemoteModel has no weights to run locally; "
@@ -51,22 +53,56 @@ def _patch(cls, method_name: str) -> None:
                               api_key=base.get("api_key"),
                               model=remote_model or base.get("model"), progress=progress)
         if blocking:
-            with forward_goes_remote(self, target):
+            with call_lock(self), forward_goes_remote(self, target):
                 return original(self, *args, **kwargs)
         # Non-blocking: TL's method runs in the background; the caller waits only for the
-        # tracing, so trace errors still surface here, then gets the RemoteRun handle.
+        # tracing, so trace errors still surface here, then gets the RemoteRun handle. Once
+        # traced, the call's temporary hooks come off the model so the next call is traced
+        # without them (see call_scope); generate traces every step, so it keeps the model
+        # to itself until it is done.
         target.traced = threading.Event()
+        target.detach_hooks = method_name != "generate" and kwargs.get("reset_hooks_end", True)
 
         def work(run):
             target.run = run
-            with forward_goes_remote(self, target):
-                return original(self, *args, **kwargs)
+            target.lock = call_lock(self)
+            with target.lock:
+                target.hooks_before = hook_handles(self)
+                with forward_goes_remote(self, target):
+                    return original(self, *args, **kwargs)
         run = RemoteRun(work).start()
         run.wait_until_traced(target.traced)
         return run
 
     method._hookwire_patched = True
     setattr(cls, method_name, method)
+
+
+class GenerateWithoutKVCache(UserWarning):
+    """Remote ``generate`` re-runs the whole sequence at each step (no KV cache)."""
+
+
+def _no_kv_cache(model, kwargs: dict) -> None:
+    """TL's own loop picks the tokens; each of its forwards (the whole sequence so far, hooks
+    traced anew) runs on the server, so no KV cache is kept on either side: hooks see every
+    position at every step, as locally with ``use_past_kv_cache=False`` (which it equals).
+    With TL's default (a KV cache) a local hook sees the prompt, then one new position per
+    step, and the tokens differ (even for a hook adding one vector everywhere, on TL 4.3)."""
+    hooked = any(hp._forward_hooks or hp._backward_hooks
+                 for hp in model.hook_dict.values() if hasattr(hp, "_forward_hooks"))
+    if kwargs.get("use_past_kv_cache") and hooked:
+        raise HookwireError(
+            "generate(remote=True, use_past_kv_cache=True) with hooks: remote generation keeps "
+            "no KV cache, so the hooks would see the whole sequence at every step instead of "
+            "one new position. Pass use_past_kv_cache=False (what the remote run does, and "
+            "what a local run with that setting gives)")
+    if "use_past_kv_cache" not in kwargs and hooked:
+        warnings.warn("remote generate re-runs the whole sequence at each step (no KV "
+                      "cache): with hooks it equals local generate(use_past_kv_cache=False), "
+                      "not TL's cached default (hooks see every position at every step, and "
+                      "tokens can differ). Pass use_past_kv_cache=False to say you mean it",
+                      GenerateWithoutKVCache, stacklevel=4)
+    kwargs["use_past_kv_cache"] = False
 
 
 def _patch_hooks_context(cls) -> None:
@@ -79,17 +115,48 @@ def _patch_hooks_context(cls) -> None:
     @functools.wraps(original)
     @contextlib.contextmanager
     def hooks(self, *args, remote=None, remote_model=None, progress=None, **kwargs):
-        with original(self, *args, **kwargs) as ctx:
+        # TL adds the hooks on entry and removes them on exit: both under the model's call
+        # lock, so a non-blocking call finishing in the background never interleaves.
+        lock = call_lock(self)
+        context = original(self, *args, **kwargs)
+        with lock:
+            ctx = context.__enter__()
+        try:
             if not remote or getattr(self, "_hookwire_remote", None) is not None:
                 yield ctx  # not asked for, or a stand-in (always remote already)
-                return
-            target = RemoteTarget(url=remote if isinstance(remote, str) else None,
-                                  model=remote_model, progress=progress)
-            with forward_goes_remote(self, target):
-                yield ctx
+            else:
+                target = RemoteTarget(url=remote if isinstance(remote, str) else None,
+                                      model=remote_model, progress=progress)
+                with forward_goes_remote(self, target):
+                    yield ctx
+        except BaseException:
+            with lock:
+                if not context.__exit__(*sys.exc_info()):
+                    raise
+        else:
+            with lock:
+                context.__exit__(None, None, None)
 
     hooks._hookwire_patched = True
     setattr(cls, "hooks", hooks)
+
+
+def _hooked_root_module():
+    """TL's ``HookedRootModule`` class: ``transformer_lens.HookedRootModule`` on TL 4 (where
+    importing it from ``hook_points`` raises), ``transformer_lens.hook_points`` before."""
+    try:
+        import transformer_lens
+        cls = getattr(transformer_lens, "HookedRootModule", None)
+        cls = getattr(cls, "HookedRootModule", cls)  # the module of that name, on some versions
+        if isinstance(cls, type):
+            return cls
+    except ImportError:
+        pass
+    try:
+        from transformer_lens.hook_points import HookedRootModule
+        return HookedRootModule
+    except ImportError:
+        return None
 
 
 def install() -> None:
@@ -97,10 +164,7 @@ def install() -> None:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # TL 2.x (HookedTransformer only): see legacy.py
         TransformerBridge = None
-    try:
-        from transformer_lens.hook_points import HookedRootModule
-    except ImportError:  # TL 4 moved it; there bridges are what is served remotely
-        HookedRootModule = None
+    HookedRootModule = _hooked_root_module()
     try:  # TL 2.x/3.x: its run_with_cache wraps HookedRootModule's (ActivationCache)
         from transformer_lens import HookedTransformer
     except ImportError:
@@ -116,4 +180,5 @@ def install() -> None:
 
 install()
 
-__all__ = ["RemoteModel", "RemoteHookedTransformer", "remote_forward", "install"]
+__all__ = ["RemoteModel", "RemoteHookedTransformer", "remote_forward", "install",
+           "fetch_weights", "WeightsNotFetched", "GenerateWithoutKVCache"]

@@ -120,13 +120,15 @@ def check_compatible(model, info: RemoteModelInfo) -> None:
 
 
 def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer: Tracer,
-                      stop_at: str | None = None, backward_sites: list | None = None) -> bool:
+                      stop_at: str | None = None, backward_sites: list | None = None,
+                      skip=None) -> bool:
     """Like :func:`remote_run.trace_hook_points`, for legacy hook names: call each legacy hook
     point's forward hooks on proxies of the site TL 4 maps its name to, in the server's firing
     order. With ``stop_at``, tracing ends *before* that site's hooks (a legacy forward with
     ``stop_at_layer=k`` returns the residual without entering block k) and its value is saved
     as ``__stop__``. Sites whose legacy points have backward hooks are appended to
-    ``backward_sites`` for :func:`trace_backward_hooks`."""
+    ``backward_sites`` for :func:`trace_backward_hooks`. Sites for which ``skip(name)`` is
+    true do not run in this forward (``start_at_layer``: TL 2.x skips the blocks before)."""
     check_compatible(model, info)
     by_site: dict[str, list] = {}
     unmapped = []
@@ -148,6 +150,8 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer
             "compute hook_result / split q,k,v inputs / hook_attn_in / hook_mlp_in on it)")
     with tracing(tracer):
         for site in info.sites:
+            if skip is not None and skip(site.name):
+                continue
             if stop_at is not None and site.name == stop_at and site.call == 0:
                 x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
                                      site.dtype)
@@ -300,6 +304,8 @@ def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | No
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.eval()
     model._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
+    from hookwire.transformerlens.weights import guard_weightless
+    guard_weightless(model, name, fetchable=False)  # reading a weight says what to do
     model.forward = functools.partial(remote_forward, model,
                                       RemoteTarget(url=conn.url, api_key=api_key, model=name))
     return model

@@ -16,6 +16,7 @@ except ImportError:  # TL 2.x has no bridges; its forward returns early instead 
     class StopAtLayerException(Exception):
         pass
 
+from hookwire.aliases import plan_aliases
 from hookwire.backward_done import backward_ran_on_server
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, SiteNotServed, TraceError, UnsupportedModel
@@ -24,8 +25,29 @@ from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
 from hookwire.runs import RemoteRun, SavedValue
 from hookwire.trace import Proxy, Tracer, tracing
+from hookwire.transformerlens.call_scope import (call_lock, detach_new_hooks,
+                                                 forward_goes_remote)
+from hookwire.transformerlens.checks import (check_bridge_compatible, check_remote_capable,
+                                             hook_flags, implicit_attention_mask,
+                                             implicit_position_ids, padding_mask,
+                                             position_ids_input, start_input, start_skip)
 
 RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+class NeedsScalar(HookwireError, ValueError):
+    """Backward hooks with no scalar to differentiate (a ``ValueError`` too, as TL's
+    ``run_with_cache(incl_bwd=True)`` raises for a non-scalar output)."""
+
+
+class NothingToDifferentiate(HookwireError, ValueError):
+    """Backward hooks on a model whose parameters are all frozen: locally the output has no
+    grad_fn (TL raises ``ValueError``); remotely it must not silently differentiate."""
+
+
+def _all_frozen(model) -> bool:
+    params = [p for p in model.parameters() if not p.is_meta]
+    return bool(params) and not any(p.requires_grad for p in params)
 
 
 def model_name_of(model, remote_model: str | None) -> str:
@@ -57,6 +79,13 @@ def tokens_of(model, input) -> torch.Tensor:
         raise TypeError(f"remote runs take token ids or text, not {type(input).__name__}")
     if tokens.device.type == "meta":
         raise HookwireError("token ids are on the meta device")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        # Locally TL hands a float tensor to the model as input embeddings (and fails unless
+        # it is [batch, pos, d_model]); truncating it to token ids would be a silent wrong run.
+        raise HookwireError(
+            f"the input is a {tokens.dtype} tensor of shape {tuple(tokens.shape)}: remote runs "
+            "take integer token ids (model.to_tokens(text), or .long() if these are ids); a "
+            "residual-stream tensor goes with start_at_layer=k")
     tokens = tokens.detach().to("cpu")
     if tokens.dim() == 1:
         tokens = tokens.unsqueeze(0)
@@ -65,13 +94,14 @@ def tokens_of(model, input) -> torch.Tensor:
 
 def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
                       tracer: Tracer, stop_at: str | None = None,
-                      backward_sites: list | None = None) -> bool:
+                      backward_sites: list | None = None, skip=None) -> bool:
     """Call every forward hook TL registered, in the server's firing order, on proxies.
 
     With ``stop_at`` (a site name), tracing ends at that site, as a TL forward with
     ``stop_at_layer`` ends there, and its value (after its hooks) is saved as ``__stop__``.
     Sites with backward hooks are listed too, and appended to ``backward_sites`` as
-    ``(index, site, hook_point)`` for :func:`trace_backward_hooks`."""
+    ``(index, site, hook_point)`` for :func:`trace_backward_hooks`. Sites for which
+    ``skip(name)`` is true do not fire in this forward (``start_at_layer``)."""
     hook_dict = _hook_points(model)
     hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks or hp._backward_hooks}
     check_served(hook_dict, info)
@@ -79,6 +109,11 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     covered = set()
     with tracing(tracer):
         for site in info.sites:
+            if skip is not None and skip(site.name):
+                hp = hook_dict.get(site.name)
+                if hp is not None:
+                    covered.add(id(hp))
+                continue
             hp = hook_dict.get(site.name)
             stopping = stop_at is not None and site.name == stop_at and site.call == 0
             if hp is None or not (hp._forward_hooks or hp._backward_hooks or stopping):
@@ -204,8 +239,8 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
         outputs["loss"] = tracer.read_output("loss", loss_shape, dtype)
     if metric is None:
         if "loss" not in outputs or loss_per_token:
-            raise HookwireError(
-                "backward hooks in a remote run need a scalar to differentiate: pass "
+            raise NeedsScalar(
+                "backward hooks in a remote run need a scalar output to differentiate: pass "
                 "return_type='loss', or metric=lambda logits: ... (a function of the output, "
                 "traced like a hook, whose value the server differentiates)")
         return outputs["loss"]
@@ -285,6 +320,11 @@ class RemoteTarget:
     progress: bool | None = None
     run: "RemoteRun | None" = None                 # set for blocking=False calls
     traced: "threading.Event | None" = None        # set once tracing is over
+    # blocking=False only (see call_scope): the model's call lock, the TL hook handles that
+    # were on the model before the call, and whether the call's own come off once traced.
+    lock: "threading.RLock | None" = None
+    hooks_before: set | None = None
+    detach_hooks: bool = False
 
 
 def remote_forward(model, target: RemoteTarget, input, return_type="logits",
@@ -297,6 +337,11 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     forward would have returned. TL's own run_with_hooks / run_with_cache / hooks() wrap it,
     so hook resolution, caching keys and contexts are exactly TL's.
 
+    TL's hook switches (``set_use_attn_result`` & co.) travel with the request: the server
+    runs that request with the same switches, so the gated hook points fire as locally.
+    ``stop_at_layer`` returns the residual entering that block; ``start_at_layer=k`` takes
+    ``input`` as the residual entering block k, as TL's forward does.
+
     Backward hooks (``bwd_hooks``, ``incl_bwd``, ``add_hook(..., dir="bwd")``) make the
     server run a backward pass from a scalar: the loss (``return_type="loss"``) or
     ``metric(output)``, a function the user passes that is traced like a hook. The value
@@ -305,73 +350,116 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     is returned instead of the output (and the output is not sent)."""
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}")
-    unsupported = {k: v for k, v in dict(attention_mask=attention_mask,
-                                         start_at_layer=start_at_layer, **kwargs).items()
-                   if v is not None}
+    from hookwire.transformerlens import legacy  # lazy: legacy.py imports this module
+    check_remote_capable(model)
+    position_ids = kwargs.pop("position_ids", None)
+    unsupported = {k: v for k, v in kwargs.items() if v is not None}
     if unsupported:
         raise HookwireError(f"not supported in remote runs yet: {sorted(unsupported)}")
     conn = get_connection(target.url, target.api_key)
     name = target.model or model_name_of(model, None)
-    info = conn.model_info(name)
+    is_legacy = legacy.is_legacy(model)
+    flags = hook_flags(model)
+    info = conn.model_info(name, flags)
     if info.tl_refused is not None:
         raise UnsupportedModel(f"model {name!r}: TransformerLens hook points are not served: "
                                f"{info.tl_refused}", architecture=info.architecture)
-    if isinstance(input, (str, list)):
-        input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
-    tokens = tokens_of(model, input)
+    if not is_legacy:
+        check_bridge_compatible(model, info)
+    start = None
+    if start_at_layer is not None:
+        if return_type in ("loss", "both"):  # as TL's forward says (it has no tokens)
+            raise ValueError("Cannot compute loss with inputs_embeds — token IDs required "
+                             "for labels.")
+        start, residual = start_input(model, info, input, start_at_layer)
+        batch, seq = residual.shape[:2]
+        tokens = torch.zeros((batch, seq), dtype=torch.int64)  # sizes only: see build_request
+    else:
+        texts = input if isinstance(input, list) else None
+        if isinstance(input, (str, list)):
+            input = model.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+        tokens = tokens_of(model, input)
+        batch, seq = tokens.shape
+        if attention_mask is None and texts is not None:
+            attention_mask = implicit_attention_mask(model, texts, tokens, padding_side)
+            if attention_mask is not None and position_ids is None:
+                position_ids = implicit_position_ids(model, attention_mask)
+    mask = padding_mask(attention_mask, tokens) if attention_mask is not None else None
+    positions = position_ids_input(position_ids, tokens, getattr(model.cfg, "n_ctx", None)) \
+        if position_ids is not None else None
     tracer = Tracer()
-    batch, seq = tokens.shape
     backward_sites: list = []
-    from hookwire.transformerlens import legacy  # lazy: legacy.py imports this module
-    if legacy.is_legacy(model):  # TL 2.x names and semantics, mapped onto the TL 4 sites
+    if is_legacy:  # TL 2.x names and semantics, mapped onto the TL 4 sites
         trace, stop_site, trace_bwd = (legacy.trace_hook_points, legacy.stop_site,
                                        legacy.trace_backward_hooks)
     else:
         trace, stop_site, trace_bwd = trace_hook_points, _stop_site, trace_backward_hooks
-    stopped = trace(model, info, batch, seq, tracer, stop_site(model, info, stop_at_layer),
-                    backward_sites)
-    differentiate = bool(backward_sites)
-    if stopped:
+    with call_lock(model):  # no other call adds or removes TL hooks while they are traced
+        stopped = trace(model, info, batch, seq, tracer,
+                        stop_site(model, info, stop_at_layer),
+                        backward_sites, skip=start_skip(model, start, is_legacy))
+        differentiate = bool(backward_sites)
+        if stopped:
+            if differentiate or metric is not None:
+                raise HookwireError("backward hooks and metric= cannot be combined with "
+                                    "stop_at_layer: the forward stops before the output")
+            return_type = None  # the forward ends at the stop site: nothing after it runs
+        send_output = True
+        exclude = ()
         if differentiate or metric is not None:
-            raise HookwireError("backward hooks and metric= cannot be combined with "
-                                "stop_at_layer: the forward stops before the output")
-        return_type = None  # the forward ends at the stop site: nothing after it is computed
-    send_output = True
-    exclude = ()
-    if differentiate or metric is not None:
-        scalar = trace_backward_target(tracer, info, model, batch, seq, return_type,
-                                       loss_per_token, metric)
-        if metric is not None:
-            tracer.save("__metric__", scalar)
-            send_output = False
-        if differentiate:
-            if scalar.numel() != 1 or not scalar.dtype.is_floating_point:
-                raise TraceError(f"the value to differentiate must be a floating-point scalar, "
-                                 f"got shape {tuple(scalar.shape)} {scalar.dtype} (reduce it, "
-                                 "e.g. with .mean() or .sum())")
-            tracer.backward = tracer.current(scalar)
-            trace_bwd(backward_sites, batch, seq, tracer)
-        exclude = (id(scalar),)
-        del scalar
-    escaped = tracer.escaped(exclude_ids=exclude)
-    for i, proxy in enumerate(escaped):
-        tracer.save(f"__escaped_{i}", proxy)
-    graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token,
-                                   send_output)
-    graph["forward"]["output_attentions"] = bool(output_attentions)
-    show = target.progress if progress is None else progress
-    run = target.run
-    if target.traced is not None:
-        target.traced.set()
+            scalar = trace_backward_target(tracer, info, model, batch, seq, return_type,
+                                           loss_per_token, metric)
+            if metric is not None:
+                tracer.save("__metric__", scalar)
+                send_output = False
+            if differentiate:
+                if _all_frozen(model):
+                    raise NothingToDifferentiate(
+                        "every parameter of the local model has requires_grad=False, so "
+                        "locally the output has no grad_fn to differentiate and backward "
+                        "hooks never run; unfreeze them (the server differentiates its own "
+                        "copy either way, and never changes its weights)")
+                if scalar.numel() != 1 or not scalar.dtype.is_floating_point:
+                    raise TraceError(f"the value to differentiate must be a floating-point "
+                                     f"scalar, got shape {tuple(scalar.shape)} {scalar.dtype} "
+                                     "(reduce it, e.g. with .mean() or .sum())")
+                tracer.backward = tracer.current(scalar)
+                trace_bwd(backward_sites, batch, seq, tracer)
+            exclude = (id(scalar),)
+            del scalar
+        escaped = tracer.escaped(exclude_ids=exclude)
+        # Values that are whole views of one another locally (a cache keyed by every alias
+        # of a hook point) travel once; the client makes the views (hookwire.aliases).
+        aliases = plan_aliases(escaped)
+        for k, root in enumerate(aliases.roots):
+            tracer.save(f"__escaped_{k}", root)
+        graph, tensors = build_request(tracer, name, tokens, return_type, loss_per_token,
+                                       send_output)
+        graph["forward"]["output_attentions"] = bool(output_attentions)
+        if flags:
+            graph["forward"]["tl_flags"] = sorted(flags)
+        if mask is not None:
+            graph["inputs"]["attention_mask"] = "attention_mask"
+            tensors["attention_mask"] = mask
+        if positions is not None:
+            graph["inputs"]["position_ids"] = "position_ids"
+            tensors["position_ids"] = positions
+        if start is not None:
+            graph["forward"]["start_at_layer"] = start
+            graph["inputs"]["residual"] = "residual"
+            tensors["residual"] = residual
+        show = target.progress if progress is None else progress
+        run = target.run
+        released = _traced(model, target)
     arrived: dict[int, torch.Tensor] = {}
 
     def on_value(value_name, value):
         if value_name.startswith("__escaped_"):
-            index = int(value_name[10:])
+            made = aliases.values_for(int(value_name[10:]), value)
             if run is not None:  # non-blocking: put each value in place the moment it arrives
-                rebind([escaped[index]], [value])
+                rebind([escaped[i] for i, _ in made], [v for _, v in made])
             else:  # blocking: one heap walk at the end for all of them
-                arrived[index] = value
+                arrived.update(made)
         if run is not None:
             run.emit(SavedValue(value_name, value))
     on_submit = None if run is None else (lambda request_id: run.submitted(conn, request_id))
@@ -379,33 +467,39 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     # the traced hooks must not fire on the server's real forward: park them meanwhile.
     parked = _hooks_parked(model) if getattr(model, "_hookwire_hosted", False) else \
         contextlib.nullcontext()
-    with parked, ProgressBar(name, len(tracer.sites), enabled=show) as bar:
-        def events(msg):
-            bar.on_event(msg)
-            if run is not None:
-                run.emit(msg)
-        try:
-            result = conn.run(graph, tensors, on_event=events, on_value=on_value,
-                              on_submit=on_submit)
-        except BaseException:
-            # As after a local failure: what was stored before the failing point holds its
-            # value; proxies stored by later hooks can never get one and refuse to be used.
-            if arrived:
-                rebind([escaped[i] for i in arrived], list(arrived.values()))
-            tracer.closed = True
-            raise
+    try:
+        with parked, ProgressBar(name, len(tracer.sites), show) as bar:
+            def events(msg):
+                bar.on_event(msg)
+                if run is not None:
+                    run.emit(msg)
+            try:
+                result = conn.run(graph, tensors, on_event=events, on_value=on_value,
+                                  on_submit=on_submit)
+            except BaseException:
+                # As after a local failure: what was stored before the failing point holds
+                # its value; proxies stored by later hooks can never get one and refuse to
+                # be used.
+                if arrived:
+                    rebind([escaped[i] for i in arrived], list(arrived.values()))
+                tracer.closed = True
+                raise
+    finally:
+        if released:  # TL's own clean-up of this call runs under the model's lock again
+            target.lock.acquire()
     if run is None:
         # Where the hooks (and the metric) can reach is searched first (hookwire.rebind).
         roots = tuple(hp for hp in _hook_points(model).values()
                       if hp._forward_hooks or hp._backward_hooks) + \
             ((metric,) if metric is not None else ())
-        rebind(escaped, [result.values[f"__escaped_{i}"] for i in range(len(escaped))],
-               roots=roots, expected=tracer.user_refs)
+        made = dict(arrived)
+        for k in range(len(aliases.roots)):
+            made.update(aliases.values_for(k, result.values[f"__escaped_{k}"]))
+        rebind(escaped, [made[i] for i in range(len(escaped))], roots=roots,
+               expected=tracer.user_refs)
     if stopped:
-        if legacy.is_legacy(model):  # a TL 2.x forward returns the residual
-            return result.values["__stop__"]
-        # What a TL forward with stop_at_layer does: TL's callers catch it.
-        raise StopAtLayerException(result.values["__stop__"])
+        # What a TL forward with stop_at_layer returns (TL 2.x and TL 4 alike): the residual.
+        return result.values["__stop__"]
     done = backward_ran_on_server if differentiate else (lambda value: value)
     if metric is not None:
         return done(result.values["__metric__"])
@@ -416,6 +510,23 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     if return_type == "both":
         return result.values["__logits__"], done(result.values["__loss__"])
     return None
+
+
+def _traced(model, target: RemoteTarget) -> bool:
+    """Tracing is over. For a non-blocking call: take its temporary hooks off the model, let
+    the caller go on, and (unless it is a generation, traced at every step) let other calls
+    trace while this one waits for the server. True when the model's lock was released."""
+    if target.traced is None or target.traced.is_set():
+        return False
+    release = target.detach_hooks and target.lock is not None and \
+        not getattr(model, "_hookwire_hosted", False)  # hosted here: the server's forward
+    # runs on this very object, so no other call may add hooks to it meanwhile
+    if release:
+        detach_new_hooks(model, target.hooks_before)
+    target.traced.set()
+    if release:
+        target.lock.release()
+    return release
 
 
 def _stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
@@ -448,28 +559,6 @@ def _hooks_parked(model):
     finally:
         for hp, attr, hooks in parked:
             setattr(hp, attr, hooks)
-
-
-@contextlib.contextmanager
-def forward_goes_remote(model, target: RemoteTarget):
-    """For the duration of one TL call on a model with weights, route its forward to the
-    server. (A RemoteModel stand-in routes it there permanently.)"""
-    if getattr(model, "_hookwire_remote", None) is not None:
-        previous = model.__dict__.get("forward")
-        model.forward = functools.partial(remote_forward, model, target)
-        try:
-            yield
-        finally:
-            model.forward = previous
-        return
-    if "forward" in model.__dict__:
-        raise HookwireError("this model's forward is already redirected (a remote call is in "
-                            "progress on it in another thread?)")
-    model.forward = functools.partial(remote_forward, model, target)
-    try:
-        yield
-    finally:
-        del model.forward
 
 
 __all__ = ["remote_forward", "forward_goes_remote", "RemoteTarget", "trace_hook_points",

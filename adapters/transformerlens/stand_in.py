@@ -11,9 +11,10 @@ import sys
 
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError, UnsupportedModel
-from hookwire.families import build_hf_model
+from hookwire.families import build_hf_model, refusal
 from hookwire.tokenizer import tokenizer_from_files
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
+from hookwire.transformerlens.weights import guard_weightless
 
 # What TL offers that needs a tokenizer: on a stand-in of a model served without one, each
 # raises a clear error instead of TL's assertion.
@@ -35,6 +36,11 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
     if info.tl_refused is not None:
         raise UnsupportedModel(f"model {name!r}: TransformerLens hook points are not served: "
                                f"{info.tl_refused}", architecture=info.architecture)
+    if not info.config or refusal(info.architecture) is not None:
+        raise HookwireError(
+            f"the server hosts {name!r} ({info.architecture}), a model with no weightless "
+            "stand-in here (not built from a known HF family); run your own copy of it with "
+            f"remote=True, remote_model={name!r}")
     tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files else None
     hf_model, cfg = build_hf_model(info.architecture, info.config, device="meta")
     with _meta_weights_readable():
@@ -42,6 +48,8 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
                                           tokenizer=tokenizer, model_name=name)
     bridge.eval()
     bridge.cfg.device = "cpu"  # tokens are made here; there are no weights to move them to
+    # Reading a weight says how to fetch it (weights.fetch_weights), never a meta error.
+    guard_weightless(bridge, name)
     bridge._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
     # The stand-in has no weights: its forward always runs on the server, so plain calls,
     # run_with_hooks and run_with_cache (TL's own code) all go remote.

@@ -1,0 +1,81 @@
+"""The weightless stand-in and weights: a read of a weight it does not have says what to do
+(not torch's meta-device errors); ``fetch_weights`` copies named parameters from the server,
+bounded on both sides, after which the same analysis code equals TL's local results."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hookwire.client
+import hookwire.server as hs
+import hookwire.transformerlens as htl
+from hookwire.errors import LimitExceeded, ProtocolError
+from hookwire.validate import Limits
+
+MODELS = ("tiny-gpt2", "tiny-llama")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_missing_weights_say_how_to_fetch_them(server, local_models, name):
+    model = htl.RemoteModel(name)
+    local = local_models[name]
+    tokens = local.to_tokens(["hello world"])
+    _, cache = model.run_with_cache(tokens)
+    assert model.W_U.shape == local.W_U.shape  # metadata stays readable
+    with pytest.raises(htl.WeightsNotFetched, match=r"model\.W_U.*fetch_weights\(model, "
+                                                    r"\['unembed'\]\)"):
+        cache["ln_final.hook_normalized"] @ model.W_U
+    with pytest.raises(htl.WeightsNotFetched, match=r"ln_final.*fetch_weights"):
+        cache.accumulated_resid(apply_ln=True)
+    with pytest.raises(htl.WeightsNotFetched, match="fetch_weights"):
+        model.W_E[tokens]
+    with pytest.raises(htl.WeightsNotFetched, match="fetch_weights"):
+        model.OV
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fetched_weights_equal_the_servers(server, local_models, name):
+    model = htl.RemoteModel(name)
+    local = local_models[name]
+    tokens = local.to_tokens(["hello world", "abcdefghij!"])
+    fetched = htl.fetch_weights(model, ["unembed", "ln_final"])
+    assert fetched and htl.fetch_weights(model, ["unembed"]) == []  # not fetched twice
+    assert_close(model.W_U, local.W_U)
+    _, cache = model.run_with_cache(tokens)
+    _, want = local.run_with_cache(tokens)
+    assert_close(cache.accumulated_resid(apply_ln=True), want.accumulated_resid(apply_ln=True))
+    assert_close(cache.decompose_resid(apply_ln=True) @ model.W_U,
+                 want.decompose_resid(apply_ln=True) @ local.W_U)
+    htl.fetch_weights(model)  # everything else
+    assert_close(model.OV.AB, local.OV.AB)
+    assert_close(model.W_E, local.W_E)
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), local.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert_close(model(tokens), local(tokens))  # the forward still runs on the server
+    if name == "tiny-gpt2":  # tied embedding and unembedding stay one tensor
+        assert model.original_model.lm_head.weight is \
+            model.original_model.transformer.wte.weight
+
+
+def test_fetching_is_bounded_on_both_sides(hosted):
+    model_name = "tiny-gpt2"
+    srv = hs.start(models={model_name: hosted[model_name].bridge}, port=0,
+                   limits=Limits(max_weight_bytes=4096))
+    try:
+        model = htl.RemoteModel(model_name, url=srv.url)
+        conn = hookwire.client.get_connection(srv.url)
+        requests = conn.stats.requests
+        with pytest.raises(LimitExceeded, match="max_bytes"):
+            htl.fetch_weights(model, max_bytes=1000)   # refused here, nothing sent
+        assert conn.stats.requests == requests
+        with pytest.raises(LimitExceeded, match="max_weight_bytes"):
+            htl.fetch_weights(model, ["unembed"])      # 64 x 257 floats: over the server's
+        with pytest.raises(ProtocolError, match="not parameters"):
+            conn.fetch_weights(model_name, ["transformer.wte", "__class__"])
+        htl.fetch_weights(model, ["ln_final"])         # small enough: fine, same connection
+        assert_close(model.ln_final.original_component.weight,
+                     hosted[model_name].bridge.ln_final.original_component.weight)
+    finally:
+        hookwire.client.close_connections()
+        srv.stop()
