@@ -70,6 +70,14 @@ def attention_weight_sites(model, enabled: bool = True):
         model.set_attn_implementation(previous)
 
 
+def eager_probe_model(model):
+    """The HF model a TL probe retries with eager attention (None: it already runs eager, or
+    it is no HF model at all, e.g. a native TL model)."""
+    if getattr(model, "config", None) is None or runs_eager(model):
+        return None
+    return model
+
+
 def runs_eager(model) -> bool:
     return getattr(model.config, "_attn_implementation", None) == "eager"
 
@@ -90,5 +98,5 @@ def eager_attention(model, enabled: bool = True):
         model.set_attn_implementation(previous)
 
 
-__all__ = ["attention_weight_sites", "weight_site_modules", "attention_with_weight_site",
-           "eager_attention", "runs_eager"]
+__all__ = ["eager_probe_model", "attention_weight_sites", "weight_site_modules",
+           "attention_with_weight_site", "eager_attention", "runs_eager"]

@@ -322,7 +322,7 @@ def probe_hook_mode(entry, tl_flags) -> HookMode:
     answer is the model's own description with the TL sites of that mode (module sites, which
     the switches do not touch, as they are)."""
     from hookwire.protocol import parse_server_message
-    from hookwire.server.attention_sites import runs_eager
+    from hookwire.server.attention_sites import eager_probe_model
 
     hosted = entry.hosted
     if hosted.bridge is None or entry.tl_refused is not None:
@@ -330,8 +330,8 @@ def probe_hook_mode(entry, tl_flags) -> HookMode:
                                    "TL hook switches", rule="tl_flags")
     original = hosted.original
     try:
-        tl_sites, unserved = probe_sites(hosted.bridge, None if runs_eager(original)
-                                         else original, tl_flags)
+        tl_sites, unserved = probe_sites(hosted.bridge, eager_probe_model(original),
+                                         tl_flags)
     except (ValueError, NotImplementedError) as exc:
         raise GraphValidationError(f"model {hosted.name!r} cannot run with TL hook switches "
                                    f"{hook_mode(tl_flags)!r}: {exc}", rule="tl_flags") from None

@@ -20,7 +20,7 @@ from hookwire.errors import UnsupportedModel
 from hookwire.frames import DTYPE_NAMES
 from hookwire.module_sites import PREFIX
 from hookwire.protocol import dump
-from hookwire.server.attention_sites import runs_eager
+from hookwire.server.attention_sites import eager_probe_model
 from hookwire.server.batch_probe import replace_sensitive_sites
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
@@ -92,7 +92,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         original = hosted.original
         try:
             sites, unserved = probe_sites(hosted.bridge,
-                                          None if runs_eager(original) else original)
+                                          eager_probe_model(original))
         except Exception as exc:
             # TransformerLens's bridge does not run on this model (this transformers, this
             # dtype): its hook points are refused with the reason; the HF module-path fronts
