@@ -3,6 +3,7 @@ download) and local HF checkpoints. Every model is hosted as a TL 4 ``Transforme
 over the HF model, so TL hook names and HF module paths address one shared instance."""
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -132,7 +133,14 @@ def load_model(name_or_path: str, device_map=None) -> HostedModel:
 
 
 def host_model_object(name: str, model) -> HostedModel:
-    """Host an already-built object: a TL bridge, or an HF model of a known family."""
+    """Host an already-built object: a TL bridge, or an HF model of a known family.
+
+    An HF model is hosted as a deep copy: wrapping it in a TL bridge replaces its modules
+    (``GPT2Block`` becomes ``BlockBridge``) and switches it to eval mode, and the caller's
+    object must stay exactly what it was -- same modules, same mode, bit-identical outputs --
+    so it can still run locally next to the server (pyvene's tests compare against it). The
+    cost is a second copy of the weights in this process; to avoid it, serve a checkpoint
+    folder (``models=["/path"]``) instead."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(model, HostedModel):
@@ -144,6 +152,7 @@ def host_model_object(name: str, model) -> HostedModel:
         family = family_for_architecture(architecture)
         return HostedModel(name, architecture, family.config_to_dict(cfg), model,
                            model.tokenizer)
+    model = copy.deepcopy(model)
     cfg = model.config
     architecture = (getattr(cfg, "architectures", None) or [type(model).__name__])[0]
     family = family_for_architecture(architecture)

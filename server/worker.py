@@ -27,6 +27,7 @@ from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.generation import run_generation, validate_generation
+from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.server.tl_modes import marked_for_graph
@@ -62,6 +63,7 @@ class Prepared:
     mask: torch.Tensor | None = None   # attention mask of a module-site graph
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
+    narrow: tuple | None = None        # (site, call) of a narrowing write (server.narrowing)
     generation: list | None = None     # a generate request's validated forwards
 
 
@@ -205,6 +207,7 @@ class ModelWorker(threading.Thread):
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
                                       for info in vg.site_infos)
+            p.narrow = narrowing_site(vg)
         p.interleaver = Interleaver(vg, constants, self._saver(p), self._site_watch(p))
         if job.submit.generate is not None:
             p.generation = validate_generation(job, entry, self.limits, input_ids)
@@ -231,12 +234,15 @@ class ModelWorker(threading.Thread):
         return on_site
 
     @staticmethod
-    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False):
+    def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
+                 narrow=None):
         bridge = entry.hosted.bridge
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
-                with attention_weight_sites(entry.hf_model, attention_weights):
+                # Entered here, after the graph's site hooks: see server.narrowing.
+                with attention_weight_sites(entry.hf_model, attention_weights), \
+                        narrowed_arguments(entry.hf_model, narrow, tokens.shape[0]):
                     return type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
                                                         attention_mask=mask,
                                                         use_cache=False).logits
@@ -261,7 +267,7 @@ class ModelWorker(threading.Thread):
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
-                                          p.attention_weights),
+                                          p.attention_weights, p.narrow),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):
