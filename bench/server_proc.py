@@ -9,8 +9,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class ServerProcess:
-    def __init__(self, *models: str, batching: bool = True):
-        flags = [] if batching else ["--no-batching"]
+    def __init__(self, *models: str, batching: bool = True, attn: str | None = None):
+        flags = ([] if batching else ["--no-batching"]) + ([f"--attn={attn}"] if attn else [])
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_server_process.py"),
                                       *flags, *models], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)

@@ -450,10 +450,16 @@ def test_mappings_of_every_kind_and_labels_in_the_base(models, server):
     base, source = ids(6, 3, 6), ids(7, 3, 6)
     labels = ids(8, 3, 6)["input_ids"]
     for wrap in (dict, OrderedDict, UserDict, BatchEncoding):
-        b = wrap({**base, "labels": labels})
-        got = remote(b, wrap(source), {"sources->base": 2})
-        same(got, local(b, wrap(source), {"sources->base": 2}))
-        assert got[1].loss is not None
+        b = wrap({**base, "labels": labels})   # both runs get the base's loss, as locally
+        got = remote(b, wrap(source), {"sources->base": 2}, output_original_output=True)
+        same(got, local(b, wrap(source), {"sources->base": 2}, output_original_output=True))
+        assert got[0].loss is not None and got[1].loss is not None
+    # labels=: only the intervened run's loss (pyvene passes them to that forward only)
+    got = remote(base, [source], {"sources->base": 2}, labels=labels,
+                 output_original_output=True)
+    same(got, local(base, [source], {"sources->base": 2}, labels=labels,
+                    output_original_output=True))
+    assert got[0].loss is None and got[1].loss is not None
 
 
 def test_inputs_the_server_cannot_take_are_refused_by_name(models, server):

@@ -264,7 +264,8 @@ class RemoteIntervenableModel:
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
         tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
                      subspaces)
-        base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels)
+        base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels,
+                                                base_in.labels)
         if collected is not None:
             if return_dict:
                 return IntervenableModelOutput(original_outputs=base_out,
@@ -276,7 +277,9 @@ class RemoteIntervenableModel:
                                            collected_activations=None)
         return base_out, cf_out
 
-    def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None):
+    def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None, base_labels=None):
+        """``labels``: for the intervened output's loss; ``base_labels``: the base's own (the
+        untouched copy's loss: pyvene runs it as ``model(**base)``)."""
         # With autograd on and trainable parameters, the call is differentiable with respect
         # to them (pyvene's training loop: loss.backward() on the returned logits).
         differentiable = torch.is_grad_enabled() and any(
@@ -306,7 +309,8 @@ class RemoteIntervenableModel:
         logits = [values[name].to(device) for name in traced.output_names]
         # past_key_values stay None: a cache is not worth its bytes for a single forward.
         cf_out = self.output_class(loss=self._loss(logits[0], labels), logits=logits[0])
-        base_out = self.output_class(loss=self._loss(logits[1], labels), logits=logits[1]) \
+        base_out = self.output_class(loss=self._loss(logits[1], base_labels),
+                                     logits=logits[1]) \
             if len(outputs) > 1 else None
         has_collect = any(isinstance(iv, pv.CollectIntervention)
                           for iv in self._pv.interventions.values())

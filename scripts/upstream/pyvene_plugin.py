@@ -11,7 +11,7 @@ Loaded by ``scripts/upstream/run_pyvene_tests.py`` (``-p pyvene_plugin``); the m
 ``remote``  the same, and ``IntervenableModel(config, model)`` becomes
             ``hookwire.pyvene.RemoteIntervenableModel(config, <name>)`` on a hookwire server
             started in this process that hosts ``model`` (one server per model object, at most
-            two alive). ``IntervenableModel.load(dir, model=m)`` becomes
+            one alive at a time). ``IntervenableModel.load(dir, model=m)`` becomes
             ``RemoteIntervenableModel.load(dir, <name>)``. Everything else in the tests --
             golden outputs computed with the local model, assertions -- is unchanged.
 
@@ -20,8 +20,11 @@ Nothing here changes what a test computes or asserts.
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import traceback
 
+import pytest
 import torch
 
 MODE = os.environ.get("HOOKWIRE_UPSTREAM_MODE", "local")
@@ -74,10 +77,12 @@ def _offline_hub():
 
 
 class _Servers:
-    """One hookwire server per hosted model object (the two most recent stay alive)."""
+    """One hookwire server per hosted model object (the most recent stays alive)."""
 
     def __init__(self):
         self.alive: list[tuple[object, object, str]] = []   # (model, server, name)
+        self.keep = 1   # servers alive at once: each holds a copy of its model
+        self.started = 0
 
     def name_for(self, model) -> tuple[str, str]:
         for m, srv, name in self.alive:
@@ -85,12 +90,12 @@ class _Servers:
                 return srv.url, name
         import hookwire.server as hs
 
-        name = f"upstream-{len(self.alive)}-{type(model).__name__}"
+        while len(self.alive) >= self.keep:   # make room first: each server holds a copy
+            self.alive.pop(0)[1].stop()
+        self.started += 1   # a fresh name per server: ports (and so URLs) get reused
+        name = f"upstream-{self.started}-{type(model).__name__}"
         srv = hs.start(models={name: model}, port=0)
         self.alive.append((model, srv, name))
-        while len(self.alive) > 2:
-            _, old, _ = self.alive.pop(0)
-            old.stop()
         return srv.url, name
 
     def stop_all(self):
@@ -104,7 +109,7 @@ class _Servers:
 SERVERS = _Servers()
 
 
-def _remote_intervenable_model():
+def _remote_intervenable_model(pyvene_class):
     import hookwire.pyvene as hpv
 
     class IntervenableModel:
@@ -112,6 +117,10 @@ def _remote_intervenable_model():
         hosting ``model``."""
 
         def __new__(cls, config, model=None, **kwargs):
+            if any(p.is_meta for p in model.parameters()):
+                # hookwire's own weightless stand-in: RemoteIntervenableModel builds pyvene's
+                # real IntervenableModel over it (through the same public name).
+                return pyvene_class(config, model, **kwargs)
             url, name = SERVERS.name_for(model)
             return hpv.RemoteIntervenableModel(config, name, url=url, **kwargs)
 
@@ -129,7 +138,7 @@ def pytest_configure(config):
         import pyvene
         import pyvene.models.intervenable_base as base
 
-        remote = _remote_intervenable_model()
+        remote = _remote_intervenable_model(base.IntervenableModel)
         # Before pyvene's test modules import it (``from ..utils import *`` binds the name).
         pyvene.IntervenableModel = remote
         base.IntervenableModel = remote
@@ -140,3 +149,18 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     if MODE == "remote":
         SERVERS.stop_all()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's traceback keeps its frames, and so its models, alive for the rest of the
+    session (pyvene's tests build a gpt2-small per test): clear them once reported."""
+    yield
+    excinfos = [call.excinfo] + list(getattr(item, "_excinfo", None) or [])
+    for excinfo in excinfos:
+        if excinfo is not None and excinfo.tb is not None:
+            traceback.clear_frames(excinfo.tb)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    gc.collect()

@@ -1,10 +1,10 @@
 """Run pyvene's own integration tests locally and re-pointed at a hookwire server; compare.
 
     git clone https://github.com/stanfordnlp/pyvene /tmp/pyvene && git -C /tmp/pyvene checkout v0.1.8
-    .venv/bin/python scripts/upstream/run_pyvene_tests.py /tmp/pyvene [-k EXPR] [--mode both]
+    .venv/bin/python scripts/upstream/run_pyvene_tests.py /tmp/pyvene [--mode both] [pytest args]
 
 pyvene's ``tests/`` folder is copied to a scratch folder (so its ``pyvene/`` source never
-shadows the installed package) and run twice with pytest, each in its own process, with
+shadows the installed package) and run twice with pytest, one process per test file, with
 ``scripts/upstream/pyvene_plugin.py``: once as pyvene (``local``), once with every
 ``IntervenableModel`` a ``RemoteIntervenableModel`` on a server hosting the test's model
 (``remote``). Prints each test's outcome in both modes, the exception type of remote failures,
@@ -24,25 +24,33 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run(mode: str, tests_root: str, extra: list[str]) -> dict[str, tuple[str, str]]:
-    report = os.path.join(tests_root, f"report-{mode}.xml")
+    """Each test file in its own pytest process (pyvene's Llama test alone holds a 1B-parameter
+    model, twice when it is hosted: one process for everything runs out of memory here)."""
+    folder = os.path.join(tests_root, "tests", "integration_tests")
     env = dict(os.environ, HOOKWIRE_UPSTREAM_MODE=mode,
                PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "tests/integration_tests", "-p", "pyvene_plugin",
-           "-o", "python_files=*TestCase.py", "-p", "no:cacheprovider", "-q",
-           "--timeout=900", f"--junitxml={report}", *extra]
-    subprocess.run(cmd, cwd=tests_root, env=env, check=False)
     outcomes = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        name = f"{case.get('classname').rsplit('.', 1)[-1]}::{case.get('name')}"
-        status, detail = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            el = case.find(tag)
-            if el is not None:
-                status = "skipped" if tag == "skipped" else "failed"
-                detail = (el.get("message") or "").splitlines()[0][:160] if el.get("message") \
-                    else ""
-                break
-        outcomes[name] = (status, detail)
+    for fname in sorted(f for f in os.listdir(folder) if f.endswith("TestCase.py")):
+        report = os.path.join(tests_root, f"report-{mode}-{fname}.xml")
+        cmd = [sys.executable, "-m", "pytest", f"tests/integration_tests/{fname}",
+               "-p", "pyvene_plugin", "-o", "python_files=*TestCase.py",
+               "-p", "no:cacheprovider", "-q", "--timeout=900", f"--junitxml={report}", *extra]
+        rc = subprocess.run(cmd, cwd=tests_root, env=env, check=False).returncode
+        if not os.path.exists(report):
+            outcomes[f"{fname[:-3]}::*"] = ("failed", f"pytest exited with {rc}, no report "
+                                            "(killed? out of memory?)")
+            continue
+        for case in ET.parse(report).getroot().iter("testcase"):
+            name = f"{case.get('classname').rsplit('.', 1)[-1]}::{case.get('name')}"
+            status, detail = "passed", ""
+            for tag in ("failure", "error", "skipped"):
+                el = case.find(tag)
+                if el is not None:
+                    status = "skipped" if tag == "skipped" else "failed"
+                    message = el.get("message") or ""
+                    detail = message.splitlines()[0][:160] if message else ""
+                    break
+            outcomes[name] = (status, detail)
     return outcomes
 
 
@@ -50,9 +58,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("pyvene_checkout", help="a checkout of stanfordnlp/pyvene (tag v0.1.8)")
     ap.add_argument("--mode", choices=("both", "local", "remote"), default="both")
-    ap.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                    help="passed on to pytest (e.g. -k trainable)")
-    args = ap.parse_args(argv)
+    args, pytest_args = ap.parse_known_args(argv)  # the rest goes to pytest (-k trainable)
+    args.pytest_args = pytest_args
     scratch = tempfile.mkdtemp(prefix="pyvene-upstream-")
     try:
         shutil.copytree(os.path.join(args.pyvene_checkout, "tests"),
