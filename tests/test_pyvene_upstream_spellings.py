@@ -655,3 +655,44 @@ def test_hosting_an_object_leaves_it_exactly_as_it_was(make):
     for p, g in zip(model.parameters(), grads):
         p.requires_grad_(g)   # pyvene froze them, as it does locally
     unchanged()            # and after it stopped
+
+
+# ---- a longer source does not pad the base ---------------------------------------------------
+
+def test_read_length_of_unit_locations():
+    from hookwire.pyvene.plan import read_length
+
+    assert read_length("pos", [[3], [5, 1]]) == 6
+    assert read_length("h.pos", [[[3, 7]] * 2, [[2, 6]] * 2]) == 7
+    assert read_length("h.pos", [[[1]], [[[0, 4]]]]) == 5     # per-head positions, nested
+    assert read_length("pos", None) is None                    # every position
+    assert read_length("pos", [[-1]]) is None                  # counted from the row's end
+    assert read_length("h", [[0, 1]]) is None                  # heads only: every position
+    assert read_length("pos", [[torch.tensor(2)]]) is None      # a form we do not read
+
+
+@pytest.mark.parametrize("mode", ["parallel", "serial"])
+def test_a_longer_source_is_cut_to_what_is_read(models, server, monkeypatch, mode):
+    """pyvene's head tests give a source one token longer than the base and read positions
+    inside the base's length: the source rows are cut there, so the base rows are not padded
+    and compute on exactly the shapes they have alone. Reading past the base's length keeps
+    the whole source."""
+    sent = []
+    real_run = hookwire.client.Connection.run
+
+    def recording_run(self, graph, tensors, **kwargs):
+        sent.append(tuple(tensors["input_ids"].shape))
+        return real_run(self, graph, tensors, **kwargs)
+    monkeypatch.setattr(hookwire.client.Connection, "run", recording_run)
+    base, source = ids(20, 4, 7), ids(21, 4, 9)
+    local, remote = both(models, "gpt2-pyvene", lambda: pv.IntervenableConfig(
+        [{"layer": 1, "component": "block_output"}], mode=mode))
+    key = "sources->base" if mode == "parallel" else "source_0->base"
+    for pos, width in ((3, 7), (8, 9)):
+        locs = {key: ([[[pos]] * 4], [[[2]] * 4])}
+        same(remote(base, [source], locs), local(base, [source], locs))
+        assert sent[-1] == (8, width)
+    # the cut source still reads the positions it reads alone
+    locs = {key: ([[[3]] * 4], [[[2]] * 4])}
+    assert not torch.allclose(remote(base, [source], locs)[1].logits,
+                              models["gpt2-pyvene"](**base).logits)

@@ -263,7 +263,7 @@ class RemoteIntervenableModel:
             source_reps = {k: v.detach() for k, v in source_reps.items()}
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
         tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
-                     subspaces)
+                     subspaces, can_cut=self._sequence_first)
         base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels,
                                                 base_in.labels)
         if collected is not None:
@@ -333,6 +333,18 @@ class RemoteIntervenableModel:
         conn = get_connection(*self._target)
         with ProgressBar(self.model_name, len(graph["sites"]), enabled=self.progress) as bar:
             return conn.run(graph, tensors, on_event=bar.on_event).values
+
+    def _sequence_first(self, cs) -> bool:
+        """Whether the values at a component's sites are (batch, seq, ...) with no other
+        sequence dim: there a row block may be cut to the positions an intervention uses."""
+        for name in (cs.site, cs.input_site):
+            index = self.info.site_index.get((name, 0))
+            if index is None:
+                continue
+            shape = tuple(self.info.sites[index].shape)
+            if shape[:2] != ("B", "S") or "S" in shape[2:] or "B" in shape[2:]:
+                return False
+        return True
 
     def _narrowing(self, layout: Layout, outputs, tasks):
         """(block-output site, rows kept) where the rows only interventions read (sources)
