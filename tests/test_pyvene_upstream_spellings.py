@@ -696,3 +696,32 @@ def test_a_longer_source_is_cut_to_what_is_read(models, server, monkeypatch, mod
     locs = {key: ([[[3]] * 4], [[[2]] * 4])}
     assert not torch.allclose(remote(base, [source], locs)[1].logits,
                               models["gpt2-pyvene"](**base).logits)
+
+
+TYPE_KWARGS = {pv.LowRankRotatedSpaceIntervention: {"low_rank_dimension": 3},
+               pv.JumpReLUAutoencoderIntervention: {"low_rank_dimension": 5},
+               pv.AutoencoderIntervention: {"latent_dim": 6}}
+
+
+@pytest.mark.parametrize("itype", sorted(hpv.ALLOWED, key=lambda c: c.__name__),
+                         ids=lambda c: c.__name__)
+def test_every_allowed_type_saves_and_loads(models, server, tmp_path, itype):
+    def config():
+        return pv.IntervenableConfig([{"layer": 1, "component": "block_output",
+                                       "intervention_type": itype, **TYPE_KWARGS.get(itype, {})}])
+
+    remote = hpv.RemoteIntervenableModel(config(), "gpt2-pyvene")
+    with torch.no_grad():
+        for p in remote.get_trainable_parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(14)))
+    remote.save(str(tmp_path))
+    loaded = hpv.RemoteIntervenableModel.load(str(tmp_path), "gpt2-pyvene")
+    (key, iv), = remote.interventions.items()
+    got = loaded.interventions[key]
+    assert type(got) is itype
+    assert iv.state_dict().keys() == got.state_dict().keys()
+    for name, value in iv.state_dict().items():
+        assert torch.equal(value, got.state_dict()[name]), name
+    assert got.is_source_constant == iv.is_source_constant
+    assert got.subspace_partition == iv.subspace_partition
