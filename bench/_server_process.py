@@ -1,19 +1,31 @@
 """Run a hookwire server in its own process for benchmarks (separate GIL, like production).
 
-Usage: python bench/_server_process.py [--no-batching] [--device=D] [--dtype=T] MODEL [MODEL ...];
-prints "READY <url>" when listening and serves until stdin closes or it gets SIGTERM."""
+Usage: python bench/_server_process.py [--no-batching] [--device=D] [--dtype=T] [--attn=IMPL]
+MODEL [MODEL ...]; prints "READY <url>" when listening and serves until stdin closes or it gets
+SIGTERM. ``--attn`` builds the built-in models with that attention implementation (eager,
+sdpa) and hosts them as objects."""
 import signal
 import sys
 import threading
 
 import hookwire.server as hs
+from hookwire.families import build_hf_model
+from hookwire.server.models import BUILTIN_MODELS
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     batching = "--no-batching" not in args
     options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
-    handle = hs.start(models=[a for a in args if not a.startswith("--")], port=0,
-                      batching=batching, device=options.get("device"),
+    names = [a for a in args if not a.startswith("--")]
+    models = names
+    if options.get("attn"):
+        models = {}
+        for name in names:
+            spec = BUILTIN_MODELS[name]
+            model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+            model.set_attn_implementation(options["attn"])
+            models[name] = model
+    handle = hs.start(models=models, port=0, batching=batching, device=options.get("device"),
                       dtype=options.get("dtype"))
     print("READY", handle.url, flush=True)
     done = threading.Event()

@@ -6,7 +6,12 @@ against a server in its own process on 127.0.0.1 (one batched forward of base + 
 logits of the base rows sent back). Both measured in the same run, interleaved, median of
 ``--repeats`` after warm-up; the ratio remote/local is the figure (goal <= 0.65).
 
-    python bench/bench_pyvene_remote.py [--repeats 10] [--layers 0,6,11] [--json out.json]
+    python bench/bench_pyvene_remote.py [--repeats 10] [--layers 0,6,11] [--padded]
+                                        [--attn eager|sdpa] [--json out.json]
+
+``--padded``: base and source come with an attention mask (as a tokenizer pads a batch: the
+last two rows of each have 16 padding positions on the left); ``--attn``: the served and local
+model's attention implementation (pyvene's own ``create_gpt2_lm`` loads GPT-2 with eager).
 """
 from __future__ import annotations
 
@@ -51,6 +56,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--layers", default="0,6,11", help="intervened layers, comma-separated")
     ap.add_argument("--component", default="block_output")
+    ap.add_argument("--padded", action="store_true", help="inputs with left padding")
+    ap.add_argument("--attn", default=None, help="attention implementation (default: HF's)")
     ap.add_argument("--json")
     ap.add_argument("--device", default="cpu", help="server and local model (e.g. cuda:0)")
     ap.add_argument("--dtype", default="float32")
@@ -65,10 +72,16 @@ def main():
     gen = torch.Generator().manual_seed(0)
     base = {"input_ids": torch.randint(0, vocab, (8, 64), generator=gen)}
     source = {"input_ids": torch.randint(0, vocab, (8, 64), generator=gen)}
-    local_inputs = ({"input_ids": base["input_ids"].to(args.device)},
-                    {"input_ids": source["input_ids"].to(args.device)})
+    if args.padded:
+        mask = torch.ones(8, 64, dtype=torch.int64)
+        mask[6:, :16] = 0
+        base["attention_mask"], source["attention_mask"] = mask, mask.clone()
+    if args.attn:
+        hf_model.set_attn_implementation(args.attn)
+    local_inputs = tuple({k: v.to(args.device) for k, v in x.items()} for x in (base, source))
     results = {"device": args.device, "dtype": args.dtype}
-    with ServerProcess(args.model, device=args.device, dtype=args.dtype) as server:
+    with ServerProcess(args.model, device=args.device, dtype=args.dtype,
+                       attn=args.attn) as server:
         hookwire.configure(url=server.url)
         for layer in [int(x) for x in args.layers.split(",")]:
             def config():
@@ -83,7 +96,8 @@ def main():
                 if model is not remote and args.device != "cpu":
                     torch.cuda.synchronize()
                 return out.cpu()
-            torch.testing.assert_close(run(remote), run(local))
+            real = base["attention_mask"].bool() if args.padded else slice(None)
+            torch.testing.assert_close(run(remote)[real], run(local)[real])
             t_local, t_remote = paired_medians([lambda: run(local), lambda: run(remote)],
                                                args.repeats)
             ratio = t_remote / t_local
@@ -91,7 +105,8 @@ def main():
                                          "ratio": ratio}
             # The source rows run up to the intervened block only (then the batch is
             # narrowed to the base rows), so the ratio grows with the layer.
-            print(f"vanilla interchange, layer {layer:2d} {args.component}, batch 8 x 64: "
+            print(f"vanilla interchange, layer {layer:2d} {args.component}, batch 8 x 64"
+                  f"{' padded' if args.padded else ''}{', ' + args.attn if args.attn else ''}: "
                   f"local pyvene {t_local*1e3:8.1f} ms, remote {t_remote*1e3:8.1f} ms, "
                   f"ratio {ratio:.3f} (goal <= 0.65)", flush=True)
     if args.json:

@@ -10,10 +10,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class ServerProcess:
     def __init__(self, *models: str, batching: bool = True, device: str | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, attn: str | None = None):
         flags = [] if batching else ["--no-batching"]
         flags += [f"--device={device}"] if device else []
         flags += [f"--dtype={dtype}"] if dtype else []
+        flags += [f"--attn={attn}"] if attn else []
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_server_process.py"),
                                       *flags, *models], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)

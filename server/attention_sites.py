@@ -36,9 +36,8 @@ def attention_with_weight_site(module, query, key, value, attention_mask, scalin
         scaling = query.size(-1) ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     if attention_mask is not None:
-        # [:batch]: after a "narrow" write the forward goes on with the first rows only, but
-        # the mask was made once for the whole batch.
-        scores = scores + attention_mask[: query.shape[0], :, :, : key.shape[-2]]
+        # (after a "narrow" write the mask arrives narrowed too: server.narrowing)
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
     probs = torch.nn.functional.softmax(scores, dim=-1).type(value.dtype)
     probs = dropout_module(probs)  # the site: forward (pre-)hooks see the probabilities
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()

@@ -11,6 +11,7 @@ here with the reason (``UnsupportedModel``) -- at load, before a client ever ask
 """
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 
@@ -255,21 +256,32 @@ def host_model_object(name: str, model, tokenizer=None, dtype=None,
                       device=None) -> HostedModel:
     """Host an already-built object: a TL bridge (with its own tokenizer, possibly None), or
     an HF model of a served family (with ``tokenizer``, or none: clients then pass token
-    ids). ``dtype``/``device`` convert it in place, as ``model.to`` does."""
+    ids). ``dtype``/``device`` convert it as ``model.to`` does: a bridge in place, an HF
+    model's copy.
+
+    An HF model is hosted as a deep copy: wrapping it in a TL bridge replaces its modules
+    (``GPT2Block`` becomes ``BlockBridge``) and switches it to eval mode, and the caller's
+    object must stay exactly what it was -- same modules, same mode, bit-identical outputs --
+    so it can still run locally next to the server (pyvene's tests compare against it). The
+    cost is a second copy of the weights in this process; to avoid it, serve a checkpoint
+    folder (``models=["/path"]``) instead."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(model, HostedModel):
         return model
     torch_dtype, device = parse_dtype(dtype), parse_device(device)
-    if torch_dtype is not None or device is not None:
-        model.to(device=device, dtype=torch_dtype)
     if isinstance(model, TransformerBridge):
+        if torch_dtype is not None or device is not None:
+            model.to(device=device, dtype=torch_dtype)
         architecture, config, family = describe_bridge(model)
         if torch_dtype is not None:
             model.cfg.dtype = torch_dtype
         return HostedModel(name, architecture, config, model,
                            tokenizer if tokenizer is not None else model.tokenizer,
                            family=family)
+    model = copy.deepcopy(model)  # the caller's object stays as it was
+    if torch_dtype is not None or device is not None:
+        model.to(device=device, dtype=torch_dtype)
     cfg = model.config
     architecture = type(model).__name__
     return host(name, model.eval(), cfg, tokenizer, architecture)

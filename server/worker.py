@@ -42,6 +42,7 @@ from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.server.memory import NO_RESERVATION
+from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.graph import hook_mode
@@ -100,6 +101,7 @@ class Prepared:
     on_modules: bool = False           # runs on HF module sites (the plain HF forward)
     attention_weights: bool = False    # hooks attention probabilities (server.attention_sites)
     eager: bool = False                # uses sites that fire only with eager attention
+    narrow: tuple | None = None        # (site, call) of a narrowing write (server.narrowing)
     generation: list | None = None     # a generate request's validated forwards
     residual: torch.Tensor | None = None  # start_at_layer: the residual entering block k
 
@@ -388,6 +390,7 @@ class ModelWorker(threading.Thread):
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
                                       for info in vg.site_infos)
+            p.narrow = narrowing_site(vg)
         p.interleaver = self._interleaver(p, vg)
         if job.submit.generate is not None:
             p.generation = validate_generation(job, entry, self.limits, input_ids)
@@ -473,14 +476,16 @@ class ModelWorker(threading.Thread):
 
     @staticmethod
     def _forward(entry, spec, tokens, on_modules=False, mask=None, attention_weights=False,
-                 positions=None, eager=False, residual=None):
+                 positions=None, eager=False, residual=None, narrow=None):
         bridge = entry.hosted.bridge
 
         def forward():
             if on_modules:  # HF module sites live in the plain HF forward (logits only)
                 extra = {} if positions is None else {"position_ids": positions}
+                # Narrowing entered here, after the graph's site hooks: see server.narrowing.
                 with attention_weight_sites(entry.hf_model, attention_weights), \
-                        embeddings_guarded(entry.hf_model):
+                        embeddings_guarded(entry.hf_model), \
+                        narrowed_arguments(entry.hf_model, narrow, tokens.shape[0]):
                     out = type(entry.hf_model).forward(entry.hf_model, input_ids=tokens,
                                                        attention_mask=mask, use_cache=False,
                                                        **extra)
@@ -525,7 +530,7 @@ class ModelWorker(threading.Thread):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
                                           p.attention_weights, p.positions, p.eager,
-                                          p.residual),
+                                          p.residual, p.narrow),
                             spec.return_type is not None)
             outputs = {}
             if spec.return_type in ("logits", "loss"):

@@ -10,10 +10,13 @@ server -- source and base in ONE batched forward.
 Components map to the server's HF module sites (``hf:<path>:output|input``) through pyvene's
 own tables; interventions are traced into whitelisted graph ops (a closed allow-list; custom
 classes and functions raise :class:`UnsupportedIntervention`); nothing of pyvene runs on the
-server.
+server. ``save`` / ``load`` write and read JSON and safetensors only (``persist``).
 """
 from hookwire.pyvene.allowed import ALLOWED, UnsupportedIntervention
 from hookwire.pyvene.components import UnknownComponent
-from hookwire.pyvene.model import RemoteIntervenableModel
+from hookwire.pyvene.inputs import UnsupportedInput
+from hookwire.pyvene.model import NotSupportedRemotely, RemoteIntervenableModel
+from hookwire.pyvene.persist import SavedModelError
 
-__all__ = ["RemoteIntervenableModel", "UnsupportedIntervention", "UnknownComponent", "ALLOWED"]
+__all__ = ["RemoteIntervenableModel", "UnsupportedIntervention", "UnknownComponent",
+           "UnsupportedInput", "NotSupportedRemotely", "SavedModelError", "ALLOWED"]

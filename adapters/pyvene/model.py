@@ -9,6 +9,8 @@ forward holds the base rows and the source rows together.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import pyvene as pv
 from pyvene.models.configuration_intervenable_model import RepresentationConfig
@@ -21,9 +23,16 @@ from hookwire.families import build_hf_model, family_for_architecture, output_cl
 from hookwire.progress import ProgressBar
 from hookwire.pyvene.allowed import check_intervention
 from hookwire.pyvene.components import check_fires, component_site
+from hookwire.pyvene.inputs import UnsupportedInput, model_inputs
+from hookwire.pyvene import persist
 from hookwire.pyvene.plan import Layout, parallel_tasks, serial_tasks
 from hookwire.pyvene.training import DifferentiableCall
 from hookwire.pyvene.translate import trace_call
+
+
+class NotSupportedRemotely(HookwireError, AttributeError):
+    """A part of pyvene's ``IntervenableModel`` API that a remote model does not offer."""
+    code = "not_supported_remotely"
 
 
 class RemoteIntervenableModel:
@@ -38,6 +47,7 @@ class RemoteIntervenableModel:
                  api_key: str | None = None, use_fast: bool = False, progress: bool = False):
         self.model_name = model
         self._target = (url, api_key)
+        self._out_device = torch.device("cpu")
         self.progress = progress
         info = get_connection(url, api_key).model_info(model)
         self.info = info
@@ -92,6 +102,100 @@ class RemoteIntervenableModel:
         return [p for iv in self._pv.interventions.values()
                 if isinstance(iv, pv.TrainableIntervention) for p in iv.parameters()]
 
+    def named_parameters(self, recurse=True):
+        """The trainable interventions' parameters, named as pyvene names them (the served
+        model has none that train)."""
+        return [(f"{k}.{n}", p) for k, iv in self._pv.interventions.items()
+                if isinstance(iv, pv.TrainableIntervention) for n, p in iv.named_parameters()]
+
+    def count_parameters(self, include_model=False):
+        return self._pv.count_parameters(include_model=False)
+
+    def set_temperature(self, temp):
+        self._pv.set_temperature(temp)
+
+    def set_zero_grad(self):
+        self._pv.set_zero_grad()
+
+    def zero_grad(self):
+        self._pv.zero_grad()
+
+    def disable_model_gradients(self):
+        """The served model's weights never get gradients: nothing to do."""
+
+    def disable_intervention_gradients(self):
+        """As in pyvene 0.1.8: does nothing."""
+
+    def enable_model_gradients(self):
+        raise HookwireError("the served model is shared and never trained: its weights get no "
+                            "gradients remotely. Train interventions only, or fine-tune the "
+                            "model locally with pyvene")
+
+    # ---- devices ----------------------------------------------------------------------------
+    def set_device(self, device, set_model=True):
+        """pyvene's ``set_device``: the interventions move to ``device``; the model stays on
+        the server (``set_model`` changes nothing there). Outputs come back on the device of
+        the call's ``input_ids``, as a local model's outputs live on its inputs' device."""
+        for iv in self._pv.interventions.values():
+            iv.to(device)
+        self._device = torch.device(device)
+
+    def get_device(self):
+        """Where this model's interventions live (``set_device``), ``cpu`` by default."""
+        return getattr(self, "_device", torch.device("cpu"))
+
+    # ---- saving (data only: hookwire.pyvene.persist) -----------------------------------------
+    def save(self, save_directory, save_to_hf_hub=False, hf_repo_name="my-awesome-model",
+             include_model=False):
+        """pyvene's ``save``: the config and every intervention's tensors, as JSON and
+        safetensors (never a pickle). ``include_model`` adds nothing: the served model has no
+        trainable weights of this user's."""
+        if save_to_hf_hub:
+            raise HookwireError("save_to_hf_hub is not supported: save to a folder, then upload "
+                                "it with huggingface_hub yourself")
+        persist.save_interventions(self, save_directory)
+
+    @staticmethod
+    def load(load_directory, model: str, *, url: str | None = None,
+             api_key: str | None = None, use_fast: bool = False, progress: bool = False,
+             local_directory=None, from_huggingface_hub=False, include_model=False):
+        """pyvene's ``IntervenableModel.load``, with ``model`` the served model's name: a
+        folder written by :meth:`save` (types mapped by name to the allow-list, never
+        imported)."""
+        if from_huggingface_hub or not os.path.isdir(load_directory):
+            raise persist.SavedModelError(f"{load_directory!r} is not a local folder; hub "
+                                          "downloads are not supported: download it first")
+        config, keys = persist.load_config(load_directory)
+        remote = RemoteIntervenableModel(config, model, url=url, api_key=api_key,
+                                         use_fast=use_fast, progress=progress)
+        if list(remote.sorted_keys) != list(keys):
+            raise persist.SavedModelError(f"the saved keys {keys} do not match the rebuilt "
+                                          f"model's {remote.sorted_keys}")
+        return remote
+
+    def save_intervention(self, save_directory, include_model=True):
+        """pyvene's ``save_intervention``: the interventions' tensors (and config) only."""
+        persist.save_interventions(self, save_directory)
+
+    def load_intervention(self, load_directory, include_model=True):
+        """pyvene's ``load_intervention``: saved tensors onto these interventions."""
+        persist.load_weights(self, load_directory)
+
+    def generate(self, *args, **kwargs):
+        raise HookwireError("RemoteIntervenableModel.generate is not supported yet: run "
+                            "pyvene's generate locally, or generate remotely with hookwire.hf "
+                            "(RemoteModel.generate with module hooks)")
+
+    def __getattr__(self, name):
+        # Only reached for attributes the class does not define: name pyvene's API we lack
+        # instead of a bare AttributeError.
+        if not name.startswith("__") and hasattr(pv.IntervenableModel, name):
+            raise NotSupportedRemotely(
+                f"RemoteIntervenableModel has no {name!r} (pyvene's IntervenableModel.{name}): "
+                "the model runs on a server, so only calls, interventions, training, devices "
+                "and save/load are available remotely")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def forward(self, *args, **kwargs):
         return self(*args, **kwargs)
 
@@ -119,7 +223,13 @@ class RemoteIntervenableModel:
                                 "interventions, which cannot run remotely")
         if sources is not None and not isinstance(sources, list):
             sources = [sources]
-        base_inputs = _inputs(base, "base")
+        base_in = model_inputs(base, "base")
+        if base_in.labels is not None:
+            if labels is not None:  # model(**base, labels=labels), as pyvene calls it
+                raise UnsupportedInput("labels are given twice: in base and as labels=")
+            labels = base_in.labels
+        base_inputs = (base_in.input_ids, base_in.attention_mask)
+        self._out_device = base_in.device
         if sources is None and source_representations is None and unit_locations is None \
                 and len(pvm.interventions) == 0:
             layout = Layout()
@@ -145,7 +255,8 @@ class RemoteIntervenableModel:
         source_inputs = []
         for i, s in enumerate(sources):
             if s is not None and id(s) not in converted:
-                converted[id(s)] = _inputs(s, f"sources[{i}]")
+                src = model_inputs(s, f"sources[{i}]")
+                converted[id(s)] = (src.input_ids, src.attention_mask)
                 if converted[id(s)][0].shape[0] != batch:
                     raise HookwireError(f"sources[{i}] has batch size "
                                         f"{converted[id(s)][0].shape[0]}, the base {batch}: "
@@ -155,8 +266,9 @@ class RemoteIntervenableModel:
             source_reps = {k: v.detach() for k, v in source_reps.items()}
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
         tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
-                     subspaces)
-        base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels)
+                     subspaces, can_cut=self._sequence_first)
+        base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels,
+                                                base_in.labels)
         if collected is not None:
             if return_dict:
                 return IntervenableModelOutput(original_outputs=base_out,
@@ -168,7 +280,9 @@ class RemoteIntervenableModel:
                                            collected_activations=None)
         return base_out, cf_out
 
-    def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None):
+    def _run(self, layout: Layout, outputs, tasks, use_fast, labels=None, base_labels=None):
+        """``labels``: for the intervened output's loss; ``base_labels``: the base's own (the
+        untouched copy's loss: pyvene runs it as ``model(**base)``)."""
         # With autograd on and trainable parameters, the call is differentiable with respect
         # to them (pyvene's training loop: loss.backward() on the returned logits).
         differentiable = torch.is_grad_enabled() and any(
@@ -195,44 +309,63 @@ class RemoteIntervenableModel:
                                         self._request).apply()
         else:
             values = self._request(graph, tensors)
-        logits = [values[name] for name in traced.output_names]
+        device = self._out_device  # where the caller's inputs are, as a local model's outputs
+        logits = [values[name].to(device) for name in traced.output_names]
         if not self.has_lm_head:  # a base model returns its last hidden state
-            if labels is not None:
+            if labels is not None or base_labels is not None:
                 raise HookwireError(f"labels=: {self.info.architecture} has no LM head, so "
                                     "there is no loss to compute")
             cf_out = self.output_class(last_hidden_state=logits[0])
             base_out = self.output_class(last_hidden_state=logits[1]) if len(outputs) > 1 \
                 else None
         else:
-            loss = None
-            if labels is not None:  # the model's own loss function, on the returned logits
-                loss = self.stand_in.loss_function(logits=logits[0], labels=labels.to("cpu"),
-                                                   vocab_size=self.hf_config.vocab_size)
             # past_key_values stay None: a cache is not worth its bytes for a single forward.
-            cf_out = self.output_class(loss=loss, logits=logits[0])
-            base_out = self.output_class(logits=logits[1]) if len(outputs) > 1 else None
+            cf_out = self.output_class(loss=self._loss(logits[0], labels), logits=logits[0])
+            base_out = self.output_class(loss=self._loss(logits[1], base_labels),
+                                         logits=logits[1]) \
+                if len(outputs) > 1 else None
         has_collect = any(isinstance(iv, pv.CollectIntervention)
                           for iv in self._pv.interventions.values())
         collected = None
         if has_collect:
             by_key = {}
             for k, key in enumerate(traced.collect_keys):
-                by_key.setdefault(key, []).append(values[f"__collect_{k}"])
+                by_key.setdefault(key, []).append(values[f"__collect_{k}"].to(device))
             collected = [v for key in self._pv.sorted_keys for v in by_key.get(key, [])]
         return base_out, cf_out, collected
+
+    def _loss(self, logits, labels):
+        """The model's own loss function, on the returned logits (None without labels)."""
+        if labels is None:
+            return None
+        return self.stand_in.loss_function(logits=logits, labels=labels.to(logits.device),
+                                           vocab_size=self.hf_config.vocab_size)
 
     def _request(self, graph: dict, tensors: dict) -> dict:
         conn = get_connection(*self._target)
         with ProgressBar(self.model_name, len(graph["sites"]), enabled=self.progress) as bar:
             return conn.run(graph, tensors, on_event=bar.on_event).values
 
+    def _sequence_first(self, cs) -> bool:
+        """Whether the values at a component's sites are (batch, seq, ...) with no other
+        sequence dim: there a row block may be cut to the positions an intervention uses."""
+        for name in (cs.site, cs.input_site):
+            index = self.info.site_index.get((name, 0))
+            if index is None:
+                continue
+            shape = tuple(self.info.sites[index].shape)
+            if shape[:2] != ("B", "S") or "S" in shape[2:] or "B" in shape[2:]:
+                return False
+        return True
+
     def _narrowing(self, layout: Layout, outputs, tasks):
         """(block-output site, rows kept) where the rows only interventions read (sources)
         leave the batch: after the last block whose output or inner modules touch them, the
-        forward (and the LM head) runs on the kept rows only. None when that cannot be done
-        safely: components given as raw module paths, or padded inputs with a mask."""
+        forward (and the LM head) runs on the kept rows only; the server narrows the
+        attention mask and other per-row arguments with them (``server/narrowing.py``). None
+        when that cannot be done safely: components given as raw module paths."""
         keep = outputs[-1].stop  # output rows come first in the layout
-        if layout.rows[-1].stop == keep or layout.attention_mask() is not None:
+        if layout.rows[-1].stop == keep:
             return None
         table = type_to_module_mapping.get(self.model_class, {})
         touching = [t for t in tasks if (t.src is not None and t.src.start >= keep)
@@ -252,23 +385,11 @@ class RemoteIntervenableModel:
         return site, keep
 
 
-def _inputs(inputs, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """pyvene calls ``model(**inputs)``: a dict with input_ids and, optionally, a 0/1
-    attention_mask (kept only when it pads something) is what a remote forward takes."""
-    if not isinstance(inputs, dict) or "input_ids" not in inputs:
-        raise HookwireError(f"{what} must be a dict with 'input_ids' (as pyvene passes it to "
-                            "the model as keyword arguments)")
-    extra = set(inputs) - {"input_ids", "attention_mask"}
-    if extra:
-        raise HookwireError(f"{what}: model inputs {sorted(extra)} are not supported remotely")
-    ids = inputs["input_ids"]
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise HookwireError(f"{what}['input_ids'] must be a (batch, seq) tensor")
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape:
-            raise HookwireError(f"{what}['attention_mask'] must be shaped like input_ids")
-        mask = None if bool((mask == 1).all()) else mask.detach().to("cpu", torch.int64)
-    return ids.detach().to("cpu", torch.int64), mask
+def _module_path(model, module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise HookwireError("the model's output embedding is not one of its modules")
 
-__all__ = ["RemoteIntervenableModel"]
+
+__all__ = ["RemoteIntervenableModel", "NotSupportedRemotely"]

@@ -6,7 +6,9 @@ given the same source object; serial mode gives every group its own, since a gro
 are intervened on by the group before it), and, for ``output_original_output=True``, a copy of
 the base rows that no intervention touches. Blocks shorter than the longest are padded on
 the right: in a causal LM a position never sees later ones, so the real positions compute
-exactly what they compute alone. The rows whose logits come back (base, and its untouched
+exactly what they compute alone; and a source block is cut to the positions its
+interventions read (:func:`read_length`), so that a longer source does not pad the base. The
+rows whose logits come back (base, and its untouched
 copy) come first, so that after the last block touching a source row the batch can be
 narrowed to them (``RemoteIntervenableModel._narrowing``).
 
@@ -43,7 +45,14 @@ class Layout:
     masks: list[torch.Tensor | None] = field(default_factory=list)
     rows: list[Rows] = field(default_factory=list)
 
-    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Rows:
+    def add(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            keep: int | None = None) -> Rows:
+        """A block of rows; ``keep``: only its first ``keep`` positions are needed (see
+        :func:`read_length`), so it is cut there -- unless it is padded: a fully masked
+        (padding) query attends to every position of its row, later ones included, so
+        there the row's length matters."""
+        if keep is not None and 0 < keep < input_ids.shape[1] and attention_mask is None:
+            input_ids = input_ids[:, :keep]
         start = self.rows[-1].stop if self.rows else 0
         r = Rows(start, start + input_ids.shape[0], input_ids.shape[1])
         self.blocks.append(input_ids)
@@ -86,15 +95,61 @@ class Task:
     source_constant: object = None  # source_representations[key]
 
 
+def read_length(unit: str, locs) -> int | None:
+    """How many leading positions of a row block the unit locations ``locs`` touch (the
+    largest position + 1), or None when that is not known: every position (``None``),
+    heads only, negative positions (counted from a row's end), other units or forms.
+
+    A source block is cut to what its interventions read. In a causal LM a position never
+    sees later ones, so the positions read are unchanged; and a source longer than the base
+    then no longer pads the base rows to its length -- padding changes the shapes of the
+    attention computation, which moves the base's logits by float rounding (~5e-6 on a
+    4096-wide Llama) away from pyvene's own base-only forward."""
+    if locs is None:
+        return None
+    if unit == "pos":
+        positions = locs
+    elif unit == "h.pos" and isinstance(locs, (list, tuple)) and len(locs) == 2:
+        positions = locs[1]
+    else:
+        return None
+    leaves: list = []
+
+    def walk(value):
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v)
+        else:
+            leaves.append(value)
+    walk(positions)
+    if not leaves or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                             for v in leaves):
+        return None
+    return max(leaves) + 1
+
+
+def _union(lengths) -> int | None:
+    lengths = list(lengths)
+    return None if not lengths or any(n is None for n in lengths) else max(lengths)
+
+
 def _needs_getter(intervention) -> bool:
     return not getattr(intervention, "is_source_constant", False)
 
 
+def _no_cut(site) -> bool:
+    return False
+
+
 def parallel_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations: dict,
-                   source_reps, subspaces) -> list[Task]:
+                   source_reps, subspaces, can_cut=_no_cut) -> list[Task]:
+    """``can_cut(site)``: whether a row block read (or written) at ``site`` may be cut to the
+    positions used there -- only where the site's value is (batch, seq, ...) with no other
+    sequence dim (attention weights have two)."""
     ul_src, ul_dst = unit_locations["sources->base"]
     base = layout.rows[0]
     blocks: dict[int, Rows] = {}
+    reads: list[tuple[Task, object]] = []   # (task, its source): rows assigned below
     tasks = []
     for g, keys in pvm._intervention_group.items():
         source = sources[g]
@@ -111,16 +166,22 @@ def parallel_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locatio
                         subspaces[i] if subspaces is not None else None,
                         source_constant=const)
             if source_reps is None and _needs_getter(iv):
-                if id(source) not in blocks:
-                    blocks[id(source)] = layout.add(*source)
-                task.src = blocks[id(source)]
                 task.src_locs = ul_src[i] if ul_src is not None else None
+                reads.append((task, source))
             tasks.append(task)
+    need: dict[int, list] = {}
+    for task, source in reads:
+        need.setdefault(id(source), []).append(
+            read_length(task.unit, task.src_locs) if can_cut(task.site) else None)
+    for task, source in reads:
+        if id(source) not in blocks:
+            blocks[id(source)] = layout.add(*source, keep=_union(need[id(source)]))
+        task.src = blocks[id(source)]
     return tasks
 
 
 def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations: dict,
-                 source_reps, subspaces) -> list[Task]:
+                 source_reps, subspaces, can_cut=_no_cut) -> list[Task]:
     groups = list(pvm._intervention_group.items())
     base = layout.rows[0]
     if source_reps is not None:
@@ -137,24 +198,36 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
                                       subspaces[i] if subspaces is not None else None,
                                       source_constant=source_reps.get(key)))
         return tasks
-    rows = {g: layout.add(*sources[g]) for g, _ in groups if sources[g] is not None}
     order = [g for g, _ in groups if sources[g] is not None]
-    tasks = []
+    # Group g reads source g's rows and writes into source g+1's (the last one: the base's);
+    # each source block is cut to the positions read or written there (read_length).
+    planned = []
+    need: dict[int, list] = {g: [] for g in order}
     for n, g in enumerate(order):
         keys = pvm._intervention_group[g]
-        dst = rows[order[n + 1]] if n + 1 < len(order) else base
+        dst = order[n + 1] if n + 1 < len(order) else None
         for key in keys:
             src_locs, dst_locs = _serial_locs(unit_locations, g, len(groups), keys, key)
             if src_locs is None:
                 continue
-            iv = pvm.interventions[key]
-            i = pvm.sorted_keys.index(key)
-            task = Task(key, len(tasks), sites[key], pvm.representations[key].unit, iv, dst,
-                        dst_locs,
-                        subspaces[i] if subspaces is not None else None)
-            if _needs_getter(iv):
-                task.src, task.src_locs = rows[g], src_locs
-            tasks.append(task)
+            unit = pvm.representations[key].unit
+            cut = can_cut(sites[key])
+            if _needs_getter(pvm.interventions[key]):
+                need[g].append(read_length(unit, src_locs) if cut else None)
+            if dst is not None:
+                need[dst].append(read_length(unit, dst_locs) if cut else None)
+            planned.append((g, dst, key, src_locs, dst_locs))
+    rows = {g: layout.add(*sources[g], keep=_union(need[g])) for g in order}
+    tasks = []
+    for g, dst, key, src_locs, dst_locs in planned:
+        iv = pvm.interventions[key]
+        i = pvm.sorted_keys.index(key)
+        task = Task(key, len(tasks), sites[key], pvm.representations[key].unit, iv,
+                    rows[dst] if dst is not None else base, dst_locs,
+                    subspaces[i] if subspaces is not None else None)
+        if _needs_getter(iv):
+            task.src, task.src_locs = rows[g], src_locs
+        tasks.append(task)
     return tasks
 
 
@@ -166,4 +239,4 @@ def _serial_locs(unit_locations, g, n_groups, keys, key):
             pair[1][k] if pair[1] is not None else None)
 
 
-__all__ = ["Rows", "Layout", "Task", "parallel_tasks", "serial_tasks"]
+__all__ = ["Rows", "Layout", "Task", "parallel_tasks", "serial_tasks", "read_length"]

@@ -61,7 +61,8 @@ class DifferentiableCall:
         if graph is None:  # no output had a gradient
             return [torch.zeros_like(t) for _, t in self.leaves]
         values = self.request(graph, tensors)
-        return [values[f"__grad_{tid}"].to(t.dtype) for tid, t in self.leaves]
+        return [values[f"__grad_{tid}"].to(device=t.device, dtype=t.dtype)
+                for tid, t in self.leaves]
 
 
 def _crop_positions(grad: torch.Tensor):
