@@ -57,6 +57,18 @@ class Limits:
     # Graphs may compute with the served model's parameters and buffers ("@<name>" constants:
     # what a logit lens does with the unembedding), read only. False refuses them.
     allow_parameter_reads: bool = True
+    # Memory requests hold while not running: uploads, materialised references to resident
+    # values, results not yet read by their client (server/memory.py). Per user, and for
+    # the whole server (without API keys every connection is a user).
+    max_pending_bytes_per_user: int = 2 << 30
+    max_pending_bytes_total: int = 8 << 30
+    max_resident_bytes_total: int = 8 << 30  # resident values of all users together
+    submit_timeout_s: float = 60.0        # a submit's declared tensors must all arrive by then
+    send_timeout_s: float = 120.0         # a client that reads nothing this long is dropped
+    max_connections: int = 1024           # all users together (each holds buffers, a task)
+    # Seconds of the front's time (reading, parsing, admitting, answering messages) each
+    # user may spend per second; over it, its connections' next reads wait.
+    front_share: float = 0.25
 
 
 # A dim of a site's symbolic shape: "B" (batch), "S" (sequence), "B*S" (batch and sequence
@@ -78,18 +90,6 @@ def flat_factor(d) -> int | None:
 
 def flat_dim(k: int) -> str:
     return FLAT if k == 1 else f"{FLAT}*{k}"
-    # Memory requests hold while not running: uploads, materialised references to resident
-    # values, results not yet read by their client (server/memory.py). Per user, and for
-    # the whole server (without API keys every connection is a user).
-    max_pending_bytes_per_user: int = 2 << 30
-    max_pending_bytes_total: int = 8 << 30
-    max_resident_bytes_total: int = 8 << 30  # resident values of all users together
-    submit_timeout_s: float = 60.0        # a submit's declared tensors must all arrive by then
-    send_timeout_s: float = 120.0         # a client that reads nothing this long is dropped
-    max_connections: int = 1024           # all users together (each holds buffers, a task)
-    # Seconds of the front's time (reading, parsing, admitting, answering messages) each
-    # user may spend per second; over it, its connections' next reads wait.
-    front_share: float = 0.25
 
 
 @dataclass(frozen=True)
