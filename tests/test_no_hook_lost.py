@@ -21,6 +21,7 @@ from torch.testing import assert_close
 import hookwire
 import hookwire.client
 import hookwire.hf as hhf
+import hookwire.nnsight as hnn
 import hookwire.pyvene as hpv
 import hookwire.server as hs
 import hookwire.transformerlens as htl
@@ -238,6 +239,10 @@ def test_sites_that_cannot_be_served_are_refused_by_name(server):
                                      "output", "intervention_type": pv.ZeroIntervention}])
     with pytest.raises(SiteNotServed, match="sequence length"):
         hpv.RemoteIntervenableModel(config, gemma)
+    remote = hnn.RemoteLanguageModel(gemma)   # nnsight's spelling: the module's .output
+    with pytest.raises(SiteNotServed, match="conv_1d.output.*sequence length"):
+        with remote.trace(TOKENS):
+            remote.model.layers[0].temporal_block.conv_1d.output.save()
     # The same models still serve everything else.
     assert_close(htl.RemoteModel(jamba)(TOKENS), local_bridge(jamba)(TOKENS))
 

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 import hookwire
 import hookwire.client
 import hookwire.hf as hhf
+import hookwire.nnsight as hnn
 import hookwire.pyvene as hpv
 import hookwire.server as hs
 import hookwire.transformerlens as htl
@@ -189,6 +190,16 @@ def test_bridge_without_a_tokenizer_is_served_and_to_tokens_says_why():
             remote.to_tokens("hello")
         with pytest.raises(HookwireError, match="without a tokenizer"):
             remote.run_with_hooks("hello", fwd_hooks=[])
+        # nnsight's spelling: token ids trace as with a tokenizer, text says why it cannot.
+        nn_remote = hnn.RemoteLanguageModel("no-tok")
+        with nn_remote.trace(TOKENS):
+            hidden = nn_remote.transformer.h[0].output.save()
+            logits = nn_remote.output.logits.save()
+        assert_close(logits, local(TOKENS))
+        assert_close(hidden, local.run_with_cache(TOKENS)[1]["blocks.0.hook_out"])
+        with pytest.raises(HookwireError, match="without a tokenizer.*token ids"):
+            with nn_remote.trace("hello"):
+                pass
 
 
 def test_checkpoint_folder_without_tokenizer_files(tmp_path):

@@ -19,7 +19,7 @@ import os
 import torch
 from nnsight.intervention.source import NO_SKIP
 
-from hookwire.errors import TraceError
+from hookwire.errors import SiteNotServed, TraceError
 from hookwire.module_sites import ServerObject, module_site
 from hookwire.nnsight.values import NotSent
 from hookwire.trace import Proxy, _extra_library_dirs, trace_error
@@ -122,7 +122,31 @@ class ForwardDriver:
                     skipping = ((ev.path, ev.call), replacement)
             else:
                 self._output(ev)
+        self._refuse_unserved()
         return self._root_output()
+
+    def _refuse_unserved(self):
+        """A block still waiting on a module the server cannot serve (its manifest lists the
+        site as unserved: shapes that follow the values, a convolution's padded length...)
+        would otherwise end with nnsight's "not executed"; say which module and why."""
+        prefix = self.root + "."
+        for location in list(self.interleaver.parked):
+            if not location.startswith(prefix):
+                continue
+            path, _, what = location[len(prefix):].rpartition(".")
+            if what not in ("input", "output", "inputs"):
+                continue
+            self._refuse_site(path, what)
+
+    def _refuse_site(self, path: str, what: str):
+        """Raise :class:`SiteNotServed` if the server lists ``path``'s input/output as a site
+        it cannot serve."""
+        name = module_site(path, "input" if what.startswith("input") else "output")
+        reason = self.info.unserved_reason(name)
+        if reason is not None:
+            raise SiteNotServed(f"{path}.{what}: the server cannot run hooks on module site "
+                                f"{name!r} as they run locally: {reason}. Read a module "
+                                "around it instead, or run this model locally")
 
     def output_object(self):
         """``model.output``: the model's output class holding the logits proxy."""
@@ -223,6 +247,7 @@ class ForwardDriver:
             self._handoff(location, None)
             return
         if ev.site is None:
+            self._refuse_site(ev.path, "output")
             self._handoff(location, NotSent(
                 f"the output of {self.root}.{ev.path}",
                 "read the module inside it that computes the tensor you want (e.g. its last "

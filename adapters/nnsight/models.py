@@ -70,6 +70,34 @@ class NNsight(_RemoteTrace, _NNsight):
     """nnsight's ``NNsight`` (any HF causal LM module) with ``remote=`` on hookwire."""
 
 
+class _NoTokenizer:
+    """Stands in for the tokenizer of a server model hosted without one: token ids pass
+    through nnsight as they are; anything that needs the tokenizer says why it is missing."""
+
+    padding_side = "left"
+    truncation_side = "right"
+    pad_token = eos_token = bos_token = None
+    pad_token_id = eos_token_id = bos_token_id = None
+    model_max_length = int(1e30)
+    chat_template = None
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def _missing(self, what: str):
+        return HookwireError(f"the server hosts {self._name!r} without a tokenizer: pass token "
+                             "ids (a (batch, seq) int64 tensor or a list of id lists) instead "
+                             f"of text ({what} is not available)")
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise self._missing(f"tokenizer.{attr}")
+
+    def __call__(self, *args, **kwargs):
+        raise self._missing("tokenizing text")
+
+
 class RemoteLanguageModel(LanguageModel):
     """An nnsight ``LanguageModel`` of a model a hookwire server hosts, without its weights:
     ``with model.trace(prompt):`` and ``with model.generate(prompt, max_new_tokens=n):`` run
@@ -82,7 +110,9 @@ class RemoteLanguageModel(LanguageModel):
                  **kwargs):
         info = get_connection(url, api_key).model_info(name)
         stand_in, _ = build_hf_model(info.architecture, info.config, device="meta")
-        tokenizer = tokenizer_from_files(info.tokenizer_files)
+        # A server model without a tokenizer (hosted with none): traces take token ids.
+        tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files \
+            else _NoTokenizer(name)
         super().__init__(stand_in, tokenizer=tokenizer, device="meta", **kwargs)
         self._hookwire_model = name
         self._hookwire_url, self._hookwire_api_key = url, api_key
