@@ -48,8 +48,9 @@ The tree (``class`` -- ``code`` -- where it is raised; then its ``rule`` values)
     +-- Cancelled -- cancelled -- the client cancelled (``RemoteRun.cancel``, Ctrl-C)
     +-- DeadlineExceeded -- deadline_exceeded -- rule: max_request_seconds (worker.py,
     |     generation.py; checked before every node, at every site and block boundary)
-    +-- TooManyConnections -- too_many_connections -- HTTP 429 in the handshake
-    |     (Limits.max_connections_per_user / max_connections)
+    +-- TooManyConnections -- too_many_connections -- HTTP 429 in the handshake: this API
+    |     key holds Limits.max_connections_per_user connections (a server holding
+    |     Limits.max_connections answers 503: ServerUnavailable)
     +-- ResidentMissing -- resident_missing -- a reference to a value the server dropped;
     |     the client re-sends the bytes (residents.py)
     +-- AuthError -- auth_error -- the server refused the API key (HTTP 401)
@@ -66,8 +67,10 @@ travel, so they are not in :data:`ERROR_TYPES`): ``hookwire.transformerlens`` --
 also ``ValueError``); ``hookwire.pyvene`` -- ``UnsupportedInput`` (``unsupported_input``),
 ``UnknownComponent`` (``unknown_component``), ``SavedModelError`` (``saved_model_error``),
 ``NotSupportedRemotely`` (``not_supported_remotely``, also ``AttributeError``) and, under
-``TraceError``, ``UnsupportedIntervention`` (``unsupported_intervention``). A message too large for the server's ``max_message_bytes`` is
-not an error message at all: the websocket closes with code 1009.
+``TraceError``, ``UnsupportedIntervention`` (``unsupported_intervention``).
+
+A message larger than the server's ``Limits.max_message_bytes`` gets no error message: the
+websocket closes with code 1009.
 """
 from __future__ import annotations
 
