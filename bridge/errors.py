@@ -13,8 +13,8 @@ The tree (``class`` -- ``code`` -- where it is raised; then its ``rule`` values)
     |   +-- FrameError -- frame_error -- a tensor header or binary chunk frame (frames.py)
     |   +-- UnsupportedModel -- unsupported_model -- at load (families.py, prepare.py), or a
     |         front the model lacks (TL hook points, generation); the message says why
-    +-- GraphValidationError -- graph_invalid -- server (and client, expected_results.py)
-    |   |     before anything runs; rules:
+    +-- GraphValidationError -- graph_invalid -- server, before anything runs (the client
+    |   |     runs the same checks only to size results, expected_results.py); rules:
     |   |     graph.py    arg_depth arg_form arg_string
     |   |     validate.py unique_id unknown_op op_schema args ref_order const_ref constants
     |   |                 unknown_site site_order site_index site_read_once site_write_once
