@@ -25,7 +25,7 @@ import time
 import psutil
 import torch
 
-from hookwire.cli import READY_PREFIX
+from hookwire.server.cli import READY_PREFIX
 from hookwire.client import Connection
 
 SITE = "blocks.0.hook_resid_post"

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
-from hookwire.executor import Interleaver, _StopForward
+from hookwire.executor import Interleaver, StopForward
 from hookwire.module_sites import attach
 
 
@@ -110,7 +110,7 @@ def run_batch(members: list[BatchMember], site_modules: dict, forward: Callable[
                                   _batch_hook(name, members, full_seq)))
         try:
             return forward()
-        except _StopForward:
+        except StopForward:
             return None
     finally:
         for h in handles:
@@ -171,7 +171,7 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
             for part, value in replacements:
                 new[part] = value
         if not any(m.wants_more for m in members):
-            raise _StopForward
+            raise StopForward
         return new
     return hook
 

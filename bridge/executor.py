@@ -25,10 +25,10 @@ import torch
 from hookwire.errors import ExecutionError
 from hookwire.graph import is_parameter
 from hookwire.module_sites import attach
-from hookwire.validate import ValidatedGraph, _walk_refs, resolve
+from hookwire.validate import ValidatedGraph, resolve, walk_refs
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from the last needed hook to end the forward pass early."""
 
 
@@ -81,7 +81,7 @@ class Interleaver:
         # How many consumers each value still has: a value is dropped at zero.
         self.pending: dict[int, int] = defaultdict(int)
         for dn in vg.nodes:
-            for r in set(_walk_refs(dn.args, []) + _walk_refs(tuple(dn.kwargs.values()), [])):
+            for r in set(walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), [])):
                 self.pending[r] += 1
         self.writes: dict[int, dict[str, int]] = defaultdict(dict)
         self.sites_done = 0
@@ -146,7 +146,7 @@ class Interleaver:
             self.values[dn.id] = value
             for name in self.saves_of.get(dn.id, ()):
                 self.on_save(name, value)
-            for r in set(_walk_refs(dn.args, []) + _walk_refs(tuple(dn.kwargs.values()), [])):
+            for r in set(walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), [])):
                 self.pending[r] -= 1
                 if self.pending[r] <= 0:
                     self.values.pop(r, None)
@@ -165,7 +165,7 @@ class Interleaver:
                 return None
             result = self.at_site(index, output)
             if stop_early and index == last_needed:
-                raise _StopForward
+                raise StopForward
             return result
         return hook
 
@@ -284,7 +284,7 @@ class Interleaver:
                                       self._site_hook(name, last, stop_early=not need_output)))
             try:
                 output = forward()
-            except _StopForward:
+            except StopForward:
                 output = None
         finally:
             for h in handles:

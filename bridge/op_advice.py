@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 
-import torch
 
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS
 

@@ -44,12 +44,14 @@ _METADATA_NAMES = (
     "element_size", "is_floating_point", "is_complex", "get_device", "is_meta", "__hash__",
     "is_leaf", "grad_fn", "is_sparse", "is_quantized", "is_nested", "is_mps",
     "storage_offset", "itemsize", "nbytes", "is_inference", "output_nr", "grad", "_base")
-_METADATA = set()
+# The calls and getters of those names, as a hook's torch function sees them (the tracers of
+# the TL and nnsight fronts check against this set too).
+METADATA_CALLS = set()
 for _n in _METADATA_NAMES:
     _attr = T.__dict__.get(_n) if _n in T.__dict__ else getattr(torch._C.TensorBase, _n, None)
     if _attr is None:
         continue
-    _METADATA.add(_attr.__get__ if hasattr(_attr, "__get__") and not callable(
+    METADATA_CALLS.add(_attr.__get__ if hasattr(_attr, "__get__") and not callable(
         getattr(T, _n, None)) or isinstance(_attr, property) or type(_attr).__name__ in (
         "getset_descriptor", "member_descriptor") else getattr(T, _n))
 
@@ -121,7 +123,9 @@ _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,)) + 
     os.path.dirname(os.path.abspath(__file__)) + os.sep,)
 
 
-def _extra_library_dirs():
+def library_dirs() -> tuple[str, ...]:
+    """Path prefixes of library code (torch, TL, nnsight, hookwire and its adapters, those
+    imported so far): a stack frame outside them is the user's line an error names."""
     dirs = list(_LIBRARY_DIRS)
     # nnsight runs a trace block's code in greenlets, through its own frames: the user's
     # line is the innermost frame outside these.
@@ -137,7 +141,7 @@ def _extra_library_dirs():
 
 def user_location() -> tuple[str, int] | None:
     """The innermost stack frame that belongs to the user's code, as (file, line)."""
-    dirs = _extra_library_dirs()
+    dirs = library_dirs()
     frame = sys._getframe(1)
     while frame is not None:
         fname = os.path.abspath(frame.f_code.co_filename)
@@ -276,7 +280,7 @@ class Proxy(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in METADATA_CALLS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         tracer = _find_tracer(args, kwargs)
@@ -969,4 +973,4 @@ class tracing:
         return False
 
 
-__all__ = ["Proxy", "Tracer", "tracing", "trace_error", "user_location"]
+__all__ = ["Proxy", "Tracer", "tracing", "trace_error", "user_location", "library_dirs"]

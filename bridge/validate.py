@@ -164,15 +164,18 @@ def _fail(node_id, op, rule, message, cls=GraphValidationError):
     raise cls(f"{where}: {message}", node=node_id, op=op, rule=rule)
 
 
-def _walk_refs(value, out: list):
+def walk_refs(value, out: list) -> list:
+    """Append to ``out`` the node id of every ``Ref`` in a decoded argument (nested tuples,
+    lists and slice bounds included) and return ``out``: the edges of the graph, as the
+    validator and the executor both read them."""
     if isinstance(value, Ref):
         out.append(value.node)
     elif isinstance(value, (tuple, list)):
         for v in value:
-            _walk_refs(v, out)
+            walk_refs(v, out)
     elif isinstance(value, slice):
         for v in (value.start, value.stop, value.step):
-            _walk_refs(v, out)
+            walk_refs(v, out)
     return out
 
 
@@ -287,7 +290,7 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
             if reason:
                 _fail(node.id, node.op, "op_schema", reason)
             dn.spec = spec
-        refs = _walk_refs(args, []) + _walk_refs(tuple(kwargs.values()), [])
+        refs = walk_refs(args, []) + walk_refs(tuple(kwargs.values()), [])
         stage = dn.stage
         for r in refs:
             if r not in by_id:
@@ -402,7 +405,7 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
         else:
             args = resolve(dn.args, values, metas)
             kwargs = {k: resolve(v, values, metas) for k, v in dn.kwargs.items()}
-            refs = _walk_refs(dn.args, []) + _walk_refs(tuple(dn.kwargs.values()), [])
+            refs = walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), [])
             if dn.op == "tuple_get":
                 if not isinstance(dn.args[0], Ref) or not isinstance(args[0], tuple) or \
                         not -len(args[0]) <= args[1] < len(args[0]):

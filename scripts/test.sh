@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Set up .venv (and .venv-legacy) if needed, then run the whole test suite. Extra arguments go to pytest.
+# Set up .venv (and .venv-legacy) if needed, lint, then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
+# Lint first (seconds): the rules that find bugs ([tool.ruff] in pyproject.toml); any finding
+# fails the run before the tests start.
+.venv/bin/ruff check .
 # The TL 2.x client environment for tests/test_tl_legacy_client.py (fails loudly if it
 # cannot be built; a re-run with nothing changed takes well under a second).
 bash scripts/setup_legacy_env.sh

@@ -20,7 +20,7 @@ from hookwire.module_sites import (attach, element_values, is_module_site, modul
                                    parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.devices import input_device
-from hookwire.server.manifest import _PROBES, describe_fired
+from hookwire.server.manifest import PROBE_SHAPES, describe_fired
 from hookwire.validate import SiteInfo
 
 _WRAPPED = re.compile(r"(^|\.)_original_component")
@@ -136,7 +136,7 @@ def probe_module_sites(model) -> tuple[list[SiteInfo], dict[str, str]]:
     """(module sites that fire with a tensor, in firing order, with symbolic shapes;
     {site: why it cannot be served} for those whose shapes cannot be described)."""
     vocab = model.config.vocab_size
-    (b1, s1), (b2, s2) = _PROBES
+    (b1, s1), (b2, s2) = PROBE_SHAPES
     first, second = _record(model, b1, s1, vocab), _record(model, b2, s2, vocab)
     weight_names = _weight_site_names(model)
     if weight_names:

@@ -23,7 +23,7 @@ from hookwire.protocol import ModelInfo, SiteDescription, dump
 from hookwire.tokenizer import tokenizer_files
 from hookwire.validate import SiteInfo, flat_dim
 
-_PROBES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
+PROBE_SHAPES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 
 
 def _record_sites(bridge, batch: int, seq: int, nontensor: dict | None = None,
@@ -124,10 +124,10 @@ def probe_sizes(bridge) -> tuple:
     """The two (batch, seq) probes: the defaults, or shorter sequences for a model with fewer
     positions (TL's native test models have n_ctx=8)."""
     n_ctx = getattr(bridge.cfg, "n_ctx", None)
-    (b1, s1), (b2, s2) = _PROBES
+    (b1, s1), (b2, s2) = PROBE_SHAPES
     if isinstance(n_ctx, int) and 2 < n_ctx < s2:
         return (b1, n_ctx - 1), (b2, n_ctx)
-    return _PROBES
+    return PROBE_SHAPES
 
 
 def probe_sites(bridge, eager_model=None, flags=()) -> tuple[list[SiteInfo], dict[str, str]]:
@@ -190,7 +190,7 @@ def _probe_sites(bridge, eager_model):
             for s in sites], unserved
 
 
-def describe_fired(first: list, second: list, probes=_PROBES
+def describe_fired(first: list, second: list, probes=PROBE_SHAPES
                    ) -> tuple[list[SiteInfo], dict[str, str]]:
     """Two probes' fired sites ``(name, call, shape, dtype[, grad])`` -> the sites a graph may
     use, with symbolic shapes, and {name: why not} for those that fire but cannot be
@@ -220,7 +220,7 @@ def describe_fired(first: list, second: list, probes=_PROBES
     return sites, {k: v for k, v in unserved.items() if k not in served}
 
 
-def _shape_reason(shape1, shape2, probes=_PROBES) -> str:
+def _shape_reason(shape1, shape2, probes=PROBE_SHAPES) -> str:
     """Why a site's shapes in the two probes have no symbolic form, as precisely as we can."""
     (b1, s1), (b2, s2) = probes
     seen = f"its shape ({tuple(shape1)} for a {b1}x{s1} input, {tuple(shape2)} for {b2}x{s2})"
@@ -244,7 +244,7 @@ def _shape_reason(shape1, shape2, probes=_PROBES) -> str:
             "known before it runs")
 
 
-def symbolic_shape(shape1, shape2, probes=_PROBES) -> tuple | None:
+def symbolic_shape(shape1, shape2, probes=PROBE_SHAPES) -> tuple | None:
     """One site's shapes in the two probes -> each dim as ``B``, ``S``, ``B*S`` / ``B*S*k``
     (batch and sequence flattened, times k) or its fixed size (None when a dim moves with none
     of them)."""

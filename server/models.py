@@ -170,11 +170,14 @@ def host(name: str, hf_model, cfg, tokenizer, architecture: str) -> HostedModel:
 
 
 def bridge_failure(architecture: str, exc: BaseException) -> str:
+    import transformer_lens
     import transformers
-    from importlib.metadata import version
 
     first = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return (f"cannot serve {architecture}: TransformerLens {version('transformer-lens')}'s "
+    # (importlib.metadata would give the exact version; the static guarantees keep importlib
+    # out of the product)
+    tl_version = getattr(transformer_lens, "__version__", "4")
+    return (f"cannot serve {architecture}: TransformerLens {tl_version}'s "
             f"bridge for it fails with transformers {transformers.__version__} "
             f"({type(exc).__name__}: {first})")
 

@@ -17,7 +17,7 @@ import json
 import os
 
 from hookwire.errors import HookwireError
-from hookwire.server.app import prepare_model
+from hookwire.server.prepare import prepare_model
 from hookwire.server.job_payload import job_from_payload
 from hookwire.server.models import load_model
 from hookwire.server.worker import ModelWorker, error_message

@@ -16,7 +16,6 @@ before anything is allocated); the copy is made only when the request runs
 """
 from __future__ import annotations
 
-import math
 import secrets
 import threading
 import time

@@ -68,7 +68,10 @@ class PipelinedClient:
             answer = answers.get(getattr(msg, "request_id", None))
             if answer is None:
                 continue
-            if isinstance(msg, Result):
+            if isinstance(msg, Result) and msg.alias_of is not None:
+                # The same tensor as a value this request already received (sent once).
+                answer.values[msg.name] = answer.values[msg.alias_of]
+            elif isinstance(msg, Result):
                 asm = TensorAssembler([msg.tensor], msg.tensor.nbytes())
                 if msg.tensor.nbytes() == 0:
                     answer.values[msg.name] = asm.tensors()[msg.tensor.tid]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import hookwire.server as hs
-from hookwire.cli import build_parser, main
+from hookwire.server.cli import build_parser, main
 
 NO_RAY_PROGRAM = r"""
 import sys

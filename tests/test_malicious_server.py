@@ -15,7 +15,6 @@ from websockets.sync.server import serve
 
 from hookwire.client import MAX_RESULT_BYTES, Connection
 from hookwire.errors import FrameError, HookwireError, ProtocolError, ServerUnavailable
-from hookwire.frames import encode_chunks
 from hookwire.protocol import MAX_CONTROL_BYTES
 from hostile.runner import CORPUS_PATH, PAYLOAD_MARKER
 

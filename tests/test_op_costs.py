@@ -78,7 +78,7 @@ def test_every_registered_op_has_a_cost_model():
 
 def test_an_op_cannot_be_registered_without_a_cost_model():
     with pytest.raises(TypeError):
-        op("no_cost", torch.neg, "t")  # noqa: the missing keyword is the point
+        op("no_cost", torch.neg, "t")  # the missing keyword is the point
     with pytest.raises(TypeError, match="cost must be"):
         op("bad_cost", torch.neg, "t", cost=lambda a, k, o: Cost(0, 0))
     assert "no_cost" not in OPS and "bad_cost" not in OPS

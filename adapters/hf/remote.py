@@ -16,7 +16,7 @@ from hookwire.client import get_connection
 from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model
 from hookwire.hf.generate_request import GenerationRun
-from hookwire.hf.hooks import hook_list, module_of, parse_key
+from hookwire.hf.hooks import hook_list
 from hookwire.hf.outputs import (DEFAULT, GenerateOutput, cache_hooks, eos_options,
                                  output_class_of)
 from hookwire.hf.trace_forward import trace_forward

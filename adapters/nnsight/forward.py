@@ -22,7 +22,7 @@ from nnsight.intervention.source import NO_SKIP
 from hookwire.errors import SiteNotServed, TraceError
 from hookwire.module_sites import ServerObject, module_site
 from hookwire.nnsight.values import NotSent
-from hookwire.trace import Proxy, _extra_library_dirs, trace_error
+from hookwire.trace import Proxy, library_dirs, trace_error
 
 
 def _placeholder(type_name: str):
@@ -342,7 +342,7 @@ def _refuse_source(interleaver, location: str):
 
 
 def _user_line(frame):
-    dirs = _extra_library_dirs()
+    dirs = library_dirs()
     while frame is not None:
         name = os.path.abspath(frame.f_code.co_filename)
         if not name.startswith(dirs) and not name.startswith("<frozen"):

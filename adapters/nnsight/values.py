@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from hookwire.errors import TraceError
-from hookwire.trace import _METADATA, trace_error
+from hookwire.trace import METADATA_CALLS, trace_error
 
 
 class NotSent:
@@ -50,7 +50,7 @@ class PendingTokens(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _METADATA:
+        if func in METADATA_CALLS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
         what = next((a._hw_what for a in args if isinstance(a, PendingTokens)), "tokens")

@@ -121,9 +121,9 @@ def detach_new_hooks(model, before: set[int]) -> None:
 
 
 def _points(model):
-    from hookwire.transformerlens.remote_run import _hook_points
+    from hookwire.transformerlens.remote_run import cached_hook_points
 
-    return _hook_points(model).values()
+    return cached_hook_points(model).values()
 
 
 def _handles(hp):

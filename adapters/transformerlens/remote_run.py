@@ -102,7 +102,7 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
     Sites with backward hooks are listed too, and appended to ``backward_sites`` as
     ``(index, site, hook_point)`` for :func:`trace_backward_hooks`. Sites for which
     ``skip(name)`` is true do not fire in this forward (``start_at_layer``)."""
-    hook_dict = _hook_points(model)
+    hook_dict = cached_hook_points(model)
     hooked = {id(hp) for hp in hook_dict.values() if hp._forward_hooks or hp._backward_hooks}
     check_served(hook_dict, info)
     stamp_token_shape(hook_dict, batch, seq)
@@ -259,7 +259,7 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
 _HOOK_POINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _hook_points(model) -> dict:
+def cached_hook_points(model) -> dict:
     """name -> HookPoint, computed once per model: TL 4 rebuilds ``hook_dict`` (with its
     aliases) on every access, which costs more than tracing a typical hook."""
     points = _HOOK_POINTS.get(model)
@@ -489,7 +489,7 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
             target.lock.acquire()
     if run is None:
         # Where the hooks (and the metric) can reach is searched first (hookwire.rebind).
-        roots = tuple(hp for hp in _hook_points(model).values()
+        roots = tuple(hp for hp in cached_hook_points(model).values()
                       if hp._forward_hooks or hp._backward_hooks) + \
             ((metric,) if metric is not None else ())
         made = dict(arrived)
@@ -548,7 +548,7 @@ def _stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
 @contextlib.contextmanager
 def _hooks_parked(model):
     parked = []
-    for hp in _hook_points(model).values():
+    for hp in cached_hook_points(model).values():
         for attr in ("_forward_hooks", "_backward_hooks"):
             hooks = getattr(hp, attr)
             if hooks:
@@ -562,4 +562,4 @@ def _hooks_parked(model):
 
 
 __all__ = ["remote_forward", "forward_goes_remote", "RemoteTarget", "trace_hook_points",
-           "build_request", "Proxy", "DTYPE_NAMES"]
+           "build_request", "cached_hook_points", "Proxy", "DTYPE_NAMES"]

@@ -168,9 +168,9 @@ class MissingWeight(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from hookwire.trace import _METADATA
+        from hookwire.trace import METADATA_CALLS
 
-        if func in _METADATA:
+        if func in METADATA_CALLS:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **(kwargs or {}))
         message = next((a._hw_message for a in args if isinstance(a, MissingWeight)),
