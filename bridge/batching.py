@@ -57,6 +57,9 @@ def site_batching(shape, writes: bool) -> bool:
 
 @dataclass
 class BatchMember:
+    """One request's share of a batched forward: its interleaver, its block of ``rows`` and
+    its own ``seq`` positions, whether its logits are wanted, and where its error goes. A
+    member whose op fails is deactivated (``fail``); the others go on."""
     interleaver: Interleaver
     rows: slice
     seq: int

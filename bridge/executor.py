@@ -39,7 +39,16 @@ class Interleaver:
     (both may raise to stop the request: cancelled, over its deadline). ``value_ranges``
     maps a site index to the ``[low, high)`` range integer values written there must lie in
     (token ids: the vocabulary; position ids: the positions), checked before the model
-    indexes with them."""
+    indexes with them.
+
+    Life of one: build it from a validated graph (the worker does, once the request is
+    prepared); either ``run(site_modules, forward, need_output)`` -- hooks on the graph's
+    sites, ``start()`` for the constant-only nodes, the forward, hooks removed -- or, in a
+    batched forward, :mod:`hookwire.batching` calls ``start()`` and then ``at_site`` with a
+    view of the request's own rows; then ``finish(outputs)`` for the output stage, the
+    backward pass and the gradient stage; ``release()`` drops every value at the end.
+    Values are kept only while a later node, save or backward still needs them
+    (``pending``)."""
 
     def __init__(self, vg: ValidatedGraph, constants: dict[str, torch.Tensor],
                  on_save: Callable[[str, torch.Tensor], None],

@@ -61,6 +61,9 @@ def _clean_config(value, depth: int = 0, decode: bool = False):
 
 @dataclass(frozen=True)
 class Family:
+    """One served architecture: its name (``GPT2LMHeadModel``), the transformers config and
+    model classes (looked up in transformers' own tables, never imported by a name from a
+    checkpoint), and whether it has an LM head (a base model returns ``last_hidden_state``)."""
     architecture: str
     config_class: type
     model_class: type

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from hookwire.errors import FrameError
 
 FRAME_VERSION = 1
-CHUNK_BYTES = 1 << 20  # 1 MiB: large tensors stream in pieces (DESIGN.md "Wire protocol")
+# 1 MiB: large tensors stream in pieces (docs/design.md, "Protocol and frames").
+CHUNK_BYTES = 1 << 20
 MAX_HEADER_BYTES = 4096
 MAX_DIMS = 8
 # No dimension, and no product of dimensions, may exceed this: torch unpacks sizes and computes

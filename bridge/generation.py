@@ -25,6 +25,9 @@ STEP_SEPARATOR = "/"
 
 
 class GenerateSpec(BaseModel):
+    """``Submit.generate``: how many tokens, how to choose them (greedy, or sampling with
+    HF's temperature / top-k / top-p and a seed), when rows stop (EOS, pad), and the graphs
+    of the later forwards (``steps``)."""
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int = Field(ge=1, le=1 << 20)
     do_sample: bool = False

@@ -61,6 +61,9 @@ class Site(BaseModel):
 
 
 class Node(BaseModel):
+    """One operation: ``op`` is a registry name (:data:`hookwire.ops.OPS`) or a special op
+    (module docstring); ``args``/``kwargs`` are in the argument vocabulary. Nodes are listed
+    in topological order: a ``{"ref": i}`` must name an earlier node."""
     model_config = ConfigDict(extra="forbid")
     id: int = Field(ge=0)
     op: str = Field(max_length=64)
@@ -97,6 +100,14 @@ class ForwardSpec(BaseModel):
 
 
 class Graph(BaseModel):
+    """The wire form of a request's intervention graph (what ``Submit.graph`` holds).
+
+    ``sites`` are the sites it touches, in the model's firing order; ``site.*`` nodes refer
+    to them by index. ``inputs`` and ``constants`` name tensors attached to the submit (sent
+    as frames, or referred to on the server), ``saves`` the values streamed back, ``forward``
+    how the model's own forward is called, ``backward`` an optional scalar node to
+    differentiate. The server turns it into a :class:`hookwire.validate.ValidatedGraph`
+    before anything runs (docs/design.md, "The graph")."""
     model_config = ConfigDict(extra="forbid")
     version: Literal[1] = GRAPH_VERSION
     model: str = Field(max_length=MAX_STR_LEN)

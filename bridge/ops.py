@@ -38,6 +38,12 @@ T = torch.Tensor
 
 @dataclass
 class OpSpec:
+    """One registered op: its wire ``name``, the torch callable the server runs (``fn``, one
+    of our own literal references), its argument signature (``required``/``optional``/
+    ``varargs``/``kwargs`` in the kind codes of the module docstring, checked by
+    :func:`check_args`), its cost model, the client-side torch callables that trace to it
+    (``clients``), and whether it returns a tuple (``multi_output``: unpacked with
+    ``tuple_get``) or a shape that depends on values (``data_dependent``)."""
     name: str
     fn: Callable
     required: tuple[str, ...]

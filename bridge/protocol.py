@@ -23,16 +23,19 @@ MAX_CONTROL_BYTES = 64 << 20
 
 
 class _Msg(BaseModel):
+    """Base of every control message: unknown fields are refused."""
     model_config = ConfigDict(extra="forbid")
 
 
 class Hello(_Msg):
+    """Client -> server, first message: the protocol version it speaks."""
     type: Literal["hello"] = "hello"
     protocol: int
     client_version: str = Field(max_length=64)
 
 
 class ModelInfoRequest(_Msg):
+    """Client -> server: describe ``model`` (answered by :class:`ModelInfo`)."""
     type: Literal["model_info"] = "model_info"
     model: str = Field(max_length=256)
     # The model as it runs with these TL hook switches on (they change which TL hook points
@@ -59,6 +62,11 @@ _RefList = TypeAdapter(list[ResidentRef])
 
 
 class Submit(_Msg):
+    """Client -> server: run ``graph``. Its attached tensors are declared in ``tensors`` (their
+    bytes follow as binary frames) or referred to on the server in ``refs``; ``keep`` asks
+    the server to keep uploads for later requests; ``generate`` makes it a generate request.
+    Answered by ``accepted``, ``progress``..., ``result`` + frames per saved value, and
+    exactly one ``done`` or ``error``."""
     type: Literal["submit"] = "submit"
     request_id: str = Field(max_length=64)
     graph: Graph
@@ -75,6 +83,7 @@ class Submit(_Msg):
 
 
 class Cancel(_Msg):
+    """Client -> server: stop request ``request_id`` (it ends with a ``cancelled`` error)."""
     type: Literal["cancel"] = "cancel"
     request_id: str = Field(max_length=64)
 
@@ -90,6 +99,7 @@ class WeightsRequest(_Msg):
 
 
 class HelloOk(_Msg):
+    """Server -> client, answer to ``hello``: versions and the models served."""
     type: Literal["hello_ok"] = "hello_ok"
     protocol: int
     server_version: str
@@ -97,6 +107,8 @@ class HelloOk(_Msg):
 
 
 class SiteDescription(_Msg):
+    """One hook site of a served model, in firing order: name, call index, symbolic shape,
+    dtype, whether it has a gradient and whether it fires only with eager attention."""
     name: str
     call: int = 0
     # "B": batch, "S": sequence, "B*S": both flattened into one dim (batch-major), "B*S*k":
@@ -110,6 +122,10 @@ class SiteDescription(_Msg):
 
 
 class ModelInfo(_Msg):
+    """Server -> client: everything a client needs to trace against a served model without
+    its weights (the manifest, ``server/manifest.py``): architecture and config, the sites
+    in firing order, hook names and aliases, tokenizer files, what cannot be served and why,
+    module layouts for torch-hook fronts, and the TL config a local model must match."""
     type: Literal["model_info"] = "model_info"
     model: str
     architecture: str
@@ -155,12 +171,15 @@ class ModelInfo(_Msg):
 
 
 class Accepted(_Msg):
+    """Server -> client: the submit was admitted and queued at ``queue_position``."""
     type: Literal["accepted"] = "accepted"
     request_id: str
     queue_position: int
 
 
 class Progress(_Msg):
+    """Server -> client: a request is queued, started, at site ``site`` of ``of``, or in
+    its backward pass."""
     type: Literal["progress"] = "progress"
     request_id: str
     stage: Literal["queued", "started", "site", "backward"]
@@ -182,6 +201,9 @@ class Result(_Msg):
 
 
 class Error(_Msg):
+    """Server -> client: a typed error (``code`` from :mod:`hookwire.errors`; ``details``
+    carry ``node``, ``op``, ``rule`` where they apply); with a ``request_id`` it ends that
+    request."""
     type: Literal["error"] = "error"
     request_id: str | None = None
     code: str
@@ -190,6 +212,7 @@ class Error(_Msg):
 
 
 class Done(_Msg):
+    """Server -> client: the request finished; every result was sent before this."""
     type: Literal["done"] = "done"
     request_id: str
     timings: dict[str, float] = Field(default_factory=dict)

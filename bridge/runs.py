@@ -25,6 +25,10 @@ class SavedValue:
 
 
 class RemoteRun:
+    """The handle of one ``blocking=False`` call: the work runs in a background thread;
+    ``events()`` yields progress and :class:`SavedValue` events as they arrive (the value
+    already in the user's containers), ``result()`` waits for the return value (and
+    re-raises the call's error), ``cancel()`` asks the server to stop the request."""
     def __init__(self, work: Callable[["RemoteRun"], object]):
         self._work = work
         self._events: queue.Queue = queue.Queue()

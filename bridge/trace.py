@@ -254,6 +254,12 @@ class _ViewOf:
 
 
 class Proxy(torch.Tensor):
+    """What a hook receives instead of an activation: a storage-less tensor subclass that
+    reports the real shape, dtype and strides (device ``cpu``) and stands for graph node
+    ``_hw_node`` of its :class:`Tracer`. Every torch function or dispatch on it goes to
+    ``Tracer.handle``, which records a node and returns a new Proxy; reading its values
+    raises :class:`TraceError`. ``_hw_view`` remembers the base it is a view of, and
+    ``_hw_version`` counts in-place edits (so stale views are re-derived)."""
     @staticmethod
     def __new__(cls, tracer: "Tracer", node: int, meta: torch.Tensor,
                 requires_grad: bool = False):

@@ -25,6 +25,10 @@ OUTPUT_KINDS = {"logits": ("logits", "both"), "loss": ("loss", "both")}  # kind 
 
 @dataclass(frozen=True)
 class Limits:
+    """Every bound a server enforces, in one place (``hookwire serve`` exposes the main ones
+    as flags; ``hookwire.server.start(limits=Limits(...))`` sets any). A request over one is
+    refused with a typed error whose ``rule`` is the field's name (``LimitExceeded``,
+    ``QueueFull``, ``DeadlineExceeded``; see :mod:`hookwire.errors`)."""
     max_nodes: int = 100_000
     max_constant_bytes: int = 512 << 20
     max_saved_bytes: int = 2 << 30
@@ -116,6 +120,9 @@ class SiteInfo:
 
 @dataclass
 class DecodedNode:
+    """A node after :func:`validate_structure`: arguments decoded (``Ref``/``Const``
+    placeholders), its registry entry (``spec``; None for special ops), and the *stage* it
+    runs at -- the latest stage of anything it depends on."""
     id: int
     op: str
     args: tuple
@@ -130,6 +137,11 @@ class DecodedNode:
 
 @dataclass
 class ValidatedGraph:
+    """The server's form of a graph: the wire :class:`~hookwire.graph.Graph`, its decoded
+    nodes, the :class:`SiteInfo` of each listed site, and -- after :func:`infer_shapes` --
+    every node's meta value and the totals the limits were checked against (saved bytes,
+    intermediate bytes, flops). Stages: ``-1`` before the forward, ``k`` at site k,
+    ``output_stage`` once the forward's output exists, ``grad_stage`` after the backward."""
     graph: Graph
     nodes: list[DecodedNode]
     site_infos: list[SiteInfo]

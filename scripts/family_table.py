@@ -1,6 +1,7 @@
-"""Print the README's table of served families: for every architecture in hookwire's family
-table, what the server makes of its tiny test checkpoint (``tests/family_configs.py``) --
-served or refused (and why), which fronts apply, which sites it cannot serve.
+"""Print the table of served families (docs/families.md): for every architecture in
+hookwire's family table, what the server makes of its tiny test checkpoint
+(``tests/family_configs.py``) -- served or refused (and why), which fronts apply, which sites
+it cannot serve.
 
     .venv/bin/python scripts/family_table.py > /tmp/table.md     # ~2-5 min on 2 cores
 

@@ -16,6 +16,9 @@ from hookwire.validate import Limits
 
 
 class ServerHandle:
+    """A :class:`HookwireServer` running on its own event loop in a background thread, as
+    ``start()`` returns it: ``.url``, ``.stop()`` (stops the front, then the engine; queued
+    requests get ``ServerShuttingDown``) and use as a context manager."""
     def __init__(self, server: HookwireServer):
         self.server = server
         self._ready = threading.Event()

@@ -166,6 +166,24 @@ def check_api_keys(api_keys) -> None:
 
 
 class HookwireServer:
+    """The websocket front: handshake (API keys, ``/health``, connection limits), one reader
+    and one writer task per connection, and the protocol's per-connection state.
+
+    It never runs model code: accepted submits become :class:`~hookwire.server.worker.Job`
+    objects handed to an *engine* (``self.worker``: a :class:`ModelWorker` thread built
+    from ``models`` here, or the ``engine`` passed in, e.g. a ``RayEngine``). Work whose cost
+    grows with a message (parsing, admitting a submit: references to resident values,
+    memory reservation, buffers) runs in the :class:`~hookwire.server.intake.Intake`'s
+    threads, and each user's share of the front's time is capped
+    (:class:`~hookwire.server.intake.FrontShare`). Binary frames fill the declared tensors
+    of a pending submit (:class:`~hookwire.frames.TensorAssembler`); once all have arrived
+    the job is enqueued, or dropped after ``Limits.submit_timeout_s``. Per-user state that
+    outlives a connection -- resident values (:class:`~hookwire.server.residents.Residents`)
+    and pending memory (:class:`~hookwire.server.memory.MemoryBudget`) -- lives here,
+    keyed by user (an API key's hash, or the connection when the server has no keys).
+    ``serve_async`` runs it on the current event loop; ``hookwire.server.start`` and
+    ``hookwire serve`` are the usual ways in.
+    """
     def __init__(self, models: dict[str, HostedModel], host: str = "127.0.0.1",
                  port: int = 8765, api_keys: list[str] | None = None,
                  limits: Limits | None = None, batching: bool = True,

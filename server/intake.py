@@ -92,6 +92,9 @@ def _settle(future: asyncio.Future, result, error) -> None:
 
 
 class Intake:
+    """The front's two background lanes (small and large messages) for work that grows with
+    a message; the large lane pauses while the worker's ``busy`` event is set. ``run`` hands
+    one message's work to the right lane and awaits its result on the event loop."""
     def __init__(self, busy: threading.Event | None = None):
         self.small = _Lane("hookwire-intake-small", None)
         self.large = _Lane("hookwire-intake-large", busy)

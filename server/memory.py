@@ -22,6 +22,11 @@ from hookwire.errors import LimitExceeded
 
 
 class MemoryBudget:
+    """Bytes held by queued requests and unread results, per user (``per_user``) and for the
+    whole server (``total``). ``reserve`` refuses with ``LimitExceeded`` (rule
+    ``max_pending_bytes_per_user`` / ``max_pending_bytes_total``) before anything is
+    allocated; ``force`` counts what cannot be refused (results the model already made);
+    a :class:`Reservation` gives its bytes back when its request ends."""
     def __init__(self, per_user: int, total: int):
         self.per_user, self.total = per_user, total
         self._lock = threading.Lock()

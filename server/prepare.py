@@ -40,6 +40,12 @@ class _NoHFModel(Exception):
 
 @dataclass
 class ModelEntry:
+    """A hosted model ready to serve: everything the worker needs per request, computed once
+    at load by :func:`prepare_model` -- the sites in firing order with their symbolic shapes
+    (``site_table``/``site_order``, the tables graphs are validated against), the modules
+    hooks go on (``site_modules``), the manifest sent to clients (``info_json``), what cannot
+    be served and why (``unserved``, ``tl_refused``, ``generate_refused``), and the per-model
+    safety tables (``value_ranges``, ``solo_replace_sites``, ``parameters``)."""
     hosted: HostedModel
     sites: list
     site_table: dict

@@ -88,6 +88,23 @@ def _retrieve(future) -> None:
 
 
 class RayEngine:
+    """The Ray Serve engine: the same seam as :class:`~hookwire.server.worker.ModelWorker`
+    (``entries``, ``submit``, ``queue_depth``, ``cancel``, ``describe``, ``hook_mode_info``,
+    ``start``/``stop``/``join``), with the models in Serve replicas instead of a thread.
+
+    At construction it connects to Ray (or starts a private local one:
+    :mod:`hookwire.server.ray_cluster`), deploys one Serve application per model with
+    ``replicas`` replicas (an int, or ``{model: n}``; CPUs/GPUs per replica, ``device_map``,
+    ``dtype`` and ``device`` go to each replica, which loads the model itself) and reads each
+    model's manifest from a replica (``entries``: the front validates nothing model-side
+    itself). ``submit`` turns a job into a plain payload (:mod:`hookwire.server.job_payload`)
+    and starts a relay task on the front's loop: one streaming call through the deployment
+    handle, whose items (protocol JSON, tensor frames, "keep this upload" notes) go to the
+    connection as they come. A replica lost before anything was relayed means the request
+    is sent again (once only if Ray's memory monitor killed it); after a partial answer the
+    client gets ``ReplicaLost``. ``Limits.max_queued_per_user`` is enforced here, at the
+    front, by counting each user's requests in flight (``QueueFull``).
+    """
     def __init__(self, models: list[str], replicas: int | dict = 1, limits: Limits | None = None,
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,
                  address: str | None = None, num_cpus_per_replica: float = 1,

@@ -17,6 +17,14 @@ from hookwire.errors import QueueFull
 
 
 class Scheduler:
+    """Per-user FIFO queues in a rotation, and the batch former the worker blocks on.
+
+    ``put`` queues a job under its user (``QueueFull`` past ``max_queued_per_user``);
+    ``next_batch`` waits for the first job, then up to ``window_s`` for compatible batch
+    mates, taking one job per user per turn of the rotation until ``max_rows`` /
+    ``max_tokens`` or the caller's ``fits`` says stop. ``close`` hands back what is still
+    queued, so the worker can answer each with ``ServerShuttingDown``.
+    """
     def __init__(self, max_queued_per_user: int, window_s: float, max_rows: int,
                  max_tokens: int):
         self.max_queued = max_queued_per_user

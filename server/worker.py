@@ -64,6 +64,9 @@ MAX_SIZE_RATIO = 8  # batch mates' token counts differ by at most this factor
 
 @dataclass
 class Job:
+    """An accepted submit waiting for (or in) the worker: its connection, the protocol
+    ``Submit``, its uploaded tensors, its resident references (materialised only when it
+    runs), its memory reservation and its batch key. ``finish`` releases all of it."""
     conn: object                     # server.app.ConnState
     request_id: str
     submit: object                   # protocol.Submit
@@ -182,6 +185,26 @@ def _tokens(job: Job) -> int:
 
 
 class ModelWorker(threading.Thread):
+    """The embedded engine: one daemon thread that owns the hosted models and runs every
+    request against them, so the front never runs model code and the model never waits on
+    a socket.
+
+    The front calls ``submit(job)`` (the job enters the :class:`Scheduler`'s per-user queue;
+    ``QueueFull`` past ``Limits.max_queued_per_user``), ``queue_depth()``, ``describe()``
+    (for ``/health``), ``cancel()``, ``hook_mode_info()`` and ``stop()``; ``RayEngine``
+    offers the same methods, which is the whole engine seam. ``run`` loops: take a batch of
+    compatible jobs (:func:`batch_key`, :meth:`batch_fits`), ``prepare`` each (validate
+    against the site tables of its TL hook switches, infer shapes, place constants; a
+    failure answers that job only), group the prepared jobs (:meth:`_groups`: light ones
+    share a forward, heavy ones run alone after them), then ``run_alone`` or
+    ``run_together`` (:mod:`hookwire.batching`). Results go to the job's connection with
+    ``send_threadsafe`` as they are produced (:meth:`_send_tensor`: header message plus
+    1 MiB chunk frames); every job ends in exactly one ``done`` or ``error``. If the model
+    itself fails on a batch, :meth:`_run_again` re-runs its members apart so the failure
+    lands on whoever caused it. ``model_lock`` is held while a batch runs or a model is
+    probed for a new combination of TL hook switches (:meth:`hook_mode`); ``busy`` tells
+    the front's intake to yield while a batch runs.
+    """
     def __init__(self, models: dict, limits: Limits, batching: bool = True,
                  window_s: float = BATCH_WINDOW_S):
         super().__init__(name="hookwire-model-worker", daemon=True)

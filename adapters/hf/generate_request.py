@@ -27,6 +27,10 @@ class TokenEvent:
 
 
 class GenerationRun:
+    """One remote ``generate`` call: traces a graph per forward (``_trace``), sends them as
+    one generate request, hands tokens to ``on_token`` as they stream back, and puts the
+    values the hooks stored where they stored them (taking back those of forwards that never
+    ran, when generation stopped early)."""
     def __init__(self, model, tokens: torch.Tensor, hooks: list, modules: list[str],
                  intervene_on: str, options: dict):
         self.model, self.tokens, self.hooks = model, tokens, hooks

@@ -48,6 +48,9 @@ def hooks_registered(model, hooks: list):
 
 
 class LocalModel:
+    """A local HF model with the same calls as :class:`hookwire.hf.RemoteModel`
+    (``run_with_hooks``, ``run_with_cache``, ``generate``), run with plain torch hooks: what
+    a remote result is compared with, call for call."""
     def __init__(self, model: torch.nn.Module):
         self.model = model
 

@@ -41,6 +41,8 @@ class Rows:
 
 @dataclass
 class Layout:
+    """The row blocks of one batched forward (base, one per source, an untouched copy of the
+    base), and the padded ``input_ids`` / ``attention_mask`` they make together."""
     blocks: list[torch.Tensor] = field(default_factory=list)
     masks: list[torch.Tensor | None] = field(default_factory=list)
     rows: list[Rows] = field(default_factory=list)
@@ -82,6 +84,9 @@ class Layout:
 
 @dataclass
 class Task:
+    """One intervention at one site: where pyvene's getter reads (``src`` rows and unit
+    locations, or a constant source), which intervention runs, and where its setter writes
+    (``dst`` rows and locations), in pyvene's setter order."""
     key: str
     order: int                      # pyvene's setter order: group, then key within it
     site: ComponentSite
