@@ -33,7 +33,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 try:
     assert version("torch").split("+")[0] == "2.13.0"
-    for dist in ("hookwire", "transformer-lens", "pyvene", "pytest", "pytest-timeout",
+    for dist in ("hookwire", "transformer-lens", "pyvene", "pytest", "pytest-timeout", "pytest-xdist",
                  "hypothesis", "pip-audit", "ray", "nnsight", "nbclient", "ipykernel", "ruff"):
         version(dist)
 except (AssertionError, PackageNotFoundError):

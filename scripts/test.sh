@@ -13,4 +13,11 @@ bash scripts/setup_legacy_env.sh
 # Known vulnerabilities in the installed dependencies, printed; fails only on one in a direct
 # dependency that scripts/audit-ignore.txt does not justify (see scripts/audit.py).
 .venv/bin/python scripts/audit.py
+# Two worker processes (HOOKWIRE_TEST_WORKERS=1 runs them in this one): each test file runs
+# whole on one worker, the Ray files together on one (tests/conftest.py), so module fixtures
+# are built once and two private Ray instances never start side by side.
+WORKERS="${HOOKWIRE_TEST_WORKERS:-2}"
+if [ "$WORKERS" -gt 1 ]; then
+    exec .venv/bin/python -m pytest -q -n "$WORKERS" --dist loadgroup tests/ "$@"
+fi
 exec .venv/bin/python -m pytest -q tests/ "$@"

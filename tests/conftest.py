@@ -17,6 +17,18 @@ import hookwire.transformerlens as htl
 from hookwire.server.models import load_model
 
 MODEL_NAMES = ("tiny-gpt2", "tiny-llama")
+
+# Files that start a private Ray instance (or check that Ray was never started): with
+# pytest-xdist (scripts/test.sh) they run on one worker, one after another.
+RAY_FILES = {"test_ray_engine.py", "test_ray_memory_pressure.py", "test_engine_choice.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` each test file runs whole on one worker (its module
+    fixtures -- servers, models -- are built once), the Ray files together."""
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
 TEXTS = ["hello world", "abcdefghij!"]
 CLEAN_TEXTS = ["The cat sat on a mat", "Paris is in France!!"]
 CORRUPT_TEXTS = ["The dog sat on a rug", "Rome is in Italy!!!!"]
