@@ -14,6 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from hookwire.errors import HookwireError
+
 _END = object()
 
 
@@ -39,6 +41,9 @@ class RemoteRun:
         self._cancel_requested = False
         self.request_id: str | None = None
         self._conn = None
+        # Set by an adapter: True while waiting here could never end (the run needs something
+        # the calling thread holds, e.g. a model's lock inside a ``with model.hooks()`` block).
+        self.blocked_by: Callable[[], bool] | None = None
         self._thread = threading.Thread(target=self._main, name="hookwire-remote-run",
                                         daemon=True)
 
@@ -67,8 +72,15 @@ class RemoteRun:
             conn.cancel(request_id)
 
     # the user's side
+    def _check_can_wait(self) -> None:
+        if not self._done.is_set() and self.blocked_by is not None and self.blocked_by():
+            raise HookwireError("this run still needs the model that the `with model.hooks(...)`"
+                                " block around this line holds: wait for it (result(), "
+                                "events()) after the block")
+
     def events(self) -> Iterator[object]:
         """Progress messages and SavedValue events, in arrival order, until the run ends."""
+        self._check_can_wait()
         while True:
             event = self._events.get()
             if event is _END:
@@ -79,6 +91,7 @@ class RemoteRun:
         return self._done.is_set()
 
     def result(self, timeout: float | None = None):
+        self._check_can_wait()
         if not self._done.wait(timeout):
             raise TimeoutError("the remote run has not finished yet")
         if self._error is not None:

@@ -11,7 +11,7 @@ import torch
 from torch.testing import assert_close
 
 import hookwire.transformerlens as htl
-from hookwire.errors import Cancelled, TraceError
+from hookwire.errors import Cancelled, HookwireError, TraceError
 from hookwire.protocol import Accepted, Progress
 from hookwire.runs import RemoteRun, SavedValue
 
@@ -208,3 +208,65 @@ def test_non_blocking_run_with_cache_then_blocking_call(local_models, remote_mod
         assert_close(cache[key], want_cache[key])
     assert_close(got, local.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre",
                                                                lambda act, hook: act * 3)]))
+
+
+@pytest.mark.parametrize("spelling", ["run_with_hooks", "run_with_cache", "hooks"])
+def test_one_model_object_from_many_threads(server, local_models, spelling):
+    """One stand-in shared by 12 threads, each with its own hook (TL keeps hooks as module
+    state): every call's result is its own solo result, in each TL spelling."""
+    local = local_models["tiny-gpt2"]
+    model = htl.RemoteModel("tiny-gpt2", url=server.url)
+    tokens = local.to_tokens(["hello world"])
+    site = "blocks.0.hook_resid_post"
+
+    def hook_for(k):
+        def scale(act, hook):
+            return act * (1 + k)
+        return scale
+
+    def call(target, k):
+        if spelling == "run_with_hooks":
+            return target.run_with_hooks(tokens, fwd_hooks=[(site, hook_for(k))],
+                                         **({"remote": True} if target is model else {}))
+        if spelling == "run_with_cache":
+            with target.hooks(fwd_hooks=[(site, hook_for(k))],
+                              **({"remote": True} if target is model else {})):
+                logits, cache = target.run_with_cache(
+                    tokens, names_filter=lambda n: n == "blocks.1.hook_resid_post")
+            return logits, cache["blocks.1.hook_resid_post"]
+        with target.hooks(fwd_hooks=[(site, hook_for(k))],
+                          **({"remote": True} if target is model else {})):
+            return target(tokens)
+
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            results[k] = call(model, k)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    for k in range(12):
+        assert_close(results[k], call(local, k))
+
+
+def test_waiting_for_a_run_inside_a_hooks_block_raises(server, local_models):
+    """A non-blocking run needs the model's hooks to itself at its end; waiting for it inside
+    a remote ``hooks()`` block of the same model (which holds them) raises instead of hanging,
+    and the same wait after the block returns the run's own result."""
+    local = local_models["tiny-gpt2"]
+    model = htl.RemoteModel("tiny-gpt2", url=server.url)
+    tokens = local.to_tokens(["hello world"])
+    hook = ("blocks.0.hook_resid_post", lambda act, hook: act * 2)
+    run = model.run_with_hooks(tokens, fwd_hooks=[hook], blocking=False)
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", lambda act, hook: act * 3)]):
+        # (the run cannot end while the block holds the model: its clean-up needs it)
+        assert not run.done()
+        with pytest.raises(HookwireError, match="after the block"):
+            run.result(timeout=60)
+    assert_close(run.result(timeout=120), local.run_with_hooks(tokens, fwd_hooks=[hook]))

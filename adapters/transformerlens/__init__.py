@@ -17,7 +17,8 @@ import warnings
 from hookwire.errors import HookwireError
 from hookwire.runs import RemoteRun
 from hookwire.transformerlens.call_scope import (call_lock, current_remote_target,
-                                                 forward_goes_remote, hook_handles)
+                                                 forward_goes_remote, holding_block,
+                                                 hook_handles, in_block)
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 from hookwire.transformerlens.legacy import RemoteHookedTransformer
 from hookwire.transformerlens.stand_in import RemoteModel
@@ -70,7 +71,11 @@ def _patch(cls, method_name: str) -> None:
                 target.hooks_before = hook_handles(self)
                 with forward_goes_remote(self, target):
                     return original(self, *args, **kwargs)
-        run = RemoteRun(work).start()
+        run = RemoteRun(work)
+        # Waiting for it inside this thread's own remote hooks() block would wait forever
+        # (the run needs the model's lock the block holds): RemoteRun raises instead.
+        run.blocked_by = functools.partial(in_block, self)
+        run.start()
         run.wait_until_traced(target.traced)
         return run
 
@@ -116,26 +121,34 @@ def _patch_hooks_context(cls) -> None:
     @contextlib.contextmanager
     def hooks(self, *args, remote=None, remote_model=None, progress=None, **kwargs):
         # TL adds the hooks on entry and removes them on exit: both under the model's call
-        # lock, so a non-blocking call finishing in the background never interleaves.
+        # lock, so a non-blocking call finishing in the background never interleaves. A
+        # remote block holds the lock throughout: its hooks are module state until it exits,
+        # so another thread's call on this model must not run (or be traced) meanwhile.
         lock = call_lock(self)
-        context = original(self, *args, **kwargs)
-        with lock:
-            ctx = context.__enter__()
-        try:
-            if not remote or getattr(self, "_hookwire_remote", None) is not None:
-                yield ctx  # not asked for, or a stand-in (always remote already)
+        stand_in = getattr(self, "_hookwire_remote", None) is not None
+        held = contextlib.ExitStack()
+        if remote or stand_in:
+            held.enter_context(lock)
+            held.enter_context(holding_block(self))
+        with held:
+            context = original(self, *args, **kwargs)
+            with lock:
+                ctx = context.__enter__()
+            try:
+                if not remote or stand_in:
+                    yield ctx  # not asked for, or a stand-in (always remote already)
+                else:
+                    target = RemoteTarget(url=remote if isinstance(remote, str) else None,
+                                          model=remote_model, progress=progress)
+                    with forward_goes_remote(self, target):
+                        yield ctx
+            except BaseException:
+                with lock:
+                    if not context.__exit__(*sys.exc_info()):
+                        raise
             else:
-                target = RemoteTarget(url=remote if isinstance(remote, str) else None,
-                                      model=remote_model, progress=progress)
-                with forward_goes_remote(self, target):
-                    yield ctx
-        except BaseException:
-            with lock:
-                if not context.__exit__(*sys.exc_info()):
-                    raise
-        else:
-            with lock:
-                context.__exit__(None, None, None)
+                with lock:
+                    context.__exit__(None, None, None)
 
     hooks._hookwire_patched = True
     setattr(cls, "hooks", hooks)

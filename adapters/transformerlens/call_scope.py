@@ -9,6 +9,9 @@ traced with the previous call's hooks still attached (and its results silently o
 * a non-blocking call releases that lock as soon as its hooks are traced, after detaching
   the temporary hooks it added (TL removes them again at the end, a no-op then); it takes
   the lock back before TL's own clean-up runs;
+* a remote ``with model.hooks(...)`` block holds that lock from entry to exit: TL keeps the
+  block's hooks on the model for all that time, so another thread's call (or block) on the
+  same model waits rather than run with them;
 * ``model.forward`` is one dispatcher per model while remote calls are in progress: each
   thread's forward goes to the server its own call names (overlapping calls on one model
   no longer overwrite each other's redirection).
@@ -20,6 +23,7 @@ import threading
 import weakref
 
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_BLOCKS = threading.local()   # .models: the models whose hooks() block this thread is in
 _LOCKS_GUARD = threading.Lock()
 
 
@@ -30,6 +34,25 @@ def call_lock(model) -> threading.RLock:
         if lock is None:
             lock = _LOCKS[model] = threading.RLock()
         return lock
+
+
+@contextlib.contextmanager
+def holding_block(model):
+    """Mark the calling thread as inside a remote ``with model.hooks(...)`` block (which holds
+    the model's call lock for its whole duration)."""
+    held = getattr(_BLOCKS, "models", None)
+    if held is None:
+        held = _BLOCKS.models = []
+    held.append(model)
+    try:
+        yield
+    finally:
+        held.pop()
+
+
+def in_block(model) -> bool:
+    """True while the calling thread is inside a remote ``hooks()`` block of ``model``."""
+    return any(m is model for m in getattr(_BLOCKS, "models", ()))
 
 
 class Redirect:
