@@ -438,28 +438,43 @@ class Connection:
                 on_event(msg)
 
 
-_connections: dict[tuple[str, str | None], Connection] = {}
+# Connections per (url, key). One request runs on a connection at a time; calls that overlap
+# (threads, blocking=False runs) take another of up to POOL_SIZE connections when the first is
+# busy, so their requests are in flight together and the server can co-batch them.
+POOL_SIZE = 8
+_connections: dict[tuple[str, str | None], list[Connection]] = {}
 _connections_lock = threading.Lock()
 
 
+def _usable(conn: Connection) -> bool:
+    return not conn.broken and conn.ws.protocol.state.name == "OPEN"
+
+
 def get_connection(url: str | None = None, api_key: str | None = None) -> Connection:
-    """A cached connection per (url, key), reopened if the server closed it."""
+    """A cached connection for (url, key), reopened if the server closed it: the first one
+    not busy with a request, a new one while fewer than POOL_SIZE are open, else the first
+    (the call then waits for it). Calls one after another always get the same connection
+    (its resident values and model descriptions are reused)."""
     url, api_key = resolve_server(url, api_key)
     with _connections_lock:
-        conn = _connections.get((url, api_key))
-        if conn is not None and (conn.broken or conn.ws.protocol.state.name != "OPEN"):
-            conn = None
-        if conn is None:
+        pool = _connections.setdefault((url, api_key), [])
+        pool[:] = [conn for conn in pool if _usable(conn)]
+        for conn in pool:
+            if not conn.lock.locked():
+                return conn
+        if len(pool) < POOL_SIZE:
             conn = Connection(url, api_key)
-            _connections[(url, api_key)] = conn
-        return conn
+            pool.append(conn)
+            return conn
+        return pool[0]
 
 
 def close_connections() -> None:
     with _connections_lock:
-        for conn in _connections.values():
-            try:
-                conn.close()
-            except Exception:
-                pass
+        for pool in _connections.values():
+            for conn in pool:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
         _connections.clear()

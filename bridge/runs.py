@@ -111,3 +111,12 @@ class RemoteRun:
                 break
         if self._done.is_set() and self._error is not None:
             raise self._error
+
+
+def gather(runs, timeout: float | None = None) -> list:
+    """The results of several ``blocking=False`` runs, in their order (the first error is
+    re-raised). Start them all before gathering: their requests are then in flight together
+    (each on a connection of its own, up to ``hookwire.client.POOL_SIZE``) and the server
+    co-batches them -- a sweep run this way beats calling one by one."""
+    return [run.result(timeout) for run in runs]
+

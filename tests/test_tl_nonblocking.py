@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+import hookwire
 import hookwire.transformerlens as htl
 from hookwire.errors import Cancelled, HookwireError, TraceError
 from hookwire.protocol import Accepted, Progress
@@ -270,3 +271,28 @@ def test_waiting_for_a_run_inside_a_hooks_block_raises(server, local_models):
         with pytest.raises(HookwireError, match="after the block"):
             run.result(timeout=60)
     assert_close(run.result(timeout=120), local.run_with_hooks(tokens, fwd_hooks=[hook]))
+
+
+def test_a_sweep_of_non_blocking_runs_gathered_equals_each_solo_run(server, local_models):
+    """The pipelined sweep spelling (start every call with blocking=False, then
+    hookwire.gather): calls from one model object are in flight together on the pool's
+    connections and co-batched; each result equals its own local run."""
+    local = local_models["tiny-gpt2"]
+    model = htl.RemoteModel("tiny-gpt2", url=server.url)
+    clean, corrupt = local.to_tokens(["The cat sat on a mat", "The dog sat on a rug"])
+    _, cache = local.run_with_cache(clean[None], names_filter=lambda n: "resid_pre" in n)
+
+    def patch_for(layer, pos):
+        name = f"blocks.{layer}.hook_resid_pre"
+        value = cache[name][:, pos].clone()
+
+        def patch(act, hook):
+            act[:, pos] = value
+            return act
+        return name, patch
+    grid = [(layer, pos) for layer in range(2) for pos in range(corrupt.shape[0])]
+    runs = [model.run_with_hooks(corrupt[None], fwd_hooks=[patch_for(*lp)], blocking=False)
+            for lp in grid]
+    results = hookwire.gather(runs, timeout=300)
+    for lp, got in zip(grid, results):
+        assert_close(got, local.run_with_hooks(corrupt[None], fwd_hooks=[patch_for(*lp)]))
