@@ -21,6 +21,7 @@ import math
 import threading
 import time
 import weakref
+from typing import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,7 @@ MAX_BATCH_TOKENS = 64 * 512
 # light members it was batched with (worker._groups).
 HEAVY_BYTES = 16 << 20
 HEAVY_FLOPS = 10 ** 9
+HEAVY_NODES = 5000   # a graph this long takes its own time to run, whatever its op sizes
 MAX_SIZE_RATIO = 8  # batch mates' token counts differ by at most this factor
 
 
@@ -309,6 +311,13 @@ class ModelWorker(threading.Thread):
                 p.release()
 
     def _run_group(self, group: list[Prepared]) -> None:
+        # A request's clock (max_request_seconds) counts its own validation and its own run,
+        # not the time it waited for batch mates to be validated or for earlier groups of the
+        # batch to run: a co-tenant's maximal graph must not use up its deadline.
+        now = time.perf_counter()
+        for p in group:
+            p.t_start += now - p.t_validated
+            p.t_validated = now
         if len(group) == 1:
             p = group[0]
             try:
@@ -340,7 +349,8 @@ class ModelWorker(threading.Thread):
     def _heavy(p: Prepared) -> bool:
         vg = p.interleaver.vg
         constants = sum(t.numel() * t.element_size() for t in p.constants.values())
-        return vg.value_bytes + constants > HEAVY_BYTES or vg.flops > HEAVY_FLOPS
+        return vg.value_bytes + constants > HEAVY_BYTES or vg.flops > HEAVY_FLOPS or \
+            len(vg.nodes) > HEAVY_NODES
 
     def _fail(self, job: Job, exc: BaseException):
         if not isinstance(exc, HookwireError):
@@ -350,15 +360,15 @@ class ModelWorker(threading.Thread):
         # exception: a cycle); drop them now rather than when the collector runs.
         exc.__traceback__ = None
 
-    def _watch(self, job: Job, t_start: float):
+    def _watch(self, job: Job, started: Callable[[], float]):
         """Stops a request that was cancelled, lost its client, or ran out of time; called
-        before every node, during validation too."""
+        before every node, during validation too. ``started()``: when its clock started."""
         limit, rid, conn = self.limits.max_request_seconds, job.request_id, job.conn
 
         def check():
             if rid in conn.cancelled or conn.closed:
                 raise Cancelled(f"request {rid} was cancelled")
-            if time.perf_counter() - t_start > limit:
+            if time.perf_counter() - started() > limit:
                 raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s",
                                        rule="max_request_seconds")
         return check
@@ -396,7 +406,7 @@ class ModelWorker(threading.Thread):
         batch, seq = input_ids.shape
         infer_shapes(vg, batch, seq, constants, self.limits,
                      outputs=output_shapes(entry, graph.forward, batch, seq),
-                     on_node=self._watch(job, t_start))
+                     on_node=self._watch(job, lambda: t_start))
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
@@ -421,7 +431,7 @@ class ModelWorker(threading.Thread):
 
     def _interleaver(self, p: Prepared, vg) -> Interleaver:
         return Interleaver(vg, p.constants, self._saver(p), self._site_watch(p),
-                           self._watch(p.job, p.t_start), p.value_ranges)
+                           self._watch(p.job, lambda: p.t_start), p.value_ranges)
 
     # ---- TL hook switches: sites probed per combination, on first use ---------------------
     def hook_mode(self, model: str, tl_flags) -> HookMode:
@@ -689,6 +699,17 @@ class ModelWorker(threading.Thread):
             job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
                                                  tensor=header, alias_of=earlier)))
             return 0
+        memory = getattr(job.conn, "memory", None)
+        nbytes = value.numel() * value.element_size()
+        if memory is not None and memory.pending_of(job.conn.user) + nbytes > memory.per_user:
+            # Its results pile up unread (or its uploads are still held): the request fails
+            # here, so one user's unread results never exceed its own share and never use up
+            # the server-wide budget its co-tenants' requests are admitted against.
+            raise LimitExceeded(
+                f"result {name!r} ({nbytes} bytes) would make this user hold "
+                f"{memory.pending_of(job.conn.user) + nbytes} bytes of requests and unread "
+                f"results (limit {memory.per_user}): read the results of earlier requests",
+                rule="max_pending_bytes_per_user")
         if views is not None:
             views.add(value, name)
         # Snapshot values saved mid-forward: the model may still edit them in place. (A

@@ -23,12 +23,27 @@ MODEL_NAMES = ("tiny-gpt2", "tiny-llama")
 RAY_FILES = {"test_ray_engine.py", "test_ray_memory_pressure.py", "test_engine_choice.py"}
 
 
+# Files outside the fast tier (`pytest -m "not slow"`): each takes a minute or more here
+# (every served family, every site, Ray clusters, notebooks and scripts in subprocesses,
+# load and timing), or re-runs what faster files cover on other models and spellings.
+SLOW_FILES = RAY_FILES | {
+    "test_families.py", "test_cobatch_every_site.py", "test_tl_remote_equals_local.py",
+    "test_tl_cache_and_hooks.py", "test_sharded_model.py", "test_devices.py",
+    "test_notebooks.py", "test_examples.py", "test_bench_workloads.py", "test_server_load.py",
+    "test_pyvene_upstream_spellings.py", "test_tl_legacy_client.py", "test_cancel.py",
+    "test_nnsight_tutorials.py", "test_no_hook_lost.py", "test_serving_options.py",
+    "test_isolation.py", "test_fuzz.py", "test_pyvene_training.py", "test_hf_remote.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup`` each test file runs whole on one worker (its module
-    fixtures -- servers, models -- are built once), the Ray files together."""
+    fixtures -- servers, models -- are built once), the Ray files together; files of
+    SLOW_FILES are marked ``slow``."""
     for item in items:
         name = item.path.name
         item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
+        if name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 TEXTS = ["hello world", "abcdefghij!"]
 CLEAN_TEXTS = ["The cat sat on a mat", "Paris is in France!!"]
 CORRUPT_TEXTS = ["The dog sat on a rug", "Rome is in Italy!!!!"]
