@@ -46,6 +46,7 @@ from hookwire.server.models import place_on_devices, wrap_in_bridge
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
 from family_configs import tiny_config
+from serving import serving
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning",
                                          "ignore::UserWarning",
@@ -137,19 +138,11 @@ def layers_path(model) -> str:
 def case(request):
     arch = request.param
     name = f"tiny-{arch}"
-    srv = hs.start(models={name: build_served(arch)}, port=0)
-    hookwire.configure(url=srv.url)
-    local_hf, cfg = build(arch)
-    tl_model, _ = build(arch)
-    local_tl = wrap_in_bridge(tl_model, arch, cfg, None, name)
-    try:
+    with serving(models={name: build_served(arch)}) as srv:
+        local_hf, cfg = build(arch)
+        tl_model, _ = build(arch)
+        local_tl = wrap_in_bridge(tl_model, arch, cfg, None, name)
         yield Case(arch, name, srv, local_hf, local_tl, layers_path(local_hf))
-    finally:
-        try:
-            hookwire.client.close_connections()
-        finally:
-            srv.stop()
-            hookwire.configure(url=None)
 
 
 def tl_refusal(case) -> str | None:

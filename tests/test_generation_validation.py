@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hookwire
-import hookwire.client
 import hookwire.hf as hhf
-import hookwire.server as hs
 from hookwire.client import get_connection
 from hookwire.errors import GraphValidationError, LimitExceeded, ProtocolError
 from hookwire.trace import Tracer, tracing
 from hookwire.validate import Limits
+from serving import serving
 
 PROMPT = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(1))
 MLP = "hf:transformer.h.0.mlp:output"
@@ -21,17 +19,9 @@ MLP = "hf:transformer.h.0.mlp:output"
 
 @pytest.fixture(scope="module")
 def small_server(hosted):
-    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
-                   limits=Limits(max_new_tokens=8))
-    hookwire.configure(url=srv.url)
-    try:
+    with serving(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge},
+                 limits=Limits(max_new_tokens=8)) as srv:
         yield srv
-    finally:
-        try:
-            hookwire.client.close_connections()
-        finally:
-            srv.stop()
-            hookwire.configure(url=None)
 
 
 CONSTANTS: dict = {}

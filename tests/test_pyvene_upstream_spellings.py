@@ -34,6 +34,7 @@ import hookwire.pyvene as hpv
 import hookwire.server as hs
 from hookwire.errors import HookwireError
 from hookwire.tokenizer import byte_level_tokenizer
+from serving import serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning",
                                         "ignore:To copy construct from a tensor:UserWarning")
@@ -76,16 +77,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def server(models):
-    srv = hs.start(models=dict(models), port=0)
-    hookwire.configure(url=srv.url)
-    try:
+    with serving(models=dict(models)) as srv:
         yield srv
-    finally:
-        try:
-            hookwire.client.close_connections()
-        finally:
-            srv.stop()
-            hookwire.configure(url=None)
 
 
 @pytest.fixture(scope="module")

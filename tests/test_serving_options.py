@@ -6,7 +6,6 @@ Every server here is real (127.0.0.1) and stopped by the test that started it.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import subprocess
@@ -32,6 +31,7 @@ from hookwire.server.models import BUILTIN_MODELS, load_model, wrap_in_bridge
 from hookwire.tl_architectures import TL_ARCHITECTURES
 
 from family_configs import tiny_config
+from serving import serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -39,18 +39,6 @@ TOKENS = torch.randint(3, 250, (2, 6), generator=torch.Generator().manual_seed(3
 SOURCE = torch.randint(3, 250, (2, 6), generator=torch.Generator().manual_seed(4))
 
 
-@contextlib.contextmanager
-def serving(**kwargs):
-    srv = hs.start(port=0, **kwargs)
-    hookwire.configure(url=srv.url)
-    try:
-        yield srv
-    finally:
-        try:
-            hookwire.client.close_connections()
-        finally:
-            srv.stop()
-            hookwire.configure(url=None)
 
 
 # ---- the family table ------------------------------------------------------------------------
