@@ -206,7 +206,13 @@ def _caused_by_user_code() -> bool:
     folders). Nothing else runs during tracing but the user's hooks and our pure code."""
     frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib"):
+            return False
+        # Garbage collection may run a finalizer at any point, tracing included (a
+        # TemporaryDirectory's weakref.finalize removing its folder): not the user's hook.
+        if code.co_name == "__del__" or (code.co_name == "__call__" and
+                                         code.co_filename.endswith("weakref.py")):
             return False
         frame = frame.f_back
     return True

@@ -36,6 +36,9 @@ def config(itype, layer=0, component="block_output", **extra):
 
 
 def pair(hf_models, name, make_config, prepare=None):
+    # Interventions draw their initial weights from torch's global generator: seeded here, so
+    # a test's training does not depend on which tests ran before it in this process.
+    torch.manual_seed(0)
     local = pv.IntervenableModel(make_config(), copy.deepcopy(hf_models[name]))
     remote = hpv.RemoteIntervenableModel(make_config(), name)
     if prepare is not None:

@@ -8,9 +8,11 @@ line number is found from the hook's source, so editing this file cannot break t
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import os
 import socket
+import tempfile
 import warnings
 
 import pytest
@@ -231,6 +233,26 @@ def test_reading_metadata_is_fine(model_and_run, tokens, capsys, sent):
     out = capsys.readouterr().out
     assert f"shape ({tokens.shape[0]}, {tokens.shape[1]}," in out
     assert sent["client_run"] == 1
+
+
+def test_a_finalizer_that_runs_while_tracing_is_not_the_hooks_io(model_and_run, name,
+                                                                 local_models, tokens):
+    """Garbage collection may run a finalizer in the middle of tracing (a TemporaryDirectory
+    removing its folder): that I/O is not the hook's, so it neither fails the call nor is
+    blocked (the folder is gone afterwards)."""
+    _, run = model_and_run
+    holder = [tempfile.TemporaryDirectory()]
+    folder = holder[0].name
+
+    def doubles(act, hook):
+        holder.clear()
+        gc.collect()   # the directory's weakref finalizer runs here, during tracing
+        return act * 2
+
+    out = run(tokens, fwd_hooks=[(SITE, doubles)])
+    assert not os.path.exists(folder)
+    torch.testing.assert_close(out, local_models[name].run_with_hooks(
+        tokens, fwd_hooks=[(SITE, lambda act, hook: act * 2)]))
 
 
 # ---- hook names: the same errors as local TL, before anything is sent -------------------------
