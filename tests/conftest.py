@@ -32,7 +32,10 @@ SLOW_FILES = RAY_FILES | {
     "test_notebooks.py", "test_examples.py", "test_bench_workloads.py", "test_server_load.py",
     "test_pyvene_upstream_spellings.py", "test_tl_legacy_client.py", "test_cancel.py",
     "test_nnsight_tutorials.py", "test_no_hook_lost.py", "test_serving_options.py",
-    "test_isolation.py", "test_fuzz.py", "test_pyvene_training.py", "test_hf_remote.py"}
+    "test_isolation.py", "test_fuzz.py", "test_pyvene_training.py", "test_hf_remote.py",
+    "test_op_costs.py", "test_progress_display.py", "test_tl_model_checks.py",
+    "test_tl_cache_aliases.py", "test_integrity.py", "test_server_batching.py",
+    "test_tl_gradients.py", "test_tl_nonblocking.py"}
 
 
 def pytest_collection_modifyitems(config, items):
