@@ -407,6 +407,24 @@ class Tracer:
         self._kept.append(tensor)
         return tensor
 
+    def export_constants(self, prefix: str, tensors: dict, shared: dict) -> dict[str, str]:
+        """Name this trace's constants for a request that carries several graphs (a
+        generation's forwards): each goes into ``tensors`` as ``prefix + tid``, except a tensor
+        another graph of the request already captured (the same object), whose upload is
+        shared (``shared``: id of the captured object -> its name). Returns tid -> name."""
+        originals = {tid: obj for tid, obj in self._const_by_obj.values()}
+        names = {}
+        for tid, tensor in self.constants.items():
+            key = id(originals[tid]) if tid in originals else None
+            if key is not None and key in shared:
+                names[tid] = shared[key]
+                continue
+            names[tid] = f"{prefix}{tid}"
+            tensors[names[tid]] = tensor
+            if key is not None:
+                shared[key] = names[tid]
+        return names
+
     def constant(self, tensor: torch.Tensor) -> Const:
         # Keyed by identity; the entry keeps the object alive so its id cannot be reused
         # by a later temporary tensor.

@@ -55,17 +55,7 @@ class GenerationRun:
                                    hooks + cache_hooks(self.modules, cache), cached=True)
             tr = traced.tracer
             alive.append(tr)
-            originals = {tid: obj for tid, obj in tr._const_by_obj.values()}
-            names = {}
-            for tid, tensor in tr.constants.items():
-                key = id(originals[tid]) if tid in originals else None
-                if key is not None and key in shared:
-                    names[tid] = shared[key]
-                    continue
-                names[tid] = f"s{k}_{tid}"
-                tensors[names[tid]] = tensor
-                if key is not None:
-                    shared[key] = names[tid]
+            names = tr.export_constants(f"s{k}_", tensors, shared)
             graphs.append({"version": 1, "model": model.name,
                            "inputs": {"input_ids": "input_ids"} if k == 0 else {},
                            "constants": sorted(set(names.values())), "sites": tr.sites,

@@ -178,17 +178,7 @@ class GenerationJob:
         shared: dict[int, str] = {}   # one upload for a tensor several forwards capture
         graphs = []
         for k, hw in enumerate(self.tracers):
-            originals = {tid: obj for tid, obj in hw._const_by_obj.values()}
-            names = {}
-            for tid, tensor in hw.constants.items():
-                key = id(originals[tid]) if tid in originals else None
-                if key is not None and key in shared:
-                    names[tid] = shared[key]
-                    continue
-                names[tid] = f"s{k}_{tid}"
-                tensors[names[tid]] = tensor
-                if key is not None:
-                    shared[key] = names[tid]
+            names = hw.export_constants(f"s{k}_", tensors, shared)
             graphs.append({"version": 1, "model": self.info.name,
                            "inputs": {"input_ids": "input_ids"} if k == 0 else {},
                            "constants": sorted(set(names.values()) | hw.parameter_refs),
