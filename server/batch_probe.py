@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from hookwire.module_sites import attach, is_module_site
+from hookwire.server.manifest import probe_vocab
 from hookwire.server.tl_modes import tl_hooks_marked
 
 _PROBE = (2, 5)  # (batch, seq): small; the path, not the size, is what is probed
@@ -34,7 +35,8 @@ class _Probe:
         self.copy: set = set()
         self.calls: dict = {}
         device = next(bridge.parameters()).device
-        self.tokens = torch.randint(0, min(bridge.cfg.d_vocab, 256), _PROBE,
+        self.tokens = torch.randint(0, probe_vocab(getattr(bridge, "original_model", None),
+                                                bridge.cfg.d_vocab), _PROBE,
                                     generator=torch.Generator().manual_seed(1)).to(device)
         self.modules = {}
         for site in sites:

@@ -20,7 +20,7 @@ from hookwire.module_sites import (attach, element_values, is_module_site, modul
                                    parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.devices import input_device
-from hookwire.server.manifest import PROBE_SHAPES, describe_fired
+from hookwire.server.manifest import PROBE_SHAPES, describe_fired, probe_vocab
 from hookwire.validate import SiteInfo
 
 _WRAPPED = re.compile(r"(^|\.)_original_component")
@@ -121,7 +121,7 @@ def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = F
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
-        tokens = torch.randint(0, min(vocab, 256), (batch, seq),
+        tokens = torch.randint(0, probe_vocab(model, vocab), (batch, seq),
                                generator=torch.Generator().manual_seed(0)).to(
                                    input_device(model))
         with torch.no_grad(), attention_weight_sites(model, attention_weights):
@@ -191,7 +191,7 @@ def _gradient_sites(model, batch: int, seq: int, vocab: int, names: set,
             if module is None:
                 module = model.get_submodule(parse_module_site(name)[0])
             handles.append(attach(module, name, keeper(name)))
-        tokens = torch.randint(0, min(vocab, 256), (batch, seq),
+        tokens = torch.randint(0, probe_vocab(model, vocab), (batch, seq),
                                generator=torch.Generator().manual_seed(0)).to(
                                    input_device(model))
         with torch.enable_grad(), attention_weight_sites(model, attention_weights):

@@ -107,17 +107,21 @@ def _describe_value(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def _probe_vocab(bridge) -> int:
-    """Token ids the probes may use: below d_vocab, 256 and the rows of the model's first
-    embedding table (a hand-built bridge's cfg can claim more tokens than it embeds)."""
-    limit = min(bridge.cfg.d_vocab, 256)
-    original = getattr(bridge, "original_model", None)
-    if isinstance(original, torch.nn.Module):
-        embedding = next((m for m in original.modules() if isinstance(m, torch.nn.Embedding)),
+def probe_vocab(model, declared: int) -> int:
+    """Token ids a probe forward may use: below ``declared`` (the vocabulary the config
+    claims), below 256, and below the rows of ``model``'s first embedding table (a hand-built
+    model's config can claim more tokens than it embeds: TL's pretrain test models)."""
+    limit = min(int(declared), 256)
+    if isinstance(model, torch.nn.Module):
+        embedding = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)),
                          None)
         if embedding is not None:
             limit = min(limit, embedding.num_embeddings)
     return max(limit, 1)
+
+
+def _probe_vocab(bridge) -> int:
+    return probe_vocab(getattr(bridge, "original_model", None), bridge.cfg.d_vocab)
 
 
 def probe_sizes(bridge) -> tuple:

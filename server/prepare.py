@@ -25,7 +25,7 @@ from hookwire.server.batch_probe import replace_sensitive_sites
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
 from hookwire.server.index_guard import value_ranges
-from hookwire.server.manifest import describe, probe_sites, site_lookup
+from hookwire.server.manifest import describe, probe_sites, probe_vocab, site_lookup
 from hookwire.server.models import HostedModel, bridge_failure
 
 log = logging.getLogger("hookwire.server")
@@ -182,10 +182,10 @@ def check_causal(hosted: HostedModel, hf_model) -> torch.dtype:
     model = hosted.bridge if use_bridge else hf_model
     from hookwire.server.devices import input_device
 
-    tokens = torch.randint(0, min(hosted.vocab_size, 256), (1, 6),
-                           generator=torch.Generator().manual_seed(1))
+    vocab = probe_vocab(hosted.original, hosted.vocab_size)
+    tokens = torch.randint(0, vocab, (1, 6), generator=torch.Generator().manual_seed(1))
     changed = tokens.clone()
-    changed[0, -1] = (changed[0, -1] + 1) % min(hosted.vocab_size, 256)
+    changed[0, -1] = (changed[0, -1] + 1) % vocab
     outs = []
     with torch.no_grad():
         for t in (tokens, changed):
@@ -223,7 +223,7 @@ def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
 
     way_out = ("; generate with TransformerLens's generate(remote=True) instead (it re-runs "
                "the whole sequence at every step), or locally")
-    tokens = torch.randint(0, min(hosted.vocab_size, 256), (1, 5),
+    tokens = torch.randint(0, probe_vocab(hf_model, hosted.vocab_size), (1, 5),
                            generator=torch.Generator().manual_seed(2)).to(
                                input_device(hf_model))
     forward = type(hf_model).forward
