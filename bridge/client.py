@@ -85,6 +85,7 @@ class RemoteModelInfo:
     output_dtype: torch.dtype = torch.float32
     generate_refused: str | None = None   # why it cannot generate on the server
     causal: bool = True   # False: rows of different lengths must not be padded together
+    output_width: int | None = None   # last dim of the forward's output, as measured
     list_outputs: frozenset = frozenset()  # output sites whose module returns a list
     tl_refused: str | None = None          # why TL hook points are not served
     tl_config: dict = field(default_factory=dict)
@@ -109,6 +110,7 @@ class RemoteModelInfo:
         info.output_dtype = DTYPES[msg.output_dtype]
         info.generate_refused = msg.generate_refused
         info.causal = msg.causal
+        info.output_width = msg.output_width
         info.list_outputs = frozenset(msg.list_outputs)
         info.tl_refused = msg.tl_refused
         info.tl_config = dict(msg.tl_config)

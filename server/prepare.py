@@ -72,9 +72,16 @@ class ModelEntry:
     # are never right-padded: only requests of equal length share a forward.
     causal: bool = True
 
+    # The last dim of what the forward returned at load (None: not measured).
+    output_width: int | None = None
+
     @property
     def output_dim(self) -> int:
-        """Size of the last dim of what the forward returns (vocabulary, or hidden size)."""
+        """Size of the last dim of what the forward returns (vocabulary, or hidden size): as
+        measured at load, since a config may say otherwise (TL's hand-built test models
+        declare d_vocab=256 over a 64-row LM head)."""
+        if self.output_width is not None:
+            return self.output_width
         if self.hosted.family.has_lm_head:
             return self.hosted.vocab_size
         return int(self.hosted.original.config.hidden_size)
@@ -129,13 +136,14 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         module_unserved = {ALL_MODULE_SITES: f"the server could not mirror {hosted.name!r}'s "
                            f"HF module tree ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
-    output_dtype, causal = probe_causality(hosted, hf_model)
+    output_dtype, causal, output_width = probe_causality(hosted, hf_model)
     generate_refused = kv_cache_refusal(hosted, hf_model)
     sites = sites + module_sites
     unserved.update(module_unserved)
     info = describe(hosted, sites, unserved)
     info.output_dtype = DTYPE_NAMES[output_dtype]
     info.causal = causal
+    info.output_width = output_width
     info.generate_refused = generate_refused
     info.tl_refused = tl_refused
     (info.module_layouts, info.step_module_layouts, info.module_kwarg_layouts,
@@ -157,7 +165,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         output_dtype=output_dtype, generate_refused=generate_refused, tl_refused=tl_refused,
         parameters=parameters, value_ranges=value_ranges(sites, hosted.bridge, hf_model),
         solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused),
-        causal=causal)
+        causal=causal, output_width=output_width)
 
 
 def _solo_replace_sites(hosted, sites, site_modules, tl_refused) -> set:
@@ -179,8 +187,9 @@ def _plain_lookup(sites) -> tuple[dict, dict]:
             {(s.name, s.call): i for i, s in enumerate(sites)})
 
 
-def probe_causality(hosted: HostedModel, hf_model) -> tuple[torch.dtype, bool]:
-    """(dtype of the forward's output, whether the model is causal). Causal: changing the last
+def probe_causality(hosted: HostedModel, hf_model) -> tuple[torch.dtype, bool, int]:
+    """(dtype of the forward's output, whether the model is causal, the output's last dim).
+    Causal: changing the last
     token leaves every earlier position's output as it was -- the promise right-padding and
     co-batching requests of different lengths rest on. A model that breaks it is served
     unpadded (see ``ModelEntry.causal``)."""
@@ -203,7 +212,7 @@ def probe_causality(hosted: HostedModel, hf_model) -> tuple[torch.dtype, bool]:
             else:
                 out = type(model).forward(model, input_ids=t, use_cache=False)
                 out = getattr(out, hosted.family.output_field)
-            dtype = out.dtype
+            dtype, width = out.dtype, int(out.shape[-1])
             outs.append(out[:, :-1].float().cpu())
     scale = outs[0].abs().max().clamp_min(1e-6)
     # Exactly equal for causal models, up to reduction order (MoE expert grouping: ~1e-7).
@@ -212,7 +221,7 @@ def probe_causality(hosted: HostedModel, hf_model) -> tuple[torch.dtype, bool]:
         log.warning("%s (%s) is not causal: a later token changes earlier positions' outputs; "
                     "its requests are never padded (only equal lengths share a forward)",
                     hosted.name, hosted.architecture)
-    return dtype, causal
+    return dtype, causal, width
 
 
 def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:

@@ -236,7 +236,8 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
     loss_shape = (batch, seq - 1) if loss_per_token else ()
     outputs = {}
     if return_type in ("logits", "both"):
-        outputs["logits"] = tracer.read_output("logits", (batch, seq, model.cfg.d_vocab), dtype)
+        width = info.output_width or model.cfg.d_vocab
+        outputs["logits"] = tracer.read_output("logits", (batch, seq, width), dtype)
     if return_type in ("loss", "both"):
         outputs["loss"] = tracer.read_output("loss", loss_shape, dtype)
     if metric is None:
