@@ -194,9 +194,11 @@ class ClientSession:
                 raise ProtocolError("server finished before sending every result")
             self._exchange = None
             return [RequestDone(exchange.values, msg, exchange.sent, exchange.received)]
+        if not isinstance(msg, (Accepted, Progress, Result)):
+            raise ProtocolError(f"server sent {msg.type} during request "
+                                f"{exchange.request_id}")
         events = self._on_result(exchange, msg) if isinstance(msg, Result) else []
-        if isinstance(msg, (Accepted, Progress, Result)):
-            events.append(RequestEvent(msg))
+        events.append(RequestEvent(msg))
         return events
 
     def _receive_answer(self, exchange: _Exchange, data) -> list:
