@@ -366,3 +366,27 @@ def test_one_users_sessions_share_its_budget_and_others_are_untouched(world):
     assert bob.data_to_send() == [] and bob.incoming is not None
     text(bob, submit_text("b2", {"y": torch.empty(1)}))  # drops "b": budget back
     assert world.memory.pending_of("bob") == 4
+
+
+# ---- the Ray relay's reading of a replica's answer (server/relay_session.py) ---------------
+
+def test_the_relay_forwards_the_answer_and_keeps_resident_results_at_the_front(world):
+    from hookwire.protocol import Done, Progress, Result, dump
+    from hookwire.server.relay_session import RelaySession, is_final
+
+    store = world.residents.for_user("alice")
+    upload = torch.arange(10.0)
+    relay = RelaySession(store, {"input_ids": upload})
+    value, kept_id, upload_id = torch.randn(400_000), "v" + "1" * 24, "h" + "2" * 24
+    items = [{"replica": "r-a", "pid": 1, "model": "tiny-gpt2"},
+             dump(Progress(request_id="q", stage="started"))]
+    assert [relay.receive(i) for i in items] == [None, items[1]]
+    assert relay.replica["replica"] == "r-a" and not relay.relayed   # progress only so far
+    result = dump(Result(request_id="q", name="resid", tensor=header_for("t0", value),
+                         resident=kept_id))
+    stream = [result, *encode_chunks("q", "t0", value),
+              {"keep_upload": "input_ids", "as": upload_id}, dump(Done(request_id="q"))]
+    forwarded = [relay.receive(i) for i in stream]
+    assert forwarded == stream[:-2] + [None, stream[-1]]   # the note is not forwarded
+    assert relay.relayed and relay.finished and is_final(stream[-1])
+    assert torch.equal(store.get(kept_id), value) and torch.equal(store.get(upload_id), upload)
