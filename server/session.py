@@ -145,6 +145,21 @@ def jsonable(details: dict) -> dict:
             or v is None}
 
 
+def forget_tracebacks(exc: BaseException | None) -> None:
+    """Drop the tracebacks of ``exc`` and the exceptions it chains: their frames hold the
+    message being parsed (up to ``max_message_bytes``) and, through the raising frame's own
+    locals, the exception again -- a cycle that would keep the message until the cycle
+    collector runs."""
+    seen, todo = set(), [exc]
+    while todo:
+        exc = todo.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        todo += [exc.__cause__, exc.__context__]
+
+
 def error_text(exc: BaseException, request_id: str | None = None) -> str:
     """The ``error`` message for ``exc`` (logged and wrapped when it is not one of ours)."""
     if not isinstance(exc, HookwireError):
@@ -279,7 +294,7 @@ class ServerSession:
                 self.discarded.add(rid)
                 self.drop_incoming()
         self._send_error(exc, rid)
-        exc.__traceback__ = None  # its frames hold the message; nothing needs them now
+        forget_tracebacks(exc)
 
     def _on_frame(self, data: bytes) -> None:
         if len(data) > MAX_FRAME_BYTES:

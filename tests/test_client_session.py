@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from hookwire import __version__
 from hookwire.errors import GraphValidationError, ProtocolError, UnknownModel
@@ -78,12 +79,12 @@ def test_the_submit_text_and_frames_are_what_the_server_admits():
 
 def test_the_submit_head_is_checked_with_the_models_before_anything_is_sent():
     s = ClientSession()
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.submit("r" * 65, graph(), {})   # request ids are at most 64 characters
     assert not s.open
     bad_ref = {"tid": "x", "resident": "not-an-id", "dtype": "float32", "shape": [1],
                "stride": [1], "offset": 0}
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         s.submit("r1", graph(), {}, refs=[bad_ref])
     assert not s.open
 

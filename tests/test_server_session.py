@@ -390,3 +390,27 @@ def test_the_relay_forwards_the_answer_and_keeps_resident_results_at_the_front(w
     assert forwarded == stream[:-2] + [None, stream[-1]]   # the note is not forwarded
     assert relay.relayed and relay.finished and is_final(stream[-1])
     assert torch.equal(store.get(kept_id), value) and torch.equal(store.get(upload_id), upload)
+
+
+def test_a_refused_message_is_freed_without_the_cycle_collector(world):
+    """The refusal's traceback (and the exceptions it chains) held the parser's frames, and
+    through them the message: with the collector off, every message must be let go."""
+    import gc
+    import sys
+
+    s = world.session()
+    messages = ["{not json" + "x" * 100_000,
+                '{"type":"submit","request_id":"d","x":[' + "[]," * 100_000 + "[]]}",
+                json.dumps({"type": "submit", "request_id": "s", "graph": {"nodes": 5},
+                            "pad": "y" * 100_000}),
+                submit_text("m", {"x": torch.empty(65 * MiB // 4)})]   # over the budget
+    gc.disable()
+    try:
+        for message in messages:
+            before = sys.getrefcount(message)
+            text(s, message)
+            assert sys.getrefcount(message) == before
+    finally:
+        gc.enable()
+    assert [e.code for e in answers(s)] == ["protocol_error", "protocol_error",
+                                            "protocol_error", "limit_exceeded"]
