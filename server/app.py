@@ -134,9 +134,10 @@ class HookwireServer:
     grows with a message (the session's ``admit``: parsing, references to resident values,
     memory reservation, buffers) runs in the :class:`~hookwire.server.intake.Intake`'s
     threads, and each user's share of the front's time is capped
-    (:class:`~hookwire.server.intake.FrontShare`). Binary frames fill the declared tensors
-    of a pending submit (:class:`~hookwire.frames.TensorAssembler`); once all have arrived
-    the job is enqueued, or dropped after ``Limits.submit_timeout_s``. Per-user state that
+    (:class:`~hookwire.server.intake.FrontShare`). The session decides what each message
+    means (binary frames fill the declared tensors of the arriving submit; once all have
+    arrived the session asks for the job to be enqueued, or drops it at its deadline,
+    ``Limits.submit_timeout_s``); this class runs what it asks for. Per-user state that
     outlives a connection -- resident values (:class:`~hookwire.server.residents.Residents`)
     and pending memory (:class:`~hookwire.server.memory.MemoryBudget`) -- lives here,
     keyed by user (an API key's hash, or the connection when the server has no keys).
