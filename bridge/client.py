@@ -209,7 +209,14 @@ class Connection:
         with self.lock:
             if key not in self.models:
                 self.ws.send(self.session.model_info(name, tl_flags))
-                self.models[key] = RemoteModelInfo.from_message(self._answer())
+                try:
+                    answer = self._answer()
+                except BaseException:
+                    if self.session.open:  # interrupted, or the server broke the protocol:
+                        self.broken = True  # its answer may still come; never reuse this
+                        self.abort()
+                    raise
+                self.models[key] = RemoteModelInfo.from_message(answer)
             return self.models[key]
 
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],

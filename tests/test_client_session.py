@@ -209,3 +209,13 @@ def test_the_two_sessions_speak_to_each_other():
     events = feed(client, server.data_to_send() + [dump(Done(request_id="both"))])
     assert [type(e) for e in events] == [RequestEvent, RequestDone]
     run.incoming.reservation.release()
+
+
+def test_a_protocol_error_leaves_the_exchange_open_so_the_connection_is_dropped():
+    """The connection drops its socket when a session raises with an exchange open (the
+    server may still be sending): the session says so."""
+    s = ClientSession()
+    s.model_info("tiny-gpt2")
+    with pytest.raises(ProtocolError):
+        s.receive(b"\x00")
+    assert s.open
