@@ -1,5 +1,8 @@
 """The client side of the wire: connect, ask what a model looks like, submit a traced graph,
-and collect saved tensors as they stream in.
+and collect saved tensors as they stream in. What is said on the wire, and what the client
+accepts back, is its :class:`~hookwire.session.ClientSession`'s (``bridge/session.py``); a
+:class:`Connection` moves the session's bytes over a websocket and hands its events to the
+caller's callbacks.
 
 Synchronous on purpose (``websockets.sync``): hooks are traced in the user's thread and
 notebooks have their own event loop, so the client does not need one of its own.
@@ -147,7 +150,8 @@ class UploadStats:
 
 
 class Connection:
-    """One websocket to one server. Thread-safe: requests are serialized by a lock."""
+    """One websocket to one server, speaking through a :class:`ClientSession`. Thread-safe:
+    requests are serialized by a lock (``cancel`` may come from another thread)."""
 
     def __init__(self, url: str, api_key: str | None = None, open_timeout: float = 30):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
