@@ -1,5 +1,8 @@
 """The client side of the wire: connect, ask what a model looks like, submit a traced graph,
-and collect saved tensors as they stream in.
+and collect saved tensors as they stream in. What is said on the wire, and what the client
+accepts back, is its :class:`~hookwire.session.ClientSession`'s (``bridge/session.py``); a
+:class:`Connection` moves the session's bytes over a websocket and hands its events to the
+caller's callbacks.
 
 Synchronous on purpose (``websockets.sync``): hooks are traced in the user's thread and
 notebooks have their own event loop, so the client does not need one of its own.
@@ -7,7 +10,6 @@ notebooks have their own event loop, so the client does not need one of its own.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import socket
 import threading
@@ -20,19 +22,15 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from hookwire import __version__
 from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
-                             TooManyConnections, error_from_code)
-from hookwire.expected_results import expected_results
+                             TooManyConnections)
 from hookwire.graph import hook_mode
-from hookwire.frames import (CHUNK_BYTES, DTYPE_NAMES, DTYPES, TensorAssembler, decode_frame,
-                             encode_chunks, header_for)
+from hookwire.frames import DTYPE_NAMES, DTYPES
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
-from hookwire.protocol import (MAX_CONTROL_BYTES, PROTOCOL_VERSION, Accepted, Done, Error,
-                               HelloOk, ModelInfo, Progress, Result, parse_server_message)
+from hookwire.protocol import MAX_CONTROL_BYTES, ModelInfo
+from hookwire.session import (MAX_RESULT_BYTES, ClientSession,  # noqa: F401
+                              RequestDone, RequestEvent, RequestFailed, ValueReceived)
 from hookwire.validate import SiteInfo
-
-MAX_RESULT_BYTES = 64 << 30  # what a client accepts from a server in one request
 
 
 class _BulkClientConnection(ClientConnection):
@@ -156,7 +154,8 @@ class UploadStats:
 
 
 class Connection:
-    """One websocket to one server. Thread-safe: requests are serialized by a lock."""
+    """One websocket to one server, speaking through a :class:`ClientSession`. Thread-safe:
+    requests are serialized by a lock (``cancel`` may come from another thread)."""
 
     def __init__(self, url: str, api_key: str | None = None, open_timeout: float = 30):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -182,21 +181,16 @@ class Connection:
         self.url = url
         self.lock = threading.Lock()
         self.broken = False
-        self._request_ended = True
+        self.session = ClientSession()  # the protocol's state; this object moves its bytes
         self.models: dict[str, RemoteModelInfo] = {}
         self.residents = ClientResidents()
         self.use_residents = True
         self.stats = UploadStats()
         self._ids = itertools.count()
-        self.ws.send(json.dumps({"type": "hello", "protocol": PROTOCOL_VERSION,
-                                 "client_version": __version__}))
-        msg = self._recv_control()
-        if isinstance(msg, Error):
-            raise error_from_code(msg.code, msg.message, msg.details)
-        if not isinstance(msg, HelloOk):
-            raise ProtocolError(f"expected hello_ok, got {msg.type}")
-        self.server_version = msg.server_version
-        self.available_models = msg.models
+        self.ws.send(self.session.hello())
+        hello_ok = self._answer()
+        self.server_version = hello_ok.server_version
+        self.available_models = hello_ok.models
 
     def close(self):
         self._cm.__exit__(None, None, None)
@@ -207,11 +201,14 @@ class Connection:
         except ConnectionClosed as exc:
             raise ServerUnavailable(f"the connection to {self.url} closed: {exc}") from None
 
-    def _recv_control(self):
-        data = self._recv()
-        if isinstance(data, bytes):
-            raise ProtocolError("expected a control message, got binary data")
-        return parse_server_message(data)
+    def _answer(self):
+        """The answer to the session's open ``hello`` or ``model_info`` (a typed error is
+        raised)."""
+        while True:
+            for event in self.session.receive(self._recv()):
+                if isinstance(event, RequestFailed):
+                    raise event.error
+                return event.message
 
     def model_info(self, name: str, tl_flags=()) -> RemoteModelInfo:
         """What the server's ``name`` looks like; with ``tl_flags`` (TL's ``set_use_*``
@@ -219,20 +216,15 @@ class Connection:
         key = name if not tl_flags else f"{name}|{hook_mode(tl_flags)}"
         with self.lock:
             if key not in self.models:
-                request = {"type": "model_info", "model": name}
-                if tl_flags:
-                    request["tl_flags"] = sorted(tl_flags)
-                self.ws.send(json.dumps(request))
-                msg = self._recv_control()
-                if isinstance(msg, Error):
-                    raise error_from_code(msg.code, msg.message, msg.details)
-                if not isinstance(msg, ModelInfo):
-                    raise ProtocolError(f"expected model_info, got {msg.type}")
-                info = RemoteModelInfo.from_message(msg)
-                if info.tl_flags != frozenset(tl_flags):
-                    raise ProtocolError("server described the model with other TL hook "
-                                        "switches than asked for")
-                self.models[key] = info
+                self.ws.send(self.session.model_info(name, tl_flags))
+                try:
+                    answer = self._answer()
+                except BaseException:
+                    if self.session.open:  # interrupted, or the server broke the protocol:
+                        self.broken = True  # its answer may still come; never reuse this
+                        self.abort()
+                    raise
+                self.models[key] = RemoteModelInfo.from_message(answer)
             return self.models[key]
 
     def run(self, graph: dict, tensors: dict[str, torch.Tensor],
@@ -247,7 +239,6 @@ class Connection:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if on_submit is not None:
                 on_submit(rid)
-            self._request_ended = False
             try:
                 # The server may have dropped values we refer to (expired or evicted): it
                 # then refuses the request before running anything, we forget those and send
@@ -265,13 +256,12 @@ class Connection:
                         rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
                         if on_submit is not None:
                             on_submit(rid)
-                        self._request_ended = False
             except BaseException:
                 # Interrupted (Ctrl-C in a notebook), a callback raised, or the stream broke:
                 # this socket may still carry the old request's messages, so it must not be
                 # reused. Tell the server to stop (best effort) and drop the connection.
                 # (A typed error from the server ends its request cleanly: keep the socket.)
-                if not self._request_ended:
+                if self.session.open:
                     self._abandon(rid)
                 raise
 
@@ -280,13 +270,11 @@ class Connection:
         (bounded by the server's ``Limits.max_weight_bytes`` per request)."""
         with self.lock:
             rid = f"w{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-            self._request_ended = False
             try:
-                self.ws.send(json.dumps({"type": "weights", "request_id": rid, "model": model,
-                                         "names": list(names)}))
-                return self._collect(rid, None, None, 0)
+                self.ws.send(self.session.weights(rid, model, names))
+                return self._collect(None, None)
             except BaseException:
-                if not self._request_ended:
+                if self.session.open:
                     self._abandon(rid)
                 raise
 
@@ -316,30 +304,19 @@ class Connection:
     def _submit_and_collect(self, rid, graph, tensors, on_event, on_value,
                             refer: bool = True, extra: dict | None = None) -> RunResult:
         uploads, refs, keep = self._plan_uploads(tensors, refer)
-        headers = [header_for(tid, t).model_dump() for tid, t in uploads.items()]
-        graph_json = json.dumps(graph, separators=(",", ":"))
-        # What this request may get back (names, sizes): nothing else is accepted.
-        expected = expected_results(graph, graph_json, tensors, self.models.get(
-            graph.get("model")), (extra or {}).get("generate"))
-        rest = json.dumps({"tensors": headers, "refs": refs, "keep": keep,
-                           "keep_results": self.use_residents, **(extra or {})},
-                          separators=(",", ":"))
-        body = (f'{{"type":"submit","request_id":{json.dumps(rid)},"graph":{graph_json},'
-                + rest[1:])
-        sent = len(body)
-        tensor_bytes = 0
-        self.ws.send(body)
-        for tid, t in uploads.items():
-            tensor_bytes += t.numel() * t.element_size()
-            for frame in encode_chunks(rid, tid, t, CHUNK_BYTES):
-                sent += len(frame)
-                self.ws.send(frame)
-        result = self._collect(rid, on_event, on_value, sent, expected)
+        outgoing = self.session.submit(
+            rid, graph, uploads, refs, keep, keep_results=self.use_residents,
+            generate=(extra or {}).get("generate"), attached=tensors,
+            info=self.models.get(graph.get("model")))
+        for data in outgoing:
+            self.ws.send(data)
+        result = self._collect(on_event, on_value)
         self.residents.server_has.update(keep.values())
-        result.tensor_bytes_sent, result.tensors_referenced = tensor_bytes, len(refs)
+        result.tensor_bytes_sent = sum(t.numel() * t.element_size() for t in uploads.values())
+        result.tensors_referenced = len(refs)
         self.stats.requests += 1
-        self.stats.bytes_sent += sent
-        self.stats.tensor_bytes_sent += tensor_bytes
+        self.stats.bytes_sent += result.bytes_sent
+        self.stats.tensor_bytes_sent += result.tensor_bytes_sent
         self.stats.tensors_referenced += len(refs)
         return result
 
@@ -372,74 +349,26 @@ class Connection:
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to stop a request (safe from another thread while run() waits)."""
-        self.ws.send(json.dumps({"type": "cancel", "request_id": request_id}))
+        self.ws.send(self.session.cancel(request_id))
 
-    def _collect(self, rid, on_event, on_value, sent, expected=None) -> RunResult:
-        values: dict[str, torch.Tensor] = {}
-        pending: dict[str, tuple] = {}  # tid -> (name, assembler)
-        resident_ids: dict[str, str | None] = {}  # save name -> id the server keeps it under
-        received = announced = 0
+    def _collect(self, on_event, on_value) -> RunResult:
+        """Feed what arrives to the session until the open request ends; hand values and
+        events to the callbacks as they come."""
         while True:
-            data = self._recv()
-            received += len(data)
-            if isinstance(data, bytes):
-                head, payload = decode_frame(data)
-                if head["rid"] != rid or head["tid"] not in pending:
-                    raise ProtocolError("server sent bytes for a tensor it did not announce")
-                name, asm = pending[head["tid"]]
-                asm.add(head, payload)
-                if asm.complete:
-                    values[name] = asm.tensors()[head["tid"]]
-                    del pending[head["tid"]]
-                    if resident_ids.get(name):
-                        self.residents.register_download(values[name], resident_ids[name])
+            for event in self.session.receive(self._recv()):
+                if isinstance(event, ValueReceived):
+                    if event.resident:
+                        self.residents.register_download(event.tensor, event.resident)
                     if on_value is not None:
-                        on_value(name, values[name])
-                continue
-            msg = parse_server_message(data)
-            if getattr(msg, "request_id", rid) not in (rid, None):
-                raise ProtocolError("server answered a request this client did not send")
-            if isinstance(msg, Result) and msg.alias_of is not None:
-                # The same tensor as an earlier value of this request: a view of it.
-                base = values.get(msg.alias_of)
-                if base is None or tuple(base.shape) != tuple(msg.tensor.shape) or \
-                        DTYPE_NAMES.get(base.dtype) != msg.tensor.dtype:
-                    raise ProtocolError(f"server sent {msg.name!r} as an alias of a value it "
-                                        "had not sent, or of another shape or dtype")
-                if expected is not None:
-                    expected.admit(msg.name, 0)  # a view: no bytes of its own
-                values[msg.name] = base.detach()
-                if on_value is not None:
-                    on_value(msg.name, values[msg.name])
-            elif isinstance(msg, Result):
-                if expected is not None:
-                    expected.admit(msg.name, msg.tensor.nbytes())
-                resident_ids[msg.name] = msg.resident
-                # Bounded per request, not only per tensor: a server cannot make this
-                # client reserve more than MAX_RESULT_BYTES in announced results.
-                announced += msg.tensor.nbytes()
-                if announced > MAX_RESULT_BYTES:
-                    raise ProtocolError(f"server announced {announced} bytes of results; "
-                                        f"this client accepts {MAX_RESULT_BYTES}")
-                asm = TensorAssembler([msg.tensor], MAX_RESULT_BYTES)
-                if msg.tensor.nbytes() == 0:
-                    values[msg.name] = asm.tensors()[msg.tensor.tid]
-                    if on_value is not None:
-                        on_value(msg.name, values[msg.name])
-                else:
-                    pending[msg.tensor.tid] = (msg.name, asm)
-            elif isinstance(msg, Error):
-                self._request_ended = True
-                raise error_from_code(msg.code, msg.message, msg.details)
-            elif isinstance(msg, Done):
-                if pending:
-                    raise ProtocolError("server finished before sending every result")
-                self._request_ended = True
-                return RunResult(values, msg.timings, sent, received)
-            elif isinstance(msg, (Accepted, Progress)):
-                pass
-            if on_event is not None:
-                on_event(msg)
+                        on_value(event.name, event.tensor)
+                elif isinstance(event, RequestEvent):
+                    if on_event is not None:
+                        on_event(event.message)
+                elif isinstance(event, RequestDone):
+                    return RunResult(event.values, event.done.timings, event.sent,
+                                     event.received)
+                elif isinstance(event, RequestFailed):
+                    raise event.error
 
 
 # Connections per (url, key). One request runs on a connection at a time; calls that overlap

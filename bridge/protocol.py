@@ -2,7 +2,7 @@
 binary chunk frames (see :mod:`hookwire.frames`). Versioned; the JSON schema is published by
 :func:`protocol_json_schema`.
 
-Client -> server: hello, model_info, submit, cancel.
+Client -> server: hello, model_info, submit, cancel, weights.
 Server -> client: hello_ok, model_info, accepted, progress, result (+ frames), error, done.
 """
 from __future__ import annotations
@@ -61,15 +61,14 @@ class ResidentRef(_Msg):
 _RefList = TypeAdapter(list[ResidentRef])
 
 
-class Submit(_Msg):
-    """Client -> server: run ``graph``. Its attached tensors are declared in ``tensors`` (their
-    bytes follow as binary frames) or referred to on the server in ``refs``; ``keep`` asks
-    the server to keep uploads for later requests; ``generate`` makes it a generate request.
-    Answered by ``accepted``, ``progress``..., ``result`` + frames per saved value, and
-    exactly one ``done`` or ``error``."""
+class SubmitHead(_Msg):
+    """A :class:`Submit` without its graph-bearing fields (``graph``, ``generate``): what a
+    client builds and checks with the models, before it appends the graph as its tracer
+    wrote it (:meth:`with_graph`). Re-validating a traced graph on the client would cost
+    more than serialising it (10,000 nodes: ~300 ms against ~55 ms) and the server
+    validates it anyway."""
     type: Literal["submit"] = "submit"
     request_id: str = Field(max_length=64)
-    graph: Graph
     tensors: list[TensorHeader] = Field(default_factory=list, max_length=100_000)
     refs: list[ResidentRef] = Field(default_factory=list, max_length=100_000)
     # Uploaded tensors to keep for later requests: tid -> its content id (checked on arrival).
@@ -77,6 +76,22 @@ class Submit(_Msg):
                Annotated[str, Field(pattern=RESIDENT_ID_PATTERN)]] = Field(
         default_factory=dict, max_length=100_000)
     keep_results: bool = True  # keep the saved values resident, so later requests can refer
+
+    def with_graph(self, graph_json: str, generate_json: str | None = None) -> str:
+        """The submit's JSON text: this head (``type`` and ``request_id`` first, where the
+        server looks for them before parsing), then ``graph`` and ``generate`` as given."""
+        head = self.model_dump_json()
+        tail = f',"generate":{generate_json}' if generate_json is not None else ""
+        return f'{head[:-1]},"graph":{graph_json}{tail}}}'
+
+
+class Submit(SubmitHead):
+    """Client -> server: run ``graph``. Its attached tensors are declared in ``tensors`` (their
+    bytes follow as binary frames) or referred to on the server in ``refs``; ``keep`` asks
+    the server to keep uploads for later requests; ``generate`` makes it a generate request.
+    Answered by ``accepted``, ``progress``..., ``result`` + frames per saved value, and
+    exactly one ``done`` or ``error``."""
+    graph: Graph
     # Set: generate tokens after the prompt (``graph`` is the prompt's forward); see
     # hookwire.generation.
     generate: GenerateSpec | None = None
@@ -389,7 +404,8 @@ def protocol_json_schema() -> dict:
             "server": _server_adapter.json_schema()}
 
 
-__all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "Cancel", "HelloOk",
+__all__ = ["PROTOCOL_VERSION", "Hello", "ModelInfoRequest", "Submit", "SubmitHead", "Cancel",
+           "HelloOk",
            "WeightsRequest",
            "SiteDescription", "ModelInfo", "ResidentRef", "Accepted", "Progress", "Result", "Error", "Done",
            "parse_client_message", "parse_client_message_bounded", "check_structure",

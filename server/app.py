@@ -1,5 +1,6 @@
-"""The websocket server: one asyncio front that speaks the protocol, and one model worker
-thread that runs validated graphs against the preloaded models.
+"""The websocket front: the transport of the protocol. It moves bytes between sockets and
+each connection's :class:`~hookwire.server.session.ServerSession` (the protocol's state,
+with no I/O: ``server/session.py``), and runs what the session asks for.
 
 The front talks to an *engine*: by default the ``ModelWorker`` thread in this process; with
 ``engine="ray"`` a ``RayEngine`` whose Ray Serve replicas each run that same worker
@@ -9,12 +10,13 @@ writer task per connection sends them in order, so each saved tensor leaves the 
 exists.
 
 The event loop does nothing whose cost grows with a message: control messages are parsed,
-and submits admitted (references checked, memory reserved, buffers allocated), in the
-intake's threads (server/intake.py); binary frames are at most one chunk each. Memory that
-requests hold while queued, and results nobody has read yet, are counted per user and
-server-wide (server/memory.py); a submit whose tensors do not all arrive in
-``Limits.submit_timeout_s`` is dropped, and a client that reads nothing for
-``Limits.send_timeout_s`` is disconnected.
+and submits admitted (references checked, memory reserved, buffers allocated), by the
+session's ``admit`` in the intake's threads (server/intake.py); binary frames are at most
+one chunk each. Memory that requests hold while queued, and results nobody has read yet,
+are counted per user and server-wide (server/memory.py); a submit whose tensors do not all
+arrive in ``Limits.submit_timeout_s`` is dropped (the session's deadline, one timer per
+connection here), and a client that reads nothing for ``Limits.send_timeout_s`` is
+disconnected.
 """
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ import json
 import logging
 import threading
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections import Counter
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -35,84 +36,58 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Response
 
 from hookwire import __version__
-from hookwire.errors import (FrameError, HookwireError, ProtocolError,
-                             UnknownModel)
-from hookwire.frames import CHUNK_BYTES, MAX_HEADER_BYTES, TensorAssembler, decode_frame
-from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
-                               ModelInfoRequest, Submit, WeightsRequest, dump,
-                               parse_client_message_bounded)
+from hookwire.errors import HookwireError
+from hookwire.protocol import PROTOCOL_VERSION, ModelInfoRequest
 from hookwire.server.intake import FrontShare, Intake
-from hookwire.server.memory import MemoryBudget, Reservation
+from hookwire.server.memory import MemoryBudget
 from hookwire.server.models import HostedModel
-from hookwire.server.prepare import ModelEntry, prepare_model  # noqa: F401 (re-exported)
-from hookwire.server.residents import Residents, ResidentStore, check_refs
-from hookwire.server.weights import begin_transfer, check_weights_request, send_weights
+from hookwire.server.prepare import prepare_model
+from hookwire.server.residents import Residents
+from hookwire.server.session import (MAX_FRAME_BYTES, CancelRequest,  # noqa: F401 (re-exported)
+                                     ProbeHookMode, RunRequest, SendWeights, ServerSession,
+                                     error_text)
+from hookwire.server.weights import send_weights
 from hookwire.server.worker import BATCH_WINDOW_S, Job, ModelWorker
 from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
-MAX_FRAME_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4   # one chunk frame, as clients send them
-MAX_LIST_ITEMS = 100_000  # tensors, refs (protocol.Submit)
-
-
-class RecentIds(OrderedDict):
-    """A set of request ids that keeps only the most recent ``cap`` (a client cannot grow
-    the server's memory by naming ids)."""
-
-    def __init__(self, cap: int = 1024):
-        super().__init__()
-        self.cap = cap
-
-    def add(self, rid: str) -> None:
-        self[rid] = None
-        self.move_to_end(rid)
-        while len(self) > self.cap:
-            self.popitem(last=False)
-
-    def discard(self, rid: str) -> None:
-        self.pop(rid, None)
-
-
-@dataclass
-class Incoming:
-    """A submit admitted by the intake: its memory is reserved, its buffers allocated; its
-    declared tensors may still be arriving."""
-    submit: Submit
-    assembler: TensorAssembler
-    refs: list                # checked references (materialised when it runs)
-    reservation: Reservation
-    size: int                 # bytes received so far
-    timer: object = None      # drops it after Limits.submit_timeout_s
-
-    def drop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.reservation.release()
 
 
 class ConnState:
-    """One client connection: its outbox, the request whose tensors are arriving, and the
-    store of values kept for its user. Binary frames waiting in the outbox (results not yet
-    sent) count against the user's memory budget until they leave."""
+    """One client connection as the transport and the engines see it: its socket, its
+    outbox (what the writer task sends, in order) and its :class:`ServerSession` (the
+    protocol state, ``server/session.py``). Engines (the worker thread, the Ray relay, a
+    weights transfer) hold it as ``job.conn``: they read ``user``, ``store``, ``memory``,
+    ``cancelled`` and ``closed`` (the session's) and answer through ``send_threadsafe``.
+    Binary frames waiting in the outbox (results not yet sent) count against the user's
+    memory budget until they leave."""
 
     def __init__(self, ws: ServerConnection, loop: asyncio.AbstractEventLoop,
-                 user: str, store: ResidentStore, memory: MemoryBudget | None = None):
+                 session: ServerSession):
         self.ws = ws
         self.loop = loop
-        self.user = user
-        self.store = store
-        self.memory = memory
+        self.session = session
+        self.memory = session.memory
         self.outbox: asyncio.Queue = asyncio.Queue()
-        self.closed = False
-        self.cancelled = RecentIds()
-        self.incoming: Incoming | None = None
         self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
-        self.discarded = RecentIds()  # refused request ids: their frames are dropped
+        self.timer: asyncio.TimerHandle | None = None  # armed at session.deadline
+        self.timer_at: float | None = None
 
-    def discard(self, request_id: str) -> None:
-        self.discarded.add(request_id)
+    # What engines read: the session's.
+    user = property(lambda self: self.session.user)
+    store = property(lambda self: self.session.store)
+    cancelled = property(lambda self: self.session.cancelled)
+    closed = property(lambda self: self.session.closed)
+
+    @property
+    def weights_in_flight(self) -> bool:
+        return self.session.weights_in_flight
+
+    @weights_in_flight.setter
+    def weights_in_flight(self, value: bool) -> None:  # server/weights.py, at its end
+        self.session.weights_in_flight = value
 
     def send_threadsafe(self, item) -> None:
         if not self.closed:
@@ -134,23 +109,6 @@ class ConnState:
             if self.memory is not None:
                 self.memory.release(self.user, len(item))
 
-    def drop_incoming(self) -> Incoming | None:
-        incoming, self.incoming = self.incoming, None
-        if incoming is not None:
-            incoming.drop()
-        return incoming
-
-
-def _internal_error(exc: Exception) -> HookwireError:
-    err = HookwireError(f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
-    err.code = "internal_error"  # the worker's code for the same thing (worker.error_message)
-    return err
-
-
-def _jsonable(details: dict) -> dict:
-    return {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool))
-            or v is None}
-
 
 def check_api_keys(api_keys) -> None:
     """Refuse, at start-up, keys too short to be secret and malformed hashed entries."""
@@ -167,17 +125,19 @@ def check_api_keys(api_keys) -> None:
 
 class HookwireServer:
     """The websocket front: handshake (API keys, ``/health``, connection limits), one reader
-    and one writer task per connection, and the protocol's per-connection state.
+    and one writer task per connection, each connection's protocol state in a
+    :class:`~hookwire.server.session.ServerSession`.
 
     It never runs model code: accepted submits become :class:`~hookwire.server.worker.Job`
     objects handed to an *engine* (``self.worker``: a :class:`ModelWorker` thread built
     from ``models`` here, or the ``engine`` passed in, e.g. a ``RayEngine``). Work whose cost
-    grows with a message (parsing, admitting a submit: references to resident values,
+    grows with a message (the session's ``admit``: parsing, references to resident values,
     memory reservation, buffers) runs in the :class:`~hookwire.server.intake.Intake`'s
     threads, and each user's share of the front's time is capped
-    (:class:`~hookwire.server.intake.FrontShare`). Binary frames fill the declared tensors
-    of a pending submit (:class:`~hookwire.frames.TensorAssembler`); once all have arrived
-    the job is enqueued, or dropped after ``Limits.submit_timeout_s``. Per-user state that
+    (:class:`~hookwire.server.intake.FrontShare`). The session decides what each message
+    means (binary frames fill the declared tensors of the arriving submit; once all have
+    arrived the session asks for the job to be enqueued, or drops it at its deadline,
+    ``Limits.submit_timeout_s``); this class runs what it asks for. Per-user state that
     outlives a connection -- resident values (:class:`~hookwire.server.residents.Residents`)
     and pending memory (:class:`~hookwire.server.memory.MemoryBudget`) -- lives here,
     keyed by user (an API key's hash, or the connection when the server has no keys).
@@ -206,9 +166,6 @@ class HookwireServer:
                                    self.limits.max_resident_device_bytes)
         self.memory = MemoryBudget(self.limits.max_pending_bytes_per_user,
                                    self.limits.max_pending_bytes_total)
-        # Containers ([ and {) a legitimate message can need: a graph's nodes (~10 each),
-        # tensor headers and references (2-3 each), and some slack.
-        self.max_containers = 16 * self.limits.max_nodes + 5 * MAX_LIST_ITEMS + 4096
         self.intake: Intake | None = None
         self.share = FrontShare(self.limits.front_share)
         self._server = None
@@ -268,73 +225,42 @@ class HookwireServer:
                 return
             state.sent(item)
 
-    async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
-        """``model_info`` with TL hook switches on: the engine probes that combination once
-        (holding the model), then every client is told from the cached answer."""
-        loop = asyncio.get_running_loop()
-        try:
-            hook_mode_info = getattr(self.worker, "hook_mode_info", None)
-            if hook_mode_info is None:
-                raise HookwireError("this server's engine does not serve TL hook switches")
-            answer = await loop.run_in_executor(None, hook_mode_info, msg.model,
-                                                tuple(msg.tl_flags))
-        except Exception as exc:
-            if not isinstance(exc, HookwireError):
-                log.exception("probing TL hook switches failed")
-                exc = _internal_error(exc)
-            answer = dump(Error(request_id=None, code=exc.code, message=exc.message,
-                                details=_jsonable(exc.details)))
-        state.outbox.put_nowait(answer)
-
     async def _handle(self, ws: ServerConnection):
+        """One connection: read messages into its session, run what the session asks for,
+        and hand its answers to the writer task. Nothing here grows with a message: text is
+        admitted in the intake's threads, a frame is at most one chunk."""
         # With API keys a user is a key (its resident values outlive a connection); without,
         # each connection is its own user.
         user = getattr(ws, "hookwire_user", None) or f"conn:{id(ws)}"
-        state = ConnState(ws, asyncio.get_running_loop(), user, self.residents.for_user(user),
-                          self.memory)
+        session = ServerSession(user, self.residents.for_user(user), self.memory, self.limits,
+                                self.entries)
+        state = ConnState(ws, asyncio.get_running_loop(), session)
         self.connections_per_user[user] += 1
         self.states.add(state)
         writer = asyncio.create_task(self._writer(state))
         try:
             async for message in ws:
                 t0, cost = time.perf_counter(), [0.0]
-                try:
-                    if isinstance(message, bytes):
-                        self._on_frame(state, message)
-                    else:
-                        # Parsed, and a submit admitted, in the intake's threads: never on
-                        # this loop, whatever the message holds.
-                        outcome = await self.intake.run(user, len(message), self._admit,
-                                                        state, message, cost=cost)
-                        t0 = time.perf_counter()  # (waiting for the intake is not loop time)
-                        self._on_message(state, outcome)
-                except Exception as exc:
-                    if not isinstance(exc, HookwireError):
-                        # A bug of ours (the fuzzers look for these) answers this message
-                        # with an error and drops any half-received request; it must not
-                        # end the connection or the server.
-                        log.exception("handling a client message failed")
-                        exc = _internal_error(exc)
-                    rid = getattr(exc, "request_id", None)  # a submit the intake refused
-                    if rid is not None:
-                        state.discard(rid)  # its tensor frames will follow: drop them
-                    elif state.incoming is not None:
-                        rid = state.incoming.submit.request_id
-                        if isinstance(exc, FrameError) or exc.code == "internal_error":
-                            state.discard(rid)
-                            state.drop_incoming()
-                    state.outbox.put_nowait(dump(Error(request_id=rid, code=exc.code,
-                                                       message=exc.message,
-                                                       details=_jsonable(exc.details))))
-                    del exc
+                if isinstance(message, bytes):
+                    session.receive_frame(message)
+                else:
+                    # Parsed, and a submit admitted, in the intake's threads: never on this
+                    # loop, whatever the message holds.
+                    admitted = await self.intake.run(user, len(message), session.admit,
+                                                     message, cost=cost)
+                    t0 = time.perf_counter()  # (waiting for the intake is not loop time)
+                    session.receive_admitted(admitted)
+                    del admitted
+                self._flush(state)
                 # This user's share of the front: over it, its next read waits (server/intake).
                 self.share.charge(user, time.perf_counter() - t0 + cost[0], message)
                 await self.share.wait_turn(user)
         except ConnectionClosed:
             pass
         finally:
-            state.closed = True
-            state.drop_incoming()
+            session.close()
+            if state.timer is not None:
+                state.timer.cancel()
             state.outbox.put_nowait(None)
             self.states.discard(state)
             self.connections_per_user[user] -= 1
@@ -348,129 +274,39 @@ class HookwireServer:
             while not state.outbox.empty():  # what the writer did not send
                 state.sent(state.outbox.get_nowait())
 
-    # ---- in the intake's threads: everything that grows with a message -------------------
-    def _admit(self, state: ConnState, message: str):
-        """Parse a control message (once, bounded) and admit a submit: check its references
-        against the user's resident values, reserve the memory its tensors will take
-        (declared uploads + materialised references), then allocate their buffers."""
-        _, msg = parse_client_message_bounded(message, self.max_containers)
-        if not isinstance(msg, Submit):
-            return msg
-        try:
-            if {r.tid for r in msg.refs} & {h.tid for h in msg.tensors}:
-                raise ProtocolError("a tensor id is both uploaded and referenced")
-            refs, ref_bytes = check_refs(state.store, msg.refs, self.limits.max_constant_bytes)
-            declared = sum(h.nbytes() for h in msg.tensors)
-            limit = self.limits.max_constant_bytes + (256 << 20)
-            if declared > limit:
-                raise FrameError(f"declared tensors total {declared} bytes; limit {limit}")
-            reservation = self.memory.reserve(state.user, declared + ref_bytes,
-                                              f"request {msg.request_id}")
-            try:
-                asm = TensorAssembler(msg.tensors, limit)
-            except BaseException:
-                reservation.release()
-                raise
-        except HookwireError as exc:
-            exc.request_id = msg.request_id
-            raise
-        return Incoming(msg, asm, refs, reservation, len(message))
+    # ---- running what the session asks for (on the loop: O(1) each) ---------------------
+    def _flush(self, state: ConnState) -> None:
+        """Run the session's events, queue its answers, and keep the connection's timer at
+        the session's deadline."""
+        session = state.session
+        for event in session.events_received():
+            if isinstance(event, RunRequest):
+                self._run(state, event.incoming)
+            elif isinstance(event, CancelRequest):
+                self.worker.cancel(state, event.request_id)
+            elif isinstance(event, ProbeHookMode):
+                self.loop.create_task(self._answer_hook_mode(state, event.request))
+            elif isinstance(event, SendWeights):
+                self.loop.run_in_executor(None, send_weights, state, event.request_id,
+                                          event.wanted)
+        for text in session.data_to_send():
+            state.outbox.put_nowait(text)
+        deadline = None if session.closed else session.deadline
+        if deadline != state.timer_at:
+            if state.timer is not None:
+                state.timer.cancel()
+            state.timer, state.timer_at = None, deadline
+            if deadline is not None:
+                state.timer = self.loop.call_later(max(0.0, deadline - session.clock()),
+                                                   self._on_deadline, state)
 
-    # ---- on the loop: O(1) per message (a frame copies at most one chunk) ----------------
-    def _on_frame(self, state: ConnState, message: bytes):
-        if len(message) > MAX_FRAME_BYTES:
-            raise FrameError(f"binary frame of {len(message)} bytes; tensors travel in chunks "
-                             f"of at most {CHUNK_BYTES} bytes")
-        head, payload = decode_frame(message)
-        if head["rid"] in state.discarded:
-            return  # the rest of a request that was already refused
-        incoming = state.incoming
-        if incoming is None:
-            raise FrameError("binary frame with no submit waiting for tensors")
-        if head["rid"] != incoming.submit.request_id:
-            raise FrameError("binary frame for a different request")
-        incoming.assembler.add(head, payload)
-        incoming.size += len(message)
-        if incoming.assembler.complete:
-            state.incoming = None
-            self._enqueue(state, incoming)
+    def _on_deadline(self, state: ConnState) -> None:
+        state.timer = state.timer_at = None
+        state.session.expire()
+        self._flush(state)
 
-    def _expire(self, state: ConnState, incoming: Incoming) -> None:
-        """A submit whose declared tensors did not all arrive in time: dropped, its memory
-        released, its late frames discarded."""
-        if state.incoming is not incoming or state.closed:
-            return
-        state.drop_incoming()
-        rid = incoming.submit.request_id
-        state.discard(rid)
-        state.outbox.put_nowait(dump(Error(
-            request_id=rid, code=FrameError.code,
-            message=f"the request's declared tensors did not all arrive within "
-                    f"{self.limits.submit_timeout_s:g} seconds; dropped")))
-
-    def _on_message(self, state: ConnState, msg):
-        if isinstance(msg, Incoming):
-            if state.closed:
-                msg.drop()
-                return
-            if state.incoming is not None:
-                # The previous submit declared more bytes than it sent (a lying header, or a
-                # client that gave up): it is refused and dropped, so one bad request cannot
-                # wedge the connection; the new one proceeds.
-                old = state.drop_incoming().submit.request_id
-                state.discard(old)
-                state.outbox.put_nowait(dump(Error(
-                    request_id=old, code=FrameError.code, message="a new submit arrived "
-                    "before this request's declared tensors were complete; dropped")))
-            if msg.assembler.complete:
-                self._enqueue(state, msg)
-            else:
-                state.incoming = msg
-                msg.timer = self.loop.call_later(self.limits.submit_timeout_s, self._expire,
-                                                 state, msg)
-        elif isinstance(msg, Hello):
-            if msg.protocol != PROTOCOL_VERSION:
-                raise ProtocolError(f"client speaks protocol {msg.protocol}, this server "
-                                    f"{PROTOCOL_VERSION} (server {__version__}); upgrade the "
-                                    "older side")
-            state.outbox.put_nowait(dump(HelloOk(protocol=PROTOCOL_VERSION,
-                                                 server_version=__version__,
-                                                 models=list(self.entries))))
-        elif isinstance(msg, ModelInfoRequest):
-            entry = self.entries.get(msg.model)
-            if entry is None:
-                raise UnknownModel(f"model {msg.model!r} is not served here; served: "
-                                   f"{', '.join(self.entries)}")
-            if msg.tl_flags:
-                # Probing runs the model: in the engine's own thread, not on this loop.
-                asyncio.get_running_loop().create_task(self._answer_hook_mode(state, msg))
-            else:
-                state.outbox.put_nowait(entry.info_json)
-        elif isinstance(msg, Cancel):
-            state.cancelled.add(msg.request_id)
-            self.worker.cancel(state, msg.request_id)
-        elif isinstance(msg, WeightsRequest):
-            entry = self.entries.get(msg.model)
-            if entry is None:
-                raise UnknownModel(f"model {msg.model!r} is not served here; served: "
-                                   f"{', '.join(self.entries)}")
-            if not isinstance(entry, ModelEntry):
-                raise HookwireError("this server's engine holds its models in other "
-                                    "processes and does not send weights")
-            try:
-                wanted = check_weights_request(entry, msg, self.limits)
-                begin_transfer(state)
-            except HookwireError as exc:  # answered under the request's own id
-                state.outbox.put_nowait(dump(Error(request_id=msg.request_id, code=exc.code,
-                                                   message=exc.message,
-                                                   details=_jsonable(exc.details))))
-                return
-            asyncio.get_running_loop().run_in_executor(None, send_weights, state,
-                                                       msg.request_id, wanted)
-
-    def _enqueue(self, state: ConnState, incoming: Incoming):
-        if incoming.timer is not None:
-            incoming.timer.cancel()
+    def _run(self, state: ConnState, incoming) -> None:
+        """A complete submit: to the engine, and the session learns its answer."""
         submit = incoming.submit
         job = Job(state, submit.request_id, submit, incoming.assembler.tensors(),
                   incoming.size, refs=incoming.refs, reservation=incoming.reservation)
@@ -478,12 +314,23 @@ class HookwireServer:
             position = self.worker.submit(job)
         except HookwireError as exc:  # queue full: answered under the request's own id
             job.finish()
-            state.outbox.put_nowait(dump(Error(request_id=submit.request_id, code=exc.code,
-                                               message=exc.message,
-                                               details=_jsonable(exc.details))))
+            state.session.refused(submit.request_id, exc)
             return
-        state.outbox.put_nowait(dump(Accepted(request_id=submit.request_id,
-                                              queue_position=position)))
+        state.session.accepted(submit.request_id, position)
+
+    async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
+        """``model_info`` with TL hook switches on: the engine probes that combination once
+        (holding the model), then every client is told from the cached answer."""
+        loop = asyncio.get_running_loop()
+        try:
+            hook_mode_info = getattr(self.worker, "hook_mode_info", None)
+            if hook_mode_info is None:
+                raise HookwireError("this server's engine does not serve TL hook switches")
+            answer = await loop.run_in_executor(None, hook_mode_info, msg.model,
+                                                tuple(msg.tl_flags))
+        except Exception as exc:
+            answer = error_text(exc)
+        state.outbox.put_nowait(answer)
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def serve_async(self, ready: threading.Event | None = None,

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
 
 from hookwire.errors import Cancelled, QueueFull, ReplicaLost, ServerShuttingDown, UnknownModel
-from hookwire.frames import TensorAssembler, TensorHeader, decode_frame
 from hookwire.server import ray_cluster
 from hookwire.server.job_payload import job_to_payload
+from hookwire.server.relay_session import RelaySession
 from hookwire.server.residents import materialize_refs
 from hookwire.server.worker import BATCH_WINDOW_S, Job, error_message
 from hookwire.validate import Limits
@@ -43,34 +42,6 @@ RETRY_PAUSE_S = 0.5       # ... Serve needs a moment to stop routing to the dead
 class RemoteEntry:
     """What the front needs of a model served by replicas: its ``model_info`` answer."""
     info_json: str
-
-
-class _ResultCatcher:
-    """Keeps, in the user's store at the front, the results the replica marked resident: the
-    front assembles them from the frames it relays anyway, so kept values cross once."""
-
-    def __init__(self, store, max_bytes: int):
-        self.store, self.max_bytes = store, max_bytes
-        self.pending: dict[str, tuple[str, TensorAssembler]] = {}  # tid -> (resident, asm)
-
-    def on_result(self, msg: dict) -> None:
-        if msg.get("resident"):
-            header = TensorHeader.model_validate(msg["tensor"])
-            asm = TensorAssembler([header], header.nbytes())
-            self.pending[header.tid] = (msg["resident"], asm)
-            self._maybe_keep(header.tid)
-
-    def on_frame(self, frame: bytes) -> None:
-        head, payload = decode_frame(frame)
-        if head["tid"] in self.pending:
-            self.pending[head["tid"]][1].add(head, payload)
-            self._maybe_keep(head["tid"])
-
-    def _maybe_keep(self, tid: str) -> None:
-        resident, asm = self.pending[tid]
-        if asm.complete:
-            del self.pending[tid]
-            self.store.put(resident, asm.tensors()[tid])
 
 
 def _payload_of(job: Job) -> dict:
@@ -221,22 +192,22 @@ class RayEngine:
             # request: done in a thread, not on the front's event loop.
             payload = await asyncio.get_running_loop().run_in_executor(
                 None, _payload_of, job)
-            catcher = _ResultCatcher(conn.store, self.limits.max_resident_bytes)
             out_of_memory = 0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 stream = handle.run.remote(payload)
-                relayed = [False]  # anything besides progress reached the client
+                answer = RelaySession(conn.store, job.tensors)
                 try:
-                    finished = await self._pump(stream, job, catcher, relayed, stop)
+                    finished = await self._pump(stream, job, answer, stop)
                 except ray_cluster.RETRYABLE as exc:
                     oom = isinstance(exc, ray_cluster.OUT_OF_MEMORY)
                     out_of_memory += oom
                     why = ("Ray's memory monitor killed it: the node ran out of memory"
                            if oom else type(exc).__name__)
-                    if relayed[0] or attempt == MAX_ATTEMPTS or out_of_memory > MAX_OOM_RETRIES:
+                    if answer.relayed or attempt == MAX_ATTEMPTS or \
+                            out_of_memory > MAX_OOM_RETRIES:
                         raise ReplicaLost(
                             f"the replica running request {rid} stopped ({why}) after part "
-                            "of its answer was sent; retry the request" if relayed[0] else
+                            "of its answer was sent; retry the request" if answer.relayed else
                             f"request {rid} was not answered: {attempt} replica(s) stopped "
                             f"while running it ({why}); retry later",
                             cause="out_of_memory" if oom else "replica_died") from None
@@ -263,11 +234,12 @@ class RayEngine:
             if not self._tasks:
                 self._idle.set()
 
-    async def _pump(self, stream, job: Job, catcher: _ResultCatcher, relayed: list,
+    async def _pump(self, stream, job: Job, answer: RelaySession,
                     stop: asyncio.Event) -> bool:
         """Relay the replica's stream to the client until it ends (True) or ``stop`` is set
         by a cancel or disconnect (False: the stream is cancelled, so the replica drops or
-        stops the request)."""
+        stops the request). What each item means is ``answer``'s to say; this only moves
+        them."""
         conn = job.conn
         items_iter = stream.__aiter__()
         stopped = asyncio.ensure_future(stop.wait())
@@ -284,10 +256,12 @@ class RayEngine:
                     items = following.result()
                 except StopAsyncIteration:
                     return True
-                final = False
                 for item in items:
-                    final |= self._relay_item(item, job, catcher, relayed)
-                if final:
+                    forward = answer.receive(item)
+                    if forward is not None:
+                        conn.send_threadsafe(forward)
+                self._count(answer)
+                if answer.finished:
                     # The request's done/error is out: its answer is complete. Not waiting
                     # for the stream's end saves a round trip, and a replica dying after
                     # this point can no longer add a second ending.
@@ -298,34 +272,13 @@ class RayEngine:
         finally:
             stopped.cancel()
 
-    def _relay_item(self, item, job: Job, catcher: _ResultCatcher, relayed: list) -> bool:
-        """Relay one item; True if it ended the request (its done or error)."""
-        if isinstance(item, dict):
-            self._on_note(item, job)
-            return False
-        kind = None
-        if isinstance(item, bytes):
-            catcher.on_frame(item)
-            relayed[0] = True
-        else:
-            msg = json.loads(item)
-            kind = msg.get("type")
-            if kind == "result":
-                catcher.on_result(msg)
-            if kind != "progress":
-                relayed[0] = True
-        job.conn.send_threadsafe(item)
-        return kind in ("done", "error")
-
-    def _on_note(self, note: dict, job: Job) -> None:
-        if "replica" in note:
+    def _count(self, answer: RelaySession) -> None:
+        """Which replica answered (``describe``, tests), once per answer."""
+        note, answer.replica = answer.replica, None
+        if note is not None:
             self.served_by[note["replica"]] += 1
             self.replica_pids[note["replica"]] = note["pid"]
             self.replica_models[note["replica"]] = note["model"]
-        elif "keep_upload" in note:
-            tensor = job.tensors.get(note["keep_upload"])
-            if tensor is not None:
-                job.conn.store.put(note["as"], tensor)
 
     def _teardown(self) -> None:
         try:

@@ -13,17 +13,15 @@ Importing this module does not import Ray; Serve imports it inside the replica p
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 
 from hookwire.errors import HookwireError
 from hookwire.server.prepare import prepare_model
+from hookwire.server.relay_session import is_final
 from hookwire.server.job_payload import job_from_payload
 from hookwire.server.models import load_model
 from hookwire.server.worker import ModelWorker, error_message
 from hookwire.validate import Limits
-
-_FINAL_TYPES = ("done", "error")
 
 
 class KeptValues:
@@ -59,10 +57,6 @@ class ReplicaConn:
     def send_threadsafe(self, item) -> None:
         if not self.closed:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-def _is_final(item) -> bool:
-    return isinstance(item, str) and json.loads(item).get("type") in _FINAL_TYPES
 
 
 def _replica_id() -> str:
@@ -117,7 +111,7 @@ class ModelReplica:
                 while not conn.queue.empty():
                     items.append(conn.queue.get_nowait())
                 yield items
-                if any(_is_final(item) for item in items):
+                if any(is_final(item) for item in items):
                     return
         finally:
             # Cancelled or abandoned by the front (or finished): the worker drops the job

@@ -128,3 +128,28 @@ def test_client_refuses_a_lying_server(hostile_server, name):
         assert not PAYLOAD_MARKER.exists()
     finally:
         conn.close()
+
+
+def test_a_lying_model_info_answer_drops_the_connection():
+    """Binary data where ``model_info`` was due: a ``ProtocolError``, and the connection is
+    never reused (the pool skips it), since the real answer may still be on its way."""
+    def handler(ws):
+        for message in ws:
+            if isinstance(message, str) and json.loads(message)["type"] == "hello":
+                ws.send(json.dumps({"type": "hello_ok", "protocol": 1,
+                                    "server_version": "evil", "models": ["m"]}))
+            elif isinstance(message, str):
+                ws.send(b"\0\0\0\0")
+
+    server = serve(handler, "127.0.0.1", 0, max_size=None, compression=None)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    conn = Connection(f"ws://127.0.0.1:{server.socket.getsockname()[1]}")
+    try:
+        with pytest.raises(ProtocolError, match="binary"):
+            conn.model_info("m")
+        assert conn.broken and conn.session.open
+    finally:
+        conn.close()
+        server.shutdown()
+        thread.join(10)
