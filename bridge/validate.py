@@ -30,9 +30,9 @@ from hookwire.shape_probe import run_for_shape
 
 # The validated form and the walks over arguments used to live here; these names stay
 # importable from this module for the code that imports them from it.
-__all__ = ["Limits", "validate_structure", "infer_shapes", "FLAT", "DecodedNode", "SiteInfo",
-           "ValidatedGraph", "flat_dim", "flat_factor", "resolve", "walk_refs",
-           "OUTPUT_KINDS", "WRITE_MODES"]
+__all__ = ["Limits", "validate_structure", "infer_shapes", "StructureCheck", "ShapeInference",
+           "FLAT", "DecodedNode", "SiteInfo", "ValidatedGraph", "flat_dim", "flat_factor",
+           "resolve", "walk_refs", "OUTPUT_KINDS", "WRITE_MODES"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
     constants = set(graph.constants)
     if len(constants) != len(graph.constants):
         _fail(None, None, "constants", "a constant id is declared twice")
-    check = _StructureCheck(graph, len(site_infos), constants)
+    check = StructureCheck(graph, len(site_infos), constants)
     for node in graph.nodes:
         check.add(node)
     check.finish()
@@ -143,7 +143,7 @@ def _site_infos(graph: Graph, site_table, site_order) -> list[SiteInfo]:
 _EXCLUSIVE_WRITES = {"replace": "narrow", "narrow": "replace"}
 
 
-class _StructureCheck:
+class StructureCheck:
     """:func:`validate_structure`'s walk over the nodes. :meth:`add` decodes a node, checks a
     special op's signature and pins its stage, runs the method named by the node's ``kind``
     (that kind's own rules), then the rules every node shares (refs backwards, constants
@@ -316,7 +316,7 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     if batch > limits.max_batch or seq > limits.max_seq:
         _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
-    run = _ShapeInference(vg, batch, seq, constants, limits, outputs)
+    run = ShapeInference(vg, batch, seq, constants, limits, outputs)
     for dn in vg.nodes:
         if on_node is not None:
             on_node()
@@ -324,7 +324,7 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     return run.finish()
 
 
-class _ShapeInference:
+class ShapeInference:
     """:func:`infer_shapes`' walk: one method per node kind returns the node's meta value
     (None for a write), checking the limits as it goes; :meth:`finish` checks the saves and
     the value to differentiate, and records the totals on the graph."""

@@ -3,7 +3,7 @@ parameters (``"@<name>"`` constants, :mod:`hookwire.graph`)."""
 from __future__ import annotations
 
 from hookwire.errors import GraphValidationError, ProtocolError
-from hookwire.graph import is_parameter
+from hookwire.ir import is_parameter
 from hookwire.validate import Limits
 
 

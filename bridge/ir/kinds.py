@@ -118,6 +118,19 @@ def parse_signature(sig: str) -> tuple[tuple[str, ...], tuple[str, ...], str | N
     return tuple(required), tuple(optional), varargs
 
 
+def signature_text(signature: "Signed") -> str:
+    """A parsed signature written back in the language: ``t,ii|b,*t; dim=ii?``."""
+    parts = list(signature.required)
+    if signature.optional:
+        parts.append("|" + ",".join(signature.optional))
+    if signature.varargs:
+        parts.append("*" + signature.varargs)
+    text = ",".join(parts).replace(",|", "|")
+    if signature.kwargs:
+        text += "; " + ", ".join(f"{k}={v}" for k, v in signature.kwargs.items())
+    return text
+
+
 def kind_codes(signature: "Signed") -> set[str]:
     """Every kind code a signature uses, without its ``?``."""
     kinds = [*signature.required, *signature.optional, *signature.kwargs.values()]
