@@ -1,5 +1,5 @@
 """The tensors a request's graph names: what the client attached, and the served model's own
-parameters (``"@<name>"`` constants, :mod:`hookwire.graph`)."""
+parameters (``"@<name>"`` constants, :mod:`hookwire.ir.wire`)."""
 from __future__ import annotations
 
 from hookwire.errors import GraphValidationError, ProtocolError
