@@ -84,6 +84,8 @@ class RemoteModelInfo:
     output: str = "logits"          # or "last_hidden_state" (a base model without LM head)
     output_dtype: torch.dtype = torch.float32
     generate_refused: str | None = None   # why it cannot generate on the server
+    causal: bool = True   # False: rows of different lengths must not be padded together
+    output_width: int | None = None   # last dim of the forward's output, as measured
     list_outputs: frozenset = frozenset()  # output sites whose module returns a list
     tl_refused: str | None = None          # why TL hook points are not served
     tl_config: dict = field(default_factory=dict)
@@ -107,6 +109,8 @@ class RemoteModelInfo:
             raise ProtocolError(f"server described the output with dtype {msg.output_dtype!r}")
         info.output_dtype = DTYPES[msg.output_dtype]
         info.generate_refused = msg.generate_refused
+        info.causal = msg.causal
+        info.output_width = msg.output_width
         info.list_outputs = frozenset(msg.list_outputs)
         info.tl_refused = msg.tl_refused
         info.tl_config = dict(msg.tl_config)

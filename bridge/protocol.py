@@ -146,6 +146,13 @@ class ModelInfo(_Msg):
     # LM head (graphs read it as the "logits" output either way).
     output: Literal["logits", "last_hidden_state"] = "logits"
     output_dtype: str = "float32"
+    # False: a later token changes earlier positions' outputs (TL's hand-built test models,
+    # an encoder used as a decoder). The server then never pads its requests, and a client
+    # must not pad rows of different lengths into one forward (pyvene's sources).
+    causal: bool = True
+    # The last dim of the forward's output as the server measured it at load (the vocabulary,
+    # or a base model's hidden size); None from servers that do not say.
+    output_width: int | None = None
     # Why the model cannot generate on the server (hookwire.hf generate), or None.
     generate_refused: str | None = None
     # Why its TransformerLens hook points are not served (TL clients refuse it), or None.

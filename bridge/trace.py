@@ -361,6 +361,7 @@ class Tracer:
         self._next = 0
         self._kept: list = []
         self.closed = False  # set when the run failed: its proxies have no value, ever
+        self.caller_draws = 0  # random draws made from the caller's generator while tracing
         self.user_refs: dict[int, int] = {}  # escaped proxy id -> references user code holds
         # Extension points for adapters whose library drives autograd on the traced values
         # (nnsight's `with loss.backward():` blocks). Unset, both are refused as before.
@@ -815,6 +816,7 @@ class Tracer:
         if not isinstance(like, Proxy):
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        self.caller_draws += 1
         if func in _DROPOUTS:
             return self._dropout(func, like, args, kwargs)
         template = torch.empty_strided(like.shape, like.stride(), dtype=like.dtype)

@@ -2,8 +2,10 @@
 sites) with their shapes, what it tells clients, and the checks that it can be served at all.
 
 A model that cannot be served is refused here, at load, with the reason
-(``UnsupportedModel``): its sites cannot be probed, or it is not causal (a later token changes
-earlier positions, so padded and co-batched requests would not equal their solo runs). A front
+(``UnsupportedModel``): its sites cannot be probed. A model that is not causal (a later token
+changes earlier positions' outputs: TL's hand-built test models, an encoder used as a decoder)
+is served too, but never padded: it shares a forward only with requests of its own length
+(``ModelEntry.causal``, ``worker.batch_key``), and clients that would pad rows refuse it. A front
 that cannot serve it is refused with the reason in the manifest: TL hook points when
 TransformerLens's bridge does not run on it (or it has no LM head), generation when it keeps
 no KV cache, HF module sites when its HF tree cannot be mirrored.
@@ -66,10 +68,20 @@ class ModelEntry:
     solo_replace_sites: set = field(default_factory=set)
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
+    # False: a later token changes earlier positions' outputs (probed at load), so requests
+    # are never right-padded: only requests of equal length share a forward.
+    causal: bool = True
+
+    # The last dim of what the forward returned at load (None: not measured).
+    output_width: int | None = None
 
     @property
     def output_dim(self) -> int:
-        """Size of the last dim of what the forward returns (vocabulary, or hidden size)."""
+        """Size of the last dim of what the forward returns (vocabulary, or hidden size): as
+        measured at load, since a config may say otherwise (TL's hand-built test models
+        declare d_vocab=256 over a 64-row LM head)."""
+        if self.output_width is not None:
+            return self.output_width
         if self.hosted.family.has_lm_head:
             return self.hosted.vocab_size
         return int(self.hosted.original.config.hidden_size)
@@ -124,12 +136,14 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         module_unserved = {ALL_MODULE_SITES: f"the server could not mirror {hosted.name!r}'s "
                            f"HF module tree ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"}
-    output_dtype = check_causal(hosted, hf_model)
+    output_dtype, causal, output_width = probe_causality(hosted, hf_model)
     generate_refused = kv_cache_refusal(hosted, hf_model)
     sites = sites + module_sites
     unserved.update(module_unserved)
     info = describe(hosted, sites, unserved)
     info.output_dtype = DTYPE_NAMES[output_dtype]
+    info.causal = causal
+    info.output_width = output_width
     info.generate_refused = generate_refused
     info.tl_refused = tl_refused
     (info.module_layouts, info.step_module_layouts, info.module_kwarg_layouts,
@@ -150,7 +164,8 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
         output_dtype=output_dtype, generate_refused=generate_refused, tl_refused=tl_refused,
         parameters=parameters, value_ranges=value_ranges(sites, hosted.bridge, hf_model),
-        solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused))
+        solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused),
+        causal=causal, output_width=output_width)
 
 
 def _solo_replace_sites(hosted, sites, site_modules, tl_refused) -> set:
@@ -172,10 +187,12 @@ def _plain_lookup(sites) -> tuple[dict, dict]:
             {(s.name, s.call): i for i, s in enumerate(sites)})
 
 
-def check_causal(hosted: HostedModel, hf_model) -> torch.dtype:
-    """Refuse a model in which a later token changes earlier positions' outputs: requests are
-    padded on the right and co-batched on the promise that they cannot. Returns the dtype of
-    the forward's output."""
+def probe_causality(hosted: HostedModel, hf_model) -> tuple[torch.dtype, bool, int]:
+    """(dtype of the forward's output, whether the model is causal, the output's last dim).
+    Causal: changing the last
+    token leaves every earlier position's output as it was -- the promise right-padding and
+    co-batching requests of different lengths rest on. A model that breaks it is served
+    unpadded (see ``ModelEntry.causal``)."""
     # The plain HF forward where there is one (the same computation as the bridge's, without
     # TL's bookkeeping); the bridge otherwise.
     use_bridge = hf_model is None
@@ -195,17 +212,16 @@ def check_causal(hosted: HostedModel, hf_model) -> torch.dtype:
             else:
                 out = type(model).forward(model, input_ids=t, use_cache=False)
                 out = getattr(out, hosted.family.output_field)
-            dtype = out.dtype
+            dtype, width = out.dtype, int(out.shape[-1])
             outs.append(out[:, :-1].float().cpu())
     scale = outs[0].abs().max().clamp_min(1e-6)
     # Exactly equal for causal models, up to reduction order (MoE expert grouping: ~1e-7).
-    if not bool(((outs[0] - outs[1]).abs().max() / scale) < 1e-4):
-        raise UnsupportedModel(
-            f"cannot serve {hosted.name!r} ({hosted.architecture}): it is not causal -- a "
-            "later token changes the outputs at earlier positions (e.g. an encoder used as a "
-            "decoder without is_decoder=True), so padded and co-batched requests would not "
-            "equal their solo runs", architecture=hosted.architecture)
-    return dtype
+    causal = bool(((outs[0] - outs[1]).abs().max() / scale) < 1e-4)
+    if not causal:
+        log.warning("%s (%s) is not causal: a later token changes earlier positions' outputs; "
+                    "its requests are never padded (only equal lengths share a forward)",
+                    hosted.name, hosted.architecture)
+    return dtype, causal, width
 
 
 def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
@@ -247,5 +263,5 @@ def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
     return None
 
 
-__all__ = ["ModelEntry", "prepare_model", "check_causal", "kv_cache_refusal",
+__all__ = ["ModelEntry", "prepare_model", "probe_causality", "kv_cache_refusal",
            "ALL_MODULE_SITES"]

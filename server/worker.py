@@ -137,7 +137,8 @@ def batch_key(job: Job, entry=None):
     sequence flattened into one dim) cannot be shared at all. A replacing write into one of
     the entry's ``solo_replace_sites`` (server/batch_probe.py) would move every batch mate
     onto another code path. Graphs on sites that fire only with eager attention share a
-    forward only with each other."""
+    forward only with each other; on a model that is not causal, only requests of equal
+    length do (they are never right-padded)."""
     graph = job.submit.graph
     spec = graph.forward
     if job.submit.generate is not None:
@@ -164,8 +165,10 @@ def batch_key(job: Job, entry=None):
             return None
         eager |= info.eager
     # TL's hook switches are the model's state during the forward: only equal ones
-    # share it.
-    return (graph.model, spec.output_attentions, eager, hook_mode(spec.tl_flags))
+    # share it. A model that is not causal is never right-padded: only requests of its own
+    # length share its forward.
+    length = () if getattr(entry, "causal", True) else (_input_shape(job)[1],)
+    return (graph.model, spec.output_attentions, eager, hook_mode(spec.tl_flags)) + length
 
 
 def _input_shape(job: Job) -> tuple:

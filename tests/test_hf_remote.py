@@ -178,6 +178,34 @@ def test_generate_equals_local_and_hf_generate(server, plain, name, do_sample):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def noisy(name):
+    """A hook that adds torch.randn_like noise (from torch's global generator) at each step."""
+    mlp = PATHS[name][0]
+
+    def add_noise(module, args, output):
+        return output + 0.5 * torch.randn_like(output)
+    return {mlp: add_noise}
+
+
+def test_generate_with_torch_noise_in_hooks(server, plain):
+    """torch.randn_like in a hook, greedy: drawn on the caller's machine step by step in
+    local order -- the same tokens as HF's generate after the same torch.manual_seed. Sampled:
+    locally the noise and the sampling share one generator, which the server cannot replay,
+    so it is refused before anything is sent (and the server goes on)."""
+    name = "tiny-gpt2"
+    torch.manual_seed(5)
+    out = hhf.RemoteModel(name).generate(PROMPT, 5, noisy(name))
+    torch.manual_seed(5)
+    reference = hf_generate(plain[name], PROMPT, noisy(name), max_new_tokens=5)
+    assert torch.equal(out.sequences, reference)
+    torch.manual_seed(6)
+    assert not torch.equal(hhf.RemoteModel(name).generate(PROMPT, 5, noisy(name)).sequences,
+                           reference), "the noise must matter, or this proves nothing"
+    with pytest.raises(TraceError, match="hookwire.randn_like"):
+        hhf.RemoteModel(name).generate(PROMPT, 5, noisy(name), do_sample=True, seed=3)
+    assert hhf.RemoteModel(name).generate(PROMPT, 2).sequences.shape == (2, 9)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generate_intervene_on_prompt_only(server, plain, name):
     remote_steps, local_steps = [], []

@@ -20,7 +20,6 @@ import hookwire.client
 import hookwire.hf as hhf
 import hookwire.nnsight as hnn
 import hookwire.pyvene as hpv
-import hookwire.server as hs
 import hookwire.transformerlens as htl
 import pyvene as pv
 from hookwire.errors import HookwireError, UnsupportedModel
@@ -81,15 +80,40 @@ def test_checkpoint_of_an_unserved_architecture_is_refused_at_load(tmp_path):
         load_model(str(tmp_path / "t5"))
 
 
-def test_a_model_that_is_not_causal_is_refused_at_load():
-    """BERT as a decoder without is_decoder=True attends both ways: padded and co-batched
-    requests would not equal their solo runs."""
+def test_a_model_that_is_not_causal_is_served_unpadded():
+    """BERT as a decoder without is_decoder=True attends both ways: a later token changes
+    earlier positions, so right-padding a short request to a batch mate's length would change
+    its result. The server hosts it, says so in the manifest, and never pads it: requests of
+    equal length share a forward, others get their own. Sent together, requests of two
+    lengths each equal the local bridge's run on the same weights."""
     arch = "BertLMHeadModel"
     config = dict(tiny_config(arch, family_for_architecture(arch).config_class),
                   is_decoder=False)
-    model, _ = build_hf_model(arch, config, seed=0)
-    with pytest.raises(UnsupportedModel, match="not causal"):
-        hs.start(models={"bert": model}, port=0)
+    served, cfg = build_hf_model(arch, config, seed=0)
+    local_hf, _ = build_hf_model(arch, config, seed=0)
+    local = wrap_in_bridge(local_hf, arch, cfg, None, "bert")
+    gen = torch.Generator().manual_seed(5)
+    short, long = (torch.randint(3, 90, (2, n), generator=gen) for n in (4, 7))
+    assert not torch.equal(local(torch.cat([short, long[:, 4:]], 1))[:, :4], local(short)), \
+        "the model must be one a later token changes (else this test proves nothing)"
+
+    def scale(x, hook):
+        return x * 1.5
+
+    def hooks(site):
+        return [(site, scale)]
+
+    with serving(models={"bert": served}):
+        assert hookwire.client.get_connection().model_info("bert").causal is False
+        remote = htl.RemoteModel("bert")
+        site = "blocks.0.hook_out"
+        inputs = [short, long, short.flip(0), long.flip(0)]
+        runs = [remote.run_with_hooks(t, fwd_hooks=hooks(site), remote=True, blocking=False)
+                for t in inputs]
+        results = hookwire.gather(runs)
+        for t, got in zip(inputs, results):
+            assert_close(got, local.run_with_hooks(t, fwd_hooks=hooks(site)),
+                         rtol=1e-5, atol=1e-5)
 
 
 # ---- dtypes ------------------------------------------------------------------------------------

@@ -260,15 +260,93 @@ def test_remote_backward_never_touches_weights(local_models, tokens):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_backward_needs_a_scalar(local_models, tokens):
+def test_backward_needs_a_scalar_or_hooks_at_backward_time(local_models, tokens):
+    """Backward hooks with the logits returned: the forward runs (equal to local), and its
+    backward would run later -- but run_with_hooks took its hooks off when it returned, so
+    locally that backward would only fill the weights' .grad, which a remote run cannot: a
+    typed error says so. Per-token losses are no scalar at all."""
+    from hookwire.backward_done import GradientNotAvailable
+
     model = local_models["tiny-gpt2"]
-    with pytest.raises(HookwireError, match="scalar output to differentiate"):
-        model.run_with_hooks(tokens, bwd_hooks=[("blocks.0.hook_resid_pre",
-                                                 lambda g, hook: None)], remote=True)
+    hooks = [("blocks.0.hook_resid_pre", lambda g, hook: None)]
+    logits = model.run_with_hooks(tokens, bwd_hooks=hooks, remote=True)
+    torch.testing.assert_close(logits.detach(), model(tokens).detach(), **TOL)
+    assert logits.requires_grad  # as a local output's
+    with pytest.raises(GradientNotAvailable, match="no backward hooks are attached"):
+        logits.sum().backward()
     with pytest.raises(HookwireError, match="scalar output to differentiate"):
         model.run_with_hooks(tokens, return_type="loss", loss_per_token=True,
-                             bwd_hooks=[("blocks.0.hook_resid_pre", lambda g, hook: None)],
-                             remote=True)
+                             bwd_hooks=hooks, remote=True)
+
+
+def test_plain_remote_output_says_why_it_has_no_gradient(local_models, remote_models,
+                                                         tokens):
+    """A remote forward with no backward hooks: the output requires grad as a local one
+    does, and its .backward() raises a typed error with the way out instead of torch's
+    "does not require grad"; in-place edits of it still work as on a local output."""
+    from hookwire.backward_done import GradientNotAvailable
+
+    for model in (remote_models["tiny-gpt2"], local_models["tiny-gpt2"]):
+        logits = model.run_with_hooks(tokens, fwd_hooks=[], remote=True)
+        assert logits.requires_grad
+        logits[:, 0] = 0.0
+        with pytest.raises(GradientNotAvailable, match="server ran no backward pass"):
+            logits.sum().backward()
+        with torch.no_grad():
+            assert not model.run_with_hooks(tokens, fwd_hooks=[], remote=True).requires_grad
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_then_backward_as_in_a_local_notebook(local_models, remote_models, tokens,
+                                                      name):
+    """Attribution patching's usual spelling, unchanged: hooks in both directions, a plain
+    forward, a metric computed locally on the logits, ``.backward()``. Remotely the forward
+    runs at once and the backward when asked for, seeded with the metric's gradient; the
+    cache, the gradients and the value equal the local run's -- on the weightless stand-in
+    (Neel Nanda's get_cache_fwd_and_bwd with add_hook) and on a local model inside
+    ``hooks(..., remote=True)``."""
+    local, stand_in = local_models[name], remote_models[name]
+
+    def get_cache_fwd_and_bwd(model):
+        model.reset_hooks()
+        cache, grad_cache = {}, {}
+
+        def forward_cache_hook(act, hook):
+            cache[hook.name] = act.detach()
+
+        def backward_cache_hook(grad, hook):
+            grad_cache[hook.name] = grad.detach()
+        model.add_hook(resid_or_z, forward_cache_hook, "fwd")
+        model.add_hook(resid_or_z, backward_cache_hook, "bwd")
+        value = logit_diff(model(tokens))
+        value.backward()
+        model.reset_hooks()
+        return value.item(), cache, grad_cache
+
+    def in_hooks_block(model, remote):
+        cache, grads = {}, {}
+        with model.hooks(fwd_hooks=[(resid_or_z, lambda a, hook: cache.__setitem__(
+                hook.name, a.detach()))],
+                bwd_hooks=[(resid_or_z, lambda g, hook: grads.__setitem__(
+                    hook.name, g.detach()))], **({"remote": True} if remote else {})):
+            logits = model(tokens)
+            value = logits[:, -1].log_softmax(-1)[:, 5].sum()
+            value.backward()
+        return value.item(), cache, grads
+
+    expected = get_cache_fwd_and_bwd(local)
+    local.zero_grad(set_to_none=True)
+    got = get_cache_fwd_and_bwd(stand_in)
+    assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+    assert_dicts_close(got[1], expected[1])
+    assert_dicts_close(got[2], expected[2])
+    expected = in_hooks_block(local, remote=False)
+    local.zero_grad(set_to_none=True)
+    got = in_hooks_block(local, remote=True)
+    assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
+    assert_dicts_close(got[1], expected[1])
+    assert_dicts_close(got[2], expected[2])
+    assert all(p.grad is None for p in local.parameters())  # the remote run's: none
 
 
 def test_metric_must_be_a_traced_scalar(local_models, tokens):

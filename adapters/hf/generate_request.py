@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from hookwire.client import get_connection
+from hookwire.errors import TraceError
 from hookwire.generation import TOKEN_PREFIX, parse_step_name
 from hookwire.ir import rename_constants
 from hookwire.hf.outputs import GenerateOutput, cache_hooks
@@ -63,6 +64,16 @@ class GenerationRun:
                            "forward": {"return_type": None}})
             escaped.append(traced.escaped)
             caches.append(cache)
+        if self.options["do_sample"] and any(tr.caller_draws for tr in alive):
+            # Locally, HF's sampling and the hooks' torch.randn_like draw from one generator,
+            # step after step; the server samples from `seed`, and the hooks' noise was
+            # drawn here while tracing: the tokens would silently differ from local.
+            raise TraceError(
+                "a hook draws random numbers from torch's generator (torch.randn_like, "
+                "rand_like, normal_, dropout...) in a sampled generation (do_sample=True): "
+                "locally those draws interleave with the sampling's own, which the server "
+                "cannot replay. Use hookwire.randn_like(x, seed=...) / hookwire.rand_like "
+                "(drawn on the server, the same locally), or greedy decoding")
         return graphs, tensors, escaped, caches
 
     def run(self, on_token=None, run=None, traced=None) -> GenerateOutput:

@@ -30,6 +30,11 @@ from hookwire.pyvene.training import DifferentiableCall
 from hookwire.pyvene.translate import trace_call
 
 
+def _never(site) -> bool:
+    """``can_cut`` for a model that is not causal: no row block is cut short."""
+    return False
+
+
 class NotSupportedRemotely(HookwireError, AttributeError):
     """A part of pyvene's ``IntervenableModel`` API that a remote model does not offer."""
     code = "not_supported_remotely"
@@ -266,7 +271,7 @@ class RemoteIntervenableModel:
             source_reps = {k: v.detach() for k, v in source_reps.items()}
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
         tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
-                     subspaces, can_cut=self._sequence_first)
+                     subspaces, can_cut=self._sequence_first if self.info.causal else _never)
         base_out, cf_out, collected = self._run(layout, outputs, tasks, use_fast, labels,
                                                 base_in.labels)
         if collected is not None:
@@ -285,6 +290,16 @@ class RemoteIntervenableModel:
         untouched copy's loss: pyvene runs it as ``model(**base)``)."""
         # With autograd on and trainable parameters, the call is differentiable with respect
         # to them (pyvene's training loop: loss.backward() on the returned logits).
+        if not self.info.causal and len({r.length for r in layout.rows}) > 1:
+            # Local pyvene runs base and sources as forwards of their own lengths; here they
+            # share one forward, padded to the longest, and in a model whose later tokens
+            # change earlier positions padding changes the result.
+            raise UnsupportedModel(
+                f"{self.model_name!r} is not causal (a later token changes earlier positions' "
+                "outputs), so its base and sources cannot be padded into one remote forward, "
+                f"and they have different lengths ({sorted({r.length for r in layout.rows})}): "
+                "give every source the base's length, or run pyvene locally",
+                architecture=self.info.architecture)
         differentiable = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.get_trainable_parameters())
         traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,

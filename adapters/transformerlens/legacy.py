@@ -24,6 +24,7 @@ import functools
 
 import torch
 
+from hookwire.backward_done import gradient_unchanged
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, TraceError
 from hookwire.families import config_from_dict, family_for_architecture
@@ -227,7 +228,8 @@ def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tra
                 for fn in list(hp._backward_hooks.values()):
                     tracer.context = (_label(fn), name)
                     result = fn(hp, (view,), (view,))
-                    if result is not None or grad._hw_version > 0 or view._hw_version > 0:
+                    if not (gradient_unchanged(result, view) or gradient_unchanged(result, grad)) or \
+                            grad._hw_version > 0 or view._hw_version > 0:
                         raise TraceError(
                             f"a backward hook on {name!r} changes the gradient; remote backward "
                             "hooks can read gradients (cache, attribute, reduce them) but not "

@@ -17,7 +17,9 @@ except ImportError:  # TL 2.x has no bridges; its forward returns early instead 
         pass
 
 from hookwire.aliases import plan_aliases
-from hookwire.backward_done import backward_ran_on_server
+from hookwire.backward_done import (GradientNotAvailable, backward_on_demand,
+                                    backward_ran_on_server, gradient_stays_remote,
+                                    gradient_unchanged)
 from hookwire.client import RemoteModelInfo, get_connection
 from hookwire.errors import HookwireError, SiteNotServed, TraceError, UnsupportedModel
 from hookwire.frames import DTYPE_NAMES
@@ -207,7 +209,7 @@ def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tra
                 # TL's backward wrapper takes (module, grad_input, grad_output); for a hook
                 # point both are the gradient of its output.
                 result = fn(hp, (grad,), (grad,))
-                if result is not None or grad._hw_version > 0:
+                if not gradient_unchanged(result, grad) or grad._hw_version > 0:
                     raise TraceError(f"a backward hook on {site.name!r} changes the gradient; "
                                      "remote backward hooks can read gradients (cache, "
                                      "attribute, reduce them) but not replace them")
@@ -234,7 +236,8 @@ def trace_backward_target(tracer: Tracer, info: RemoteModelInfo, model, batch: i
     loss_shape = (batch, seq - 1) if loss_per_token else ()
     outputs = {}
     if return_type in ("logits", "both"):
-        outputs["logits"] = tracer.read_output("logits", (batch, seq, model.cfg.d_vocab), dtype)
+        width = info.output_width or model.cfg.d_vocab
+        outputs["logits"] = tracer.read_output("logits", (batch, seq, width), dtype)
     if return_type in ("loss", "both"):
         outputs["loss"] = tracer.read_output("loss", loss_shape, dtype)
     if metric is None:
@@ -350,6 +353,14 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     is returned instead of the output (and the output is not sent)."""
     if return_type not in RETURN_TYPES:
         raise ValueError(f"return_type must be one of {RETURN_TYPES}")
+    # The call as given, for a backward pass asked for later (see ``deferred`` below).
+    again = functools.partial(
+        remote_forward, model, RemoteTarget(target.url, target.api_key, target.model,
+                                            target.progress),
+        input, return_type=return_type, loss_per_token=loss_per_token,
+        prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask,
+        stop_at_layer=stop_at_layer, start_at_layer=start_at_layer, progress=progress,
+        output_attentions=output_attentions, **kwargs)
     from hookwire.transformerlens import legacy  # lazy: legacy.py imports this module
     check_remote_capable(model)
     position_ids = kwargs.pop("position_ids", None)
@@ -399,6 +410,14 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                         stop_site(model, info, stop_at_layer),
                         backward_sites, skip=start_skip(model, start, is_legacy))
         differentiate = bool(backward_sites)
+        # Backward hooks and only the logits to return, as in ``model(tokens)`` followed by
+        # ``metric(logits).backward()`` (attribution patching's usual spelling): the forward
+        # runs now, and the backward when the user asks for it, with the gradient they pass.
+        deferred = differentiate and metric is None and return_type == "logits" and \
+            not stopped and target.run is None and torch.is_grad_enabled() and \
+            not _all_frozen(model)
+        if deferred:
+            differentiate = False
         if stopped:
             if differentiate or metric is not None:
                 raise HookwireError("backward hooks and metric= cannot be combined with "
@@ -497,19 +516,44 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
             made.update(aliases.values_for(k, result.values[f"__escaped_{k}"]))
         rebind(escaped, [made[i] for i in range(len(escaped))], roots=roots,
                expected=tracer.user_refs)
+    # With autograd on and trainable weights, a local output has a grad_fn; a remote one
+    # that ran no backward pass gets one that says why it cannot differentiate.
+    local_grad = torch.is_grad_enabled() and not _all_frozen(model)
+    plain = gradient_stays_remote if local_grad else (lambda value: value)
     if stopped:
         # What a TL forward with stop_at_layer returns (TL 2.x and TL 4 alike): the residual.
-        return result.values["__stop__"]
-    done = backward_ran_on_server if differentiate else (lambda value: value)
-    if metric is not None:
-        return done(result.values["__metric__"])
+        return plain(result.values["__stop__"])
+    done = backward_ran_on_server if differentiate else plain
+    if metric is not None:  # hookwire's own argument: its value pretends no backward
+        return done(result.values["__metric__"]) if differentiate else \
+            result.values["__metric__"]
     if return_type == "logits":
-        return result.values["__logits__"]
+        if deferred:
+            return backward_on_demand(result.values["__logits__"],
+                                      lambda grad: _backward_later(again, grad))
+        return plain(result.values["__logits__"])
     if return_type == "loss":
         return done(result.values["__loss__"])
     if return_type == "both":
-        return result.values["__logits__"], done(result.values["__loss__"])
+        return plain(result.values["__logits__"]), done(result.values["__loss__"])
     return None
+
+
+def _backward_later(again, grad: torch.Tensor) -> None:
+    """``logits.backward(grad)`` of a remote forward that had backward hooks: the same call
+    again, with the server differentiating ``(logits * grad).sum()`` -- whose gradient with
+    respect to the logits is exactly ``grad`` -- so the backward hooks attached now run on
+    the gradients a local backward would give them."""
+    model = again.args[0]
+    if not any(hp._backward_hooks for hp in cached_hook_points(model).values()):
+        # Locally this backward would only fill the parameters' .grad: not here.
+        raise GradientNotAvailable(
+            "no backward hooks are attached any more, so this remote output's backward "
+            "would only give the model's weights gradients, and those stay on the server: "
+            "call .backward() while the backward hooks are attached (e.g. inside the "
+            "hooks() block), or run the model locally")
+    seed = grad.detach().to("cpu")
+    again(metric=lambda logits: (logits * seed).sum())
 
 
 def _traced(model, target: RemoteTarget) -> bool:
