@@ -167,3 +167,13 @@ def test_stages_of_a_graph_with_every_kind():
                       outputs={"logits": ((2, 5, 7), torch.float32)})
     assert vg.shapes[14].shape == (2, 5, 4) and vg.shapes[13].shape == (2, 5, 4)
     assert vg.shapes[3] is None and vg.shapes[11].shape == ()
+
+
+@pytest.mark.parametrize("value", [{"dtype": ["float32"]}, {"float": {"x": 1}},
+                                   {"slice": [1, True, None]}, {"ref": True}, {"list": 3},
+                                   {"ellipsis": 1}, {"const": 5}, {"nope": 1}])
+def test_malformed_one_key_objects_are_refused_as_out_of_vocabulary(value):
+    # Unhashable values under "dtype"/"float" once escaped decode_arg as a TypeError.
+    with pytest.raises(GraphValidationError) as info:
+        decode_arg(value, "node 0 (add)")
+    assert info.value.details.get("rule") == "arg_form"
