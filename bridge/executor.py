@@ -1,6 +1,10 @@
 """The interleaver: runs a validated graph alongside a real forward pass.
 
-Like ``torch.fx.Interpreter``, ``run_node`` dispatches on the node's kind. Hooks go only on
+Like ``torch.fx.Interpreter``, ``run_node`` dispatches on the node's kind:
+``getattr(self, node.kind)`` -- one method per special op (``site_read``, ``site_write``,
+``site_grad``, ``output_read``, ``const_grad``; :mod:`hookwire.ir.special`) and ``call_op``
+for every registry op. A subclass changes how a kind runs by overriding its method. Hooks go
+only on
 the sites the graph uses. At each site the nodes whose inputs are now complete run (their
 *stage* is that site), saved values go to ``on_save`` the moment they exist, values nobody
 needs any more are dropped, and when no later site and no output is needed the forward stops.
@@ -23,9 +27,12 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
-from hookwire.graph import is_parameter
+from hookwire.ir.args import resolve, walk_refs
+from hookwire.ir.special import CONST_GRAD, SITE_GRAD, SITE_READ, SITE_WRITE
+from hookwire.ir.stages import BEFORE_FORWARD
+from hookwire.ir.validated import DecodedNode, ValidatedGraph
+from hookwire.ir.wire import is_parameter
 from hookwire.module_sites import attach
-from hookwire.validate import ValidatedGraph, resolve, walk_refs
 
 
 class StopForward(Exception):
@@ -64,7 +71,7 @@ class Interleaver:
         self.value_ranges = value_ranges or {}
         # Constants whose gradient is read become leaves of this request's autograd graph
         # (fresh copies: the caller's tensors, possibly shared residents, stay untouched).
-        self.grad_consts = [dn.args[0].tid for dn in vg.nodes if dn.op == "const.grad"]
+        self.grad_consts = [dn.args[0].tid for dn in vg.nodes if dn.op == CONST_GRAD]
         self.constants = dict(constants)
         for tid in self.grad_consts:
             self.constants[tid] = constants[tid].detach().clone().requires_grad_(True)
@@ -89,9 +96,9 @@ class Interleaver:
         self.backward = vg.graph.backward
         if self.backward is not None:
             self.pending[self.backward] += 1  # kept until the backward pass
-        self.grad_sites = {dn.site for dn in vg.nodes if dn.op == "site.grad"}
+        self.grad_sites = {dn.site for dn in vg.nodes if dn.op == SITE_GRAD}
         self.inplace_sites = {dn.site for dn in vg.nodes
-                              if dn.op == "site.write" and dn.mode == "inplace"}
+                              if dn.op == SITE_WRITE and dn.mode == "inplace"}
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -106,18 +113,30 @@ class Interleaver:
         return torch.enable_grad() if self.needs_grad else torch.no_grad()
 
     # ---- node kinds ----------------------------------------------------------------------
-    def run_node(self, dn, site_value=None):
-        if dn.op == "site.read":
-            return site_value
-        if dn.op == "site.grad":
-            return self.grads[dn.site]
-        if dn.op == "output.read":
-            return self.outputs[dn.args[0]]
-        if dn.op == "const.grad":
-            return self.const_grads[dn.args[0].tid]
-        if dn.op == "site.write":
-            self.writes[dn.site][dn.mode] = dn.id
-            return resolve(dn.args[1], self.values, self.constants)
+    def run_node(self, dn: DecodedNode, site_value=None):
+        """The value of one node: the method named by its kind runs it (``site_value`` is
+        the activation at the current site, for ``site.read``)."""
+        return getattr(self, dn.kind)(dn, site_value)
+
+    def site_read(self, dn: DecodedNode, site_value):
+        return site_value
+
+    def site_grad(self, dn: DecodedNode, site_value):
+        return self.grads[dn.site]
+
+    def output_read(self, dn: DecodedNode, site_value):
+        return self.outputs[dn.args[0]]
+
+    def const_grad(self, dn: DecodedNode, site_value):
+        return self.const_grads[dn.args[0].tid]
+
+    def site_write(self, dn: DecodedNode, site_value):
+        """The value to write; ``at_site`` applies it once the site's stage has run."""
+        self.writes[dn.site][dn.mode] = dn.id
+        return resolve(dn.args[1], self.values, self.constants)
+
+    def call_op(self, dn: DecodedNode, site_value):
+        """A registry op: its torch callable on the resolved arguments."""
         args = resolve(dn.args, self.values, self.constants)
         kwargs = {k: resolve(v, self.values, self.constants) for k, v in dn.kwargs.items()}
         if len(_devices(args, _devices(tuple(kwargs.values())))) > 1:
@@ -240,7 +259,7 @@ class Interleaver:
             info = self.vg.site_infos[index]
             raise ExecutionError(f"node {node} writes values in [{lo}, {hi}] into site "
                                  f"{info.name!r}, whose values must lie in [{low}, {high}): "
-                                 "the model indexes with them", node=node, op="site.write",
+                                 "the model indexes with them", node=node, op=SITE_WRITE,
                                  rule="value_range", site=info.name)
 
     def release(self) -> None:
@@ -256,7 +275,7 @@ class Interleaver:
 
     def start(self):
         """Nodes that need no site (constants only) run before the forward."""
-        self._run_stage(-1)
+        self._run_stage(BEFORE_FORWARD)
 
     @property
     def finished_sites(self) -> bool:
@@ -264,7 +283,7 @@ class Interleaver:
 
     def _read_node(self, index: int):
         for dn in self.by_stage.get(index, ()):
-            if dn.op == "site.read":
+            if dn.op == SITE_READ:
                 return dn.id
         return None
 

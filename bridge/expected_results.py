@@ -19,7 +19,7 @@ import torch
 
 from hookwire.errors import ProtocolError
 from hookwire.generation import step_name, token_name
-from hookwire.graph import Graph
+from hookwire.ir import Graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
 
 # Inference on the client is bounded: a graph larger than this is checked by name and by

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hookwire.graph import Graph
+from hookwire.ir import Graph
 
 TOKEN_PREFIX = "__token__"
 STEP_SEPARATOR = "/"

@@ -6,11 +6,10 @@ before anything runs, a cost model (``hookwire.op_costs``: the flops and the tra
 the op will cost, computed from shapes before it runs) and the client-side torch callables
 that trace to it.
 
-Signature kinds: ``t`` tensor, ``n`` number, ``tn`` tensor or number, ``i`` int, ``ii`` int or
-tuple of ints, ``b`` bool, ``d`` dtype, ``idx`` index expression, ``ts`` tuple of tensors,
-``eq`` einsum equation, ``s`` short string, ``nps`` a norm order (number, "fro" or "nuc"),
-``any`` anything in the vocabulary but refs to tuples. A trailing ``?`` also allows None;
-``*k`` takes any number of ``k``; kinds after ``|`` are optional.
+Signatures are written in the argument-kind language of :mod:`hookwire.ir.kinds` (``"t,ii|b"``:
+a tensor, an int or tuple of ints, optionally a bool), the one place its codes are defined
+and documented. The special ops (``site.read`` & co.) are a table of the same shape beside
+this one: :data:`hookwire.ir.special.SPECIAL_OPS`.
 
 Index-taking ops (``gather``, ``scatter*``, ``index_*``, advanced indexing, ``one_hot``,
 losses with class targets) check their indices' range before the kernel runs: on CUDA an
@@ -19,14 +18,13 @@ user, not an exception.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from hookwire.graph import Const, Ref
+from hookwire.ir.kinds import check_args, kind_matches, parse_signature
 from hookwire.op_costs import (FREE, Copy, CostModel, Decomposed, Formula, Linalg, Pointwise,
                                Reduction, Sorting)
 from hookwire.op_formulas import (bucketize_cost, cdist_cost, diff_cost, fft_cost,
@@ -40,8 +38,8 @@ T = torch.Tensor
 class OpSpec:
     """One registered op: its wire ``name``, the torch callable the server runs (``fn``, one
     of our own literal references), its argument signature (``required``/``optional``/
-    ``varargs``/``kwargs`` in the kind codes of the module docstring, checked by
-    :func:`check_args`), its cost model, the client-side torch callables that trace to it
+    ``varargs``/``kwargs`` in the kind codes of :mod:`hookwire.ir.kinds`, checked by
+    ``check_args``), its cost model, the client-side torch callables that trace to it
     (``clients``), and whether it returns a tuple (``multi_output``: unpacked with
     ``tuple_get``) or a shape that depends on values (``data_dependent``)."""
     name: str
@@ -59,20 +57,6 @@ class OpSpec:
 
 OPS: dict[str, OpSpec] = {}
 CLIENT_OPS: dict[Callable, str] = {}     # torch callable -> op name (client tracing)
-SPECIAL_OPS = {"site.read", "site.write", "tuple_get", "input"}
-
-
-def _parse_sig(sig: str):
-    required, optional, varargs = [], [], None
-    target = required
-    for part in [p.strip() for p in sig.replace("|", ",|,").split(",") if p.strip()]:
-        if part == "|":
-            target = optional
-        elif part.startswith("*"):
-            varargs = part[1:]
-        else:
-            target.append(part)
-    return tuple(required), tuple(optional), varargs
 
 
 def op(name: str, fn: Callable, sig: str, *, cost: CostModel, clients=(), multi_output=False,
@@ -81,7 +65,7 @@ def op(name: str, fn: Callable, sig: str, *, cost: CostModel, clients=(), multi_
     shapes before it runs has no place in the registry."""
     if not isinstance(cost, CostModel):
         raise TypeError(f"op {name!r}: cost must be a hookwire.op_costs.CostModel")
-    required, optional, varargs = _parse_sig(sig)
+    required, optional, varargs = parse_signature(sig)
     spec = OpSpec(name, fn, required, optional, varargs, dict(kwargs), cost, list(clients),
                   multi_output, data_dependent)
     OPS[name] = spec
@@ -598,88 +582,5 @@ for _f, _name in {T.__imul__: "mul", T.__itruediv__: "div", T.__ifloordiv__: "fl
     INPLACE_OPS[_f] = _name
 
 
-# ---- argument checking -------------------------------------------------------------------
-
-_EQ_RE = re.compile(r"^[a-zA-Z ,.>\-]{1,128}$")
-_S_RE = re.compile(r"^[a-zA-Z_]{1,40}$")
-
-
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_tensor_ref(v):
-    return isinstance(v, (Ref, Const))
-
-
-def _is_index(v, depth=0) -> bool:
-    if depth > 3:
-        return False
-    if v is None or v is Ellipsis or isinstance(v, (bool, int, slice)) or _is_tensor_ref(v):
-        return True
-    if isinstance(v, tuple):
-        return all(_is_index(x, depth + 1) for x in v)
-    if isinstance(v, list):
-        return all(_is_int(x) or isinstance(x, bool) for x in v) or all(
-            _is_index(x, depth + 1) for x in v)
-    return False
-
-
-def kind_matches(kind: str, v) -> bool:
-    if kind.endswith("?"):
-        if v is None:
-            return True
-        kind = kind[:-1]
-    if kind == "t":
-        return _is_tensor_ref(v)
-    if kind == "n":
-        return isinstance(v, (int, float, bool))
-    if kind == "nps":  # a norm order: number or a name like "fro"
-        return isinstance(v, (int, float)) or (isinstance(v, str) and v in ("fro", "nuc"))
-    if kind == "tn":
-        return _is_tensor_ref(v) or isinstance(v, (int, float, bool))
-    if kind == "i":
-        return _is_int(v)
-    if kind == "ii":
-        return _is_int(v) or (isinstance(v, (tuple, list)) and len(v) <= 16
-                              and all(_is_int(x) for x in v))
-    if kind == "b":
-        return isinstance(v, bool)
-    if kind == "d":
-        return isinstance(v, torch.dtype)
-    if kind == "idx":
-        return _is_index(v)
-    if kind == "ts":
-        return isinstance(v, (tuple, list)) and 0 < len(v) <= 4096 and all(
-            _is_tensor_ref(x) for x in v)
-    if kind == "eq":
-        return isinstance(v, str) and bool(_EQ_RE.match(v))
-    if kind == "s":
-        return isinstance(v, str) and bool(_S_RE.match(v))
-    if kind == "any":
-        return True
-    raise AssertionError(f"unknown kind {kind}")
-
-
-def check_args(spec: OpSpec, args: tuple, kwargs: dict) -> str | None:
-    """None if the arguments fit the op's signature, else the reason they do not."""
-    n_fixed = len(spec.required) + len(spec.optional)
-    if len(args) < len(spec.required):
-        return f"needs at least {len(spec.required)} arguments, got {len(args)}"
-    if spec.varargs is None and len(args) > n_fixed:
-        return f"takes at most {n_fixed} arguments, got {len(args)}"
-    kinds = list(spec.required) + list(spec.optional)
-    for i, a in enumerate(args):
-        kind = kinds[i] if i < len(kinds) else spec.varargs
-        if not kind_matches(kind, a):
-            return f"argument {i} does not fit kind {kind!r}"
-    for k, v in kwargs.items():
-        if k not in spec.kwargs:
-            return f"keyword {k!r} is not accepted (accepted: {sorted(spec.kwargs)})"
-        if not kind_matches(spec.kwargs[k], v):
-            return f"keyword {k!r} does not fit kind {spec.kwargs[k]!r}"
-    return None
-
-
-__all__ = ["OPS", "CLIENT_OPS", "INPLACE_OPS", "OpSpec", "check_args", "kind_matches",
-           "SPECIAL_OPS"]
+# check_args and kind_matches are re-exported: the registry's users check signatures with them.
+__all__ = ["OPS", "CLIENT_OPS", "INPLACE_OPS", "OpSpec", "check_args", "kind_matches"]

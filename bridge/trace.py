@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
-from hookwire.graph import PARAMETER_PREFIX, Const, Ref, encode_arg
+from hookwire.ir.args import Const, Ref, encode_arg
+from hookwire.ir.special import OUTPUT_READ, SITE_GRAD, SITE_READ, SITE_WRITE
+from hookwire.ir.wire import PARAMETER_PREFIX, node_json
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
 from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
 from hookwire.shape_probe import check_on_twins
@@ -378,12 +380,12 @@ class Tracer:
 
     # ---- recording ------------------------------------------------------------------------
     def emit(self, op: str, args: tuple = (), kwargs: dict | None = None) -> int:
+        """Record one node -- the JSON of a wire ``Node`` (:mod:`hookwire.ir.wire`) -- and
+        return its id."""
         nid = self._next
         self._next += 1
-        node = {"id": nid, "op": op, "args": [self._encode(a) for a in args]}
-        if kwargs:
-            node["kwargs"] = {k: self._encode(v) for k, v in kwargs.items()}
-        self.nodes.append(node)
+        self.nodes.append(node_json(nid, op, [self._encode(a) for a in args],
+                                    {k: self._encode(v) for k, v in (kwargs or {}).items()}))
         return nid
 
     def _encode(self, value):
@@ -494,18 +496,18 @@ class Tracer:
 
     def read_site(self, name: str, call: int, shape, dtype, requires_grad: bool = False
                   ) -> Proxy:
-        node = self.emit("site.read", (self.add_site(name, call),))
+        node = self.emit(SITE_READ, (self.add_site(name, call),))
         return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
                      requires_grad and self.track_grad)
 
     def read_grad(self, index: int, shape, dtype) -> Proxy:
         """The gradient of the graph's ``backward`` value at site ``index``."""
-        node = self.emit("site.grad", (index,))
+        node = self.emit(SITE_GRAD, (index,))
         return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"))
 
     def read_output(self, kind: str, shape, dtype) -> Proxy:
         """The forward's output (``logits`` or ``loss``), once the forward is over."""
-        node = self.emit("output.read", (kind,))
+        node = self.emit(OUTPUT_READ, (kind,))
         return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
                      self.track_grad and torch.is_grad_enabled())
 
@@ -513,7 +515,7 @@ class Tracer:
         if not isinstance(value, torch.Tensor):
             raise trace_error(f"returning a {type(value).__name__} from a hook",
                               "return a tensor of the activation's shape, or None")
-        self.emit("site.write", (index, value), {"mode": mode})
+        self.emit(SITE_WRITE, (index, value), {"mode": mode})
 
     def save(self, name: str, value: Proxy):
         if value.dtype not in DTYPE_NAMES:

@@ -1,26 +1,38 @@
-"""Everything the server checks before a single op runs.
+"""Everything the server checks before a single op runs: wire graph in, validated graph out
+(both forms: :mod:`hookwire.ir`).
 
-Structure (ids unique, refs point backwards so the graph is acyclic, ops registered, args
-fit their schema, sites exist and are listed in firing order), then shapes and dtypes by
-running every op on the meta device, which also bounds memory before a byte is allocated.
+Two passes, each dispatching on a node's ``kind`` as ``torch.fx.Interpreter`` does (one
+method per special op, :mod:`hookwire.ir.special`, and ``call_op`` for every registry op):
+
+* :func:`validate_structure` -- ids unique, refs point backwards so the graph is acyclic, ops
+  registered, arguments fit their signature, sites exist and are listed in firing order, each
+  special op's own rules; every node gets its stage.
+* :func:`infer_shapes` -- shapes and dtypes by running every op on the meta device, which also
+  bounds memory and work before a byte is allocated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from hookwire.errors import GraphValidationError, LimitExceeded
 from hookwire.frames import DTYPE_NAMES
-from hookwire.graph import Const, Graph, Ref, decode_arg, is_parameter
-from hookwire.ops import OPS, OpSpec, check_args
+from hookwire.ir.args import Const, Ref, decode_arg, resolve, walk_consts, walk_refs
+from hookwire.ir.kinds import check_args
+from hookwire.ir.special import OUTPUT_KINDS, SPECIAL_OPS, WRITE_MODES, SpecialOp
+from hookwire.ir.stages import Stages
+from hookwire.ir.validated import (FLAT, DecodedNode, SiteInfo, ValidatedGraph, flat_dim,
+                                   flat_factor)
+from hookwire.ir.wire import Graph, Node, is_parameter
+from hookwire.ops import OPS
 from hookwire.shape_probe import run_for_shape
 
-SPECIAL = ("site.read", "site.write", "site.grad")
-# "narrow": replace the site's value by its first k batch rows; the rest of the forward runs on
-# those rows only (rows a graph no longer needs, e.g. pyvene's source rows, stop computing).
-WRITE_MODES = ("replace", "inplace", "narrow")
-OUTPUT_KINDS = {"logits": ("logits", "both"), "loss": ("loss", "both")}  # kind -> return types
+# The validated form and the walks over arguments used to live here; these names stay
+# importable from this module for the code that imports them from it.
+__all__ = ["Limits", "validate_structure", "infer_shapes", "StructureCheck", "ShapeInference",
+           "FLAT", "DecodedNode", "SiteInfo", "ValidatedGraph", "flat_dim", "flat_factor",
+           "resolve", "walk_refs", "OUTPUT_KINDS", "WRITE_MODES"]
 
 
 @dataclass(frozen=True)
@@ -76,124 +88,42 @@ class Limits:
     front_share: float = 0.25
 
 
-# A dim of a site's symbolic shape: "B" (batch), "S" (sequence), "B*S" (batch and sequence
-# flattened into one dim, batch-major: OPT's MLP, MoE routers), "B*S*k" (the same with a
-# further factor: a top-k router's token x expert pairs, heads folded into the rows) or a
-# fixed size.
-FLAT = "B*S"
-
-
-def flat_factor(d) -> int | None:
-    """k for a "B*S" (1) or "B*S*k" dim; None for any other dim."""
-    if not isinstance(d, str) or not d.startswith(FLAT):
-        return None
-    rest = d[len(FLAT):]
-    if not rest:
-        return 1
-    return int(rest[1:]) if rest[0] == "*" and rest[1:].isdigit() else None
-
-
-def flat_dim(k: int) -> str:
-    return FLAT if k == 1 else f"{FLAT}*{k}"
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """A site as the model declares it: symbolic shape ('B', 'S', 'B*S' or an int per dim)."""
-    name: str
-    call: int
-    shape: tuple
-    dtype: torch.dtype
-    grad: bool = False  # its value depends on the weights, so a backward pass reaches it
-    eager: bool = False  # fires only when attention runs eagerly (patterns, scores)
-
-    def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else seq if d == "S" else
-                     batch * seq * flat_factor(d) if flat_factor(d) else d for d in self.shape)
-
-    @property
-    def flattened(self) -> bool:
-        """Batch and sequence share one dim: a request's rows are not a block of it once
-        requests of different lengths are padded together (such requests run alone)."""
-        return any(flat_factor(d) for d in self.shape)
-
-
-@dataclass
-class DecodedNode:
-    """A node after :func:`validate_structure`: arguments decoded (``Ref``/``Const``
-    placeholders), its registry entry (``spec``; None for special ops), and the *stage* it
-    runs at -- the latest stage of anything it depends on."""
-    id: int
-    op: str
-    args: tuple
-    kwargs: dict
-    spec: OpSpec | None
-    # When the node can run: -1 before the forward, k at site k, len(sites) once the
-    # forward's output exists, len(sites) + 1 after the backward pass.
-    stage: int = -1
-    site: int | None = None    # for site.read / site.write
-    mode: str | None = None    # for site.write
-
-
-@dataclass
-class ValidatedGraph:
-    """The server's form of a graph: the wire :class:`~hookwire.graph.Graph`, its decoded
-    nodes, the :class:`SiteInfo` of each listed site, and -- after :func:`infer_shapes` --
-    every node's meta value and the totals the limits were checked against (saved bytes,
-    intermediate bytes, flops). Stages: ``-1`` before the forward, ``k`` at site k,
-    ``output_stage`` once the forward's output exists, ``grad_stage`` after the backward."""
-    graph: Graph
-    nodes: list[DecodedNode]
-    site_infos: list[SiteInfo]
-    shapes: dict[int, object] = field(default_factory=dict)  # node id -> meta value
-    saved_bytes: int = 0
-    value_bytes: int = 0  # all intermediates together (an upper bound of what it holds)
-    flops: int = 0        # counted work of its ops
-
-    @property
-    def output_stage(self) -> int:
-        return len(self.site_infos)
-
-    @property
-    def grad_stage(self) -> int:
-        return len(self.site_infos) + 1
-
 
 def _fail(node_id, op, rule, message, cls=GraphValidationError):
     where = f"node {node_id} ({op})" if node_id is not None else "graph"
     raise cls(f"{where}: {message}", node=node_id, op=op, rule=rule)
 
 
-def walk_refs(value, out: list) -> list:
-    """Append to ``out`` the node id of every ``Ref`` in a decoded argument (nested tuples,
-    lists and slice bounds included) and return ``out``: the edges of the graph, as the
-    validator and the executor both read them."""
-    if isinstance(value, Ref):
-        out.append(value.node)
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            walk_refs(v, out)
-    elif isinstance(value, slice):
-        for v in (value.start, value.stop, value.step):
-            walk_refs(v, out)
-    return out
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _walk_consts(value, out: list):
-    if isinstance(value, Const):
-        out.append(value.tid)
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            _walk_consts(v, out)
-    return out
-
+# ---- structure ---------------------------------------------------------------------------
 
 def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo],
                        site_order: dict[tuple[str, int], int], limits: Limits
                        ) -> ValidatedGraph:
+    """The wire ``graph`` checked against the served model's sites (``site_table``: (name,
+    call) -> :class:`SiteInfo`; ``site_order``: its firing position) and decoded: a
+    :class:`ValidatedGraph` whose every node has its stage. Raises
+    :class:`~hookwire.errors.GraphValidationError` (or ``LimitExceeded``) naming the node and
+    the rule."""
     if len(graph.nodes) > limits.max_nodes:
         _fail(None, None, "max_nodes", f"{len(graph.nodes)} nodes; limit {limits.max_nodes}",
               LimitExceeded)
+    site_infos = _site_infos(graph, site_table, site_order)
+    constants = set(graph.constants)
+    if len(constants) != len(graph.constants):
+        _fail(None, None, "constants", "a constant id is declared twice")
+    check = StructureCheck(graph, len(site_infos), constants)
+    for node in graph.nodes:
+        check.add(node)
+    check.finish()
+    return ValidatedGraph(graph, check.decoded, site_infos)
+
+
+def _site_infos(graph: Graph, site_table, site_order) -> list[SiteInfo]:
+    """The listed sites as the model declares them; each must exist, in firing order."""
     site_infos = []
     last_pos = -1
     for i, site in enumerate(graph.sites):
@@ -206,129 +136,158 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
                   "order or twice")
         last_pos = site_order[key]
         site_infos.append(site_table[key])
-    constants = set(graph.constants)
-    if len(constants) != len(graph.constants):
-        _fail(None, None, "constants", "a constant id is declared twice")
-    decoded: list[DecodedNode] = []
-    by_id: dict[int, DecodedNode] = {}
-    reads, writes, grads, outputs_read, const_grads = set(), set(), set(), set(), set()
-    for node in graph.nodes:
+    return site_infos
+
+
+# A "replace" and a "narrow" write both hand the model the site's value: one of them per site.
+_EXCLUSIVE_WRITES = {"replace": "narrow", "narrow": "replace"}
+
+
+class StructureCheck:
+    """:func:`validate_structure`'s walk over the nodes. :meth:`add` decodes a node, checks a
+    special op's signature and pins its stage, runs the method named by the node's ``kind``
+    (that kind's own rules), then the rules every node shares (refs backwards, constants
+    declared, a pinned node's inputs ready in time); :meth:`finish` checks saves and
+    ``backward``."""
+
+    def __init__(self, graph: Graph, n_sites: int, constants: set[str]):
+        self.graph = graph
+        self.n_sites = n_sites
+        self.stages = Stages(n_sites)
+        self.constants = constants
+        self.decoded: list[DecodedNode] = []
+        self.by_id: dict[int, DecodedNode] = {}
+        # What the graph has read, written and differentiated so far: each at most once.
+        self.reads: set[int] = set()
+        self.writes: set[tuple[int, str]] = set()
+        self.grads: set[int] = set()
+        self.outputs_read: set[str] = set()
+        self.const_grads: set[str] = set()
+
+    def add(self, node: Node) -> None:
         where = f"node {node.id} ({node.op})"
-        if node.id in by_id:
+        if node.id in self.by_id:
             _fail(node.id, node.op, "unique_id", "node id used twice")
         args = tuple(decode_arg(a, where) for a in node.args)
         kwargs = {str(k)[:64]: decode_arg(v, where) for k, v in node.kwargs.items()}
         dn = DecodedNode(node.id, node.op, args, kwargs, None)
-        if node.op == "output.read":
-            kind = args[0] if len(args) == 1 and not kwargs else None
-            if not isinstance(kind, str) or kind not in OUTPUT_KINDS:
-                _fail(node.id, node.op, "args", f"output.read takes one of {list(OUTPUT_KINDS)}")
-            if graph.forward.return_type not in OUTPUT_KINDS[kind]:
-                _fail(node.id, node.op, "output_kind", f"reads the forward's {kind}, but the "
-                      f"forward's return_type is {graph.forward.return_type!r}")
-            if kind in outputs_read:
-                _fail(node.id, node.op, "output_read_once", f"{kind} read twice")
-            outputs_read.add(kind)
-            dn.stage = len(graph.sites)
-        elif node.op == "const.grad":
-            # The gradient of Graph.backward with respect to an attached constant: what a
-            # client needs to train its own parameters (pyvene's rotations) through the
-            # served model. The weights are never a target, only the request's own tensors.
-            tid = args[0].tid if len(args) == 1 and isinstance(args[0], Const) and \
-                not kwargs else None
-            if tid is None:
-                _fail(node.id, node.op, "args", "const.grad takes exactly one constant")
-            if graph.backward is None:
-                _fail(node.id, node.op, "grad_without_backward", "reads a gradient, but "
-                      "the graph names no value to differentiate (backward)")
-            if tid in const_grads:
-                _fail(node.id, node.op, "const_grad_once", "gradient of a constant read twice")
-            if is_parameter(tid):
-                _fail(node.id, node.op, "const_grad_parameter", "the model's weights are never "
-                      "differentiated")
-            const_grads.add(tid)
-            dn.stage = len(graph.sites) + 1
-        elif node.op in SPECIAL:
-            if not args or not isinstance(args[0], int) or isinstance(args[0], bool) or \
-                    not 0 <= args[0] < len(graph.sites):
-                _fail(node.id, node.op, "site_index", "first argument must be a site index")
-            dn.site = args[0]
-            if node.op == "site.read":
-                if len(args) != 1 or kwargs:
-                    _fail(node.id, node.op, "args", "site.read takes exactly a site index")
-                if dn.site in reads:
-                    _fail(node.id, node.op, "site_read_once", "site read twice")
-                reads.add(dn.site)
-                dn.stage = dn.site
-            elif node.op == "site.grad":
-                if len(args) != 1 or kwargs:
-                    _fail(node.id, node.op, "args", "site.grad takes exactly a site index")
-                if graph.backward is None:
-                    _fail(node.id, node.op, "grad_without_backward", "reads a gradient, but "
-                          "the graph names no value to differentiate (backward)")
-                if dn.site in grads:
-                    _fail(node.id, node.op, "site_grad_once", "gradient of a site read twice")
-                grads.add(dn.site)
-                dn.stage = len(graph.sites) + 1
-            else:
-                mode = kwargs.get("mode", "replace")
-                if len(args) != 2 or not isinstance(args[1], (Ref, Const)) or \
-                        set(kwargs) - {"mode"} or mode not in WRITE_MODES:
-                    _fail(node.id, node.op, "args", "site.write takes (site, tensor) and "
-                          f"mode in {WRITE_MODES}")
-                if (dn.site, mode) in writes or (dn.site, {"replace": "narrow", "narrow":
-                                                         "replace"}.get(mode)) in writes:
-                    _fail(node.id, node.op, "site_write_once", f"site written twice ({mode})")
-                writes.add((dn.site, mode))
-                dn.mode = mode
-        else:
-            spec = OPS.get(node.op)
-            if spec is None:
-                _fail(node.id, node.op, "unknown_op", f"op {node.op[:64]!r} is not in the "
-                      "registry of allowed operations")
-            reason = check_args(spec, args, kwargs)
-            if reason:
-                _fail(node.id, node.op, "op_schema", reason)
-            dn.spec = spec
-        refs = walk_refs(args, []) + walk_refs(tuple(kwargs.values()), [])
+        special = SPECIAL_OPS.get(node.op)
+        if special is not None:
+            self._special_signature(dn, special)
+            dn.stage = self.stages.of(special.stage, dn.site)
+        getattr(self, dn.kind)(dn)
+        self._inputs(dn, pinned=special is not None and special.pinned)
+        self.decoded.append(dn)
+        self.by_id[node.id] = dn
+
+    def _special_signature(self, dn: DecodedNode, special: SpecialOp) -> None:
+        if special.site_arg:
+            site = dn.args[0] if dn.args else None
+            if not _is_int(site) or not 0 <= site < self.n_sites:
+                _fail(dn.id, dn.op, "site_index", "first argument must be a site index")
+            dn.site = site
+        if check_args(special, dn.args, dn.kwargs) is not None:
+            self._usage(dn)
+
+    @staticmethod
+    def _usage(dn: DecodedNode):
+        _fail(dn.id, dn.op, "args", SPECIAL_OPS[dn.op].usage)
+
+    def _once(self, dn: DecodedNode, seen: set, key, rule: str, message: str) -> None:
+        if key in seen:
+            _fail(dn.id, dn.op, rule, message)
+        seen.add(key)
+
+    def _needs_backward(self, dn: DecodedNode) -> None:
+        if self.graph.backward is None:
+            _fail(dn.id, dn.op, "grad_without_backward", "reads a gradient, but the graph "
+                  "names no value to differentiate (backward)")
+
+    # ---- one method per node kind (hookwire.ir.special) ----------------------------------
+    def site_read(self, dn: DecodedNode) -> None:
+        self._once(dn, self.reads, dn.site, "site_read_once", "site read twice")
+
+    def site_write(self, dn: DecodedNode) -> None:
+        mode = dn.kwargs.get("mode", "replace")
+        if mode not in WRITE_MODES:
+            self._usage(dn)
+        if (dn.site, mode) in self.writes or \
+                (dn.site, _EXCLUSIVE_WRITES.get(mode)) in self.writes:
+            _fail(dn.id, dn.op, "site_write_once", f"site written twice ({mode})")
+        self.writes.add((dn.site, mode))
+        dn.mode = mode
+
+    def site_grad(self, dn: DecodedNode) -> None:
+        self._needs_backward(dn)
+        self._once(dn, self.grads, dn.site, "site_grad_once", "gradient of a site read twice")
+
+    def output_read(self, dn: DecodedNode) -> None:
+        kind = dn.args[0]
+        if kind not in OUTPUT_KINDS:
+            self._usage(dn)
+        if self.graph.forward.return_type not in OUTPUT_KINDS[kind]:
+            _fail(dn.id, dn.op, "output_kind", f"reads the forward's {kind}, but the "
+                  f"forward's return_type is {self.graph.forward.return_type!r}")
+        self._once(dn, self.outputs_read, kind, "output_read_once", f"{kind} read twice")
+
+    def const_grad(self, dn: DecodedNode) -> None:
+        # The gradient of Graph.backward with respect to an attached constant: what a client
+        # needs to train its own parameters (pyvene's rotations) through the served model.
+        # The weights are never a target, only the request's own tensors.
+        if not isinstance(dn.args[0], Const):
+            self._usage(dn)
+        tid = dn.args[0].tid
+        self._needs_backward(dn)
+        self._once(dn, self.const_grads, tid, "const_grad_once",
+                   "gradient of a constant read twice")
+        if is_parameter(tid):
+            _fail(dn.id, dn.op, "const_grad_parameter", "the model's weights are never "
+                  "differentiated")
+
+    def call_op(self, dn: DecodedNode) -> None:
+        spec = OPS.get(dn.op)
+        if spec is None:
+            _fail(dn.id, dn.op, "unknown_op", f"op {dn.op[:64]!r} is not in the "
+                  "registry of allowed operations")
+        reason = check_args(spec, dn.args, dn.kwargs)
+        if reason:
+            _fail(dn.id, dn.op, "op_schema", reason)
+        dn.spec = spec
+
+    # ---- rules every node shares ---------------------------------------------------------
+    def _inputs(self, dn: DecodedNode, pinned: bool) -> None:
+        """Refs name earlier nodes (so the graph is acyclic), constants are declared, and the
+        node's stage becomes the latest of its own and its inputs'; a pinned node (a write)
+        keeps its own, so its inputs must exist by then."""
         stage = dn.stage
-        for r in refs:
-            if r not in by_id:
-                _fail(node.id, node.op, "ref_order", f"refers to node {r}, which is not "
+        for r in walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), []):
+            if r not in self.by_id:
+                _fail(dn.id, dn.op, "ref_order", f"refers to node {r}, which is not "
                       "defined before it (graphs are topologically ordered; cycles refused)")
-            stage = max(stage, by_id[r].stage)
-        for tid in _walk_consts(args, []) + _walk_consts(tuple(kwargs.values()), []):
-            if tid not in constants:
-                _fail(node.id, node.op, "const_ref", f"refers to undeclared constant {tid!r}")
-        if node.op == "site.write" and stage > dn.site:
-            _fail(node.id, node.op, "write_stage", f"writes site {dn.site} with a value that "
+            stage = max(stage, self.by_id[r].stage)
+        for tid in walk_consts(dn.args, []) + walk_consts(tuple(dn.kwargs.values()), []):
+            if tid not in self.constants:
+                _fail(dn.id, dn.op, "const_ref", f"refers to undeclared constant {tid!r}")
+        if pinned and stage > dn.stage:
+            _fail(dn.id, dn.op, "write_stage", f"writes site {dn.site} with a value that "
                   f"depends on site {stage}, which fires later")
-        dn.stage = stage if node.op != "site.write" else dn.site
-        decoded.append(dn)
-        by_id[node.id] = dn
-    for name, nid in graph.saves.items():
-        if nid not in by_id:
-            _fail(None, None, "save_ref", f"save {name[:64]!r} refers to unknown node {nid}")
-    if graph.backward is not None:
-        if graph.backward not in by_id:
-            _fail(None, None, "backward_ref", f"backward refers to unknown node {graph.backward}")
-        if by_id[graph.backward].stage > len(graph.sites):
-            _fail(graph.backward, by_id[graph.backward].op, "backward_stage",
-                  "the value to differentiate cannot depend on gradients")
-    return ValidatedGraph(graph, decoded, site_infos)
+        if not pinned:
+            dn.stage = stage
+
+    def finish(self) -> None:
+        for name, nid in self.graph.saves.items():
+            if nid not in self.by_id:
+                _fail(None, None, "save_ref", f"save {name[:64]!r} refers to unknown node {nid}")
+        backward = self.graph.backward
+        if backward is not None:
+            if backward not in self.by_id:
+                _fail(None, None, "backward_ref", f"backward refers to unknown node {backward}")
+            if self.by_id[backward].stage > self.stages.output:
+                _fail(backward, self.by_id[backward].op, "backward_stage",
+                      "the value to differentiate cannot depend on gradients")
 
 
-def resolve(value, values: dict, constants: dict):
-    if isinstance(value, Ref):
-        return values[value.node]
-    if isinstance(value, Const):
-        return constants[value.tid]
-    if isinstance(value, tuple):
-        return tuple(resolve(v, values, constants) for v in value)
-    if isinstance(value, list):
-        return [resolve(v, values, constants) for v in value]
-    return value
-
+# ---- shapes, dtypes and costs ------------------------------------------------------------
 
 def _nbytes(value) -> int:
     if isinstance(value, torch.Tensor):
@@ -357,116 +316,161 @@ def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, 
     if batch > limits.max_batch or seq > limits.max_seq:
         _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
-    metas = {tid: _meta_constant(t) for tid, t in constants.items()}
-    values: dict[int, object] = {}
-    total = flops = 0
-    rows, read_at, last_read = batch, {}, -1  # batch rows now, at each site's read
+    run = ShapeInference(vg, batch, seq, constants, limits, outputs)
     for dn in vg.nodes:
         if on_node is not None:
             on_node()
-        if dn.op in ("site.read", "site.grad"):
-            info = vg.site_infos[dn.site]
-            if dn.op == "site.grad" and not info.grad:
-                _fail(dn.id, dn.op, "no_grad_site", f"site {info.name!r} has no gradient: its "
-                      f"value ({info.dtype}) does not depend on the model's weights")
-            if dn.op == "site.read":
-                read_at[dn.site], last_read = rows, max(last_read, dn.site)
-            out = torch.empty(info.concrete_shape(rows, seq), dtype=info.dtype, device="meta")
-        elif dn.op == "output.read":
-            if not outputs or dn.args[0] not in outputs:
-                _fail(dn.id, dn.op, "output_kind", f"this model has no {dn.args[0]} output")
-            shape, dtype = outputs[dn.args[0]]
-            out = torch.empty(shape, dtype=dtype, device="meta")
-        elif dn.op == "const.grad":
-            const = metas[dn.args[0].tid]
-            if not const.dtype.is_floating_point:
-                _fail(dn.id, dn.op, "const_grad_dtype", f"constant {dn.args[0].tid!r} is "
-                      f"{const.dtype}; only floating-point constants have gradients")
-            out = torch.empty(const.shape, dtype=const.dtype, device="meta")
-        elif dn.op == "site.write":
-            info = vg.site_infos[dn.site]
-            val = resolve(dn.args[1], values, metas)
-            want = info.concrete_shape(read_at.get(dn.site, rows), seq)
-            if dn.mode == "narrow" and isinstance(val, torch.Tensor) and val.dim() and \
-                    val.shape[0] <= want[0]:
-                if info.shape[:1] != ("B",):
-                    _fail(dn.id, dn.op, "narrow_site", f"site {info.name!r} has no batch dim")
-                if last_read > dn.site:
-                    _fail(dn.id, dn.op, "narrow_order", "a narrowing write must come before "
-                          "any read of a later site")
-                want = (val.shape[0],) + tuple(want[1:])
-                rows = val.shape[0]
-            if not isinstance(val, torch.Tensor) or tuple(val.shape) != want or \
-                    val.dtype != info.dtype:
-                got = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else type(val)
-                _fail(dn.id, dn.op, "write_shape", f"writes {got} into site "
-                      f"{info.name!r}, which holds {want} {info.dtype}")
-            out = None
-        else:
-            args = resolve(dn.args, values, metas)
-            kwargs = {k: resolve(v, values, metas) for k, v in dn.kwargs.items()}
-            refs = walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), [])
-            if dn.op == "tuple_get":
-                if not isinstance(dn.args[0], Ref) or not isinstance(args[0], tuple) or \
-                        not -len(args[0]) <= args[1] < len(args[0]):
-                    _fail(dn.id, dn.op, "tuple_get", "needs a multi-output node and an "
-                          "index inside it")
-            elif any(isinstance(values[r], tuple) for r in refs):
-                _fail(dn.id, dn.op, "tuple_value", "a multi-output value must be unpacked "
-                      "with tuple_get before use")
-            try:
-                # Sized on meta first, even when small int constants are real (shape_probe);
-                # the cost model of the op's registry entry prices it from the same shapes.
-                out, cost = run_for_shape(dn.spec, args, kwargs, limits.max_value_bytes)
-            except Exception as exc:  # the op itself refused these shapes/dtypes
-                _fail(dn.id, dn.op, "shape_inference", f"{type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
-            if isinstance(out, torch.Tensor) and out.device.type != "meta":
-                out = out.to("meta")
-            if isinstance(out, tuple) and not isinstance(out, torch.Tensor):
-                out = tuple(out)
-            size = _nbytes(out)
-            if size > limits.max_value_bytes:
-                _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
-                      f"{limits.max_value_bytes}", LimitExceeded)
-            flops += cost.flops
-            if flops > limits.max_flops:
-                _fail(dn.id, dn.op, "max_flops", f"ops would take {flops:.3g} flops; "
-                      f"limit {limits.max_flops:.3g}", LimitExceeded)
-            # What torch allocates inside the op and frees before it returns (casts, copies,
-            # broadcast products, sort buffers, workspaces) is an intermediate too.
-            if cost.transient_bytes > limits.max_value_bytes:
-                _fail(dn.id, dn.op, "max_transient_bytes", f"would allocate "
-                      f"{cost.transient_bytes} bytes of temporaries inside the op; limit "
-                      f"{limits.max_value_bytes}", LimitExceeded)
-            total += size
-            if total + cost.transient_bytes > limits.max_total_value_bytes:
-                _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "
-                      f"{total + cost.transient_bytes} bytes; limit "
-                      f"{limits.max_total_value_bytes}", LimitExceeded)
-        values[dn.id] = out
-    saved = 0
-    for name, nid in vg.graph.saves.items():
-        if not isinstance(values[nid], torch.Tensor):
-            _fail(nid, None, "save_value", f"save {name[:64]!r} is not a single tensor")
-        if values[nid].dtype not in DTYPE_NAMES:
-            _fail(nid, None, "save_dtype", f"save {name[:64]!r} is {values[nid].dtype}, which "
-                  "cannot be sent back; save x.real and x.imag, torch.view_as_real(x) or "
-                  "x.abs() instead")
-        saved += _nbytes(values[nid])
-    if saved > limits.max_saved_bytes:
-        _fail(None, None, "max_saved_bytes", f"saves total {saved} bytes; limit "
-              f"{limits.max_saved_bytes}", LimitExceeded)
-    if vg.graph.backward is not None:
-        target = values[vg.graph.backward]
-        if not isinstance(target, torch.Tensor) or target.numel() != 1 or \
-                not target.dtype.is_floating_point:
-            got = (tuple(target.shape), target.dtype) if isinstance(target, torch.Tensor) \
-                else type(target).__name__
-            _fail(vg.graph.backward, None, "backward_scalar", f"the value to differentiate "
-                  f"must be a floating-point scalar, got {got}")
-    vg.shapes = values
-    vg.saved_bytes = saved
-    vg.value_bytes = total
-    vg.flops = flops
-    return vg
+        run.values[dn.id] = getattr(run, dn.kind)(dn)
+    return run.finish()
+
+
+class ShapeInference:
+    """:func:`infer_shapes`' walk: one method per node kind returns the node's meta value
+    (None for a write), checking the limits as it goes; :meth:`finish` checks the saves and
+    the value to differentiate, and records the totals on the graph."""
+
+    def __init__(self, vg: ValidatedGraph, batch: int, seq: int, constants: dict,
+                 limits: Limits, outputs: dict | None):
+        self.vg = vg
+        self.seq = seq
+        self.limits = limits
+        self.outputs = outputs
+        self.metas = {tid: _meta_constant(t) for tid, t in constants.items()}
+        self.values: dict[int, object] = {}
+        self.total = self.flops = 0
+        # Batch rows now (a narrowing write lowers them), at each site's read, and the
+        # latest site read so far.
+        self.rows, self.read_at, self.last_read = batch, {}, -1
+
+    def _site_value(self, dn: DecodedNode) -> torch.Tensor:
+        info = self.vg.site_infos[dn.site]
+        return torch.empty(info.concrete_shape(self.rows, self.seq), dtype=info.dtype,
+                           device="meta")
+
+    # ---- one method per node kind (hookwire.ir.special) ----------------------------------
+    def site_read(self, dn: DecodedNode):
+        out = self._site_value(dn)
+        self.read_at[dn.site], self.last_read = self.rows, max(self.last_read, dn.site)
+        return out
+
+    def site_grad(self, dn: DecodedNode):
+        info = self.vg.site_infos[dn.site]
+        if not info.grad:
+            _fail(dn.id, dn.op, "no_grad_site", f"site {info.name!r} has no gradient: its "
+                  f"value ({info.dtype}) does not depend on the model's weights")
+        return self._site_value(dn)
+
+    def output_read(self, dn: DecodedNode):
+        if not self.outputs or dn.args[0] not in self.outputs:
+            _fail(dn.id, dn.op, "output_kind", f"this model has no {dn.args[0]} output")
+        shape, dtype = self.outputs[dn.args[0]]
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    def const_grad(self, dn: DecodedNode):
+        const = self.metas[dn.args[0].tid]
+        if not const.dtype.is_floating_point:
+            _fail(dn.id, dn.op, "const_grad_dtype", f"constant {dn.args[0].tid!r} is "
+                  f"{const.dtype}; only floating-point constants have gradients")
+        return torch.empty(const.shape, dtype=const.dtype, device="meta")
+
+    def site_write(self, dn: DecodedNode):
+        info = self.vg.site_infos[dn.site]
+        val = resolve(dn.args[1], self.values, self.metas)
+        want = info.concrete_shape(self.read_at.get(dn.site, self.rows), self.seq)
+        if dn.mode == "narrow" and isinstance(val, torch.Tensor) and val.dim() and \
+                val.shape[0] <= want[0]:
+            if info.shape[:1] != ("B",):
+                _fail(dn.id, dn.op, "narrow_site", f"site {info.name!r} has no batch dim")
+            if self.last_read > dn.site:
+                _fail(dn.id, dn.op, "narrow_order", "a narrowing write must come before "
+                      "any read of a later site")
+            want = (val.shape[0],) + tuple(want[1:])
+            self.rows = val.shape[0]
+        if not isinstance(val, torch.Tensor) or tuple(val.shape) != want or \
+                val.dtype != info.dtype:
+            got = (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else type(val)
+            _fail(dn.id, dn.op, "write_shape", f"writes {got} into site "
+                  f"{info.name!r}, which holds {want} {info.dtype}")
+        return None
+
+    def call_op(self, dn: DecodedNode):
+        args = resolve(dn.args, self.values, self.metas)
+        kwargs = {k: resolve(v, self.values, self.metas) for k, v in dn.kwargs.items()}
+        self._tuple_use(dn, args)
+        try:
+            # Sized on meta first, even when small int constants are real (shape_probe);
+            # the cost model of the op's registry entry prices it from the same shapes.
+            out, cost = run_for_shape(dn.spec, args, kwargs, self.limits.max_value_bytes)
+        except Exception as exc:  # the op itself refused these shapes/dtypes
+            _fail(dn.id, dn.op, "shape_inference", f"{type(exc).__name__}: "
+                  f"{str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        if isinstance(out, torch.Tensor) and out.device.type != "meta":
+            out = out.to("meta")
+        if isinstance(out, tuple) and not isinstance(out, torch.Tensor):
+            out = tuple(out)
+        self._charge(dn, _nbytes(out), cost)
+        return out
+
+    # ---- helpers of call_op ----------------------------------------------------------------
+    def _tuple_use(self, dn: DecodedNode, args: tuple) -> None:
+        """A multi-output value is used only through ``tuple_get``, with an index inside it."""
+        if dn.op == "tuple_get":
+            if not isinstance(dn.args[0], Ref) or not isinstance(args[0], tuple) or \
+                    not -len(args[0]) <= args[1] < len(args[0]):
+                _fail(dn.id, dn.op, "tuple_get", "needs a multi-output node and an "
+                      "index inside it")
+            return
+        refs = walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), [])
+        if any(isinstance(self.values[r], tuple) for r in refs):
+            _fail(dn.id, dn.op, "tuple_value", "a multi-output value must be unpacked "
+                  "with tuple_get before use")
+
+    def _charge(self, dn: DecodedNode, size: int, cost) -> None:
+        """Count one op's result bytes, flops and temporaries against the limits."""
+        limits = self.limits
+        if size > limits.max_value_bytes:
+            _fail(dn.id, dn.op, "max_value_bytes", f"would allocate {size} bytes; limit "
+                  f"{limits.max_value_bytes}", LimitExceeded)
+        self.flops += cost.flops
+        if self.flops > limits.max_flops:
+            _fail(dn.id, dn.op, "max_flops", f"ops would take {self.flops:.3g} flops; "
+                  f"limit {limits.max_flops:.3g}", LimitExceeded)
+        # What torch allocates inside the op and frees before it returns (casts, copies,
+        # broadcast products, sort buffers, workspaces) is an intermediate too.
+        if cost.transient_bytes > limits.max_value_bytes:
+            _fail(dn.id, dn.op, "max_transient_bytes", f"would allocate "
+                  f"{cost.transient_bytes} bytes of temporaries inside the op; limit "
+                  f"{limits.max_value_bytes}", LimitExceeded)
+        self.total += size
+        if self.total + cost.transient_bytes > limits.max_total_value_bytes:
+            _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "
+                  f"{self.total + cost.transient_bytes} bytes; limit "
+                  f"{limits.max_total_value_bytes}", LimitExceeded)
+
+    def finish(self) -> ValidatedGraph:
+        vg, values = self.vg, self.values
+        saved = 0
+        for name, nid in vg.graph.saves.items():
+            if not isinstance(values[nid], torch.Tensor):
+                _fail(nid, None, "save_value", f"save {name[:64]!r} is not a single tensor")
+            if values[nid].dtype not in DTYPE_NAMES:
+                _fail(nid, None, "save_dtype", f"save {name[:64]!r} is {values[nid].dtype}, "
+                      "which cannot be sent back; save x.real and x.imag, "
+                      "torch.view_as_real(x) or x.abs() instead")
+            saved += _nbytes(values[nid])
+        if saved > self.limits.max_saved_bytes:
+            _fail(None, None, "max_saved_bytes", f"saves total {saved} bytes; limit "
+                  f"{self.limits.max_saved_bytes}", LimitExceeded)
+        if vg.graph.backward is not None:
+            target = values[vg.graph.backward]
+            if not isinstance(target, torch.Tensor) or target.numel() != 1 or \
+                    not target.dtype.is_floating_point:
+                got = (tuple(target.shape), target.dtype) if isinstance(target, torch.Tensor) \
+                    else type(target).__name__
+                _fail(vg.graph.backward, None, "backward_scalar", f"the value to "
+                      f"differentiate must be a floating-point scalar, got {got}")
+        vg.shapes = values
+        vg.saved_bytes = saved
+        vg.value_bytes = self.total
+        vg.flops = self.flops
+        return vg

@@ -264,7 +264,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from hookwire.graph import graph_json_schema
+    from hookwire.ir import graph_json_schema
     from hookwire.protocol import protocol_json_schema
 
     makers = {"graph": graph_json_schema, "protocol": protocol_json_schema}

@@ -1,9 +1,9 @@
 """The tensors a request's graph names: what the client attached, and the served model's own
-parameters (``"@<name>"`` constants, :mod:`hookwire.graph`)."""
+parameters (``"@<name>"`` constants, :mod:`hookwire.ir.wire`)."""
 from __future__ import annotations
 
 from hookwire.errors import GraphValidationError, ProtocolError
-from hookwire.graph import is_parameter
+from hookwire.ir import is_parameter
 from hookwire.validate import Limits
 
 

@@ -20,7 +20,8 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, GraphValidationError, 
 from hookwire.executor import Interleaver
 from hookwire.generation import (finish_rows, make_generator, next_tokens, step_name,
                                  token_name)
-from hookwire.graph import is_parameter
+from hookwire.ir.special import SITE_WRITE
+from hookwire.ir.wire import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Progress, dump
 from hookwire.server.constants import graph_constants
@@ -39,7 +40,7 @@ def _check_graph(graph, model: str, what: str):
     if any(not is_module_site(s.name) for s in graph.sites):
         raise GraphValidationError(f"{what}: generation graphs use HF module sites "
                                    "('hf:...') only", rule="site_kinds")
-    if any(n.op == "site.write" and n.kwargs.get("mode") == "narrow" for n in graph.nodes):
+    if any(n.op == SITE_WRITE and n.kwargs.get("mode") == "narrow" for n in graph.nodes):
         raise GraphValidationError(f"{what}: narrowing writes cannot change the batch of a "
                                    "KV cache", rule="narrow_site")
 

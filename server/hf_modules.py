@@ -21,7 +21,7 @@ from hookwire.module_sites import (attach, element_values, is_module_site, modul
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
 from hookwire.server.devices import input_device
 from hookwire.server.manifest import PROBE_SHAPES, describe_fired, probe_vocab
-from hookwire.validate import SiteInfo
+from hookwire.ir import SiteInfo
 
 _WRAPPED = re.compile(r"(^|\.)_original_component")
 

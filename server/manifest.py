@@ -16,12 +16,11 @@ from transformer_lens.hook_points import HookPoint
 
 from hookwire.frames import DTYPE_NAMES
 from hookwire.errors import GraphValidationError
-from hookwire.graph import hook_mode
+from hookwire.ir import SiteInfo, flat_dim, hook_mode
 from hookwire.server.devices import input_device
 from hookwire.server.tl_modes import flags_applied, tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription, dump
 from hookwire.tokenizer import tokenizer_files
-from hookwire.validate import SiteInfo, flat_dim
 
 PROBE_SHAPES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
 

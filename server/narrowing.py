@@ -27,6 +27,7 @@ import contextlib
 
 import torch
 
+from hookwire.ir.special import SITE_WRITE
 from hookwire.module_sites import parse_module_site, site_element
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict)
@@ -137,7 +138,7 @@ def narrowed_arguments(model: torch.nn.Module, site: tuple[str, int] | None, ful
 def narrowing_site(vg) -> tuple[str, int] | None:
     """(site name, call) of a validated graph's narrowing write, if it has one."""
     for dn in vg.nodes:
-        if dn.op == "site.write" and dn.mode == "narrow":
+        if dn.op == SITE_WRITE and dn.mode == "narrow":
             info = vg.site_infos[dn.site]
             return info.name, info.call
     return None

@@ -15,6 +15,8 @@ from collections import OrderedDict
 
 from torch.utils.hooks import RemovableHandle
 
+from hookwire.ir.special import SITE_GRAD
+
 
 def _marker():
     from transformer_lens.hook_points import LensHandle
@@ -51,7 +53,7 @@ def marked_for_graph(site_modules: dict, vg):
         if dn.site is None:
             continue
         module = site_modules.get(vg.site_infos[dn.site].name)
-        (bwd if dn.op == "site.grad" else fwd).append(module)
+        (bwd if dn.op == SITE_GRAD else fwd).append(module)
     return tl_hooks_marked([m for m in fwd if m is not None], [m for m in bwd if m is not None])
 
 
@@ -60,13 +62,13 @@ def marked_for_graph(site_modules: dict, vg):
 # ---- TL's hook switches (set_use_attn_result & co.), per request -------------------------
 
 def current_flags(bridge) -> frozenset:
-    from hookwire.graph import TL_HOOK_FLAGS
+    from hookwire.ir import TL_HOOK_FLAGS
 
     return frozenset(f for f in TL_HOOK_FLAGS if bool(getattr(bridge.cfg, f, False)))
 
 
 def _set_flags(bridge, flags) -> None:
-    from hookwire.graph import TL_HOOK_FLAGS
+    from hookwire.ir import TL_HOOK_FLAGS
 
     on = set(flags)
     # Off first: use_split_qkv_input and use_attn_in refuse to be on together.

@@ -13,7 +13,7 @@ import torch
 from hookwire.client import get_connection
 from hookwire.errors import TraceError
 from hookwire.generation import TOKEN_PREFIX, parse_step_name
-from hookwire.graph import rename_constants
+from hookwire.ir import rename_constants
 from hookwire.hf.outputs import GenerateOutput, cache_hooks
 from hookwire.hf.trace_forward import trace_forward
 from hookwire.progress import ProgressBar

@@ -24,7 +24,7 @@ import torch
 from nnsight.intervention.source import NO_SKIP
 
 from hookwire.generation import TOKEN_PREFIX, parse_step_name
-from hookwire.graph import rename_constants
+from hookwire.ir import rename_constants
 from hookwire.nnsight.forward import ForwardDriver
 from hookwire.nnsight.trace_job import model_inputs, real_inputs
 from hookwire.nnsight.values import PendingTokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from hookwire.ir.special import OUTPUT_READ
 from hookwire.nnsight.forward import ForwardDriver
 from hookwire.nnsight.gradients import Backward
 from hookwire.trace import Tracer, trace_error, tracing
@@ -109,7 +110,7 @@ class ForwardJob:
             hw.save(f"__escaped_{i}", proxy)
         if self.inputs is None or not (hw.saves or hw.backward is not None):
             return   # the block stopped before the forward, or keeps nothing: no request
-        reads_output = any(n["op"] == "output.read" for n in hw.nodes)
+        reads_output = any(n["op"] == OUTPUT_READ for n in hw.nodes)
         self.graph = {"version": 1, "model": self.info.name,
                       "inputs": {k: k for k in self.inputs},
                       "constants": hw.constant_ids(), "sites": hw.sites, "nodes": hw.nodes,

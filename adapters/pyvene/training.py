@@ -24,6 +24,8 @@ import copy
 
 import torch
 
+from hookwire.ir.special import CONST_GRAD
+
 
 class _ServerCall(torch.autograd.Function):
     @staticmethod
@@ -109,7 +111,7 @@ def backward_graph(graph: dict, tensors: dict, outputs: list[str], grads,
     if total is None:
         return None, None
     g["backward"] = total
-    g["saves"] = {f"__grad_{tid}": emit("const.grad", {"const": tid}) for tid in leaf_ids}
+    g["saves"] = {f"__grad_{tid}": emit(CONST_GRAD, {"const": tid}) for tid in leaf_ids}
     # The forward's output is still read (the saved outputs are slices of it); only the
     # gradients come back.
     g["forward"] = dict(g["forward"], send_output=False)

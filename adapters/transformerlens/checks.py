@@ -8,7 +8,7 @@ import re
 import torch
 
 from hookwire.errors import HookwireError
-from hookwire.graph import TL_HOOK_FLAGS
+from hookwire.ir import TL_HOOK_FLAGS
 
 # What must agree between a local TL 4 bridge and the server's for hooks to mean the same.
 _SHAPE_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab")
