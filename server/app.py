@@ -55,6 +55,9 @@ log = logging.getLogger("hookwire.server")
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
 MAX_FRAME_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4   # one chunk frame, as clients send them
 MAX_LIST_ITEMS = 100_000  # tensors, refs (protocol.Submit)
+# A connection that sent anything this recently may still send a batch mate: the batch window
+# waits for it (HookwireServer.mates_possible). A lone caller's request runs at once.
+RECENTLY_ACTIVE_S = 1.0
 
 
 class RecentIds(OrderedDict):
@@ -110,6 +113,7 @@ class ConnState:
         self.incoming: Incoming | None = None
         self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
         self.discarded = RecentIds()  # refused request ids: their frames are dropped
+        self.last_active = time.monotonic()  # when it last sent anything (the batch window)
 
     def discard(self, request_id: str) -> None:
         self.discarded.add(request_id)
@@ -199,6 +203,8 @@ class HookwireServer:
         else:  # e.g. RayEngine: its replicas hold the models; it tells what they offer
             self.entries = engine.entries
         self.worker = engine  # the engine seam: submit, queue_depth, cancel, describe, stop
+        if hasattr(engine, "may_join"):  # the embedded worker: end batch windows early
+            engine.may_join = self.mates_possible
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
         self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s,
@@ -213,6 +219,28 @@ class HookwireServer:
         self.share = FrontShare(self.limits.front_share)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def mates_possible(self, queued: list) -> bool:
+        """Whether a request not queued yet could still join the batch the worker is forming
+        (called in the worker thread, while it waits out the batch window): some connection
+        is receiving a submit's tensors, or one without a queued request sent anything in
+        the last ``RECENTLY_ACTIVE_S``. No: the batch runs now instead of waiting for mates
+        that cannot come (a lone caller pays no window). Which requests end up batched
+        never changes a result (co-batched results equal solo ones), only when they run."""
+        waiting = {id(job.conn) for job in queued}
+        now = time.monotonic()
+        try:
+            states = list(self.states)  # the loop thread adds and drops connections
+        except RuntimeError:
+            return True
+        for state in states:
+            if state.closed:
+                continue
+            if state.incoming is not None:
+                return True  # a submit whose tensors are still arriving
+            if id(state) not in waiting and now - state.last_active < RECENTLY_ACTIVE_S:
+                return True
+        return False
 
     # ---- handshake: auth and health before any upgrade -----------------------------------
     def _process_request(self, connection, request):
@@ -298,6 +326,7 @@ class HookwireServer:
         try:
             async for message in ws:
                 t0, cost = time.perf_counter(), [0.0]
+                state.last_active = time.monotonic()
                 try:
                     if isinstance(message, bytes):
                         self._on_frame(state, message)

@@ -218,6 +218,9 @@ class ModelWorker(threading.Thread):
         self.current: list[Job] = []   # what is running now (for shutdown)
         self.busy = threading.Event()  # set while a batch runs (the front's intake yields)
         self.model_lock = threading.RLock()  # held while the models run (or are probed)
+        # Set by the front (HookwireServer.mates_possible): whether a request not queued yet
+        # could still join the batch being formed; None waits the whole window.
+        self.may_join: Callable[[list], bool] | None = None
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -272,7 +275,8 @@ class ModelWorker(threading.Thread):
     def run(self):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
-            jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits)
+            jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits,
+                                             may_join=self.may_join)
             if jobs is None:
                 return
             self.current = jobs
