@@ -77,6 +77,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--profile", choices=["client"], help="cProfile the remote calls")
+    ap.add_argument("--profile-workload", default="ablation")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -97,7 +98,7 @@ def main():
             prof = cProfile.Profile()
             prof.enable()
             for k in range(args.rounds):
-                loads["ablation"](remote, k, **remote_kw)
+                loads[args.profile_workload](remote, k, **remote_kw)
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
             hookwire.client.close_connections()
