@@ -235,10 +235,14 @@ class Connection:
             on_event: Callable[[object], None] | None = None,
             on_value: Callable[[str, torch.Tensor], None] | None = None,
             on_submit: Callable[[str], None] | None = None,
-            submit_extra: dict | None = None) -> RunResult:
+            submit_extra: dict | None = None, progress: bool = True) -> RunResult:
         """Submit a graph with its tensors; block until done. Each saved value is handed to
         ``on_value`` the moment its last byte arrives, before the forward pass ends.
-        ``submit_extra``: further fields of the submit message (``generate``)."""
+        ``submit_extra``: further fields of the submit message (``generate``).
+        ``progress=False``: the server sends no ``progress`` messages (nothing shows them;
+        a small model's call is then a few messages shorter)."""
+        if not progress:
+            submit_extra = {**(submit_extra or {}), "progress": False}
         with self.lock:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if on_submit is not None:

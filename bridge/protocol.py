@@ -66,7 +66,8 @@ class Submit(_Msg):
     bytes follow as binary frames) or referred to on the server in ``refs``; ``keep`` asks
     the server to keep uploads for later requests; ``generate`` makes it a generate request.
     Answered by ``accepted``, ``progress``..., ``result`` + frames per saved value, and
-    exactly one ``done`` or ``error``."""
+    exactly one ``done`` or ``error``; ``progress=False``: no ``progress`` messages (a client
+    that shows none saves their round of messages on every call)."""
     type: Literal["submit"] = "submit"
     request_id: str = Field(max_length=64)
     graph: Graph
@@ -80,6 +81,7 @@ class Submit(_Msg):
     # Set: generate tokens after the prompt (``graph`` is the prompt's forward); see
     # hookwire.generation.
     generate: GenerateSpec | None = None
+    progress: bool = True
 
 
 class Cancel(_Msg):

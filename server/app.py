@@ -24,6 +24,7 @@ import hmac
 import http
 import json
 import logging
+import select
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -58,6 +59,7 @@ MAX_LIST_ITEMS = 100_000  # tensors, refs (protocol.Submit)
 # A connection that sent anything this recently may still send a batch mate: the batch window
 # waits for it (HookwireServer.mates_possible). A lone caller's request runs at once.
 RECENTLY_ACTIVE_S = 1.0
+MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 
 
 class RecentIds(OrderedDict):
@@ -114,6 +116,21 @@ class ConnState:
         self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
         self.discarded = RecentIds()  # refused request ids: their frames are dropped
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
+        self.in_intake = 0  # its control messages being parsed in the intake's threads
+
+    def more_coming(self) -> bool:
+        """Whether this connection is in the middle of sending something: a submit's tensors,
+        a message being parsed, frames received but not handled yet, or bytes waiting in the
+        socket (called from the worker thread; reads only)."""
+        if self.incoming is not None or self.in_intake:
+            return True
+        try:
+            if len(self.ws.recv_messages.frames):
+                return True
+            sock = self.ws.transport.get_extra_info("socket")
+            return sock is not None and bool(select.select([sock], [], [], 0)[0])
+        except Exception:  # closing, or a websockets without these internals: maybe
+            return True
 
     def discard(self, request_id: str) -> None:
         self.discarded.add(request_id)
@@ -222,23 +239,26 @@ class HookwireServer:
 
     def mates_possible(self, queued: list) -> bool:
         """Whether a request not queued yet could still join the batch the worker is forming
-        (called in the worker thread, while it waits out the batch window): some connection
-        is receiving a submit's tensors, or one without a queued request sent anything in
-        the last ``RECENTLY_ACTIVE_S``. No: the batch runs now instead of waiting for mates
-        that cannot come (a lone caller pays no window). Which requests end up batched
-        never changes a result (co-batched results equal solo ones), only when they run."""
-        waiting = {id(job.conn) for job in queued}
-        now = time.monotonic()
+        (called in the worker thread, while it waits out the batch window): a connection is
+        in the middle of sending something (:meth:`ConnState.more_coming`), or one without
+        a queued request sent anything in the last ``RECENTLY_ACTIVE_S``. No: the batch runs
+        now instead of waiting for mates that cannot come, so a lone caller pays no window.
+        Which requests end up batched never changes a result (co-batched results equal
+        solo ones), only when they run."""
         try:
             states = list(self.states)  # the loop thread adds and drops connections
         except RuntimeError:
             return True
+        if len(states) > MAX_WATCHED_CONNECTIONS:
+            return True  # this many connections: mates are likely, and looking costs
+        waiting = {id(job.conn) for job in queued}
+        now = time.monotonic()
         for state in states:
             if state.closed:
                 continue
-            if state.incoming is not None:
-                return True  # a submit whose tensors are still arriving
             if id(state) not in waiting and now - state.last_active < RECENTLY_ACTIVE_S:
+                return True
+            if state.more_coming():
                 return True
         return False
 
@@ -333,8 +353,12 @@ class HookwireServer:
                     else:
                         # Parsed, and a submit admitted, in the intake's threads: never on
                         # this loop, whatever the message holds.
-                        outcome = await self.intake.run(user, len(message), self._admit,
-                                                        state, message, cost=cost)
+                        state.in_intake += 1
+                        try:
+                            outcome = await self.intake.run(user, len(message), self._admit,
+                                                            state, message, cost=cost)
+                        finally:
+                            state.in_intake -= 1
                         t0 = time.perf_counter()  # (waiting for the intake is not loop time)
                         self._on_message(state, outcome)
                 except Exception as exc:

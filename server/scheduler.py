@@ -27,6 +27,8 @@ class Scheduler:
     ``max_tokens`` or the caller's ``fits`` says stop. ``close`` hands back what is still
     queued, so the worker can answer each with ``ServerShuttingDown``.
     """
+    MAY_JOIN_POLL_S = 0.05  # how often a long window asks may_join again without an arrival
+
     def __init__(self, max_queued_per_user: int, window_s: float, max_rows: int,
                  max_tokens: int):
         self.max_queued = max_queued_per_user
@@ -85,7 +87,9 @@ class Scheduler:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                # Woken by each arrival; and now and then, as what may_join sees changes
+                # without one (a connection falls silent).
+                self._cond.wait(min(remaining, self.MAY_JOIN_POLL_S) if may_join else remaining)
             if self._closed:
                 return None
             return self._take(key, rows, tokens, fits)

@@ -384,7 +384,9 @@ class ModelWorker(threading.Thread):
         if entry is None:
             raise UnknownModel(f"model {graph.model!r} is not served here; "
                                f"served: {', '.join(self.models)}")
-        job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="started")))
+        if job.submit.progress:
+            job.conn.send_threadsafe(dump(Progress(request_id=job.request_id,
+                                                   stage="started")))
         if job.refs:  # counted when the submit arrived; copied only now that it runs
             job.tensors = {**job.tensors, **materialize_refs(job.refs)}
             job.refs = []
@@ -485,7 +487,9 @@ class ModelWorker(threading.Thread):
             if time.perf_counter() - p.t_start > limit:
                 raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s; stopped "
                                        f"at site {k} of {n}", rule="max_request_seconds")
-            job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
+            if job.submit.progress:
+                job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k,
+                                                       of=n)))
         return on_site
 
     def _stop_reason(self, members: list[Prepared]):
@@ -558,7 +562,8 @@ class ModelWorker(threading.Thread):
         rid = p.job.request_id
 
         def on_backward():
-            p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
+            if p.job.submit.progress:
+                p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
