@@ -66,8 +66,8 @@ class Submit(_Msg):
     bytes follow as binary frames) or referred to on the server in ``refs``; ``keep`` asks
     the server to keep uploads for later requests; ``generate`` makes it a generate request.
     Answered by ``accepted``, ``progress``..., ``result`` + frames per saved value, and
-    exactly one ``done`` or ``error``; ``progress=False``: no ``progress`` messages (a client
-    that shows none saves their round of messages on every call)."""
+    exactly one ``done`` or ``error``; ``progress=False``: no ``accepted`` and no ``progress``
+    messages (a client that shows none saves them on every call)."""
     type: Literal["submit"] = "submit"
     request_id: str = Field(max_length=64)
     graph: Graph

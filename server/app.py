@@ -117,6 +117,9 @@ class ConnState:
         self.discarded = RecentIds()  # refused request ids: their frames are dropped
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
         self.in_intake = 0  # its control messages being parsed in the intake's threads
+        self._handoff: list = []  # from other threads, waiting for the loop (send_threadsafe)
+        self._handoff_lock = threading.Lock()
+        self._handoff_scheduled = False
 
     def more_coming(self) -> bool:
         """Whether this connection is in the middle of sending something: a submit's tensors,
@@ -136,8 +139,31 @@ class ConnState:
         self.discarded.add(request_id)
 
     def send_threadsafe(self, item) -> None:
-        if not self.closed:
-            self.loop.call_soon_threadsafe(self._put, item)
+        """Hand ``item`` to the outbox from another thread. Items handed over before the
+        loop gets to them travel together: one wake-up of the loop, not one per item (a
+        result's header and its frame, then ``done``, come in a burst)."""
+        if self.closed:
+            return
+        with self._handoff_lock:
+            self._handoff.append(item)
+            if self._handoff_scheduled:
+                return
+            self._handoff_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._take_handoff)
+        except RuntimeError:  # the loop is closed: nothing will be sent any more
+            with self._handoff_lock:
+                self._handoff.clear()
+                self._handoff_scheduled = False
+            raise
+
+    def _take_handoff(self) -> None:  # on the loop
+        with self._handoff_lock:
+            items = list(self._handoff)
+            self._handoff.clear()
+            self._handoff_scheduled = False
+        for item in items:
+            self._put(item)
 
     def _put(self, item) -> None:  # on the loop
         if self.closed and item is not None:
@@ -535,8 +561,9 @@ class HookwireServer:
                                                message=exc.message,
                                                details=_jsonable(exc.details))))
             return
-        state.outbox.put_nowait(dump(Accepted(request_id=submit.request_id,
-                                              queue_position=position)))
+        if submit.progress:  # (a client that shows no progress is not told its place)
+            state.outbox.put_nowait(dump(Accepted(request_id=submit.request_id,
+                                                  queue_position=position)))
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def serve_async(self, ready: threading.Event | None = None,
