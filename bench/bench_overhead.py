@@ -13,6 +13,7 @@ Remote and local results are checked equal before timing. Ratios are remote / lo
 of the same run; both processes run torch single-threaded.
 
     python bench/bench_overhead.py [--rounds 40] [--model tiny-gpt2] [--json out.json]
+    python bench/bench_overhead.py --in-process       # the server in a thread of this process
     python bench/bench_overhead.py --profile client   # cProfile of the remote ablation calls
 """
 from __future__ import annotations
@@ -70,6 +71,21 @@ def workloads(layer: int, n_heads: int, n_layers: int, tokens):
     return {"ablation": ablation, "ablation_metric": ablation_metric, "cache_all": cache_all}
 
 
+class InProcessServer:
+    """``hookwire.server.start`` in this process (its own copy of the model's weights)."""
+
+    def __init__(self, model: str):
+        import hookwire.server as hs
+        self.handle = hs.start(models=[model], port=0)
+        self.url = self.handle.url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.stop()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny-gpt2")
@@ -78,6 +94,8 @@ def main():
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--profile", choices=["client"], help="cProfile the remote calls")
     ap.add_argument("--profile-workload", default="ablation")
+    ap.add_argument("--in-process", action="store_true",
+                    help="the server in a thread of this process (hookwire.server.start)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -86,7 +104,9 @@ def main():
     cfg = local.cfg
     tokens = torch.randint(0, 256, (1, args.seq), generator=torch.Generator().manual_seed(0))
     loads = workloads(cfg.n_layers // 2, cfg.n_heads, cfg.n_layers, tokens)
-    with ServerProcess(args.model, threads=1) as server:
+    server_cm = InProcessServer(args.model) if args.in_process else \
+        ServerProcess(args.model, threads=1)
+    with server_cm as server:
         hookwire.configure(url=server.url)
         remote = htl.RemoteModel(args.model)
         remote_kw = {"progress": False}
@@ -113,6 +133,7 @@ def main():
                         times[f"{name}/{side}"].append((time.perf_counter() - t0) * 1e3)
         hookwire.client.close_connections()
     report = {"model": args.model, "batch": 1, "seq": args.seq, "rounds": args.rounds,
+              "server": "in-process" if args.in_process else "subprocess",
               "ms": {}, "ratio_remote_local": {}}
     for key, ts in times.items():
         report["ms"][key] = {"median": round(statistics.median(ts), 2),
