@@ -131,7 +131,11 @@ class ConnState:
             if len(self.ws.recv_messages.frames):
                 return True
             sock = self.ws.transport.get_extra_info("socket")
-            return sock is not None and bool(select.select([sock], [], [], 0)[0])
+            if sock is None:
+                return False
+            poller = select.poll()  # (select() cannot watch descriptors past FD_SETSIZE)
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
         except Exception:  # closing, or a websockets without these internals: maybe
             return True
 

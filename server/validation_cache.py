@@ -6,7 +6,7 @@ bytes and flops -- is a fixed cost of every call.
 What validation computes depends only on: the graph itself (every field of it), each
 constant's dtype, shape and strides (float constants become meta tensors) and the *values* of
 the small integer and boolean constants that shape inference keeps real
-(``hookwire.validate._meta_constant``: a boolean mask's values decide the shape it selects),
+(``hookwire.validate.kept_real``: a boolean mask's values decide the shape it selects),
 the input's batch and sequence length, the forward's output shapes, the site tables of the
 request's TL hook switches, and the worker's limits (fixed for the cache's life). The key is a
 SHA-256 over all of these; an entry is a graph that *passed*: a failure is never cached, so a
@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import torch
 
-from hookwire.validate import ValidatedGraph, _meta_constant
+from hookwire.validate import ValidatedGraph, kept_real
 
 MAX_ENTRIES = 256
 MAX_NODES = 1000
@@ -45,11 +45,16 @@ class ValidationCache:
 
     def key(self, graph, constants: dict[str, torch.Tensor], batch: int, seq: int,
             outputs: dict) -> bytes | None:
-        """The digest of everything validation reads, or None: not cached (too large)."""
+        """The digest of everything validation reads, or None: not cached (too large, or a
+        graph that cannot even be serialized again, e.g. nested too deep: validation will
+        refuse it with its own error)."""
         if self.max_entries <= 0 or len(graph.nodes) > self.max_nodes:
             return None
         h = hashlib.sha256()
-        h.update(graph.model_dump_json().encode())
+        try:
+            h.update(graph.model_dump_json().encode())
+        except (ValueError, RecursionError):
+            return None
         h.update(repr((int(batch), int(seq))).encode())
         h.update(repr(sorted((k, tuple(s), str(d)) for k, (s, d) in (outputs or {}).items()))
                  .encode())
@@ -57,7 +62,7 @@ class ValidationCache:
         for tid in graph.constants:
             t = constants[tid]
             h.update(repr((tid, str(t.dtype), tuple(t.shape), tuple(t.stride()))).encode())
-            if _meta_constant(t) is t:  # kept real by shape inference: its values count
+            if kept_real(t):  # shape inference uses its values: they are part of the key
                 real += t.numel() * t.element_size()
                 if real > self.max_real_bytes:
                     return None
