@@ -1,9 +1,9 @@
 """Run a hookwire server in its own process for benchmarks (separate GIL, like production).
 
 Usage: python bench/_server_process.py [--no-batching] [--device=D] [--dtype=T] [--attn=IMPL]
-MODEL [MODEL ...]; prints "READY <url>" when listening and serves until stdin closes or it gets
+[--threads=N] MODEL [MODEL ...]; prints "READY <url>" when listening and serves until stdin closes or it gets
 SIGTERM. ``--attn`` builds the built-in models with that attention implementation (eager,
-sdpa) and hosts them as objects."""
+sdpa) and hosts them as objects; ``--threads`` sets torch's thread count."""
 import signal
 import sys
 import threading
@@ -16,6 +16,9 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     batching = "--no-batching" not in args
     options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+    if options.get("threads"):
+        import torch
+        torch.set_num_threads(int(options["threads"]))
     names = [a for a in args if not a.startswith("--")]
     models = names
     if options.get("attn"):

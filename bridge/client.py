@@ -231,10 +231,14 @@ class Connection:
             on_event: Callable[[object], None] | None = None,
             on_value: Callable[[str, torch.Tensor], None] | None = None,
             on_submit: Callable[[str], None] | None = None,
-            submit_extra: dict | None = None) -> RunResult:
+            submit_extra: dict | None = None, progress: bool = True) -> RunResult:
         """Submit a graph with its tensors; block until done. Each saved value is handed to
         ``on_value`` the moment its last byte arrives, before the forward pass ends.
-        ``submit_extra``: further fields of the submit message (``generate``)."""
+        ``submit_extra``: further fields of the submit message (``generate``).
+        ``progress=False``: the server sends no ``progress`` messages (nothing shows them;
+        a small model's call is then a few messages shorter)."""
+        if not progress:
+            submit_extra = {**(submit_extra or {}), "progress": False}
         with self.lock:
             rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
             if on_submit is not None:
@@ -307,7 +311,8 @@ class Connection:
         outgoing = self.session.submit(
             rid, graph, uploads, refs, keep, keep_results=self.use_residents,
             generate=(extra or {}).get("generate"), attached=tensors,
-            info=self.models.get(graph.get("model")))
+            info=self.models.get(graph.get("model")),
+            progress=(extra or {}).get("progress", True))
         for data in outgoing:
             self.ws.send(data)
         result = self._collect(on_event, on_value)

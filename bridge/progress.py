@@ -89,6 +89,11 @@ class ProgressBar:
             self.bar = tqdm(total=self.total, desc=f"hookwire {model}", unit="site",
                             leave=False, disable=None if enabled is None else not enabled)
 
+    @property
+    def shows(self) -> bool:
+        """Whether anything is displayed (else the server need not send progress)."""
+        return self.shared is not None or (self.bar is not None and not self.bar.disable)
+
     def _status(self, text: str) -> None:
         if self.shared is not None:
             self.shared.status(text)

@@ -76,6 +76,9 @@ class SubmitHead(_Msg):
                Annotated[str, Field(pattern=RESIDENT_ID_PATTERN)]] = Field(
         default_factory=dict, max_length=100_000)
     keep_results: bool = True  # keep the saved values resident, so later requests can refer
+    # False: no ``accepted`` and no ``progress`` messages (a client that shows no progress
+    # saves them on every call).
+    progress: bool = True
 
     def with_graph(self, graph_json: str, generate_json: str | None = None) -> str:
         """The submit's JSON text: this head (``type`` and ``request_id`` first, where the
@@ -90,7 +93,8 @@ class Submit(SubmitHead):
     bytes follow as binary frames) or referred to on the server in ``refs``; ``keep`` asks
     the server to keep uploads for later requests; ``generate`` makes it a generate request.
     Answered by ``accepted``, ``progress``..., ``result`` + frames per saved value, and
-    exactly one ``done`` or ``error``."""
+    exactly one ``done`` or ``error``; ``progress=False``: no ``accepted`` and no
+    ``progress`` messages."""
     graph: Graph
     # Set: generate tokens after the prompt (``graph`` is the prompt's forward); see
     # hookwire.generation.

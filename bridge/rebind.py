@@ -110,19 +110,20 @@ _MAX_REACH_DEPTH = 12
 _MAX_REACH_OBJECTS = 20_000
 
 
-def _reachable(roots, skip_ids: set, opaque: tuple = ()) -> list:
-    """Containers the hooks can reach, breadth first and bounded: functions lead to their
-    closure cells, defaults and the globals their code names (and, through those, to the
-    functions they call); partials and bound methods to what they wrap; dicts, lists,
-    tuples, cells and plain objects to what they hold -- except instances of ``opaque``
-    (models: large, and never where user code keeps a traced value; if one is, the count
-    check of :func:`rebind` sends it to the heap walk)."""
+def _reachable(roots, skip_ids: set, opaque: tuple = ()):
+    """Containers the hooks can reach, breadth first and bounded, one list per level (the
+    nearest first, so a caller can stop once it found what it looks for): functions lead
+    to their closure cells, defaults and the globals their code names (and, through those,
+    to the functions they call); partials and bound methods to what they wrap; dicts,
+    lists, tuples, cells and plain objects to what they hold -- except instances of
+    ``opaque`` (models: large, and never where user code keeps a traced value; if one is,
+    the count check of :func:`rebind` sends it to the heap walk)."""
     seen = set(skip_ids)
-    out, frontier = [], list(roots)
+    found, frontier = 0, list(roots)
     for _ in range(_MAX_REACH_DEPTH):
-        nxt = []
+        nxt, out = [], []
         for obj in frontier:
-            if id(obj) in seen or len(out) >= _MAX_REACH_OBJECTS or \
+            if id(obj) in seen or found + len(out) >= _MAX_REACH_OBJECTS or \
                     (opaque and isinstance(obj, opaque)):
                 continue
             seen.add(id(obj))
@@ -146,8 +147,12 @@ def _reachable(roots, skip_ids: set, opaque: tuple = ()) -> list:
                     nxt.extend(attrs.values())
             elif hasattr(obj, "ctx") and isinstance(getattr(obj, "ctx", None), dict):
                 nxt.append(obj.ctx)  # a TL hook point: hook.ctx is the user's
+        found += len(out)
+        yield out
+        del out
+        if not nxt:
+            return
         frontier = nxt
-    return out
 
 
 def _cell_contents(cell) -> list:
@@ -188,18 +193,22 @@ def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
     remaining = list(olds)
     if roots and expected is not None:
         global _REPLACED
-        near = _reachable(roots, skip_ids, opaque)
-        _REPLACED = {}
+        _REPLACED = replaced = {}
         try:
-            for holder in near:
-                if type(holder) is tuple and not any(id(v) in mapping for v in holder):
-                    continue  # rebuilding a tuple means finding its holders: only if needed
-                total += _replace_in(holder, mapping, skip_ids | {id(near)}, 0)
-            replaced = _REPLACED
+            # Level by level from the hooks outwards: most calls are done after a few levels
+            # (the cache dict sits in the hook's closure), before the walk reaches the
+            # globals of the libraries the hooks call into.
+            for near in _reachable(roots, skip_ids, opaque):
+                for holder in near:
+                    if type(holder) is tuple and not any(id(v) in mapping for v in holder):
+                        continue  # rebuilding a tuple means finding its holders: if needed
+                    total += _replace_in(holder, mapping, skip_ids | {id(near)}, 0)
+                del near
+                # Every reference user code held (counted when the run was traced) replaced?
+                if all(replaced.get(id(o), 0) >= expected.get(id(o), 1) for o in olds):
+                    return total
         finally:
             _REPLACED = None
-        del near
-        # Every reference user code held (counted when the run was traced) replaced?
         remaining = [o for o in olds if replaced.get(id(o), 0) < expected.get(id(o), 1)]
         if not remaining:
             return total

@@ -144,19 +144,20 @@ class ClientSession:
                refs: list[dict] = (), keep: dict[str, str] | None = None,
                keep_results: bool = True, generate: dict | None = None,
                attached: dict[str, torch.Tensor] | None = None,
-               info=None) -> Iterator[Union[str, bytes]]:
+               info=None, progress: bool = True) -> Iterator[Union[str, bytes]]:
         """The submit's text, then each upload's chunk frames (made as they are taken).
         ``refs``: attached tensors the server holds (``ResidentRef`` fields); ``keep``:
         uploads to keep (tid -> content id); ``attached``: every attached tensor, uploaded
         or referred to, and ``info`` the model's ``RemoteModelInfo``, to work out what this
-        request may get back (:func:`~hookwire.expected_results.expected_results`)."""
+        request may get back (:func:`~hookwire.expected_results.expected_results`).
+        ``progress=False``: the server sends no ``accepted`` and no ``progress`` messages."""
         graph_json = json.dumps(graph, separators=(",", ":"))
         expected = expected_results(graph, graph_json, attached if attached is not None
                                     else uploads, info, generate)
         head = SubmitHead(request_id=request_id,
                           tensors=[header_for(tid, t) for tid, t in uploads.items()],
                           refs=[ResidentRef(**ref) for ref in refs], keep=keep or {},
-                          keep_results=keep_results)
+                          keep_results=keep_results, progress=progress)
         text = head.with_graph(graph_json, None if generate is None else
                                json.dumps(generate, separators=(",", ":")))
         exchange = _Exchange(request_id=request_id, expected=expected, sent=len(text))

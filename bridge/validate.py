@@ -297,12 +297,16 @@ def _nbytes(value) -> int:
     return 0
 
 
+def kept_real(t: torch.Tensor) -> bool:
+    """Whether shape inference uses this constant's values, not only its shape: small
+    integer/bool constants stay real (indexing with a boolean mask has a shape that depends
+    on the mask's values)."""
+    return t.dtype in (torch.bool, torch.int64, torch.int32, torch.uint8) and \
+        t.numel() <= 1 << 20
+
+
 def _meta_constant(t: torch.Tensor):
-    # Small integer/bool constants stay real: indexing with a boolean mask has a shape
-    # that depends on the mask's values.
-    if t.dtype in (torch.bool, torch.int64, torch.int32, torch.uint8) and t.numel() <= 1 << 20:
-        return t
-    return torch.empty_like(t, device="meta")
+    return t if kept_real(t) else torch.empty_like(t, device="meta")
 
 
 def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, torch.Tensor],

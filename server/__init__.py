@@ -74,7 +74,8 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
     """Start a server in this process. ``models`` maps names to model objects (TL bridges or
     HF models) or is a list of built-in names / checkpoint paths. ``batching=False`` runs
     requests one at a time (as NDIF does); otherwise requests arriving within
-    ``batch_window_s`` of each other share a forward pass.
+    ``batch_window_s`` of each other share a forward pass (the window is not waited when no
+    other connection could send a batch mate).
 
     ``engine="ray"`` (needs ``hookwire[ray]``) runs each model as a Ray Serve deployment of
     ``replicas`` replicas (or {model: replicas}) instead of a thread here: on the cluster at

@@ -26,6 +26,7 @@ import hmac
 import http
 import json
 import logging
+import select
 import threading
 import time
 from collections import Counter
@@ -52,6 +53,10 @@ from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server")
 
+# A connection that sent anything this recently may still send a batch mate: the batch window
+# waits for it (HookwireServer.mates_possible). A lone caller's request runs at once.
+RECENTLY_ACTIVE_S = 1.0
+MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
 
 
@@ -74,6 +79,11 @@ class ConnState:
         self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
         self.timer: asyncio.TimerHandle | None = None  # armed at session.deadline
         self.timer_at: float | None = None
+        self.last_active = time.monotonic()  # when it last sent anything (the batch window)
+        self.in_intake = 0  # its control messages being parsed in the intake's threads
+        self._handoff: list = []  # from other threads, waiting for the loop (send_threadsafe)
+        self._handoff_lock = threading.Lock()
+        self._handoff_scheduled = False
 
     # What engines read: the session's.
     user = property(lambda self: self.session.user)
@@ -89,9 +99,50 @@ class ConnState:
     def weights_in_flight(self, value: bool) -> None:  # server/weights.py, at its end
         self.session.weights_in_flight = value
 
+    def more_coming(self) -> bool:
+        """Whether this connection is in the middle of sending something: a submit's tensors,
+        a message being parsed, frames received but not handled yet, or bytes waiting in the
+        socket (called from the worker thread; reads only)."""
+        if self.session.incoming is not None or self.in_intake:
+            return True
+        try:
+            if len(self.ws.recv_messages.frames):
+                return True
+            sock = self.ws.transport.get_extra_info("socket")
+            if sock is None:
+                return False
+            poller = select.poll()  # (select() cannot watch descriptors past FD_SETSIZE)
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        except Exception:  # closing, or a websockets without these internals: maybe
+            return True
+
     def send_threadsafe(self, item) -> None:
-        if not self.closed:
-            self.loop.call_soon_threadsafe(self._put, item)
+        """Hand ``item`` to the outbox from another thread. Items handed over before the
+        loop gets to them travel together: one wake-up of the loop, not one per item (a
+        result's header and its frame, then ``done``, come in a burst)."""
+        if self.closed:
+            return
+        with self._handoff_lock:
+            self._handoff.append(item)
+            if self._handoff_scheduled:
+                return
+            self._handoff_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._take_handoff)
+        except RuntimeError:  # the loop is closed: nothing will be sent any more
+            with self._handoff_lock:
+                self._handoff.clear()
+                self._handoff_scheduled = False
+            raise
+
+    def _take_handoff(self) -> None:  # on the loop
+        with self._handoff_lock:
+            items = list(self._handoff)
+            self._handoff.clear()
+            self._handoff_scheduled = False
+        for item in items:
+            self._put(item)
 
     def _put(self, item) -> None:  # on the loop
         if self.closed and item is not None:
@@ -159,6 +210,8 @@ class HookwireServer:
         else:  # e.g. RayEngine: its replicas hold the models; it tells what they offer
             self.entries = engine.entries
         self.worker = engine  # the engine seam: submit, queue_depth, cancel, describe, stop
+        if hasattr(engine, "may_join"):  # the embedded worker: end batch windows early
+            engine.may_join = self.mates_possible
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
         self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s,
@@ -170,6 +223,31 @@ class HookwireServer:
         self.share = FrontShare(self.limits.front_share)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def mates_possible(self, queued: list) -> bool:
+        """Whether a request not queued yet could still join the batch the worker is forming
+        (called in the worker thread, while it waits out the batch window): a connection is
+        in the middle of sending something (:meth:`ConnState.more_coming`), or one without
+        a queued request sent anything in the last ``RECENTLY_ACTIVE_S``. No: the batch runs
+        now instead of waiting for mates that cannot come, so a lone caller pays no window.
+        Which requests end up batched never changes a result (co-batched results equal
+        solo ones), only when they run."""
+        try:
+            states = list(self.states)  # the loop thread adds and drops connections
+        except RuntimeError:
+            return True
+        if len(states) > MAX_WATCHED_CONNECTIONS:
+            return True  # this many connections: mates are likely, and looking costs
+        waiting = {id(job.conn) for job in queued}
+        now = time.monotonic()
+        for state in states:
+            if state.closed:
+                continue
+            if id(state) not in waiting and now - state.last_active < RECENTLY_ACTIVE_S:
+                return True
+            if state.more_coming():
+                return True
+        return False
 
     # ---- handshake: auth and health before any upgrade -----------------------------------
     def _process_request(self, connection, request):
@@ -241,13 +319,18 @@ class HookwireServer:
         try:
             async for message in ws:
                 t0, cost = time.perf_counter(), [0.0]
+                state.last_active = time.monotonic()
                 if isinstance(message, bytes):
                     session.receive_frame(message)
                 else:
                     # Parsed, and a submit admitted, in the intake's threads: never on this
                     # loop, whatever the message holds.
-                    admitted = await self.intake.run(user, len(message), session.admit,
-                                                     message, cost=cost)
+                    state.in_intake += 1
+                    try:
+                        admitted = await self.intake.run(user, len(message), session.admit,
+                                                         message, cost=cost)
+                    finally:
+                        state.in_intake -= 1
                     t0 = time.perf_counter()  # (waiting for the intake is not loop time)
                     session.receive_admitted(admitted)
                     del admitted
@@ -316,7 +399,8 @@ class HookwireServer:
             job.finish()
             state.session.refused(submit.request_id, exc)
             return
-        state.session.accepted(submit.request_id, position)
+        if submit.progress:  # (a client that shows no progress is not told its place)
+            state.session.accepted(submit.request_id, position)
 
     async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
         """``model_info`` with TL hook switches on: the engine probes that combination once

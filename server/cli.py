@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-batching", action="store_true",
                    help="run requests one at a time instead of batching users together")
     s.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long a request waits for batch mates (default 5 ms)")
+                   help="how long a request waits for batch mates at most (default 5 ms; "
+                        "not at all when no other connection could send one)")
     s.add_argument("--max-request-seconds", type=float, default=600.0,
                    help="wall-time limit of one request (default 600)")
     s.add_argument("--max-weight-bytes", type=int, default=2 << 30,

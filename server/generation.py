@@ -161,8 +161,9 @@ def run_generation(worker, p, forwards: list) -> None:
             token, unfinished = finish_rows(token, unfinished, spec)
             sent[0] += worker._send_tensor(job, token_name(k), token, snapshot=False,
                                            keep=False)
-            job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="site",
-                                                   site=k + 1, of=spec.max_new_tokens)))
+            if job.submit.progress:
+                job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="site",
+                                                       site=k + 1, of=spec.max_new_tokens)))
             step_input = token[:, None]
             if not bool(unfinished.any()):  # every row chose EOS: as HF's generate, stop
                 steps = k + 1

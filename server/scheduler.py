@@ -4,7 +4,9 @@ round-robin across users, so one user with many queued requests cannot starve th
 A batch is the first waiting request plus every compatible request (same model and forward
 options, within the row and token budget) the rotation reaches, taken one per user per turn.
 The worker asks for a batch, the scheduler waits up to ``window_s`` after the first arrival
-for batch mates.
+for batch mates -- only while a mate may still come: the engine's ``may_join`` hook (the
+front's view of its connections, ``HookwireServer.mates_possible``) ends the window early
+when no connection that could send one is active, so a lone caller's request runs at once.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ class Scheduler:
     ``max_tokens`` or the caller's ``fits`` says stop. ``close`` hands back what is still
     queued, so the worker can answer each with ``ServerShuttingDown``.
     """
+    MAY_JOIN_POLL_S = 0.05  # how often a long window asks may_join again without an arrival
+
     def __init__(self, max_queued_per_user: int, window_s: float, max_rows: int,
                  max_tokens: int):
         self.max_queued = max_queued_per_user
@@ -47,6 +51,9 @@ class Scheduler:
     def _size(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def _queued(self) -> list:
+        return [job for q in self._queues.values() for job in q]
+
     def qsize(self) -> int:
         with self._cond:
             return self._size()
@@ -61,10 +68,13 @@ class Scheduler:
             return left
 
     def next_batch(self, key: Callable, rows: Callable, tokens: Callable,
-                   fits: Callable | None = None) -> list | None:
+                   fits: Callable | None = None,
+                   may_join: Callable[[list], bool] | None = None) -> list | None:
         """Block until a batch is ready (None once closed). ``key(job)`` says which jobs may
         share a forward (None: this one runs alone); ``rows``/``tokens`` size a job;
-        ``fits(jobs)`` may refuse a batch as a whole (e.g. what right-padding makes of it)."""
+        ``fits(jobs)`` may refuse a batch as a whole (e.g. what right-padding makes of it).
+        ``may_join(queued_jobs)``: whether a request not queued yet could still join; once
+        it says no, the window ends (None: always wait the whole window)."""
         with self._cond:
             while not self._size() and not self._closed:
                 self._cond.wait()
@@ -72,10 +82,14 @@ class Scheduler:
                 return None
             deadline = time.monotonic() + self.window_s
             while not self._closed and self._size() < self.max_rows:
+                if may_join is not None and not may_join(self._queued()):
+                    break  # nobody could still send a batch mate: no reason to wait
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                # Woken by each arrival; and now and then, as what may_join sees changes
+                # without one (a connection falls silent).
+                self._cond.wait(min(remaining, self.MAY_JOIN_POLL_S) if may_join else remaining)
             if self._closed:
                 return None
             return self._take(key, rows, tokens, fits)

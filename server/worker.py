@@ -46,6 +46,7 @@ from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
+from hookwire.server.validation_cache import ValidationCache
 from hookwire.graph import hook_mode
 from hookwire.server.manifest import HookMode, probe_hook_mode
 from hookwire.server.tl_modes import flags_applied, marked_for_graph
@@ -219,8 +220,12 @@ class ModelWorker(threading.Thread):
         self.scheduler = Scheduler(limits.max_queued_per_user, window_s if batching else 0.0,
                                    MAX_BATCH_ROWS, MAX_BATCH_TOKENS)
         self.current: list[Job] = []   # what is running now (for shutdown)
+        self.validated = ValidationCache()  # validated graphs, reused by sweeps
         self.busy = threading.Event()  # set while a batch runs (the front's intake yields)
         self.model_lock = threading.RLock()  # held while the models run (or are probed)
+        # Set by the front (HookwireServer.mates_possible): whether a request not queued yet
+        # could still join the batch being formed; None waits the whole window.
+        self.may_join: Callable[[list], bool] | None = None
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -275,7 +280,8 @@ class ModelWorker(threading.Thread):
     def run(self):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
-            jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits)
+            jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits,
+                                             may_join=self.may_join)
             if jobs is None:
                 return
             self.current = jobs
@@ -383,7 +389,9 @@ class ModelWorker(threading.Thread):
         if entry is None:
             raise UnknownModel(f"model {graph.model!r} is not served here; "
                                f"served: {', '.join(self.models)}")
-        job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="started")))
+        if job.submit.progress:
+            job.conn.send_threadsafe(dump(Progress(request_id=job.request_id,
+                                                   stage="started")))
         if job.refs:  # counted when the submit arrived; copied only now that it runs
             job.tensors = {**job.tensors, **materialize_refs(job.refs)}
             job.refs = []
@@ -396,8 +404,16 @@ class ModelWorker(threading.Thread):
             raise ProtocolError(f"token ids must lie in [0, {vocab})")
         check_forward_size(entry, graph.forward, *input_ids.shape, self.limits)
         constants = graph_constants(job, graph, entry, self.limits)
-        site_table, site_order = self.tables_for(graph.model, graph.forward)
-        vg = validate_structure(graph, site_table, site_order, self.limits)
+        tables = self.tables_for(graph.model, graph.forward)
+        batch, seq = input_ids.shape
+        outputs = output_shapes(entry, graph.forward, batch, seq)
+        # A graph this worker validated before (same structure, constants of the same
+        # shapes, same input size): validation would build the very same result.
+        key = self.validated.key(graph, constants, batch, seq, outputs)
+        vg = self.validated.get(key, tables)
+        validated = vg is not None
+        if not validated:
+            vg = validate_structure(graph, *tables, self.limits)
         on_modules = _uses_module_sites(graph)
         if not on_modules and entry.tl_refused is not None:
             if graph.sites:
@@ -406,10 +422,10 @@ class ModelWorker(threading.Thread):
             on_modules = entry.hf_model is not None  # no hooks: the plain forward will do
         residual = start_residual(entry, graph, job.tensors, input_ids) \
             if graph.forward.start_at_layer is not None else None
-        batch, seq = input_ids.shape
-        infer_shapes(vg, batch, seq, constants, self.limits,
-                     outputs=output_shapes(entry, graph.forward, batch, seq),
-                     on_node=self._watch(job, lambda: t_start))
+        if not validated:
+            infer_shapes(vg, batch, seq, constants, self.limits, outputs=outputs,
+                         on_node=self._watch(job, lambda: t_start))
+            self.validated.put(key, vg, tables)
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
@@ -484,7 +500,9 @@ class ModelWorker(threading.Thread):
             if time.perf_counter() - p.t_start > limit:
                 raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s; stopped "
                                        f"at site {k} of {n}", rule="max_request_seconds")
-            job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k, of=n)))
+            if job.submit.progress:
+                job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k,
+                                                       of=n)))
         return on_site
 
     def _stop_reason(self, members: list[Prepared]):
@@ -557,7 +575,8 @@ class ModelWorker(threading.Thread):
         rid = p.job.request_id
 
         def on_backward():
-            p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
+            if p.job.submit.progress:
+                p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge

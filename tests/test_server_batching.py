@@ -142,6 +142,70 @@ def test_scheduler_is_round_robin_across_users():
         small.put("b", "u")
 
 
+def test_the_batch_window_ends_when_no_mate_can_come():
+    """``may_join`` says whether a request not queued yet could still join: while it says
+    yes the scheduler waits (here: until a mate arrives), once it says no the batch goes at
+    once -- a 60 s window is not waited out."""
+    sched = Scheduler(max_queued_per_user=10, window_s=60.0, max_rows=8, max_tokens=10**6)
+    key, size = (lambda job: "same"), (lambda job: 1)
+    asked, out = [], []
+    sched.put("a", "u1")
+    thread = threading.Thread(target=lambda: out.append(sched.next_batch(
+        key, size, size, may_join=lambda queued: (asked.append(list(queued)), False)[1])))
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the window was waited out with no mate possible"
+    assert out == [["a"]] and asked == [["a"]]
+    # A mate that may come is waited for, and joins the batch when it does.
+    expecting = threading.Event()
+    expecting.set()
+    sched.put("b", "u1")
+    thread = threading.Thread(target=lambda: out.append(sched.next_batch(
+        key, size, size, may_join=lambda queued: expecting.is_set())))
+    thread.start()
+    time.sleep(0.3)
+    assert thread.is_alive(), "the batch went while a mate could still come"
+    expecting.clear()
+    sched.put("c", "u2")  # the mate: it wakes the scheduler, which now sees nobody else
+    thread.join(30)
+    assert not thread.is_alive() and out[1] == ["b", "c"]
+    sched.close()
+
+
+def test_a_lone_caller_does_not_wait_out_the_batch_window(hosted, local_models):
+    """One connection, nothing else connected: its requests run at once, even with a
+    batch window of a minute (they would otherwise each wait it out); a request from a
+    second connection that sends while the first waits still shares its forward."""
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["hello world"])
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   batch_window_s=60.0)
+    conn = Connection(srv.url)
+    try:
+        for scale in (2.0, 3.0):
+            rid = _submit_raw(conn, last_token_graph("tiny-gpt2", "replace", scale),
+                              {"input_ids": tokens})
+            finals = _finals(conn, {rid}, timeout=30)  # (the window is 60 s)
+            assert isinstance(finals.get(rid), Done), finals
+            assert finals[rid].timings["batch_size"] == 1.0
+        conn.close()
+        # Two connections, requests sent together: they still share one forward (the one
+        # that arrives first waits for the other, connected and silent), and each equals
+        # its solo run.
+        results = run_concurrently(srv.url, [
+            (last_token_graph("tiny-gpt2", "replace", 2.0), {"input_ids": tokens}),
+            (last_token_graph("tiny-gpt2", "inplace", 3.0), {"input_ids": tokens})])
+        for result, scale in zip(results, (2.0, 3.0)):
+            assert not isinstance(result, Exception), result
+            assert result.timings["batch_size"] == 2.0
+            logits, last = local_answer(bridge, tokens, scale)
+            torch.testing.assert_close(result.values["__logits__"], logits)
+            torch.testing.assert_close(result.values["last"], last)
+    finally:
+        conn.close()
+        srv.stop()
+
+
 def _submit_raw(conn, graph, tensors):
     rid = f"raw-{uuid.uuid4().hex[:8]}"
     conn.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": graph,
@@ -178,6 +242,7 @@ def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
                    batch_window_s=1.0, batching=True,
                    limits=Limits(max_queued_per_user=3, max_request_seconds=0.0))
     conn = Connection(srv.url)
+    idle = None
     try:
         rids = [_submit_raw(conn, graph, {"input_ids": tokens}) for _ in range(6)]
         finals = _finals(conn, set(rids))
@@ -185,7 +250,10 @@ def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
         assert len(finals) == 6
         assert codes.count(QueueFull.code) >= 2
         assert codes.count(DeadlineExceeded.code) >= 1  # those that ran hit the limit
-        # Now queue some and stop the server before the batch window closes.
+        # Now queue some and stop the server before the batch window closes. The window
+        # waits only while a batch mate may still come: another connection, just opened
+        # (recently active, nothing queued), keeps it open.
+        idle = Connection(srv.url)
         rids = [_submit_raw(conn, graph, {"input_ids": tokens}) for _ in range(2)]
         time.sleep(0.2)
     finally:
@@ -201,6 +269,8 @@ def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
     finally:
         stopper.join(60)
         conn.close()
+        if idle is not None:
+            idle.close()
 
 
 def test_connections_per_key_are_limited(hosted):

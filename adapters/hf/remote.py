@@ -82,7 +82,7 @@ class RemoteModel:
         with ProgressBar(self.name, len(tr.sites), enabled=show) as bar:
             try:
                 result = conn.run(graph, {"input_ids": tokens, **tr.constants},
-                                  on_event=bar.on_event)
+                                  on_event=bar.on_event, progress=bar.shows)
             except BaseException:
                 tr.closed = True
                 raise

@@ -359,7 +359,8 @@ class RemoteIntervenableModel:
     def _request(self, graph: dict, tensors: dict) -> dict:
         conn = get_connection(*self._target)
         with ProgressBar(self.model_name, len(graph["sites"]), enabled=self.progress) as bar:
-            return conn.run(graph, tensors, on_event=bar.on_event).values
+            return conn.run(graph, tensors, on_event=bar.on_event,
+                            progress=bar.shows).values
 
     def _sequence_first(self, cs) -> bool:
         """Whether the values at a component's sites are (batch, seq, ...) with no other

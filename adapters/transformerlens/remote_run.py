@@ -494,7 +494,8 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                     run.emit(msg)
             try:
                 result = conn.run(graph, tensors, on_event=events, on_value=on_value,
-                                  on_submit=on_submit)
+                                  on_submit=on_submit,
+                                  progress=bar.shows or run is not None)
             except BaseException:
                 # As after a local failure: what was stored before the failing point holds
                 # its value; proxies stored by later hooks can never get one and refuse to

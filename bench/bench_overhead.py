@@ -1,0 +1,151 @@
+"""Per-call overhead on a small model: tiny-gpt2, batch 1, 16 tokens (issue 18).
+
+Two calls, each remote (``RemoteModel``, server in its own process on 127.0.0.1) and with
+local TL 4 (``TransformerBridge``, same weights), interleaved round by round in one process:
+
+* ``ablation``: ``run_with_hooks`` with one hook zeroing a head of the middle layer's
+  ``hook_z``, logits returned (the head cycles through the layer's heads across rounds);
+* ``ablation_metric``: the same, with ``metric=`` (the logit difference comes back, as in
+  ``bench.suite``'s head_ablation);
+* ``cache_all``: ``run_with_cache`` of every ``hook_resid_post``, logits returned.
+
+Remote and local results are checked equal before timing. Ratios are remote / local medians
+of the same run; both processes run torch single-threaded.
+
+    python bench/bench_overhead.py [--rounds 40] [--model tiny-gpt2] [--json out.json]
+    python bench/bench_overhead.py --in-process       # the server in a thread of this process
+    python bench/bench_overhead.py --profile client   # cProfile of the remote ablation calls
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import json
+import pstats
+import statistics
+import sys
+import time
+
+import torch
+
+import hookwire
+import hookwire.transformerlens as htl
+from hookwire.server.models import load_model
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from server_proc import ServerProcess  # noqa: E402
+
+ANSWER, WRONG = 5, 7
+
+
+def logit_diff(logits):
+    return logits[:, -1, ANSWER] - logits[:, -1, WRONG]
+
+
+def zero_head(z, hook, head):
+    z[:, :, head, :] = 0.0
+
+
+def is_resid_post(name: str) -> bool:
+    return name.endswith("hook_resid_post")
+
+
+def workloads(layer: int, n_heads: int, n_layers: int, tokens):
+    site = f"blocks.{layer}.attn.hook_z"
+
+    def ablation(model, k, **kw):
+        hook = (site, functools.partial(zero_head, head=k % n_heads))
+        return model.run_with_hooks(tokens, fwd_hooks=[hook], **kw)
+
+    def ablation_metric(model, k, **kw):
+        hook = (site, functools.partial(zero_head, head=k % n_heads))
+        if kw:   # remote: the metric runs on the server
+            return model.run_with_hooks(tokens, fwd_hooks=[hook], metric=logit_diff, **kw)
+        return logit_diff(model.run_with_hooks(tokens, fwd_hooks=[hook]))
+
+    def cache_all(model, k, **kw):
+        logits, cache = model.run_with_cache(tokens, names_filter=is_resid_post, **kw)
+        return logits, torch.stack([cache[f"blocks.{i}.hook_resid_post"]
+                                    for i in range(n_layers)])
+    return {"ablation": ablation, "ablation_metric": ablation_metric, "cache_all": cache_all}
+
+
+class InProcessServer:
+    """``hookwire.server.start`` in this process (its own copy of the model's weights)."""
+
+    def __init__(self, model: str):
+        import hookwire.server as hs
+        self.handle = hs.start(models=[model], port=0)
+        self.url = self.handle.url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny-gpt2")
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--profile", choices=["client"], help="cProfile the remote calls")
+    ap.add_argument("--profile-workload", default="ablation")
+    ap.add_argument("--in-process", action="store_true",
+                    help="the server in a thread of this process (hookwire.server.start)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    local = load_model(args.model).bridge
+    cfg = local.cfg
+    tokens = torch.randint(0, 256, (1, args.seq), generator=torch.Generator().manual_seed(0))
+    loads = workloads(cfg.n_layers // 2, cfg.n_heads, cfg.n_layers, tokens)
+    server_cm = InProcessServer(args.model) if args.in_process else \
+        ServerProcess(args.model, threads=1)
+    with server_cm as server:
+        hookwire.configure(url=server.url)
+        remote = htl.RemoteModel(args.model)
+        remote_kw = {"progress": False}
+        for name, fn in loads.items():
+            for k in range(cfg.n_heads):
+                torch.testing.assert_close(fn(remote, k, **remote_kw), fn(local, k),
+                                           rtol=1e-5, atol=1e-5)
+        if args.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for k in range(args.rounds):
+                loads[args.profile_workload](remote, k, **remote_kw)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
+            hookwire.client.close_connections()
+            return
+        times = {f"{name}/{side}": [] for name in loads for side in ("remote", "local")}
+        for k in range(args.warmup + args.rounds):
+            for name, fn in loads.items():   # interleaved: drift hits every column alike
+                for side, model, kw in (("local", local, {}), ("remote", remote, remote_kw)):
+                    t0 = time.perf_counter()
+                    fn(model, k, **kw)
+                    if k >= args.warmup:
+                        times[f"{name}/{side}"].append((time.perf_counter() - t0) * 1e3)
+        hookwire.client.close_connections()
+    report = {"model": args.model, "batch": 1, "seq": args.seq, "rounds": args.rounds,
+              "server": "in-process" if args.in_process else "subprocess",
+              "ms": {}, "ratio_remote_local": {}}
+    for key, ts in times.items():
+        report["ms"][key] = {"median": round(statistics.median(ts), 2),
+                             "min": round(min(ts), 2), "max": round(max(ts), 2)}
+    for name in loads:
+        report["ratio_remote_local"][name] = round(
+            report["ms"][f"{name}/remote"]["median"] / report["ms"][f"{name}/local"]["median"], 2)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
