@@ -24,7 +24,7 @@ from websockets.sync.client import connect as ws_connect
 
 from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
                              TooManyConnections)
-from hookwire.graph import hook_mode
+from hookwire.ir import hook_mode
 from hookwire.frames import DTYPE_NAMES, DTYPES
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
 from hookwire.protocol import MAX_CONTROL_BYTES, ModelInfo

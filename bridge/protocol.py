@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from hookwire.errors import HookwireError, LimitExceeded, ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.generation import GenerateSpec
-from hookwire.graph import TL_HOOK_FLAGS, Graph, Node
+from hookwire.ir import TL_HOOK_FLAGS, Graph, Node
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 << 20

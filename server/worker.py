@@ -33,7 +33,7 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              UnsupportedModel)
 from hookwire.executor import Interleaver
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
-from hookwire.graph import is_parameter
+from hookwire.ir import SITE_WRITE, hook_mode, is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.protocol import Done, Error, Progress, Result, dump
 from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
@@ -47,7 +47,6 @@ from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
 from hookwire.server.validation_cache import ValidationCache
-from hookwire.graph import hook_mode
 from hookwire.server.manifest import HookMode, probe_hook_mode
 from hookwire.server.tl_modes import flags_applied, marked_for_graph
 from hookwire.validate import Limits, infer_shapes, validate_structure
@@ -153,7 +152,7 @@ def batch_key(job: Job, entry=None):
         return (graph.model, spec.output_attentions, False, hook_mode(spec.tl_flags))
     if entry.tl_refused is not None:
         return None  # no TL forward to share: runs alone, on the plain HF forward
-    writes = [n for n in graph.nodes if n.op == "site.write" and n.args]
+    writes = [n for n in graph.nodes if n.op == SITE_WRITE and n.args]
     written = {n.args[0] for n in writes}
     replaced = {n.args[0] for n in writes if n.kwargs.get("mode", "replace") != "inplace"}
     solo_replace = getattr(entry, "solo_replace_sites", frozenset())
@@ -437,7 +436,7 @@ class ModelWorker(threading.Thread):
         ranges = getattr(entry, "value_ranges", {})
         p.value_ranges = {i: ranges[info.name] for i, info in enumerate(vg.site_infos)
                           if info.name in ranges}
-        p.writes = any(dn.op == "site.write" for dn in vg.nodes)
+        p.writes = any(dn.op == SITE_WRITE for dn in vg.nodes)
         if on_modules:
             weight_modules = weight_site_modules(entry.hf_model)
             p.attention_weights = any(id(entry.site_modules.get(info.name)) in weight_modules
@@ -846,7 +845,7 @@ def _uses_module_sites(graph) -> bool:
         raise GraphValidationError("a graph uses TL hook points or HF module sites ('hf:...'), "
                                    "not both: they fire in different forwards",
                                    rule="site_kinds")
-    if kinds != {True} and any(n.op == "site.write" and n.kwargs.get("mode") == "narrow"
+    if kinds != {True} and any(n.op == SITE_WRITE and n.kwargs.get("mode") == "narrow"
                                for n in graph.nodes):
         raise GraphValidationError("narrowing writes run on HF module sites only",
                                    rule="narrow_site")
