@@ -110,30 +110,37 @@ def test_incl_bwd_with_names_filter_and_metric(local_models, tokens, name):
                        {n: grads[canonical[n]] for n in names})
 
 
+def get_cache_fwd_and_bwd(model, tokens, forward=None):
+    """Neel Nanda's get_cache_fwd_and_bwd: add_hook in both directions, a forward, a metric,
+    ``.backward()``. ``forward(model, tokens)`` gives the value to differentiate (by default
+    ``logit_diff(model(tokens))``, the notebook's own line)."""
+    model.reset_hooks()
+    cache, grad_cache = {}, {}
+
+    def forward_cache_hook(act, hook):
+        cache[hook.name] = act.detach()
+
+    def backward_cache_hook(grad, hook):
+        grad_cache[hook.name] = grad.detach()
+    model.add_hook(resid_or_z, forward_cache_hook, "fwd")
+    model.add_hook(resid_or_z, backward_cache_hook, "bwd")
+    value = forward(model, tokens) if forward is not None else logit_diff(model(tokens))
+    value.backward()
+    model.reset_hooks()
+    return value.item(), cache, grad_cache
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_persistent_bwd_hooks_and_metric(local_models, clean_corrupt_tokens, name):
-    """Neel Nanda's get_cache_fwd_and_bwd, with add_hook in both directions."""
+    """get_cache_fwd_and_bwd with the metric passed to the remote call (one round trip)."""
     model = local_models[name]
     clean, _ = clean_corrupt_tokens
 
     def fwd_and_bwd(remote):
-        model.reset_hooks()
-        cache, grad_cache = {}, {}
-
-        def forward_cache_hook(act, hook):
-            cache[hook.name] = act.detach()
-
-        def backward_cache_hook(grad, hook):
-            grad_cache[hook.name] = grad.detach()
-        model.add_hook(resid_or_z, forward_cache_hook, "fwd")
-        model.add_hook(resid_or_z, backward_cache_hook, "bwd")
-        if remote:
-            value = model.run_with_hooks(clean, metric=logit_diff, remote=True)
-        else:
-            value = logit_diff(model(clean))
-        value.backward()
-        model.reset_hooks()
-        return value.item(), cache, grad_cache
+        if not remote:
+            return get_cache_fwd_and_bwd(model, clean)
+        return get_cache_fwd_and_bwd(model, clean, lambda m, t: m.run_with_hooks(
+            t, metric=logit_diff, remote=True))
 
     local = fwd_and_bwd(False)
     model.zero_grad(set_to_none=True)
@@ -307,22 +314,6 @@ def test_forward_then_backward_as_in_a_local_notebook(local_models, remote_model
     ``hooks(..., remote=True)``."""
     local, stand_in = local_models[name], remote_models[name]
 
-    def get_cache_fwd_and_bwd(model):
-        model.reset_hooks()
-        cache, grad_cache = {}, {}
-
-        def forward_cache_hook(act, hook):
-            cache[hook.name] = act.detach()
-
-        def backward_cache_hook(grad, hook):
-            grad_cache[hook.name] = grad.detach()
-        model.add_hook(resid_or_z, forward_cache_hook, "fwd")
-        model.add_hook(resid_or_z, backward_cache_hook, "bwd")
-        value = logit_diff(model(tokens))
-        value.backward()
-        model.reset_hooks()
-        return value.item(), cache, grad_cache
-
     def in_hooks_block(model, remote):
         cache, grads = {}, {}
         with model.hooks(fwd_hooks=[(resid_or_z, lambda a, hook: cache.__setitem__(
@@ -334,9 +325,9 @@ def test_forward_then_backward_as_in_a_local_notebook(local_models, remote_model
             value.backward()
         return value.item(), cache, grads
 
-    expected = get_cache_fwd_and_bwd(local)
+    expected = get_cache_fwd_and_bwd(local, tokens)
     local.zero_grad(set_to_none=True)
-    got = get_cache_fwd_and_bwd(stand_in)
+    got = get_cache_fwd_and_bwd(stand_in, tokens)
     assert got[0] == pytest.approx(expected[0], rel=1e-5, abs=1e-6)
     assert_dicts_close(got[1], expected[1])
     assert_dicts_close(got[2], expected[2])
