@@ -12,6 +12,7 @@ here with the reason (``UnsupportedModel``) -- at load, before a client ever ask
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -282,7 +283,7 @@ def host_model_object(name: str, model, tokenizer=None, dtype=None,
         return HostedModel(name, architecture, config, model,
                            tokenizer if tokenizer is not None else model.tokenizer,
                            family=family)
-    model = copy.deepcopy(model)  # the caller's object stays as it was
+    model = copy_keeping_set_order(model)  # the caller's object stays as it was
     if torch_dtype is not None or device is not None:
         model.to(device=device, dtype=torch_dtype)
     cfg = model.config
@@ -290,6 +291,39 @@ def host_model_object(name: str, model, tokenizer=None, dtype=None,
     return host(name, model.eval(), cfg, tokenizer, architecture)
 
 
-__all__ = ["BUILTIN_MODELS", "HostedModel", "load_model", "host_model_object",
+def copy_keeping_set_order(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``model`` whose modules' sets iterate in the original's order.
+
+    ``copy.deepcopy`` rebuilds a set by inserting the original's elements in iteration order,
+    and where two of them collide in the hash table that can reverse the order. Forwards that
+    loop over a set (Gemma 4 computes one rotary table per ``set(config.layer_types)``) then
+    fire their hook sites in another order than the caller's object does, so the copy's
+    ``rotary_emb.hook_cos`` call 0 would be the caller's call 1."""
+    hosted = copy.deepcopy(model)
+    for (_, original), (_, copied) in zip(model.named_modules(remove_duplicate=False),
+                                          hosted.named_modules(remove_duplicate=False)):
+        for name, value in vars(original).items():
+            if isinstance(value, (set, frozenset)) and \
+                    list(getattr(copied, name, ())) != list(value):
+                reordered = _set_in_order(value)
+                if reordered is not None:
+                    setattr(copied, name, reordered)
+    return hosted
+
+
+def _set_in_order(original):
+    """A new set of ``original``'s elements that iterates in the same order (None: none found
+    among the insertion orders tried -- only small sets are worth the search)."""
+    target = list(original)
+    orders = [target[::-1]] + (list(itertools.permutations(target)) if len(target) <= 6
+                               else [])
+    for order in orders:
+        candidate = type(original)(order)
+        if list(candidate) == target:
+            return candidate
+    return None
+
+
+__all__ = ["BUILTIN_MODELS", "copy_keeping_set_order", "HostedModel", "load_model", "host_model_object",
            "build_hf_model", "wrap_in_bridge", "place_on_devices", "parse_dtype",
            "parse_device", "input_device", "host"]

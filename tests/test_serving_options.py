@@ -116,6 +116,30 @@ def test_a_model_that_is_not_causal_is_served_unpadded():
                          rtol=1e-5, atol=1e-5)
 
 
+def test_hosting_a_copy_keeps_the_order_its_sets_iterate_in():
+    """Gemma 4's forward computes one rotary table per element of ``set(layer_types)``, so
+    its ``rotary_emb.hook_cos`` call 0 is whichever the set yields first. The server hosts a
+    copy of a model object; a plain deepcopy of that set reverses its order under some hash
+    seeds (PYTHONHASHSEED=2 here), and the copy's call 0 would be the caller's call 1."""
+    code = "\n".join([
+        "import copy",
+        "from hookwire.families import build_hf_model, family_for_architecture",
+        "from hookwire.server.models import copy_keeping_set_order",
+        "from family_configs import tiny_config",
+        "arch = 'Gemma4ForCausalLM'",
+        "cfg = tiny_config(arch, family_for_architecture(arch).config_class)",
+        "model, _ = build_hf_model(arch, cfg, seed=0)",
+        "want = list(model.model.unique_layer_types)",
+        "assert list(copy.deepcopy(model).model.unique_layer_types) != want, 'no flip'",
+        "assert list(copy_keeping_set_order(model).model.unique_layer_types) == want",
+        "print('kept')"])
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONHASHSEED="2", PYTHONPATH=tests)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "kept" in out.stdout, out.stderr[-2000:]
+
+
 # ---- dtypes ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
