@@ -243,6 +243,10 @@ def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
                    limits=Limits(max_queued_per_user=3, max_request_seconds=0.0))
     conn = Connection(srv.url)
     idle = None
+    # The batch window waits only while a batch mate may still come: another connection,
+    # just opened (recently active, nothing queued), keeps it open, so the six requests
+    # queue up instead of running one by one as they arrive.
+    first_idle = Connection(srv.url)
     try:
         rids = [_submit_raw(conn, graph, {"input_ids": tokens}) for _ in range(6)]
         finals = _finals(conn, set(rids))
@@ -269,6 +273,7 @@ def test_queue_limit_wall_time_and_shutdown(hosted, local_models):
     finally:
         stopper.join(60)
         conn.close()
+        first_idle.close()
         if idle is not None:
             idle.close()
 
