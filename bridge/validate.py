@@ -101,13 +101,14 @@ def _is_int(v) -> bool:
 # ---- structure ---------------------------------------------------------------------------
 
 def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo],
-                       site_order: dict[tuple[str, int], int], limits: Limits
-                       ) -> ValidatedGraph:
+                       site_order: dict[tuple[str, int], int], limits: Limits,
+                       on_node=None) -> ValidatedGraph:
     """The wire ``graph`` checked against the served model's sites (``site_table``: (name,
     call) -> :class:`SiteInfo`; ``site_order``: its firing position) and decoded: a
     :class:`ValidatedGraph` whose every node has its stage. Raises
     :class:`~hookwire.errors.GraphValidationError` (or ``LimitExceeded``) naming the node and
-    the rule."""
+    the rule. ``on_node()``, if given, is called before each node (as in
+    :func:`infer_shapes`)."""
     if len(graph.nodes) > limits.max_nodes:
         _fail(None, None, "max_nodes", f"{len(graph.nodes)} nodes; limit {limits.max_nodes}",
               LimitExceeded)
@@ -117,6 +118,8 @@ def validate_structure(graph: Graph, site_table: dict[tuple[str, int], SiteInfo]
         _fail(None, None, "constants", "a constant id is declared twice")
     check = StructureCheck(graph, len(site_infos), constants)
     for node in graph.nodes:
+        if on_node is not None:
+            on_node()
         check.add(node)
     check.finish()
     return ValidatedGraph(graph, check.decoded, site_infos)

@@ -94,8 +94,19 @@ class Scheduler:
                 return None
             return self._take(key, rows, tokens, fits)
 
-    def _take(self, key, rows, tokens, fits=None) -> list:
-        users = [u for u, q in self._queues.items() if q]
+    def take_now(self, accept: Callable, key: Callable, rows: Callable, tokens: Callable,
+                 fits: Callable | None = None) -> list:
+        """A batch of queued jobs ``accept(job)`` admits, formed as ``next_batch`` forms one
+        (only the head of each user's queue is considered, so each user's requests keep
+        their order); [] at once if no user's next job is admitted. Never waits."""
+        with self._cond:
+            if self._closed or not any(q and accept(q[0]) for q in self._queues.values()):
+                return []
+            return self._take(key, rows, tokens, fits, accept)
+
+    def _take(self, key, rows, tokens, fits=None, accept=None) -> list:
+        accept = accept or (lambda job: True)
+        users = [u for u, q in self._queues.items() if q and accept(q[0])]
         first = self._queues[users[0]].popleft()
         batch, batch_key = [first], key(first)
         n_rows, n_tok = rows(first), tokens(first)
@@ -106,7 +117,7 @@ class Scheduler:
                 progress = False
                 for user in users[1:] + users[:1]:
                     q = self._queues[user]
-                    if not q or key(q[0]) != batch_key:
+                    if not q or not accept(q[0]) or key(q[0]) != batch_key:
                         continue
                     job = q[0]
                     r, t = rows(job), tokens(job)

@@ -20,6 +20,7 @@ import logging
 import math
 import threading
 import time
+from types import SimpleNamespace
 import weakref
 from typing import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from hookwire.server.attention_sites import (attention_weight_sites, eager_atten
 from hookwire.server.cancel_watch import stop_between_blocks
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
+from hookwire.server.give_way import GiveWay
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.narrowing import narrowed_arguments, narrowing_site
@@ -225,6 +227,8 @@ class ModelWorker(threading.Thread):
         # Set by the front (HookwireServer.mates_possible): whether a request not queued yet
         # could still join the batch being formed; None waits the whole window.
         self.may_join: Callable[[list], bool] | None = None
+        # Where a long request lets waiting light ones run (server/give_way.py).
+        self.give_way = GiveWay(self, _rows, _tokens)
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -299,6 +303,17 @@ class ModelWorker(threading.Thread):
 
     # ---- one batch -----------------------------------------------------------------------
     def execute_batch(self, jobs: list[Job]):
+        """Prepare and run one batch. Light-looking requests (server/give_way.py) go first,
+        prepared and run before the others are validated, when the batch has both."""
+        light = [job for job in jobs if self.give_way.looks_light(job)]
+        if light and len(light) < len(jobs):
+            rest = [job for job in jobs if not self.give_way.looks_light(job)]
+            self._execute(light)
+            self._execute(rest)
+        else:
+            self._execute(jobs)
+
+    def _execute(self, jobs: list[Job]):
         ready: list[Prepared] = []
         for job in jobs:
             if job.conn.closed:
@@ -368,15 +383,17 @@ class ModelWorker(threading.Thread):
         # exception: a cycle); drop them now rather than when the collector runs.
         exc.__traceback__ = None
 
-    def _watch(self, job: Job, started: Callable[[], float]):
+    def _watch(self, job: Job, clock):
         """Stops a request that was cancelled, lost its client, or ran out of time; called
-        before every node, during validation too. ``started()``: when its clock started."""
+        before every node, during validation too. ``clock.t_start``: when its clock started
+        (moved on by the time waiting light requests ran in its place: ``give_way``)."""
         limit, rid, conn = self.limits.max_request_seconds, job.request_id, job.conn
 
         def check():
             if rid in conn.cancelled or conn.closed:
                 raise Cancelled(f"request {rid} was cancelled")
-            if time.perf_counter() - started() > limit:
+            clock.t_start += self.give_way()
+            if time.perf_counter() - clock.t_start > limit:
                 raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s",
                                        rule="max_request_seconds")
         return check
@@ -411,8 +428,11 @@ class ModelWorker(threading.Thread):
         key = self.validated.key(graph, constants, batch, seq, outputs)
         vg = self.validated.get(key, tables)
         validated = vg is not None
+        clock = SimpleNamespace(t_start=t_start)  # moved on while others run in its place
+        watch = self._watch(job, clock)
         if not validated:
-            vg = validate_structure(graph, *tables, self.limits)
+            with self.give_way.allowed(job.conn.user):  # the model is not in use here
+                vg = validate_structure(graph, *tables, self.limits, on_node=watch)
         on_modules = _uses_module_sites(graph)
         if not on_modules and entry.tl_refused is not None:
             if graph.sites:
@@ -422,9 +442,11 @@ class ModelWorker(threading.Thread):
         residual = start_residual(entry, graph, job.tensors, input_ids) \
             if graph.forward.start_at_layer is not None else None
         if not validated:
-            infer_shapes(vg, batch, seq, constants, self.limits, outputs=outputs,
-                         on_node=self._watch(job, lambda: t_start))
+            with self.give_way.allowed(job.conn.user):
+                infer_shapes(vg, batch, seq, constants, self.limits, outputs=outputs,
+                             on_node=watch)
             self.validated.put(key, vg, tables)
+        t_start = clock.t_start
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
         p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
@@ -449,7 +471,7 @@ class ModelWorker(threading.Thread):
 
     def _interleaver(self, p: Prepared, vg) -> Interleaver:
         return Interleaver(vg, p.constants, self._saver(p), self._site_watch(p),
-                           self._watch(p.job, lambda: p.t_start), p.value_ranges)
+                           self._watch(p.job, p), p.value_ranges)
 
     # ---- TL hook switches: sites probed per combination, on first use ---------------------
     def hook_mode(self, model: str, tl_flags) -> HookMode:
@@ -579,6 +601,7 @@ class ModelWorker(threading.Thread):
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
+        done = None
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg), \
                 stop_between_blocks(watched, self._stop_reason([p])):
             output = il.run(p.entry.site_modules,
@@ -591,7 +614,13 @@ class ModelWorker(threading.Thread):
                 outputs[spec.return_type] = output
             elif spec.return_type == "both":
                 outputs["logits"], outputs["loss"] = output
-            done = self._complete(p, outputs, on_backward, batch_size=1)
+            if il.backward is not None:  # its backward pass goes through the model
+                done = self._complete(p, outputs, on_backward, batch_size=1)
+        if done is None:
+            # The nodes after the forward use no module of the model (its hooks are gone):
+            # waiting light requests may run in between (server/give_way.py).
+            with il.grad_mode(), self.give_way.allowed(p.job.conn.user):
+                done = self._complete(p, outputs, on_backward, batch_size=1)
         # Only now: the model's TL hook marks are gone before the client hears "done".
         p.job.conn.send_threadsafe(done)
 

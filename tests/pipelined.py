@@ -89,15 +89,6 @@ class PipelinedClient:
         self.ws.close()
 
 
-def read_graph(model: str, sites, return_type="logits") -> dict:
-    """Read (and save) every one of ``sites`` [(name, call)]."""
-    nodes = [{"id": i, "op": "site.read", "args": [i]} for i in range(len(sites))]
-    return {"model": model, "inputs": {"input_ids": "input_ids"},
-            "sites": [{"name": n, "call": c} for n, c in sites], "nodes": nodes,
-            "saves": {f"{n}#{c}": i for i, (n, c) in enumerate(sites)},
-            "forward": {"return_type": return_type}}
-
-
 def equal_values(a: dict, b: dict) -> bool:
     """Bit-equal (NaN where NaN), same names."""
     return a.keys() == b.keys() and all(

@@ -16,7 +16,7 @@ import json
 
 import pytest
 import torch
-from pipelined import read_graph
+from graphs import read_graph
 
 import hookwire.server as hs
 import hookwire.transformerlens as htl

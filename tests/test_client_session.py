@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 
+import graphs
 import pytest
 import torch
+from graphs import node
 from pydantic import ValidationError
 
 from hookwire import __version__
@@ -26,10 +28,8 @@ from hookwire.validate import Limits
 
 
 def graph(saves=("resid",)) -> dict:
-    return {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
-            "sites": [{"name": "blocks.0.hook_resid_pre", "call": 0}],
-            "nodes": [{"id": 0, "op": "site.read", "args": [0]}],
-            "saves": {name: 0 for name in saves}, "forward": {"return_type": "logits"}}
+    return graphs.graph(sites=[("blocks.0.hook_resid_pre", 0)],
+                        nodes=[node(0, "site.read", 0)], saves={name: 0 for name in saves})
 
 
 def started(saves=("resid",), tensors=None, rid="r1") -> tuple[ClientSession, list]:

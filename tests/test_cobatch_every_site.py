@@ -19,7 +19,8 @@ from hookwire.module_sites import is_module_site
 from hookwire.batching import is_batch_major
 
 from conftest import MODEL_NAMES
-from pipelined import PipelinedClient, equal_values, read_graph
+from graphs import read_graph
+from pipelined import PipelinedClient, equal_values
 
 WRITER_KEY, READER_KEY = "writer-key-0123456789abcdef", "reader-key-0123456789abcdef"
 TEXT = "hello world, again"

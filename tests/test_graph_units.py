@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from graphs import FULL, graph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.testing import assert_close
@@ -393,12 +394,7 @@ def execute(bridge, tables, graph_dict, tokens, constants=None, limits=None):
 
 
 def _graph(model, nodes, sites, saves=None, return_type="logits"):
-    return {"model": model, "inputs": {"input_ids": "input_ids"},
-            "sites": [{"name": s} for s in sites], "nodes": nodes, "saves": saves or {},
-            "forward": {"return_type": return_type}}
-
-
-FULL = {"slice": [None, None, None]}
+    return graph(model, nodes, sites, saves, return_type=return_type)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])

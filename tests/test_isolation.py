@@ -39,7 +39,8 @@ from hookwire.protocol import Error, parse_server_message
 from hookwire.residents import content_id
 from hookwire.validate import Limits
 
-from pipelined import PipelinedClient, equal_values, read_graph
+from graphs import graph, node, read_graph, ref
+from pipelined import PipelinedClient, equal_values
 
 KEY_A, KEY_B = "tenant-a-0123456789abcdef", "tenant-b-0123456789abcdef"
 READ_SITE = "blocks.1.hook_resid_post"
@@ -52,12 +53,10 @@ def rss() -> int:
 
 def write_graph(model, site, nodes_after_read, mode="replace", value_node=None):
     """Read ``site``, compute ``nodes_after_read`` (ids from 1), write the last one back."""
-    nodes = [{"id": 0, "op": "site.read", "args": [0]}] + list(nodes_after_read)
+    nodes = [node(0, "site.read", 0)] + list(nodes_after_read)
     last = value_node if value_node is not None else nodes[-1]["id"]
-    nodes.append({"id": 99, "op": "site.write", "args": [0, {"ref": last}],
-                  "kwargs": {"mode": mode}})
-    return {"model": model, "inputs": {"input_ids": "input_ids"}, "sites": [{"name": site}],
-            "nodes": nodes, "saves": {}, "forward": {"return_type": "logits"}}
+    nodes.append(node(99, "site.write", 0, ref(last), mode=mode))
+    return graph(model, nodes, [site])
 
 
 @pytest.fixture(scope="module")

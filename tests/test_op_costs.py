@@ -17,14 +17,14 @@ from hypothesis import strategies as st
 
 from hookwire.errors import LimitExceeded
 from hookwire.frames import DTYPES
-from hookwire.graph import Graph
 from hookwire.op_costs import Cost, CostModel, nbytes, tensors_in
 from hookwire.op_table import markdown
 from hookwire.ops import OPS, op
 from hookwire.shape_probe import run_for_shape
-from hookwire.validate import Limits, infer_shapes, validate_structure
+from hookwire.validate import Limits, infer_shapes
 
 from alloc_meter import peak_bytes, peak_bytes_each
+from graphs import validated_constant_graph
 from op_samples import SAMPLES, samples
 
 ALL_OPS = sorted(OPS)
@@ -168,9 +168,7 @@ def test_inferred_shapes_and_dtypes_are_torchs(name):
 # ---- the holes the isolation issue found ---------------------------------------------------------
 
 def constant_graph(nodes, constants=("c0",)):
-    g = Graph.model_validate({"model": "m", "inputs": {"input_ids": "i"},
-                              "constants": list(constants), "nodes": nodes})
-    return validate_structure(g, {}, {}, Limits())
+    return validated_constant_graph(nodes, constants)
 
 
 def refused(nodes, constants, limits):

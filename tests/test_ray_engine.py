@@ -26,6 +26,7 @@ pytest.importorskip("hookwire.server.ray_cluster",
 
 import psutil  # noqa: E402  (installed with ray)
 from conftest import MODEL_NAMES  # noqa: E402
+from graphs import graph, node, ref  # noqa: E402
 # Core tests of the TL adapter, re-run here on the Ray engine (their fixtures come along).
 from test_residents import (  # noqa: E402,F401
     test_a_referenced_value_used_as_the_activation_stays_intact,
@@ -86,13 +87,9 @@ SITE = "blocks.0.hook_resid_post"
 def _graph(k: int) -> dict:
     """Scale the residual stream after block 0 by a per-request factor, save it, return
     logits: each client's answer depends on its own request."""
-    return {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
-            "sites": [{"name": SITE}],
-            "nodes": [{"id": 0, "op": "site.read", "args": [0]},
-                      {"id": 1, "op": "mul", "args": [{"ref": 0}, 0.5 + 0.1 * k]},
-                      {"id": 2, "op": "site.write", "args": [0, {"ref": 1}],
-                       "kwargs": {"mode": "replace"}}],
-            "saves": {"resid": 1}, "forward": {"return_type": "logits"}}
+    return graph(sites=[SITE], saves={"resid": 1},
+                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 0.5 + 0.1 * k),
+                        node(2, "site.write", 0, ref(1), mode="replace")])
 
 
 def _expected(local, tokens, k):

@@ -29,7 +29,8 @@ from hookwire.server.app import HookwireServer  # noqa: E402
 from hookwire.server.ray_engine import RayEngine  # noqa: E402
 from hookwire.server.ray_replica import ModelReplica  # noqa: E402
 
-from pipelined import PipelinedClient, read_graph  # noqa: E402
+from graphs import read_graph  # noqa: E402
+from pipelined import PipelinedClient  # noqa: E402
 from ray_helpers import our_processes, stop_ray_server  # noqa: E402
 
 READ = "blocks.0.hook_resid_post"

@@ -8,6 +8,7 @@ import resource
 
 import pytest
 import torch
+from graphs import validated_constant_graph
 
 from pydantic import ValidationError
 
@@ -17,13 +18,11 @@ from hookwire.graph import Graph
 from hookwire.ops import OPS
 from hookwire.protocol import parse_client_message_bounded, request_id_of
 from hookwire.shape_probe import run_for_shape
-from hookwire.validate import Limits, infer_shapes, validate_structure
+from hookwire.validate import Limits, infer_shapes
 
 
 def constant_graph(nodes, constants=("c0",)):
-    g = Graph.model_validate({"model": "m", "inputs": {"input_ids": "i"},
-                              "constants": list(constants), "nodes": nodes})
-    return validate_structure(g, {}, {}, Limits())
+    return validated_constant_graph(nodes, constants)
 
 
 def test_real_int_constants_are_sized_on_meta_before_any_allocation():

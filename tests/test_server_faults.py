@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 
+import graphs
 import pytest
 import torch
 from websockets.exceptions import ConnectionClosed
@@ -25,9 +26,7 @@ SITE = "blocks.0.hook_resid_post"
 
 
 def read_graph(model="tiny-gpt2", return_type="logits"):
-    return {"model": model, "inputs": {"input_ids": "input_ids"}, "sites": [{"name": SITE}],
-            "nodes": [{"id": 0, "op": "site.read", "args": [0]}], "saves": {"resid": 0},
-            "forward": {"return_type": return_type}}
+    return graphs.read_graph(model, [SITE], names=["resid"], return_type=return_type)
 
 
 def local_resid(bridge, tokens):

@@ -14,6 +14,7 @@ import time
 import urllib.request
 import uuid
 
+import graphs
 import pytest
 import torch
 from torch.testing import assert_close
@@ -30,19 +31,15 @@ from conftest import MODEL_NAMES
 
 SITE = "blocks.1.hook_resid_pre"
 SITE_CANONICAL = "blocks.1.hook_in"
-FULL = {"slice": [None, None, None]}
+FULL = graphs.FULL
 
 
 # ---- graph builders ----------------------------------------------------------------------------
 
 def graph(model="tiny-gpt2", nodes=(), sites=(SITE,), saves=None, constants=(),
           return_type="logits", **extra):
-    g = {"version": 1, "model": model, "inputs": {"input_ids": "input_ids"},
-         "constants": list(constants), "sites": [{"name": s, "call": 0} for s in sites],
-         "nodes": list(nodes), "saves": dict(saves or {}),
-         "forward": {"return_type": return_type}}
-    g.update(extra)
-    return g
+    return graphs.graph(model, nodes, [(s, 0) for s in sites], saves, constants, return_type,
+                        **{"version": 1, **extra})
 
 
 def good_graph(model):

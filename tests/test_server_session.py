@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from graphs import read_graph
 
 from hookwire import __version__
 from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
@@ -42,10 +43,7 @@ class ServedModel:
 
 
 def graph(model: str = "tiny-gpt2") -> dict:
-    return {"model": model, "inputs": {"input_ids": "input_ids"},
-            "sites": [{"name": "blocks.0.hook_resid_pre", "call": 0}],
-            "nodes": [{"id": 0, "op": "site.read", "args": [0]}],
-            "saves": {"resid": 0}, "forward": {"return_type": "logits"}}
+    return read_graph(model, [("blocks.0.hook_resid_pre", 0)], names=["resid"])
 
 
 def submit_text(rid: str, tensors: dict, refs=()) -> str:
