@@ -8,15 +8,16 @@ it. Each connection has at most one message here at a time (its reader awaits th
 so messages keep their order and TCP backpressure holds a fast sender back.
 
 Two lanes, so a small message (a victim's next request: a few KB) never waits behind a
-large one: messages up to ``SMALL_BYTES`` go to one thread, larger ones to another. Each
-lane serves users round-robin, and the large lane gives way while a batch runs: its work,
-though off the loop, shares the interpreter with the model worker, and a thread parsing
-holds the GIL each time one of the forward's torch ops wants it back (a 10 MB graph parsed
-beside a 10 ms forward made it take over a second). So a parse in the large lane calls
-``pause`` every few hundred objects (:func:`~hookwire.protocol.parse_client_message_bounded`),
-and while a batch runs it waits there ``BUSY_PAUSE_FACTOR`` times as long as it just computed
-(or until the batch ends): it takes at most a fifth of the interpreter from a running batch,
-and a large message still gets parsed on a server that is never idle.
+large one: messages up to ``SMALL_BYTES`` (64 KiB) go to one thread, larger ones to another.
+Each lane serves users round-robin, and both give way while a batch runs: their work, though
+off the loop, shares the interpreter with the model worker, and a thread parsing holds the
+GIL each time one of the forward's torch ops wants it back (a 10 MB graph parsed beside a
+10 ms forward made it take over a second). So a parse calls ``pause`` every few hundred
+objects (:func:`~hookwire.protocol.parse_client_message_bounded`; a small request has fewer
+and never pauses), and while a batch runs it waits there ``BUSY_PAUSE_FACTOR`` times as long
+as it just computed (or until the batch ends): it takes at most a fifth of the interpreter
+from a running batch, and a large message still gets parsed on a server that is never idle.
+The large lane also rests after each message while a batch runs.
 """
 from __future__ import annotations
 
@@ -29,16 +30,17 @@ from typing import Callable
 
 log = logging.getLogger("hookwire.server")
 
-SMALL_BYTES = 256 << 10
+SMALL_BYTES = 64 << 10
 BUSY_PAUSE_FACTOR = 4  # while a batch runs, the large lane waits 4x what it computed
 
 
 class _Lane(threading.Thread):
     """One thread running tasks round-robin across users."""
 
-    def __init__(self, name: str, busy: threading.Event | None):
+    def __init__(self, name: str, busy: threading.Event | None, rest_after_task: bool):
         super().__init__(name=name, daemon=True)
         self.busy = busy
+        self.rest_after_task = rest_after_task
         self._computing_since = time.perf_counter()
         self._cond = threading.Condition()
         self._queues: OrderedDict[str, deque] = OrderedDict()
@@ -86,8 +88,7 @@ class _Lane(threading.Thread):
             loop, future, fn, args, cost = task
             t0 = self._computing_since = time.perf_counter()
             try:
-                result, error = fn(*args, pause=self.pause if self.busy is not None
-                                   else None), None
+                result, error = fn(*args, pause=self.pause), None
             except BaseException as exc:  # handed to the awaiting connection
                 result, error = None, exc
             cost[0] = time.perf_counter() - t0
@@ -96,7 +97,7 @@ class _Lane(threading.Thread):
             except RuntimeError:  # the loop is gone (server stopping)
                 return
             del task, future, result, error
-            if self.busy is not None and self.busy.is_set():
+            if self.rest_after_task and self.busy is not None and self.busy.is_set():
                 # Large messages give way to a running batch: at most half the time.
                 time.sleep(min(time.perf_counter() - t0, 0.25))
 
@@ -112,11 +113,11 @@ def _settle(future: asyncio.Future, result, error) -> None:
 
 class Intake:
     """The front's two background lanes (small and large messages) for work that grows with
-    a message; the large lane pauses while the worker's ``busy`` event is set. ``run`` hands
+    a message; both give way while the worker's ``busy`` event is set. ``run`` hands
     one message's work to the right lane and awaits its result on the event loop."""
     def __init__(self, busy: threading.Event | None = None):
-        self.small = _Lane("hookwire-intake-small", None)
-        self.large = _Lane("hookwire-intake-large", busy)
+        self.small = _Lane("hookwire-intake-small", busy, rest_after_task=False)
+        self.large = _Lane("hookwire-intake-large", busy, rest_after_task=True)
         self.small.start()
         self.large.start()
 

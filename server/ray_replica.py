@@ -16,6 +16,7 @@ import asyncio
 import os
 
 from hookwire.errors import HookwireError
+from hookwire.server.heap import freeze_startup_heap
 from hookwire.server.prepare import prepare_model
 from hookwire.server.relay_session import is_final
 from hookwire.server.job_payload import job_from_payload
@@ -81,6 +82,7 @@ class ModelReplica:
                                   window_s=window_s)
         self.worker.start()
         self.replica = _replica_id()
+        freeze_startup_heap()  # this process serves until it is stopped (server/heap.py)
 
     def info(self) -> dict:
         return {"name": self.name, "info_json": self.entry.info_json,
