@@ -103,6 +103,16 @@ class Destinations:
         for k, proxy in enumerate(proxies):
             self.add(name(k), proxy)
 
+    def extend(self, other: "Destinations", rename: Callable[[str], str]) -> None:
+        """Take ``other``'s entries, each under ``rename(name)`` (one request made of several
+        traced graphs: a generation's step ``k`` saves ``name`` as ``"k/name"``)."""
+        for name, entries in other._by_name.items():
+            self._by_name.setdefault(rename(name), []).extend(entries)
+
+    def proxies(self) -> list:
+        """Every proxy waiting for a value, in the order they were added."""
+        return [proxy for entries in self._by_name.values() for proxy, _ in entries]
+
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
 

@@ -295,10 +295,11 @@ def trace_forward(model, target: RemoteTarget, dialect: Dialect, info: RemoteMod
     send_output, exclude = trace_scalar(model, tracer, info, inputs, return_type,
                                         loss_per_token, metric, differentiate,
                                         backward_sites, dialect)
-    # Where the hooks (and the metric) can reach is searched first (hookwire.rebind).
+    # Where the hooks (and the metric) can reach is searched first (hookwire.rebind); read
+    # now, while the hooks are on the model (a model hosted in this process has them parked
+    # during the run).
     destinations = Destinations.keep_escaped(tracer, exclude_ids=exclude, share_views=True,
-                                             roots=functools.partial(_rebind_roots, model,
-                                                                     metric))
+                                             roots=_rebind_roots(model, metric))
     graph, tensors = build_request(tracer, name, inputs.tokens, return_type, loss_per_token,
                                    send_output)
     add_forward_options(graph, tensors, inputs, flags, output_attentions)
