@@ -183,37 +183,43 @@ def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int,
             stopping = stop_at is not None and site.name == stop_at and site.call == 0
             if stopping and dialect.stops_before_hooks:
                 points = []
-            forward = [(n, hp) for n, hp in points if hp._forward_hooks]
-            backward = [(n, hp) for n, hp in points if hp._backward_hooks]
-            if not (forward or backward or stopping):
-                continue
-            if not (forward or stopping):  # its gradient is read, not its value
-                if site.grad:
-                    index = tracer.add_site(site.name, site.call)
-                    if backward_sites is not None:
-                        backward_sites.append((index, site, backward))
-                continue
-            x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
-                                 site.dtype)
-            index = len(tracer.sites) - 1
-            # Backward hooks fire only where a gradient arrives (as locally).
-            if backward and backward_sites is not None and site.grad:
-                backward_sites.append((index, site, backward))
-            out, stopped_by_hook = x, None
-            for name, hp in forward:
-                out, stopped_by_hook = _run_point_hooks(dialect, name, hp, out, tracer)
-                if stopped_by_hook is not None:
-                    break
-            tracer.context = None
-            if x._hw_version > 0:
-                tracer.write_site(index, x, "inplace")
-            if out is not x:
-                tracer.write_site(index, out, "replace")
-            if stopping or stopped_by_hook is not None:
-                tracer.save("__stop__", out if stopped_by_hook is None else stopped_by_hook)
+            if (points or stopping) and _trace_site(dialect, tracer, site, points, stopping,
+                                                    batch, seq, backward_sites):
                 return True  # later hook points never fire: the forward stops here
-            del x, out
     dialect.finish(info)
+    return False
+
+
+def _trace_site(dialect: Dialect, tracer: Tracer, site, points: list, stopping: bool,
+                batch: int, seq: int, backward_sites: list | None) -> bool:
+    """One call of one site: its points' forward hooks on a proxy of its value (its writes
+    recorded), its backward hooks noted. True when the forward stops here (``__stop__``)."""
+    forward = [(n, hp) for n, hp in points if hp._forward_hooks]
+    backward = [(n, hp) for n, hp in points if hp._backward_hooks]
+    if not (forward or stopping):
+        if backward and site.grad:  # its gradient is read, not its value
+            index = tracer.add_site(site.name, site.call)
+            if backward_sites is not None:
+                backward_sites.append((index, site, backward))
+        return False
+    x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq), site.dtype)
+    index = len(tracer.sites) - 1
+    # Backward hooks fire only where a gradient arrives (as locally).
+    if backward and backward_sites is not None and site.grad:
+        backward_sites.append((index, site, backward))
+    out, stopped_by_hook = x, None
+    for name, hp in forward:
+        out, stopped_by_hook = _run_point_hooks(dialect, name, hp, out, tracer)
+        if stopped_by_hook is not None:
+            break
+    tracer.context = None
+    if x._hw_version > 0:
+        tracer.write_site(index, x, "inplace")
+    if out is not x:
+        tracer.write_site(index, out, "replace")
+    if stopping or stopped_by_hook is not None:
+        tracer.save("__stop__", out if stopped_by_hook is None else stopped_by_hook)
+        return True
     return False
 
 
