@@ -51,21 +51,30 @@ def escaped_name(k: int) -> str:
     return f"{ESCAPED_PREFIX}{k}"
 
 
+class _Entry:
+    """A proxy waiting for a value, and the views that make its tensor from the value. (An
+    object of a hookwire class, not a tuple: :func:`hookwire.rebind.rebind` leaves those
+    alone, where a tuple holding a proxy would cost it one more heap walk.)"""
+    __slots__ = ("proxy", "views")
+
+    def __init__(self, proxy, views):
+        self.proxy, self.views = proxy, views
+
+
 class Destinations:
     """Where the values a request saves go: for each saved-value name, the proxies (held by
     the user's code) that the value replaces, each with the views that make its tensor from
     the value (:mod:`hookwire.aliases`: values that are views of one another travel once).
 
-    How the final rebind searches (see :func:`hookwire.rebind.rebind`): ``roots`` (a tuple,
-    or a function returning one, called once the values are in) are where the user's code
-    can reach, searched first; ``expected`` (id -> references the user's code holds, as
+    How the final rebind searches (see :func:`hookwire.rebind.rebind`): ``roots`` are where
+    the user's code can reach (hook functions, hook points), searched first; ``expected`` (id -> references the user's code holds, as
     :meth:`hookwire.trace.Tracer.escaped` counted them) says when that search is complete;
     ``opaque`` types are never searched through; ``skip`` lists containers of the caller's
     own that must be left alone."""
 
     def __init__(self, *, roots=(), expected: dict | None = None, opaque: tuple = (),
                  skip: tuple = ()):
-        self._by_name: dict[str, list[tuple[object, list]]] = {}
+        self._by_name: dict[str, list[_Entry]] = {}
         self.roots = roots
         self.expected = expected
         self.opaque = opaque
@@ -96,7 +105,7 @@ class Destinations:
     def add(self, name: str, proxy, views=()) -> None:
         """The value saved as ``name`` replaces ``proxy`` (after ``views``, innermost first:
         they are applied last to first)."""
-        self._by_name.setdefault(name, []).append((proxy, list(views)))
+        self._by_name.setdefault(name, []).append(_Entry(proxy, list(views)))
 
     def add_all(self, proxies, name: Callable[[int], str] = escaped_name) -> None:
         """``proxies[k]`` is replaced by the value saved as ``name(k)``."""
@@ -111,7 +120,7 @@ class Destinations:
 
     def proxies(self) -> list:
         """Every proxy waiting for a value, in the order they were added."""
-        return [proxy for entries in self._by_name.values() for proxy, _ in entries]
+        return [entry.proxy for entries in self._by_name.values() for entry in entries]
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
@@ -122,18 +131,15 @@ class Destinations:
     def names(self):
         return self._by_name.keys()
 
-    def replacements(self, name: str, value: torch.Tensor) -> list[tuple[object, object]]:
-        """(proxy, tensor) for every proxy the value saved as ``name`` replaces."""
-        out = []
-        for proxy, views in self._by_name.get(name, ()):
+    def replacements(self, name: str, value: torch.Tensor, olds: list, news: list) -> None:
+        """Append to ``olds`` every proxy the value saved as ``name`` replaces, and to
+        ``news`` its tensor. (Two lists, not pairs: see :class:`_Entry`.)"""
+        for entry in self._by_name.get(name, ()):
             made = value
-            for replay in reversed(views):
+            for replay in reversed(entry.views):
                 made = replay(made)
-            out.append((proxy, made))
-        return out
-
-    def search_roots(self) -> tuple:
-        return self.roots() if callable(self.roots) else tuple(self.roots)
+            olds.append(entry.proxy)
+            news.append(made)
 
 
 class RemoteCall:
@@ -167,14 +173,17 @@ class RemoteCall:
         works for. ``on_value(name, value)``: the adapter's own use of each value as it
         arrives (a generated token), after it was put in place."""
         streaming = run is not None and self.announce_values
-        arrived: list[tuple[object, object]] = []  # put in place after the call
+        arrived_olds: list = []  # arrived, not yet in place (put there after a failure)
+        arrived_news: list = []
 
         def value_arrived(name, value):
-            pairs = self.destinations.replacements(name, value)
             if streaming:  # in place the moment it arrives, before its event is seen
-                _rebind_pairs(pairs)
+                olds, news = [], []
+                self.destinations.replacements(name, value, olds, news)
+                if olds:
+                    rebind(olds, news)
             else:
-                arrived.extend(pairs)
+                self.destinations.replacements(name, value, arrived_olds, arrived_news)
             if on_value is not None:
                 on_value(name, value)
             if streaming:
@@ -195,11 +204,13 @@ class RemoteCall:
             except BaseException:
                 # As after a local failure: what was stored before the failing point holds
                 # its value; proxies stored later can never get one and refuse to be used.
-                _rebind_pairs(arrived)
+                if arrived_olds:
+                    rebind(arrived_olds, arrived_news)
                 for tracer in self.tracers:
                     tracer.closed = True
                 raise
         if not streaming:
+            del arrived_olds[:], arrived_news[:]  # no holder of ours left for the heap walk
             self._rebind_all(result.values)
         return result
 
@@ -209,19 +220,12 @@ class RemoteCall:
         olds, news = [], []
         for name in dest.names():
             if name in values:
-                for old, new in dest.replacements(name, values[name]):
-                    olds.append(old)
-                    news.append(new)
+                dest.replacements(name, values[name], olds, news)
         if not olds:
             return
-        roots = dest.search_roots() if dest.expected is not None else ()
+        roots = tuple(dest.roots) if dest.expected is not None else ()
         rebind(olds, news, skip=dest.skip, roots=roots,
                expected=dest.expected if roots else None, opaque=dest.opaque)
-
-
-def _rebind_pairs(pairs: list) -> None:
-    if pairs:
-        rebind([old for old, _ in pairs], [new for _, new in pairs])
 
 
 def start_in_background(work: Callable[[RemoteRun], object], traced: threading.Event,
