@@ -16,12 +16,12 @@ import torch
 
 import hookwire
 import hookwire.rebind as rb
+import hookwire.remote_call as remote_call
 import hookwire.server as hs
 import hookwire.transformerlens as htl
-import hookwire.remote_call as remote_call
 
 
-def heap_walk_only(olds, news, skip=(), roots=(), expected=None):
+def heap_walk_only(olds, news, skip=(), **near_the_hooks):
     return rb.rebind(olds, news, skip)
 
 
