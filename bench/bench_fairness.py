@@ -393,6 +393,8 @@ def main() -> int:
               f"{row['peak_rss_mib']:5.0f} MiB ({row['rss_x']:4.2f}x idle "
               f"{row['idle_rss_mib']:.0f}) | wrong {wrong} failed {len(failed)} "
               f"{'ok' if ok else 'OVER GOAL'}", flush=True)
+        for failure in row["failures"]:
+            print(f"    failed: {failure}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"limits": LIMITS, "seconds": args.seconds,

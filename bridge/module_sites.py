@@ -25,6 +25,8 @@ manifest, after the TL hook points.
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 PREFIX = "hf:"
@@ -92,7 +94,12 @@ def attach(module: torch.nn.Module, name: str, hook):
 
     For TL hook points (plain names) this is ``register_forward_hook``. For module sites the
     hook sees one tensor (see the module docstring) and its replacement is put back where that
-    tensor came from."""
+    tensor came from.
+
+    The hook fires only in forwards run by the thread that attached it: a served model object
+    may be used locally by another thread of the same process meanwhile (the embedded server
+    hosts the caller's own object), and that forward must not run a request's graph."""
+    hook = _on_this_thread_only(hook)
     if not is_module_site(name):
         return module.register_forward_hook(hook)
     _, kind = parse_module_site(name)
@@ -125,6 +132,16 @@ def attach(module: torch.nn.Module, name: str, hook):
             return None if result is None else _replaced(output, 0, result)
         return hook(mod, args, output)
     return module.register_forward_hook(post_hook)
+
+
+def _on_this_thread_only(hook):
+    owner = threading.get_ident()
+
+    def guarded(mod, args, value):
+        if threading.get_ident() != owner:
+            return None
+        return hook(mod, args, value)
+    return guarded
 
 
 def _replaced(output, element: int, value):

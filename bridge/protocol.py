@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Callable, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -286,6 +286,22 @@ def _pairs(pairs):
     return dict(pairs)
 
 
+PAUSE_EVERY = 256  # objects parsed between two calls of a parse's ``pause``
+
+
+def _pairs_pausing(pause: Callable[[], None]):
+    """``_pairs`` that also calls ``pause()`` every ``PAUSE_EVERY`` objects: where a server
+    lets a long parse give way to its model worker (see server/intake.py)."""
+    count = [0]
+
+    def pairs(items):
+        count[0] += 1
+        if count[0] % PAUSE_EVERY == 0:
+            pause()
+        return dict(items)
+    return pairs
+
+
 def check_structure(text: str, max_containers: int) -> None:
     """Cheap caps before any parsing: the total number of containers ([ and {) and their
     density per 64 KiB. What makes JSON expensive to parse is containers (a message of
@@ -331,14 +347,18 @@ def request_id_of(raw) -> str | None:
     return None
 
 
-def _presplit(raw: dict, key: str, adapter: TypeAdapter, where: str) -> None:
+def _presplit(raw: dict, key: str, adapter: TypeAdapter, where: str,
+              pause: Callable[[], None] | None = None) -> None:
     """Validate a long list in short slices (each a separate, short call into pydantic),
-    leaving validated objects in place: pydantic then takes them as they are."""
+    leaving validated objects in place: pydantic then takes them as they are. ``pause()``
+    is called between slices."""
     items = raw.get(key)
     if not isinstance(items, list) or len(items) <= _SLICE:
         return
     out = []
     for i in range(0, len(items), _SLICE):
+        if pause is not None and i:
+            pause()
         try:
             out += adapter.validate_python(items[i:i + _SLICE])
         except ValidationError as exc:
@@ -351,11 +371,14 @@ def _presplit(raw: dict, key: str, adapter: TypeAdapter, where: str) -> None:
     raw[key] = out
 
 
-def parse_client_message_bounded(text: str | bytes, max_containers: int):
+def parse_client_message_bounded(text: str | bytes, max_containers: int,
+                                 pause: Callable[[], None] | None = None):
     """(request id or None, message) -- the server's one parse of a client message: caps
     first (:func:`check_structure`), then one ``json.loads``, then pydantic on the parsed
     value, long lists in short slices. Raises ``ProtocolError`` (``exc.request_id`` names
-    the submit it refuses, when there is one)."""
+    the submit it refuses, when there is one). ``pause``, if given, is called every few
+    hundred objects and between slices: a server passes one that waits while its model
+    worker runs, so a big message's parse never competes with a forward for the GIL."""
     if isinstance(text, bytes):
         try:
             text = text.decode()
@@ -365,7 +388,8 @@ def parse_client_message_bounded(text: str | bytes, max_containers: int):
         raise ProtocolError(f"control message of {len(text)} bytes; limit {MAX_CONTROL_BYTES}")
     try:
         check_structure(text, max_containers)
-        raw = json.loads(text, object_pairs_hook=_pairs)
+        raw = json.loads(text, object_pairs_hook=_pairs if pause is None else
+                         _pairs_pausing(pause))
     except (ValueError, RecursionError, HookwireError) as exc:
         error = exc if isinstance(exc, HookwireError) else ProtocolError(
             f"malformed message: not JSON ({str(exc)[:200]})")
@@ -374,14 +398,15 @@ def parse_client_message_bounded(text: str | bytes, max_containers: int):
     rid = request_id_of(raw)
     try:
         if rid is not None and isinstance(raw.get("graph"), dict):
-            _presplit(raw["graph"], "nodes", _NodeList, "graph")
+            _presplit(raw["graph"], "nodes", _NodeList, "graph", pause)
             for key in ("tensors", "refs"):
-                _presplit(raw, key, _HeaderList if key == "tensors" else _RefList, "")
+                _presplit(raw, key, _HeaderList if key == "tensors" else _RefList, "", pause)
             gen = raw.get("generate")
             if isinstance(gen, dict) and isinstance(gen.get("steps"), list):
                 for k, step in enumerate(gen["steps"]):
                     if isinstance(step, dict):
-                        _presplit(step, "nodes", _NodeList, f"generate.steps.{k}")
+                        _presplit(step, "nodes", _NodeList, f"generate.steps.{k}",
+                                  pause)
         try:
             return rid, _client_adapter.validate_python(raw)
         except ValidationError as exc:

@@ -9,6 +9,7 @@ returns: the forward ends at the next block boundary.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable
 
 import torch
@@ -27,7 +28,11 @@ def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def stop_between_blocks(model: torch.nn.Module,
                         should_stop: Callable[[], BaseException | None]):
+    owner = threading.get_ident()
+
     def check(module, args):
+        if threading.get_ident() != owner:  # another thread's forward of the same object
+            return
         exc = should_stop()
         if exc is not None:
             raise exc

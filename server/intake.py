@@ -9,9 +9,14 @@ so messages keep their order and TCP backpressure holds a fast sender back.
 
 Two lanes, so a small message (a victim's next request: a few KB) never waits behind a
 large one: messages up to ``SMALL_BYTES`` go to one thread, larger ones to another. Each
-lane serves users round-robin, and the large lane pauses while a batch runs (its work,
-though off the loop, shares the interpreter with the model worker), so a tenant sending
-maximal messages at full rate takes at most about half of the front's time from others.
+lane serves users round-robin, and the large lane gives way while a batch runs: its work,
+though off the loop, shares the interpreter with the model worker, and a thread parsing
+holds the GIL each time one of the forward's torch ops wants it back (a 10 MB graph parsed
+beside a 10 ms forward made it take over a second). So a parse in the large lane calls
+``pause`` every few hundred objects (:func:`~hookwire.protocol.parse_client_message_bounded`),
+and while a batch runs it waits there ``BUSY_PAUSE_FACTOR`` times as long as it just computed
+(or until the batch ends): it takes at most a fifth of the interpreter from a running batch,
+and a large message still gets parsed on a server that is never idle.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Callable
 log = logging.getLogger("hookwire.server")
 
 SMALL_BYTES = 256 << 10
+BUSY_PAUSE_FACTOR = 4  # while a batch runs, the large lane waits 4x what it computed
 
 
 class _Lane(threading.Thread):
@@ -33,6 +39,7 @@ class _Lane(threading.Thread):
     def __init__(self, name: str, busy: threading.Event | None):
         super().__init__(name=name, daemon=True)
         self.busy = busy
+        self._computing_since = time.perf_counter()
         self._cond = threading.Condition()
         self._queues: OrderedDict[str, deque] = OrderedDict()
         self._closed = False
@@ -60,15 +67,27 @@ class _Lane(threading.Thread):
                 self._queues[user] = queue
             return task
 
+    def pause(self) -> None:
+        """Called (on this lane's thread) between short pieces of a task: while a batch runs,
+        wait ``BUSY_PAUSE_FACTOR`` times as long as the piece took, or until the batch ends."""
+        now = time.perf_counter()
+        if self.busy is not None and self.busy.is_set():
+            until = now + BUSY_PAUSE_FACTOR * (now - self._computing_since)
+            while self.busy.is_set() and now < until:
+                time.sleep(min(0.002, until - now))
+                now = time.perf_counter()
+        self._computing_since = now
+
     def run(self) -> None:
         while True:
             task = self._next()
             if task is None:
                 return
             loop, future, fn, args, cost = task
-            t0 = time.perf_counter()
+            t0 = self._computing_since = time.perf_counter()
             try:
-                result, error = fn(*args), None
+                result, error = fn(*args, pause=self.pause if self.busy is not None
+                                   else None), None
             except BaseException as exc:  # handed to the awaiting connection
                 result, error = None, exc
             cost[0] = time.perf_counter() - t0
@@ -102,8 +121,9 @@ class Intake:
         self.large.start()
 
     async def run(self, user: str, size: int, fn: Callable, *args, cost: list | None = None):
-        """``fn(*args)`` in the lane for a message of ``size`` bytes; its result (or its
-        exception) once done. ``cost[0]`` is set to the seconds it took there."""
+        """``fn(*args, pause=...)`` in the lane for a message of ``size`` bytes; its result
+        (or its exception) once done. ``fn`` calls ``pause()`` now and then (or ignores it:
+        None in the small lane). ``cost[0]`` is set to the seconds it took there."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         (self.small if size <= SMALL_BYTES else self.large).put(

@@ -227,14 +227,15 @@ class ServerSession:
         self._out.append(error_text(exc, request_id))
 
     # ---- off the loop: everything that grows with a message ----------------------------
-    def admit(self, message: str | bytes):
+    def admit(self, message: str | bytes, pause=None):
         """Parse a control message (once, bounded) and admit a submit: check its references
         against the user's resident values, reserve the memory its tensors will take
         (declared uploads + materialised references), then allocate their buffers. Returns
         the message, an :class:`Incoming`, or a :class:`Refusal`; never raises. Runs in the
-        intake's threads, so it changes nothing in the session."""
+        intake's threads, so it changes nothing in the session. ``pause``: see
+        :func:`~hookwire.protocol.parse_client_message_bounded`."""
         try:
-            _, msg = parse_client_message_bounded(message, self.max_containers)
+            _, msg = parse_client_message_bounded(message, self.max_containers, pause)
             if not isinstance(msg, Submit):
                 return msg
             return self._admit_submit(msg, len(message))

@@ -12,9 +12,16 @@ import textwrap
 import threading
 import time
 
+import json
+
 import pytest
+import torch
+from pipelined import read_graph
 
 import hookwire.server as hs
+import hookwire.transformerlens as htl
+from hookwire.client import Connection
+from hookwire.frames import encode_chunks, header_for
 from hookwire.families import build_hf_model
 from hookwire.server.models import wrap_in_bridge
 from hookwire.tokenizer import byte_level_tokenizer
@@ -107,3 +114,50 @@ def test_ctrl_c_stops_client_and_server(slow_server, tmp_path, hooks):
     assert len(slow_server.last_block_runs) == runs_before
     print(f"hooks={hooks}: KeyboardInterrupt raised {caught:.3f} s, client process exited "
           f"{client_exit:.2f} s, server's forward stopped {server_stop:.2f} s after SIGINT")
+
+
+def test_a_local_forward_beside_a_served_one_is_untouched(slow_server):
+    """The embedded server hosts the caller's own object: while a request runs on it, the
+    same object used locally on another thread must run without the request's site hooks
+    and without its stop-between-blocks check (a closed connection made every block of a
+    local forward raise the other request's Cancelled before)."""
+    bridge = slow_server.server.worker.models["slow-gpt2"].hosted.bridge
+    small = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = bridge(small)
+    big = torch.randint(0, 256, (4, 512), generator=torch.Generator().manual_seed(2))
+    graph_hooks = [(f"blocks.{i}.hook_resid_post", lambda act, hook: act * 2.0)
+                   for i in range(SLOW["n_layer"])]
+    model = htl.RemoteModel("slow-gpt2", url=slow_server.url)
+    pending = model.run_with_hooks(big, fwd_hooks=graph_hooks, blocking=False)
+    worker = slow_server.server.worker
+    deadline = time.monotonic() + 60
+    while not worker.current and time.monotonic() < deadline:
+        time.sleep(0.005)
+    overlapped = 0
+    while worker.current:  # local forwards while the server's forward runs
+        with torch.no_grad():
+            local = bridge(small)
+        if worker.current:
+            overlapped += 1
+        torch.testing.assert_close(local, reference, rtol=0, atol=0)
+    remote = pending.result()
+    assert overlapped, "no local forward ran while the served one did"
+    expected = bridge.run_with_hooks(big, fwd_hooks=graph_hooks)
+    torch.testing.assert_close(remote, expected)
+    # And once its client is gone, the served forward's stop check (raising the request's
+    # Cancelled at the next block) stays on the server's thread.
+    conn = Connection(slow_server.url)
+    rid = "leaving-beside"
+    conn.ws.send(json.dumps({"type": "submit", "request_id": rid,
+                             "graph": read_graph("slow-gpt2", [("blocks.0.hook_resid_post", 0)]),
+                             "tensors": [header_for("input_ids", big).model_dump()]}))
+    for frame in encode_chunks(rid, "input_ids", big):
+        conn.ws.send(frame)
+    deadline = time.monotonic() + 60
+    while not worker.current and time.monotonic() < deadline:
+        time.sleep(0.005)
+    conn.ws.close()
+    while worker.current:
+        with torch.no_grad():
+            torch.testing.assert_close(bridge(small), reference, rtol=0, atol=0)

@@ -108,3 +108,22 @@ def test_validation_keeps_only_small_cheap_results_real():
     assert out.device.type == "meta" and tuple(out.shape) == (2000, 1000)
     out, _ = run_for_shape(OPS["add"], (ints[:10], 1), {}, 1 << 31)
     assert out.device.type == "cpu" and int(out.sum()) == 20000
+
+
+def test_a_long_parse_gives_way_at_short_intervals():
+    """A big control message's parse calls ``pause`` every few hundred objects and between
+    pydantic slices (a server's large intake lane waits there while a batch runs: parsing
+    10 MB beside a forward made a co-tenant's 10 ms request exceed a 1 s deadline), and the
+    message it returns is the one parsed without pauses."""
+    nodes = [{"id": 0, "op": "site.read", "args": [0]}] + [
+        {"id": i, "op": "getitem", "args": [{"ref": i - 1}, [{"slice": [None, None, None]}, -1]]}
+        for i in range(1, 4000)]
+    msg = json.dumps({"type": "submit", "request_id": "big", "graph": {
+        "model": "m", "inputs": {"input_ids": "input_ids"}, "sites": [{"name": "s"}],
+        "nodes": nodes, "forward": {"return_type": None}}})
+    calls = []
+    rid, paused = parse_client_message_bounded(msg, 10 ** 9, pause=lambda: calls.append(1))
+    _, plain = parse_client_message_bounded(msg, 10 ** 9)
+    assert rid == "big" and paused == plain
+    objects = msg.count("{")
+    assert len(calls) >= objects // 256 > 30

@@ -58,6 +58,9 @@ def test_client_vanishing_mid_stream_frees_its_resources(own_server, local_model
     bridge = local_models["tiny-gpt2"]
     big = bridge.to_tokens(["x" * 200] * 8)
     tokens = bridge.to_tokens(["hello world"])
+    # Computed before the leaver's forward starts on this very object (the embedded server
+    # hosts it): see test_cancel's tests of a local forward beside a served one.
+    expected_logits, expected_resid = local_resid(bridge, tokens)
     leaver = Connection(srv.url)
     rid = "leaving-" + uuid.uuid4().hex[:6]
     leaver.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": read_graph(),
@@ -68,7 +71,6 @@ def test_client_vanishing_mid_stream_frees_its_resources(own_server, local_model
     leaver.ws.close()                    # and gone, with its results still streaming
     stayer = Connection(srv.url)
     try:
-        expected_logits, expected_resid = local_resid(bridge, tokens)
         for _ in range(3):
             result = stayer.run(read_graph(), {"input_ids": tokens})
             torch.testing.assert_close(result.values["__logits__"], expected_logits)
