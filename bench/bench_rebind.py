@@ -16,12 +16,12 @@ import torch
 
 import hookwire
 import hookwire.rebind as rb
+import hookwire.remote_call as remote_call
 import hookwire.server as hs
 import hookwire.transformerlens as htl
-import hookwire.transformerlens.remote_run as remote_run
 
 
-def heap_walk_only(olds, news, skip=(), roots=(), expected=None):
+def heap_walk_only(olds, news, skip=(), **near_the_hooks):
     return rb.rebind(olds, news, skip)
 
 
@@ -37,11 +37,11 @@ def main(rounds: int = 8) -> None:
         times = {"near the hooks": [], "heap walk": []}
         for _ in range(rounds):
             for name, fn in (("near the hooks", rb.rebind), ("heap walk", heap_walk_only)):
-                remote_run.rebind = fn
+                remote_call.rebind = fn
                 t0 = time.perf_counter()
                 model.run_with_cache(tokens, remote=True, progress=False)
                 times[name].append((time.perf_counter() - t0) * 1000)
-        remote_run.rebind = rb.rebind
+        remote_call.rebind = rb.rebind
         for name, values in times.items():
             print(f"{name}: median {statistics.median(values):.1f} ms, min {min(values):.1f} ms")
         ratio = statistics.median(times["near the hooks"]) / statistics.median(times["heap walk"])

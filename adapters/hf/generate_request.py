@@ -6,18 +6,19 @@ Hooks are traced once per forward they run in, so a hook that appends to a list 
 per step, as it does locally."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from hookwire.client import get_connection
 from hookwire.errors import TraceError
-from hookwire.generation import TOKEN_PREFIX, parse_step_name
+from hookwire.generation import TOKEN_PREFIX, step_name
 from hookwire.ir import rename_constants
 from hookwire.hf.outputs import GenerateOutput, cache_hooks
 from hookwire.hf.trace_forward import trace_forward
-from hookwire.progress import ProgressBar
-from hookwire.rebind import discard, rebind
+from hookwire.rebind import discard
+from hookwire.remote_call import Destinations, RemoteCall
 
 
 @dataclass
@@ -38,12 +39,14 @@ class GenerationRun:
         self.modules, self.intervene_on, self.options = list(modules), intervene_on, options
 
     def _trace(self):
-        """(graph per forward, tensors, escaped proxies per forward, cache dict per forward)."""
+        """(graph per forward, tensors, where the request's values go, where each forward's
+        go, cache dict per forward, the forwards' tracers)."""
         model = self.model
         batch, seq = self.tokens.shape
         steps = self.options["max_new_tokens"]
         per_step = self.intervene_on == "all" or bool(self.modules)
-        graphs, escaped, caches = [], [], []
+        graphs, step_destinations, caches = [], [], []
+        destinations = Destinations()
         tensors = {"input_ids": self.tokens}
         # id(captured tensor) -> constant id: a tensor the hooks capture (a steering vector)
         # is attached once, however many forwards use it. (The tracers keep them alive.)
@@ -62,7 +65,9 @@ class GenerationRun:
                            "constants": sorted(set(names.values())), "sites": tr.sites,
                            "nodes": rename_constants(tr.nodes, names), "saves": tr.saves,
                            "forward": {"return_type": None}})
-            escaped.append(traced.escaped)
+            # Forward k's save ``name`` comes back as ``k/name``.
+            destinations.extend(traced.destinations, functools.partial(step_name, k))
+            step_destinations.append(traced.destinations)
             caches.append(cache)
         if self.options["do_sample"] and any(tr.caller_draws for tr in alive):
             # Locally, HF's sampling and the hooks' torch.randn_like draw from one generator,
@@ -74,16 +79,15 @@ class GenerationRun:
                 "locally those draws interleave with the sampling's own, which the server "
                 "cannot replay. Use hookwire.randn_like(x, seed=...) / hookwire.rand_like "
                 "(drawn on the server, the same locally), or greedy decoding")
-        return graphs, tensors, escaped, caches
+        return graphs, tensors, destinations, step_destinations, caches, alive
 
     def run(self, on_token=None, run=None, traced=None) -> GenerateOutput:
-        graphs, tensors, escaped, caches = self._trace()
+        graphs, tensors, destinations, step_destinations, caches, tracers = self._trace()
         spec = {**self.options, "steps": graphs[1:]}
         if traced is not None:
             traced.set()
         steps = self.options["max_new_tokens"]
         new_tokens: list = [None] * steps
-        arrived: dict[tuple[int, int], torch.Tensor] = {}
 
         def on_value(name, value):
             if name.startswith(TOKEN_PREFIX):
@@ -93,33 +97,18 @@ class GenerationRun:
                     on_token(step, value)
                 if run is not None:
                     run.emit(TokenEvent(step, value))
-                return
-            parsed = parse_step_name(name)
-            if parsed is not None and parsed[1].startswith("__escaped_"):
-                arrived[(parsed[0], int(parsed[1][len("__escaped_"):]))] = value
 
-        conn = get_connection(*self.model._target)
-        on_submit = None if run is None else (lambda rid: run.submitted(conn, rid))
-        with ProgressBar(self.model.name, steps, enabled=self.model.progress) as bar:
-            def on_event(msg):
-                bar.on_event(msg)
-                if run is not None:
-                    run.emit(msg)
-            try:
-                conn.run(graphs[0], tensors, on_event=on_event, on_value=on_value,
-                         on_submit=on_submit, submit_extra={"generate": spec})
-            except BaseException:
-                for k in range(len(escaped)):
-                    got = [(escaped[k][i], v) for (s, i), v in arrived.items() if s == k]
-                    rebind([p for p, _ in got], [v for _, v in got])
-                raise
-        olds = [escaped[k][i] for (k, i) in arrived]
-        rebind(olds, list(arrived.values()))
+        # Progress counts forwards (steps); a non-blocking run's events are the server's
+        # messages and the tokens (TokenEvent), and the values are put in place at the end.
+        call = RemoteCall(self.model.name, graphs[0], tensors, destinations=destinations,
+                          tracers=tracers, n_sites=steps, progress=self.model.progress,
+                          submit_extra={"generate": spec}, announce_values=False)
+        call.send(get_connection(*self.model._target), run=run, on_value=on_value)
         # Every row reached EOS before max_new_tokens: the later forwards never ran, so what
         # their hooks stored (traced in advance) is taken back out of the user's lists and
         # dicts, as if those hooks had never been called -- as locally.
         ran = next((k for k, t in enumerate(new_tokens) if t is None), steps)
-        discard([p for k in range(ran, len(escaped)) for p in escaped[k]])
+        discard([p for d in step_destinations[ran:] for p in d.proxies()])
         out = GenerateOutput(torch.cat([self.tokens, torch.stack(new_tokens[:ran], dim=1)],
                                        dim=1), seed=self.options.get("seed"))
         for key in self.modules:

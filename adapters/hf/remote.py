@@ -20,9 +20,7 @@ from hookwire.hf.hooks import hook_list
 from hookwire.hf.outputs import (DEFAULT, GenerateOutput, cache_hooks, eos_options,
                                  output_class_of)
 from hookwire.hf.trace_forward import trace_forward
-from hookwire.progress import ProgressBar
-from hookwire.rebind import rebind
-from hookwire.runs import RemoteRun
+from hookwire.remote_call import RemoteCall, start_in_background
 
 
 def _input_ids(input_ids) -> torch.Tensor:
@@ -77,17 +75,10 @@ class RemoteModel:
         graph = {"version": 1, "model": self.name, "inputs": {"input_ids": "input_ids"},
                  "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
                  "saves": tr.saves, "forward": {"return_type": "logits"}}
-        conn = get_connection(*self._target)
-        show = self.progress if progress is None else progress
-        with ProgressBar(self.name, len(tr.sites), enabled=show) as bar:
-            try:
-                result = conn.run(graph, {"input_ids": tokens, **tr.constants},
-                                  on_event=bar.on_event, progress=bar.shows)
-            except BaseException:
-                tr.closed = True
-                raise
-        rebind(traced.escaped, [result.values[f"__escaped_{i}"]
-                                for i in range(len(traced.escaped))])
+        call = RemoteCall(self.name, graph, {"input_ids": tokens, **tr.constants},
+                          destinations=traced.destinations, tracers=[tr],
+                          progress=self.progress if progress is None else progress)
+        result = call.send(get_connection(*self._target))
         # logits, or a base model's last_hidden_state: what the local model returns
         return self.output_class(**{self.info.output: result.values["__logits__"]})
 
@@ -129,9 +120,8 @@ class RemoteModel:
         if blocking:
             return gen.run(on_token=on_token)
         traced = threading.Event()
-        run = RemoteRun(lambda r: gen.run(on_token=on_token, run=r, traced=traced)).start()
-        run.wait_until_traced(traced)
-        return run
+        return start_in_background(
+            lambda run: gen.run(on_token=on_token, run=run, traced=traced), traced)
 
 
 __all__ = ["RemoteModel", "GenerateOutput"]

@@ -21,13 +21,16 @@ import torch
 from hookwire.errors import HookwireError, SiteNotServed, TraceError
 from hookwire.hf.hooks import HookKey, module_of
 from hookwire.module_sites import ServerObject, module_site
+from hookwire.remote_call import Destinations
 from hookwire.trace import Proxy, Tracer, tracing
 
 
 @dataclass
 class Traced:
+    """One forward's trace: its tracer and where the values it saves go (the proxies the
+    user's code still holds)."""
     tracer: Tracer
-    escaped: list = field(default_factory=list)   # proxies the user's code still holds
+    destinations: Destinations = field(default_factory=Destinations)
 
 
 def _placeholder(type_name: str):
@@ -193,10 +196,7 @@ def trace_forward(info, stand_in, batch: int, seq: int, hooks: list[tuple[HookKe
         for _, path, kind, call, fns in ft.events(hooks):
             (ft.pre if kind == "input" else ft.post)(path, call, fns)
     ft = None  # our own references to proxies must be gone before counting the user's
-    escaped = tracer.escaped()
-    for i, proxy in enumerate(escaped):
-        tracer.save(f"__escaped_{i}", proxy)
-    return Traced(tracer, escaped)
+    return Traced(tracer, Destinations.keep_escaped(tracer))
 
 
 __all__ = ["trace_forward", "Traced", "ServerObject"]

@@ -32,8 +32,8 @@ from hookwire.errors import HookwireError
 from hookwire.nnsight.generate import GenerationJob
 from hookwire.nnsight.target import target_of
 from hookwire.nnsight.trace_job import ForwardJob
-from hookwire.progress import ProgressBar
 from hookwire.rebind import rebind
+from hookwire.remote_call import RemoteCall
 from hookwire.runs import RemoteRun, SavedValue
 
 
@@ -139,18 +139,16 @@ class _Delivery:
 
     def run(self, backend: RemoteBackend, run: RemoteRun | None):
         job = self.job
-        conn = get_connection(backend.url, backend.api_key)
-        on_submit = None if run is None else (lambda rid: run.submitted(conn, rid))
-        with ProgressBar(job.info.name, job.progress_total(), enabled=backend.progress) as bar:
-            def on_event(msg):
-                bar.on_event(msg)
-                if run is not None:
-                    run.emit(msg)
-            try:
-                arrived = job.send(conn, on_event, on_submit)
-            except BaseException:
-                job.abandon()
-                raise
+        request = job.request()
+        arrived = {}
+        if request is not None:
+            graph, tensors, extra = request
+            # The values are put in place below, with what only this job knows (tokens
+            # chosen at EOS, the caller's frame): the call itself rebinds nothing.
+            call = RemoteCall(job.info.name, graph, tensors, tracers=job.tracers,
+                              n_sites=job.progress_total(), progress=backend.progress,
+                              submit_extra=extra, announce_values=False)
+            arrived = call.send(get_connection(backend.url, backend.api_key), run=run).values
         olds, news = job.replacements(arrived)
         self.values = {id(o): n for o, n in zip(olds, news)}
         # Non-blocking: the caller's code ran on meanwhile and may hold more references than

@@ -208,16 +208,16 @@ class GenerationJob:
     def progress_total(self) -> int:
         return self.spec["max_new_tokens"] if self.spec else 1
 
-    def send(self, conn, on_event, on_submit) -> dict:
+    def request(self) -> tuple[dict, dict, dict | None] | None:
+        """(graph of the prompt's forward, tensors, the generate fields) to send, or None:
+        nothing to run."""
         if self.prompt is None:
-            return {}
+            return None
         graphs, tensors = self._graphs()
         n = self.spec["max_new_tokens"]
         steps = graphs[1:n] if any(g["sites"] or g["nodes"] for g in graphs[1:]) else []
         steps += [_empty(self.info.name)] * ((n - 1 - len(steps)) if steps else 0)
-        result = conn.run(graphs[0], tensors, on_event=on_event, on_submit=on_submit,
-                          submit_extra={"generate": {**self.spec, "steps": steps}})
-        return result.values
+        return graphs[0], tensors, {"generate": {**self.spec, "steps": steps}}
 
     def abandon(self) -> None:
         for hw in self.tracers:

@@ -128,15 +128,15 @@ class ForwardJob:
     def progress_total(self) -> int:
         return len(self.tracer.sites)
 
-    def send(self, conn, on_event, on_submit) -> dict:
-        if self.graph is None:
-            return {}
-        result = conn.run(self.graph, {**self.inputs, **self.tracer.constants},
-                          on_event=on_event, on_submit=on_submit)
-        return result.values
+    @property
+    def tracers(self) -> list[Tracer]:
+        return [self.tracer]
 
-    def abandon(self) -> None:
-        self.tracer.closed = True
+    def request(self) -> tuple[dict, dict, dict | None] | None:
+        """(graph, tensors, further submit fields) to send, or None: nothing to run."""
+        if self.graph is None:
+            return None
+        return self.graph, {**self.inputs, **self.tracer.constants}, None
 
     def replacements(self, values: dict) -> tuple[list, list]:
         olds = self.escaped

@@ -20,7 +20,6 @@ from pyvene.models.intervenable_modelcard import type_to_module_mapping
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model, family_for_architecture, output_class
-from hookwire.progress import ProgressBar
 from hookwire.pyvene.allowed import check_intervention
 from hookwire.pyvene.components import check_fires, component_site
 from hookwire.pyvene.inputs import UnsupportedInput, model_inputs
@@ -28,6 +27,7 @@ from hookwire.pyvene import persist
 from hookwire.pyvene.plan import Layout, parallel_tasks, serial_tasks
 from hookwire.pyvene.training import DifferentiableCall
 from hookwire.pyvene.translate import trace_call
+from hookwire.remote_call import RemoteCall
 
 
 def _never(site) -> bool:
@@ -357,10 +357,10 @@ class RemoteIntervenableModel:
                                            vocab_size=self.hf_config.vocab_size)
 
     def _request(self, graph: dict, tensors: dict) -> dict:
-        conn = get_connection(*self._target)
-        with ProgressBar(self.model_name, len(graph["sites"]), enabled=self.progress) as bar:
-            return conn.run(graph, tensors, on_event=bar.on_event,
-                            progress=bar.shows).values
+        """Run one graph (a call, or its backward: see training.py); its values by name.
+        The call's return value is built from them: nothing is rebound."""
+        call = RemoteCall(self.model_name, graph, tensors, progress=self.progress)
+        return call.send(get_connection(*self._target)).values
 
     def _sequence_first(self, cs) -> bool:
         """Whether the values at a component's sites are (batch, seq, ...) with no other

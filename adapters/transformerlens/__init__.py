@@ -15,13 +15,12 @@ import threading
 import warnings
 
 from hookwire.errors import HookwireError
-from hookwire.runs import RemoteRun
+from hookwire.remote_call import start_in_background
 from hookwire.transformerlens.call_scope import (call_lock, current_remote_target,
                                                  forward_goes_remote, holding_block,
                                                  hook_handles, in_block)
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
-from hookwire.transformerlens.legacy import RemoteHookedTransformer
-from hookwire.transformerlens.stand_in import RemoteModel
+from hookwire.transformerlens.stand_in import RemoteHookedTransformer, RemoteModel
 from hookwire.transformerlens.weights import WeightsNotFetched, fetch_weights
 
 _REMOTE_METHODS = ("run_with_hooks", "run_with_cache", "generate")
@@ -71,13 +70,10 @@ def _patch(cls, method_name: str) -> None:
                 target.hooks_before = hook_handles(self)
                 with forward_goes_remote(self, target):
                     return original(self, *args, **kwargs)
-        run = RemoteRun(work)
         # Waiting for it inside this thread's own remote hooks() block would wait forever
         # (the run needs the model's lock the block holds): RemoteRun raises instead.
-        run.blocked_by = functools.partial(in_block, self)
-        run.start()
-        run.wait_until_traced(target.traced)
-        return run
+        return start_in_background(work, target.traced,
+                                   blocked_by=functools.partial(in_block, self))
 
     method._hookwire_patched = True
     setattr(cls, method_name, method)

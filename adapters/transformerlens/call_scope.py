@@ -22,6 +22,8 @@ import contextlib
 import threading
 import weakref
 
+from hookwire.transformerlens.hook_tracer import cached_hook_points
+
 _LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _BLOCKS = threading.local()   # .models: the models whose hooks() block this thread is in
 _LOCKS_GUARD = threading.Lock()
@@ -144,8 +146,6 @@ def detach_new_hooks(model, before: set[int]) -> None:
 
 
 def _points(model):
-    from hookwire.transformerlens.remote_run import cached_hook_points
-
     return cached_hook_points(model).values()
 
 

@@ -24,11 +24,10 @@ import functools
 
 import torch
 
-from hookwire.backward_done import gradient_unchanged
-from hookwire.client import RemoteModelInfo, get_connection
-from hookwire.errors import HookwireError, TraceError
+from hookwire.client import RemoteModelInfo
+from hookwire.errors import HookwireError
 from hookwire.families import config_from_dict, family_for_architecture
-from hookwire.trace import Tracer, tracing
+from hookwire.transformerlens.hook_tracer import Dialect, served_stop_site
 
 # Legacy name suffix -> how TL 4 presents the site to a hook on that name.
 _HEADS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z")  # [B,S,H*D] -> [B,S,H,D]
@@ -120,139 +119,70 @@ def check_compatible(model, info: RemoteModelInfo) -> None:
                 f"{info.name!r} has {key}={want[key]}: remote hooks need the same architecture")
 
 
-def trace_hook_points(model, info: RemoteModelInfo, batch: int, seq: int, tracer: Tracer,
-                      stop_at: str | None = None, backward_sites: list | None = None,
-                      skip=None) -> bool:
-    """Like :func:`remote_run.trace_hook_points`, for legacy hook names: call each legacy hook
-    point's forward hooks on proxies of the site TL 4 maps its name to, in the server's firing
-    order. With ``stop_at``, tracing ends *before* that site's hooks (a legacy forward with
-    ``stop_at_layer=k`` returns the residual without entering block k) and its value is saved
-    as ``__stop__``. Sites whose legacy points have backward hooks are appended to
-    ``backward_sites`` for :func:`trace_backward_hooks`. Sites for which ``skip(name)`` is
-    true do not run in this forward (``start_at_layer``: TL 2.x skips the blocks before)."""
-    check_compatible(model, info)
-    by_site: dict[str, list] = {}
-    unmapped = []
-    for name, hp in model.hook_dict.items():
-        if hp._backward_pre_hooks:
-            raise HookwireError(f"backward pre-hooks on {name!r} cannot run remotely")
-        if not (hp._forward_hooks or hp._backward_hooks):
-            continue
-        site = site_for(info, name)
-        if site is None:
-            if _fires_locally(model, name):  # e.g. run_with_cache() hooks every point
-                unmapped.append(name)
-        else:
-            by_site.setdefault(site, []).append((name, hp))
-    if unmapped:
-        raise HookwireError(
-            f"hooks on {unmapped[:5]} cannot run remotely: the server's model "
-            f"{info.name!r} has no hook point that fires for these names (TL 4 does not "
-            "compute hook_result / split q,k,v inputs / hook_attn_in / hook_mlp_in on it)")
-    with tracing(tracer):
-        for site in info.sites:
-            if skip is not None and skip(site.name):
+class LegacyDialect(Dialect):
+    """TL 2.x names and layouts for :func:`hookwire.transformerlens.hook_tracer.trace_hook_points`:
+    each legacy hook point's hooks run on proxies of the site TL 4 maps its name to, at the
+    site's first call, in the legacy layout (see the module docstring). A forward with
+    ``stop_at_layer=k`` returns the residual without entering block k: it stops *before*
+    that site's hooks."""
+    stops_before_hooks = True
+    legacy = True
+
+    def check_model(self, info: RemoteModelInfo) -> None:
+        check_compatible(self.model, info)
+
+    def plan(self, info: RemoteModelInfo, batch: int, seq: int) -> None:
+        by_site: dict[str, list] = {}
+        unmapped = []
+        for name, hp in self.model.hook_dict.items():
+            if hp._backward_pre_hooks:
+                raise HookwireError(f"backward pre-hooks on {name!r} cannot run remotely")
+            if not (hp._forward_hooks or hp._backward_hooks):
                 continue
-            if stop_at is not None and site.name == stop_at and site.call == 0:
-                x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
-                                     site.dtype)
-                tracer.save("__stop__", x)
-                return True
-            points = by_site.get(site.name) if site.call == 0 else None
-            if not points:
-                continue
-            backward = [(n, hp) for n, hp in points if hp._backward_hooks]
-            forward = [(n, hp) for n, hp in points if hp._forward_hooks]
-            if not forward:
-                if backward and backward_sites is not None and site.grad:
-                    # Its gradient is read, not its value.
-                    backward_sites.append((tracer.add_site(site.name, site.call), site,
-                                           backward, model.cfg.d_head))
-                continue
-            x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq),
-                                 site.dtype)
-            index = len(tracer.sites) - 1
-            if backward and backward_sites is not None and site.grad:
-                # Backward hooks fire only where a gradient arrives (as locally).
-                backward_sites.append((index, site, backward, model.cfg.d_head))
-            current = x
-            for name, hp in forward:
-                current = _run_point_hooks(model, name, hp, current, tracer)
-            tracer.context = None
-            if x._hw_version > 0:
-                tracer.write_site(index, x, "inplace")
-            if current is not x:
-                tracer.write_site(index, current, "replace")
-            del x, current
-    return False
+            site = site_for(info, name)
+            if site is None:
+                if _fires_locally(self.model, name):  # e.g. run_with_cache() hooks every point
+                    unmapped.append(name)
+            else:
+                by_site.setdefault(site, []).append((name, hp))
+        if unmapped:
+            raise HookwireError(
+                f"hooks on {unmapped[:5]} cannot run remotely: the server's model "
+                f"{info.name!r} has no hook point that fires for these names (TL 4 does not "
+                "compute hook_result / split q,k,v inputs / hook_attn_in / hook_mlp_in on it)")
+        self.by_site = by_site
+
+    def points(self, site) -> list[tuple[str, object]]:
+        return self.by_site.get(site.name, []) if site.call == 0 else []
+
+    def stop_site(self, info: RemoteModelInfo, stop_at_layer) -> str | None:
+        """A legacy forward with ``stop_at_layer`` runs ``blocks[:k]`` (Python slice
+        semantics) and returns the residual, i.e. the input of block k (or of ln_final)."""
+        if stop_at_layer is None:
+            return None
+        n = self.model.cfg.n_layers
+        k = len(range(n)[:stop_at_layer])
+        name = f"blocks.{k}.hook_in" if k < n else "ln_final.hook_in"
+        return served_stop_site(info, name, stop_at_layer)
+
+    def to_view(self, name: str, x):
+        return _to_legacy(name, x, self.model.cfg.d_head)
+
+    def check_view(self, name: str, view) -> None:
+        heads = _expected_heads(self.model, name)
+        if heads is not None and (view.dim() != 4 or view.shape[2] != heads):
+            raise HookwireError(
+                f"{name!r}: the server's activation has shape {tuple(view.shape)} but this "
+                f"legacy model expects {heads} heads there (ungroup_grouped_query_attention?)")
+
+    def from_view(self, name: str, out, x):
+        return _from_legacy(name, out, tuple(x.shape))
+
+    def label(self, hp, key, fn) -> str:
+        return _label(fn)
 
 
-def _run_point_hooks(model, name, hp, x, tracer: Tracer):
-    """One legacy hook point's hooks, as TL 2.x calls them, on a TL 4-shaped site value.
-    Returns the site's value afterwards (``x`` itself unless a hook returned a tensor)."""
-    view = _to_legacy(name, x, model.cfg.d_head)
-    heads = _expected_heads(model, name)
-    if heads is not None and (view.dim() != 4 or view.shape[2] != heads):
-        raise HookwireError(
-            f"{name!r}: the server's activation has shape {tuple(view.shape)} but this "
-            f"legacy model expects {heads} heads there (ungroup_grouped_query_attention?)")
-    out = view
-    for key, fn in list(hp._forward_hooks.items()):
-        tracer.context = (_label(fn), name)
-        if hp._forward_hooks_with_kwargs.get(key):
-            result = fn(hp, (view,), {}, out)
-        else:
-            result = fn(hp, (view,), out)
-        if result is not None:
-            out = result
-    if out is view:
-        return x
-    if not isinstance(out, torch.Tensor):
-        raise TraceError(f"a hook on {name!r} returned a {type(out).__name__}; return a "
-                         "tensor or None")
-    if tuple(out.shape) != tuple(view.shape) or out.dtype != view.dtype:
-        raise TraceError(f"a hook on {name!r} returned a tensor of shape {tuple(out.shape)} "
-                         f"{out.dtype}; the activation is {tuple(view.shape)} {view.dtype}")
-    return _from_legacy(name, out, tuple(x.shape))
-
-
-def trace_backward_hooks(backward_sites: list, batch: int, seq: int, tracer: Tracer) -> None:
-    """Legacy backward hooks on the gradient of their site, latest site first, each seeing
-    the gradient in its legacy layout (as TL 2.x's ``register_full_backward_hook`` does).
-    They may read gradients, not replace them (as for TL 4 models)."""
-    with tracing(tracer):
-        for index, site, points, d_head in reversed(backward_sites):
-            grad = tracer.read_grad(index, site.concrete_shape(batch, seq), site.dtype)
-            for name, hp in points:
-                view = _to_legacy(name, grad, d_head)
-                for fn in list(hp._backward_hooks.values()):
-                    tracer.context = (_label(fn), name)
-                    result = fn(hp, (view,), (view,))
-                    if not (gradient_unchanged(result, view) or gradient_unchanged(result, grad)) or \
-                            grad._hw_version > 0 or view._hw_version > 0:
-                        raise TraceError(
-                            f"a backward hook on {name!r} changes the gradient; remote backward "
-                            "hooks can read gradients (cache, attribute, reduce them) but not "
-                            "replace them")
-            tracer.context = None
-            del grad
-
-
-def stop_site(model, info: RemoteModelInfo, stop_at_layer) -> str | None:
-    """Where a legacy forward with ``stop_at_layer`` stops: it runs ``blocks[:k]`` (Python
-    slice semantics) and returns the residual, i.e. the input of block k (or of ln_final)."""
-    if stop_at_layer is None:
-        return None
-    n = model.cfg.n_layers
-    k = len(range(n)[:stop_at_layer])
-    name = f"blocks.{k}.hook_in" if k < n else "ln_final.hook_in"
-    if (name, 0) not in info.site_index:
-        raise HookwireError(f"stop_at_layer={stop_at_layer}: the server's model has no site "
-                            f"{name!r}")
-    return name
-
-
-# ---- a weightless legacy stand-in ----------------------------------------------------------
+# ---- the server model's shape as a HookedTransformerConfig -----------------------------------
 
 def legacy_config_kwargs(architecture: str, config: dict) -> dict:
     """HookedTransformerConfig arguments for a server model (allow-listed families only)."""
@@ -288,30 +218,5 @@ def _rope_theta(config: dict, c) -> float:
     return config.get("rope_theta", getattr(c, "rope_theta", 10000))
 
 
-def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | None = None):
-    """A TL 2.x ``HookedTransformer`` with no weights (meta device) shaped like the server's
-    model, with its tokenizer: legacy hook names, ``cfg``, ``to_tokens``, ``run_with_cache``
-    returning an ``ActivationCache`` -- and every forward runs on the server."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from hookwire.tokenizer import tokenizer_from_files
-    from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
-
-    conn = get_connection(url, api_key)
-    info = conn.model_info(name)
-    cfg = HookedTransformerConfig(model_name=name, init_weights=False, device="cpu",
-                                  **legacy_config_kwargs(info.architecture, info.config))
-    tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files else None
-    with torch.device("meta"):
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.eval()
-    model._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
-    from hookwire.transformerlens.weights import guard_weightless
-    guard_weightless(model, name, fetchable=False)  # reading a weight says what to do
-    model.forward = functools.partial(remote_forward, model,
-                                      RemoteTarget(url=conn.url, api_key=api_key, model=name))
-    return model
-
-
-__all__ = ["is_legacy", "site_for", "trace_hook_points", "trace_backward_hooks", "stop_site", "legacy_config_kwargs",
-           "RemoteHookedTransformer", "check_compatible"]
+__all__ = ["is_legacy", "site_for", "LegacyDialect", "legacy_config_kwargs",
+           "check_compatible"]

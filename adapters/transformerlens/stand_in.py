@@ -2,17 +2,21 @@
 from what the server sends -- config (every value, lists and sub-configs included, and the
 dtype the model is hosted in), architecture (looked up in hookwire's family table) and
 tokenizer files. Hook names, aliases, ``cfg`` (``cfg.dtype`` included),
-``to_tokens``/``to_string`` are TL's own."""
+``to_tokens``/``to_string`` are TL's own. ``RemoteHookedTransformer(name)``: the same as a
+TL 2.x ``HookedTransformer`` (see legacy.py)."""
 from __future__ import annotations
 
 import contextlib
 import functools
 import sys
 
+import torch
+
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model, refusal
 from hookwire.tokenizer import tokenizer_from_files
+from hookwire.transformerlens.legacy import legacy_config_kwargs
 from hookwire.transformerlens.remote_run import RemoteTarget, remote_forward
 from hookwire.transformerlens.weights import guard_weightless
 
@@ -24,11 +28,10 @@ _TOKENIZER_METHODS = ("to_tokens", "to_string", "to_str_tokens", "to_single_toke
 
 def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
     """A weightless TL model of the server's ``name``: a TL 4 bridge, or, where TL has no
-    bridges (TL 2.x), a legacy ``HookedTransformer`` (see legacy.RemoteHookedTransformer)."""
+    bridges (TL 2.x), a legacy ``HookedTransformer`` (see :func:`RemoteHookedTransformer`)."""
     try:
         from transformer_lens.model_bridge.sources import build_bridge_from_module
     except ImportError:
-        from hookwire.transformerlens.legacy import RemoteHookedTransformer
         return RemoteHookedTransformer(name, url, api_key)
 
     conn = get_connection(url, api_key)
@@ -60,6 +63,28 @@ def RemoteModel(name: str, url: str | None = None, api_key: str | None = None):
             if hasattr(bridge, method):
                 setattr(bridge, method, functools.partial(_no_tokenizer, name, method))
     return bridge
+
+
+def RemoteHookedTransformer(name: str, url: str | None = None, api_key: str | None = None):
+    """A TL 2.x ``HookedTransformer`` with no weights (meta device) shaped like the server's
+    model, with its tokenizer: legacy hook names, ``cfg``, ``to_tokens``, ``run_with_cache``
+    returning an ``ActivationCache`` -- and every forward runs on the server."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    conn = get_connection(url, api_key)
+    info = conn.model_info(name)
+    cfg = HookedTransformerConfig(model_name=name, init_weights=False, device="cpu",
+                                  **legacy_config_kwargs(info.architecture, info.config))
+    tokenizer = tokenizer_from_files(info.tokenizer_files) if info.tokenizer_files else None
+    with torch.device("meta"):
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    model.eval()
+    model._hookwire_remote = {"url": conn.url, "api_key": api_key, "model": name}
+    guard_weightless(model, name, fetchable=False)  # reading a weight says what to do
+    model.forward = functools.partial(remote_forward, model,
+                                      RemoteTarget(url=conn.url, api_key=api_key, model=name))
+    return model
+
 
 
 def _no_tokenizer(name: str, method: str, *args, **kwargs):
