@@ -10,10 +10,12 @@ whatever *light* requests of other users wait run first -- a whole batch of them
 thread, as the worker would run them -- then the long request goes on, its own clock paused
 for that time so its deadline counts only its own work.
 
-Bounds: a request gives way only after it has run ``QUANTUM_S`` since it began or last gave
-way (a short request never does), and only to requests that are light before they are even
-validated (few nodes, few tokens, small uploads, no generation): so the long request still
-makes progress and what runs in its place is small. Requests of the long request's own user
+Bounds: a request gives way only after it has run ``QUANTUM_S`` since it began, and after
+giving way for T seconds it runs at least max(T, ``QUANTUM_S``) before it gives way again: it
+keeps at least half of the worker's time while it runs, however much others queue (a tenant
+flooding light-looking but costly requests cannot starve it). It gives way only to requests
+that are light before they are even validated (few nodes, few tokens, small uploads, no
+generation). Requests of the long request's own user
 never overtake it (each user's requests keep their order), and a request run in its place
 never gives way itself (no nesting). And a batch the scheduler formed runs its light-looking
 requests first, validated and run, before it validates the others
@@ -44,17 +46,17 @@ class GiveWay:
         self.worker = worker
         self._rows, self._tokens = rows, tokens
         self._user = None       # whose phase allows giving way now (None: no phase)
-        self._since = 0.0       # when that phase began or last gave way
+        self._next_at = 0.0     # when that phase may give way next
         self._running = False   # light requests are running in another's place
 
     @contextlib.contextmanager
     def allowed(self, user: str):
-        outer = self._user, self._since
-        self._user, self._since = user, time.perf_counter()
+        outer = self._user, self._next_at
+        self._user, self._next_at = user, time.perf_counter() + self.QUANTUM_S
         try:
             yield
         finally:
-            self._user, self._since = outer
+            self._user, self._next_at = outer
 
     def light(self, job) -> bool:
         """Cheap to run, told before validation: may run in a long request's place."""
@@ -70,14 +72,14 @@ class GiveWay:
         if self._user is None or self._running:
             return 0.0
         now = time.perf_counter()
-        if now - self._since < self.QUANTUM_S:
+        if now < self._next_at:
             return 0.0
         worker = self.worker
         key = worker.batch_key if worker.batching else (lambda job: None)
         jobs = worker.scheduler.take_now(self.light, key, self._rows, self._tokens,
                                          worker.batch_fits)
         if not jobs:
-            self._since = now  # look again one quantum later
+            self._next_at = now + self.QUANTUM_S  # look again one quantum later
             return 0.0
         self._running = True
         outer = worker.current
@@ -91,8 +93,9 @@ class GiveWay:
             for job in jobs:
                 job.finish()
             self._running = False
-        self._since = time.perf_counter()
-        return self._since - now
+        end = time.perf_counter()
+        self._next_at = end + max(end - now, self.QUANTUM_S)  # its own turn, at least as long
+        return end - now
 
 
 __all__ = ["GiveWay", "LIGHT_NODES", "LIGHT_TOKENS", "LIGHT_BYTES"]
