@@ -14,8 +14,9 @@ bash scripts/setup_legacy_env.sh
 # dependency that scripts/audit-ignore.txt does not justify (see scripts/audit.py).
 .venv/bin/python scripts/audit.py
 # Two worker processes (HOOKWIRE_TEST_WORKERS=1 runs them in this one): each test file runs
-# whole on one worker, the Ray files together on one (tests/conftest.py), so module fixtures
-# are built once and two private Ray instances never start side by side.
+# whole on one worker, the Ray files and every Ray-engine test together on one
+# (tests/conftest.py, tests/engines.py), so module fixtures are built once and two Ray
+# instances never start side by side.
 WORKERS="${HOOKWIRE_TEST_WORKERS:-2}"
 if [ "$WORKERS" -gt 1 ]; then
     exec .venv/bin/python -m pytest -q -n "$WORKERS" --dist loadgroup tests/ "$@"

@@ -5,7 +5,6 @@ a local TL run use identical weights. Everything listens on 127.0.0.1 with ephem
 """
 from __future__ import annotations
 
-import functools
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import hookwire
 import hookwire.client
 import hookwire.server as hs
 import hookwire.transformerlens as htl
+from engines import ENGINES, RAY_SERVER, TWO_PARTS, engine_of, runs_on_its_engine
 from hookwire.server.models import load_model
 
 MODEL_NAMES = ("tiny-gpt2", "tiny-llama")
@@ -38,15 +38,63 @@ SLOW_FILES = RAY_FILES | {
     "test_tl_gradients.py", "test_tl_nonblocking.py"}
 
 
+@pytest.hookimpl(hookwrapper=True)
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup`` each test file runs whole on one worker (its module
-    fixtures -- servers, models -- are built once), the Ray files together; files of
-    SLOW_FILES are marked ``slow``."""
+    fixtures -- servers, models -- are built once), the Ray files and every Ray-engine test
+    together; files of SLOW_FILES and tests on an engine other than "embedded" are marked
+    ``slow``. Marks go on before pytest and xdist read them; once pytest has ordered the
+    items, the Ray-engine tests move to the end (test_ray_engine.py's last: its last test
+    kills a replica), so the session's one Ray server (tests/engines.py) runs them in one
+    stretch and is stopped before anything else starts."""
+    kept = [item for item in items if runs_on_its_engine(item)]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
     for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("ray" if name in RAY_FILES else name))
-        if name in SLOW_FILES:
+        name, engine = item.path.name, engine_of(item)
+        ray = name in RAY_FILES or engine == "ray"
+        item.add_marker(pytest.mark.xdist_group("ray" if ray else name))
+        if name in SLOW_FILES or engine != "embedded":
             item.add_marker(pytest.mark.slow)
+        if engine == "ray":  # the first one waits for Ray and its replicas to start
+            item.add_marker(pytest.mark.timeout(600))
+    yield
+    if getattr(config.option, "loadgroup", False) and any("@" not in item.nodeid for item in items):
+        # xdist groups by a suffix it writes into each node id; pytest 9.2 ignores that write
+        # (pytest-dev/pytest-xdist#1386), and the groups would silently fall apart: the Ray
+        # files on both workers, two Ray instances side by side. pyproject pins pytest < 9.2.
+        raise pytest.UsageError("pytest-xdist --dist loadgroup did not group the tests "
+                                "(pytest-dev/pytest-xdist#1386): install pytest < 9.2")
+    on_ray = [item for item in items if engine_of(item) == "ray"]
+    on_ray.sort(key=lambda item: item.path.name == "test_ray_engine.py")  # stable
+    items[:] = [item for item in items if engine_of(item) != "ray"] + on_ray
+
+
+def pytest_generate_tests(metafunc):
+    """``@pytest.mark.engines("embedded", "ray", ...)`` runs the test once per engine."""
+    marker = metafunc.definition.get_closest_marker("engines")
+    if marker is None or "engine" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(ENGINES)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown engines {unknown}")
+    metafunc.parametrize("engine", marker.args, indirect=True, scope="module")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last Ray-engine test in a row (its fixtures already finalized), stop the
+    shared Ray server: every process it started is gone before the next test runs."""
+    yield
+    if nextitem is None or engine_of(nextitem) != "ray":
+        RAY_SERVER.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    RAY_SERVER.stop()  # an interrupted run (-x, Ctrl-C) stops it too
+
+
 TEXTS = ["hello world", "abcdefghij!"]
 CLEAN_TEXTS = ["The cat sat on a mat", "Paris is in France!!"]
 CORRUPT_TEXTS = ["The dog sat on a rug", "Rome is in Italy!!!!"]
@@ -59,22 +107,31 @@ def hosted():
 
 
 @pytest.fixture(scope="module")
-def engine():
-    """The engine the module's ``server`` runs its models on. tests/test_ray_engine.py sets
-    "ray" and re-runs core tests there; everywhere else the models run in-process."""
-    return "embedded"
+def engine(request):
+    """The engine the module's ``server`` runs its models on: "embedded" (in-process) unless
+    the test is marked ``@pytest.mark.engines(...)`` (tests/engines.py)."""
+    return getattr(request, "param", "embedded")
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """name -> HostedModel split over two devices (the CPU and disk offload; TWO_PARTS)."""
+    return {name: load_model(name, device_map=TWO_PARTS[name]) for name in MODEL_NAMES}
 
 
 @pytest.fixture(scope="module")
 def server(hosted, engine, request):
     """A real websocket server on 127.0.0.1 (ephemeral port) hosting both tiny models. On the
-    embedded engine it hosts the very objects of ``hosted``; on the Ray engine its replicas
-    build the same models from the same configs and seeds."""
+    embedded engine it hosts the very objects of ``hosted``; on the sharded engine the same
+    models split over two devices; on the Ray engine (the session's one Ray server) replicas
+    that build the same models from the same configs and seeds."""
     if engine == "ray":
-        from ray_helpers import start_ray_server, stop_ray_server
-
-        srv, before = start_ray_server(MODEL_NAMES)
-        stop = functools.partial(stop_ray_server, srv, before)
+        pytest.importorskip("hookwire.server.ray_cluster",
+                            reason="the Ray engine needs the 'ray' extra (scripts/setup.sh)")
+        srv, stop = RAY_SERVER.get(MODEL_NAMES), lambda: None  # stopped after its last test
+    elif engine == "sharded":
+        srv = hs.start(models=request.getfixturevalue("sharded"), port=0)
+        stop = srv.stop
     else:
         srv = hs.start(models={name: h.bridge for name, h in hosted.items()}, port=0)
         stop = srv.stop

@@ -2,10 +2,11 @@
 requests spread over replicas, no accepted request lost when a replica dies, and nothing Ray
 starts listens beyond loopback.
 
-One local Ray instance serves the whole module (2 replicas of tiny-gpt2, 1 of tiny-llama; see
-tests/ray_helpers.py). The core TL tests are not copied: they are imported from their modules
-and run here against this module's ``engine`` fixture, which makes conftest's ``server`` a
-Ray-engine server. The fault test kills a replica, so it comes last.
+The session's one Ray server serves this module (2 replicas of tiny-gpt2, 1 of tiny-llama; see
+tests/ray_helpers.py and tests/engines.py). The core TL tests that run on Ray too are marked
+``ALSO_ON_RAY`` / ``EVERY_ENGINE`` in their own files; this file holds what only the Ray
+engine has. Conftest runs it after those; the fault test kills a replica (Serve restarts it),
+so it comes last.
 """
 from __future__ import annotations
 
@@ -27,52 +28,12 @@ pytest.importorskip("hookwire.server.ray_cluster",
 import psutil  # noqa: E402  (installed with ray)
 from conftest import MODEL_NAMES  # noqa: E402
 from graphs import graph, node, ref  # noqa: E402
-# Core tests of the TL adapter, re-run here on the Ray engine (their fixtures come along).
-from test_residents import (  # noqa: E402,F401
-    test_a_referenced_value_used_as_the_activation_stays_intact,
-    test_sweep_refers_to_the_clean_cache_instead_of_uploading)
-from test_tl_cache_and_hooks import (  # noqa: E402,F401
-    remote, test_ctx_tensor_from_previous_call_is_used, test_patch_from_a_remote_cache,
-    test_run_with_cache_everything, test_run_with_cache_names_filter,
-    test_run_with_cache_stop_at_layer)
-from test_tl_gradients import (  # noqa: E402,F401
-    _zero_grads, test_bwd_hooks_with_loss_then_backward, test_run_with_cache_incl_bwd)
-from test_tl_nonblocking import (  # noqa: E402,F401
-    test_cancel_stops_the_request_and_the_connection_keeps_serving,
-    test_events_then_result_equal_local)
-from test_tl_remote_equals_local import (  # noqa: E402,F401
-    remote_model, remote_run, test_activation_patching_with_partial,
-    test_concurrent_remote_runs_from_threads, test_head_ablation_in_place_hook_z,
-    test_hooks_reset_after_a_failed_trace, test_in_place_ops,
-    test_large_constants_and_saves_stream_in_chunks, test_loss_per_token,
-    test_no_hooks_gives_local_logits, test_out_of_range_index_fails_typed_not_silently,
-    test_return_types, test_store_in_outer_dict_and_list)
-
 from hookwire.client import Connection  # noqa: E402
 from hookwire.errors import ReplicaLost  # noqa: E402
 
-pytestmark = [pytest.mark.filterwarnings("ignore:.*gated-off hook name.*"),
+pytestmark = [pytest.mark.engines("ray"),
+              pytest.mark.filterwarnings("ignore:.*gated-off hook name.*"),
               pytest.mark.timeout(600)]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return "ray"
-
-
-@pytest.fixture(params=MODEL_NAMES)
-def name(request):
-    return request.param
-
-
-@pytest.fixture(params=("stand_in", "bridge_url"))
-def front(request):
-    return request.param
-
-
-@pytest.fixture
-def local(local_models, name):
-    return local_models[name]
 
 
 def health(server) -> dict:

@@ -10,6 +10,8 @@ import uuid
 import pytest
 import torch
 
+from engines import ALSO_ON_RAY
+
 import hookwire.server as hs
 from hookwire.client import Connection, close_connections, get_connection
 from hookwire.errors import ProtocolError, ResidentMissing
@@ -42,6 +44,7 @@ def is_resid(name):
     return name.endswith("hook_resid_pre")
 
 
+@ALSO_ON_RAY
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_sweep_refers_to_the_clean_cache_instead_of_uploading(local_models, remote_models,
                                                               clean_corrupt_tokens, name):
@@ -171,6 +174,7 @@ def test_other_users_values_and_bad_references_are_refused(hosted, tokens):
         srv.stop()
 
 
+@ALSO_ON_RAY
 def test_a_referenced_value_used_as_the_activation_stays_intact(local_models, remote_models,
                                                                  tokens):
     """A hook returns a cached tensor as the activation, so the model goes on from it: the

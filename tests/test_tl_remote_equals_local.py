@@ -21,10 +21,14 @@ import torch
 from torch.testing import assert_close
 
 from conftest import MODEL_NAMES
+from engines import ALSO_ON_RAY, EVERY_ENGINE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gated-off hook name.*")
 
 FRONTS = ("stand_in", "bridge_true", "bridge_url")
+# On the Ray and sharded engines (tests/engines.py) the local bridge runs through the URL
+# spelling only: ``remote=True`` differs from it just in how the client finds the server.
+FRONTS_ON_EMBEDDED_ONLY = ("bridge_true",)
 
 
 @pytest.fixture(params=MODEL_NAMES)
@@ -74,6 +78,7 @@ def assert_same_tensor_dict(remote: dict, local: dict):
 
 # ---- baseline ------------------------------------------------------------------------------
 
+@EVERY_ENGINE
 def test_no_hooks_gives_local_logits(remote_run, local, tokens):
     remote = remote_run(tokens, fwd_hooks=[])
     expected = local(tokens)
@@ -84,6 +89,7 @@ def test_no_hooks_gives_local_logits(remote_run, local, tokens):
 
 # ---- 1. head ablation in place on hook_z -----------------------------------------------------
 
+@EVERY_ENGINE
 @pytest.mark.parametrize("layer,head", [(0, 0), (0, 2), (1, 3)])
 def test_head_ablation_in_place_hook_z(remote_run, local, tokens, layer, head):
     def ablate_head(z, hook):
@@ -159,6 +165,7 @@ def _make_storing_hooks():
     return hooks, cache, acts
 
 
+@EVERY_ENGINE
 def test_store_in_outer_dict_and_list(remote_run, local, tokens):
     hooks_l, cache_l, acts_l = _make_storing_hooks()
     logits_l = local.run_with_hooks(tokens, fwd_hooks=hooks_l)
@@ -265,6 +272,7 @@ def patch_position_return(act, hook, pos, cache):
     return out
 
 
+@EVERY_ENGINE
 @pytest.mark.parametrize("cache_kind", ["activation_cache", "plain_dict"])
 @pytest.mark.parametrize("patch_fn", [patch_position, patch_position_return])
 def test_activation_patching_with_partial(remote_run, local, clean_corrupt_tokens, cache_kind,
@@ -452,6 +460,7 @@ def _halve_z(z, hook):
     z[:, :, 0] = z[:, :, 0] * 0.5
 
 
+@EVERY_ENGINE
 @pytest.mark.parametrize("return_type", ["logits", "loss", "both", None])
 def test_return_types(remote_run, local, tokens, return_type):
     def make():
@@ -481,6 +490,7 @@ def test_return_types(remote_run, local, tokens, return_type):
     assert_same_tensor_dict(store_r, store_l)
 
 
+@ALSO_ON_RAY
 def test_loss_per_token(remote_run, local, tokens):
     hooks = [("blocks.0.attn.hook_z", _halve_z)]
     expected = local.run_with_hooks(tokens, fwd_hooks=hooks, return_type="loss",
@@ -559,6 +569,7 @@ IN_PLACE = [_ip_add, _ip_mul, _ip_copy_position, _ip_sub_mean, _ip_normalize, _i
             _ip_transpose_edit]
 
 
+@ALSO_ON_RAY
 @pytest.mark.parametrize("fn", IN_PLACE, ids=lambda f: f.__name__)
 def test_in_place_ops(remote_run, local, tokens, fn):
     hooks = [("blocks.1.hook_resid_pre", fn)]
@@ -652,6 +663,7 @@ def test_hooks_reset_after_call(remote_run, remote_model, tokens):
     assert len(remote_model.hook_dict["blocks.0.hook_resid_pre"]._forward_hooks) == 0
 
 
+@ALSO_ON_RAY
 def test_hooks_reset_after_a_failed_trace(remote_run, remote_model, tokens):
     from hookwire.errors import TraceError
 
@@ -765,6 +777,7 @@ def test_stand_in_matches_local_model(remote_models, local_models, name, tokens)
 
 # ---- streaming: tensors bigger than one 1 MiB chunk, both directions ---------------------------
 
+@ALSO_ON_RAY
 def test_large_constants_and_saves_stream_in_chunks(remote_run, local):
     g = torch.Generator().manual_seed(7)
     toks = torch.randint(0, 256, (8, 160), generator=g)
@@ -794,6 +807,7 @@ def test_large_constants_and_saves_stream_in_chunks(remote_run, local):
 
 # ---- errors on the server come back typed; the next run is fine ----------------------------------
 
+@ALSO_ON_RAY
 def test_out_of_range_index_fails_typed_not_silently(remote_run, local, tokens):
     from hookwire.errors import HookwireError
     bad_index = torch.tensor([1000])
@@ -810,6 +824,7 @@ def test_out_of_range_index_fails_typed_not_silently(remote_run, local, tokens):
 
 # ---- threads: several users of one process at once ----------------------------------------------
 
+@ALSO_ON_RAY
 def test_concurrent_remote_runs_from_threads(name, local_models, server, tokens):
     """Each thread has its own stand-in (TL hooks live on the model object, so sharing one model
     between threads is unsafe locally too); connection and tracing are shared machinery."""
