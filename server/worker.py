@@ -446,6 +446,8 @@ class ModelWorker(threading.Thread):
                 infer_shapes(vg, batch, seq, constants, self.limits, outputs=outputs,
                              on_node=watch)
             self.validated.put(key, vg, tables)
+        if job.submit.generate is None:
+            check_results_can_be_sent(job, vg, graph.forward, outputs)
         t_start = clock.t_start
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
@@ -882,6 +884,35 @@ def _uses_module_sites(graph) -> bool:
         raise GraphValidationError("graphs on HF module sites return logits or nothing",
                                    rule="return_type")
     return kinds == {True}
+
+
+def check_results_can_be_sent(job: Job, vg, spec, outputs: dict) -> None:
+    """Refuse, before its forward runs, a request none of whose results could be sent:
+    its user's requests and unread results already hold so much that even its smallest
+    result would pass ``max_pending_bytes_per_user`` (the rule ``_send_tensor`` applies to
+    each result). Without this a client that never reads keeps the worker busy with forwards
+    whose every answer is refused; a client that reads as results arrive is never refused
+    here (its pile is small when its request starts)."""
+    memory = getattr(job.conn, "memory", None)
+    if memory is None:
+        return
+    sizes = [_meta_bytes(vg.shapes[nid]) for nid in vg.graph.saves.values()]
+    if spec.send_output and spec.return_type in ("logits", "both"):
+        shape, dtype = outputs["logits"]
+        sizes.append(math.prod(shape) * dtype.itemsize)
+    if not sizes:
+        return
+    held = memory.pending_of(job.conn.user)
+    if held + min(sizes) > memory.per_user:
+        raise LimitExceeded(
+            f"this request's smallest result ({min(sizes)} bytes) would make this user hold "
+            f"{held + min(sizes)} bytes of requests and unread results (limit "
+            f"{memory.per_user}): read the results of earlier requests; the request did not "
+            "run", rule="max_pending_bytes_per_user")
+
+
+def _meta_bytes(value) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
 
 def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> None:

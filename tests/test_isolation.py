@@ -552,6 +552,85 @@ def test_results_nobody_reads_are_bounded_and_their_reader_dropped(hosted):
         srv.stop()
 
 
+def test_a_request_whose_results_could_not_be_sent_does_not_run(hosted):
+    """A client stops reading while its first request's results (six 16 MiB saves) pile up
+    to its user's share (24 MiB). Its next request, whose one result (16 MiB) could not be
+    sent without passing that share, is refused with ``max_pending_bytes_per_user`` before
+    its forward runs -- the worker does not spend a forward on an answer it would refuse
+    (before: the forward ran and the result was refused). Another tenant is served as usual,
+    and its answer equals the one it gets alone."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B], limits=Limits(send_timeout_s=120.0,
+                                                          max_pending_bytes_per_user=24 * MiB,
+                                                          max_pending_bytes_total=64 * MiB))
+    from websockets.sync.client import connect
+    wte = hosted["tiny-gpt2"].bridge.original_model.transformer.wte
+    forwards: list[int] = []  # batch rows of each forward the server's model runs
+    counter = wte.register_forward_pre_hook(lambda mod, args: forwards.append(args[0].shape[0]))
+    sleeper = connect(srv.url, additional_headers={"Authorization": f"Bearer {KEY_A}"},
+                      max_size=None, max_queue=1, ping_interval=None)
+    other = PipelinedClient(srv.url, KEY_B)
+    small = {"input_ids": torch.randint(0, 256, (1, 8))}
+    probe = read_graph("tiny-gpt2", [("blocks.0.hook_resid_pre", 0)])
+    try:
+        alone_id = other.send(probe, small)
+        alone = other.collect([alone_id])[alone_id]
+        sleeper.send(json.dumps({"type": "hello", "protocol": 1, "client_version": "t"}))
+        sleeper.recv(timeout=30)
+        tokens = torch.randint(0, 256, (256, 256))  # each resid save: 256x256x64 fp32 = 16 MiB
+
+        def submit(rid, sites):
+            graph = read_graph("tiny-gpt2", sites, return_type=None)
+            sleeper.send(json.dumps({"type": "submit", "request_id": rid, "graph": graph,
+                                     "tensors": [header_for("input_ids", tokens).model_dump()],
+                                     "keep_results": False, "progress": False}))
+            for frame in encode_chunks(rid, "input_ids", tokens):
+                sleeper.send(frame)
+
+        # Six distinct tensors (none a view of another: each travels): what the sockets'
+        # buffers do not absorb piles up, until the next one would pass the share.
+        submit("pile", [(f"blocks.{b}.hook_{kind}", 0)
+                        for b in (0, 1) for kind in ("resid_mid", "mlp_out", "resid_post")])
+        held, steady, deadline = -1, 0, time.monotonic() + 60
+        while steady < 10 and time.monotonic() < deadline:  # the pile stops growing
+            now = max(srv.server.memory.pending_of(st.user) for st in srv.server.states)
+            steady, held = (steady + 1, now) if now == held and now > 8 * MiB else (0, now)
+            time.sleep(0.1)
+        assert held + 16 * MiB > 24 * MiB, held  # what the next request's check will see
+        n_before = len(forwards)
+        submit("refused", [("blocks.0.hook_resid_pre", 0)])
+        deadline = time.monotonic() + 30
+        while srv.server.worker.queue_depth() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after_id = other.send(probe, small)  # answered after the refused request was decided
+        after = other.collect([after_id])[after_id]
+        assert after.error is None, after.error
+        torch.testing.assert_close(after.values["blocks.0.hook_resid_pre#0"],
+                                   alone.values["blocks.0.hook_resid_pre#0"], rtol=0, atol=0)
+        assert all(rows < 256 for rows in forwards[n_before:]), forwards[n_before:]
+        errors = {}
+        deadline = time.monotonic() + 60
+        while "refused" not in errors and time.monotonic() < deadline:
+            msg = sleeper.recv(timeout=30)   # reading now drains the pile
+            if isinstance(msg, str):
+                parsed = parse_server_message(msg)
+                if parsed.type == "error":
+                    errors[parsed.request_id] = parsed
+        refusal = errors["refused"]
+        assert refusal.code == "limit_exceeded", refusal
+        assert refusal.details.get("rule") == "max_pending_bytes_per_user", refusal
+        assert "did not run" in refusal.message
+        assert forwards[:n_before].count(256) == 1  # the pile's forward ran, and only it
+    finally:
+        counter.remove()
+        other.close()
+        try:
+            sleeper.close()
+        except Exception:
+            pass
+        srv.stop()
+
+
 def test_a_co_tenants_maximal_graph_uses_none_of_a_requests_deadline(hosted):
     """A tenant's graph of max_nodes nodes, co-batched with a victim's small request: the
     time spent validating and running it counts against neither the victim's deadline nor
