@@ -23,7 +23,7 @@ from hookwire.generation import (finish_rows, make_generator, next_tokens, step_
 from hookwire.ir.special import SITE_WRITE
 from hookwire.ir.wire import is_parameter
 from hookwire.module_sites import is_module_site
-from hookwire.protocol import Done, Progress, dump
+from hookwire.server import replies
 from hookwire.server.constants import graph_constants
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.validate import infer_shapes, validate_structure
@@ -162,18 +162,18 @@ def run_generation(worker, p, forwards: list) -> None:
             sent[0] += worker._send_tensor(job, token_name(k), token, snapshot=False,
                                            keep=False)
             if job.submit.progress:
-                job.conn.send_threadsafe(dump(Progress(request_id=job.request_id, stage="site",
-                                                       site=k + 1, of=spec.max_new_tokens)))
+                job.conn.send_threadsafe(replies.progress(job.request_id, "site", site=k + 1,
+                                                          of=spec.max_new_tokens))
             step_input = token[:, None]
             if not bool(unfinished.any()):  # every row chose EOS: as HF's generate, stop
                 steps = k + 1
                 break
     t_done = time.perf_counter()
-    job.conn.send_threadsafe(dump(Done(
-        request_id=job.request_id, bytes_sent=sent[0], bytes_received=job.received_bytes,
+    job.conn.send_threadsafe(replies.done(
+        job.request_id, sent[0], job.received_bytes,
         timings={"queued_s": p.t_start - job.enqueued, "validate_s": p.t_validated - p.t_start,
                  "execute_s": t_done - p.t_validated, "batch_size": 1.0,
-                 "tokens": float(steps)})))
+                 "tokens": float(steps)}))
 
 
 __all__ = ["validate_generation", "run_generation"]

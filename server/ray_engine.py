@@ -24,11 +24,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from hookwire.errors import Cancelled, QueueFull, ReplicaLost, ServerShuttingDown, UnknownModel
-from hookwire.server import ray_cluster
+from hookwire.server import ray_cluster, replies
 from hookwire.server.job_payload import job_to_payload
 from hookwire.server.relay_session import RelaySession
 from hookwire.server.residents import materialize_refs
-from hookwire.server.worker import BATCH_WINDOW_S, Job, error_message
+from hookwire.server.worker import BATCH_WINDOW_S, Job
 from hookwire.validate import Limits
 
 log = logging.getLogger("hookwire.server.ray")
@@ -218,13 +218,13 @@ class RayEngine:
                     await asyncio.sleep(RETRY_PAUSE_S * attempt)
                     continue
                 if not finished and rid in conn.cancelled and not conn.closed:
-                    conn.send_threadsafe(error_message(rid, Cancelled(
+                    conn.send_threadsafe(replies.error(rid, Cancelled(
                         f"request {rid} was cancelled")))
                 return
         except Exception as exc:
             if not isinstance(exc, (ReplicaLost, Cancelled)):
                 log.exception("request %s failed in the ray engine", rid)
-            conn.send_threadsafe(error_message(rid, exc))
+            conn.send_threadsafe(replies.error(rid, exc))
         finally:
             job.finish()  # its memory reservation (server/memory.py)
             self._tasks.pop(key, None)

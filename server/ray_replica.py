@@ -16,12 +16,13 @@ import asyncio
 import os
 
 from hookwire.errors import HookwireError
+from hookwire.server import replies
 from hookwire.server.heap import freeze_startup_heap
 from hookwire.server.prepare import prepare_model
 from hookwire.server.relay_session import is_final
 from hookwire.server.job_payload import job_from_payload
 from hookwire.server.models import load_model
-from hookwire.server.worker import ModelWorker, error_message
+from hookwire.server.worker import ModelWorker
 from hookwire.validate import Limits
 
 
@@ -93,7 +94,7 @@ class ModelReplica:
         try:
             return self.worker.hook_mode_info(self.name, tuple(tl_flags))
         except HookwireError as exc:  # typed, for the client (not a Ray error wrapper)
-            return error_message(None, exc)
+            return replies.error(None, exc)
 
     async def run(self, payload: dict):
         conn = ReplicaConn(asyncio.get_running_loop(), payload["user"],
@@ -105,7 +106,7 @@ class ModelReplica:
             try:
                 self.worker.submit(job)
             except HookwireError as exc:  # this replica's queue is full for the user
-                yield first + [error_message(job.request_id, exc)]
+                yield first + [replies.error(job.request_id, exc)]
                 return
             while True:
                 items = first + [await conn.queue.get()]

@@ -38,9 +38,10 @@ from typing import Callable
 from hookwire import __version__
 from hookwire.errors import FrameError, HookwireError, ProtocolError, UnknownModel
 from hookwire.frames import CHUNK_BYTES, MAX_HEADER_BYTES, TensorAssembler, decode_frame
-from hookwire.protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, Hello, HelloOk,
-                               ModelInfoRequest, Submit, WeightsRequest, dump,
+from hookwire.protocol import (PROTOCOL_VERSION, Cancel, Hello, ModelInfoRequest, Submit,
+                               WeightsRequest,
                                parse_client_message_bounded)
+from hookwire.server import replies
 from hookwire.server.memory import MemoryBudget, Reservation
 from hookwire.server.prepare import ModelEntry
 from hookwire.server.residents import ResidentStore, check_refs
@@ -133,16 +134,11 @@ class SendWeights:
 
 
 def internal_error(exc: BaseException) -> HookwireError:
-    """A bug of ours, as the typed error the client gets (the worker's code for the same
-    thing: ``worker.error_message``)."""
+    """A bug of ours, as the typed error the client gets (an engine's bug goes out as
+    :func:`hookwire.server.replies.error` writes it)."""
     err = HookwireError(f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
     err.code = "internal_error"
     return err
-
-
-def jsonable(details: dict) -> dict:
-    return {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool))
-            or v is None}
 
 
 def forget_tracebacks(exc: BaseException | None) -> None:
@@ -165,8 +161,7 @@ def error_text(exc: BaseException, request_id: str | None = None) -> str:
     if not isinstance(exc, HookwireError):
         log.error("handling a client message failed", exc_info=exc)
         exc = internal_error(exc)
-    return dump(Error(request_id=request_id, code=exc.code, message=exc.message,
-                      details=jsonable(exc.details)))
+    return replies.error(request_id, exc)
 
 
 class ServerSession:
@@ -342,8 +337,7 @@ class ServerSession:
             raise ProtocolError(f"client speaks protocol {msg.protocol}, this server "
                                 f"{PROTOCOL_VERSION} (server {__version__}); upgrade the "
                                 "older side")
-        self._out.append(dump(HelloOk(protocol=PROTOCOL_VERSION, server_version=__version__,
-                                      models=list(self.entries))))
+        self._out.append(replies.hello_ok(list(self.entries)))
 
     def _entry(self, model: str):
         entry = self.entries.get(model)
@@ -379,7 +373,7 @@ class ServerSession:
     # ---- the engine's answer, the clock, the end ---------------------------------------
     def accepted(self, request_id: str, queue_position: int) -> None:
         """The engine queued the request of a :class:`RunRequest`."""
-        self._out.append(dump(Accepted(request_id=request_id, queue_position=queue_position)))
+        self._out.append(replies.accepted(request_id, queue_position))
 
     def refused(self, request_id: str, exc: HookwireError) -> None:
         """The engine refused it (its memory is released by the caller's ``Job.finish``)."""

@@ -13,8 +13,7 @@ from __future__ import annotations
 import time
 
 from hookwire.errors import LimitExceeded, ProtocolError, QueueFull
-from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
-from hookwire.protocol import Done, Result, dump
+from hookwire.server import replies
 
 
 def parameter_table(entry) -> dict:
@@ -64,19 +63,18 @@ def send_weights(state, request_id: str, wanted: list) -> None:
                 return
             value = param.detach().to("cpu").contiguous()
             tid = f"w{k}"
-            state.send_threadsafe(dump(Result(request_id=request_id, name=name,
-                                              tensor=header_for(tid, value))))
-            if value.numel():
-                for frame in encode_chunks(request_id, tid, value, CHUNK_BYTES):
-                    # At most a window of frames waits in the outbox: a client that reads
-                    # slowly holds the transfer, not the server's memory.
-                    while getattr(state, "queued_bytes", 0) > SEND_WINDOW_BYTES:
-                        if state.closed:
-                            return
-                        time.sleep(0.002)
-                    sent += len(frame)
-                    state.send_threadsafe(frame)
-        state.send_threadsafe(dump(Done(request_id=request_id, bytes_sent=sent)))
+            state.send_threadsafe(replies.result_header(request_id, name,
+                                                        replies.tensor_header(tid, value)))
+            for frame in replies.value_frames(request_id, tid, value):
+                # At most a window of frames waits in the outbox: a client that reads
+                # slowly holds the transfer, not the server's memory.
+                while getattr(state, "queued_bytes", 0) > SEND_WINDOW_BYTES:
+                    if state.closed:
+                        return
+                    time.sleep(0.002)
+                sent += len(frame)
+                state.send_threadsafe(frame)
+        state.send_threadsafe(replies.done(request_id, sent))
     finally:
         state.weights_in_flight = False
 

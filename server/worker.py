@@ -33,10 +33,9 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              ProtocolError, ServerShuttingDown, UnknownModel,
                              UnsupportedModel)
 from hookwire.executor import Interleaver
-from hookwire.frames import CHUNK_BYTES, encode_chunks, header_for
 from hookwire.ir import SITE_WRITE, hook_mode, is_parameter
 from hookwire.module_sites import is_module_site
-from hookwire.protocol import Done, Error, Progress, Result, dump
+from hookwire.server import replies
 from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
                                              weight_site_modules)
 from hookwire.server.cancel_watch import stop_between_blocks
@@ -117,15 +116,6 @@ class Prepared:
         if self.interleaver is not None:
             self.interleaver.release()
         self.constants, self.tokens, self.mask, self.generation = {}, None, None, None
-
-
-def error_message(request_id: str, exc: BaseException) -> str:
-    if isinstance(exc, HookwireError):
-        return dump(Error(request_id=request_id, code=exc.code, message=exc.message,
-                          details={k: v for k, v in exc.details.items()
-                                   if isinstance(v, (str, int, float, bool)) or v is None}))
-    return dump(Error(request_id=request_id, code="internal_error",
-                      message=f"{type(exc).__name__}: {exc}"))
 
 
 def batch_key(job: Job, entry=None):
@@ -248,7 +238,7 @@ class ModelWorker(threading.Thread):
     def stop(self):
         """Refuse what is still queued (each gets a typed error) and end the thread."""
         for job in self.scheduler.close():
-            job.conn.send_threadsafe(error_message(job.request_id, ServerShuttingDown(
+            job.conn.send_threadsafe(replies.error(job.request_id, ServerShuttingDown(
                 "the server is shutting down; the request did not run. Retry when it is "
                 "back")))
             job.finish()
@@ -319,7 +309,7 @@ class ModelWorker(threading.Thread):
             if job.conn.closed:
                 continue
             if job.request_id in job.conn.cancelled:
-                job.conn.send_threadsafe(error_message(job.request_id, Cancelled(
+                job.conn.send_threadsafe(replies.error(job.request_id, Cancelled(
                     "cancelled before it started")))
                 continue
             try:
@@ -378,7 +368,7 @@ class ModelWorker(threading.Thread):
     def _fail(self, job: Job, exc: BaseException):
         if not isinstance(exc, HookwireError):
             log.exception("request %s failed", job.request_id, exc_info=exc)
-        job.conn.send_threadsafe(error_message(job.request_id, exc))
+        job.conn.send_threadsafe(replies.error(job.request_id, exc))
         # The traceback's frames hold the request's tensors (and the lists that hold this
         # exception: a cycle); drop them now rather than when the collector runs.
         exc.__traceback__ = None
@@ -406,8 +396,7 @@ class ModelWorker(threading.Thread):
             raise UnknownModel(f"model {graph.model!r} is not served here; "
                                f"served: {', '.join(self.models)}")
         if job.submit.progress:
-            job.conn.send_threadsafe(dump(Progress(request_id=job.request_id,
-                                                   stage="started")))
+            job.conn.send_threadsafe(replies.progress(job.request_id, "started"))
         if job.refs:  # counted when the submit arrived; copied only now that it runs
             job.tensors = {**job.tensors, **materialize_refs(job.refs)}
             job.refs = []
@@ -524,8 +513,7 @@ class ModelWorker(threading.Thread):
                 raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s; stopped "
                                        f"at site {k} of {n}", rule="max_request_seconds")
             if job.submit.progress:
-                job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="site", site=k,
-                                                       of=n)))
+                job.conn.send_threadsafe(replies.progress(rid, "site", site=k, of=n))
         return on_site
 
     def _stop_reason(self, members: list[Prepared]):
@@ -599,7 +587,7 @@ class ModelWorker(threading.Thread):
 
         def on_backward():
             if p.job.submit.progress:
-                p.job.conn.send_threadsafe(dump(Progress(request_id=rid, stage="backward")))
+                p.job.conn.send_threadsafe(replies.progress(rid, "backward"))
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
@@ -735,8 +723,7 @@ class ModelWorker(threading.Thread):
                    "execute_s": t_done - p.t_validated, "batch_size": float(batch_size)}
         if "backward_s" in p.interleaver.timings:
             timings["backward_s"] = p.interleaver.timings["backward_s"]
-        return dump(Done(request_id=p.job.request_id, bytes_sent=p.sent[0],
-                         bytes_received=p.job.received_bytes, timings=timings))
+        return replies.done(p.job.request_id, p.sent[0], p.job.received_bytes, timings)
 
     def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
                      keep: bool = True, views: "SentViews | None" = None) -> int:
@@ -746,10 +733,8 @@ class ModelWorker(threading.Thread):
         if earlier is not None:
             # The very tensor (same storage, view and version) went out already under
             # ``earlier``: the client makes this one a view of it, as the two alias locally.
-            header = header_for(f"t{abs(hash((job.request_id, name))) % (1 << 40)}",
-                                torch.empty(value.shape, dtype=value.dtype, device="meta"))
-            job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
-                                                 tensor=header, alias_of=earlier)))
+            job.conn.send_threadsafe(replies.alias_result(
+                job.request_id, name, replies.tensor_id(job.request_id, name), value, earlier))
             return 0
         memory = getattr(job.conn, "memory", None)
         nbytes = value.numel() * value.element_size()
@@ -769,20 +754,18 @@ class ModelWorker(threading.Thread):
         kept = value.detach().clone() if snapshot or value._base is not None else \
             value.detach()
         value = kept.to("cpu")
-        tid = f"t{abs(hash((job.request_id, name))) % (1 << 40)}"
-        header = header_for(tid, value)
+        tid = replies.tensor_id(job.request_id, name)
+        header = replies.tensor_header(tid, value)  # a dtype the wire cannot carry fails here
         resident = None
         if keep and job.submit.keep_results:
             resident = new_result_id()
             if not job.conn.store.put(resident, kept, cpu_copy=value):
                 resident = None  # larger than the user's whole quota
-        job.conn.send_threadsafe(dump(Result(request_id=job.request_id, name=name,
-                                             tensor=header, resident=resident)))
+        job.conn.send_threadsafe(replies.result_header(job.request_id, name, header, resident))
         total = 0
-        if value.numel():
-            for frame in encode_chunks(job.request_id, tid, value, CHUNK_BYTES):
-                total += len(frame)
-                job.conn.send_threadsafe(frame)
+        for frame in replies.value_frames(job.request_id, tid, value):
+            total += len(frame)
+            job.conn.send_threadsafe(frame)
         return total
 
 
