@@ -14,7 +14,9 @@ import hookwire.client
 import hookwire.server as hs
 import hookwire.transformerlens as htl
 from engines import ENGINES, RAY_SERVER, TWO_PARTS, engine_of, runs_on_its_engine
-from hookwire.server.models import load_model
+from hookwire.families import build_hf_model
+from hookwire.server.models import BUILTIN_MODELS, load_model
+from known_good import local_answers
 
 MODEL_NAMES = ("tiny-gpt2", "tiny-llama")
 
@@ -177,6 +179,35 @@ def clean_corrupt_tokens(hosted):
     clean, corrupt = b.to_tokens(CLEAN_TEXTS), b.to_tokens(CORRUPT_TEXTS)
     assert clean.shape == corrupt.shape
     return clean, corrupt
+
+
+@pytest.fixture(scope="module")
+def good_answers(local_models, tokens):
+    """Local TL's answers to tests/known_good.py's graph, per model (``assert_good``)."""
+    return local_answers(local_models, tokens)
+
+
+@pytest.fixture
+def conn(server):
+    """A ``hookwire.client.Connection`` to the module's server, closed after the test."""
+    c = hookwire.client.Connection(server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def hf_models(hosted, server):
+    """name -> a plain HF model with the hosted model's weights (never served itself)."""
+    out = {}
+    for name in MODEL_NAMES:
+        spec = BUILTIN_MODELS[name]
+        model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
+        tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():  # same seed, same config: the served weights
+            torch.testing.assert_close(model(input_ids=tokens).logits,
+                                       hosted[name].bridge(tokens))
+        out[name] = model
+    return out
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,7 @@ from hookwire.server.worker import ModelWorker
 from hookwire.validate import Limits
 
 import fuzzing as fz
-from test_server_protocol import assert_good, expected, good_graph  # noqa: F401 (fixture)
+from known_good import assert_good
 
 TOTAL = int(os.environ.get("HOOKWIRE_FUZZ_EXAMPLES", "10000"))
 # layer -> (hypothesis examples at TOTAL=10,000, messages per example: the drawn one and
@@ -120,6 +120,6 @@ def test_through_the_server(fuzz_conn, entry, data, seed):
     OUTCOMES["server"][fz.through_server(fuzz_conn, graph, tensors)] += 1
 
 
-def test_server_still_right_after_fuzzing(fuzz_conn, expected, tokens):
-    assert_good(fuzz_conn, expected, tokens)
-    assert_good(fuzz_conn, expected, tokens, "tiny-llama")
+def test_server_still_right_after_fuzzing(fuzz_conn, good_answers, tokens):
+    assert_good(fuzz_conn, good_answers, tokens)
+    assert_good(fuzz_conn, good_answers, tokens, "tiny-llama")

@@ -7,7 +7,7 @@ import pytest
 
 from hookwire.client import Connection
 from hostile.runner import PAYLOAD_MARKER, check, load_corpus, resident_ids, run_case
-from test_server_protocol import assert_good, conn, expected, good_graph  # noqa: F401 (fixtures)
+from known_good import assert_good, good_graph
 
 CASES = load_corpus()
 ISSUE_ITEMS = ("unknown ops", "Python internals", "pickle payloads", "torch.save payloads",
@@ -40,10 +40,10 @@ def test_corpus_covers_the_issue_list():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"][:60] for c in CASES])
-def test_hostile_case_then_the_connection_serves(ids, expected, tokens, case):
+def test_hostile_case_then_the_connection_serves(ids, good_answers, tokens, case):
     conn, resident = ids
     marker_before = PAYLOAD_MARKER.exists()
     check(case, run_case(conn, case, tokens, resident))
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
     assert PAYLOAD_MARKER.exists() == marker_before, "a payload was unpickled"
     assert not PAYLOAD_MARKER.exists()

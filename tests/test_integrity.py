@@ -18,7 +18,7 @@ from hookwire.client import Connection
 from hookwire.errors import ExecutionError, HookwireError
 from hookwire.frames import tensor_bytes
 from hostile.runner import PAYLOAD_MARKER, load_corpus, resident_ids, run_case
-from test_server_protocol import good_graph
+from known_good import good_graph
 
 from conftest import MODEL_NAMES
 

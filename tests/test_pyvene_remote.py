@@ -19,8 +19,6 @@ pv = pytest.importorskip("pyvene")
 
 import hookwire.client  # noqa: E402
 import hookwire.pyvene as hpv  # noqa: E402
-from hookwire.families import build_hf_model  # noqa: E402
-from hookwire.server.models import BUILTIN_MODELS  # noqa: E402
 
 from conftest import MODEL_NAMES  # noqa: E402
 
@@ -28,20 +26,6 @@ from conftest import MODEL_NAMES  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")
 
 B, S = 2, 7
-
-
-@pytest.fixture(scope="module")
-def hf_models(hosted, server):
-    """name -> a plain HF model with the hosted model's weights (never served itself)."""
-    out = {}
-    for name in MODEL_NAMES:
-        spec = BUILTIN_MODELS[name]
-        model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
-        tokens = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():  # same seed, same config: the served weights
-            assert_close(model(input_ids=tokens).logits, hosted[name].bridge(tokens))
-        out[name] = model
-    return out
 
 
 @pytest.fixture(params=MODEL_NAMES)

@@ -19,7 +19,7 @@ pv = pytest.importorskip("pyvene")
 import hookwire.pyvene as hpv  # noqa: E402
 from hookwire.errors import HookwireError  # noqa: E402
 
-from test_pyvene_remote import hf_models, name  # noqa: E402,F401  (fixtures)
+from conftest import MODEL_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")
 
@@ -33,6 +33,11 @@ LABELS = torch.randint(0, 256, (B,), generator=_g)
 def config(itype, layer=0, component="block_output", **extra):
     return pv.IntervenableConfig([dict(layer=layer, component=component,
                                        intervention_type=itype, **extra)])
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def name(request):
+    return request.param
 
 
 def pair(hf_models, name, make_config, prepare=None):

@@ -28,6 +28,7 @@ from hookwire.protocol import Done, Error, parse_server_message
 from hookwire.validate import Limits
 
 from conftest import MODEL_NAMES
+from known_good import assert_good, good_graph
 
 SITE = "blocks.1.hook_resid_pre"
 SITE_CANONICAL = "blocks.1.hook_in"
@@ -42,53 +43,11 @@ def graph(model="tiny-gpt2", nodes=(), sites=(SITE,), saves=None, constants=(),
                         **{"version": 1, **extra})
 
 
-def good_graph(model):
-    """Zero the first 8 residual dims entering block 1; save what was read."""
-    return graph(model, nodes=[
-        {"id": 0, "op": "site.read", "args": [0]},
-        {"id": 1, "op": "setitem", "args": [{"ref": 0}, [FULL, FULL, {"slice": [0, 8, None]}],
-                                            0.0]},
-        {"id": 2, "op": "site.write", "args": [0, {"ref": 1}], "kwargs": {"mode": "replace"}},
-    ], saves={"resid": 0})
-
-
 def read_node():
     return {"id": 0, "op": "site.read", "args": [0]}
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def expected(local_models, tokens):
-    """Local TL answers for good_graph, per model."""
-    out = {}
-    for name, bridge in local_models.items():
-        seen = {}
-
-        def hook(act, hook):
-            seen["resid"] = act.detach().clone()
-            act[:, :, :8] = 0
-
-        logits = bridge.run_with_hooks(tokens, fwd_hooks=[(SITE, hook)])
-        out[name] = {"logits": logits.detach(), "resid": seen["resid"]}
-        assert not torch.allclose(logits, bridge(tokens))
-    return out
-
-
-@pytest.fixture
-def conn(server):
-    c = Connection(server.url)
-    yield c
-    c.close()
-
-
-def assert_good(conn, expected, tokens, model="tiny-gpt2"):
-    result = conn.run(good_graph(model), {"input_ids": tokens})
-    assert set(result.values) == {"resid", "__logits__"}
-    assert type(result.values["__logits__"]) is torch.Tensor
-    assert_close(result.values["__logits__"], expected[model]["logits"])
-    assert_close(result.values["resid"], expected[model]["resid"])
-
 
 def send_raw(conn, *messages):
     for m in messages:
@@ -111,8 +70,8 @@ def recv_final(conn, timeout=30):
 # ---- the good request works, for both models ---------------------------------------------------
 
 @pytest.mark.parametrize("model", MODEL_NAMES)
-def test_good_request_matches_local(conn, expected, tokens, model):
-    assert_good(conn, expected, tokens, model)
+def test_good_request_matches_local(conn, good_answers, tokens, model):
+    assert_good(conn, good_answers, tokens, model)
     info = conn.model_info(model)
     # Sites are published under canonical names; the graph above used TL's alias for one.
     assert any(s.name == SITE_CANONICAL for s in info.sites)
@@ -136,13 +95,13 @@ UNKNOWN_OPS = ["__import__", "eval", "exec", "os.system", "getattr", "torch.load
 
 
 @pytest.mark.parametrize("op", UNKNOWN_OPS)
-def test_unknown_op_refused(conn, expected, tokens, op):
+def test_unknown_op_refused(conn, good_answers, tokens, op):
     bad = graph(nodes=[read_node(), {"id": 1, "op": op, "args": [{"ref": 0}]}],
                 saves={"x": 1})
     with pytest.raises(GraphValidationError) as info:
         conn.run(bad, {"input_ids": tokens})
     assert info.value.details.get("rule") == "unknown_op"
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
 def _bad_graphs():
@@ -243,45 +202,45 @@ BAD_CASES = list(_bad_graphs())
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_graph_refused_then_connection_serves(conn, expected, tokens, case):
+def test_bad_graph_refused_then_connection_serves(conn, good_answers, tokens, case):
     bad, error_type = _bad_graphs()[case]
     with pytest.raises(error_type):
         conn.run(bad, {"input_ids": tokens})
-    assert_good(conn, expected, tokens)
-    assert_good(conn, expected, tokens, "tiny-llama")
+    assert_good(conn, good_answers, tokens)
+    assert_good(conn, good_answers, tokens, "tiny-llama")
 
 
-def test_memory_bomb_is_refused_as_a_limit(conn, expected, tokens):
+def test_memory_bomb_is_refused_as_a_limit(conn, good_answers, tokens):
     bad, _ = _bad_graphs()["memory_bomb_expand"]
     with pytest.raises(LimitExceeded):
         conn.run(bad, {"input_ids": tokens})
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
-def test_one_connection_survives_every_bad_request_in_a_row(conn, expected, tokens):
+def test_one_connection_survives_every_bad_request_in_a_row(conn, good_answers, tokens):
     for case, (bad, error_type) in _bad_graphs().items():
         with pytest.raises(error_type):
             conn.run(bad, {"input_ids": tokens})
-        assert_good(conn, expected, tokens)
+        assert_good(conn, good_answers, tokens)
 
 
 @pytest.mark.parametrize("bad_tokens", ["float", "out_of_vocab", "negative", "1d"])
-def test_bad_input_ids_refused(conn, expected, tokens, bad_tokens):
+def test_bad_input_ids_refused(conn, good_answers, tokens, bad_tokens):
     t = {"float": tokens.float(), "out_of_vocab": tokens + 10_000, "negative": tokens - 1000,
          "1d": tokens[0]}[bad_tokens]
     with pytest.raises(ProtocolError):
         conn.run(good_graph("tiny-gpt2"), {"input_ids": t})
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
-def test_execution_error_mid_forward_then_connection_serves(conn, expected, tokens):
+def test_execution_error_mid_forward_then_connection_serves(conn, good_answers, tokens):
     """Passes validation, fails while the model runs: typed error, model left clean."""
     bad = graph(nodes=[read_node(), {"id": 1, "op": "index_select",
                                      "args": [{"ref": 0}, 1, {"const": "c0"}]}],
                 saves={"x": 1}, constants=["c0"])
     with pytest.raises(ExecutionError):
         conn.run(bad, {"input_ids": tokens, "c0": torch.tensor([100])})
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
 def test_too_many_nodes_refused_by_limits(tokens, local_models, hosted):
@@ -317,16 +276,16 @@ def _submit_text(rid, g, headers):
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "object", "torch.float32", "float128", ""])
-def test_bad_dtype_in_tensor_header(conn, expected, tokens, dtype):
+def test_bad_dtype_in_tensor_header(conn, good_answers, tokens, dtype):
     rid = f"raw-{uuid.uuid4().hex[:8]}"
     send_raw(conn, _submit_text(rid, good_graph("tiny-gpt2"),
                                 [{"tid": "input_ids", "dtype": dtype, "shape": [2, 12]}]))
     msg = recv_final(conn)
     assert isinstance(msg, Error) and msg.code in ("frame_error", "protocol_error")
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
-def test_bad_dtype_header_followed_by_its_frames(conn, expected, tokens):
+def test_bad_dtype_header_followed_by_its_frames(conn, good_answers, tokens):
     """A client sends a submit's frames right after it (Connection.run does): a refused
     submit must not leave its frames to poison the next request on the connection."""
     rid = f"raw-{uuid.uuid4().hex[:8]}"
@@ -336,11 +295,11 @@ def test_bad_dtype_header_followed_by_its_frames(conn, expected, tokens):
              *encode_chunks(rid, "input_ids", tokens))
     msg = recv_final(conn)
     assert isinstance(msg, Error) and msg.code == "frame_error"
-    assert_good(conn, expected, tokens)
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
-def test_lying_frame_offset(conn, expected, tokens):
+def test_lying_frame_offset(conn, good_answers, tokens):
     rid = f"raw-{uuid.uuid4().hex[:8]}"
     send_raw(conn, _submit_text(rid, good_graph("tiny-gpt2"),
                                 [{"tid": "input_ids", "dtype": "int64",
@@ -350,7 +309,7 @@ def test_lying_frame_offset(conn, expected, tokens):
     send_raw(conn, frame)
     msg = recv_final(conn)
     assert isinstance(msg, Error) and msg.code == "frame_error"
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
 @pytest.mark.parametrize("message", [
@@ -361,25 +320,25 @@ def test_lying_frame_offset(conn, expected, tokens):
     b"\x01\x00",
     b"\xff\xff\xff\x7f" + b"{}",
 ])
-def test_malformed_messages_get_typed_errors(conn, expected, tokens, message):
+def test_malformed_messages_get_typed_errors(conn, good_answers, tokens, message):
     send_raw(conn, message)
     msg = recv_final(conn)
     assert isinstance(msg, Error) and msg.code in ("protocol_error", "frame_error")
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
-def test_unknown_model_info(conn, expected, tokens):
+def test_unknown_model_info(conn, good_answers, tokens):
     with pytest.raises(UnknownModel):
         conn.model_info("no-such-model")
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
-def test_wrong_protocol_version_hello(conn, expected, tokens):
+def test_wrong_protocol_version_hello(conn, good_answers, tokens):
     send_raw(conn, json.dumps({"type": "hello", "protocol": 999, "client_version": "x"}))
     msg = recv_final(conn)
     assert isinstance(msg, Error) and msg.code == "protocol_error"
     assert "protocol" in msg.message
-    assert_good(conn, expected, tokens)
+    assert_good(conn, good_answers, tokens)
 
 
 # ---- HTTP health ---------------------------------------------------------------------------
