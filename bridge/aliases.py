@@ -63,12 +63,11 @@ def plan_aliases(escaped: list) -> AliasPlan:
         while node._hw_view is not None and getattr(node._hw_view, "replay", None) is not None:
             chain.append(node._hw_view.replay)
             node = node._hw_view.base
-        k = slot.get(id(node))
-        if k is None:
-            k = slot[id(node)] = len(plan.roots)
+        if id(node) not in slot:
+            slot[id(node)] = len(plan.roots)
             plan.roots.append(node)
             plan.members.append([])
-        plan.members[k].append((index, chain))
+        plan.members[slot[id(node)]].append((index, chain))
     return plan
 
 

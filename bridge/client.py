@@ -247,19 +247,19 @@ class Connection:
                 # The server may have dropped values we refer to (expired or evicted): it
                 # then refuses the request before running anything, we forget those and send
                 # their bytes. A second miss (values expiring at once) sends every byte.
-                for refer in (True, True, False):
+                for _ in range(2):
                     try:
                         return self._submit_and_collect(rid, graph, tensors, on_event,
-                                                        on_value, refer=refer,
+                                                        on_value, refer=True,
                                                         extra=submit_extra)
                     except ResidentMissing as exc:
-                        if not refer:
-                            raise
                         self.stats.resident_misses += 1
                         self.residents.forget(str(exc.details.get("missing", "")).split(","))
                         rid = f"r{next(self._ids)}-{uuid.uuid4().hex[:8]}"
                         if on_submit is not None:
                             on_submit(rid)
+                return self._submit_and_collect(rid, graph, tensors, on_event, on_value,
+                                                refer=False, extra=submit_extra)
             except BaseException:
                 # Interrupted (Ctrl-C in a notebook), a callback raised, or the stream broke:
                 # this socket may still carry the old request's messages, so it must not be

@@ -77,6 +77,9 @@ from __future__ import annotations
 
 class HookwireError(Exception):
     code = "hookwire_error"
+    # The request an error refuses, where the server's intake knows it (set before raising
+    # on, so the error reply names the request); None for a connection-level error.
+    request_id: str | None = None
 
     def __init__(self, message: str, **details):
         super().__init__(message)

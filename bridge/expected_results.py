@@ -80,12 +80,15 @@ def _save_sizes(graph_json: str, graph: dict, tensors: dict, info, outputs) -> d
         try:
             g = Graph.model_validate(graph)
             ids = tensors.get(g.inputs.get("input_ids", ""))
+            if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+                raise ValueError("input_ids is not a [batch, seq] tensor")
             table, order = _site_tables(info)
             vg = validate_structure(g, table, order, _UNBOUNDED)
             consts = {tid: tensors[tid] for tid in g.constants}
-            infer_shapes(vg, *ids.shape, consts, _UNBOUNDED, outputs=outputs)
+            infer_shapes(vg, ids.shape[0], ids.shape[1], consts, _UNBOUNDED, outputs=outputs)
             for name, nid in g.saves.items():
                 value = vg.shapes[nid]
+                assert isinstance(value, torch.Tensor)  # infer_shapes refuses any other save
                 sizes[name] = value.numel() * value.element_size()
         except Exception:  # the server's validator will say what is wrong
             sizes = {}
@@ -103,13 +106,15 @@ def expected_results(graph: dict, graph_json: str, tensors: dict, info=None,
     forward = graph.get("forward") or {}
     return_type = forward.get("return_type", "logits")
     ids = tensors.get((graph.get("inputs") or {}).get("input_ids", ""))
-    batch, seq = tuple(ids.shape) if isinstance(ids, torch.Tensor) and ids.dim() == 2 else \
-        (None, None)
-    outputs = None
+    batch: int | None = None  # known when input_ids is a [batch, seq] tensor
+    seq = 0
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        batch, seq = ids.shape
+    outputs: dict[str, tuple[tuple[int, ...], torch.dtype]] | None = None
     if info is not None and batch is not None:
         dtype = info.sites[-1].dtype if info.sites else torch.float32
         vocab = info.config.get("vocab_size")
-        loss_shape = (batch, seq - 1) if forward.get("loss_per_token") else ()
+        loss_shape: tuple[int, ...] = (batch, seq - 1) if forward.get("loss_per_token") else ()
         outputs = {"logits": ((batch, seq, vocab or 1), dtype), "loss": (loss_shape, dtype)}
     if forward.get("send_output", True) and generate is None:
         for kind in {"logits": ("logits",), "loss": ("loss",),

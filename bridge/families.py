@@ -66,7 +66,7 @@ class Family:
     checkpoint), and whether it has an LM head (a base model returns ``last_hidden_state``)."""
     architecture: str
     config_class: type
-    model_class: type
+    model_class: type[torch.nn.Module]
     has_lm_head: bool = True   # False: a base model, whose output is last_hidden_state
 
     @property
@@ -92,7 +92,7 @@ class Family:
         return out
 
 
-def output_class(model_class: type, has_lm_head: bool = True) -> type:
+def output_class(model_class: type[torch.nn.Module], has_lm_head: bool = True) -> type:
     from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
     from transformers.utils import ModelOutput
 

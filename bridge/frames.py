@@ -93,7 +93,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
         # e.g. logits[:, -1, k] with batch 1: "contiguous" (size-1 dims don't count), yet
         # its stride is the row length, and a byte view needs stride 1.
         t = t.clone(memory_format=torch.contiguous_format)
-    return memoryview(t.view(torch.uint8).numpy())
+    return t.view(torch.uint8).numpy().data  # the array's own memoryview: no copy
 
 
 def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
@@ -142,7 +142,7 @@ class TensorAssembler:
         if len(self.headers) != len(headers):
             raise FrameError("two tensors declared with the same id")
         total = 0
-        self.buffers: dict[str, bytearray] = {}
+        self.buffers: dict[str, np.ndarray] = {}  # uint8, one per declared tensor
         self.received: dict[str, int] = {}
         for h in headers:
             n = h.nbytes()

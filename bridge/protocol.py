@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Callable, Literal, Union
+from typing import Annotated, Callable, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from hookwire.errors import HookwireError, LimitExceeded, ProtocolError
 from hookwire.frames import MAX_DIMS, TensorHeader
 from hookwire.generation import GenerateSpec
-from hookwire.ir import TL_HOOK_FLAGS, Graph, Node
+from hookwire.ir import Graph, Node, TLHookFlag
 
 PROTOCOL_VERSION = 1
 MAX_CONTROL_BYTES = 64 << 20
@@ -40,7 +40,7 @@ class ModelInfoRequest(_Msg):
     model: str = Field(max_length=256)
     # The model as it runs with these TL hook switches on (they change which TL hook points
     # fire, and their order); the server probes each combination once, on first request.
-    tl_flags: list[Literal[TL_HOOK_FLAGS]] = Field(default_factory=list, max_length=4)
+    tl_flags: list[TLHookFlag] = Field(default_factory=list, max_length=4)
 
 
 RESIDENT_ID_PATTERN = r"^[vh][0-9a-f]{24,32}$"
@@ -250,23 +250,31 @@ ClientMessage = Annotated[Union[Hello, ModelInfoRequest, Submit, Cancel, Weights
                           Field(discriminator="type")]
 ServerMessage = Annotated[Union[HelloOk, ModelInfo, Accepted, Progress, Result, Error, Done],
                           Field(discriminator="type")]
-_client_adapter = TypeAdapter(ClientMessage)
-_server_adapter = TypeAdapter(ServerMessage)
+_client_adapter: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+_server_adapter: TypeAdapter[ServerMessage] = TypeAdapter(ServerMessage)
+_M = TypeVar("_M")
 
 
-def _parse(adapter, text: str | bytes):
+def _first_error(exc: ValidationError) -> tuple[list[int | str], str]:
+    """Where pydantic's first complaint is, and what it says: what a refusal names."""
+    errors = exc.errors()
+    if not errors:
+        return [], str(exc)
+    return list(errors[0]["loc"]), errors[0]["msg"]
+
+
+def _parse(adapter: TypeAdapter[_M], text: str | bytes) -> _M:
     if len(text) > MAX_CONTROL_BYTES:
         raise ProtocolError(f"control message of {len(text)} bytes; limit {MAX_CONTROL_BYTES}")
     try:
         return adapter.validate_json(text)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = ".".join(str(p) for p in first.get("loc", ()))
-        raise ProtocolError(f"malformed message at {loc or 'top level'}: "
-                            f"{first.get('msg', str(exc))[:300]}") from None
+        at, msg = _first_error(exc)
+        loc = ".".join(str(p) for p in at)
+        raise ProtocolError(f"malformed message at {loc or 'top level'}: {msg[:300]}") from None
 
 
-def parse_client_message(text: str | bytes):
+def parse_client_message(text: str | bytes) -> ClientMessage:
     return _parse(_client_adapter, text)
 
 
@@ -362,17 +370,17 @@ def _presplit(raw: dict, key: str, adapter: TypeAdapter, where: str,
         try:
             out += adapter.validate_python(items[i:i + _SLICE])
         except ValidationError as exc:
-            first = exc.errors()[0] if exc.errors() else {}
-            at = list(first.get("loc", ())) or [0]
+            at, msg = _first_error(exc)
+            at = at or [0]
             at[0] = at[0] + i if isinstance(at[0], int) else at[0]
             loc = ".".join(str(p) for p in (where, key, *at) if p != "")
-            raise ProtocolError(f"malformed message at {loc}: "
-                                f"{first.get('msg', str(exc))[:300]}") from None
+            raise ProtocolError(f"malformed message at {loc}: {msg[:300]}") from None
     raw[key] = out
 
 
 def parse_client_message_bounded(text: str | bytes, max_containers: int,
-                                 pause: Callable[[], None] | None = None):
+                                 pause: Callable[[], None] | None = None,
+                                 ) -> tuple[str | None, ClientMessage]:
     """(request id or None, message) -- the server's one parse of a client message: caps
     first (:func:`check_structure`), then one ``json.loads``, then pydantic on the parsed
     value, long lists in short slices. Raises ``ProtocolError`` (``exc.request_id`` names
@@ -410,16 +418,16 @@ def parse_client_message_bounded(text: str | bytes, max_containers: int,
         try:
             return rid, _client_adapter.validate_python(raw)
         except ValidationError as exc:
-            first = exc.errors()[0] if exc.errors() else {}
-            loc = ".".join(str(p) for p in first.get("loc", ()))
+            at, msg = _first_error(exc)
+            loc = ".".join(str(p) for p in at)
             raise ProtocolError(f"malformed message at {loc or 'top level'}: "
-                                f"{first.get('msg', str(exc))[:300]}") from None
+                                f"{msg[:300]}") from None
     except ProtocolError as exc:
         exc.request_id = rid
         raise
 
 
-def parse_server_message(text: str | bytes):
+def parse_server_message(text: str | bytes) -> ServerMessage:
     return _parse(_server_adapter, text)
 
 

@@ -121,7 +121,8 @@ def _reachable(roots, skip_ids: set, opaque: tuple = ()):
     seen = set(skip_ids)
     found, frontier = 0, list(roots)
     for _ in range(_MAX_REACH_DEPTH):
-        nxt, out = [], []
+        nxt: list = []
+        out: list = []
         for obj in frontier:
             if id(obj) in seen or found + len(out) >= _MAX_REACH_OBJECTS or \
                     (opaque and isinstance(obj, opaque)):
@@ -193,7 +194,8 @@ def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
     remaining = list(olds)
     if roots and expected is not None:
         global _REPLACED
-        _REPLACED = replaced = {}
+        replaced: dict[int, int] = {}
+        _REPLACED = replaced
         try:
             # Level by level from the hooks outwards: most calls are done after a few levels
             # (the cache dict sits in the hook's closure), before the walk reaches the

@@ -172,13 +172,16 @@ class RemoteCall:
         :class:`hookwire.client.RunResult`. ``run``: the ``blocking=False`` handle this call
         works for. ``on_value(name, value)``: the adapter's own use of each value as it
         arrives (a generated token), after it was put in place."""
-        streaming = run is not None and self.announce_values
+        # The run that announces each value as it arrives (None: values go in place at the end).
+        stream_to = run if self.announce_values else None
+        streaming = stream_to is not None
         arrived_olds: list = []  # arrived, not yet in place (put there after a failure)
         arrived_news: list = []
 
         def value_arrived(name, value):
             if streaming:  # in place the moment it arrives, before its event is seen
-                olds, news = [], []
+                olds: list = []
+                news: list = []
                 self.destinations.replacements(name, value, olds, news)
                 if olds:
                     rebind(olds, news)
@@ -186,8 +189,8 @@ class RemoteCall:
                 self.destinations.replacements(name, value, arrived_olds, arrived_news)
             if on_value is not None:
                 on_value(name, value)
-            if streaming:
-                run.emit(SavedValue(name, value))
+            if stream_to is not None:
+                stream_to.emit(SavedValue(name, value))
 
         on_submit = None if run is None else (lambda request_id: run.submitted(conn,
                                                                                 request_id))
@@ -217,7 +220,8 @@ class RemoteCall:
     def _rebind_all(self, values: dict) -> None:
         """Every value in place, searching where the user's code can reach first."""
         dest = self.destinations
-        olds, news = [], []
+        olds: list = []
+        news: list = []
         for name in dest.names():
             if name in values:
                 dest.replacements(name, values[name], olds, news)

@@ -58,7 +58,10 @@ class ClientResidents:
         # long as any tensor uses it -- so its address cannot be reused while it is listed.
         storage = tensor.untyped_storage()
         ptr = storage.data_ptr()
-        ref = weakref.ref(storage, lambda _, ptr=ptr: self._forget_ptr(ptr))
+
+        def forget(_dead: object) -> None:  # the storage died: its address may be reused
+            self._forget_ptr(ptr)
+        ref = weakref.ref(storage, forget)
         with self._lock:
             self._downloads[ptr] = (ref, resident_id, tensor._version, storage.nbytes(),
                                     tensor.dtype)

@@ -36,7 +36,7 @@ class RemoteRun:
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._submitted = threading.Event()
-        self._value = None
+        self._value: object = None
         self._error: BaseException | None = None
         self._cancel_requested = False
         self.request_id: str | None = None

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Iterator, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -82,7 +82,7 @@ class RequestFailed:
 class _Exchange:
     """What the session waits for: an answer of ``answer_type``, or (``request_id`` set) a
     request's stream of results ending in ``done`` or ``error``."""
-    answer_type: type | None = None
+    answer_type: type[HelloOk] | type[ModelInfo] | None = None
     request_id: str | None = None
     expected: ExpectedResults | None = None
     tl_flags: frozenset = frozenset()
@@ -141,7 +141,7 @@ class ClientSession:
         return dump(Cancel(request_id=request_id))
 
     def submit(self, request_id: str, graph: dict, uploads: dict[str, torch.Tensor],
-               refs: list[dict] = (), keep: dict[str, str] | None = None,
+               refs: Sequence[dict] = (), keep: dict[str, str] | None = None,
                keep_results: bool = True, generate: dict | None = None,
                attached: dict[str, torch.Tensor] | None = None,
                info=None, progress: bool = True) -> Iterator[Union[str, bytes]]:
@@ -162,13 +162,14 @@ class ClientSession:
                                json.dumps(generate, separators=(",", ":")))
         exchange = _Exchange(request_id=request_id, expected=expected, sent=len(text))
         self._start(exchange)
-        return self._submit_frames(text, exchange, uploads)
+        return self._submit_frames(text, request_id, exchange, uploads)
 
     @staticmethod
-    def _submit_frames(text: str, exchange: _Exchange, uploads: dict):
+    def _submit_frames(text: str, request_id: str, exchange: _Exchange,
+                       uploads: dict[str, torch.Tensor]) -> Iterator[Union[str, bytes]]:
         yield text
         for tid, t in uploads.items():
-            for frame in encode_chunks(exchange.request_id, tid, t, CHUNK_BYTES):
+            for frame in encode_chunks(request_id, tid, t, CHUNK_BYTES):
                 exchange.sent += len(frame)
                 yield frame
 
@@ -203,14 +204,17 @@ class ClientSession:
         return events
 
     def _receive_answer(self, exchange: _Exchange, data) -> list:
+        answer_type = exchange.answer_type
+        # hello and model_info, the only exchanges without a request id, name their answer
+        assert answer_type is not None
         if isinstance(data, bytes):
             raise ProtocolError("expected a control message, got binary data")
         msg = parse_server_message(data)
         if isinstance(msg, Error):
             self._exchange = None
             return [RequestFailed(error_from_code(msg.code, msg.message, msg.details))]
-        if not isinstance(msg, exchange.answer_type):
-            raise ProtocolError(f"expected {exchange.answer_type.model_fields['type'].default},"
+        if not isinstance(msg, answer_type):
+            raise ProtocolError(f"expected {answer_type.model_fields['type'].default},"
                                 f" got {msg.type}")
         if isinstance(msg, ModelInfo) and frozenset(msg.tl_flags) != exchange.tl_flags:
             raise ProtocolError("server described the model with other TL hook switches "

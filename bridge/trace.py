@@ -268,6 +268,14 @@ class Proxy(torch.Tensor):
     ``Tracer.handle``, which records a node and returns a new Proxy; reading its values
     raises :class:`TraceError`. ``_hw_view`` remembers the base it is a view of, and
     ``_hw_version`` counts in-place edits (so stale views are re-derived)."""
+    # Set by __new__ (a wrapper subclass has no __init__ to declare them in).
+    _hw_tracer: Tracer
+    _hw_node: int
+    _hw_meta: torch.Tensor
+    _hw_view: _ViewOf | None
+    _hw_version: int
+    _hw_key: tuple
+
     @staticmethod
     def __new__(cls, tracer: "Tracer", node: int, meta: torch.Tensor,
                 requires_grad: bool = False):

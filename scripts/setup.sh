@@ -34,7 +34,8 @@ from importlib.metadata import PackageNotFoundError, version
 try:
     assert version("torch").split("+")[0] == "2.13.0"
     for dist in ("hookwire", "transformer-lens", "pyvene", "pytest", "pytest-timeout", "pytest-xdist",
-                 "hypothesis", "pip-audit", "ray", "nnsight", "nbclient", "ipykernel", "ruff"):
+                 "hypothesis", "pip-audit", "ray", "nnsight", "nbclient", "ipykernel", "ruff",
+                 "mypy"):
         version(dist)
 except (AssertionError, PackageNotFoundError):
     sys.exit(1)

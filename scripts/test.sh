@@ -7,6 +7,9 @@ bash scripts/setup.sh
 # Lint first (seconds): the rules that find bugs ([tool.ruff] in pyproject.toml); any finding
 # fails the run before the tests start.
 .venv/bin/ruff check .
+# Type check (under a minute cold, seconds warm): mypy on the core's central modules
+# ([tool.mypy] in pyproject.toml); any finding fails the run too.
+bash scripts/typecheck.sh
 # The TL 2.x client environment for tests/test_tl_legacy_client.py (fails loudly if it
 # cannot be built; a re-run with nothing changed takes well under a second).
 bash scripts/setup_legacy_env.sh

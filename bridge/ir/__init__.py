@@ -35,8 +35,8 @@ from hookwire.ir.stages import BEFORE_FORWARD, Stages
 from hookwire.ir.validated import (FLAT, DecodedNode, SiteInfo, ValidatedGraph, flat_dim,
                                    flat_factor)
 from hookwire.ir.wire import (GRAPH_VERSION, PARAMETER_PREFIX, TL_HOOK_FLAGS, ForwardSpec,
-                              Graph, Node, Site, graph_json_schema, hook_mode, is_parameter,
-                              node_json)
+                              Graph, Node, Site, TLHookFlag, graph_json_schema, hook_mode,
+                              is_parameter, node_json)
 
 __all__ = [
     "ARG_JSON_SCHEMA", "MAX_ARG_DEPTH", "MAX_STR_LEN", "Const", "Ref", "decode_arg",
@@ -46,6 +46,6 @@ __all__ = [
     "SITE_READ", "SITE_WRITE", "SPECIAL_OPS", "WRITE_MODES", "SpecialOp", "node_kind",
     "BEFORE_FORWARD", "Stages",
     "FLAT", "DecodedNode", "SiteInfo", "ValidatedGraph", "flat_dim", "flat_factor",
-    "GRAPH_VERSION", "PARAMETER_PREFIX", "TL_HOOK_FLAGS", "ForwardSpec", "Graph", "Node",
-    "Site", "graph_json_schema", "hook_mode", "is_parameter", "node_json",
+    "GRAPH_VERSION", "PARAMETER_PREFIX", "TL_HOOK_FLAGS", "TLHookFlag", "ForwardSpec", "Graph",
+    "Node", "Site", "graph_json_schema", "hook_mode", "is_parameter", "node_json",
 ]

@@ -71,7 +71,7 @@ def _is_int(v) -> bool:
 
 # The one-key objects of the vocabulary: key -> (does the inner value fit?, decode it).
 # Nested forms decode their items one level deeper.
-_OBJECTS: dict[str, tuple[Callable[[Any], bool], Callable]] = {
+_OBJECTS: dict[str, tuple[Callable[[Any], bool], Callable[[Any, str, int], Any]]] = {
     "ref": (_is_int, lambda inner, where, depth: Ref(inner)),
     "const": (lambda inner: isinstance(inner, str), lambda inner, where, depth: Const(inner)),
     "list": (lambda inner: isinstance(inner, list),
@@ -102,9 +102,9 @@ def decode_arg(value: Any, where: str, depth: int = 0):
         return tuple(decode_arg(v, where, depth + 1) for v in value)
     if isinstance(value, dict) and len(value) == 1:
         (key, inner), = value.items()
-        fits, decode = _OBJECTS.get(key, (None, None))
-        if fits is not None and fits(inner):
-            return decode(inner, where, depth)
+        entry = _OBJECTS.get(key)
+        if entry is not None and entry[0](inner):
+            return entry[1](inner, where, depth)
     raise GraphValidationError(f"{where}: argument {str(value)[:80]!r} is not in the argument "
                                f"vocabulary", rule="arg_form")
 

@@ -106,7 +106,9 @@ def kind_matches(kind: str, v) -> bool:
 
 def parse_signature(sig: str) -> tuple[tuple[str, ...], tuple[str, ...], str | None]:
     """``"t,ii|b,*t"`` -> (required kinds, optional kinds, varargs kind or None)."""
-    required, optional, varargs = [], [], None
+    required: list[str] = []
+    optional: list[str] = []
+    varargs: str | None = None
     target = required
     for part in [p.strip() for p in sig.replace("|", ",|,").split(",") if p.strip()]:
         if part == "|":
@@ -140,11 +142,16 @@ def kind_codes(signature: "Signed") -> set[str]:
 
 
 class Signed(Protocol):
-    """What :func:`check_args` reads: an op's signature, parsed."""
-    required: tuple[str, ...]
-    optional: tuple[str, ...]
-    varargs: str | None
-    kwargs: dict[str, str]
+    """What :func:`check_args` reads: an op's signature, parsed. (Read-only members, so the
+    frozen ``OpSpec`` and ``SpecialOp`` both fit.)"""
+    @property
+    def required(self) -> tuple[str, ...]: ...
+    @property
+    def optional(self) -> tuple[str, ...]: ...
+    @property
+    def varargs(self) -> str | None: ...
+    @property
+    def kwargs(self) -> dict[str, str]: ...
 
 
 def check_args(spec: Signed, args: tuple, kwargs: dict) -> str | None:
@@ -157,6 +164,7 @@ def check_args(spec: Signed, args: tuple, kwargs: dict) -> str | None:
     kinds = list(spec.required) + list(spec.optional)
     for i, a in enumerate(args):
         kind = kinds[i] if i < len(kinds) else spec.varargs
+        assert kind is not None  # extra arguments without varargs were refused above
         if not kind_matches(kind, a):
             return f"argument {i} does not fit kind {kind!r}"
     for k, v in kwargs.items():

@@ -46,6 +46,8 @@ class Stages:
     def of(self, kind: str, site: int | None = None) -> int:
         """The stage of a special op pinned to ``kind`` (:data:`SITE` needs its ``site``)."""
         if kind == SITE:
+            if site is None:
+                raise ValueError("a site-pinned stage needs its site index")
             return site
         return self.output if kind == OUTPUT else self.gradient
 

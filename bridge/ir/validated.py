@@ -39,6 +39,16 @@ def flat_factor(d) -> int | None:
     return int(rest[1:]) if rest[0] == "*" and rest[1:].isdigit() else None
 
 
+def _concrete_dim(d, batch: int, seq: int) -> int:
+    """One dim of a symbolic shape, for a request of ``batch`` rows of ``seq`` tokens."""
+    if d == "B":
+        return batch
+    if d == "S":
+        return seq
+    k = flat_factor(d)
+    return batch * seq * k if k else d
+
+
 def flat_dim(k: int) -> str:
     """The symbolic dim of batch x sequence x ``k`` flattened into one."""
     return FLAT if k == 1 else f"{FLAT}*{k}"
@@ -55,8 +65,7 @@ class SiteInfo:
     eager: bool = False  # fires only when attention runs eagerly (patterns, scores)
 
     def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else seq if d == "S" else
-                     batch * seq * flat_factor(d) if flat_factor(d) else d for d in self.shape)
+        return tuple(_concrete_dim(d, batch, seq) for d in self.shape)
 
     @property
     def flattened(self) -> bool:

@@ -11,14 +11,14 @@ server turns it into the validated form (:mod:`hookwire.ir.validated`) before an
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from hookwire.frames import TensorHeader
 from hookwire.ir.args import ARG_JSON_SCHEMA, MAX_STR_LEN
 
-GRAPH_VERSION = 1
+GRAPH_VERSION: Final = 1  # Final: its type is Literal[1], what Graph.version accepts
 PARAMETER_PREFIX = "@"
 
 
@@ -59,7 +59,8 @@ class Node(BaseModel):
 # TransformerLens's switches for hook points that fire only when asked for
 # (``model.set_use_attn_result(True)`` & co.). A request names the ones its client has on;
 # the server runs that request with exactly those on.
-TL_HOOK_FLAGS = ("use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")
+TLHookFlag = Literal["use_attn_result", "use_split_qkv_input", "use_attn_in", "use_hook_mlp_in"]
+TL_HOOK_FLAGS: tuple[TLHookFlag, ...] = get_args(TLHookFlag)
 
 
 def hook_mode(flags) -> str:
@@ -77,7 +78,7 @@ class ForwardSpec(BaseModel):
     # but not sent back.
     send_output: bool = True
     # TL hook switches on for this request (see TL_HOOK_FLAGS); they change which sites fire.
-    tl_flags: list[Literal[TL_HOOK_FLAGS]] = Field(default_factory=list, max_length=4)
+    tl_flags: list[TLHookFlag] = Field(default_factory=list, max_length=4)
     # Start at block k: the input ``residual`` [batch, seq, d_model] enters block k (TL's
     # ``forward(start_at_layer=k)``); ``input_ids`` then only gives the batch and seq sizes.
     start_at_layer: int | None = Field(default=None, ge=-1024, le=1024)
