@@ -500,6 +500,17 @@ def test_cancel_ids_of_requests_never_sent_are_not_kept(hosted):
         srv.stop()
 
 
+def _stop_all(other, sleeper, srv) -> None:
+    """Close the reading tenant and the raw non-reading socket (which the server may have
+    dropped already), then stop the server."""
+    other.close()
+    try:
+        sleeper.close()
+    except Exception:
+        pass
+    srv.stop()
+
+
 def test_results_nobody_reads_are_bounded_and_their_reader_dropped(hosted):
     """A client that submits a request with large results (65 MiB) and stops reading: the
     results queued for it count against its user's memory, which never grows past that
@@ -544,12 +555,7 @@ def test_results_nobody_reads_are_bounded_and_their_reader_dropped(hosted):
         assert srv.server.memory.pending_total == 0
         assert len(srv.server.states) == 1  # only the other connection is left
     finally:
-        other.close()
-        try:
-            sleeper.close()
-        except Exception:
-            pass
-        srv.stop()
+        _stop_all(other, sleeper, srv)
 
 
 def test_a_request_whose_results_could_not_be_sent_does_not_run(hosted):
@@ -623,12 +629,7 @@ def test_a_request_whose_results_could_not_be_sent_does_not_run(hosted):
         assert forwards[:n_before].count(256) == 1  # the pile's forward ran, and only it
     finally:
         counter.remove()
-        other.close()
-        try:
-            sleeper.close()
-        except Exception:
-            pass
-        srv.stop()
+        _stop_all(other, sleeper, srv)
 
 
 def test_a_co_tenants_maximal_graph_uses_none_of_a_requests_deadline(hosted):
