@@ -25,6 +25,7 @@ manifest, after the TL hook points.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -96,9 +97,11 @@ def attach(module: torch.nn.Module, name: str, hook):
     hook sees one tensor (see the module docstring) and its replacement is put back where that
     tensor came from.
 
-    The hook fires only in forwards run by the thread that attached it: a served model object
-    may be used locally by another thread of the same process meanwhile (the embedded server
-    hosts the caller's own object), and that forward must not run a request's graph."""
+    The hook fires only in forwards run by the owner that attached it (``current_owner``: the
+    thread, or a forward nested on it with ``owned_by``): a served model object may be used
+    locally by another thread of the same process meanwhile (the embedded server hosts the
+    caller's own object), and that forward must not run a request's graph; nor may a short
+    request the server runs between two blocks of a long one."""
     hook = _on_this_thread_only(hook)
     if not is_module_site(name):
         return module.register_forward_hook(hook)
@@ -134,11 +137,36 @@ def attach(module: torch.nn.Module, name: str, hook):
     return module.register_forward_hook(post_hook)
 
 
+_OWNERS = threading.local()  # per thread: the stack of forwards nested on it (owned_by)
+
+
+def current_owner():
+    """Who owns the forward running on this thread now: the innermost ``owned_by`` token,
+    else the thread itself. Hooks attached for one owner fire only while it is current."""
+    stack = getattr(_OWNERS, "stack", None)
+    return stack[-1] if stack else ("thread", threading.get_ident())
+
+
+@contextlib.contextmanager
+def owned_by(token):
+    """Run a forward nested inside another one on this thread (a server giving way to a
+    short request between two blocks of a long one): hooks attached inside fire for it,
+    and the hooks of the forward it interrupts stay silent until it returns."""
+    stack = getattr(_OWNERS, "stack", None)
+    if stack is None:
+        stack = _OWNERS.stack = []
+    stack.append(token)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def _on_this_thread_only(hook):
-    owner = threading.get_ident()
+    owner = current_owner()
 
     def guarded(mod, args, value):
-        if threading.get_ident() != owner:
+        if current_owner() != owner:
             return None
         return hook(mod, args, value)
     return guarded
@@ -168,4 +196,5 @@ def element_values(output) -> list[tuple[int, torch.Tensor]]:
 
 
 __all__ = ["PREFIX", "ServerObject", "module_site", "is_module_site", "parse_module_site",
-           "site_element", "attach", "site_value", "element_values"]
+           "site_element", "attach", "site_value", "element_values", "current_owner",
+           "owned_by"]

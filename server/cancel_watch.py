@@ -9,10 +9,11 @@ returns: the forward ends at the next block boundary.
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Callable
 
 import torch
+
+from hookwire.module_sites import current_owner
 
 
 def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -28,10 +29,10 @@ def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 @contextlib.contextmanager
 def stop_between_blocks(model: torch.nn.Module,
                         should_stop: Callable[[], BaseException | None]):
-    owner = threading.get_ident()
+    owner = current_owner()
 
     def check(module, args):
-        if threading.get_ident() != owner:  # another thread's forward of the same object
+        if current_owner() != owner:  # another thread's forward, or one nested in this one
             return
         exc = should_stop()
         if exc is not None:

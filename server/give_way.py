@@ -10,15 +10,24 @@ whatever *light* requests of other users wait run first -- a whole batch of them
 thread, as the worker would run them -- then the long request goes on, its own clock paused
 for that time so its deadline counts only its own work.
 
+A forward gives way too, between two of its blocks (``between_blocks``; the worker's stop
+check at each block's pre-hook calls ``give_way(at_block=True)``): the light requests run as
+forwards nested in it, on the same thread -- every served family's forward is re-entrant
+there (an experiment over all 85 served families, SECURITY.md) -- with hooks owned per forward
+(``module_sites.owned_by``: the interrupted forward's hooks stay silent in the nested ones)
+and its TL hook marks taken off the model meanwhile. The worker allows it only when nothing
+else of the request's own is in effect on the model
+(``ModelWorker._may_give_way_between_blocks``).
+
 Bounds: a request gives way only after it has run ``QUANTUM_S`` since it began, and after
 giving way for T seconds it runs at least max(T, ``QUANTUM_S``) before it gives way again: it
 keeps at least half of the worker's time while it runs, however much others queue (a tenant
 flooding light-looking but costly requests cannot starve it). It gives way only to requests
 that are light before they are even validated (few nodes, few tokens, small uploads, no
-generation). Requests of the long request's own user
-never overtake it (each user's requests keep their order), and a request run in its place
-never gives way itself (no nesting). And a batch the scheduler formed runs its light-looking
-requests first, validated and run, before it validates the others
+generation). Requests of the long request's own user never overtake it (each user's requests
+keep their order), and a request run in its place never gives way itself (one level of
+nesting at most). And a batch the scheduler formed runs its light-looking requests first,
+validated and run, before it validates the others
 (``ModelWorker.execute_batch``): a light request taken into a batch with long ones is no
 longer in the queue to be found at a yield point.
 """
@@ -27,6 +36,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+
+from hookwire.module_sites import owned_by
 
 log = logging.getLogger("hookwire.server")
 
@@ -45,22 +56,41 @@ class GiveWay:
     def __init__(self, worker, rows, tokens):
         self.worker = worker
         self._rows, self._tokens = rows, tokens
-        self._user = None       # whose phase allows giving way now (None: no phase)
+        self._users = None      # whose phase allows giving way now (None: no phase)
         self._next_at = 0.0     # when that phase may give way next
         self._running = False   # light requests are running in another's place
+        self._blocks_only = False  # a forward: give way between its blocks only
+        self._suspend = None    # what the forward must take off the model meanwhile
 
     @contextlib.contextmanager
     def allowed(self, user: str):
-        outer = self._user, self._next_at
-        self._user, self._next_at = user, time.perf_counter() + self.QUANTUM_S
+        """A phase of ``user``'s request in which the model is not in use."""
+        with self._phase({user}, False, None):
+            yield
+
+    @contextlib.contextmanager
+    def between_blocks(self, users, suspend):
+        """A forward of ``users``' requests that may give way between two of its blocks: the
+        light requests run as forwards nested in it (every served family's forward is
+        re-entrant there), with hooks owned per forward (``module_sites.owned_by``), and
+        ``suspend()`` taking the interrupted request's own model state (its TL hook marks)
+        off the model while they run."""
+        with self._phase(set(users), True, suspend):
+            yield
+
+    @contextlib.contextmanager
+    def _phase(self, users, blocks_only, suspend):
+        outer = self._users, self._next_at, self._blocks_only, self._suspend
+        self._users, self._next_at = users, time.perf_counter() + self.QUANTUM_S
+        self._blocks_only, self._suspend = blocks_only, suspend
         try:
             yield
         finally:
-            self._user, self._next_at = outer
+            self._users, self._next_at, self._blocks_only, self._suspend = outer
 
     def light(self, job) -> bool:
         """Cheap to run, told before validation: may run in a long request's place."""
-        return self.looks_light(job) and job.conn.user != self._user
+        return self.looks_light(job) and job.conn.user not in (self._users or ())
 
     def looks_light(self, job) -> bool:
         """Few nodes, few tokens, small uploads, no references, no generation."""
@@ -68,8 +98,8 @@ class GiveWay:
             and self._tokens(job) <= LIGHT_TOKENS and job.received_bytes <= LIGHT_BYTES \
             and not job.refs
 
-    def __call__(self) -> float:
-        if self._user is None or self._running:
+    def __call__(self, at_block: bool = False) -> float:
+        if self._users is None or self._running or (self._blocks_only and not at_block):
             return 0.0
         now = time.perf_counter()
         if now < self._next_at:
@@ -84,8 +114,10 @@ class GiveWay:
         self._running = True
         outer = worker.current
         worker.current = outer + jobs
+        suspended = self._suspend() if self._suspend is not None else contextlib.nullcontext()
         try:
-            worker.execute_batch(jobs)
+            with suspended, owned_by(object()):
+                worker.execute_batch(jobs)
         except Exception:  # a bug of ours must not fail the request that gave way
             log.exception("batch run in another request's place failed")
         finally:

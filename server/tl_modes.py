@@ -38,11 +38,32 @@ def tl_hooks_marked(fwd_points=(), bwd_points=()):
                 hooks.append(marker)
                 added.append((hooks, marker))
     try:
-        yield
+        yield Marks(added)
     finally:
         for hooks, marker in added:
             if marker in hooks:
                 hooks.remove(marker)
+
+
+class Marks:
+    """The marks one request put in TL's hook lists (``tl_hooks_marked`` yields it)."""
+
+    def __init__(self, added: list):
+        self._added = added
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Take the marks out for a while -- while another request's forward runs nested in
+        this one's (server/give_way.py) -- and put them back: the nested forward takes the
+        code paths its own graph asks for, not this request's."""
+        present = [(hooks, marker) for hooks, marker in self._added if marker in hooks]
+        for hooks, marker in present:
+            hooks.remove(marker)
+        try:
+            yield
+        finally:
+            for hooks, marker in present:
+                hooks.append(marker)
 
 
 def marked_for_graph(site_modules: dict, vg):
@@ -95,4 +116,4 @@ def flags_applied(bridge, flags=()):
         _set_flags(bridge, before)
 
 
-__all__ = ["tl_hooks_marked", "marked_for_graph", "flags_applied", "current_flags"]
+__all__ = ["tl_hooks_marked", "Marks", "marked_for_graph", "flags_applied", "current_flags"]

@@ -532,6 +532,9 @@ class ModelWorker(threading.Thread):
             return None
 
         def check():
+            given = self.give_way(at_block=True)  # a forward that may give way does it here
+            for p in members:
+                p.t_start += given
             reasons = [reason(p) for p in members]
             if all(r is not None for r in reasons):
                 log.info("stopped a forward between blocks: %s", reasons[0].message)
@@ -592,8 +595,9 @@ class ModelWorker(threading.Thread):
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
         done = None
-        with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg), \
-                stop_between_blocks(watched, self._stop_reason([p])):
+        with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg) as marks, \
+                stop_between_blocks(watched, self._stop_reason([p])), \
+                self._may_give_way_between_blocks(p, marks):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
                                           p.attention_weights, p.positions, p.eager,
@@ -613,6 +617,21 @@ class ModelWorker(threading.Thread):
                 done = self._complete(p, outputs, on_backward, batch_size=1)
         # Only now: the model's TL hook marks are gone before the client hears "done".
         p.job.conn.send_threadsafe(done)
+
+    def _may_give_way_between_blocks(self, p: Prepared, marks):
+        """Let waiting light requests of other users run between two blocks of ``p``'s
+        forward (server/give_way.py), when nothing of ``p``'s own is in effect on the model
+        but its hooks (owned per forward) and its TL hook marks (suspended meanwhile): a TL
+        forward with TL's default hook switches, no eager or attention-weight sites, no
+        narrowing, no attention weights returned, no backward pass, on a model that is not
+        offloaded (accelerate's offload hooks move weights per block)."""
+        spec = p.job.submit.graph.forward
+        if p.on_modules or p.eager or p.attention_weights or p.narrow is not None or \
+                spec.tl_flags or spec.output_attentions or \
+                p.interleaver.backward is not None or \
+                getattr(p.entry.hosted.original, "hf_device_map", None):
+            return contextlib.nullcontext()
+        return self.give_way.between_blocks({p.job.conn.user}, marks.suspended)
 
     def run_together(self, ready: list[Prepared]):
         """One forward for several requests: rows stacked, shorter ones right-padded. If the

@@ -77,3 +77,68 @@ def test_light_requests_overtake_a_long_one_and_all_equal_local(server, hosted):
     assert len(light_done) == 3 and max(light_done) < finished["long"]
     torch.testing.assert_close(finished["long_result"].values["y"], y)
     torch.testing.assert_close(finished["long_result"].values["__logits__"], logits)
+
+
+LONG_SITES = ["blocks.0.hook_resid_pre", "blocks.1.ln1.hook_normalized"]
+
+
+def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted):
+    """A long forward (256 x 256 tokens) gives way between its blocks: three light requests of
+    other users, queued while its first block runs, run as forwards nested in it before its
+    last block ends -- each bit-equal to its solo run, the long one equal to local TL. Its TL
+    hook marks (it reads ``hook_normalized``) are off the model while they run."""
+    bridge = hosted["tiny-gpt2"].bridge
+    light_tokens = bridge.to_tokens(["hello world"])
+    long_tokens = torch.randint(0, 256, (256, 256), generator=torch.Generator().manual_seed(3))
+    seen: dict = {}
+    with torch.no_grad():
+        light_logits = bridge.run_with_hooks(light_tokens, fwd_hooks=[
+            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
+        long_logits = bridge.run_with_hooks(long_tokens, fwd_hooks=[
+            (name, lambda act, hook, name=name: seen.__setitem__(name, act.clone()))
+            for name in LONG_SITES])
+    # What the served model runs, seen by plain torch hooks of this test (they fire for every
+    # forward, nested or not): rows entering block 0, rows leaving the last block.
+    started, order = threading.Event(), []
+
+    def entering(module, args):
+        if args[0].shape[0] == 256:
+            started.set()
+
+    def leaving(module, args, output):
+        order.append(args[0].shape[0])
+
+    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
+               bridge.blocks[-1].register_forward_hook(leaving)]
+    long_conn = Connection(server.url)
+    light_conns = [Connection(server.url) for _ in range(3)]  # three users (keyless)
+    results: dict = {}
+
+    def run(key, conn, graph, tokens):
+        results[key] = conn.run(graph, {"input_ids": tokens})
+
+    long_graph = graphs.read_graph(sites=LONG_SITES, names=LONG_SITES)
+    threads = [threading.Thread(target=run, args=("long", long_conn, long_graph, long_tokens))]
+    try:
+        threads[0].start()
+        assert started.wait(60), "the long forward did not start"
+        for i, conn in enumerate(light_conns):  # queued while its block 0 runs (~1 s here)
+            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
+                                                              light_tokens)))
+            threads[-1].start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for h in handles:
+            h.remove()
+        for conn in [long_conn, *light_conns]:
+            conn.close()
+    assert not any(t.is_alive() for t in threads)
+    # The three light forwards left the last block before the long one did.
+    assert 256 in order and sum(order[:order.index(256)]) == 3, order
+    for i in range(3):
+        torch.testing.assert_close(results[i].values["__logits__"], light_logits, rtol=0, atol=0)
+        torch.testing.assert_close(results[i].values["resid"], seen["resid"], rtol=0, atol=0)
+    torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
+    for name in LONG_SITES:
+        torch.testing.assert_close(results["long"].values[name], seen[name])
