@@ -41,6 +41,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
     raise ImportError("hookwire frames assume a little-endian host")
@@ -60,7 +61,7 @@ class TensorHeader(BaseModel):
 def itemsize(dtype_name: str) -> int:
     if dtype_name not in DTYPES:
         raise FrameError(f"dtype {dtype_name!r} is not allowed; allowed: {', '.join(DTYPES)}")
-    return torch.empty((), dtype=DTYPES[dtype_name]).element_size()
+    return ITEMSIZES[dtype_name]
 
 
 def numel(shape) -> int:

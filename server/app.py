@@ -26,6 +26,7 @@ import hmac
 import http
 import json
 import logging
+import math
 import select
 import threading
 import time
@@ -39,7 +40,7 @@ from websockets.http11 import Response
 from hookwire import __version__
 from hookwire.errors import HookwireError
 from hookwire.protocol import PROTOCOL_VERSION, ModelInfoRequest
-from hookwire.server.intake import FrontShare, Intake
+from hookwire.server.intake import FrontShare, Intake, parsed_inline
 from hookwire.server.memory import MemoryBudget
 from hookwire.server.models import HostedModel
 from hookwire.server.prepare import prepare_model
@@ -56,6 +57,12 @@ log = logging.getLogger("hookwire.server")
 # A connection that sent anything this recently may still send a batch mate: the batch window
 # waits for it (HookwireServer.mates_possible). A lone caller's request runs at once.
 RECENTLY_ACTIVE_S = 1.0
+# ... unless it has shown that it sends one request at a time: SEQUENTIAL_AFTER requests of
+# its own, none of which arrived while another connection's request was queued or running
+# (within the last OVERLAP_MEMORY_S). Such a connection's next request comes after its
+# current one is answered, never beside another's: waiting for it only delays the other.
+SEQUENTIAL_AFTER = 8
+OVERLAP_MEMORY_S = 30.0
 MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
 
@@ -81,6 +88,11 @@ class ConnState:
         self.timer_at: float | None = None
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
         self.in_intake = 0  # its control messages being parsed in the intake's threads
+        # What the batch window learns of it (HookwireServer.mates_possible): its requests,
+        # those not over yet, and when one last arrived while another connection's was open.
+        self.submitted = 0
+        self.open_requests: set[str] = set()
+        self.last_overlap = -math.inf
         self._handoff: list = []  # from other threads, waiting for the loop (send_threadsafe)
         self._handoff_lock = threading.Lock()
         self._handoff_scheduled = False
@@ -116,6 +128,11 @@ class ConnState:
             return bool(poller.poll(0))
         except Exception:  # closing, or a websockets without these internals: maybe
             return True
+
+    def may_send_mate(self, now: float) -> bool:
+        """Whether a request of this connection could arrive beside another's: unknown
+        yet (fewer than SEQUENTIAL_AFTER requests), or one did lately."""
+        return self.submitted < SEQUENTIAL_AFTER or now - self.last_overlap < OVERLAP_MEMORY_S
 
     def send_threadsafe(self, item) -> None:
         """Hand ``item`` to the outbox from another thread. Items handed over before the
@@ -214,6 +231,7 @@ class HookwireServer:
             engine.may_join = self.mates_possible
         self.connections_per_user: Counter = Counter()
         self.states: set = set()
+        self.open_requests: set[tuple[int, str]] = set()  # (id(ConnState), request id)
         self.residents = Residents(self.limits.max_resident_bytes, self.limits.resident_ttl_s,
                                    self.limits.max_resident_bytes_total,
                                    self.limits.max_resident_device_bytes)
@@ -228,10 +246,13 @@ class HookwireServer:
         """Whether a request not queued yet could still join the batch the worker is forming
         (called in the worker thread, while it waits out the batch window): a connection is
         in the middle of sending something (:meth:`ConnState.more_coming`), or one without
-        a queued request sent anything in the last ``RECENTLY_ACTIVE_S``. No: the batch runs
-        now instead of waiting for mates that cannot come, so a lone caller pays no window.
-        Which requests end up batched never changes a result (co-batched results equal
-        solo ones), only when they run."""
+        a queued request sent anything in the last ``RECENTLY_ACTIVE_S`` and may send
+        requests beside others' (:meth:`ConnState.may_send_mate`: a client calling one
+        request after another, however often, cannot). No: the batch runs now instead of
+        waiting for mates that cannot come, so a lone caller -- or one sequential caller
+        among idle or equally sequential ones -- pays no window. Which requests end up
+        batched never changes a result (co-batched results equal solo ones), only when
+        they run."""
         try:
             states = list(self.states)  # the loop thread adds and drops connections
         except RuntimeError:
@@ -243,7 +264,8 @@ class HookwireServer:
         for state in states:
             if state.closed:
                 continue
-            if id(state) not in waiting and now - state.last_active < RECENTLY_ACTIVE_S:
+            if id(state) not in waiting and now - state.last_active < RECENTLY_ACTIVE_S \
+                    and state.may_send_mate(now):
                 return True
             if state.more_coming():
                 return True
@@ -323,15 +345,17 @@ class HookwireServer:
                 if isinstance(message, bytes):
                     session.receive_frame(message)
                 else:
-                    # Parsed, and a submit admitted, in the intake's threads: never on this
-                    # loop, whatever the message holds.
-                    state.in_intake += 1
-                    try:
-                        admitted = await self.intake.run(user, len(message), session.admit,
-                                                         message, cost=cost)
-                    finally:
-                        state.in_intake -= 1
-                    t0 = time.perf_counter()  # (waiting for the intake is not loop time)
+                    # Parsed, and a submit admitted, in the intake's threads (a message of at
+                    # most INLINE_BYTES here: see server/intake.py).
+                    admitted = parsed_inline(session, message)
+                    if admitted is None:
+                        state.in_intake += 1
+                        try:
+                            admitted = await self.intake.run(user, len(message), session.admit,
+                                                             message, cost=cost)
+                        finally:
+                            state.in_intake -= 1
+                        t0 = time.perf_counter()  # (waiting for the intake is not loop time)
                     session.receive_admitted(admitted)
                     del admitted
                 self._flush(state)
@@ -346,6 +370,8 @@ class HookwireServer:
                 state.timer.cancel()
             state.outbox.put_nowait(None)
             self.states.discard(state)
+            for rid in list(state.open_requests):  # (their jobs finish later, or never ran)
+                self.open_requests.discard((id(state), rid))
             self.connections_per_user[user] -= 1
             if self.connections_per_user[user] <= 0:
                 del self.connections_per_user[user]
@@ -393,6 +419,7 @@ class HookwireServer:
         submit = incoming.submit
         job = Job(state, submit.request_id, submit, incoming.assembler.tensors(),
                   incoming.size, refs=incoming.refs, reservation=incoming.reservation)
+        self._note_arrival(state, job)
         try:
             position = self.worker.submit(job)
         except HookwireError as exc:  # queue full: answered under the request's own id
@@ -401,6 +428,22 @@ class HookwireServer:
             return
         if submit.progress:  # (a client that shows no progress is not told its place)
             state.session.accepted(submit.request_id, position)
+
+    def _note_arrival(self, state: ConnState, job: Job) -> None:
+        """Count the request for the batch window: it arrived beside another connection's
+        open request, or not; it is open until its job finishes (any thread)."""
+        now = time.monotonic()
+        state.submitted += 1
+        if len(self.open_requests) > len(state.open_requests):
+            state.last_overlap = now
+        key = (id(state), job.request_id)
+        self.open_requests.add(key)  # (set add/discard: atomic under the GIL)
+        state.open_requests.add(job.request_id)
+
+        def over():
+            self.open_requests.discard(key)
+            state.open_requests.discard(job.request_id)
+        job.on_finish = over
 
     async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
         """``model_info`` with TL hook switches on: the engine probes that combination once

@@ -81,11 +81,15 @@ class Job:
     refs: list = field(default_factory=list)
     reservation: object = NO_RESERVATION  # the memory it holds (server.memory)
     key: object = "unset"            # batch_key, computed once in the worker thread
+    on_finish: Callable[[], None] | None = None  # the front's note that it is over (once)
 
     def finish(self) -> None:
         """The request is over: its memory is released and its tensors dropped."""
         self.reservation.release()
         self.tensors, self.refs = {}, []
+        on_finish, self.on_finish = self.on_finish, None
+        if on_finish is not None:
+            on_finish()
 
 
 @dataclass

@@ -206,6 +206,65 @@ def test_a_lone_caller_does_not_wait_out_the_batch_window(hosted, local_models):
         srv.stop()
 
 
+def test_the_batch_window_learns_which_connections_call_one_request_at_a_time(
+        hosted, local_models):
+    """A connection that has sent SEQUENTIAL_AFTER requests, none beside another
+    connection's, is not waited for: a sequential caller next to it runs at once, even with
+    a batch window of a minute (which the suite's single-client timings used to pay on a
+    server with idle connections). Once their requests do arrive together, they are waited
+    for again and share a forward, each equal to its solo run."""
+    from hookwire.server.app import SEQUENTIAL_AFTER
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["hello world"])
+    graph = last_token_graph("tiny-gpt2", "replace", 2.0)
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   batch_window_s=60.0)
+    first = Connection(srv.url)
+    second = None
+    try:
+        for _ in range(SEQUENTIAL_AFTER):  # alone on the server: never a window
+            first.run(graph, {"input_ids": tokens})
+        second = Connection(srv.url)
+        for _ in range(SEQUENTIAL_AFTER):  # ``first``, known to be sequential, is not waited for
+            assert second.run(graph, {"input_ids": tokens}).timings["batch_size"] == 1.0
+        # Both just active (a cancel of nothing is a message like any other), both known to
+        # send one request at a time: the window would not wait for either.
+        seen = time.monotonic()
+        first.cancel("nothing-to-cancel")
+        second.cancel("nothing-to-cancel")
+        deadline = time.monotonic() + 30
+        while any(state.last_active < seen for state in list(srv.server.states)):
+            assert time.monotonic() < deadline, "the server never read the two messages"
+            time.sleep(0.01)
+        assert not srv.server.mates_possible([])
+        # Requests sent together: the one that arrives beside the other's marks its
+        # connection as one that may send a mate, and from then on they are batched.
+        logits, last = local_answer(bridge, tokens, 2.0)
+        batched = []
+        for _ in range(4):
+            barrier, results = threading.Barrier(2), [None, None]
+
+            def one(i, conn):
+                barrier.wait()
+                results[i] = conn.run(graph, {"input_ids": tokens})
+            threads = [threading.Thread(target=one, args=(i, c))
+                       for i, c in enumerate((first, second))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            for result in results:
+                torch.testing.assert_close(result.values["__logits__"], logits)
+                torch.testing.assert_close(result.values["last"], last)
+            batched.append([r.timings["batch_size"] for r in results])
+        assert [2.0, 2.0] in batched, batched
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+        srv.stop()
+
+
 def _submit_raw(conn, graph, tensors):
     rid = f"raw-{uuid.uuid4().hex[:8]}"
     conn.ws.send(json.dumps({"type": "submit", "request_id": rid, "graph": graph,

@@ -112,17 +112,22 @@ class BridgeDialect(Dialect):
 
     def plan(self, info: RemoteModelInfo, batch: int, seq: int) -> None:
         self.hook_dict = cached_hook_points(self.model)
-        self.hooked = {id(hp) for hp in self.hook_dict.values() if hooked(hp)}
+        # Only the hooked points are visited: a call hooks a handful of a model's points,
+        # and walking every site's point cost more than tracing the hooks themselves.
+        self.by_site = {name: [(name, hp)] for name, hp in self.hook_dict.items()
+                        if hooked(hp)}
+        hooked_points = {name: points[0][1] for name, points in self.by_site.items()}
+        self.hooked = {id(hp) for hp in hooked_points.values()}
         self.covered: set[int] = set()
-        check_served(self.hook_dict, info)
-        stamp_token_shape(self.hook_dict, batch, seq)
+        check_served(hooked_points, info)
+        stamp_token_shape(hooked_points, batch, seq)  # (only a hooked point's is used)
 
     def points(self, site) -> list[tuple[str, object]]:
-        hp = self.hook_dict.get(site.name)
-        if hp is None:
+        points = self.by_site.get(site.name)
+        if points is None:
             return []
-        self.covered.add(id(hp))
-        return [(site.name, hp)]
+        self.covered.add(id(points[0][1]))
+        return points
 
     def finish(self, info: RemoteModelInfo) -> None:
         missing = self.hooked - self.covered
