@@ -61,7 +61,7 @@ RECENTLY_ACTIVE_S = 1.0
 # its own, none of which arrived while another connection's request was queued or running
 # (within the last OVERLAP_MEMORY_S). Such a connection's next request comes after its
 # current one is answered, never beside another's: waiting for it only delays the other.
-SEQUENTIAL_AFTER = 8
+SEQUENTIAL_AFTER = 3
 OVERLAP_MEMORY_S = 30.0
 MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)

@@ -169,6 +169,7 @@ def run_generation(worker, p, forwards: list) -> None:
                 steps = k + 1
                 break
     t_done = time.perf_counter()
+    job.answered()
     job.conn.send_threadsafe(replies.done(
         job.request_id, sent[0], job.received_bytes,
         timings={"queued_s": p.t_start - job.enqueued, "validate_s": p.t_validated - p.t_start,

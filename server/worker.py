@@ -87,6 +87,11 @@ class Job:
         """The request is over: its memory is released and its tensors dropped."""
         self.reservation.release()
         self.tensors, self.refs = {}, []
+        self.answered()
+
+    def answered(self) -> None:
+        """Its final answer (``done`` or an error) is on its way: the front counts it as
+        over from now on (its client may send the next request before ``finish`` runs)."""
         on_finish, self.on_finish = self.on_finish, None
         if on_finish is not None:
             on_finish()
@@ -372,6 +377,7 @@ class ModelWorker(threading.Thread):
     def _fail(self, job: Job, exc: BaseException):
         if not isinstance(exc, HookwireError):
             log.exception("request %s failed", job.request_id, exc_info=exc)
+        job.answered()
         job.conn.send_threadsafe(replies.error(job.request_id, exc))
         # The traceback's frames hold the request's tensors (and the lists that hold this
         # exception: a cycle); drop them now rather than when the collector runs.
@@ -620,6 +626,7 @@ class ModelWorker(threading.Thread):
             with il.grad_mode(), self.give_way.allowed(p.job.conn.user):
                 done = self._complete(p, outputs, on_backward, batch_size=1)
         # Only now: the model's TL hook marks are gone before the client hears "done".
+        p.job.answered()
         p.job.conn.send_threadsafe(done)
 
     def _may_give_way_between_blocks(self, p: Prepared, marks):
@@ -665,6 +672,7 @@ class ModelWorker(threading.Thread):
             for job, exc in failed:
                 self._fail(job, exc)
             for job, done in finals:
+                job.answered()
                 job.conn.send_threadsafe(done)
             failed.clear()  # (job, exception) pairs: the exceptions' frames refer to this list
             members.clear()
