@@ -134,6 +134,26 @@ def test_admitting_changes_nothing_until_the_admitted_message_is_received(world)
     assert s.incoming is admitted
 
 
+def test_only_messages_of_at_most_inline_bytes_are_admitted_on_the_loop(world):
+    """The loop parses a control message itself only up to ``INLINE_BYTES`` (bounded work);
+    one byte more and nothing is parsed there (it goes to an intake lane)."""
+    from hookwire.server.intake import INLINE_BYTES, parsed_inline
+    s = world.session()
+    base = submit_text("r1", {"x": torch.ones(4)})
+    padded = base[:-1] + ', "pad": "' + "p" * (INLINE_BYTES - len(base) - 11) + '"}'
+    assert len(padded) == INLINE_BYTES
+    admitted = parsed_inline(s, padded)
+    # (a field the protocol does not know: refused by the parse, which did run here)
+    assert isinstance(admitted, Refusal) and "pad" in str(admitted.error)
+    small = parsed_inline(s, base)
+    assert isinstance(small, Incoming)
+    small.reservation.release()
+    longer = padded[:-2] + 'p"}'
+    assert len(longer) == INLINE_BYTES + 1
+    assert parsed_inline(s, longer) is None
+    assert world.memory.pending_of("alice") == 0
+
+
 def test_frames_that_belong_to_no_submit_are_refused(world):
     s = world.session()
     (stray,) = frames("nobody", {"x": torch.ones(4)})
