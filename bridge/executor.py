@@ -61,8 +61,12 @@ class Interleaver:
                  on_save: Callable[[str, torch.Tensor], None],
                  on_site: Callable[[int, int], None] | None = None,
                  on_node: Callable[[], None] | None = None,
-                 value_ranges: dict[int, tuple[int, int]] | None = None):
+                 value_ranges: dict[int, tuple[int, int]] | None = None,
+                 weights: frozenset = frozenset()):
         self.vg = vg
+        # Storage of the served model's parameters and buffers: a site value living there
+        # is never written in place (see at_site).
+        self.weights = weights
         # Storage of the served model's own parameters the graph reads ("@" constants): a
         # value sharing it never becomes an activation, which the model may edit in place.
         self.read_only = {t.untyped_storage().data_ptr() for tid, t in constants.items()
@@ -210,10 +214,16 @@ class Interleaver:
             if not copy_read and read_id is not None and self.pending.get(read_id, 0) > 0:
                 # Someone still needs the value as it was read: keep a copy.
                 self.values[read_id] = output.clone()
+            # A site value that is (a view of) a weight or buffer of the shared model -- a
+            # family whose position ids are a slice of a buffer -- is edited in a copy that
+            # replaces it in this forward: written in place it would change the model for
+            # every later request. This forward sees the edit as it would locally.
+            target = output.clone() if output.numel() and \
+                output.untyped_storage().data_ptr() in self.weights else output
             # Differentiable when a backward follows (gradients flow through the edit).
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
                 try:
-                    output.copy_(value)
+                    target.copy_(value)
                 except RuntimeError as exc:
                     # e.g. a broadcast activation (GPT-2's position embeddings, expanded over
                     # the batch): torch refuses the in-place write, as it would locally.
@@ -221,6 +231,8 @@ class Interleaver:
                     raise ExecutionError(f"in-place write into site {info.name!r} failed: "
                                          f"{str(exc).splitlines()[0][:200]}",
                                          node=writes["inplace"]) from None
+            if target is not output:
+                result = target
         if "replace" in writes or "narrow" in writes:  # narrow: fewer batch rows
             result = self.values.pop(writes.get("replace", writes.get("narrow")), None)
             if self.read_only and isinstance(result, torch.Tensor) and \

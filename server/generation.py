@@ -151,7 +151,8 @@ def run_generation(worker, p, forwards: list) -> None:
                                       for t, c in constants.items()},
                                  saver(k), watch, watch,
                                  {i: ranges[s.name] for i, s in enumerate(vg.site_infos)
-                                  if s.name in ranges})
+                                  if s.name in ranges},
+                                 weights=getattr(entry, "weight_storages", frozenset()))
                 try:
                     logits = il.run(entry.site_modules, run_forward, need_output=True)
                     il.finish({})

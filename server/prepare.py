@@ -66,6 +66,9 @@ class ModelEntry:
     # (name, call) of sites a replacing write changes the forward's path at: such a writer
     # runs alone (server/batch_probe.py)
     solo_replace_sites: set = field(default_factory=set)
+    # storage addresses of every parameter and buffer (bridge and HF tree): a site value in
+    # one of them is written copy-on-write (hookwire.executor.Interleaver, ``weights``)
+    weight_storages: frozenset = frozenset()
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
     # False: a later token changes earlier positions' outputs (probed at load), so requests
@@ -85,6 +88,15 @@ class ModelEntry:
         if self.hosted.family.has_lm_head:
             return self.hosted.vocab_size
         return int(self.hosted.original.config.hidden_size)
+
+
+def weight_storages(*models) -> frozenset:
+    """Where the models' parameters and buffers live. Some families hand a site a slice of a
+    buffer (OpenAI GPT's and BERT's position ids are ``position_ids[:, :seq]``): written in
+    place, it would change the shared model for every later request of every user."""
+    return frozenset(t.untyped_storage().data_ptr() for model in models if model is not None
+                     for t in list(model.parameters()) + list(model.buffers())
+                     if t.numel() and t.device.type != "meta")
 
 
 def prepare_model(hosted: HostedModel) -> ModelEntry:
@@ -165,6 +177,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         output_dtype=output_dtype, generate_refused=generate_refused, tl_refused=tl_refused,
         parameters=parameters, value_ranges=value_ranges(sites, hosted.bridge, hf_model),
         solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused),
+        weight_storages=weight_storages(hosted.model, hf_model),
         causal=causal, output_width=output_width)
 
 

@@ -472,7 +472,8 @@ class ModelWorker(threading.Thread):
 
     def _interleaver(self, p: Prepared, vg) -> Interleaver:
         return Interleaver(vg, p.constants, self._saver(p), self._site_watch(p),
-                           self._watch(p.job, p), p.value_ranges)
+                           self._watch(p.job, p), p.value_ranges,
+                           weights=getattr(p.entry, "weight_storages", frozenset()))
 
     # ---- TL hook switches: sites probed per combination, on first use ---------------------
     def hook_mode(self, model: str, tl_flags) -> HookMode:

@@ -46,6 +46,7 @@ from hookwire.server.models import place_on_devices, wrap_in_bridge
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
 from family_configs import tiny_config
+from graphs import graph, node, read_graph, ref
 from serving import serving
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning",
@@ -159,6 +160,87 @@ def assert_tl_refused(case, reason):
         htl.RemoteModel(case.name)
     with pytest.raises(UnsupportedModel, match="TransformerLens hook points are not served"):
         case.local_tl.run_with_hooks(TOKENS, fwd_hooks=[], remote=True, remote_model=case.name)
+
+
+# ---- shared weights ------------------------------------------------------------------------
+
+def sites_sharing_weight_memory(case) -> list[str]:
+    """Sites whose value, as the server's own site hook sees it in a TL forward and an HF
+    forward, shares memory with one of the served model's parameters or buffers."""
+    from hookwire.module_sites import attach
+    entry = case.server.server.entries[case.name]
+    weights = entry.weight_storages
+    shared, seen = [], set()
+
+    def check(site):
+        def hook(module, args, value):
+            seen.add(site)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                if isinstance(v, torch.Tensor) and v.numel() and \
+                        v.untyped_storage().data_ptr() in weights and site not in shared:
+                    shared.append(site)
+        return hook
+    handles = [attach(entry.site_modules[name], name, check(name))
+               for name in {s.name for s in entry.sites} if name in entry.site_modules]
+    try:
+        with torch.no_grad():
+            tokens = TOKENS.to(entry.hosted.device)
+            if entry.hosted.bridge is not None and entry.tl_refused is None:
+                entry.hosted.bridge(tokens)
+            if entry.hf_model is not None:
+                entry.hf_model(input_ids=tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen, f"{case.arch}: no site fired"
+    return shared
+
+
+def weights_digest(case) -> dict:
+    entry = case.server.server.entries[case.name]
+    models = [m for m in (entry.hosted.bridge, entry.hf_model) if m is not None]
+    return {f"{k}:{name}": (t.dtype, tuple(t.shape), t.detach().cpu().clone())
+            for k, model in enumerate(models)
+            for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+def test_in_place_writes_never_reach_the_shared_weights(case):
+    """Some families hand a site a tensor that *is* part of the model: OpenAI GPT's and
+    BERT's position ids are a slice of a registered buffer. An in-place write a graph makes
+    there must not change the shared model (it would change every later request of every
+    user): the server edits a copy that replaces the value in that forward (issue 14). For
+    every family, every site whose value shares memory with a parameter or buffer gets an
+    in-place write of zeros; afterwards every parameter and buffer is bit-identical and a
+    clean request's logits equal those before."""
+    shared = sites_sharing_weight_memory(case)
+    if not shared:
+        return  # nothing to write into: the property holds trivially for this family
+    conn = hookwire.client.get_connection()
+    clean = read_graph(case.name, [])
+    before_logits = conn.run(clean, {"input_ids": TOKENS}).values["__logits__"]
+    before = weights_digest(case)
+    for site in shared:
+        zero = graph(case.name, nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 0),
+                                       node(2, "site.write", 0, ref(1), mode="inplace")],
+                     sites=[site])
+        conn.run(zero, {"input_ids": TOKENS})
+    after = weights_digest(case)
+    changed = [k for k in before if not torch.equal(before[k][2], after[k][2])]
+    assert changed == [], f"{case.arch}: in-place writes into {shared} changed {changed}"
+    assert torch.equal(conn.run(clean, {"input_ids": TOKENS}).values["__logits__"],
+                       before_logits)
+    # The write itself does what it does locally (TL's own hook, in place; the local model
+    # is a copy, since locally the edit stays in its buffer for later calls too).
+    tl_sites = [site for site in shared if not site.startswith("hf:")]
+    if tl_sites and tl_refusal(case) is None:
+        def zero(x, hook):
+            x[:] = 0
+        hooks = [(site, zero) for site in tl_sites]
+        expected = copy.deepcopy(case.local_tl).run_with_hooks(TOKENS, fwd_hooks=hooks)
+        got = htl.RemoteModel(case.name).run_with_hooks(TOKENS, fwd_hooks=hooks)
+        assert_close(got, cpu(expected), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, before_logits)  # the edit changed this forward
 
 
 # ---- TransformerLens -----------------------------------------------------------------------
