@@ -47,6 +47,7 @@ from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
 from family_configs import tiny_config
 from graphs import graph, node, read_graph, ref
+from weight_memory import sites_sharing_weight_memory
 from serving import serving
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning",
@@ -164,39 +165,6 @@ def assert_tl_refused(case, reason):
 
 # ---- shared weights ------------------------------------------------------------------------
 
-def sites_sharing_weight_memory(case) -> list[str]:
-    """Sites whose value, as the server's own site hook sees it in a TL forward and an HF
-    forward, shares memory with one of the served model's parameters or buffers."""
-    from hookwire.module_sites import attach
-    entry = case.server.server.entries[case.name]
-    weights = entry.weight_storages
-    shared, seen = [], set()
-
-    def check(site):
-        def hook(module, args, value):
-            seen.add(site)
-            values = value if isinstance(value, (tuple, list)) else (value,)
-            for v in values:
-                if isinstance(v, torch.Tensor) and v.numel() and \
-                        v.untyped_storage().data_ptr() in weights and site not in shared:
-                    shared.append(site)
-        return hook
-    handles = [attach(entry.site_modules[name], name, check(name))
-               for name in {s.name for s in entry.sites} if name in entry.site_modules]
-    try:
-        with torch.no_grad():
-            tokens = TOKENS.to(entry.hosted.device)
-            if entry.hosted.bridge is not None and entry.tl_refused is None:
-                entry.hosted.bridge(tokens)
-            if entry.hf_model is not None:
-                entry.hf_model(input_ids=tokens)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert seen, f"{case.arch}: no site fired"
-    return shared
-
-
 def weights_digest(case) -> dict:
     entry = case.server.server.entries[case.name]
     models = [m for m in (entry.hosted.bridge, entry.hf_model) if m is not None]
@@ -213,7 +181,8 @@ def test_in_place_writes_never_reach_the_shared_weights(case):
     every family, every site whose value shares memory with a parameter or buffer gets an
     in-place write of zeros; afterwards every parameter and buffer is bit-identical and a
     clean request's logits equal those before."""
-    shared = sites_sharing_weight_memory(case)
+    shared, seen = sites_sharing_weight_memory(case.server.server.entries[case.name], TOKENS)
+    assert seen, f"{case.arch}: no site fired"
     if not shared:
         return  # nothing to write into: the property holds trivially for this family
     conn = hookwire.client.get_connection()

@@ -19,6 +19,7 @@ from hookwire.errors import ExecutionError, HookwireError
 from hookwire.frames import tensor_bytes
 from hostile.runner import PAYLOAD_MARKER, load_corpus, resident_ids, run_case
 from known_good import good_graph
+from weight_memory import sites_sharing_weight_memory
 
 from conftest import MODEL_NAMES
 
@@ -148,28 +149,13 @@ def test_weights_unchanged_after_hostile_traffic(server, conns, tokens):
 def test_a_site_value_never_aliases_a_weight(server, tokens):
     """No site hands a graph a tensor that shares memory with a parameter or buffer (so an
     in-place write can only ever touch activations)."""
-    weights = {t.untyped_storage().data_ptr() for _, module in _modules(server)
-               for t in list(module.parameters()) + list(module.buffers()) if t.numel()}
-    from hookwire.module_sites import attach
     for name, entry in server.server.entries.items():
-        shared = []
-
-        def check(site):
-            def hook(module, args, value):
-                if isinstance(value, torch.Tensor) and value.numel() and \
-                        value.untyped_storage().data_ptr() in weights:
-                    shared.append(site)
-            return hook
-        handles = [attach(entry.site_modules[s.name], s.name, check(s.name))
-                   for s in {s.name: s for s in entry.sites}.values()]
-        try:
-            with torch.no_grad():
-                entry.hosted.bridge(tokens)
-                if entry.hf_model is not None:
-                    entry.hf_model(input_ids=tokens)
-        finally:
-            for h in handles:
-                h.remove()
+        # (the table the server protects: every parameter and buffer of both trees)
+        own = [t for model in (entry.hosted.bridge, entry.hf_model)
+               for t in list(model.parameters()) + list(model.buffers()) if t.numel()]
+        assert {t.untyped_storage().data_ptr() for t in own} <= entry.weight_storages
+        shared, seen = sites_sharing_weight_memory(entry, tokens)
+        assert len(seen) > 10, seen
         assert shared == [], f"{name}: sites aliasing weights: {shared}"
 
 
