@@ -69,3 +69,20 @@ def validated_constant_graph(nodes, constants=("c0",), limits: Limits = Limits()
 
 
 __all__ = ["FULL", "ref", "const", "node", "graph", "read_graph", "validated_constant_graph"]
+
+
+def write_graph(model: str, sites, mode: str) -> dict:
+    """Overwrite each of ``sites`` ((name, call, dtype name) triples) with a different value
+    of its own shape, dtype and range: integer sites (token and position ids) get their ids
+    reversed, float sites ``-3 * act + 1``; ``mode``: "replace" or "inplace"."""
+    nodes = []
+    for k, (_, _, dtype) in enumerate(sites):
+        base = 10 * k
+        nodes.append(node(base, "site.read", k))
+        if dtype.startswith("int"):
+            nodes.append(node(base + 1, "flip", ref(base), -1))
+        else:
+            nodes += [node(base + 2, "mul", ref(base), -3.0),
+                      node(base + 1, "add", ref(base + 2), 1.0)]
+        nodes.append(node(base + 3, "site.write", k, ref(base + 1), mode=mode))
+    return graph(model, nodes=nodes, sites=[(name, call) for name, call, _ in sites])

@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from websockets.sync.client import connect
 
@@ -96,3 +97,16 @@ def equal_values(a: dict, b: dict) -> bool:
             torch.nan_to_num(x, nan=0.0) if x.is_floating_point() else x,
             torch.nan_to_num(b[k], nan=0.0) if x.is_floating_point() else b[k])
         and torch.equal(x.isnan(), b[k].isnan()) for k, x in a.items())
+
+
+def run_pair(writer: PipelinedClient, reader: PipelinedClient, wgraph, rgraph, tokens,
+             expect_batched: bool, tries: int = 6):
+    """Send the writer's and the reader's request back to back; retry until they shared a
+    forward (or, for a writer that must not be co-batched, once). Returns their answers."""
+    for _ in range(tries):
+        w = writer.send(wgraph, {"input_ids": tokens})
+        r = reader.send(rgraph, {"input_ids": tokens})
+        wa, ra = writer.collect([w])[w], reader.collect([r])[r]
+        if not expect_batched or (wa.batch_size == 2 or (wa.error and ra.batch_size == 2)):
+            return wa, ra
+    pytest.fail("the writer and the reader never shared a forward")

@@ -19,8 +19,8 @@ from hookwire.module_sites import is_module_site
 from hookwire.batching import is_batch_major
 
 from conftest import MODEL_NAMES
-from graphs import read_graph
-from pipelined import PipelinedClient, equal_values
+from graphs import read_graph, write_graph
+from pipelined import PipelinedClient, equal_values, run_pair
 
 WRITER_KEY, READER_KEY = "writer-key-0123456789abcdef", "reader-key-0123456789abcdef"
 TEXT = "hello world, again"
@@ -36,20 +36,9 @@ def pair_server(hosted):
 
 
 def writer_graph(model: str, name: str, call: int, dtype: str, mode: str) -> dict:
-    """Overwrite the site with a different value of its own shape, dtype and range: integer
-    sites (token and position ids) get their ids reversed, float sites ``-3 * act + 1``."""
-    if dtype.startswith("int"):
-        nodes = [{"id": 0, "op": "site.read", "args": [0]},
-                 {"id": 1, "op": "flip", "args": [{"ref": 0}, -1]}]
-    else:
-        nodes = [{"id": 0, "op": "site.read", "args": [0]},
-                 {"id": 2, "op": "mul", "args": [{"ref": 0}, -3.0]},
-                 {"id": 1, "op": "add", "args": [{"ref": 2}, 1.0]}]
-    nodes.append({"id": 3, "op": "site.write", "args": [0, {"ref": 1}],
-                  "kwargs": {"mode": mode}})
-    return {"model": model, "inputs": {"input_ids": "input_ids"},
-            "sites": [{"name": name, "call": call}], "nodes": nodes, "saves": {},
-            "forward": {"return_type": "logits"}}
+    """Overwrite the site with a different value of its own shape, dtype and range (see
+    graphs.write_graph)."""
+    return write_graph(model, [(name, call, dtype)], mode)
 
 
 def local_writer_logits(bridge, tokens, name: str, call: int, mode: str):
@@ -72,19 +61,6 @@ def local_writer_logits(bridge, tokens, name: str, call: int, mode: str):
             return bridge.run_with_hooks(tokens.clone(), fwd_hooks=[(name, hook)])
     except RuntimeError as exc:
         return exc
-
-
-def run_pair(writer: PipelinedClient, reader: PipelinedClient, wgraph, rgraph, tokens,
-             expect_batched: bool, tries: int = 6):
-    """Send the writer and the reader back to back; retry until they shared a forward (or,
-    for a site that must not be co-batched, check that the writer ran alone)."""
-    for _ in range(tries):
-        w = writer.send(wgraph, {"input_ids": tokens})
-        r = reader.send(rgraph, {"input_ids": tokens})
-        wa, ra = writer.collect([w])[w], reader.collect([r])[r]
-        if not expect_batched or (wa.batch_size == 2 or (wa.error and ra.batch_size == 2)):
-            return wa, ra
-    pytest.fail("the writer and the reader never shared a forward")
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

@@ -23,6 +23,7 @@ On a GPU machine ``scripts/gpu_check.sh`` runs the same matrix with the models o
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -38,7 +39,8 @@ import hookwire.server as hs
 import hookwire.transformerlens as htl
 import pyvene as pv
 from hookwire.errors import SiteNotServed, UnsupportedModel
-from hookwire.module_sites import ServerObject
+from hookwire.batching import site_batching
+from hookwire.module_sites import ServerObject, is_module_site
 from hookwire.families import (DTYPES, build_hf_model, family_for_architecture,
                                served_architectures)
 from hookwire.server.attention_sites import eager_attention
@@ -46,7 +48,8 @@ from hookwire.server.models import place_on_devices, wrap_in_bridge
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
 from family_configs import tiny_config
-from graphs import graph, node, read_graph, ref
+from graphs import graph, node, read_graph, ref, write_graph
+from pipelined import PipelinedClient, equal_values
 from weight_memory import sites_sharing_weight_memory
 from serving import serving
 
@@ -210,6 +213,89 @@ def test_in_place_writes_never_reach_the_shared_weights(case):
         got = htl.RemoteModel(case.name).run_with_hooks(TOKENS, fwd_hooks=hooks)
         assert_close(got, cpu(expected), rtol=1e-5, atol=1e-5)
         assert not torch.equal(got, before_logits)  # the edit changed this forward
+
+
+def test_a_cobatched_write_never_reaches_its_batch_mate(case):
+    """Issue 14's co-batching rule on every family: requests that write every batch-major TL
+    site (a few dozen sites per request, replacing, then in place) each share a forward with
+    one that reads every TL site a batch member may read, and the reader's values and logits
+    equal its solo run every time; a writer of a site that is not batch-major (position ids,
+    rotary tables, an MoE router's flattened logits...) runs alone. A site torch refuses an in-place write into (an expanded view,
+    as locally) fails its writer alone and is dropped from the next try. (Per site and per
+    mode, with each writer's result against local TL, on the built-in models:
+    test_cobatch_every_site.py; module-site graphs never share a forward.)"""
+    if tl_refusal(case) is not None:
+        return  # only module-site graphs: they never share a forward
+    info = hookwire.client.get_connection().model_info(case.name)
+    sites = [s for s in info.sites if not is_module_site(s.name)]
+    # The readers read every site a request may read and still share a forward (a router's
+    # flattened batch x position logits, as MoE families have, would keep it alone): one
+    # without the sites that fire only with eager attention, one with them (requests share
+    # a forward only with requests of the same attention implementation).
+    readable = [s for s in sites if site_batching(s.shape, writes=False)]
+    rgraphs = {eager: read_graph(case.name, [(s.name, s.call) for s in readable
+                                             if eager or not s.eager])
+               for eager in (False, True)}
+    solo_replace = case.server.server.entries[case.name].solo_replace_sites
+    writer, reader = PipelinedClient(case.server.url), PipelinedClient(case.server.url)
+
+    def pair(written, mode, batched, eager):
+        """The writer and the reader back to back (retried until they share a forward,
+        if they should); the reader checked against its solo run each time."""
+        solo = solos[eager]
+        for _ in range(8):
+            w = writer.send(write_graph(case.name, written, mode), {"input_ids": TOKENS})
+            r = reader.send(rgraphs[eager], {"input_ids": TOKENS})
+            wa, ra = writer.collect([w])[w], reader.collect([r])[r]
+            where = f"{case.arch} {mode} {[n for n, _, _ in written][:3]}..."
+            assert ra.error is None, f"{where}: the reader failed: {ra.error}"
+            # Bit-equal, or (families whose kernels round differently at another batch size:
+            # Mamba2, ModernBERT's decoder, Qwen3.5 -- a read-only batch mate gives the same
+            # 7e-7) equal to float rounding; a write that reached it would differ by O(1).
+            assert equal_values(ra.values, solo.values) or all(
+                torch.allclose(ra.values[k], solo.values[k], rtol=1e-5, atol=1e-5)
+                for k in solo.values) and set(ra.values) == set(solo.values), \
+                f"{where}: reached the batch mate"
+            if not batched:
+                assert wa.batch_size in (0, 1) and ra.batch_size == 1, where
+                return wa
+            if wa.error is not None or wa.batch_size == 2:
+                return wa
+        pytest.fail(f"{case.arch}: the writer and the reader never shared a forward")
+
+    try:
+        solos = {}
+        for eager, rgraph in rgraphs.items():
+            rid = reader.send(rgraph, {"input_ids": TOKENS})
+            solos[eager] = reader.collect([rid])[rid]
+            assert solos[eager].error is None and solos[eager].batch_size == 1
+        triples = {(s.name, s.call): (s.name, s.call, str(s.dtype).removeprefix("torch."))
+                   for s in sites}
+        eager_sites = {(s.name, s.call) for s in sites if s.eager}
+        major = [(s.name, s.call) for s in sites if site_batching(s.shape, writes=True)]
+        shared_forwards = 0
+        for mode, eager in itertools.product(("replace", "inplace"), (False, True)):
+            todo = [triples[k] for k in major if (k in eager_sites) == eager and
+                    not (mode == "replace" and k in solo_replace)]
+            for start in range(0, len(todo), 40):  # (a light request: give_way.LIGHT_NODES)
+                chunk = todo[start:start + 40]
+                while chunk:
+                    wa = pair(chunk, mode, batched=True, eager=eager)
+                    if wa.error is None:
+                        shared_forwards += 1
+                        break
+                    refused = [t for t in chunk if f"in-place write into site {t[0]!r}"
+                               in wa.error.message]
+                    assert mode == "inplace" and refused, wa.error
+                    chunk = [t for t in chunk if t not in refused]
+        assert shared_forwards >= 2, shared_forwards
+        for key in triples:
+            if key not in major:
+                for mode in ("replace", "inplace"):
+                    pair([triples[key]], mode, batched=False, eager=key in eager_sites)
+    finally:
+        writer.close()
+        reader.close()
 
 
 # ---- TransformerLens -----------------------------------------------------------------------
