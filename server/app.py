@@ -312,18 +312,24 @@ class HookwireServer:
             item = await state.outbox.get()
             if item is None:
                 return
+            cpu = time.thread_time()
             try:
                 # A client that stops reading would make its results pile up here: after
-                # send_timeout_s without progress it is disconnected.
-                await asyncio.wait_for(state.ws.send(item), self.limits.send_timeout_s)
-            except (ConnectionClosed, asyncio.TimeoutError) as exc:
-                if isinstance(exc, asyncio.TimeoutError):
+                # send_timeout_s without progress it is disconnected. (asyncio.timeout, not
+                # wait_for: the send runs in this task, so its CPU time is measured here.)
+                async with asyncio.timeout(self.limits.send_timeout_s):
+                    await state.ws.send(item)
+            except (ConnectionClosed, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
                     log.warning("dropping a connection of %s: it read nothing for %g s",
                                 state.user, self.limits.send_timeout_s)
                     state.ws.transport.abort()
                 state.sent(item)
                 return
             state.sent(item)
+            # Answering costs the loop as much as reading does (a flood of refused submits:
+            # as many refusals): the user's share of the front pays for it.
+            self.share.charge_sent(state.user, time.thread_time() - cpu, item)
 
     async def _handle(self, ws: ServerConnection):
         """One connection: read messages into its session, run what the session asks for,
@@ -377,11 +383,12 @@ class HookwireServer:
                 del self.connections_per_user[user]
             if user.startswith("conn:"):
                 self.residents.drop_user(user)
-                self.share.forget(user)
             self.worker.cancel(state)  # whatever of this connection is still running
             await writer
             while not state.outbox.empty():  # what the writer did not send
                 state.sent(state.outbox.get_nowait())
+            if user.startswith("conn:"):
+                self.share.forget(user)  # (after the writer's last charge)
 
     # ---- running what the session asks for (on the loop: O(1) each) ---------------------
     def _flush(self, state: ConnState) -> None:

@@ -19,10 +19,13 @@ and its TL hook marks taken off the model meanwhile. The worker allows it only w
 else of the request's own is in effect on the model
 (``ModelWorker._may_give_way_between_blocks``).
 
-Bounds: a request gives way only after it has run ``QUANTUM_S`` since it began, and after
-giving way for T seconds it runs at least max(T, ``QUANTUM_S``) before it gives way again: it
-keeps at least half of the worker's time while it runs, however much others queue (a tenant
-flooding light-looking but costly requests cannot starve it). It gives way only to requests
+Bounds: a batch gives way only after it has run ``QUANTUM_S`` since it began (``begin``: the
+worker calls it as each batch starts; the quantum counts the batch, not each of its phases, so
+a batch of many short-phased costly members -- each materialising a large resident view,
+say -- still gives way every quantum), and after giving way for T seconds it runs at least
+max(T, ``QUANTUM_S``) before it gives way again: it keeps at least half of the worker's time
+while it runs, however much others queue (a tenant flooding light-looking but costly requests
+cannot starve it). It gives way only to requests
 that are light before they are even validated (few nodes, few tokens, small uploads, no
 generation). Requests of the long request's own user never overtake it (each user's requests
 keep their order), and a request run in its place never gives way itself (one level of
@@ -51,16 +54,20 @@ class GiveWay:
     the model is not in use; calling the object there (the worker does, before every node)
     runs waiting light requests of other users if the quantum is up, and returns how many
     seconds that took (to be added to the request's clock)."""
-    QUANTUM_S = 0.02
+    QUANTUM_S = 0.005
 
     def __init__(self, worker, rows, tokens):
         self.worker = worker
         self._rows, self._tokens = rows, tokens
         self._users = None      # whose phase allows giving way now (None: no phase)
-        self._next_at = 0.0     # when that phase may give way next
+        self._next_at = 0.0     # when the running batch may give way next
         self._running = False   # light requests are running in another's place
         self._blocks_only = False  # a forward: give way between its blocks only
         self._suspend = None    # what the forward must take off the model meanwhile
+
+    def begin(self) -> None:
+        """A batch starts: it may give way once it has run one quantum."""
+        self._next_at = time.perf_counter() + self.QUANTUM_S
 
     @contextlib.contextmanager
     def allowed(self, user: str):
@@ -80,13 +87,12 @@ class GiveWay:
 
     @contextlib.contextmanager
     def _phase(self, users, blocks_only, suspend):
-        outer = self._users, self._next_at, self._blocks_only, self._suspend
-        self._users, self._next_at = users, time.perf_counter() + self.QUANTUM_S
-        self._blocks_only, self._suspend = blocks_only, suspend
+        outer = self._users, self._blocks_only, self._suspend
+        self._users, self._blocks_only, self._suspend = users, blocks_only, suspend
         try:
             yield
         finally:
-            self._users, self._next_at, self._blocks_only, self._suspend = outer
+            self._users, self._blocks_only, self._suspend = outer
 
     def light(self, job) -> bool:
         """Cheap to run, told before validation: may run in a long request's place."""

@@ -167,11 +167,20 @@ class FrontShare:
     user may spend ``share`` of a second per second, with a burst of as much. A user over
     its share has its connections' next reads wait until it is back in credit, so a tenant
     flooding the server with messages (refused or not) is slowed by TCP backpressure, not
-    everyone else."""
+    everyone else. What the loop does for a message outside the handler's own timing is
+    charged too: receiving it (websockets reads, unmasks and assembles it: an estimate per
+    message and per byte) and sending each answer (``charge_sent``)."""
 
-    # What receiving a message costs the loop (websockets: reading, unmasking, assembling;
-    # a text message is UTF-8 decoded too), per byte.
+    # What receiving a message costs the loop beyond what the handler times (websockets:
+    # reading, unmasking, assembling, handing over; a text message is UTF-8 decoded too):
+    # per message and per byte. Per message: ~100 us measured on the 2-core CI machine
+    # (bench_fairness, view_bomb, py-spy: websockets' data_received and __aiter__ samples
+    # over messages received); half of it is charged, so a faster machine is not overcharged.
+    MESSAGE_S = 50e-6
     BYTES_PER_S = {bytes: 1e9, str: 250e6}
+    # An answer up to this size is charged the loop thread's CPU time its send took (it never
+    # waits for the socket unless its client stops reading); a larger one by its size.
+    MEASURED_SEND_BYTES = 64 << 10
 
     def __init__(self, share: float):
         self.share = share
@@ -183,8 +192,17 @@ class FrontShare:
 
     def charge(self, user: str, seconds: float, message=b"") -> None:
         """``seconds`` measured for ``message``, plus what receiving it cost the loop."""
-        credit = self._now_credit(user) - seconds - \
+        credit = self._now_credit(user) - seconds - self.MESSAGE_S - \
             len(message) / self.BYTES_PER_S[type(message)]
+        self._credit[user] = (credit, time.monotonic())
+
+    def charge_sent(self, user: str, cpu_seconds: float, answer) -> None:
+        """An answer was sent to ``user``: ``cpu_seconds`` of the loop thread's CPU time the
+        send took, for a small answer; a larger one (it may have waited for its socket while
+        others ran) by its size."""
+        if len(answer) > self.MEASURED_SEND_BYTES:
+            cpu_seconds = len(answer) / self.BYTES_PER_S[bytes]
+        credit = self._now_credit(user) - cpu_seconds
         self._credit[user] = (credit, time.monotonic())
 
     async def wait_turn(self, user: str) -> None:

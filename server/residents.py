@@ -20,6 +20,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -210,11 +211,41 @@ def check_refs(store: ResidentStore, refs, max_bytes: int) -> tuple[list, int]:
     return out, total
 
 
-def materialize_refs(checked) -> dict[str, torch.Tensor]:
+COPY_CHUNK_BYTES = 4 << 20  # about a millisecond of copying between two calls of ``between``
+
+
+def materialize_refs(checked, between: Callable[[], None] | None = None
+                     ) -> dict[str, torch.Tensor]:
     """The checked references as tensors: copies of the views (a request can never write into
-    what the store holds). Runs when the request runs, not when it is queued."""
-    return {tid: base.as_strided(ref.shape, ref.stride, ref.offset).clone()
-            for tid, base, ref in checked}
+    what the store holds). Runs when the request runs, not when it is queued. ``between`` is
+    called after each ``COPY_CHUNK_BYTES`` copied (the worker gives way and checks the
+    request's deadline there)."""
+    out = {}
+    for tid, base, ref in checked:
+        view = base.as_strided(ref.shape, ref.stride, ref.offset)
+        if between is None:
+            out[tid] = view.clone()
+        else:
+            out[tid] = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+            _copy_in_chunks(out[tid], view, between)
+    return out
+
+
+def _copy_in_chunks(dst: torch.Tensor, src: torch.Tensor, between) -> None:
+    """dst.copy_(src) a slab of leading-dim rows of at most ``COPY_CHUNK_BYTES`` at a time
+    (a row larger than that is split the same way along its own leading dim)."""
+    row = dst[0].numel() * dst.element_size() if dst.dim() and len(dst) else 0
+    if dst.dim() == 0 or dst.numel() * dst.element_size() <= COPY_CHUNK_BYTES:
+        dst.copy_(src)
+        between()
+    elif row > COPY_CHUNK_BYTES:
+        for i in range(len(dst)):
+            _copy_in_chunks(dst[i], src[i], between)
+    else:
+        step = COPY_CHUNK_BYTES // max(row, 1)
+        for i in range(0, len(dst), step):
+            dst[i:i + step].copy_(src[i:i + step])
+            between()
 
 
 def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.Tensor]:

@@ -288,6 +288,7 @@ class ModelWorker(threading.Thread):
                 return
             self.current = jobs
             self.busy.set()
+            self.give_way.begin()
             try:
                 with self.model_lock:
                     self.execute_batch(jobs)
@@ -407,8 +408,13 @@ class ModelWorker(threading.Thread):
                                f"served: {', '.join(self.models)}")
         if job.submit.progress:
             job.conn.send_threadsafe(replies.progress(job.request_id, "started"))
+        clock = SimpleNamespace(t_start=t_start)  # moved on while others run in its place
+        watch = self._watch(job, clock)
         if job.refs:  # counted when the submit arrived; copied only now that it runs
-            job.tensors = {**job.tensors, **materialize_refs(job.refs)}
+            # A chunk at a time, giving way in between: a tenant's views of a few resident
+            # bytes may each materialise max_constant_bytes (tens of ms of copying).
+            with self.give_way.allowed(job.conn.user):
+                job.tensors = {**job.tensors, **materialize_refs(job.refs, between=watch)}
             job.refs = []
         keep_uploads(job.conn.store, job.submit.keep, job.tensors)
         input_ids = job.tensors.get(graph.inputs.get("input_ids", ""))
@@ -427,8 +433,6 @@ class ModelWorker(threading.Thread):
         key = self.validated.key(graph, constants, batch, seq, outputs)
         vg = self.validated.get(key, tables)
         validated = vg is not None
-        clock = SimpleNamespace(t_start=t_start)  # moved on while others run in its place
-        watch = self._watch(job, clock)
         if not validated:
             with self.give_way.allowed(job.conn.user):  # the model is not in use here
                 vg = validate_structure(graph, *tables, self.limits, on_node=watch)

@@ -142,3 +142,67 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     for name in LONG_SITES:
         torch.testing.assert_close(results["long"].values[name], seen[name])
+
+
+def test_light_requests_run_while_a_request_materialises_large_views(server, hosted):
+    """A request whose references to a few resident bytes expand to 512 MiB of copies
+    (stride-0 views, each as large as a constant may be) gives way while it copies them: three
+    light requests of other users, queued once it is in the worker, run their forwards before
+    its own forward starts -- each bit-equal to its solo run -- and its views hold what they
+    view."""
+    bridge = hosted["tiny-gpt2"].bridge
+    light_tokens = bridge.to_tokens(["hello world"])
+    long_tokens = torch.randint(0, 256, (5, 4), generator=torch.Generator().manual_seed(4))
+    seen: dict = {}
+    with torch.no_grad():
+        light_logits = bridge.run_with_hooks(light_tokens, fwd_hooks=[
+            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
+    views, n = 8, (64 << 20) // 4  # eight views of 64 MiB each
+    forwards = []  # rows of every forward the served model runs, in order
+    handle = bridge.blocks[0].register_forward_pre_hook(
+        lambda module, args: forwards.append(args[0].shape[0]))
+    long_conn = Connection(server.url)
+    light_conns = [Connection(server.url) for _ in range(3)]  # three users (keyless)
+    results: dict = {}
+    try:
+        # A result the server keeps; then eight stride-0 views of it, which the client sends
+        # as references to what the server holds.
+        small = long_conn.run(read_graph(), {"input_ids": light_tokens}).values["resid"]
+        long_graph = graphs.graph(nodes=[node(i, "getitem", const(f"v{i}"), n - 1)
+                                         for i in range(views)],
+                                  constants=[f"v{i}" for i in range(views)],
+                                  saves={f"last{i}": i for i in range(views)})
+        tensors = {"input_ids": long_tokens,
+                   **{f"v{i}": small.as_strided([n], [0], i) for i in range(views)}}
+        assert all(long_conn.residents.ref_for(tensors[f"v{i}"]) for i in range(views))
+        forwards.clear()
+
+        def run(key, conn, graph, tensors, **extra):
+            results[key] = conn.run(graph, tensors, **extra)
+
+        threads = [threading.Thread(target=run, args=("long", long_conn, long_graph, tensors))]
+        threads[0].start()
+        worker = server.server.worker
+        deadline = time.monotonic() + 60
+        while not worker.current and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        for i, conn in enumerate(light_conns):
+            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
+                                                              {"input_ids": light_tokens})))
+            threads[-1].start()
+        for t in threads:
+            t.join(120)
+    finally:
+        handle.remove()
+        for conn in [long_conn, *light_conns]:
+            conn.close()
+    assert not any(t.is_alive() for t in threads)
+    # The three light requests' rows (one each, batched or not) were forwarded before the
+    # long request's five.
+    assert 5 in forwards and sum(forwards[:forwards.index(5)]) == 3, forwards
+    for i in range(3):
+        torch.testing.assert_close(results[i].values["__logits__"], light_logits, rtol=0, atol=0)
+        torch.testing.assert_close(results[i].values["resid"], seen["resid"], rtol=0, atol=0)
+    assert results["long"].tensors_referenced == views
+    for i in range(views):
+        torch.testing.assert_close(results["long"].values[f"last{i}"], small.flatten()[i])

@@ -195,3 +195,30 @@ def test_a_referenced_value_used_as_the_activation_stays_intact(local_models, re
         torch.testing.assert_close(got, expected)
         assert conn.stats.tensors_referenced > before
     torch.testing.assert_close(clean, kept)
+
+
+@pytest.mark.parametrize("shape, stride, offset", [
+    ([(64 << 20) // 4], [0], 3),          # one stride-0 row of 64 MiB: split into chunks
+    ([3, (8 << 20) // 4], [1, 0], 1),     # rows larger than a chunk, each split again
+    ([4096, 300], [300, 1], 0),           # many small rows: slabs of rows
+    ([600, 2, 1000], [0, 1000, 1], 5),    # expanded along the leading dim
+    ([], [], 7),                          # a scalar
+    ([0, 5], [5, 1], 0),                  # empty
+])
+def test_views_materialised_in_chunks_equal_their_clone(shape, stride, offset):
+    """The worker copies a referenced view a chunk at a time, giving way in between
+    (server/residents.materialize_refs): the copy equals the view's clone, and the hook between
+    chunks runs once per chunk of at most COPY_CHUNK_BYTES."""
+    from types import SimpleNamespace
+
+    from hookwire.server.residents import COPY_CHUNK_BYTES, materialize_refs
+    base = torch.randn(4096 * 300, generator=torch.Generator().manual_seed(0))
+    ref = SimpleNamespace(shape=shape, stride=stride, offset=offset)
+    calls = []
+    got = materialize_refs([("t", base, ref)], between=lambda: calls.append(1))["t"]
+    want = base.as_strided(shape, stride, offset).clone()
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    nbytes = want.numel() * want.element_size()
+    assert len(calls) >= max(1, -(-nbytes // COPY_CHUNK_BYTES))
+    assert len(calls) <= max(1, 4 * -(-nbytes // COPY_CHUNK_BYTES))

@@ -418,3 +418,55 @@ def test_client_connection_uses_no_deprecated_websockets_api(server):
             assert c.model_info("tiny-gpt2").name == "tiny-gpt2"
         finally:
             c.close()
+
+
+def test_a_user_flooding_messages_is_held_to_its_share_of_the_front(hosted, tokens):
+    """Every message a user sends costs the event loop (receiving it, refusing it, sending
+    the refusal); each user may spend ``front_share`` seconds of it per second
+    (server/intake.FrontShare). A connection flooding malformed submits is slowed to that
+    share by its reads waiting -- each refusal still answered, the connection still serving
+    -- while another user's credit is untouched and its request equals local TL."""
+    share = 0.02  # twenty milliseconds of the loop per second, a burst of as much
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(front_share=share))
+    flooder, other = Connection(srv.url), Connection(srv.url)
+    try:
+        n, size = 10, 1 << 20
+        junk = json.dumps({"type": "submit", "request_id": "r"}) + " " * size
+        started = time.monotonic()
+        send_raw(flooder, *[junk] * n)
+        answers = [parse_server_message(flooder.ws.recv(timeout=60)) for _ in range(n)]
+        elapsed = time.monotonic() - started
+        assert all(isinstance(a, Error) and a.code == ProtocolError.code for a in answers)
+        # At least what receiving them is charged (besides what was timed): ten messages of
+        # a MiB cost more than the burst, so the reads waited for the rest to accrue.
+        fs = srv.server.share
+        floor = (n * (fs.MESSAGE_S + len(junk) / fs.BYTES_PER_S[str]) - share) / share
+        assert elapsed >= floor > 1.0, (elapsed, floor)
+        # The other user has spent only its hello: most of its burst is left.
+        credits = sorted(srv.server.share._now_credit(u) for u in srv.server.share._credit)
+        assert len(credits) == 2 and credits[-1] > share / 2, credits
+        want = hosted["tiny-gpt2"].bridge(tokens)
+        assert_close(other.run(graph(nodes=[], sites=()), {"input_ids": tokens})
+                     .values["__logits__"], want)
+        assert_close(flooder.run(graph(nodes=[], sites=()), {"input_ids": tokens})
+                     .values["__logits__"], want)
+    finally:
+        flooder.close()
+        other.close()
+        srv.stop()
+
+
+def test_answers_are_charged_to_the_share_of_the_user_they_go_to():
+    """A small answer costs the loop thread's CPU time its send took; a large one, which may
+    have waited for its socket while others ran, is charged by its size (FrontShare)."""
+    from hookwire.server.intake import FrontShare
+    fs = FrontShare(0.25)
+    fs.charge_sent("a", 0.1, b"x" * 100)
+    assert fs._now_credit("a") == pytest.approx(0.15, abs=1e-3)
+    big = b"x" * (FrontShare.MEASURED_SEND_BYTES + 1)
+    fs.charge_sent("b", 5.0, big)  # five seconds of loop time measured while it waited
+    assert fs._now_credit("b") == pytest.approx(0.25 - len(big) / FrontShare.BYTES_PER_S[bytes],
+                                                 abs=1e-3)
+    fs.charge("c", 0.0, "")
+    assert fs._now_credit("c") == pytest.approx(0.25 - FrontShare.MESSAGE_S, abs=1e-5)
