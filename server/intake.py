@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -169,7 +170,12 @@ class FrontShare:
     flooding the server with messages (refused or not) is slowed by TCP backpressure, not
     everyone else. What the loop does for a message outside the handler's own timing is
     charged too: receiving it (websockets reads, unmasks and assembles it: an estimate per
-    message and per byte) and sending each answer (``charge_sent``)."""
+    message and per byte) and sending each answer (``charge_sent``).
+
+    The share is enforced only while the front is shared -- another user was charged within
+    ``SHARED_WITHIN_S`` -- so a user alone on the server (a sweep streaming large results)
+    is never slowed by a rule that protects others; its debt is forgiven meanwhile.
+    ``waited_s`` records how long each user's reads waited."""
 
     # What receiving a message costs the loop beyond what the handler times (websockets:
     # reading, unmasking, assembling, handing over; a text message is UTF-8 decoded too):
@@ -181,20 +187,31 @@ class FrontShare:
     # An answer up to this size is charged the loop thread's CPU time its send took (it never
     # waits for the socket unless its client stops reading); a larger one by its size.
     MEASURED_SEND_BYTES = 64 << 10
+    SHARED_WITHIN_S = 1.0
 
     def __init__(self, share: float):
         self.share = share
         self._credit: dict[str, tuple[float, float]] = {}  # user -> (credit s, as of)
+        # The last two distinct users charged, newest first: (user, when).
+        self._recent = [("", -math.inf), ("", -math.inf)]
+        self.waited_s: dict[str, float] = {}
 
     def _now_credit(self, user: str) -> float:
         credit, since = self._credit.get(user, (self.share, 0.0))
         return min(self.share, credit + (time.monotonic() - since) * self.share)
 
+    def _debit(self, user: str, seconds: float) -> None:
+        now = time.monotonic()
+        self._credit[user] = (self._now_credit(user) - seconds, now)
+        if self._recent[0][0] == user:
+            self._recent[0] = (user, now)
+        else:
+            self._recent = [(user, now), self._recent[0]]
+
     def charge(self, user: str, seconds: float, message=b"") -> None:
         """``seconds`` measured for ``message``, plus what receiving it cost the loop."""
-        credit = self._now_credit(user) - seconds - self.MESSAGE_S - \
-            len(message) / self.BYTES_PER_S[type(message)]
-        self._credit[user] = (credit, time.monotonic())
+        self._debit(user, seconds + self.MESSAGE_S +
+                    len(message) / self.BYTES_PER_S[type(message)])
 
     def charge_sent(self, user: str, cpu_seconds: float, answer) -> None:
         """An answer was sent to ``user``: ``cpu_seconds`` of the loop thread's CPU time the
@@ -202,16 +219,27 @@ class FrontShare:
         others ran) by its size."""
         if len(answer) > self.MEASURED_SEND_BYTES:
             cpu_seconds = len(answer) / self.BYTES_PER_S[bytes]
-        credit = self._now_credit(user) - cpu_seconds
-        self._credit[user] = (credit, time.monotonic())
+        self._debit(user, cpu_seconds)
+
+    def shared(self, user: str) -> bool:
+        """Another user was charged within ``SHARED_WITHIN_S``."""
+        other = self._recent[0] if self._recent[0][0] != user else self._recent[1]
+        return time.monotonic() - other[1] <= self.SHARED_WITHIN_S
 
     async def wait_turn(self, user: str) -> None:
         credit = self._now_credit(user)
-        if credit < 0:
-            await asyncio.sleep(-credit / self.share)
+        if credit >= 0:
+            return
+        if not self.shared(user):
+            self._credit[user] = (0.0, time.monotonic())  # alone: nothing to make up for
+            return
+        wait = -credit / self.share
+        self.waited_s[user] = self.waited_s.get(user, 0.0) + wait
+        await asyncio.sleep(wait)
 
     def forget(self, user: str) -> None:
         self._credit.pop(user, None)
+        self.waited_s.pop(user, None)
 
 
 __all__ = ["Intake", "FrontShare", "SMALL_BYTES"]

@@ -423,37 +423,63 @@ def test_client_connection_uses_no_deprecated_websockets_api(server):
 def test_a_user_flooding_messages_is_held_to_its_share_of_the_front(hosted, tokens):
     """Every message a user sends costs the event loop (receiving it, refusing it, sending
     the refusal); each user may spend ``front_share`` seconds of it per second
-    (server/intake.FrontShare). A connection flooding malformed submits is slowed to that
-    share by its reads waiting -- each refusal still answered, the connection still serving
-    -- while another user's credit is untouched and its request equals local TL."""
+    (server/intake.FrontShare) while another user is active. Alone on the server, a
+    connection flooding malformed submits never waits; beside a user running requests, its
+    reads wait for its share -- each refusal still answered -- while the other user never
+    waits and each of its answers equals local TL."""
     share = 0.02  # twenty milliseconds of the loop per second, a burst of as much
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
                    limits=Limits(front_share=share))
-    flooder, other = Connection(srv.url), Connection(srv.url)
-    try:
-        n, size = 10, 1 << 20
-        junk = json.dumps({"type": "submit", "request_id": "r"}) + " " * size
+    fs = srv.server.share
+    n, size = 10, 1 << 20
+    junk = json.dumps({"type": "submit", "request_id": "r"}) + " " * size
+    # At least what receiving them is charged (besides what was timed): ten messages of a
+    # MiB cost more than the burst.
+    floor = (n * (fs.MESSAGE_S + len(junk) / fs.BYTES_PER_S[str]) - share) / share
+
+    def flood(conn) -> float:
         started = time.monotonic()
-        send_raw(flooder, *[junk] * n)
-        answers = [parse_server_message(flooder.ws.recv(timeout=60)) for _ in range(n)]
-        elapsed = time.monotonic() - started
+        send_raw(conn, *[junk] * n)
+        answers = [parse_server_message(conn.ws.recv(timeout=60)) for _ in range(n)]
         assert all(isinstance(a, Error) and a.code == ProtocolError.code for a in answers)
-        # At least what receiving them is charged (besides what was timed): ten messages of
-        # a MiB cost more than the burst, so the reads waited for the rest to accrue.
-        fs = srv.server.share
-        floor = (n * (fs.MESSAGE_S + len(junk) / fs.BYTES_PER_S[str]) - share) / share
-        assert elapsed >= floor > 1.0, (elapsed, floor)
-        # The other user has spent only its hello: most of its burst is left.
-        credits = sorted(srv.server.share._now_credit(u) for u in srv.server.share._credit)
-        assert len(credits) == 2 and credits[-1] > share / 2, credits
-        want = hosted["tiny-gpt2"].bridge(tokens)
-        assert_close(other.run(graph(nodes=[], sites=()), {"input_ids": tokens})
-                     .values["__logits__"], want)
+        return time.monotonic() - started
+
+    flooder = Connection(srv.url)
+    other = None
+    stop, answers, errors = threading.Event(), [], []
+    want = hosted["tiny-gpt2"].bridge(tokens)
+
+    def keep_busy():
+        try:
+            while not stop.is_set():  # a request every 0.2 s: well within its share
+                answers.append(other.run(graph(nodes=[], sites=()), {"input_ids": tokens})
+                               .values["__logits__"])
+                stop.wait(0.2)
+        except Exception as exc:  # (reported below)
+            errors.append(exc)
+
+    busy = threading.Thread(target=keep_busy)
+    try:
+        flood(flooder)
+        assert fs.waited_s == {}  # alone: nobody to make room for
+        other = Connection(srv.url)
+        busy.start()
+        elapsed = flood(flooder)
+        stop.set()
+        busy.join(60)
+        assert not errors and answers
+        (waited,) = fs.waited_s.values()  # the flooder's reads waited, the other's never
+        assert waited >= floor > 1.0, (waited, floor)
+        assert elapsed > 1.0  # really slowed (the flood alone took a fraction of that)
+        for got in answers:
+            assert_close(got, want)
         assert_close(flooder.run(graph(nodes=[], sites=()), {"input_ids": tokens})
                      .values["__logits__"], want)
     finally:
+        stop.set()
         flooder.close()
-        other.close()
+        if other is not None:
+            other.close()
         srv.stop()
 
 
