@@ -84,6 +84,7 @@ class Interleaver:
         self.on_site = on_site or (lambda k, n: None)
         self.values: dict[int, object] = {}
         self.by_stage: dict[int, list] = defaultdict(list)
+        self.stage: int | None = None  # the stage whose nodes run now
         for dn in vg.nodes:
             self.by_stage[dn.stage].append(dn)
         self.saves_of: dict[int, list[str]] = defaultdict(list)
@@ -163,6 +164,7 @@ class Interleaver:
         return _to(args, target), {k: _to(v, target) for k, v in kwargs.items()}
 
     def _run_stage(self, stage: int, site_value=None):
+        self.stage = stage  # (what on_node may ask: the site whose nodes run now)
         for dn in self.by_stage.get(stage, ()):
             self.on_node()  # between nodes too: nodes after the last site obey the deadline
             value = self.run_node(dn, site_value)

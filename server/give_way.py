@@ -10,14 +10,17 @@ whatever *light* requests of other users wait run first -- a whole batch of them
 thread, as the worker would run them -- then the long request goes on, its own clock paused
 for that time so its deadline counts only its own work.
 
-A forward gives way too, between two of its blocks (``between_blocks``; the worker's stop
-check at each block's pre-hook calls ``give_way(at_block=True)``): the light requests run as
-forwards nested in it, on the same thread -- every served family's forward is re-entrant
-there (an experiment over all 85 served families, SECURITY.md) -- with hooks owned per forward
-(``module_sites.owned_by``: the interrupted forward's hooks stay silent in the nested ones)
-and its TL hook marks taken off the model meanwhile. The worker allows it only when nothing
-else of the request's own is in effect on the model
-(``ModelWorker._may_give_way_between_blocks``).
+A forward gives way too (``in_forward``): between two of its blocks (the worker's stop check
+at each block's pre-hook calls ``give_way(at_block=True)``) and at those of its own sites
+that are hook points of a block itself (``ModelEntry.block_sites``), before each node its
+graph runs there (a graph running thousands of nodes at one site, say). The light requests run as
+forwards nested in it, on the same thread -- every served family's forward is re-entrant at
+a block boundary and at a block's own hook points (experiments over all served families,
+SECURITY.md; not at every hook point inside a component: TL's OPT MLP bridge keeps per-call
+state on itself) -- with hooks owned per forward (``module_sites.owned_by``: the
+interrupted forward's hooks stay silent in the nested ones) and its TL hook marks taken off
+the model meanwhile. The worker allows it only when nothing else of the request's own is in
+effect on the model (``ModelWorker._may_give_way_in_forward``).
 
 Bounds: a batch gives way only after it has run ``QUANTUM_S`` since it began (``begin``: the
 worker calls it as each batch starts; the quantum counts the batch, not each of its phases, so
@@ -39,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from typing import Callable
 
 from hookwire.module_sites import owned_by
 
@@ -62,8 +66,8 @@ class GiveWay:
         self._users = None      # whose phase allows giving way now (None: no phase)
         self._next_at = 0.0     # when the running batch may give way next
         self._running = False   # light requests are running in another's place
-        self._blocks_only = False  # a forward: give way between its blocks only
         self._suspend = None    # what the forward must take off the model meanwhile
+        self._at_site_ok = None  # in a forward: may it give way at the node running now?
 
     def begin(self) -> None:
         """A batch starts: it may give way once it has run one quantum."""
@@ -72,27 +76,27 @@ class GiveWay:
     @contextlib.contextmanager
     def allowed(self, user: str):
         """A phase of ``user``'s request in which the model is not in use."""
-        with self._phase({user}, False, None):
+        with self._phase({user}, None):
             yield
 
     @contextlib.contextmanager
-    def between_blocks(self, users, suspend):
-        """A forward of ``users``' requests that may give way between two of its blocks: the
-        light requests run as forwards nested in it (every served family's forward is
-        re-entrant there), with hooks owned per forward (``module_sites.owned_by``), and
-        ``suspend()`` taking the interrupted request's own model state (its TL hook marks)
-        off the model while they run."""
-        with self._phase(set(users), True, suspend):
+    def in_forward(self, users, suspend, at_site_ok: Callable[[], bool]):
+        """A forward of ``users``' requests that may give way between two of its blocks, and
+        at a site where ``at_site_ok()`` says so: the light requests run as forwards nested
+        in it (every served family's forward is re-entrant there), with hooks owned per
+        forward (``module_sites.owned_by``), and ``suspend()`` taking the interrupted
+        request's own model state (its TL hook marks) off the model while they run."""
+        with self._phase(set(users), suspend, at_site_ok):
             yield
 
     @contextlib.contextmanager
-    def _phase(self, users, blocks_only, suspend):
-        outer = self._users, self._blocks_only, self._suspend
-        self._users, self._blocks_only, self._suspend = users, blocks_only, suspend
+    def _phase(self, users, suspend, at_site_ok=None):
+        outer = self._users, self._suspend, self._at_site_ok
+        self._users, self._suspend, self._at_site_ok = users, suspend, at_site_ok
         try:
             yield
         finally:
-            self._users, self._blocks_only, self._suspend = outer
+            self._users, self._suspend, self._at_site_ok = outer
 
     def light(self, job) -> bool:
         """Cheap to run, told before validation: may run in a long request's place."""
@@ -105,7 +109,8 @@ class GiveWay:
             and not job.refs
 
     def __call__(self, at_block: bool = False) -> float:
-        if self._users is None or self._running or (self._blocks_only and not at_block):
+        if self._users is None or self._running or \
+                (self._at_site_ok is not None and not at_block and not self._at_site_ok()):
             return 0.0
         now = time.perf_counter()
         if now < self._next_at:

@@ -24,6 +24,7 @@ from hookwire.module_sites import PREFIX
 from hookwire.protocol import dump
 from hookwire.server.attention_sites import eager_probe_model
 from hookwire.server.batch_probe import replace_sensitive_sites
+from hookwire.server.cancel_watch import block_modules
 from hookwire.server.hf_modules import (module_table, plain_hf_model, probe_module_layouts,
                                         probe_module_sites)
 from hookwire.server.index_guard import value_ranges
@@ -69,6 +70,10 @@ class ModelEntry:
     # storage addresses of every parameter and buffer (bridge and HF tree): a site value in
     # one of them is written copy-on-write (hookwire.executor.Interleaver, ``weights``)
     weight_storages: frozenset = frozenset()
+    # TL sites that are hook points of a block itself (``blocks.N.hook_in/out`` and their
+    # aliases): a forward may give way at them (server/give_way.py), nested forwards
+    # re-entering no component that is part-way through its own forward
+    block_sites: frozenset = frozenset()
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
     # False: a later token changes earlier positions' outputs (probed at load), so requests
@@ -97,6 +102,20 @@ def weight_storages(*models) -> frozenset:
     return frozenset(t.untyped_storage().data_ptr() for model in models if model is not None
                      for t in list(model.parameters()) + list(model.buffers())
                      if t.numel() and t.device.type != "meta")
+
+
+def block_sites(bridge, site_modules: dict) -> frozenset:
+    """The sites whose hook point is a direct child of one of the bridge's blocks. A
+    component inside a block may keep per-call state on itself (TL's OPT MLP bridge does:
+    a forward nested at its ``hook_in`` breaks the one it interrupts); a block's own hook
+    points fire between its components."""
+    from transformer_lens.hook_points import HookPoint
+
+    if bridge is None:
+        return frozenset()
+    own = {id(m) for block in block_modules(bridge) for m in block.children()
+           if isinstance(m, HookPoint)}
+    return frozenset(name for name, m in site_modules.items() if id(m) in own)
 
 
 def prepare_model(hosted: HostedModel) -> ModelEntry:
@@ -178,6 +197,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         parameters=parameters, value_ranges=value_ranges(sites, hosted.bridge, hf_model),
         solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused),
         weight_storages=weight_storages(hosted.model, hf_model),
+        block_sites=block_sites(hosted.bridge if tl_refused is None else None, site_modules),
         causal=causal, output_width=output_width)
 
 

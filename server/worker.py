@@ -612,7 +612,7 @@ class ModelWorker(threading.Thread):
         done = None
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg) as marks, \
                 stop_between_blocks(watched, self._stop_reason([p])), \
-                self._may_give_way_between_blocks(p, marks):
+                self._may_give_way_in_forward(p, marks):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
                                           p.attention_weights, p.positions, p.eager,
@@ -634,10 +634,10 @@ class ModelWorker(threading.Thread):
         p.job.answered()
         p.job.conn.send_threadsafe(done)
 
-    def _may_give_way_between_blocks(self, p: Prepared, marks):
+    def _may_give_way_in_forward(self, p: Prepared, marks):
         """Let waiting light requests of other users run between two blocks of ``p``'s
-        forward (server/give_way.py), when nothing of ``p``'s own is in effect on the model
-        but its hooks (owned per forward) and its TL hook marks (suspended meanwhile): a TL
+        forward and at its sites that are a block's own hook points (server/give_way.py),
+        when nothing of ``p``'s own is in effect on the model but its hooks (owned per forward) and its TL hook marks (suspended meanwhile): a TL
         forward with TL's default hook switches, no eager or attention-weight sites, no
         narrowing, no attention weights returned, no backward pass, on a model that is not
         offloaded (accelerate's offload hooks move weights per block)."""
@@ -647,7 +647,11 @@ class ModelWorker(threading.Thread):
                 p.interleaver.backward is not None or \
                 getattr(p.entry.hosted.original, "hf_device_map", None):
             return contextlib.nullcontext()
-        return self.give_way.between_blocks({p.job.conn.user}, marks.suspended)
+        il, infos, ok = p.interleaver, p.interleaver.vg.site_infos, p.entry.block_sites
+        return self.give_way.in_forward(
+            {p.job.conn.user}, marks.suspended,
+            lambda: il.stage is not None and 0 <= il.stage < len(infos) and
+            infos[il.stage].name in ok)
 
     def run_together(self, ready: list[Prepared]):
         """One forward for several requests: rows stacked, shorter ones right-padded. If the

@@ -40,7 +40,7 @@ import hookwire.transformerlens as htl
 import pyvene as pv
 from hookwire.errors import SiteNotServed, UnsupportedModel
 from hookwire.batching import site_batching
-from hookwire.module_sites import ServerObject, is_module_site
+from hookwire.module_sites import ServerObject, is_module_site, owned_by
 from hookwire.families import (DTYPES, build_hf_model, family_for_architecture,
                                served_architectures)
 from hookwire.server.attention_sites import eager_attention
@@ -514,3 +514,44 @@ def test_gemma2_pyvene_keeps_final_logit_softcapping():
     with torch.no_grad():
         uncapped = local.lm_head(local.model(input_ids=TOKENS).last_hidden_state)
     assert uncapped.abs().max() > 0.5   # without the cap the logits would be larger
+
+
+# ---- giving way inside a forward ------------------------------------------------------------
+
+def test_a_forward_is_reentrant_at_the_sites_it_gives_way_at(case):
+    """A long forward lets waiting light requests run as forwards nested in it at its sites
+    that are a block's own hook points (server/give_way.py, ``ModelEntry.block_sites``). For
+    every such site of the family: a forward whose hook there runs a whole nested forward of
+    other tokens equals the same forward without nesting, and the nested one equals its solo
+    run -- bit for bit. (Not every hook point inside a component is re-entrant: TL's OPT MLP
+    bridge keeps per-call state on itself, so the server does not give way there.)"""
+    if tl_refusal(case) is not None:
+        return
+    entry = case.server.server.entries[case.name]
+    assert entry.block_sites, "no block-level sites: the forward could never give way at one"
+    bridge, inner_tokens = case.local_tl, LOCAL_SOURCE[:1, :4]
+    noop = lambda act, hook: None  # noqa: E731  (a TL hook there: the same code paths)
+    fired = 0
+    with torch.no_grad():
+        for name in sorted(entry.block_sites):
+            try:
+                alone = bridge.run_with_hooks(LOCAL_TOKENS, fwd_hooks=[(name, noop)])
+            except ValueError as exc:  # behind one of TL's hook switches (off by default)
+                assert "Cannot add hook" in str(exc), exc
+                continue
+            inner_alone = bridge.run_with_hooks(inner_tokens, fwd_hooks=[(name, noop)])
+            nested: dict = {}
+
+            def nest(act, hook):
+                if not nested:
+                    nested["started"] = True
+                    with owned_by(object()):
+                        nested["logits"] = bridge(inner_tokens)
+            out = bridge.run_with_hooks(LOCAL_TOKENS, fwd_hooks=[(name, nest)])
+            if not nested:
+                continue  # a site that does not fire in this forward
+            fired += 1
+            assert_close(out, alone, rtol=0, atol=0, msg=f"{name}: the interrupted forward")
+            assert_close(nested["logits"], inner_alone, rtol=0, atol=0,
+                         msg=f"{name}: the nested forward")
+    assert fired, "no block-level site fired"

@@ -206,3 +206,71 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
     assert results["long"].tensors_referenced == views
     for i in range(views):
         torch.testing.assert_close(results["long"].values[f"last{i}"], small.flatten()[i])
+
+
+def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hosted):
+    """A request whose graph runs 1,500 matmuls at the last block's output -- during its
+    forward, after the last point between two blocks -- gives way there
+    (``ModelEntry.block_sites``): three light requests of other users, queued once its last
+    block has begun, run as forwards nested at that site and leave the last block before it
+    does; each bit-equal to its solo run, the long one equal to local TL."""
+    bridge = hosted["tiny-gpt2"].bridge
+    site = "blocks.1.hook_resid_post"
+    assert site in server.server.entries["tiny-gpt2"].block_sites
+    light_tokens = bridge.to_tokens(["hello world"])
+    long_tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
+    c = torch.randn(256, 256, generator=torch.Generator().manual_seed(6)) / 16
+    n = 1500
+    nodes = [node(0, "site.read", 0), node(1, "sum", ref(0)), node(2, "mul", ref(1), 0.0),
+             node(3, "add", const("c"), ref(2))]
+    nodes += [node(i, "matmul", ref(i - 1), const("c")) for i in range(4, n)]
+    long_graph = graphs.graph(nodes=nodes, sites=[site], constants=["c"], saves={"y": n - 1})
+    seen: dict = {}
+    with torch.no_grad():
+        light_logits = bridge.run_with_hooks(light_tokens, fwd_hooks=[
+            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
+        long_logits = bridge.run_with_hooks(long_tokens, fwd_hooks=[
+            (site, lambda act, hook: seen.__setitem__("long", act.clone()))])
+        y = c + seen["long"].sum() * 0.0
+        for _ in range(4, n):
+            y = y @ c
+    started, order = threading.Event(), []
+
+    def entering(module, args):
+        if args[0].shape[0] == 2:
+            started.set()
+
+    handles = [bridge.blocks[-1].register_forward_pre_hook(entering),
+               bridge.blocks[-1].register_forward_hook(
+                   lambda module, args, output: order.append(args[0].shape[0]))]
+    long_conn = Connection(server.url)
+    light_conns = [Connection(server.url) for _ in range(3)]  # three users (keyless)
+    results: dict = {}
+
+    def run(key, conn, graph, tensors):
+        results[key] = conn.run(graph, tensors)
+
+    threads = [threading.Thread(target=run, args=("long", long_conn, long_graph,
+                                                  {"input_ids": long_tokens, "c": c}))]
+    try:
+        threads[0].start()
+        assert started.wait(60), "the long forward did not reach its last block"
+        for i, conn in enumerate(light_conns):
+            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
+                                                              {"input_ids": light_tokens})))
+            threads[-1].start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for h in handles:
+            h.remove()
+        for conn in [long_conn, *light_conns]:
+            conn.close()
+    assert not any(t.is_alive() for t in threads)
+    # The light forwards (one row each) left the last block before the long one (two rows).
+    assert 2 in order and sum(order[:order.index(2)]) == 3, order
+    for i in range(3):
+        torch.testing.assert_close(results[i].values["__logits__"], light_logits, rtol=0, atol=0)
+        torch.testing.assert_close(results[i].values["resid"], seen["resid"], rtol=0, atol=0)
+    torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
+    torch.testing.assert_close(results["long"].values["y"], y)
