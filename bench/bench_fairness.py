@@ -274,12 +274,15 @@ def victim(url, seconds, reference):
     conn = Connection(url, api_key=VICTIM_KEY)
     conn.use_residents = False
     lat, wrong, failed = [], 0, []
+    victim.timings = []  # the server's timings of each answered request, with its latency
     stop = time.monotonic() + seconds
     try:
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             try:
-                out = conn.run(VICTIM_GRAPH, {"input_ids": VICTIM_IDS}).values
+                result = conn.run(VICTIM_GRAPH, {"input_ids": VICTIM_IDS})
+                out = result.values
+                victim.timings.append((time.perf_counter() - t0, result.timings))
             except Exception as exc:
                 failed.append(f"{type(exc).__name__}: {str(exc)[:120]}")
                 if conn.broken:
@@ -397,6 +400,18 @@ def main() -> int:
               f"{'ok' if ok else 'OVER GOAL'}", flush=True)
         for failure in row["failures"]:
             print(f"    failed: {failure}", flush=True)
+        # Where the slowest 1% of the victim's requests spent their time, by the server's own
+        # timings: waiting in the queue, validating, executing, and the rest (messages,
+        # parsing, admission, the client).
+        slow = sorted(victim.timings, key=lambda lt: lt[0])[-max(1, len(victim.timings) // 100):]
+        if slow:
+            parts = {k: statistics.median(t.get(k, 0.0) for _, t in slow) * 1e3
+                     for k in ("queued_s", "validate_s", "execute_s")}
+            rest = statistics.median(lat_ - sum(t.get(k, 0.0) for k in parts)
+                                     for lat_, t in slow) * 1e3
+            row["slowest_1pct_ms"] = {**parts, "rest": rest}
+            print("    slowest 1%: " + ", ".join(f"{k} {v:.1f} ms" for k, v in
+                                                    row["slowest_1pct_ms"].items()), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"limits": LIMITS, "seconds": args.seconds,
