@@ -68,12 +68,13 @@ KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "vie
 
 def serve() -> None:
     import hookwire.server as hs
-    from hookwire.server.heap import freeze_startup_heap
+    from hookwire.server.heap import collect_rarely, freeze_startup_heap
     from hookwire.validate import Limits
 
     handle = hs.start(models=[MODEL], port=0, api_keys=[VICTIM_KEY, ATTACKER_KEY],
                       limits=Limits(**LIMITS))
     freeze_startup_heap()  # as `hookwire serve` does (server/heap.py)
+    collect_rarely()
     print("READY", handle.url, flush=True)
     sys.stdin.read()  # until the benchmark closes our stdin
     handle.stop()

@@ -346,7 +346,10 @@ class HookwireServer:
         writer = asyncio.create_task(self._writer(state))
         try:
             async for message in ws:
-                t0, cost = time.perf_counter(), [0.0]
+                # CPU time of this thread, not wall time: a message must not be charged for
+                # the GIL or the loop it waited for (under load a victim's small messages were
+                # charged other threads' time, and its reads waited for a share it never used).
+                t0, cost = time.thread_time(), [0.0]
                 state.last_active = time.monotonic()
                 if isinstance(message, bytes):
                     session.receive_frame(message)
@@ -361,12 +364,12 @@ class HookwireServer:
                                                              message, cost=cost)
                         finally:
                             state.in_intake -= 1
-                        t0 = time.perf_counter()  # (waiting for the intake is not loop time)
+                        t0 = time.thread_time()  # (waiting for the intake is not loop time)
                     session.receive_admitted(admitted)
                     del admitted
                 self._flush(state)
                 # This user's share of the front: over it, its next read waits (server/intake).
-                self.share.charge(user, time.perf_counter() - t0 + cost[0], message)
+                self.share.charge(user, time.thread_time() - t0 + cost[0], message)
                 await self.share.wait_turn(user)
         except ConnectionClosed:
             pass

@@ -96,7 +96,7 @@ def cmd_serve(args) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from hookwire.server.app import HookwireServer
-    from hookwire.server.heap import freeze_startup_heap
+    from hookwire.server.heap import collect_rarely, freeze_startup_heap
     from hookwire.validate import Limits
 
     limits = Limits(max_request_seconds=args.max_request_seconds,
@@ -127,6 +127,7 @@ def cmd_serve(args) -> int:
                             batch_window_s=args.batch_window_ms / 1000, engine=engine)
     hosted = server.entries
     freeze_startup_heap()  # the models are loaded: out of the cycle collector's way
+    collect_rarely()  # full collections only when the worker is idle (server/heap.py)
     ready = _AnnounceWhenListening(
         lambda: f"{READY_PREFIX}{','.join(hosted)} on {_ws_url(args.host, server.port)}")
 

@@ -7,10 +7,21 @@ every thread stops, the model worker included. Co-tenants' requests allocate a l
 victim's 10 ms request stalled for 300 ms whenever one ran (``bench/bench_fairness.py``
 late_work p99 272-383 ms). Moving what is alive at start-up into the collector's permanent
 generation (``gc.freeze``) leaves it only what requests allocate (68-80 ms).
+
+That is still a lot under a tenant sending maximal graphs: a parsed 100,000-node graph is
+over a million objects, alive while it is admitted, validated and refused, and every full
+collection then walked them -- 0.73-0.81 s with the GIL held, collecting nothing, every few
+seconds (``bench_fairness.py`` huge_graph: the victim's slowest requests each sat out one;
+found with a ``gc.callbacks`` timer). Requests free what they allocate by reference counting
+(no per-request cycles: SECURITY.md, class 6), so a serving process needs full collections
+rarely: ``collect_rarely`` turns the automatic ones off and :class:`FullCollections` runs one
+when the model worker is idle and a minute has passed, or every ten minutes regardless.
+Young generations are still collected as usual.
 """
 from __future__ import annotations
 
 import gc
+import time
 
 
 def freeze_startup_heap() -> None:
@@ -21,4 +32,45 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
-__all__ = ["freeze_startup_heap"]
+# A threshold the count of young-generation collections never reaches: no automatic full one.
+NO_AUTOMATIC_FULL = 1 << 30
+
+
+def collect_rarely() -> None:
+    """No automatic full collections from now on in this process (young generations as
+    before); the model worker runs them (:class:`FullCollections`). For a serving process,
+    like ``freeze_startup_heap``."""
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, NO_AUTOMATIC_FULL)
+
+
+class FullCollections:
+    """When the model worker runs a full collection itself (only where ``collect_rarely``
+    turned the automatic ones off): ``idle()`` when nothing is queued, ``busy()`` after each
+    batch. Each returns whether it collected."""
+    IDLE_EVERY_S = 60.0     # at most this often, when idle
+    ANYWAY_EVERY_S = 600.0  # a server never idle still collects this often
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.last = clock()
+
+    @staticmethod
+    def enabled() -> bool:
+        return gc.get_threshold()[2] >= NO_AUTOMATIC_FULL
+
+    def idle(self) -> bool:
+        return self._collect_after(self.IDLE_EVERY_S)
+
+    def busy(self) -> bool:
+        return self._collect_after(self.ANYWAY_EVERY_S)
+
+    def _collect_after(self, seconds: float) -> bool:
+        if not self.enabled() or self.clock() - self.last < seconds:
+            return False
+        gc.collect()
+        self.last = self.clock()
+        return True
+
+
+__all__ = ["freeze_startup_heap", "collect_rarely", "FullCollections", "NO_AUTOMATIC_FULL"]

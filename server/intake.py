@@ -100,11 +100,12 @@ class _Lane(threading.Thread):
                 return
             loop, future, fn, args, cost = task
             t0 = self._computing_since = time.perf_counter()
+            cpu = time.thread_time()
             try:
                 result, error = fn(*args, pause=self.pause), None
             except BaseException as exc:  # handed to the awaiting connection
                 result, error = None, exc
-            cost[0] = time.perf_counter() - t0
+            cost[0] = time.thread_time() - cpu  # its CPU time: not its pauses, not GIL waits
             try:
                 loop.call_soon_threadsafe(_settle, future, result, error)
             except RuntimeError:  # the loop is gone (server stopping)

@@ -17,7 +17,7 @@ import os
 
 from hookwire.errors import HookwireError
 from hookwire.server import replies
-from hookwire.server.heap import freeze_startup_heap
+from hookwire.server.heap import collect_rarely, freeze_startup_heap
 from hookwire.server.prepare import prepare_model
 from hookwire.server.relay_session import is_final
 from hookwire.server.job_payload import job_from_payload
@@ -84,6 +84,7 @@ class ModelReplica:
         self.worker.start()
         self.replica = _replica_id()
         freeze_startup_heap()  # this process serves until it is stopped (server/heap.py)
+        collect_rarely()
 
     def info(self) -> dict:
         return {"name": self.name, "info_json": self.entry.info_json,

@@ -42,6 +42,7 @@ from hookwire.server.cancel_watch import stop_between_blocks
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.give_way import GiveWay
+from hookwire.server.heap import FullCollections
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.narrowing import narrowed_arguments, narrowing_site
@@ -228,6 +229,9 @@ class ModelWorker(threading.Thread):
         self.may_join: Callable[[list], bool] | None = None
         # Where a long request lets waiting light ones run (server/give_way.py).
         self.give_way = GiveWay(self, _rows, _tokens)
+        # Full collections of Python's cycle collector, where a serving process turned the
+        # automatic ones off (server/heap.py).
+        self.collections = FullCollections()
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -282,6 +286,8 @@ class ModelWorker(threading.Thread):
     def run(self):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
+            if not self.scheduler.qsize():
+                self.collections.idle()  # a full collection, if due (server/heap.py)
             jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits,
                                              may_join=self.may_join)
             if jobs is None:
@@ -300,6 +306,7 @@ class ModelWorker(threading.Thread):
                 for job in jobs:
                     job.finish()
                 del jobs
+            self.collections.busy()
 
     # ---- one batch -----------------------------------------------------------------------
     def execute_batch(self, jobs: list[Job]):
