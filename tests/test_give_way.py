@@ -79,6 +79,59 @@ def test_light_requests_overtake_a_long_one_and_all_equal_local(server, hosted):
     torch.testing.assert_close(finished["long_result"].values["__logits__"], logits)
 
 
+def long_beside_light(server, long_conn, long_graph, long_tensors: dict, under_way,
+                      light_tensors: dict, handles=()) -> dict:
+    """Run a long request on ``long_conn``; once ``under_way()`` says it is (it may wait, up
+    to a minute), three light read requests of three other users (keyless connections). Every
+    result by key ("long", 0, 1, 2); every thread joined, connection closed and hook
+    ``handles`` removed, even on failure."""
+    light_conns = [Connection(server.url) for _ in range(3)]
+    results: dict = {}
+
+    def run(key, conn, graph, tensors):
+        results[key] = conn.run(graph, tensors)
+
+    threads = [threading.Thread(target=run, args=("long", long_conn, long_graph, long_tensors))]
+    try:
+        threads[0].start()
+        assert under_way(), "the long request did not get under way"
+        for i, conn in enumerate(light_conns):
+            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
+                                                              light_tensors)))
+            threads[-1].start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for conn in [long_conn, *light_conns]:
+            conn.close()
+        for handle in handles:
+            handle.remove()
+    assert not any(t.is_alive() for t in threads)
+    return results
+
+
+def assert_light_forwards_first(rows: list, long_rows: int) -> None:
+    """The light requests' forwards (one row each, batched or not: three rows) ran before
+    the long request's (``long_rows`` rows), by the rows of each forward in order."""
+    assert long_rows in rows and sum(rows[:rows.index(long_rows)]) == 3, rows
+
+
+def assert_light_results(results: dict, logits, resid) -> None:
+    """The three light requests' results, bit-equal to their solo run."""
+    for i in range(3):
+        torch.testing.assert_close(results[i].values["__logits__"], logits, rtol=0, atol=0)
+        torch.testing.assert_close(results[i].values["resid"], resid, rtol=0, atol=0)
+
+
+def light_reference(bridge):
+    """The light request's tokens, and its logits and resid read by local TL."""
+    tokens, seen = bridge.to_tokens(["hello world"]), {}
+    with torch.no_grad():
+        logits = bridge.run_with_hooks(tokens, fwd_hooks=[
+            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
+    return tokens, logits, seen["resid"]
+
+
 LONG_SITES = ["blocks.0.hook_resid_pre", "blocks.1.ln1.hook_normalized"]
 
 
@@ -88,12 +141,10 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
     last block ends -- each bit-equal to its solo run, the long one equal to local TL. Its TL
     hook marks (it reads ``hook_normalized``) are off the model while they run."""
     bridge = hosted["tiny-gpt2"].bridge
-    light_tokens = bridge.to_tokens(["hello world"])
+    light_tokens, light_logits, light_resid = light_reference(bridge)
     long_tokens = torch.randint(0, 256, (256, 256), generator=torch.Generator().manual_seed(3))
     seen: dict = {}
     with torch.no_grad():
-        light_logits = bridge.run_with_hooks(light_tokens, fwd_hooks=[
-            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
         long_logits = bridge.run_with_hooks(long_tokens, fwd_hooks=[
             (name, lambda act, hook, name=name: seen.__setitem__(name, act.clone()))
             for name in LONG_SITES])
@@ -110,35 +161,14 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
 
     handles = [bridge.blocks[0].register_forward_pre_hook(entering),
                bridge.blocks[-1].register_forward_hook(leaving)]
-    long_conn = Connection(server.url)
-    light_conns = [Connection(server.url) for _ in range(3)]  # three users (keyless)
-    results: dict = {}
-
-    def run(key, conn, graph, tokens):
-        results[key] = conn.run(graph, {"input_ids": tokens})
-
     long_graph = graphs.read_graph(sites=LONG_SITES, names=LONG_SITES)
-    threads = [threading.Thread(target=run, args=("long", long_conn, long_graph, long_tokens))]
-    try:
-        threads[0].start()
-        assert started.wait(60), "the long forward did not start"
-        for i, conn in enumerate(light_conns):  # queued while its block 0 runs (~1 s here)
-            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
-                                                              light_tokens)))
-            threads[-1].start()
-        for t in threads:
-            t.join(120)
-    finally:
-        for h in handles:
-            h.remove()
-        for conn in [long_conn, *light_conns]:
-            conn.close()
-    assert not any(t.is_alive() for t in threads)
-    # The three light forwards left the last block before the long one did.
-    assert 256 in order and sum(order[:order.index(256)]) == 3, order
-    for i in range(3):
-        torch.testing.assert_close(results[i].values["__logits__"], light_logits, rtol=0, atol=0)
-        torch.testing.assert_close(results[i].values["resid"], seen["resid"], rtol=0, atol=0)
+    # The light requests queued while its block 0 runs (~1 s here); they leave the last
+    # block before the long one does.
+    results = long_beside_light(server, Connection(server.url), long_graph,
+                                {"input_ids": long_tokens}, lambda: started.wait(60),
+                                {"input_ids": light_tokens}, handles)
+    assert_light_forwards_first(order, 256)
+    assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     for name in LONG_SITES:
         torch.testing.assert_close(results["long"].values[name], seen[name])
@@ -151,19 +181,21 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
     its own forward starts -- each bit-equal to its solo run -- and its views hold what they
     view."""
     bridge = hosted["tiny-gpt2"].bridge
-    light_tokens = bridge.to_tokens(["hello world"])
+    light_tokens, light_logits, light_resid = light_reference(bridge)
     long_tokens = torch.randint(0, 256, (5, 4), generator=torch.Generator().manual_seed(4))
-    seen: dict = {}
-    with torch.no_grad():
-        light_logits = bridge.run_with_hooks(light_tokens, fwd_hooks=[
-            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
     views, n = 8, (64 << 20) // 4  # eight views of 64 MiB each
     forwards = []  # rows of every forward the served model runs, in order
     handle = bridge.blocks[0].register_forward_pre_hook(
         lambda module, args: forwards.append(args[0].shape[0]))
     long_conn = Connection(server.url)
-    light_conns = [Connection(server.url) for _ in range(3)]  # three users (keyless)
-    results: dict = {}
+    worker = server.server.worker
+
+    def in_the_worker() -> bool:
+        deadline = time.monotonic() + 60
+        while not worker.current and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        return bool(worker.current)
+
     try:
         # A result the server keeps; then eight stride-0 views of it, which the client sends
         # as references to what the server holds.
@@ -176,33 +208,13 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
                    **{f"v{i}": small.as_strided([n], [0], i) for i in range(views)}}
         assert all(long_conn.residents.ref_for(tensors[f"v{i}"]) for i in range(views))
         forwards.clear()
-
-        def run(key, conn, graph, tensors, **extra):
-            results[key] = conn.run(graph, tensors, **extra)
-
-        threads = [threading.Thread(target=run, args=("long", long_conn, long_graph, tensors))]
-        threads[0].start()
-        worker = server.server.worker
-        deadline = time.monotonic() + 60
-        while not worker.current and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        for i, conn in enumerate(light_conns):
-            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
-                                                              {"input_ids": light_tokens})))
-            threads[-1].start()
-        for t in threads:
-            t.join(120)
+        results = long_beside_light(server, long_conn, long_graph, tensors, in_the_worker,
+                                    {"input_ids": light_tokens})
     finally:
         handle.remove()
-        for conn in [long_conn, *light_conns]:
-            conn.close()
-    assert not any(t.is_alive() for t in threads)
-    # The three light requests' rows (one each, batched or not) were forwarded before the
-    # long request's five.
-    assert 5 in forwards and sum(forwards[:forwards.index(5)]) == 3, forwards
-    for i in range(3):
-        torch.testing.assert_close(results[i].values["__logits__"], light_logits, rtol=0, atol=0)
-        torch.testing.assert_close(results[i].values["resid"], seen["resid"], rtol=0, atol=0)
+        long_conn.close()
+    assert_light_forwards_first(forwards, 5)  # (entering block 0)
+    assert_light_results(results, light_logits, light_resid)
     assert results["long"].tensors_referenced == views
     for i in range(views):
         torch.testing.assert_close(results["long"].values[f"last{i}"], small.flatten()[i])
@@ -217,7 +229,7 @@ def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hos
     bridge = hosted["tiny-gpt2"].bridge
     site = "blocks.1.hook_resid_post"
     assert site in server.server.entries["tiny-gpt2"].block_sites
-    light_tokens = bridge.to_tokens(["hello world"])
+    light_tokens, light_logits, light_resid = light_reference(bridge)
     long_tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
     c = torch.randn(256, 256, generator=torch.Generator().manual_seed(6)) / 16
     n = 1500
@@ -227,8 +239,6 @@ def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hos
     long_graph = graphs.graph(nodes=nodes, sites=[site], constants=["c"], saves={"y": n - 1})
     seen: dict = {}
     with torch.no_grad():
-        light_logits = bridge.run_with_hooks(light_tokens, fwd_hooks=[
-            (SITE, lambda act, hook: seen.__setitem__("resid", act.clone()))])
         long_logits = bridge.run_with_hooks(long_tokens, fwd_hooks=[
             (site, lambda act, hook: seen.__setitem__("long", act.clone()))])
         y = c + seen["long"].sum() * 0.0
@@ -243,34 +253,10 @@ def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hos
     handles = [bridge.blocks[-1].register_forward_pre_hook(entering),
                bridge.blocks[-1].register_forward_hook(
                    lambda module, args, output: order.append(args[0].shape[0]))]
-    long_conn = Connection(server.url)
-    light_conns = [Connection(server.url) for _ in range(3)]  # three users (keyless)
-    results: dict = {}
-
-    def run(key, conn, graph, tensors):
-        results[key] = conn.run(graph, tensors)
-
-    threads = [threading.Thread(target=run, args=("long", long_conn, long_graph,
-                                                  {"input_ids": long_tokens, "c": c}))]
-    try:
-        threads[0].start()
-        assert started.wait(60), "the long forward did not reach its last block"
-        for i, conn in enumerate(light_conns):
-            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
-                                                              {"input_ids": light_tokens})))
-            threads[-1].start()
-        for t in threads:
-            t.join(120)
-    finally:
-        for h in handles:
-            h.remove()
-        for conn in [long_conn, *light_conns]:
-            conn.close()
-    assert not any(t.is_alive() for t in threads)
-    # The light forwards (one row each) left the last block before the long one (two rows).
-    assert 2 in order and sum(order[:order.index(2)]) == 3, order
-    for i in range(3):
-        torch.testing.assert_close(results[i].values["__logits__"], light_logits, rtol=0, atol=0)
-        torch.testing.assert_close(results[i].values["resid"], seen["resid"], rtol=0, atol=0)
+    results = long_beside_light(server, Connection(server.url), long_graph,
+                                {"input_ids": long_tokens, "c": c}, lambda: started.wait(60),
+                                {"input_ids": light_tokens}, handles)
+    assert_light_forwards_first(order, 2)  # (leaving the last block)
+    assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     torch.testing.assert_close(results["long"].values["y"], y)
