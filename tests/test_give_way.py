@@ -174,8 +174,8 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
         torch.testing.assert_close(results["long"].values[name], seen[name])
 
 
-def test_light_requests_run_while_a_request_materialises_large_views(server, hosted):
-    """A request whose references to a few resident bytes expand to 512 MiB of copies
+def test_light_requests_run_while_a_request_materialises_large_views(hosted):
+    """A request whose references to a few resident bytes expand to 1 GiB of copies
     (stride-0 views, each as large as a constant may be) gives way while it copies them: three
     light requests of other users, queued once it is in the worker, run their forwards before
     its own forward starts -- each bit-equal to its solo run -- and its views hold what they
@@ -183,10 +183,12 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
     bridge = hosted["tiny-gpt2"].bridge
     light_tokens, light_logits, light_resid = light_reference(bridge)
     long_tokens = torch.randint(0, 256, (5, 4), generator=torch.Generator().manual_seed(4))
-    views, n = 8, (64 << 20) // 4  # eight views of 64 MiB each
+    views, n = 16, (64 << 20) // 4  # sixteen views of 64 MiB each (~0.3-1 s of copying)
     forwards = []  # rows of every forward the served model runs, in order
     handle = bridge.blocks[0].register_forward_pre_hook(
         lambda module, args: forwards.append(args[0].shape[0]))
+    server = hs.start(models={"tiny-gpt2": bridge}, port=0,
+                      limits=Limits(max_request_seconds=120, max_constant_bytes=1 << 30))
     long_conn = Connection(server.url)
     worker = server.server.worker
 
@@ -197,7 +199,7 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
         return bool(worker.current)
 
     try:
-        # A result the server keeps; then eight stride-0 views of it, which the client sends
+        # A result the server keeps; then sixteen stride-0 views of it, which the client sends
         # as references to what the server holds.
         small = long_conn.run(read_graph(), {"input_ids": light_tokens}).values["resid"]
         long_graph = graphs.graph(nodes=[node(i, "getitem", const(f"v{i}"), n - 1)
@@ -213,6 +215,7 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
     finally:
         handle.remove()
         long_conn.close()
+        server.stop()
     assert_light_forwards_first(forwards, 5)  # (entering block 0)
     assert_light_results(results, light_logits, light_resid)
     assert results["long"].tensors_referenced == views
@@ -221,18 +224,19 @@ def test_light_requests_run_while_a_request_materialises_large_views(server, hos
 
 
 def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hosted):
-    """A request whose graph runs 1,500 matmuls at the last block's output -- during its
-    forward, after the last point between two blocks -- gives way there
-    (``ModelEntry.block_sites``): three light requests of other users, queued once its last
-    block has begun, run as forwards nested at that site and leave the last block before it
-    does; each bit-equal to its solo run, the long one equal to local TL."""
+    """A request whose graph runs matmuls at the last block's output -- during its forward,
+    after the last point between two blocks -- gives way there (``ModelEntry.block_sites``):
+    three light requests of other users, queued while its last block runs (the test holds it
+    inside that block's attention until they are), run as forwards nested at that site and
+    leave the last block before it does; each bit-equal to its solo run, the long one equal
+    to local TL."""
     bridge = hosted["tiny-gpt2"].bridge
     site = "blocks.1.hook_resid_post"
     assert site in server.server.entries["tiny-gpt2"].block_sites
     light_tokens, light_logits, light_resid = light_reference(bridge)
-    long_tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(5))
+    long_tokens = torch.randint(0, 256, (5, 8), generator=torch.Generator().manual_seed(5))
     c = torch.randn(256, 256, generator=torch.Generator().manual_seed(6)) / 16
-    n = 1500
+    n = 40
     nodes = [node(0, "site.read", 0), node(1, "sum", ref(0)), node(2, "mul", ref(1), 0.0),
              node(3, "add", const("c"), ref(2))]
     nodes += [node(i, "matmul", ref(i - 1), const("c")) for i in range(4, n)]
@@ -245,18 +249,24 @@ def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hos
         for _ in range(4, n):
             y = y @ c
     started, order = threading.Event(), []
+    scheduler = server.server.worker.scheduler
 
-    def entering(module, args):
-        if args[0].shape[0] == 2:
+    def hold_until_queued(module, args, output):
+        # Inside the long forward's last block, past its last point between blocks: wait
+        # here until the three light requests are queued (the worker is held meanwhile).
+        if args[0].shape[0] == 5:
             started.set()
+            deadline = time.monotonic() + 60
+            while scheduler.qsize() < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
 
-    handles = [bridge.blocks[-1].register_forward_pre_hook(entering),
+    handles = [bridge.blocks[-1].attn.register_forward_hook(hold_until_queued),
                bridge.blocks[-1].register_forward_hook(
                    lambda module, args, output: order.append(args[0].shape[0]))]
     results = long_beside_light(server, Connection(server.url), long_graph,
                                 {"input_ids": long_tokens, "c": c}, lambda: started.wait(60),
                                 {"input_ids": light_tokens}, handles)
-    assert_light_forwards_first(order, 2)  # (leaving the last block)
+    assert_light_forwards_first(order, 5)  # (leaving the last block)
     assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     torch.testing.assert_close(results["long"].values["y"], y)
