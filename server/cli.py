@@ -65,6 +65,8 @@ class _AnnounceWhenListening(threading.Event):
 
 
 def cmd_serve(args) -> int:
+    from hookwire.server.heap import return_freed_memory
+    return_freed_memory()  # before any thread starts (server/heap.py)
     api_keys = None
     if args.api_key_file:
         try:

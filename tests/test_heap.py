@@ -1,10 +1,15 @@
 """The serving process's cycle collector (server/heap.py): with ``collect_rarely`` no full
 collection runs on its own -- a tenant's maximal graphs (a million objects each) made every
 full collection stall all threads for ~0.8 s -- and the model worker runs one when idle and
-due (``FullCollections``)."""
+due (``FullCollections``); and with ``return_freed_memory`` freed blocks go back to the
+system."""
 from __future__ import annotations
 
 import gc
+import platform
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -77,3 +82,44 @@ def test_without_collect_rarely_the_worker_leaves_the_collector_alone():
     before = full_collections()
     assert not fc.idle() and not fc.busy()
     assert full_collections() == before
+
+
+# In a fresh process (malloc's settings are the process's): a large block comes and goes (a
+# tenant's 16 MiB message), then 8 MiB blocks (results) are made, each with a small block
+# still in use made after it, and freed. How many MiB the process still holds.
+RETAINED_SCRIPT = textwrap.dedent("""
+    import sys, threading
+    import psutil
+    from hookwire.server.heap import return_freed_memory
+    if sys.argv[1] == "tuned":
+        assert return_freed_memory()
+    MiB = 1 << 20
+
+    def work():
+        big = bytearray(24 * MiB)
+        del big
+        before = psutil.Process().memory_info().rss
+        blocks, small = [], []
+        for _ in range(16):
+            blocks.append(bytearray(8 * MiB))
+            small.append(bytearray(64 * 1024))
+        del blocks
+        print((psutil.Process().memory_info().rss - before) / MiB)
+
+    thread = threading.Thread(target=work)  # as in a server: not the main thread
+    thread.start()
+    thread.join()
+""")
+
+
+def retained_mib(mode: str) -> float:
+    out = subprocess.run([sys.executable, "-c", RETAINED_SCRIPT, mode], capture_output=True,
+                         text=True, timeout=120, check=True)
+    return float(out.stdout.strip())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
+def test_freed_blocks_go_back_to_the_system():
+    # glibc's default keeps the 128 MiB freed (its threshold rose to the 24 MiB block's size)
+    assert retained_mib("default") > 64
+    assert retained_mib("tuned") < 8
