@@ -17,7 +17,8 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   bad_ids        2: write token ids outside the vocabulary into embed.hook_in
   late_work      3: a chain of matmuls after the forward (reads the logits) until the deadline
   json_bomb      4: a maximal text message of ``[],[],...``
-  huge_graph     4: a maximal graph (max_nodes nodes, ~10 MB of JSON)
+  huge_graph     4: the largest graph the limits admit (the user's memory budget counts
+                    a parsed graph: ~87,000 nodes, ~8 MB of JSON)
   view_bomb      5: stride-0 views of a 256-byte resident, each the largest a request may hold
   unfinished     5: submits that declare the largest upload and never send it
   uploads        6: the largest upload, request after request
@@ -169,11 +170,14 @@ def attack(kind: str, url: str, seconds: float) -> None:
         def work(conn):
             conn.ws.send(bomb)
     elif kind == "huge_graph":
+        from hookwire.server.session import PARSED_BYTES_PER_CONTAINER
         from hookwire.validate import Limits
+        # 6 arrays/objects a node; the message's parse is counted against the user's budget
+        admitted = LIMITS["max_pending_bytes_per_user"] // PARSED_BYTES_PER_CONTAINER // 6
         nodes = [{"id": 0, "op": "site.read", "args": [0]}] + [
             {"id": i, "op": "getitem", "args": [{"ref": i - 1}, [{"slice": [None, None, None]},
                                                                -1]]}
-            for i in range(1, Limits().max_nodes)]
+            for i in range(1, min(Limits().max_nodes, admitted - 100))]
         g = graph(nodes, sites=[SITE], return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": ids})  # noqa: E731
     elif kind == "view_bomb":

@@ -310,11 +310,12 @@ def _pairs_pausing(pause: Callable[[], None]):
     return pairs
 
 
-def check_structure(text: str, max_containers: int) -> None:
+def check_structure(text: str, max_containers: int) -> int:
     """Cheap caps before any parsing: the total number of containers ([ and {) and their
     density per 64 KiB. What makes JSON expensive to parse is containers (a message of
     ``[],[],...`` costs ~1 us per 3 bytes, 100x a graph's bytes), so both are bounded before
-    a single object is built. Work per call is bounded: str.count on 64 KiB slices."""
+    a single object is built. Work per call is bounded: str.count on 64 KiB slices. Returns
+    the count."""
     total = 0
     for start in range(0, len(text), STRUCTURE_CHUNK):
         chunk = text[start:start + STRUCTURE_CHUNK]
@@ -328,6 +329,7 @@ def check_structure(text: str, max_containers: int) -> None:
             raise LimitExceeded(f"message has more than {max_containers} arrays/objects: "
                                 "more than a graph of the largest allowed size needs",
                                 rule="max_nodes")
+    return total
 
 
 _SUBMIT_ID = re.compile(r'"type"\s*:\s*"submit"|"request_id"\s*:\s*"([^"\\]{1,64})"')
@@ -380,13 +382,16 @@ def _presplit(raw: dict, key: str, adapter: TypeAdapter, where: str,
 
 def parse_client_message_bounded(text: str | bytes, max_containers: int,
                                  pause: Callable[[], None] | None = None,
+                                 before_parse: Callable[[int], None] | None = None,
                                  ) -> tuple[str | None, ClientMessage]:
     """(request id or None, message) -- the server's one parse of a client message: caps
     first (:func:`check_structure`), then one ``json.loads``, then pydantic on the parsed
     value, long lists in short slices. Raises ``ProtocolError`` (``exc.request_id`` names
     the submit it refuses, when there is one). ``pause``, if given, is called every few
     hundred objects and between slices: a server passes one that waits while its model
-    worker runs, so a big message's parse never competes with a forward for the GIL."""
+    worker runs, so a big message's parse never competes with a forward for the GIL.
+    ``before_parse(containers)``, if given, is called once the caps pass and before anything
+    is built (a server reserves the memory the parsed message will hold; it may raise)."""
     if isinstance(text, bytes):
         try:
             text = text.decode()
@@ -395,7 +400,9 @@ def parse_client_message_bounded(text: str | bytes, max_containers: int,
     if len(text) > MAX_CONTROL_BYTES:
         raise ProtocolError(f"control message of {len(text)} bytes; limit {MAX_CONTROL_BYTES}")
     try:
-        check_structure(text, max_containers)
+        containers = check_structure(text, max_containers)
+        if before_parse is not None:
+            before_parse(containers)
         raw = json.loads(text, object_pairs_hook=_pairs if pause is None else
                          _pairs_pausing(pause))
     except (ValueError, RecursionError, HookwireError) as exc:

@@ -1,6 +1,8 @@
 """Memory that requests hold before and after they run, counted per user and server-wide.
 
-What a request makes the server hold while it is not running: its uploaded tensors (from the
+What a request makes the server hold while it is not running: its parsed message (a large
+one: counted from its JSON's arrays and objects before it is parsed -- a maximal graph holds
+over 120 MiB of Python objects; ``server/session.py``), its uploaded tensors (from the
 moment the submit declares them), the tensors it refers to on the server once materialised
 (a strided view of a resident value counts every element it will have, so a stride-0 view of
 4 bytes counts as what it expands to), and its results queued for a client that has not read
@@ -82,6 +84,13 @@ class Reservation:
         if self.budget is not None and nbytes:
             self.budget.reserve(self.user, nbytes, what)
             self.nbytes += nbytes
+
+    def absorb(self, other: "Reservation") -> None:
+        """Take over ``other``'s bytes (same user and budget): released with this one."""
+        if other.budget is not None:
+            assert other.budget is self.budget and other.user == self.user
+            self.nbytes += other.nbytes
+            other.budget = None
 
     def release(self) -> None:
         budget, self.budget = self.budget, None

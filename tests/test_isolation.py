@@ -318,6 +318,48 @@ def test_a_stride_0_view_of_a_resident_is_counted_before_it_is_allocated(hosted,
         srv.stop()
 
 
+def test_large_graphs_count_their_parsed_memory(hosted, local_models):
+    """A parsed graph holds ~13x its JSON in Python objects (a maximal one over 120 MiB):
+    counted against the user's memory budget before the message is parsed (256 bytes per
+    array or object of its JSON), so large graphs queued behind a long request get no past
+    the budget (before: all were parsed and queued, however many); those admitted run and
+    equal local TL."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=64 * MiB))
+    client = PipelinedClient(srv.url, KEY_A)
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        n = 40_000  # 3 containers a node: ~30 MiB counted for each graph
+        nodes = [node(0, "site.read", 0)] + [node(i, "mul", ref(i - 1), 1.0)
+                                            for i in range(1, n)]
+        chain = graph(nodes=nodes, sites=["blocks.0.hook_resid_post"], saves={"x": n - 1})
+        blocker = _blocker(client, tokens)
+        rids = [client.send(chain, {"input_ids": tokens}) for _ in range(5)]
+        deadline = time.monotonic() + 60
+        while srv.server.memory.pending_total < 60 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)  # the first two are parsed and counted
+        assert srv.server.memory.pending_total >= 60 * MiB  # the parsed graphs count
+        client.ws.send(json.dumps({"type": "cancel", "request_id": blocker}))
+        answers = client.collect([blocker] + rids)
+        refused = [a.error for r, a in answers.items() if r != blocker and a.error is not None]
+        ran = [a for r, a in answers.items() if r != blocker and a.error is None]
+        assert len(refused) == 3 and all(e.code == LimitExceeded.code and
+                                         e.details.get("rule") == "max_pending_bytes_per_user"
+                                         for e in refused), refused
+        assert len(ran) == 2
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        for answer in ran:  # x * 1.0, 39,999 times
+            torch.testing.assert_close(answer.values["x"], cache["blocks.0.hook_resid_post"],
+                                       rtol=0, atol=0)
+        deadline = time.monotonic() + 30  # the worker finishes a request after its "done"
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.memory.pending_total == 0  # all given back
+    finally:
+        client.close()
+        srv.stop()
+
+
 def test_keyless_servers_bound_memory_server_wide(hosted, local_models):
     """Without keys every connection is a user, so a per-user budget alone bounds nothing:
     the server-wide budget does."""
