@@ -24,7 +24,8 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   uploads        6: the largest upload, request after request
   auth_guess     7: connections with a wrong key (a 2-character prefix of a real one)
   padding        found: one 256-token row with one-token rows (right-padding)
-  unread         found: requests with large results, on connections that never read
+  unread         found: requests with large results (the largest forward the limits admit),
+                    on connections that never read
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
@@ -59,7 +60,7 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               max_resident_bytes=64 * MiB, max_resident_bytes_total=256 * MiB,
               max_value_bytes=64 * MiB, max_total_value_bytes=256 * MiB,
               max_saved_bytes=64 * MiB, max_output_bytes=64 * MiB, submit_timeout_s=5.0,
-              send_timeout_s=5.0, max_message_bytes=16 * MiB)
+              send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
          "unfinished", "uploads", "auth_guess", "padding", "unread"]
@@ -84,6 +85,21 @@ def serve() -> None:
 
 
 # ---- the attacker process ----------------------------------------------------------------
+
+def largest_forward_rows(seq: int) -> int:
+    """The most rows of ``seq`` positions one forward may have under LIMITS."""
+    from transformers import GPT2Config
+
+    from hookwire.server.forward_memory import forward_activation_bytes
+    from hookwire.server.models import BUILTIN_MODELS
+    config = GPT2Config(**BUILTIN_MODELS[MODEL].config)  # MODEL is a GPT-2
+    vocab = config.vocab_size
+    rows = 1
+    while forward_activation_bytes(config, rows + 1, seq, 4) + (rows + 1) * seq * vocab * 4 \
+            <= LIMITS["max_forward_bytes"]:
+        rows += 1
+    return rows
+
 
 def graph(nodes, sites=(), constants=(), saves=None, return_type="logits"):
     return {"model": MODEL, "inputs": {"input_ids": "input_ids"}, "constants": list(constants),
@@ -232,7 +248,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
             conn.count = getattr(conn, "count", -1) + 1
             conn.submit(g, {"input_ids": long if conn.count % 8 == 0 else short})
     elif kind == "unread":
-        tokens = torch.randint(0, 256, (64, 256))
+        tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))
         g = graph([{"id": 0, "op": "site.read", "args": [0]}], sites=[SITE],
                   saves={"x": 0}, return_type="logits")
 

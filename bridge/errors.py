@@ -31,8 +31,8 @@ The tree (``class`` -- ``code`` -- where it is raised; then its ``rule`` values)
     |   +-- LimitExceeded -- limit_exceeded -- a Limits bound; rule = the bound:
     |       |     max_nodes input_size max_value_bytes max_transient_bytes
     |       |     max_total_value_bytes max_flops max_saved_bytes (validate.py, protocol.py);
-    |       |     max_output_bytes (worker.py); max_seq max_positions max_new_tokens
-    |       |     max_nodes (generation.py); max_pending_bytes_per_user
+    |       |     max_output_bytes max_forward_bytes (worker.py); max_seq max_positions
+    |       |     max_new_tokens max_nodes (generation.py); max_pending_bytes_per_user
     |       |     max_pending_bytes_total (memory.py); max_weight_bytes (weights.py);
     |       |     max_bytes (client side: hookwire.transformerlens.fetch_weights)
     |       +-- QueueFull -- queue_full -- max_queued_per_user (scheduler.py,

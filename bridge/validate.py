@@ -56,6 +56,9 @@ class Limits:
     # when asked for), sent back or not: batch and sequence alone would let a request of
     # 1024 x 1024 tokens make 200 GB of GPT-2 logits.
     max_output_bytes: int = 2 << 30
+    # ... and the forward's activations at its peak, with its output (attention scores grow
+    # as seq^2: hookwire.server.forward_memory estimates them from the model's shapes)
+    max_forward_bytes: int = 16 << 30
     max_seq: int = 8192
     max_resident_bytes: int = 1 << 30     # per user: values kept between requests
     # server-wide: of those, bytes kept in accelerator (GPU) memory; the rest stay in CPU

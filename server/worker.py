@@ -48,6 +48,7 @@ from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
+from hookwire.server.forward_memory import forward_activation_bytes
 from hookwire.server.validation_cache import ValidationCache
 from hookwire.server.manifest import HookMode, probe_hook_mode
 from hookwire.server.tl_modes import flags_applied, marked_for_graph
@@ -947,8 +948,10 @@ def _meta_bytes(value) -> int:
 
 def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> None:
     """The model's own forward is bounded before it runs, like the graph's ops: no more
-    positions than the model has, and no more output (logits, attention weights) than
-    ``Limits.max_output_bytes``."""
+    positions than the model has, no more output (logits, attention weights) than
+    ``Limits.max_output_bytes``, and no more activations and output at its peak than
+    ``Limits.max_forward_bytes`` (server/forward_memory.py). A batch is checked as a whole
+    (``batch_fits``)."""
     n_ctx = model_positions(entry)
     if n_ctx and seq > n_ctx:
         raise GraphValidationError(f"input of {seq} positions; model {entry.hosted.name!r} "
@@ -961,6 +964,14 @@ def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> Non
     if size > limits.max_output_bytes:
         raise LimitExceeded(f"the forward of a {batch}x{seq} input would make {size} bytes of "
                             f"output; limit {limits.max_output_bytes}", rule="max_output_bytes")
+    held = size + forward_activation_bytes(entry.hosted.original.config, batch, seq,
+                                           dtype.itemsize)
+    if held > limits.max_forward_bytes:
+        raise LimitExceeded(f"the forward of a {batch}x{seq} input would hold about {held} "
+                            "bytes of activations and output at its peak (estimated from the "
+                            f"model's shapes: server/forward_memory.py); limit "
+                            f"{limits.max_forward_bytes}: send fewer rows or positions at a "
+                            "time", rule="max_forward_bytes")
 
 
 def model_positions(entry) -> int | None:

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -525,6 +526,77 @@ def test_right_padding_cannot_blow_up_a_batch(hosted, local_models):
         for c in clients:
             c.close()
         srv.stop()
+
+
+def test_a_forward_whose_activations_would_pass_the_limit_does_not_run(hosted, local_models):
+    """The model's own forward is bounded by its activations too, not only its output: 32
+    rows of 256 positions make 96 MiB of attention scores per copy in tiny-gpt2 (whose logits
+    are small), refused under ``max_forward_bytes`` before the model runs; 8 rows run and equal
+    local TL. Before, only the logits were counted and both ran."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_forward_bytes=64 * MiB))
+    wte = hosted["tiny-gpt2"].bridge.original_model.transformer.wte
+    forwards: list[int] = []  # batch rows of each forward the server's model runs
+    counter = wte.register_forward_pre_hook(lambda mod, args: forwards.append(args[0].shape[0]))
+    client = PipelinedClient(srv.url)
+    try:
+        big = torch.randint(0, 256, (32, 256), generator=torch.Generator().manual_seed(1))
+        small = big[:8].clone()
+        probe = read_graph("tiny-gpt2", ["blocks.0.hook_resid_post"])
+        rid_big = client.send(probe, {"input_ids": big})
+        rid_small = client.send(probe, {"input_ids": small})
+        answers = client.collect([rid_big, rid_small])
+        error = answers[rid_big].error
+        assert error is not None and error.code == LimitExceeded.code and \
+            error.details.get("rule") == "max_forward_bytes", error
+        assert 32 not in forwards, forwards
+        assert answers[rid_small].error is None, answers[rid_small].error
+        logits, cache = local_models["tiny-gpt2"].run_with_cache(small)
+        torch.testing.assert_close(answers[rid_small].values["blocks.0.hook_resid_post"],
+                                   cache["blocks.0.hook_resid_post"], rtol=1e-5, atol=1e-5)
+    finally:
+        counter.remove()
+        client.close()
+        srv.stop()
+
+
+# In a fresh process: the peak resident growth of one forward through TL's bridge, as the
+# server runs it, and what server/forward_memory.py estimates for it (bytes).
+FORWARD_PEAK_SCRIPT = textwrap.dedent("""
+    import re, sys
+    import torch
+    from hookwire.server.forward_memory import forward_activation_bytes
+    from hookwire.server.heap import return_freed_memory
+    from hookwire.server.models import load_model
+    return_freed_memory()  # as a server: freed blocks go back, so growth is what is held
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    name, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    bridge = load_model(name).bridge
+    status = lambda key: int(re.search(key + r":\\s+(\\d+)",
+                                       open("/proc/self/status").read()).group(1)) * 1024
+    tokens = torch.randint(0, 250, (batch, seq))
+    bridge(tokens[:1, :8])
+    before = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again here
+    logits = bridge(tokens)
+    peak = status("VmHWM") - before
+    estimate = forward_activation_bytes(bridge.original_model.config, batch, seq, 4) + \\
+        logits.numel() * 4
+    print(peak, estimate)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak RSS")
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("batch,seq", [(16, 256), (48, 128), (512, 16)])
+def test_the_forward_memory_estimate_bounds_the_measured_peak(model, batch, seq):
+    """The estimate behind ``max_forward_bytes`` is an upper bound of what a forward really
+    holds at its peak, and not a loose one (within 3x)."""
+    out = subprocess.run([sys.executable, "-c", FORWARD_PEAK_SCRIPT, model, str(batch),
+                          str(seq)], capture_output=True, text=True, timeout=300, check=True)
+    peak, estimate = map(int, out.stdout.split())
+    assert peak <= estimate <= 3 * peak, (peak / MiB, estimate / MiB)
 
 
 def test_cancel_ids_of_requests_never_sent_are_not_kept(hosted):
