@@ -4,12 +4,13 @@ A request's graph is checked for cancellation, a closed connection and its wall-
 at each of its own sites. A forward with no sites (``model(tokens)`` with no hooks) or few
 of them would otherwise run to the end after the client pressed Ctrl-C. So while a forward
 runs, a pre-hook on every block of the model asks ``should_stop()`` and raises what it
-returns: the forward ends at the next block boundary.
+returns: the forward ends at the next block boundary -- or sooner, at the points inside a
+block given as ``also_after`` (a hook after each of those modules asks too).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -28,10 +29,11 @@ def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def stop_between_blocks(model: torch.nn.Module,
-                        should_stop: Callable[[], BaseException | None]):
+                        should_stop: Callable[[], BaseException | None],
+                        also_after: Iterable[torch.nn.Module] = ()):
     owner = current_owner()
 
-    def check(module, args):
+    def check(module, args, output=None):
         if current_owner() != owner:  # another thread's forward, or one nested in this one
             return
         exc = should_stop()
@@ -39,6 +41,7 @@ def stop_between_blocks(model: torch.nn.Module,
             raise exc
 
     handles = [block.register_forward_pre_hook(check) for block in block_modules(model)]
+    handles += [module.register_forward_hook(check) for module in also_after]
     try:
         yield
     finally:

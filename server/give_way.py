@@ -11,11 +11,15 @@ thread, as the worker would run them -- then the long request goes on, its own c
 for that time so its deadline counts only its own work.
 
 A forward gives way too (``in_forward``): between two of its blocks (the worker's stop check
-at each block's pre-hook calls ``give_way(at_block=True)``) and at those of its own sites
-that are hook points of a block itself (``ModelEntry.block_sites``), before each node its
-graph runs there (a graph running thousands of nodes at one site, say). The light requests run as
-forwards nested in it, on the same thread -- every served family's forward is re-entrant at
-a block boundary and at a block's own hook points (experiments over all served families,
+at each block's pre-hook calls ``give_way(at_block=True)``), inside each attention once its
+scores and once its pattern are made (the same check, after those hook points:
+``ModelEntry.attention_sites``; attention is most of a long sequence's block: a 28x256
+tiny-gpt2 block took ~50 ms, ~35 of them up to the pattern), and at those of its own sites
+that are hook points of a block itself or those attention points (``block_sites``), before
+each node its graph runs there (a graph running thousands of nodes at one site, say). The
+light requests run as forwards nested in it, on the same thread -- every served family's
+forward is re-entrant at a block boundary, at a block's own hook points and at those
+attention points (experiments over all served families,
 SECURITY.md; not at every hook point inside a component: TL's OPT MLP bridge keeps per-call
 state on itself) -- with hooks owned per forward (``module_sites.owned_by``: the
 interrupted forward's hooks stay silent in the nested ones) and its TL hook marks taken off

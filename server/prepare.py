@@ -74,6 +74,10 @@ class ModelEntry:
     # aliases): a forward may give way at them (server/give_way.py), nested forwards
     # re-entering no component that is part-way through its own forward
     block_sites: frozenset = frozenset()
+    # TL sites inside a block's attention where its scores and pattern are made
+    # (``blocks.N.attn.hook_attn_scores/hook_pattern``): a forward gives way there too
+    # (attention is most of a long sequence's block), re-entrant in every served family
+    attention_sites: frozenset = frozenset()
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
     # False: a later token changes earlier positions' outputs (probed at load), so requests
@@ -115,6 +119,26 @@ def block_sites(bridge, site_modules: dict) -> frozenset:
         return frozenset()
     own = {id(m) for block in block_modules(bridge) for m in block.children()
            if isinstance(m, HookPoint)}
+    return frozenset(name for name, m in site_modules.items() if id(m) in own)
+
+
+# Hook points of an attention component where the scores, then the pattern, exist
+ATTENTION_GIVE_WAY_POINTS = ("hook_attn_scores", "hook_pattern")
+
+
+def attention_sites(bridge, site_modules: dict) -> frozenset:
+    """The sites whose hook point is a block's attention's own ``hook_attn_scores`` or
+    ``hook_pattern``: between the attention's score, pattern and output computations. Every
+    served family's forward is re-entrant there (tests/test_families.py), unlike at hook
+    points of every component (OPT's MLP bridge)."""
+    from transformer_lens.hook_points import HookPoint
+
+    if bridge is None:
+        return frozenset()
+    own = {id(m) for block in block_modules(bridge)
+           for attn in [getattr(block, "attn", None)] if attn is not None
+           for name, m in attn.named_children()
+           if name in ATTENTION_GIVE_WAY_POINTS and isinstance(m, HookPoint)}
     return frozenset(name for name, m in site_modules.items() if id(m) in own)
 
 
@@ -198,6 +222,8 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused),
         weight_storages=weight_storages(hosted.model, hf_model),
         block_sites=block_sites(hosted.bridge if tl_refused is None else None, site_modules),
+        attention_sites=attention_sites(hosted.bridge if tl_refused is None else None,
+                                        site_modules),
         causal=causal, output_width=output_width)
 
 

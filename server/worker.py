@@ -183,6 +183,12 @@ def _input_shape(job: Job) -> tuple:
     return (int(shape[0]), int(shape[1])) if len(shape) == 2 else (1, 1)
 
 
+def _attention_points(entry) -> list:
+    """The modules inside each attention after which a forward checks its stop reasons (and
+    may give way) too, as it does between blocks (``ModelEntry.attention_sites``)."""
+    return [entry.site_modules[name] for name in sorted(entry.attention_sites)]
+
+
 def _rows(job: Job) -> int:
     return _input_shape(job)[0]
 
@@ -619,7 +625,8 @@ class ModelWorker(threading.Thread):
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
         done = None
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg) as marks, \
-                stop_between_blocks(watched, self._stop_reason([p])), \
+                stop_between_blocks(watched, self._stop_reason([p]),
+                                    _attention_points(p.entry)), \
                 self._may_give_way_in_forward(p, marks):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
@@ -655,7 +662,8 @@ class ModelWorker(threading.Thread):
                 p.interleaver.backward is not None or \
                 getattr(p.entry.hosted.original, "hf_device_map", None):
             return contextlib.nullcontext()
-        il, infos, ok = p.interleaver, p.interleaver.vg.site_infos, p.entry.block_sites
+        il, infos = p.interleaver, p.interleaver.vg.site_infos
+        ok = p.entry.block_sites | p.entry.attention_sites
         return self.give_way.in_forward(
             {p.job.conn.user}, marks.suspended,
             lambda: il.stage is not None and 0 <= il.stage < len(infos) and
@@ -722,7 +730,8 @@ class ModelWorker(threading.Thread):
             for p in ready:
                 marks.enter_context(marked_for_graph(entry.site_modules, p.interleaver.vg))
             marks.enter_context(stop_between_blocks(entry.hosted.bridge,
-                                                    self._stop_reason(ready)))
+                                                    self._stop_reason(ready),
+                                                    _attention_points(entry)))
             try:
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens, eager=ready[0].eager),

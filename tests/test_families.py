@@ -520,8 +520,9 @@ def test_gemma2_pyvene_keeps_final_logit_softcapping():
 
 def test_a_forward_is_reentrant_at_the_sites_it_gives_way_at(case):
     """A long forward lets waiting light requests run as forwards nested in it at its sites
-    that are a block's own hook points (server/give_way.py, ``ModelEntry.block_sites``). For
-    every such site of the family: a forward whose hook there runs a whole nested forward of
+    that are a block's own hook points and at its attention's scores and pattern
+    (server/give_way.py, ``ModelEntry.block_sites``, ``attention_sites``). For every such
+    site of the family: a forward whose hook there runs a whole nested forward of
     other tokens equals the same forward without nesting, and the nested one equals its solo
     run -- bit for bit. (Not every hook point inside a component is re-entrant: TL's OPT MLP
     bridge keeps per-call state on itself, so the server does not give way there.)"""
@@ -533,7 +534,12 @@ def test_a_forward_is_reentrant_at_the_sites_it_gives_way_at(case):
     noop = lambda act, hook: None  # noqa: E731  (a TL hook there: the same code paths)
     fired = 0
     with torch.no_grad():
-        for name in sorted(entry.block_sites):
+        # every block's own hook points; the attention points of the first and last block
+        # (every block's attention is the same code)
+        layers = sorted({int(n.split(".")[1]) for n in entry.attention_sites})
+        ends = {f"blocks.{k}." for k in layers[:1] + layers[-1:]}
+        attention = {n for n in entry.attention_sites if any(n.startswith(e) for e in ends)}
+        for name in sorted(entry.block_sites | attention):
             try:
                 alone = bridge.run_with_hooks(LOCAL_TOKENS, fwd_hooks=[(name, noop)])
             except ValueError as exc:  # behind one of TL's hook switches (off by default)

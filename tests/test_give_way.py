@@ -270,3 +270,40 @@ def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hos
     assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     torch.testing.assert_close(results["long"].values["y"], y)
+
+
+def test_light_requests_run_inside_a_long_forwards_attention(server, hosted):
+    """A forward gives way inside each attention too, once its scores are made and once its
+    pattern is (``ModelEntry.attention_sites``; attention is most of a long sequence's
+    block), whether or not its graph has nodes there. A request that only reads the logits:
+    three light requests of other users, queued while its last block's attention runs (the
+    test holds it just before the scores' hook point until they are), run as forwards nested
+    there and leave the last block before it does; each bit-equal to its solo run, the long
+    one equal to local TL. Before, it could give way only between blocks: they ran after."""
+    bridge = hosted["tiny-gpt2"].bridge
+    assert "blocks.1.attn.hook_attn_scores" in server.server.entries["tiny-gpt2"].attention_sites
+    light_tokens, light_logits, light_resid = light_reference(bridge)
+    long_tokens = torch.randint(0, 256, (5, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        long_logits = bridge(long_tokens)
+    started, order = threading.Event(), []
+    scheduler = server.server.worker.scheduler
+
+    def hold_until_queued(module, args):
+        if args[0].shape[0] == 5:  # the long forward, past its last point between blocks
+            started.set()
+            deadline = time.monotonic() + 60
+            while scheduler.qsize() < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    handles = [bridge.blocks[-1].attn.hook_attn_scores.register_forward_pre_hook(
+                   hold_until_queued),
+               bridge.blocks[-1].register_forward_hook(
+                   lambda module, args, output: order.append(args[0].shape[0]))]
+    results = long_beside_light(server, Connection(server.url), graph(),
+                                {"input_ids": long_tokens}, lambda: started.wait(60),
+                                {"input_ids": light_tokens}, handles)
+    assert_light_forwards_first(order, 5)  # (leaving the last block)
+    assert_light_results(results, light_logits, light_resid)
+    torch.testing.assert_close(results["long"].values["__logits__"], long_logits,
+                               rtol=0, atol=0)
