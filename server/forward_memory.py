@@ -30,16 +30,23 @@ def _first(config, *names, default=0) -> int:
 
 
 def attention_heads_and_width(config) -> tuple[int, int]:
-    """(attention heads, widest activation) of an HF config, under the names the families
-    use; the width is the MLP's hidden size where the config names one, else 4x the model's
-    (GPT-2's ``n_inner`` is None: 4x). A composite config's text model counts."""
+    """(attention heads, widest activation) of a TL config (``n_heads``, ``d_model``,
+    ``d_mlp``) or an HF one, under the names the families use; the width is the MLP's hidden
+    size where the config names one, else 4x the model's (GPT-2's ``n_inner`` is None: 4x).
+    A composite config's text model counts."""
     config = getattr(config, "text_config", None) or config
-    heads = _first(config, "num_attention_heads", "n_head", "num_heads", "n_heads",
+    heads = _first(config, "n_heads", "num_attention_heads", "n_head", "num_heads",
                    "encoder_attention_heads", default=1)
-    hidden = _first(config, "hidden_size", "n_embd", "d_model", "dim", default=1)
-    mlp = _first(config, "intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size",
-                 "hidden_dim", default=4 * hidden)
+    hidden = _first(config, "d_model", "hidden_size", "n_embd", "dim", default=1)
+    mlp = _first(config, "d_mlp", "intermediate_size", "n_inner", "ffn_dim", "d_ff",
+                 "ffn_hidden_size", "hidden_dim", default=4 * hidden)
     return heads, max(hidden, mlp)
+
+
+def model_config(hosted):
+    """The config the estimate reads: the TL bridge's where the model has one (every served
+    model has; its original module may be no HF model), else the HF model's."""
+    return hosted.bridge.cfg if hosted.bridge is not None else hosted.original.config
 
 
 def forward_activation_bytes(config, batch: int, seq: int, itemsize: int) -> int:
@@ -50,5 +57,5 @@ def forward_activation_bytes(config, batch: int, seq: int, itemsize: int) -> int
             WIDTH_COPIES * batch * seq * width) * itemsize
 
 
-__all__ = ["forward_activation_bytes", "attention_heads_and_width", "ATTENTION_COPIES",
+__all__ = ["forward_activation_bytes", "attention_heads_and_width", "model_config", "ATTENTION_COPIES",
            "WIDTH_COPIES"]

@@ -48,7 +48,7 @@ from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
 from hookwire.server.scheduler import Scheduler
-from hookwire.server.forward_memory import forward_activation_bytes
+from hookwire.server.forward_memory import forward_activation_bytes, model_config
 from hookwire.server.validation_cache import ValidationCache
 from hookwire.server.manifest import HookMode, probe_hook_mode
 from hookwire.server.tl_modes import flags_applied, marked_for_graph
@@ -266,7 +266,11 @@ class ModelWorker(threading.Thread):
     def batch_key(self, job: Job):
         if job.key == "unset":  # once per job, here in the worker thread (O(graph))
             entry = self.models.get(job.submit.graph.model)
-            job.key = None if entry is None else batch_key(job, entry)
+            try:
+                job.key = None if entry is None else batch_key(job, entry)
+            except Exception:  # a bug of ours: the request runs alone (and fails alone)
+                log.exception("keying a request for batching failed")
+                job.key = None
         return job.key
 
     def batch_fits(self, jobs: list[Job]) -> bool:
@@ -287,6 +291,9 @@ class ModelWorker(threading.Thread):
         try:
             check_forward_size(entry, jobs[0].submit.graph.forward, rows, seq, self.limits)
         except HookwireError:
+            return False
+        except Exception:  # a bug of ours: the request runs alone (and fails alone)
+            log.exception("sizing a batch failed")
             return False
         return True
 
@@ -973,7 +980,7 @@ def check_forward_size(entry, spec, batch: int, seq: int, limits: Limits) -> Non
     if size > limits.max_output_bytes:
         raise LimitExceeded(f"the forward of a {batch}x{seq} input would make {size} bytes of "
                             f"output; limit {limits.max_output_bytes}", rule="max_output_bytes")
-    held = size + forward_activation_bytes(entry.hosted.original.config, batch, seq,
+    held = size + forward_activation_bytes(model_config(entry.hosted), batch, seq,
                                            dtype.itemsize)
     if held > limits.max_forward_bytes:
         raise LimitExceeded(f"the forward of a {batch}x{seq} input would hold about {held} "

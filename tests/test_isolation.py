@@ -565,14 +565,15 @@ def test_a_forward_whose_activations_would_pass_the_limit_does_not_run(hosted, l
 FORWARD_PEAK_SCRIPT = textwrap.dedent("""
     import re, sys
     import torch
-    from hookwire.server.forward_memory import forward_activation_bytes
+    from hookwire.server.forward_memory import forward_activation_bytes, model_config
     from hookwire.server.heap import return_freed_memory
     from hookwire.server.models import load_model
     return_freed_memory()  # as a server: freed blocks go back, so growth is what is held
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
     name, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    bridge = load_model(name).bridge
+    hosted = load_model(name)
+    bridge = hosted.bridge
     status = lambda key: int(re.search(key + r":\\s+(\\d+)",
                                        open("/proc/self/status").read()).group(1)) * 1024
     tokens = torch.randint(0, 250, (batch, seq))
@@ -581,7 +582,7 @@ FORWARD_PEAK_SCRIPT = textwrap.dedent("""
     open("/proc/self/clear_refs", "w").write("5")  # the high-water mark starts again here
     logits = bridge(tokens)
     peak = status("VmHWM") - before
-    estimate = forward_activation_bytes(bridge.original_model.config, batch, seq, 4) + \\
+    estimate = forward_activation_bytes(model_config(hosted), batch, seq, 4) + \\
         logits.numel() * 4
     print(peak, estimate)
 """)
