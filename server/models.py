@@ -12,6 +12,7 @@ here with the reason (``UnsupportedModel``) -- at load, before a client ever ask
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -103,9 +104,10 @@ class HostedModel:
         """The HF model (inside the bridge, for causal LMs)."""
         return self.bridge.original_model if self.bridge is not None else self.hf_model
 
-    @property
+    @functools.cached_property
     def device(self) -> torch.device:
-        """Where inputs go: for a model spread over devices, accelerate's main device."""
+        """Where inputs go: for a model spread over devices, accelerate's main device. Read
+        once (every request asks; a served model never moves)."""
         return input_device(self.original)
 
     @property
