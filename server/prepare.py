@@ -74,9 +74,9 @@ class ModelEntry:
     # aliases): a forward may give way at them (server/give_way.py), nested forwards
     # re-entering no component that is part-way through its own forward
     block_sites: frozenset = frozenset()
-    # TL sites inside a block's attention where its scores and pattern are made
-    # (``blocks.N.attn.hook_attn_scores/hook_pattern``): a forward gives way there too
-    # (attention is most of a long sequence's block), re-entrant in every served family
+    # TL sites of a block's attention where its scores, pattern and output are made
+    # (``blocks.N.attn.hook_attn_scores/hook_pattern/hook_out``): a forward gives way there
+    # too (attention is most of a long sequence's block), re-entrant in every served family
     attention_sites: frozenset = frozenset()
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
@@ -122,13 +122,15 @@ def block_sites(bridge, site_modules: dict) -> frozenset:
     return frozenset(name for name, m in site_modules.items() if id(m) in own)
 
 
-# Hook points of an attention component where the scores, then the pattern, exist
-ATTENTION_GIVE_WAY_POINTS = ("hook_attn_scores", "hook_pattern")
+# Hook points of an attention component where its scores, its pattern, then its output
+# exist (the last splits a block's attention from its MLP)
+ATTENTION_GIVE_WAY_POINTS = ("hook_attn_scores", "hook_pattern", "hook_out")
 
 
 def attention_sites(bridge, site_modules: dict) -> frozenset:
-    """The sites whose hook point is a block's attention's own ``hook_attn_scores`` or
-    ``hook_pattern``: between the attention's score, pattern and output computations. Every
+    """The sites whose hook point is a block's attention's own ``hook_attn_scores``,
+    ``hook_pattern`` or ``hook_out``: between the attention's score, pattern and output
+    computations, and between the attention and the MLP. Every
     served family's forward is re-entrant there (tests/test_families.py), unlike at hook
     points of every component (OPT's MLP bridge)."""
     from transformer_lens.hook_points import HookPoint

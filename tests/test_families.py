@@ -520,7 +520,7 @@ def test_gemma2_pyvene_keeps_final_logit_softcapping():
 
 def test_a_forward_is_reentrant_at_the_sites_it_gives_way_at(case):
     """A long forward lets waiting light requests run as forwards nested in it at its sites
-    that are a block's own hook points and at its attention's scores and pattern
+    that are a block's own hook points and at its attention's scores, pattern and output
     (server/give_way.py, ``ModelEntry.block_sites``, ``attention_sites``). For every such
     site of the family: a forward whose hook there runs a whole nested forward of
     other tokens equals the same forward without nesting, and the nested one equals its solo
