@@ -142,6 +142,23 @@ def test_scheduler_is_round_robin_across_users():
         small.put("b", "u")
 
 
+def test_a_user_whose_queue_emptied_goes_before_one_served_a_moment_ago():
+    """The least recently served user goes first: a request that arrives while a co-tenant's
+    batch runs goes before that co-tenant's next one (before: rotation order put it behind,
+    as its user had left the rotation when its queue emptied, so it waited for the
+    co-tenant's next long forward too)."""
+    sched = Scheduler(max_queued_per_user=100, window_s=0.0, max_rows=1, max_tokens=10**6)
+    key, size = (lambda job: "same"), (lambda job: 1)
+    sched.put("v0", "victim")
+    assert sched.next_batch(key, size, size) == ["v0"]  # the victim's queue is empty now
+    for i in range(3):
+        sched.put(f"g{i}", "greedy")
+    assert sched.next_batch(key, size, size) == ["g0"]  # ... while this one runs:
+    sched.put("v1", "victim")
+    assert sched.next_batch(key, size, size) == ["v1"]
+    assert sched.next_batch(key, size, size) == ["g1"]
+
+
 def test_the_batch_window_ends_when_no_mate_can_come():
     """``may_join`` says whether a request not queued yet could still join: while it says
     yes the scheduler waits (here: until a mate arrives), once it says no the batch goes at
