@@ -139,6 +139,7 @@ class GiveWay:
             worker.current = outer
             for job in jobs:
                 job.finish()
+            worker.scheduler.finished({job.conn.user for job in jobs})
             self._running = False
         end = time.perf_counter()
         self._next_at = end + max(end - now, self.QUANTUM_S)  # its own turn, at least as long

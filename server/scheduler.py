@@ -41,10 +41,10 @@ class Scheduler:
         self.window_s, self.max_rows, self.max_tokens = window_s, max_rows, max_tokens
         self._cond = threading.Condition()
         self._queues: OrderedDict[str, deque] = OrderedDict()  # user -> jobs, rotation order
-        # user -> the number of the batch that last served it (the least recently served
-        # user goes first: see _take); at most RECALLED_USERS users without queued jobs
+        # user -> when a batch serving it last finished (``finished``: the least recently
+        # served user goes first, see _take); at most RECALLED_USERS users
         self._last_served: OrderedDict[str, int] = OrderedDict()
-        self._batches = 0
+        self._finished = 0
         self._closed = False
 
     def put(self, job, user: str) -> int:
@@ -116,10 +116,13 @@ class Scheduler:
 
     def _take(self, key, rows, tokens, fits=None, accept=None) -> list:
         accept = accept or (lambda job: True)
-        # Least recently served first (never served: first of all; ties: rotation order).
-        # Rotation order alone put a user whose queue had just emptied behind one served a
-        # moment ago: a victim whose request arrived during a co-tenant's long forward waited
-        # for the co-tenant's *next* one to start too (bench_fairness.py unread: ~90 ms).
+        # Least recently served first -- by when its last batch *finished* (never served:
+        # first of all; ties: rotation order). Rotation order alone put a user whose queue had
+        # just emptied behind one served a moment ago, and the start of a batch is no better:
+        # a victim served inside a co-tenant's long forward (server/give_way.py) would count
+        # as served after it. Either way a victim whose request arrived during a co-tenant's
+        # long forward waited for the co-tenant's *next* one to start too (bench_fairness.py
+        # unread: ~90 ms).
         users = sorted((u for u, q in self._queues.items() if q and accept(q[0])),
                        key=lambda u: self._last_served.get(u, -1))
         first = self._queues[users[0]].popleft()
@@ -144,16 +147,22 @@ class Scheduler:
                     served.append(user)
                     progress = True
         # Rotate: users served go to the back, so the next batch starts with someone else.
-        self._batches += 1
         for user in dict.fromkeys(served):
             q = self._queues.pop(user)
             if q:
                 self._queues[user] = q
-            self._last_served.pop(user, None)
-            self._last_served[user] = self._batches
-        while len(self._last_served) > RECALLED_USERS:  # forget the least recently served
-            self._last_served.popitem(last=False)
         return batch
+
+    def finished(self, users) -> None:
+        """A batch of these users' jobs finished (the worker says so, for nested batches
+        too): they are now the most recently served."""
+        with self._cond:
+            self._finished += 1
+            for user in users:
+                self._last_served.pop(user, None)
+                self._last_served[user] = self._finished
+            while len(self._last_served) > RECALLED_USERS:  # forget the least recent
+                self._last_served.popitem(last=False)
 
 
 __all__ = ["Scheduler"]

@@ -319,6 +319,7 @@ class ModelWorker(threading.Thread):
                 self.current = []
                 for job in jobs:
                     job.finish()
+                self.scheduler.finished({job.conn.user for job in jobs})
                 del jobs
             self.collections.busy()
 

@@ -142,20 +142,25 @@ def test_scheduler_is_round_robin_across_users():
         small.put("b", "u")
 
 
-def test_a_user_whose_queue_emptied_goes_before_one_served_a_moment_ago():
-    """The least recently served user goes first: a request that arrives while a co-tenant's
-    batch runs goes before that co-tenant's next one (before: rotation order put it behind,
-    as its user had left the rotation when its queue emptied, so it waited for the
-    co-tenant's next long forward too)."""
+def test_the_user_served_least_recently_goes_first():
+    """The user whose last batch finished longest ago goes first: a request that arrives
+    while a co-tenant's long batch runs -- its user served meanwhile inside that batch, as
+    a long forward gives way -- goes before the co-tenant's next one. (Before: rotation order
+    put it behind, its user having left the rotation when its queue emptied, so it waited
+    for the co-tenant's next long forward to start too.)"""
     sched = Scheduler(max_queued_per_user=100, window_s=0.0, max_rows=1, max_tokens=10**6)
     key, size = (lambda job: "same"), (lambda job: 1)
-    sched.put("v0", "victim")
-    assert sched.next_batch(key, size, size) == ["v0"]  # the victim's queue is empty now
+    others = lambda job: not job.startswith("g")  # noqa: E731  (as GiveWay.light)
     for i in range(3):
         sched.put(f"g{i}", "greedy")
-    assert sched.next_batch(key, size, size) == ["g0"]  # ... while this one runs:
+    assert sched.next_batch(key, size, size) == ["g0"]  # a long batch; while it runs:
+    sched.put("v0", "victim")
+    assert sched.take_now(others, key, size, size) == ["v0"]  # served inside it
+    sched.finished(["victim"])
     sched.put("v1", "victim")
+    sched.finished(["greedy"])  # the long batch ends
     assert sched.next_batch(key, size, size) == ["v1"]
+    sched.finished(["victim"])
     assert sched.next_batch(key, size, size) == ["g1"]
 
 
