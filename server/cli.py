@@ -65,8 +65,12 @@ class _AnnounceWhenListening(threading.Event):
 
 
 def cmd_serve(args) -> int:
-    from hookwire.server.heap import return_freed_memory
+    from hookwire.server.heap import model_threads, return_freed_memory
     return_freed_memory()  # before any thread starts (server/heap.py)
+    if args.threads is not None and args.threads < 1:
+        _err("--threads must be at least 1")
+        return 2
+    model_threads(args.threads)
     api_keys = None
     if args.api_key_file:
         try:
@@ -314,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-window-ms", type=float, default=5.0,
                    help="how long a request waits for batch mates at most (default 5 ms; "
                         "not at all when no other connection could send one)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch's CPU threads for the model (default: one core fewer than the "
+                        "machine has, at least one: the front keeps a core to answer others "
+                        "while a co-tenant's large op runs)")
     s.add_argument("--max-request-seconds", type=float, default=600.0,
                    help="wall-time limit of one request (default 600)")
     s.add_argument("--max-weight-bytes", type=int, default=2 << 30,

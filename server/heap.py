@@ -1,4 +1,4 @@
-"""The serving process's heap and Python's cycle collector.
+"""The serving process's heap, Python's cycle collector, and torch's threads.
 
 A server holds millions of long-lived objects (torch, transformers, the models' modules and
 parameters). Each full collection of the cycle collector walks all of them, with the GIL held:
@@ -19,13 +19,14 @@ when the model worker is idle and a minute has passed, or every ten minutes rega
 Young generations are still collected as usual.
 
 Freed memory must also go back to the system: ``return_freed_memory`` sets glibc's malloc so
-that it does (see there).
+that it does (see there); and ``model_threads`` leaves the front a core.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import os
 import platform
 import time
 
@@ -79,6 +80,19 @@ def return_freed_memory() -> bool:
         bool(libc.mallopt(_M_ARENA_MAX, ARENA_MAX))
 
 
+def model_threads(threads: int | None = None) -> int:
+    """Set torch's CPU threads for this serving process: ``threads``, or by default one core
+    fewer than the machine has (at least one). With every core given to torch, one tenant's
+    large op (a 512x512 matmul chain, a 28x256 forward) took them all, and the event loop
+    that answers everyone else waited for a core (``bench/bench_fairness.py`` padding: victim
+    p99 2.48x idle with two threads on two cores, 1.49x with one). Returns the count."""
+    import torch
+
+    count = threads if threads is not None else max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(count)
+    return count
+
+
 class FullCollections:
     """When the model worker runs a full collection itself (only where ``collect_rarely``
     turned the automatic ones off): ``idle()`` when nothing is queued, ``busy()`` after each
@@ -108,4 +122,4 @@ class FullCollections:
         return True
 
 
-__all__ = ["freeze_startup_heap", "collect_rarely", "return_freed_memory", "FullCollections", "NO_AUTOMATIC_FULL"]
+__all__ = ["freeze_startup_heap", "collect_rarely", "return_freed_memory", "model_threads", "FullCollections", "NO_AUTOMATIC_FULL"]

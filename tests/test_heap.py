@@ -123,3 +123,16 @@ def test_freed_blocks_go_back_to_the_system():
     # glibc's default keeps the 128 MiB freed (its threshold rose to the 24 MiB block's size)
     assert retained_mib("default") > 64
     assert retained_mib("tuned") < 8
+
+
+def test_the_model_leaves_the_front_a_core():
+    """``model_threads`` (``hookwire serve``'s default, in a fresh process: torch's threads
+    are the process's): one core fewer than the machine has, at least one; or as asked."""
+    script = ("import os, torch; from hookwire.server.heap import model_threads; "
+              "print(model_threads(), torch.get_num_threads(), model_threads(3), "
+              "torch.get_num_threads(), os.cpu_count())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)
+    default, got, asked, got_asked, cores = map(int, out.stdout.split())
+    assert default == got == max(1, cores - 1)
+    assert asked == got_asked == 3
