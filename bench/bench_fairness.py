@@ -71,11 +71,12 @@ KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "vie
 def serve() -> None:
     import hookwire.server as hs
     from hookwire.server.heap import (collect_rarely, freeze_startup_heap, model_threads,
-                                      return_freed_memory)
+                                      return_freed_memory, switch_gil_often)
     from hookwire.validate import Limits
 
     return_freed_memory()  # as `hookwire serve` does, before any thread starts
     model_threads()  # as `hookwire serve` does by default
+    switch_gil_often()  # as `hookwire serve` does
 
     handle = hs.start(models=[MODEL], port=0, api_keys=[VICTIM_KEY, ATTACKER_KEY],
                       limits=Limits(**LIMITS))

@@ -65,8 +65,9 @@ class _AnnounceWhenListening(threading.Event):
 
 
 def cmd_serve(args) -> int:
-    from hookwire.server.heap import model_threads, return_freed_memory
+    from hookwire.server.heap import model_threads, return_freed_memory, switch_gil_often
     return_freed_memory()  # before any thread starts (server/heap.py)
+    switch_gil_often()
     if args.threads is not None and args.threads < 1:
         _err("--threads must be at least 1")
         return 2

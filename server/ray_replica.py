@@ -17,7 +17,8 @@ import os
 
 from hookwire.errors import HookwireError
 from hookwire.server import replies
-from hookwire.server.heap import collect_rarely, freeze_startup_heap, return_freed_memory
+from hookwire.server.heap import (collect_rarely, freeze_startup_heap, return_freed_memory,
+                                  switch_gil_often)
 from hookwire.server.prepare import prepare_model
 from hookwire.server.relay_session import is_final
 from hookwire.server.job_payload import job_from_payload
@@ -76,6 +77,7 @@ class ModelReplica:
     def __init__(self, model_spec: str, limits: dict, batching: bool, window_s: float,
                  device_map=None, dtype=None, device=None):
         return_freed_memory()  # before the worker's threads start (server/heap.py)
+        switch_gil_often()
         hosted = load_model(model_spec, device_map=device_map, dtype=dtype, device=device)
         self.name = hosted.name
         self.entry = prepare_model(hosted)

@@ -136,3 +136,15 @@ def test_the_model_leaves_the_front_a_core():
     default, got, asked, got_asked, cores = map(int, out.stdout.split())
     assert default == got == max(1, cores - 1)
     assert asked == got_asked == 3
+
+
+def test_the_serving_process_switches_the_gil_every_millisecond():
+    """``switch_gil_often`` (``hookwire serve``, in a fresh process: the interval is the
+    process's): Python's default 5 ms turns become 1 ms."""
+    script = ("import sys; from hookwire.server.heap import switch_gil_often; "
+              "before = sys.getswitchinterval(); switch_gil_often(); "
+              "print(before, sys.getswitchinterval())")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, check=True)
+    before, after = map(float, out.stdout.split())
+    assert before == 0.005 and after == 0.001
