@@ -57,5 +57,5 @@ def forward_activation_bytes(config, batch: int, seq: int, itemsize: int) -> int
             WIDTH_COPIES * batch * seq * width) * itemsize
 
 
-__all__ = ["forward_activation_bytes", "attention_heads_and_width", "model_config", "ATTENTION_COPIES",
-           "WIDTH_COPIES"]
+__all__ = ["forward_activation_bytes", "attention_heads_and_width", "model_config",
+           "ATTENTION_COPIES", "WIDTH_COPIES"]

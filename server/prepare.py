@@ -78,6 +78,8 @@ class ModelEntry:
     # (``blocks.N.attn.hook_attn_scores/hook_pattern/hook_out``): a forward gives way there
     # too (attention is most of a long sequence's block), re-entrant in every served family
     attention_sites: frozenset = frozenset()
+    # ... and their modules, each once: a forward's stop check runs after each
+    attention_points: tuple = ()
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
     # False: a later token changes earlier positions' outputs (probed at load), so requests
@@ -108,6 +110,12 @@ def weight_storages(*models) -> frozenset:
                      if t.numel() and t.device.type != "meta")
 
 
+def _sites_at(site_modules: dict, modules) -> frozenset:
+    """The names (aliases included) under which ``modules`` are sites."""
+    own = {id(m) for m in modules}
+    return frozenset(name for name, m in site_modules.items() if id(m) in own)
+
+
 def block_sites(bridge, site_modules: dict) -> frozenset:
     """The sites whose hook point is a direct child of one of the bridge's blocks. A
     component inside a block may keep per-call state on itself (TL's OPT MLP bridge does:
@@ -117,9 +125,8 @@ def block_sites(bridge, site_modules: dict) -> frozenset:
 
     if bridge is None:
         return frozenset()
-    own = {id(m) for block in block_modules(bridge) for m in block.children()
-           if isinstance(m, HookPoint)}
-    return frozenset(name for name, m in site_modules.items() if id(m) in own)
+    return _sites_at(site_modules, (m for block in block_modules(bridge)
+                                    for m in block.children() if isinstance(m, HookPoint)))
 
 
 # Hook points of an attention component where its scores, its pattern, then its output
@@ -127,21 +134,20 @@ def block_sites(bridge, site_modules: dict) -> frozenset:
 ATTENTION_GIVE_WAY_POINTS = ("hook_attn_scores", "hook_pattern", "hook_out")
 
 
-def attention_sites(bridge, site_modules: dict) -> frozenset:
-    """The sites whose hook point is a block's attention's own ``hook_attn_scores``,
-    ``hook_pattern`` or ``hook_out``: between the attention's score, pattern and output
-    computations, and between the attention and the MLP. Every
-    served family's forward is re-entrant there (tests/test_families.py), unlike at hook
-    points of every component (OPT's MLP bridge)."""
+def attention_points(bridge) -> tuple:
+    """The hook-point modules of each block's attention named in
+    ``ATTENTION_GIVE_WAY_POINTS``: between the attention's score, pattern and output
+    computations, and between the attention and the MLP. Every served family's forward is
+    re-entrant there (tests/test_families.py), unlike at hook points of every component
+    (OPT's MLP bridge)."""
     from transformer_lens.hook_points import HookPoint
 
     if bridge is None:
-        return frozenset()
-    own = {id(m) for block in block_modules(bridge)
-           for attn in [getattr(block, "attn", None)] if attn is not None
-           for name, m in attn.named_children()
-           if name in ATTENTION_GIVE_WAY_POINTS and isinstance(m, HookPoint)}
-    return frozenset(name for name, m in site_modules.items() if id(m) in own)
+        return ()
+    return tuple(m for block in block_modules(bridge)
+                 for attn in [getattr(block, "attn", None)] if attn is not None
+                 for name, m in attn.named_children()
+                 if name in ATTENTION_GIVE_WAY_POINTS and isinstance(m, HookPoint))
 
 
 def prepare_model(hosted: HostedModel) -> ModelEntry:
@@ -216,6 +222,8 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         for name, t in list(hf_model.named_parameters(remove_duplicate=False)) + \
                 list(hf_model.named_buffers(remove_duplicate=False)):
             parameters.setdefault(name, t.detach())
+    tl_bridge = hosted.bridge if tl_refused is None else None
+    points = attention_points(tl_bridge)
     return ModelEntry(
         hosted=hosted, sites=sites, site_table=site_table, site_order=site_order,
         info_json=dump(info), site_modules=site_modules, hf_model=hf_model, unserved=unserved,
@@ -223,9 +231,8 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         parameters=parameters, value_ranges=value_ranges(sites, hosted.bridge, hf_model),
         solo_replace_sites=_solo_replace_sites(hosted, sites, site_modules, tl_refused),
         weight_storages=weight_storages(hosted.model, hf_model),
-        block_sites=block_sites(hosted.bridge if tl_refused is None else None, site_modules),
-        attention_sites=attention_sites(hosted.bridge if tl_refused is None else None,
-                                        site_modules),
+        block_sites=block_sites(tl_bridge, site_modules),
+        attention_sites=_sites_at(site_modules, points), attention_points=points,
         causal=causal, output_width=output_width)
 
 

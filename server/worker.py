@@ -183,12 +183,6 @@ def _input_shape(job: Job) -> tuple:
     return (int(shape[0]), int(shape[1])) if len(shape) == 2 else (1, 1)
 
 
-def _attention_points(entry) -> list:
-    """The modules inside each attention after which a forward checks its stop reasons (and
-    may give way) too, as it does between blocks (``ModelEntry.attention_sites``)."""
-    return [entry.site_modules[name] for name in sorted(entry.attention_sites)]
-
-
 def _rows(job: Job) -> int:
     return _input_shape(job)[0]
 
@@ -634,7 +628,7 @@ class ModelWorker(threading.Thread):
         done = None
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg) as marks, \
                 stop_between_blocks(watched, self._stop_reason([p]),
-                                    _attention_points(p.entry)), \
+                                    p.entry.attention_points), \
                 self._may_give_way_in_forward(p, marks):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,
@@ -739,7 +733,7 @@ class ModelWorker(threading.Thread):
                 marks.enter_context(marked_for_graph(entry.site_modules, p.interleaver.vg))
             marks.enter_context(stop_between_blocks(entry.hosted.bridge,
                                                     self._stop_reason(ready),
-                                                    _attention_points(entry)))
+                                                    entry.attention_points))
             try:
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens, eager=ready[0].eager),
