@@ -10,9 +10,14 @@ import threading
 
 import hookwire.server as hs
 from hookwire.families import build_hf_model
+from hookwire.server.heap import return_freed_memory, switch_gil_often
 from hookwire.server.models import BUILTIN_MODELS
 
 if __name__ == "__main__":
+    # Set up as `hookwire serve` sets up its process (server/cli.py), before any thread
+    # starts: the benchmarks measure the server as it is deployed.
+    return_freed_memory()
+    switch_gil_often()
     args = sys.argv[1:]
     batching = "--no-batching" not in args
     options = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)

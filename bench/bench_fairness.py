@@ -29,6 +29,14 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
+    .venv/bin/python bench/bench_fairness.py --seconds 20 --control   # and the control
+
+``--control`` runs each kind's attack a second time against *another* server process on this
+machine while the victim keeps using the first: what the attacker's load costs the victim when
+a co-tenant's requests are served by the operating system's process scheduler instead of by
+the shared server's -- on a small machine the attacker's client and its server take cores the
+victim's client and server would use. ``shared p99 / control p99`` is the part of the slowdown
+the shared server adds over that separation.
 """
 from __future__ import annotations
 
@@ -345,11 +353,58 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] if xs else float("nan")
 
 
+def start_server(me: str) -> tuple[subprocess.Popen, str]:
+    """A fresh server process (``--serve``) and its URL."""
+    server = subprocess.Popen([sys.executable, me, "--serve"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    line = server.stdout.readline()
+    if not line.startswith("READY"):
+        stop_server(server)
+        raise RuntimeError(f"server did not start: {line!r}")
+    return server, line.split()[1]
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        server.stdin.close()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def under_attack(me: str, kind: str, seconds: float, victim_url: str, attack_url: str,
+                 reference, sampler: RssSampler) -> dict:
+    """The victim's requests to ``victim_url`` while the attacker sends ``kind`` to
+    ``attack_url`` (the same server, or -- the control -- another one on this machine)."""
+    attacker = subprocess.Popen([sys.executable, me, "--attack", kind, "--url", attack_url,
+                                 "--seconds", str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        settle = min(2.0, seconds / 10)
+        time.sleep(settle)  # the attack is under way
+        sampler.samples.clear()
+        lat, wrong, failed, _ = victim(victim_url, seconds - 2 * settle, reference)
+        peak = max(sampler.samples)
+        out = attacker.communicate(timeout=seconds + 120)[0]
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+            attacker.wait()
+    sent = json.loads(out.strip().splitlines()[-1])["sent"] if out.strip() else 0
+    return {"lat": lat, "wrong": wrong, "failed": failed, "peak": peak, "sent": sent,
+            "timings": list(victim.timings)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=60.0, help="attack length per kind")
     ap.add_argument("--idle-seconds", type=float, default=15.0, help="idle phase per kind")
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--control", action="store_true",
+                    help="per kind, also run the attack against a second server on this "
+                         "machine while the victim uses the first: what the machine itself "
+                         "(the attacker's client, a core taken) costs the victim")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--attack", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
@@ -367,43 +422,30 @@ def main() -> int:
     for kind in args.kinds.split(","):
         # A fresh server per kind: what one attack leaves in the allocator does not count
         # against the next, and each kind has its own idle figures.
-        server = subprocess.Popen([sys.executable, me, "--serve"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+        server, url = start_server(me)
+        other = None
         try:
-            line = server.stdout.readline()
-            if not line.startswith("READY"):
-                raise RuntimeError(f"server did not start: {line!r}")
-            url = line.split()[1]
             victim(url, 3.0, None)  # warm up
             sampler = RssSampler(server.pid)
             sampler.start()
             lat, wrong, failed, reference = victim(url, args.idle_seconds, None)
             idle = {"p50": statistics.median(lat), "p99": pct(lat, 0.99),
                     "rss": statistics.median(sampler.samples), "n": len(lat)}
-            attacker = subprocess.Popen([sys.executable, me, "--attack", kind, "--url", url,
-                                         "--seconds", str(args.seconds)],
-                                        stdout=subprocess.PIPE, text=True)
-            try:
-                settle = min(2.0, args.seconds / 10)
-                time.sleep(settle)  # the attack is under way
-                sampler.samples.clear()
-                lat, wrong, failed, _ = victim(url, args.seconds - 2 * settle, reference)
-                peak = max(sampler.samples)
-                out = attacker.communicate(timeout=args.seconds + 120)[0]
-            finally:
-                if attacker.poll() is None:
-                    attacker.kill()
-                    attacker.wait()
+            control = None
+            if args.control:
+                other, other_url = start_server(me)
+                control = under_attack(me, kind, args.seconds, url, other_url, reference,
+                                       sampler)
+                stop_server(other)
+                other = None
+            attacked = under_attack(me, kind, args.seconds, url, url, reference, sampler)
             sampler.running = False
         finally:
-            if server.poll() is None:
-                server.stdin.close()
-                try:
-                    server.wait(60)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
-        sent = json.loads(out.strip().splitlines()[-1])["sent"] if out.strip() else 0
+            for proc in (other, server):
+                if proc is not None:
+                    stop_server(proc)
+        lat, wrong, failed = attacked["lat"], attacked["wrong"], attacked["failed"]
+        sent, peak = attacked["sent"], attacked["peak"]
         row = {"kind": kind, "attacker_messages": sent, "victim_requests": len(lat),
                "idle_p50_ms": idle["p50"] * 1e3, "idle_p99_ms": idle["p99"] * 1e3,
                "idle_rss_mib": idle["rss"] / MiB,
@@ -413,6 +455,16 @@ def main() -> int:
                "p99_x": pct(lat, 0.99) / idle["p99"] if lat else None,
                "peak_rss_mib": peak / MiB, "rss_x": peak / idle["rss"],
                "wrong": wrong, "failed": len(failed), "failures": failed[:3]}
+        if control is not None and control["lat"]:
+            c_lat = control["lat"]
+            row["control"] = {"attacker_messages": control["sent"],
+                              "victim_requests": len(c_lat),
+                              "p50_ms": statistics.median(c_lat) * 1e3,
+                              "p99_ms": pct(c_lat, 0.99) * 1e3,
+                              "p99_x": pct(c_lat, 0.99) / idle["p99"],
+                              "wrong": control["wrong"], "failed": len(control["failed"])}
+            row["p99_over_control"] = row["p99_ms"] / row["control"]["p99_ms"] \
+                if lat else None
         rows.append(row)
         ok = row["p99_x"] is not None and row["p99_x"] <= 2 and row["rss_x"] <= 1.5 and \
             not wrong and not failed
@@ -424,12 +476,20 @@ def main() -> int:
               f"{row['peak_rss_mib']:5.0f} MiB ({row['rss_x']:4.2f}x idle "
               f"{row['idle_rss_mib']:.0f}) | wrong {wrong} failed {len(failed)} "
               f"{'ok' if ok else 'OVER GOAL'}", flush=True)
+        if "control" in row:
+            c = row["control"]
+            print(f"    control (attack on another server): attacker sent "
+                  f"{c['attacker_messages']:6d} | victim p50 {c['p50_ms']:6.1f} ms p99 "
+                  f"{c['p99_ms']:6.1f} ms ({c['p99_x']:4.2f}x idle) | shared p99 / control "
+                  f"p99 {row['p99_over_control'] or float('nan'):4.2f}x | wrong {c['wrong']} "
+                  f"failed {c['failed']}", flush=True)
         for failure in row["failures"]:
             print(f"    failed: {failure}", flush=True)
         # Where the slowest 1% of the victim's requests spent their time, by the server's own
         # timings: waiting in the queue, validating, executing, and the rest (messages,
         # parsing, admission, the client).
-        slow = sorted(victim.timings, key=lambda lt: lt[0])[-max(1, len(victim.timings) // 100):]
+        timings = attacked["timings"]
+        slow = sorted(timings, key=lambda lt: lt[0])[-max(1, len(timings) // 100):]
         if slow:
             parts = {k: statistics.median(t.get(k, 0.0) for _, t in slow) * 1e3
                      for k in ("queued_s", "validate_s", "execute_s")}
@@ -441,7 +501,8 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"limits": LIMITS, "seconds": args.seconds,
-                       "idle_seconds": args.idle_seconds, "rows": rows}, f, indent=2)
+                       "idle_seconds": args.idle_seconds, "control": args.control,
+                       "rows": rows}, f, indent=2)
     return code
 
 

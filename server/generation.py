@@ -173,9 +173,7 @@ def run_generation(worker, p, forwards: list) -> None:
     job.answered()
     job.conn.send_threadsafe(replies.done(
         job.request_id, sent[0], job.received_bytes,
-        timings={"queued_s": p.t_start - job.enqueued, "validate_s": p.t_validated - p.t_start,
-                 "execute_s": t_done - p.t_validated, "batch_size": 1.0,
-                 "tokens": float(steps)}))
+        timings=p.timings(t_done, batch_size=1.0, tokens=float(steps))))
 
 
 __all__ = ["validate_generation", "run_generation"]

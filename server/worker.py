@@ -101,13 +101,17 @@ class Job:
 
 @dataclass
 class Prepared:
-    """A validated request, ready to run alone or in a batch."""
+    """A validated request, ready to run alone or in a batch. ``t_start`` is its deadline
+    clock (moved on by the time it gave way to others); ``t_validated`` when its run began;
+    ``began`` and ``validated_at`` the wall times its timings report (never moved)."""
     job: Job
     entry: object
     interleaver: Interleaver
     tokens: torch.Tensor
     t_start: float
     t_validated: float
+    began: float = 0.0
+    validated_at: float = 0.0
     sent: list = field(default_factory=lambda: [0])
     sent_names: set = field(default_factory=set)  # saves already streamed (not re-sent on retry)
     constants: dict = field(default_factory=dict)  # on the device, to rebuild the interleaver
@@ -121,6 +125,13 @@ class Prepared:
     narrow: tuple | None = None        # (site, call) of a narrowing write (server.narrowing)
     generation: list | None = None     # a generate request's validated forwards
     residual: torch.Tensor | None = None  # start_at_layer: the residual entering block k
+
+    def timings(self, t_done: float, **counts: float) -> dict[str, float]:
+        """The ``done`` message's timings: waiting in the queue, validating, running (wall
+        times, whatever was given way to others meanwhile), and ``counts``."""
+        return {"queued_s": self.began - self.job.enqueued,
+                "validate_s": self.validated_at - self.began,
+                "execute_s": t_done - self.t_validated, **counts}
 
     def release(self) -> None:
         """The request is over: drop what it holds (no cycle keeps it for the collector)."""
@@ -467,10 +478,13 @@ class ModelWorker(threading.Thread):
             self.validated.put(key, vg, tables)
         if job.submit.generate is None:
             check_results_can_be_sent(job, vg, graph.forward, outputs)
+        began = t_start
         t_start = clock.t_start
         device = entry.hosted.device
         constants = {k: v if is_parameter(k) else v.to(device) for k, v in constants.items()}
-        p = Prepared(job, entry, None, input_ids.to(device), t_start, time.perf_counter(),
+        validated_at = time.perf_counter()
+        p = Prepared(job, entry, None, input_ids.to(device), t_start, validated_at,
+                     began=began, validated_at=validated_at,
                      mask=_attention_mask(job, graph, input_ids, device),
                      positions=_position_ids(job, graph, input_ids, entry, device),
                      on_modules=on_modules, eager=any(info.eager for info in vg.site_infos),
@@ -777,9 +791,7 @@ class ModelWorker(threading.Thread):
                 self._saver(p)(f"__{kind}__", value, snapshot=False, keep=False)
         p.interleaver.finish(outputs, on_backward)
         t_done = time.perf_counter()
-        timings = {"queued_s": p.t_start - p.job.enqueued,
-                   "validate_s": p.t_validated - p.t_start,
-                   "execute_s": t_done - p.t_validated, "batch_size": float(batch_size)}
+        timings = p.timings(t_done, batch_size=float(batch_size))
         if "backward_s" in p.interleaver.timings:
             timings["backward_s"] = p.interleaver.timings["backward_s"]
         return replies.done(p.job.request_id, p.sent[0], p.job.received_bytes, timings)

@@ -172,6 +172,11 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     for name in LONG_SITES:
         torch.testing.assert_close(results["long"].values[name], seen[name])
+    # Its timings are wall times: the time it gave way moves its deadline clock, not them
+    # (its validation once came out negative by that time).
+    timings = results["long"].timings
+    assert min(timings["queued_s"], timings["validate_s"], timings["execute_s"]) >= 0, timings
+    assert timings["execute_s"] > timings["queued_s"] + timings["validate_s"], timings
 
 
 def test_light_requests_run_while_a_request_materialises_large_views(hosted):
