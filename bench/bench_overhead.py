@@ -15,6 +15,14 @@ of the same run; both processes run torch single-threaded.
     python bench/bench_overhead.py [--rounds 40] [--model tiny-gpt2] [--json out.json]
     python bench/bench_overhead.py --in-process       # the server in a thread of this process
     python bench/bench_overhead.py --profile client   # cProfile of the remote ablation calls
+
+Each remote call's time is also split (``breakdown`` in the report, medians in ms): the
+client before its request is sent (tracing the hooks, TL's own hook bookkeeping), the
+server's own timings (queued, validating, executing: the forward with the graph's nodes and
+sending the results), the rest of ``Connection.run`` (encoding and sending the request, the
+front receiving and admitting it, the hand-offs between the server's threads, the results'
+transfer and decoding), and the client after the answer (putting values in place, TL's
+clean-up).
 """
 from __future__ import annotations
 
@@ -37,6 +45,36 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from server_proc import ServerProcess  # noqa: E402
 
 ANSWER, WRONG = 5, 7
+
+
+class CallClock:
+    """Stamps ``hookwire.client.Connection.run`` of the calls made while it is armed: when
+    each call entered and left it, and the server's timings of its request."""
+
+    def __init__(self):
+        self.runs: list = []
+        self._run = hookwire.client.Connection.run
+        clock = self
+
+        def run(conn, *args, **kwargs):
+            t0 = time.perf_counter()
+            result = clock._run(conn, *args, **kwargs)
+            clock.runs.append((t0, time.perf_counter(), result.timings))
+            return result
+        hookwire.client.Connection.run = run
+
+    def close(self):
+        hookwire.client.Connection.run = self._run
+
+    def split(self, t_call: float, t_end: float) -> dict:
+        """The last call's parts (ms), given when it was made and when it returned."""
+        t0, t1, server = self.runs[-1]
+        parts = {"client_before": t0 - t_call}
+        parts.update({k: server.get(k, 0.0) for k in ("queued_s", "validate_s", "execute_s")})
+        parts["wire_and_front"] = (t1 - t0) - sum(server.get(k, 0.0) for k in
+                                                  ("queued_s", "validate_s", "execute_s"))
+        parts["client_after"] = t_end - t1
+        return {k.removesuffix("_s"): v * 1e3 for k, v in parts.items()}
 
 
 def logit_diff(logits):
@@ -124,23 +162,35 @@ def main():
             hookwire.client.close_connections()
             return
         times = {f"{name}/{side}": [] for name in loads for side in ("remote", "local")}
-        for k in range(args.warmup + args.rounds):
-            for name, fn in loads.items():   # interleaved: drift hits every column alike
-                for side, model, kw in (("local", local, {}), ("remote", remote, remote_kw)):
-                    t0 = time.perf_counter()
-                    fn(model, k, **kw)
-                    if k >= args.warmup:
-                        times[f"{name}/{side}"].append((time.perf_counter() - t0) * 1e3)
+        parts: dict = {name: [] for name in loads}
+        clock = CallClock()
+        try:
+            for k in range(args.warmup + args.rounds):
+                for name, fn in loads.items():   # interleaved: drift hits every column alike
+                    for side, model, kw in (("local", local, {}),
+                                            ("remote", remote, remote_kw)):
+                        t0 = time.perf_counter()
+                        fn(model, k, **kw)
+                        t1 = time.perf_counter()
+                        if k >= args.warmup:
+                            times[f"{name}/{side}"].append((t1 - t0) * 1e3)
+                            if side == "remote":
+                                parts[name].append(clock.split(t0, t1))
+        finally:
+            clock.close()
         hookwire.client.close_connections()
     report = {"model": args.model, "batch": 1, "seq": args.seq, "rounds": args.rounds,
               "server": "in-process" if args.in_process else "subprocess",
-              "ms": {}, "ratio_remote_local": {}}
+              "ms": {}, "ratio_remote_local": {}, "breakdown_ms": {}}
     for key, ts in times.items():
         report["ms"][key] = {"median": round(statistics.median(ts), 2),
                              "min": round(min(ts), 2), "max": round(max(ts), 2)}
     for name in loads:
         report["ratio_remote_local"][name] = round(
             report["ms"][f"{name}/remote"]["median"] / report["ms"][f"{name}/local"]["median"], 2)
+    for name, rows in parts.items():
+        report["breakdown_ms"][name] = {key: round(statistics.median(r[key] for r in rows), 2)
+                                        for key in rows[0]}
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as fh:
