@@ -57,9 +57,12 @@ class ReplicaConn:
         self.cancelled: set[str] = set()
         self.store = KeptValues(self, max_resident_bytes)
 
-    def send_threadsafe(self, item) -> None:
-        if not self.closed:
+    def send_threadsafe(self, item, may_wait: bool = False) -> None:
+        if not self.closed:  # (one item per wake-up: the replica's loop runs nothing else)
             self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def flush_due(self) -> None:
+        """Nothing waits here (see ``send_threadsafe``)."""
 
 
 def _replica_id() -> str:

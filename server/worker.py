@@ -434,7 +434,7 @@ class ModelWorker(threading.Thread):
             raise UnknownModel(f"model {graph.model!r} is not served here; "
                                f"served: {', '.join(self.models)}")
         if job.submit.progress:
-            job.conn.send_threadsafe(replies.progress(job.request_id, "started"))
+            job.conn.send_threadsafe(replies.progress(job.request_id, "started"), may_wait=True)
         clock = SimpleNamespace(t_start=t_start)  # moved on while others run in its place
         watch = self._watch(job, clock)
         if job.refs:  # counted when the submit arrived; copied only now that it runs
@@ -542,7 +542,8 @@ class ModelWorker(threading.Thread):
             if name in p.sent_names:  # streamed by an earlier attempt (see _run_again)
                 return
             p.sent_names.add(name)
-            p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep, views)
+            p.sent[0] += self._send_tensor(p.job, name, value, snapshot, keep, views,
+                                           may_wait=True)
         return on_save
 
     def _site_watch(self, p: Prepared):
@@ -552,13 +553,15 @@ class ModelWorker(threading.Thread):
         rid = job.request_id
 
         def on_site(k, n):
+            job.conn.flush_due()  # what waited to travel (ConnState.send_threadsafe)
             if rid in job.conn.cancelled or job.conn.closed:
                 raise Cancelled(f"request {rid} was cancelled at site {k} of {n}")
             if time.perf_counter() - p.t_start > limit:
                 raise DeadlineExceeded(f"request {rid} ran longer than {limit:g} s; stopped "
                                        f"at site {k} of {n}", rule="max_request_seconds")
             if job.submit.progress:
-                job.conn.send_threadsafe(replies.progress(rid, "site", site=k, of=n))
+                job.conn.send_threadsafe(replies.progress(rid, "site", site=k, of=n),
+                                         may_wait=True)
         return on_site
 
     def _stop_reason(self, members: list[Prepared]):
@@ -580,6 +583,7 @@ class ModelWorker(threading.Thread):
             given = self.give_way(at_block=True)  # a forward that may give way does it here
             for p in members:
                 p.t_start += given
+                p.job.conn.flush_due()  # what waited to travel (ConnState.send_threadsafe)
             reasons = [reason(p) for p in members]
             if all(r is not None for r in reasons):
                 log.info("stopped a forward between blocks: %s", reasons[0].message)
@@ -797,7 +801,11 @@ class ModelWorker(threading.Thread):
         return replies.done(p.job.request_id, p.sent[0], p.job.received_bytes, timings)
 
     def _send_tensor(self, job: Job, name: str, value, snapshot: bool = True,
-                     keep: bool = True, views: "SentViews | None" = None) -> int:
+                     keep: bool = True, views: "SentViews | None" = None,
+                     may_wait: bool = False) -> int:
+        """Send ``value`` as the result ``name`` (header, then frames); returns the bytes.
+        ``may_wait``: its messages may wait for what comes next (``ConnState.send_threadsafe``:
+        a forward's values and progress, not a generated token)."""
         if not isinstance(value, torch.Tensor):
             raise ProtocolError(f"save {name!r} is not a tensor")
         earlier = views.match(value) if views is not None else None
@@ -805,7 +813,8 @@ class ModelWorker(threading.Thread):
             # The very tensor (same storage, view and version) went out already under
             # ``earlier``: the client makes this one a view of it, as the two alias locally.
             job.conn.send_threadsafe(replies.alias_result(
-                job.request_id, name, replies.tensor_id(job.request_id, name), value, earlier))
+                job.request_id, name, replies.tensor_id(job.request_id, name), value, earlier),
+                may_wait=may_wait)
             return 0
         memory = getattr(job.conn, "memory", None)
         nbytes = value.numel() * value.element_size()
@@ -832,11 +841,12 @@ class ModelWorker(threading.Thread):
             resident = new_result_id()
             if not job.conn.store.put(resident, kept, cpu_copy=value):
                 resident = None  # larger than the user's whole quota
-        job.conn.send_threadsafe(replies.result_header(job.request_id, name, header, resident))
+        job.conn.send_threadsafe(replies.result_header(job.request_id, name, header, resident),
+                                 may_wait=may_wait)
         total = 0
         for frame in replies.value_frames(job.request_id, tid, value):
             total += len(frame)
-            job.conn.send_threadsafe(frame)
+            job.conn.send_threadsafe(frame, may_wait=may_wait)
         return total
 
 
