@@ -72,7 +72,9 @@ MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (n
 # small model's run_with_cache of two sites woke it three times; waking it once made the
 # server's execution 25% shorter (bench_overhead cache_all, paired A/B: 5.55 -> 4.12 ms).
 # Long forwards still stream: the worker hands over what waited at its next site or block
-# once the delay is up (``flush_due``), and ``done`` or an error always goes at once.
+# once the delay is up (``flush_due``), and ``done`` or an error always goes at once. What
+# waits stays under HANDOFF_BYTES per connection (an item that would pass it goes at once,
+# taking the rest along), and only while that connection's request runs.
 HANDOFF_DELAY_S = 0.005
 HANDOFF_BYTES = 256 << 10
 
