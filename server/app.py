@@ -70,7 +70,8 @@ MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (n
 # what comes next. Each wake-up of the loop from the worker costs the worker the GIL: the
 # woken loop takes it, and each of the forward's torch ops then waits to get it back. A
 # small model's run_with_cache of two sites woke it three times; waking it once made the
-# server's execution 25% shorter (bench_overhead cache_all, paired A/B: 5.55 -> 4.12 ms).
+# server's execution 23% shorter (tiny-gpt2 1 x 16, paired A/B in one run: 7.6 -> 5.9 ms,
+# the whole call 12.8 -> 12.1 ms; bench/README.md).
 # Long forwards still stream: the worker hands over what waited at its next site or block
 # once the delay is up (``flush_due``), and ``done`` or an error always goes at once. What
 # waits stays under HANDOFF_BYTES per connection (an item that would pass it goes at once,
