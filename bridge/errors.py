@@ -171,8 +171,8 @@ class ServerShuttingDown(ServerUnavailable):
 
 
 class ReplicaLost(ServerUnavailable):
-    """The model replica running the request stopped (a Ray engine server); the request may
-    be sent again."""
+    """The model replica running the request stopped (a server on the Ray or the process
+    engine); the request may be sent again."""
     code = "replica_lost"
 
 

@@ -77,7 +77,9 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
     ``batch_window_s`` of each other share a forward pass (the window is not waited when no
     other connection could send a batch mate).
 
-    ``engine="ray"`` (needs ``hookwire[ray]``) runs each model as a Ray Serve deployment of
+    ``engine="process"`` runs each model (a list of names or paths) in a process of its own
+    on this machine, so the front's work never holds the model's interpreter lock
+    (server/process_engine.py). ``engine="ray"`` (needs ``hookwire[ray]``) runs each model as a Ray Serve deployment of
     ``replicas`` replicas (or {model: replicas}) instead of a thread here: on the cluster at
     ``ray_address`` ("auto": one started with ``ray start``), or on a private local Ray. Each
     replica gets ``num_cpus_per_replica``/``num_gpus_per_replica`` and loads its model with
@@ -109,8 +111,24 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
         except BaseException:
             ray_engine.close()
             raise
+    if engine == "process":
+        if not isinstance(models, (list, tuple)):
+            raise TypeError("engine='process' loads models by name or checkpoint path in a "
+                            "process of their own: pass a list, not model objects")
+        from hookwire.server.process_engine import ProcessEngine
+
+        process_engine = ProcessEngine(list(models), limits=limits, batching=batching,
+                                       window_s=batch_window_s, device_map=device_map,
+                                       dtype=dtype, device=device)
+        try:
+            server = HookwireServer({}, host=host, port=port, api_keys=api_keys, limits=limits,
+                                    batching=batching, engine=process_engine)
+            return ServerHandle(server).start()
+        except BaseException:
+            process_engine.close()
+            raise
     if engine != "embedded":
-        raise ValueError(f"unknown engine {engine!r}: 'embedded' or 'ray'")
+        raise ValueError(f"unknown engine {engine!r}: 'embedded', 'process' or 'ray'")
     if isinstance(models, (list, tuple)):
         hosted = {}
         for spec in models:

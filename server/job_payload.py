@@ -21,7 +21,8 @@ def job_to_payload(job: Job) -> dict:
         tensors.append({"header": header_for(tid, tensor).model_dump(),
                         "data": bytes(tensor_bytes(tensor))})
     return {"submit": dump(job.submit), "user": job.conn.user,
-            "received_bytes": job.received_bytes, "tensors": tensors}
+            "received_bytes": job.received_bytes, "tensors": tensors,
+            "mates_possible": job.mates_possible}
 
 
 def job_from_payload(payload: dict, conn) -> Job:
@@ -32,7 +33,8 @@ def job_from_payload(payload: dict, conn) -> Job:
     for item in payload["tensors"]:
         header = TensorHeader.model_validate(item["header"])
         tensors[header.tid] = bytes_to_tensor(header, item["data"])
-    return Job(conn, submit.request_id, submit, tensors, int(payload["received_bytes"]))
+    return Job(conn, submit.request_id, submit, tensors, int(payload["received_bytes"]),
+               mates_possible=bool(payload.get("mates_possible", True)))
 
 
 __all__ = ["job_to_payload", "job_from_payload"]

@@ -78,7 +78,8 @@ class ModelReplica:
     front what the model offers."""
 
     def __init__(self, model_spec: str, limits: dict, batching: bool, window_s: float,
-                 device_map=None, dtype=None, device=None):
+                 device_map=None, dtype=None, device=None, replica_id: str | None = None,
+                 front_says_alone: bool = False):
         return_freed_memory()  # before the worker's threads start (server/heap.py)
         switch_gil_often()
         hosted = load_model(model_spec, device_map=device_map, dtype=dtype, device=device)
@@ -87,8 +88,14 @@ class ModelReplica:
         self.limits = Limits(**limits)
         self.worker = ModelWorker({self.name: self.entry}, self.limits, batching=batching,
                                   window_s=window_s)
+        if front_says_alone:
+            # The front tells, per request, whether another connection could still send a
+            # batch mate (HookwireServer.mates_possible, when it submitted it): the batch
+            # window ends at once when none of the queued requests may get one.
+            self.worker.may_join = lambda queued: any(
+                getattr(job, "mates_possible", True) for job in queued)
         self.worker.start()
-        self.replica = _replica_id()
+        self.replica = replica_id or _replica_id()
         freeze_startup_heap()  # this process serves until it is stopped (server/heap.py)
         collect_rarely()
 

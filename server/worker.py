@@ -44,6 +44,7 @@ from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.give_way import GiveWay
 from hookwire.server.heap import FullCollections
 from hookwire.server.index_guard import embeddings_guarded
+from hookwire.server.local_calls import local_calls_wait
 from hookwire.server.memory import NO_RESERVATION
 from hookwire.server.narrowing import narrowed_arguments, narrowing_site
 from hookwire.server.residents import keep_uploads, materialize_refs, new_result_id
@@ -84,6 +85,9 @@ class Job:
     reservation: object = NO_RESERVATION  # the memory it holds (server.memory)
     key: object = "unset"            # batch_key, computed once in the worker thread
     on_finish: Callable[[], None] | None = None  # the front's note that it is over (once)
+    # In a model process: whether the front, when it submitted this, saw a connection that
+    # could still send a batch mate (server/process_engine.py).
+    mates_possible: bool = True
 
     def finish(self) -> None:
         """The request is over: its memory is released and its tensors dropped."""
@@ -303,6 +307,17 @@ class ModelWorker(threading.Thread):
         return True
 
     def run(self):
+        # A hosted object used locally meanwhile waits for the served forwards (and they
+        # for it): TL keeps per-call state on the bridge's modules (server/local_calls.py).
+        waits = [wait for entry in self.models.values() if entry.hosted.bridge is not None
+                 for wait in local_calls_wait(entry.hosted.bridge, self.model_lock)]
+        try:
+            self._serve()
+        finally:
+            for wait in waits:
+                wait.remove()
+
+    def _serve(self):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
             if not self.scheduler.qsize():

@@ -125,12 +125,16 @@ def sharded():
 def server(hosted, engine, request):
     """A real websocket server on 127.0.0.1 (ephemeral port) hosting both tiny models. On the
     embedded engine it hosts the very objects of ``hosted``; on the sharded engine the same
-    models split over two devices; on the Ray engine (the session's one Ray server) replicas
-    that build the same models from the same configs and seeds."""
+    models split over two devices; on the Ray engine (the session's one Ray server) replicas,
+    and on the process engine model processes, that build the same models from the same
+    configs and seeds."""
     if engine == "ray":
         pytest.importorskip("hookwire.server.ray_cluster",
                             reason="the Ray engine needs the 'ray' extra (scripts/setup.sh)")
         srv, stop = RAY_SERVER.get(MODEL_NAMES), lambda: None  # stopped after its last test
+    elif engine == "process":
+        srv = hs.start(models=list(MODEL_NAMES), port=0, engine="process")
+        stop = srv.stop
     elif engine == "sharded":
         srv = hs.start(models=request.getfixturevalue("sharded"), port=0)
         stop = srv.stop

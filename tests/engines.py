@@ -6,6 +6,7 @@ per engine named; conftest's ``server`` fixture then starts the server that engi
 
 - ``"embedded"`` -- the models run in the server's process (the default, unmarked tests too);
 - ``"ray"``      -- the models run as Ray Serve replicas (tests/ray_helpers.py);
+- ``"process"``  -- each model runs in a process of its own (server/process_engine.py);
 - ``"sharded"``  -- each model is split over two devices with accelerate's ``device_map``
   (here the CPU and disk offload, the dispatch machinery that moves activations between GPUs).
 
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import pytest
 
-ENGINES = ("embedded", "ray", "sharded")
+ENGINES = ("embedded", "ray", "process", "sharded")
 
-# The TL core tests re-run on every engine, and those re-run on Ray only (the sharded models
-# offload to disk: each forward re-reads half the weights, so only a cross-section runs there).
-EVERY_ENGINE = pytest.mark.engines("embedded", "ray", "sharded")
-ALSO_ON_RAY = pytest.mark.engines("embedded", "ray")
+# The TL core tests re-run on every engine, and those re-run out of the front's process only
+# (the sharded models offload to disk: each forward re-reads half the weights, so only a
+# cross-section runs there).
+EVERY_ENGINE = pytest.mark.engines("embedded", "ray", "process", "sharded")
+ALSO_OUT_OF_PROCESS = pytest.mark.engines("embedded", "ray", "process")
 
 # Where each tiny model's layers go on the sharded engine: the first half on the CPU, the
 # second half offloaded to disk.

@@ -120,7 +120,10 @@ def test_a_local_forward_beside_a_served_one_is_untouched(slow_server):
     """The embedded server hosts the caller's own object: while a request runs on it, the
     same object used locally on another thread must run without the request's site hooks
     and without its stop-between-blocks check (a closed connection made every block of a
-    local forward raise the other request's Cancelled before)."""
+    local forward raise the other request's Cancelled before), and without racing it: TL
+    keeps per-call state on the bridge's modules, so a local forward waits at its first
+    block for the served one (server/local_calls.py); before, it could come back with the served request's batch
+    of 4 rows."""
     bridge = slow_server.server.worker.models["slow-gpt2"].hosted.bridge
     small = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -134,15 +137,14 @@ def test_a_local_forward_beside_a_served_one_is_untouched(slow_server):
     deadline = time.monotonic() + 60
     while not worker.current and time.monotonic() < deadline:
         time.sleep(0.005)
-    overlapped = 0
-    while worker.current:  # local forwards while the server's forward runs
+    started_beside = 0
+    while worker.current:  # local forwards started while the server's forward runs
+        started_beside += bool(worker.current)
         with torch.no_grad():
             local = bridge(small)
-        if worker.current:
-            overlapped += 1
         torch.testing.assert_close(local, reference, rtol=0, atol=0)
     remote = pending.result()
-    assert overlapped, "no local forward ran while the served one did"
+    assert started_beside, "no local forward started while the served one ran"
     expected = bridge.run_with_hooks(big, fwd_hooks=graph_hooks)
     torch.testing.assert_close(remote, expected)
     # And once its client is gone, the served forward's stop check (raising the request's
@@ -161,3 +163,44 @@ def test_a_local_forward_beside_a_served_one_is_untouched(slow_server):
     while worker.current:
         with torch.no_grad():
             torch.testing.assert_close(bridge(small), reference, rtol=0, atol=0)
+
+
+def test_a_local_forward_waits_while_the_server_runs_the_model():
+    """While the worker holds the model (as during a served forward), a local call of the
+    hosted object waits, then returns its own result; once the server stops, the object is
+    left with no hook of ours."""
+    hf_model, cfg = build_hf_model("GPT2LMHeadModel", dict(SLOW, n_layer=2, n_embd=64),
+                                   seed=0)
+    bridge = wrap_in_bridge(hf_model, "GPT2LMHeadModel", cfg,
+                            byte_level_tokenizer(bos_id=256), "small-gpt2")
+    small = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = bridge(small)
+    def hooks_of(bridge):
+        return [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in bridge.modules()]
+
+    hooks_before = hooks_of(bridge)
+    srv = hs.start(models={"small-gpt2": bridge}, port=0)
+    try:
+        results: list = []
+
+        def local_forward():
+            with torch.no_grad():
+                results.append(bridge(small))
+
+        worker = srv.server.worker
+        with worker.model_lock:  # what the worker holds while it runs a batch
+            local = threading.Thread(target=local_forward)
+            local.start()
+            local.join(0.5)
+            assert local.is_alive() and not results, \
+                "a local forward ran while the server held the model"
+        local.join(60)
+        assert not local.is_alive()
+        torch.testing.assert_close(results[0], reference, rtol=0, atol=0)
+        # The worker's own thread may call the object while holding the lock (an RLock).
+        remote = htl.RemoteModel("small-gpt2", url=srv.url)
+        torch.testing.assert_close(remote(small), reference)
+    finally:
+        srv.stop()
+    assert hooks_of(bridge) == hooks_before

@@ -4,8 +4,8 @@ starts listens beyond loopback.
 
 The session's one Ray server serves this module (2 replicas of tiny-gpt2, 1 of tiny-llama; see
 tests/ray_helpers.py and tests/engines.py). The core TL tests that run on Ray too are marked
-``ALSO_ON_RAY`` / ``EVERY_ENGINE`` in their own files; this file holds what only the Ray
-engine has. Conftest runs it after those; the fault test kills a replica (Serve restarts it),
+``ALSO_OUT_OF_PROCESS`` / ``EVERY_ENGINE`` in their own files; this file holds what only the
+Ray engine has. Conftest runs it after those; the fault test kills a replica (Serve restarts it),
 so it comes last.
 """
 from __future__ import annotations

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import torch
 
-from engines import ALSO_ON_RAY
+from engines import ALSO_OUT_OF_PROCESS
 
 import hookwire.server as hs
 from hookwire.client import Connection, close_connections, get_connection
@@ -44,7 +44,7 @@ def is_resid(name):
     return name.endswith("hook_resid_pre")
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
 def test_sweep_refers_to_the_clean_cache_instead_of_uploading(local_models, remote_models,
                                                               clean_corrupt_tokens, name):
@@ -174,7 +174,7 @@ def test_other_users_values_and_bad_references_are_refused(hosted, tokens):
         srv.stop()
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_a_referenced_value_used_as_the_activation_stays_intact(local_models, remote_models,
                                                                  tokens):
     """A hook returns a cached tensor as the activation, so the model goes on from it: the

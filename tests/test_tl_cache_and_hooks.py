@@ -24,7 +24,7 @@ from torch.testing import assert_close
 from transformer_lens import ActivationCache
 
 from conftest import MODEL_NAMES
-from engines import ALSO_ON_RAY, EVERY_ENGINE
+from engines import ALSO_OUT_OF_PROCESS, EVERY_ENGINE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gated-off hook name.*")
 
@@ -124,7 +124,7 @@ CACHE_FILTERS = {
 }
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 @pytest.mark.parametrize("filter_id", list(CACHE_FILTERS))
 def test_run_with_cache_names_filter(remote, local, tokens, filter_id):
     flt = CACHE_FILTERS[filter_id]
@@ -370,7 +370,7 @@ def _subtract_previous_hook(act, hook):
     return act
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_ctx_tensor_from_previous_call_is_used(remote, local, tokens):
     site, point = "blocks.1.hook_resid_pre", "blocks.1.hook_in"
     other = tokens.flip(1)
@@ -529,7 +529,7 @@ def _patch_pos(act, hook, pos, cache, key):
     act[:, pos] = cache[key][:, pos]
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_patch_from_a_remote_cache(remote, local, clean_corrupt_tokens):
     """The remote cache is usable as the clean cache of a remote patching run. (A callable
     filter matching only the legacy spelling keys the cache by it, locally too, so the patch
@@ -667,7 +667,7 @@ def test_run_with_hooks_remove_batch_dim(remote, local, tokens):
     assert_close(got, expected)
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 @pytest.mark.parametrize("stop_at_layer", [1, -1])
 def test_run_with_cache_stop_at_layer(remote, local, tokens, stop_at_layer):
     flt = lambda n: n.endswith(("hook_resid_pre", "hook_resid_post"))  # noqa: E731

@@ -14,7 +14,7 @@ import torch
 
 from hookwire.errors import HookwireError, TraceError
 from tests.conftest import MODEL_NAMES
-from engines import ALSO_ON_RAY, EVERY_ENGINE
+from engines import ALSO_OUT_OF_PROCESS, EVERY_ENGINE
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -80,7 +80,7 @@ def test_bwd_hooks_with_loss_then_backward(local_models, tokens, name):
     assert all(p.grad is None for p in model.parameters())
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_run_with_cache_incl_bwd(local_models, tokens, name):
     model = local_models[name]

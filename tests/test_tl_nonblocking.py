@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from engines import ALSO_ON_RAY
+from engines import ALSO_OUT_OF_PROCESS
 from torch.testing import assert_close
 
 import hookwire
@@ -27,7 +27,7 @@ def _caching(store: dict):
     return hook
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 @pytest.mark.parametrize("name", MODELS)
 def test_events_then_result_equal_local(local_models, remote_models, name):
     local, remote = local_models[name], remote_models[name]
@@ -141,7 +141,7 @@ def test_inside_a_running_event_loop(local_models, remote_models):
     assert_close(non_blocking, expected)
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_cancel_stops_the_request_and_the_connection_keeps_serving(local_models,
                                                                     remote_models):
     local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]

@@ -21,7 +21,7 @@ import torch
 from torch.testing import assert_close
 
 from conftest import MODEL_NAMES
-from engines import ALSO_ON_RAY, EVERY_ENGINE
+from engines import ALSO_OUT_OF_PROCESS, EVERY_ENGINE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*gated-off hook name.*")
 
@@ -490,7 +490,7 @@ def test_return_types(remote_run, local, tokens, return_type):
     assert_same_tensor_dict(store_r, store_l)
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_loss_per_token(remote_run, local, tokens):
     hooks = [("blocks.0.attn.hook_z", _halve_z)]
     expected = local.run_with_hooks(tokens, fwd_hooks=hooks, return_type="loss",
@@ -569,7 +569,7 @@ IN_PLACE = [_ip_add, _ip_mul, _ip_copy_position, _ip_sub_mean, _ip_normalize, _i
             _ip_transpose_edit]
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 @pytest.mark.parametrize("fn", IN_PLACE, ids=lambda f: f.__name__)
 def test_in_place_ops(remote_run, local, tokens, fn):
     hooks = [("blocks.1.hook_resid_pre", fn)]
@@ -663,7 +663,7 @@ def test_hooks_reset_after_call(remote_run, remote_model, tokens):
     assert len(remote_model.hook_dict["blocks.0.hook_resid_pre"]._forward_hooks) == 0
 
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_hooks_reset_after_a_failed_trace(remote_run, remote_model, tokens):
     from hookwire.errors import TraceError
 
@@ -777,7 +777,7 @@ def test_stand_in_matches_local_model(remote_models, local_models, name, tokens)
 
 # ---- streaming: tensors bigger than one 1 MiB chunk, both directions ---------------------------
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_large_constants_and_saves_stream_in_chunks(remote_run, local):
     g = torch.Generator().manual_seed(7)
     toks = torch.randint(0, 256, (8, 160), generator=g)
@@ -807,7 +807,7 @@ def test_large_constants_and_saves_stream_in_chunks(remote_run, local):
 
 # ---- errors on the server come back typed; the next run is fine ----------------------------------
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_out_of_range_index_fails_typed_not_silently(remote_run, local, tokens):
     from hookwire.errors import HookwireError
     bad_index = torch.tensor([1000])
@@ -824,7 +824,7 @@ def test_out_of_range_index_fails_typed_not_silently(remote_run, local, tokens):
 
 # ---- threads: several users of one process at once ----------------------------------------------
 
-@ALSO_ON_RAY
+@ALSO_OUT_OF_PROCESS
 def test_concurrent_remote_runs_from_threads(name, local_models, server, tokens):
     """Each thread has its own stand-in (TL hooks live on the model object, so sharing one model
     between threads is unsafe locally too); connection and tracing are shared machinery."""

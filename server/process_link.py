@@ -1,0 +1,140 @@
+"""The messages between the front and a model process (server/process_engine.py,
+server/process_replica.py), without I/O policy.
+
+A message is a small JSON header and raw bytes: ``>IQ`` (header length, body length), the
+header, the body. Both ends are processes of our own server, but nothing here pickles
+anything or turns a name into code: what the body carries is sliced by the sizes the header
+states, tensors are rebuilt from their validated headers (server/job_payload.py), and the
+submit is parsed again, with the same validating parser, in the model process.
+
+- front -> model process: ``run`` (a job payload; the body is its tensors' bytes),
+  ``cancel``, ``hook_mode_info``;
+- model process -> front: ``info`` (first, once its model is loaded), ``items`` (what the
+  worker sends for one request: protocol JSON, tensor frames -- the body -- and notes),
+  ``end`` (that request's stream is over), ``answer`` (to ``hook_mode_info``), ``failed``
+  (the model process could not start).
+"""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+PREFIX = struct.Struct(">IQ")
+MAX_HEADER_BYTES = 64 << 20  # a header is JSON of one request's graph (bounded by the front)
+
+
+class LinkClosed(ConnectionError):
+    """The other end is gone (it exited, or closed its socket)."""
+
+
+def pack(header: dict, body_parts=()) -> list:
+    """The parts of one message, to write in order (``body_parts``: bytes-like)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    size = sum(len(part) for part in body_parts)
+    return [PREFIX.pack(len(head), size), head, *body_parts]
+
+
+def _unpack_header(raw: bytes) -> dict:
+    header = json.loads(raw)
+    if not isinstance(header, dict) or not isinstance(header.get("op"), str):
+        raise ValueError("a link message's header must be an object with an 'op'")
+    return header
+
+
+async def read_message(reader) -> tuple[dict, bytes]:
+    """The next message from an asyncio stream (``LinkClosed`` at its end)."""
+    import asyncio
+
+    try:
+        head_len, body_len = PREFIX.unpack(await reader.readexactly(PREFIX.size))
+        if head_len > MAX_HEADER_BYTES:
+            raise ValueError(f"a link header of {head_len} bytes")
+        header = _unpack_header(await reader.readexactly(head_len))
+        body = await reader.readexactly(body_len) if body_len else b""
+    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        raise LinkClosed(str(exc)) from None
+    return header, body
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise LinkClosed("the other end closed the link")
+        got += k
+    return bytes(buf)
+
+
+def read_message_blocking(sock: socket.socket) -> tuple[dict, bytes]:
+    """The next message from a blocking socket, reading exactly its bytes (nothing after it,
+    so an asyncio stream can take over the socket afterwards)."""
+    head_len, body_len = PREFIX.unpack(_recv_exactly(sock, PREFIX.size))
+    if head_len > MAX_HEADER_BYTES:
+        raise ValueError(f"a link header of {head_len} bytes")
+    header = _unpack_header(_recv_exactly(sock, head_len))
+    return header, _recv_exactly(sock, body_len) if body_len else b""
+
+
+# ---- what the messages carry ----------------------------------------------------------------
+def run_message(sid: int, payload: dict) -> list:
+    """A job payload (server/job_payload.py) as a ``run`` message: tensors' bytes in the body."""
+    tensors = payload["tensors"]
+    header = {"op": "run", "sid": sid, "submit": payload["submit"], "user": payload["user"],
+              "received_bytes": payload["received_bytes"],
+              "mates_possible": bool(payload.get("mates_possible", True)),
+              "tensors": [item["header"] for item in tensors],
+              "sizes": [len(item["data"]) for item in tensors]}
+    return pack(header, [item["data"] for item in tensors])
+
+
+def payload_of_run(header: dict, body: bytes) -> dict:
+    """The job payload a ``run`` message carries (sizes checked against the body)."""
+    sizes, heads = header["sizes"], header["tensors"]
+    if len(sizes) != len(heads) or sum(sizes) != len(body) or min(sizes, default=0) < 0:
+        raise ValueError("a run message's tensor sizes do not match its body")
+    view, tensors, at = memoryview(body), [], 0
+    for head, size in zip(heads, sizes):
+        tensors.append({"header": head, "data": view[at:at + size]})
+        at += size
+    return {"submit": header["submit"], "user": header["user"],
+            "received_bytes": header["received_bytes"],
+            "mates_possible": bool(header.get("mates_possible", True)), "tensors": tensors}
+
+
+def items_message(sid: int, items: list) -> list:
+    """One request's items (JSON text, binary frames, note dicts) as an ``items`` message."""
+    kinds, frames = [], []
+    for item in items:
+        if isinstance(item, str):
+            kinds.append(["t", item])
+        elif isinstance(item, dict):
+            kinds.append(["n", item])
+        else:
+            kinds.append(["f", len(item)])
+            frames.append(item)
+    return pack({"op": "items", "sid": sid, "items": kinds}, frames)
+
+
+def items_of(header: dict, body: bytes) -> list:
+    """The items an ``items`` message carries, in order."""
+    items, at = [], 0
+    for kind, value in header["items"]:
+        if kind == "t" and isinstance(value, str):
+            items.append(value)
+        elif kind == "n" and isinstance(value, dict):
+            items.append(value)
+        elif kind == "f" and isinstance(value, int) and 0 <= value <= len(body) - at:
+            items.append(bytes(body[at:at + value]))
+            at += value
+        else:
+            raise ValueError(f"an items message with an item of kind {kind!r}")
+    if at != len(body):
+        raise ValueError("an items message's frames do not fill its body")
+    return items
+
+
+__all__ = ["pack", "read_message", "read_message_blocking", "run_message", "payload_of_run",
+           "items_message", "items_of", "LinkClosed", "PREFIX"]

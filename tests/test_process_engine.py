@@ -1,0 +1,233 @@
+"""The process engine: each model in a process of its own, the front relaying. The core TL
+tests run on it too (``ALSO_OUT_OF_PROCESS`` / ``EVERY_ENGINE`` in their own files); this file
+holds what only this engine has: its health report, co-batched clients equal to local,
+cancels, a model process killed under load (nothing lost, the process started again), what
+crosses the link, and no process left behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import psutil
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hookwire.server as hs
+from conftest import MODEL_NAMES
+from graphs import graph, node, ref
+from hookwire.client import Connection
+from hookwire.errors import Cancelled, HookwireError, ReplicaLost
+from hookwire.protocol import Progress
+from hookwire.server.process_link import (items_message, items_of, payload_of_run, pack,
+                                          run_message)
+
+pytestmark = [pytest.mark.engines("process"), pytest.mark.timeout(600),
+              pytest.mark.filterwarnings("ignore:.*gated-off hook name.*")]
+
+SITE = "blocks.0.hook_resid_post"
+
+
+def health(server) -> dict:
+    with urllib.request.urlopen(server.url.replace("ws://", "http://") + "/health",
+                                timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def _graph(k: int) -> dict:
+    """Scale the residual after block 0 by a per-request factor, save it, return logits."""
+    return graph(sites=[SITE], saves={"resid": 1},
+                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 0.5 + 0.1 * k),
+                        node(2, "site.write", 0, ref(1), mode="replace")])
+
+
+def _check(values, local, tokens, k):
+    seen: dict = {}
+
+    def hook(act, hook):
+        seen["resid"] = act * (0.5 + 0.1 * k)
+        return seen["resid"]
+
+    logits = local.run_with_hooks(tokens, fwd_hooks=[(SITE, hook)])
+    assert_close(values["resid"], seen["resid"])
+    assert_close(values["__logits__"], logits)
+
+
+def _run_clients(url, n_clients, per_client, tokens, on_result):
+    """``n_clients`` threads, each its own connection, sending ``per_client`` requests one
+    after another; ``on_result(k, values or ReplicaLost)`` gets each answer."""
+    errors: list = []
+
+    def client(c):
+        conn = None
+        try:
+            conn = Connection(url)
+            for i in range(per_client):
+                k = (c * per_client + i) % 7
+                try:
+                    on_result(k, conn.run(_graph(k), {"input_ids": tokens}).values)
+                except ReplicaLost as exc:  # typed, retryable: allowed while a process dies
+                    on_result(k, exc)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            if conn is not None:
+                conn.close()
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not any(t.is_alive() for t in threads), "a client hung: an accepted request was lost"
+    assert not errors, errors
+
+
+def _model_pids(server) -> dict:
+    return health(server)["engine"]["pids"]
+
+
+def test_health_names_the_process_engine_and_its_processes(server):
+    info = health(server)
+    assert info["engine"]["kind"] == "process"
+    assert sorted(info["models"]) == sorted(MODEL_NAMES)
+    pids = info["engine"]["pids"]
+    assert sorted(pids) == sorted(MODEL_NAMES)
+    children = {p.pid for p in psutil.Process().children()}
+    assert set(pids.values()) <= children  # each model in a child process of the front
+
+
+def test_concurrent_clients_equal_local_and_share_forwards(server, local_models, tokens):
+    results: list = []
+    lock = threading.Lock()
+
+    def on_result(k, values):
+        with lock:
+            results.append((k, values))
+
+    _run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
+    assert len(results) == 24
+    for k, values in results:
+        assert not isinstance(values, ReplicaLost), values
+        _check(values, local_models["tiny-gpt2"], tokens, k)
+
+
+def test_cancel_while_the_model_process_runs_it(server, local_models, remote_models):
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    tokens = local.to_tokens(["hello world"])
+    gate = torch.randn(64, 64)
+
+    def slow(act, hook):
+        x = act
+        for _ in range(20000):  # seconds of real matmuls in the model process
+            x = torch.tanh(x @ gate)
+        return act + 0 * x
+
+    run = remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", slow)],
+                                blocking=False)
+    for event in run.events():
+        if isinstance(event, Progress) and event.stage in ("started", "site"):
+            run.cancel()
+            break
+    with pytest.raises(Cancelled):
+        run.result(timeout=120)
+    assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
+    deadline = time.monotonic() + 30
+    while server.server.worker.queue_depth() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.server.worker.queue_depth() == 0
+
+
+def test_killing_the_model_process_under_load_loses_no_request(server, local_models, tokens):
+    """SIGKILL the tiny-gpt2 process while 6 clients keep sending: every request ends in a
+    correct result or a typed ReplicaLost (none hangs), and the engine starts the process
+    again, which then answers requests."""
+    engine = server.server.worker
+    local = local_models["tiny-gpt2"]
+    victim = _model_pids(server)["tiny-gpt2"]
+    restarts = engine.restarts
+    results: list = []
+    lock = threading.Lock()
+    killed: dict = {}
+
+    def on_result(k, values):
+        with lock:
+            results.append((k, values))
+            if len(results) == 4 and not killed:
+                killed["retried"] = engine.retried
+                os.kill(victim, signal.SIGKILL)
+                killed["pid"] = victim
+
+    _run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
+    assert killed, "the load ended before the process was killed"
+    assert len(results) == 24
+    answered = [(k, v) for k, v in results if not isinstance(v, ReplicaLost)]
+    for k, values in answered:
+        _check(values, local, tokens, k)
+    assert len(answered) >= len(results) // 2
+    assert engine.restarts == restarts + 1
+    assert not psutil.pid_exists(victim) or \
+        psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    fresh = _model_pids(server)["tiny-gpt2"]
+    assert fresh != victim
+    after: list = []
+    _run_clients(server.url, n_clients=2, per_client=2, tokens=tokens,
+                 on_result=lambda k, values: after.append((k, values)))
+    for k, values in after:
+        assert not isinstance(values, ReplicaLost), values
+        _check(values, local, tokens, k)
+
+
+def test_stopping_the_server_stops_its_model_processes():
+    srv = hs.start(models=["tiny-gpt2"], port=0, engine="process")
+    try:
+        pid = srv.server.worker.processes["tiny-gpt2"].proc.pid
+        assert psutil.pid_exists(pid)
+    finally:
+        srv.stop()
+    assert srv.server.worker.processes["tiny-gpt2"].proc.poll() is not None
+
+
+def test_a_model_that_cannot_load_is_a_typed_error_and_leaves_no_process(tmp_path):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(HookwireError, match="could not load"):
+        hs.start(models=[str(tmp_path / "no-such-checkpoint")], port=0, engine="process")
+    left = {p.pid for p in psutil.Process().children(recursive=True)
+            if p.status() != psutil.STATUS_ZOMBIE} - before
+    assert not left
+
+
+def test_the_link_carries_data_only_and_checks_its_sizes():
+    """What crosses between the front and a model process is JSON and raw bytes, sliced by
+    the sizes the header states: a body that does not match them is refused."""
+    payload = {"submit": '{"type": "submit"}', "user": "u", "received_bytes": 8,
+               "mates_possible": False,
+               "tensors": [{"header": {"tid": "a"}, "data": b"12345678"},
+                           {"header": {"tid": "b"}, "data": b""}]}
+    parts = run_message(7, payload)
+    raw = b"".join(bytes(p) for p in parts)
+    head_len = int.from_bytes(raw[:4], "big")
+    header = json.loads(raw[12:12 + head_len])
+    body = raw[12 + head_len:]
+    back = payload_of_run(header, body)
+    assert back["mates_possible"] is False and back["user"] == "u"
+    assert [bytes(t["data"]) for t in back["tensors"]] == [b"12345678", b""]
+    with pytest.raises(ValueError):
+        payload_of_run({**header, "sizes": [9, 0]}, body)
+    with pytest.raises(ValueError):
+        payload_of_run({**header, "sizes": [-1, 9]}, body)
+    items = ['{"type": "done"}', b"frame-bytes", {"replica": "x"}]
+    parts = items_message(3, items)
+    raw = b"".join(bytes(p) for p in parts)
+    head_len = int.from_bytes(raw[:4], "big")
+    header, body = json.loads(raw[12:12 + head_len]), raw[12 + head_len:]
+    assert items_of(header, body) == items
+    with pytest.raises(ValueError):
+        items_of(header, body + b"x")
+    with pytest.raises(ValueError):
+        items_of({"op": "items", "items": [["code", "print()"]]}, b"")
+    assert pack({"op": "end", "sid": 1})[0][:4] == len(b'{"op":"end","sid":1}').to_bytes(4, "big")
