@@ -30,6 +30,7 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
     .venv/bin/python bench/bench_fairness.py --seconds 20 --control   # and the control
+    .venv/bin/python bench/bench_fairness.py --engine process         # model in its own process
 
 ``--control`` runs each kind's attack a second time against *another* server process on this
 machine while the victim keeps using the first: what the attacker's load costs the victim when
@@ -76,7 +77,7 @@ KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "vie
 
 # ---- the server process ------------------------------------------------------------------
 
-def serve() -> None:
+def serve(engine: str = "embedded") -> None:
     import hookwire.server as hs
     from hookwire.server.heap import (collect_rarely, freeze_startup_heap, model_threads,
                                       return_freed_memory, switch_gil_often)
@@ -87,7 +88,7 @@ def serve() -> None:
     switch_gil_often()  # as `hookwire serve` does
 
     handle = hs.start(models=[MODEL], port=0, api_keys=[VICTIM_KEY, ATTACKER_KEY],
-                      limits=Limits(**LIMITS))
+                      limits=Limits(**LIMITS), engine=engine)
     freeze_startup_heap()  # as `hookwire serve` does (server/heap.py)
     collect_rarely()
     print("READY", handle.url, flush=True)
@@ -341,8 +342,9 @@ class RssSampler(threading.Thread):
 
     def run(self):
         while self.running:
-            try:
-                self.samples.append(self.proc.memory_info().rss)
+            try:  # the server and its model processes (the process engine), together
+                procs = [self.proc] + self.proc.children(recursive=True)
+                self.samples.append(sum(p.memory_info().rss for p in procs))
             except psutil.Error:
                 return
             time.sleep(0.02)
@@ -353,10 +355,10 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))] if xs else float("nan")
 
 
-def start_server(me: str) -> tuple[subprocess.Popen, str]:
+def start_server(me: str, engine: str = "embedded") -> tuple[subprocess.Popen, str]:
     """A fresh server process (``--serve``) and its URL."""
-    server = subprocess.Popen([sys.executable, me, "--serve"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, me, "--serve", "--engine", engine],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = server.stdout.readline()
     if not line.startswith("READY"):
         stop_server(server)
@@ -405,13 +407,16 @@ def main() -> int:
                     help="per kind, also run the attack against a second server on this "
                          "machine while the victim uses the first: what the machine itself "
                          "(the attacker's client, a core taken) costs the victim")
+    ap.add_argument("--engine", default="embedded", choices=["embedded", "process"],
+                    help="the server's engine: the model in the front's process (embedded, "
+                         "the default) or in a process of its own (process)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--attack", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     if args.serve:
-        serve()
+        serve(args.engine)
         return 0
     torch.set_num_threads(1)  # clients: one thread each (bench/README)
     if args.attack:
@@ -422,7 +427,7 @@ def main() -> int:
     for kind in args.kinds.split(","):
         # A fresh server per kind: what one attack leaves in the allocator does not count
         # against the next, and each kind has its own idle figures.
-        server, url = start_server(me)
+        server, url = start_server(me, args.engine)
         other = None
         try:
             victim(url, 3.0, None)  # warm up
@@ -433,7 +438,7 @@ def main() -> int:
                     "rss": statistics.median(sampler.samples), "n": len(lat)}
             control = None
             if args.control:
-                other, other_url = start_server(me)
+                other, other_url = start_server(me, args.engine)
                 control = under_attack(me, kind, args.seconds, url, other_url, reference,
                                        sampler)
                 stop_server(other)
@@ -502,7 +507,7 @@ def main() -> int:
         with open(args.json, "w") as f:
             json.dump({"limits": LIMITS, "seconds": args.seconds,
                        "idle_seconds": args.idle_seconds, "control": args.control,
-                       "rows": rows}, f, indent=2)
+                       "engine": args.engine, "rows": rows}, f, indent=2)
     return code
 
 

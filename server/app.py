@@ -40,6 +40,7 @@ from websockets.http11 import Response
 from hookwire import __version__
 from hookwire.errors import HookwireError
 from hookwire.protocol import PROTOCOL_VERSION, ModelInfoRequest
+from hookwire.server.handoff import Handoff
 from hookwire.server.intake import FrontShare, Intake, parsed_inline
 from hookwire.server.memory import MemoryBudget
 from hookwire.server.models import HostedModel
@@ -65,19 +66,6 @@ SEQUENTIAL_AFTER = 3
 OVERLAP_MEMORY_S = 30.0
 MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
-# What the model worker hands the loop while a forward runs -- a value saved at a site, a
-# progress message -- may wait up to HANDOFF_DELAY_S, and up to HANDOFF_BYTES, to travel with
-# what comes next. Each wake-up of the loop from the worker costs the worker the GIL: the
-# woken loop takes it, and each of the forward's torch ops then waits to get it back. A
-# small model's run_with_cache of two sites woke it three times; waking it once made the
-# server's execution 23% shorter (tiny-gpt2 1 x 16, paired A/B in one run: 7.6 -> 5.9 ms,
-# the whole call 12.8 -> 12.1 ms; bench/README.md).
-# Long forwards still stream: the worker hands over what waited at its next site or block
-# once the delay is up (``flush_due``), and ``done`` or an error always goes at once. What
-# waits stays under HANDOFF_BYTES per connection (an item that would pass it goes at once,
-# taking the rest along), and only while that connection's request runs.
-HANDOFF_DELAY_S = 0.005
-HANDOFF_BYTES = 256 << 10
 
 
 class ConnState:
@@ -107,12 +95,8 @@ class ConnState:
         self.submitted = 0
         self.open_requests: set[str] = set()
         self.last_overlap = -math.inf
-        self._handoff: list = []  # from other threads, waiting for the loop (send_threadsafe)
-        self._handoff_lock = threading.Lock()
-        self._handoff_scheduled = False
-        self._held_since: float | None = None  # the oldest item waiting to travel (may_wait)
-        self._held_bytes = 0
-        self.handoffs = 0  # wake-ups of the loop to take hand-offs (diagnostics, tests)
+        # What the worker thread (or another) sends reaches the loop in bursts (server/handoff.py).
+        self.handoff = Handoff(loop, self._take_handoff, lambda: self.session.closed)
 
     # What engines read: the session's.
     user = property(lambda self: self.session.user)
@@ -152,58 +136,22 @@ class ConnState:
         return self.submitted < SEQUENTIAL_AFTER or now - self.last_overlap < OVERLAP_MEMORY_S
 
     def send_threadsafe(self, item, may_wait: bool = False) -> None:
-        """Hand ``item`` to the outbox from another thread. Items handed over before the
-        loop gets to them travel together: one wake-up of the loop, not one per item (a
-        result's header and its frame, then ``done``, come in a burst). ``may_wait``: the
-        item may wait for what comes next, up to ``HANDOFF_DELAY_S`` and ``HANDOFF_BYTES``
-        (see there); anything else takes what waits along at once."""
-        if self.closed:
-            return
-        with self._handoff_lock:
-            self._handoff.append(item)
-            if self._handoff_scheduled:
-                return
-            if may_wait:
-                now = time.perf_counter()
-                if self._held_since is None:
-                    self._held_since = now
-                self._held_bytes += len(item)
-                if now - self._held_since < HANDOFF_DELAY_S and \
-                        self._held_bytes < HANDOFF_BYTES:
-                    return
-            self._handoff_scheduled = True
-        self._wake_loop()
+        """Hand ``item`` to the outbox from another thread (:meth:`Handoff.send`: items
+        handed over together travel in one wake-up of the loop; ``may_wait``: it may wait a
+        moment for what comes next)."""
+        self.handoff.send(item, may_wait)
 
     def flush_due(self) -> None:
-        """Hand over what waited (``may_wait``) once it has waited ``HANDOFF_DELAY_S``: the
-        worker calls this at each site and block of a forward, so a long forward's values
-        still stream while it runs."""
-        held = self._held_since
-        if held is None or time.perf_counter() - held < HANDOFF_DELAY_S:
-            return
-        with self._handoff_lock:
-            if self._handoff_scheduled or not self._handoff or self.closed:
-                return
-            self._handoff_scheduled = True
-        self._wake_loop()
+        """Hand over what waited once it has waited long enough (:meth:`Handoff.flush_due`:
+        the worker calls this at each site and block of a forward)."""
+        self.handoff.flush_due()
 
-    def _wake_loop(self) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self._take_handoff)
-        except RuntimeError:  # the loop is closed: nothing will be sent any more
-            with self._handoff_lock:
-                self._handoff.clear()
-                self._handoff_scheduled = False
-                self._held_since, self._held_bytes = None, 0
-            raise
+    @property
+    def handoffs(self) -> int:
+        """Wake-ups of the loop to take hand-offs (diagnostics, tests)."""
+        return self.handoff.wakeups
 
-    def _take_handoff(self) -> None:  # on the loop
-        with self._handoff_lock:
-            items = list(self._handoff)
-            self._handoff.clear()
-            self._handoff_scheduled = False
-            self._held_since, self._held_bytes = None, 0
-        self.handoffs += 1
+    def _take_handoff(self, items: list) -> None:  # on the loop
         for item in items:
             self._put(item)
 

@@ -120,6 +120,11 @@ def cmd_serve(args) -> int:
         if engine is None:
             return 2
         hosted = {}
+    elif args.engine == "process":
+        engine = _process_engine(args, limits, device_map, device)
+        if engine is None:
+            return 2
+        hosted = {}
     else:
         engine = None
         hosted = _load_models(args.model, device_map, args.dtype, device)
@@ -244,6 +249,20 @@ def _ray_engine(args, limits, device_map):
         return None
 
 
+def _process_engine(args, limits, device_map, device):
+    from hookwire.server.process_engine import ProcessEngine
+
+    print(f"hookwire: starting a model process for {', '.join(args.model)} ...",
+          file=sys.stderr, flush=True)
+    try:
+        return ProcessEngine(args.model, limits=limits, batching=not args.no_batching,
+                             window_s=args.batch_window_ms / 1000, device_map=device_map,
+                             dtype=args.dtype, device=device, threads=args.threads)
+    except Exception as exc:
+        _err(f"cannot start the model processes: {type(exc).__name__}: {exc}")
+        return None
+
+
 # ---- status / schema --------------------------------------------------------------------------
 
 def health_url(url: str) -> str:
@@ -328,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-weight-bytes", type=int, default=2 << 30,
                    help="parameters one weights request (a stand-in's fetch_weights) may fetch "
                         "(default 2 GiB; 0: never send weights)")
-    s.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
-                   help="embedded: models run in this process (default); ray: each model is "
-                        "a Ray Serve deployment (pip install 'hookwire[ray]')")
+    s.add_argument("--engine", choices=["embedded", "process", "ray"], default="embedded",
+                   help="embedded: models run in this process (default); process: each model "
+                        "runs in a process of its own on this machine, so no tenant's load on "
+                        "the front holds the model's interpreter lock; ray: each model is a "
+                        "Ray Serve deployment (pip install 'hookwire[ray]')")
     s.add_argument("--replicas", type=int, default=1,
                    help="--engine ray: replicas per model (default 1)")
     s.add_argument("--ray-address", default=None,

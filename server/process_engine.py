@@ -250,7 +250,8 @@ class ProcessEngine(RelayEngine):
     """The process engine: the seam of :class:`~hookwire.server.worker.ModelWorker` with each
     model in a process of its own (see the module docstring). At construction it starts one
     model process per model spec (a built-in name or a checkpoint path, loaded there with
-    ``device_map``/``dtype``/``device``) and waits until each has loaded its model. A model
+    ``device_map``/``dtype``/``device``; torch gets ``threads`` CPU threads there, by default
+    one core fewer than the machine has) and waits until each has loaded its model. A model
     process that dies is started again by the next request for its model; requests that were
     in it are sent again if nothing of their answer had reached the client
     (:class:`RelayEngine`)."""
@@ -259,7 +260,7 @@ class ProcessEngine(RelayEngine):
 
     def __init__(self, models: list[str], limits: Limits | None = None,
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,
-                 device_map=None, dtype=None, device=None):
+                 device_map=None, dtype=None, device=None, threads: int | None = None):
         self._init_relay(limits, batching)
         self.may_join = None  # set by the front: whether a batch mate could still come
         self.processes: dict[str, ModelProcess] = {}
@@ -270,7 +271,7 @@ class ProcessEngine(RelayEngine):
                 process = ModelProcess({
                     "model": spec, "limits": dataclasses.asdict(self.limits),
                     "batching": batching, "window_s": window_s, "device_map": device_map,
-                    "dtype": dtype, "device": device})
+                    "dtype": dtype, "device": device, "threads": threads})
                 info = process.start()
                 self.processes[info["name"]] = process
                 self.entries[info["name"]] = ProcessEntry(info["info_json"])

@@ -85,8 +85,10 @@ class ReplicaLink:
 
 
 async def _main(in_fd: int, out_fd: int, spec: dict) -> int:
+    from hookwire.server.heap import model_threads
     from hookwire.server.ray_replica import ModelReplica
 
+    model_threads(spec.get("threads"))  # as `hookwire serve` sets its own (server/heap.py)
     loop = asyncio.get_running_loop()
     in_sock = socket.socket(fileno=in_fd)
     out_sock = socket.socket(fileno=out_fd)

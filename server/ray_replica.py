@@ -17,6 +17,7 @@ import os
 
 from hookwire.errors import HookwireError
 from hookwire.server import replies
+from hookwire.server.handoff import Handoff
 from hookwire.server.heap import (collect_rarely, freeze_startup_heap, return_freed_memory,
                                   switch_gil_often)
 from hookwire.server.prepare import prepare_model
@@ -56,13 +57,19 @@ class ReplicaConn:
         self.closed = False
         self.cancelled: set[str] = set()
         self.store = KeptValues(self, max_resident_bytes)
+        # In bursts, as at the front: each wake-up of this process's loop takes the GIL
+        # from the worker's forward (server/handoff.py).
+        self.handoff = Handoff(loop, self._take, lambda: self.closed)
 
     def send_threadsafe(self, item, may_wait: bool = False) -> None:
-        if not self.closed:  # (one item per wake-up: the replica's loop runs nothing else)
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        self.handoff.send(item, may_wait)
 
     def flush_due(self) -> None:
-        """Nothing waits here (see ``send_threadsafe``)."""
+        self.handoff.flush_due()
+
+    def _take(self, items: list) -> None:  # on the loop
+        for item in items:
+            self.queue.put_nowait(item)
 
 
 def _replica_id() -> str:

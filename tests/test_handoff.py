@@ -1,6 +1,6 @@
-"""What the model worker hands the front's event loop (server/app.py, ``ConnState``): a
-forward's values and progress may wait a moment to travel together -- each wake-up of the
-loop costs the worker the GIL -- but a long forward's values still stream while it runs, and
+"""What the model worker hands the front's event loop (server/handoff.py, used by
+server/app.py's ``ConnState``): a forward's values and progress may wait a moment to travel
+together -- each wake-up of the loop costs the worker the GIL -- but a long forward's values still stream while it runs, and
 every value arrives, equal to local TL."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 import hookwire.server as hs
 from hookwire.client import Connection
-from hookwire.server import app
+from hookwire.server import handoff
 
 SITES = ["blocks.0.hook_resid_post", "blocks.1.ln1.hook_normalized", "blocks.1.hook_resid_post"]
 
@@ -49,7 +49,7 @@ def test_a_small_requests_messages_wake_the_loop_once(server, hosted, monkeypatc
     conn = Connection(server.url)
     try:
         for delay, most in ((60.0, 1), (0.0, None)):  # (how often, with no delay: timing)
-            monkeypatch.setattr(app, "HANDOFF_DELAY_S", delay)
+            monkeypatch.setattr(handoff, "HANDOFF_DELAY_S", delay)
             events: list = []
             before = only_connection(server).handoffs if server.server.states else 0
             result = conn.run(graphs.read_graph(sites=SITES), {"input_ids": tokens},
@@ -74,7 +74,7 @@ def test_a_forwards_values_still_stream_while_it_runs(server, hosted):
     bridge = hosted["tiny-gpt2"].bridge
     tokens = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(1))
     early, late = "blocks.0.hook_resid_post", "ln_final.hook_normalized"
-    assert tokens.numel() * bridge.cfg.d_model * 4 < app.HANDOFF_BYTES
+    assert tokens.numel() * bridge.cfg.d_model * 4 < handoff.HANDOFF_BYTES
     seen = {}
     with torch.no_grad():
         logits = bridge.run_with_hooks(tokens, fwd_hooks=[
@@ -83,7 +83,7 @@ def test_a_forwards_values_still_stream_while_it_runs(server, hosted):
     arrived, streamed = threading.Event(), []
 
     def last_block_starts(module, args):
-        time.sleep(2 * app.HANDOFF_DELAY_S)
+        time.sleep(2 * handoff.HANDOFF_DELAY_S)
 
     def last_block_ends(module, args, output):
         streamed.append(arrived.wait(30))
