@@ -1,7 +1,7 @@
 """What the model worker hands the front's event loop (server/handoff.py, used by
 server/app.py's ``ConnState``): a forward's values and progress may wait a moment to travel
-together -- each wake-up of the loop costs the worker the GIL -- but a long forward's values still stream while it runs, and
-every value arrives, equal to local TL."""
+together -- each wake-up of the loop costs the worker the GIL -- but a long forward's values
+still stream while it runs, and every value arrives, equal to local TL."""
 from __future__ import annotations
 
 import threading
