@@ -1,7 +1,7 @@
 """Run a hookwire server in its own process for benchmarks (separate GIL, like production).
 
 Usage: python bench/_server_process.py [--no-batching] [--device=D] [--dtype=T] [--attn=IMPL]
-[--threads=N] MODEL [MODEL ...]; prints "READY <url>" when listening and serves until stdin closes or it gets
+[--threads=N] [--engine=process] MODEL [MODEL ...]; prints "READY <url>" when listening and serves until stdin closes or it gets
 SIGTERM. ``--attn`` builds the built-in models with that attention implementation (eager,
 sdpa) and hosts them as objects; ``--threads`` sets torch's thread count."""
 import signal
@@ -33,8 +33,11 @@ if __name__ == "__main__":
             model, _ = build_hf_model(spec.architecture, spec.config, seed=spec.seed)
             model.set_attn_implementation(options["attn"])
             models[name] = model
+    # (engine=process: the model process sets its own threads, one core fewer than the
+    # machine has, as `hookwire serve` does)
+    engine = options.get("engine", "embedded")
     handle = hs.start(models=models, port=0, batching=batching, device=options.get("device"),
-                      dtype=options.get("dtype"))
+                      dtype=options.get("dtype"), engine=engine)
     print("READY", handle.url, flush=True)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: done.set())

@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--profile-workload", default="ablation")
     ap.add_argument("--in-process", action="store_true",
                     help="the server in a thread of this process (hookwire.server.start)")
+    ap.add_argument("--engine", choices=["embedded", "process"], default="embedded",
+                    help="the server's engine (process: the model in a process of its own)")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -143,7 +145,7 @@ def main():
     tokens = torch.randint(0, 256, (1, args.seq), generator=torch.Generator().manual_seed(0))
     loads = workloads(cfg.n_layers // 2, cfg.n_heads, cfg.n_layers, tokens)
     server_cm = InProcessServer(args.model) if args.in_process else \
-        ServerProcess(args.model, threads=1)
+        ServerProcess(args.model, threads=1, engine=args.engine)
     with server_cm as server:
         hookwire.configure(url=server.url)
         remote = htl.RemoteModel(args.model)
@@ -181,6 +183,7 @@ def main():
         hookwire.client.close_connections()
     report = {"model": args.model, "batch": 1, "seq": args.seq, "rounds": args.rounds,
               "server": "in-process" if args.in_process else "subprocess",
+              "engine": args.engine,
               "ms": {}, "ratio_remote_local": {}, "breakdown_ms": {}}
     for key, ts in times.items():
         report["ms"][key] = {"median": round(statistics.median(ts), 2),

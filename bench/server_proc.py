@@ -11,12 +11,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class ServerProcess:
     def __init__(self, *models: str, batching: bool = True, device: str | None = None,
                  dtype: str | None = None, attn: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, engine: str | None = None):
         flags = [] if batching else ["--no-batching"]
         flags += [f"--device={device}"] if device else []
         flags += [f"--dtype={dtype}"] if dtype else []
         flags += [f"--attn={attn}"] if attn else []
         flags += [f"--threads={threads}"] if threads else []
+        flags += [f"--engine={engine}"] if engine else []
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "_server_process.py"),
                                       *flags, *models], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      text=True)

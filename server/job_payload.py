@@ -11,17 +11,36 @@ from __future__ import annotations
 import torch
 
 from hookwire.frames import TensorHeader, bytes_to_tensor, header_for, tensor_bytes
-from hookwire.protocol import Submit, dump, parse_client_message
+from hookwire.protocol import ResidentRef, Submit, dump, parse_client_message
 from hookwire.server.worker import Job
 
 
 def job_to_payload(job: Job) -> dict:
+    """``job`` as plain data. Its references to resident values travel as the resident (its
+    bytes, once per resident) and the view, when the view is larger than the resident (a
+    stride-0 view of a small value): the model's side copies such a view when the request
+    runs, with the worker's give-way, as the embedded engine does, instead of the front
+    copying it here. A view no larger than its resident is copied here (no more bytes than
+    the resident itself would be)."""
     tensors = []
     for tid, tensor in job.tensors.items():
         tensors.append({"header": header_for(tid, tensor).model_dump(),
                         "data": bytes(tensor_bytes(tensor))})
+    bases: dict[int, str] = {}  # id(base tensor) -> its tid in the payload
+    refs = []
+    for tid, base, ref in job.refs:
+        view = base.as_strided(ref.shape, ref.stride, ref.offset)
+        if view.numel() <= base.numel():
+            tensors.append({"header": header_for(tid, view).model_dump(),
+                            "data": bytes(tensor_bytes(view))})
+            continue
+        if id(base) not in bases:
+            bases[id(base)] = f"__resident{len(bases)}"
+            tensors.append({"header": header_for(bases[id(base)], base).model_dump(),
+                            "data": bytes(tensor_bytes(base))})
+        refs.append({"tid": tid, "base": bases[id(base)], "ref": ref.model_dump()})
     return {"submit": dump(job.submit), "user": job.conn.user,
-            "received_bytes": job.received_bytes, "tensors": tensors,
+            "received_bytes": job.received_bytes, "tensors": tensors, "refs": refs,
             "mates_possible": job.mates_possible}
 
 
@@ -33,8 +52,17 @@ def job_from_payload(payload: dict, conn) -> Job:
     for item in payload["tensors"]:
         header = TensorHeader.model_validate(item["header"])
         tensors[header.tid] = bytes_to_tensor(header, item["data"])
+    refs, bases = [], {}
+    for item in payload.get("refs", []):
+        if item["base"] not in bases:  # (a resident is sent once, however many views of it)
+            bases[item["base"]] = tensors.pop(item["base"])
+        base = bases[item["base"]]
+        ref = ResidentRef.model_validate(item["ref"])
+        # torch refuses a view outside the resident's storage; the front checked it too
+        base.as_strided(ref.shape, ref.stride, ref.offset)
+        refs.append((item["tid"], base, ref))
     return Job(conn, submit.request_id, submit, tensors, int(payload["received_bytes"]),
-               mates_possible=bool(payload.get("mates_possible", True)))
+               refs=refs, mates_possible=bool(payload.get("mates_possible", True)))
 
 
 __all__ = ["job_to_payload", "job_from_payload"]

@@ -26,7 +26,6 @@ from collections import Counter
 from hookwire.errors import Cancelled, QueueFull, ReplicaLost, ServerShuttingDown, UnknownModel
 from hookwire.server import replies
 from hookwire.server.relay_session import RelaySession
-from hookwire.server.residents import materialize_refs
 from hookwire.server.job_payload import job_to_payload
 from hookwire.server.worker import Job
 from hookwire.validate import Limits
@@ -39,10 +38,7 @@ RETRY_PAUSE_S = 0.5       # ... a moment for the replica to be replaced (or rout
 
 
 def _payload_of(job: Job) -> dict:
-    if job.refs:
-        job.tensors = {**job.tensors, **materialize_refs(job.refs)}
-        job.refs = []
-    return job_to_payload(job)
+    return job_to_payload(job)  # (views larger than their resident are copied over there)
 
 
 def _retrieve(future) -> None:
@@ -146,8 +142,8 @@ class RelayEngine:
                                    f"served: {', '.join(self.entries)}")
             if rid in conn.cancelled:  # the client's cancel may overtake its own submit
                 raise Cancelled(f"request {rid} was cancelled before it started")
-            # Materialising references and copying tensors into the payload grow with the
-            # request: done in a thread, not on the front's event loop.
+            # Copying tensors (and views no larger than their resident) into the payload
+            # grows with the request: done in a thread, not on the front's event loop.
             payload = await asyncio.get_running_loop().run_in_executor(
                 None, _payload_of, job)
             out_of_memory = 0

@@ -231,3 +231,38 @@ def test_the_link_carries_data_only_and_checks_its_sizes():
     with pytest.raises(ValueError):
         items_of({"op": "items", "items": [["code", "print()"]]}, b"")
     assert pack({"op": "end", "sid": 1})[0][:4] == len(b'{"op":"end","sid":1}').to_bytes(4, "big")
+
+
+def test_a_view_larger_than_its_resident_travels_as_the_resident():
+    """A stride-0 view of a small resident value is copied where the model runs, when the
+    request runs (with the worker's give-way), not by the front: the payload carries the
+    resident's bytes and the view, and the model's side rebuilds the same job."""
+    from types import SimpleNamespace
+
+    from hookwire.protocol import ResidentRef, Submit
+    from hookwire.server.job_payload import job_from_payload, job_to_payload
+    from hookwire.server.worker import Job
+
+    base = torch.arange(4, dtype=torch.float32)
+    wide = ResidentRef(tid="wide", resident="v" + "0" * 32, dtype="float32",
+                       shape=[1024, 4], stride=[0, 1], offset=0)
+    narrow = ResidentRef(tid="narrow", resident="v" + "0" * 32, dtype="float32",
+                         shape=[2], stride=[1], offset=2)
+    submit = Submit.model_validate({"type": "submit", "request_id": "r1",
+                                    "graph": graph(sites=[SITE], saves={}, nodes=[]),
+                                    "tensors": [], "refs": []})
+    conn = SimpleNamespace(user="u")
+    job = Job(conn, "r1", submit, {}, 0, refs=[("wide", base, wide), ("narrow", base, narrow)])
+    payload = job_to_payload(job)
+    sent = sum(len(item["data"]) for item in payload["tensors"])
+    assert sent == base.numel() * 4 + 2 * 4  # the resident once, and the narrow view
+    back = job_from_payload(payload, conn)
+    assert [tid for tid, _, _ in back.refs] == ["wide"]
+    tid, rebuilt, ref = back.refs[0]
+    assert_close(rebuilt.as_strided(ref.shape, ref.stride, ref.offset),
+                 base.as_strided(wide.shape, wide.stride, wide.offset), rtol=0, atol=0)
+    assert_close(back.tensors["narrow"], base[2:], rtol=0, atol=0)
+    bad = {**payload, "refs": [{**payload["refs"][0],
+                                "ref": {**payload["refs"][0]["ref"], "offset": 10}}]}
+    with pytest.raises(RuntimeError):  # outside the resident: torch refuses the view
+        job_from_payload(bad, conn)
