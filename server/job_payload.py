@@ -15,29 +15,31 @@ from hookwire.protocol import ResidentRef, Submit, dump, parse_client_message
 from hookwire.server.worker import Job
 
 
-def job_to_payload(job: Job) -> dict:
+def job_to_payload(job: Job, copy: bool = True) -> dict:
     """``job`` as plain data. Its references to resident values travel as the resident (its
     bytes, once per resident) and the view, when the view is larger than the resident (a
     stride-0 view of a small value): the model's side copies such a view when the request
     runs, with the worker's give-way, as the embedded engine does, instead of the front
     copying it here. A view no larger than its resident is copied here (no more bytes than
-    the resident itself would be)."""
+    the resident itself would be). ``copy=False``: tensors' bytes as views of the tensors
+    (for a sender that writes them out itself, instead of copying each upload again here)."""
+    as_data = bytes if copy else (lambda view: view)
     tensors = []
     for tid, tensor in job.tensors.items():
         tensors.append({"header": header_for(tid, tensor).model_dump(),
-                        "data": bytes(tensor_bytes(tensor))})
+                        "data": as_data(tensor_bytes(tensor))})
     bases: dict[int, str] = {}  # id(base tensor) -> its tid in the payload
     refs = []
     for tid, base, ref in job.refs:
         view = base.as_strided(ref.shape, ref.stride, ref.offset)
         if view.numel() <= base.numel():
             tensors.append({"header": header_for(tid, view).model_dump(),
-                            "data": bytes(tensor_bytes(view))})
+                            "data": as_data(tensor_bytes(view))})
             continue
         if id(base) not in bases:
             bases[id(base)] = f"__resident{len(bases)}"
             tensors.append({"header": header_for(bases[id(base)], base).model_dump(),
-                            "data": bytes(tensor_bytes(base))})
+                            "data": as_data(tensor_bytes(base))})
         refs.append({"tid": tid, "base": bases[id(base)], "ref": ref.model_dump()})
     return {"submit": dump(job.submit), "user": job.conn.user,
             "received_bytes": job.received_bytes, "tensors": tensors, "refs": refs,

@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass
 
 from hookwire.errors import HookwireError, UnknownModel
+from hookwire.server.job_payload import job_to_payload
 from hookwire.server.process_link import (LinkClosed, items_of, pack, read_message,
                                           read_message_blocking, run_message)
 from hookwire.server.relay_engine import RelayEngine
@@ -303,6 +304,10 @@ class ProcessEngine(RelayEngine):
             raise UnknownModel(f"model {model!r} is not served here; served: "
                                f"{', '.join(self.entries)}")
         return process.ask_hook_mode_info(list(tl_flags), START_TIMEOUT_S)
+
+    def _payload_of(self, job) -> dict:
+        # The writer thread sends the tensors' bytes straight from the tensors (no copy).
+        return job_to_payload(job, copy=False)
 
     async def _open_stream(self, model: str, payload: dict):
         process = self.processes[model]

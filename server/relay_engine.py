@@ -37,8 +37,6 @@ MAX_OOM_RETRIES = 1       # ... but after an out-of-memory kill only once (it ma
 RETRY_PAUSE_S = 0.5       # ... a moment for the replica to be replaced (or routed around)
 
 
-def _payload_of(job: Job) -> dict:
-    return job_to_payload(job)  # (views larger than their resident are copied over there)
 
 
 def _retrieve(future) -> None:
@@ -78,6 +76,10 @@ class RelayEngine:
 
     async def _open_stream(self, model: str, payload: dict):
         raise NotImplementedError
+
+    def _payload_of(self, job: Job) -> dict:
+        """The job as plain data (in a thread of the front's executor)."""
+        return job_to_payload(job)
 
     def _teardown(self) -> None:
         raise NotImplementedError
@@ -145,7 +147,7 @@ class RelayEngine:
             # Copying tensors (and views no larger than their resident) into the payload
             # grows with the request: done in a thread, not on the front's event loop.
             payload = await asyncio.get_running_loop().run_in_executor(
-                None, _payload_of, job)
+                None, self._payload_of, job)
             out_of_memory = 0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 answer = RelaySession(conn.store, job.tensors)
