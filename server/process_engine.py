@@ -27,12 +27,13 @@ import socket
 import subprocess
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from hookwire.errors import HookwireError, UnknownModel
 from hookwire.server.job_payload import job_to_payload
 from hookwire.server.process_link import (LinkClosed, items_of, pack, read_message,
-                                          read_message_blocking, run_message)
+                                          read_message_blocking, run_messages)
 from hookwire.server.relay_engine import RelayEngine
 from hookwire.server.worker import BATCH_WINDOW_S
 from hookwire.validate import Limits
@@ -167,12 +168,12 @@ class ModelProcess:
         sid = next(self._ids)
         stream = _Stream(self, sid)
         self.streams[sid] = stream
-        self._outbox.put(run_message(sid, payload))
+        self._outbox.put(run_messages(sid, payload))
         return stream
 
     def forget(self, sid: int, tell: bool) -> None:
         if self.streams.pop(sid, None) is not None and tell and self.alive:
-            self._outbox.put(pack({"op": "cancel", "sid": sid}))
+            self._outbox.put([pack({"op": "cancel", "sid": sid})])
 
     def ask_hook_mode_info(self, flags: list, timeout: float) -> str:
         """From a thread other than the loop's: ask the process, wait for its answer."""
@@ -182,7 +183,7 @@ class ModelProcess:
             self.answers[qid] = future
         if not self.alive:
             raise ModelProcessLost(f"the model process for {self.spec['model']!r} is down")
-        self._outbox.put(pack({"op": "hook_mode_info", "qid": qid, "flags": list(flags)}))
+        self._outbox.put([pack({"op": "hook_mode_info", "qid": qid, "flags": list(flags)})])
         try:
             return future.result(timeout)
         finally:
@@ -192,13 +193,31 @@ class ModelProcess:
     # ---- the two directions ---------------------------------------------------------------
     @staticmethod
     def _write_loop(sock: socket.socket, outbox: queue.Queue) -> None:
+        """Send what ``outbox`` brings (lists of messages; None: stop). A list of several
+        messages -- a large request's chunks -- goes one message at a time, taking turns with
+        the others in progress, and a single message goes as soon as it is taken: one
+        tenant's large upload never holds the link for the others' requests and cancels."""
+        transfers: deque = deque()  # iterators over the messages still to send
         try:
             while True:
-                parts = outbox.get()
-                if parts is None:
+                try:
+                    entry = outbox.get(block=not transfers)
+                except queue.Empty:
+                    entry = ()
+                if entry is None:
                     break
-                for part in parts:
-                    sock.sendall(part)
+                if len(entry) == 1:
+                    for part in entry[0]:
+                        sock.sendall(part)
+                elif entry:
+                    transfers.append(iter(entry))
+                if transfers:  # (one message of a transfer per turn, however many come)
+                    messages = transfers.popleft()
+                    message = next(messages, None)
+                    if message is not None:
+                        for part in message:
+                            sock.sendall(part)
+                        transfers.append(messages)
         except OSError:
             pass  # the process is gone: the reader notices and fails what was open
         finally:

@@ -7,8 +7,8 @@ anything or turns a name into code: what the body carries is sliced by the sizes
 states, tensors are rebuilt from their validated headers (server/job_payload.py), and the
 submit is parsed again, with the same validating parser, in the model process.
 
-- front -> model process: ``run`` (a job payload; the body is its tensors' bytes),
-  ``cancel``, ``hook_mode_info``;
+- front -> model process: ``run`` (a job payload; the body is its tensors' bytes, or they
+  follow in ``data`` messages when large), ``cancel``, ``hook_mode_info``;
 - model process -> front: ``info`` (first, once its model is loaded), ``items`` (what the
   worker sends for one request: protocol JSON, tensor frames -- the body -- and notes),
   ``end`` (that request's stream is over), ``answer`` (to ``hook_mode_info``), ``failed``
@@ -22,6 +22,7 @@ import struct
 
 PREFIX = struct.Struct(">IQ")
 MAX_HEADER_BYTES = 64 << 20  # a header is JSON of one request's graph (bounded by the front)
+CHUNK_BYTES = 1 << 20  # the most raw bytes one message carries when they can be split
 
 
 class LinkClosed(ConnectionError):
@@ -79,18 +80,48 @@ def read_message_blocking(sock: socket.socket) -> tuple[dict, bytes]:
 
 
 # ---- what the messages carry ----------------------------------------------------------------
-def run_message(sid: int, payload: dict) -> list:
-    """A job payload (server/job_payload.py) as a ``run`` message: tensors' bytes in the body."""
+def run_messages(sid: int, payload: dict) -> list:
+    """A job payload (server/job_payload.py) as messages: a ``run`` message with the tensors'
+    bytes as its body, or -- when they pass ``CHUNK_BYTES`` -- a ``run`` message that says
+    so (``chunked``) followed by ``data`` messages of at most ``CHUNK_BYTES`` each. Smaller
+    messages (another request, a cancel) may travel between those: one tenant's large upload
+    does not hold the link for everyone else's requests."""
     tensors = payload["tensors"]
+    sizes = [len(item["data"]) for item in tensors]
     header = {"op": "run", "sid": sid, "submit": payload["submit"], "user": payload["user"],
               "received_bytes": payload["received_bytes"],
               "mates_possible": bool(payload.get("mates_possible", True)),
-              "tensors": [item["header"] for item in tensors],
-              "sizes": [len(item["data"]) for item in tensors]}
-    return pack(header, [item["data"] for item in tensors])
+              "tensors": [item["header"] for item in tensors], "sizes": sizes,
+              "refs": payload.get("refs", [])}
+    if sum(sizes) <= CHUNK_BYTES:
+        return [pack(header, [item["data"] for item in tensors])]
+    messages = [pack({**header, "chunked": True})]
+    for item in tensors:
+        data = memoryview(item["data"])
+        for at in range(0, len(data), CHUNK_BYTES):
+            messages.append(pack({"op": "data", "sid": sid}, [data[at:at + CHUNK_BYTES]]))
+    return messages
 
 
-def payload_of_run(header: dict, body: bytes) -> dict:
+class RunAssembly:
+    """A chunked ``run`` message's body as its ``data`` messages arrive."""
+
+    def __init__(self, header: dict):
+        sizes = header["sizes"]
+        if not isinstance(sizes, list) or min(sizes, default=0) < 0:
+            raise ValueError("a run message's sizes must be non-negative")
+        self.header, self.body, self.got = header, bytearray(sum(sizes)), 0
+
+    def add(self, data: bytes) -> bool:
+        """Take one ``data`` message's body; True once the body is complete."""
+        if self.got + len(data) > len(self.body):
+            raise ValueError("a run's data passes its declared sizes")
+        self.body[self.got:self.got + len(data)] = data
+        self.got += len(data)
+        return self.got == len(self.body)
+
+
+def payload_of_run(header: dict, body) -> dict:
     """The job payload a ``run`` message carries (sizes checked against the body)."""
     sizes, heads = header["sizes"], header["tensors"]
     if len(sizes) != len(heads) or sum(sizes) != len(body) or min(sizes, default=0) < 0:
@@ -100,22 +131,30 @@ def payload_of_run(header: dict, body: bytes) -> dict:
         tensors.append({"header": head, "data": view[at:at + size]})
         at += size
     return {"submit": header["submit"], "user": header["user"],
-            "received_bytes": header["received_bytes"],
+            "received_bytes": header["received_bytes"], "refs": header.get("refs", []),
             "mates_possible": bool(header.get("mates_possible", True)), "tensors": tensors}
 
 
-def items_message(sid: int, items: list) -> list:
-    """One request's items (JSON text, binary frames, note dicts) as an ``items`` message."""
-    kinds, frames = [], []
+def items_messages(sid: int, items: list) -> list:
+    """One request's items (JSON text, binary frames, note dicts) as ``items`` messages,
+    in order, each with at most about ``CHUNK_BYTES`` of frames: the front reads a message
+    at once, so a large result reaches it in pieces, between others' answers."""
+    messages, kinds, frames, size = [], [], [], 0
     for item in items:
         if isinstance(item, str):
             kinds.append(["t", item])
         elif isinstance(item, dict):
             kinds.append(["n", item])
         else:
+            if frames and size + len(item) > CHUNK_BYTES:
+                messages.append(pack({"op": "items", "sid": sid, "items": kinds}, frames))
+                kinds, frames, size = [], [], 0
             kinds.append(["f", len(item)])
             frames.append(item)
-    return pack({"op": "items", "sid": sid, "items": kinds}, frames)
+            size += len(item)
+    if kinds or not messages:
+        messages.append(pack({"op": "items", "sid": sid, "items": kinds}, frames))
+    return messages
 
 
 def items_of(header: dict, body: bytes) -> list:
@@ -136,5 +175,5 @@ def items_of(header: dict, body: bytes) -> list:
     return items
 
 
-__all__ = ["pack", "read_message", "read_message_blocking", "run_message", "payload_of_run",
-           "items_message", "items_of", "LinkClosed", "PREFIX"]
+__all__ = ["pack", "read_message", "read_message_blocking", "run_messages", "RunAssembly",
+           "payload_of_run", "items_messages", "items_of", "LinkClosed", "PREFIX", "CHUNK_BYTES"]

@@ -22,8 +22,8 @@ import socket
 import sys
 
 from hookwire.server import replies
-from hookwire.server.process_link import (LinkClosed, items_message, pack, payload_of_run,
-                                          read_message)
+from hookwire.server.process_link import (LinkClosed, RunAssembly, items_messages, pack,
+                                          payload_of_run, read_message)
 
 log = logging.getLogger("hookwire.server.process")
 
@@ -35,6 +35,7 @@ class ReplicaLink:
     def __init__(self, replica, reader, writer):
         self.replica, self.reader, self.writer = replica, reader, writer
         self.running: dict[int, asyncio.Task] = {}
+        self.arriving: dict[int, RunAssembly] = {}  # chunked runs whose data is on its way
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -44,26 +45,38 @@ class ReplicaLink:
             except LinkClosed:
                 return
             op = header["op"]
-            if op == "run":
+            if op == "run" and header.get("chunked"):
+                self.arriving[int(header["sid"])] = RunAssembly(header)
+            elif op == "run":
                 sid = int(header["sid"])
                 self.running[sid] = loop.create_task(self._stream(sid, header, body))
+            elif op == "data":
+                sid = int(header["sid"])
+                assembly = self.arriving.get(sid)
+                if assembly is not None and assembly.add(body):
+                    del self.arriving[sid]
+                    self.running[sid] = loop.create_task(
+                        self._stream(sid, assembly.header, memoryview(assembly.body)))
             elif op == "cancel":
-                task = self.running.pop(int(header["sid"]), None)
+                sid = int(header["sid"])
+                self.arriving.pop(sid, None)  # (its remaining data is dropped on arrival)
+                task = self.running.pop(sid, None)
                 if task is not None:
                     task.cancel()  # the replica's generator marks its request closed
             elif op == "hook_mode_info":
                 loop.create_task(self._hook_mode_info(header))
 
-    async def _stream(self, sid: int, header: dict, body: bytes) -> None:
+    async def _stream(self, sid: int, header: dict, body) -> None:
         try:
             try:
                 payload = payload_of_run(header, body)
             except (KeyError, TypeError, ValueError) as exc:  # a bug of ours at the front
-                await self._send(items_message(sid, [replies.error(None, exc)]))
+                await self._send(items_messages(sid, [replies.error(None, exc)])[0])
                 return
             del body
             async for items in self.replica.run(payload):
-                await self._send(items_message(sid, items))
+                for message in items_messages(sid, items):
+                    await self._send(message)
         finally:
             self.running.pop(sid, None)
             if not self.writer.is_closing():

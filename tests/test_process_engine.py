@@ -23,8 +23,8 @@ from graphs import graph, node, ref
 from hookwire.client import Connection
 from hookwire.errors import Cancelled, HookwireError, ReplicaLost
 from hookwire.protocol import Progress
-from hookwire.server.process_link import (items_message, items_of, payload_of_run, pack,
-                                          run_message)
+from hookwire.server.process_link import (CHUNK_BYTES, RunAssembly, items_messages, items_of,
+                                          payload_of_run, run_messages)
 
 pytestmark = [pytest.mark.engines("process"), pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore:.*gated-off hook name.*")]
@@ -201,18 +201,23 @@ def test_a_model_that_cannot_load_is_a_typed_error_and_leaves_no_process(tmp_pat
     assert not left
 
 
+def _unpack(parts) -> tuple[dict, bytes]:
+    raw = b"".join(bytes(p) for p in parts)
+    head_len = int.from_bytes(raw[:4], "big")
+    assert int.from_bytes(raw[4:12], "big") == len(raw) - 12 - head_len
+    return json.loads(raw[12:12 + head_len]), raw[12 + head_len:]
+
+
 def test_the_link_carries_data_only_and_checks_its_sizes():
     """What crosses between the front and a model process is JSON and raw bytes, sliced by
-    the sizes the header states: a body that does not match them is refused."""
+    the sizes the header states: a body that does not match them is refused; a large body
+    travels in chunks that other messages may pass, and is put together again exactly."""
     payload = {"submit": '{"type": "submit"}', "user": "u", "received_bytes": 8,
                "mates_possible": False,
                "tensors": [{"header": {"tid": "a"}, "data": b"12345678"},
                            {"header": {"tid": "b"}, "data": b""}]}
-    parts = run_message(7, payload)
-    raw = b"".join(bytes(p) for p in parts)
-    head_len = int.from_bytes(raw[:4], "big")
-    header = json.loads(raw[12:12 + head_len])
-    body = raw[12 + head_len:]
+    [parts] = run_messages(7, payload)
+    header, body = _unpack(parts)
     back = payload_of_run(header, body)
     assert back["mates_possible"] is False and back["user"] == "u"
     assert [bytes(t["data"]) for t in back["tensors"]] == [b"12345678", b""]
@@ -220,17 +225,31 @@ def test_the_link_carries_data_only_and_checks_its_sizes():
         payload_of_run({**header, "sizes": [9, 0]}, body)
     with pytest.raises(ValueError):
         payload_of_run({**header, "sizes": [-1, 9]}, body)
+    big = bytes(range(256)) * (CHUNK_BYTES // 128 + 3)  # a little over two chunks
+    messages = run_messages(8, {**payload, "tensors": [{"header": {"tid": "a"}, "data": big},
+                                                       {"header": {"tid": "b"}, "data": b"xy"}]})
+    assert len(messages) == 5  # the header, three chunks of the first tensor, the second
+    header, body = _unpack(messages[0])
+    assert header["chunked"] and body == b""
+    assembly = RunAssembly(header)
+    done = [assembly.add(_unpack(m)[1]) for m in messages[1:]]
+    assert done == [False] * 3 + [True]
+    back = payload_of_run(assembly.header, memoryview(assembly.body))
+    assert [bytes(t["data"]) for t in back["tensors"]] == [big, b"xy"]
+    with pytest.raises(ValueError):  # more data than declared
+        assembly.add(b"z")
     items = ['{"type": "done"}', b"frame-bytes", {"replica": "x"}]
-    parts = items_message(3, items)
-    raw = b"".join(bytes(p) for p in parts)
-    head_len = int.from_bytes(raw[:4], "big")
-    header, body = json.loads(raw[12:12 + head_len]), raw[12 + head_len:]
+    [parts] = items_messages(3, items)
+    header, body = _unpack(parts)
     assert items_of(header, body) == items
     with pytest.raises(ValueError):
         items_of(header, body + b"x")
     with pytest.raises(ValueError):
         items_of({"op": "items", "items": [["code", "print()"]]}, b"")
-    assert pack({"op": "end", "sid": 1})[0][:4] == len(b'{"op":"end","sid":1}').to_bytes(4, "big")
+    frames = [bytes([k]) * (CHUNK_BYTES // 2 + 1) for k in range(3)]
+    split = items_messages(3, ["{}"] + frames + ["{}"])
+    assert len(split) == 3  # no message carries more than a chunk of frames
+    assert [x for m in split for x in items_of(*_unpack(m))] == ["{}"] + frames + ["{}"]
 
 
 def test_a_view_larger_than_its_resident_travels_as_the_resident():
@@ -266,3 +285,52 @@ def test_a_view_larger_than_its_resident_travels_as_the_resident():
                                 "ref": {**payload["refs"][0]["ref"], "offset": 10}}]}
     with pytest.raises(RuntimeError):  # outside the resident: torch refuses the view
         job_from_payload(bad, conn)
+
+
+def test_views_of_residents_and_large_uploads_reach_the_model_process_intact(server,
+                                                                             local_models):
+    """Through the process engine: a stride-0 view far larger than its resident value (sent
+    as the resident and the view, copied in the model process) and an upload larger than the
+    link's chunk (sent in pieces) give what they give locally."""
+    from hookwire.residents import content_id
+    from hookwire.frames import encode_chunks, header_for
+    from pipelined import PipelinedClient
+
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+    client = PipelinedClient(server.url)
+    try:
+        small = torch.arange(64, dtype=torch.float32)
+        cid = content_id(small)
+        read = graph(sites=[SITE], saves={"r": 0}, nodes=[node(0, "site.read", 0)])
+        read["forward"] = {"return_type": None}
+        kept = client.send(read, {"input_ids": tokens, "small": small}, keep={"small": cid})
+        assert client.collect([kept])[kept].error is None
+        n = 1 << 20  # 4 MiB of float32 from 256 bytes
+        view_graph = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+                      "constants": ["v"], "sites": [],
+                      "nodes": [{"id": 0, "op": "getitem", "args": [{"const": "v"}, n - 1]},
+                                {"id": 1, "op": "sum", "args": [{"const": "v"}]},
+                                {"id": 2, "op": "add", "args": [{"ref": 0}, {"ref": 1}]}],
+                      "saves": {"s": 2}, "forward": {"return_type": None}}
+        rid = "view-1"
+        client.ws.send(json.dumps({
+            "type": "submit", "request_id": rid, "graph": view_graph,
+            "tensors": [header_for("input_ids", tokens).model_dump()], "keep_results": False,
+            "refs": [{"tid": "v", "resident": cid, "dtype": "float32", "shape": [n],
+                      "stride": [0], "offset": 5}]}))
+        for frame in encode_chunks(rid, "input_ids", tokens):
+            client.ws.send(frame)
+        big = torch.randn(3 * CHUNK_BYTES // 4 + 5, generator=torch.Generator().manual_seed(3))
+        big_graph = {**view_graph, "nodes": [{"id": 0, "op": "getitem",
+                                              "args": [{"const": "v"}, -1]},
+                                             {"id": 1, "op": "sum", "args": [{"const": "v"}]},
+                                             {"id": 2, "op": "add",
+                                              "args": [{"ref": 0}, {"ref": 1}]}]}
+        uploaded = client.send(big_graph, {"input_ids": tokens, "v": big})
+        answers = client.collect([rid, uploaded])
+        assert answers[rid].error is None, answers[rid].error
+        assert_close(answers[rid].values["s"], torch.tensor(5.0 + 5.0 * n), rtol=0, atol=0)
+        assert answers[uploaded].error is None, answers[uploaded].error
+        assert_close(answers[uploaded].values["s"], big[-1] + big.sum())
+    finally:
+        client.close()
