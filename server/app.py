@@ -422,7 +422,8 @@ class HookwireServer:
         """A complete submit: to the engine, and the session learns its answer."""
         submit = incoming.submit
         job = Job(state, submit.request_id, submit, incoming.assembler.tensors(),
-                  incoming.size, refs=incoming.refs, reservation=incoming.reservation)
+                  incoming.size, refs=incoming.refs, reservation=incoming.reservation,
+                  submit_text=incoming.text)
         self._note_arrival(state, job)
         try:
             position = self.worker.submit(job)

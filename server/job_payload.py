@@ -1,7 +1,8 @@
 """A queued job as plain data, for an engine that runs it in another process (Ray replicas).
 
-What crosses is produced by our own code: the submit as its protocol JSON (parsed again on the
-other side with the same validating parser), each tensor as a header dict and its raw bytes.
+What crosses: the submit as the message the client sent (which the front has parsed and
+admitted; parsed again on the other side with the same validating parser), each tensor as a
+header dict and its raw bytes.
 No Python object of the user's crosses, so nothing on the replica trusts a pickled value of
 theirs. (Ray pickles its own RPC envelope around these dicts and bytes; that happens between
 processes of our own cluster, never on data read from a socket.)
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from hookwire.frames import TensorHeader, bytes_to_tensor, header_for, tensor_bytes
-from hookwire.protocol import ResidentRef, Submit, dump, parse_client_message
+from hookwire.protocol import ResidentRef, Submit, dump, parse_client_message_bounded
 from hookwire.server.worker import Job
 
 
@@ -41,13 +42,18 @@ def job_to_payload(job: Job, copy: bool = True) -> dict:
             tensors.append({"header": header_for(bases[id(base)], base).model_dump(),
                             "data": as_data(tensor_bytes(base))})
         refs.append({"tid": tid, "base": bases[id(base)], "ref": ref.model_dump()})
-    return {"submit": dump(job.submit), "user": job.conn.user,
+    text = job.submit_text if job.submit_text is not None else dump(job.submit)
+    return {"submit": text.decode() if isinstance(text, bytes) else text, "user": job.conn.user,
             "received_bytes": job.received_bytes, "tensors": tensors, "refs": refs,
             "mates_possible": job.mates_possible}
 
 
 def job_from_payload(payload: dict, conn) -> Job:
-    submit = parse_client_message(payload["submit"])
+    """The job a payload carries. The submit is parsed by the server's bounded parser
+    (long lists in short slices, so a large graph's parse lets other threads run between
+    them); the front has already admitted it, so its caps cannot refuse it here."""
+    text = payload["submit"]
+    _, submit = parse_client_message_bounded(text, max_containers=len(text))
     if not isinstance(submit, Submit):
         raise TypeError("a job payload must carry a submit")
     tensors: dict[str, torch.Tensor] = {}

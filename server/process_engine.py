@@ -325,8 +325,12 @@ class ProcessEngine(RelayEngine):
         return process.ask_hook_mode_info(list(tl_flags), START_TIMEOUT_S)
 
     def _payload_of(self, job) -> dict:
-        # The writer thread sends the tensors' bytes straight from the tensors (no copy).
-        return job_to_payload(job, copy=False)
+        # The writer thread sends the tensors' bytes straight from the tensors (no copy);
+        # the submit goes as bytes (encoded here, in the executor, not on the loop).
+        payload = job_to_payload(job, copy=False)
+        if isinstance(payload["submit"], str):
+            payload["submit"] = payload["submit"].encode()
+        return payload
 
     async def _open_stream(self, model: str, payload: dict):
         process = self.processes[model]

@@ -87,17 +87,22 @@ def run_messages(sid: int, payload: dict) -> list:
     messages (another request, a cancel) may travel between those: one tenant's large upload
     does not hold the link for everyone else's requests."""
     tensors = payload["tensors"]
+    submit = payload["submit"]
+    submit = submit.encode() if isinstance(submit, str) else submit
     sizes = [len(item["data"]) for item in tensors]
-    header = {"op": "run", "sid": sid, "submit": payload["submit"], "user": payload["user"],
+    # The submit travels in the body too: as a JSON string in the header it would be
+    # escaped here and unescaped there, a pass over a large graph on each side.
+    header = {"op": "run", "sid": sid, "submit_size": len(submit), "user": payload["user"],
               "received_bytes": payload["received_bytes"],
               "mates_possible": bool(payload.get("mates_possible", True)),
               "tensors": [item["header"] for item in tensors], "sizes": sizes,
               "refs": payload.get("refs", [])}
-    if sum(sizes) <= CHUNK_BYTES:
-        return [pack(header, [item["data"] for item in tensors])]
+    bodies = [submit] + [item["data"] for item in tensors]
+    if len(submit) + sum(sizes) <= CHUNK_BYTES:
+        return [pack(header, bodies)]
     messages = [pack({**header, "chunked": True})]
-    for item in tensors:
-        data = memoryview(item["data"])
+    for part in bodies:
+        data = memoryview(part)
         for at in range(0, len(data), CHUNK_BYTES):
             messages.append(pack({"op": "data", "sid": sid}, [data[at:at + CHUNK_BYTES]]))
     return messages
@@ -107,8 +112,8 @@ class RunAssembly:
     """A chunked ``run`` message's body as its ``data`` messages arrive."""
 
     def __init__(self, header: dict):
-        sizes = header["sizes"]
-        if not isinstance(sizes, list) or min(sizes, default=0) < 0:
+        sizes = [header["submit_size"], *header["sizes"]]
+        if not all(isinstance(n, int) and n >= 0 for n in sizes):
             raise ValueError("a run message's sizes must be non-negative")
         self.header, self.body, self.got = header, bytearray(sum(sizes)), 0
 
@@ -123,14 +128,16 @@ class RunAssembly:
 
 def payload_of_run(header: dict, body) -> dict:
     """The job payload a ``run`` message carries (sizes checked against the body)."""
-    sizes, heads = header["sizes"], header["tensors"]
-    if len(sizes) != len(heads) or sum(sizes) != len(body) or min(sizes, default=0) < 0:
-        raise ValueError("a run message's tensor sizes do not match its body")
-    view, tensors, at = memoryview(body), [], 0
+    sizes, heads, submit_size = header["sizes"], header["tensors"], header["submit_size"]
+    if len(sizes) != len(heads) or submit_size + sum(sizes) != len(body) or \
+            min([submit_size, *sizes]) < 0:
+        raise ValueError("a run message's sizes do not match its body")
+    view = memoryview(body)
+    submit, tensors, at = bytes(view[:submit_size]), [], submit_size
     for head, size in zip(heads, sizes):
         tensors.append({"header": head, "data": view[at:at + size]})
         at += size
-    return {"submit": header["submit"], "user": header["user"],
+    return {"submit": submit, "user": header["user"],
             "received_bytes": header["received_bytes"], "refs": header.get("refs", []),
             "mates_possible": bool(header.get("mates_possible", True)), "tensors": tensors}
 

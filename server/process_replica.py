@@ -74,9 +74,12 @@ class ReplicaLink:
                 await self._send(items_messages(sid, [replies.error(None, exc)])[0])
                 return
             del body
-            async for items in self.replica.run(payload):
-                for message in items_messages(sid, items):
-                    await self._send(message)
+            try:
+                async for items in self.replica.run(payload):
+                    for message in items_messages(sid, items):
+                        await self._send(message)
+            except Exception:  # a bug of ours: the front answers the request with an error
+                log.exception("request stream %d failed in the model process", sid)
         finally:
             self.running.pop(sid, None)
             if not self.writer.is_closing():

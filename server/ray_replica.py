@@ -122,7 +122,10 @@ class ModelReplica:
                            self.limits.max_resident_bytes)
         first = [{"replica": self.replica, "pid": os.getpid(), "model": self.name}]
         try:
-            job = job_from_payload(payload, conn)
+            # Parsing a large graph takes a while: in a thread, so this loop keeps moving
+            # the other requests' answers (the parse is sliced, so the worker runs too).
+            job = await asyncio.get_running_loop().run_in_executor(
+                None, job_from_payload, payload, conn)
             conn.store.uploads = {id(t): tid for tid, t in job.tensors.items()}
             try:
                 self.worker.submit(job)

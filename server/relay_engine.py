@@ -23,7 +23,8 @@ import logging
 import threading
 from collections import Counter
 
-from hookwire.errors import Cancelled, QueueFull, ReplicaLost, ServerShuttingDown, UnknownModel
+from hookwire.errors import (Cancelled, ExecutionError, QueueFull, ReplicaLost,
+                             ServerShuttingDown, UnknownModel)
 from hookwire.server import replies
 from hookwire.server.relay_session import RelaySession
 from hookwire.server.job_payload import job_to_payload
@@ -154,6 +155,9 @@ class RelayEngine:
                 try:
                     stream = await self._open_stream(model, payload)
                     finished = await self._pump(stream, job, answer, stop)
+                    if finished and not answer.finished:  # a bug of ours over there
+                        raise ExecutionError(f"request {rid} ended without an answer from "
+                                             "the model's replica; retry it")
                 except self.RETRYABLE as exc:
                     oom = isinstance(exc, self.OUT_OF_MEMORY)
                     out_of_memory += oom

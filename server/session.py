@@ -95,6 +95,7 @@ class Incoming:
     reservation: Reservation
     size: int                 # bytes received so far
     deadline: float | None = None  # while waiting for tensors: dropped after this
+    text: str | bytes | None = None  # the submit's message as it arrived
 
     def drop(self) -> None:
         self.reservation.release()
@@ -246,7 +247,9 @@ class ServerSession:
             if not isinstance(msg, Submit):
                 parsed[0].release()
                 return msg
-            return self._admit_submit(msg, len(message), parsed[0])
+            incoming = self._admit_submit(msg, len(message), parsed[0])
+            incoming.text = message
+            return incoming
         except Exception as exc:
             parsed[0].release()
             return Refusal(exc)

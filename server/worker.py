@@ -88,6 +88,9 @@ class Job:
     # In a model process: whether the front, when it submitted this, saw a connection that
     # could still send a batch mate (server/process_engine.py).
     mates_possible: bool = True
+    # The submit's message as it arrived: an engine that hands the job to another process
+    # sends it as is, instead of writing the parsed submit out again (server/job_payload.py).
+    submit_text: str | bytes | None = None
 
     def finish(self) -> None:
         """The request is over: its memory is released and its tensors dropped."""

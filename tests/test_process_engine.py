@@ -220,6 +220,7 @@ def test_the_link_carries_data_only_and_checks_its_sizes():
     header, body = _unpack(parts)
     back = payload_of_run(header, body)
     assert back["mates_possible"] is False and back["user"] == "u"
+    assert back["submit"] == b'{"type": "submit"}'  # (in the body, not escaped in the header)
     assert [bytes(t["data"]) for t in back["tensors"]] == [b"12345678", b""]
     with pytest.raises(ValueError):
         payload_of_run({**header, "sizes": [9, 0]}, body)
@@ -228,12 +229,12 @@ def test_the_link_carries_data_only_and_checks_its_sizes():
     big = bytes(range(256)) * (CHUNK_BYTES // 128 + 3)  # a little over two chunks
     messages = run_messages(8, {**payload, "tensors": [{"header": {"tid": "a"}, "data": big},
                                                        {"header": {"tid": "b"}, "data": b"xy"}]})
-    assert len(messages) == 5  # the header, three chunks of the first tensor, the second
+    assert len(messages) == 6  # the header, the submit, three chunks of a, then b
     header, body = _unpack(messages[0])
     assert header["chunked"] and body == b""
     assembly = RunAssembly(header)
     done = [assembly.add(_unpack(m)[1]) for m in messages[1:]]
-    assert done == [False] * 3 + [True]
+    assert done == [False] * 4 + [True]
     back = payload_of_run(assembly.header, memoryview(assembly.body))
     assert [bytes(t["data"]) for t in back["tensors"]] == [big, b"xy"]
     with pytest.raises(ValueError):  # more data than declared
