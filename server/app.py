@@ -221,6 +221,7 @@ class HookwireServer:
         else:  # e.g. RayEngine: its replicas hold the models; it tells what they offer
             self.entries = engine.entries
         self.worker = engine  # the engine seam: submit, queue_depth, cancel, describe, stop
+        self.relays_jobs = getattr(engine, "relays_jobs", False)
         if hasattr(engine, "may_join"):  # the embedded worker: end batch windows early
             engine.may_join = self.mates_possible
         self.connections_per_user: Counter = Counter()
@@ -423,7 +424,8 @@ class HookwireServer:
         submit = incoming.submit
         job = Job(state, submit.request_id, submit, incoming.assembler.tensors(),
                   incoming.size, refs=incoming.refs, reservation=incoming.reservation,
-                  submit_text=incoming.text)
+                  # (an engine that sends jobs to other processes sends this text as is)
+                  submit_text=incoming.text if self.relays_jobs else None)
         self._note_arrival(state, job)
         try:
             position = self.worker.submit(job)

@@ -57,6 +57,7 @@ class RelayEngine:
 
     RETRYABLE: tuple = ()
     OUT_OF_MEMORY: tuple = ()
+    relays_jobs = True  # the front keeps each submit's text for the payload (job_payload.py)
     OUT_OF_MEMORY_WHY = "the replica ran out of memory"
 
     def _init_relay(self, limits: Limits | None, batching: bool) -> None:
