@@ -93,39 +93,30 @@ def start(models: dict | list | None = None, host: str = "127.0.0.1", port: int 
     pass token ids)."""
     if models is None:
         models = ["tiny-gpt2"]
-    if engine == "ray":
+    if engine in ("ray", "process"):
         if not isinstance(models, (list, tuple)):
-            raise TypeError("engine='ray' loads models by name or checkpoint path in each "
-                            "replica: pass a list, not model objects")
-        from hookwire.server.ray_engine import RayEngine  # imports ray: only on request
+            raise TypeError(f"engine={engine!r} loads models by name or checkpoint path in "
+                            "processes of their own: pass a list, not model objects")
+        if engine == "ray":
+            from hookwire.server.ray_engine import RayEngine  # imports ray: only on request
 
-        ray_engine = RayEngine(list(models), replicas=replicas, limits=limits,
-                               batching=batching, window_s=batch_window_s, address=ray_address,
-                               num_cpus_per_replica=num_cpus_per_replica,
-                               num_gpus_per_replica=num_gpus_per_replica, device_map=device_map,
-                               dtype=dtype, device=device)
+            relayed = RayEngine(list(models), replicas=replicas, limits=limits,
+                                batching=batching, window_s=batch_window_s,
+                                address=ray_address, num_cpus_per_replica=num_cpus_per_replica,
+                                num_gpus_per_replica=num_gpus_per_replica,
+                                device_map=device_map, dtype=dtype, device=device)
+        else:
+            from hookwire.server.process_engine import ProcessEngine
+
+            relayed = ProcessEngine(list(models), limits=limits, batching=batching,
+                                    window_s=batch_window_s, device_map=device_map,
+                                    dtype=dtype, device=device)
         try:
             server = HookwireServer({}, host=host, port=port, api_keys=api_keys, limits=limits,
-                                    batching=batching, engine=ray_engine)
+                                    batching=batching, engine=relayed)
             return ServerHandle(server).start()
         except BaseException:
-            ray_engine.close()
-            raise
-    if engine == "process":
-        if not isinstance(models, (list, tuple)):
-            raise TypeError("engine='process' loads models by name or checkpoint path in a "
-                            "process of their own: pass a list, not model objects")
-        from hookwire.server.process_engine import ProcessEngine
-
-        process_engine = ProcessEngine(list(models), limits=limits, batching=batching,
-                                       window_s=batch_window_s, device_map=device_map,
-                                       dtype=dtype, device=device)
-        try:
-            server = HookwireServer({}, host=host, port=port, api_keys=api_keys, limits=limits,
-                                    batching=batching, engine=process_engine)
-            return ServerHandle(server).start()
-        except BaseException:
-            process_engine.close()
+            relayed.close()
             raise
     if engine != "embedded":
         raise ValueError(f"unknown engine {engine!r}: 'embedded', 'process' or 'ray'")

@@ -11,8 +11,9 @@ runs nothing but the worker and its own small loop.
 The relay -- retries when a model process dies before answering, one ``done`` or ``error``
 per request, per-user queue bounds -- is the Ray engine's (:class:`RelayEngine`); the model
 process runs the Ray replica's code (server/process_replica.py). What crosses between the
-two processes is described in server/process_link.py: JSON headers and raw bytes, never a
-pickle. A model process that dies is started again by the next request that needs it.
+two processes is described in server/process_link.py: JSON headers and raw bytes only, no
+serialised Python object. A model process that dies is started again by the next request
+that needs it.
 """
 from __future__ import annotations
 

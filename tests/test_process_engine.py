@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 
 import psutil
 import pytest
@@ -19,73 +18,15 @@ from torch.testing import assert_close
 
 import hookwire.server as hs
 from conftest import MODEL_NAMES
-from graphs import graph, node, ref
-from hookwire.client import Connection
+from graphs import graph, node
 from hookwire.errors import Cancelled, HookwireError, ReplicaLost
 from hookwire.protocol import Progress
+from relayed_clients import SITE, check_scaled, health, run_clients
 from hookwire.server.process_link import (CHUNK_BYTES, RunAssembly, items_messages, items_of,
                                           payload_of_run, run_messages)
 
 pytestmark = [pytest.mark.engines("process"), pytest.mark.timeout(600),
               pytest.mark.filterwarnings("ignore:.*gated-off hook name.*")]
-
-SITE = "blocks.0.hook_resid_post"
-
-
-def health(server) -> dict:
-    with urllib.request.urlopen(server.url.replace("ws://", "http://") + "/health",
-                                timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-def _graph(k: int) -> dict:
-    """Scale the residual after block 0 by a per-request factor, save it, return logits."""
-    return graph(sites=[SITE], saves={"resid": 1},
-                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 0.5 + 0.1 * k),
-                        node(2, "site.write", 0, ref(1), mode="replace")])
-
-
-def _check(values, local, tokens, k):
-    seen: dict = {}
-
-    def hook(act, hook):
-        seen["resid"] = act * (0.5 + 0.1 * k)
-        return seen["resid"]
-
-    logits = local.run_with_hooks(tokens, fwd_hooks=[(SITE, hook)])
-    assert_close(values["resid"], seen["resid"])
-    assert_close(values["__logits__"], logits)
-
-
-def _run_clients(url, n_clients, per_client, tokens, on_result):
-    """``n_clients`` threads, each its own connection, sending ``per_client`` requests one
-    after another; ``on_result(k, values or ReplicaLost)`` gets each answer."""
-    errors: list = []
-
-    def client(c):
-        conn = None
-        try:
-            conn = Connection(url)
-            for i in range(per_client):
-                k = (c * per_client + i) % 7
-                try:
-                    on_result(k, conn.run(_graph(k), {"input_ids": tokens}).values)
-                except ReplicaLost as exc:  # typed, retryable: allowed while a process dies
-                    on_result(k, exc)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            if conn is not None:
-                conn.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not any(t.is_alive() for t in threads), "a client hung: an accepted request was lost"
-    assert not errors, errors
-
 
 def _model_pids(server) -> dict:
     return health(server)["engine"]["pids"]
@@ -109,11 +50,11 @@ def test_concurrent_clients_equal_local_and_share_forwards(server, local_models,
         with lock:
             results.append((k, values))
 
-    _run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
+    run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
     assert len(results) == 24
     for k, values in results:
         assert not isinstance(values, ReplicaLost), values
-        _check(values, local_models["tiny-gpt2"], tokens, k)
+        check_scaled(values, local_models["tiny-gpt2"], tokens, k)
 
 
 def test_cancel_while_the_model_process_runs_it(server, local_models, remote_models):
@@ -162,12 +103,12 @@ def test_killing_the_model_process_under_load_loses_no_request(server, local_mod
                 os.kill(victim, signal.SIGKILL)
                 killed["pid"] = victim
 
-    _run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
+    run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
     assert killed, "the load ended before the process was killed"
     assert len(results) == 24
     answered = [(k, v) for k, v in results if not isinstance(v, ReplicaLost)]
     for k, values in answered:
-        _check(values, local, tokens, k)
+        check_scaled(values, local, tokens, k)
     assert len(answered) >= len(results) // 2
     assert engine.restarts == restarts + 1
     assert not psutil.pid_exists(victim) or \
@@ -175,11 +116,11 @@ def test_killing_the_model_process_under_load_loses_no_request(server, local_mod
     fresh = _model_pids(server)["tiny-gpt2"]
     assert fresh != victim
     after: list = []
-    _run_clients(server.url, n_clients=2, per_client=2, tokens=tokens,
+    run_clients(server.url, n_clients=2, per_client=2, tokens=tokens,
                  on_result=lambda k, values: after.append((k, values)))
     for k, values in after:
         assert not isinstance(values, ReplicaLost), values
-        _check(values, local, tokens, k)
+        check_scaled(values, local, tokens, k)
 
 
 def test_stopping_the_server_stops_its_model_processes():

@@ -10,12 +10,10 @@ so it comes last.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
-import urllib.request
 
 import pytest
 import torch
@@ -27,79 +25,12 @@ pytest.importorskip("hookwire.server.ray_cluster",
 
 import psutil  # noqa: E402  (installed with ray)
 from conftest import MODEL_NAMES  # noqa: E402
-from graphs import graph, node, ref  # noqa: E402
-from hookwire.client import Connection  # noqa: E402
 from hookwire.errors import ReplicaLost  # noqa: E402
+from relayed_clients import check_scaled, health, run_clients  # noqa: E402
 
 pytestmark = [pytest.mark.engines("ray"),
               pytest.mark.filterwarnings("ignore:.*gated-off hook name.*"),
               pytest.mark.timeout(600)]
-
-
-def health(server) -> dict:
-    with urllib.request.urlopen(server.url.replace("ws://", "http://") + "/health",
-                                timeout=10) as resp:
-        return json.loads(resp.read())
-
-
-SITE = "blocks.0.hook_resid_post"
-
-
-def _graph(k: int) -> dict:
-    """Scale the residual stream after block 0 by a per-request factor, save it, return
-    logits: each client's answer depends on its own request."""
-    return graph(sites=[SITE], saves={"resid": 1},
-                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 0.5 + 0.1 * k),
-                        node(2, "site.write", 0, ref(1), mode="replace")])
-
-
-def _expected(local, tokens, k):
-    seen: dict = {}
-
-    def hook(act, hook):
-        seen["resid"] = act * (0.5 + 0.1 * k)
-        return seen["resid"]
-
-    logits = local.run_with_hooks(tokens, fwd_hooks=[(SITE, hook)])
-    return logits, seen["resid"]
-
-
-def _run_clients(url, n_clients, per_client, tokens, on_result):
-    """``n_clients`` threads, each with its own connection (its own user on the server),
-    sending ``per_client`` requests one after another. ``on_result(k, values)`` gets each
-    answer, or the ReplicaLost error a request ended with."""
-    errors: list = []
-
-    def client(c):
-        conn = None
-        try:
-            conn = Connection(url)
-            for i in range(per_client):
-                k = (c * per_client + i) % 7
-                try:
-                    on_result(k, conn.run(_graph(k), {"input_ids": tokens}).values)
-                except ReplicaLost as exc:  # typed, retryable: allowed while a replica dies
-                    on_result(k, exc)
-        except BaseException as exc:  # anything else fails the test
-            errors.append(exc)
-        finally:
-            if conn is not None:
-                conn.close()
-
-    threads = [threading.Thread(target=client, args=(c,), name=f"ray-test-client-{c}")
-               for c in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not any(t.is_alive() for t in threads), "a client hung: an accepted request was lost"
-    assert not errors, errors
-
-
-def _check(values, local, tokens, k):
-    logits, resid = _expected(local, tokens, k)
-    assert_close(values["resid"], resid)
-    assert_close(values["__logits__"], logits)
 
 
 def test_health_names_the_ray_engine(server):
@@ -118,10 +49,10 @@ def test_concurrent_clients_are_spread_over_both_replicas(server, local_models, 
         with lock:
             results.append((k, values))
 
-    _run_clients(server.url, n_clients=8, per_client=4, tokens=tokens, on_result=on_result)
+    run_clients(server.url, n_clients=8, per_client=4, tokens=tokens, on_result=on_result)
     assert len(results) == 32
     for k, values in results:
-        _check(values, local_models["tiny-gpt2"], tokens, k)
+        check_scaled(values, local_models["tiny-gpt2"], tokens, k)
     served = {rid: n - before.get(rid, 0)
               for rid, n in health(server)["engine"]["served_by"].items()}
     gpt2 = {rid for rid, model in engine.replica_models.items() if model == "tiny-gpt2"}
@@ -199,7 +130,7 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
     for _ in range(20):  # both replicas known to the engine (they answered something)
         if sum(m == "tiny-gpt2" for m in engine.replica_models.values()) >= 2:
             break
-        _run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
+        run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
                      on_result=lambda k, values: None)
     victim = next(rid for rid, model in engine.replica_models.items() if model == "tiny-gpt2")
     results: list = []
@@ -214,12 +145,12 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
                 killed["retried"] = engine.retried
                 os.kill(killed["pid"], signal.SIGKILL)
 
-    _run_clients(server.url, n_clients=8, per_client=6, tokens=tokens, on_result=on_result)
+    run_clients(server.url, n_clients=8, per_client=6, tokens=tokens, on_result=on_result)
     assert killed, "the load ended before a replica was killed"
     assert len(results) == 48  # every request answered
     answered = [(k, v) for k, v in results if not isinstance(v, ReplicaLost)]
     for k, values in answered:
-        _check(values, local, tokens, k)
+        check_scaled(values, local, tokens, k)
     lost = len(results) - len(answered)
     print(f"after the kill: {engine.retried - killed['retried']} requests sent again, "
           f"{lost} answered with replica_lost")
@@ -232,11 +163,11 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
     deadline = time.monotonic() + 240
     while not new_ids and time.monotonic() < deadline:
         fresh: list = []
-        _run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
+        run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
                      on_result=lambda k, values: fresh.append((k, values)))
         for k, values in fresh:
             assert not isinstance(values, ReplicaLost), values
-            _check(values, local, tokens, k)
+            check_scaled(values, local, tokens, k)
         new_ids = set(engine.replica_models) - known
         time.sleep(1)
     status = serve.status().applications["hookwire-tiny-gpt2"].deployments["model"]
