@@ -37,7 +37,9 @@ class Handoff:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list], None],
                  is_closed: Callable[[], bool]):
+        """Made on ``loop``'s own thread (a connection's handler, a request's stream)."""
         self.loop, self.deliver, self.is_closed = loop, deliver, is_closed
+        self._loop_thread = threading.get_ident()
         self._items: list = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -52,6 +54,12 @@ class Handoff:
         comes next, up to ``HANDOFF_DELAY_S`` and ``HANDOFF_BYTES`` (see there); anything
         else takes what waits along at once."""
         if self.is_closed():
+            return
+        if threading.get_ident() == self._loop_thread:
+            # Sent on the loop itself (a relay): delivered now, after whatever waited.
+            with self._lock:
+                self._items.append(item)
+            self._take()
             return
         with self._lock:
             self._items.append(item)

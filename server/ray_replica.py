@@ -22,7 +22,9 @@ from hookwire.server.heap import (collect_rarely, freeze_startup_heap, return_fr
                                   switch_gil_often)
 from hookwire.server.prepare import prepare_model
 from hookwire.server.relay_session import is_final
+from hookwire.server.intake import INLINE_BYTES
 from hookwire.server.job_payload import job_from_payload
+from hookwire.server.relay_engine import INLINE_TENSOR_BYTES
 from hookwire.server.models import load_model
 from hookwire.server.worker import ModelWorker
 from hookwire.validate import Limits
@@ -123,9 +125,14 @@ class ModelReplica:
         first = [{"replica": self.replica, "pid": os.getpid(), "model": self.name}]
         try:
             # Parsing a large graph takes a while: in a thread, so this loop keeps moving
-            # the other requests' answers (the parse is sliced, so the worker runs too).
-            job = await asyncio.get_running_loop().run_in_executor(
-                None, job_from_payload, payload, conn)
+            # the other requests' answers (the parse is sliced, so the worker runs too). A
+            # small one is parsed right here: cheaper than two thread hand-offs.
+            if len(payload["submit"]) <= INLINE_BYTES and \
+                    sum(len(t["data"]) for t in payload["tensors"]) <= INLINE_TENSOR_BYTES:
+                job = job_from_payload(payload, conn)
+            else:
+                job = await asyncio.get_running_loop().run_in_executor(
+                    None, job_from_payload, payload, conn)
             conn.store.uploads = {id(t): tid for tid, t in job.tensors.items()}
             try:
                 self.worker.submit(job)

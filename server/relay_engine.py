@@ -27,6 +27,7 @@ from hookwire.errors import (Cancelled, ExecutionError, QueueFull, ReplicaLost,
                              ServerShuttingDown, UnknownModel)
 from hookwire.server import replies
 from hookwire.server.relay_session import RelaySession
+from hookwire.server.intake import INLINE_BYTES
 from hookwire.server.job_payload import job_to_payload
 from hookwire.server.worker import Job
 from hookwire.validate import Limits
@@ -36,6 +37,7 @@ log = logging.getLogger("hookwire.server.relay")
 MAX_ATTEMPTS = 4          # one request, sent again after a replica died before answering
 MAX_OOM_RETRIES = 1       # ... but after an out-of-memory kill only once (it may be the cause)
 RETRY_PAUSE_S = 0.5       # ... a moment for the replica to be replaced (or routed around)
+INLINE_TENSOR_BYTES = 64 << 10  # a payload this small is built on the loop (``_small``)
 
 
 
@@ -45,6 +47,18 @@ def _retrieve(future) -> None:
     its stream), so asyncio does not report it as never retrieved."""
     if not future.cancelled():
         future.exception()
+
+
+def _small(job: Job) -> bool:
+    """Whether building the job's payload is bounded small work: a submit of at most
+    ``INLINE_BYTES`` (as the front parses on its loop) and at most ``INLINE_TENSOR_BYTES``
+    of tensors and referenced residents."""
+    text = job.submit_text
+    if text is None or len(text) > INLINE_BYTES:
+        return False
+    nbytes = sum(t.numel() * t.element_size() for t in job.tensors.values())
+    nbytes += sum(base.numel() * base.element_size() for _, base, _ in job.refs)
+    return nbytes <= INLINE_TENSOR_BYTES
 
 
 class RelayEngine:
@@ -147,9 +161,13 @@ class RelayEngine:
             if rid in conn.cancelled:  # the client's cancel may overtake its own submit
                 raise Cancelled(f"request {rid} was cancelled before it started")
             # Copying tensors (and views no larger than their resident) into the payload
-            # grows with the request: done in a thread, not on the front's event loop.
-            payload = await asyncio.get_running_loop().run_in_executor(
-                None, self._payload_of, job)
+            # grows with the request: done in a thread, not on the front's event loop --
+            # unless the request is small (bounded work, cheaper than two thread hand-offs).
+            if _small(job):
+                payload = self._payload_of(job)
+            else:
+                payload = await asyncio.get_running_loop().run_in_executor(
+                    None, self._payload_of, job)
             out_of_memory = 0
             for attempt in range(1, MAX_ATTEMPTS + 1):
                 answer = RelaySession(conn.store, job.tensors)
