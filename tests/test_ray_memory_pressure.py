@@ -13,6 +13,8 @@ carries it to the front as it carries the real one.
 """
 from __future__ import annotations
 
+import json
+
 import sys
 
 import pytest
@@ -42,7 +44,7 @@ class MemoryMonitorKills(ModelReplica):
     result (first attempt only), after its first result, or on every attempt."""
 
     async def run(self, payload):
-        rid = payload["submit"].split('"request_id":"', 1)[1].split('"', 1)[0]
+        rid = json.loads(payload["submit"])["request_id"]  # (the submit as the client sent it)
         attempts = self.__dict__.setdefault("_attempts", {})
         attempts[rid] = attempts.get(rid, 0) + 1
         if rid.startswith("oom-always") or (rid.startswith("oom-before") and
