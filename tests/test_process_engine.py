@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 
 import psutil
 import pytest
@@ -19,9 +17,9 @@ from torch.testing import assert_close
 import hookwire.server as hs
 from conftest import MODEL_NAMES
 from graphs import graph, node
-from hookwire.errors import Cancelled, HookwireError, ReplicaLost
-from hookwire.protocol import Progress
-from relayed_clients import SITE, check_scaled, health, run_clients
+from hookwire.errors import HookwireError, ReplicaLost
+from relayed_clients import (SITE, check_cancel_while_running, check_scaled, health,
+                             run_clients)
 from hookwire.server.process_link import (CHUNK_BYTES, RunAssembly, items_messages, items_of,
                                           payload_of_run, run_messages)
 
@@ -43,14 +41,7 @@ def test_health_names_the_process_engine_and_its_processes(server):
 
 
 def test_concurrent_clients_equal_local_and_share_forwards(server, local_models, tokens):
-    results: list = []
-    lock = threading.Lock()
-
-    def on_result(k, values):
-        with lock:
-            results.append((k, values))
-
-    run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
+    results = run_clients(server.url, n_clients=6, per_client=4, tokens=tokens)
     assert len(results) == 24
     for k, values in results:
         assert not isinstance(values, ReplicaLost), values
@@ -58,29 +49,7 @@ def test_concurrent_clients_equal_local_and_share_forwards(server, local_models,
 
 
 def test_cancel_while_the_model_process_runs_it(server, local_models, remote_models):
-    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
-    tokens = local.to_tokens(["hello world"])
-    gate = torch.randn(64, 64)
-
-    def slow(act, hook):
-        x = act
-        for _ in range(20000):  # seconds of real matmuls in the model process
-            x = torch.tanh(x @ gate)
-        return act + 0 * x
-
-    run = remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", slow)],
-                                blocking=False)
-    for event in run.events():
-        if isinstance(event, Progress) and event.stage in ("started", "site"):
-            run.cancel()
-            break
-    with pytest.raises(Cancelled):
-        run.result(timeout=120)
-    assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
-    deadline = time.monotonic() + 30
-    while server.server.worker.queue_depth() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.server.worker.queue_depth() == 0
+    check_cancel_while_running(server, local_models, remote_models)
 
 
 def test_killing_the_model_process_under_load_loses_no_request(server, local_models, tokens):
@@ -91,19 +60,16 @@ def test_killing_the_model_process_under_load_loses_no_request(server, local_mod
     local = local_models["tiny-gpt2"]
     victim = _model_pids(server)["tiny-gpt2"]
     restarts = engine.restarts
-    results: list = []
-    lock = threading.Lock()
     killed: dict = {}
 
-    def on_result(k, values):
-        with lock:
-            results.append((k, values))
-            if len(results) == 4 and not killed:
-                killed["retried"] = engine.retried
-                os.kill(victim, signal.SIGKILL)
-                killed["pid"] = victim
+    def kill_once(results):
+        if len(results) == 4 and not killed:
+            killed["retried"] = engine.retried
+            os.kill(victim, signal.SIGKILL)
+            killed["pid"] = victim
 
-    run_clients(server.url, n_clients=6, per_client=4, tokens=tokens, on_result=on_result)
+    results = run_clients(server.url, n_clients=6, per_client=4, tokens=tokens,
+                          after_each=kill_once)
     assert killed, "the load ended before the process was killed"
     assert len(results) == 24
     answered = [(k, v) for k, v in results if not isinstance(v, ReplicaLost)]
@@ -115,10 +81,7 @@ def test_killing_the_model_process_under_load_loses_no_request(server, local_mod
         psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
     fresh = _model_pids(server)["tiny-gpt2"]
     assert fresh != victim
-    after: list = []
-    run_clients(server.url, n_clients=2, per_client=2, tokens=tokens,
-                 on_result=lambda k, values: after.append((k, values)))
-    for k, values in after:
+    for k, values in run_clients(server.url, n_clients=2, per_client=2, tokens=tokens):
         assert not isinstance(values, ReplicaLost), values
         check_scaled(values, local, tokens, k)
 

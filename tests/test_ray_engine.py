@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
-import torch
-from torch.testing import assert_close
 
 # Through hookwire's module, which sets what Ray must see before it is imported.
 pytest.importorskip("hookwire.server.ray_cluster",
@@ -26,7 +23,8 @@ pytest.importorskip("hookwire.server.ray_cluster",
 import psutil  # noqa: E402  (installed with ray)
 from conftest import MODEL_NAMES  # noqa: E402
 from hookwire.errors import ReplicaLost  # noqa: E402
-from relayed_clients import check_scaled, health, run_clients  # noqa: E402
+from relayed_clients import (check_cancel_while_running, check_scaled, health,  # noqa: E402
+                             run_clients)
 
 pytestmark = [pytest.mark.engines("ray"),
               pytest.mark.filterwarnings("ignore:.*gated-off hook name.*"),
@@ -42,14 +40,7 @@ def test_health_names_the_ray_engine(server):
 def test_concurrent_clients_are_spread_over_both_replicas(server, local_models, tokens):
     engine = server.server.worker
     before = dict(engine.served_by)
-    results: list = []
-    lock = threading.Lock()
-
-    def on_result(k, values):
-        with lock:
-            results.append((k, values))
-
-    run_clients(server.url, n_clients=8, per_client=4, tokens=tokens, on_result=on_result)
+    results = run_clients(server.url, n_clients=8, per_client=4, tokens=tokens)
     assert len(results) == 32
     for k, values in results:
         check_scaled(values, local_models["tiny-gpt2"], tokens, k)
@@ -61,34 +52,7 @@ def test_concurrent_clients_are_spread_over_both_replicas(server, local_models, 
 
 
 def test_cancel_while_the_replica_runs_it(server, local_models, remote_models):
-    """A cancel that arrives while the replica is running the request: the client gets
-    Cancelled, the engine holds nothing for it afterwards, the connection keeps serving."""
-    from hookwire.errors import Cancelled
-    from hookwire.protocol import Progress
-
-    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
-    tokens = local.to_tokens(["hello world"])
-    gate = torch.randn(64, 64)
-
-    def slow(act, hook):
-        x = act
-        for _ in range(20000):  # seconds of real matmuls on the replica
-            x = torch.tanh(x @ gate)
-        return act + 0 * x
-
-    run = remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", slow)],
-                                blocking=False)
-    for event in run.events():
-        if isinstance(event, Progress) and event.stage in ("started", "site"):
-            run.cancel()  # the replica has started it
-            break
-    with pytest.raises(Cancelled):
-        run.result(timeout=120)
-    assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
-    deadline = time.monotonic() + 30
-    while server.server.worker.queue_depth() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.server.worker.queue_depth() == 0
+    check_cancel_while_running(server, local_models, remote_models)
 
 
 def _ray_process(p: psutil.Process) -> bool:
@@ -130,22 +94,18 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
     for _ in range(20):  # both replicas known to the engine (they answered something)
         if sum(m == "tiny-gpt2" for m in engine.replica_models.values()) >= 2:
             break
-        run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
-                     on_result=lambda k, values: None)
+        run_clients(server.url, n_clients=4, per_client=2, tokens=tokens)
     victim = next(rid for rid, model in engine.replica_models.items() if model == "tiny-gpt2")
-    results: list = []
-    lock = threading.Lock()
     killed: dict = {}
 
-    def on_result(k, values):
-        with lock:
-            results.append((k, values))
-            if len(results) == 6 and not killed:  # mid-load: the other clients are waiting
-                killed["pid"] = engine.replica_pids[victim]
-                killed["retried"] = engine.retried
-                os.kill(killed["pid"], signal.SIGKILL)
+    def kill_once(results):
+        if len(results) == 6 and not killed:  # mid-load: the other clients are waiting
+            killed["pid"] = engine.replica_pids[victim]
+            killed["retried"] = engine.retried
+            os.kill(killed["pid"], signal.SIGKILL)
 
-    run_clients(server.url, n_clients=8, per_client=6, tokens=tokens, on_result=on_result)
+    results = run_clients(server.url, n_clients=8, per_client=6, tokens=tokens,
+                          after_each=kill_once)
     assert killed, "the load ended before a replica was killed"
     assert len(results) == 48  # every request answered
     answered = [(k, v) for k, v in results if not isinstance(v, ReplicaLost)]
@@ -162,9 +122,7 @@ def test_killing_a_replica_mid_load_loses_no_request(server, local_models, token
     new_ids: set = set()
     deadline = time.monotonic() + 240
     while not new_ids and time.monotonic() < deadline:
-        fresh: list = []
-        run_clients(server.url, n_clients=4, per_client=2, tokens=tokens,
-                     on_result=lambda k, values: fresh.append((k, values)))
+        fresh = run_clients(server.url, n_clients=4, per_client=2, tokens=tokens)
         for k, values in fresh:
             assert not isinstance(values, ReplicaLost), values
             check_scaled(values, local, tokens, k)
