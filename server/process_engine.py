@@ -278,6 +278,10 @@ class ProcessEngine(RelayEngine):
     (:class:`RelayEngine`)."""
 
     RETRYABLE = (ModelProcessLost,)
+    # One model process serves everyone, and a request that was in it when it died may be
+    # what killed it: sent again once only, so no request can restart the model (and lose
+    # everyone else's requests in flight) more than twice.
+    max_attempts = 2
 
     def __init__(self, models: list[str], limits: Limits | None = None,
                  batching: bool = True, window_s: float = BATCH_WINDOW_S,

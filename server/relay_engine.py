@@ -73,6 +73,7 @@ class RelayEngine:
     OUT_OF_MEMORY: tuple = ()
     relays_jobs = True  # the front keeps each submit's text for the payload (job_payload.py)
     OUT_OF_MEMORY_WHY = "the replica ran out of memory"
+    max_attempts = MAX_ATTEMPTS  # sends of one request while replicas die under it
 
     def _init_relay(self, limits: Limits | None, batching: bool) -> None:
         self.limits = limits or Limits()
@@ -169,7 +170,7 @@ class RelayEngine:
                 payload = await asyncio.get_running_loop().run_in_executor(
                     None, self._payload_of, job)
             out_of_memory = 0
-            for attempt in range(1, MAX_ATTEMPTS + 1):
+            for attempt in range(1, self.max_attempts + 1):
                 answer = RelaySession(conn.store, job.tensors)
                 try:
                     stream = await self._open_stream(model, payload)
@@ -181,7 +182,7 @@ class RelayEngine:
                     oom = isinstance(exc, self.OUT_OF_MEMORY)
                     out_of_memory += oom
                     why = (self.OUT_OF_MEMORY_WHY if oom else type(exc).__name__)
-                    if answer.relayed or attempt == MAX_ATTEMPTS or \
+                    if answer.relayed or attempt == self.max_attempts or \
                             out_of_memory > MAX_OOM_RETRIES:
                         raise ReplicaLost(
                             f"the replica running request {rid} stopped ({why}) after part "

@@ -18,6 +18,7 @@ import hookwire.server as hs
 from conftest import MODEL_NAMES
 from graphs import graph, node
 from hookwire.errors import HookwireError, ReplicaLost
+from hookwire.protocol import Progress
 from relayed_clients import (SITE, check_cancel_while_running, check_scaled, health,
                              run_clients)
 from hookwire.server.process_link import (CHUNK_BYTES, RunAssembly, items_messages, items_of,
@@ -239,3 +240,37 @@ def test_views_of_residents_and_large_uploads_reach_the_model_process_intact(ser
         assert_close(answers[uploaded].values["s"], big[-1] + big.sum())
     finally:
         client.close()
+
+
+def test_a_request_in_the_model_process_each_time_it_dies_is_sent_again_once_only(
+        server, local_models, remote_models):
+    """The model process dies twice while the same request runs in it (as if the request
+    killed it): the request is sent again once, then ends in a typed ReplicaLost -- it
+    cannot restart the model for everyone a third time -- and the next request is served."""
+    local, remote = local_models["tiny-gpt2"], remote_models["tiny-gpt2"]
+    tokens = local.to_tokens(["hello world"])
+    engine = server.server.worker
+    restarts, retried = engine.restarts, engine.retried
+    gate = torch.randn(64, 64)
+
+    def slow(act, hook):
+        x = act
+        for _ in range(20000):  # seconds of real matmuls in the model process
+            x = torch.tanh(x @ gate)
+        return act + 0 * x
+
+    run = remote.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", slow)],
+                                blocking=False)
+    killed: list = []
+    for event in run.events():
+        if isinstance(event, Progress) and event.stage == "started" and len(killed) < 3:
+            pid = health(server)["engine"]["pids"]["tiny-gpt2"]
+            if pid not in killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    with pytest.raises(ReplicaLost):
+        run.result(timeout=120)
+    assert len(killed) == 2  # (a third start would have been killed too)
+    assert engine.retried == retried + 1
+    assert engine.restarts >= restarts + 1
+    assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
