@@ -13,6 +13,7 @@ import itertools
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -179,7 +180,7 @@ class Connection:
         except OSError as exc:
             raise ServerUnavailable(f"cannot reach a hookwire server at {url}: {exc}") from None
         self.url = url
-        self.lock = threading.Lock()
+        self.lock = ConnectionLock()
         self.broken = False
         self.session = ClientSession()  # the protocol's state; this object moves its bytes
         self.models: dict[str, RemoteModelInfo] = {}
@@ -214,6 +215,9 @@ class Connection:
         """What the server's ``name`` looks like; with ``tl_flags`` (TL's ``set_use_*``
         switches), its TL sites as they fire with those switches on."""
         key = name if not tl_flags else f"{name}|{hook_mode(tl_flags)}"
+        known = self.models.get(key)
+        if known is not None:  # (no lock: a busy connection still answers from its cache)
+            return known
         with self.lock:
             if key not in self.models:
                 self.ws.send(self.session.model_info(name, tl_flags))
@@ -381,31 +385,86 @@ class Connection:
 # busy, so their requests are in flight together and the server can co-batch them (16: half a
 # server's default max_connections_per_user; bench/bench_sweep.py measured 2.7x at 16, 2.0x at 8).
 POOL_SIZE = 16
+# How long a connection handed to one thread is kept for it before that thread starts using
+# it (a call traces its hooks in between); after that it is anyone's again.
+CLAIM_S = 1.0
 _connections: dict[tuple[str, str | None], list[Connection]] = {}
 _connections_lock = threading.Lock()
+_pool_changed = threading.Condition(_connections_lock)  # a connection was let go
+
+
+class ConnectionLock:
+    """A connection's lock (one exchange at a time). Letting it go wakes the calls waiting
+    for a connection of a full pool (``get_connection``), so each takes the first one that
+    frees. ``claim``: the thread it was handed to and when, until that thread takes it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.claim: tuple[int, float] | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        taken = self._lock.acquire(blocking, timeout)
+        if taken:
+            self.claim = None
+        return taken
+
+    def release(self) -> None:
+        self._lock.release()
+        with _pool_changed:
+            _pool_changed.notify_all()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def _usable(conn: Connection) -> bool:
     return not conn.broken and conn.ws.protocol.state.name == "OPEN"
 
 
-def get_connection(url: str | None = None, api_key: str | None = None) -> Connection:
+def _free_for(conn: Connection, thread: int, now: float) -> bool:
+    """Not running an exchange, and not just handed to another thread that is about to."""
+    claim = conn.lock.claim
+    return not conn.lock.locked() and (claim is None or claim[0] == thread or
+                                       now - claim[1] > CLAIM_S)
+
+
+def get_connection(url: str | None = None, api_key: str | None = None,
+                   wait: bool = True) -> Connection:
     """A cached connection for (url, key), reopened if the server closed it: the first one
-    not busy with a request, a new one while fewer than POOL_SIZE are open, else the first
-    (the call then waits for it). Calls one after another always get the same connection
-    (its resident values and model descriptions are reused)."""
+    free, else a new one while fewer than POOL_SIZE are open, else -- the pool full and
+    busy -- the first that frees (``wait=False``: the first of the pool at once, busy or
+    not; for a model description it has cached). Calls one after another always get the
+    same connection (its resident values and model descriptions are reused); calls that
+    overlap each get one of their own, and past POOL_SIZE of them each waits for whichever
+    connection frees first, not for one in particular."""
     url, api_key = resolve_server(url, api_key)
-    with _connections_lock:
-        pool = _connections.setdefault((url, api_key), [])
-        pool[:] = [conn for conn in pool if _usable(conn)]
-        for conn in pool:
-            if not conn.lock.locked():
+    me = threading.get_ident()
+    with _pool_changed:
+        while True:
+            pool = _connections.setdefault((url, api_key), [])
+            pool[:] = [conn for conn in pool if _usable(conn)]
+            now = time.monotonic()
+            for conn in pool:
+                if _free_for(conn, me, now):
+                    conn.lock.claim = (me, now)
+                    return conn
+            if len(pool) < POOL_SIZE:
+                conn = Connection(url, api_key)
+                conn.lock.claim = (me, now)
+                pool.append(conn)
                 return conn
-        if len(pool) < POOL_SIZE:
-            conn = Connection(url, api_key)
-            pool.append(conn)
-            return conn
-        return pool[0]
+            if not wait:
+                return pool[0]
+            # Woken when a connection is let go; now and then regardless (claims expire,
+            # connections break).
+            _pool_changed.wait(CLAIM_S)
 
 
 def close_connections() -> None:

@@ -222,7 +222,11 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
     unsupported = {k: v for k, v in kwargs.items() if v is not None}
     if unsupported:
         raise HookwireError(f"not supported in remote runs yet: {sorted(unsupported)}")
-    conn = get_connection(target.url, target.api_key)
+    # Any connection for the model's description (cached after the first call); the one
+    # the request goes on is taken after tracing: with the pool full and busy, a
+    # blocking=False call returns once traced and its request waits for whichever
+    # connection frees first.
+    conn = get_connection(target.url, target.api_key, wait=False)
     name = target.model or model_name_of(model, None)
     dialect = dialect_for(model)
     flags = hook_flags(model)
@@ -235,7 +239,8 @@ def remote_forward(model, target: RemoteTarget, input, return_type="logits",
                                output_attentions, target.progress if progress is None
                                else progress)
         released = _traced(model, target)
-    result = send_traced(model, target, conn, traced.call, released)
+    result = send_traced(model, target, get_connection(target.url, target.api_key),
+                         traced.call, released)
     return forward_value(model, traced, result.values, again)
 
 
