@@ -847,15 +847,19 @@ class ModelWorker(threading.Thread):
                 rule="max_pending_bytes_per_user")
         if views is not None:
             views.add(value, name)
-        # Snapshot values saved mid-forward: the model may still edit them in place. (A
-        # batch member's value is a view of its rows; the copy is its own, contiguous.)
-        kept = value.detach().clone() if snapshot or value._base is not None else \
-            value.detach()
+        # Snapshot values saved mid-forward: the model may still edit them in place. A batch
+        # member's value is a view of its rows: a value kept resident gets a copy of its
+        # own (not a view holding the whole batch's tensor), as does a view that is not
+        # contiguous. A contiguous view sent and dropped (a member's logits) is framed as
+        # it is, before this returns.
+        keeps = keep and job.submit.keep_results
+        own = snapshot or (value._base is not None and (keeps or not value.is_contiguous()))
+        kept = value.detach().clone() if own else value.detach()
         value = kept.to("cpu")
         tid = replies.tensor_id(job.request_id, name)
         header = replies.tensor_header(tid, value)  # a dtype the wire cannot carry fails here
         resident = None
-        if keep and job.submit.keep_results:
+        if keeps:
             resident = new_result_id()
             if not job.conn.store.put(resident, kept, cpu_copy=value):
                 resident = None  # larger than the user's whole quota
