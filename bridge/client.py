@@ -390,7 +390,10 @@ POOL_SIZE = 16
 CLAIM_S = 1.0
 _connections: dict[tuple[str, str | None], list[Connection]] = {}
 _connections_lock = threading.Lock()
-_pool_changed = threading.Condition(_connections_lock)  # a connection was let go
+# A connection was let go (a count, so a waiter cannot miss one). Its own lock: letting a
+# connection go never waits for the pool's, which is held while a new connection opens.
+_released = threading.Condition()
+_released_count = 0
 
 
 class ConnectionLock:
@@ -409,9 +412,11 @@ class ConnectionLock:
         return taken
 
     def release(self) -> None:
+        global _released_count
         self._lock.release()
-        with _pool_changed:
-            _pool_changed.notify_all()
+        with _released:
+            _released_count += 1
+            _released.notify_all()
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -446,8 +451,10 @@ def get_connection(url: str | None = None, api_key: str | None = None,
     connection frees first, not for one in particular."""
     url, api_key = resolve_server(url, api_key)
     me = threading.get_ident()
-    with _pool_changed:
-        while True:
+    while True:
+        with _released:
+            seen = _released_count
+        with _connections_lock:
             pool = _connections.setdefault((url, api_key), [])
             pool[:] = [conn for conn in pool if _usable(conn)]
             now = time.monotonic()
@@ -462,9 +469,11 @@ def get_connection(url: str | None = None, api_key: str | None = None,
                 return conn
             if not wait:
                 return pool[0]
-            # Woken when a connection is let go; now and then regardless (claims expire,
-            # connections break).
-            _pool_changed.wait(CLAIM_S)
+        # Until a connection is let go; now and then regardless (claims expire, connections
+        # break).
+        with _released:
+            if _released_count == seen:
+                _released.wait(CLAIM_S)
 
 
 def close_connections() -> None:
