@@ -54,32 +54,80 @@ def collect_rarely() -> None:
 
 
 # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 # Blocks of this size and larger get pages of their own, given back when freed.
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 32 << 20
+# Free memory at the top of a heap past this much is given back.
+TRIM_THRESHOLD_BYTES = 64 << 20
 # Heaps malloc keeps for the process's threads (its default: 8 per core).
 ARENA_MAX = 2
 
 
 def return_freed_memory() -> bool:
-    """Make glibc's malloc give large freed blocks back to the system at once, and keep few
-    per-thread heaps. By default it raises its mmap threshold to the size of each large block
-    freed (up to 32 MiB): after one tenant's 16 MiB message or 8 MiB result has come and
-    gone, blocks of that size come from the heap, where memory freed below a block still in
-    use is never returned, and each of the server's threads may get a heap of its own. A
-    server then kept hundreds of MiB a hostile tenant had made it allocate once
-    (``bench/bench_fairness.py``: json_bomb's peak RSS 1.57x idle, unread's 1.92x; 1.41x
-    and 1.60x with this). Call it first thing in a serving process, before its threads start
-    (a per-thread heap made before stays). Returns whether it applied (glibc only; elsewhere
-    a no-op). Written by hand: no maintained library sets these (``MALLOC_*`` environment
-    variables would, but are read before any code of ours runs)."""
+    """Make glibc's malloc give large freed blocks back to the system, and keep few per-thread
+    heaps. By default it raises its mmap threshold to the size of each large block freed (up
+    to 32 MiB) and its trim threshold to twice that: after one tenant's 16 MiB message or
+    8 MiB result has come and gone, blocks of that size come from the heap, where memory freed
+    below a block still in use is never returned, and each of the server's threads may get a
+    heap of its own. A server then kept hundreds of MiB a hostile tenant had made it allocate
+    once (``bench/bench_fairness.py``: json_bomb's peak RSS 1.57x idle, unread's 1.92x).
+
+    The thresholds are fixed here, not small: blocks over ``MMAP_THRESHOLD_BYTES`` (32 MiB,
+    glibc's own upper bound) get pages of their own and go back when freed; free memory at the
+    top of a heap past ``TRIM_THRESHOLD_BYTES`` goes back at once; and the rest -- memory
+    freed inside a heap -- goes back when the model worker falls idle (:class:`IdleTrim`). A
+    first version fixed the mmap threshold at 1 MiB (and left the trim threshold at its
+    128 KiB): then every activation of a mid-sized forward (gpt2-small 8x128: 3-13 MiB each)
+    was mapped, zero-filled page by page and unmapped, op after op. The benchmark of issue
+    18's P1 (``bench/bench_tl_remote.py``) took 1.6-1.8x local TL with it against 1.14-1.20x
+    without, and 1.33x with these settings (2026-12-02, tenth session).
+
+    Call it first thing in a serving process, before its threads start (a per-thread heap made
+    before stays). Returns whether it applied (glibc only; elsewhere a no-op). Written by hand:
+    no maintained library sets these (``MALLOC_*`` environment variables would, but are read
+    before any code of ours runs)."""
+    global _TUNED
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # Setting the threshold at all also turns its dynamic raising off.
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
+    _TUNED = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and \
+        bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)) and \
         bool(libc.mallopt(_M_ARENA_MAX, ARENA_MAX))
+    return _TUNED
+
+
+_TUNED = False  # return_freed_memory applied in this process
+
+
+def trim_heap() -> bool:
+    """Give the heaps' free memory back to the system (glibc's ``malloc_trim``: whole free
+    pages inside a heap too, not only at its top). Only where ``return_freed_memory``
+    applied; returns whether it trimmed."""
+    if not _TUNED:
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim(0)  # (ctypes lets the GIL go meanwhile)
+    return True
+
+
+class IdleTrim:
+    """When the model worker gives freed memory back (:func:`trim_heap`): ``idle()`` when
+    nothing is queued, at most every ``EVERY_S`` -- not after every batch, so a busy worker
+    does not hand back and fault in again the same activations request after request."""
+    EVERY_S = 1.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self.last = -float("inf")
+
+    def idle(self) -> bool:
+        if self.clock() - self.last < self.EVERY_S:
+            return False
+        self.last = self.clock()
+        return trim_heap()
 
 
 def model_threads(threads: int | None = None) -> int:
@@ -141,5 +189,6 @@ class FullCollections:
         return True
 
 
-__all__ = ["freeze_startup_heap", "collect_rarely", "return_freed_memory", "model_threads",
-           "switch_gil_often", "FullCollections", "NO_AUTOMATIC_FULL"]
+__all__ = ["freeze_startup_heap", "collect_rarely", "return_freed_memory", "trim_heap",
+           "IdleTrim", "model_threads", "switch_gil_often", "FullCollections",
+           "NO_AUTOMATIC_FULL"]

@@ -42,7 +42,7 @@ from hookwire.server.cancel_watch import stop_between_blocks
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.give_way import GiveWay
-from hookwire.server.heap import FullCollections
+from hookwire.server.heap import FullCollections, IdleTrim
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.server.local_calls import local_calls_wait
 from hookwire.server.memory import NO_RESERVATION
@@ -251,6 +251,7 @@ class ModelWorker(threading.Thread):
         # Full collections of Python's cycle collector, where a serving process turned the
         # automatic ones off (server/heap.py).
         self.collections = FullCollections()
+        self.trim = IdleTrim()  # freed memory back to the system when idle (server/heap.py)
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -325,6 +326,7 @@ class ModelWorker(threading.Thread):
         while True:
             if not self.scheduler.qsize():
                 self.collections.idle()  # a full collection, if due (server/heap.py)
+                self.trim.idle()
             jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits,
                                              may_join=self.may_join)
             if jobs is None:

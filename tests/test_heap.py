@@ -1,7 +1,8 @@
 """The serving process's cycle collector (server/heap.py): with ``collect_rarely`` no full
 collection runs on its own -- a tenant's maximal graphs (a million objects each) made every
 full collection stall all threads for ~0.8 s -- and the model worker runs one when idle and
-due (``FullCollections``); and with ``return_freed_memory`` freed blocks go back to the
+due (``FullCollections``); and with ``return_freed_memory`` (and ``trim_heap`` when the worker
+falls idle) freed blocks go back to the
 system."""
 from __future__ import annotations
 
@@ -90,7 +91,7 @@ def test_without_collect_rarely_the_worker_leaves_the_collector_alone():
 RETAINED_SCRIPT = textwrap.dedent("""
     import sys, threading
     import psutil
-    from hookwire.server.heap import return_freed_memory
+    from hookwire.server.heap import return_freed_memory, trim_heap
     if sys.argv[1] == "tuned":
         assert return_freed_memory()
     MiB = 1 << 20
@@ -104,6 +105,8 @@ RETAINED_SCRIPT = textwrap.dedent("""
             blocks.append(bytearray(8 * MiB))
             small.append(bytearray(64 * 1024))
         del blocks
+        if sys.argv[1] == "tuned":
+            assert trim_heap()  # what the model worker does when it falls idle
         print((psutil.Process().memory_info().rss - before) / MiB)
 
     thread = threading.Thread(target=work)  # as in a server: not the main thread

@@ -593,11 +593,17 @@ FORWARD_PEAK_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("batch,seq", [(16, 256), (48, 128), (512, 16)])
 def test_the_forward_memory_estimate_bounds_the_measured_peak(model, batch, seq):
     """The estimate behind ``max_forward_bytes`` is an upper bound of what a forward really
-    holds at its peak, and not a loose one (within 3x)."""
+    holds at its peak, and not a loose one (within 3x). The process may also keep up to
+    ``TRIM_THRESHOLD_BYTES`` of memory the forward freed at the top of its heap (given back
+    past that, and when the worker falls idle: server/heap.py), so the measured peak is
+    bounded by the estimate plus that much."""
+    from hookwire.server.heap import TRIM_THRESHOLD_BYTES
+
     out = subprocess.run([sys.executable, "-c", FORWARD_PEAK_SCRIPT, model, str(batch),
                           str(seq)], capture_output=True, text=True, timeout=300, check=True)
     peak, estimate = map(int, out.stdout.split())
-    assert peak <= estimate <= 3 * peak, (peak / MiB, estimate / MiB)
+    assert peak <= estimate + TRIM_THRESHOLD_BYTES and estimate <= 3 * peak, \
+        (peak / MiB, estimate / MiB)
 
 
 def test_cancel_ids_of_requests_never_sent_are_not_kept(hosted):
