@@ -68,6 +68,11 @@ class Scheduler:
         with self._cond:
             return self._size()
 
+    def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for a job (or the close); whether one came."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._size() or self._closed, timeout)
+
     def close(self) -> list:
         """Stop handing out batches; returns every job still queued."""
         with self._cond:

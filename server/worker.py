@@ -251,7 +251,7 @@ class ModelWorker(threading.Thread):
         # Full collections of Python's cycle collector, where a serving process turned the
         # automatic ones off (server/heap.py).
         self.collections = FullCollections()
-        self.trim = IdleTrim()  # freed memory back to the system when idle (server/heap.py)
+        self.trim = IdleTrim()  # freed memory back to the system once idle (server/heap.py)
 
     def submit(self, job: Job) -> int:
         return self.scheduler.put(job, job.conn.user)
@@ -326,7 +326,9 @@ class ModelWorker(threading.Thread):
         while True:
             if not self.scheduler.qsize():
                 self.collections.idle()  # a full collection, if due (server/heap.py)
-                self.trim.idle()
+                if self.trim.due() and \
+                        not self.scheduler.wait_for_work(self.trim.AFTER_IDLE_S):
+                    self.trim.trimmed()  # idle a while: freed memory back to the system
             jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits,
                                              may_join=self.may_join)
             if jobs is None:
@@ -347,6 +349,7 @@ class ModelWorker(threading.Thread):
                 self.scheduler.finished({job.conn.user for job in jobs})
                 del jobs
             self.collections.busy()
+            self.trim.ran_batch()
 
     # ---- one batch -----------------------------------------------------------------------
     def execute_batch(self, jobs: list[Job]):

@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -151,3 +152,31 @@ def test_the_serving_process_switches_the_gil_every_millisecond():
                          timeout=120, check=True)
     before, after = map(float, out.stdout.split())
     assert before == 0.005 and after == 0.001
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
+def test_the_worker_trims_once_per_idle_spell_after_a_batch(monkeypatch):
+    """``IdleTrim``: due only once a batch ran since the last trim, and only in a process
+    ``return_freed_memory`` set up (a test process, which did not, never waits for it)."""
+    import hookwire.server.heap as heap
+
+    trim = heap.IdleTrim()
+    trim.ran_batch()
+    assert not trim.due()  # this process's malloc is as glibc set it
+    monkeypatch.setattr(heap, "_TUNED", True)
+    fresh = heap.IdleTrim()
+    assert not fresh.due()
+    fresh.ran_batch()
+    assert fresh.due()
+    assert fresh.trimmed()  # malloc_trim, for real
+    assert not fresh.due()
+
+
+def test_the_scheduler_says_whether_work_came_while_the_worker_waited():
+    from hookwire.server.scheduler import Scheduler
+
+    sched = Scheduler(4, 0.0, 8, 1024)
+    assert not sched.wait_for_work(0.01)
+    threading.Timer(0.05, lambda: sched.put(object(), "u")).start()
+    assert sched.wait_for_work(30)
+    assert sched.qsize() == 1
