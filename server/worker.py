@@ -350,6 +350,8 @@ class ModelWorker(threading.Thread):
                 del jobs
             self.collections.busy()
             self.trim.ran_batch()
+            if self.trim.overdue():  # never idle long enough: now and then regardless
+                self.trim.trimmed()
 
     # ---- one batch -----------------------------------------------------------------------
     def execute_batch(self, jobs: list[Job]):

@@ -157,7 +157,8 @@ def test_the_serving_process_switches_the_gil_every_millisecond():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
 def test_the_worker_trims_once_per_idle_spell_after_a_batch(monkeypatch):
     """``IdleTrim``: due only once a batch ran since the last trim, and only in a process
-    ``return_freed_memory`` set up (a test process, which did not, never waits for it)."""
+    ``return_freed_memory`` set up (a test process, which did not, never waits for it);
+    overdue after ``ANYWAY_EVERY_S`` without a trim."""
     import hookwire.server.heap as heap
 
     trim = heap.IdleTrim()
@@ -170,6 +171,16 @@ def test_the_worker_trims_once_per_idle_spell_after_a_batch(monkeypatch):
     assert fresh.due()
     assert fresh.trimmed()  # malloc_trim, for real
     assert not fresh.due()
+    # A worker never idle a second still trims now and then.
+    now = [0.0]
+    busy = heap.IdleTrim(clock=lambda: now[0])
+    busy.ran_batch()
+    assert busy.due() and not busy.overdue()
+    now[0] = heap.IdleTrim.ANYWAY_EVERY_S
+    assert busy.overdue()
+    busy.trimmed()
+    busy.ran_batch()
+    assert not busy.overdue()
 
 
 def test_the_scheduler_says_whether_work_came_while_the_worker_waited():
