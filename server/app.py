@@ -40,6 +40,7 @@ from websockets.http11 import Response
 from hookwire import __version__
 from hookwire.errors import HookwireError
 from hookwire.protocol import PROTOCOL_VERSION, ModelInfoRequest
+from hookwire.server.frame_budget import FrameBudget
 from hookwire.server.handoff import Handoff
 from hookwire.server.intake import FrontShare, Intake, parsed_inline
 from hookwire.server.memory import MemoryBudget
@@ -90,6 +91,7 @@ class ConnState:
         self.timer_at: float | None = None
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
         self.in_intake = 0  # its control messages being parsed in the intake's threads
+        self.frames: FrameBudget | None = None  # its large frames in the memory budget
         # What the batch window learns of it (HookwireServer.mates_possible): its requests,
         # those not over yet, and when one last arrived while another connection's was open.
         self.submitted = 0
@@ -336,6 +338,8 @@ class HookwireServer:
         session = ServerSession(user, self.residents.for_user(user), self.memory, self.limits,
                                 self.entries)
         state = ConnState(ws, asyncio.get_running_loop(), session)
+        # Large frames are counted in the memory budget before websockets buffers them.
+        frames = state.frames = FrameBudget(ws, self.memory, user)
         self.connections_per_user[user] += 1
         self.states.add(state)
         writer = asyncio.create_task(self._writer(state))
@@ -365,10 +369,13 @@ class HookwireServer:
                 self._flush(state)
                 # This user's share of the front: over it, its next read waits (server/intake).
                 self.share.charge(user, time.thread_time() - t0 + cost[0], message)
+                del message
+                frames.message_done()
                 await self.share.wait_turn(user)
         except ConnectionClosed:
             pass
         finally:
+            frames.close()
             session.close()
             if state.timer is not None:
                 state.timer.cancel()

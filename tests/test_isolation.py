@@ -325,8 +325,10 @@ def test_large_graphs_count_their_parsed_memory(hosted, local_models):
     array or object of its JSON), so large graphs queued behind a long request get no past
     the budget (before: all were parsed and queued, however many); those admitted run and
     equal local TL."""
+    # Room for two parsed graphs, and for the text of the second while it is parsed (its
+    # ~3 MB message is counted twice over from its frame's header: server/frame_budget.py).
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
-                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=64 * MiB))
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=72 * MiB))
     client = PipelinedClient(srv.url, KEY_A)
     try:
         tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
@@ -430,6 +432,69 @@ def test_an_unfinished_submit_times_out(hosted):
         assert srv.server.memory.pending_total == 0
     finally:
         client.close()
+        srv.stop()
+
+
+def _text_frame_head(length: int) -> bytes:
+    """A client's text frame header: final, masked with a zero key (the payload goes as is)."""
+    return bytes([0x81, 0x80 | 127]) + length.to_bytes(8, "big") + bytes(4)
+
+
+def test_messages_being_received_are_counted_before_they_are_buffered(hosted, local_models):
+    """websockets reads a message whole before the server sees it. Six connections of one
+    tenant each send half of a 6 MiB message and stop. Before, the server buffered every one
+    of them outside any budget (with the default limits: up to 64 MiB a message, two a
+    connection, 32 connections a tenant). Now each frame is counted from its header, before
+    its payload is buffered -- twice its length, within the tenant's 40 MiB, so three fit --
+    and the three connections that find no room are no longer read (their bytes wait in the
+    kernel). A co-tenant is served meanwhile, equal to local TL; once the messages are
+    finished each one is answered (nothing lost), and everything counted goes back."""
+    size = 6 * MiB
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B],
+                   limits=Limits(max_pending_bytes_per_user=40 * MiB,
+                                 max_message_bytes=8 * MiB))
+    senders = [PipelinedClient(srv.url, KEY_A) for _ in range(6)]
+    victim = PipelinedClient(srv.url, KEY_B)
+    try:
+        bodies = []
+        for k in range(len(senders)):
+            head = json.dumps({"type": "submit", "request_id": f"m{k}", "pad": ""})
+            bodies.append((head[:-2] + "x" * (size - len(head)) + '"}').encode())
+            assert len(bodies[-1]) == size
+            senders[k].ws.socket.sendall(_text_frame_head(size) + bodies[k][:size // 2])
+        deadline = time.monotonic() + 30
+        while srv.server.memory.pending_total < 3 * 2 * size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # (what else would be read by now)
+        counted = srv.server.memory.pending_total
+        assert counted == 3 * 2 * size  # three frames counted, twice their length each
+        buffered = sum(len(st.ws.protocol.reader.buffer) for st in srv.server.states)
+        # The three counted frames' halves, and at most one read (256 KiB) of each other one.
+        assert buffered <= 3 * (size // 2) + 3 * (1 * MiB), buffered
+
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        answer = solo(victim, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        torch.testing.assert_close(answer.values[f"{READ_SITE}#0"], cache[READ_SITE])
+
+        rest = [threading.Thread(target=c.ws.socket.sendall, args=(b[size // 2:],))
+                for c, b in zip(senders, bodies)]
+        for t in rest:
+            t.start()
+        for k, client in enumerate(senders):
+            msg = parse_server_message(client.ws.recv(timeout=60))
+            assert isinstance(msg, Error) and msg.request_id == f"m{k}", msg
+            assert msg.code == "protocol_error" and "graph" in msg.message, msg
+        for t in rest:
+            t.join(30)
+        deadline = time.monotonic() + 30
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.memory.pending_total == 0  # all given back
+    finally:
+        for client in senders + [victim]:
+            client.close()
         srv.stop()
 
 

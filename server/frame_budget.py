@@ -1,0 +1,167 @@
+"""Messages a connection is still receiving, counted in the memory budget before they are read.
+
+websockets reads a message whole before the server sees it: a frame's header announces its
+length, then its payload is buffered, unmasked and (for text) decoded -- up to
+``max_message_bytes`` (64 MiB by default) for each connection, and, with one message read
+ahead, twice that. Nothing counted it: a tenant's 32 connections, each sending a maximal
+message, made the server hold gigabytes outside its memory budget (SECURITY.md, class 5).
+
+:class:`FrameBudget` counts each large frame when its header has been read and before a byte
+of its payload is buffered: it reserves ``COPIES`` times the payload's length in the server's
+:class:`~hookwire.server.memory.MemoryBudget`, for the connection's user and server-wide, as
+an upload is. Where there is no room, the connection stops reading (TCP holds the sender
+back) and tries again every ``RETRY_S`` until requests end and give memory back; nothing is
+refused or lost. The bytes go back once the server has handled the message. A frame larger
+than the user's whole budget could never be counted: such frames are refused at their header
+(close code 1009, as for ``max_message_bytes``).
+
+Frames of at most ``UNCOUNTED_BYTES`` -- a tensor's 1 MiB chunk with its header, a typical
+control message -- are not counted: their uploads were reserved when their submit declared
+them, and what a connection holds of them is bounded by its read-ahead.
+
+It hooks into websockets' asyncio connection (its stream reader's ``read_exact``, its
+message assembler's ``put`` and flow control), the internals ``ConnState.more_coming`` reads
+too; ``websockets>=14`` has them.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from hookwire.errors import LimitExceeded
+from hookwire.frames import CHUNK_BYTES, MAX_HEADER_BYTES
+
+# A frame up to this size is not counted: a tensor chunk with its header, as clients send
+# them (the session refuses larger binary frames: ``server.session.MAX_FRAME_BYTES``).
+UNCOUNTED_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4
+# What a frame of n bytes holds at once: its payload as websockets buffers and unmasks it,
+# then the message and (text) its decoded string while the server parses it.
+COPIES = 2
+# How often a connection waiting for room tries again.
+RETRY_S = 0.02
+
+
+class FrameBudget:
+    """One connection's large incoming frames in ``memory`` (a
+    :class:`~hookwire.server.memory.MemoryBudget`, or None: nothing counted) under ``user``.
+    Built in the connection's handler, on the loop, before its first message is read;
+    ``message_done()`` after each message the handler has finished with; ``close()`` when
+    the connection ends (everything still counted goes back)."""
+
+    def __init__(self, ws, memory, user: str):
+        self.ws, self.memory, self.user = ws, memory, user
+        self.frames: deque[int] = deque()    # bytes counted for frames being read, in order
+        self.current = 0                     # ... for the frames of the message being built
+        self.messages: deque[int] = deque()  # ... for each message handed over, in order
+        self.waiting = False                 # reading stopped for want of room
+        self.waits = 0                       # times a frame waited (diagnostics, tests)
+        self._assembler_paused = False
+        self._timer = None
+        self.closed = memory is None
+        if self.closed:
+            return
+        protocol = ws.protocol
+        limit = protocol.max_message_size
+        room = memory.per_user // COPIES
+        protocol.max_message_size = room if limit is None else min(limit, room)
+        reader, assembler = protocol.reader, ws.recv_messages
+        self._read_exact = reader.read_exact
+        reader.read_exact = self._counted_read_exact
+        self._put = assembler.put
+        assembler.put = self._counted_put
+        self._assembler_paused = assembler.paused
+        assembler.pause, assembler.resume = self._assembler_pause, self._assembler_resume
+
+    # ---- websockets' side (on the loop) --------------------------------------------------
+    def _counted_read_exact(self, n: int):
+        """The stream reader's ``read_exact``: a large read is a frame's payload (its header
+        has been read); it is counted before it is buffered, waiting for room if needed."""
+        if n > UNCOUNTED_BYTES and not self.closed:
+            while not self._reserve(n):
+                if self.ws.protocol.reader.eof:
+                    raise EOFError("the connection ended while a frame waited for memory")
+                self._wait()
+                yield  # stepped again by _retry (or by data arriving before the pause)
+                if self.closed:
+                    break
+            if self.waiting:
+                self._stop_waiting()
+        return (yield from self._read_exact(n))
+
+    def _reserve(self, n: int) -> bool:
+        try:
+            self.memory.reserve(self.user, COPIES * n, "a message being received")
+        except LimitExceeded:
+            return False
+        self.frames.append(COPIES * n)
+        return True
+
+    def _counted_put(self, frame) -> None:
+        """The assembler's ``put``: a data frame is complete; its count moves to its
+        message, which is handed over once its last frame is in."""
+        if len(frame.data) > UNCOUNTED_BYTES and self.frames:
+            self.current += self.frames.popleft()
+        if frame.fin:
+            self.messages.append(self.current)
+            self.current = 0
+        self._put(frame)
+
+    def _assembler_pause(self) -> None:
+        self._assembler_paused = True
+        self.ws.transport.pause_reading()
+
+    def _assembler_resume(self) -> None:
+        self._assembler_paused = False
+        if not self.waiting:
+            self.ws.transport.resume_reading()
+
+    def _wait(self) -> None:
+        if not self.waiting:
+            self.waiting = True
+            self.waits += 1
+            self.ws.transport.pause_reading()
+        if self._timer is None:
+            self._timer = self.ws.loop.call_later(RETRY_S, self._retry)
+
+    def _stop_waiting(self) -> None:
+        self.waiting = False
+        if not self._assembler_paused:
+            self.ws.transport.resume_reading()
+
+    def _retry(self) -> None:
+        """Step the parser, which is waiting in ``_counted_read_exact``: it tries to count
+        its frame again."""
+        self._timer = None
+        if self.closed or not self.waiting or self.ws.protocol.reader.eof:
+            return
+        self.ws.data_received(b"")
+
+    # ---- the handler's side -------------------------------------------------------------
+    def message_done(self) -> None:
+        """The handler is done with the oldest message it was handed: its bytes go back."""
+        if self.messages:
+            self._release(self.messages.popleft())
+
+    def close(self) -> None:
+        """The connection ended: whatever is still counted goes back."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._release(sum(self.frames) + self.current + sum(self.messages))
+        self.frames.clear()
+        self.messages.clear()
+        self.current = 0
+
+    @property
+    def counted(self) -> int:
+        """Bytes this connection has counted and not given back."""
+        return sum(self.frames) + self.current + sum(self.messages)
+
+    def _release(self, nbytes: int) -> None:
+        if nbytes:
+            self.memory.release(self.user, nbytes)
+
+
+__all__ = ["FrameBudget", "UNCOUNTED_BYTES", "COPIES", "RETRY_S"]
