@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from websockets.protocol import State
+
 from hookwire.errors import LimitExceeded
 from hookwire.frames import CHUNK_BYTES, MAX_HEADER_BYTES
 
@@ -38,6 +40,25 @@ UNCOUNTED_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4
 COPIES = 2
 # How often a connection waiting for room tries again.
 RETRY_S = 0.02
+
+
+def check_websockets() -> None:
+    """Raise ``ImportError`` unless the installed websockets has the internals
+    :class:`FrameBudget` hooks into (a server must not run without counting them)."""
+    from websockets.asyncio.messages import Assembler
+    from websockets.server import ServerProtocol
+
+    protocol = ServerProtocol()
+    if not (hasattr(protocol, "max_message_size") and callable(
+            getattr(protocol.reader, "read_exact", None)) and
+            all(hasattr(Assembler, a) for a in ("put", "maybe_pause", "maybe_resume"))):
+        import websockets
+        raise ImportError(f"websockets {websockets.__version__} lacks the internals hookwire's "
+                          "server counts incoming messages with (server/frame_budget.py); "
+                          "install websockets>=15")
+
+
+check_websockets()
 
 
 class FrameBudget:
@@ -79,10 +100,10 @@ class FrameBudget:
             while not self._reserve(n):
                 if self.ws.protocol.reader.eof:
                     raise EOFError("the connection ended while a frame waited for memory")
+                if self.closed or self.ws.protocol.state is not State.OPEN:
+                    break  # closing: its closing handshake must be read (one frame, uncounted)
                 self._wait()
                 yield  # stepped again by _retry (or by data arriving before the pause)
-                if self.closed:
-                    break
             if self.waiting:
                 self._stop_waiting()
         return (yield from self._read_exact(n))
@@ -131,7 +152,10 @@ class FrameBudget:
         """Step the parser, which is waiting in ``_counted_read_exact``: it tries to count
         its frame again."""
         self._timer = None
-        if self.closed or not self.waiting or self.ws.protocol.reader.eof:
+        if not self.waiting:
+            return
+        if self.ws.protocol.reader.eof:
+            self._stop_waiting()
             return
         self.ws.data_received(b"")
 
@@ -149,6 +173,8 @@ class FrameBudget:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.waiting:  # (a closing handshake still reads)
+            self._stop_waiting()
         self._release(sum(self.frames) + self.current + sum(self.messages))
         self.frames.clear()
         self.messages.clear()

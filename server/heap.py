@@ -78,12 +78,12 @@ def return_freed_memory() -> bool:
     glibc's own upper bound) get pages of their own and go back when freed; free memory at the
     top of a heap past ``TRIM_THRESHOLD_BYTES`` goes back at once; and the rest -- memory
     freed inside a heap -- goes back once the model worker has been idle a while
-    (:class:`IdleTrim`). A
-    first version fixed the mmap threshold at 1 MiB (and left the trim threshold at its
-    128 KiB): then every activation of a mid-sized forward (gpt2-small 8x128: 3-13 MiB each)
-    was mapped, zero-filled page by page and unmapped, op after op. The benchmark of issue
-    18's P1 (``bench/bench_tl_remote.py``) took 1.6-1.8x local TL with it against 1.14-1.20x
-    without, and 1.33x with these settings (2026-12-02, tenth session).
+    (:class:`IdleTrim`). A first version fixed the mmap threshold at 1 MiB (and left the trim
+    threshold at its 128 KiB): then every activation of a mid-sized forward (gpt2-small
+    8x128: 3-13 MiB each) was mapped, zero-filled page by page and unmapped, op after op.
+    Issue 18's P1 call (``bench/bench_tl_remote.py``, interleaved with local TL) took
+    1.6-1.8x local TL with it against 1.14-1.20x with glibc's defaults, and 1.12x with these
+    settings and the idle trim (2026-12-02, tenth session; bench/README.md).
 
     Call it first thing in a serving process, before its threads start (a per-thread heap made
     before stays). Returns whether it applied (glibc only; elsewhere a no-op). Written by hand:

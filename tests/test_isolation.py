@@ -498,6 +498,54 @@ def test_messages_being_received_are_counted_before_they_are_buffered(hosted, lo
         srv.stop()
 
 
+def test_a_frame_that_could_never_be_counted_is_refused_and_a_waiting_one_gives_back(hosted):
+    """A frame longer than half the tenant's whole budget could never be counted: it is
+    refused at its header (close code 1009, as one over ``max_message_bytes``). A connection
+    that ends while its frame waits for room leaves nothing counted, and the frame that had
+    room goes back when its connection ends too."""
+    from websockets.exceptions import ConnectionClosed
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=40 * MiB,
+                                                   max_message_bytes=32 * MiB))
+    clients = [PipelinedClient(srv.url, KEY_A) for _ in range(3)]
+    try:
+        clients[0].ws.socket.sendall(_text_frame_head(24 * MiB))
+        with pytest.raises(ConnectionClosed) as closed:
+            clients[0].ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert srv.server.memory.pending_total == 0
+
+        for client in clients[1:]:
+            client.ws.socket.sendall(_text_frame_head(12 * MiB) + b"x" * MiB)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                srv.server.memory.pending_total == 24 * MiB and
+                any(st.frames.waiting for st in list(srv.server.states))):
+            time.sleep(0.05)
+        assert srv.server.memory.pending_total == 24 * MiB  # one counted, one waiting
+        waiting = next(c for c, st in zip(clients[1:], _states_of(srv, clients[1:]))
+                       if st.frames.waiting)
+        counted = next(c for c in clients[1:] if c is not waiting)
+        waiting.ws.socket.close()  # gone while it waits: nothing of it was counted
+        time.sleep(0.5)
+        assert srv.server.memory.pending_total == 24 * MiB
+        counted.ws.socket.close()
+        deadline = time.monotonic() + 30
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.memory.pending_total == 0
+    finally:
+        for client in clients:
+            client.close()
+        srv.stop()
+
+
+def _states_of(srv, clients):
+    """The server's connection state of each client (matched by the client's local port)."""
+    by_port = {st.ws.remote_address[1]: st for st in list(srv.server.states)}
+    return [by_port[c.ws.socket.getsockname()[1]] for c in clients]
+
+
 # ---- 6. finished requests free their memory without the cycle collector ------------------
 
 def test_finished_requests_release_memory_without_the_cycle_collector(hosted, local_models):
