@@ -26,6 +26,8 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   padding        found: one 256-token row with one-token rows (right-padding)
   unread         found: requests with large results (the largest forward the limits admit),
                     on connections that never read
+  ping_flood     found: websocket pings (control frames, never a message), as fast as TCP
+                    takes them
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
@@ -72,7 +74,7 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
-         "unfinished", "uploads", "auth_guess", "padding", "unread"]
+         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -237,6 +239,26 @@ def attack(kind: str, url: str, seconds: float) -> None:
         g = graph([{"id": 0, "op": "sum", "args": [{"const": "big"}]}], constants=["big"],
                   saves={"s": 0}, return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": ids, "big": big})  # noqa: E731
+    elif kind == "ping_flood":
+        # Empty pings, masked with a zero key as a client must: 6 bytes each, 10,000 a write.
+        burst = (bytes([0x89, 0x80]) + bytes(4)) * 10_000
+
+        def loop():
+            while time.monotonic() < stop:
+                try:
+                    conn = Raw(url)  # (its reader drains the pongs)
+                    while time.monotonic() < stop:
+                        conn.ws.socket.sendall(burst)
+                        sent[0] += 10_000
+                except Exception:
+                    time.sleep(0.2)
+        threads = [threading.Thread(target=loop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        print(json.dumps({"sent": sent[0]}), flush=True)
+        return
     elif kind == "auth_guess":
         def loop():
             while time.monotonic() < stop:

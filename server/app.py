@@ -338,8 +338,9 @@ class HookwireServer:
         session = ServerSession(user, self.residents.for_user(user), self.memory, self.limits,
                                 self.entries)
         state = ConnState(ws, asyncio.get_running_loop(), session)
-        # Large frames are counted in the memory budget before websockets buffers them.
-        frames = state.frames = FrameBudget(ws, self.memory, user)
+        # Large frames are counted in the memory budget before websockets buffers them, and
+        # every frame (pings too) in the user's share of the front (server/frame_budget.py).
+        frames = state.frames = FrameBudget(ws, self.memory, user, self.share)
         self.connections_per_user[user] += 1
         self.states.add(state)
         writer = asyncio.create_task(self._writer(state))

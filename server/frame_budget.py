@@ -1,4 +1,4 @@
-"""Messages a connection is still receiving, counted in the memory budget before they are read.
+"""What a connection's incoming frames cost, counted before it is paid: memory and the front's time.
 
 websockets reads a message whole before the server sees it: a frame's header announces its
 length, then its payload is buffered, unmasked and (for text) decoded -- up to
@@ -15,6 +15,15 @@ refused or lost. The bytes go back once the server has handled the message. A fr
 than the user's whole budget could never be counted: such frames are refused at their header
 (close code 1009, as for ``max_message_bytes``).
 
+The loop's time taking in a connection's bytes is charged to its user's share of the front
+too (:class:`~hookwire.server.intake.FrontShare`), measured around websockets'
+``data_received``: parsing every frame, answering pings. Pings and pongs never reach the
+server's handler, which charges messages, so a tenant sending pings as fast as TCP takes them
+held the event loop (~36 us a ping with its pong, 43,000 pings in one 256 KiB read) and a
+co-tenant's request waited up to 12 s (``bench/bench_fairness.py`` ping_flood). Now parsing
+stops after ``SLICE_S`` of one read, letting the loop run others, and while the user is over
+its share its connection is not read until the user is back in credit.
+
 Frames of at most ``UNCOUNTED_BYTES`` -- a tensor's 1 MiB chunk with its header, a typical
 control message -- are not counted: their uploads were reserved when their submit declared
 them, and what a connection holds of them is bounded by its read-ahead.
@@ -25,6 +34,7 @@ too; ``websockets>=14`` has them.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from websockets.protocol import State
@@ -40,6 +50,10 @@ UNCOUNTED_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4
 COPIES = 2
 # How often a connection waiting for room tries again.
 RETRY_S = 0.02
+# The longest a connection over its user's share waits before it looks again.
+MAX_THROTTLE_S = 0.1
+# The loop's CPU time one connection's bytes may take before others get the loop.
+SLICE_S = 0.002
 
 
 def check_websockets() -> None:
@@ -68,22 +82,29 @@ class FrameBudget:
     ``message_done()`` after each message the handler has finished with; ``close()`` when
     the connection ends (everything still counted goes back)."""
 
-    def __init__(self, ws, memory, user: str):
-        self.ws, self.memory, self.user = ws, memory, user
+    def __init__(self, ws, memory, user: str, share=None):
+        self.ws, self.memory, self.user, self.share = ws, memory, user, share
         self.frames: deque[int] = deque()    # bytes counted for frames being read, in order
         self.current = 0                     # ... for the frames of the message being built
         self.messages: deque[int] = deque()  # ... for each message handed over, in order
         self.waiting = False                 # reading stopped for want of room
         self.waits = 0                       # times a frame waited (diagnostics, tests)
+        self._give_way = False               # the next frame waits (slice or share)
         self._assembler_paused = False
         self._timer = None
-        self.closed = memory is None
+        self.closed = memory is None and share is None
         if self.closed:
             return
         protocol = ws.protocol
-        limit = protocol.max_message_size
-        room = memory.per_user // COPIES
-        protocol.max_message_size = room if limit is None else min(limit, room)
+        if memory is not None:
+            limit = protocol.max_message_size
+            room = memory.per_user // COPIES
+            protocol.max_message_size = room if limit is None else min(limit, room)
+        self._recv_frame = protocol.recv_frame
+        protocol.recv_frame = self._timed_recv_frame
+        self._slice_start = time.thread_time()
+        self._data_received = ws.data_received
+        ws.data_received = self._timed_data_received
         reader, assembler = protocol.reader, ws.recv_messages
         self._read_exact = reader.read_exact
         reader.read_exact = self._counted_read_exact
@@ -95,8 +116,24 @@ class FrameBudget:
     # ---- websockets' side (on the loop) --------------------------------------------------
     def _counted_read_exact(self, n: int):
         """The stream reader's ``read_exact``: a large read is a frame's payload (its header
-        has been read); it is counted before it is buffered, waiting for room if needed."""
-        if n > UNCOUNTED_BYTES and not self.closed:
+        has been read); it is counted before it is buffered, waiting for room if needed.
+        Nothing more is parsed while the user is over its share of the front."""
+        if self._give_way:
+            # This read took its slice of the loop: let others run, then go on once the user
+            # is within its share of the front.
+            self._give_way = False
+            self._charge_slice()
+            first = True
+            while not self.closed and self.ws.protocol.state is State.OPEN:
+                wait = self.share.wait_needed(self.user) if self.share is not None else 0.0
+                if wait <= 0 and not first:
+                    break
+                first = False
+                self._wait(min(wait, MAX_THROTTLE_S) if wait > 0 else 0.0)
+                yield
+            if self.waiting:
+                self._stop_waiting()
+        if n > UNCOUNTED_BYTES and self.memory is not None and not self.closed:
             while not self._reserve(n):
                 if self.ws.protocol.reader.eof:
                     raise EOFError("the connection ended while a frame waited for memory")
@@ -115,6 +152,31 @@ class FrameBudget:
             return False
         self.frames.append(COPIES * n)
         return True
+
+    def _timed_data_received(self, data) -> None:
+        """websockets' ``data_received`` (bytes read from the socket, or a retry's nudge):
+        its loop time is charged to the user; over the user's share, the next frame waits."""
+        self._slice_start = time.thread_time()
+        try:
+            self._data_received(data)
+        finally:
+            self._charge_slice()
+            if self.share is not None and not self.closed and \
+                    self.share.wait_needed(self.user) > 0:
+                self._give_way = True
+
+    def _charge_slice(self) -> None:
+        now = time.thread_time()
+        if self.share is not None and not self.closed:
+            self.share.charge_receiving(self.user, now - self._slice_start)
+        self._slice_start = now
+
+    def _timed_recv_frame(self, frame) -> None:
+        """The protocol's ``recv_frame``, for every frame parsed (pings and pongs too): once
+        this read has held the loop ``SLICE_S``, the next frame waits (``_give_way``)."""
+        self._recv_frame(frame)
+        if time.thread_time() - self._slice_start > SLICE_S:
+            self._give_way = True
 
     def _counted_put(self, frame) -> None:
         """The assembler's ``put``: a data frame is complete; its count moves to its
@@ -135,13 +197,14 @@ class FrameBudget:
         if not self.waiting:
             self.ws.transport.resume_reading()
 
-    def _wait(self) -> None:
+    def _wait(self, seconds: float = None) -> None:
         if not self.waiting:
             self.waiting = True
             self.waits += 1
             self.ws.transport.pause_reading()
         if self._timer is None:
-            self._timer = self.ws.loop.call_later(RETRY_S, self._retry)
+            self._timer = self.ws.loop.call_later(RETRY_S if seconds is None else seconds,
+                                                  self._retry)
 
     def _stop_waiting(self) -> None:
         self.waiting = False
@@ -157,7 +220,7 @@ class FrameBudget:
         if self.ws.protocol.reader.eof:
             self._stop_waiting()
             return
-        self.ws.data_received(b"")
+        self._timed_data_received(b"")  # (what it parses is this connection's loop time)
 
     # ---- the handler's side -------------------------------------------------------------
     def message_done(self) -> None:
@@ -186,7 +249,7 @@ class FrameBudget:
         return sum(self.frames) + self.current + sum(self.messages)
 
     def _release(self, nbytes: int) -> None:
-        if nbytes:
+        if nbytes and self.memory is not None:
             self.memory.release(self.user, nbytes)
 
 

@@ -196,6 +196,7 @@ class FrontShare:
         # The last two distinct users charged, newest first: (user, when).
         self._recent = [("", -math.inf), ("", -math.inf)]
         self.waited_s: dict[str, float] = {}
+        self.received_s: dict[str, float] = {}  # loop time taking in each user's bytes
 
     def _now_credit(self, user: str) -> float:
         credit, since = self._credit.get(user, (self.share, 0.0))
@@ -227,20 +228,36 @@ class FrontShare:
         other = self._recent[0] if self._recent[0][0] != user else self._recent[1]
         return time.monotonic() - other[1] <= self.SHARED_WITHIN_S
 
-    async def wait_turn(self, user: str) -> None:
+    def charge_receiving(self, user: str, cpu_seconds: float) -> None:
+        """The loop thread's CPU time spent taking in ``user``'s bytes: parsing its frames
+        and answering its pings (``server/frame_budget.py``, measured around websockets'
+        ``data_received``). Pings and pongs never become messages, and a message may come
+        in many fragments, so this is charged besides each message's estimate above."""
+        self._debit(user, cpu_seconds)
+        self.received_s[user] = self.received_s.get(user, 0.0) + cpu_seconds
+
+    def wait_needed(self, user: str) -> float:
+        """Seconds ``user``'s reads must wait to be back in credit (0: none), counted in
+        ``waited_s``."""
         credit = self._now_credit(user)
         if credit >= 0:
-            return
+            return 0.0
         if not self.shared(user):
             self._credit[user] = (0.0, time.monotonic())  # alone: nothing to make up for
-            return
+            return 0.0
         wait = -credit / self.share
         self.waited_s[user] = self.waited_s.get(user, 0.0) + wait
-        await asyncio.sleep(wait)
+        return wait
+
+    async def wait_turn(self, user: str) -> None:
+        wait = self.wait_needed(user)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def forget(self, user: str) -> None:
         self._credit.pop(user, None)
         self.waited_s.pop(user, None)
+        self.received_s.pop(user, None)
 
 
 __all__ = ["Intake", "FrontShare", "SMALL_BYTES"]

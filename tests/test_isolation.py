@@ -239,6 +239,45 @@ def test_a_huge_control_message_does_not_stall_other_users(hosted, local_models)
         srv.stop()
 
 
+def test_a_ping_flood_is_charged_and_gives_the_loop_back(hosted, local_models):
+    """Pings never become messages, so the front's per-message accounting never saw them: a
+    tenant sending pings as fast as TCP takes them held the event loop (a co-tenant's request
+    waited up to 12 s in bench_fairness's ping_flood). Now the loop's time taking in a
+    connection's bytes is charged to its user, and parsing gives the loop back after each
+    slice: the flooder's connection gave way, its time was charged, and a co-tenant's
+    requests during the flood are answered, equal to local TL."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B])
+    attacker, victim = PipelinedClient(srv.url, KEY_A), PipelinedClient(srv.url, KEY_B)
+    stop = threading.Event()
+    burst = (bytes([0x89, 0x80]) + bytes(4)) * 10_000  # empty pings, zero mask key
+
+    def flood():
+        while not stop.is_set():
+            attacker.ws.socket.sendall(burst)
+    flooder = threading.Thread(target=flood, daemon=True)
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        (state,) = _states_of(srv, [attacker])
+        flooder.start()
+        deadline = time.monotonic() + 30
+        while state.frames.waits < 3 and time.monotonic() < deadline:
+            answer = solo(victim, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
+            torch.testing.assert_close(answer.values[f"{READ_SITE}#0"], cache[READ_SITE],
+                                       rtol=0, atol=0)
+        stop.set()
+        flooder.join(30)
+        attacker_user = state.user
+        assert state.frames.waits >= 3  # its parsing gave the loop back
+        assert srv.server.share.received_s.get(attacker_user, 0.0) > 0.005  # and was charged
+    finally:
+        stop.set()
+        attacker.close()
+        victim.close()
+        srv.stop()
+
+
 # ---- 5. memory: views of residents, per user, server-wide, unfinished submits -----------
 
 def _keep_small_resident(client: PipelinedClient, tokens) -> str:
