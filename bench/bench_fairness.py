@@ -162,6 +162,16 @@ class Raw:
         return rid
 
 
+def threads_until_done(loop, count: int, sent: list) -> None:
+    """Run ``loop`` in ``count`` threads until each returns, then report what was sent."""
+    threads = [threading.Thread(target=loop) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"sent": sent[0]}), flush=True)
+
+
 def attack(kind: str, url: str, seconds: float) -> None:
     stop = time.monotonic() + seconds
     ids = torch.randint(0, 256, (1, 16))
@@ -252,13 +262,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
                         sent[0] += 10_000
                 except Exception:
                     time.sleep(0.2)
-        threads = [threading.Thread(target=loop) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        print(json.dumps({"sent": sent[0]}), flush=True)
-        return
+        return threads_until_done(loop, 4, sent)
     elif kind == "auth_guess":
         def loop():
             while time.monotonic() < stop:
@@ -266,13 +270,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
                     Raw(url, key=ATTACKER_KEY[:2])
                 except Exception:
                     sent[0] += 1
-        threads = [threading.Thread(target=loop) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        print(json.dumps({"sent": sent[0]}), flush=True)
-        return
+        return threads_until_done(loop, 4, sent)
     elif kind == "padding":
         long = torch.randint(0, 256, (1, 256))
         short = torch.randint(0, 256, (1, 1))
@@ -296,13 +294,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
                         time.sleep(0.05)
                 except Exception:
                     time.sleep(0.2)  # dropped for not reading: come back
-        threads = [threading.Thread(target=loop) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        print(json.dumps({"sent": sent[0]}), flush=True)
-        return
+        return threads_until_done(loop, 2, sent)
     else:
         raise SystemExit(f"unknown kind {kind}")
 
@@ -312,12 +304,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
                 pipelined(work)
             except Exception:
                 time.sleep(0.2)  # the server dropped us (e.g. a closing frame): reconnect
-    threads = [threading.Thread(target=guarded) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    print(json.dumps({"sent": sent[0]}), flush=True)
+    threads_until_done(guarded, 4, sent)
 
 
 # ---- the victim (this process) -----------------------------------------------------------
