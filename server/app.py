@@ -340,7 +340,8 @@ class HookwireServer:
         state = ConnState(ws, asyncio.get_running_loop(), session)
         # Large frames are counted in the memory budget before websockets buffers them, and
         # every frame (pings too) in the user's share of the front (server/frame_budget.py).
-        frames = state.frames = FrameBudget(ws, self.memory, user, self.share)
+        frames = state.frames = FrameBudget(ws, self.memory, user, self.share,
+                                             self.limits.submit_timeout_s)
         self.connections_per_user[user] += 1
         self.states.add(state)
         writer = asyncio.create_task(self._writer(state))

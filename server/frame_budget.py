@@ -11,7 +11,9 @@ of its payload is buffered: it reserves ``COPIES`` times the payload's length in
 :class:`~hookwire.server.memory.MemoryBudget`, for the connection's user and server-wide, as
 an upload is. Where there is no room, the connection stops reading (TCP holds the sender
 back) and tries again every ``RETRY_S`` until requests end and give memory back; nothing is
-refused or lost. The bytes go back once the server has handled the message. A frame larger
+refused or lost. The bytes go back once the server has handled the message. A counted frame
+must arrive within ``submit_timeout_s`` (as a submit's uploads must), or its connection is
+closed (1008): a header alone must not hold a whole frame's count for long. A frame larger
 than the user's whole budget could never be counted: such frames are refused at their header
 (close code 1009, as for ``max_message_bytes``).
 
@@ -82,8 +84,9 @@ class FrameBudget:
     ``message_done()`` after each message the handler has finished with; ``close()`` when
     the connection ends (everything still counted goes back)."""
 
-    def __init__(self, ws, memory, user: str, share=None):
+    def __init__(self, ws, memory, user: str, share=None, frame_timeout_s: float = 60.0):
         self.ws, self.memory, self.user, self.share = ws, memory, user, share
+        self.frame_timeout_s = frame_timeout_s
         self.frames: deque[int] = deque()    # bytes counted for frames being read, in order
         self.current = 0                     # ... for the frames of the message being built
         self.messages: deque[int] = deque()  # ... for each message handed over, in order
@@ -143,7 +146,23 @@ class FrameBudget:
                 yield  # stepped again by _retry (or by data arriving before the pause)
             if self.waiting:
                 self._stop_waiting()
+            # Counted from its header: it must arrive in time, or the sender of a header alone
+            # would hold the count of a whole frame (as an unfinished submit holds its uploads'
+            # until submit_timeout_s).
+            deadline = self.ws.loop.call_later(self.frame_timeout_s, self._too_slow, n)
+            try:
+                return (yield from self._read_exact(n))
+            finally:
+                deadline.cancel()
         return (yield from self._read_exact(n))
+
+    def _too_slow(self, n: int) -> None:
+        """A counted frame did not arrive within ``frame_timeout_s``: the connection is
+        closed (1008, policy violation), and what it counted goes back when it ends."""
+        if self.closed:
+            return
+        self.ws.loop.create_task(self.ws.close(
+            1008, f"a frame of {n} bytes did not arrive within {self.frame_timeout_s:g} s"))
 
     def _reserve(self, n: int) -> bool:
         try:

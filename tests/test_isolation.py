@@ -579,6 +579,30 @@ def test_a_frame_that_could_never_be_counted_is_refused_and_a_waiting_one_gives_
         srv.stop()
 
 
+def test_a_counted_frame_that_stalls_is_dropped_in_time(hosted):
+    """A frame is counted from its header, so a sender that stops half-way would hold a
+    whole frame's count: it must arrive within ``submit_timeout_s``, as a submit's uploads
+    must, or its connection is closed (1008) and the count goes back."""
+    from websockets.exceptions import ConnectionClosed
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=40 * MiB,
+                                                   submit_timeout_s=1.0))
+    client = PipelinedClient(srv.url, KEY_A)
+    try:
+        client.ws.socket.sendall(_text_frame_head(8 * MiB) + b"x" * MiB)
+        with pytest.raises(ConnectionClosed) as closed:
+            client.ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert "did not arrive" in closed.value.rcvd.reason
+        deadline = time.monotonic() + 30
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.memory.pending_total == 0
+    finally:
+        client.close()
+        srv.stop()
+
+
 def _states_of(srv, clients):
     """The server's connection state of each client (matched by the client's local port)."""
     by_port = {st.ws.remote_address[1]: st for st in list(srv.server.states)}
