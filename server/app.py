@@ -91,7 +91,7 @@ class ConnState:
         self.timer_at: float | None = None
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
         self.in_intake = 0  # its control messages being parsed in the intake's threads
-        self.frames: FrameBudget | None = None  # its large frames in the memory budget
+        self.frames: FrameBudget | None = None  # what its incoming frames cost (memory, time)
         # What the batch window learns of it (HookwireServer.mates_possible): its requests,
         # those not over yet, and when one last arrived while another connection's was open.
         self.submitted = 0

@@ -78,11 +78,13 @@ check_websockets()
 
 
 class FrameBudget:
-    """One connection's large incoming frames in ``memory`` (a
-    :class:`~hookwire.server.memory.MemoryBudget`, or None: nothing counted) under ``user``.
-    Built in the connection's handler, on the loop, before its first message is read;
-    ``message_done()`` after each message the handler has finished with; ``close()`` when
-    the connection ends (everything still counted goes back)."""
+    """What one connection's incoming frames cost, for ``user``: large frames counted in
+    ``memory`` (a :class:`~hookwire.server.memory.MemoryBudget`; None: not counted), the
+    loop's time taking in its bytes charged to ``share`` (a
+    :class:`~hookwire.server.intake.FrontShare`; None: not charged). Built in the
+    connection's handler, on the loop, before its first message is read; ``message_done()``
+    after each message the handler has finished with; ``close()`` when the connection ends
+    (everything still counted goes back)."""
 
     def __init__(self, ws, memory, user: str, share=None, frame_timeout_s: float = 60.0):
         self.ws, self.memory, self.user, self.share = ws, memory, user, share
