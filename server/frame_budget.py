@@ -10,8 +10,8 @@ message, made the server hold gigabytes outside its memory budget (SECURITY.md, 
 of its payload is buffered: it reserves ``COPIES`` times the payload's length in the server's
 :class:`~hookwire.server.memory.MemoryBudget`, for the connection's user and server-wide, as
 an upload is. Where there is no room, the connection stops reading (TCP holds the sender
-back) and tries again every ``RETRY_S`` until requests end and give memory back; nothing is
-refused or lost. The bytes go back once the server has handled the message. A counted frame
+back) and tries again, after ``RETRY_S`` and then less and less often (up to
+``MAX_RETRY_S``), until requests end and give memory back; nothing is refused or lost. The bytes go back once the server has handled the message. A counted frame
 must arrive within ``submit_timeout_s`` (as a submit's uploads must), or its connection is
 closed (1008): a header alone must not hold a whole frame's count for long. A frame larger
 than the user's whole budget could never be counted: such frames are refused at their header
@@ -50,8 +50,10 @@ UNCOUNTED_BYTES = CHUNK_BYTES + MAX_HEADER_BYTES + 4
 # What a frame of n bytes holds at once: its payload as websockets buffers and unmasks it,
 # then the message and (text) its decoded string while the server parses it.
 COPIES = 2
-# How often a connection waiting for room tries again.
+# How soon a connection waiting for room first tries again; each try that finds none doubles
+# the wait, up to MAX_RETRY_S (a thousand waiting connections must not keep the loop busy).
 RETRY_S = 0.02
+MAX_RETRY_S = 0.32
 # The longest a connection over its user's share waits before it looks again.
 MAX_THROTTLE_S = 0.1
 # The loop's CPU time one connection's bytes may take before others get the loop.
@@ -94,6 +96,7 @@ class FrameBudget:
         self.messages: deque[int] = deque()  # ... for each message handed over, in order
         self.waiting = False                 # reading stopped for want of room
         self.waits = 0                       # times a frame waited (diagnostics, tests)
+        self.retries = 0                     # times a waiting frame tried again (same)
         self._give_way = False               # the next frame waits (slice or share)
         self._assembler_paused = False
         self._timer = None
@@ -134,17 +137,22 @@ class FrameBudget:
                 if wait <= 0 and not first:
                     break
                 first = False
-                self._wait(min(wait, MAX_THROTTLE_S) if wait > 0 else 0.0)
+                wait = min(wait, MAX_THROTTLE_S) if wait > 0 else 0.0
+                if wait > 0:
+                    self.share.waiting(self.user, wait)
+                self._wait(wait)
                 yield
             if self.waiting:
                 self._stop_waiting()
         if n > UNCOUNTED_BYTES and self.memory is not None and not self.closed:
+            retry_s = RETRY_S
             while not self._reserve(n):
                 if self.ws.protocol.reader.eof:
                     raise EOFError("the connection ended while a frame waited for memory")
                 if self.closed or self.ws.protocol.state is not State.OPEN:
                     break  # closing: its closing handshake must be read (one frame, uncounted)
-                self._wait()
+                self._wait(retry_s)
+                retry_s = min(2 * retry_s, MAX_RETRY_S)
                 yield  # stepped again by _retry (or by data arriving before the pause)
             if self.waiting:
                 self._stop_waiting()
@@ -218,14 +226,13 @@ class FrameBudget:
         if not self.waiting:
             self.ws.transport.resume_reading()
 
-    def _wait(self, seconds: float = None) -> None:
+    def _wait(self, seconds: float) -> None:
         if not self.waiting:
             self.waiting = True
             self.waits += 1
             self.ws.transport.pause_reading()
         if self._timer is None:
-            self._timer = self.ws.loop.call_later(RETRY_S if seconds is None else seconds,
-                                                  self._retry)
+            self._timer = self.ws.loop.call_later(seconds, self._retry)
 
     def _stop_waiting(self) -> None:
         self.waiting = False
@@ -238,6 +245,7 @@ class FrameBudget:
         self._timer = None
         if not self.waiting:
             return
+        self.retries += 1
         if self.ws.protocol.reader.eof:
             self._stop_waiting()
             return
@@ -274,4 +282,4 @@ class FrameBudget:
             self.memory.release(self.user, nbytes)
 
 
-__all__ = ["FrameBudget", "UNCOUNTED_BYTES", "COPIES", "RETRY_S"]
+__all__ = ["FrameBudget", "UNCOUNTED_BYTES", "COPIES", "RETRY_S", "MAX_RETRY_S"]

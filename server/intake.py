@@ -237,21 +237,24 @@ class FrontShare:
         self.received_s[user] = self.received_s.get(user, 0.0) + cpu_seconds
 
     def wait_needed(self, user: str) -> float:
-        """Seconds ``user``'s reads must wait to be back in credit (0: none), counted in
-        ``waited_s``."""
+        """Seconds ``user``'s reads must wait to be back in credit (0: none). Asking records
+        nothing: whoever then waits says how long (``waiting``)."""
         credit = self._now_credit(user)
         if credit >= 0:
             return 0.0
         if not self.shared(user):
             self._credit[user] = (0.0, time.monotonic())  # alone: nothing to make up for
             return 0.0
-        wait = -credit / self.share
-        self.waited_s[user] = self.waited_s.get(user, 0.0) + wait
-        return wait
+        return -credit / self.share
+
+    def waiting(self, user: str, seconds: float) -> None:
+        """``user``'s reads are made to wait ``seconds`` (counted in ``waited_s``)."""
+        self.waited_s[user] = self.waited_s.get(user, 0.0) + seconds
 
     async def wait_turn(self, user: str) -> None:
         wait = self.wait_needed(user)
         if wait > 0:
+            self.waiting(user, wait)
             await asyncio.sleep(wait)
 
     def forget(self, user: str) -> None:

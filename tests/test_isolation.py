@@ -541,7 +541,8 @@ def test_a_frame_that_could_never_be_counted_is_refused_and_a_waiting_one_gives_
     """A frame longer than half the tenant's whole budget could never be counted: it is
     refused at its header (close code 1009, as one over ``max_message_bytes``). A connection
     that ends while its frame waits for room leaves nothing counted, and the frame that had
-    room goes back when its connection ends too."""
+    room goes back when its connection ends too. While it waits, it tries again less and
+    less often."""
     from websockets.exceptions import ConnectionClosed
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
                    api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=40 * MiB,
@@ -565,6 +566,13 @@ def test_a_frame_that_could_never_be_counted_is_refused_and_a_waiting_one_gives_
         waiting = next(c for c, st in zip(clients[1:], _states_of(srv, clients[1:]))
                        if st.frames.waiting)
         counted = next(c for c in clients[1:] if c is not waiting)
+        # Waiting costs the loop little: it tries again less and less often (a thousand
+        # waiting connections trying every 20 ms kept the loop busy), up to every 0.32 s.
+        (frames,) = [st.frames for st in _states_of(srv, [waiting])]
+        tried = frames.retries
+        time.sleep(2.0)
+        assert 1 <= frames.retries - tried <= 10, frames.retries - tried  # (100 every 20 ms)
+        assert frames.waiting and srv.server.memory.pending_total == 24 * MiB
         waiting.ws.socket.close()  # gone while it waits: nothing of it was counted
         time.sleep(0.5)
         assert srv.server.memory.pending_total == 24 * MiB
