@@ -98,15 +98,16 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def encode_chunks(rid: str, tid: str, tensor: torch.Tensor,
-                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+                  chunk_bytes: int = CHUNK_BYTES, at: int = 0) -> Iterator[bytes]:
     """Yield the binary frames carrying ``tensor`` (at least one, even when empty). Each
-    frame is built with a single copy of its payload."""
+    frame is built with a single copy of its payload. ``at``: where ``tensor``'s bytes
+    start in the tensor ``tid`` (a sender may send a large tensor a part at a time)."""
     data = tensor_bytes(tensor)
     total = len(data)
     offset = 0
     while True:
         piece = data[offset:offset + chunk_bytes]
-        head = json.dumps({"v": FRAME_VERSION, "rid": rid, "tid": tid, "offset": offset},
+        head = json.dumps({"v": FRAME_VERSION, "rid": rid, "tid": tid, "offset": at + offset},
                           separators=(",", ":")).encode()
         # join allocates once and copies once (a bytearray(n) would zero-fill first)
         yield b"".join((struct.pack("<I", len(head)), head, piece))

@@ -31,6 +31,7 @@ import select
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
@@ -69,6 +70,9 @@ MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window alwa
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
 
 
+# Threads copying and framing weights transfers' parts (each part bounded: PART_BYTES).
+WEIGHTS_THREADS = 2
+
 class ConnState:
     """One client connection as the transport and the engines see it: its socket, its
     outbox (what the writer task sends, in order) and its :class:`ServerSession` (the
@@ -87,6 +91,7 @@ class ConnState:
         self.memory = session.memory
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
+        self._frames_left = asyncio.Event()  # set when a binary frame leaves the outbox
         self.timer: asyncio.TimerHandle | None = None  # armed at session.deadline
         self.timer_at: float | None = None
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
@@ -172,6 +177,19 @@ class ConnState:
             self.queued_bytes -= len(item)
             if self.memory is not None:
                 self.memory.release(self.user, len(item))
+            self._frames_left.set()
+
+    async def outbox_below(self, nbytes: int) -> bool:
+        """Wait, on the loop, until at most ``nbytes`` of binary frames wait in the outbox
+        (a weights transfer's window: it holds no thread meanwhile). False: the
+        connection ended."""
+        while self.queued_bytes > nbytes and not self.closed:
+            self._frames_left.clear()
+            try:  # (woken by a frame leaving; looks at ``closed`` at least once a second)
+                await asyncio.wait_for(self._frames_left.wait(), 1.0)
+            except TimeoutError:
+                pass
+        return not self.closed
 
 
 def check_api_keys(api_keys) -> None:
@@ -235,6 +253,10 @@ class HookwireServer:
         self.memory = MemoryBudget(self.limits.max_pending_bytes_per_user,
                                    self.limits.max_pending_bytes_total)
         self.intake: Intake | None = None
+        # Copying and framing weights, a part at a time (server/weights.py): threads of their
+        # own, never the loop's shared executor, and never held while a client is slow.
+        self.weights_pool: ThreadPoolExecutor | None = None
+        self._transfers: set = set()  # weights transfers running (tasks on the loop)
         self.share = FrontShare(self.limits.front_share)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -410,8 +432,12 @@ class HookwireServer:
             elif isinstance(event, ProbeHookMode):
                 self.loop.create_task(self._answer_hook_mode(state, event.request))
             elif isinstance(event, SendWeights):
-                self.loop.run_in_executor(None, send_weights, state, event.request_id,
-                                          event.wanted)
+                # A task on the loop, copying in the weights pool: a client that stops
+                # reading holds no thread (server/weights.py).
+                task = self.loop.create_task(send_weights(state, event.request_id,
+                                                          event.wanted, self.weights_pool))
+                self._transfers.add(task)
+                task.add_done_callback(self._transfers.discard)
         for text in session.data_to_send():
             state.outbox.put_nowait(text)
         deadline = None if session.closed else session.deadline
@@ -481,6 +507,8 @@ class HookwireServer:
         self.loop = asyncio.get_running_loop()
         self._stop_event = stop or asyncio.Event()
         self.intake = Intake(getattr(self.worker, "busy", None))
+        self.weights_pool = ThreadPoolExecutor(WEIGHTS_THREADS,
+                                               thread_name_prefix="hookwire-weights")
         if not self.worker.is_alive():
             self.worker.start()
         async with serve(self._handle, self.host, self.port, compression=None,
@@ -505,6 +533,9 @@ class HookwireServer:
                     break
                 await asyncio.sleep(0.05)
             self.intake.close()
+            for task in list(self._transfers):
+                task.cancel()
+            self.weights_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def url(self) -> str:

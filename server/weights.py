@@ -5,14 +5,28 @@ calls them too), so analysis code that reads weights (``model.W_U``,
 
 Checked before anything is copied: every name must be a parameter of the model (looked up in
 a table, never resolved as an attribute path), and the total must fit
-``Limits.max_weight_bytes``. One transfer per connection at a time. The copying and framing
-run in a thread of the executor, off the event loop.
+``Limits.max_weight_bytes``. One transfer per connection at a time.
+
+A transfer is a task on the event loop that holds no thread while it waits: it copies and
+frames a parameter a part at a time (``PART_BYTES``) in a thread of the server's weights
+pool, hands the frames to the connection's outbox (where they count in the user's memory
+budget until sent), and waits -- on the loop, no thread held -- while more than
+``SEND_WINDOW_BYTES`` of them wait to be sent. Before, a transfer ran whole in a thread of
+the loop's shared executor and slept there while its client did not read: a tenant's few
+connections that asked for weights and stopped reading held every one of that executor's
+threads (six on two cores) until ``send_timeout_s`` dropped them, and every other user's
+weights (and TL hook-switch probes) waited as long (SECURITY.md, *Weights transfers*). And
+a parameter on an accelerator was copied to the host whole, outside every budget; now a
+part at a time.
 """
 from __future__ import annotations
 
-import time
+import asyncio
+
+import torch
 
 from hookwire.errors import LimitExceeded, ProtocolError, QueueFull
+from hookwire.frames import CHUNK_BYTES, encode_chunks
 from hookwire.server import replies
 
 
@@ -45,6 +59,7 @@ def check_weights_request(entry, msg, limits) -> list:
 
 
 SEND_WINDOW_BYTES = 32 << 20  # frames of one transfer waiting to be sent, at most
+PART_BYTES = 4 * CHUNK_BYTES  # copied and framed at once, in a thread of the weights pool
 
 
 def begin_transfer(state) -> None:
@@ -54,29 +69,42 @@ def begin_transfer(state) -> None:
     state.weights_in_flight = True
 
 
-def send_weights(state, request_id: str, wanted: list) -> None:
-    """Stream the parameters (runs in an executor thread)."""
+def _part_frames(request_id: str, tid: str, flat: torch.Tensor, first: int,
+                 count: int) -> list[bytes]:
+    """The frames of elements [first, first + count) of ``flat`` (copied to the host part
+    by part, never whole). Runs in a thread of the weights pool."""
+    part = flat[first:first + count]
+    return list(encode_chunks(request_id, tid, part, CHUNK_BYTES,
+                              at=first * flat.element_size()))
+
+
+async def send_weights(state, request_id: str, wanted: list, pool) -> None:
+    """Stream the parameters to ``state``'s client (a task on the loop; the copying runs in
+    ``pool``, a part at a time, and waiting for a slow client holds no thread)."""
+    loop = asyncio.get_running_loop()
     try:
         sent = 0
         for k, (name, param) in enumerate(wanted):
             if state.closed:
                 return
-            value = param.detach().to("cpu").contiguous()
             tid = f"w{k}"
-            state.send_threadsafe(replies.result_header(request_id, name,
-                                                        replies.tensor_header(tid, value)))
-            for frame in replies.value_frames(request_id, tid, value):
-                # At most a window of frames waits in the outbox: a client that reads
-                # slowly holds the transfer, not the server's memory.
-                while getattr(state, "queued_bytes", 0) > SEND_WINDOW_BYTES:
-                    if state.closed:
-                        return
-                    time.sleep(0.002)
-                sent += len(frame)
-                state.send_threadsafe(frame)
+            state.send_threadsafe(replies.result_header(
+                request_id, name, replies.tensor_header(tid, param.detach())))
+            # (a parameter is contiguous in practice; one that is not is made so on its device)
+            flat = param.detach().contiguous().reshape(-1)
+            step = max(1, PART_BYTES // flat.element_size())
+            for first in range(0, flat.numel(), step):
+                if not await state.outbox_below(SEND_WINDOW_BYTES):
+                    return  # the connection ended
+                frames = await loop.run_in_executor(pool, _part_frames, request_id, tid,
+                                                    flat, first, step)
+                for frame in frames:
+                    sent += len(frame)
+                    state.send_threadsafe(frame)
         state.send_threadsafe(replies.done(request_id, sent))
     finally:
         state.weights_in_flight = False
 
 
-__all__ = ["check_weights_request", "send_weights", "begin_transfer", "parameter_table"]
+__all__ = ["check_weights_request", "send_weights", "begin_transfer", "parameter_table",
+           "SEND_WINDOW_BYTES", "PART_BYTES"]

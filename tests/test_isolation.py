@@ -968,3 +968,65 @@ def test_a_co_tenants_maximal_graph_uses_none_of_a_requests_deadline(hosted):
         attacker.close()
         victim.close()
         srv.stop()
+
+
+def test_weights_transfers_to_clients_that_do_not_read_hold_no_shared_thread():
+    """A weights transfer ran whole in a thread of the loop's shared executor and slept there
+    while its client did not read, so a tenant's few connections asking for weights and
+    reading nothing held every thread of it (min(32, cores + 4)) until ``send_timeout_s``
+    dropped them, and a co-tenant's weights waited as long (58 s with 8 such connections
+    and a 60 s timeout). Now a transfer waits on the loop, holding no thread: the co-tenant's
+    128 MiB parameter -- copied and framed a part at a time -- arrives meanwhile, equal to the
+    served one."""
+    from hookwire.families import build_hf_model
+    from hookwire.server.weights import SEND_WINDOW_BYTES
+    model, _ = build_hf_model("GPT2LMHeadModel", dict(
+        n_layer=1, n_embd=512, n_head=4, n_positions=64, vocab_size=65536), seed=0)
+    srv = hs.start(models={"big": model}, port=0, limits=Limits(send_timeout_s=600))
+    params = dict(srv.server.entries["big"].hosted.model.named_parameters())
+    wte = next(n for n in params if "wte" in n)
+    assert params[wte].numel() * 4 == 128 * MiB  # more than the client's and kernels' buffers
+    shared_threads = min(32, (os.cpu_count() or 1) + 4)  # the loop's default executor's
+    stalled = [PipelinedClient(srv.url) for _ in range(shared_threads + 1)]
+    victim = Connection(srv.url)
+    try:
+        for k, client in enumerate(stalled):  # ... and never read what comes back
+            client.ws.send(json.dumps({"type": "weights", "request_id": f"w{k}",
+                                       "model": "big", "names": list(params)}))
+
+        def filled() -> int:  # transfers whose frames wait for their client
+            return sum(st.queued_bytes >= SEND_WINDOW_BYTES // 2
+                       for st in _states_of(srv, stalled))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and filled() < shared_threads:
+            time.sleep(0.05)
+        assert filled() >= shared_threads
+        time.sleep(0.5)
+        got = {}
+
+        def fetch():
+            got.update(victim.fetch_weights("big", [wte]).values)
+        fetching = threading.Thread(target=fetch)
+        fetching.start()
+        fetching.join(60)  # (it waited for send_timeout_s, 600 s, before)
+        assert not fetching.is_alive(), "a co-tenant's weights waited for the stalled transfers"
+        assert torch.equal(got[wte], params[wte].detach())
+        # The stalled transfers hold their windows in their users' budgets, and go on
+        # when read: one of them, read now, ends with every byte announced.
+        counted = {st.user: srv.server.memory.pending_of(st.user)
+                   for st in _states_of(srv, stalled[:1])}
+        assert all(n >= SEND_WINDOW_BYTES // 2 for n in counted.values()), counted
+        total = sum(p.numel() * 4 for p in params.values())
+        received, done = 0, None
+        while done is None:
+            msg = stalled[0].ws.recv(timeout=60)
+            if isinstance(msg, bytes):
+                received += len(msg)
+            elif parse_server_message(msg).type == "done":
+                done = parse_server_message(msg)
+        assert done.bytes_sent == received and received > total
+    finally:
+        for client in stalled:  # (a closing handshake would wait behind what they never read)
+            client.ws.socket.close()
+        victim.close()
+        srv.stop()
