@@ -274,3 +274,33 @@ def test_a_request_in_the_model_process_each_time_it_dies_is_sent_again_once_onl
     assert engine.retried == retried + 1
     assert engine.restarts >= restarts + 1
     assert_close(remote.run_with_hooks(tokens, fwd_hooks=[]), local(tokens))
+
+
+def test_a_tenants_refused_requests_write_nothing_in_the_servers_log(server, local_models,
+                                                                     caplog):
+    """A request the relay refuses with a typed error (here: a model the server does not
+    serve) is answered with that error and nothing else. Before, each one also logged an
+    ERROR with its traceback, on the event loop: a tenant could write the operator's log, a
+    traceback a ~500-byte request, as fast as it could send. The next request runs, equal
+    to local TL."""
+    import logging
+    from pipelined import PipelinedClient
+
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+    client = PipelinedClient(server.url)
+    try:
+        elsewhere = graph(nodes=[])
+        elsewhere["model"] = "not-served-here"
+        with caplog.at_level(logging.INFO, logger="hookwire"):
+            rids = [client.send(elsewhere, {"input_ids": tokens}) for _ in range(20)]
+            answers = client.collect(rids, timeout=120)
+            assert all(a.error is not None and a.error.code == "unknown_model"
+                       for a in answers.values())
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        ok = graph(sites=[SITE], saves={"r": 0}, nodes=[node(0, "site.read", 0)])
+        rid = client.send(ok, {"input_ids": tokens})
+        answer = client.collect([rid])[rid]
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        assert_close(answer.values["r"], cache[SITE])
+    finally:
+        client.close()
