@@ -26,6 +26,9 @@ interrupted forward's hooks stay silent in the nested ones) and its TL hook mark
 the model meanwhile. The worker allows it only when nothing else of the request's own is in
 effect on the model (``ModelWorker._may_give_way_in_forward``).
 
+A generation gives way between two of its tokens (``server/generation.py``): its KV cache is
+its own and none of its hooks is on the model there, so a light request runs as any forward.
+
 Bounds: a batch gives way only after it has run ``QUANTUM_S`` since it began (``begin``: the
 worker calls it as each batch starts; the quantum counts the batch, not each of its phases, so
 a batch of many short-phased costly members -- each materialising a large resident view,

@@ -312,3 +312,55 @@ def test_light_requests_run_inside_a_long_forwards_attention(server, hosted):
     assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits,
                                rtol=0, atol=0)
+
+
+def test_light_requests_run_between_the_tokens_of_a_long_generation(hosted):
+    """A generate request runs alone, one forward per token, and light requests of other
+    users waiting behind it waited for its last token (a 1 x 8 read waited a whole
+    240-token generation, 2.4 s). Between two tokens the model is not in use -- the KV cache
+    is the request's own -- so they run there now: three light reads queued after the
+    generation began finish before it, bit-equal to local TL, and the generation equals
+    HF's generate run locally with hookwire's local model."""
+    import hookwire.hf as hhf
+    from hookwire.server.hf_modules import plain_hf_model
+    from serving import serving
+
+    hosted_model = hosted["tiny-gpt2"]
+    tokens, logits, resid = light_reference(hosted_model.bridge)
+    prompt = torch.randint(0, 256, (32, 8), generator=torch.Generator().manual_seed(3))
+    n = 240
+    # (the plain HF tree of the served weights, as the server generates with: the TL
+    # bridge's wrapped modules are not the reference for a KV-cache step)
+    want = hhf.LocalModel(plain_hf_model(hosted_model.bridge)).generate(prompt, n,
+                                                                       eos_token_id=None)
+    with serving(models={"tiny-gpt2": hosted_model.bridge},
+                 limits=Limits(max_request_seconds=120)) as srv:
+        generated = {}
+
+        def generate():
+            generated["out"] = hhf.RemoteModel("tiny-gpt2").generate(prompt, n,
+                                                                     eos_token_id=None)
+            generated["at"] = time.monotonic()
+
+        thread = threading.Thread(target=generate)
+        light_conn = Connection(srv.url)
+        try:
+            thread.start()
+            worker = srv.server.worker
+            deadline = time.monotonic() + 60
+            while not any(job.submit.generate is not None for job in worker.current) and \
+                    time.monotonic() < deadline:
+                time.sleep(0.001)
+            light_done = []
+            while thread.is_alive() and len(light_done) < 3:
+                result = light_conn.run(read_graph(), {"input_ids": tokens})
+                light_done.append(time.monotonic())
+                torch.testing.assert_close(result.values["__logits__"], logits, rtol=0,
+                                           atol=0)
+                torch.testing.assert_close(result.values["resid"], resid, rtol=0, atol=0)
+            thread.join(120)
+        finally:
+            light_conn.close()
+    assert not thread.is_alive()
+    assert len(light_done) == 3 and max(light_done) < generated["at"]
+    assert torch.equal(generated["out"].sequences, want.sequences)
