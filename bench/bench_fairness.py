@@ -28,6 +28,7 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
                     on connections that never read
   ping_flood     found: websocket pings (control frames, never a message), as fast as TCP
                     takes them
+  generate       found: the longest generations the model admits (8 rows, 240 new tokens)
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
@@ -74,7 +75,7 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
-         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood"]
+         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -249,6 +250,12 @@ def attack(kind: str, url: str, seconds: float) -> None:
         g = graph([{"id": 0, "op": "sum", "args": [{"const": "big"}]}], constants=["big"],
                   saves={"s": 0}, return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": ids, "big": big})  # noqa: E731
+    elif kind == "generate":
+        # The longest generations the model admits (tiny-gpt2: 256 positions), 8 rows each.
+        prompt = torch.randint(0, 256, (8, 16))
+        g = graph([], return_type=None)
+        spec = {"max_new_tokens": 240, "steps": []}
+        work = lambda conn: conn.submit(g, {"input_ids": prompt}, generate=spec)  # noqa: E731
     elif kind == "ping_flood":
         # Empty pings, masked with a zero key as a client must: 6 bytes each, 10,000 a write.
         burst = (bytes([0x89, 0x80]) + bytes(4)) * 10_000
