@@ -22,12 +22,15 @@ part at a time.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import torch
 
-from hookwire.errors import LimitExceeded, ProtocolError, QueueFull
+from hookwire.errors import HookwireError, LimitExceeded, ProtocolError, QueueFull
 from hookwire.frames import CHUNK_BYTES, encode_chunks
 from hookwire.server import replies
+
+log = logging.getLogger("hookwire.server")
 
 
 def parameter_table(entry) -> dict:
@@ -50,6 +53,8 @@ def check_weights_request(entry, msg, limits) -> list:
         raise LimitExceeded("this server does not send weights (max_weight_bytes=0)",
                             rule="max_weight_bytes")
     wanted = [(n, table[n]) for n in dict.fromkeys(msg.names)]
+    for _, param in wanted:  # a dtype the wire cannot carry: a FrameError before anything goes
+        replies.tensor_header("w", param.detach())
     total = sum(p.numel() * p.element_size() for _, p in wanted)
     if total > limits.max_weight_bytes:
         raise LimitExceeded(f"the parameters asked for make {total} bytes; this server's "
@@ -102,6 +107,10 @@ async def send_weights(state, request_id: str, wanted: list, pool) -> None:
                     sent += len(frame)
                     state.send_threadsafe(frame)
         state.send_threadsafe(replies.done(request_id, sent))
+    except Exception as exc:  # (a dtype the wire cannot carry, say): the request ends with it
+        if not isinstance(exc, HookwireError):
+            log.exception("weights transfer %s failed", request_id)
+        state.send_threadsafe(replies.error(request_id, exc))
     finally:
         state.weights_in_flight = False
 
