@@ -40,9 +40,10 @@ from websockets.http11 import Response
 
 from hookwire import __version__
 from hookwire.errors import HookwireError
-from hookwire.protocol import PROTOCOL_VERSION, ModelInfoRequest
+from hookwire.protocol import PROTOCOL_VERSION
 from hookwire.server.frame_budget import FrameBudget
 from hookwire.server.handoff import Handoff
+from hookwire.server.hook_modes import HookModeAnswers
 from hookwire.server.intake import FrontShare, Intake, parsed_inline
 from hookwire.server.memory import MemoryBudget
 from hookwire.server.models import HostedModel
@@ -257,6 +258,7 @@ class HookwireServer:
         # own, never the loop's shared executor, and never held while a client is slow.
         self.weights_pool: ThreadPoolExecutor | None = None
         self._transfers: set = set()  # weights transfers running (tasks on the loop)
+        self.hook_modes: HookModeAnswers | None = None  # (made when it serves)
         self.share = FrontShare(self.limits.front_share)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -430,7 +432,7 @@ class HookwireServer:
             elif isinstance(event, CancelRequest):
                 self.worker.cancel(state, event.request_id)
             elif isinstance(event, ProbeHookMode):
-                self.loop.create_task(self._answer_hook_mode(state, event.request))
+                self.hook_modes.ask(state, event.request)  # (known: answered here, O(1))
             elif isinstance(event, SendWeights):
                 # A task on the loop, copying in the weights pool: a client that stops
                 # reading holds no thread (server/weights.py).
@@ -487,20 +489,6 @@ class HookwireServer:
             state.open_requests.discard(job.request_id)
         job.on_finish = over
 
-    async def _answer_hook_mode(self, state: ConnState, msg: ModelInfoRequest):
-        """``model_info`` with TL hook switches on: the engine probes that combination once
-        (holding the model), then every client is told from the cached answer."""
-        loop = asyncio.get_running_loop()
-        try:
-            hook_mode_info = getattr(self.worker, "hook_mode_info", None)
-            if hook_mode_info is None:
-                raise HookwireError("this server's engine does not serve TL hook switches")
-            answer = await loop.run_in_executor(None, hook_mode_info, msg.model,
-                                                tuple(msg.tl_flags))
-        except Exception as exc:
-            answer = error_text(exc)
-        state.outbox.put_nowait(answer)
-
     # ---- lifecycle -----------------------------------------------------------------------
     async def serve_async(self, ready: threading.Event | None = None,
                           stop: asyncio.Event | None = None):
@@ -509,6 +497,9 @@ class HookwireServer:
         self.intake = Intake(getattr(self.worker, "busy", None))
         self.weights_pool = ThreadPoolExecutor(WEIGHTS_THREADS,
                                                thread_name_prefix="hookwire-weights")
+        # model_info with TL hook switches: answered from what the engine probed, at the
+        # front; a combination is probed once, in threads of its own (server/hook_modes.py).
+        self.hook_modes = HookModeAnswers(getattr(self.worker, "hook_mode_info", None))
         if not self.worker.is_alive():
             self.worker.start()
         async with serve(self._handle, self.host, self.port, compression=None,
@@ -536,6 +527,7 @@ class HookwireServer:
             for task in list(self._transfers):
                 task.cancel()
             self.weights_pool.shutdown(wait=False, cancel_futures=True)
+            self.hook_modes.close()
 
     @property
     def url(self) -> str:

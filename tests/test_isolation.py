@@ -1030,3 +1030,60 @@ def test_weights_transfers_to_clients_that_do_not_read_hold_no_shared_thread():
             client.ws.socket.close()
         victim.close()
         srv.stop()
+
+
+def test_model_info_probes_are_answered_at_the_front_and_bounded(hosted, local_models):
+    """``model_info`` with TL hook switches took a thread of the loop's shared executor each
+    and read even an answer probed long before under the model's lock, so while a long
+    request ran every such request waited for it, and a tenant sending them queued tasks
+    without bound. Now a known answer comes from the front at once, even while a long
+    request holds the model; an unknown combination is probed once, and a connection may
+    leave at most four unanswered (more: ``QueueFull``), answered in the order asked."""
+    from graphs import const, node, ref
+    from graphs import graph as make_graph
+    from hookwire.server.hook_modes import MAX_PENDING_PER_CONNECTION
+
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_request_seconds=120))
+    known, unknown = ["use_attn_result"], ["use_split_qkv_input"]
+    first = Connection(srv.url)
+    probed = first.model_info("tiny-gpt2", known)  # probed now, once
+    tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+    c = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) / 16
+    chain = [node(0, "output.read", "logits"), node(1, "sum", ref(0)),
+             node(2, "mul", ref(1), 0.0), node(3, "add", const("c"), ref(2))]
+    chain += [node(i, "matmul", ref(i - 1), const("c")) for i in range(4, 3000)]
+    long_graph = make_graph(nodes=chain, constants=["c"], saves={"y": 2999})
+    finished = {}
+
+    def long_request():
+        first.run(long_graph, {"input_ids": tokens, "c": c})
+        finished["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    asker, flood = Connection(srv.url), PipelinedClient(srv.url)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not srv.server.worker.current and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert srv.server.worker.current
+        got = asker.model_info("tiny-gpt2", known)  # a fresh connection: asks the server
+        assert thread.is_alive(), "a known answer waited for the long request"
+        assert [s.name for s in got.sites] == [s.name for s in probed.sites]
+        for _ in range(MAX_PENDING_PER_CONNECTION + 6):
+            flood.ws.send(json.dumps({"type": "model_info", "model": "tiny-gpt2",
+                                      "tl_flags": unknown}))
+        refused = [parse_server_message(flood.ws.recv(timeout=60)) for _ in range(6)]
+        assert all(isinstance(m, Error) and m.code == "queue_full" for m in refused), refused
+        thread.join(120)
+        assert "long" in finished
+        infos = [parse_server_message(flood.ws.recv(timeout=60))
+                 for _ in range(MAX_PENDING_PER_CONNECTION)]
+        assert all(m.type == "model_info" and m.model == "tiny-gpt2" for m in infos), infos
+        assert infos[0] == infos[-1]  # probed once, the same answer to each
+    finally:
+        thread.join(120)
+        for client in (first, asker, flood):
+            client.close()
+        srv.stop()
