@@ -69,10 +69,9 @@ SEQUENTIAL_AFTER = 3
 OVERLAP_MEMORY_S = 30.0
 MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
-
-
 # Threads copying and framing weights transfers' parts (each part bounded: PART_BYTES).
 WEIGHTS_THREADS = 2
+
 
 class ConnState:
     """One client connection as the transport and the engines see it: its socket, its

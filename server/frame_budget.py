@@ -11,9 +11,10 @@ of its payload is buffered: it reserves ``COPIES`` times the payload's length in
 :class:`~hookwire.server.memory.MemoryBudget`, for the connection's user and server-wide, as
 an upload is. Where there is no room, the connection stops reading (TCP holds the sender
 back) and tries again, after ``RETRY_S`` and then less and less often (up to
-``MAX_RETRY_S``), until requests end and give memory back; nothing is refused or lost. The bytes go back once the server has handled the message. A counted frame
-must arrive within ``submit_timeout_s`` (as a submit's uploads must), or its connection is
-closed (1008): a header alone must not hold a whole frame's count for long. A frame larger
+``MAX_RETRY_S``), until requests end and give memory back; nothing is refused or lost. The
+bytes go back once the server has handled the message. A counted frame must arrive within
+``submit_timeout_s`` (as a submit's uploads must), or its connection is closed (1008): a
+header alone must not hold a whole frame's count for long. A frame larger
 than the user's whole budget could never be counted: such frames are refused at their header
 (close code 1009, as for ``max_message_bytes``).
 

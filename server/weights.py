@@ -15,9 +15,9 @@ budget until sent), and waits -- on the loop, no thread held -- while more than
 the loop's shared executor and slept there while its client did not read: a tenant's few
 connections that asked for weights and stopped reading held every one of that executor's
 threads (six on two cores) until ``send_timeout_s`` dropped them, and every other user's
-weights (and TL hook-switch probes) waited as long (SECURITY.md, *Weights transfers*). And
-a parameter on an accelerator was copied to the host whole, outside every budget; now a
-part at a time.
+weights (and TL hook-switch probes) waited as long (SECURITY.md, *weights transfers to
+clients that do not read*). And a parameter on an accelerator was copied to the host whole,
+outside every budget; now a part at a time.
 """
 from __future__ import annotations
 
