@@ -29,6 +29,9 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   ping_flood     found: websocket pings (control frames, never a message), as fast as TCP
                     takes them
   generate       found: the longest generations the model admits (8 rows, 240 new tokens)
+  slow_handshakes  found: TCP connections that never finish their websocket handshake, each
+                    sending ~1 MiB of header lines (what websockets would parse) and then
+                    nothing, as many as the server keeps open
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
@@ -75,7 +78,7 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
-         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate"]
+         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate", "slow_handshakes"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -269,6 +272,46 @@ def attack(kind: str, url: str, seconds: float) -> None:
                         sent[0] += 10_000
                 except Exception:
                     time.sleep(0.2)
+        return threads_until_done(loop, 4, sent)
+    elif kind == "slow_handshakes":
+        import socket
+        host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)
+        head = f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+        lines = [b"X-Pad-%03d: " % i + b"a" * 8000 + b"\r\n" for i in range(120)]
+
+        def loop():  # up to 500 half-sent handshakes, each fed a header line per round
+            held: list[list] = []  # [socket, lines sent]
+            while time.monotonic() < stop:
+                if len(held) < 500:
+                    try:
+                        s = socket.create_connection((host, int(port)), timeout=1)
+                        s.sendall(head)
+                        held.append([s, 0])
+                        sent[0] += 1
+                    except OSError:
+                        time.sleep(0.01)
+                for entry in list(held):
+                    if entry[1] < len(lines):
+                        try:
+                            entry[0].sendall(lines[entry[1]])
+                            entry[1] += 1
+                        except OSError:  # the server dropped it: open another
+                            entry[0].close()
+                            held.remove(entry)
+                if all(e[1] >= len(lines) for e in held) and len(held) >= 500:
+                    time.sleep(0.05)
+                    for entry in list(held):  # still open? (a closed one reads b"")
+                        try:
+                            entry[0].settimeout(0)
+                            if entry[0].recv(1 << 16) == b"":
+                                raise OSError
+                        except BlockingIOError:
+                            pass
+                        except OSError:
+                            entry[0].close()
+                            held.remove(entry)
+            for s, _ in held:
+                s.close()
         return threads_until_done(loop, 4, sent)
     elif kind == "auth_guess":
         def loop():

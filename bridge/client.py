@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
@@ -154,6 +154,13 @@ class UploadStats:
     resident_misses: int = 0
 
 
+def _reason(response) -> str:
+    """The first line of a refused handshake's body (the server says why), printable only."""
+    body = getattr(response, "body", b"") or b""
+    line = body[:200].decode("utf-8", "replace").strip().splitlines()
+    return "".join(ch for ch in line[0] if ch.isprintable()) if line else ""
+
+
 class Connection:
     """One websocket to one server, speaking through a :class:`ClientSession`. Thread-safe:
     requests are serialized by a lock (``cancel`` may come from another thread)."""
@@ -173,12 +180,18 @@ class Connection:
             status = exc.response.status_code
             if status == 401:
                 raise AuthError(f"the server at {url} refused the API key (HTTP 401)") from None
+            reason = _reason(exc.response)
             if status == 429:
-                raise TooManyConnections(f"the server at {url} refused another connection for "
-                                         "this API key (HTTP 429): close one first") from None
-            raise ServerUnavailable(f"the server at {url} answered HTTP {status}") from None
-        except OSError as exc:
-            raise ServerUnavailable(f"cannot reach a hookwire server at {url}: {exc}") from None
+                raise TooManyConnections(f"the server at {url} refused another connection "
+                                         f"(HTTP 429: {reason or 'too many for this API key'})"
+                                         ": close one first") from None
+            raise ServerUnavailable(f"the server at {url} answered HTTP {status}"
+                                    + (f": {reason}" if reason else "")) from None
+        except (OSError, InvalidHandshake) as exc:
+            # (a socket closed before any answer: a server holding as many half-open
+            # connections from this address as it allows closes new ones at once)
+            raise ServerUnavailable(f"cannot open a connection to a hookwire server at {url}: "
+                                    f"{type(exc).__name__}: {exc}") from None
         self.url = url
         self.lock = ConnectionLock()
         self.broken = False

@@ -86,6 +86,20 @@ class Limits:
     submit_timeout_s: float = 60.0        # a submit's declared tensors must all arrive by then
     send_timeout_s: float = 120.0         # a client that reads nothing this long is dropped
     max_connections: int = 1024           # all users together (each holds buffers, a task)
+    # Before a handshake is through there is no user, only the peer's address (IPv6: its
+    # /64): sockets still in their opening handshake, in all and per address (over either,
+    # a socket is closed as it is accepted), the bytes one handshake may send, and
+    # connections per address (HTTP 429; None behind a reverse proxy, where every peer is
+    # the proxy). server/connection_gate.py.
+    max_handshakes: int = 256
+    max_handshakes_per_address: int = 32
+    max_handshake_bytes: int = 64 << 10
+    max_connections_per_address: int | None = 256
+    # The listening socket's queue of connections not yet accepted; asyncio accepts up to
+    # this many per turn of the event loop, each costing the loop ~0.1-0.2 ms. asyncio's 100
+    # let a connect flood hold everyone's reads for ~20 ms a turn (a victim's p99 5.8x
+    # idle, bench_fairness slow_handshakes); at 32 the kernel holds the flood back instead.
+    listen_backlog: int = 32
     # Seconds of the front's time (reading, parsing, admitting, answering messages) each
     # user may spend per second; over it, its connections' next reads wait.
     front_share: float = 0.25

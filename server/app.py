@@ -21,6 +21,7 @@ disconnected.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import http
@@ -41,6 +42,7 @@ from websockets.http11 import Response
 from hookwire import __version__
 from hookwire.errors import HookwireError
 from hookwire.protocol import PROTOCOL_VERSION
+from hookwire.server.connection_gate import ConnectionGate, Gatekeeper
 from hookwire.server.frame_budget import FrameBudget
 from hookwire.server.handoff import Handoff
 from hookwire.server.hook_modes import HookModeAnswers
@@ -259,6 +261,11 @@ class HookwireServer:
         self._transfers: set = set()  # weights transfers running (tasks on the loop)
         self.hook_modes: HookModeAnswers | None = None  # (made when it serves)
         self.share = FrontShare(self.limits.front_share)
+        # Sockets before they have a user: counted by address from the moment they are
+        # accepted (server/connection_gate.py).
+        lim = self.limits
+        self.gate = ConnectionGate(lim.max_handshakes, lim.max_handshakes_per_address,
+                                   lim.max_handshake_bytes, lim.max_connections_per_address)
         self._server = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -325,6 +332,9 @@ class HookwireServer:
                                           f"at most {self.limits.max_connections_per_user} "
                                           "connections per API key\n")
             connection.hookwire_user = user
+        refusal = connection.admit()  # (last: only a connection about to open is counted)
+        if refusal is not None:
+            return connection.respond(http.HTTPStatus.TOO_MANY_REQUESTS, refusal + "\n")
         return None
 
     async def _writer(self, state: ConnState):
@@ -504,9 +514,13 @@ class HookwireServer:
         async with serve(self._handle, self.host, self.port, compression=None,
                          max_size=self.limits.max_message_bytes,
                          process_request=self._process_request,
+                         create_connection=functools.partial(Gatekeeper, self.gate),
                          # Messages read ahead per connection: each may be up to
                          # max_message_bytes, and a reader that is made to wait (its user's
                          # front share) must push back on the sender instead of buffering.
+                         # Sockets waiting to be accepted; asyncio also accepts up to this
+                         # many per turn of the loop (see Limits.listen_backlog).
+                         backlog=self.limits.listen_backlog,
                          ping_interval=None, write_limit=8 << 20, max_queue=1) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
