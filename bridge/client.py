@@ -154,6 +154,33 @@ class UploadStats:
     resident_misses: int = 0
 
 
+# A server closes a socket before answering its handshake when the client's address holds as
+# many half-open connections as it allows (server/connection_gate.py): a burst of connections
+# from one address (many threads, one NAT) gets through on a later try.
+HANDSHAKE_RETRY_DELAYS_S = (0.1, 0.3, 0.9)
+
+
+def _open_websocket(url: str, headers, open_timeout: float):
+    """websockets' client connection (its context manager, entered, and the connection),
+    tried again after ``HANDSHAKE_RETRY_DELAYS_S`` when the server closed the socket before
+    any answer. A refusal with an answer (HTTP 401/429/503) or a server that cannot be
+    reached raises at once."""
+    for delay in (*HANDSHAKE_RETRY_DELAYS_S, None):
+        # Entered by hand (not in a `with`): the connection lives as long as its Connection.
+        # max_size: the server sends tensors in 1 MiB frames and control messages are
+        # bounded (protocol.MAX_CONTROL_BYTES), so a larger message is refused unread.
+        try:  # (the sync client connects and shakes hands here)
+            cm = ws_connect(url, additional_headers=headers, compression=None,
+                            max_size=MAX_CONTROL_BYTES, open_timeout=open_timeout,
+                            ping_interval=None, max_queue=64,
+                            create_connection=_BulkClientConnection)
+            return cm, cm.__enter__()
+        except (InvalidHandshake, ConnectionResetError, ConnectionClosed) as exc:
+            if delay is None or isinstance(exc, InvalidStatus):
+                raise
+            time.sleep(delay)
+
+
 def _reason(response) -> str:
     """The first line of a refused handshake's body (the server says why), printable only."""
     body = getattr(response, "body", b"") or b""
@@ -168,14 +195,7 @@ class Connection:
     def __init__(self, url: str, api_key: str | None = None, open_timeout: float = 30):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            # Entered by hand (not in a `with`): the connection lives as long as this object.
-            # max_size: the server sends tensors in 1 MiB frames and control messages are
-            # bounded (protocol.MAX_CONTROL_BYTES), so a larger message is refused unread.
-            self._cm = ws_connect(url, additional_headers=headers, compression=None,
-                                  max_size=MAX_CONTROL_BYTES, open_timeout=open_timeout,
-                                  ping_interval=None, max_queue=64,
-                                  create_connection=_BulkClientConnection)
-            self.ws = self._cm.__enter__()
+            self._cm, self.ws = _open_websocket(url, headers, open_timeout)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:
@@ -187,9 +207,7 @@ class Connection:
                                          ": close one first") from None
             raise ServerUnavailable(f"the server at {url} answered HTTP {status}"
                                     + (f": {reason}" if reason else "")) from None
-        except (OSError, InvalidHandshake) as exc:
-            # (a socket closed before any answer: a server holding as many half-open
-            # connections from this address as it allows closes new ones at once)
+        except (OSError, InvalidHandshake, ConnectionClosed) as exc:
             raise ServerUnavailable(f"cannot open a connection to a hookwire server at {url}: "
                                     f"{type(exc).__name__}: {exc}") from None
         self.url = url

@@ -91,8 +91,8 @@ class Limits:
     # a socket is closed as it is accepted), the bytes one handshake may send, and
     # connections per address (HTTP 429; None behind a reverse proxy, where every peer is
     # the proxy). server/connection_gate.py.
-    max_handshakes: int = 256
-    max_handshakes_per_address: int = 32
+    max_handshakes: int = 512
+    max_handshakes_per_address: int = 64
     max_handshake_bytes: int = 64 << 10
     max_connections_per_address: int | None = 256
     # The listening socket's queue of connections not yet accepted; asyncio accepts up to

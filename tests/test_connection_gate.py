@@ -9,6 +9,7 @@ each buffering up to ~1 MiB of header lines: 2,000 of them grew a server by 2.1 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -94,11 +95,20 @@ def test_half_open_handshakes_are_capped_per_address_and_cost_nobody(model):
         # The established co-tenant is served, exactly.
         for _ in range(3):
             _run(victim, model)
-        # Slots come back when the half-open sockets go: new connections are served.
-        for s in slow:
-            s.close()
-        _wait_for(lambda: gate.handshakes == 0)
+        # Slots come back when the half-open sockets go, and a client whose socket was
+        # closed unanswered tries again (bridge/client.py): once its first try is refused,
+        # the half-open sockets are closed, and a later try is served.
+        refused = gate.refused
+
+        def free_slots_after_a_refusal():
+            _wait_for(lambda: gate.refused > refused)
+            for s in slow:
+                s.close()
+        freer = threading.Thread(target=free_slots_after_a_refusal)
+        freer.start()
         late = Connection(srv.url)
+        freer.join()
+        assert gate.refused == refused + 1
         _run(late, model)
         late.close()
         victim.close()
