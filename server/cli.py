@@ -107,7 +107,8 @@ def cmd_serve(args) -> int:
     from hookwire.validate import Limits
 
     limits = Limits(max_request_seconds=args.max_request_seconds,
-                    max_weight_bytes=args.max_weight_bytes)
+                    max_weight_bytes=args.max_weight_bytes,
+                    max_connections_per_address=args.max_connections_per_address or None)
     try:
         device_map = _device_map(args.device_map)
         # A Ray replica resolves the device itself (it sees the GPUs Ray gave it).
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-weight-bytes", type=int, default=2 << 30,
                    help="parameters one weights request (a stand-in's fetch_weights) may fetch "
                         "(default 2 GiB; 0: never send weights)")
+    s.add_argument("--max-connections-per-address", type=int, default=256, metavar="N",
+                   help="connections one client address may hold (default 256; 0: no cap -- "
+                        "behind a reverse proxy every client is the proxy's address)")
     s.add_argument("--engine", choices=["embedded", "process", "ray"], default="embedded",
                    help="embedded: models run in this process (default); process: each model "
                         "runs in a process of its own on this machine, so no tenant's load on "
