@@ -29,6 +29,9 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   ping_flood     found: websocket pings (control frames, never a message), as fast as TCP
                     takes them
   generate       found: the longest generations the model admits (8 rows, 240 new tokens)
+  subnormals     found: a matrix product of subnormal floats (1e-40), each one op the deadline
+                    cannot interrupt (on x86 CPUs subnormal arithmetic runs ~100x slower
+                    than the flops budget prices it)
   slow_handshakes  found: TCP connections that never finish their websocket handshake, each
                     sending ~1 MiB of header lines (what websockets would parse) and then
                     nothing, as many as the server keeps open
@@ -78,7 +81,7 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
-         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate", "slow_handshakes"]
+         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate", "subnormals", "slow_handshakes"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -273,6 +276,13 @@ def attack(kind: str, url: str, seconds: float) -> None:
                 except Exception:
                     time.sleep(0.2)
         return threads_until_done(loop, 4, sent)
+    elif kind == "subnormals":
+        tiny = torch.full((1024, 1024), 1e-40)  # (its products with normal numbers are
+        w = torch.randn(1024, 1024)              # subnormal too: every step is slow)
+        g = graph([{"id": 0, "op": "matmul", "args": [{"const": "t"}, {"const": "w"}]},
+                   {"id": 1, "op": "sum", "args": [{"ref": 0}]}], constants=["t", "w"],
+                  saves={"s": 1}, return_type=None)
+        work = lambda conn: conn.submit(g, {"input_ids": ids, "t": tiny, "w": w})  # noqa: E731
     elif kind == "slow_handshakes":
         import socket
         host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)

@@ -210,6 +210,23 @@ def _tokens(job: Job) -> int:
     return b * s
 
 
+def flush_subnormals() -> bool:
+    """Compute with subnormal floats (below ~1.2e-38 in float32 and bfloat16) flushed to zero
+    in this thread -- x86's FTZ/DAZ modes -- and in the CPU thread team it creates for
+    parallel ops (a new thread inherits its creator's mode). Subnormal arithmetic takes a
+    microcode assist on x86 CPUs: a 1024 x 1024 matrix of 1e-40 times a random one took 4.3 s
+    here against 25 ms, ~170x what the flops budget prices, in one op the deadline cannot
+    interrupt; a tenant sending such products held the worker and a co-tenant's 1 x 8 read
+    queued 17 s (bench_fairness ``subnormals``). GPUs compute subnormals at full speed; this
+    only changes CPU results, and only values that small (they read as 0). Returns whether
+    the CPU supports it (logged once when it does not)."""
+    supported = torch.set_flush_denormal(True)
+    if not supported:
+        log.warning("this CPU cannot flush subnormal floats to zero: a request computing "
+                    "with them runs ~100x slower than its flops budget allows")
+    return supported
+
+
 class ModelWorker(threading.Thread):
     """The embedded engine: one daemon thread that owns the hosted models and runs every
     request against them, so the front never runs model code and the model never waits on
@@ -311,6 +328,7 @@ class ModelWorker(threading.Thread):
         return True
 
     def run(self):
+        flush_subnormals()  # (first: the CPU thread team this thread creates inherits it)
         # A hosted object used locally meanwhile waits for the served forwards (and they
         # for it): TL keeps per-call state on the bridge's modules (server/local_calls.py).
         waits = [wait for entry in self.models.values() if entry.hosted.bridge is not None
