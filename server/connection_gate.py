@@ -149,6 +149,26 @@ class GatedConnection(ServerConnection):
                 return
         super().data_received(data)
 
+    def send_data(self) -> None:
+        """websockets' ``send_data`` (what its protocol has to send, written to the socket,
+        then the half-close when it is done), except that once the socket is going away what
+        is left is dropped. A connection's reading is cut into slices
+        (server/frame_budget.py), so a ping-flooding tenant that disconnects still had
+        hundreds of pings parsed after its socket failed, and asyncio logged a warning for
+        every pong written to it after the first failure (~1,200 lines a disconnect)."""
+        for data in self.protocol.data_to_send():
+            if self.transport.is_closing():
+                continue
+            if data:
+                self.transport.write(data)
+            elif self.transport.can_write_eof():
+                try:
+                    self.transport.write_eof()
+                except Exception:  # (as websockets: write_eof documents no exceptions)
+                    pass
+            else:
+                self.transport.close()
+
     async def handshake(self, *args, **kwargs) -> None:
         try:
             await super().handshake(*args, **kwargs)

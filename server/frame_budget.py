@@ -133,7 +133,8 @@ class FrameBudget:
             self._give_way = False
             self._charge_slice()
             first = True
-            while not self.closed and self.ws.protocol.state is State.OPEN:
+            while not self.closed and self.ws.protocol.state is State.OPEN and \
+                    not self.ws.protocol.reader.eof:
                 wait = self.share.wait_needed(self.user) if self.share is not None else 0.0
                 if wait <= 0 and not first:
                     break
@@ -247,7 +248,10 @@ class FrameBudget:
         if not self.waiting:
             return
         self.retries += 1
-        if self.ws.protocol.reader.eof:
+        if self.ws.protocol.reader.eof or self.ws.transport.is_closing():
+            # The connection is ending: parse nothing more. (Parsing the rest of what it
+            # sent would answer its pings into a closed socket, and asyncio logs a warning
+            # for each such write: ~1,200 lines a ping-flooding tenant's disconnect.)
             self._stop_waiting()
             return
         self._timed_data_received(b"")  # (what it parses is this connection's loop time)

@@ -336,6 +336,62 @@ def test_a_ping_flood_is_charged_and_gives_the_loop_back(hosted, local_models):
         srv.stop()
 
 
+def test_a_ping_flooders_reset_connection_is_released_and_logs_nothing(hosted, local_models,
+                                                                        caplog):
+    """Reading is cut into slices, and a connection whose user is over its share of the
+    front waits between two frames (server/frame_budget.py). A ping-flooding tenant that
+    reset its connection there left websockets' parser suspended at end of file: its
+    connection never closed (websockets' ``connection_lost`` failed an assertion), so its
+    state, its task and its slot among ``max_connections`` stayed for good -- 5 resets, 5
+    connections held; enough of them and nobody could connect. And the pings parsed after
+    its socket failed were answered with pongs into the dead socket, asyncio logging a
+    warning for each (~1,200 lines of the operator's log a disconnect). Now each reset
+    connection is released, nothing is logged, and a co-tenant is served, equal to local
+    TL."""
+    import logging
+    import socket as socket_module
+    import struct
+
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B])
+    victim = PipelinedClient(srv.url, KEY_B)
+    burst = (bytes([0x89, 0x80]) + bytes(4)) * 10_000  # empty pings, zero mask key
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        with caplog.at_level(logging.INFO):
+            for _ in range(3):
+                attacker = PipelinedClient(srv.url, KEY_A)
+                (state,) = _states_of(srv, [attacker])
+                sock = attacker.ws.socket
+                deadline = time.monotonic() + 30
+                while state.frames.waits < 2 and time.monotonic() < deadline:
+                    sock.sendall(burst)  # until its parsing has had to give way
+                assert state.frames.waits >= 2
+                # Gone at once, unread pings left behind: a reset, not a close.
+                sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_LINGER,
+                                struct.pack("ii", 1, 0))
+                sock.close()
+                _wait_until(lambda: state not in srv.server.states)
+            assert len(srv.server.states) == 1  # the victim's
+            assert srv.server.gate.established.get("127.0.0.1") == 1
+            answer = solo(victim, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
+        torch.testing.assert_close(answer.values[f"{READ_SITE}#0"], cache[READ_SITE],
+                                   rtol=0, atol=0)
+        noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert noise == [], f"{len(noise)} lines in the server's log, e.g. {noise[:2]}"
+    finally:
+        victim.close()
+        srv.stop()
+
+
+def _wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 # ---- 5. memory: views of residents, per user, server-wide, unfinished submits -----------
 
 def _keep_small_resident(client: PipelinedClient, tokens) -> str:
