@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import hookwire
 import hookwire.client
@@ -23,3 +24,12 @@ def serving(**kwargs):
         finally:
             srv.stop()
             hookwire.configure(url=None)
+
+
+def wait_for(predicate, timeout: float = 30.0) -> None:
+    """Until ``predicate()`` is true (the server's threads get there on their own time);
+    fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -20,6 +20,8 @@ from hookwire.client import Connection
 from hookwire.errors import ServerUnavailable, TooManyConnections
 from hookwire.validate import Limits
 
+from serving import wait_for
+
 GRAPH = {"version": 1, "model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
          "sites": [{"name": "blocks.0.hook_resid_post"}],
          "nodes": [{"id": 0, "op": "site.read", "args": [0]}], "saves": {"x": 0},
@@ -50,13 +52,6 @@ def _closed_by_server(s: socket.socket, within: float = 5.0) -> bool:
         return False
 
 
-def _wait_for(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def _run(conn: Connection, model) -> None:
     """One request on ``conn``, checked against the served model run locally."""
     result = conn.run(GRAPH, {"input_ids": TOKENS})
@@ -80,7 +75,7 @@ def test_half_open_handshakes_are_capped_per_address_and_cost_nobody(model):
         victim = Connection(srv.url)  # established before the attack
         gate = srv.server.gate
         slow = [_half_handshake(_port(srv)) for _ in range(4)]
-        _wait_for(lambda: gate.handshakes == 4)
+        wait_for(lambda: gate.handshakes == 4)
         # The address's fifth half-open socket is closed as it is accepted, not after the
         # 10 s open_timeout; so is a client's new connection from the same address.
         extra = _half_handshake(_port(srv))
@@ -101,7 +96,7 @@ def test_half_open_handshakes_are_capped_per_address_and_cost_nobody(model):
         refused = gate.refused
 
         def free_slots_after_a_refusal():
-            _wait_for(lambda: gate.refused > refused)
+            wait_for(lambda: gate.refused > refused)
             for s in slow:
                 s.close()
         freer = threading.Thread(target=free_slots_after_a_refusal)
@@ -112,7 +107,7 @@ def test_half_open_handshakes_are_capped_per_address_and_cost_nobody(model):
         _run(late, model)
         late.close()
         victim.close()
-        _wait_for(lambda: not gate.established)
+        wait_for(lambda: not gate.established)
     finally:
         for s in slow:
             s.close()
@@ -125,7 +120,7 @@ def test_half_open_handshakes_are_capped_in_all(model):
     slow: list[socket.socket] = []
     try:
         slow = [_half_handshake(_port(srv)) for _ in range(3)]
-        _wait_for(lambda: srv.server.gate.handshakes == 3)
+        wait_for(lambda: srv.server.gate.handshakes == 3)
         extra = _half_handshake(_port(srv))
         assert _closed_by_server(extra)
         extra.close()
@@ -150,7 +145,7 @@ def test_a_handshake_that_sends_too_much_is_closed_before_it_is_buffered(model):
             closed = True
         assert closed or _closed_by_server(s, within=5.0)
         s.close()
-        _wait_for(lambda: srv.server.gate.handshakes == 0)
+        wait_for(lambda: srv.server.gate.handshakes == 0)
         # A real handshake is far under the cap and is served.
         conn = Connection(srv.url)
         _run(conn, model)
@@ -168,7 +163,7 @@ def test_connections_per_address_are_capped_with_a_typed_error(model):
         with pytest.raises(TooManyConnections, match="per client address"):
             Connection(srv.url)
         conns.pop().close()
-        _wait_for(lambda: srv.server.gate.established.get("127.0.0.1", 0) == 2)
+        wait_for(lambda: srv.server.gate.established.get("127.0.0.1", 0) == 2)
         conns.append(Connection(srv.url))  # room again
         for conn in conns:
             _run(conn, model)

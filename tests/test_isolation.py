@@ -42,6 +42,7 @@ from hookwire.validate import Limits
 
 from graphs import graph, node, read_graph, ref
 from pipelined import PipelinedClient, equal_values
+from serving import wait_for
 
 KEY_A, KEY_B = "tenant-a-0123456789abcdef", "tenant-b-0123456789abcdef"
 READ_SITE = "blocks.1.hook_resid_post"
@@ -372,7 +373,7 @@ def test_a_ping_flooders_reset_connection_is_released_and_logs_nothing(hosted, l
                 sock.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_LINGER,
                                 struct.pack("ii", 1, 0))
                 sock.close()
-                _wait_until(lambda: state not in srv.server.states)
+                wait_for(lambda: state not in srv.server.states)
             assert len(srv.server.states) == 1  # the victim's
             assert srv.server.gate.established.get("127.0.0.1") == 1
             answer = solo(victim, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
@@ -383,13 +384,6 @@ def test_a_ping_flooders_reset_connection_is_released_and_logs_nothing(hosted, l
     finally:
         victim.close()
         srv.stop()
-
-
-def _wait_until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 # ---- 5. memory: views of residents, per user, server-wide, unfinished submits -----------
