@@ -515,12 +515,12 @@ class HookwireServer:
                          max_size=self.limits.max_message_bytes,
                          process_request=self._process_request,
                          create_connection=functools.partial(Gatekeeper, self.gate),
-                         # Messages read ahead per connection: each may be up to
-                         # max_message_bytes, and a reader that is made to wait (its user's
-                         # front share) must push back on the sender instead of buffering.
                          # Sockets waiting to be accepted; asyncio also accepts up to this
                          # many per turn of the loop (see Limits.listen_backlog).
                          backlog=self.limits.listen_backlog,
+                         # Messages read ahead per connection: each may be up to
+                         # max_message_bytes, and a reader that is made to wait (its user's
+                         # front share) must push back on the sender instead of buffering.
                          ping_interval=None, write_limit=8 << 20, max_queue=1) as server:
             self._server = server
             self.port = server.sockets[0].getsockname()[1]
