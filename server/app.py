@@ -43,6 +43,7 @@ from hookwire import __version__
 from hookwire.errors import HookwireError
 from hookwire.protocol import PROTOCOL_VERSION
 from hookwire.server.connection_gate import ConnectionGate, Gatekeeper
+from hookwire.server.fd_limit import ensure_file_descriptors
 from hookwire.server.frame_budget import FrameBudget
 from hookwire.server.handoff import Handoff
 from hookwire.server.hook_modes import HookModeAnswers
@@ -511,6 +512,8 @@ class HookwireServer:
         self.hook_modes = HookModeAnswers(getattr(self.worker, "hook_mode_info", None))
         if not self.worker.is_alive():
             self.worker.start()
+        # The connection caps only hold if the process can open that many sockets.
+        ensure_file_descriptors(self.limits.max_connections + self.limits.max_handshakes)
         async with serve(self._handle, self.host, self.port, compression=None,
                          max_size=self.limits.max_message_bytes,
                          process_request=self._process_request,

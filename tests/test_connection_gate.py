@@ -199,3 +199,55 @@ def test_addresses_are_counted_by_ip_and_ipv6_by_its_64_block():
     assert gate.admit("a") is None and gate.admit("a") is not None
     gate.release("a")
     assert gate.admit("a") is None
+
+
+CHILD = """
+import json, logging, resource, sys
+soft, hard = int(sys.argv[1]), sys.argv[2]
+_, system_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+hard = system_hard if hard == "system" else int(hard)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+said = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+logging.getLogger("hookwire").addHandler(Keep())
+import hookwire.server as hs
+from hookwire.client import Connection
+srv = hs.start(models=["tiny-gpt2"], port=0)
+try:
+    Connection(srv.url).close()
+    print(json.dumps({"soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "hard": hard,
+                      "said": said}))
+finally:
+    srv.stop()
+"""
+
+
+@pytest.mark.parametrize("hard", ["system", "600"])
+def test_a_server_raises_its_open_file_limit_to_what_its_caps_need(hard):
+    """The connection caps hold only if the process can open that many sockets: a server
+    started under a soft limit of 256 open files raises it to its caps' need
+    (max_connections + max_handshakes + spare) where the hard limit allows, and where it does
+    not, raises it to the hard limit and says so in the log. (Before, it kept 256: at 250 or
+    so connections asyncio could not accept and stopped accepting, for everyone.)"""
+    import json
+    import resource
+    import subprocess
+    import sys
+
+    from hookwire.server.fd_limit import SPARE_DESCRIPTORS
+
+    out = subprocess.run([sys.executable, "-c", CHILD, "256", hard], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    limits = Limits()
+    needed = limits.max_connections + limits.max_handshakes + SPARE_DESCRIPTORS
+    ceiling = got["hard"]
+    expected = needed if ceiling == resource.RLIM_INFINITY else min(needed, ceiling)
+    assert got["soft"] == expected
+    warned = [m for m in got["said"] if "may open" in m]
+    assert bool(warned) == (expected < needed), got["said"]
+    if expected < needed:
+        assert f"may open {expected} files" in warned[0]
