@@ -35,6 +35,12 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   slow_handshakes  found: TCP connections that never finish their websocket handshake, each
                     sending ~1 MiB of header lines (what websockets would parse) and then
                     nothing, as many as the server keeps open
+  weights        found: every parameter of the model, transfer after transfer (read)
+  cancels        found: cancels of requests that do not exist, as fast as TCP takes them
+  model_info     found: the model's description with each set of TL hook switches, over
+                    and over (~30 KB answered for each 80-byte request)
+  unread_errors  found: malformed messages, each answered with an error, on connections
+                    that never read their answers
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
@@ -81,7 +87,8 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
-         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate", "subnormals", "slow_handshakes"]
+         "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate",
+         "subnormals", "slow_handshakes", "weights", "cancels", "model_info", "unread_errors"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -194,6 +201,13 @@ def attack(kind: str, url: str, seconds: float) -> None:
             make(conn)
             sent[0] += 1
             inflight += 1
+
+    def pipelined_guarded(work, window=None):
+        while time.monotonic() < stop:
+            try:
+                pipelined(work, *([window] if window else []))
+            except Exception:
+                time.sleep(0.2)  # the server dropped us (e.g. a closing frame): reconnect
 
     if kind == "shared_write":
         g = write("pos_embed.hook_in", "flip", -1)
@@ -339,6 +353,54 @@ def attack(kind: str, url: str, seconds: float) -> None:
         def work(conn):  # one long row, then seven one-token ones, again and again
             conn.count = getattr(conn, "count", -1) + 1
             conn.submit(g, {"input_ids": long if conn.count % 8 == 0 else short})
+    elif kind == "weights":
+        from hookwire.server.models import load_model
+        names = [n for n, _ in load_model(MODEL).bridge.named_parameters()]
+
+        def work(conn):  # every parameter of the model, one transfer at a time
+            conn.ws.send(json.dumps({"type": "weights", "request_id": uuid.uuid4().hex,
+                                     "model": MODEL, "names": names}))
+        return threads_until_done(lambda: pipelined_guarded(work, 1), 4, sent)
+    elif kind == "cancels":
+        # Cancels of requests that do not exist: the smallest message that asks for work.
+        burst = [json.dumps({"type": "cancel", "request_id": uuid.uuid4().hex})
+                 for _ in range(1000)]
+
+        def loop():
+            while time.monotonic() < stop:
+                try:
+                    conn = Raw(url)
+                    while time.monotonic() < stop:
+                        for text in burst:
+                            conn.ws.send(text)
+                        sent[0] += len(burst)
+                except Exception:
+                    time.sleep(0.2)
+        return threads_until_done(loop, 4, sent)
+    elif kind == "model_info":
+        flags = [[], ["use_attn_result"], ["use_split_qkv_input"], ["use_hook_mlp_in"],
+                 ["use_attn_in"], ["use_attn_result", "use_hook_mlp_in"]]
+
+        def work(conn):  # descriptions of the model with every hook switch, over and over
+            conn.count = getattr(conn, "count", -1) + 1
+            conn.ws.send(json.dumps({"type": "model_info", "model": MODEL,
+                                     "tl_flags": flags[conn.count % len(flags)]}))
+            conn.finals.release()  # (answers carry no request id: do not wait for them)
+    elif kind == "unread_errors":
+        # Malformed messages (each answered with an error) on connections that never read.
+        burst = ['{"type":"cancel"}'] * 1000
+
+        def loop():
+            while time.monotonic() < stop:
+                try:
+                    conn = Raw(url, read=False)
+                    while time.monotonic() < stop:
+                        for text in burst:
+                            conn.ws.send(text)
+                        sent[0] += len(burst)
+                except Exception:
+                    time.sleep(0.2)  # dropped for not reading: come back
+        return threads_until_done(loop, 4, sent)
     elif kind == "unread":
         tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))
         g = graph([{"id": 0, "op": "site.read", "args": [0]}], sites=[SITE],
@@ -358,13 +420,7 @@ def attack(kind: str, url: str, seconds: float) -> None:
     else:
         raise SystemExit(f"unknown kind {kind}")
 
-    def guarded():
-        while time.monotonic() < stop:
-            try:
-                pipelined(work)
-            except Exception:
-                time.sleep(0.2)  # the server dropped us (e.g. a closing frame): reconnect
-    threads_until_done(guarded, 4, sent)
+    threads_until_done(lambda: pipelined_guarded(work), 4, sent)
 
 
 # ---- the victim (this process) -----------------------------------------------------------

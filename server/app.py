@@ -72,6 +72,14 @@ SEQUENTIAL_AFTER = 3
 OVERLAP_MEMORY_S = 30.0
 MAX_WATCHED_CONNECTIONS = 64  # more open connections than this: the window always runs out
 MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (not a secret)
+# Text answers (errors, model descriptions, a request's messages) waiting in one connection's
+# outbox, at most, before the server stops reading that connection until its client reads
+# some: each message may cause an answer, and a client that sends without reading would
+# otherwise make them pile up until send_timeout_s dropped it (a non-reading tenant's
+# malformed messages grew a server by ~2 MiB a second). Bounded below a legitimate pattern's
+# (a client reads each request's answers as they come: a request's own messages are a few
+# KiB), above one answer's (a large model's description: ~1 MiB).
+MAX_UNSENT_TEXT_BYTES = 4 << 20
 # Threads copying and framing weights transfers' parts (each part bounded: PART_BYTES).
 WEIGHTS_THREADS = 2
 
@@ -95,6 +103,8 @@ class ConnState:
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.queued_bytes = 0  # binary frames in the outbox (weights transfers wait on it)
         self._frames_left = asyncio.Event()  # set when a binary frame leaves the outbox
+        self.queued_text = 0  # characters of text answers in the outbox (MAX_UNSENT_TEXT_BYTES)
+        self._text_left = asyncio.Event()  # set when a text answer leaves the outbox
         self.timer: asyncio.TimerHandle | None = None  # armed at session.deadline
         self.timer_at: float | None = None
         self.last_active = time.monotonic()  # when it last sent anything (the batch window)
@@ -172,7 +182,13 @@ class ConnState:
             self.queued_bytes += len(item)
             if self.memory is not None:
                 self.memory.force(self.user, len(item))
+        elif isinstance(item, str):
+            self.queued_text += len(item)
         self.outbox.put_nowait(item)
+
+    def put_text(self, text: str) -> None:
+        """Queue a text answer (on the loop), counted until sent (``text_below``)."""
+        self._put(text)
 
     def sent(self, item) -> None:
         """``item`` left the outbox (sent, or dropped with the connection)."""
@@ -181,6 +197,19 @@ class ConnState:
             if self.memory is not None:
                 self.memory.release(self.user, len(item))
             self._frames_left.set()
+        elif isinstance(item, str):
+            self.queued_text -= len(item)
+            self._text_left.set()
+
+    async def text_below(self, nchars: int, still_open) -> None:
+        """Wait, on the loop, until at most ``nchars`` of text answers wait in the outbox or
+        ``still_open()`` is false (the writer has stopped: what waits will never leave)."""
+        while self.queued_text > nchars and still_open():
+            self._text_left.clear()
+            try:  # (woken by an answer leaving; looks at the writer at least once a second)
+                await asyncio.wait_for(self._text_left.wait(), 1.0)
+            except TimeoutError:
+                pass
 
     async def outbox_below(self, nbytes: int) -> bool:
         """Wait, on the loop, until at most ``nbytes`` of binary frames wait in the outbox
@@ -408,6 +437,11 @@ class HookwireServer:
                 del message
                 frames.message_done()
                 await self.share.wait_turn(user)
+                if state.queued_text > MAX_UNSENT_TEXT_BYTES:
+                    # Its client reads nothing: read nothing more of it until it does
+                    # (TCP holds it back; send_timeout_s drops it if it never reads).
+                    await state.text_below(MAX_UNSENT_TEXT_BYTES,
+                                           lambda: not writer.done())
         except ConnectionClosed:
             pass
         finally:
@@ -451,7 +485,7 @@ class HookwireServer:
                 self._transfers.add(task)
                 task.add_done_callback(self._transfers.discard)
         for text in session.data_to_send():
-            state.outbox.put_nowait(text)
+            state.put_text(text)
         deadline = None if session.closed else session.deadline
         if deadline != state.timer_at:
             if state.timer is not None:

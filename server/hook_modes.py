@@ -50,10 +50,10 @@ class HookModeAnswers:
         key = (msg.model, hook_mode(msg.tl_flags))
         pending = getattr(state, "probes_pending", 0)
         if not pending and key in self.known:
-            state.outbox.put_nowait(self.known[key])
+            state.put_text(self.known[key])
             return
         if pending >= MAX_PENDING_PER_CONNECTION:
-            state.outbox.put_nowait(error_text(QueueFull(
+            state.put_text(error_text(QueueFull(
                 f"{pending} model_info requests with TL hook switches are unanswered on this "
                 "connection; wait for their answers", rule="model_info_pending")))
             return
@@ -71,7 +71,7 @@ class HookModeAnswers:
             answer = self.known.get(key)
             if answer is None:
                 answer = await self._probe_once(msg, key)
-            state.outbox.put_nowait(answer)
+            state.put_text(answer)
         finally:
             state.probes_pending -= 1
 

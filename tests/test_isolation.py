@@ -386,6 +386,62 @@ def test_a_ping_flooders_reset_connection_is_released_and_logs_nothing(hosted, l
         srv.stop()
 
 
+def _text_waiting(state) -> int:
+    """Characters of text answers in a connection's outbox, not sent yet."""
+    return sum(len(item) for item in list(state.outbox._queue) if isinstance(item, str))
+
+
+def test_a_tenant_that_sends_without_reading_is_no_longer_read(hosted, local_models):
+    """Each message may cause a text answer (an error, a model's description: ~30 KB for
+    tiny-gpt2 from a 50-byte request). A tenant that sent without reading made them pile up
+    in its outbox, uncounted, for as long as it kept sending, until ``send_timeout_s``
+    (120 s) dropped it: its malformed messages grew a server by ~2 MiB a second. Now the
+    server reads such a connection no further once MAX_UNSENT_TEXT_BYTES of answers wait
+    (TCP holds the sender back), a co-tenant is served meanwhile (equal to local TL), and
+    once the tenant reads, every one of its messages is answered and it is served again."""
+    from hookwire.server.app import MAX_UNSENT_TEXT_BYTES
+
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B])
+    victim = PipelinedClient(srv.url, KEY_B)
+    greedy = PipelinedClient(srv.url, KEY_A)  # its reader stops after 16 unread messages
+    asked = 1000
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world"])
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        (state,) = _states_of(srv, [greedy])
+        request = json.dumps({"type": "model_info", "model": "tiny-gpt2"})
+        answer_chars = len(srv.server.entries["tiny-gpt2"].info_json)
+        sender = threading.Thread(target=lambda: [greedy.ws.send(request)
+                                                  for _ in range(asked)], daemon=True)
+        sender.start()
+        # (the writer holds one answer out of the queue while the socket is full)
+        wait_for(lambda: _text_waiting(state) >= MAX_UNSENT_TEXT_BYTES - answer_chars,
+                 timeout=60)
+        time.sleep(0.5)  # what the server would still read, it reads now
+        held = _text_waiting(state)
+        # (before: ~12 MB, every request answered into the outbox)
+        assert held <= MAX_UNSENT_TEXT_BYTES + answer_chars, held
+        answer = solo(victim, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
+        torch.testing.assert_close(answer.values[f"{READ_SITE}#0"], cache[READ_SITE],
+                                   rtol=0, atol=0)
+        answered = 0
+        while answered < asked:  # now it reads: everything it asked is answered
+            msg = parse_server_message(greedy.ws.recv(timeout=60))
+            assert msg.type == "model_info", msg
+            answered += 1
+        sender.join(30)
+        assert not sender.is_alive()
+        wait_for(lambda: state.queued_text == 0)
+        again = solo(greedy, read_graph("tiny-gpt2", [(READ_SITE, 0)]), tokens)
+        torch.testing.assert_close(again.values[f"{READ_SITE}#0"], cache[READ_SITE],
+                                   rtol=0, atol=0)
+    finally:
+        victim.close()
+        greedy.close()
+        srv.stop()
+
+
 # ---- 5. memory: views of residents, per user, server-wide, unfinished submits -----------
 
 def _keep_small_resident(client: PipelinedClient, tokens) -> str:
