@@ -76,7 +76,7 @@ MIN_KEY_CHARS = 16      # an API key shorter than this is refused at start-up (n
 # outbox, at most, before the server stops reading that connection until its client reads
 # some: each message may cause an answer, and a client that sends without reading would
 # otherwise make them pile up until send_timeout_s dropped it (a non-reading tenant's
-# malformed messages grew a server by ~2 MiB a second). Bounded below a legitimate pattern's
+# malformed messages grew a server by ~4.5 MiB a second). Bounded below a legitimate pattern's
 # (a client reads each request's answers as they come: a request's own messages are a few
 # KiB), above one answer's (a large model's description: ~1 MiB).
 MAX_UNSENT_TEXT_BYTES = 4 << 20

@@ -395,7 +395,7 @@ def test_a_tenant_that_sends_without_reading_is_no_longer_read(hosted, local_mod
     """Each message may cause a text answer (an error, a model's description: ~30 KB for
     tiny-gpt2 from a 50-byte request). A tenant that sent without reading made them pile up
     in its outbox, uncounted, for as long as it kept sending, until ``send_timeout_s``
-    (120 s) dropped it: its malformed messages grew a server by ~2 MiB a second. Now the
+    (120 s) dropped it: its malformed messages grew a server by ~4.5 MiB a second. Now the
     server reads such a connection no further once MAX_UNSENT_TEXT_BYTES of answers wait
     (TCP holds the sender back), a co-tenant is served meanwhile (equal to local TL), and
     once the tenant reads, every one of its messages is answered and it is served again."""
