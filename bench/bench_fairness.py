@@ -41,6 +41,9 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
                     and over (~30 KB answered for each 80-byte request)
   unread_errors  found: malformed messages, each answered with an error, on connections
                     that never read their answers
+  one_op         found: the largest matrix product the server admits (random matrices made
+                    on the server from a 4-byte constant; the side found by bisection on
+                    the server's refusals): one op, which nothing interrupts once it runs
 
     .venv/bin/python bench/bench_fairness.py                  # every kind, 60 s each
     .venv/bin/python bench/bench_fairness.py --seconds 20 --kinds json_bomb,bad_ids
@@ -58,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -84,11 +88,13 @@ LIMITS = dict(max_request_seconds=1.0, max_constant_bytes=64 * MiB,
               max_resident_bytes=64 * MiB, max_resident_bytes_total=256 * MiB,
               max_value_bytes=64 * MiB, max_total_value_bytes=256 * MiB,
               max_saved_bytes=64 * MiB, max_output_bytes=64 * MiB, submit_timeout_s=5.0,
-              send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB)
+              send_timeout_s=5.0, max_message_bytes=16 * MiB, max_forward_bytes=128 * MiB,
+              max_node_seconds=0.05)
 SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
          "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate",
-         "subnormals", "slow_handshakes", "weights", "cancels", "model_info", "unread_errors"]
+         "subnormals", "slow_handshakes", "weights", "cancels", "model_info", "unread_errors",
+         "one_op"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -297,6 +303,38 @@ def attack(kind: str, url: str, seconds: float) -> None:
                    {"id": 1, "op": "sum", "args": [{"ref": 0}]}], constants=["t", "w"],
                   saves={"s": 1}, return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": ids, "t": tiny, "w": w})  # noqa: E731
+    elif kind == "one_op":
+        def product(side):
+            return graph([{"id": 0, "op": "expand", "args": [{"const": "s"}, side, side]},
+                          {"id": 1, "op": "randn_like", "args": [{"ref": 0}],
+                           "kwargs": {"seed": 0}},
+                          {"id": 2, "op": "matmul", "args": [{"ref": 1}, {"ref": 1}]},
+                          {"id": 3, "op": "sum", "args": [{"ref": 2}]}], constants=["s"],
+                         saves={"s": 3}, return_type=None)
+        one = torch.zeros(1, 1)
+        # The largest product the server admits, as an attacker who read our code finds it:
+        # bisect on its refusals, between 64 and the largest operands the byte limits allow
+        # (the product counts a copy of each as its temporaries).
+        probe = Raw(url, read=False)
+
+        def admitted(side):
+            probe.submit(product(side), {"input_ids": ids, "s": one})
+            while True:
+                msg = probe.ws.recv(timeout=120)
+                if isinstance(msg, str) and '"type":"done"' in msg:
+                    return True
+                if isinstance(msg, str) and '"type":"error"' in msg:
+                    return False
+        lo, hi = 64, math.isqrt(LIMITS["max_value_bytes"] // 8)
+        if admitted(hi):
+            lo = hi
+        while hi - lo > 16:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if admitted(mid) else (lo, mid)
+        probe.ws.close()
+        print(json.dumps({"one_op_side": lo}), file=sys.stderr, flush=True)
+        g = product(lo)
+        work = lambda conn: conn.submit(g, {"input_ids": ids, "s": one})  # noqa: E731
     elif kind == "slow_handshakes":
         import socket
         host, port = url.split("//", 1)[1].split("/", 1)[0].rsplit(":", 1)

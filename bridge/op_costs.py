@@ -55,11 +55,16 @@ DECOMPOSITION_WEIGHT = 10
 
 @dataclass(frozen=True)
 class Cost:
+    """``flops``: all the op's work; ``contraction``: the part of it that runs at a matrix
+    product's speed (contractions, decompositions: ``hookwire.op_time`` prices the rest per
+    element, which is far slower per flop)."""
     flops: float
     transient_bytes: int
+    contraction: float = 0
 
     def __add__(self, other: "Cost") -> "Cost":
-        return Cost(self.flops + other.flops, self.transient_bytes + other.transient_bytes)
+        return Cost(self.flops + other.flops, self.transient_bytes + other.transient_bytes,
+                    self.contraction + other.contraction)
 
 
 ZERO = Cost(0, 0)
@@ -292,7 +297,8 @@ def linalg_cost(kind: str, x: torch.Tensor) -> Cost:
     b, m, n = _matrix_dims(x)
     small = min(m, n)
     elsize = max(_itemsize(x.dtype), 4)
-    return Cost(_decomposition_flops(kind, b, m, n), b * (2 * m * n + 2 * small * small) * elsize)
+    flops = _decomposition_flops(kind, b, m, n)
+    return Cost(flops, b * (2 * m * n + 2 * small * small) * elsize, contraction=flops)
 
 
 @dataclass(frozen=True)
@@ -336,6 +342,7 @@ class _Tally(TorchDispatchMode):
         super().__init__()
         self.allocated = 0
         self.flops = 0.0
+        self.contraction = 0.0
         self.leaf_extra = ZERO
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -345,7 +352,9 @@ class _Tally(TorchDispatchMode):
         fresh = _fresh_outputs(func, out)
         self.allocated += sum(nbytes(o) for o in fresh)
         if packet in flop_registry:
-            self.flops += flop_registry[packet](*args, **kwargs, out_val=out)
+            flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            self.flops += flops
+            self.contraction += flops
         elif torch.Tag.reduction in func.tags:
             self.flops += sum(t.numel() for t in tensors_in(args))
         else:
@@ -396,7 +405,7 @@ class Decomposed(CostModel):
             result = self.fn(*args, **kwargs)
         kept = sum(nbytes(o) for o in tensors_in(result))
         transient = max(tally.allocated - kept, 0)
-        return result, Cost(tally.flops, transient) + tally.leaf_extra
+        return result, Cost(tally.flops, transient, tally.contraction) + tally.leaf_extra
 
 
 # Internal buffers of aten kernels that composites reach (and that meta kernels do not show).

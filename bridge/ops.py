@@ -263,6 +263,10 @@ def _empty_like(x, *, dtype=None):
 # ---- elementwise ---------------------------------------------------------------------------
 
 TRANSCENDENTAL = 4  # flops per element charged for exp, log, trig, erf, pow...
+# Division with a remainder (fmod, remainder, floor_divide) of extreme operands (3e38 by
+# 1.5e-38, inf, nan) takes a slow path: 23-30x an add per element on CPU, as much as
+# transcendental functions (bench/bench_op_time.py).
+_DIVISION_FAMILY = ("floor_divide", "remainder", "fmod", "rmod", "rfloordiv")
 
 _ADD_LIKE = ("t,tn", dict(alpha="n"))
 for _name in ("add", "sub"):
@@ -275,7 +279,8 @@ for _name in ("mul", "div", "true_divide", "floor_divide", "remainder", "pow", "
               "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "rsub",
               "hypot", "xlogy"):
     extra = dict(rounding_mode="s?") if _name == "div" else {}
-    k = TRANSCENDENTAL if _name in ("pow", "atan2", "hypot", "xlogy") else 1
+    k = TRANSCENDENTAL if _name in ("pow", "atan2", "hypot", "xlogy") + _DIVISION_FAMILY \
+        else 1
     op(_name, getattr(torch, _name), "t,tn", cost=Pointwise(k), clients=_auto_clients(_name),
        **extra)
 # Operator dunders trace to the op with the same meaning.
@@ -289,7 +294,8 @@ for _name, _fn in (("rtruediv", T.__rtruediv__), ("rfloordiv", T.__rfloordiv__),
                    ("and", T.__and__), ("or", T.__or__), ("xor", T.__xor__),
                    ("rand", T.__rand__), ("ror", T.__ror__), ("rxor", T.__rxor__)):
     # x.__rtruediv__(y) is y * reciprocal(x): a result-sized temporary
-    op(_name, _fn, "t,tn", cost=Pointwise(TRANSCENDENTAL if _name == "rpow" else 1,
+    op(_name, _fn, "t,tn", cost=Pointwise(TRANSCENDENTAL if _name in ("rpow",) +
+                                          _DIVISION_FAMILY else 1,
                                           temps=1 if _name == "rtruediv" else 0),
        clients=[_fn])
 OPS["rsub"].clients.append(T.__rsub__)

@@ -25,6 +25,7 @@ from hookwire.ir.stages import Stages
 from hookwire.ir.validated import (FLAT, DecodedNode, SiteInfo, ValidatedGraph, flat_dim,
                                    flat_factor)
 from hookwire.ir.wire import Graph, Node, is_parameter
+from hookwire.op_time import DeviceRates
 from hookwire.ops import OPS
 from hookwire.shape_probe import run_for_shape
 
@@ -50,6 +51,10 @@ class Limits:
     # (hookwire.op_costs): contractions, decompositions and sorts cost more than their
     # result's bytes show. ~1e13 is a minute or two of CPU, well under a second of GPU.
     max_flops: int = 10 ** 13
+    # One op runs to its end once started: neither the deadline nor another user's waiting
+    # request can interrupt it. Its time on the server's device is estimated before it runs
+    # (hookwire.op_time, from the rates the server measured there) and bounded here.
+    max_node_seconds: float = 1.0
     max_total_value_bytes: int = 16 << 30  # all intermediates together (upper bound)
     max_batch: int = 1024
     # What the model's own forward makes for one request (its logits, and attention weights
@@ -331,16 +336,18 @@ def _meta_constant(t: torch.Tensor):
 
 def infer_shapes(vg: ValidatedGraph, batch: int, seq: int, constants: dict[str, torch.Tensor],
                  limits: Limits, outputs: dict[str, tuple[tuple, torch.dtype]] | None = None,
-                 on_node=None) -> ValidatedGraph:
+                 on_node=None, rates: DeviceRates | None = None) -> ValidatedGraph:
     """Run the graph on the meta device: shapes, dtypes and byte counts, nothing allocated.
 
     ``outputs`` gives the (shape, dtype) of the forward's ``logits`` and ``loss`` for
     ``output.read`` nodes; ``on_node()`` is called before each node (it may raise: a
-    request's deadline covers its validation too)."""
+    request's deadline covers its validation too). ``rates``: the device's, where the graph
+    will run (a server's); each op's estimated time is then held to
+    ``limits.max_node_seconds``."""
     if batch > limits.max_batch or seq > limits.max_seq:
         _fail(None, None, "input_size", f"input {batch}x{seq} exceeds "
               f"{limits.max_batch}x{limits.max_seq}", LimitExceeded)
-    run = ShapeInference(vg, batch, seq, constants, limits, outputs)
+    run = ShapeInference(vg, batch, seq, constants, limits, outputs, rates)
     for dn in vg.nodes:
         if on_node is not None:
             on_node()
@@ -354,8 +361,9 @@ class ShapeInference:
     the value to differentiate, and records the totals on the graph."""
 
     def __init__(self, vg: ValidatedGraph, batch: int, seq: int, constants: dict,
-                 limits: Limits, outputs: dict | None):
+                 limits: Limits, outputs: dict | None, rates: DeviceRates | None = None):
         self.vg = vg
+        self.rates = rates
         self.seq = seq
         self.limits = limits
         self.outputs = outputs
@@ -465,6 +473,15 @@ class ShapeInference:
             _fail(dn.id, dn.op, "max_transient_bytes", f"would allocate "
                   f"{cost.transient_bytes} bytes of temporaries inside the op; limit "
                   f"{limits.max_value_bytes}", LimitExceeded)
+        if self.rates is not None:
+            seconds = self.rates.seconds(cost)
+            if seconds > limits.max_node_seconds:
+                _fail(dn.id, dn.op, "max_node_seconds", f"would run ~{seconds:.3g} s on this "
+                      f"server's device as one op ({cost.flops:.3g} flops, "
+                      f"{cost.transient_bytes} bytes of temporaries), which nothing can "
+                      f"interrupt once it starts; limit {limits.max_node_seconds:g} s per op: "
+                      "split the work into smaller ops (a slice of rows at a time)",
+                      LimitExceeded)
         self.total += size
         if self.total + cost.transient_bytes > limits.max_total_value_bytes:
             _fail(dn.id, dn.op, "max_total_value_bytes", f"intermediates would total "

@@ -107,6 +107,7 @@ def cmd_serve(args) -> int:
     from hookwire.validate import Limits
 
     limits = Limits(max_request_seconds=args.max_request_seconds,
+                    max_node_seconds=args.max_node_seconds,
                     max_weight_bytes=args.max_weight_bytes,
                     max_connections_per_address=args.max_connections_per_address or None)
     try:
@@ -345,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "while a co-tenant's large op runs)")
     s.add_argument("--max-request-seconds", type=float, default=600.0,
                    help="wall-time limit of one request (default 600)")
+    s.add_argument("--max-node-seconds", type=float, default=1.0,
+                   help="estimated time one op of a graph may take on the served device: "
+                        "nothing interrupts an op once it runs (default 1.0)")
     s.add_argument("--max-weight-bytes", type=int, default=2 << 30,
                    help="parameters one weights request (a stand-in's fetch_weights) may fetch "
                         "(default 2 GiB; 0: never send weights)")

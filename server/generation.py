@@ -26,6 +26,7 @@ from hookwire.ir.wire import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.server import replies
 from hookwire.server.constants import graph_constants
+from hookwire.server.device_rates import rates_for
 from hookwire.server.index_guard import embeddings_guarded
 from hookwire.validate import infer_shapes, validate_structure
 
@@ -93,7 +94,8 @@ def validate_generation(job, entry, limits, input_ids) -> list:
             out.append(None)
             continue
         vg = validate_structure(graph, entry.site_table, entry.site_order, limits)
-        infer_shapes(vg, batch, seq if k == 0 else 1, constants, limits)
+        infer_shapes(vg, batch, seq if k == 0 else 1, constants, limits,
+                     rates=rates_for(entry.hosted.device))
         out.append((vg, constants))
     return out
 

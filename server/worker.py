@@ -39,6 +39,7 @@ from hookwire.server import replies
 from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
                                              weight_site_modules)
 from hookwire.server.cancel_watch import stop_between_blocks
+from hookwire.server.device_rates import rates_for
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.give_way import GiveWay
@@ -329,6 +330,8 @@ class ModelWorker(threading.Thread):
 
     def run(self):
         flush_subnormals()  # (first: the CPU thread team this thread creates inherits it)
+        for entry in self.models.values():  # before any request: what one op may take
+            rates_for(entry.hosted.device)
         # A hosted object used locally meanwhile waits for the served forwards (and they
         # for it): TL keeps per-call state on the bridge's modules (server/local_calls.py).
         waits = [wait for entry in self.models.values() if entry.hosted.bridge is not None
@@ -517,7 +520,7 @@ class ModelWorker(threading.Thread):
         if not validated:
             with self.give_way.allowed(job.conn.user):
                 infer_shapes(vg, batch, seq, constants, self.limits, outputs=outputs,
-                             on_node=watch)
+                             on_node=watch, rates=rates_for(entry.hosted.device))
             self.validated.put(key, vg, tables)
         if job.submit.generate is None:
             check_results_can_be_sent(job, vg, graph.forward, outputs)

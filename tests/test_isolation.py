@@ -40,7 +40,7 @@ from hookwire.protocol import Error, parse_server_message
 from hookwire.residents import content_id
 from hookwire.validate import Limits
 
-from graphs import graph, node, read_graph, ref
+from graphs import const, graph, node, read_graph, ref
 from pipelined import PipelinedClient, equal_values
 from serving import wait_for
 
@@ -258,6 +258,51 @@ def test_subnormal_values_cost_what_the_budget_prices(hosted, local_models):
         assert ans_w.error is None and ans_r.error is None
         assert ans_r.batch_size == 2, "the pair must share a forward for this to test it"
         assert equal_values(ans_r.values, expected_read.values)
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
+
+
+def test_one_op_longer_than_the_server_allows_is_refused_before_it_runs(hosted, local_models):
+    """An op runs to its end once started: neither the deadline nor giving way to other
+    users can interrupt it, so the largest matrix product a shared server's byte limits
+    admitted held the model worker for seconds, and every co-tenant with it
+    (bench_fairness ``one_op``: victim p99 38x idle). The server now estimates each op's time
+    on its own device before anything runs (``hookwire.op_time``, from rates it measured at
+    start) and refuses one over ``max_node_seconds``, naming the node and the rule: an
+    8192 x 8192 product (1.1e12 flops: seconds on any CPU, where before it ran) of a 32 KB
+    upload expanded, under a 0.1 s limit. The same graph at 64 x 64 runs and equals local
+    torch, and a co-tenant is served as it would be alone."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B], limits=Limits(max_node_seconds=0.1))
+    a, b = PipelinedClient(srv.url, KEY_A), PipelinedClient(srv.url, KEY_B)
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["hello world, again"])
+        gen = torch.Generator().manual_seed(0)
+
+        def product(side):
+            return graph("tiny-gpt2", [node(0, "expand", const("s"), side, side),
+                                       node(1, "matmul", ref(0), ref(0))],
+                         saves={"y": 1}, constants=["s"], return_type=None)
+        column = torch.randn(8192, 1, generator=gen)
+        rid = a.send(product(8192), {"input_ids": tokens, "s": column})
+        refused = a.collect([rid])[rid]
+        assert refused.error is not None and refused.values == {}
+        assert refused.error.code == "limit_exceeded"
+        assert refused.error.details["rule"] == "max_node_seconds"
+        assert refused.error.details["node"] == 1 and "matmul" in refused.error.message
+        reader = read_graph("tiny-gpt2", [(READ_SITE, 0)])
+        served = solo(b, reader, tokens)
+        _, cache = local_models["tiny-gpt2"].run_with_cache(tokens)
+        torch.testing.assert_close(served.values[f"{READ_SITE}#0"], cache[READ_SITE],
+                                   rtol=1e-5, atol=1e-5)
+        column = torch.randn(64, 1, generator=gen)
+        rid = a.send(product(64), {"input_ids": tokens, "s": column})
+        small = a.collect([rid])[rid]
+        assert small.error is None, small.error
+        x = column.expand(64, 64)
+        torch.testing.assert_close(small.values["y"], x @ x, rtol=1e-6, atol=1e-6)
     finally:
         a.close()
         b.close()

@@ -19,6 +19,7 @@ from hookwire.errors import LimitExceeded
 from hookwire.frames import DTYPES
 from hookwire.op_costs import Cost, CostModel, nbytes, tensors_in
 from hookwire.op_table import markdown
+from hookwire.op_time import ELEMENT_MARGIN, DeviceRates
 from hookwire.ops import OPS, op
 from hookwire.shape_probe import run_for_shape
 from hookwire.validate import Limits, infer_shapes
@@ -237,6 +238,55 @@ def test_every_ops_flops_count_against_the_budget():
     nodes += [{"id": i, "op": "mul", "args": [{"ref": 0}, 2.0]} for i in range(1, 3)]
     err = refused(nodes, {"c0": torch.ones(1, 1)}, Limits(max_flops=10 ** 8))
     assert err.details["rule"] == "max_flops"
+
+# ---- one op's time on the server's device (Limits.max_node_seconds) ---------------------------
+
+def product_nodes(side: int):
+    return [{"id": 0, "op": "expand", "args": [{"const": "c0"}, [side, side]]},
+            {"id": 1, "op": "contiguous", "args": [{"ref": 0}]},
+            {"id": 2, "op": "matmul", "args": [{"ref": 1}, {"ref": 1}]},
+            {"id": 3, "op": "sort", "args": [{"ref": 1}]}]
+
+
+def test_contractions_and_elementwise_work_are_priced_apart():
+    """A matrix product's flops run at the contraction rate, an elementwise op's and a
+    sort's per element (far slower per flop): the cost says which part is which."""
+    a = torch.empty(64, 64, device="meta")
+    matmul = run_for_shape(OPS["matmul"], (a, a), {}, 1 << 40)[1]
+    svd = run_for_shape(OPS["svd"], (a,), {}, 1 << 40)[1]
+    assert matmul.contraction == matmul.flops == 2 * 64 ** 3
+    assert svd.contraction == svd.flops > 0
+    for name, args in (("add", (a, a)), ("exp", (a,)), ("sort", (a,)), ("sum", (a,))):
+        cost = run_for_shape(OPS[name], args, {}, 1 << 40)[1]
+        assert cost.flops > 0 and cost.contraction == 0, name
+    rates = DeviceRates(contraction_flops=1e11, element_ops=1e9)
+    assert rates.seconds(Cost(2e11, 0, contraction=2e11)) == pytest.approx(2.0)
+    assert rates.seconds(Cost(1e9, 0)) == pytest.approx(ELEMENT_MARGIN)
+    assert rates.seconds(Cost(0, 4 * 10 ** 9)) == pytest.approx(ELEMENT_MARGIN)
+
+
+def test_an_op_longer_than_max_node_seconds_is_refused_before_it_runs():
+    """Nothing interrupts an op once it runs (the deadline and giving way to other users
+    both wait for it), so with the server's device rates validation refuses an op whose
+    estimated time is over ``max_node_seconds``: a 4096 x 4096 product at 1e11 flops/s,
+    ~1.4 s, under a 0.5 s limit, naming the node and the rule; a 256 x 256 one passes.
+    Without rates (a client's own check) there is no device to time against."""
+    limits = Limits(max_node_seconds=0.5)
+    rates = DeviceRates(contraction_flops=1e11, element_ops=1e9)
+    c0 = {"c0": torch.ones(1, 1)}
+    with pytest.raises(LimitExceeded) as info:
+        infer_shapes(constant_graph(product_nodes(4096)), 1, 1, c0, limits, rates=rates)
+    assert info.value.details["rule"] == "max_node_seconds"
+    assert info.value.details["node"] == 2 and "matmul" in str(info.value)
+    assert "split the work" in str(info.value)
+    infer_shapes(constant_graph(product_nodes(256)), 1, 1, c0, limits, rates=rates)
+    infer_shapes(constant_graph(product_nodes(4096)), 1, 1, c0, limits)
+    # A sort of 2^24 values is elementwise work (and its buffers): ~2 s at 1e9 elements/s.
+    with pytest.raises(LimitExceeded) as info:
+        infer_shapes(constant_graph(product_nodes(4096)), 1, 1, c0,
+                     Limits(max_node_seconds=0.5), rates=DeviceRates(1e15, 1e9))
+    assert info.value.details["node"] == 3 and "sort" in str(info.value)
+
 
 
 # ---- index range checks ------------------------------------------------------------------------
