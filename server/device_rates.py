@@ -4,7 +4,7 @@
 Two measurements, each the best of a few runs (a busy machine makes a run slower, never
 faster, so the best is the device's own speed and a shared machine errs towards admitting):
 a float32 matrix product (the contraction rate) and a float32 add of tensors larger than the
-CPU's caches (the per-element rate). About 0.5 s on a CPU; the first request on a device
+CPU's caches (the per-element rate). 0.3-0.5 s on a CPU; the first request on a device
 pays it if the worker has not measured it at start.
 """
 from __future__ import annotations
