@@ -24,7 +24,11 @@ SECURITY.md; not at every hook point inside a component: TL's OPT MLP bridge kee
 state on itself) -- with hooks owned per forward (``module_sites.owned_by``: the
 interrupted forward's hooks stay silent in the nested ones) and its TL hook marks taken off
 the model meanwhile. The worker allows it only when nothing else of the request's own is in
-effect on the model (``ModelWorker._may_give_way_in_forward``).
+effect on the model (``ModelWorker._forward_may_give_way``). A batched forward gives way the
+same way between its blocks (never at a site: one hook per site serves every member there)
+when each member's forward could alone, with every member's TL hook marks taken off
+(``ModelWorker._batch_may_give_way``): otherwise a tenant splitting its largest forward
+into requests that co-batch would make the worker run it whole while others wait.
 
 A generation gives way between two of its tokens (``server/generation.py``): its KV cache is
 its own and none of its hooks is on the model there, so a light request runs as any forward.

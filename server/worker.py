@@ -715,18 +715,24 @@ class ModelWorker(threading.Thread):
         p.job.answered()
         p.job.conn.send_threadsafe(done)
 
+    @staticmethod
+    def _forward_may_give_way(p: Prepared) -> bool:
+        """Nothing of ``p``'s own is in effect on the model during its forward but its hooks
+        (owned per forward) and its TL hook marks (suspended while another forward runs
+        nested): a TL forward with TL's default hook switches, no eager or attention-weight
+        sites, no narrowing, no attention weights returned, no backward pass, on a model
+        that is not offloaded (accelerate's offload hooks move weights per block)."""
+        spec = p.job.submit.graph.forward
+        return not (p.on_modules or p.eager or p.attention_weights or p.narrow is not None or
+                    spec.tl_flags or spec.output_attentions or
+                    p.interleaver.backward is not None or
+                    getattr(p.entry.hosted.original, "hf_device_map", None))
+
     def _may_give_way_in_forward(self, p: Prepared, marks):
         """Let waiting light requests of other users run between two blocks of ``p``'s
         forward and at its sites that are a block's own hook points (server/give_way.py),
-        when nothing of ``p``'s own is in effect on the model but its hooks (owned per forward) and its TL hook marks (suspended meanwhile): a TL
-        forward with TL's default hook switches, no eager or attention-weight sites, no
-        narrowing, no attention weights returned, no backward pass, on a model that is not
-        offloaded (accelerate's offload hooks move weights per block)."""
-        spec = p.job.submit.graph.forward
-        if p.on_modules or p.eager or p.attention_weights or p.narrow is not None or \
-                spec.tl_flags or spec.output_attentions or \
-                p.interleaver.backward is not None or \
-                getattr(p.entry.hosted.original, "hf_device_map", None):
+        when :meth:`_forward_may_give_way`."""
+        if not self._forward_may_give_way(p):
             return contextlib.nullcontext()
         il, infos = p.interleaver, p.interleaver.vg.site_infos
         ok = p.entry.block_sites | p.entry.attention_sites
@@ -734,6 +740,25 @@ class ModelWorker(threading.Thread):
             {p.job.conn.user}, marks.suspended,
             lambda: il.stage is not None and 0 <= il.stage < len(infos) and
             infos[il.stage].name in ok)
+
+    def _batch_may_give_way(self, ready: list[Prepared], member_marks: list):
+        """A batched forward gives way between two of its blocks, as a forward of one request
+        does, when each member's could alone (:meth:`_forward_may_give_way`): its site hooks
+        are owned per forward, so they stay silent in the forwards run in its place, and
+        every member's TL hook marks are taken off meanwhile. Never at a site: one hook per
+        site serves every member there. Without this, a tenant splitting its largest forward
+        into requests that co-batch made the worker run it whole while others waited."""
+        if not all(self._forward_may_give_way(p) for p in ready):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def suspend_all():
+            with contextlib.ExitStack() as stack:
+                for m in member_marks:
+                    stack.enter_context(m.suspended())
+                yield
+        return self.give_way.in_forward({p.job.conn.user for p in ready}, suspend_all,
+                                        lambda: False)
 
     def run_together(self, ready: list[Prepared]):
         """One forward for several requests: rows stacked, shorter ones right-padded. If the
@@ -793,11 +818,13 @@ class ModelWorker(threading.Thread):
         members still active are then to run again), else None."""
         t0 = time.perf_counter()
         with torch.no_grad(), contextlib.ExitStack() as marks:
-            for p in ready:
-                marks.enter_context(marked_for_graph(entry.site_modules, p.interleaver.vg))
+            member_marks = [marks.enter_context(marked_for_graph(entry.site_modules,
+                                                                 p.interleaver.vg))
+                            for p in ready]
             marks.enter_context(stop_between_blocks(entry.hosted.bridge,
                                                     self._stop_reason(ready),
                                                     entry.attention_points))
+            marks.enter_context(self._batch_may_give_way(ready, member_marks))
             try:
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens, eager=ready[0].eager),

@@ -10,6 +10,7 @@ import graphs
 import pytest
 import torch
 from graphs import const, graph, node, ref
+from pipelined import PipelinedClient
 
 import hookwire.server as hs
 from hookwire.client import Connection
@@ -177,6 +178,71 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
     timings = results["long"].timings
     assert min(timings["queued_s"], timings["validate_s"], timings["execute_s"]) >= 0, timings
     assert timings["execute_s"] > timings["queued_s"] + timings["validate_s"], timings
+
+
+def test_light_requests_run_between_two_blocks_of_a_batched_long_forward(hosted):
+    """Two long requests that share one forward (32 x 256 tokens each, co-batched: 64 rows)
+    give way between its blocks as one long request does: three light requests of other
+    users, queued while its first block runs, run as forwards nested in it before its last
+    block ends, each bit-equal to its solo run; both long ones equal local TL. Before, a
+    batched forward never gave way: a tenant splitting its largest forward into requests
+    that co-batch held the worker for the whole forward."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_request_seconds=120), batch_window_s=0.5)
+    bridge = hosted["tiny-gpt2"].bridge
+    light_tokens, light_logits, light_resid = light_reference(bridge)
+    gen = torch.Generator().manual_seed(5)
+    long_tokens = [torch.randint(0, 256, (32, 256), generator=gen) for _ in range(2)]
+    seen: list[dict] = [{}, {}]
+    with torch.no_grad():
+        long_logits = [bridge.run_with_hooks(t, fwd_hooks=[
+            (name, lambda act, hook, name=name, k=k: seen[k].__setitem__(name, act.clone()))
+            for name in LONG_SITES]) for k, t in enumerate(long_tokens)]
+    started, order = threading.Event(), []
+
+    def entering(module, args):
+        if args[0].shape[0] == 64:
+            started.set()
+
+    def leaving(module, args, output):
+        order.append(args[0].shape[0])
+
+    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
+               bridge.blocks[-1].register_forward_hook(leaving)]
+    long_client = PipelinedClient(srv.url)
+    light_conns = [Connection(srv.url) for _ in range(3)]
+    results: dict = {}
+
+    def light(i):
+        results[i] = light_conns[i].run(read_graph(), {"input_ids": light_tokens})
+
+    threads = [threading.Thread(target=light, args=(i,)) for i in range(3)]
+    try:
+        long_graph = graphs.read_graph(sites=LONG_SITES, names=LONG_SITES)
+        rids = [long_client.send(long_graph, {"input_ids": t}) for t in long_tokens]
+        assert started.wait(60), "the batched forward did not get under way"
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        answers = long_client.collect(rids)
+    finally:
+        long_client.close()
+        for conn in light_conns:
+            conn.close()
+        for handle in handles:
+            handle.remove()
+        srv.stop()
+    assert not any(t.is_alive() for t in threads)
+    for k, rid in enumerate(rids):
+        answer = answers[rid]
+        assert answer.error is None, answer.error
+        assert answer.batch_size == 2, "the long requests must share a forward"
+        torch.testing.assert_close(answer.values["__logits__"], long_logits[k])
+        for name in LONG_SITES:
+            torch.testing.assert_close(answer.values[name], seen[k][name])
+    assert_light_forwards_first(order, 64)
+    assert_light_results(results, light_logits, light_resid)
 
 
 def test_light_requests_run_while_a_request_materialises_large_views(hosted):
