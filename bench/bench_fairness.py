@@ -41,6 +41,9 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
                     and over (~30 KB answered for each 80-byte request)
   unread_errors  found: malformed messages, each answered with an error, on connections
                     that never read their answers
+  batched        found: a quarter of the largest forward, request after request, four in
+                    flight on each of four connections: they co-batch into forwards as
+                    large as the limits admit
   one_op         found: the largest matrix product the server admits (random matrices made
                     on the server from a 4-byte constant; the side found by bisection on
                     the server's refusals): one op, which nothing interrupts once it runs
@@ -94,7 +97,7 @@ SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
          "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate",
          "subnormals", "slow_handshakes", "weights", "cancels", "model_info", "unread_errors",
-         "one_op"]
+         "one_op", "batched"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -439,6 +442,11 @@ def attack(kind: str, url: str, seconds: float) -> None:
                 except Exception:
                     time.sleep(0.2)  # dropped for not reading: come back
         return threads_until_done(loop, 4, sent)
+    elif kind == "batched":
+        # A quarter of the largest forward each: four of them co-batch into one forward.
+        tokens = torch.randint(0, 256, (max(1, largest_forward_rows(256) // 4), 256))
+        g = graph([], return_type=None)
+        work = lambda conn: conn.submit(g, {"input_ids": tokens})  # noqa: E731
     elif kind == "unread":
         tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))
         g = graph([{"id": 0, "op": "site.read", "args": [0]}], sites=[SITE],

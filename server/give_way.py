@@ -79,6 +79,7 @@ class GiveWay:
         self._running = False   # light requests are running in another's place
         self._suspend = None    # what the forward must take off the model meanwhile
         self._at_site_ok = None  # in a forward: may it give way at the node running now?
+        self._forward_tokens = None  # in a forward: its positions (None: not in a forward)
 
     def begin(self) -> None:
         """A batch starts: it may give way once it has run one quantum."""
@@ -91,27 +92,32 @@ class GiveWay:
             yield
 
     @contextlib.contextmanager
-    def in_forward(self, users, suspend, at_site_ok: Callable[[], bool]):
-        """A forward of ``users``' requests that may give way between two of its blocks, and
-        at a site where ``at_site_ok()`` says so: the light requests run as forwards nested
-        in it (every served family's forward is re-entrant there), with hooks owned per
-        forward (``module_sites.owned_by``), and ``suspend()`` taking the interrupted
-        request's own model state (its TL hook marks) off the model while they run."""
-        with self._phase(set(users), suspend, at_site_ok):
+    def in_forward(self, users, suspend, at_site_ok: Callable[[], bool], tokens: int):
+        """A forward of ``users``' requests, ``tokens`` positions in all, that may give way
+        between two of its blocks, and at a site where ``at_site_ok()`` says so: the light
+        requests run as forwards nested in it (every served family's forward is re-entrant
+        there), with hooks owned per forward (``module_sites.owned_by``), and ``suspend()``
+        taking the interrupted request's own model state (its TL hook marks) off the model
+        while they run. Only requests of at most ``tokens`` positions run in its place: a
+        small forward never waits for a larger one it would otherwise have gone before."""
+        with self._phase(set(users), suspend, at_site_ok, tokens):
             yield
 
     @contextlib.contextmanager
-    def _phase(self, users, suspend, at_site_ok=None):
-        outer = self._users, self._suspend, self._at_site_ok
+    def _phase(self, users, suspend, at_site_ok=None, tokens=None):
+        outer = self._users, self._suspend, self._at_site_ok, self._forward_tokens
         self._users, self._suspend, self._at_site_ok = users, suspend, at_site_ok
+        self._forward_tokens = tokens
         try:
             yield
         finally:
-            self._users, self._suspend, self._at_site_ok = outer
+            self._users, self._suspend, self._at_site_ok, self._forward_tokens = outer
 
     def light(self, job) -> bool:
-        """Cheap to run, told before validation: may run in a long request's place."""
-        return self.looks_light(job) and job.conn.user not in (self._users or ())
+        """Cheap to run, told before validation: may run in a long request's place (in a
+        forward: one of no more positions than that forward's)."""
+        return self.looks_light(job) and job.conn.user not in (self._users or ()) and \
+            (self._forward_tokens is None or self._tokens(job) <= self._forward_tokens)
 
     def looks_light(self, job) -> bool:
         """Few nodes, few tokens, small uploads, no references, no generation."""

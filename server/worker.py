@@ -739,9 +739,9 @@ class ModelWorker(threading.Thread):
         return self.give_way.in_forward(
             {p.job.conn.user}, marks.suspended,
             lambda: il.stage is not None and 0 <= il.stage < len(infos) and
-            infos[il.stage].name in ok)
+            infos[il.stage].name in ok, tokens=p.tokens.numel())
 
-    def _batch_may_give_way(self, ready: list[Prepared], member_marks: list):
+    def _batch_may_give_way(self, ready: list[Prepared], member_marks: list, tokens: int):
         """A batched forward gives way between two of its blocks, as a forward of one request
         does, when each member's could alone (:meth:`_forward_may_give_way`): its site hooks
         are owned per forward, so they stay silent in the forwards run in its place, and
@@ -758,7 +758,7 @@ class ModelWorker(threading.Thread):
                     stack.enter_context(m.suspended())
                 yield
         return self.give_way.in_forward({p.job.conn.user for p in ready}, suspend_all,
-                                        lambda: False)
+                                        lambda: False, tokens=tokens)
 
     def run_together(self, ready: list[Prepared]):
         """One forward for several requests: rows stacked, shorter ones right-padded. If the
@@ -824,7 +824,7 @@ class ModelWorker(threading.Thread):
             marks.enter_context(stop_between_blocks(entry.hosted.bridge,
                                                     self._stop_reason(ready),
                                                     entry.attention_points))
-            marks.enter_context(self._batch_may_give_way(ready, member_marks))
+            marks.enter_context(self._batch_may_give_way(ready, member_marks, tokens.numel()))
             try:
                 output = run_batch(members, entry.site_modules,
                                    self._forward(entry, spec, tokens, eager=ready[0].eager),

@@ -245,6 +245,61 @@ def test_light_requests_run_between_two_blocks_of_a_batched_long_forward(hosted)
     assert_light_results(results, light_logits, light_resid)
 
 
+def test_a_forward_gives_way_only_to_requests_no_larger_than_itself(server, hosted):
+    """Giving way is for long forwards: a small one (1 x 16 tokens) held at its first block
+    while a light-looking but larger request of another user (7 x 256 tokens, under
+    ``LIGHT_TOKENS``) queues does not run that request nested in it -- it finishes first,
+    and then the larger one runs. (Before, a victim's small forward that had run one
+    quantum gave way to an attacker's batch of such requests at its next block.) Both equal
+    local TL."""
+    bridge = hosted["tiny-gpt2"].bridge
+    gen = torch.Generator().manual_seed(7)
+    small, large = torch.randint(0, 256, (1, 16), generator=gen), \
+        torch.randint(0, 256, (7, 256), generator=gen)
+    with torch.no_grad():
+        small_logits, large_logits = bridge(small), bridge(large)
+    worker = server.server.worker
+    order, released = [], threading.Event()
+
+    def entering(module, args):  # the small forward waits at its first block for the large
+        if args[0].shape[0] == 1 and not released.is_set():
+            deadline = time.monotonic() + 30
+            while not worker.scheduler.qsize() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            released.set()
+
+    def leaving(module, args, output):
+        order.append(args[0].shape[0])
+
+    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
+               bridge.blocks[-1].register_forward_hook(leaving)]
+    conns = [Connection(server.url), Connection(server.url)]
+    results: dict = {}
+
+    def run(key, conn, tokens):
+        results[key] = conn.run(graph(nodes=[]), {"input_ids": tokens})
+
+    first = threading.Thread(target=run, args=("small", conns[0], small))
+    second = threading.Thread(target=run, args=("large", conns[1], large))
+    try:
+        first.start()
+        deadline = time.monotonic() + 60
+        while not worker.current and time.monotonic() < deadline:
+            time.sleep(0.001)
+        second.start()
+        first.join(120)
+        second.join(120)
+    finally:
+        for conn in conns:
+            conn.close()
+        for handle in handles:
+            handle.remove()
+    assert released.is_set() and not first.is_alive() and not second.is_alive()
+    assert order == [1, 7], order
+    torch.testing.assert_close(results["small"].values["__logits__"], small_logits)
+    torch.testing.assert_close(results["large"].values["__logits__"], large_logits)
+
+
 def test_light_requests_run_while_a_request_materialises_large_views(hosted):
     """A request whose references to a few resident bytes expand to 1 GiB of copies
     (stride-0 views, each as large as a constant may be) gives way while it copies them: three
