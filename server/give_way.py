@@ -41,7 +41,8 @@ max(T, ``QUANTUM_S``) before it gives way again: it keeps at least half of the w
 while it runs, however much others queue (a tenant flooding light-looking but costly requests
 cannot starve it). It gives way only to requests
 that are light before they are even validated (few nodes, few tokens, small uploads, no
-generation). Requests of the long request's own user never overtake it (each user's requests
+generation) and, in a forward, of no more positions than that forward (a small forward that
+has run a quantum must not wait inside itself for a larger one). Requests of the long request's own user never overtake it (each user's requests
 keep their order), and a request run in its place never gives way itself (one level of
 nesting at most). And a batch the scheduler formed runs its light-looking requests first,
 validated and run, before it validates the others
