@@ -44,6 +44,8 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   batched        found: a quarter of the largest forward, request after request, four in
                     flight on each of four connections: they co-batch into forwards as
                     large as the limits admit
+  module_sites   found: the largest forward the limits admit, reading an HF module site
+                    (the plain HF forward), request after request
   one_op         found: the largest matrix product the server admits (random matrices made
                     on the server from a 4-byte constant; the side found by bisection on
                     the server's refusals): one op, which nothing interrupts once it runs
@@ -97,7 +99,7 @@ SITE = "blocks.1.hook_resid_post"
 KINDS = ["shared_write", "bad_ids", "late_work", "json_bomb", "huge_graph", "view_bomb",
          "unfinished", "uploads", "auth_guess", "padding", "unread", "ping_flood", "generate",
          "subnormals", "slow_handshakes", "weights", "cancels", "model_info", "unread_errors",
-         "one_op", "batched"]
+         "one_op", "batched", "module_sites"]
 
 
 # ---- the server process ------------------------------------------------------------------
@@ -446,6 +448,14 @@ def attack(kind: str, url: str, seconds: float) -> None:
         # A quarter of the largest forward each: four of them co-batch into one forward.
         tokens = torch.randint(0, 256, (max(1, largest_forward_rows(256) // 4), 256))
         g = graph([], return_type=None)
+        work = lambda conn: conn.submit(g, {"input_ids": tokens})  # noqa: E731
+    elif kind == "module_sites":
+        # The largest forward, reading an HF module site: the plain HF forward
+        # (server/worker.py: such forwards do not give way between blocks).
+        tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))
+        g = graph([{"id": 0, "op": "site.read", "args": [0]},
+                   {"id": 1, "op": "sum", "args": [{"ref": 0}]}],
+                  sites=["hf:transformer.h.0:output"], saves={"s": 1}, return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": tokens})  # noqa: E731
     elif kind == "unread":
         tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))

@@ -136,6 +136,23 @@ def light_reference(bridge):
 LONG_SITES = ["blocks.0.hook_resid_pre", "blocks.1.ln1.hook_normalized"]
 
 
+def watch_rows(bridge, long_rows: int):
+    """What the served model runs, seen by plain torch hooks of the test (they fire for every
+    forward, nested or not): an event set once a forward of ``long_rows`` rows enters block
+    0, the rows of each forward leaving the last block in order, and the hooks' handles."""
+    started, order = threading.Event(), []
+
+    def entering(module, args):
+        if args[0].shape[0] == long_rows:
+            started.set()
+
+    def leaving(module, args, output):
+        order.append(args[0].shape[0])
+
+    return started, order, [bridge.blocks[0].register_forward_pre_hook(entering),
+                            bridge.blocks[-1].register_forward_hook(leaving)]
+
+
 def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted):
     """A long forward (256 x 256 tokens) gives way between its blocks: three light requests of
     other users, queued while its first block runs, run as forwards nested in it before its
@@ -149,19 +166,7 @@ def test_light_requests_run_between_two_blocks_of_a_long_forward(server, hosted)
         long_logits = bridge.run_with_hooks(long_tokens, fwd_hooks=[
             (name, lambda act, hook, name=name: seen.__setitem__(name, act.clone()))
             for name in LONG_SITES])
-    # What the served model runs, seen by plain torch hooks of this test (they fire for every
-    # forward, nested or not): rows entering block 0, rows leaving the last block.
-    started, order = threading.Event(), []
-
-    def entering(module, args):
-        if args[0].shape[0] == 256:
-            started.set()
-
-    def leaving(module, args, output):
-        order.append(args[0].shape[0])
-
-    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
-               bridge.blocks[-1].register_forward_hook(leaving)]
+    started, order, handles = watch_rows(bridge, 256)
     long_graph = graphs.read_graph(sites=LONG_SITES, names=LONG_SITES)
     # The light requests queued while its block 0 runs (~1 s here); they leave the last
     # block before the long one does.
@@ -198,17 +203,7 @@ def test_light_requests_run_between_two_blocks_of_a_batched_long_forward(hosted)
         long_logits = [bridge.run_with_hooks(t, fwd_hooks=[
             (name, lambda act, hook, name=name, k=k: seen[k].__setitem__(name, act.clone()))
             for name in LONG_SITES]) for k, t in enumerate(long_tokens)]
-    started, order = threading.Event(), []
-
-    def entering(module, args):
-        if args[0].shape[0] == 64:
-            started.set()
-
-    def leaving(module, args, output):
-        order.append(args[0].shape[0])
-
-    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
-               bridge.blocks[-1].register_forward_hook(leaving)]
+    started, order, handles = watch_rows(bridge, 64)
     long_client = PipelinedClient(srv.url)
     light_conns = [Connection(srv.url) for _ in range(3)]
     results: dict = {}
