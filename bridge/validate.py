@@ -370,6 +370,7 @@ class ShapeInference:
         self.metas = {tid: _meta_constant(t) for tid, t in constants.items()}
         self.values: dict[int, object] = {}
         self.total = self.flops = 0
+        self.seconds = 0.0
         # Batch rows now (a narrowing write lowers them), at each site's read, and the
         # latest site read so far.
         self.rows, self.read_at, self.last_read = batch, {}, -1
@@ -475,6 +476,7 @@ class ShapeInference:
                   f"{limits.max_value_bytes}", LimitExceeded)
         if self.rates is not None:
             seconds = self.rates.seconds(cost)
+            self.seconds += seconds
             if seconds > limits.max_node_seconds:
                 _fail(dn.id, dn.op, "max_node_seconds", f"would run ~{seconds:.3g} s on this "
                       f"server's device as one op ({cost.flops:.3g} flops, "
@@ -514,4 +516,5 @@ class ShapeInference:
         vg.saved_bytes = saved
         vg.value_bytes = self.total
         vg.flops = self.flops
+        vg.seconds = self.seconds
         return vg

@@ -42,7 +42,13 @@ while it runs, however much others queue (a tenant flooding light-looking but co
 cannot starve it). It gives way only to requests
 that are light before they are even validated (few nodes, few tokens, small uploads, no
 generation) and, in a forward, of no more positions than that forward (a small forward that
-has run a quantum must not wait inside itself for a larger one). Requests of the long request's own user never overtake it (each user's requests
+has run a quantum must not wait inside itself for a larger one). Light-looking is told
+before validation; one node can still be a long op (up to ``max_node_seconds``), so a
+request taken is validated first and, if its ops are estimated over the worker's
+``IN_PLACE_SECONDS`` (or it is heavy in bytes, flops or nodes), it does not run in the
+other's place: it stays validated and runs right after the batch it would have interrupted
+(``ModelWorker.execute_in_place``, ``deferred``), and its user's later requests wait
+behind it. Requests of the long request's own user never overtake it (each user's requests
 keep their order), and a request run in its place never gives way itself (one level of
 nesting at most). And a batch the scheduler formed runs its light-looking requests first,
 validated and run, before it validates the others
@@ -118,7 +124,8 @@ class GiveWay:
         """Cheap to run, told before validation: may run in a long request's place (in a
         forward: one of no more positions than that forward's)."""
         return self.looks_light(job) and job.conn.user not in (self._users or ()) and \
-            (self._forward_tokens is None or self._tokens(job) <= self._forward_tokens)
+            (self._forward_tokens is None or self._tokens(job) <= self._forward_tokens) and \
+            job.conn.user not in self.worker.deferred_users()  # (its order kept)
 
     def looks_light(self, job) -> bool:
         """Few nodes, few tokens, small uploads, no references, no generation."""
@@ -146,14 +153,16 @@ class GiveWay:
         suspended = self._suspend() if self._suspend is not None else contextlib.nullcontext()
         try:
             with suspended, owned_by(object()):
-                worker.execute_batch(jobs)
+                worker.execute_in_place(jobs)
         except Exception:  # a bug of ours must not fail the request that gave way
             log.exception("batch run in another request's place failed")
         finally:
             worker.current = outer
-            for job in jobs:
+            kept = {id(p.job) for p in worker.deferred}  # to run after this batch
+            ran = [job for job in jobs if id(job) not in kept]
+            for job in ran:
                 job.finish()
-            worker.scheduler.finished({job.conn.user for job in jobs})
+            worker.scheduler.finished({job.conn.user for job in ran})
             self._running = False
         end = time.perf_counter()
         self._next_at = end + max(end - now, self.QUANTUM_S)  # its own turn, at least as long

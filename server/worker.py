@@ -66,6 +66,10 @@ MAX_BATCH_TOKENS = 64 * 512
 HEAVY_BYTES = 16 << 20
 HEAVY_FLOPS = 10 ** 9
 HEAVY_NODES = 5000   # a graph this long takes its own time to run, whatever its op sizes
+# A request taken to run in another's place (server/give_way.py) looks light before it is
+# validated; once validated, ops estimated to take longer than this in all (hookwire.op_time)
+# make it wait until the batch it would have interrupted is over.
+IN_PLACE_SECONDS = 0.02
 MAX_SIZE_RATIO = 8  # batch mates' token counts differ by at most this factor
 
 
@@ -266,6 +270,9 @@ class ModelWorker(threading.Thread):
         self.may_join: Callable[[list], bool] | None = None
         # Where a long request lets waiting light ones run (server/give_way.py).
         self.give_way = GiveWay(self, _rows, _tokens)
+        # Requests taken to run in another's place whose graph proved heavy once validated:
+        # they run, still validated, right after the batch they would have interrupted.
+        self.deferred: list[Prepared] = []
         # Full collections of Python's cycle collector, where a serving process turned the
         # automatic ones off (server/heap.py).
         self.collections = FullCollections()
@@ -345,6 +352,9 @@ class ModelWorker(threading.Thread):
     def _serve(self):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
+            if self.deferred:
+                self._run_deferred()
+                continue
             if not self.scheduler.qsize():
                 self.collections.idle()  # a full collection, if due (server/heap.py)
                 if self.trim.due() and \
@@ -374,7 +384,46 @@ class ModelWorker(threading.Thread):
             if self.trim.overdue():  # never idle long enough: now and then regardless
                 self.trim.trimmed()
 
+    def _run_deferred(self) -> None:
+        """The oldest request deferred by :meth:`execute_in_place`, run as a batch of its own
+        (it was next in line when it was taken)."""
+        p = self.deferred.pop(0)
+        self.current = [p.job]
+        self.busy.set()
+        self.give_way.begin()
+        try:
+            with self.model_lock:
+                self._run_group([p])
+        except Exception:  # a bug of ours must not kill the worker
+            log.exception("batch failed")
+        finally:
+            p.release()
+            self.busy.clear()
+            self.current = []
+            p.job.finish()
+            self.scheduler.finished({p.job.conn.user})
+
+    def deferred_users(self) -> set:
+        return {p.job.conn.user for p in self.deferred}
+
     # ---- one batch -----------------------------------------------------------------------
+    def execute_in_place(self, jobs: list[Job]) -> list[Job]:
+        """Run light-looking jobs in another request's place (server/give_way.py). One whose
+        validated graph proves long (its ops estimated over ``IN_PLACE_SECONDS``, or heavy by
+        :meth:`_heavy`) does not run there: it is kept, validated, and runs right after the
+        batch it would have interrupted. Returns the jobs that ran (or failed)."""
+        def defer(p: Prepared) -> bool:
+            if p.interleaver.vg.seconds > IN_PLACE_SECONDS or self._heavy(p):
+                self.deferred.append(p)
+                return True
+            return False
+        try:
+            self._execute(jobs, defer)
+        finally:
+            kept = {id(p.job) for p in self.deferred}
+            ran = [job for job in jobs if id(job) not in kept]
+        return ran
+
     def execute_batch(self, jobs: list[Job]):
         """Prepare and run one batch. Light-looking requests (server/give_way.py) go first,
         prepared and run before the others are validated, when the batch has both."""
@@ -386,7 +435,7 @@ class ModelWorker(threading.Thread):
         else:
             self._execute(jobs)
 
-    def _execute(self, jobs: list[Job]):
+    def _execute(self, jobs: list[Job], defer=None):
         ready: list[Prepared] = []
         for job in jobs:
             if job.conn.closed:
@@ -399,6 +448,8 @@ class ModelWorker(threading.Thread):
                 ready.append(self.prepare(job))
             except Exception as exc:
                 self._fail(job, exc)
+        if defer is not None:  # prepared, kept for later (execute_in_place)
+            ready = [p for p in ready if not defer(p)]
         try:
             for group in self._groups(ready):
                 self._run_group(group)

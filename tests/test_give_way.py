@@ -295,6 +295,73 @@ def test_a_forward_gives_way_only_to_requests_no_larger_than_itself(server, host
     torch.testing.assert_close(results["large"].values["__logits__"], large_logits)
 
 
+def test_a_request_that_proves_long_once_validated_waits_for_the_one_it_would_interrupt(
+        server, hosted):
+    """A request looks light before validation by its nodes, positions and uploads; one node
+    can still be a long op (up to ``max_node_seconds``). A small forward (1 x 8 tokens) held
+    at its first block while another user's light-looking request queues -- one token, three
+    nodes, a 2048 x 2048 product of an expanded upload, estimated well over
+    ``IN_PLACE_SECONDS`` -- takes it at its next block, validates it, and does not run it
+    there: it finishes first, and the other request runs right after it, equal to local
+    torch. (Before, the small forward ran the product nested in itself.)"""
+    bridge = hosted["tiny-gpt2"].bridge
+    gen = torch.Generator().manual_seed(11)
+    small = torch.randint(0, 256, (1, 8), generator=gen)
+    one = torch.randint(0, 256, (1, 1), generator=gen)
+    column = torch.randn(2048, 1, generator=gen)
+    with torch.no_grad():
+        small_logits = bridge(small)
+    product = graph(nodes=[node(0, "expand", const("c"), 2048, 2048),
+                           node(1, "contiguous", ref(0)), node(2, "matmul", ref(1), ref(1)),
+                           node(3, "sum", ref(2))],
+                    constants=["c"], saves={"y": 3}, return_type=None)
+    worker = server.server.worker
+    order, released = [], threading.Event()
+
+    def entering(module, args):  # the small forward waits at its first block for the other
+        if args[0].shape[1] == 8 and not released.is_set():
+            deadline = time.monotonic() + 30
+            while not worker.scheduler.qsize() and time.monotonic() < deadline:
+                time.sleep(0.001)
+            time.sleep(0.01)  # past the give-way quantum whatever the machine
+            released.set()
+
+    def leaving(module, args, output):
+        order.append(args[0].shape[1])
+
+    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
+               bridge.blocks[-1].register_forward_hook(leaving)]
+    conns = [Connection(server.url), Connection(server.url)]
+    results: dict = {}
+
+    def run(key, conn, g, tensors):
+        results[key] = conn.run(g, tensors)
+
+    first = threading.Thread(target=run, args=("small", conns[0], graph(nodes=[]),
+                                               {"input_ids": small}))
+    second = threading.Thread(target=run, args=("product", conns[1], product,
+                                                {"input_ids": one, "c": column}))
+    try:
+        first.start()
+        deadline = time.monotonic() + 60
+        while not worker.current and time.monotonic() < deadline:
+            time.sleep(0.001)
+        second.start()
+        first.join(120)
+        second.join(120)
+    finally:
+        for conn in conns:
+            conn.close()
+        for handle in handles:
+            handle.remove()
+    assert released.is_set() and not first.is_alive() and not second.is_alive()
+    assert order == [8, 1], order
+    torch.testing.assert_close(results["small"].values["__logits__"], small_logits)
+    x = column.expand(2048, 2048).contiguous()
+    torch.testing.assert_close(results["product"].values["y"], (x @ x).sum())
+    assert not worker.deferred
+
+
 def test_light_requests_run_while_a_request_materialises_large_views(hosted):
     """A request whose references to a few resident bytes expand to 1 GiB of copies
     (stride-0 views, each as large as a constant may be) gives way while it copies them: three

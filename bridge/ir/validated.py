@@ -112,6 +112,7 @@ class ValidatedGraph:
     saved_bytes: int = 0
     value_bytes: int = 0  # all intermediates together (an upper bound of what it holds)
     flops: int = 0        # counted work of its ops
+    seconds: float = 0.0  # its ops' estimated time on the server's device (hookwire.op_time)
 
     @property
     def stages(self) -> Stages:
