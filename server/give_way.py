@@ -46,9 +46,9 @@ has run a quantum must not wait inside itself for a larger one). Light-looking i
 before validation; one node can still be a long op (up to ``max_node_seconds``), so a
 request taken is validated first and, if its ops are estimated over the worker's
 ``IN_PLACE_SECONDS`` (or it is heavy in bytes, flops or nodes), it does not run in the
-other's place: it stays validated and runs right after the batch it would have interrupted
-(``ModelWorker.execute_in_place``, ``deferred``), and its user's later requests wait
-behind it. Requests of the long request's own user never overtake it (each user's requests
+other's place: it stays validated and is scheduled as any request is
+(``ModelWorker.execute_in_place``: back at the head of its user's queue, validated), and
+its user's later requests wait behind it. Requests of the long request's own user never overtake it (each user's requests
 keep their order), and a request run in its place never gives way itself (one level of
 nesting at most). And a batch the scheduler formed runs its light-looking requests first,
 validated and run, before it validates the others
@@ -124,12 +124,12 @@ class GiveWay:
         """Cheap to run, told before validation: may run in a long request's place (in a
         forward: one of no more positions than that forward's)."""
         return self.looks_light(job) and job.conn.user not in (self._users or ()) and \
-            (self._forward_tokens is None or self._tokens(job) <= self._forward_tokens) and \
-            job.conn.user not in self.worker.deferred_users()  # (its order kept)
+            (self._forward_tokens is None or self._tokens(job) <= self._forward_tokens)
 
     def looks_light(self, job) -> bool:
         """Few nodes, few tokens, small uploads, no references, no generation."""
-        return job.submit.generate is None and len(job.submit.graph.nodes) <= LIGHT_NODES \
+        return job.prepared is None and job.submit.generate is None and \
+            len(job.submit.graph.nodes) <= LIGHT_NODES \
             and self._tokens(job) <= LIGHT_TOKENS and job.received_bytes <= LIGHT_BYTES \
             and not job.refs
 
@@ -158,8 +158,7 @@ class GiveWay:
             log.exception("batch run in another request's place failed")
         finally:
             worker.current = outer
-            kept = {id(p.job) for p in worker.deferred}  # to run after this batch
-            ran = [job for job in jobs if id(job) not in kept]
+            ran = [job for job in jobs if job.prepared is None]  # (the rest: put back)
             for job in ran:
                 job.finish()
             worker.scheduler.finished({job.conn.user for job in ran})

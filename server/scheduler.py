@@ -58,6 +58,20 @@ class Scheduler:
             self._cond.notify()
             return self._size()
 
+    def put_back(self, jobs: list, user_of: Callable) -> list:
+        """Return jobs taken from their users' queues to the head of them, in their order
+        (a request taken to run in another's place that proved long: ModelWorker); no
+        capacity check -- they were counted when they came. Returns them instead once
+        closed (the caller answers them)."""
+        with self._cond:
+            if self._closed:
+                return list(jobs)
+            for job in reversed(jobs):
+                self._queues.setdefault(user_of(job), deque()).appendleft(job)
+            if jobs:
+                self._cond.notify()
+            return []
+
     def _size(self) -> int:
         return sum(len(q) for q in self._queues.values())
 

@@ -96,6 +96,9 @@ class Job:
     # The submit's message as it arrived: an engine that hands the job to another process
     # sends it as is, instead of writing the parsed submit out again (server/job_payload.py).
     submit_text: str | bytes | None = None
+    # Validated when taken to run in another request's place, and put back in its queue
+    # because it proved long (ModelWorker.execute_in_place): it runs from this.
+    prepared: object = None
 
     def finish(self) -> None:
         """The request is over: its memory is released and its tensors dropped."""
@@ -270,9 +273,6 @@ class ModelWorker(threading.Thread):
         self.may_join: Callable[[list], bool] | None = None
         # Where a long request lets waiting light ones run (server/give_way.py).
         self.give_way = GiveWay(self, _rows, _tokens)
-        # Requests taken to run in another's place whose graph proved heavy once validated:
-        # they run, still validated, right after the batch they would have interrupted.
-        self.deferred: list[Prepared] = []
         # Full collections of Python's cycle collector, where a serving process turned the
         # automatic ones off (server/heap.py).
         self.collections = FullCollections()
@@ -296,6 +296,9 @@ class ModelWorker(threading.Thread):
     def stop(self):
         """Refuse what is still queued (each gets a typed error) and end the thread."""
         for job in self.scheduler.close():
+            if job.prepared is not None:
+                job.prepared.release()
+                job.prepared = None
             job.conn.send_threadsafe(replies.error(job.request_id, ServerShuttingDown(
                 "the server is shutting down; the request did not run. Retry when it is "
                 "back")))
@@ -352,9 +355,6 @@ class ModelWorker(threading.Thread):
     def _serve(self):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
-            if self.deferred:
-                self._run_deferred()
-                continue
             if not self.scheduler.qsize():
                 self.collections.idle()  # a full collection, if due (server/heap.py)
                 if self.trim.due() and \
@@ -384,45 +384,29 @@ class ModelWorker(threading.Thread):
             if self.trim.overdue():  # never idle long enough: now and then regardless
                 self.trim.trimmed()
 
-    def _run_deferred(self) -> None:
-        """The oldest request deferred by :meth:`execute_in_place`, run as a batch of its own
-        (it was next in line when it was taken)."""
-        p = self.deferred.pop(0)
-        self.current = [p.job]
-        self.busy.set()
-        self.give_way.begin()
-        try:
-            with self.model_lock:
-                self._run_group([p])
-        except Exception:  # a bug of ours must not kill the worker
-            log.exception("batch failed")
-        finally:
-            p.release()
-            self.busy.clear()
-            self.current = []
-            p.job.finish()
-            self.scheduler.finished({p.job.conn.user})
-
-    def deferred_users(self) -> set:
-        return {p.job.conn.user for p in self.deferred}
-
     # ---- one batch -----------------------------------------------------------------------
-    def execute_in_place(self, jobs: list[Job]) -> list[Job]:
+    def execute_in_place(self, jobs: list[Job]) -> None:
         """Run light-looking jobs in another request's place (server/give_way.py). One whose
         validated graph proves long (its ops estimated over ``IN_PLACE_SECONDS``, or heavy by
-        :meth:`_heavy`) does not run there: it is kept, validated, and runs right after the
-        batch it would have interrupted. Returns the jobs that ran (or failed)."""
+        :meth:`_heavy`) does not run there: it goes back to the head of its user's queue,
+        validated (``Job.prepared``), to be scheduled as any request is; its user's later
+        requests stay behind it."""
+        back: list[Job] = []
+
         def defer(p: Prepared) -> bool:
             if p.interleaver.vg.seconds > IN_PLACE_SECONDS or self._heavy(p):
-                self.deferred.append(p)
+                p.job.prepared = p
+                back.append(p.job)
                 return True
             return False
         try:
             self._execute(jobs, defer)
         finally:
-            kept = {id(p.job) for p in self.deferred}
-            ran = [job for job in jobs if id(job) not in kept]
-        return ran
+            for job in self.scheduler.put_back(back, lambda job: job.conn.user):
+                self._fail(job, ServerShuttingDown("the server is shutting down; the request "
+                                                   "did not run. Retry when it is back"))
+                job.prepared.release()
+                job.prepared = None
 
     def execute_batch(self, jobs: list[Job]):
         """Prepare and run one batch. Light-looking requests (server/give_way.py) go first,
@@ -438,11 +422,16 @@ class ModelWorker(threading.Thread):
     def _execute(self, jobs: list[Job], defer=None):
         ready: list[Prepared] = []
         for job in jobs:
-            if job.conn.closed:
+            prepared, job.prepared = job.prepared, None  # validated before (execute_in_place)
+            if job.conn.closed or job.request_id in job.conn.cancelled:
+                if prepared is not None:
+                    prepared.release()
+                if not job.conn.closed:
+                    job.conn.send_threadsafe(replies.error(job.request_id, Cancelled(
+                        "cancelled before it started")))
                 continue
-            if job.request_id in job.conn.cancelled:
-                job.conn.send_threadsafe(replies.error(job.request_id, Cancelled(
-                    "cancelled before it started")))
+            if prepared is not None:
+                ready.append(prepared)
                 continue
             try:
                 ready.append(self.prepare(job))

@@ -302,8 +302,9 @@ def test_a_request_that_proves_long_once_validated_waits_for_the_one_it_would_in
     at its first block while another user's light-looking request queues -- one token, three
     nodes, a 2048 x 2048 product of an expanded upload, estimated well over
     ``IN_PLACE_SECONDS`` -- takes it at its next block, validates it, and does not run it
-    there: it finishes first, and the other request runs right after it, equal to local
-    torch. (Before, the small forward ran the product nested in itself.)"""
+    there (it goes back to the head of its queue, validated): it finishes first, and the
+    other request runs after it, equal to local torch. (Before, the small forward ran the
+    product nested in itself.)"""
     bridge = hosted["tiny-gpt2"].bridge
     gen = torch.Generator().manual_seed(11)
     small = torch.randint(0, 256, (1, 8), generator=gen)
@@ -359,7 +360,7 @@ def test_a_request_that_proves_long_once_validated_waits_for_the_one_it_would_in
     torch.testing.assert_close(results["small"].values["__logits__"], small_logits)
     x = column.expand(2048, 2048).contiguous()
     torch.testing.assert_close(results["product"].values["y"], (x @ x).sum())
-    assert not worker.deferred
+    assert not worker.scheduler.qsize()
 
 
 def test_light_requests_run_while_a_request_materialises_large_views(hosted):
