@@ -240,42 +240,37 @@ def test_light_requests_run_between_two_blocks_of_a_batched_long_forward(hosted)
     assert_light_results(results, light_logits, light_resid)
 
 
-def test_a_forward_gives_way_only_to_requests_no_larger_than_itself(server, hosted):
-    """Giving way is for long forwards: a small one (1 x 16 tokens) held at its first block
-    while a light-looking but larger request of another user (7 x 256 tokens, under
-    ``LIGHT_TOKENS``) queues does not run that request nested in it -- it finishes first,
-    and then the larger one runs. (Before, a victim's small forward that had run one
-    quantum gave way to an attacker's batch of such requests at its next block.) Both equal
-    local TL."""
-    bridge = hosted["tiny-gpt2"].bridge
-    gen = torch.Generator().manual_seed(7)
-    small, large = torch.randint(0, 256, (1, 16), generator=gen), \
-        torch.randint(0, 256, (7, 256), generator=gen)
-    with torch.no_grad():
-        small_logits, large_logits = bridge(small), bridge(large)
+def small_forward_held_for(server, bridge, small, other_graph, other_tensors):
+    """A forward of ``small`` tokens (no hooks), held at its first block until another
+    user's request (``other_graph``) has queued, then let go past the give-way quantum.
+    Returns both results ("small", "other") and the (rows, positions) of each forward leaving
+    the last block, in order; every thread joined, connection closed, hook removed."""
     worker = server.server.worker
     order, released = [], threading.Event()
 
-    def entering(module, args):  # the small forward waits at its first block for the large
-        if args[0].shape[0] == 1 and not released.is_set():
+    def entering(module, args):
+        if tuple(args[0].shape[:2]) == tuple(small.shape) and not released.is_set():
             deadline = time.monotonic() + 30
             while not worker.scheduler.qsize() and time.monotonic() < deadline:
                 time.sleep(0.001)
+            time.sleep(0.01)  # past the give-way quantum whatever the machine
             released.set()
 
     def leaving(module, args, output):
-        order.append(args[0].shape[0])
+        order.append(tuple(args[0].shape[:2]))
 
     handles = [bridge.blocks[0].register_forward_pre_hook(entering),
                bridge.blocks[-1].register_forward_hook(leaving)]
     conns = [Connection(server.url), Connection(server.url)]
     results: dict = {}
 
-    def run(key, conn, tokens):
-        results[key] = conn.run(graph(nodes=[]), {"input_ids": tokens})
+    def run(key, conn, g, tensors):
+        results[key] = conn.run(g, tensors)
 
-    first = threading.Thread(target=run, args=("small", conns[0], small))
-    second = threading.Thread(target=run, args=("large", conns[1], large))
+    first = threading.Thread(target=run, args=("small", conns[0], graph(nodes=[]),
+                                               {"input_ids": small}))
+    second = threading.Thread(target=run, args=("other", conns[1], other_graph,
+                                                other_tensors))
     try:
         first.start()
         deadline = time.monotonic() + 60
@@ -290,9 +285,27 @@ def test_a_forward_gives_way_only_to_requests_no_larger_than_itself(server, host
         for handle in handles:
             handle.remove()
     assert released.is_set() and not first.is_alive() and not second.is_alive()
-    assert order == [1, 7], order
+    return results, order
+
+
+def test_a_forward_gives_way_only_to_requests_no_larger_than_itself(server, hosted):
+    """Giving way is for long forwards: a small one (1 x 16 tokens) held at its first block
+    while a light-looking but larger request of another user (7 x 256 tokens, under
+    ``LIGHT_TOKENS``) queues does not run that request nested in it -- it finishes first,
+    and then the larger one runs. (Before, a victim's small forward that had run one
+    quantum gave way to an attacker's batch of such requests at its next block.) Both equal
+    local TL."""
+    bridge = hosted["tiny-gpt2"].bridge
+    gen = torch.Generator().manual_seed(7)
+    small, large = torch.randint(0, 256, (1, 16), generator=gen), \
+        torch.randint(0, 256, (7, 256), generator=gen)
+    with torch.no_grad():
+        small_logits, large_logits = bridge(small), bridge(large)
+    results, order = small_forward_held_for(server, bridge, small, graph(nodes=[]),
+                                            {"input_ids": large})
+    assert order == [(1, 16), (7, 256)], order
     torch.testing.assert_close(results["small"].values["__logits__"], small_logits)
-    torch.testing.assert_close(results["large"].values["__logits__"], large_logits)
+    torch.testing.assert_close(results["other"].values["__logits__"], large_logits)
 
 
 def test_a_request_that_proves_long_once_validated_waits_for_the_one_it_would_interrupt(
@@ -316,51 +329,13 @@ def test_a_request_that_proves_long_once_validated_waits_for_the_one_it_would_in
                            node(1, "contiguous", ref(0)), node(2, "matmul", ref(1), ref(1)),
                            node(3, "sum", ref(2))],
                     constants=["c"], saves={"y": 3}, return_type=None)
-    worker = server.server.worker
-    order, released = [], threading.Event()
-
-    def entering(module, args):  # the small forward waits at its first block for the other
-        if args[0].shape[1] == 8 and not released.is_set():
-            deadline = time.monotonic() + 30
-            while not worker.scheduler.qsize() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            time.sleep(0.01)  # past the give-way quantum whatever the machine
-            released.set()
-
-    def leaving(module, args, output):
-        order.append(args[0].shape[1])
-
-    handles = [bridge.blocks[0].register_forward_pre_hook(entering),
-               bridge.blocks[-1].register_forward_hook(leaving)]
-    conns = [Connection(server.url), Connection(server.url)]
-    results: dict = {}
-
-    def run(key, conn, g, tensors):
-        results[key] = conn.run(g, tensors)
-
-    first = threading.Thread(target=run, args=("small", conns[0], graph(nodes=[]),
-                                               {"input_ids": small}))
-    second = threading.Thread(target=run, args=("product", conns[1], product,
-                                                {"input_ids": one, "c": column}))
-    try:
-        first.start()
-        deadline = time.monotonic() + 60
-        while not worker.current and time.monotonic() < deadline:
-            time.sleep(0.001)
-        second.start()
-        first.join(120)
-        second.join(120)
-    finally:
-        for conn in conns:
-            conn.close()
-        for handle in handles:
-            handle.remove()
-    assert released.is_set() and not first.is_alive() and not second.is_alive()
-    assert order == [8, 1], order
+    results, order = small_forward_held_for(server, bridge, small, product,
+                                            {"input_ids": one, "c": column})
+    assert order == [(1, 8), (1, 1)], order
     torch.testing.assert_close(results["small"].values["__logits__"], small_logits)
     x = column.expand(2048, 2048).contiguous()
-    torch.testing.assert_close(results["product"].values["y"], (x @ x).sum())
-    assert not worker.scheduler.qsize()
+    torch.testing.assert_close(results["other"].values["y"], (x @ x).sum())
+    assert not server.server.worker.scheduler.qsize()
 
 
 def test_light_requests_run_while_a_request_materialises_large_views(hosted):
