@@ -39,10 +39,27 @@ def _best_seconds(fn, device: torch.device) -> float:
 
 def measure(device: torch.device) -> DeviceRates:
     """Time a matrix product and an add on ``device`` (in the calling thread: its thread
-    team and subnormal mode are the ones the worker's ops will run with)."""
+    team and subnormal mode are the ones the worker's ops will run with). On an accelerator
+    whose memory the model has nearly filled, smaller tensors are tried (the add's rate is
+    then an over-estimate of a large add's: the margin errs towards admitting), and what the
+    measurement allocated is handed back to the device afterwards."""
     accelerator = device.type != "cpu"
     side = 4096 if accelerator else 512
-    elements = 1 << (27 if accelerator else 24)  # past the caches: 192 MiB on a CPU
+    elements = 1 << (26 if accelerator else 24)  # past the caches: 192 MiB on a CPU
+    try:
+        while True:
+            try:
+                return _timed(device, side, elements)
+            except torch.OutOfMemoryError:
+                if elements <= 1 << 16:
+                    raise
+                side, elements = max(side // 2, 256), elements // 4
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _timed(device: torch.device, side: int, elements: int) -> DeviceRates:
     with torch.no_grad():  # (constant values: nothing here may draw from torch's RNG)
         a = torch.full((side, side), 0.5, device=device)
         b = torch.full((side, side), 0.25, device=device)
