@@ -759,11 +759,15 @@ class ModelWorker(threading.Thread):
     def _forward_may_give_way(p: Prepared) -> bool:
         """Nothing of ``p``'s own is in effect on the model during its forward but its hooks
         (owned per forward) and its TL hook marks (suspended while another forward runs
-        nested): a TL forward with TL's default hook switches, no eager or attention-weight
-        sites, no narrowing, no attention weights returned, no backward pass, on a model
-        that is not offloaded (accelerate's offload hooks move weights per block)."""
+        nested): a forward -- TL's, or the plain HF forward HF module sites run in -- with
+        TL's default hook switches, no eager or attention-weight sites, no narrowing, no
+        attention weights returned, no backward pass, on a model that is not offloaded
+        (accelerate's offload hooks move weights per block). (The plain HF tree is a mirror
+        of its own, sharing only the parameters: a TL forward nested in it never passes
+        through its modules, and a module-site forward nested in it finds only hooks that
+        are owned per forward there.)"""
         spec = p.job.submit.graph.forward
-        return not (p.on_modules or p.eager or p.attention_weights or p.narrow is not None or
+        return not (p.eager or p.attention_weights or p.narrow is not None or
                     spec.tl_flags or spec.output_attentions or
                     p.interleaver.backward is not None or
                     getattr(p.entry.hosted.original, "hf_device_map", None))

@@ -44,6 +44,7 @@ from hookwire.module_sites import ServerObject, is_module_site, owned_by
 from hookwire.families import (DTYPES, build_hf_model, family_for_architecture,
                                served_architectures)
 from hookwire.server.attention_sites import eager_attention
+from hookwire.server.cancel_watch import block_modules
 from hookwire.server.models import place_on_devices, wrap_in_bridge
 from pyvene.models.intervenable_modelcard import type_to_module_mapping
 
@@ -517,6 +518,48 @@ def test_gemma2_pyvene_keeps_final_logit_softcapping():
 
 
 # ---- giving way inside a forward ------------------------------------------------------------
+
+def test_the_plain_hf_forward_is_reentrant_between_its_blocks(case):
+    """A forward reading HF module sites runs in the server's plain HF tree (a mirror
+    sharing the model's parameters) and gives way between its blocks too: light requests
+    run nested in it there, module-site ones in the same tree, TL ones in the bridge. For
+    the family's served tree: a forward with whole nested forwards of other tokens -- one in
+    the plain tree itself, one in the TL bridge where it is served -- run at the pre-hook of
+    its last block equals the same forward without nesting, and each nested one its solo
+    run -- bit for bit."""
+    entry = case.server.server.entries[case.name]
+    plain = entry.hf_model
+    assert plain is not None, "no plain HF tree: module sites could not run"
+    field = entry.hosted.family.output_field
+    bridge = entry.hosted.bridge if tl_refusal(case) is None else None
+    inner_tokens = LOCAL_SOURCE[:1, :4]
+
+    def hf(tokens):
+        out = type(plain).forward(plain, input_ids=tokens, use_cache=False)
+        return getattr(out, field)
+    nested: dict = {}
+
+    def nest(module, args):
+        if not nested:
+            nested["started"] = True  # (the pre-hook fires in the nested forward too)
+            with owned_by(object()):
+                nested["plain"] = hf(inner_tokens)
+                if bridge is not None:
+                    nested["tl"] = bridge(inner_tokens)
+    with torch.no_grad():
+        alone, inner_alone = hf(LOCAL_TOKENS), hf(inner_tokens)
+        tl_alone = bridge(inner_tokens) if bridge is not None else None
+        handle = block_modules(plain)[-1].register_forward_pre_hook(nest)
+        try:
+            out = hf(LOCAL_TOKENS)
+        finally:
+            handle.remove()
+    assert nested, "the last block's pre-hook did not fire"
+    assert_close(out, alone, rtol=0, atol=0, msg="the interrupted forward")
+    assert_close(nested["plain"], inner_alone, rtol=0, atol=0, msg="the nested plain forward")
+    if bridge is not None:
+        assert_close(nested["tl"], tl_alone, rtol=0, atol=0, msg="the nested TL forward")
+
 
 def test_a_forward_is_reentrant_at_the_sites_it_gives_way_at(case):
     """A long forward lets waiting light requests run as forwards nested in it at its sites

@@ -14,7 +14,9 @@ from pipelined import PipelinedClient
 
 import hookwire.server as hs
 from hookwire.client import Connection
+from hookwire.families import build_hf_model
 from hookwire.server.device_rates import rates_for
+from hookwire.server.models import BUILTIN_MODELS
 from hookwire.server.worker import IN_PLACE_SECONDS
 from hookwire.validate import Limits
 
@@ -83,9 +85,10 @@ def test_light_requests_overtake_a_long_one_and_all_equal_local(server, hosted):
 
 
 def long_beside_light(server, long_conn, long_graph, long_tensors: dict, under_way,
-                      light_tensors: dict, handles=()) -> dict:
+                      light_tensors: dict, handles=(), light_graph=None) -> dict:
     """Run a long request on ``long_conn``; once ``under_way()`` says it is (it may wait, up
-    to a minute), three light read requests of three other users (keyless connections). Every
+    to a minute), three light read requests (``light_graph``, else :func:`read_graph`) of
+    three other users (keyless connections). Every
     result by key ("long", 0, 1, 2); every thread joined, connection closed and hook
     ``handles`` removed, even on failure."""
     light_conns = [Connection(server.url) for _ in range(3)]
@@ -99,8 +102,8 @@ def long_beside_light(server, long_conn, long_graph, long_tensors: dict, under_w
         threads[0].start()
         assert under_way(), "the long request did not get under way"
         for i, conn in enumerate(light_conns):
-            threads.append(threading.Thread(target=run, args=(i, conn, read_graph(),
-                                                              light_tensors)))
+            threads.append(threading.Thread(target=run, args=(
+                i, conn, light_graph or read_graph(), light_tensors)))
             threads[-1].start()
         for t in threads:
             t.join(120)
@@ -240,6 +243,74 @@ def test_light_requests_run_between_two_blocks_of_a_batched_long_forward(hosted)
             torch.testing.assert_close(answer.values[name], seen[k][name])
     assert_light_forwards_first(order, 64)
     assert_light_results(results, light_logits, light_resid)
+
+
+MODULE_SITES = ["hf:transformer.h.0:output", "hf:transformer.h.1.mlp:input"]
+
+
+def local_module_reads(tokens):
+    """Logits of a plain local HF tiny-gpt2 (the server's weights) and what torch hooks read
+    at ``MODULE_SITES`` there, by site name."""
+    spec = BUILTIN_MODELS["tiny-gpt2"]
+    local = build_hf_model(spec.architecture, spec.config, seed=spec.seed)[0].eval()
+    seen: dict = {}
+    reads = [local.transformer.h[0].register_forward_hook(
+                 lambda m, args, out: seen.__setitem__(
+                     MODULE_SITES[0], (out[0] if isinstance(out, tuple) else out).clone())),
+             local.transformer.h[1].mlp.register_forward_pre_hook(
+                 lambda m, args: seen.__setitem__(MODULE_SITES[1], args[0].clone()))]
+    try:
+        with torch.no_grad():
+            return local(tokens).logits, seen
+    finally:
+        for handle in reads:
+            handle.remove()
+
+
+@pytest.mark.parametrize("light_kind", ["tl", "module_sites"])
+def test_light_requests_run_between_two_blocks_of_a_long_module_site_forward(server, hosted,
+                                                                             light_kind):
+    """A long forward reading HF module sites (256 x 256 tokens; it runs in the plain HF
+    forward, on a mirror of the model sharing its parameters) gives way between its blocks
+    as a TL forward does: three light requests of other users -- TL reads, or module-site
+    reads run in the same plain tree, nested in its own forward -- queued while its first
+    block runs, run as forwards nested in it before its last block ends (the TL reads
+    co-batch into one forward; of the module-site reads, which never share a forward, one
+    runs there), each bit-equal to its solo run; the long one equals the same reads by torch hooks on a plain local HF
+    model. Before, a module-site forward never gave way: a tenant held the worker for the
+    largest forward the limits admit by reading one HF module site."""
+    bridge = hosted["tiny-gpt2"].bridge
+    plain = server.server.entries["tiny-gpt2"].hf_model  # the tree module sites run in
+    if light_kind == "tl":
+        light_tokens, light_logits, light_resid = light_reference(bridge)
+        light_graph = read_graph()
+    else:
+        light_tokens = bridge.to_tokens(["hello world"])
+        light_logits, light_seen = local_module_reads(light_tokens)
+        light_resid = light_seen[MODULE_SITES[0]]
+        light_graph = graphs.read_graph(sites=MODULE_SITES[:1], names=["resid"])
+    long_tokens = torch.randint(0, 256, (256, 256), generator=torch.Generator().manual_seed(4))
+    long_logits, seen = local_module_reads(long_tokens)
+    # Forwards leaving the last block of either tree, by rows, in order.
+    started, order, handles = watch_rows(bridge, 256)
+    handles += [plain.transformer.h[0].register_forward_pre_hook(
+                    lambda m, args: started.set() if args[0].shape[0] == 256 else None),
+                plain.transformer.h[-1].register_forward_hook(
+                    lambda m, args, out: order.append(args[0].shape[0]))]
+    long_graph = graphs.read_graph(sites=MODULE_SITES, names=MODULE_SITES)
+    results = long_beside_light(server, Connection(server.url), long_graph,
+                                {"input_ids": long_tokens}, lambda: started.wait(60),
+                                {"input_ids": light_tokens}, handles, light_graph)
+    if light_kind == "tl":
+        assert_light_forwards_first(order, 256)  # (they co-batch: one nested forward)
+    else:
+        # Module-site graphs never share a forward: one light forward per give-way point,
+        # and tiny-gpt2's second block is the only one after they queued.
+        assert order.index(256) == 1 and len(order) == 4, order
+    assert_light_results(results, light_logits, light_resid)
+    torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
+    for name in MODULE_SITES:
+        torch.testing.assert_close(results["long"].values[name], seen[name])
 
 
 def small_forward_held_for(server, bridge, small, other_graph, other_tensors):
