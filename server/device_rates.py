@@ -6,22 +6,33 @@ faster, so the best is the device's own speed and a shared machine errs towards 
 a float32 matrix product (the contraction rate) and a float32 add of tensors larger than the
 CPU's caches (the per-element rate). 0.3-0.5 s on a CPU; the first request on a device
 pays it if the worker has not measured it at start.
+
+A server started while its machine is busy measures it slow, and would then refuse, for as
+long as it runs, ops that take well under ``max_node_seconds`` (a test did, on a loaded CI
+machine). So the worker measures again when it is idle (:class:`IdleRefinement`: one product
+and one add, at most once a minute, each skipped if a request is waiting) and each rate
+keeps the best it has seen (:func:`refine`): rates only rise, towards the device's own.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from typing import Callable
 
 import torch
 
 from hookwire.op_time import DeviceRates
 
+log = logging.getLogger("hookwire.server")
+
 _RUNS = 5
 _measured: dict[str, DeviceRates] = {}
+_sizes: dict[str, tuple[int, int]] = {}  # device -> (product side, add elements) it took
 _lock = threading.Lock()
 
 
-def _best_seconds(fn, device: torch.device) -> float:
+def _best_seconds(fn, device: torch.device, runs: int = _RUNS) -> float:
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -29,7 +40,7 @@ def _best_seconds(fn, device: torch.device) -> float:
     fn()  # warm: allocator, kernels, thread team
     synchronize()
     best = float("inf")
-    for _ in range(_RUNS):
+    for _ in range(runs):
         t0 = time.perf_counter()
         fn()
         synchronize()
@@ -49,7 +60,9 @@ def measure(device: torch.device) -> DeviceRates:
     try:
         while True:
             try:
-                return _timed(device, side, elements)
+                rates = _timed(device, side, elements)
+                _sizes[str(device)] = side, elements
+                return rates
             except torch.OutOfMemoryError:
                 if elements <= 1 << 16:
                     raise
@@ -60,14 +73,22 @@ def measure(device: torch.device) -> DeviceRates:
 
 
 def _timed(device: torch.device, side: int, elements: int) -> DeviceRates:
+    return DeviceRates(contraction_flops=_product_rate(device, side),
+                       element_ops=_add_rate(device, elements))
+
+
+def _product_rate(device: torch.device, side: int, runs: int = _RUNS) -> float:
     with torch.no_grad():  # (constant values: nothing here may draw from torch's RNG)
         a = torch.full((side, side), 0.5, device=device)
         b = torch.full((side, side), 0.25, device=device)
+        return 2 * side ** 3 / _best_seconds(lambda: torch.mm(a, b), device, runs)
+
+
+def _add_rate(device: torch.device, elements: int, runs: int = _RUNS) -> float:
+    with torch.no_grad():
         x = torch.full((elements,), 0.5, device=device)
         y = torch.full((elements,), 0.25, device=device)
-        gemm = _best_seconds(lambda: torch.mm(a, b), device)
-        add = _best_seconds(lambda: torch.add(x, y), device)
-    return DeviceRates(contraction_flops=2 * side ** 3 / gemm, element_ops=elements / add)
+        return elements / _best_seconds(lambda: torch.add(x, y), device, runs)
 
 
 def rates_for(device: torch.device | str) -> DeviceRates:
@@ -80,4 +101,57 @@ def rates_for(device: torch.device | str) -> DeviceRates:
         return _measured[key]
 
 
-__all__ = ["rates_for", "measure"]
+def refine(device: torch.device | str, waiting: Callable[[], bool] = lambda: False) -> \
+        DeviceRates:
+    """Measure ``device`` once more -- one product, then one add, at the sizes its first
+    measurement took, the add skipped if ``waiting()`` says a request waits meanwhile -- and
+    keep for each rate the best seen. Returns the rates now in use."""
+    device = torch.device(device)
+    key = str(device)
+    current = rates_for(device)
+    side, elements = _sizes.get(key, (512, 1 << 24))
+    product = add = 0.0
+    try:
+        product = _product_rate(device, side, runs=1)
+        if not waiting():
+            add = _add_rate(device, elements, runs=1)
+    except torch.OutOfMemoryError:  # the model's requests have the memory now: next time
+        pass
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    with _lock:
+        current = _measured[key]
+        best = DeviceRates(contraction_flops=max(current.contraction_flops, product),
+                           element_ops=max(current.element_ops, add))
+        if best != current:
+            log.info("device %s measured faster when idle: %.3g flop/s products, %.3g "
+                     "elements/s (were %.3g, %.3g)", key, best.contraction_flops,
+                     best.element_ops, current.contraction_flops, current.element_ops)
+        _measured[key] = best
+        return best
+
+
+class IdleRefinement:
+    """When the model worker measures its devices again (:func:`refine`): ``idle()`` with
+    nothing queued, at most every ``EVERY_S``; ``waiting()`` says a request came meanwhile
+    (the rest of the measurement waits for the next time). Returns whether it measured."""
+    EVERY_S = 60.0
+
+    def __init__(self, devices, waiting: Callable[[], bool], clock=time.monotonic):
+        self.devices = list(dict.fromkeys(str(d) for d in devices))
+        self.waiting, self.clock = waiting, clock
+        self.last = clock()
+
+    def idle(self) -> bool:
+        if self.clock() - self.last < self.EVERY_S:
+            return False
+        for device in self.devices:
+            if self.waiting():
+                break
+            refine(device, self.waiting)
+        self.last = self.clock()
+        return True
+
+
+__all__ = ["rates_for", "measure", "refine", "IdleRefinement"]

@@ -39,7 +39,7 @@ from hookwire.server import replies
 from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
                                              weight_site_modules)
 from hookwire.server.cancel_watch import stop_between_blocks
-from hookwire.server.device_rates import rates_for
+from hookwire.server.device_rates import IdleRefinement, rates_for
 from hookwire.server.constants import graph_constants
 from hookwire.server.generation import run_generation, validate_generation
 from hookwire.server.give_way import GiveWay
@@ -342,6 +342,10 @@ class ModelWorker(threading.Thread):
         flush_subnormals()  # (first: the CPU thread team this thread creates inherits it)
         for entry in self.models.values():  # before any request: what one op may take
             rates_for(entry.hosted.device)
+        # ...and again when idle: a start on a busy machine must not leave them low
+        self.rates_refinement = IdleRefinement(
+            [entry.hosted.device for entry in self.models.values()],
+            lambda: bool(self.scheduler.qsize()))
         # A hosted object used locally meanwhile waits for the served forwards (and they
         # for it): TL keeps per-call state on the bridge's modules (server/local_calls.py).
         waits = [wait for entry in self.models.values() if entry.hosted.bridge is not None
@@ -357,6 +361,7 @@ class ModelWorker(threading.Thread):
         while True:
             if not self.scheduler.qsize():
                 self.collections.idle()  # a full collection, if due (server/heap.py)
+                self.rates_refinement.idle()  # the device's rates again, if due
                 if self.trim.due() and \
                         not self.scheduler.wait_for_work(self.trim.AFTER_IDLE_S):
                     self.trim.trimmed()  # idle a while: freed memory back to the system
