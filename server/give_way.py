@@ -11,9 +11,9 @@ thread, as the worker would run them -- then the long request goes on, its own c
 for that time so its deadline counts only its own work.
 
 A forward gives way too (``in_forward``): between two of its blocks (the worker's stop check
-at each block's pre-hook calls ``give_way(at_block=True)``; a forward reading HF module sites,
-in the plain HF tree that mirrors the model's parameters, there only), inside each attention once its
-scores, its pattern and its output are made (the same check, after those hook points:
+at each block's pre-hook calls ``give_way(at_block=True)``; a forward reading HF module
+sites, in the plain HF tree that mirrors the model's parameters, there only), inside each
+attention once its scores, its pattern and its output are made (the same check, after those hook points:
 ``ModelEntry.attention_sites``; attention is most of a long sequence's block: a 28x256
 tiny-gpt2 block took ~50 ms, ~35 of them up to the pattern), and at those of its own sites
 that are hook points of a block itself or those attention points (``block_sites``), before
@@ -49,8 +49,8 @@ request taken is validated first and, if its ops are estimated over the worker's
 ``IN_PLACE_SECONDS`` (or it is heavy in bytes, flops or nodes), it does not run in the
 other's place: it stays validated and is scheduled as any request is
 (``ModelWorker.execute_in_place``: back at the head of its user's queue, validated), and
-its user's later requests wait behind it. Requests of the long request's own user never overtake it (each user's requests
-keep their order), and a request run in its place never gives way itself (one level of
+its user's later requests wait behind it. Requests of the long request's own user never
+overtake it (each user's requests keep their order), and a request run in its place never gives way itself (one level of
 nesting at most). And a batch the scheduler formed runs its light-looking requests first,
 validated and run, before it validates the others
 (``ModelWorker.execute_batch``): a light request taken into a batch with long ones is no
