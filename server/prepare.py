@@ -80,6 +80,9 @@ class ModelEntry:
     attention_sites: frozenset = frozenset()
     # ... and their modules, each once: a forward's stop check runs after each
     attention_points: tuple = ()
+    # The plain HF tree's (module sites' forward): each block's attention module, after which
+    # its stop check runs too (HF attention is one call: no scores or pattern apart)
+    hf_attention_points: tuple = ()
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
     # False: a later token changes earlier positions' outputs (probed at load), so requests
@@ -148,6 +151,20 @@ def attention_points(bridge) -> tuple:
                  for attn in [getattr(block, "attn", None)] if attn is not None
                  for name, m in attn.named_children()
                  if name in ATTENTION_GIVE_WAY_POINTS and isinstance(m, HookPoint))
+
+
+def hf_attention_points(hf_model) -> tuple:
+    """Each block's attention module in a plain HF tree (a direct child of the block whose
+    class name says attention: ``attn``, ``self_attn``, ``attention``...; none for a block
+    without one): a forward reading HF module sites gives way after it, between the
+    block's attention and its MLP. Every served family's plain forward is re-entrant there
+    (tests/test_families.py)."""
+    if hf_model is None:
+        return ()
+    return tuple(attn for block in block_modules(hf_model)
+                 for attn in [next((m for m in block.children()
+                                    if "attention" in type(m).__name__.lower()), None)]
+                 if attn is not None)
 
 
 def prepare_model(hosted: HostedModel) -> ModelEntry:
@@ -233,6 +250,7 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         weight_storages=weight_storages(hosted.model, hf_model),
         block_sites=block_sites(tl_bridge, site_modules),
         attention_sites=_sites_at(site_modules, points), attention_points=points,
+        hf_attention_points=hf_attention_points(hf_model),
         causal=causal, output_width=output_width)
 
 

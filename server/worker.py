@@ -734,10 +734,10 @@ class ModelWorker(threading.Thread):
 
         # Autograd only for graphs that differentiate; the weights are never a target of it.
         watched = p.entry.hf_model if p.on_modules else p.entry.hosted.bridge
+        points = p.entry.hf_attention_points if p.on_modules else p.entry.attention_points
         done = None
         with il.grad_mode(), marked_for_graph(p.entry.site_modules, il.vg) as marks, \
-                stop_between_blocks(watched, self._stop_reason([p]),
-                                    p.entry.attention_points), \
+                stop_between_blocks(watched, self._stop_reason([p]), points), \
                 self._may_give_way_in_forward(p, marks):
             output = il.run(p.entry.site_modules,
                             self._forward(p.entry, spec, p.tokens, p.on_modules, p.mask,

@@ -521,12 +521,13 @@ def test_gemma2_pyvene_keeps_final_logit_softcapping():
 
 def test_the_plain_hf_forward_is_reentrant_between_its_blocks(case):
     """A forward reading HF module sites runs in the server's plain HF tree (a mirror
-    sharing the model's parameters) and gives way between its blocks too: light requests
-    run nested in it there, module-site ones in the same tree, TL ones in the bridge. For
-    the family's served tree: a forward with whole nested forwards of other tokens -- one in
-    the plain tree itself, one in the TL bridge where it is served -- run at the pre-hook of
-    its last block equals the same forward without nesting, and each nested one its solo
-    run -- bit for bit."""
+    sharing the model's parameters) and gives way there too, at each block's pre-hook and
+    after each block's attention module (``ModelEntry.hf_attention_points``): light requests
+    run nested in it, module-site ones in the same tree, TL ones in the bridge. For the
+    family's served tree, at its last block's pre-hook and after its first and last
+    attention: a forward with whole nested forwards of other tokens -- one in the plain tree
+    itself, one in the TL bridge where it is served -- equals the same forward without
+    nesting, and each nested one its solo run -- bit for bit."""
     entry = case.server.server.entries[case.name]
     plain = entry.hf_model
     assert plain is not None, "no plain HF tree: module sites could not run"
@@ -537,28 +538,36 @@ def test_the_plain_hf_forward_is_reentrant_between_its_blocks(case):
     def hf(tokens):
         out = type(plain).forward(plain, input_ids=tokens, use_cache=False)
         return getattr(out, field)
-    nested: dict = {}
-
-    def nest(module, args):
-        if not nested:
-            nested["started"] = True  # (the pre-hook fires in the nested forward too)
-            with owned_by(object()):
-                nested["plain"] = hf(inner_tokens)
-                if bridge is not None:
-                    nested["tl"] = bridge(inner_tokens)
+    attention = entry.hf_attention_points
+    ends = dict.fromkeys([0, len(attention) - 1]) if attention else {}
+    points = [("the last block's pre-hook", block_modules(plain)[-1], True)] + \
+        [(f"after {type(attention[k]).__name__} {k}", attention[k], False) for k in ends]
     with torch.no_grad():
         alone, inner_alone = hf(LOCAL_TOKENS), hf(inner_tokens)
         tl_alone = bridge(inner_tokens) if bridge is not None else None
-        handle = block_modules(plain)[-1].register_forward_pre_hook(nest)
-        try:
-            out = hf(LOCAL_TOKENS)
-        finally:
-            handle.remove()
-    assert nested, "the last block's pre-hook did not fire"
-    assert_close(out, alone, rtol=0, atol=0, msg="the interrupted forward")
-    assert_close(nested["plain"], inner_alone, rtol=0, atol=0, msg="the nested plain forward")
-    if bridge is not None:
-        assert_close(nested["tl"], tl_alone, rtol=0, atol=0, msg="the nested TL forward")
+        for where, module, before in points:
+            nested: dict = {}
+
+            def nest(*_):
+                if not nested:
+                    nested["started"] = True  # (the hook fires in the nested forward too)
+                    with owned_by(object()):
+                        nested["plain"] = hf(inner_tokens)
+                        if bridge is not None:
+                            nested["tl"] = bridge(inner_tokens)
+            handle = module.register_forward_pre_hook(nest) if before else \
+                module.register_forward_hook(nest)
+            try:
+                out = hf(LOCAL_TOKENS)
+            finally:
+                handle.remove()
+            assert nested, f"{where}: the hook did not fire"
+            assert_close(out, alone, rtol=0, atol=0, msg=f"{where}: the interrupted forward")
+            assert_close(nested["plain"], inner_alone, rtol=0, atol=0,
+                         msg=f"{where}: the nested plain forward")
+            if bridge is not None:
+                assert_close(nested["tl"], tl_alone, rtol=0, atol=0,
+                             msg=f"{where}: the nested TL forward")
 
 
 def test_a_forward_is_reentrant_at_the_sites_it_gives_way_at(case):

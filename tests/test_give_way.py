@@ -275,8 +275,8 @@ def test_light_requests_run_between_two_blocks_of_a_long_module_site_forward(ser
     as a TL forward does: three light requests of other users -- TL reads, or module-site
     reads run in the same plain tree, nested in its own forward -- queued while its first
     block runs, run as forwards nested in it before its last block ends (the TL reads
-    co-batch into one forward; of the module-site reads, which never share a forward, one
-    runs there), each bit-equal to its solo run; the long one equals the same reads by torch hooks on a plain local HF
+    co-batch into one forward; the module-site reads, which never share a forward, one at a
+    give-way point), each bit-equal to its solo run; the long one equals the same reads by torch hooks on a plain local HF
     model. Before, a module-site forward never gave way: a tenant held the worker for the
     largest forward the limits admit by reading one HF module site."""
     bridge = hosted["tiny-gpt2"].bridge
@@ -304,9 +304,10 @@ def test_light_requests_run_between_two_blocks_of_a_long_module_site_forward(ser
     if light_kind == "tl":
         assert_light_forwards_first(order, 256)  # (they co-batch: one nested forward)
     else:
-        # Module-site graphs never share a forward: one light forward per give-way point,
-        # and tiny-gpt2's second block is the only one after they queued.
-        assert order.index(256) == 1 and len(order) == 4, order
+        # Module-site graphs never share a forward: one light forward per give-way point
+        # (after block 0's attention, block 1's pre-hook, after its attention), each
+        # after the long one has run on for as long as it gave way.
+        assert order.index(256) >= 1 and len(order) == 4, order
     assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
     for name in MODULE_SITES:
@@ -555,6 +556,48 @@ def test_light_requests_run_inside_a_long_forwards_attention(server, hosted):
     assert_light_results(results, light_logits, light_resid)
     torch.testing.assert_close(results["long"].values["__logits__"], long_logits,
                                rtol=0, atol=0)
+
+
+def test_light_requests_run_after_the_attention_of_a_long_module_site_forward(server, hosted):
+    """A forward reading HF module sites gives way after each block's attention module too
+    (``ModelEntry.hf_attention_points``: between a block's attention and its MLP; HF
+    attention is one call). It reads block 0's output; three light TL requests of other
+    users, queued while its last block's attention runs (the test holds it at that
+    module's pre-hook until they are), run as forwards nested there and leave the last
+    block before it does, each bit-equal to its solo run; the long one equals the same read
+    by a torch hook on a plain local HF model. Before, it could give way only between blocks:
+    they ran after."""
+    plain = server.server.entries["tiny-gpt2"].hf_model
+    assert plain.transformer.h[-1].attn in server.server.entries["tiny-gpt2"].hf_attention_points
+    bridge = hosted["tiny-gpt2"].bridge
+    light_tokens, light_logits, light_resid = light_reference(bridge)
+    long_tokens = torch.randint(0, 256, (5, 8), generator=torch.Generator().manual_seed(8))
+    long_logits, seen = local_module_reads(long_tokens)
+    started, order = threading.Event(), []
+    scheduler = server.server.worker.scheduler
+
+    def hold_until_queued(module, args, kwargs):
+        if kwargs.get("hidden_states", args[0] if args else None).shape[0] == 5:
+            started.set()
+            deadline = time.monotonic() + 60
+            while scheduler.qsize() < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    def leaving(module, args, output):
+        order.append(args[0].shape[0])
+
+    handles = [plain.transformer.h[-1].attn.register_forward_pre_hook(hold_until_queued,
+                                                                      with_kwargs=True),
+               plain.transformer.h[-1].register_forward_hook(leaving),
+               bridge.blocks[-1].register_forward_hook(leaving)]
+    long_graph = graphs.read_graph(sites=MODULE_SITES[:1], names=["h0"])
+    results = long_beside_light(server, Connection(server.url), long_graph,
+                                {"input_ids": long_tokens}, lambda: started.wait(60),
+                                {"input_ids": light_tokens}, handles)
+    assert_light_forwards_first(order, 5)  # (leaving the last block)
+    assert_light_results(results, light_logits, light_resid)
+    torch.testing.assert_close(results["long"].values["__logits__"], long_logits)
+    torch.testing.assert_close(results["long"].values["h0"], seen[MODULE_SITES[0]])
 
 
 def test_light_requests_run_between_the_tokens_of_a_long_generation(hosted):
