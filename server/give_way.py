@@ -12,7 +12,8 @@ for that time so its deadline counts only its own work.
 
 A forward gives way too (``in_forward``): between two of its blocks (the worker's stop check
 at each block's pre-hook calls ``give_way(at_block=True)``; a forward reading HF module
-sites, in the plain HF tree that mirrors the model's parameters, there only), inside each
+sites, in the plain HF tree that mirrors the model's parameters, there and after each
+block's attention module, ``ModelEntry.hf_attention_points``), inside each TL
 attention once its scores, its pattern and its output are made (the same check, after those hook points:
 ``ModelEntry.attention_sites``; attention is most of a long sequence's block: a 28x256
 tiny-gpt2 block took ~50 ms, ~35 of them up to the pattern), and at those of its own sites
