@@ -14,8 +14,8 @@ A forward gives way too (``in_forward``): between two of its blocks (the worker'
 at each block's pre-hook calls ``give_way(at_block=True)``; a forward reading HF module
 sites, in the plain HF tree that mirrors the model's parameters, there and after each
 block's attention module, ``ModelEntry.hf_attention_points``), inside each TL
-attention once its scores, its pattern and its output are made (the same check, after those hook points:
-``ModelEntry.attention_sites``; attention is most of a long sequence's block: a 28x256
+attention once its scores, its pattern and its output are made (the same check, after
+those hook points: ``ModelEntry.attention_sites``; attention is most of a long sequence's block: a 28x256
 tiny-gpt2 block took ~50 ms, ~35 of them up to the pattern), and at those of its own sites
 that are hook points of a block itself or those attention points (``block_sites``), before
 each node its graph runs there (a graph running thousands of nodes at one site, say). The
@@ -51,8 +51,8 @@ request taken is validated first and, if its ops are estimated over the worker's
 other's place: it stays validated and is scheduled as any request is
 (``ModelWorker.execute_in_place``: back at the head of its user's queue, validated), and
 its user's later requests wait behind it. Requests of the long request's own user never
-overtake it (each user's requests keep their order), and a request run in its place never gives way itself (one level of
-nesting at most). And a batch the scheduler formed runs its light-looking requests first,
+overtake it (each user's requests keep their order), and a request run in its place never
+gives way itself (one level of nesting at most). And a batch the scheduler formed runs its light-looking requests first,
 validated and run, before it validates the others
 (``ModelWorker.execute_batch``): a light request taken into a batch with long ones is no
 longer in the queue to be found at a yield point.
