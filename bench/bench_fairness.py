@@ -44,8 +44,9 @@ Kinds (SECURITY.md, "Co-tenancy", names each class):
   batched        found: a quarter of the largest forward, request after request, four in
                     flight on each of four connections: they co-batch into forwards as
                     large as the limits admit
-  module_sites   found: the largest forward the limits admit, reading an HF module site
-                    (the plain HF forward), request after request
+  module_sites   found: the largest forward the limits admit, reading the last block's
+                    output as an HF module site (the plain HF forward), request after
+                    request
   one_op         found: the largest matrix product the server admits (random matrices made
                     on the server from a 4-byte constant; the side found by bisection on
                     the server's refusals): one op, which nothing interrupts once it runs;
@@ -452,12 +453,16 @@ def attack(kind: str, url: str, seconds: float) -> None:
         g = graph([], return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": tokens})  # noqa: E731
     elif kind == "module_sites":
-        # The largest forward, reading an HF module site: the plain HF forward
-        # (server/worker.py: such forwards do not give way between blocks).
+        # The largest forward, reading an HF module site: the plain HF forward, run to its
+        # last block (the forward stops after the last site a graph reads).
+        from transformers import GPT2Config
+
+        from hookwire.server.models import BUILTIN_MODELS
+        last = GPT2Config(**BUILTIN_MODELS[MODEL].config).n_layer - 1
         tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))
         g = graph([{"id": 0, "op": "site.read", "args": [0]},
                    {"id": 1, "op": "sum", "args": [{"ref": 0}]}],
-                  sites=["hf:transformer.h.0:output"], saves={"s": 1}, return_type=None)
+                  sites=[f"hf:transformer.h.{last}:output"], saves={"s": 1}, return_type=None)
         work = lambda conn: conn.submit(g, {"input_ids": tokens})  # noqa: E731
     elif kind == "unread":
         tokens = torch.randint(0, 256, (largest_forward_rows(256), 256))
