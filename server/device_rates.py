@@ -10,8 +10,9 @@ pays it if the worker has not measured it at start.
 A server started while its machine is busy measures it slow, and would then refuse, for as
 long as it runs, ops that take well under ``max_node_seconds`` (a test did, on a loaded CI
 machine). So the worker measures again when it is idle (:class:`IdleRefinement`: one product
-and one add, at most once a minute, each skipped if a request is waiting) and each rate
-keeps the best it has seen (:func:`refine`): rates only rise, towards the device's own.
+and one add, at most once a minute, given up between steps of ~40 ms or less on a CPU once a
+request is waiting) and each rate keeps the best it has seen (:func:`refine`): rates only
+rise, towards the device's own.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ _sizes: dict[str, tuple[int, int]] = {}  # device -> (product side, add elements
 _lock = threading.Lock()
 
 
-def _best_seconds(fn, device: torch.device, runs: int = _RUNS) -> float:
+def _best_seconds(fn, device: torch.device, runs: int = _RUNS,
+                  waiting: Callable[[], bool] = lambda: False) -> float:
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -40,6 +42,8 @@ def _best_seconds(fn, device: torch.device, runs: int = _RUNS) -> float:
     fn()  # warm: allocator, kernels, thread team
     synchronize()
     best = float("inf")
+    if waiting():  # a request came: no time taken (a rate of 0, which refining ignores)
+        return best
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
@@ -84,11 +88,18 @@ def _product_rate(device: torch.device, side: int, runs: int = _RUNS) -> float:
         return 2 * side ** 3 / _best_seconds(lambda: torch.mm(a, b), device, runs)
 
 
-def _add_rate(device: torch.device, elements: int, runs: int = _RUNS) -> float:
+def _add_rate(device: torch.device, elements: int, runs: int = _RUNS,
+              waiting: Callable[[], bool] = lambda: False) -> float:
+    """Elements per second of an add; 0 if ``waiting()`` says a request came between its
+    steps (each ~30-40 ms on a CPU: filling each input, the warm-up, the timed run)."""
     with torch.no_grad():
         x = torch.full((elements,), 0.5, device=device)
+        if waiting():
+            return 0.0
         y = torch.full((elements,), 0.25, device=device)
-        return elements / _best_seconds(lambda: torch.add(x, y), device, runs)
+        if waiting():
+            return 0.0
+        return elements / _best_seconds(lambda: torch.add(x, y), device, runs, waiting)
 
 
 def rates_for(device: torch.device | str) -> DeviceRates:
@@ -104,8 +115,8 @@ def rates_for(device: torch.device | str) -> DeviceRates:
 def refine(device: torch.device | str, waiting: Callable[[], bool] = lambda: False) -> \
         DeviceRates:
     """Measure ``device`` once more -- one product, then one add, at the sizes its first
-    measurement took, the add skipped if ``waiting()`` says a request waits meanwhile -- and
-    keep for each rate the best seen. Returns the rates now in use."""
+    measurement took, the add given up between its steps once ``waiting()`` says a request
+    waits -- and keep for each rate the best seen. Returns the rates now in use."""
     device = torch.device(device)
     key = str(device)
     current = rates_for(device)
@@ -114,7 +125,7 @@ def refine(device: torch.device | str, waiting: Callable[[], bool] = lambda: Fal
     try:
         product = _product_rate(device, side, runs=1)
         if not waiting():
-            add = _add_rate(device, elements, runs=1)
+            add = _add_rate(device, elements, runs=1, waiting=waiting)
     except torch.OutOfMemoryError:  # the model's requests have the memory now: next time
         pass
     finally:

@@ -81,3 +81,20 @@ def test_a_server_that_measured_its_device_slow_admits_ordinary_ops_once_idle(ho
         client.close()
         srv.stop()
         _set_rates(device, measured)
+
+
+def test_refining_gives_up_the_add_between_its_steps_once_a_request_waits():
+    """The add's measurement fills two 64 MiB inputs and runs twice (~0.1 s on a CPU): a
+    request arriving meanwhile waits only for the step under way, and the rate stays."""
+    device = torch.device("cpu")
+    measured = rates_for(device)
+    low = DeviceRates(contraction_flops=1.0, element_ops=1.0)
+    try:
+        for steps in (1, 2, 3):  # a request comes after the first, second or third step
+            asked = []
+            _set_rates(device, low)
+            refined = refine(device, waiting=lambda: asked.append(1) or len(asked) > steps)
+            assert refined.element_ops == 1.0, (steps, refined)
+            assert refined.contraction_flops > 1e6, (steps, refined)
+    finally:
+        _set_rates(device, measured)
