@@ -119,7 +119,7 @@ def refine(device: torch.device | str, waiting: Callable[[], bool] = lambda: Fal
     waits -- and keep for each rate the best seen. Returns the rates now in use."""
     device = torch.device(device)
     key = str(device)
-    current = rates_for(device)
+    rates_for(device)  # (its first measurement, if it has none yet)
     side, elements = _sizes.get(key, (512, 1 << 24))
     product = add = 0.0
     try:
