@@ -126,8 +126,12 @@ def refine(device: torch.device | str, waiting: Callable[[], bool] = lambda: Fal
         product = _product_rate(device, side, runs=1)
         if not waiting():
             add = _add_rate(device, elements, runs=1, waiting=waiting)
-    except torch.OutOfMemoryError:  # the model's requests have the memory now: next time
-        pass
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as exc:
+        # The model's requests have the memory now (a CPU allocator that cannot allocate
+        # raises RuntimeError): the rates stay as they are, and the next idle minute tries
+        # again.
+        log.info("device %s: measuring again failed (%s); rates kept", key,
+                 str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -360,11 +360,7 @@ class ModelWorker(threading.Thread):
         key = self.batch_key if self.batching else (lambda job: None)
         while True:
             if not self.scheduler.qsize():
-                self.collections.idle()  # a full collection, if due (server/heap.py)
-                self.rates_refinement.idle()  # the device's rates again, if due
-                if self.trim.due() and \
-                        not self.scheduler.wait_for_work(self.trim.AFTER_IDLE_S):
-                    self.trim.trimmed()  # idle a while: freed memory back to the system
+                self._idle_housekeeping()
             jobs = self.scheduler.next_batch(key, _rows, _tokens, self.batch_fits,
                                              may_join=self.may_join)
             if jobs is None:
@@ -388,6 +384,18 @@ class ModelWorker(threading.Thread):
             self.trim.ran_batch()
             if self.trim.overdue():  # never idle long enough: now and then regardless
                 self.trim.trimmed()
+
+    def _idle_housekeeping(self) -> None:
+        """What the worker does with nothing queued. A failure here (a measurement that
+        cannot allocate its inputs while co-tenants hold the memory, a bug) is logged and
+        never ends the worker: every request after it would wait forever."""
+        try:
+            self.collections.idle()  # a full collection, if due (server/heap.py)
+            self.rates_refinement.idle()  # the device's rates again, if due
+            if self.trim.due() and not self.scheduler.wait_for_work(self.trim.AFTER_IDLE_S):
+                self.trim.trimmed()  # idle a while: freed memory back to the system
+        except Exception:
+            log.exception("idle housekeeping failed; serving on")
 
     # ---- one batch -----------------------------------------------------------------------
     def execute_in_place(self, jobs: list[Job]) -> None:
@@ -766,14 +774,18 @@ class ModelWorker(threading.Thread):
         (owned per forward) and its TL hook marks (suspended while another forward runs
         nested): a forward -- TL's, or the plain HF forward HF module sites run in -- with
         TL's default hook switches, no eager or attention-weight sites, no narrowing, no
-        attention weights returned, no backward pass, on a model that is not offloaded
-        (accelerate's offload hooks move weights per block). (The plain HF tree is a mirror
-        of its own, sharing only the parameters: a TL forward nested in it never passes
-        through its modules, and a module-site forward nested in it finds only hooks that
-        are owned per forward there.)"""
+        attention weights returned, no backward pass, not started at a block (TL's bridge
+        arms the injection of the request's residual on *every* block for the whole forward:
+        a forward nested in it would take that residual as its own block's input, and a
+        nested start-at-layer forward's teardown would clear it), on a model that is not
+        offloaded (accelerate's offload hooks move weights per block). (The plain HF tree is
+        a mirror of its own, sharing only the parameters: a TL forward nested in it never
+        passes through its modules, and a module-site forward nested in it finds only hooks
+        that are owned per forward there.)"""
         spec = p.job.submit.graph.forward
         return not (p.eager or p.attention_weights or p.narrow is not None or
                     spec.tl_flags or spec.output_attentions or
+                    spec.start_at_layer is not None or
                     p.interleaver.backward is not None or
                     getattr(p.entry.hosted.original, "hf_device_map", None))
 

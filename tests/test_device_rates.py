@@ -98,3 +98,59 @@ def test_refining_gives_up_the_add_between_its_steps_once_a_request_waits():
             assert refined.contraction_flops > 1e6, (steps, refined)
     finally:
         _set_rates(device, measured)
+
+
+def _cannot_allocate(*args, **kwargs):
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                       "allocate memory: you tried to allocate 67108864 bytes")
+
+
+def test_a_measurement_that_cannot_allocate_keeps_the_rates(monkeypatch):
+    """Co-tenants may hold the memory when the worker, idle, measures again: a CPU
+    allocator that cannot allocate raises ``RuntimeError`` (not ``OutOfMemoryError``). The
+    measurement is skipped and the rates stay as they were."""
+    device = torch.device("cpu")
+    measured = rates_for(device)
+    monkeypatch.setattr(device_rates, "_product_rate", _cannot_allocate)
+    monkeypatch.setattr(device_rates, "_add_rate", _cannot_allocate)
+    assert refine(device) == measured
+    assert rates_for(device) == measured
+
+
+def test_a_worker_whose_idle_housekeeping_fails_serves_on(hosted):
+    """Whatever fails in the worker's idle housekeeping (here its rates' re-measurement
+    raises every time it is asked) is logged, and the worker goes on serving: it used to run
+    outside the worker's guard, so one failure ended the worker thread and every request
+    after it waited forever."""
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
+    client = PipelinedClient(srv.url)
+    try:
+        worker = srv.server.worker
+        deadline = time.monotonic() + 60
+        while getattr(worker, "rates_refinement", None) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        failures = []
+
+        def failing_idle():
+            failures.append(time.monotonic())
+            _cannot_allocate()
+        worker.rates_refinement.idle = failing_idle
+        gen = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, 256, (1, 4), generator=gen)
+        reads = graph("tiny-gpt2", [node(0, "site.read", 0)],
+                      sites=["blocks.0.hook_resid_post"], saves={"r": 0}, return_type=None)
+        for k in range(2):  # the housekeeping runs (and fails) after each request
+            rid = client.send(reads, {"input_ids": tokens})
+            served = client.collect([rid], timeout=60)[rid]
+            assert served.error is None, served.error
+            with torch.no_grad():
+                _, cache = hosted["tiny-gpt2"].bridge.run_with_cache(tokens)
+            torch.testing.assert_close(served.values["r"], cache["blocks.0.hook_resid_post"],
+                                       rtol=0, atol=0)
+            while len(failures) <= k and time.monotonic() < deadline:
+                time.sleep(0.01)  # the worker, idle again, fails its housekeeping
+            assert len(failures) > k
+        assert worker.is_alive()
+    finally:
+        client.close()
+        srv.stop()
