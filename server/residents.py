@@ -69,6 +69,21 @@ class ResidentStore:
         # One lock for the whole pool: a put may evict from another user's store.
         self._lock = pool._lock if pool is not None else threading.RLock()
 
+    def keep_upload(self, cid: str, tensor: torch.Tensor,
+                    between: Callable[[], None] | None = None) -> bool:
+        """Keep a copy of an upload under its content id. A copy: the request then runs on
+        the upload and may write into it in place (its tokens site, an activation aliasing a
+        constant), which must not change what the content id names -- the client's next
+        call refers to it instead of sending the bytes."""
+        if tensor.numel() * tensor.element_size() > self.max_bytes:
+            return False
+        own = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+        if between is None:
+            own.copy_(tensor)
+        else:
+            _copy_in_chunks(own, tensor, between)
+        return self.put(cid, own)
+
     def put(self, rid: str, tensor: torch.Tensor,
             cpu_copy: torch.Tensor | None = None) -> bool:
         size = tensor.numel() * tensor.element_size()
@@ -253,16 +268,19 @@ def resolve_refs(store: ResidentStore, refs, max_bytes: int) -> dict[str, torch.
     return materialize_refs(check_refs(store, refs, max_bytes)[0])
 
 
-def keep_uploads(store: ResidentStore, keep: dict[str, str], tensors: dict) -> None:
+def keep_uploads(store: ResidentStore, keep: dict[str, str], tensors: dict,
+                 between: Callable[[], None] | None = None) -> None:
     """Store uploads the client asked to keep, under their content id -- after checking the
-    id really is the hash of what arrived (a wrong one is refused, never stored)."""
+    id really is the hash of what arrived (a wrong one is refused, never stored). The store
+    keeps a copy of its own (:meth:`ResidentStore.keep_upload`); ``between``: as for
+    :func:`materialize_refs`, called between chunks of that copy."""
     for tid, cid in keep.items():
         tensor = tensors.get(tid)
         if tensor is None:
             raise ProtocolError(f"asked to keep tensor {tid!r}, which was not uploaded")
         if content_id(tensor) != cid:
             raise ProtocolError(f"tensor {tid!r} does not match its content id")
-        store.put(cid, tensor)
+        store.keep_upload(cid, tensor, between)
 
 
 __all__ = ["DeviceBudget", "ResidentStore", "Residents", "check_refs", "materialize_refs",

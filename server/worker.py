@@ -542,7 +542,9 @@ class ModelWorker(threading.Thread):
             with self.give_way.allowed(job.conn.user):
                 job.tensors = {**job.tensors, **materialize_refs(job.refs, between=watch)}
             job.refs = []
-        keep_uploads(job.conn.store, job.submit.keep, job.tensors)
+        if job.submit.keep:
+            with self.give_way.allowed(job.conn.user):  # (copies: see materialize_refs)
+                keep_uploads(job.conn.store, job.submit.keep, job.tensors, between=watch)
         input_ids = job.tensors.get(graph.inputs.get("input_ids", ""))
         if input_ids is None or input_ids.dim() != 2 or input_ids.dtype != torch.int64:
             raise ProtocolError("input_ids must be an attached int64 tensor of shape (batch, seq)")

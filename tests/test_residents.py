@@ -222,3 +222,39 @@ def test_views_materialised_in_chunks_equal_their_clone(shape, stride, offset):
     nbytes = want.numel() * want.element_size()
     assert len(calls) >= max(1, -(-nbytes // COPY_CHUNK_BYTES))
     assert len(calls) <= max(1, 4 * -(-nbytes // COPY_CHUNK_BYTES))
+
+
+def test_a_kept_upload_is_not_changed_by_its_own_requests_in_place_write(hosted):
+    """The client keeps every upload of >= 256 bytes under its content id and later refers to
+    it instead of sending the bytes again. The server used to store the uploaded tensor
+    itself and then run the request on that very object: an in-place write into the tokens
+    site (or into an activation aliasing a kept constant) edited the stored value, and the
+    same prompt sent again by reference ran on other tokens than its content id names.
+    (Found by a review, seventeenth session.)"""
+    from graphs import graph, node, read_graph, ref
+    from pipelined import PipelinedClient
+
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
+    client = PipelinedClient(srv.url)
+    try:
+        tokens = torch.arange(1, 41, dtype=torch.int64)[None]  # 320 bytes: kept by clients
+        cid = content_id(tokens)
+        patch = graph("tiny-gpt2", [node(0, "site.read", 0), node(1, "full_like", ref(0), 7),
+                                    node(2, "site.write", 0, ref(1), mode="inplace")],
+                      ["embed.hook_in"], return_type="logits")
+        rid = client.send(patch, {"input_ids": tokens}, keep={"input_ids": cid})
+        assert client.collect([rid])[rid].error is None
+        # The same prompt again, by reference (what hookwire's client sends the second time).
+        client.ws.send(json.dumps({
+            "type": "submit", "request_id": "again", "keep_results": False, "tensors": [],
+            "graph": read_graph("tiny-gpt2", ["embed.hook_in"], names=["ids"],
+                                return_type=None),
+            "refs": [{"tid": "input_ids", "resident": cid, "dtype": "int64",
+                      "shape": [1, 40], "stride": [40, 1], "offset": 0}]}))
+        again = client.collect(["again"])["again"]
+        assert again.error is None, again.error
+        assert torch.equal(again.values["ids"], tokens), \
+            f"resident {cid} now holds {again.values['ids'].tolist()}"
+    finally:
+        client.close()
+        srv.stop()
