@@ -19,6 +19,7 @@ from __future__ import annotations
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Callable
 
@@ -99,11 +100,11 @@ class ResidentStore:
             self._values[rid] = (tensor, size, time.monotonic())
             self._count(size)
             self._expire()
-            while self.bytes > self.max_bytes:
+            while self.bytes > self.max_bytes and self._values:
                 self._drop(next(iter(self._values)))
             if self.pool is not None:
                 self.pool.evict_over_total()
-        return True
+            return rid in self._values  # (values dropped but still held count: _drop)
 
     def _count(self, size: int) -> None:
         self.bytes += size
@@ -124,11 +125,23 @@ class ResidentStore:
         return len(self._values)
 
     def _drop(self, rid: str) -> None:
+        """Take ``rid`` out of the store. Its bytes stay counted (against this user's
+        ``max_bytes`` and the server-wide total) until the tensor itself is gone: a request
+        that referred to it and waits to run holds it (``check_refs``), and a user who
+        evicted, replaced or let expire the values its queued requests refer to would
+        otherwise hold any number of them uncounted (a queue of requests, each holding a
+        value of up to its whole quota)."""
         entry = self._values.pop(rid, None)
         if entry is not None:
-            self._count(-entry[1])
-            if entry[0].device.type != "cpu":
-                self.device_budget.release(entry[1])
+            tensor, size = entry[0], entry[1]
+            # (CPython runs it as soon as the last reference goes: here, if none is held)
+            weakref.finalize(tensor, self._uncount, size, tensor.device.type != "cpu")
+
+    def _uncount(self, size: int, on_device: bool) -> None:
+        with self._lock:
+            self._count(-size)
+            if on_device:
+                self.device_budget.release(size)
 
     def drop_oldest(self) -> None:
         if self._values:
@@ -180,8 +193,10 @@ class Residents:
         """Over the server-wide total: the user holding most gives up its oldest values."""
         with self._lock:
             while self.total_bytes > self.max_total:
-                largest = max(self._stores.values(), key=lambda st: st.bytes, default=None)
-                if largest is None or not largest.bytes:
+                # (among stores with values to drop: bytes still held by requests are not)
+                largest = max((st for st in self._stores.values() if len(st)),
+                              key=lambda st: st.bytes, default=None)
+                if largest is None:
                     return
                 largest.drop_oldest()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 import uuid
 
 import pytest
@@ -257,4 +258,77 @@ def test_a_kept_upload_is_not_changed_by_its_own_requests_in_place_write(hosted)
             f"resident {cid} now holds {again.values['ids'].tolist()}"
     finally:
         client.close()
+        srv.stop()
+
+
+def test_values_dropped_while_a_queued_request_refers_to_them_stay_counted(hosted):
+    """A request that refers to a resident value holds it from its submit until it runs
+    (``check_refs``). A user who then lets the value expire (or evicts or replaces it) used
+    to leave it held and counted nowhere: a queue of such requests, each holding a value of
+    up to the user's whole quota, was memory no limit bounded. Now a dropped value's bytes
+    stay counted against its user's store (and the server-wide total) until the last
+    request holding it is done, and the request still runs equal to local torch."""
+    import threading
+
+    from graphs import const, graph, node
+    from pipelined import PipelinedClient
+
+    from hookwire.validate import Limits
+
+    bridge = hosted["tiny-gpt2"].bridge
+    srv = hs.start(models={"tiny-gpt2": bridge}, port=0,
+                   limits=Limits(max_resident_bytes=1 << 20, resident_ttl_s=0.5))
+    user, other = PipelinedClient(srv.url), PipelinedClient(srv.url)
+    release = threading.Event()
+
+    def hold(module, args):  # the other user's forward holds the worker until released
+        release.wait(60)
+
+    handle = None
+    try:
+        tokens = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(3))
+        value = torch.arange(65536, dtype=torch.float32)  # 256 KiB, kept by the first request
+        cid = content_id(value)
+        plain = graph("tiny-gpt2", return_type="logits")
+        rid = user.send({**plain, "constants": ["c0"]}, {"input_ids": tokens, "c0": value},
+                        keep={"c0": cid})
+        assert user.collect([rid])[rid].error is None
+        stores = [st for st in srv.server.residents._stores.values() if len(st)]
+        assert len(stores) == 1 and stores[0].bytes == value.numel() * 4
+        store = stores[0]  # the user's
+        handle = bridge.blocks[0].register_forward_pre_hook(hold)
+        held = other.send(plain, {"input_ids": tokens})
+        deadline = time.monotonic() + 30
+        while not srv.server.worker.current and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Queued behind it: a request of the user reading element 7 of its value.
+        reads = graph("tiny-gpt2", [node(0, "mul", const("c0"), 2.0)], saves={"x": 0},
+                      constants=["c0"], return_type=None)
+        queued = user.send(reads, {"input_ids": tokens},
+                           refs=[{"tid": "c0", "resident": cid, "dtype": "float32",
+                                  "shape": [1], "stride": [1], "offset": 7}])
+        time.sleep(0.6)  # past the value's time to live: the next look at the store drops it
+        late = user.send(reads, {"input_ids": tokens},
+                         refs=[{"tid": "c0", "resident": cid, "dtype": "float32",
+                                "shape": [1], "stride": [1], "offset": 7}])
+        refused = user.collect([late])[late]
+        assert refused.error is not None and refused.error.code == "resident_missing"
+        assert len(store) == 0
+        assert store.bytes == value.numel() * 4, \
+            "a value the queued request holds is no longer counted"
+        release.set()
+        answers = user.collect([queued])
+        assert other.collect([held])[held].error is None
+        assert answers[queued].error is None, answers[queued].error
+        torch.testing.assert_close(answers[queued].values["x"], value[7:8] * 2.0)
+        deadline = time.monotonic() + 10
+        while store.bytes and time.monotonic() < deadline:
+            time.sleep(0.01)  # (the worker lets the request's objects go as it ends)
+        assert store.bytes == 0 and srv.server.residents.total_bytes == 0
+    finally:
+        release.set()
+        if handle is not None:
+            handle.remove()
+        user.close()
+        other.close()
         srv.stop()
