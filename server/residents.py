@@ -67,6 +67,7 @@ class ResidentStore:
         self.device_budget = device_budget or DeviceBudget(0)
         self._values: OrderedDict[str, tuple[torch.Tensor, int, float]] = OrderedDict()
         self.bytes = 0
+        self.closed = False  # its user is gone (Residents.drop_user): it keeps nothing more
         # One lock for the whole pool: a put may evict from another user's store.
         self._lock = pool._lock if pool is not None else threading.RLock()
 
@@ -76,7 +77,7 @@ class ResidentStore:
         the upload and may write into it in place (its tokens site, an activation aliasing a
         constant), which must not change what the content id names -- the client's next
         call refers to it instead of sending the bytes."""
-        if tensor.numel() * tensor.element_size() > self.max_bytes:
+        if self.closed or tensor.numel() * tensor.element_size() > self.max_bytes:
             return False
         own = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
         if between is None:
@@ -96,6 +97,10 @@ class ResidentStore:
             tensor = cpu_copy.detach() if cpu_copy is not None else tensor.to("cpu")
         tensor = tensor.contiguous()
         with self._lock:
+            if self.closed:
+                # A request of a user already gone (a keyless connection closed while it
+                # ran) saves a value: nobody could use it, or ever drop it again.
+                return False
             self._drop(rid)
             self._values[rid] = (tensor, size, time.monotonic())
             self._count(size)
@@ -148,8 +153,10 @@ class ResidentStore:
             self._drop(next(iter(self._values)))
 
     def clear(self) -> None:
-        """Drop everything (the user is gone): device bytes go back to the budget."""
+        """Drop everything, and keep nothing more (the user is gone): device bytes go back to
+        the budget."""
         with self._lock:
+            self.closed = True
             while self._values:
                 self.drop_oldest()
 

@@ -332,3 +332,93 @@ def test_values_dropped_while_a_queued_request_refers_to_them_stay_counted(hoste
         user.close()
         other.close()
         srv.stop()
+
+
+def test_a_result_kept_after_its_keyless_connection_closed_does_not_count_forever(hosted):
+    """Without API keys every connection is a user, and its store is dropped when it closes
+    (``Residents.drop_user``). A request of that connection still running then keeps its
+    next saved value (``_send_tensor`` -> ``store.put``: no ``closed`` check between the
+    node's own check and the put) in the dropped store: the value's bytes are added to the
+    server-wide ``total_bytes`` and never taken off (nobody reaches that store again, and
+    ``evict_over_total`` only looks at live stores). Each such disconnect fills the server-
+    wide resident budget for good; once full, every other user's kept value is evicted the
+    moment it is stored, and their next call by reference fails (found by a review,
+    seventeenth session)."""
+    import time
+
+    from graphs import const, graph, node, read_graph, ref
+    from pipelined import PipelinedClient
+    from hookwire.protocol import Result
+
+    side = 2048  # a product that takes a while: the connection closes while it runs
+    leaked = side * side * 4
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   limits=Limits(max_node_seconds=120.0, max_resident_bytes_total=leaked))
+    server = srv.server
+    try:
+        tokens = torch.arange(1, 9, dtype=torch.int64)[None]
+        attacker = PipelinedClient(srv.url)
+        # n1 (1 MiB: handed to the loop at once) tells the client that n2 is about to run.
+        g = graph("tiny-gpt2", [node(0, "expand", const("s"), side, side),
+                                node(1, "expand", const("t"), 512, 512),
+                                node(2, "matmul", ref(0), ref(0))],
+                  saves={"signal": 1, "y": 2}, constants=["s", "t"], return_type=None)
+        attacker.send(g, {"input_ids": tokens, "s": torch.randn(side, 1),
+                          "t": torch.randn(512, 1)}, keep_results=True)
+        while True:  # the product has begun (its node's check passed)
+            data = attacker.ws.recv(timeout=60)
+            if isinstance(data, str) and isinstance(parse_server_message(data), Result) \
+                    and parse_server_message(data).name == "signal":
+                break
+        attacker.close()  # ... and the connection ends while it runs
+        deadline = time.monotonic() + 120
+        while (server.states or server.worker.current or server.worker.queue_depth()) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert not server.states and not server.worker.current
+        held = server.residents.total_bytes
+        # Nobody is connected and nothing runs: no resident value is held by anyone.
+        assert held == 0, f"{held} bytes of resident values counted for a connection " \
+                          "that is gone"
+        # What that does to another user: its kept result is evicted as it is stored.
+        victim = PipelinedClient(srv.url)
+        try:
+            victim.ws.send(json.dumps({"type": "submit", "request_id": "keep",
+                                       "keep_results": True, "progress": False,
+                                       "graph": read_graph("tiny-gpt2",
+                                                           ["blocks.0.hook_resid_pre"],
+                                                           names=["r"], return_type=None),
+                                       "tensors": [header_for("input_ids", tokens)
+                                                   .model_dump()]}))
+            for frame in encode_chunks("keep", "input_ids", tokens):
+                victim.ws.send(frame)
+            resident = None
+            while True:
+                data = victim.ws.recv(timeout=60)
+                if isinstance(data, bytes):
+                    continue
+                msg = parse_server_message(data)
+                if isinstance(msg, Result):
+                    resident, header = msg.resident, msg.tensor
+                if msg.type in ("done", "error"):
+                    assert msg.type == "done", msg
+                    break
+            assert resident is not None
+            victim.ws.send(json.dumps({
+                "type": "submit", "request_id": "again", "keep_results": False,
+                "tensors": [header_for("input_ids", tokens).model_dump()],
+                "graph": graph("tiny-gpt2", [node(0, "mul", const("r"), 1.0)],
+                               saves={"r2": 0}, constants=["r"], return_type=None),
+                "refs": [{"tid": "r", "resident": resident, "dtype": header.dtype,
+                          "shape": header.shape, "stride": [header.shape[1] * header.shape[2],
+                                                            header.shape[2], 1],
+                          "offset": 0}]}))
+            for frame in encode_chunks("again", "input_ids", tokens):
+                victim.ws.send(frame)
+            again = victim.collect(["again"])["again"]
+            assert again.error is None, again.error
+        finally:
+            victim.close()
+    finally:
+        srv.stop()
