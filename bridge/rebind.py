@@ -62,7 +62,7 @@ def _replace_in(holder, mapping: dict, skip_ids: set, depth: int) -> int:
         if new is not None and new[0] is value:
             holder.cell_contents = new[1]
             done += _count(value)
-    elif type(holder) is tuple:
+    elif _rebuildable_tuple(holder):
         if depth < _MAX_TUPLE_DEPTH:
             done += _replace_in_tuple(holder, mapping, skip_ids, depth)
     else:
@@ -93,10 +93,22 @@ def _replace_attributes(holder, mapping: dict) -> int:
     return done
 
 
+def _rebuildable_tuple(holder) -> bool:
+    """A tuple, a named tuple, or one of torch's named result tuples (``torch.topk``'s
+    ``values, indices``, ``x.max(dim)``'s): rebuilt with the new values by
+    :func:`_replace_in_tuple`."""
+    cls = type(holder)
+    return cls is tuple or (isinstance(holder, tuple) and (
+        hasattr(cls, "_make") or cls.__module__ == "torch.return_types"))
+
+
 def _replace_in_tuple(holder, mapping, skip_ids, depth) -> int:
     """Tuples are immutable: build the new one and put it where the old one was."""
-    new_tuple = tuple(mapping[id(v)][1] if id(v) in mapping and mapping[id(v)][0] is v else v
-                      for v in holder)
+    items = [mapping[id(v)][1] if id(v) in mapping and mapping[id(v)][0] is v else v
+             for v in holder]
+    cls = type(holder)
+    new_tuple = tuple(items) if cls is tuple else \
+        cls._make(items) if hasattr(cls, "_make") else cls(items)
     pair = (holder, new_tuple)
     outer_map = {id(holder): pair}
     skip_ids = skip_ids | {id(new_tuple), id(pair), id(outer_map)}
@@ -202,7 +214,8 @@ def rebind(olds: list, news: list, skip: tuple = (), roots: tuple = (),
             # globals of the libraries the hooks call into.
             for near in _reachable(roots, skip_ids, opaque):
                 for holder in near:
-                    if type(holder) is tuple and not any(id(v) in mapping for v in holder):
+                    if _rebuildable_tuple(holder) and \
+                            not any(id(v) in mapping for v in holder):
                         continue  # rebuilding a tuple means finding its holders: if needed
                     total += _replace_in(holder, mapping, skip_ids | {id(near)}, 0)
                 del near

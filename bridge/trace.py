@@ -153,6 +153,14 @@ def user_location() -> tuple[str, int] | None:
     return None
 
 
+def _version_of(tensor: torch.Tensor) -> int | None:
+    """Its in-place edit count (None: not counted, e.g. an inference tensor)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 def trace_error(what: str, advice: str = _ADVICE_VALUES) -> TraceError:
     loc = user_location()
     tracer = getattr(_STATE, "tracer", None)
@@ -359,8 +367,12 @@ class Tracer:
 
     def __init__(self):
         self.nodes: list[dict] = []
-        self.constants: dict[str, torch.Tensor] = {}
+        self._constants: dict[str, torch.Tensor] = {}
         self._const_by_obj: dict[int, str] = {}
+        # tid -> (the captured object's version then, hook and site, file and line): a
+        # constant is sent once, as it is when the request goes; one edited in place after
+        # a hook used it would differ from what that hook saw locally (check_constants).
+        self._const_seen: dict[str, tuple] = {}
         self.sites: list[dict] = []
         self.saves: dict[str, int] = {}
         self.backward: int | None = None  # node to differentiate after the forward
@@ -441,6 +453,8 @@ class Tracer:
         # by a later temporary tensor.
         entry = self._const_by_obj.get(id(tensor))
         tid = entry[0] if entry is not None and entry[1] is tensor else None
+        if tid is not None:
+            self._check_unchanged(tid, tensor)
         name = self.parameters.get(id(tensor)) if tid is None else None
         if name is not None:
             self.parameter_refs.add(PARAMETER_PREFIX + name)
@@ -455,10 +469,39 @@ class Tracer:
             if tensor.dtype not in DTYPE_NAMES:
                 raise trace_error(f"a captured tensor of dtype {tensor.dtype}",
                                   "use one of " + ", ".join(map(str, DTYPE_NAMES)))
-            tid = f"c{len(self.constants)}"
-            self.constants[tid] = tensor.detach()
+            tid = f"c{len(self._constants)}"
+            self._constants[tid] = tensor.detach()
             self._const_by_obj[id(tensor)] = (tid, tensor)
+            self._const_seen[tid] = (_version_of(tensor), self.context, user_location())
         return Const(tid)
+
+    @property
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The captured tensors, by id, as the request sends them (each checked unchanged
+        since its capture: :meth:`check_constants`)."""
+        self.check_constants()
+        return self._constants
+
+    def check_constants(self) -> None:
+        """Raise if a captured tensor was edited in place after a hook used it (a later hook,
+        or code between the hooks): locally that hook computed with the value as it was
+        then; the request can carry only one value."""
+        for tid, tensor in self._const_by_obj.values():
+            self._check_unchanged(tid, tensor)
+
+    def _check_unchanged(self, tid: str, tensor: torch.Tensor) -> None:
+        seen = self._const_seen.get(tid)
+        if seen is None or seen[0] is None or _version_of(tensor) == seen[0]:
+            return
+        ctx, loc = seen[1], seen[2]
+        where = (f"hook {ctx[0]!r} on {ctx[1]!r}" if ctx else "a hook") + \
+            (f" at {loc[0]}:{loc[1]}" if loc else "")
+        raise TraceError(
+            f"a tensor that {where} used was edited in place afterwards, during the same "
+            f"run: locally that hook computed with it as it was then, and a remote run "
+            f"sends it once; .clone() it where the hook uses it, or edit a copy",
+            hook=ctx[0] if ctx else None, site=ctx[1] if ctx else None,
+            file=loc[0] if loc else None, line=loc[1] if loc else None)
 
     def constant_ids(self) -> list[str]:
         """What a graph's ``constants`` lists: attachments, then served parameters."""
@@ -693,6 +736,8 @@ class Tracer:
         if isinstance(src, Proxy) and (name in _RESHAPE_VIEWS or name in _PERMUTE_VIEWS
                                        or name in _INDEX_VIEWS or name in _PIECE_OPS):
             self._track_view(name, src, args, kwargs, meta_out, out, aliases)
+        elif isinstance(src, Proxy) and aliases and isinstance(out, Proxy):
+            self._other_view(name, src, args, kwargs, out)
         return out
 
     def _requires_grad(self, name, args, kwargs) -> bool:
@@ -757,6 +802,29 @@ class Tracer:
                             undo=lambda b, v, inv=inverse: self.emit("permute", (Ref(v), inv)),
                             replay=lambda t, perm=perm: t.permute(perm),
                             key=("permute", perm))
+
+    def _other_view(self, name, src: Proxy, args, kwargs, out: Proxy):
+        """Any other op whose result torch makes a view of its input (``diagonal``,
+        ``expand``, ``unfold``, ``to`` or ``float()`` that change nothing...): re-derived from
+        its base when the base is edited later (what torch's aliasing shows). An in-place
+        edit of it reaches the base only where the view is the whole base, element for
+        element (same shape, strides and dtype); any other is refused: the edit cannot be
+        carried back, and dropping it silently would be a wrong answer."""
+        rest, kw = args[1:], dict(kwargs)
+        whole = out._hw_meta.shape == src._hw_meta.shape and \
+            out._hw_meta.stride() == src._hw_meta.stride() and out.dtype == src.dtype
+
+        def undo(b, v):
+            if whole:
+                return v
+            raise trace_error(f"an in-place edit of the result of `{name}` (a view of its "
+                              "input in torch: locally the edit reaches the input)",
+                              "edit the input itself (index assignment, torch.where), or "
+                              ".clone() the view first if the edit should stay in it")
+        self._make_view(out, src,
+                        redo=lambda b, name=name, rest=rest, kw=kw: self.emit(
+                            OPS[name].name, (Ref(b), *rest), kw),
+                        undo=undo)
 
     def _index_view(self, src, out, index):
         # An index that keeps every element (TL's default pos_slice, x[0] of a batch of one)

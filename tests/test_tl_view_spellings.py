@@ -1,0 +1,153 @@
+"""Hook spellings whose local meaning rests on torch's aliasing (views, in-place edits of
+captured tensors, named result tuples), remote against local TL: equal, or a ``TraceError``
+before anything is sent, naming the hook -- never a silently different answer. Each case was
+a silent mismatch found by a differential test of everyday spellings (seventeenth session).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import MODEL_NAMES
+from hookwire.errors import TraceError
+
+R0, R1 = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def name(request):
+    return request.param
+
+
+def both(local_models, remote_models, name, tokens, make):
+    """Run the hooks ``make()`` builds locally and remotely: (local, remote) results, each
+    (logits, the state the hooks kept)."""
+    out = []
+    for model, kw in ((local_models[name], {}), (remote_models[name], {"progress": False})):
+        hooks, state = make()
+        with torch.no_grad():
+            logits = model.run_with_hooks(tokens, fwd_hooks=hooks, **kw)
+        out.append((logits, state))
+    return out
+
+
+def test_an_edit_through_a_diagonal_view_raises_before_sending(local_models, remote_models,
+                                                               name, tokens):
+    """``x[:, :8, :8].diagonal(...)`` is a view: locally ``fill_`` on it edits the
+    activation. Remote, the edit cannot be carried back through it: it used to be dropped
+    silently (logits off by up to 0.98); now it is refused, naming the hook."""
+    def diagonal_fill(x, hook):
+        x[:, :8, :8].diagonal(dim1=1, dim2=2).fill_(3.0)
+
+    with torch.no_grad():
+        local = local_models[name].run_with_hooks(tokens, fwd_hooks=[(R1, diagonal_fill)])
+        plain = local_models[name](tokens)
+    assert not torch.equal(local, plain)  # locally the edit does reach the activation
+    with pytest.raises(TraceError, match="diagonal") as err:
+        remote_models[name].run_with_hooks(tokens, fwd_hooks=[(R1, diagonal_fill)],
+                                           progress=False)
+    assert "diagonal_fill" in str(err.value)
+
+
+@pytest.mark.parametrize("spelling", ["expand", "diagonal"])
+def test_a_view_made_before_an_edit_of_its_base_shows_the_edit(local_models, remote_models,
+                                                               name, tokens, spelling):
+    """A view taken (``expand``, ``diagonal``), then its base edited in place, then the view
+    kept: locally the kept view shows the edit. Remote it used to keep the value from before
+    the edit (off by ~5)."""
+    def make():
+        state = {}
+
+        def hook(x, hook):
+            view = x[:, :1].expand(-1, 4, -1) if spelling == "expand" else \
+                x.diagonal(dim1=1, dim2=2)
+            x[:, 0] = 5.0
+            state["view"] = view
+        return [(R1, hook)], state
+
+    (ll, ls), (rl, rs) = both(local_models, remote_models, name, tokens, make)
+    assert_close(rl, ll)
+    assert_close(rs["view"], ls["view"])
+
+
+def test_an_edit_through_a_conversion_that_changes_nothing_reaches_the_activation(
+        local_models, remote_models, name, tokens):
+    """``x.float()`` of a float32 activation is ``x`` itself: an edit through it is an edit
+    of the activation, carried back."""
+    def make():
+        def hook(x, hook):
+            y = x.float()
+            y[:, 1] = 0.0
+        return [(R1, hook)], {}
+
+    (ll, _), (rl, _) = both(local_models, remote_models, name, tokens, make)
+    assert_close(rl, ll)
+
+
+def test_a_captured_tensor_edited_in_place_after_a_hook_used_it_raises(remote_models, name,
+                                                                       tokens):
+    """A hook adds ``vec``; a later hook of the same run edits ``vec`` in place. Locally the
+    first hook computed with ``vec`` as it was then; a request sends ``vec`` once, as it is
+    at the end: the remote answer used to be the one with the edited ``vec`` (off by 0.83 on
+    tiny-llama). Now it is refused, naming the hook that used it."""
+    d_model = remote_models[name].cfg.d_model
+    vec = torch.zeros(d_model)
+
+    def add_vec(x, hook):
+        return x + vec
+
+    def bump_vec(x, hook):
+        vec.add_(1.0)
+
+    with pytest.raises(TraceError, match="edited in place") as err:
+        remote_models[name].run_with_hooks(tokens, fwd_hooks=[(R0, add_vec), (R1, bump_vec)],
+                                           progress=False)
+    assert "add_vec" in str(err.value)
+    # Used again by a later hook after the edit: refused at that hook's line.
+    vec.zero_()
+
+    def fill_vec(x, hook):
+        vec.fill_(1.0)
+    with pytest.raises(TraceError, match="edited in place"):
+        remote_models[name].run_with_hooks(
+            tokens, fwd_hooks=[(R0, add_vec), ("blocks.0.hook_resid_mid", fill_vec),
+                               (R1, add_vec)], progress=False)
+
+
+def test_a_captured_tensor_that_no_hook_edits_is_sent_as_it_is(local_models, remote_models,
+                                                               name, tokens):
+    """(The check above must not refuse the everyday case: a steering vector used on two
+    layers, edited before the call, never during it.)"""
+    d_model = remote_models[name].cfg.d_model
+    vec = torch.linspace(-1, 1, d_model)
+    vec.mul_(0.5)  # before the run: what every hook sees
+
+    def make():
+        def add_vec(x, hook):
+            return x + vec
+        return [(R0, add_vec), (R1, add_vec)], {}
+
+    (ll, _), (rl, _) = both(local_models, remote_models, name, tokens, make)
+    assert_close(rl, ll)
+
+
+def test_named_result_tuples_kept_by_a_hook_hold_tensors(local_models, remote_models, name,
+                                                         tokens):
+    """``torch.topk`` and ``x.max(dim)`` return torch's named tuples: kept by a hook, they
+    must hold the values after a remote run as after a local one (they used to keep the
+    tracer's placeholders)."""
+    def make():
+        state = {}
+
+        def hook(x, hook):
+            state["topk"] = torch.topk(x, 5, dim=-1)
+            state["max"] = x.max(-1)
+        return [(R1, hook)], state
+
+    (ll, ls), (rl, rs) = both(local_models, remote_models, name, tokens, make)
+    assert_close(rl, ll)
+    for key in ("topk", "max"):
+        assert type(rs[key]) is type(ls[key])
+        assert_close(rs[key].values, ls[key].values)
+        assert torch.equal(rs[key].indices, ls[key].indices)
