@@ -83,6 +83,10 @@ class ModelEntry:
     # The plain HF tree's (module sites' forward): each block's attention module, after which
     # its stop check runs too (HF attention is one call: no scores or pattern apart)
     hf_attention_points: tuple = ()
+    # Why its TL forward never gives way (None: it may): HF code it runs keeps per-forward
+    # state on the modules, live across the points where a forward gives way
+    # (``TL_FORWARD_STATE``)
+    tl_forward_state: str | None = None
     # TL hook-switch combination (graph.hook_mode) -> manifest.HookMode, probed on first use
     modes: dict = field(default_factory=dict)
     # False: a later token changes earlier positions' outputs (probed at load), so requests
@@ -251,7 +255,19 @@ def _prepare(hosted: HostedModel) -> ModelEntry:
         block_sites=block_sites(tl_bridge, site_modules),
         attention_sites=_sites_at(site_modules, points), attention_points=points,
         hf_attention_points=hf_attention_points(hf_model),
+        tl_forward_state=TL_FORWARD_STATE.get(hosted.architecture),
         causal=causal, output_width=output_width)
+
+
+# Families whose TL forward keeps per-forward state on the model's modules past a point
+# where a forward gives way, so a forward nested there would read or overwrite it
+# (tests/test_give_way_state.py audits every served family for such state).
+TL_FORWARD_STATE = {
+    "RecurrentGemmaForCausalLM": (
+        "HF's RecurrentGemma keeps its recurrence on the modules (conv1d_state, "
+        "recurrent_states): with the cache TL's forward runs with, each recurrent layer "
+        "reads what the last forward left there"),
+}
 
 
 def _solo_replace_sites(hosted, sites, site_modules, tl_refused) -> set:

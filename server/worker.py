@@ -779,7 +779,9 @@ class ModelWorker(threading.Thread):
         attention weights returned, no backward pass, not started at a block (TL's bridge
         arms the injection of the request's residual on *every* block for the whole forward:
         a forward nested in it would take that residual as its own block's input, and a
-        nested start-at-layer forward's teardown would clear it), on a model that is not
+        nested start-at-layer forward's teardown would clear it), not a TL forward of a
+        family whose HF code keeps per-forward state on its modules
+        (``ModelEntry.tl_forward_state``), on a model that is not
         offloaded (accelerate's offload hooks move weights per block). (The plain HF tree is
         a mirror of its own, sharing only the parameters: a TL forward nested in it never
         passes through its modules, and a module-site forward nested in it finds only hooks
@@ -788,6 +790,7 @@ class ModelWorker(threading.Thread):
         return not (p.eager or p.attention_weights or p.narrow is not None or
                     spec.tl_flags or spec.output_attentions or
                     spec.start_at_layer is not None or
+                    (not p.on_modules and p.entry.tl_forward_state is not None) or
                     p.interleaver.backward is not None or
                     getattr(p.entry.hosted.original, "hf_device_map", None))
 

@@ -57,11 +57,14 @@ class LocalModel:
     def _call(self, input_ids, **kwargs):
         return self.model(input_ids=input_ids, **kwargs)
 
-    def run_with_hooks(self, input_ids, hooks: dict | None = None, **_):
+    # (``progress`` is RemoteModel's: accepted so one call runs on either; anything else it
+    # does not take raises, as RemoteModel does, instead of being dropped)
+    def run_with_hooks(self, input_ids, hooks: dict | None = None, *, progress=None):
         with torch.no_grad(), hooks_registered(self.model, hook_list(hooks)):
             return self._call(input_ids, use_cache=False)
 
-    def run_with_cache(self, input_ids, modules: list[str], hooks: dict | None = None, **_):
+    def run_with_cache(self, input_ids, modules: list[str], hooks: dict | None = None, *,
+                       progress=None):
         cache: dict = {}
         with torch.no_grad(), hooks_registered(self.model,
                                                hook_list(hooks) + cache_hooks(modules, cache)):
@@ -71,7 +74,7 @@ class LocalModel:
                  modules: list[str] | None = None, intervene_on: str = "all",
                  do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
                  top_k: int | None = 50, top_p: float = 1.0, on_token=None,
-                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, **_):
+                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, progress=None, blocking=True):
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
         if do_sample and seed is None:

@@ -67,7 +67,22 @@ class RemoteModel:
         listed = hook_list(hooks) + cache_hooks(modules, cache)
         return self._forward(input_ids, listed, progress), cache
 
+    def _refuse_module_hooks(self) -> None:
+        """Hooks registered on the stand-in's own modules (``register_forward_hook``) would
+        never run: the stand-in is weightless and never runs a forward. Refused, naming
+        where, instead of being ignored."""
+        for path, module in self.stand_in.named_modules():
+            if module._forward_hooks or module._forward_pre_hooks or \
+                    module._backward_hooks or module._backward_pre_hooks:
+                raise HookwireError(
+                    f"a torch hook is registered on the stand-in's module {path or '(root)'!r}"
+                    ": remote runs do not run hooks registered on the stand-in; remove it "
+                    "and pass it to the call instead: run_with_hooks(input_ids, "
+                    f"hooks={{{path!r}: fn}}) (or {{{path + ':input'!r}: fn}} for a "
+                    "pre-hook)")
+
     def _forward(self, input_ids, hooks, progress):
+        self._refuse_module_hooks()
         tokens = _input_ids(input_ids)
         batch, seq = tokens.shape
         traced = trace_forward(self.info, self.stand_in, batch, seq, hooks)
@@ -104,6 +119,7 @@ class RemoteModel:
         see ``.seed`` of the output)."""
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
+        self._refuse_module_hooks()
         if self.info.generate_refused is not None:
             raise UnsupportedModel(f"model {self.name!r} cannot generate on the server: "
                                    f"{self.info.generate_refused}")

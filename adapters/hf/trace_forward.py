@@ -13,6 +13,7 @@ their sites ("replace"), tensors edited in place are written back in place.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from hookwire.errors import HookwireError, SiteNotServed, TraceError
 from hookwire.hf.hooks import HookKey, module_of
 from hookwire.module_sites import ServerObject, module_site
 from hookwire.remote_call import Destinations
-from hookwire.trace import Proxy, Tracer, tracing
+from hookwire.trace import Proxy, Tracer, trace_error, tracing
 
 
 @dataclass
@@ -134,9 +135,18 @@ class _ForwardTrace:
         # What the hooks were handed, as it was (a list may be edited in place by them).
         before = list(given) if isinstance(given, list) else given
         output = given
+        inputs = [(a, a._hw_version) for a in args if isinstance(a, Proxy)]
         for fn in fns:
             self.tracer.context = (_label(fn), path)
             result = fn(module, args, output)
+            if any(a._hw_version != v for a, v in inputs):
+                # Locally the module's input is often a tensor the model uses again (a
+                # block's residual stream, under its norm): the edit reaches that use.
+                raise trace_error(
+                    f"an in-place edit of {path!r}'s input in a forward hook (after the "
+                    "module ran: locally it changes the tensor the input came from, which "
+                    "the model may use again)", "edit the input in a forward pre-hook on "
+                    "the module, or edit its output here")
             if result is not None:
                 output = result
         self.tracer.context = None
@@ -165,7 +175,11 @@ class _ForwardTrace:
 
 
 def _label(fn) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
+    """The hook's name for errors. Never ``repr``: a partial's repr prints its bound values,
+    and a value a hook stored there may be one this trace is making (reading it refuses)."""
+    if isinstance(fn, functools.partial):
+        return f"partial({_label(fn.func)})"
+    return getattr(fn, "__qualname__", None) or type(fn).__qualname__
 
 
 def _describe(value) -> str:

@@ -1,0 +1,119 @@
+"""HF hook spellings that used to give a silently different answer remotely (found by a
+differential test of everyday spellings, seventeenth session): each now equals the local run
+with plain torch hooks, or raises before anything is sent, naming the hook and what to do."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import hookwire.hf as hhf
+from hookwire.errors import HookwireError, TraceError
+from hookwire.hf import LocalModel
+from hookwire.server.hf_modules import plain_hf_model
+
+IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+LN1 = {"tiny-gpt2": "transformer.h.0.ln_1", "tiny-llama": "model.layers.0.input_layernorm"}
+BLOCKS = {"tiny-gpt2": ["transformer.h.0", "transformer.h.1"],
+          "tiny-llama": ["model.layers.0", "model.layers.1"]}
+
+
+@pytest.fixture(params=["tiny-gpt2", "tiny-llama"])
+def name(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def plain(hosted, server):
+    return {name: plain_hf_model(h.bridge) for name, h in hosted.items()}
+
+
+def local_logits(model, hooks: dict):
+    handles = []
+    for key, fn in hooks.items():
+        path, _, kind = key.partition(":")
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_pre_hook(fn) if kind == "input"
+                       else module.register_forward_hook(fn))
+    try:
+        with torch.no_grad():
+            return model(input_ids=IDS, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_an_in_place_edit_of_a_modules_input_in_its_forward_hook_raises(plain, name):
+    """In a forward hook (after the module ran), ``args[0].mul_(0)`` on a block's first
+    norm edits the block's residual stream locally (the norm's input is that tensor): the
+    local answer changes. Remote, the edit used to be dropped (logits off by up to 0.97);
+    now it is refused, naming the hook and saying where to edit instead."""
+    def zero_input(module, args, output):
+        args[0].mul_(0)
+
+    hooks = {LN1[name]: zero_input}
+    assert not torch.equal(local_logits(plain[name], hooks), local_logits(plain[name], {}))
+    with pytest.raises(TraceError, match="pre-hook") as err:
+        hhf.RemoteModel(name).run_with_hooks(IDS, hooks)
+    assert "zero_input" in str(err.value)
+
+
+def test_a_hook_registered_on_the_stand_in_raises_instead_of_being_ignored(plain, name):
+    """``remote.get_submodule(p).register_forward_hook(f)`` then ``run_with_hooks(ids)``: the
+    stand-in never runs a forward, so the hook used to be ignored silently (logits off by
+    0.21). Now the call refuses, naming the module and the spelling that works; without
+    the hook the model runs."""
+    remote = hhf.RemoteModel(name)
+    block = BLOCKS[name][0]
+
+    def double(module, args, output):
+        return (output[0] * 2.0,) + tuple(output[1:]) if isinstance(output, tuple) \
+            else output * 2.0
+
+    handle = remote.get_submodule(block).register_forward_hook(double)
+    try:
+        with pytest.raises(HookwireError, match=block):
+            remote.run_with_hooks(IDS)
+    finally:
+        handle.remove()
+    assert_close(remote.run_with_hooks(IDS, {block: double}).logits,
+                 local_logits(plain[name], {block: double}))
+
+
+def test_the_local_reference_refuses_what_it_does_not_take(plain, name):
+    """``LocalModel.run_with_hooks(ids, attention_mask=m)`` used to drop the mask silently
+    (``**_``), so a comparison with it was of another computation; it raises now, as
+    ``RemoteModel`` does. (``progress`` is accepted by both.)"""
+    local = LocalModel(plain[name])
+    mask = torch.ones_like(IDS)
+    mask[0, :2] = 0
+    with pytest.raises(TypeError):
+        local.run_with_hooks(IDS, attention_mask=mask)
+    with pytest.raises(TypeError):
+        hhf.RemoteModel(name).run_with_hooks(IDS, attention_mask=mask)
+    assert_close(local.run_with_hooks(IDS, progress=False).logits,
+                 local_logits(plain[name], {}))
+
+
+def test_a_partial_hook_whose_bound_store_holds_a_traced_value_runs(plain, name):
+    """The same ``functools.partial`` on every block, appending what it sees to a bound
+    list: its label for errors was its ``repr``, which printed the list -- holding a value
+    this trace made -- and the call was refused ("printing a tensor's values"). It runs,
+    equal to local."""
+    def store(kept, module, args, output):
+        kept.append(output[0] if isinstance(output, tuple) else output)
+
+    def run(model_call):
+        kept: list = []
+        hooks = {block: functools.partial(store, kept) for block in BLOCKS[name]}
+        return model_call(hooks), kept
+
+    local, local_kept = run(lambda hooks: local_logits(plain[name], hooks))
+    remote, remote_kept = run(lambda hooks: hhf.RemoteModel(name).run_with_hooks(IDS, hooks)
+                              .logits)
+    assert_close(remote, local)
+    assert len(remote_kept) == len(local_kept) == 2
+    for got, exp in zip(remote_kept, local_kept):
+        assert_close(got, exp)
