@@ -21,6 +21,16 @@ def _set_rates(device, rates: DeviceRates) -> None:
         device_rates._measured[str(torch.device(device))] = rates
 
 
+def _started_worker(srv):
+    """The server's model worker, once it has set up its idle re-measurement (and a
+    deadline a minute away, for the test's own waits)."""
+    worker = srv.server.worker
+    deadline = time.monotonic() + 60
+    while getattr(worker, "rates_refinement", None) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return worker, deadline
+
+
 def test_refining_keeps_the_best_rate_seen():
     """A measurement never lowers a rate (a busy moment makes a run slower, never the device
     faster), and raises one measured too low."""
@@ -52,10 +62,7 @@ def test_a_server_that_measured_its_device_slow_admits_ordinary_ops_once_idle(ho
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
     client = PipelinedClient(srv.url)
     try:
-        worker = srv.server.worker
-        deadline = time.monotonic() + 60
-        while getattr(worker, "rates_refinement", None) is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        worker, deadline = _started_worker(srv)
         _set_rates(device, DeviceRates(contraction_flops=1e6, element_ops=1e6))
         worker.rates_refinement.EVERY_S = 0.0  # (a minute in service)
         gen = torch.Generator().manual_seed(0)
@@ -125,10 +132,7 @@ def test_a_worker_whose_idle_housekeeping_fails_serves_on(hosted):
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0)
     client = PipelinedClient(srv.url)
     try:
-        worker = srv.server.worker
-        deadline = time.monotonic() + 60
-        while getattr(worker, "rates_refinement", None) is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        worker, deadline = _started_worker(srv)
         failures = []
 
         def failing_idle():

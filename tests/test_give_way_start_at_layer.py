@@ -7,15 +7,13 @@ block-k input replaced by the outer request's residual: the nested user's result
 outer user's data run through the rest of the model."""
 from __future__ import annotations
 
-import threading
-import time
 
 import graphs
 import torch
 from graphs import graph
+from nested_runs import held_beside
 
 import hookwire.server as hs
-from hookwire.client import Connection
 from hookwire.validate import Limits
 
 import pytest
@@ -33,50 +31,6 @@ def start_at_layer_graph(k: int) -> dict:
     g = graph(nodes=[], inputs={"input_ids": "input_ids", "residual": "residual"})
     g["forward"]["start_at_layer"] = k
     return g
-
-
-def held_beside(server, bridge, graph_a, tensors_a, graph_b, tensors_b) -> dict:
-    """Run A's request; hold its forward at block 0 until B's request waits, then let it go
-    on past the give-way quantum (so B's runs nested in it). Both results by key."""
-    worker = server.server.worker
-    released = threading.Event()
-
-    def entering(module, args):
-        if not released.is_set():
-            deadline = time.monotonic() + 30
-            while not worker.scheduler.qsize() and time.monotonic() < deadline:
-                time.sleep(0.001)
-            time.sleep(0.01)  # past the give-way quantum
-            released.set()
-
-    handle = bridge.blocks[0].register_forward_pre_hook(entering)
-    conns = [Connection(server.url), Connection(server.url)]
-    results: dict = {}
-
-    def run(key, conn, g, tensors):
-        try:
-            results[key] = conn.run(g, tensors)
-        except Exception as exc:  # reported below, not lost with the thread
-            results[key] = exc
-
-    a = threading.Thread(target=run, args=("a", conns[0], graph_a, tensors_a))
-    b = threading.Thread(target=run, args=("b", conns[1], graph_b, tensors_b))
-    try:
-        a.start()
-        deadline = time.monotonic() + 60
-        while not worker.current and time.monotonic() < deadline:
-            time.sleep(0.001)
-        b.start()
-        a.join(120)
-        b.join(120)
-    finally:
-        for conn in conns:
-            conn.close()
-        handle.remove()
-    assert released.is_set() and not a.is_alive() and not b.is_alive()
-    errors = {k: v for k, v in results.items() if isinstance(v, Exception)}
-    assert not errors, errors
-    return results
 
 
 def test_a_light_request_nested_in_a_start_at_layer_forward_is_its_own(server, hosted):
@@ -97,7 +51,7 @@ def test_a_light_request_nested_in_a_start_at_layer_forward_is_its_own(server, h
     read_b = graphs.read_graph(sites=["blocks.1.hook_resid_pre"], names=["resid"])
     with torch.no_grad():
         solo_resid_b = bridge.run_with_cache(tokens_b)[1]["blocks.1.hook_resid_pre"]
-    results = held_beside(server, bridge, start_at_layer_graph(1),
+    results = held_beside(server, bridge.blocks[0], start_at_layer_graph(1),
                           {"input_ids": tokens_a, "residual": residual_a},
                           read_b, {"input_ids": tokens_b})
     got_b, got_resid = results["b"].values["__logits__"], results["b"].values["resid"]
@@ -123,7 +77,7 @@ def test_a_start_at_layer_forward_keeps_its_residual_while_another_runs_nested(s
     with torch.no_grad():
         a_local = bridge(residual_a, start_at_layer=1)
         b_local = bridge(residual_b, start_at_layer=1)
-    results = held_beside(server, bridge, start_at_layer_graph(1),
+    results = held_beside(server, bridge.blocks[0], start_at_layer_graph(1),
                           {"input_ids": tokens, "residual": residual_a},
                           start_at_layer_graph(1),
                           {"input_ids": tokens, "residual": residual_b})

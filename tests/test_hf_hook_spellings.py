@@ -13,6 +13,7 @@ import hookwire.hf as hhf
 from hookwire.errors import HookwireError, TraceError
 from hookwire.hf import LocalModel
 from hookwire.server.hf_modules import plain_hf_model
+from test_hf_remote import torch_hooks_run
 
 IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5))
 LN1 = {"tiny-gpt2": "transformer.h.0.ln_1", "tiny-llama": "model.layers.0.input_layernorm"}
@@ -31,18 +32,7 @@ def plain(hosted, server):
 
 
 def local_logits(model, hooks: dict):
-    handles = []
-    for key, fn in hooks.items():
-        path, _, kind = key.partition(":")
-        module = model.get_submodule(path)
-        handles.append(module.register_forward_pre_hook(fn) if kind == "input"
-                       else module.register_forward_hook(fn))
-    try:
-        with torch.no_grad():
-            return model(input_ids=IDS, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
+    return torch_hooks_run(model, hooks, IDS)
 
 
 def test_an_in_place_edit_of_a_modules_input_in_its_forward_hook_raises(plain, name):
