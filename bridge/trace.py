@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from hookwire.errors import HookwireError, TraceError
 from hookwire.frames import DTYPE_NAMES
-from hookwire.ir.args import Const, Ref, encode_arg
+from hookwire.ir.args import Const, Ref, decode_arg, encode_arg
+from hookwire.ir.kinds import check_args
 from hookwire.ir.special import OUTPUT_READ, SITE_GRAD, SITE_READ, SITE_WRITE
 from hookwire.ir.wire import PARAMETER_PREFIX, node_json
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
@@ -731,6 +732,7 @@ class Tracer:
         meta_out, aliases = self._run_meta(func, args, kwargs, _display_name(func),
                                            spec.data_dependent, spec.cost.twin_checked)
         node = self.emit(name, args, kwargs)
+        self._check_signature(spec, func)
         out = self._wrap(meta_out, node, self._requires_grad(name, args, kwargs))
         src = args[0] if args else None
         if isinstance(src, Proxy) and (name in _RESHAPE_VIEWS or name in _PERMUTE_VIEWS
@@ -739,6 +741,21 @@ class Tracer:
         elif isinstance(src, Proxy) and aliases and isinstance(out, Proxy):
             self._other_view(name, src, args, kwargs, out)
         return out
+
+    def _check_signature(self, spec, func) -> None:
+        """The node just recorded fits its op's signature in the registry, as the server's
+        validator will check: refused here, at the hook's line, instead of by the server
+        after the request was sent (naming only a node number)."""
+        node = self.nodes[-1]
+        where = f"node {node['id']}"
+        reason = check_args(spec, tuple(decode_arg(a, where) for a in node["args"]),
+                            {k: decode_arg(v, where) for k, v in node.get("kwargs", {}).items()})
+        if reason is None:
+            return
+        advice = "call it without inplace instead, assigning the result (x = F.relu(x))" \
+            if "'inplace'" in reason else "call it instead with the arguments hookwire's " \
+            "registry takes (docs/ops.md)"
+        raise trace_error(f"`{_display_name(func)}` called this way ({reason})", advice)
 
     def _requires_grad(self, name, args, kwargs) -> bool:
         """What autograd would say of an op's result (only with ``track_grad``)."""

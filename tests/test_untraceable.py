@@ -49,6 +49,10 @@ def while_any_positive(act, hook):
     return act
 
 
+def relu_in_place(act, hook):
+    return torch.nn.functional.relu(act, inplace=True)  # <- untraceable
+
+
 def calls_item(act, hook):
     scale = act[0, 0, 0].item()  # <- untraceable
     return act * scale
@@ -175,11 +179,13 @@ def _cases(tmp_path):
         "torch_save": make_torch_saver(tmp_path / "t.pt"),
         "socket": make_socket_user(_free_port()),
         "partial_item": functools.partial(item_with_kwarg, factor=2.0),
+        # (refused by the server's validator after sending, naming a node number, before)
+        "inplace_kwarg": relu_in_place,
     }
 
 
 CASE_IDS = ["if", "while", "item", "tolist", "numpy", "print", "format", "float", "python_index",
-            "file_write", "torch_save", "socket", "partial_item"]
+            "file_write", "torch_save", "socket", "partial_item", "inplace_kwarg"]
 
 
 # ---- tests ---------------------------------------------------------------------------------------
