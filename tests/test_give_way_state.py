@@ -93,9 +93,6 @@ def judged(key, *tables) -> bool:
     return any(key in t or ("*", key[1]) in t for t in tables)
 
 
-# Families whose TL forward holds live per-forward state (the server's own table): their TL
-# forwards never give way, so the audit looks at their plain HF forward only.
-LEAKS: dict = {}
 SERVED = sorted(served_architectures())
 
 
@@ -108,9 +105,7 @@ def hosted_entry(arch: str):
     return prepare_model(host_model_object(f"tiny-{arch}", model))
 
 
-@pytest.mark.parametrize("arch", [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=LEAKS[a])) if a in LEAKS
-    else a for a in SERVED])
+@pytest.mark.parametrize("arch", SERVED)
 def test_no_per_forward_state_is_held_where_a_forward_gives_way(arch):
     """Every attribute of every module that differs from the idle model at a give-way point
     of one of the family's forwards is judged harmless in ``HARMLESS``."""
@@ -121,9 +116,7 @@ def test_no_per_forward_state_is_held_where_a_forward_gives_way(arch):
         f"(a nested request reads or clobbers it):\n  " + "\n  ".join(unjudged)
 
 
-@pytest.mark.parametrize("arch", [
-    pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=LEAKS[a])) if a in LEAKS
-    else a for a in SERVED])
+@pytest.mark.parametrize("arch", SERVED)
 def test_a_nested_request_leaves_nothing_the_interrupted_forward_reads(arch):
     """Every light request a forward may run nested in it (TL's forward with a mask, offset
     positions, attention weights, eager attention, each hook switch, a loss, from a block on
