@@ -154,6 +154,62 @@ def user_location() -> tuple[str, int] | None:
     return None
 
 
+def _region_of(value):
+    """(base, index) where ``value`` is a basic index view of ``base`` (``x[:, :-1]``), else
+    (value, None): the whole of it."""
+    view = getattr(value, "_hw_view", None)
+    if isinstance(value, Proxy) and view is not None and view.index is not None:
+        return view.base, view.index
+    return value, None
+
+
+def _covered(shape, index) -> list | None:
+    """Per dimension of ``shape``, the positions a basic ``index`` covers (None: not a basic
+    index, or too large to list)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, torch.Tensor) or isinstance(i, (list, bool)) for i in index) or \
+            any(d > 1 << 20 for d in shape):
+        return None
+    if index.count(Ellipsis) > 1:
+        return None
+    index = tuple(i for i in index if i is not None)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (len(shape) - len(index) + 1) + index[k + 1:]
+    index = index + (slice(None),) * (len(shape) - len(index))
+    out = []
+    for i, size in zip(index, shape):
+        if isinstance(i, int):
+            out.append({i % size} if size else set())
+        elif isinstance(i, slice) and all(isinstance(v, (int, type(None)))
+                                          for v in (i.start, i.stop, i.step)):
+            out.append(set(range(*i.indices(size))))
+        else:
+            return None
+    return out
+
+
+def _refuse_partial_overlap(dst, src) -> None:
+    """An in-place copy (``x[:, 1:] = x[:, :-1]``, ``a.copy_(b)``) whose source is another,
+    overlapping part of the very tensor it writes: locally torch copies element by element
+    in memory order, reading what it may already have overwritten; the traced copy reads
+    the source as it was. Refused; a region onto itself (the same index) and disjoint ones
+    are fine."""
+    (dst_base, dst_index), (src_base, src_index) = dst, src
+    if dst_base is not src_base or not isinstance(dst_base, Proxy) or \
+            (dst_index is None and src_index is None):
+        return
+    shape = tuple(dst_base.shape)
+    a = _covered(shape, slice(None) if dst_index is None else dst_index)
+    b = _covered(shape, slice(None) if src_index is None else src_index)
+    if a is None or b is None or not all(x & y for x, y in zip(a, b)) or \
+            (a == b and repr(dst_index) == repr(src_index)):  # (the region onto itself)
+        return
+    raise trace_error("an in-place copy whose source overlaps its destination in the same "
+                      "tensor (locally torch reads elements it has already overwritten)",
+                      "copy from a clone instead, e.g. x[:, 1:] = x[:, :-1].clone()")
+
+
 def _version_of(tensor: torch.Tensor) -> int | None:
     """Its in-place edit count (None: not counted, e.g. an inference tensor)."""
     try:
@@ -262,12 +318,13 @@ class _ViewOf:
     """How a view proxy relates to its base: re-derive it, or write an edit back. ``replay``
     (views that keep every element) makes the view from the base's real value on the client
     (:mod:`hookwire.aliases`)."""
-    __slots__ = ("base", "redo", "undo", "base_version", "replay", "key")
+    __slots__ = ("base", "redo", "undo", "base_version", "replay", "key", "index")
 
-    def __init__(self, base, redo, undo, base_version, replay=None, key=None):
+    def __init__(self, base, redo, undo, base_version, replay=None, key=None, index=None):
         self.base, self.redo, self.undo, self.base_version = base, redo, undo, base_version
         self.replay = replay
         self.key = key  # what view of the base this is (equal keys: equal values)
+        self.index = index  # a basic index view: the index (what it covers of the base)
 
 
 class Proxy(torch.Tensor):
@@ -603,8 +660,9 @@ class Tracer:
             view.base_version = base._hw_version
             child = base
 
-    def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None, key=None):
-        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay, key)
+    def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None, key=None,
+                   index=None):
+        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay, key, index)
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
@@ -852,7 +910,7 @@ class Tracer:
                         undo=lambda b, v, index=index: self.emit("setitem",
                                                                  (Ref(b), index, Ref(v))),
                         replay=(lambda t, index=index: t[index]) if whole else None,
-                        key=("getitem", repr(index), tuple(out.shape)))
+                        key=("getitem", repr(index), tuple(out.shape)), index=index)
 
     def _inplace(self, func, name, args, kwargs):
         target = args[0]
@@ -861,6 +919,10 @@ class Tracer:
                               "build a new tensor instead (e.g. `x = x + act`)")
         if func is T.__setitem__:
             fargs = (target, args[1], args[2])
+            _refuse_partial_overlap((target, args[1]), _region_of(args[2]))
+        elif name == "copy" and len(args) > 1:
+            fargs = tuple(args)
+            _refuse_partial_overlap(_region_of(target), _region_of(args[1]))
         elif name == "zeros_like":
             fargs = (target,)
         else:
