@@ -318,13 +318,17 @@ class _ViewOf:
     """How a view proxy relates to its base: re-derive it, or write an edit back. ``replay``
     (views that keep every element) makes the view from the base's real value on the client
     (:mod:`hookwire.aliases`)."""
-    __slots__ = ("base", "redo", "undo", "base_version", "replay", "key", "index")
+    __slots__ = ("base", "redo", "undo", "base_version", "replay", "key", "index", "piece")
 
-    def __init__(self, base, redo, undo, base_version, replay=None, key=None, index=None):
+    def __init__(self, base, redo, undo, base_version, replay=None, key=None, index=None,
+                 piece=None):
         self.base, self.redo, self.undo, self.base_version = base, redo, undo, base_version
         self.replay = replay
         self.key = key  # what view of the base this is (equal keys: equal values)
         self.index = index  # a basic index view: the index (what it covers of the base)
+        # The multi-output op (unbind, split, chunk, iteration) this view is, or is a view
+        # of, a piece of: torch refuses in-place edits of those under autograd.
+        self.piece = piece
 
 
 class Proxy(torch.Tensor):
@@ -445,6 +449,10 @@ class Tracer:
         # (nnsight's `with loss.backward():` blocks). Unset, both are refused as before.
         # track_grad: proxies report requires_grad as autograd would compute it.
         self.track_grad = False
+        # Whether the hooks' activations require grad where the library runs them locally
+        # (grad mode on, trainable weights): then torch refuses some in-place edits that
+        # are fine without autograd (pieces of unbind/split/chunk), and so does the trace.
+        self.activations_require_grad = False
         # on_backward(tensor, args, kwargs) runs for `tensor.backward(...)` on a proxy;
         # on_register_hook(tensor, fn) for `tensor.register_hook(fn)`, returning a handle.
         self.on_backward = None
@@ -661,8 +669,10 @@ class Tracer:
             child = base
 
     def _make_view(self, out: Proxy, base: Proxy, redo, undo, replay=None, key=None,
-                   index=None):
-        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay, key, index)
+                   index=None, piece=None):
+        inherited = base._hw_view.piece if base._hw_view is not None else None
+        out._hw_view = _ViewOf(base, redo, undo, base._hw_version, replay, key, index,
+                               piece or inherited)
 
     # ---- the torch-function entry point ---------------------------------------------------
     def handle(self, func, args, kwargs):
@@ -679,7 +689,11 @@ class Tracer:
         if func in _DEVICE_MOVES:
             return args[0]
         if func is T.__iter__:
-            return iter([args[0][i] for i in range(args[0].shape[0])])
+            rows = [args[0][i] for i in range(args[0].shape[0])]
+            for row in rows:  # torch iterates with unbind(0): its rows are pieces
+                if isinstance(row, Proxy) and row._hw_view is not None:
+                    row._hw_view.piece = row._hw_view.piece or "for row in x"
+            return iter(rows)
         if func in _CASTS:
             return self._cast(args[0], _CASTS[func])
         if func is T.to or func is T.type:
@@ -844,7 +858,7 @@ class Tracer:
                     length = piece.shape[dim]
                     index = (slice(None),) * dim + (slice(start, start + length),)
                     start += length
-                self._index_view(src, piece, index)
+                self._index_view(src, piece, index, piece_of=name)
             return
         if not isinstance(meta_out, torch.Tensor) or not aliases and name != "detach":
             return  # the op copied (e.g. reshape of a non-viewable layout): not a view
@@ -901,7 +915,7 @@ class Tracer:
                             OPS[name].name, (Ref(b), *rest), kw),
                         undo=undo)
 
-    def _index_view(self, src, out, index):
+    def _index_view(self, src, out, index, piece_of=None):
         # An index that keeps every element (TL's default pos_slice, x[0] of a batch of one)
         # can be replayed on the received value; a real slice is sent as itself.
         whole = out.numel() == src.numel() and not isinstance(index, torch.Tensor)
@@ -910,13 +924,25 @@ class Tracer:
                         undo=lambda b, v, index=index: self.emit("setitem",
                                                                  (Ref(b), index, Ref(v))),
                         replay=(lambda t, index=index: t[index]) if whole else None,
-                        key=("getitem", repr(index), tuple(out.shape)), index=index)
+                        key=("getitem", repr(index), tuple(out.shape)), index=index,
+                        piece=piece_of)
 
     def _inplace(self, func, name, args, kwargs):
         target = args[0]
         if not isinstance(target, Proxy):
             raise trace_error("an in-place edit of a local tensor using traced values",
                               "build a new tensor instead (e.g. `x = x + act`)")
+        piece = target._hw_view.piece if target._hw_view is not None else None
+        if piece is not None and self.activations_require_grad and torch.is_grad_enabled():
+            # Locally the activation requires grad, and autograd refuses to edit a piece of
+            # a multi-output view in place (RuntimeError): remotely the edit would succeed.
+            raise trace_error(
+                f"`{_display_name(func)}` on a piece made by `{piece}` (locally torch raises: an "
+                "output of a function that returns several views cannot be modified in "
+                "place while autograd records the forward)",
+                "index the activation itself (`x[0, :, :k] = 0`), build the new value "
+                "out of place, or run under `torch.no_grad()` / "
+                "`torch.set_grad_enabled(False)` as locally")
         if func is T.__setitem__:
             fargs = (target, args[1], args[2])
             _refuse_partial_overlap((target, args[1]), _region_of(args[2]))

@@ -180,3 +180,41 @@ def test_a_copy_from_an_overlapping_part_of_the_same_tensor_raises(remote_models
 
     (ll, _), (rl, _) = both(local_models, remote_models, name, tokens, make)
     assert_close(rl, ll)
+
+
+PIECE_EDITS = {
+    "for row in x": lambda x: [row.__setitem__((slice(None), 0), 0.0) for row in x],
+    "unbind": lambda x: x.unbind(0)[0].mul_(2),
+    "chunk": lambda x: x.chunk(2, dim=-1)[0].zero_(),
+    "split": lambda x: x.split([10, x.shape[-1] - 10], dim=-1)[1].mul_(0),
+    "unbind, then a slice of the piece": lambda x: x.unbind(0)[0][1:].zero_(),
+}
+
+
+@pytest.mark.parametrize("spelling", PIECE_EDITS)
+def test_an_in_place_edit_of_a_piece_raises_where_autograd_refuses_it_locally(
+        local_models, remote_models, name, tokens, spelling):
+    """Pieces of ``unbind``/``split``/``chunk`` (and the rows ``for row in x`` yields) are
+    views torch refuses to edit in place while autograd records: locally, with grad on and
+    trainable weights, the hook raises ``RuntimeError``. Remote used to run the edit and
+    return logits. Now it raises before sending, naming the hook; under ``torch.no_grad()``
+    both run it, equal."""
+    edit = PIECE_EDITS[spelling]
+
+    def piece_edit(x, hook):
+        edit(x)
+
+    assert torch.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        local_models[name].run_with_hooks(tokens, fwd_hooks=[(R1, piece_edit)])
+    with pytest.raises(TraceError, match="torch.no_grad") as err:
+        remote_models[name].run_with_hooks(tokens, fwd_hooks=[(R1, piece_edit)],
+                                           progress=False)
+    assert "piece_edit" in str(err.value)
+
+    (ll, _), (rl, _) = both(local_models, remote_models, name, tokens,
+                            lambda: ([(R1, piece_edit)], {}))
+    with torch.no_grad():
+        plain = local_models[name](tokens)
+    assert not torch.equal(ll, plain)  # the edit reaches the activation
+    assert_close(rl, ll)

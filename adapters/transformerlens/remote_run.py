@@ -290,6 +290,10 @@ def trace_forward(model, target: RemoteTarget, dialect: Dialect, info: RemoteMod
     """Trace the forward's hooks (and the metric and backward hooks, if any) into a request:
     the caller holds the model's lock."""
     tracer = Tracer()
+    # Locally TL runs the hooks under the caller's grad mode, on activations that require
+    # grad where the weights do: some in-place edits torch then refuses are refused here.
+    tracer.activations_require_grad = torch.is_grad_enabled() and any(
+        p.requires_grad for p in model.parameters())
     backward_sites: list = []
     stopped = trace_hook_points(model, info, inputs.batch, inputs.seq, tracer,
                                 dialect.stop_site(info, stop_at_layer), backward_sites,
