@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from hookwire.errors import ExecutionError
+from hookwire.held_saves import HeldSaves
 from hookwire.ir.args import resolve, walk_refs
 from hookwire.ir.special import CONST_GRAD, SITE_GRAD, SITE_READ, SITE_WRITE
 from hookwire.ir.stages import BEFORE_FORWARD
@@ -104,6 +105,9 @@ class Interleaver:
         self.grad_sites = {dn.site for dn in vg.nodes if dn.op == SITE_GRAD}
         self.inplace_sites = {dn.site for dn in vg.nodes
                               if dn.op == SITE_WRITE and dn.mode == "inplace"}
+        # Saves wait while an in-place write is still to come: locally a kept activation
+        # shows a later site's edit where the model hands both sites one tensor.
+        self.held = HeldSaves(max(self.inplace_sites, default=None))
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -170,7 +174,10 @@ class Interleaver:
             value = self.run_node(dn, site_value)
             self.values[dn.id] = value
             for name in self.saves_of.get(dn.id, ()):
-                self.on_save(name, value)
+                if self.held.holds(stage):
+                    self.held.hold(name, stage, value)
+                else:
+                    self.on_save(name, value)
             for r in set(walk_refs(dn.args, []) + walk_refs(tuple(dn.kwargs.values()), [])):
                 self.pending[r] -= 1
                 if self.pending[r] <= 0:
@@ -222,6 +229,7 @@ class Interleaver:
             # every later request. This forward sees the edit as it would locally.
             target = output.clone() if output.numel() and \
                 output.untyped_storage().data_ptr() in self.weights else output
+            self.held.written(index, value, target)
             # Differentiable when a backward follows (gradients flow through the edit).
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
                 try:
@@ -242,6 +250,9 @@ class Interleaver:
                 result = result.clone()
             if isinstance(result, torch.Tensor) and result.device != output.device:
                 result = result.to(output.device)  # e.g. a constant, or another layer's value
+        if index == self.held.last_write_stage:
+            for name, value in self.held.release():  # no write is left to change them
+                self.on_save(name, value)
         if index in self.grad_sites:
             final = output if result is None else result
             if not final.requires_grad:
@@ -280,6 +291,7 @@ class Interleaver:
         """Drop every value and callback now that the request is over, so its tensors are
         freed at once instead of when the cycle collector finds the request's closures."""
         self.values.clear()
+        self.held.clear()
         self.constants.clear()
         self.grad_inputs.clear()
         self.grads.clear()

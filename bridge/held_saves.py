@@ -1,0 +1,114 @@
+"""Saved values held back until no later in-place write of the graph can change them.
+
+Locally a value a hook keeps (``cache[name] = x``, TL's ``run_with_cache``) *is* the
+activation, and the model may hand that very tensor to a later site:
+``blocks.0.hook_resid_post`` is ``blocks.1.hook_resid_pre`` in TL, a module's output is the
+next module's input in HF. A later hook's in-place edit there (``x[:, 1] = 0``) shows in the
+value kept earlier. The server used to send each saved value as it was at its own site.
+
+So while a graph still has in-place writes to come, its saves are *held*: a snapshot is taken
+at once (the value as it was), along with a weak reference to the tensor whose storage it
+views (its ``_base``, or itself) and that tensor's version counter. When the last in-place
+write has run, each held save is sent as it is *then* -- re-read from that tensor where it is
+still alive and was written since -- and the snapshot otherwise. Weak references only: holding
+a member's view of a batch would keep the whole batch's tensor alive, so a tensor freed in the
+meantime (no later write can have reached it through a site) falls back to the snapshot.
+
+Within one site the graph already says what a value is: a save of the value as the site was
+read, at a site the same graph then edits in place, means the value before the edit (the
+interleaver keeps a copy for such reads too), so it stays the snapshot; a save of the very
+value written in place is, locally, the activation itself, so it follows the activation.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class _Held:
+    name: str
+    stage: int
+    snapshot: torch.Tensor
+    root: "weakref.ref | None"  # the tensor whose storage the value views (None: fixed)
+    version: int = 0
+    size: tuple = ()
+    stride: tuple = ()
+    offset: int = 0
+
+    def point_at(self, tensor: torch.Tensor) -> None:
+        """Follow ``tensor`` (its storage, this geometry) from now on."""
+        root = tensor._base if tensor._base is not None else tensor
+        if root.dtype != tensor.dtype:  # a dtype view: no simple re-read
+            self.root = None
+            return
+        self.root = weakref.ref(root)
+        self.version = root._version
+        self.size, self.stride = tuple(tensor.shape), tuple(tensor.stride())
+        self.offset = tensor.storage_offset()
+
+    def value(self) -> torch.Tensor:
+        """The value as it is now: re-read where its tensor is alive and was written since
+        the snapshot, else the snapshot."""
+        root = self.root() if self.root is not None else None
+        if root is None or root._version == self.version:
+            return self.snapshot
+        return torch.as_strided(root, self.size, self.stride, self.offset)
+
+
+class HeldSaves:
+    """The saves of one graph held until its last in-place site write has run (see the
+    module docstring); ``last_write_stage`` is that site's stage, None when the graph edits
+    nothing in place (then nothing is ever held)."""
+
+    def __init__(self, last_write_stage: int | None):
+        self.last_write_stage = last_write_stage
+        self.held: list[_Held] = []
+
+    def holds(self, stage: int) -> bool:
+        """Whether a save made at ``stage`` waits (a later or this stage's write may still
+        change it)."""
+        return self.last_write_stage is not None and stage <= self.last_write_stage
+
+    def hold(self, name: str, stage: int, value) -> None:
+        if not isinstance(value, torch.Tensor):
+            # Not a tensor: the sender refuses it, as it would unheld.
+            self.held.append(_Held(name, stage, value, None))
+            return
+        with torch.no_grad():
+            entry = _Held(name, stage, value.detach().clone(), None)
+        entry.point_at(value)
+        self.held.append(entry)
+
+    def written(self, stage: int, written_value, target: torch.Tensor) -> None:
+        """The site of ``stage`` is about to be written in place (``target.copy_(
+        written_value)``): saves of this stage stay as they were read, except a save of
+        ``written_value`` itself, which is the activation from now on."""
+        for entry in self.held:
+            if entry.stage != stage or entry.root is None:
+                continue
+            root = entry.root()
+            if root is written_value and written_value._base is None and \
+                    entry.size == tuple(written_value.shape) and \
+                    entry.stride == tuple(written_value.stride()) and \
+                    entry.offset == written_value.storage_offset():
+                entry.point_at(target)
+                entry.version = -1  # re-read after the write
+            else:
+                entry.root = None
+
+    def release(self) -> list[tuple[str, object]]:
+        """(name, value now) of every held save, in the order they were saved; holds no
+        more."""
+        out = [(e.name, e.value() if isinstance(e.snapshot, torch.Tensor) else e.snapshot)
+               for e in self.held]
+        self.held = []
+        return out
+
+    def clear(self) -> None:
+        self.held = []
+
+
+__all__ = ["HeldSaves"]
