@@ -63,7 +63,8 @@ class Interleaver:
                  on_site: Callable[[int, int], None] | None = None,
                  on_node: Callable[[], None] | None = None,
                  value_ranges: dict[int, tuple[int, int]] | None = None,
-                 weights: frozenset = frozenset()):
+                 weights: frozenset = frozenset(),
+                 hold_bytes: Callable[[int], None] | None = None):
         self.vg = vg
         # Storage of the served model's parameters and buffers: a site value living there
         # is never written in place (see at_site).
@@ -107,7 +108,7 @@ class Interleaver:
                               if dn.op == SITE_WRITE and dn.mode == "inplace"}
         # Saves wait while an in-place write is still to come: locally a kept activation
         # shows a later site's edit where the model hands both sites one tensor.
-        self.held = HeldSaves(max(self.inplace_sites, default=None))
+        self.held = HeldSaves(max(self.inplace_sites, default=None), hold_bytes)
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -253,6 +254,7 @@ class Interleaver:
         if index == self.held.last_write_stage:
             for name, value in self.held.release():  # no write is left to change them
                 self.on_save(name, value)
+            self.held.handed_on()
         if index in self.grad_sites:
             final = output if result is None else result
             if not final.requires_grad:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,11 +62,16 @@ class _Held:
 class HeldSaves:
     """The saves of one graph held until its last in-place site write has run (see the
     module docstring); ``last_write_stage`` is that site's stage, None when the graph edits
-    nothing in place (then nothing is ever held)."""
+    nothing in place (then nothing is ever held). ``hold_bytes(n)`` is told the bytes of
+    each snapshot before it is taken (it may refuse, raising) and ``hold_bytes(-n)`` when
+    they have been handed on: the server counts them against the user's memory."""
 
-    def __init__(self, last_write_stage: int | None):
+    def __init__(self, last_write_stage: int | None,
+                 hold_bytes: Callable[[int], None] | None = None):
         self.last_write_stage = last_write_stage
+        self.hold_bytes = hold_bytes
         self.held: list[_Held] = []
+        self.held_bytes = 0
 
     def holds(self, stage: int) -> bool:
         """Whether a save made at ``stage`` waits (a later or this stage's write may still
@@ -77,6 +83,10 @@ class HeldSaves:
             # Not a tensor: the sender refuses it, as it would unheld.
             self.held.append(_Held(name, stage, value, None))
             return
+        nbytes = value.numel() * value.element_size()
+        if self.hold_bytes is not None:
+            self.hold_bytes(nbytes)
+        self.held_bytes += nbytes
         with torch.no_grad():
             entry = _Held(name, stage, value.detach().clone(), None)
         entry.point_at(value)
@@ -101,14 +111,20 @@ class HeldSaves:
 
     def release(self) -> list[tuple[str, object]]:
         """(name, value now) of every held save, in the order they were saved; holds no
-        more."""
+        more (``handed_on`` gives their bytes back once they are sent)."""
         out = [(e.name, e.value() if isinstance(e.snapshot, torch.Tensor) else e.snapshot)
                for e in self.held]
         self.held = []
         return out
 
+    def handed_on(self) -> None:
+        if self.hold_bytes is not None and self.held_bytes:
+            self.hold_bytes(-self.held_bytes)
+        self.held_bytes = 0
+
     def clear(self) -> None:
         self.held = []
+        self.held_bytes = 0  # (what is still counted goes with the request's reservation)
 
 
 __all__ = ["HeldSaves"]

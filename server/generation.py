@@ -162,7 +162,8 @@ def run_generation(worker, p, forwards: list) -> None:
                                  saver(k), watch, watch,
                                  {i: ranges[s.name] for i, s in enumerate(vg.site_infos)
                                   if s.name in ranges},
-                                 weights=getattr(entry, "weight_storages", frozenset()))
+                                 weights=getattr(entry, "weight_storages", frozenset()),
+                                 hold_bytes=worker._hold_bytes(job))
                 try:
                     logits = il.run(entry.site_modules, run_forward, need_output=True)
                     il.finish({})

@@ -85,6 +85,13 @@ class Reservation:
             self.budget.reserve(self.user, nbytes, what)
             self.nbytes += nbytes
 
+    def shrink(self, nbytes: int) -> None:
+        """Give back up to ``nbytes`` of what this request holds, before it ends."""
+        n = min(nbytes, self.nbytes)
+        if self.budget is not None and n > 0:
+            self.budget.release(self.user, n)
+            self.nbytes -= n
+
     def absorb(self, other: "Reservation") -> None:
         """Take over ``other``'s bytes (same user and budget): released with this one."""
         if other.budget is not None:

@@ -608,7 +608,8 @@ class ModelWorker(threading.Thread):
     def _interleaver(self, p: Prepared, vg) -> Interleaver:
         return Interleaver(vg, p.constants, self._saver(p), self._site_watch(p),
                            self._watch(p.job, p), p.value_ranges,
-                           weights=getattr(p.entry, "weight_storages", frozenset()))
+                           weights=getattr(p.entry, "weight_storages", frozenset()),
+                           hold_bytes=self._hold_bytes(p.job))
 
     # ---- TL hook switches: sites probed per combination, on first use ---------------------
     def hook_mode(self, model: str, tl_flags) -> HookMode:
@@ -635,6 +636,19 @@ class ModelWorker(threading.Thread):
             return entry.site_table, entry.site_order
         mode = self.hook_mode(model, spec.tl_flags)
         return mode.site_table, mode.site_order
+
+    @staticmethod
+    def _hold_bytes(job: Job):
+        """Saves a graph holds until its last in-place write (hookwire.held_saves) count
+        against the user's memory like its queued results: refused before the copy is
+        made, given back once they are sent (then counted as results)."""
+        def hold_bytes(n: int) -> None:
+            if n >= 0:
+                job.reservation.grow(n, "a saved value held until the graph's last in-place "
+                                        "write")
+            else:
+                job.reservation.shrink(-n)
+        return hold_bytes
 
     def _saver(self, p: Prepared):
         views = SentViews()  # a value this request already sent goes again as a reference

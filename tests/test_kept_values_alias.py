@@ -12,6 +12,7 @@ same hooks run locally, co-batched requests with their solo runs.
 from __future__ import annotations
 
 import functools
+import time
 
 import pytest
 import torch
@@ -209,3 +210,57 @@ def test_an_hf_output_kept_by_one_hook_shows_the_next_modules_in_place_edit(plai
     torch_hooks_run(plain[name], {block0: functools.partial(store_output, plain_out)}, IDS)
     first = plain_out["out"][0] if isinstance(plain_out["out"], tuple) else plain_out["out"]
     assert not torch.equal(kept_local, first)  # locally the edit shows in the kept value
+
+
+# ---- what is held is counted -----------------------------------------------------------------
+
+def test_held_saves_count_against_the_users_memory_before_they_are_copied(hosted,
+                                                                         local_models):
+    """A held save is a copy the server keeps until the graph's last in-place write: it is
+    reserved against the user's memory before it is made (refused with the rule that bounds
+    queued results), and given back once sent. A graph whose held copies would exceed the
+    user's share fails alone; one that fits runs, equal to local TL, and nothing stays
+    counted."""
+    from hookwire.errors import LimitExceeded
+    from hookwire.validate import Limits
+    MiB = 1 << 20
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=8 * MiB))
+    client = PipelinedClient(srv.url, KEY_A)
+    try:
+        bridge = local_models["tiny-gpt2"]
+        tokens = bridge.to_tokens(["what is held is counted"])
+        seq, width = tokens.shape[1], bridge.cfg.d_model
+        copies = -(-3 * MiB // (seq * width * 4))  # a value of about 3 MiB
+
+        def big_saves(n_names: int) -> dict:
+            return graph("tiny-gpt2", sites=[P0, R1],
+                         nodes=[node(0, "site.read", 0), node(1, "repeat", ref(0), copies, 1, 1),
+                                node(2, "site.read", 1), node(3, "mul", ref(2), 0.5),
+                                node(4, "site.write", 1, ref(3), mode="inplace")],
+                         saves={f"big{k}": 1 for k in range(n_names)})
+        rid = client.send(big_saves(3), {"input_ids": tokens})  # ~9 MiB held: over 8 MiB
+        refused = client.collect([rid])[rid].error
+        assert refused is not None and refused.code == LimitExceeded.code
+        assert refused.details.get("rule") == "max_pending_bytes_per_user"
+        assert "held" in refused.message
+        rid = client.send(big_saves(1), {"input_ids": tokens})
+        answer = client.collect([rid])[rid]
+        assert answer.error is None
+        kept = {}
+
+        def halve_in_place(x, hook):
+            x.mul_(0.5)
+        with torch.no_grad():
+            local = bridge.run_with_hooks(tokens, fwd_hooks=[(P0, keep(kept, "p0")),
+                                                             (R1, halve_in_place)])
+        # repeat copies resid_post(0) before the edit: locally too it does not show it
+        assert_close(answer.values["big0"], (kept["p0"] * 2).repeat(copies, 1, 1))
+        assert_close(answer.values["__logits__"], local)
+        deadline = time.monotonic() + 30
+        while srv.server.memory.pending_total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.server.memory.pending_total == 0
+    finally:
+        client.close()
+        srv.stop()
