@@ -36,8 +36,10 @@ _lock = threading.Lock()
 def _best_seconds(fn, device: torch.device, runs: int = _RUNS,
                   waiting: Callable[[], bool] = lambda: False) -> float:
     def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        # Kernels on an accelerator run asynchronously: wait for them, or the time taken is
+        # the launch's. Any accelerator torch knows (CUDA, ROCm, XPU, MPS...), not only CUDA.
+        if device.type != "cpu":
+            torch.accelerator.synchronize(device)
 
     fn()  # warm: allocator, kernels, thread team
     synchronize()

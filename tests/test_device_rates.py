@@ -158,3 +158,17 @@ def test_a_worker_whose_idle_housekeeping_fails_serves_on(hosted):
     finally:
         client.close()
         srv.stop()
+
+
+def test_timing_waits_for_any_accelerator_not_only_cuda(monkeypatch):
+    """On an accelerator kernels run asynchronously: each timed run must wait for them (it
+    used to only on CUDA, so an XPU's or MPS's rate was the launch's, far too fast). On a
+    CPU nothing is waited for."""
+    waited = []
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: waited.append(
+        str(device)))
+    device_rates._best_seconds(lambda: None, torch.device("xpu"), runs=3)
+    assert waited == ["xpu"] * 4  # the warm-up and each of the three runs
+    waited.clear()
+    device_rates._best_seconds(lambda: None, torch.device("cpu"), runs=3)
+    assert waited == []
