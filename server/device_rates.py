@@ -38,8 +38,12 @@ def _best_seconds(fn, device: torch.device, runs: int = _RUNS,
     def synchronize():
         # Kernels on an accelerator run asynchronously: wait for them, or the time taken is
         # the launch's. Any accelerator torch knows (CUDA, ROCm, XPU, MPS...), not only CUDA.
-        if device.type != "cpu":
+        if device.type == "cpu":
+            return
+        if hasattr(torch, "accelerator"):  # torch >= 2.6
             torch.accelerator.synchronize(device)
+        elif device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     fn()  # warm: allocator, kernels, thread team
     synchronize()
