@@ -43,6 +43,8 @@ class StopForward(Exception):
 class Interleaver:
     """Runs one validated graph alongside a forward pass.
 
+    ``on_save(name, value)`` gets each saved value (``snapshot=False`` added for a held
+    save that is already a copy nothing else holds: hookwire.held_saves).
     ``on_site(k, n)`` is called after the k-th of n sites, ``on_node()`` before every node
     (both may raise to stop the request: cancelled, over its deadline). ``value_ranges``
     maps a site index to the ``[low, high)`` range integer values written there must lie in
@@ -59,7 +61,7 @@ class Interleaver:
     (``pending``)."""
 
     def __init__(self, vg: ValidatedGraph, constants: dict[str, torch.Tensor],
-                 on_save: Callable[[str, torch.Tensor], None],
+                 on_save: Callable[..., None],
                  on_site: Callable[[int, int], None] | None = None,
                  on_node: Callable[[], None] | None = None,
                  value_ranges: dict[int, tuple[int, int]] | None = None,
@@ -252,8 +254,11 @@ class Interleaver:
             if isinstance(result, torch.Tensor) and result.device != output.device:
                 result = result.to(output.device)  # e.g. a constant, or another layer's value
         if index == self.held.last_write_stage:
-            for name, value in self.held.release():  # no write is left to change them
-                self.on_save(name, value)
+            for name, value, own in self.held.release():  # no write is left to change them
+                if own:  # a copy nothing else holds: no need to copy it again
+                    self.on_save(name, value, snapshot=False)
+                else:
+                    self.on_save(name, value)
             self.held.handed_on()
         if index in self.grad_sites:
             final = output if result is None else result

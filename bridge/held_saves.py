@@ -50,13 +50,13 @@ class _Held:
         self.size, self.stride = tuple(tensor.shape), tuple(tensor.stride())
         self.offset = tensor.storage_offset()
 
-    def value(self) -> torch.Tensor:
-        """The value as it is now: re-read where its tensor is alive and was written since
-        the snapshot, else the snapshot."""
+    def value(self) -> tuple[torch.Tensor, bool]:
+        """(the value as it is now, whether it is the snapshot): re-read where its tensor is
+        alive and was written since the snapshot, else the snapshot."""
         root = self.root() if self.root is not None else None
         if root is None or root._version == self.version:
-            return self.snapshot
-        return torch.as_strided(root, self.size, self.stride, self.offset)
+            return self.snapshot, True
+        return torch.as_strided(root, self.size, self.stride, self.offset), False
 
 
 class HeldSaves:
@@ -109,11 +109,12 @@ class HeldSaves:
             else:
                 entry.root = None
 
-    def release(self) -> list[tuple[str, object]]:
-        """(name, value now) of every held save, in the order they were saved; holds no
-        more (``handed_on`` gives their bytes back once they are sent)."""
-        out = [(e.name, e.value() if isinstance(e.snapshot, torch.Tensor) else e.snapshot)
-               for e in self.held]
+    def release(self) -> list[tuple[str, object, bool]]:
+        """(name, value now, whether that is a copy of its own) of every held save, in the
+        order they were saved; holds no more (``handed_on`` gives their bytes back once
+        they are sent)."""
+        out = [(e.name, *(e.value() if isinstance(e.snapshot, torch.Tensor)
+                          else (e.snapshot, False))) for e in self.held]
         self.held = []
         return out
 

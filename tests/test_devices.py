@@ -27,8 +27,8 @@ def run_on_two_devices(nodes, saves=None, constants=None):
     vg = validate_structure(graph, *TABLE, Limits())
     infer_shapes(vg, 2, 3, constants or {}, Limits())
     saved = {}
-    il = Interleaver(vg, dict(constants or {}), lambda name, value: saved.__setitem__(name,
-                                                                                      value))
+    il = Interleaver(vg, dict(constants or {}),
+                     lambda name, value, snapshot=True: saved.__setitem__(name, value))
     il.start()
     first = il.at_site(0, torch.ones(2, 3, 4))
     second = il.at_site(1, torch.empty(2, 3, 4, device="meta"))

@@ -381,7 +381,7 @@ def execute(bridge, tables, graph_dict, tokens, constants=None, limits=None):
     infer_shapes(vg, tokens.shape[0], tokens.shape[1], constants, limits)
     saved = {}
 
-    def on_save(name, value):
+    def on_save(name, value, snapshot=True):
         saved[name] = value.detach().clone()
 
     il = Interleaver(vg, constants, on_save)
