@@ -10,6 +10,19 @@ from hookwire.ops import CLIENT_OPS, INPLACE_OPS
 # Functions people reach for, and the supported way to get the same result.
 SUGGESTIONS = {
     "torch.take": "x.flatten()[index]",
+    "torch.equal": "(a == b).all() kept as a tensor (a Python bool cannot steer a traced "
+                   "hook), or compare after the run",
+    "torch.allclose": "torch.isclose(a, b).all() kept as a tensor, or compare after the run",
+    "Tensor.allclose": "torch.isclose(a, b).all() kept as a tensor, or compare after the run",
+    "Tensor.equal": "(a == b).all() kept as a tensor, or compare after the run",
+    "torch.tensor_split": "torch.split(x, sizes, dim) with the sizes worked out from the shape",
+    "Tensor.tensor_split": "x.split(sizes, dim) with the sizes worked out from the shape",
+    "Tensor.unfold": "slices stacked with torch.stack([x[..., i:i + size] for i in "
+                     "range(0, n - size + 1, step)], dim=-2)",
+    "Tensor.as_strided": "indexing, view/reshape, permute or expand (arbitrary strides can "
+                         "reach memory outside the tensor)",
+    "torch.as_strided": "indexing, view/reshape, permute or expand (arbitrary strides can "
+                        "reach memory outside the tensor)",
     "Tensor.take": "x.flatten()[index]",
     "torch.take_along_dim": "torch.gather(x, dim, index)",
     "Tensor.take_along_dim": "torch.gather(x, dim, index)",

@@ -322,6 +322,14 @@ op("nan_to_num", torch.nan_to_num, "t|n?,n?,n?", cost=Pointwise(),
    clients=_auto_clients("nan_to_num"), nan="n?", posinf="n?", neginf="n?")
 op("clamp", torch.clamp, "t|tn?,tn?", cost=Pointwise(2),
    clients=_auto_clients("clamp", torch.clip, T.clip), min="tn?", max="tn?")
+for _name in ("clamp_min", "clamp_max"):
+    op(_name, getattr(torch, _name), "t,tn", cost=Pointwise(), clients=_auto_clients(_name))
+# lerp: torch's own kernel (a + w * (b - a) by hand rounds differently near w = 1);
+# addcmul / addcdiv: x + value * t1 * t2 (or / t2) in one kernel.
+op("lerp", torch.lerp, "t,t,tn", cost=Pointwise(3), clients=_auto_clients("lerp"))
+for _name in ("addcmul", "addcdiv"):
+    op(_name, getattr(torch, _name), "t,t,t", cost=Pointwise(3), clients=_auto_clients(_name),
+       value="n")
 op("full_like", torch.full_like, "t|n", cost=Pointwise(), clients=[torch.full_like],
    fill_value="n", dtype="d?")
 op("gelu", F.gelu, "t", cost=Pointwise(2 * TRANSCENDENTAL), clients=[F.gelu], approximate="s")
@@ -444,6 +452,8 @@ for _name in ("view", "expand", "permute"):
 for _name in ("reshape", "repeat", "flip"):
     op(_name, getattr(T, _name), "t|*ii", cost=Copy(), clients=_auto_clients(_name),
        **({"dims": "ii"} if _name == "flip" else {}))
+op("broadcast_to", T.broadcast_to, "t|*ii", cost=FREE, clients=_auto_clients("broadcast_to"),
+   size="ii")
 for _name in ("view_as", "expand_as"):
     op(_name, getattr(T, _name), "t,t", cost=FREE, clients=_auto_clients(_name))
 op("reshape_as", T.reshape_as, "t,t", cost=Copy(), clients=_auto_clients("reshape_as"))

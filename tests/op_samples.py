@@ -401,6 +401,21 @@ SAMPLES["rfft"] = lambda g: [((g.f(ROWS, COLS),), {}), ((g.f(ROWS, COLS), 64, 0)
 SAMPLES["irfft"] = lambda g: [((g.c(ROWS, COLS),), {}), ((g.c(ROWS, COLS),), {"n": 100})]
 
 
+SAMPLES["clamp_min"] = lambda g: [((x, -0.5), {}) for x in _layouts(g.f(ROWS, COLS))] + [
+    ((g.f(ROWS, COLS), g.f(1, COLS)), {}), ((g.i(9, ROWS, COLS), 3), {})]
+SAMPLES["clamp_max"] = SAMPLES["clamp_min"]
+SAMPLES["lerp"] = lambda g: [((x, g.f(ROWS, COLS), 0.25), {})
+                             for x in _layouts(g.f(ROWS, COLS))] + [
+    ((g.f(ROWS, COLS), g.f(1, COLS), g.f(ROWS, 1)), {})]
+SAMPLES["addcmul"] = lambda g: [((x, g.f(ROWS, COLS), g.f(ROWS, COLS)), {})
+                                for x in _layouts(g.f(ROWS, COLS))] + [
+    ((g.f(ROWS, COLS), g.f(1, COLS), g.f(ROWS, 1)), {"value": 0.5})]
+SAMPLES["addcdiv"] = lambda g: [((g.f(ROWS, COLS), g.f(ROWS, COLS), g.pos(ROWS, COLS)), {}),
+                                ((g.f(ROWS, COLS), g.f(1, COLS), g.pos(ROWS, 1)), {"value": 2})]
+SAMPLES["broadcast_to"] = lambda g: [((g.f(1, COLS), (ROWS, COLS)), {}),
+                                     ((g.f(ROWS, 1), (2, ROWS, COLS)), {})]
+
+
 def samples(name: str, seed: int = 0) -> list[tuple[tuple, dict]]:
     return SAMPLES[name](_Gen(seed))
 

@@ -218,3 +218,43 @@ def test_an_in_place_edit_of_a_piece_raises_where_autograd_refuses_it_locally(
         plain = local_models[name](tokens)
     assert not torch.equal(ll, plain)  # the edit reaches the activation
     assert_close(rl, ll)
+
+
+EVERYDAY_OPS = {
+    "x.lerp_(target, 0.3)": lambda x: x.lerp_(x.flip(1), 0.3),
+    "torch.lerp with a tensor weight": lambda x: torch.lerp(x, torch.zeros_like(x),
+                                                            x.sigmoid()),
+    "x.clamp_min_(0)": lambda x: x.clamp_min_(0.0),
+    "x.clamp_max(0.0)": lambda x: x.copy_(x.clamp_max(0.0)),
+    "x.addcmul_(a, b, value=0.5)": lambda x: x.addcmul_(x, x.flip(1), value=0.5),
+    "torch.addcdiv": lambda x: torch.addcdiv(x, x, x.abs() + 1.0, value=2.0),
+    "broadcast_to, then edit its base": lambda x: _broadcast_then_edit(x),
+}
+
+
+def _broadcast_then_edit(x):
+    view = x[:, :1].broadcast_to(x.shape[0], 3, x.shape[-1])
+    x[:, 0] = 2.0
+    return x + view.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("spelling", EVERYDAY_OPS)
+def test_everyday_ops_that_had_no_remote_spelling_equal_local(local_models, remote_models,
+                                                              name, tokens, spelling):
+    """``lerp``, ``clamp_min``/``clamp_max``, ``addcmul``/``addcdiv`` (and their in-place
+    forms) and ``broadcast_to`` used to be refused as outside the registry; they run now,
+    with torch's own kernels on the server, equal to local TL. A view made by
+    ``broadcast_to`` shows a later edit of its base, as locally."""
+    op = EVERYDAY_OPS[spelling]
+
+    def make():
+        def everyday_op(x, hook):
+            out = op(x)
+            return out if out is not None and out is not x else None
+        return [(R1, everyday_op)], {}
+
+    (ll, _), (rl, _) = both(local_models, remote_models, name, tokens, make)
+    with torch.no_grad():
+        plain = local_models[name](tokens)
+    assert not torch.equal(ll, plain)
+    assert_close(rl, ll)
