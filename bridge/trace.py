@@ -698,8 +698,8 @@ class Tracer:
             return self._cast(args[0], _CASTS[func])
         if func is T.to or func is T.type:
             return self._to(func, args, kwargs)
-        if func is T.data.__get__:
-            func = T.detach
+        if getattr(func, "__self__", None) is T.data:  # `x.data`: a fresh method-wrapper
+            func = T.detach                             # each time, so never `is` a saved one
         if func is T.contiguous:
             return args[0]
         if func in _LOCAL_DRAWS or func in _LOCAL_FILLS or func in _DROPOUTS:

@@ -258,3 +258,25 @@ def test_everyday_ops_that_had_no_remote_spelling_equal_local(local_models, remo
         plain = local_models[name](tokens)
     assert not torch.equal(ll, plain)
     assert_close(rl, ll)
+
+
+def test_an_edit_through_dot_data_reaches_the_activation(local_models, remote_models, name,
+                                                         tokens):
+    """``x.data[:, 1] = 9.0`` (older code's spelling of an edit outside autograd) edits the
+    activation locally. It used to be refused as an op outside the registry: torch hands
+    the tracer a new method-wrapper for ``Tensor.data`` each time, so the check that maps it
+    to ``detach`` never matched."""
+    def make():
+        state = {}
+
+        def data_edit(x, hook):
+            x.data[:, 1] = 9.0
+            state["row"] = x.data[:, 1]
+        return [(R1, data_edit)], state
+
+    (ll, ls), (rl, rs) = both(local_models, remote_models, name, tokens, make)
+    with torch.no_grad():
+        plain = local_models[name](tokens)
+    assert not torch.equal(ll, plain)
+    assert_close(rl, ll)
+    assert_close(rs["row"], ls["row"])
