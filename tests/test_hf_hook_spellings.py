@@ -73,18 +73,55 @@ def test_a_hook_registered_on_the_stand_in_raises_instead_of_being_ignored(plain
 
 
 def test_the_local_reference_refuses_what_it_does_not_take(plain, name):
-    """``LocalModel.run_with_hooks(ids, attention_mask=m)`` used to drop the mask silently
-    (``**_``), so a comparison with it was of another computation; it raises now, as
-    ``RemoteModel`` does. (``progress`` is accepted by both.)"""
+    """``LocalModel.run_with_hooks(ids, output_hidden_states=True)`` (a keyword neither
+    takes) used to be dropped silently (``**_``), so a comparison with it was of another
+    computation; it raises now, as ``RemoteModel`` does. (``progress`` is accepted by
+    both.)"""
     local = LocalModel(plain[name])
-    mask = torch.ones_like(IDS)
-    mask[0, :2] = 0
     with pytest.raises(TypeError):
-        local.run_with_hooks(IDS, attention_mask=mask)
+        local.run_with_hooks(IDS, output_hidden_states=True)
     with pytest.raises(TypeError):
-        hhf.RemoteModel(name).run_with_hooks(IDS, attention_mask=mask)
+        hhf.RemoteModel(name).run_with_hooks(IDS, output_hidden_states=True)
     assert_close(local.run_with_hooks(IDS, progress=False).logits,
                  local_logits(plain[name], {}))
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_a_padded_batch_runs_with_its_attention_mask(plain, name, padding):
+    """``run_with_hooks(ids, hooks, attention_mask=mask)`` / ``run_with_cache``: a padded
+    batch, as HF's forward takes it (it used to be a ``TypeError``; the server took masks
+    only from nnsight's front). Equal to the same hooks on the local model with the same
+    mask; the mask changes the answer; a mask of the wrong shape or values raises before
+    sending."""
+    mask = torch.ones_like(IDS)
+    if padding == "left":
+        mask[0, :3] = 0
+    else:
+        mask[0, -3:] = 0
+    block = BLOCKS[name][1]
+
+    def steer(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden[:, -1] += 0.5
+
+    hooks = {block: steer}
+    local = LocalModel(plain[name])
+    remote = hhf.RemoteModel(name)
+    expected = local.run_with_hooks(IDS, hooks, attention_mask=mask).logits
+    assert not torch.equal(expected, local.run_with_hooks(IDS, hooks).logits)
+    assert_close(remote.run_with_hooks(IDS, hooks, attention_mask=mask).logits, expected)
+    out, cache = remote.run_with_cache(IDS, [BLOCKS[name][0]], attention_mask=mask)
+    local_out, local_cache = local.run_with_cache(IDS, [BLOCKS[name][0]],
+                                                  attention_mask=mask)
+    assert_close(out.logits, local_out.logits)
+    first = local_cache[BLOCKS[name][0]]
+    got = cache[BLOCKS[name][0]]
+    if isinstance(first, tuple):
+        first, got = first[0], got[0]
+    assert_close(got, first)
+    for bad in (mask[:, 1:], mask * 2, mask.float()):
+        with pytest.raises(HookwireError, match="attention_mask"):
+            remote.run_with_hooks(IDS, hooks, attention_mask=bad)
 
 
 def test_a_partial_hook_whose_bound_store_holds_a_traced_value_runs(plain, name):

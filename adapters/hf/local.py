@@ -59,16 +59,17 @@ class LocalModel:
 
     # (``progress`` is RemoteModel's: accepted so one call runs on either; anything else it
     # does not take raises, as RemoteModel does, instead of being dropped)
-    def run_with_hooks(self, input_ids, hooks: dict | None = None, *, progress=None):
+    def run_with_hooks(self, input_ids, hooks: dict | None = None, *, attention_mask=None,
+                       progress=None):
         with torch.no_grad(), hooks_registered(self.model, hook_list(hooks)):
-            return self._call(input_ids, use_cache=False)
+            return self._call(input_ids, use_cache=False, attention_mask=attention_mask)
 
     def run_with_cache(self, input_ids, modules: list[str], hooks: dict | None = None, *,
-                       progress=None):
+                       attention_mask=None, progress=None):
         cache: dict = {}
         with torch.no_grad(), hooks_registered(self.model,
                                                hook_list(hooks) + cache_hooks(modules, cache)):
-            return self._call(input_ids, use_cache=False), cache
+            return self._call(input_ids, use_cache=False, attention_mask=attention_mask), cache
 
     def generate(self, input_ids, max_new_tokens: int, hooks: dict | None = None, *,
                  modules: list[str] | None = None, intervene_on: str = "all",

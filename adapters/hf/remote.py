@@ -30,6 +30,18 @@ def _input_ids(input_ids) -> torch.Tensor:
     return input_ids.detach().to("cpu", torch.int64)
 
 
+def attention_mask_of(mask, tokens: torch.Tensor) -> torch.Tensor | None:
+    """A padded batch's 0/1 mask, as HF's forward takes it: checked here, before sending."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tokens.shape) or \
+            mask.dtype not in (torch.int64, torch.int32, torch.bool) or \
+            bool(((mask != 0) & (mask != 1)).any()):
+        raise HookwireError(f"attention_mask must be a 0/1 integer or bool tensor shaped like "
+                            f"input_ids {tuple(tokens.shape)}")
+    return mask.detach().to("cpu", torch.int64)
+
+
 class RemoteModel:
     """``hhf.RemoteModel("tiny-llama")``: run_with_hooks / run_with_cache / generate on the
     server's model. ``url`` / ``api_key`` default to ``hookwire.configure`` / HOOKWIRE_URL."""
@@ -55,17 +67,19 @@ class RemoteModel:
         return self.stand_in.named_modules()
 
     # ---- one forward ---------------------------------------------------------------------
-    def run_with_hooks(self, input_ids, hooks: dict | None = None, *, progress=None):
+    def run_with_hooks(self, input_ids, hooks: dict | None = None, *, attention_mask=None,
+                       progress=None):
         """The model's output (``.logits``) with ``hooks`` ({module key: fn}) applied, as a
-        local forward with the same functions registered as torch hooks."""
-        return self._forward(input_ids, hook_list(hooks), progress)
+        local forward with the same functions registered as torch hooks (``attention_mask``:
+        a padded batch's, passed to the model's forward as HF takes it)."""
+        return self._forward(input_ids, hook_list(hooks), progress, attention_mask)
 
     def run_with_cache(self, input_ids, modules: list[str], hooks: dict | None = None, *,
-                       progress=None):
+                       attention_mask=None, progress=None):
         """(output, {key: what a forward hook on that module sees -- after ``hooks``})."""
         cache: dict = {}
         listed = hook_list(hooks) + cache_hooks(modules, cache)
-        return self._forward(input_ids, listed, progress), cache
+        return self._forward(input_ids, listed, progress, attention_mask), cache
 
     def _refuse_module_hooks(self) -> None:
         """Hooks registered on the stand-in's own modules (``register_forward_hook``) would
@@ -81,16 +95,21 @@ class RemoteModel:
                     f"hooks={{{path!r}: fn}}) (or {{{path + ':input'!r}: fn}} for a "
                     "pre-hook)")
 
-    def _forward(self, input_ids, hooks, progress):
+    def _forward(self, input_ids, hooks, progress, attention_mask=None):
         self._refuse_module_hooks()
         tokens = _input_ids(input_ids)
+        mask = attention_mask_of(attention_mask, tokens)
         batch, seq = tokens.shape
         traced = trace_forward(self.info, self.stand_in, batch, seq, hooks)
         tr = traced.tracer
-        graph = {"version": 1, "model": self.name, "inputs": {"input_ids": "input_ids"},
+        inputs, tensors = {"input_ids": "input_ids"}, {"input_ids": tokens}
+        if mask is not None:
+            inputs["attention_mask"] = "attention_mask"
+            tensors["attention_mask"] = mask
+        graph = {"version": 1, "model": self.name, "inputs": inputs,
                  "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
                  "saves": tr.saves, "forward": {"return_type": "logits"}}
-        call = RemoteCall(self.name, graph, {"input_ids": tokens, **tr.constants},
+        call = RemoteCall(self.name, graph, {**tensors, **tr.constants},
                           destinations=traced.destinations, tracers=[tr],
                           progress=self.progress if progress is None else progress)
         result = call.send(get_connection(*self._target))
