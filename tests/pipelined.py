@@ -99,6 +99,15 @@ def equal_values(a: dict, b: dict) -> bool:
         and torch.equal(x.isnan(), b[k].isnan()) for k, x in a.items())
 
 
+def assert_memory_given_back(srv, timeout: float = 30) -> None:
+    """Every byte the server counted for requests and results goes back (the worker finishes
+    a request just after its ``done``, so wait for it a little)."""
+    deadline = time.monotonic() + timeout
+    while srv.server.memory.pending_total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.server.memory.pending_total == 0
+
+
 def run_pair(writer: PipelinedClient, reader: PipelinedClient, wgraph, rgraph, tokens,
              expect_batched: bool, tries: int = 6):
     """Send the writer's and the reader's request back to back; retry until they shared a

@@ -12,7 +12,6 @@ same hooks run locally, co-batched requests with their solo runs.
 from __future__ import annotations
 
 import functools
-import time
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from torch.testing import assert_close
 import hookwire.hf as hhf
 from conftest import MODEL_NAMES
 from graphs import graph, node, ref
-from pipelined import PipelinedClient, run_pair
+from pipelined import PipelinedClient, assert_memory_given_back, run_pair
 import hookwire.server as hs
 from test_hf_remote import torch_hooks_run
 
@@ -257,10 +256,7 @@ def test_held_saves_count_against_the_users_memory_before_they_are_copied(hosted
         # repeat copies resid_post(0) before the edit: locally too it does not show it
         assert_close(answer.values["big0"], (kept["p0"] * 2).repeat(copies, 1, 1))
         assert_close(answer.values["__logits__"], local)
-        deadline = time.monotonic() + 30
-        while srv.server.memory.pending_total and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert srv.server.memory.pending_total == 0
+        assert_memory_given_back(srv)
     finally:
         client.close()
         srv.stop()
