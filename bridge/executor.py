@@ -259,7 +259,6 @@ class Interleaver:
                     self.on_save(name, value, snapshot=False)
                 else:
                     self.on_save(name, value)
-            self.held.handed_on()
         if index in self.grad_sites:
             final = output if result is None else result
             if not final.requires_grad:

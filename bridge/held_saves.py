@@ -33,6 +33,7 @@ class _Held:
     name: str
     stage: int
     snapshot: torch.Tensor
+    nbytes: int
     root: "weakref.ref | None"  # the tensor whose storage the value views (None: fixed)
     version: int = 0
     size: tuple = ()
@@ -81,14 +82,14 @@ class HeldSaves:
     def hold(self, name: str, stage: int, value) -> None:
         if not isinstance(value, torch.Tensor):
             # Not a tensor: the sender refuses it, as it would unheld.
-            self.held.append(_Held(name, stage, value, None))
+            self.held.append(_Held(name, stage, value, 0, None))
             return
         nbytes = value.numel() * value.element_size()
         if self.hold_bytes is not None:
             self.hold_bytes(nbytes)
         self.held_bytes += nbytes
         with torch.no_grad():
-            entry = _Held(name, stage, value.detach().clone(), None)
+            entry = _Held(name, stage, value.detach().clone(), nbytes, None)
         entry.point_at(value)
         self.held.append(entry)
 
@@ -109,19 +110,20 @@ class HeldSaves:
             else:
                 entry.root = None
 
-    def release(self) -> list[tuple[str, object, bool]]:
-        """(name, value now, whether that is a copy of its own) of every held save, in the
-        order they were saved; holds no more (``handed_on`` gives their bytes back once
-        they are sent)."""
-        out = [(e.name, *(e.value() if isinstance(e.snapshot, torch.Tensor)
-                          else (e.snapshot, False))) for e in self.held]
-        self.held = []
-        return out
-
-    def handed_on(self) -> None:
-        if self.hold_bytes is not None and self.held_bytes:
-            self.hold_bytes(-self.held_bytes)
-        self.held_bytes = 0
+    def release(self):
+        """Yields (name, value now, whether that is a copy of its own) of every held save,
+        in the order they were saved, giving back each one's bytes just before it is handed
+        on (the sender then counts it as a result: counted once, never twice); holds no
+        more."""
+        held, self.held = self.held, []
+        for e in held:
+            if self.hold_bytes is not None and e.nbytes:
+                self.hold_bytes(-e.nbytes)
+            self.held_bytes -= e.nbytes
+            if isinstance(e.snapshot, torch.Tensor):
+                yield (e.name, *e.value())
+            else:
+                yield e.name, e.snapshot, False
 
     def clear(self) -> None:
         self.held = []

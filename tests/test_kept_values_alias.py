@@ -218,8 +218,8 @@ def test_held_saves_count_against_the_users_memory_before_they_are_copied(hosted
     """A held save is a copy the server keeps until the graph's last in-place write: it is
     reserved against the user's memory before it is made (refused with the rule that bounds
     queued results), and given back once sent. A graph whose held copies would exceed the
-    user's share fails alone; one that fits runs, equal to local TL, and nothing stays
-    counted."""
+    user's share fails alone; one that fits runs (each copy counted once: held, then as a
+    result), equal to local TL, and nothing stays counted."""
     from hookwire.errors import LimitExceeded
     from hookwire.validate import Limits
     MiB = 1 << 20
@@ -243,9 +243,12 @@ def test_held_saves_count_against_the_users_memory_before_they_are_copied(hosted
         assert refused is not None and refused.code == LimitExceeded.code
         assert refused.details.get("rule") == "max_pending_bytes_per_user"
         assert "held" in refused.message
-        rid = client.send(big_saves(1), {"input_ids": tokens})
+        # ~6 MiB held, then sent: each copy is counted once (given back as it is sent), or
+        # the first send would have counted 9 MiB and been refused
+        rid = client.send(big_saves(2), {"input_ids": tokens})
         answer = client.collect([rid])[rid]
-        assert answer.error is None
+        assert answer.error is None, answer.error
+        assert torch.equal(answer.values["big0"], answer.values["big1"])
         kept = {}
 
         def halve_in_place(x, hook):
