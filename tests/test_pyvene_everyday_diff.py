@@ -417,6 +417,74 @@ CASES = {
         cfg("block_output", 0, itype=pv.ZeroIntervention),
         base_call({"base": 1}, output_original_output=True), None, False),
     "no_sources_no_locs_vanilla_noop": (cfg(), lambda m: m(BASE), None, False),
+    # ---- second round ----
+    "same_site_vanilla_then_collect": (
+        reps({"layer": 1, "component": "block_output",
+              "intervention_type": pv.VanillaIntervention},
+             {"layer": 1, "component": "block_output",
+              "intervention_type": pv.CollectIntervention}),
+        src_call({"sources->base": 3}, sources=[SRC, None]), None, False),
+    "same_site_collect_then_vanilla": (
+        reps({"layer": 1, "component": "mlp_output",
+              "intervention_type": pv.CollectIntervention},
+             {"layer": 1, "component": "mlp_output",
+              "intervention_type": pv.VanillaIntervention}),
+        src_call({"sources->base": 3}, sources=[None, SRC]), None, False),
+    "subspaces_none_for_one_of_two": (
+        reps({"layer": 0, "component": "block_output"}, {"layer": 1, "component": "block_output"}),
+        src_call({"sources->base": 2}, subspaces=[None, [[0, 1, 2]] * B]), None, False),
+    "zero_head_query_output_gqa_h_pos": (
+        cfg("head_query_output", 1, itype=pv.ZeroIntervention, unit="h.pos"),
+        base_call({"base": ([[[1, 3]] * B, [[0, 6]] * B],)}), None, False),
+    "subtraction_head_value_output_unit_h": (
+        cfg("head_value_output", 0, itype=pv.SubtractionIntervention, unit="h"),
+        src_call({"sources->base": ([[[1]] * B], [[[1]] * B])}), None, False),
+    "attention_value_output_subspaces": (
+        cfg("attention_value_output", 1),
+        src_call({"sources->base": 4}, subspaces=[[list(range(16, 32))] * B]), None, False),
+    "constant_source_ignores_given_source": (
+        cfg("mlp_output", 1, itype=pv.AdditionIntervention, source_representation=CONST),
+        src_call({"sources->base": 3}), None, False),
+    "use_fast_per_example_subspaces": (
+        cfg(), src_call({"sources->base": 3}, subspaces=[[[0, 1], [5, 6]]]), None, True),
+    "use_fast_zero_per_example_subspaces": (
+        cfg(itype=pv.ZeroIntervention), base_call({"base": 3}, subspaces=[[[0, 1], [5, 6]]]),
+        None, True),
+    "serial_three_groups": (
+        reps({"layer": 0, "component": "block_output"},
+             {"layer": 1, "component": "attention_output"},
+             {"layer": 1, "component": "block_output"}, mode="serial"),
+        lambda m: m(BASE, [SRC, SRC2, ids(15)], {"source_0->source_1": 1,
+                                                 "source_1->source_2": 2,
+                                                 "source_2->base": 5}), None, False),
+    "h_pos_per_example_heads_and_positions_collect": (
+        cfg("head_attention_value_output", 0, itype=pv.CollectIntervention, unit="h.pos"),
+        base_call({"base": ([[[0], [2]], [[1], [5]]],)}), None, False),
+    "batch_one_base_and_source": (
+        cfg("mlp_output", 1),
+        lambda m: m(ids(16, batch=1), [ids(17, batch=1)], {"sources->base": 4}), None, False),
+    "batch_one_source_for_batch_two_base": (
+        cfg(), lambda m: m(BASE, [ids(17, batch=1)], {"sources->base": 4}), None, False),
+    "lowrank_subspaces_partition": (
+        cfg("block_output", 0, itype=pv.LowRankRotatedSpaceIntervention, low_rank_dimension=4,
+            subspace_partition=[[0, 2], [2, 4]]),
+        src_call({"sources->base": 3}, subspaces=[[[1]] * B]), None, False),
+    "boundless_subspaces_ignored": (
+        cfg("block_output", 1, itype=pv.BoundlessRotatedSpaceIntervention),
+        src_call({"sources->base": 3}, subspaces=[[[0, 1]] * B]), None, False),
+    "linked_vanilla_and_collect_positions": (
+        reps({"layer": 0, "component": "block_output", "intervention_link_key": 1},
+             {"layer": 0, "component": "block_output", "intervention_link_key": 1}),
+        src_call({"sources->base": ([[[1]] * B, [[1]] * B], [[[2]] * B, [[4]] * B])},
+                 sources=[SRC, SRC2]), None, False),
+    "sigmoid_mask_rotated_two_positions": (
+        cfg("mlp_output", 0, itype=pv.SigmoidMaskRotatedSpaceIntervention,
+            max_number_of_units=2),
+        src_call({"sources->base": [1, 2]}), seeded(2.0), False),
+    "noise_base_only_four_positions_later_layer": (
+        cfg("mlp_output", 1, itype=pv.NoiseIntervention, max_number_of_units=4),
+        base_call({"base": [2, 3, 4, 5]}), None, False),
+    "grad_enabled_vanilla": (cfg(), src_call({"sources->base": 3}), None, False),
 }
 
 

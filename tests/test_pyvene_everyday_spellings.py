@@ -159,3 +159,22 @@ def test_positions_out_of_range_are_refused_before_sending(hf_models, name, send
                            match=rf"pyvene intervention layer_1_comp_block_output.*index {bad}"):
             remote(BASE, [source], locs)
     assert sends == []
+
+
+@pytest.mark.parametrize("itype", [pv.VanillaIntervention, pv.ZeroIntervention])
+def test_use_fast_model_takes_the_first_example_subspace(hf_models, name, itype):
+    """``IntervenableModel(..., use_fast=True)``: pyvene applies the first example's subspace
+    to the whole batch (its documented fast path). The per-example fix of fixes.py applied
+    each example's own subspace instead (logits off by up to ~0.12 in example 1)."""
+    def config():
+        return pv.IntervenableConfig([{"layer": 1, "component": "block_output",
+                                       "intervention_type": itype}])
+    local = pv.IntervenableModel(config(), copy.deepcopy(hf_models[name]), use_fast=True)
+    remote = hpv.RemoteIntervenableModel(config(), name, use_fast=True)
+    subspaces = [[[0, 1], [5, 6]]]
+    with torch.no_grad():
+        _, expected = local(BASE, [SRC], {"sources->base": 3}, subspaces=subspaces)
+        _, got = remote(BASE, [SRC], {"sources->base": 3}, subspaces=subspaces)
+        _, first = remote(BASE, [SRC], {"sources->base": 3}, subspaces=[[[0, 1], [0, 1]]])
+    assert_close(got.logits, expected.logits)
+    assert_close(got.logits, first.logits)
