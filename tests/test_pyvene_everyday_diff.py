@@ -236,9 +236,13 @@ CASES = {
         reps({"layer": 0, "component": "block_output"},
              {"layer": 1, "component": "attention_output"}),
         base_call({"base": 4}, source_representations=[CONST, -CONST]), None, False),
-    "source_reps_batched_two_positions": (
-        cfg("block_output", 0, max_number_of_units=2),
-        base_call({"base": [1, 5]}, source_representations=vec(22, B, 2, D)), None, False),
+    # a two-element list is pyvene's (source, base) pair: three positions make a list
+    "source_reps_batched_three_positions": (
+        cfg("block_output", 0, max_number_of_units=3),
+        base_call({"base": [1, 3, 5]}, source_representations=vec(22, B, 3, D)), None, False),
+    "source_reps_two_element_list_is_a_pair": (
+        cfg("block_output", 0), base_call({"base": [1, 5]}, source_representations=CONST),
+        None, False),
     "source_reps_subtraction_subspaces": (
         cfg("block_output", 1, itype=pv.SubtractionIntervention),
         base_call({"base": 6}, source_representations=CONST, subspaces=[[[0, 1, 2, 3]] * B]),
@@ -306,10 +310,10 @@ CASES = {
                                    None, False),
     "vanilla_per_example_subspaces_unequal_len": (
         cfg(), src_call({"sources->base": 3}, subspaces=[[[0, 1], [4, 5, 6]]]), None, False),
-    "lowrank_two_positions": (
+    "lowrank_three_positions": (
         cfg("block_output", 1, itype=pv.LowRankRotatedSpaceIntervention, low_rank_dimension=2,
-            max_number_of_units=2),
-        src_call({"sources->base": [2, 4]}), seeded(0.1), False),
+            max_number_of_units=3),
+        src_call({"sources->base": [2, 4, 5]}), seeded(0.1), False),
     "lowrank_mlp_output": (
         cfg("mlp_output", 0, itype=pv.LowRankRotatedSpaceIntervention, low_rank_dimension=4),
         src_call({"sources->base": 5}), None, False),
@@ -343,7 +347,7 @@ CASES = {
                                                  subspaces=[[[0, 5, 11]] * B]), None, False),
     "query_output_zero_pos": (cfg("query_output", 1, itype=pv.ZeroIntervention),
                               base_call({"base": 4}), None, False),
-    "value_output_two_positions": (cfg("value_output", 0, max_number_of_units=2),
+    "value_output_source_base_pair": (cfg("value_output", 0, max_number_of_units=2),
                                    src_call({"sources->base": [1, 2]}), None, False),
     "head_attention_value_output_unit_h": (
         cfg("head_attention_value_output", 1, unit="h"),
@@ -477,14 +481,41 @@ CASES = {
              {"layer": 0, "component": "block_output", "intervention_link_key": 1}),
         src_call({"sources->base": ([[[1]] * B, [[1]] * B], [[[2]] * B, [[4]] * B])},
                  sources=[SRC, SRC2]), None, False),
-    "sigmoid_mask_rotated_two_positions": (
+    "sigmoid_mask_rotated_three_positions": (
         cfg("mlp_output", 0, itype=pv.SigmoidMaskRotatedSpaceIntervention,
-            max_number_of_units=2),
-        src_call({"sources->base": [1, 2]}), seeded(2.0), False),
+            max_number_of_units=3),
+        src_call({"sources->base": [1, 2, 6]}), seeded(2.0), False),
     "noise_base_only_four_positions_later_layer": (
-        cfg("mlp_output", 1, itype=pv.NoiseIntervention, max_number_of_units=4),
+        cfg("mlp_output", 1, itype=pv.NoiseIntervention),
         base_call({"base": [2, 3, 4, 5]}), None, False),
     "grad_enabled_vanilla": (cfg(), src_call({"sources->base": 3}), None, False),
+    # ---- third round: steering and common slips ----
+    "steer_all_positions_source_reps": (cfg("block_output", 0, itype=pv.AdditionIntervention),
+                                        base_call(source_representations=CONST * 4), None,
+                                        False),
+    "steer_every_position_listed": (
+        cfg("mlp_output", 1, itype=pv.AdditionIntervention, max_number_of_units=S),
+        base_call({"base": list(range(S))}, source_representations=CONST), None, False),
+    "steer_padded_base": (
+        cfg("block_output", 0, itype=pv.AdditionIntervention),
+        lambda m: m({"input_ids": BASE["input_ids"],
+                     "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * S])},
+                    unit_locations={"base": 6}, source_representations=CONST * 2),
+        None, False),
+    "steer_with_self_as_source": (cfg("mlp_output", 0, itype=pv.AdditionIntervention),
+                                  lambda m: m(BASE, [BASE], {"sources->base": (2, 5)}), None,
+                                  False),
+    "locs_batch_one_for_batch_two": (cfg(), src_call({"sources->base": ([[[3]]], [[[3]]])}),
+                                     None, False),
+    "addition_with_partition_subspace": (
+        cfg("block_output", 1, itype=pv.AdditionIntervention,
+            subspace_partition=[[0, 8], [8, 64]]),
+        src_call({"sources->base": 3}, subspaces=[[[0]] * B]), None, False),
+    "source_padded_base_not": (
+        cfg(),
+        lambda m: m(BASE, [{"input_ids": SRC["input_ids"],
+                            "attention_mask": torch.tensor([[1] * S, [0, 1, 1, 1, 1, 1, 1]])}],
+                    {"sources->base": 4}), None, False),
 }
 
 
@@ -497,3 +528,38 @@ REFUSED = {"serial_source_reps": hpv.UnsupportedCall}
 def test_everyday(hf_models, name, sends, case):
     make, call, prepare, use_fast = CASES[case]
     differential(hf_models, name, sends, make, call, prepare, use_fast, REFUSED.get(case))
+
+
+RAW_PATHS = {"tiny-gpt2": "transformer.h.1.mlp", "tiny-llama": "model.layers.1.mlp"}
+
+
+@pytest.mark.parametrize("kind", ["output", "input"])
+def test_component_as_a_module_path(hf_models, name, sends, kind):
+    """pyvene takes a module path ending in .output / .input as the component."""
+    component = f"{RAW_PATHS[name]}.{kind}"
+    differential(hf_models, name, sends,
+                 lambda: pv.IntervenableConfig([{"layer": 0, "component": component}]),
+                 src_call({"sources->base": 3}))
+
+
+def test_calls_with_autograd_on(hf_models, name, sends):
+    """Without torch.no_grad(), as most notebooks call it: a frozen model, a Vanilla swap and
+    a Collect; then a trainable rotation next to a Collect (the differentiable path)."""
+    def make():
+        return pv.IntervenableConfig([
+            {"layer": 0, "component": "block_output",
+             "intervention_type": pv.RotatedSpaceIntervention},
+            {"layer": 1, "component": "block_output",
+             "intervention_type": pv.CollectIntervention}])
+    local = pv.IntervenableModel(make(), copy.deepcopy(hf_models[name]))
+    remote = hpv.RemoteIntervenableModel(make(), name)
+    for key, iv in local.interventions.items():
+        remote.interventions[key].load_state_dict(iv.state_dict())
+    call = src_call({"sources->base": 3}, sources=[SRC, None], subspaces=[[[0, 1]] * B, None])
+    expected, got = call(local), call(remote)
+    same(got, expected)
+    got[1].logits.sum().backward()
+    grads = [p.grad for p in remote.get_trainable_parameters()]
+    expected[1].logits.sum().backward()
+    for g, e in zip(grads, [p.grad for p in local.get_trainable_parameters()]):
+        assert_close(g, e, rtol=1e-4, atol=1e-5)
