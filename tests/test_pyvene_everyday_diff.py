@@ -511,6 +511,54 @@ CASES = {
         cfg("block_output", 1, itype=pv.AdditionIntervention,
             subspace_partition=[[0, 8], [8, 64]]),
         src_call({"sources->base": 3}, subspaces=[[[0]] * B]), None, False),
+    "head_unit_h_longer_source": (
+        cfg("head_attention_value_output", 1, unit="h"),
+        lambda m: m(BASE, [ids(18, seq=9)], {"sources->base": ([[[2]] * B], [[[2]] * B])}),
+        None, False),
+    "serial_one_source_for_two_groups": (
+        reps({"layer": 0, "component": "block_output"},
+             {"layer": 1, "component": "block_output"}, mode="serial"),
+        lambda m: m(BASE, [SRC], {"source_0->source_1": 2, "source_1->base": 4}), None, False),
+    "serial_middle_group_without_source": (
+        reps({"layer": 0, "component": "block_output"},
+             {"layer": 0, "component": "mlp_output"},
+             {"layer": 1, "component": "block_output"}, mode="serial"),
+        lambda m: m(BASE, [SRC, None, SRC2], {"source_0->source_1": 2,
+                                              "source_1->source_2": 3,
+                                              "source_2->base": 4}), None, False),
+    "source_with_labels": (
+        cfg(), lambda m: m(BASE, [{**SRC, "labels": SRC["input_ids"]}], {"sources->base": 3}),
+        None, False),
+    "int32_input_ids": (
+        cfg(), lambda m: m({"input_ids": BASE["input_ids"].int()},
+                           [{"input_ids": SRC["input_ids"].int()}], {"sources->base": 3}),
+        None, False),
+    "bool_attention_mask": (
+        cfg(), lambda m: m({"input_ids": BASE["input_ids"],
+                            "attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1, 1], [1] * S]).bool()},
+                           [SRC], {"sources->base": 3}), None, False),
+    "same_site_same_position_two_sources_last_wins": (
+        reps({"layer": 1, "component": "block_output"}, {"layer": 1, "component": "block_output"}),
+        src_call({"sources->base": 3}, sources=[SRC, SRC2]), None, False),
+    "same_site_same_position_two_additions": (
+        reps({"layer": 0, "component": "mlp_output"}, {"layer": 0, "component": "mlp_output"},
+             intervention_types=pv.AdditionIntervention),
+        src_call({"sources->base": 3}, sources=[SRC, SRC2]), None, False),
+    "serial_collect_base_only": (
+        reps({"layer": 1, "component": "block_output",
+              "intervention_type": pv.CollectIntervention}, mode="serial"),
+        lambda m: m(BASE, unit_locations={"source_0->base": 2}), None, False),
+    "serial_zero_then_collect_base_only": (
+        reps({"layer": 0, "component": "block_output", "intervention_type": pv.ZeroIntervention},
+             {"layer": 1, "component": "block_output",
+              "intervention_type": pv.CollectIntervention}, mode="serial"),
+        lambda m: m(BASE, unit_locations={"source_0->source_1": 2, "source_1->base": 2}),
+        None, False),
+    "zero_then_collect_same_site": (
+        reps({"layer": 1, "component": "mlp_output", "intervention_type": pv.ZeroIntervention},
+             {"layer": 1, "component": "mlp_output",
+              "intervention_type": pv.CollectIntervention}),
+        base_call({"base": 3}), None, False),
     "source_padded_base_not": (
         cfg(),
         lambda m: m(BASE, [{"input_ids": SRC["input_ids"],

@@ -178,3 +178,24 @@ def test_use_fast_model_takes_the_first_example_subspace(hf_models, name, itype)
         _, first = remote(BASE, [SRC], {"sources->base": 3}, subspaces=[[[0, 1], [0, 1]]])
     assert_close(got.logits, expected.logits)
     assert_close(got.logits, first.logits)
+
+
+@pytest.mark.parametrize("sources", [None, "source"])
+def test_collect_in_serial_mode_is_refused(hf_models, name, sends, sources):
+    """In serial mode pyvene skips a group without a source (and then fails reading what
+    its Collect collected: KeyError), and a Collect given a source fails as in parallel
+    mode. The remote run returned the collected activations."""
+    def config():
+        return pv.IntervenableConfig([
+            {"layer": 0, "component": "block_output", "intervention_type": pv.ZeroIntervention},
+            {"layer": 1, "component": "block_output",
+             "intervention_type": pv.CollectIntervention}], mode="serial")
+    local, remote = local_and_remote(hf_models, name, config)
+    locs = {"source_0->source_1": 2, "source_1->base": 2}
+    srcs = None if sources is None else [SRC, SRC2]
+    with torch.no_grad():
+        with pytest.raises((KeyError, AttributeError)):
+            local(BASE, srcs, locs)
+        with pytest.raises(hpv.UnsupportedCall, match="CollectIntervention.*serial mode"):
+            remote(BASE, srcs, locs)
+    assert sends == []

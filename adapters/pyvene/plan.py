@@ -220,6 +220,16 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
             "local pyvene applies none of them (its serial loop skips every group without a "
             "source) and returns the base's own output. Use mode='parallel', where "
             "source_representations are applied to the base, or pass sources", mode="serial")
+    collecting = [k for k in pvm.sorted_keys
+                  if isinstance(pvm.interventions[k], pv.CollectIntervention)]
+    if collecting:
+        # pyvene's serial loop gives a Collect either a getter (its group has a source: the
+        # collecting setter then appends to the source tensor, AttributeError) or nothing
+        # (no source: the group is skipped, and reading what it collected raises KeyError).
+        raise UnsupportedCall(
+            f"CollectIntervention {collecting[0]!r} in serial mode: local pyvene fails on this "
+            "call. Collect with mode='parallel' (its group given no source)",
+            key=collecting[0])
     order = [g for g, _ in groups if sources[g] is not None]
     # Group g reads source g's rows and writes into source g+1's (the last one: the base's);
     # each source block is cut to the positions read or written there (read_length).
@@ -242,8 +252,6 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
             src_locs, dst_locs = _serial_locs(unit_locations, g, len(groups), keys, key)
             if src_locs is None:
                 continue
-            if isinstance(pvm.interventions[key], pv.CollectIntervention):
-                _refuse_collect_with_source(key)
             unit = pvm.representations[key].unit
             cut = can_cut(sites[key])
             if _needs_getter(pvm.interventions[key]):
