@@ -199,3 +199,33 @@ def test_collect_in_serial_mode_is_refused(hf_models, name, sends, sources):
         with pytest.raises(hpv.UnsupportedCall, match="CollectIntervention.*serial mode"):
             remote(BASE, srcs, locs)
     assert sends == []
+
+
+@pytest.mark.parametrize("with_rotation", [False, True])
+def test_gradient_reaches_a_steering_vector(hf_models, name, with_rotation):
+    """Optimising a steering vector: ``source_representations=vec`` with ``vec`` requiring
+    grad, then ``loss.backward()``. Locally ``vec.grad`` is dL/dvec. Remotely the vector
+    was detached: with no trainable intervention the backward failed (torch: nothing
+    requires grad), next to a trainable rotation ``vec.grad`` silently stayed None."""
+    def config():
+        reps = [{"layer": 0, "component": "mlp_output",
+                 "intervention_type": pv.AdditionIntervention}]
+        if with_rotation:
+            reps.append({"layer": 1, "component": "block_output",
+                         "intervention_type": pv.RotatedSpaceIntervention})
+        return pv.IntervenableConfig(reps)
+    local, remote = local_and_remote(hf_models, name, config)
+    for key, iv in local.interventions.items():
+        remote.interventions[key].load_state_dict(iv.state_dict())
+    grads = []
+    for model in (local, remote):
+        vec = torch.linspace(-1, 1, D).requires_grad_()
+        reps = {model.sorted_keys[0]: vec}
+        if with_rotation:
+            reps[model.sorted_keys[1]] = torch.zeros(B, 1, D)
+        _, out = model(BASE, unit_locations={"base": 3}, source_representations=reps,
+                       subspaces=None if not with_rotation else [None, [[0, 1]] * B])
+        out.logits[:, -1].logsumexp(-1).sum().backward()
+        grads.append(vec.grad)
+    assert grads[0] is not None and grads[1] is not None
+    assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
