@@ -5,8 +5,19 @@ tests): the same config is built twice, run by ``pv.IntervenableModel`` on a dee
 plain HF model with the served weights, and by ``hpv.RemoteIntervenableModel`` against the
 real server of ``conftest`` (tiny-gpt2 and tiny-llama). Either both return the same values
 (``assert_close``: logits, collected activations, original outputs), or -- where local pyvene
-raises, or the remote model cannot do what pyvene does -- the remote model raises a hookwire
-error *before anything is sent*. A silently different answer fails.
+raises -- the remote model raises *before anything is sent*: a hookwire error, or the very
+exception pyvene's own code raises on the client while the call is traced (its argument
+broadcasting and validation run there, as locally). Where local pyvene returns a value but
+silently applies nothing (``REFUSED``), the remote model raises a hookwire error naming the
+way out. A silently different answer fails.
+
+Findings fixed on the way (regressions in tests/test_pyvene_everyday_spellings.py): serial
+mode with source_representations (pyvene applies nothing, remote applied them), Collect given
+a source or in serial mode, serial groups of several interventions, source-less unit
+locations with sources, Skip on a module called with keywords only (local raises, remote
+returned values), positions out of range (refused only by the server, after sending), a
+``use_fast=True`` model's per-example subspaces (remote applied each example's own), and
+gradients of a steering vector passed as source_representations (remote detached it).
 
 Cases already in tests/test_pyvene_remote.py and tests/test_pyvene_upstream_spellings.py are
 not repeated here.
