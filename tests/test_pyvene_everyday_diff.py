@@ -593,6 +593,9 @@ CASES = {
     "one_token_prompts": (cfg("block_output", 0),
                           lambda m: m(ids(22, seq=1), [ids(23, seq=1)], {"sources->base": 0}),
                           None, False),
+    "layer_given_as_a_string": (lambda: pv.IntervenableConfig([{"layer": "1",
+                                                                 "component": "mlp_output"}]),
+                                src_call({"sources->base": 2}), None, False),
     "source_padded_base_not": (
         cfg(),
         lambda m: m(BASE, [{"input_ids": SRC["input_ids"],
@@ -645,3 +648,27 @@ def test_calls_with_autograd_on(hf_models, name, sends):
     expected[1].logits.sum().backward()
     for g, e in zip(grads, [p.grad for p in local.get_trainable_parameters()]):
         assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_one_model_many_calls(hf_models, name):
+    """A notebook's session: one model object, calls of different shapes in a row (nothing a
+    call leaves behind changes the next one's answer, locally or remotely)."""
+    def make():
+        return pv.IntervenableConfig([
+            {"layer": 0, "component": "block_output", "intervention_type": pv.VanillaIntervention},
+            {"layer": 1, "component": "mlp_output", "intervention_type": pv.CollectIntervention}])
+    local = pv.IntervenableModel(make(), copy.deepcopy(hf_models[name]))
+    remote = hpv.RemoteIntervenableModel(make(), name)
+    small, small_src = ids(30, batch=1, seq=5), ids(31, batch=1, seq=5)
+    calls = [
+        lambda m: m(BASE, [SRC, None], {"sources->base": 3}),
+        lambda m: m(BASE, [SRC, None], {"sources->base": ([[[1]] * B, [[2]] * B],
+                                                          [[[4]] * B, [[5]] * B])}),
+        lambda m: m(small, [small_src, None], {"sources->base": 4}, return_dict=True),
+        lambda m: m(BASE, [SRC, None], {"sources->base": 2}, output_original_output=True),
+        lambda m: m(BASE, unit_locations={"base": 6}),
+        lambda m: m(BASE, [SRC, None], {"sources->base": 3}),
+    ]
+    with torch.no_grad():
+        for call in calls:
+            same(call(remote), call(local))
