@@ -1132,7 +1132,7 @@ def _check_local_index(name, args, kwargs):
         _check_range(index, _size_of(x._hw_meta, dim), name, negative=False)
     except IndexError as exc:
         raise trace_error(f"`{name}` with an index out of range ({exc})",
-                          "the same call fails locally too (torch raises IndexError): "
+                          "the same call fails locally too (torch raises): "
                           "index inside the tensor's shape") from None
 
 

@@ -229,3 +229,21 @@ def test_gradient_reaches_a_steering_vector(hf_models, name, with_rotation):
         grads.append(vec.grad)
     assert grads[0] is not None and grads[1] is not None
     assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spell", [
+    lambda x, i: torch.gather(x, 1, i), lambda x, i: x.gather(1, index=i),
+    lambda x, i: torch.index_select(x, 1, i.flatten()),
+    lambda x, i: x.scatter(1, i, 0.0), lambda x, i: x.index_add(-2, i[0, :, 0], x[:, :1])])
+def test_tracer_refuses_a_local_index_out_of_range(spell):
+    """Any front: an index op on an activation with a local index tensor outside the shape
+    is a TraceError while tracing (the server refused it too, but after sending)."""
+    from hookwire.trace import Tracer, tracing
+    tracer = Tracer()
+    with tracing(tracer):
+        x = tracer.read_site("s", 0, (2, 5, 3), torch.float32)
+        spell(x, torch.zeros(2, 1, 3, dtype=torch.int64))   # in range: traced
+        with pytest.raises(hookwire.TraceError, match="out of range"):
+            spell(x, torch.full((2, 1, 3), 5, dtype=torch.int64))
+        with pytest.raises(hookwire.TraceError, match="out of range"):
+            spell(x, torch.full((2, 1, 3), -1, dtype=torch.int64))
