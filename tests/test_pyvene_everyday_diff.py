@@ -602,6 +602,14 @@ CASES = {
         None, False),
     "attention_weight_component": (cfg("attention_weight", 0), src_call({"sources->base": 1}),
                                    None, False),
+    "head_key_output_longer_source_cut": (
+        cfg("head_key_output", 1, unit="h.pos"),
+        lambda m: m(BASE, [ids(24, seq=10)],
+                    {"sources->base": ([[[[1]] * B, [[5]] * B]], [[[[1]] * B, [[5]] * B]])}),
+        None, False),
+    "attention_value_output_longer_source_read_past_base": (
+        cfg("attention_value_output", 0),
+        lambda m: m(BASE, [ids(25, seq=10)], {"sources->base": (8, 2)}), None, False),
     "source_padded_base_not": (
         cfg(),
         lambda m: m(BASE, [{"input_ids": SRC["input_ids"],
