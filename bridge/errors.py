@@ -67,7 +67,8 @@ travel, so they are not in :data:`ERROR_TYPES`): ``hookwire.transformerlens`` --
 also ``ValueError``); ``hookwire.pyvene`` -- ``UnsupportedInput`` (``unsupported_input``),
 ``UnknownComponent`` (``unknown_component``), ``SavedModelError`` (``saved_model_error``),
 ``NotSupportedRemotely`` (``not_supported_remotely``, also ``AttributeError``) and, under
-``TraceError``, ``UnsupportedIntervention`` (``unsupported_intervention``).
+``TraceError``, ``UnsupportedIntervention`` (``unsupported_intervention``) and
+``UnsupportedCall`` (``unsupported_call``).
 
 A message larger than the server's ``Limits.max_message_bytes`` gets no error message: the
 websocket closes with code 1009.

@@ -34,7 +34,7 @@ from hookwire.ir.kinds import check_args
 from hookwire.ir.special import OUTPUT_READ, SITE_GRAD, SITE_READ, SITE_WRITE
 from hookwire.ir.wire import PARAMETER_PREFIX, node_json
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
-from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS
+from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS, _check_range
 from hookwire.shape_probe import check_on_twins
 
 T = torch.Tensor
@@ -801,6 +801,8 @@ class Tracer:
 
     def _functional(self, func, name, args, kwargs):
         spec = OPS[name]
+        if name in _INDEX_CHECKED:
+            _check_local_index(name, args, kwargs)
         meta_out, aliases = self._run_meta(func, args, kwargs, _display_name(func),
                                            spec.data_dependent, spec.cost.twin_checked)
         node = self.emit(name, args, kwargs)
@@ -1111,6 +1113,31 @@ def _key_of(value):
 
 class _Uncacheable(Exception):
     pass
+
+
+# Ops whose registry kernel refuses indices out of range (hookwire.ops._check_range), all
+# spelled (x, dim, index, ...). A local index tensor is checked while tracing: the meta run
+# sees no values, and the server would refuse the same index only after the request was sent.
+_INDEX_CHECKED = {"gather", "index_select", "scatter", "scatter_add", "scatter_reduce",
+                  "index_add"}
+
+
+def _check_local_index(name, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    index = args[2] if len(args) > 2 else kwargs.get("index")
+    if not isinstance(x, Proxy) or isinstance(index, Proxy) or not isinstance(dim, int):
+        return
+    try:
+        _check_range(index, _size_of(x._hw_meta, dim), name, negative=False)
+    except IndexError as exc:
+        raise trace_error(f"`{name}` with an index out of range ({exc})",
+                          "the same call fails locally too (torch raises): "
+                          "index inside the tensor's shape") from None
+
+
+def _size_of(meta, dim: int) -> int:
+    return meta.shape[dim % meta.dim()] if meta.dim() else 1
 
 
 def _meta_key(fn, args, kwargs, data_dependent=False):

@@ -17,6 +17,8 @@ from hookwire.pyvene.components import UnknownComponent
 from hookwire.pyvene.inputs import UnsupportedInput
 from hookwire.pyvene.model import NotSupportedRemotely, RemoteIntervenableModel
 from hookwire.pyvene.persist import SavedModelError
+from hookwire.pyvene.plan import UnsupportedCall
 
 __all__ = ["RemoteIntervenableModel", "UnsupportedIntervention", "UnknownComponent",
-           "UnsupportedInput", "NotSupportedRemotely", "SavedModelError", "ALLOWED"]
+           "UnsupportedInput", "UnsupportedCall", "NotSupportedRemotely", "SavedModelError",
+           "ALLOWED"]

@@ -13,7 +13,9 @@ pyvene computes when each example runs alone, and what the tests check against.
 Also: pyvene sets ``use_fast`` on the model the first time a call's unit locations are
 broadcast (an int or a flat list) and never resets it, so a later call with per-example
 locations would scatter every example at the first example's positions. The remote model
-decides ``use_fast`` per call (``model.py``).
+decides ``use_fast`` per call (``model.py``). A model built with ``use_fast=True`` asks for
+pyvene's fast path on purpose -- the first example's locations and subspaces stand for the
+whole batch -- and gets exactly that, per-example subspaces included.
 """
 from __future__ import annotations
 
@@ -26,8 +28,12 @@ _MODES = {pv.VanillaIntervention: "interchange", pv.AdditionIntervention: "add",
 
 
 def needs_fix(intervention, selected, subspaces) -> bool:
-    """True for per-example subspaces that differ, have equal lengths, on a 3-d value."""
-    if type(intervention) not in _MODES or subspaces is None or selected.dim() != 3:
+    """True for per-example subspaces that differ, have equal lengths, on a 3-d value --
+    unless the intervention was built with ``use_fast=True`` (``IntervenableModel(...,
+    use_fast=True)``): then pyvene takes the first example's subspace for the whole batch by
+    design ("only the first one will be considered"), and so does the remote run."""
+    if type(intervention) not in _MODES or subspaces is None or selected.dim() != 3 or \
+            getattr(intervention, "use_fast", False):
         return False
     rows = [list(s) for s in subspaces]
     return len(rows) > 1 and len({len(r) for r in rows}) == 1 and \

@@ -267,7 +267,9 @@ class RemoteIntervenableModel:
                                         f"{converted[id(s)][0].shape[0]}, the base {batch}: "
                                         "pyvene pairs them row by row")
             source_inputs.append(None if s is None else converted[id(s)])
-        if source_reps is not None:
+        if source_reps is not None and not torch.is_grad_enabled():
+            # With autograd on they stay linked: a steering vector being optimised gets its
+            # gradient, as locally (see _run).
             source_reps = {k: v.detach() for k, v in source_reps.items()}
         make = parallel_tasks if pvm.mode == "parallel" else serial_tasks
         tasks = make(pvm, layout, self.sites, source_inputs, unit_locations, source_reps,
@@ -300,8 +302,12 @@ class RemoteIntervenableModel:
                 f"and they have different lengths ({sorted({r.length for r in layout.rows})}): "
                 "give every source the base's length, or run pyvene locally",
                 architecture=self.info.architecture)
-        differentiable = torch.is_grad_enabled() and any(
-            p.requires_grad for p in self.get_trainable_parameters())
+        # So is it with respect to source_representations that require grad (a steering
+        # vector optimised by the caller).
+        differentiable = torch.is_grad_enabled() and (
+            any(p.requires_grad for p in self.get_trainable_parameters())
+            or any(isinstance(t.source_constant, torch.Tensor) and t.source_constant.requires_grad
+                   for t in tasks))
         traced = trace_call(tasks, layout, self.info, self.model_name, self.model_class,
                             self.hf_config, use_fast, self._pv._intervention_reverse_link,
                             self.output_dim, outputs, self._narrowing(layout, outputs, tasks),

@@ -21,10 +21,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pyvene as pv
 import torch
 import torch.nn.functional as F
 
+from hookwire.errors import TraceError
 from hookwire.pyvene.components import ComponentSite
+
+
+class UnsupportedCall(TraceError):
+    """A call that local pyvene 0.1.8 fails on, or silently ignores, where the remote plan
+    would return a value: refused before anything is sent, naming the intervention and what
+    to write instead (a remote run gives local pyvene's answer or a hookwire error)."""
+    code = "unsupported_call"
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,17 @@ def parallel_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locatio
     sequence dim (attention weights have two)."""
     ul_src, ul_dst = unit_locations["sources->base"]
     base = layout.rows[0]
+    if source_reps is None:
+        given = [key for g, keys in pvm._intervention_group.items() if sources[g] is not None
+                 for key in keys]
+        if given and ul_src is None:
+            # {"base": ...} or (None, pos): pyvene indexes the missing source locations for
+            # every key of a group given a source, and fails (TypeError).
+            raise UnsupportedCall(
+                f"intervention {given[0]!r} is given a source, but unit_locations name no "
+                "source positions ({'base': ...} or (None, pos)): local pyvene fails on this "
+                "call. Give both, {'sources->base': (source_pos, base_pos)}, or pass no "
+                "sources (a constant source goes in source_representations=)", key=given[0])
     blocks: dict[int, Rows] = {}
     reads: list[tuple[Task, object]] = []   # (task, its source): rows assigned below
     tasks = []
@@ -165,6 +185,8 @@ def parallel_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locatio
             has_source = const is not None if source_reps is not None else source is not None
             if not (has_source or iv.is_source_constant):
                 continue  # pyvene registers no setter for it
+            if isinstance(iv, pv.CollectIntervention) and has_source:
+                _refuse_collect_with_source(key)
             task = Task(key, len(tasks), sites[key], pvm.representations[key].unit, iv,
                         base,
                         ul_dst[i] if ul_dst is not None else None,
@@ -190,19 +212,24 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
     groups = list(pvm._intervention_group.items())
     base = layout.rows[0]
     if source_reps is not None:
-        # pyvene runs no source pass then, and every setter stays on for the base run.
-        tasks = []
-        for g, keys in groups:
-            for key in keys:
-                iv = pvm.interventions[key]
-                if key in source_reps or iv.is_source_constant:
-                    i = pvm.sorted_keys.index(key)
-                    dst_locs = _serial_locs(unit_locations, g, len(groups), keys, key)[1]
-                    tasks.append(Task(key, len(tasks), sites[key],
-                                      pvm.representations[key].unit, iv, base, dst_locs,
-                                      subspaces[i] if subspaces is not None else None,
-                                      source_constant=source_reps.get(key)))
-        return tasks
+        # pyvene 0.1.8's serial loop skips every group whose source is None -- all of them
+        # when only source_representations are given -- and returns the base's own output:
+        # it silently applies nothing. Applying them here would answer differently.
+        raise UnsupportedCall(
+            f"source_representations in serial mode (interventions {list(pvm.sorted_keys)}): "
+            "local pyvene applies none of them (its serial loop skips every group without a "
+            "source) and returns the base's own output. Use mode='parallel', where "
+            "source_representations are applied to the base, or pass sources", mode="serial")
+    collecting = [k for k in pvm.sorted_keys
+                  if isinstance(pvm.interventions[k], pv.CollectIntervention)]
+    if collecting:
+        # pyvene's serial loop gives a Collect either a getter (its group has a source: the
+        # collecting setter then appends to the source tensor, AttributeError) or nothing
+        # (no source: the group is skipped, and reading what it collected raises KeyError).
+        raise UnsupportedCall(
+            f"CollectIntervention {collecting[0]!r} in serial mode: local pyvene fails on this "
+            "call. Collect with mode='parallel' (its group given no source)",
+            key=collecting[0])
     order = [g for g, _ in groups if sources[g] is not None]
     # Group g reads source g's rows and writes into source g+1's (the last one: the base's);
     # each source block is cut to the positions read or written there (read_length).
@@ -211,6 +238,16 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
     for n, g in enumerate(order):
         keys = pvm._intervention_group[g]
         dst = order[n + 1] if n + 1 < len(order) else None
+        reading = [key for key in keys
+                   if _serial_locs(unit_locations, g, len(groups), keys, key)[0] is not None]
+        if len(reading) > 1:
+            # pyvene keeps only the last getter handle of a group and removes that one: the
+            # others fire in every later forward, and it raises ("each getter and setter
+            # should be called only once").
+            raise UnsupportedCall(
+                f"serial mode with several interventions in one group ({reading}): local "
+                "pyvene fails on this call. Give each representation its own group (drop "
+                "group_key), or use mode='parallel'", key=reading[0])
         for key in keys:
             src_locs, dst_locs = _serial_locs(unit_locations, g, len(groups), keys, key)
             if src_locs is None:
@@ -236,6 +273,15 @@ def serial_tasks(pvm, layout: Layout, sites: dict, sources: list, unit_locations
     return tasks
 
 
+def _refuse_collect_with_source(key):
+    # pyvene's getter stores the source activation under the key, and the collecting
+    # setter then appends to that tensor (AttributeError).
+    raise UnsupportedCall(
+        f"CollectIntervention {key!r} is in a group given a source: local pyvene fails on "
+        "this call. Collect reads the base run: pass None as that group's source "
+        "(sources=[..., None]) or leave out sources", key=key)
+
+
 def _serial_locs(unit_locations, g, n_groups, keys, key):
     name = f"source_{g}->source_{g + 1}" if g != n_groups - 1 else f"source_{g}->base"
     pair = unit_locations[name]
@@ -244,4 +290,5 @@ def _serial_locs(unit_locations, g, n_groups, keys, key):
             pair[1][k] if pair[1] is not None else None)
 
 
-__all__ = ["Rows", "Layout", "Task", "parallel_tasks", "serial_tasks", "read_length"]
+__all__ = ["Rows", "Layout", "Task", "UnsupportedCall", "parallel_tasks", "serial_tasks",
+           "read_length"]

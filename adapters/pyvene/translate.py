@@ -19,7 +19,7 @@ from pyvene.models.modeling_utils import (do_intervention, gather_neurons,
 from hookwire.errors import HookwireError
 from hookwire.pyvene.components import check_fires
 from hookwire.pyvene.fixes import needs_fix, per_example_swap
-from hookwire.pyvene.plan import Layout, Rows, Task
+from hookwire.pyvene.plan import Layout, Rows, Task, UnsupportedCall
 from hookwire.trace import Tracer, tracing
 
 
@@ -60,6 +60,7 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
             if isinstance(t.intervention, SkipIntervention):
                 check_fires(type(t.site)(t.site.component, t.site.path, "input"),
                             info, model_name)
+                _check_positional_input(t, info)
             events.setdefault(get_site, []).append((t.order, 0, t))
         events.setdefault(t.site.site, []).append((t.order, 1, t))
     if narrow is not None:
@@ -87,6 +88,9 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
             x = tracer.read_site(name, 0, site.concrete_shape(batch, seq), site.dtype)
             index = len(tracer.sites) - 1
             for _, phase, t in sorted(events[name], key=lambda e: (e[0], e[1])):
+                # a trace error names the intervention and its site
+                tracer.context = (f"pyvene intervention {t.key} "
+                                  f"({type(t.intervention).__name__})", name)
                 if phase == 0:
                     gathered[t.key] = _gather(t.src.of(x, seq), t.site.component, t.unit,
                                               t.src_locs, model_class, hf_config)
@@ -96,6 +100,7 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
                 if result is not None:
                     collect_keys.append(t.key)
                     tracer.save(f"__collect_{len(collect_keys) - 1}", result)
+            tracer.context = None
             if narrow is not None and name == narrow[0]:
                 tracer.write_site(index, x[:narrow[1]], "narrow")
                 batch = narrow[1]  # later sites hold the kept rows only
@@ -107,6 +112,20 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
             output_names.append(f"__logits_{k}")
             tracer.save(output_names[-1], rows.of(out, seq))
     return CallTrace(tracer, collect_keys, output_names)
+
+
+def _check_positional_input(t: Task, info) -> None:
+    """pyvene's SkipIntervention reads the module's first positional argument (``args[0]``
+    in its getter): a module the model calls with keyword arguments only (Llama's
+    ``self_attn``) fails locally with IndexError, where the server's input site would hold
+    the first keyword argument."""
+    layout = info.module_layouts.get(t.site.input_site)
+    if layout is not None and (not layout or layout[0] != "Tensor"):
+        raise UnsupportedCall(
+            f"SkipIntervention {t.key!r} reads the positional input of module {t.site.path!r}, "
+            "which the model calls with keyword arguments only: local pyvene fails on this "
+            "(IndexError). Skip a component whose module takes its input positionally "
+            "(block_output, mlp_output), or run pyvene locally", key=t.key)
 
 
 def _setter(t: Task, x, seq, gathered, hot, reverse_link, model_class, hf_config,
