@@ -35,6 +35,32 @@ def test_missing_weights_say_how_to_fetch_them(server, local_models, name):
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_a_components_weights_say_how_to_fetch_them_too(server, local_models, name):
+    """``model.blocks[0].attn.W_O`` inside a hook on the stand-in used to raise TL's own
+    ``NotImplementedError`` ("load the model with real weights"); it names the component to
+    fetch now, and after ``fetch_weights(model, ["blocks.0.attn"])`` the same hook equals
+    local TL."""
+    model, local = htl.RemoteModel(name), local_models[name]
+    tokens = local.to_tokens(["hello world"])
+    attn = "blocks.0.attn"
+
+    def make(m, out):
+        def project_z(z, hook):
+            out["proj"] = torch.einsum("bphd,hdm->bpm", z, m.blocks[0].attn.W_O)
+        return [(f"{attn}.hook_z", project_z)]
+
+    with pytest.raises(htl.WeightsNotFetched,
+                       match=rf"model\.{attn}\.W_O.*fetch_weights\(model, \['{attn}'\]\)"):
+        model.run_with_hooks(tokens, fwd_hooks=make(model, {}))
+    htl.fetch_weights(model, [attn])
+    remote_out, local_out = {}, {}
+    with torch.no_grad():
+        assert_close(model.run_with_hooks(tokens, fwd_hooks=make(model, remote_out)),
+                     local.run_with_hooks(tokens, fwd_hooks=make(local, local_out)))
+    assert_close(remote_out["proj"], local_out["proj"])
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_fetched_weights_equal_the_servers(server, local_models, name):
     model = htl.RemoteModel(name)
     local = local_models[name]

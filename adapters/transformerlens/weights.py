@@ -196,17 +196,22 @@ def _guarded_class(cls, fetchable: bool = True):
             continue
 
         def fget(self, _prop=prop, _attr=attr):
-            name = self._hookwire_remote["model"]
+            # The stand-in itself (``model.W_U``), or one of its components
+            # (``model.blocks[0].attn.W_O``: guarded with its path, the module to fetch).
+            remote = getattr(self, "_hookwire_remote", None)
+            if remote is not None:
+                name, what, module = remote["model"], f"model.{_attr}", _module_of(self, _attr)
+            else:
+                name, path = self._hookwire_weights_of
+                what, module = f"model.{path}.{_attr}", path
             try:
                 value = _prop.fget(self)
             except (NotImplementedError, RuntimeError) as exc:
                 if "meta" not in str(exc):
                     raise
-                raise WeightsNotFetched(_advice(name, f"model.{_attr}",
-                                                _module_of(self, _attr), fetchable)) from None
+                raise WeightsNotFetched(_advice(name, what, module, fetchable)) from None
             if isinstance(value, torch.Tensor) and value.is_meta:
-                return MissingWeight(value, _advice(name, f"model.{_attr}",
-                                                    _module_of(self, _attr), fetchable))
+                return MissingWeight(value, _advice(name, what, module, fetchable))
             return value
         overrides[attr] = property(fget, prop.fset, prop.fdel, prop.__doc__)
     return type(cls.__name__, (cls,), {**overrides, "__module__": cls.__module__,
@@ -219,6 +224,19 @@ def guard_weightless(model, name: str, fetchable: bool = True) -> None:
     (e.g. ``ln_final`` inside ``accumulated_resid(apply_ln=True)``)."""
     model.__class__ = _guarded_class(type(model), fetchable)
     paths = {id(m): p for p, m in model.named_modules()}
+    shortest: dict = {}  # a TL component is registered under several paths: its TL one
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path and (id(module) not in shortest or
+                     len(path) < len(shortest[id(module)][0])):
+            shortest[id(module)] = (path, module)
+    for path, module in shortest.values():
+        # Components' own weight properties (an attention's W_O, OV) too: TL's message for
+        # them says to load real weights, not how to fetch them.
+        if any(_WEIGHT_PROPERTY.match(a) and isinstance(getattr(type(module), a, None),
+                                                                  property)
+                        for a in dir(type(module))):
+            module._hookwire_weights_of = (name, path)
+            module.__class__ = _guarded_class(type(module), fetchable)
 
     def check(module, args, kwargs):
         # Under it: a TL component's weights live in its wrapped original module, which it
