@@ -110,6 +110,20 @@ class HeldSaves:
             else:
                 entry.root = None
 
+    def moved(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """A batched forward goes on with ``new``, a copy of ``old`` (a batch mate replaced
+        its rows): saves viewing ``old`` follow ``new``, as they would follow ``old`` in
+        this graph's solo run (where nothing replaced it)."""
+        if old._base is not None or new._base is not None or old.dtype != new.dtype or \
+                old.stride() != new.stride() or old.storage_offset() != new.storage_offset():
+            return
+        for entry in self.held:
+            if entry.root is None or entry.root() is not old:
+                continue
+            changed = old._version != entry.version
+            entry.root = weakref.ref(new)
+            entry.version = -1 if changed else new._version  # -1: re-read
+
     def release(self):
         """Yields (name, value now, whether that is a copy of its own) of every held save,
         in the order they were saved, giving back each one's bytes just before it is handed

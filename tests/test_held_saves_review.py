@@ -1,0 +1,56 @@
+"""Review of held saves (hookwire.held_saves): co-batched members, memory, retries."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hookwire.server as hs
+from graphs import graph, node, ref
+from pipelined import PipelinedClient, run_pair
+
+R1 = "blocks.1.hook_resid_pre"
+P0 = "blocks.0.hook_resid_post"
+KEY_A, KEY_B = "review-key-a-0123456789abcdef", "review-key-b-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def pair_server(hosted):
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B], batch_window_s=0.05)
+    yield srv
+    srv.stop()
+
+
+def keep_then_scale(scale: float) -> dict:
+    """Keep resid_post(0), then scale resid_pre(1) (the same tensor) in place."""
+    return graph("tiny-gpt2", sites=[P0, R1],
+                 nodes=[node(0, "site.read", 0), node(1, "site.read", 1),
+                        node(2, "mul", ref(1), scale),
+                        node(3, "site.write", 1, ref(2), mode="inplace")],
+                 saves={"p0": 0})
+
+
+def replace_at_p0() -> dict:
+    """Replace resid_post(0) (a new tensor from there on for the whole batch)."""
+    return graph("tiny-gpt2", sites=[P0],
+                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 3.0),
+                        node(2, "site.write", 0, ref(1), mode="replace")],
+                 saves={})
+
+
+def test_a_batch_mates_replacement_does_not_change_what_a_member_kept(pair_server,
+                                                                       local_models):
+    tokens = local_models["tiny-gpt2"].to_tokens(["the same tensor at two sites"])
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        ga = keep_then_scale(0.5)
+        rid = a.send(ga, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1
+        wb, wa = run_pair(b, a, replace_at_p0(), ga, tokens, expect_batched=True)
+        assert wa.error is None and wb.error is None and wa.batch_size == 2
+        assert torch.equal(wa.values["__logits__"], solo.values["__logits__"])
+        assert torch.equal(wa.values["p0"], solo.values["p0"])
+    finally:
+        a.close()
+        b.close()
