@@ -64,8 +64,9 @@ class HeldSaves:
     """The saves of one graph held until its last in-place site write has run (see the
     module docstring); ``last_write_stage`` is that site's stage, None when the graph edits
     nothing in place (then nothing is ever held). ``hold_bytes(n)`` is told the bytes of
-    each snapshot before it is taken (it may refuse, raising) and ``hold_bytes(-n)`` when
-    they have been handed on: the server counts them against the user's memory."""
+    each snapshot before it is taken (it may refuse, raising) and ``hold_bytes(-n)`` as
+    each is sent, or when the rest is dropped: the server counts them against the user's
+    memory."""
 
     def __init__(self, last_write_stage: int | None,
                  hold_bytes: Callable[[int], None] | None = None):
@@ -139,9 +140,17 @@ class HeldSaves:
             else:
                 yield e.name, e.snapshot, False
 
+    def _give_back(self, nbytes: int) -> None:
+        if nbytes and self.hold_bytes is not None:
+            self.hold_bytes(-nbytes)
+        self.held_bytes -= nbytes
+
     def clear(self) -> None:
+        """The request is over (or goes again, ``_run_again``): drop what is held and give
+        its bytes back (a retried graph holds its saves anew)."""
         self.held = []
-        self.held_bytes = 0  # (what is still counted goes with the request's reservation)
+        if self.held_bytes:
+            self._give_back(self.held_bytes)
 
 
 __all__ = ["HeldSaves"]

@@ -54,3 +54,43 @@ def test_a_batch_mates_replacement_does_not_change_what_a_member_kept(pair_serve
     finally:
         a.close()
         b.close()
+
+
+MiB = 1 << 20
+
+
+def big_save(copies: int, write: bool) -> dict:
+    """Save resid_post(0) repeated ``copies`` times; with ``write``, scale resid_pre(1)
+    in place after it (so the save is held until then)."""
+    nodes = [node(0, "site.read", 0), node(1, "repeat", ref(0), copies, 1, 1),
+             node(2, "site.read", 1), node(3, "mul", ref(2), 0.5)]
+    if write:
+        nodes.append(node(4, "site.write", 1, ref(3), mode="inplace"))
+    return graph("tiny-gpt2", sites=[P0, R1], nodes=nodes, saves={"big": 1})
+
+
+@pytest.fixture
+def small_memory_server(hosted):
+    from hookwire.validate import Limits
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=8 * MiB))
+    yield srv
+    srv.stop()
+
+
+def test_a_held_save_is_not_counted_twice_when_it_is_sent(small_memory_server, local_models):
+    """A ~5 MiB save fits an 8 MiB share when sent at once; held until the graph's
+    in-place write, it must fit too (its held bytes are given back as it is sent, not
+    counted beside it)."""
+    tokens = local_models["tiny-gpt2"].to_tokens(["what is held is counted once"])
+    seq, width = tokens.shape[1], local_models["tiny-gpt2"].cfg.d_model
+    copies = -(-5 * MiB // (seq * width * 4))
+    client = PipelinedClient(small_memory_server.url, KEY_A)
+    try:
+        for write in (False, True):
+            rid = client.send(big_save(copies, write), {"input_ids": tokens})
+            answer = client.collect([rid])[rid]
+            assert answer.error is None, (write, answer.error)
+            assert answer.values["big"].shape[0] == copies
+    finally:
+        client.close()
