@@ -94,3 +94,64 @@ def test_a_held_save_is_not_counted_twice_when_it_is_sent(small_memory_server, l
             assert answer.values["big"].shape[0] == copies
     finally:
         client.close()
+
+
+@pytest.fixture
+def small_pair_server(hosted):
+    from hookwire.validate import Limits
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B], batch_window_s=0.3,
+                   limits=Limits(max_pending_bytes_per_user=8 * MiB))
+    yield srv
+    srv.stop()
+
+
+def test_a_retried_batch_does_not_count_a_members_held_saves_twice(small_pair_server,
+                                                                    local_models,
+                                                                    monkeypatch):
+    """A batch the model fails on goes again without each other (_run_again): the held
+    copies of the first attempt are given back, or a member that fits its share alone
+    (3 MiB uploaded + 3 MiB held) is refused on the retry (3 + 3 + 3 > 8 MiB)."""
+    entry = small_pair_server.server.entries["tiny-gpt2"]
+    tokens = local_models["tiny-gpt2"].to_tokens(["held once, retried"])
+    c = torch.randn(3 * MiB // 4 // 64, 64)
+    held = graph("tiny-gpt2", sites=[R1], constants=["c"],
+                 nodes=[node(0, "mul", {"const": "c"}, 1.0), node(1, "site.read", 0),
+                        node(2, "mul", ref(1), 0.5),
+                        node(3, "site.write", 0, ref(2), mode="inplace")],
+                 saves={"c": 0})
+    # (over LIGHT_NODES, as the other is over LIGHT_BYTES: both run in one group)
+    chain = [node(k, "add", ref(k - 1), 0) for k in range(1, 300)]
+    bad = graph("tiny-gpt2", sites=["embed.hook_in"],
+                nodes=[node(0, "site.read", 0), *chain, node(300, "add", ref(299), 10_000),
+                       node(301, "site.write", 0, ref(300), mode="replace")])
+    a, b = PipelinedClient(small_pair_server.url, KEY_A), \
+        PipelinedClient(small_pair_server.url, KEY_B)
+    from hookwire.server.worker import ModelWorker
+    retries = []
+    run_again = ModelWorker._run_again
+
+    def counted(self, ready, crash):
+        retries.append(len(ready))
+        return run_again(self, ready, crash)
+    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    saved = dict(entry.value_ranges)
+    entry.value_ranges.clear()  # the bad ids reach the model: the batch fails, goes again
+    try:
+        rid = a.send(held, {"input_ids": tokens, "c": c})
+        alone = a.collect([rid])[rid]
+        assert alone.error is None and torch.equal(alone.values["c"], c)
+        for _ in range(6):
+            ra = a.send(held, {"input_ids": tokens, "c": c})
+            rb = b.send(bad, {"input_ids": tokens})
+            wb, wa = b.collect([rb])[rb], a.collect([ra])[ra]
+            assert wb.error is not None
+            if retries:
+                break
+        assert retries, "the pair never shared a forward"
+        assert wa.error is None, wa.error
+        assert torch.equal(wa.values["c"], c)
+    finally:
+        entry.value_ranges.update(saved)
+        a.close()
+        b.close()
