@@ -641,11 +641,13 @@ class ModelWorker(threading.Thread):
     def _hold_bytes(job: Job):
         """Saves a graph holds until its last in-place write (hookwire.held_saves) count
         against the user's memory like its queued results: refused before the copy is
-        made, given back once they are sent (then counted as results)."""
+        made, given back once they are sent (then counted as results). Like a result sent
+        at once, only the user's own share can refuse it: other users' unread results
+        (the server-wide budget) must not fail a running request."""
         def hold_bytes(n: int) -> None:
             if n >= 0:
                 job.reservation.grow(n, "a saved value held until the graph's last in-place "
-                                        "write")
+                                        "write", server_wide=False)
             else:
                 job.reservation.shrink(-n)
         return hold_bytes

@@ -155,3 +155,31 @@ def test_a_retried_batch_does_not_count_a_members_held_saves_twice(small_pair_se
         entry.value_ranges.update(saved)
         a.close()
         b.close()
+
+
+def test_other_users_unread_results_do_not_fail_a_graph_that_holds_its_saves(hosted,
+                                                                             local_models):
+    """A save sent at once is checked against its own user's share only (then counted):
+    other users' unread results never fail a running request. Held until the graph's
+    in-place write, it must not either -- it was reserved like a new submit, against the
+    server-wide budget too, so a co-tenant whose results pile up failed it mid-forward."""
+    from hookwire.validate import Limits
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A], limits=Limits(max_pending_bytes_per_user=16 * MiB,
+                                                   max_pending_bytes_total=24 * MiB))
+    client = PipelinedClient(srv.url, KEY_A)
+    memory = srv.server.memory
+    memory.force("a co-tenant", 20 * MiB)  # its results, unread
+    try:
+        tokens = local_models["tiny-gpt2"].to_tokens(["others' results are theirs"])
+        seq, width = tokens.shape[1], local_models["tiny-gpt2"].cfg.d_model
+        copies = -(-5 * MiB // (seq * width * 4))
+        for write in (False, True):
+            rid = client.send(big_save(copies, write), {"input_ids": tokens})
+            answer = client.collect([rid])[rid]
+            assert answer.error is None, (write, answer.error)
+            assert answer.values["big"].shape[0] == copies
+    finally:
+        memory.release("a co-tenant", 20 * MiB)
+        client.close()
+        srv.stop()
