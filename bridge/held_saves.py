@@ -125,6 +125,23 @@ class HeldSaves:
             entry.root = weakref.ref(new)
             entry.version = -1 if changed else new._version  # -1: re-read
 
+    def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
+        """A batched forward copied this graph's replacement ``value`` into ``into`` (its
+        rows of the batch the forward goes on with): a save of ``value`` itself follows
+        ``into``, as solo it follows ``value``, which the forward goes on with there."""
+        if value._base is not None or value.dtype != into.dtype or value.shape != into.shape:
+            return
+        for entry in self.held:
+            if entry.root is None or entry.root() is not value or \
+                    entry.size != tuple(value.shape) or \
+                    entry.stride != tuple(value.stride()) or \
+                    entry.offset != value.storage_offset():
+                continue  # (a part of it stays on it: edits of the batch do not show)
+            changed = value._version != entry.version
+            entry.point_at(into)
+            if changed:
+                entry.version = -1  # re-read
+
     def release(self):
         """Yields (name, value now, whether that is a copy of its own) of every held save,
         in the order they were saved, giving back each one's bytes just before it is handed

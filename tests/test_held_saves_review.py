@@ -183,3 +183,47 @@ def test_other_users_unread_results_do_not_fail_a_graph_that_holds_its_saves(hos
         memory.release("a co-tenant", 20 * MiB)
         client.close()
         srv.stop()
+
+
+def keep_replacement_then_scale() -> dict:
+    """Replace resid_post(0) by y = 2x and keep y; scale resid_pre(1) -- y itself, as the
+    model goes on with it -- in place: locally the kept y shows the edit."""
+    return graph("tiny-gpt2", sites=[P0, R1],
+                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 2.0),
+                        node(2, "site.write", 0, ref(1), mode="replace"),
+                        node(3, "site.read", 1), node(4, "mul", ref(3), 0.5),
+                        node(5, "site.write", 1, ref(4), mode="inplace")],
+                 saves={"y": 1})
+
+
+def test_a_kept_replacement_follows_the_batch_rows_it_was_copied_into(pair_server,
+                                                                      local_models):
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["the same tensor at two sites"])
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        ga = keep_replacement_then_scale()
+        rid = a.send(ga, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1
+        kept = {}
+
+        def replace(x, hook):
+            kept["y"] = x * 2.0
+            return kept["y"]
+
+        def halve(x, hook):
+            x.mul_(0.5)
+        with torch.no_grad():
+            local = bridge.run_with_hooks(tokens, fwd_hooks=[(P0, replace), (R1, halve)])
+        torch.testing.assert_close(solo.values["y"], kept["y"])
+        torch.testing.assert_close(solo.values["__logits__"], local)
+        reader = graph("tiny-gpt2", sites=[P0], nodes=[node(0, "site.read", 0)],
+                       saves={"r": 0})
+        wa, wb = run_pair(a, b, ga, reader, tokens, expect_batched=True)
+        assert wa.error is None and wb.error is None and wa.batch_size == 2
+        assert torch.equal(wa.values["__logits__"], solo.values["__logits__"])
+        assert torch.equal(wa.values["y"], solo.values["y"])
+    finally:
+        a.close()
+        b.close()
