@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.testing import assert_close
 
 import hookwire.server as hs
 from graphs import graph, node, ref
@@ -224,6 +225,47 @@ def test_a_kept_replacement_follows_the_batch_rows_it_was_copied_into(pair_serve
         assert wa.error is None and wb.error is None and wa.batch_size == 2
         assert torch.equal(wa.values["__logits__"], solo.values["__logits__"])
         assert torch.equal(wa.values["y"], solo.values["y"])
+    finally:
+        a.close()
+        b.close()
+
+
+def keep_view_then_scale(scale: float) -> dict:
+    """Keep a view of resid_post(0) (positions 1:3, transposed), then scale resid_pre(1)."""
+    return graph("tiny-gpt2", sites=[P0, R1],
+                 nodes=[node(0, "site.read", 0),
+                        node(1, "getitem", ref(0), [{"slice": [None, None, None]},
+                                                    {"slice": [1, 3, None]}]),
+                        node(2, "transpose", ref(1), 1, 2),
+                        node(3, "site.read", 1), node(4, "mul", ref(3), scale),
+                        node(5, "site.write", 1, ref(4), mode="inplace")],
+                 saves={"p0": 0, "v": 2})
+
+
+def test_right_padded_members_re_read_only_their_own_rows_and_positions(pair_server,
+                                                                        local_models):
+    bridge = local_models["tiny-gpt2"]
+    short = bridge.to_tokens(["a short one"])
+    long = bridge.to_tokens(["a longer request, right-padded beside the short one"])
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        ga, gb = keep_view_then_scale(0.5), keep_view_then_scale(-3.0)
+        solo = {}
+        for client, g, toks, tag in ((a, ga, short, "a"), (b, gb, long, "b")):
+            rid = client.send(g, {"input_ids": toks})
+            solo[tag] = client.collect([rid])[rid]
+            assert solo[tag].error is None
+        for _ in range(6):
+            ra = a.send(ga, {"input_ids": short})
+            rb = b.send(gb, {"input_ids": long})
+            wa, wb = a.collect([ra])[ra], b.collect([rb])[rb]
+            if wa.batch_size == 2:
+                break
+        assert wa.batch_size == 2, "never co-batched"
+        for tag, w in (("a", wa), ("b", wb)):
+            assert w.error is None
+            for k in ("p0", "v", "__logits__"):
+                assert_close(w.values[k], solo[tag].values[k], msg=f"{tag} {k}")
     finally:
         a.close()
         b.close()
