@@ -269,3 +269,41 @@ def test_right_padded_members_re_read_only_their_own_rows_and_positions(pair_ser
     finally:
         a.close()
         b.close()
+
+
+def test_held_copies_count_in_what_batch_mates_may_hold_together(hosted, local_models):
+    """Members share a forward while what they hold together fits max_total_value_bytes.
+    A save of a site read is no op's value (vg.value_bytes leaves it out): sent at once it
+    costs nothing there, but held until the graph's in-place write it is a device copy.
+    Two graphs that each hold an attention pattern of ~0.6 of the limit no longer share a
+    forward (solo each fits; both read-only ones still share one)."""
+    from hookwire.validate import Limits
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["held copies are memory too"] * 2)
+    cfg = bridge.cfg
+    pattern = tokens.shape[0] * cfg.n_heads * tokens.shape[1] ** 2 * 4
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=[KEY_A, KEY_B], batch_window_s=0.3,
+                   limits=Limits(max_total_value_bytes=int(pattern / 0.6)))
+    a, b = PipelinedClient(srv.url, KEY_A), PipelinedClient(srv.url, KEY_B)
+    try:
+        def pattern_graph(write: bool) -> dict:
+            nodes = [node(0, "site.read", 0), node(1, "site.read", 1),
+                     node(2, "mul", ref(1), 0.5)]
+            if write:
+                nodes.append(node(3, "site.write", 1, ref(2), mode="inplace"))
+            return graph("tiny-gpt2", sites=["blocks.0.attn.hook_pattern", R1], nodes=nodes,
+                         saves={"pattern": 0})
+        wa, wb = run_pair(a, b, pattern_graph(False), pattern_graph(False), tokens,
+                          expect_batched=True)
+        assert wa.batch_size == 2 and wa.error is None and wb.error is None
+        for _ in range(3):
+            ra = a.send(pattern_graph(True), {"input_ids": tokens})
+            rb = b.send(pattern_graph(True), {"input_ids": tokens})
+            wa, wb = a.collect([ra])[ra], b.collect([rb])[rb]
+            assert wa.error is None and wb.error is None
+            assert wa.batch_size == 1 and wb.batch_size == 1
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
