@@ -10,8 +10,9 @@ So while a graph still has in-place writes to come, its saves are *held*: a snap
 at once (the value as it was), along with a weak reference to the tensor whose storage it
 views (its ``_base``, or itself) and that tensor's version counter. When the last in-place
 write has run, each held save is sent as it is *then* -- re-read from that tensor where it is
-still alive and was written since -- and the snapshot otherwise. Weak references only: holding
-a member's view of a batch would keep the whole batch's tensor alive, so a tensor freed in the
+still alive (written since or not: unwritten it equals the snapshot, and read from the tensor,
+two saves of one tensor still go as one value) -- and the snapshot otherwise. Weak references
+only: holding a member's view of a batch would keep the whole batch's tensor alive, so a tensor freed in the
 meantime (no later write can have reached it through a site) falls back to the snapshot.
 
 Within one site the graph already says what a value is: a save of the value as the site was
@@ -53,10 +54,13 @@ class _Held:
 
     def value(self) -> tuple[torch.Tensor, bool]:
         """(the value as it is now, whether it is the snapshot): re-read where its tensor is
-        alive and was written since the snapshot, else the snapshot."""
+        alive, else the snapshot."""
         root = self.root() if self.root is not None else None
-        if root is None or root._version == self.version:
+        if root is None:
             return self.snapshot, True
+        # Unwritten since, it equals the snapshot -- but read from the tensor itself, two
+        # saves of one tensor (resid_post(i), resid_pre(i+1)) still go as one value and a
+        # reference to it (worker.SentViews), as when nothing was held.
         return torch.as_strided(root, self.size, self.stride, self.offset), False
 
 
@@ -148,12 +152,16 @@ class HeldSaves:
         on (the sender then counts it as a result: counted once, never twice); holds no
         more."""
         held, self.held = self.held, []
+        views = []  # re-read views live until all are sent: a later one may be the same
         for e in held:
             if self.hold_bytes is not None and e.nbytes:
                 self.hold_bytes(-e.nbytes)
             self.held_bytes -= e.nbytes
             if isinstance(e.snapshot, torch.Tensor):
-                yield (e.name, *e.value())
+                value, own = e.value()
+                if not own:
+                    views.append(value)
+                yield e.name, value, own
             else:
                 yield e.name, e.snapshot, False
 

@@ -307,3 +307,26 @@ def test_held_copies_count_in_what_batch_mates_may_hold_together(hosted, local_m
         a.close()
         b.close()
         srv.stop()
+
+
+def test_held_saves_of_one_tensor_still_arrive_as_one_value(pair_server, local_models):
+    """resid_post(0) and resid_pre(1) are one tensor: sent at once, the second goes as a
+    reference to the first (alias_result), so the client's two values alias as locally.
+    Held (the graph edits a later site in place), they must too."""
+    tokens = local_models["tiny-gpt2"].to_tokens(["one tensor, two names"])
+    client = PipelinedClient(pair_server.url, KEY_A)
+    try:
+        for write_at in (None, 2):  # none; resid_post(1) (a later tensor)
+            nodes = [node(0, "site.read", 0), node(1, "site.read", 1),
+                     node(2, "site.read", 2), node(3, "mul", ref(2), 0.5)]
+            if write_at is not None:
+                nodes += [node(4, "mul", ref(write_at), 0.5),
+                          node(5, "site.write", write_at, ref(4), mode="inplace")]
+            g = graph("tiny-gpt2", sites=[P0, R1, "blocks.1.hook_resid_post"], nodes=nodes,
+                      saves={"p0": 0, "r1": 1})
+            rid = client.send(g, {"input_ids": tokens})
+            answer = client.collect([rid])[rid]
+            assert answer.error is None
+            assert answer.values["r1"] is answer.values["p0"], write_at
+    finally:
+        client.close()
