@@ -12,8 +12,8 @@ views (its ``_base``, or itself) and that tensor's version counter. When the las
 write has run, each held save is sent as it is *then* -- re-read from that tensor where it is
 still alive (written since or not: unwritten it equals the snapshot, and read from the tensor,
 two saves of one tensor still go as one value) -- and the snapshot otherwise. Weak references
-only: holding a member's view of a batch would keep the whole batch's tensor alive, so a tensor freed in the
-meantime (no later write can have reached it through a site) falls back to the snapshot.
+only: holding a member's view of a batch would keep the whole batch's tensor alive, so a
+tensor freed in the meantime (no later write can have reached it through a site) falls back to the snapshot.
 
 Within one site the graph already says what a value is: a save of the value as the site was
 read, at a site the same graph then edits in place, means the value before the edit (the
