@@ -13,7 +13,8 @@ write has run, each held save is sent as it is *then* -- re-read from that tenso
 still alive (written since or not: unwritten it equals the snapshot, and read from the tensor,
 two saves of one tensor still go as one value) -- and the snapshot otherwise. Weak references
 only: holding a member's view of a batch would keep the whole batch's tensor alive, so a
-tensor freed in the meantime (no later write can have reached it through a site) falls back to the snapshot.
+tensor freed in the meantime (no later write can have reached it through a site) falls back
+to the snapshot.
 
 Within one site the graph already says what a value is: a save of the value as the site was
 read, at a site the same graph then edits in place, means the value before the edit (the
