@@ -359,9 +359,10 @@ class Proxy(torch.Tensor):
         p._hw_meta = meta
         p._hw_view = None
         p._hw_version = 0
-        # Known not to require grad where the library runs the hook (made by detach, or
-        # computed from such values or under no_grad): a piece of it may be edited in place.
-        p._hw_nograd = False
+        # Known not to require grad where the library runs the hook (integers; made by
+        # detach, or computed from such values or under no_grad): a piece of it may be
+        # edited in place.
+        p._hw_nograd = not (meta.dtype.is_floating_point or meta.dtype.is_complex)
         p._hw_key = ("T", tuple(meta.shape), meta.dtype, tuple(meta.stride()))
         tracer.created.append(weakref.ref(p))
         return p
@@ -1079,8 +1080,11 @@ class Tracer:
         if p.dtype == dtype:
             return p  # torch returns the tensor itself
         node = self.emit("to", (p, dtype))
-        return Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"),
-                     p.requires_grad and torch.is_grad_enabled())
+        out = Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"),
+                    p.requires_grad and torch.is_grad_enabled())
+        out._hw_nograd = p._hw_nograd or not torch.is_grad_enabled() or \
+            not (dtype.is_floating_point or dtype.is_complex)  # (a new tensor, as torch's)
+        return out
 
     def _to(self, func, args, kwargs):
         p = args[0]

@@ -32,7 +32,29 @@ def keep_and_return_edited(state):
     return h
 
 
+def keep_y_then_copy_into_x(state):
+    def h(x, hook):
+        y = x * 2.0
+        state["y"] = y
+        x.copy_(y)
+    return h
+
+
+def keep_y_then_assign_into_x(state):
+    def h(x, hook):
+        y = x * 2.0
+        state["y"] = y
+        x[:] = y
+    return h
+
+
 SPELLINGS = {
+    "keep y, x.copy_(y) at P0, halve R1":
+        lambda st: [(P0, keep_y_then_copy_into_x(st)), (R1, halve)],
+    "keep y, x[:] = y at P0, halve R1":
+        lambda st: [(P0, keep_y_then_assign_into_x(st)), (R1, halve)],
+    "keep y, x.copy_(y) at R1":
+        lambda st: [(P0, keep(st, "p0")), (R1, keep_y_then_copy_into_x(st))],
     "two hooks on one point: keep, then halve":
         lambda st: [(R1, keep(st, "r1")), (R1, halve)],
     "edit and return x at P0, keep P0 after, halve R1":

@@ -63,3 +63,18 @@ def test_piece_edit(local_models, remote_models, tokens, spelling):
     assert (local_err is None) == (remote_err is None), (local_err, remote_err)
     if local_err is None:
         assert_close(remote, local.detach())
+
+
+def test_a_piece_of_token_ids_may_be_edited_in_place(local_models, remote_models, tokens):
+    """Token ids (embed.hook_in) are integers: they never require grad, so locally editing
+    a row of them in place runs under grad mode too; remote must not refuse it."""
+    def first_token_zero(x, hook):
+        for row in x:
+            row[0] = 0
+    name = "tiny-gpt2"
+    local = local_models[name].run_with_hooks(tokens, fwd_hooks=[("embed.hook_in",
+                                                                   first_token_zero)])
+    remote = remote_models[name].run_with_hooks(tokens, fwd_hooks=[("embed.hook_in",
+                                                                    first_token_zero)],
+                                                progress=False)
+    assert_close(remote, local.detach())
