@@ -35,6 +35,11 @@ SPELLINGS = {
     "row of detach": lambda x: [row.zero_() for row in x.detach()],
     "detach of a row": lambda x: [row.detach().mul_(0.5) for row in x],
     "view of a piece": lambda x: x.unbind(0)[0].view(-1)[:3].zero_(),
+    "piece += 1": lambda x: [p.__iadd__(1.0) for p in x.chunk(2, -1)],
+    "piece.clamp_": lambda x: x.split(4, -1)[1].clamp_(max=0.0),
+    "piece.masked_fill_": lambda x: x.unbind(1)[0].masked_fill_(x.unbind(1)[0] > 0, 0.0),
+    "float() of a piece": lambda x: x.unbind(0)[0].float().zero_(),
+    "piece of float()": lambda x: x.float().unbind(0)[0].zero_(),
 }
 UNSUPPORTED = {"tensor_split", "hsplit", "unsafe_chunk", "unsafe_split"}  # refused: no op
 
