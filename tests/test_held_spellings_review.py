@@ -49,6 +49,11 @@ def keep_y_then_assign_into_x(state):
 
 
 SPELLINGS = {
+    "two hooks on one point: keep a view, then halve":
+        lambda st: [(R1, lambda x, hook: st.__setitem__("v", x[:, 1:3])), (R1, halve)],
+    "keep a view of P0, then edit that view's region at R1":
+        lambda st: [(P0, lambda x, hook: st.__setitem__("v", x[:, 1:3])),
+                    (R1, edit_and_return)],
     "keep y, x.copy_(y) at P0, halve R1":
         lambda st: [(P0, keep_y_then_copy_into_x(st)), (R1, halve)],
     "keep y, x[:] = y at P0, halve R1":
