@@ -8,10 +8,16 @@ import torch
 from torch.testing import assert_close
 
 import hookwire.hf as hhf
-from test_hf_remote import PROMPT, plain  # noqa: F401 (fixture)
+from test_hf_remote import PROMPT
 
 BLOCKS = {"tiny-gpt2": ("transformer.h.0", "transformer.h.1"),
           "tiny-llama": ("model.layers.0", "model.layers.1")}
+
+
+@pytest.fixture(scope="module")
+def plain(hosted, server):
+    from hookwire.server.hf_modules import plain_hf_model
+    return {n: plain_hf_model(h.bridge) for n, h in hosted.items()}
 
 
 def store_output(state, module, args, output):
