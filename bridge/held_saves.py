@@ -154,17 +154,21 @@ class HeldSaves:
         more."""
         held, self.held = self.held, []
         views = []  # re-read views live until all are sent: a later one may be the same
-        for e in held:
-            if self.hold_bytes is not None and e.nbytes:
-                self.hold_bytes(-e.nbytes)
-            self.held_bytes -= e.nbytes
-            if isinstance(e.snapshot, torch.Tensor):
-                value, own = e.value()
-                if not own:
-                    views.append(value)
-                yield e.name, value, own
-            else:
-                yield e.name, e.snapshot, False
+        try:
+            for e in held:
+                if self.hold_bytes is not None and e.nbytes:
+                    self.hold_bytes(-e.nbytes)
+                self.held_bytes -= e.nbytes
+                if isinstance(e.snapshot, torch.Tensor):
+                    value, own = e.value()
+                    if not own:
+                        views.append(value)
+                    yield e.name, value, own
+                else:
+                    yield e.name, e.snapshot, False
+        finally:  # (refused midway: an error's frames keep no view of the batch alive)
+            held.clear()
+            views.clear()
 
     def _give_back(self, nbytes: int) -> None:
         if nbytes and self.hold_bytes is not None:
