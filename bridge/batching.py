@@ -147,7 +147,8 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
     def hook(module, args, output):
         call = counter[0]
         counter[0] += 1
-        replacements = []
+        replacements, replaced = [], set()
+        original = output
         new = _own_copy_for_inplace(output, name, call, members, full_seq)
         if new is not None:
             output = new
@@ -163,13 +164,23 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
                 m.fail(exc)
                 continue
             if result is not None:
-                replacements.append((part, result))
+                replacements.append((m, part, result))
+                replaced.add(id(m))
         if replacements:
             # Applied after every member's in-place edits, so none is lost in the copy.
             if new is None:
                 new = output.clone()
-            for part, value in replacements:
+            for m, part, value in replacements:
                 new[part] = value
+                if isinstance(value, torch.Tensor):  # solo, the forward goes on with it
+                    m.interleaver.held.copied(value, new[part])
+        if new is not None and isinstance(original, torch.Tensor):
+            # The forward goes on with a copy: a member that replaced nothing here would, run
+            # alone, go on with `original`, and what it kept of it would show its later
+            # in-place edits -- which now land in the copy (hookwire.held_saves).
+            for m in members:
+                if m.active and id(m) not in replaced:
+                    m.interleaver.held.moved(original, new)
         if not any(m.wants_more for m in members):
             raise StopForward
         return new

@@ -111,6 +111,14 @@ class Interleaver:
         # Saves wait while an in-place write is still to come: locally a kept activation
         # shows a later site's edit where the model hands both sites one tensor.
         self.held = HeldSaves(max(self.inplace_sites, default=None), hold_bytes)
+        # What those held copies may take at most (device memory beside the graph's own
+        # values, which ``vg.value_bytes`` bounds): a save of a site read is no op's
+        # value, so nothing else counts it.
+        last, stage_of = self.held.last_write_stage, {dn.id: dn.stage for dn in vg.nodes}
+        self.held_bound = 0 if last is None else sum(
+            v.numel() * v.element_size() for nid in vg.graph.saves.values()
+            if stage_of.get(nid, last + 1) <= last and
+            isinstance(v := vg.shapes.get(nid), torch.Tensor))
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}

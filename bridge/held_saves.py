@@ -10,9 +10,11 @@ So while a graph still has in-place writes to come, its saves are *held*: a snap
 at once (the value as it was), along with a weak reference to the tensor whose storage it
 views (its ``_base``, or itself) and that tensor's version counter. When the last in-place
 write has run, each held save is sent as it is *then* -- re-read from that tensor where it is
-still alive and was written since -- and the snapshot otherwise. Weak references only: holding
-a member's view of a batch would keep the whole batch's tensor alive, so a tensor freed in the
-meantime (no later write can have reached it through a site) falls back to the snapshot.
+still alive (written since or not: unwritten it equals the snapshot, and read from the tensor,
+two saves of one tensor still go as one value) -- and the snapshot otherwise. Weak references
+only: holding a member's view of a batch would keep the whole batch's tensor alive, so a
+tensor freed in the meantime (no later write can have reached it through a site) falls back
+to the snapshot.
 
 Within one site the graph already says what a value is: a save of the value as the site was
 read, at a site the same graph then edits in place, means the value before the edit (the
@@ -53,10 +55,13 @@ class _Held:
 
     def value(self) -> tuple[torch.Tensor, bool]:
         """(the value as it is now, whether it is the snapshot): re-read where its tensor is
-        alive and was written since the snapshot, else the snapshot."""
+        alive, else the snapshot."""
         root = self.root() if self.root is not None else None
-        if root is None or root._version == self.version:
+        if root is None:
             return self.snapshot, True
+        # Unwritten since, it equals the snapshot -- but read from the tensor itself, two
+        # saves of one tensor (resid_post(i), resid_pre(i+1)) still go as one value and a
+        # reference to it (worker.SentViews), as when nothing was held.
         return torch.as_strided(root, self.size, self.stride, self.offset), False
 
 
@@ -64,8 +69,9 @@ class HeldSaves:
     """The saves of one graph held until its last in-place site write has run (see the
     module docstring); ``last_write_stage`` is that site's stage, None when the graph edits
     nothing in place (then nothing is ever held). ``hold_bytes(n)`` is told the bytes of
-    each snapshot before it is taken (it may refuse, raising) and ``hold_bytes(-n)`` when
-    they have been handed on: the server counts them against the user's memory."""
+    each snapshot before it is taken (it may refuse, raising) and ``hold_bytes(-n)`` as
+    each is sent, or when the rest is dropped: the server counts them against the user's
+    memory."""
 
     def __init__(self, last_write_stage: int | None,
                  hold_bytes: Callable[[int], None] | None = None):
@@ -110,24 +116,71 @@ class HeldSaves:
             else:
                 entry.root = None
 
+    def moved(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """A batched forward goes on with ``new``, a copy of ``old`` (a batch mate replaced
+        its rows): saves viewing ``old`` follow ``new``, as they would follow ``old`` in
+        this graph's solo run (where nothing replaced it)."""
+        if old._base is not None or new._base is not None or old.dtype != new.dtype or \
+                old.stride() != new.stride() or old.storage_offset() != new.storage_offset():
+            return
+        for entry in self.held:
+            if entry.root is None or entry.root() is not old:
+                continue
+            changed = old._version != entry.version
+            entry.root = weakref.ref(new)
+            entry.version = -1 if changed else new._version  # -1: re-read
+
+    def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
+        """A batched forward copied this graph's replacement ``value`` into ``into`` (its
+        rows of the batch the forward goes on with): a save of ``value`` itself follows
+        ``into``, as solo it follows ``value``, which the forward goes on with there."""
+        if value._base is not None or value.dtype != into.dtype or value.shape != into.shape:
+            return
+        for entry in self.held:
+            if entry.root is None or entry.root() is not value or \
+                    entry.size != tuple(value.shape) or \
+                    entry.stride != tuple(value.stride()) or \
+                    entry.offset != value.storage_offset():
+                continue  # (a part of it stays on it: edits of the batch do not show)
+            changed = value._version != entry.version
+            entry.point_at(into)
+            if changed:
+                entry.version = -1  # re-read
+
     def release(self):
         """Yields (name, value now, whether that is a copy of its own) of every held save,
         in the order they were saved, giving back each one's bytes just before it is handed
         on (the sender then counts it as a result: counted once, never twice); holds no
         more."""
         held, self.held = self.held, []
-        for e in held:
-            if self.hold_bytes is not None and e.nbytes:
-                self.hold_bytes(-e.nbytes)
-            self.held_bytes -= e.nbytes
-            if isinstance(e.snapshot, torch.Tensor):
-                yield (e.name, *e.value())
-            else:
-                yield e.name, e.snapshot, False
+        views = []  # re-read views live until all are sent: a later one may be the same
+        try:
+            for e in held:
+                if self.hold_bytes is not None and e.nbytes:
+                    self.hold_bytes(-e.nbytes)
+                self.held_bytes -= e.nbytes
+                if isinstance(e.snapshot, torch.Tensor):
+                    value, own = e.value()
+                    if not own:
+                        views.append(value)
+                    yield e.name, value, own
+                else:
+                    yield e.name, e.snapshot, False
+        finally:  # (refused midway: an error's frames keep no view of the batch alive)
+            held.clear()
+            views.clear()
+
+    def _give_back(self, nbytes: int) -> None:
+        if nbytes and self.hold_bytes is not None:
+            self.hold_bytes(-nbytes)
+        self.held_bytes -= nbytes
 
     def clear(self) -> None:
+        """The request is over (or goes again, ``_run_again``): drop what is held and give
+        its bytes back (a retried graph holds its saves anew)."""
         self.held = []
-        self.held_bytes = 0  # (what is still counted goes with the request's reservation)
+        if self.held_bytes:
+            self._give_back(self.held_bytes)
 
 
 __all__ = ["HeldSaves"]

@@ -359,6 +359,10 @@ class Proxy(torch.Tensor):
         p._hw_meta = meta
         p._hw_view = None
         p._hw_version = 0
+        # Known not to require grad where the library runs the hook (integers; made by
+        # detach, or computed from such values or under no_grad): a piece of it may be
+        # edited in place.
+        p._hw_nograd = not (meta.dtype.is_floating_point or meta.dtype.is_complex)
         p._hw_key = ("T", tuple(meta.shape), meta.dtype, tuple(meta.stride()))
         tracer.created.append(weakref.ref(p))
         return p
@@ -809,6 +813,7 @@ class Tracer:
         self._check_signature(spec, func)
         out = self._wrap(meta_out, node, self._requires_grad(name, args, kwargs))
         src = args[0] if args else None
+        self._note_nograd(name, src, args, kwargs, out, aliases)
         if isinstance(src, Proxy) and (name in _RESHAPE_VIEWS or name in _PERMUTE_VIEWS
                                        or name in _INDEX_VIEWS or name in _PIECE_OPS):
             self._track_view(name, src, args, kwargs, meta_out, out, aliases)
@@ -830,6 +835,35 @@ class Tracer:
             if "'inplace'" in reason else "call it instead with the arguments hookwire's " \
             "registry takes (docs/ops.md)"
         raise trace_error(f"`{_display_name(func)}` called this way ({reason})", advice)
+
+    @staticmethod
+    def _note_nograd(name, src, args, kwargs, out, aliases) -> None:
+        """Mark ``out`` (``_hw_nograd``) where torch would make it a tensor that does not
+        require grad, so an in-place edit of a piece of it is not refused (_inplace): a
+        ``detach``, a view or piece of such a tensor, a new tensor made under no_grad or only
+        from such tensors. (A view made under no_grad of a tensor that requires grad is not:
+        torch refuses to edit it in place too.)"""
+        if name == "detach":
+            nograd = True
+        elif name in _PIECE_OPS or aliases:
+            nograd = isinstance(src, Proxy) and src._hw_nograd
+        elif not torch.is_grad_enabled():
+            nograd = True
+        else:
+            nograd, stack = True, [args, tuple(kwargs.values())]
+            while stack and nograd:
+                for v in stack.pop():
+                    if isinstance(v, Proxy):
+                        nograd = nograd and v._hw_nograd
+                    elif isinstance(v, torch.Tensor):
+                        nograd = nograd and not v.requires_grad
+                    elif isinstance(v, (tuple, list)):
+                        stack.append(v)
+        if not nograd:
+            return
+        for p in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(p, Proxy):
+                p._hw_nograd = True
 
     def _requires_grad(self, name, args, kwargs) -> bool:
         """What autograd would say of an op's result (only with ``track_grad``)."""
@@ -935,7 +969,8 @@ class Tracer:
             raise trace_error("an in-place edit of a local tensor using traced values",
                               "build a new tensor instead (e.g. `x = x + act`)")
         piece = target._hw_view.piece if target._hw_view is not None else None
-        if piece is not None and self.activations_require_grad and torch.is_grad_enabled():
+        if piece is not None and self.activations_require_grad and torch.is_grad_enabled() \
+                and not target._hw_nograd:
             # Locally the activation requires grad, and autograd refuses to edit a piece of
             # a multi-output view in place (RuntimeError): remotely the edit would succeed.
             raise trace_error(
@@ -1045,8 +1080,11 @@ class Tracer:
         if p.dtype == dtype:
             return p  # torch returns the tensor itself
         node = self.emit("to", (p, dtype))
-        return Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"),
-                     p.requires_grad and torch.is_grad_enabled())
+        out = Proxy(self, node, torch.empty(p.shape, dtype=dtype, device="meta"),
+                    p.requires_grad and torch.is_grad_enabled())
+        out._hw_nograd = p._hw_nograd or not torch.is_grad_enabled() or \
+            not (dtype.is_floating_point or dtype.is_complex)  # (a new tensor, as torch's)
+        return out
 
     def _to(self, func, args, kwargs):
         p = args[0]

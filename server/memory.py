@@ -39,8 +39,11 @@ class MemoryBudget:
         with self._lock:
             return self._held[user]
 
-    def reserve(self, user: str, nbytes: int, what: str = "this request") -> "Reservation":
-        """Count ``nbytes`` for ``user``, or raise ``LimitExceeded`` (nothing counted)."""
+    def reserve(self, user: str, nbytes: int, what: str = "this request",
+                server_wide: bool = True) -> "Reservation":
+        """Count ``nbytes`` for ``user``, or raise ``LimitExceeded`` (nothing counted).
+        ``server_wide=False``: checked against the user's own share only, like a running
+        request's results (other users' unread results must not fail it midway)."""
         with self._lock:
             held = self._held[user]
             if held + nbytes > self.per_user:
@@ -48,7 +51,7 @@ class MemoryBudget:
                     f"{what} needs {nbytes} bytes; this user already holds {held} bytes of "
                     f"requests and unread results (limit {self.per_user}): wait for them, "
                     "or read them", rule="max_pending_bytes_per_user")
-            if self.pending_total + nbytes > self.total:
+            if server_wide and self.pending_total + nbytes > self.total:
                 raise LimitExceeded(
                     f"{what} needs {nbytes} bytes; the server already holds "
                     f"{self.pending_total} bytes of requests and unread results (limit "
@@ -79,10 +82,11 @@ class Reservation:
     def __init__(self, budget: MemoryBudget | None, user: str, nbytes: int):
         self.budget, self.user, self.nbytes = budget, user, nbytes
 
-    def grow(self, nbytes: int, what: str) -> None:
-        """Reserve more for the same request (refused like a new reservation)."""
+    def grow(self, nbytes: int, what: str, server_wide: bool = True) -> None:
+        """Reserve more for the same request (refused like a new reservation; with
+        ``server_wide=False``, only by the user's own share)."""
         if self.budget is not None and nbytes:
-            self.budget.reserve(self.user, nbytes, what)
+            self.budget.reserve(self.user, nbytes, what, server_wide)
             self.nbytes += nbytes
 
     def shrink(self, nbytes: int) -> None:

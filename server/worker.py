@@ -480,13 +480,14 @@ class ModelWorker(threading.Thread):
         """Which of a batch's members share a forward, in order. Light members (little work
         and memory of their own: almost every request) go first, together; a heavy member
         (``_heavy``) runs after them, alone, so it slows no light batch mate down. Members
-        share a forward only while their intermediates together fit
+        share a forward only while their intermediates (and held saves) together fit
         ``max_total_value_bytes`` (each alone fits: validation)."""
         light = [p for p in ready if not self._heavy(p)]
         heavy = [[p] for p in ready if self._heavy(p)]
         groups, current, held = [], [], 0
         for p in light:
-            need = p.interleaver.vg.value_bytes
+            # (with the copies of its saves it holds until its last in-place write)
+            need = p.interleaver.vg.value_bytes + p.interleaver.held_bound
             if current and held + need > self.limits.max_total_value_bytes:
                 groups.append(current)
                 current, held = [], 0
@@ -641,11 +642,13 @@ class ModelWorker(threading.Thread):
     def _hold_bytes(job: Job):
         """Saves a graph holds until its last in-place write (hookwire.held_saves) count
         against the user's memory like its queued results: refused before the copy is
-        made, given back once they are sent (then counted as results)."""
+        made, given back once they are sent (then counted as results). Like a result sent
+        at once, only the user's own share can refuse it: other users' unread results
+        (the server-wide budget) must not fail a running request."""
         def hold_bytes(n: int) -> None:
             if n >= 0:
                 job.reservation.grow(n, "a saved value held until the graph's last in-place "
-                                        "write")
+                                        "write", server_wide=False)
             else:
                 job.reservation.shrink(-n)
         return hold_bytes
