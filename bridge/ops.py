@@ -83,7 +83,7 @@ def _auto_clients(name: str, *extra):
 
 # ---- index range checks (before any kernel sees an index) ------------------------------------
 
-def _check_range(index, size: int, what: str, negative: bool):
+def check_index_range(index, size: int, what: str, negative: bool):
     """Refuse indices outside ``[0, size)`` (or ``[-size, size)``) before the kernel runs.
     Meta tensors (shape inference) carry no values and pass."""
     if not isinstance(index, torch.Tensor) or index.device.type == "meta" or \
@@ -102,34 +102,34 @@ def _dim_of(x: torch.Tensor, dim: int) -> int:
 
 
 def _gather(x, dim, index, *, sparse_grad=False):
-    _check_range(index, _dim_of(x, dim), "gather", negative=False)
+    check_index_range(index, _dim_of(x, dim), "gather", negative=False)
     return torch.gather(x, dim, index)
 
 
 def _scatter(x, dim, index, src=None, *, value=None, reduce=None):
-    _check_range(index, _dim_of(x, dim), "scatter", negative=False)
+    check_index_range(index, _dim_of(x, dim), "scatter", negative=False)
     src = value if src is None else src
     return torch.scatter(x, dim, index, src) if reduce is None else \
         torch.scatter(x, dim, index, src, reduce=reduce)
 
 
 def _scatter_add(x, dim, index, src):
-    _check_range(index, _dim_of(x, dim), "scatter_add", negative=False)
+    check_index_range(index, _dim_of(x, dim), "scatter_add", negative=False)
     return torch.scatter_add(x, dim, index, src)
 
 
 def _scatter_reduce(x, dim, index, src, reduce, *, include_self=True):
-    _check_range(index, _dim_of(x, dim), "scatter_reduce", negative=False)
+    check_index_range(index, _dim_of(x, dim), "scatter_reduce", negative=False)
     return torch.scatter_reduce(x, dim, index, src, reduce, include_self=include_self)
 
 
 def _index_select(x, dim, index):
-    _check_range(index, _dim_of(x, dim), "index_select", negative=False)
+    check_index_range(index, _dim_of(x, dim), "index_select", negative=False)
     return torch.index_select(x, dim, index)
 
 
 def _index_add(x, dim, index, source, *, alpha=1):
-    _check_range(index, _dim_of(x, dim), "index_add", negative=False)
+    check_index_range(index, _dim_of(x, dim), "index_add", negative=False)
     return torch.index_add(x, dim, index, source, alpha=alpha)
 
 
@@ -157,7 +157,7 @@ def _check_advanced_index(x: torch.Tensor, index):
             dim += x.dim() - sum(consumed)
             continue
         if isinstance(i, torch.Tensor) and i.dtype is not torch.bool:
-            _check_range(i, x.shape[dim] if dim < x.dim() else 0, "index", negative=True)
+            check_index_range(i, x.shape[dim] if dim < x.dim() else 0, "index", negative=True)
             dim += 1
         elif isinstance(i, torch.Tensor):
             dim += max(i.dim(), 1)
@@ -186,7 +186,7 @@ def _index_put(x, indices=(), values=None, accumulate=False):
 
 def _one_hot(x, num_classes=-1):
     if num_classes >= 0:
-        _check_range(x, num_classes, "one_hot", negative=False)
+        check_index_range(x, num_classes, "one_hot", negative=False)
     return F.one_hot(x, num_classes)
 
 
@@ -194,7 +194,7 @@ def _check_targets(input, target, ignore_index):
     if isinstance(target, torch.Tensor) and not target.is_floating_point():
         classes = input.shape[1] if input.dim() > 1 else input.shape[0]
         kept = target if target.device.type == "meta" else target[target != ignore_index]
-        _check_range(kept, classes, "class target", negative=False)
+        check_index_range(kept, classes, "class target", negative=False)
 
 
 def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
@@ -599,4 +599,5 @@ for _f, _name in {T.__imul__: "mul", T.__itruediv__: "div", T.__ifloordiv__: "fl
 
 
 # check_args and kind_matches are re-exported: the registry's users check signatures with them.
-__all__ = ["OPS", "CLIENT_OPS", "INPLACE_OPS", "OpSpec", "check_args", "kind_matches"]
+__all__ = ["OPS", "CLIENT_OPS", "INPLACE_OPS", "OpSpec", "check_args", "kind_matches",
+           "check_index_range"]

@@ -34,7 +34,7 @@ from hookwire.ir.kinds import check_args
 from hookwire.ir.special import OUTPUT_READ, SITE_GRAD, SITE_READ, SITE_WRITE
 from hookwire.ir.wire import PARAMETER_PREFIX, node_json
 from hookwire.op_advice import display_name as _display_name, unsupported_advice
-from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS, _check_range
+from hookwire.ops import CLIENT_OPS, INPLACE_OPS, OPS, check_index_range
 from hookwire.shape_probe import check_on_twins
 
 T = torch.Tensor
@@ -1153,7 +1153,7 @@ class _Uncacheable(Exception):
     pass
 
 
-# Ops whose registry kernel refuses indices out of range (hookwire.ops._check_range), all
+# Ops whose registry kernel refuses indices out of range (hookwire.ops.check_index_range), all
 # spelled (x, dim, index, ...). A local index tensor is checked while tracing: the meta run
 # sees no values, and the server would refuse the same index only after the request was sent.
 _INDEX_CHECKED = {"gather", "index_select", "scatter", "scatter_add", "scatter_reduce",
@@ -1167,7 +1167,7 @@ def _check_local_index(name, args, kwargs):
     if not isinstance(x, Proxy) or isinstance(index, Proxy) or not isinstance(dim, int):
         return
     try:
-        _check_range(index, _size_of(x._hw_meta, dim), name, negative=False)
+        check_index_range(index, _size_of(x._hw_meta, dim), name, negative=False)
     except IndexError as exc:
         raise trace_error(f"`{name}` with an index out of range ({exc})",
                           "the same call fails locally too (torch raises): "
