@@ -32,7 +32,7 @@ from hookwire.errors import HookwireError
 from hookwire.nnsight.generate import GenerationJob
 from hookwire.nnsight.target import target_of
 from hookwire.nnsight.trace_job import ForwardJob
-from hookwire.rebind import rebind
+from hookwire.rebind import rebind, rebuilt
 from hookwire.remote_call import RemoteCall
 from hookwire.runs import RemoteRun, SavedValue
 
@@ -129,6 +129,11 @@ class _Delivery:
         local_vars = frame.f_locals
         self.names = {name: id(v) for name, v in local_vars.items()
                       if isinstance(v, torch.Tensor) and id(v) in pending}
+        # ... or tuples of them (`nnsight.save((a, b))`, `x.topk(k)`): rebuilt, they must be
+        # pushed too (rebind can only replace them in the snapshot of a function's locals).
+        marks = dict.fromkeys(pending)
+        self.tuples = {name: v for name, v in local_vars.items()
+                       if isinstance(v, tuple) and rebuilt(v, marks) is not v}
         glbls = frame.f_globals
         self.roots = [local_vars] + [glbls[n] for n in _code_names(code) if n in glbls]
         self.expected = job.user_refs()
@@ -153,7 +158,7 @@ class _Delivery:
         self.values = {id(o): n for o, n in zip(olds, news)}
         # Non-blocking: the caller's code ran on meanwhile and may hold more references than
         # were counted, so the whole heap is searched.
-        rebind(olds, news, skip=(self.values,), roots=tuple(self.roots),
+        rebind(olds, news, skip=(self.values, self.tuples), roots=tuple(self.roots),
                expected=self.expected if run is None else None, opaque=_MODELS)
         self.roots = None
         if run is not None:
@@ -170,6 +175,11 @@ class _Delivery:
         """Put the values into the caller's variables (its fast locals need nnsight's push);
         returns them by name."""
         out = {name: self.values[i] for name, i in self.names.items() if i in self.values}
+        for name, value in self.tuples.items():
+            new = rebuilt(value, self.values)
+            if new is not value:
+                out[name] = new
+        self.tuples = {}
         if out and self.frame is not None and threading.get_ident() == self.thread:
             push(self.frame, out)
             self.frame = None

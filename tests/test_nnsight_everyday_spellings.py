@@ -1,0 +1,829 @@
+"""Everyday nnsight spellings, differential: each block runs with nnsight locally (the served
+weights) and on a hookwire server (``hnn.RemoteLanguageModel``, no weights on the client).
+
+The rule each case checks (:func:`differ`): the remote run gives exactly the local answer, or
+raises a hookwire error before anything is sent; where the local run raises, the remote one
+raises too. Cases here are the ones ``test_nnsight_remote.py`` / ``test_nnsight_tutorials.py``
+do not already cover: setitem spellings, cross-invoke patching, torch ops inside the block,
+shapes, attention patching, gradients of other sites, skips, persistent edits, batches of
+prompts and token ids, generation steps, control flow on values.
+"""
+from __future__ import annotations
+
+import os
+
+import nnsight
+import pytest
+import torch
+from nnsight import LanguageModel
+
+import hookwire
+import hookwire.nnsight as hnn
+import hookwire.server as hs
+from hookwire.client import close_connections, get_connection
+from hookwire.errors import HookwireError
+from hookwire.families import build_hf_model
+from hookwire.server.models import BUILTIN_MODELS, load_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+MODELS = ("tiny-gpt2", "tiny-llama")
+PROMPT = "The Eiffel Tower is in"
+OTHER = "The Colosseum is in R"      # the same length as PROMPT (byte-level tokens)
+
+
+@pytest.fixture(scope="module")
+def served():
+    hosted = {name: load_model(name) for name in MODELS}
+    srv = hs.start(models=hosted, port=0)
+    hookwire.configure(url=srv.url)
+    yield hosted
+    try:
+        close_connections()
+    finally:
+        srv.stop()
+        hookwire.configure(url=None)
+
+
+@pytest.fixture(scope="module")
+def pairs(served):
+    out = {}
+    for name in MODELS:
+        spec = BUILTIN_MODELS[name]
+        weights = build_hf_model(spec.architecture, spec.config, seed=spec.seed)[0]
+        out[name] = (LanguageModel(weights, tokenizer=served[name].tokenizer),
+                     hnn.RemoteLanguageModel(name))
+    return out
+
+
+def layers(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def attention(block):
+    return block.attn if hasattr(block, "attn") else block.self_attn
+
+
+def final_norm(model):
+    return model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+
+
+def embed(model):
+    return model.transformer.wte if hasattr(model, "transformer") else model.model.embed_tokens
+
+
+def out_proj(block):
+    """The attention's output projection (its input: the heads side by side)."""
+    attn = attention(block)
+    return attn.c_proj if hasattr(attn, "c_proj") else attn.o_proj
+
+
+def requests():
+    return get_connection().stats.requests
+
+
+def differ(pair, block):
+    """Run ``block(model)`` locally and remotely: equal, or a hookwire error before sending
+    (returns "refused"), or both raise (returns "both raise")."""
+    local_model, remote_model = pair
+    try:
+        local, local_error = block(local_model), None
+    except Exception as e:   # noqa: BLE001  nnsight's own errors
+        local, local_error = None, e
+    before = requests()
+    try:
+        remote = block(remote_model)
+    except HookwireError as e:
+        if local_error is None:   # refusing is allowed, but before anything is sent
+            assert requests() == before, f"refused after sending: {e}"
+            return f"refused: {type(e).__name__}: {str(e)[:300]}"
+        return f"both raise: local {type(local_error).__name__}, remote {type(e).__name__}"
+    except Exception as e:   # noqa: BLE001
+        if local_error is not None:
+            return (f"both raise: local {type(local_error).__name__}, remote "
+                    f"{type(e).__name__} (not a hookwire error): {str(e)[:200]}")
+        raise AssertionError(f"remote raised {type(e).__name__} (not a hookwire error) where "
+                             f"the local run gives a value: {e}") from e
+    if local_error is not None:
+        raise AssertionError(f"local raised {type(local_error).__name__}: {local_error}; "
+                             f"remote gave {type(remote).__name__}")
+    torch.testing.assert_close(remote, local)
+    return "equal"
+
+
+def seeded(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+
+
+# ---- setitem spellings ----------------------------------------------------------------------
+
+def _zero_first_row(model):
+    with model.trace(PROMPT):
+        layers(model)[0].output[0][:] = 0            # the docs' spelling (a row here)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _last_position_from_a_tensor(model):
+    vec = seeded(64)
+    with model.trace(PROMPT):
+        layers(model)[0].output[:, -1, :] = vec
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _steering_add(model):
+    vec = seeded(64)
+    with model.trace(PROMPT):
+        layers(model)[1].output[:, :, :] += 3 * vec
+        h = layers(model)[1].output.save()
+        logits = model.lm_head.output.save()
+    return h, logits
+
+
+def _setitem_float_channel(model):
+    with model.trace(PROMPT):
+        layers(model)[0].mlp.output[:, [1, 3], :10] = -2.0
+        layers(model)[0].output[..., 5] = 1.5
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _setitem_bool_mask(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        h[h > 0.5] = 0.5                               # clamp by mask, in place
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _saved_then_edited(model):
+    """A value saved before an in-place edit of the same tensor shows the edit (an alias)."""
+    with model.trace(PROMPT):
+        h = layers(model)[0].output.save()
+        layers(model)[0].output[:] = 0
+    return h
+
+
+def _clone_then_edited(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output.clone().save()
+        layers(model)[0].output[:] = 0
+        after = layers(model)[1].output.save()
+    return h, after
+
+
+def _embedding_edit(model):
+    with model.trace(PROMPT):
+        embed(model).output[:, 0] = 0
+        e = embed(model).output.save()
+        logits = model.lm_head.output.save()
+    return e, logits
+
+
+def _mean_ablation_in_batch(model):
+    with model.trace([PROMPT, OTHER]):
+        h = layers(model)[0].mlp.output
+        h[:] = h.mean(dim=0, keepdim=True)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _write_a_previous_trace_value(model):
+    with model.trace(OTHER):
+        clean = layers(model)[0].output.save()
+    with model.trace(PROMPT):
+        layers(model)[0].output[:, 2:5] = clean[:, 2:5]
+        logits = model.lm_head.output.save()
+    return clean, logits
+
+
+def _replace_with_python_arith(model):
+    with model.trace(PROMPT):
+        out = layers(model)[0].output
+        layers(model)[0].output = 2 * out - out / 4 + 1
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _inputs_replaced(model):
+    with model.trace(PROMPT):
+        (h, *rest), kwargs = layers(model)[1].inputs
+        layers(model)[1].inputs = ((h * 0.5, *rest), kwargs)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _lm_head_output_replaced(model):
+    with model.trace(PROMPT):
+        logits = model.lm_head.output
+        model.lm_head.output = logits.log_softmax(-1)
+        out = model.output.logits.save()
+    return out
+
+
+def _inplace_methods(model):
+    vec = seeded(64)
+    with model.trace(PROMPT):
+        layers(model)[0].mlp.output.mul_(0.5)
+        layers(model)[0].output.add_(vec).clamp_(-1.0, 1.0)
+        layers(model)[1].mlp.output.clamp_(min=0)
+        h = layers(model)[1].output.save()
+        h[:, 0].zero_()
+        h[:, 1].copy_(vec)
+        h[:, 2].fill_(0.25)
+        logits = model.lm_head.output.save()
+    return h, logits
+
+
+def _saved_view_then_edited(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        first = h[:, 0].save()
+        norm = h.norm(dim=-1).save()             # computed before the edit: not an alias
+        h[:] = 0
+    return first, norm
+
+
+def _setitem_with_its_own_flip(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        h[:] = h.flip(1)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _noise_with_a_seed(model):
+    torch.manual_seed(0)
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        layers(model)[0].output = h + torch.randn_like(h) * 0.1
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _dropout_in_the_block(model):
+    torch.manual_seed(0)
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        layers(model)[0].output = torch.nn.functional.dropout(h, 0.5)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _unembed_with_the_weight(model):
+    with model.trace(PROMPT):
+        h = final_norm(model).output
+        logits = (h @ model.lm_head.weight.T).save()
+    return logits
+
+
+def _saved_max_tuple(model):
+    with model.trace(PROMPT):
+        pair = nnsight.save((layers(model)[0].output, 3))
+        best = nnsight.save(model.lm_head.output[0].max(dim=-1))
+    return tuple(best), pair
+
+
+def _whole_cache(model):
+    with model.trace(PROMPT) as tracer:
+        cache = tracer.cache()
+    return cache[layers(model)[1].path].output, cache[model.lm_head.path].output
+
+
+def _lm_head_input_edit(model):
+    with model.trace(PROMPT):
+        model.lm_head.input[:, -1] = 0
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _labels_loss(model):
+    ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with model.trace(PROMPT, labels=ids):
+        loss = model.output.loss.save()
+    return loss
+
+
+def _output_attentions(model):
+    with model.trace(PROMPT, output_attentions=True):
+        weights = attention(layers(model)[0]).output[1].save()
+    return weights
+
+
+# ---- reads, torch ops, shapes ---------------------------------------------------------------
+
+def _argmax(model):
+    with model.trace(PROMPT):
+        top = model.lm_head.output.argmax(dim=-1).save()
+        last = model.lm_head.output[0, -1].argmax().save()
+    return top, last
+
+
+def _softmax_topk(model):
+    with model.trace(PROMPT):
+        probs = torch.nn.functional.softmax(model.lm_head.output[:, -1], dim=-1)
+        top = probs.topk(5, dim=-1)
+        values, indices = top.values.save(), top.indices.save()
+        v2, i2 = torch.topk(model.lm_head.output, 3)
+        both = nnsight.save((v2, i2))
+    return values, indices, both
+
+
+def _einsum_norm(model):
+    with model.trace(PROMPT):
+        a = layers(model)[0].output
+        b = layers(model)[1].output
+        sims = torch.einsum("bsd,btd->bst", a, b).save()
+        norms = torch.linalg.norm(b, dim=-1).save()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).save()
+        n2 = b.norm(p=2, dim=-1, keepdim=True).save()
+    return sims, norms, cos, n2
+
+
+def _log_probs_gather(model):
+    ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with model.trace(PROMPT):
+        logp = model.lm_head.output.log_softmax(-1)
+        tok = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).save()
+        ent = (-(logp.exp() * logp)).sum(-1).save()
+    return tok, ent
+
+
+def _stack_cat_layers(model):
+    with model.trace(PROMPT):
+        outs = [layer.output for layer in layers(model)]
+        hs = torch.stack(outs).save()
+        cat = torch.cat([h[:, -1] for h in outs], dim=0).save()
+    return hs, cat
+
+
+def _shape_inside(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        batch, seq, d = h.shape
+        last = h[:, seq - 1, : d // 2].save()
+        size = nnsight.save(h.size(-1))
+        ndim = nnsight.save(h.ndim)
+    return last, size, ndim
+
+
+def _print_shape_inside(model, capsys=None):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        print("shape", h.shape)
+        kept = h.save()
+    return kept
+
+
+def _len_of_layers_and_dtype(model):
+    with model.trace(PROMPT):
+        n = len(layers(model))
+        h = layers(model)[n - 1].output
+        f = h.to(torch.float64).save()
+        d = h.detach().cpu().save()
+    return f, d
+
+
+def _where_clamp_cumsum(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        w = torch.where(h > 0, h, torch.zeros_like(h)).save()
+        c = h.clamp(-0.1, 0.1).cumsum(dim=1).save()
+        m, i = h.max(dim=-1)
+        both = nnsight.save([m, i])
+    return w, c, both
+
+
+def _logit_lens_topk(model):
+    with model.trace(PROMPT):
+        tops = nnsight.save([])
+        for layer in layers(model):
+            logits = model.lm_head(final_norm(model)(layer.output))
+            tops.append(logits[:, -1].softmax(-1).topk(3).indices)
+    return tops
+
+
+def _model_output_indexing(model):
+    with model.trace(PROMPT):
+        first = model.output[0].save()
+        by_key = model.output["logits"].save()
+    return first, by_key
+
+
+def _layer_output_twice(model):
+    with model.trace(PROMPT):
+        a = layers(model)[0].output.save()
+        b = layers(model)[0].output.save()
+        same_object = nnsight.save(a is b)
+    return a, b, same_object
+
+
+def _read_out_of_order(model):
+    with model.trace(PROMPT):
+        late = layers(model)[1].output.save()
+        early = layers(model)[0].output.save()
+    return late, early
+
+
+# ---- invokes and batches --------------------------------------------------------------------
+
+def _list_of_prompts(model):
+    with model.trace([PROMPT, "Hi", "abc"]):
+        h = layers(model)[0].output.save()
+        logits = model.lm_head.output[:, -1].save()
+    return h, logits
+
+
+def _token_ids(model):
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
+    with model.trace(ids):
+        logits = model.lm_head.output.save()
+    with model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
+        logits2 = model.lm_head.output.save()
+    return logits, logits2
+
+
+def _cross_invoke_patch(model):
+    with model.trace() as tracer:
+        with tracer.invoke(OTHER):
+            clean = layers(model)[0].output
+        with tracer.invoke(PROMPT):
+            h = layers(model)[0].output          # read first: the other invoke ran by then
+            h[:] = clean
+            patched = model.lm_head.output.save()
+    return patched
+
+
+def _cross_invoke_barrier(model):
+    with model.trace() as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(OTHER):
+            emb = embed(model).output
+            barrier()
+        with tracer.invoke(PROMPT):
+            barrier()
+            embed(model).output = emb
+            patched = model.lm_head.output.save()
+    return patched
+
+
+def _cross_invoke_position(model):
+    with model.trace() as tracer:
+        with tracer.invoke(OTHER):
+            clean = layers(model)[1].output[:, -1, :]
+        with tracer.invoke(PROMPT):
+            h = layers(model)[1].output
+            h[:, -1, :] = clean
+            patched = model.lm_head.output.save()
+        with tracer.invoke(PROMPT):
+            unpatched = model.lm_head.output.save()
+    return patched, unpatched
+
+
+def _cross_invoke_different_lengths(model):
+    with model.trace() as tracer:
+        with tracer.invoke("A short one"):
+            short = layers(model)[0].output[:, -1]
+        with tracer.invoke("A much longer prompt here"):
+            h = layers(model)[0].output
+            h[:, -1] = short
+            out = model.lm_head.output.save()
+    return out
+
+
+def _invoke_metric_difference(model):
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            a = model.lm_head.output[:, -1].log_softmax(-1)
+        with tracer.invoke(OTHER):
+            b = model.lm_head.output[:, -1].log_softmax(-1)
+            kl = (b.exp() * (b - a)).sum().save()
+    return kl
+
+
+def _invoke_token_ids(model):
+    with model.trace() as tracer:
+        with tracer.invoke(torch.tensor([[1, 2, 3, 4]])):
+            a = layers(model)[0].output.save()
+        with tracer.invoke(PROMPT):
+            b = layers(model)[0].output.save()
+    return a, b
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+def _head_ablation(model):
+    with model.trace(PROMPT):
+        heads = out_proj(layers(model)[0]).input             # (batch, seq, heads * d_head)
+        heads[:, :, 16:32] = 0                              # one head of 16 dims
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _head_patching_between_invokes(model):
+    with model.trace() as tracer:
+        with tracer.invoke(OTHER):
+            clean = out_proj(layers(model)[1]).input[:, :, :16]
+        with tracer.invoke(PROMPT):
+            heads = out_proj(layers(model)[1]).input
+            heads[:, :, :16] = clean
+            logits = model.lm_head.output.save()
+    return logits
+
+
+def _attn_output_tuple_read(model):
+    with model.trace(PROMPT):
+        out = attention(layers(model)[0]).output
+        a = out[0].save()
+        weights = nnsight.save(out[1])
+    return a, weights
+
+
+def _attn_tuple_setitem(model):
+    with model.trace(PROMPT):
+        attention(layers(model)[0]).output[0][:, :, :] *= 0.0
+        logits = model.lm_head.output.save()
+    return logits
+
+
+# ---- gradients ------------------------------------------------------------------------------
+
+def _grad_of_logit_diff_at_embed(model):
+    with model.trace(PROMPT):
+        e = embed(model).output
+        logits = model.lm_head.output
+        metric = logits[0, -1, 10] - logits[0, -1, 20]
+        with metric.backward():
+            g = e.grad.save()
+    return g
+
+
+def _grad_of_lm_head_output(model):
+    with model.trace(PROMPT):
+        logits = model.lm_head.output
+        loss = logits.log_softmax(-1)[0, -1, 3]
+        with loss.backward():
+            g = logits.grad.save()
+    return g
+
+
+def _grad_times_activation(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        loss = model.output.logits[:, -1].logsumexp(-1).sum()
+        with loss.backward():
+            attribution = (h * h.grad).sum(-1).save()
+    return attribution
+
+
+def _grad_of_mlp_and_attn(model):
+    with model.trace(PROMPT):
+        a = attention(layers(model)[1]).output[0]
+        m = layers(model)[1].mlp.output
+        loss = model.lm_head.output.norm()
+        with loss.backward():
+            gm, ga = m.grad.save(), a.grad.save()
+    return gm, ga
+
+
+def _grad_after_an_edit(model):
+    with model.trace(PROMPT):
+        layers(model)[0].output[:, 0] = 0
+        h = layers(model)[1].output
+        loss = model.lm_head.output[:, -1, 7].sum()
+        with loss.backward():
+            g = h.grad.save()
+    return g
+
+
+def _grad_of_an_input(model):
+    with model.trace(PROMPT):
+        h = layers(model)[1].input
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h.grad.save()
+    return g
+
+
+def _loss_saved_and_grad(model):
+    ids = model.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        logits = model.output.logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+        kept = loss.save()
+        with loss.backward():
+            g = h.grad.save()
+    return kept, g
+
+
+# ---- skipping, stop, edits ------------------------------------------------------------------
+
+def _skip_mlp_with_zeros(model):
+    with model.trace(PROMPT):
+        mlp = layers(model)[0].mlp
+        mlp.skip(torch.zeros(1, len(PROMPT), 64))
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _skip_layer_with_previous_output(model):
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        layers(model)[1].skip(h0)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _stop_after_write(model):
+    with model.trace(PROMPT) as tracer:
+        layers(model)[0].output[:] = 0
+        h = layers(model)[1].output.save()
+        tracer.stop()
+    return h
+
+
+def _trace_false(model):
+    return model.trace(PROMPT, trace=False).logits
+
+
+def _persistent_edit(model):
+    with model.edit() as (tracer, edited):
+        layers(edited)[0].output[:] = 0
+    with edited.trace(PROMPT):
+        logits = edited.lm_head.output.save()
+    return logits
+
+
+def _inplace_edit_then_clear(model):
+    with model.edit(inplace=True):
+        layers(model)[0].mlp.output *= 0
+    try:
+        with model.trace(PROMPT):
+            logits = model.lm_head.output.save()
+    finally:
+        model.clear_edits()
+    return logits
+
+
+def _scan_flag(model):
+    with model.trace(PROMPT, scan=False):
+        h = layers(model)[0].output.save()
+    return h
+
+
+def _validate_flag(model):
+    with model.trace(PROMPT, validate=True):
+        h = layers(model)[0].output.save()
+    return h
+
+
+# ---- control flow on values (raises on both sides) ------------------------------------------
+
+def _if_on_value(model):
+    with model.trace(PROMPT):
+        logits = model.lm_head.output
+        if logits[0, -1].argmax() == 5:
+            logits[:] = 0
+        out = logits.save()
+    return out
+
+
+def _int_of_argmax(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        tok = int(h[0, -1].argmax())
+        picked = h[:, :, tok].save()
+    return picked
+
+
+def _tolist(model):
+    with model.trace(PROMPT):
+        values = nnsight.save(model.lm_head.output[0, -1, :3].tolist())
+    return values
+
+
+def _for_over_rows(model):
+    with model.trace([PROMPT, OTHER]):
+        rows = nnsight.save([row.norm() for row in layers(model)[0].output])
+    return rows
+
+
+def _while_on_value(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        n = 0
+        while h.norm() > 1 and n < 3:
+            h = h / 2
+            n += 1
+        out = h.save()
+    return out
+
+
+def _numpy(model):
+    with model.trace(PROMPT):
+        arr = nnsight.save(layers(model)[0].output.numpy())
+    return torch.as_tensor(arr)
+
+
+def _index_with_python_list(model):
+    with model.trace(PROMPT):
+        positions = [0, 2, 4]
+        h = layers(model)[0].output[:, positions].save()
+        tok_ids = torch.tensor([1, 2, 3])
+        picked = model.lm_head.output[0, -1, tok_ids].save()
+    return h, picked
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+def _gen_argmax_each_step(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        tops = nnsight.save([])
+        for step in tracer.iter[:3]:
+            tops.append(model.lm_head.output[:, -1].argmax(-1))
+    return tops
+
+
+def _gen_steer_step_index(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        for step in tracer.iter[:3]:
+            if step == 1:
+                layers(model)[0].output[:] *= 0.5
+        ids = tracer.result.save()
+    return ids
+
+
+def _gen_first_step_only(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        with tracer.iter[0]:
+            layers(model)[1].output[:, -1] = 0
+        ids = model.generator.output.save()
+    return ids
+
+
+def _gen_module_iter(model):
+    with model.generate(PROMPT, max_new_tokens=3):
+        hs = nnsight.save([])
+        for step in layers(model)[0].iter[:3]:
+            hs.append(layers(model)[0].output[:, -1])
+    return hs
+
+
+GENERATION = {_gen_argmax_each_step, _gen_steer_step_index, _gen_first_step_only,
+              _gen_module_iter}
+
+CASES = [
+    _zero_first_row, _last_position_from_a_tensor, _steering_add, _setitem_float_channel,
+    _setitem_bool_mask, _saved_then_edited, _clone_then_edited, _embedding_edit,
+    _mean_ablation_in_batch, _write_a_previous_trace_value, _replace_with_python_arith,
+    _inputs_replaced, _lm_head_output_replaced, _inplace_methods, _saved_view_then_edited,
+    _setitem_with_its_own_flip, _noise_with_a_seed, _dropout_in_the_block,
+    _unembed_with_the_weight, _saved_max_tuple, _whole_cache, _lm_head_input_edit,
+    _labels_loss, _output_attentions,
+    _argmax, _softmax_topk, _einsum_norm, _log_probs_gather, _stack_cat_layers, _shape_inside,
+    _print_shape_inside, _len_of_layers_and_dtype, _where_clamp_cumsum, _logit_lens_topk,
+    _model_output_indexing, _layer_output_twice, _read_out_of_order,
+    _list_of_prompts, _token_ids, _cross_invoke_patch, _cross_invoke_barrier,
+    _cross_invoke_position, _cross_invoke_different_lengths, _invoke_metric_difference,
+    _invoke_token_ids,
+    _head_ablation, _head_patching_between_invokes, _attn_output_tuple_read,
+    _attn_tuple_setitem,
+    _grad_of_logit_diff_at_embed, _grad_of_lm_head_output, _grad_times_activation,
+    _grad_of_mlp_and_attn, _grad_after_an_edit, _grad_of_an_input, _loss_saved_and_grad,
+    _skip_mlp_with_zeros, _skip_layer_with_previous_output, _stop_after_write, _trace_false,
+    _persistent_edit, _inplace_edit_then_clear, _scan_flag, _validate_flag,
+    _if_on_value, _int_of_argmax, _tolist, _for_over_rows, _while_on_value, _numpy,
+    _index_with_python_list,
+    *sorted(GENERATION, key=lambda f: f.__name__),
+]
+
+
+@pytest.fixture
+def no_eos(pairs):
+    saved = []
+    for pair in pairs.values():
+        for model in pair:
+            config = model._module.generation_config
+            saved.append((config, config.eos_token_id))
+            config.eos_token_id = None
+    yield
+    for config, eos in saved:
+        config.eos_token_id = eos
+
+
+OUTCOMES: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__.lstrip("_") for c in CASES])
+def test_everyday(pairs, name, case, request):
+    if case in GENERATION:
+        request.getfixturevalue("no_eos")
+    outcome = differ(pairs[name], case)
+    OUTCOMES[f"{case.__name__}[{name}]"] = outcome
+    log = os.environ.get("HOOKWIRE_DIFF_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{case.__name__}[{name}]: {outcome}\n")
