@@ -20,7 +20,7 @@ from nnsight import LanguageModel
 import hookwire
 import hookwire.nnsight as hnn
 import hookwire.server as hs
-from hookwire.client import close_connections, get_connection
+from hookwire.client import Connection, close_connections
 from hookwire.errors import HookwireError
 from hookwire.families import build_hf_model
 from hookwire.server.models import BUILTIN_MODELS, load_model
@@ -32,12 +32,22 @@ PROMPT = "The Eiffel Tower is in"
 OTHER = "The Colosseum is in R"      # the same length as PROMPT (byte-level tokens)
 
 
+SUBMITTED = [0]   # requests handed to a connection (counted before anything is sent)
+
+
 @pytest.fixture(scope="module")
 def served():
     hosted = {name: load_model(name) for name in MODELS}
     srv = hs.start(models=hosted, port=0)
     hookwire.configure(url=srv.url)
+    submit = Connection._submit_and_collect
+
+    def counted(self, *args, **kwargs):
+        SUBMITTED[0] += 1
+        return submit(self, *args, **kwargs)
+    Connection._submit_and_collect = counted
     yield hosted
+    Connection._submit_and_collect = submit
     try:
         close_connections()
     finally:
@@ -79,7 +89,7 @@ def out_proj(block):
 
 
 def requests():
-    return get_connection().stats.requests
+    return SUBMITTED[0]
 
 
 def differ(pair, block):
@@ -618,6 +628,35 @@ def _loss_saved_and_grad(model):
     return kept, g
 
 
+def _grad_of_a_replaced_output(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        layers(model)[0].output = h * 2
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h.grad.save()
+    return g
+
+
+def _grad_with_a_direct_use(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        loss = model.lm_head.output.sum() + h.pow(2).sum()   # an L2 penalty on h
+        with loss.backward():
+            g = h.grad.save()
+    return g
+
+
+def _grad_in_place_edit_then_grad(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        h[:] = h * 2
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h.grad.save()
+    return g
+
+
 # ---- skipping, stop, edits ------------------------------------------------------------------
 
 def _skip_mlp_with_zeros(model):
@@ -792,6 +831,7 @@ CASES = [
     _attn_tuple_setitem,
     _grad_of_logit_diff_at_embed, _grad_of_lm_head_output, _grad_times_activation,
     _grad_of_mlp_and_attn, _grad_after_an_edit, _grad_of_an_input, _loss_saved_and_grad,
+    _grad_of_a_replaced_output, _grad_with_a_direct_use, _grad_in_place_edit_then_grad,
     _skip_mlp_with_zeros, _skip_layer_with_previous_output, _stop_after_write, _trace_false,
     _persistent_edit, _inplace_edit_then_clear, _scan_flag, _validate_flag,
     _if_on_value, _int_of_argmax, _tolist, _for_over_rows, _while_on_value, _numpy,
