@@ -131,8 +131,11 @@ def library_dirs() -> tuple[str, ...]:
     imported so far): a stack frame outside them is the user's line an error names."""
     dirs = list(_LIBRARY_DIRS)
     # nnsight runs a trace block's code in greenlets, through its own frames: the user's
-    # line is the innermost frame outside these.
+    # line is the innermost frame outside these. transformers: a block that calls a served
+    # module (`model.transformer.h[1].mlp(h)`) meets an op inside the module's forward; the
+    # error names the block's line that called it.
     for name in ("transformer_lens", "einops", "functools", "hookwire", "nnsight", "greenlet",
+                 "transformers",
                  "hookwire.transformerlens", "hookwire.pyvene", "hookwire.hf",
                  "hookwire.nnsight"):
         mod = sys.modules.get(name)
