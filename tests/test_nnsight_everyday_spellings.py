@@ -851,6 +851,132 @@ def _list_append_without_save(model):
     return kept
 
 
+def _layer_kwargs_saved(model):
+    """The layer's keyword arguments (position_ids, ...) are no module sites."""
+    with model.trace(PROMPT):
+        args, kwargs = layers(model)[0].inputs
+        kept = nnsight.save({k: v for k, v in kwargs.items() if k != "cache"})
+    return kept
+
+
+def _position_ids_saved(model):
+    with model.trace(PROMPT):
+        args, kwargs = layers(model)[0].inputs
+        hidden = (args[0] if args else kwargs["hidden_states"]).save()
+        pid = kwargs["position_ids"].save()
+    return hidden, pid
+
+
+def _layer_hidden_from_inputs(model):
+    with model.trace(PROMPT):
+        args, kwargs = layers(model)[1].inputs
+        hidden = (args[0] if args else kwargs["hidden_states"]).save()
+    return hidden
+
+
+def _lm_head_edit_then_model_output(model):
+    with model.trace(PROMPT):
+        model.lm_head.output[:, :, :10] = 0
+        logits = model.output.logits.save()
+    return logits
+
+
+def _final_norm_replaced_then_output(model):
+    with model.trace(PROMPT):
+        h = final_norm(model).output
+        final_norm(model).output = h * 0.5
+        logits = model.output.logits.save()
+    return logits
+
+
+def _position_embeddings(model):
+    if not hasattr(model, "transformer"):
+        with model.trace(PROMPT):
+            cos, sin = model.model.rotary_emb.output
+            kept = nnsight.save((cos, sin))
+        return kept
+    with model.trace(PROMPT):
+        pos = model.transformer.wpe.output.save()
+        drop = model.transformer.drop.output.save()
+    return pos, drop
+
+
+def _proxy_index(model):
+    with model.trace(PROMPT):
+        logits = model.lm_head.output
+        top = logits[0, -1].argmax()
+        picked = logits[0, :, top].save()
+    return picked
+
+
+def _gather_by_argmax(model):
+    with model.trace(PROMPT):
+        logits = model.lm_head.output
+        gathered = logits[:, -1].gather(-1, logits[:, -1].argmax(-1, keepdim=True)).save()
+        chosen = torch.index_select(logits[0], -1, logits[0, -1].argmax().reshape(1)).save()
+    return gathered, chosen
+
+
+def _boolean_mask_read(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        positives = h[h > 0].save()
+    return positives
+
+
+def _stats_ops(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        std, var = h.std(dim=-1).save(), h.var(dim=-1, unbiased=False).save()
+        srt = h.sort(dim=-1, descending=True).values.save()
+        med = h.median(dim=-1).values.save()
+        q = torch.quantile(h[0, -1], 0.9).save()
+        ce = torch.nn.functional.cross_entropy(model.lm_head.output[0], torch.arange(22),
+                                               reduction="none").save()
+    return std, var, srt, med, q, ce
+
+
+def _einops_rearrange(model):
+    import einops
+    with model.trace(PROMPT):
+        heads = einops.rearrange(out_proj(layers(model)[0]).input, "b s (h d) -> b h s d",
+                                 h=4).save()
+        summed = einops.reduce(heads, "b h s d -> b h", "sum").save()
+    return heads, summed
+
+
+def _module_list_slice(model):
+    with model.trace(PROMPT):
+        kept = nnsight.save([layer.output[:, -1] for layer in layers(model)[-2:]])
+        last = layers(model)[-1].output.save()
+    return kept, last
+
+
+def _iter_in_a_trace(model):
+    with model.trace(PROMPT) as tracer:
+        kept = nnsight.save([])
+        for step in tracer.iter[:1]:
+            kept.append(layers(model)[0].output)
+    return kept
+
+
+def _invoke_rows_of_model_output(model):
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            a = model.output.logits.save()
+        with tracer.invoke(["Hi", OTHER]):
+            b = model.output.logits[:, -1].save()
+    return a, b
+
+
+def _patch_between_layers(model):
+    with model.trace(PROMPT):
+        early = layers(model)[0].output[:, -1].clone()
+        layers(model)[1].output[:, 0] = early
+        logits = model.lm_head.output.save()
+    return logits
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 def _gen_argmax_each_step(model):
@@ -942,7 +1068,11 @@ CASES = [
     _if_on_value, _int_of_argmax, _tolist, _for_over_rows, _while_on_value, _numpy,
     _index_with_python_list, _module_call_of_an_mlp, _block_call, _no_grad_inside,
     _old_value_spelling, _stop_inside_an_invoke, _dict_of_tuples_saved, _skip_attention,
-    _save_inside_a_helper, _list_append_without_save,
+    _save_inside_a_helper, _list_append_without_save, _layer_kwargs_saved,
+    _position_ids_saved, _layer_hidden_from_inputs, _gather_by_argmax,
+    _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
+    _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
+    _iter_in_a_trace, _invoke_rows_of_model_output, _patch_between_layers,
     *sorted(GENERATION, key=lambda f: f.__name__),
 ]
 
@@ -976,6 +1106,9 @@ EXPECTED = {
     # GPT-2's Conv1D runs torch.addmm, outside the registry
     (_module_call_of_an_mlp, "tiny-gpt2"): "refused", (_block_call, "tiny-gpt2"): "refused",
     (_block_call, "tiny-llama"): "both raise",   # a Llama layer needs its position embeddings
+    # a layer's keyword arguments are no module sites; indices and masks read from values
+    _layer_kwargs_saved: "refused", _position_ids_saved: "refused", _proxy_index: "refused",
+    _boolean_mask_read: "refused",
     _read_out_of_order: "both raise", _numpy: "both raise", _old_value_spelling: "both raise",
 }
 

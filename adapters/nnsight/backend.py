@@ -29,12 +29,14 @@ from nnsight.tracing.util import push
 
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError
+from hookwire.module_sites import ServerObject
 from hookwire.nnsight.generate import GenerationJob
 from hookwire.nnsight.target import target_of
 from hookwire.nnsight.trace_job import ForwardJob
 from hookwire.rebind import rebind, rebuilt
 from hookwire.remote_call import RemoteCall
 from hookwire.runs import RemoteRun, SavedValue
+from hookwire.trace import trace_error
 
 
 class RemoteBackend(Backend):
@@ -113,6 +115,38 @@ def _code_names(code) -> set[str]:
     return names
 
 
+def _server_object_in(value, depth: int = 3):
+    """A :class:`ServerObject` in ``value`` or the lists, tuples and dicts it holds (the first
+    thousand items of each, ``depth`` levels down), or None."""
+    if isinstance(value, ServerObject):
+        return value
+    if depth <= 0 or not isinstance(value, (list, tuple, dict)):
+        return None
+    items = value.values() if isinstance(value, dict) else value
+    for i, item in enumerate(items):
+        if i >= 1000:
+            break
+        found = _server_object_in(item, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_server_objects(variables: dict) -> None:
+    """A saved argument of a module that is no module site (``position_ids`` or the rotary
+    embeddings in a layer's ``.inputs``, its ``use_cache`` flag) is a placeholder here: after
+    the block the caller would hold ``<Tensor on the server>`` where nnsight gives the
+    tensor. Refused before sending."""
+    for name, value in variables.items():
+        found = _server_object_in(value)
+        if found is not None:
+            raise trace_error(f"keeping {found!r} (in `{name}`): an argument of a module "
+                              "that is no module site",
+                              "save the values that are module sites -- a module's .output, "
+                              "the tensor of its .input -- or compute the argument yourself "
+                              "(e.g. torch.arange(seq) for position_ids)")
+
+
 class _Delivery:
     """Sends a traced job and puts the values that come back where the block left proxies.
 
@@ -127,6 +161,7 @@ class _Delivery:
         pending = job.pending_ids()
         # The caller's variables that hold proxies (or pending tokens) after the block.
         local_vars = frame.f_locals
+        _refuse_server_objects(local_vars)
         self.names = {name: id(v) for name, v in local_vars.items()
                       if isinstance(v, torch.Tensor) and id(v) in pending}
         # ... or tuples of them (`nnsight.save((a, b))`, `x.topk(k)`): rebuilt, they must be
