@@ -874,6 +874,19 @@ def _layer_hidden_from_inputs(model):
     return hidden
 
 
+def _kv_cache_of_the_output(model):
+    with model.trace(PROMPT):
+        cache = nnsight.save(model.output.past_key_values)
+    return cache
+
+
+def _kv_cache_of_the_result(model):
+    with model.trace(PROMPT) as tracer:
+        logits = tracer.result.logits.save()
+        cache = nnsight.save(tracer.result.cache)
+    return logits, cache
+
+
 def _lm_head_edit_then_model_output(model):
     with model.trace(PROMPT):
         model.lm_head.output[:, :, :10] = 0
@@ -1070,6 +1083,7 @@ CASES = [
     _old_value_spelling, _stop_inside_an_invoke, _dict_of_tuples_saved, _skip_attention,
     _save_inside_a_helper, _list_append_without_save, _layer_kwargs_saved,
     _position_ids_saved, _layer_hidden_from_inputs, _gather_by_argmax,
+    _kv_cache_of_the_output, _kv_cache_of_the_result,
     _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
     _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
     _iter_in_a_trace, _invoke_rows_of_model_output, _patch_between_layers,
@@ -1109,6 +1123,7 @@ EXPECTED = {
     # a layer's keyword arguments are no module sites; indices and masks read from values
     _layer_kwargs_saved: "refused", _position_ids_saved: "refused", _proxy_index: "refused",
     _boolean_mask_read: "refused",
+    _kv_cache_of_the_output: "refused", _kv_cache_of_the_result: "refused",   # on the server
     _read_out_of_order: "both raise", _numpy: "both raise", _old_value_spelling: "both raise",
 }
 

@@ -33,6 +33,7 @@ from hookwire.module_sites import ServerObject
 from hookwire.nnsight.generate import GenerationJob
 from hookwire.nnsight.target import target_of
 from hookwire.nnsight.trace_job import ForwardJob
+from hookwire.nnsight.values import NotSent
 from hookwire.rebind import rebind, rebuilt
 from hookwire.remote_call import RemoteCall
 from hookwire.runs import RemoteRun, SavedValue
@@ -116,9 +117,9 @@ def _code_names(code) -> set[str]:
 
 
 def _server_object_in(value, depth: int = 3):
-    """A :class:`ServerObject` in ``value`` or the lists, tuples and dicts it holds (the first
-    thousand items of each, ``depth`` levels down), or None."""
-    if isinstance(value, ServerObject):
+    """A :class:`ServerObject` or :class:`NotSent` in ``value`` or the lists, tuples and dicts
+    it holds (the first thousand items of each, ``depth`` levels down), or None."""
+    if isinstance(value, (ServerObject, NotSent)):
         return value
     if depth <= 0 or not isinstance(value, (list, tuple, dict)):
         return None
@@ -139,6 +140,8 @@ def _refuse_server_objects(variables: dict) -> None:
     tensor. Refused before sending."""
     for name, value in variables.items():
         found = _server_object_in(value)
+        if isinstance(found, NotSent):
+            found._refuse()
         if found is not None:
             raise trace_error(f"keeping {found!r} (in `{name}`): an argument of a module "
                               "that is no module site",
