@@ -1053,9 +1053,22 @@ def _gen_steps_slice(model):
     return kept, ids
 
 
+def _gen_default_length(model):
+    """No max_new_tokens: HF generates 20 new tokens."""
+    with model.generate("Hi") as tracer:
+        ids = tracer.result.save()
+    return ids
+
+
+def _gen_max_length(model):
+    with model.generate(PROMPT, max_length=25) as tracer:
+        ids = tracer.result.save()
+    return ids
+
+
 GENERATION = {_gen_argmax_each_step, _gen_steer_step_index, _gen_first_step_only,
               _gen_module_iter, _gen_invokes_same_length, _gen_all_on_a_module,
-              _gen_steps_slice}
+              _gen_steps_slice, _gen_default_length, _gen_max_length}
 
 CASES = [
     _zero_first_row, _last_position_from_a_tensor, _steering_add, _setitem_float_channel,
