@@ -66,6 +66,31 @@ def pairs(served):
     return out
 
 
+class _Own:
+    """``hnn.LanguageModel`` with the served weights, run with ``remote=True``: what a block
+    does with ``model.trace(...)`` / ``model.generate(...)`` goes to the server."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        value = getattr(self._model, name)
+        if name in ("trace", "generate"):
+            return lambda *args, **kwargs: value(*args, remote=True, **kwargs)
+        return value
+
+
+@pytest.fixture(scope="module")
+def owns(served, pairs):
+    out = {}
+    for name in MODELS:
+        spec = BUILTIN_MODELS[name]
+        weights = build_hf_model(spec.architecture, spec.config, seed=spec.seed)[0]
+        out[name] = (pairs[name][0],
+                     _Own(hnn.LanguageModel(weights, tokenizer=served[name].tokenizer)))
+    return out
+
+
 def layers(model):
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
@@ -1153,3 +1178,41 @@ def test_everyday(pairs, name, case, request):
     if log:
         with open(log, "a") as fh:
             fh.write(f"{case.__name__}[{name}]: {outcome}\n")
+
+
+def _right_padding(model):
+    side = model.tokenizer.padding_side
+    model.tokenizer.padding_side = "right"
+    try:
+        with model.trace([PROMPT, "Hi there"]):
+            h = layers(model)[1].output.save()
+            logits = model.lm_head.output.save()
+    finally:
+        model.tokenizer.padding_side = side
+    return h, logits
+
+
+# The user's own weights (hnn.LanguageModel, remote=True): module calls and weight reads send
+# the user's weights.
+OWN_CASES = [_unembed_with_the_weight, _module_call_of_an_mlp, _logit_lens_topk,
+             _softmax_topk, _grad_of_a_replaced_output, _grad_times_activation, _whole_cache,
+             _kv_cache_of_the_output, _layer_kwargs_saved, _right_padding]
+OWN_EXPECTED = {_grad_of_a_replaced_output: "refused", _kv_cache_of_the_output: "refused",
+                _layer_kwargs_saved: "refused", (_module_call_of_an_mlp, "tiny-gpt2"): "refused"}
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("case", OWN_CASES, ids=[c.__name__.lstrip("_") for c in OWN_CASES])
+def test_everyday_own_weights(owns, name, case):
+    outcome = differ(owns[name], case)
+    log = os.environ.get("HOOKWIRE_DIFF_LOG")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"own {case.__name__}[{name}]: {outcome}\n")
+    expected = OWN_EXPECTED.get((case, name), OWN_EXPECTED.get(case, "equal"))
+    assert outcome.startswith(expected), outcome
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_right_padding(pairs, name):
+    assert differ(pairs[name], _right_padding) == "equal"
