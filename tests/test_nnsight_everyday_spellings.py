@@ -685,6 +685,29 @@ def _grad_in_place_edit_then_grad(model):
     return g
 
 
+def _grad_of_output_and_next_input(model):
+    """The same tensor locally: one gradient."""
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        h1 = layers(model)[1].input
+        loss = model.output.logits[:, -1].sum()
+        with loss.backward():
+            g1 = h1.grad.save()
+            g0 = h0.grad.save()
+    return g0, g1
+
+
+def _grad_loss_from_next_input(model):
+    """The loss reads the next layer's input -- the same tensor as h0 locally."""
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        h1 = layers(model)[1].input
+        loss = model.output.logits[:, -1].sum() + (h1 ** 2).sum()
+        with loss.backward():
+            g0 = h0.grad.save()
+    return g0
+
+
 # ---- skipping, stop, edits ------------------------------------------------------------------
 
 def _skip_mlp_with_zeros(model):
@@ -1015,6 +1038,42 @@ def _patch_between_layers(model):
     return logits
 
 
+def _saved_output_then_next_input_edited(model):
+    """A layer's input is the previous layer's output tensor: an in-place edit of one shows
+    in a saved value of the other."""
+    with model.trace(PROMPT):
+        a = layers(model)[0].output.save()
+        layers(model)[1].input[:, 0] = 0
+        b = layers(model)[1].output.save()
+    return a, b
+
+
+def _saved_norm_then_lm_head_input_edited(model):
+    with model.trace(PROMPT):
+        n = final_norm(model).output.save()
+        model.lm_head.input[:, -1] = 0
+        logits = model.lm_head.output.save()
+    return n, logits
+
+
+def _saved_embedding_then_first_input_edited(model):
+    with model.trace(PROMPT):
+        e = embed(model).output.save()
+        layers(model)[0].input[:, 1] = 1.0
+        h = layers(model)[0].output.save()
+    return e, h
+
+
+def _cache_inside_invokes(model):
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            first = tracer.cache(modules=[layers(model)[0]])
+        with tracer.invoke(["Hi", OTHER]):
+            second = tracer.cache(modules=[layers(model)[0]])
+    path = layers(model)[0].path
+    return first[path].output, second[path].output
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 def _gen_argmax_each_step(model):
@@ -1114,6 +1173,7 @@ CASES = [
     _grad_of_logit_diff_at_embed, _grad_of_lm_head_output, _grad_times_activation,
     _grad_of_mlp_and_attn, _grad_after_an_edit, _grad_of_an_input, _loss_saved_and_grad,
     _grad_of_a_replaced_output, _grad_with_a_direct_use, _grad_in_place_edit_then_grad,
+    _grad_of_output_and_next_input, _grad_loss_from_next_input,
     _skip_mlp_with_zeros, _skip_layer_with_previous_output, _stop_after_write, _trace_false,
     _persistent_edit, _inplace_edit_then_clear, _scan_flag, _validate_flag,
     _if_on_value, _int_of_argmax, _tolist, _for_over_rows, _while_on_value, _numpy,
@@ -1121,7 +1181,9 @@ CASES = [
     _old_value_spelling, _stop_inside_an_invoke, _dict_of_tuples_saved, _skip_attention,
     _save_inside_a_helper, _list_append_without_save, _layer_kwargs_saved,
     _position_ids_saved, _layer_hidden_from_inputs, _gather_by_argmax,
-    _kv_cache_of_the_output, _kv_cache_of_the_result,
+    _kv_cache_of_the_output, _kv_cache_of_the_result, _saved_output_then_next_input_edited,
+    _saved_norm_then_lm_head_input_edited, _saved_embedding_then_first_input_edited,
+    _cache_inside_invokes,
     _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
     _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
     _iter_in_a_trace, _invoke_rows_of_model_output, _patch_between_layers,
