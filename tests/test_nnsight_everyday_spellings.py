@@ -349,6 +349,59 @@ def _output_attentions(model):
     return weights
 
 
+def _augmented_assign_on_a_saved_output(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output.save()
+        h *= 2                                  # in place: the model goes on with it
+        logits = model.lm_head.output.save()
+    return h, logits
+
+
+def _replaced_twice(model):
+    with model.trace(PROMPT):
+        out = layers(model)[0].output
+        layers(model)[0].output = out * 2
+        layers(model)[0].output = out * 3
+        again = layers(model)[0].output.save()
+        logits = model.lm_head.output.save()
+    return again, logits
+
+
+def _self_add_in_place(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        h[:] += h
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def _clone_edited_leaves_the_model(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output.save()
+        h2 = h.clone()
+        h2[:] = 0
+        logits = model.lm_head.output.save()
+    return h, logits
+
+
+def _split_pieces_saved(model):
+    with model.trace(PROMPT):
+        pieces = layers(model)[0].output.split(5, dim=1)
+        kept = nnsight.save(list(pieces))
+        as_tuple = nnsight.save(pieces)
+    return kept, as_tuple
+
+
+def _closure_variable(model):
+    h = None
+
+    def later():
+        return h
+    with model.trace(PROMPT):
+        h = layers(model)[0].output.save()
+    return later()
+
+
 # ---- reads, torch ops, shapes ---------------------------------------------------------------
 
 def _argmax(model):
@@ -1161,7 +1214,8 @@ CASES = [
     _inputs_replaced, _lm_head_output_replaced, _inplace_methods, _saved_view_then_edited,
     _setitem_with_its_own_flip, _noise_with_a_seed, _dropout_in_the_block,
     _unembed_with_the_weight, _saved_max_tuple, _whole_cache, _lm_head_input_edit,
-    _labels_loss, _output_attentions,
+    _labels_loss, _output_attentions, _augmented_assign_on_a_saved_output, _replaced_twice,
+    _self_add_in_place, _clone_edited_leaves_the_model, _split_pieces_saved, _closure_variable,
     _argmax, _softmax_topk, _einsum_norm, _log_probs_gather, _stack_cat_layers, _shape_inside,
     _print_shape_inside, _len_of_layers_and_dtype, _where_clamp_cumsum, _logit_lens_topk,
     _model_output_indexing, _layer_output_twice, _read_out_of_order,
