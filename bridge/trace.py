@@ -777,7 +777,9 @@ class Tracer:
                                    "meta" in text.lower()):
                 raise trace_error(f"`{what}` here has a shape that depends on tensor values",
                                   "use torch.where(mask, x, 0) or index with real (local) "
-                                  "masks instead of traced ones") from None
+                                  "masks instead of traced ones; for a traced position or "
+                                  "token id (an argmax), x.index_select(dim, i.reshape(1)) "
+                                  "or x.gather(dim, i)") from None
             if isinstance(exc, NotImplementedError) and "meta" in text.lower():
                 raise trace_error(f"`{what}` with these arguments",
                                   f"torch cannot work out its result's shape without running "
