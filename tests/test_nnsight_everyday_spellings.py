@@ -1127,6 +1127,35 @@ def _cache_inside_invokes(model):
     return first[path].output, second[path].output
 
 
+def _session_saved_across_traces(model):
+    with model.session():
+        with model.trace(OTHER):
+            clean = layers(model)[0].output.save()
+        with model.trace(PROMPT):
+            layers(model)[0].output[:] = clean
+            logits = model.lm_head.output.save()
+    return clean, logits
+
+
+def _session_unsaved_across_traces(model):
+    with model.session():
+        with model.trace(OTHER):
+            clean = layers(model)[1].output[:, -1]       # lives on in the session
+        with model.trace(PROMPT):
+            layers(model)[1].output[:, -1] = clean
+            logits = model.lm_head.output.save()
+    return logits
+
+
+def _session_loop_of_traces(model):
+    with model.session():
+        kept = nnsight.save([])
+        for prompt in (PROMPT, OTHER, "Hi"):
+            with model.trace(prompt):
+                kept.append(model.lm_head.output[:, -1].softmax(-1))
+    return kept
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 def _gen_argmax_each_step(model):
@@ -1237,7 +1266,8 @@ CASES = [
     _position_ids_saved, _layer_hidden_from_inputs, _gather_by_argmax,
     _kv_cache_of_the_output, _kv_cache_of_the_result, _saved_output_then_next_input_edited,
     _saved_norm_then_lm_head_input_edited, _saved_embedding_then_first_input_edited,
-    _cache_inside_invokes,
+    _cache_inside_invokes, _session_saved_across_traces, _session_unsaved_across_traces,
+    _session_loop_of_traces,
     _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
     _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
     _iter_in_a_trace, _invoke_rows_of_model_output, _patch_between_layers,
@@ -1312,7 +1342,8 @@ def _right_padding(model):
 # the user's weights.
 OWN_CASES = [_unembed_with_the_weight, _module_call_of_an_mlp, _logit_lens_topk,
              _softmax_topk, _grad_of_a_replaced_output, _grad_times_activation, _whole_cache,
-             _kv_cache_of_the_output, _layer_kwargs_saved, _right_padding]
+             _kv_cache_of_the_output, _layer_kwargs_saved, _right_padding,
+             _session_saved_across_traces, _session_loop_of_traces]
 OWN_EXPECTED = {_grad_of_a_replaced_output: "refused", _kv_cache_of_the_output: "refused",
                 _layer_kwargs_saved: "refused", (_module_call_of_an_mlp, "tiny-gpt2"): "refused"}
 
