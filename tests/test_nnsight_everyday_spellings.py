@@ -1156,6 +1156,43 @@ def _session_loop_of_traces(model):
     return kept
 
 
+def _random_ops_after_a_seed(model):
+    """torch's generator, as the user left it, draws the same numbers remotely; the state
+    after the block is the same too."""
+    torch.manual_seed(0)
+    torch.randn(5)
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        noise = torch.randn_like(h)
+        other = torch.rand(3, 4)
+        layers(model)[0].output = h + noise * 0.1
+        kept = nnsight.save((noise, other))
+        idx = torch.randint(0, len(PROMPT), (3,)).save()
+        picked = layers(model)[1].output[:, torch.randperm(len(PROMPT))].save()
+        logits = model.lm_head.output.save()
+    return kept, idx, picked, logits, torch.randn(2)
+
+
+def _random_ops_in_invokes(model):
+    torch.manual_seed(1)
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            x = torch.randn(4).save()
+            h = layers(model)[0].output
+            noisy = (h + torch.randn_like(h)).save()
+        with tracer.invoke(OTHER):
+            y = torch.randn(4).save()
+    return x, y, noisy
+
+
+def _bernoulli_mask(model):
+    torch.manual_seed(2)
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        mask = torch.bernoulli(torch.full_like(h, 0.5)).save()
+    return mask
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 def _gen_argmax_each_step(model):
@@ -1267,7 +1304,7 @@ CASES = [
     _kv_cache_of_the_output, _kv_cache_of_the_result, _saved_output_then_next_input_edited,
     _saved_norm_then_lm_head_input_edited, _saved_embedding_then_first_input_edited,
     _cache_inside_invokes, _session_saved_across_traces, _session_unsaved_across_traces,
-    _session_loop_of_traces,
+    _session_loop_of_traces, _random_ops_after_a_seed, _random_ops_in_invokes, _bernoulli_mask,
     _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
     _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
     _iter_in_a_trace, _invoke_rows_of_model_output, _patch_between_layers,
@@ -1308,6 +1345,7 @@ EXPECTED = {
     _layer_kwargs_saved: "refused", _position_ids_saved: "refused", _proxy_index: "refused",
     _boolean_mask_read: "refused",
     _kv_cache_of_the_output: "refused", _kv_cache_of_the_result: "refused",   # on the server
+    _bernoulli_mask: "refused",     # a distribution that depends on values (advice given)
     _read_out_of_order: "both raise", _numpy: "both raise", _old_value_spelling: "both raise",
 }
 
