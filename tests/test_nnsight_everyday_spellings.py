@@ -761,6 +761,49 @@ def _grad_loss_from_next_input(model):
     return g0
 
 
+def _grad_through_a_skip(model):
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        layers(model)[1].skip(h0)
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h0.grad.save()
+    return g
+
+
+def _grad_through_a_patch_into_a_later_layer(model):
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        layers(model)[1].output[:] = h0
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h0.grad.save()
+    return g
+
+
+def _grad_through_a_later_replacement(model):
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        out = layers(model)[1].output
+        layers(model)[1].output = out + h0
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h0.grad.save()
+    return g
+
+
+def _grad_of_a_later_layer_after_a_patch(model):
+    """The write feeds on layer 0; the gradient read is layer 1's: as locally."""
+    with model.trace(PROMPT):
+        h0 = layers(model)[0].output
+        layers(model)[1].output[:, 0] = h0[:, 0]
+        h1 = layers(model)[1].output
+        loss = model.lm_head.output.sum()
+        with loss.backward():
+            g = h1.grad.save()
+    return g
+
+
 # ---- skipping, stop, edits ------------------------------------------------------------------
 
 def _skip_mlp_with_zeros(model):
@@ -1293,7 +1336,9 @@ CASES = [
     _grad_of_logit_diff_at_embed, _grad_of_lm_head_output, _grad_times_activation,
     _grad_of_mlp_and_attn, _grad_after_an_edit, _grad_of_an_input, _loss_saved_and_grad,
     _grad_of_a_replaced_output, _grad_with_a_direct_use, _grad_in_place_edit_then_grad,
-    _grad_of_output_and_next_input, _grad_loss_from_next_input,
+    _grad_of_output_and_next_input, _grad_loss_from_next_input, _grad_through_a_skip,
+    _grad_through_a_patch_into_a_later_layer, _grad_through_a_later_replacement,
+    _grad_of_a_later_layer_after_a_patch,
     _skip_mlp_with_zeros, _skip_layer_with_previous_output, _stop_after_write, _trace_false,
     _persistent_edit, _inplace_edit_then_clear, _scan_flag, _validate_flag,
     _if_on_value, _int_of_argmax, _tolist, _for_over_rows, _while_on_value, _numpy,
@@ -1334,7 +1379,9 @@ EXPECTED = {
     _trace_false: "refused",
     # the server's gradient would lack a path nnsight's tensor hook has
     _grad_of_lm_head_output: "refused", _grad_of_a_replaced_output: "refused",
-    _grad_with_a_direct_use: "refused",
+    _grad_with_a_direct_use: "refused", _grad_through_a_skip: "refused",
+    _grad_through_a_patch_into_a_later_layer: "refused",
+    _grad_through_a_later_replacement: "refused",
     # values read while tracing
     _if_on_value: "refused", _int_of_argmax: "refused", _tolist: "refused",
     _while_on_value: "refused",

@@ -47,7 +47,7 @@ class Backward:
         self.position: int | None = None   # the site the simulated backward has reached
         self.grads: dict[int, Proxy] = {}
         self.interleavers: dict[int, Interleaver] = {}   # the backward blocks' own
-        self._direct: set | None = None   # sites the differentiated value reads directly
+        self._direct: set | None = None   # sites whose values the graph feeds on (_fed_on)
         tracer.on_backward = self.backward
         tracer.on_register_hook = self.register_hook
 
@@ -133,9 +133,11 @@ class Backward:
         """nnsight's ``t.grad`` is the gradient at the tensor ``t`` itself (a hook on it); the
         server differentiates at the value the model goes on with after the site. The two
         differ where the block replaced the module value (``.output = f(t)``: locally the
-        gradient flows back through ``f``) or computed the differentiated value from ``t``
-        itself (``loss = t.norm() + ...``; a loss of ``lm_head.output``): refused, instead
-        of a gradient that silently lacks those paths."""
+        gradient flows back through ``f``), computed the differentiated value from ``t``
+        itself (``loss = t.norm() + ...``; a loss of ``lm_head.output``), or wrote ``t`` (or
+        a value computed from it) into a later module (``.skip(t)``, ``h[:] = t``,
+        ``.output = out + t``): refused, instead of a gradient that silently lacks those
+        paths."""
         sites, nodes = self.tracer.sites, self.tracer.nodes
         key = (sites[site]["name"], sites[site]["call"])
 
@@ -151,11 +153,11 @@ class Backward:
                               "of the module that feeds it, or edit the value in place "
                               "(`t[:] = ...`)")
         if self._direct is None:
-            self._direct = {key_of(nodes[i]) for i in _ancestors(nodes, self.tracer.backward)
-                            if nodes[i]["op"] == SITE_READ}
+            self._direct = _fed_on(nodes, key_of, self.tracer.backward)
         if key in self._direct:
-            raise trace_error(f"`.grad` of {path}.{kind} where the differentiated value is "
-                              "computed from it directly",
+            raise trace_error(f"`.grad` of {path}.{kind} where the differentiated value, or a "
+                              "value written into another module, is computed from it "
+                              "directly",
                               "the server has the gradient through the model's own use of "
                               "the value only: compute the value from later modules (e.g. "
                               "model.output.logits instead of lm_head.output), or differentiate "
@@ -185,18 +187,25 @@ class Backward:
                               "replace one midway yet: read gradients and compute with them")
 
 
-def _ancestors(nodes: list, start: int) -> set[int]:
-    """Ids of the nodes ``start`` is computed from, itself included (node ids are their
-    indices in ``nodes``)."""
-    seen, todo = set(), [start]
-    while todo:
-        i = todo.pop()
-        if i in seen:
-            continue
-        seen.add(i)
-        node = nodes[i]
-        todo.extend(_refs(node["args"]) + _refs(list(node.get("kwargs", {}).values())))
-    return seen
+def _fed_on(nodes: list, key_of, backward: int) -> set:
+    """The sites (name, call) whose read values reach, through the graph's own nodes, the
+    value ``backward`` or a write into another site. Nodes come in order and a node's id is
+    its index in ``nodes``."""
+    empty: frozenset = frozenset()
+    deps: list = []   # node id -> the sites it is computed from
+    out: set = set()
+    for node in nodes:
+        found = empty
+        for ref in _refs(node["args"]) + _refs(list(node.get("kwargs", {}).values())):
+            more = deps[ref]
+            if more and more is not found:
+                found = more if not found else found | more
+        if node["op"] == SITE_READ:
+            found = found | {key_of(node)}
+        elif node["op"] == SITE_WRITE:
+            out |= found - {key_of(node)}
+        deps.append(found)
+    return out | deps[backward]
 
 
 def _refs(value) -> list[int]:
