@@ -804,6 +804,32 @@ def _grad_of_a_later_layer_after_a_patch(model):
     return g
 
 
+def _grad_of_invoke_rows_patched_into_another(model):
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            a = layers(model)[0].output
+            loss = model.lm_head.output.sum()
+        with tracer.invoke(OTHER):
+            b = layers(model)[0].output
+            b[:] = a
+            loss2 = model.lm_head.output.sum()
+            with (loss + loss2).backward():
+                g = a.grad.save()
+    return g
+
+
+def _grad_of_an_invoke_beside_an_ablated_one(model):
+    with model.trace() as tracer:
+        with tracer.invoke(PROMPT):
+            a = layers(model)[0].output
+            loss = model.lm_head.output.sum()
+            with loss.backward():
+                g = a.grad.save()
+        with tracer.invoke(OTHER):
+            layers(model)[0].output[:] = 0
+    return g
+
+
 # ---- skipping, stop, edits ------------------------------------------------------------------
 
 def _skip_mlp_with_zeros(model):
@@ -1338,7 +1364,8 @@ CASES = [
     _grad_of_a_replaced_output, _grad_with_a_direct_use, _grad_in_place_edit_then_grad,
     _grad_of_output_and_next_input, _grad_loss_from_next_input, _grad_through_a_skip,
     _grad_through_a_patch_into_a_later_layer, _grad_through_a_later_replacement,
-    _grad_of_a_later_layer_after_a_patch,
+    _grad_of_a_later_layer_after_a_patch, _grad_of_invoke_rows_patched_into_another,
+    _grad_of_an_invoke_beside_an_ablated_one,
     _skip_mlp_with_zeros, _skip_layer_with_previous_output, _stop_after_write, _trace_false,
     _persistent_edit, _inplace_edit_then_clear, _scan_flag, _validate_flag,
     _if_on_value, _int_of_argmax, _tolist, _for_over_rows, _while_on_value, _numpy,
