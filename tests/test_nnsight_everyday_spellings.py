@@ -1338,9 +1338,46 @@ def _gen_max_length(model):
     return ids
 
 
+def _gen_force_a_token(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        for step in tracer.iter[:3]:
+            model.lm_head.output[:, -1, 65] += 100.0
+        ids = tracer.result.save()
+    return ids
+
+
+def _gen_replace_the_logits(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        for step in tracer.iter[:3]:
+            logits = model.lm_head.output
+            model.lm_head.output = logits * 0 + torch.arange(257.0)
+        ids = tracer.result.save()
+    return ids
+
+
+def _gen_skip_an_mlp_each_step(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        for step in tracer.iter[:3]:
+            mlp = layers(model)[0].mlp
+            mlp.skip(torch.zeros_like(mlp.input))
+        ids = tracer.result.save()
+    return ids
+
+
+def _gen_model_output_and_shapes(model):
+    with model.generate(PROMPT, max_new_tokens=3) as tracer:
+        tops, lengths = nnsight.save([]), nnsight.save([])
+        for step in tracer.iter[:3]:
+            tops.append(model.output.logits[:, -1].argmax(-1))
+            lengths.append(layers(model)[1].output.shape[1])
+        ids = tracer.result.save()
+    return tops, lengths, ids
+
+
 GENERATION = {_gen_argmax_each_step, _gen_steer_step_index, _gen_first_step_only,
               _gen_module_iter, _gen_invokes_same_length, _gen_all_on_a_module,
-              _gen_steps_slice, _gen_default_length, _gen_max_length}
+              _gen_steps_slice, _gen_default_length, _gen_max_length, _gen_force_a_token,
+              _gen_replace_the_logits, _gen_skip_an_mlp_each_step, _gen_model_output_and_shapes}
 
 CASES = [
     _zero_first_row, _last_position_from_a_tensor, _steering_add, _setitem_float_channel,
