@@ -1368,8 +1368,8 @@ def _gen_model_output_and_shapes(model):
     with model.generate(PROMPT, max_new_tokens=3) as tracer:
         tops, lengths = nnsight.save([]), nnsight.save([])
         for step in tracer.iter[:3]:
-            tops.append(model.output.logits[:, -1].argmax(-1))
             lengths.append(layers(model)[1].output.shape[1])
+            tops.append(model.output.logits[:, -1].argmax(-1))
         ids = tracer.result.save()
     return tops, lengths, ids
 
