@@ -638,6 +638,25 @@ def _attn_tuple_setitem(model):
     return logits
 
 
+def _head_ablation_through_a_view(model):
+    with model.trace(PROMPT):
+        heads = out_proj(layers(model)[0]).input
+        heads.view(1, len(PROMPT), 4, 16)[:, :, 1] = 0          # head 1 of 4, via a view
+        heads.unflatten(-1, (4, 16))[:, -1, 2] *= 0.5             # head 2, last position
+        kept = heads.save()
+        logits = model.lm_head.output.save()
+    return kept, logits
+
+
+def _transpose_view_edit(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        h.transpose(1, 2)[:, :8] = 0                           # the first 8 channels
+        h.permute(2, 0, 1)[-1] += 1.0
+        logits = model.lm_head.output.save()
+    return logits
+
+
 # ---- gradients ------------------------------------------------------------------------------
 
 def _grad_of_logit_diff_at_embed(model):
@@ -1395,7 +1414,7 @@ CASES = [
     _cross_invoke_position, _cross_invoke_different_lengths, _invoke_metric_difference,
     _invoke_token_ids,
     _head_ablation, _head_patching_between_invokes, _attn_output_tuple_read,
-    _attn_tuple_setitem,
+    _attn_tuple_setitem, _head_ablation_through_a_view, _transpose_view_edit,
     _grad_of_logit_diff_at_embed, _grad_of_lm_head_output, _grad_times_activation,
     _grad_of_mlp_and_attn, _grad_after_an_edit, _grad_of_an_input, _loss_saved_and_grad,
     _grad_of_a_replaced_output, _grad_with_a_direct_use, _grad_in_place_edit_then_grad,
