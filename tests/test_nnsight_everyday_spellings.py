@@ -1281,6 +1281,34 @@ def _bernoulli_mask(model):
     return mask
 
 
+def _format_a_value(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        text = nnsight.save(f"{h.norm():.3f}")
+    return text
+
+
+def _str_of_a_value(model):
+    with model.trace(PROMPT):
+        text = nnsight.save(str(layers(model)[0].output[0, 0, :3]))
+    return text
+
+
+def _any_on_a_value(model):
+    with model.trace(PROMPT):
+        h = layers(model)[0].output
+        flag = nnsight.save(any(h[0, 0] > 0))
+    return flag
+
+
+def _python_sum_and_max_of_shapes(model):
+    with model.trace(PROMPT):
+        outs = [layer.output for layer in layers(model)]
+        total = sum(outs).save()                     # Python's sum over tensors: traced
+        longest = nnsight.save(max(outs[0].shape))
+    return total, longest
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 def _gen_argmax_each_step(model):
@@ -1432,6 +1460,7 @@ CASES = [
     _kv_cache_of_the_output, _kv_cache_of_the_result, _saved_output_then_next_input_edited,
     _saved_norm_then_lm_head_input_edited, _saved_embedding_then_first_input_edited,
     _cache_inside_invokes, _session_saved_across_traces, _session_unsaved_across_traces,
+    _format_a_value, _str_of_a_value, _any_on_a_value, _python_sum_and_max_of_shapes,
     _session_loop_of_traces, _random_ops_after_a_seed, _random_ops_in_invokes, _bernoulli_mask,
     _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
     _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
@@ -1467,7 +1496,8 @@ EXPECTED = {
     _grad_through_a_later_replacement: "refused",
     # values read while tracing
     _if_on_value: "refused", _int_of_argmax: "refused", _tolist: "refused",
-    _while_on_value: "refused",
+    _while_on_value: "refused", _format_a_value: "refused", _str_of_a_value: "refused",
+    _any_on_a_value: "refused",
     # GPT-2's Conv1D runs torch.addmm, outside the registry
     (_module_call_of_an_mlp, "tiny-gpt2"): "refused", (_block_call, "tiny-gpt2"): "refused",
     (_block_call, "tiny-llama"): "both raise",   # a Llama layer needs its position embeddings
