@@ -1309,6 +1309,20 @@ def _python_sum_and_max_of_shapes(model):
     return total, longest
 
 
+def _cache_with_inputs(model):
+    """A layer's keyword arguments (position_ids) are no module sites."""
+    with model.trace(PROMPT) as tracer:
+        cache = tracer.cache(modules=[layers(model)[0]], include_inputs=True)
+    return cache[layers(model)[0].path].inputs[1]
+
+
+def _cache_of_a_first_input(model):
+    with model.trace(PROMPT) as tracer:
+        cache = tracer.cache(modules=[layers(model)[1].mlp], include_inputs=True)
+    entry = cache[layers(model)[1].mlp.path]
+    return entry.input, entry.output
+
+
 # ---- generation -----------------------------------------------------------------------------
 
 def _gen_argmax_each_step(model):
@@ -1460,7 +1474,7 @@ CASES = [
     _kv_cache_of_the_output, _kv_cache_of_the_result, _saved_output_then_next_input_edited,
     _saved_norm_then_lm_head_input_edited, _saved_embedding_then_first_input_edited,
     _cache_inside_invokes, _session_saved_across_traces, _session_unsaved_across_traces,
-    _format_a_value, _str_of_a_value, _any_on_a_value, _python_sum_and_max_of_shapes,
+    _cache_with_inputs, _cache_of_a_first_input, _format_a_value, _str_of_a_value, _any_on_a_value, _python_sum_and_max_of_shapes,
     _session_loop_of_traces, _random_ops_after_a_seed, _random_ops_in_invokes, _bernoulli_mask,
     _lm_head_edit_then_model_output, _final_norm_replaced_then_output, _position_embeddings,
     _proxy_index, _boolean_mask_read, _stats_ops, _einops_rearrange, _module_list_slice,
@@ -1497,7 +1511,7 @@ EXPECTED = {
     # values read while tracing
     _if_on_value: "refused", _int_of_argmax: "refused", _tolist: "refused",
     _while_on_value: "refused", _format_a_value: "refused", _str_of_a_value: "refused",
-    _any_on_a_value: "refused",
+    _any_on_a_value: "refused", _cache_with_inputs: "refused",
     # GPT-2's Conv1D runs torch.addmm, outside the registry
     (_module_call_of_an_mlp, "tiny-gpt2"): "refused", (_block_call, "tiny-gpt2"): "refused",
     (_block_call, "tiny-llama"): "both raise",   # a Llama layer needs its position embeddings

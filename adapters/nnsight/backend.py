@@ -21,6 +21,7 @@ import threading
 import types
 
 import torch
+from nnsight.intervention.cache import CacheView
 from nnsight.intervention.envoy import Envoy
 from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.backend import Backend
@@ -121,6 +122,10 @@ def _server_object_in(value, depth: int = 3):
     it holds (the first thousand items of each, ``depth`` levels down), or None."""
     if isinstance(value, (ServerObject, NotSent)):
         return value
+    if isinstance(value, CacheView):   # tracer.cache(include_inputs=True): the inputs
+        cache = object.__getattribute__(value, "_cache")
+        return _server_object_in([entry.inputs for entries in cache.entries.values()
+                                  for entry in entries], depth)
     if depth <= 0 or not isinstance(value, (list, tuple, dict)):
         return None
     items = value.values() if isinstance(value, dict) else value
