@@ -118,6 +118,23 @@ def _replace_in_tuple(holder, mapping, skip_ids, depth) -> int:
     return done
 
 
+def rebuilt(value, new_by_id: dict, depth: int = 0):
+    """``value`` with the objects whose ids ``new_by_id`` maps replaced, rebuilding tuples
+    (named and torch's result tuples too, nested up to the depth :func:`rebind` follows);
+    ``value`` itself when nothing in it changes. For a tuple held where :func:`rebind`
+    cannot write back -- a function's fast local variable."""
+    if id(value) in new_by_id:
+        return new_by_id[id(value)]
+    if depth >= _MAX_TUPLE_DEPTH or not _rebuildable_tuple(value):
+        return value
+    items = [rebuilt(v, new_by_id, depth + 1) for v in value]
+    if all(new is old for new, old in zip(items, value)):
+        return value
+    cls = type(value)
+    return tuple(items) if cls is tuple else \
+        cls._make(items) if hasattr(cls, "_make") else cls(items)
+
+
 _MAX_REACH_DEPTH = 12
 _MAX_REACH_OBJECTS = 20_000
 
@@ -158,14 +175,22 @@ def _reachable(roots, skip_ids: set, opaque: tuple = ()):
                 attrs = getattr(obj, "__dict__", None)
                 if isinstance(attrs, dict):
                     nxt.extend(attrs.values())
-            elif hasattr(obj, "ctx") and isinstance(getattr(obj, "ctx", None), dict):
-                nxt.append(obj.ctx)  # a TL hook point: hook.ctx is the user's
+            elif isinstance(ctx := _own_attribute(obj, "ctx"), dict):
+                nxt.append(ctx)  # a TL hook point: hook.ctx is the user's
         found += len(out)
         yield out
         del out
         if not nxt:
             return
         frontier = nxt
+
+
+def _own_attribute(obj, name: str):
+    """``obj.name`` where the instance itself holds it (None otherwise), read without running
+    a ``__getattr__``: a stand-in such as :class:`hookwire.nnsight.NotSent` (in a
+    ``tracer.cache()``) raises on any attribute a block reads."""
+    attrs = getattr(obj, "__dict__", None)
+    return attrs.get(name) if isinstance(attrs, dict) else None
 
 
 def _cell_contents(cell) -> list:

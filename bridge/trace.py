@@ -131,8 +131,11 @@ def library_dirs() -> tuple[str, ...]:
     imported so far): a stack frame outside them is the user's line an error names."""
     dirs = list(_LIBRARY_DIRS)
     # nnsight runs a trace block's code in greenlets, through its own frames: the user's
-    # line is the innermost frame outside these.
+    # line is the innermost frame outside these. transformers: a block that calls a served
+    # module (`model.transformer.h[1].mlp(h)`) meets an op inside the module's forward; the
+    # error names the block's line that called it.
     for name in ("transformer_lens", "einops", "functools", "hookwire", "nnsight", "greenlet",
+                 "transformers",
                  "hookwire.transformerlens", "hookwire.pyvene", "hookwire.hf",
                  "hookwire.nnsight"):
         mod = sys.modules.get(name)
@@ -778,7 +781,9 @@ class Tracer:
                                    "meta" in text.lower()):
                 raise trace_error(f"`{what}` here has a shape that depends on tensor values",
                                   "use torch.where(mask, x, 0) or index with real (local) "
-                                  "masks instead of traced ones") from None
+                                  "masks instead of traced ones; for a traced position or "
+                                  "token id (an argmax), x.index_select(dim, i.reshape(1)) "
+                                  "or x.gather(dim, i)") from None
             if isinstance(exc, NotImplementedError) and "meta" in text.lower():
                 raise trace_error(f"`{what}` with these arguments",
                                   f"torch cannot work out its result's shape without running "

@@ -21,6 +21,7 @@ import threading
 import types
 
 import torch
+from nnsight.intervention.cache import CacheView
 from nnsight.intervention.envoy import Envoy
 from nnsight.intervention.tracer import InterleavingTracer
 from nnsight.tracing.backend import Backend
@@ -29,12 +30,15 @@ from nnsight.tracing.util import push
 
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError
+from hookwire.module_sites import ServerObject
 from hookwire.nnsight.generate import GenerationJob
 from hookwire.nnsight.target import target_of
 from hookwire.nnsight.trace_job import ForwardJob
-from hookwire.rebind import rebind
+from hookwire.nnsight.values import NotSent
+from hookwire.rebind import rebind, rebuilt
 from hookwire.remote_call import RemoteCall
 from hookwire.runs import RemoteRun, SavedValue
+from hookwire.trace import trace_error
 
 
 class RemoteBackend(Backend):
@@ -113,6 +117,44 @@ def _code_names(code) -> set[str]:
     return names
 
 
+def _server_object_in(value, depth: int = 3):
+    """A :class:`ServerObject` or :class:`NotSent` in ``value`` or the lists, tuples and dicts
+    it holds (the first thousand items of each, ``depth`` levels down), or None."""
+    if isinstance(value, (ServerObject, NotSent)):
+        return value
+    if isinstance(value, CacheView):   # tracer.cache(include_inputs=True): the inputs
+        cache = object.__getattribute__(value, "_cache")
+        return _server_object_in([entry.inputs for entries in cache.entries.values()
+                                  for entry in entries], depth)
+    if depth <= 0 or not isinstance(value, (list, tuple, dict)):
+        return None
+    items = value.values() if isinstance(value, dict) else value
+    for i, item in enumerate(items):
+        if i >= 1000:
+            break
+        found = _server_object_in(item, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _refuse_server_objects(variables: dict) -> None:
+    """A saved argument of a module that is no module site (``position_ids`` or the rotary
+    embeddings in a layer's ``.inputs``, its ``use_cache`` flag) is a placeholder here: after
+    the block the caller would hold ``<Tensor on the server>`` where nnsight gives the
+    tensor. Refused before sending."""
+    for name, value in variables.items():
+        found = _server_object_in(value)
+        if isinstance(found, NotSent):
+            found._refuse()
+        if found is not None:
+            raise trace_error(f"keeping {found!r} (in `{name}`): an argument of a module "
+                              "that is no module site",
+                              "save the values that are module sites -- a module's .output, "
+                              "the tensor of its .input -- or compute the argument yourself "
+                              "(e.g. torch.arange(seq) for position_ids)")
+
+
 class _Delivery:
     """Sends a traced job and puts the values that come back where the block left proxies.
 
@@ -127,8 +169,14 @@ class _Delivery:
         pending = job.pending_ids()
         # The caller's variables that hold proxies (or pending tokens) after the block.
         local_vars = frame.f_locals
+        _refuse_server_objects(local_vars)
         self.names = {name: id(v) for name, v in local_vars.items()
                       if isinstance(v, torch.Tensor) and id(v) in pending}
+        # ... or tuples of them (`nnsight.save((a, b))`, `x.topk(k)`): rebuilt, they must be
+        # pushed too (rebind can only replace them in the snapshot of a function's locals).
+        marks = dict.fromkeys(pending)
+        self.tuples = {name: v for name, v in local_vars.items()
+                       if isinstance(v, tuple) and rebuilt(v, marks) is not v}
         glbls = frame.f_globals
         self.roots = [local_vars] + [glbls[n] for n in _code_names(code) if n in glbls]
         self.expected = job.user_refs()
@@ -153,7 +201,7 @@ class _Delivery:
         self.values = {id(o): n for o, n in zip(olds, news)}
         # Non-blocking: the caller's code ran on meanwhile and may hold more references than
         # were counted, so the whole heap is searched.
-        rebind(olds, news, skip=(self.values,), roots=tuple(self.roots),
+        rebind(olds, news, skip=(self.values, self.tuples), roots=tuple(self.roots),
                expected=self.expected if run is None else None, opaque=_MODELS)
         self.roots = None
         if run is not None:
@@ -170,6 +218,11 @@ class _Delivery:
         """Put the values into the caller's variables (its fast locals need nnsight's push);
         returns them by name."""
         out = {name: self.values[i] for name, i in self.names.items() if i in self.values}
+        for name, value in self.tuples.items():
+            new = rebuilt(value, self.values)
+            if new is not value:
+                out[name] = new
+        self.tuples = {}
         if out and self.frame is not None and threading.get_ident() == self.thread:
             push(self.frame, out)
             self.frame = None

@@ -162,7 +162,15 @@ class ForwardDriver:
                 raise trace_error("`model.output` of a generation step whose output module "
                                   "was skipped or not read", "read the output module's "
                                   f"`.output` (model.{self.lm_head}.output) instead")
-            self._model_output = self.output_cls(logits=logits)
+            # The KV cache the local forward returns stays on the server: a stand-in that
+            # raises where it is used (it was None, silently unlike the local run).
+            # (transformers 5 names the field `cache`, `past_key_values` an alias of it.)
+            fields = getattr(self.output_cls, "__dataclass_fields__", {})
+            extra = {name: NotSent(f"`model.output.{name}` (the KV cache)",
+                                   "the cache stays on the server: read the modules' "
+                                   ".output instead (or generate with model.generate)")
+                     for name in ("cache", "past_key_values") if name in fields}
+            self._model_output = self.output_cls(logits=logits, **extra)
         return self._model_output
 
     def _root_input(self, args, kwargs):

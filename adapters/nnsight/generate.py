@@ -81,7 +81,14 @@ class GenerationJob:
                                   "supported")
         new = kwargs.pop("max_new_tokens", None) or getattr(config, "max_new_tokens", None)
         if new is None:
-            new = (kwargs.pop("max_length", None) or getattr(config, "max_length", 20)) - seq
+            length = kwargs.pop("max_length", None) or getattr(config, "max_length", None)
+            if length is None:
+                # HF's default when no length is set: 20 new tokens, within the positions the
+                # model has (transformers 5 leaves max_length None until generate runs).
+                limit = getattr(getattr(self.envoy._module, "config", None),
+                                "max_position_embeddings", None)
+                length = seq + 20 if limit is None else min(seq + 20, limit)
+            new = length - seq
         options = {"max_new_tokens": int(new), "do_sample": bool(default("do_sample", False)),
                    "temperature": float(default("temperature", 1.0)),
                    "top_k": default("top_k", 50), "top_p": float(default("top_p", 1.0))}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from nnsight.intervention.interleaver import Interleaver
 
+from hookwire.ir.special import SITE_READ, SITE_WRITE
 from hookwire.module_sites import parse_module_site
 from hookwire.trace import Proxy, trace_error
 
@@ -46,6 +47,7 @@ class Backward:
         self.position: int | None = None   # the site the simulated backward has reached
         self.grads: dict[int, Proxy] = {}
         self.interleavers: dict[int, Interleaver] = {}   # the backward blocks' own
+        self._direct: set | None = None   # sites whose values the graph feeds on (_fed_on)
         tracer.on_backward = self.backward
         tracer.on_register_hook = self.register_hook
 
@@ -127,7 +129,42 @@ class Backward:
             self._fire(*entry)
         self.position = 0
 
+    def _refuse_other_gradient(self, site: int) -> None:
+        """nnsight's ``t.grad`` is the gradient at the tensor ``t`` itself (a hook on it); the
+        server differentiates at the value the model goes on with after the site. The two
+        differ where the block replaced the module value (``.output = f(t)``: locally the
+        gradient flows back through ``f``), computed the differentiated value from ``t``
+        itself (``loss = t.norm() + ...``; a loss of ``lm_head.output``), or wrote ``t`` (or
+        a value computed from it) into a later module (``.skip(t)``, ``h[:] = t``,
+        ``.output = out + t``): refused, instead of a gradient that silently lacks those
+        paths."""
+        sites, nodes = self.tracer.sites, self.tracer.nodes
+        key = (sites[site]["name"], sites[site]["call"])
+
+        def key_of(node):
+            return sites[node["args"][0]]["name"], sites[node["args"][0]]["call"]
+        path, kind = parse_module_site(key[0])
+        if any(n["op"] == SITE_WRITE and n.get("kwargs", {}).get("mode") == "replace"
+               and key_of(n) == key for n in nodes):
+            raise trace_error(f"`.grad` of {path}.{kind}, which the block replaced "
+                              "(`.output = ...`, `.skip`, or an invoke's own rows)",
+                              "locally the gradient flows back through the replacement; the "
+                              "server has the gradient at the new value only: read the .grad "
+                              "of the module that feeds it, or edit the value in place "
+                              "(`t[:] = ...`)")
+        if self._direct is None:
+            self._direct = _fed_on(nodes, key_of, self.tracer.backward)
+        if key in self._direct:
+            raise trace_error(f"`.grad` of {path}.{kind} where the differentiated value, or a "
+                              "value written into another module, is computed from it "
+                              "directly",
+                              "the server has the gradient through the model's own use of "
+                              "the value only: compute the value from later modules (e.g. "
+                              "model.output.logits instead of lm_head.output), or differentiate "
+                              "with respect to an earlier module's value")
+
     def _fire(self, site: int, tensor: Proxy, fn):
+        self._refuse_other_gradient(site)
         grad = self.grads.get(site)
         if grad is None:
             graph_site = self.tracer.sites[site]
@@ -148,6 +185,37 @@ class Backward:
                               "place) in the `with ....backward():` block",
                               "the server computes gradients in one backward pass and cannot "
                               "replace one midway yet: read gradients and compute with them")
+
+
+def _fed_on(nodes: list, key_of, backward: int) -> set:
+    """The sites (name, call) whose read values reach, through the graph's own nodes, the
+    value ``backward`` or a write into another site. Nodes come in order and a node's id is
+    its index in ``nodes``."""
+    empty: frozenset = frozenset()
+    deps: list = []   # node id -> the sites it is computed from
+    out: set = set()
+    for node in nodes:
+        found = empty
+        for ref in _refs(node["args"]) + _refs(list(node.get("kwargs", {}).values())):
+            more = deps[ref]
+            if more and more is not found:
+                found = more if not found else found | more
+        if node["op"] == SITE_READ:
+            found = found | {key_of(node)}
+        elif node["op"] == SITE_WRITE:
+            out |= found - {key_of(node)}
+        deps.append(found)
+    return out | deps[backward]
+
+
+def _refs(value) -> list[int]:
+    if isinstance(value, dict):
+        if "ref" in value and len(value) == 1:
+            return [value["ref"]]
+        return [r for v in value.values() for r in _refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _refs(v)]
+    return []
 
 
 __all__ = ["Backward"]

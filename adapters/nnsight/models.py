@@ -53,7 +53,9 @@ class _RemoteTrace:
         return super().trace(*inputs, backend=backend, **kwargs)
 
     def session(self, *args, remote=None, **kwargs):
-        if _ours(remote) or (remote is None and self._hookwire_remote_default):
+        # On hookwire a session is nnsight's own, run here; its traces run remotely one by
+        # one (remote= on each, or by default on a RemoteLanguageModel).
+        if _ours(remote):
             raise HookwireError("a session runs remotely trace by trace on hookwire: open it "
                                 "without remote= and pass remote= to each trace inside it")
         if remote:
