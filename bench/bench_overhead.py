@@ -7,7 +7,10 @@ local TL 4 (``TransformerBridge``, same weights), interleaved round by round in 
   ``hook_z``, logits returned (the head cycles through the layer's heads across rounds);
 * ``ablation_metric``: the same, with ``metric=`` (the logit difference comes back, as in
   ``bench.suite``'s head_ablation);
-* ``cache_all``: ``run_with_cache`` of every ``hook_resid_post``, logits returned.
+* ``cache_all``: ``run_with_cache`` of every ``hook_resid_post``, logits returned;
+* ``ablate_then_cache``: the same cache inside a ``hooks()`` context that zeroes a head in
+  place (the everyday "ablate, then inspect the cache"): the server holds the caches made
+  before the in-place edit until it has run (hookwire.held_saves).
 
 Remote and local results are checked equal before timing. Ratios are remote / local medians
 of the same run; both processes run torch single-threaded.
@@ -106,7 +109,11 @@ def workloads(layer: int, n_heads: int, n_layers: int, tokens):
         logits, cache = model.run_with_cache(tokens, names_filter=is_resid_post, **kw)
         return logits, torch.stack([cache[f"blocks.{i}.hook_resid_post"]
                                     for i in range(n_layers)])
-    return {"ablation": ablation, "ablation_metric": ablation_metric, "cache_all": cache_all}
+    def ablate_then_cache(model, k, **kw):
+        with model.hooks(fwd_hooks=[(site, functools.partial(zero_head, head=k % n_heads))]):
+            return cache_all(model, k, **kw)
+    return {"ablation": ablation, "ablation_metric": ablation_metric, "cache_all": cache_all,
+            "ablate_then_cache": ablate_then_cache}
 
 
 class InProcessServer:
