@@ -30,13 +30,14 @@ from typing import Callable
 import torch
 
 
-@dataclass
+@dataclass(eq=False)  # entries are found by identity (they hold tensors)
 class _Held:
     name: str
     stage: int
     snapshot: torch.Tensor
     nbytes: int
     root: "weakref.ref | None"  # the tensor whose storage the value views (None: fixed)
+    root_id: int = 0  # id() of that tensor, the key HeldSaves finds the entry by
     version: int = 0
     size: tuple = ()
     stride: tuple = ()
@@ -48,7 +49,7 @@ class _Held:
         if root.dtype != tensor.dtype:  # a dtype view: no simple re-read
             self.root = None
             return
-        self.root = weakref.ref(root)
+        self.root, self.root_id = weakref.ref(root), id(root)
         self.version = root._version
         self.size, self.stride = tuple(tensor.shape), tuple(tensor.stride())
         self.offset = tensor.storage_offset()
@@ -79,6 +80,35 @@ class HeldSaves:
         self.hold_bytes = hold_bytes
         self.held: list[_Held] = []
         self.held_bytes = 0
+        # Entries by the id of the tensor they follow, and by the stage they were saved at:
+        # what a batch mate's replacement or a site's write looks up, in time proportional
+        # to the entries it concerns (not to everything a co-tenant holds).
+        self._by_root: dict[int, list[_Held]] = {}
+        self._by_stage: dict[int, list[_Held]] = {}
+
+    def _follow(self, entry: _Held, tensor: torch.Tensor | None) -> None:
+        """Point ``entry`` at ``tensor`` (None: fixed to its snapshot), re-indexed; the
+        caller has taken it out of its old bucket."""
+        if tensor is None:
+            entry.root = None
+        else:
+            entry.point_at(tensor)
+        if entry.root is not None:
+            self._by_root.setdefault(entry.root_id, []).append(entry)
+
+    def _take(self, tensor: torch.Tensor, keep) -> list[_Held]:
+        """The entries following ``tensor`` for which ``keep(entry)`` holds, out of the
+        index (the others stay in it; those whose tensor died leave it: they never follow
+        anything again)."""
+        bucket = self._by_root.pop(id(tensor), [])
+        taken, stay = [], []
+        for entry in bucket:
+            if entry.root is None or entry.root() is not tensor:
+                continue
+            (taken if keep(entry) else stay).append(entry)
+        if stay:
+            self._by_root[id(tensor)] = stay
+        return taken
 
     def holds(self, stage: int) -> bool:
         """Whether a save made at ``stage`` waits (a later or this stage's write may still
@@ -96,22 +126,26 @@ class HeldSaves:
         self.held_bytes += nbytes
         with torch.no_grad():
             entry = _Held(name, stage, value.detach().clone(), nbytes, None)
-        entry.point_at(value)
+        self._follow(entry, value)
         self.held.append(entry)
+        self._by_stage.setdefault(stage, []).append(entry)
 
     def written(self, stage: int, written_value, target: torch.Tensor) -> None:
         """The site of ``stage`` is about to be written in place (``target.copy_(
         written_value)``): saves of this stage stay as they were read, except a save of
         ``written_value`` itself, which is the activation from now on."""
-        for entry in self.held:
-            if entry.stage != stage or entry.root is None:
+        for entry in self._by_stage.pop(stage, ()):
+            if entry.root is None:
                 continue
             root = entry.root()
+            bucket = self._by_root.get(entry.root_id, [])
+            if entry in bucket:
+                bucket.remove(entry)
             if root is written_value and written_value._base is None and \
                     entry.size == tuple(written_value.shape) and \
                     entry.stride == tuple(written_value.stride()) and \
                     entry.offset == written_value.storage_offset():
-                entry.point_at(target)
+                self._follow(entry, target)
                 entry.version = -1  # re-read after the write
             else:
                 entry.root = None
@@ -123,12 +157,11 @@ class HeldSaves:
         if old._base is not None or new._base is not None or old.dtype != new.dtype or \
                 old.stride() != new.stride() or old.storage_offset() != new.storage_offset():
             return
-        for entry in self.held:
-            if entry.root is None or entry.root() is not old:
-                continue
+        for entry in self._take(old, lambda entry: True):
             changed = old._version != entry.version
-            entry.root = weakref.ref(new)
+            entry.root, entry.root_id = weakref.ref(new), id(new)
             entry.version = -1 if changed else new._version  # -1: re-read
+            self._by_root.setdefault(entry.root_id, []).append(entry)
 
     def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
         """A batched forward copied this graph's replacement ``value`` into ``into`` (its
@@ -136,14 +169,13 @@ class HeldSaves:
         ``into``, as solo it follows ``value``, which the forward goes on with there."""
         if value._base is not None or value.dtype != into.dtype or value.shape != into.shape:
             return
-        for entry in self.held:
-            if entry.root is None or entry.root() is not value or \
-                    entry.size != tuple(value.shape) or \
-                    entry.stride != tuple(value.stride()) or \
-                    entry.offset != value.storage_offset():
-                continue  # (a part of it stays on it: edits of the batch do not show)
+        def whole(entry):  # (a part of it stays on it: edits of the batch do not show)
+            return entry.size == tuple(value.shape) and \
+                entry.stride == tuple(value.stride()) and \
+                entry.offset == value.storage_offset()
+        for entry in self._take(value, whole):
             changed = value._version != entry.version
-            entry.point_at(into)
+            self._follow(entry, into)
             if changed:
                 entry.version = -1  # re-read
 
@@ -153,6 +185,7 @@ class HeldSaves:
         on (the sender then counts it as a result: counted once, never twice); holds no
         more."""
         held, self.held = self.held, []
+        self._by_root, self._by_stage = {}, {}
         views = []  # re-read views live until all are sent: a later one may be the same
         try:
             for e in held:
@@ -179,6 +212,7 @@ class HeldSaves:
         """The request is over (or goes again, ``_run_again``): drop what is held and give
         its bytes back (a retried graph holds its saves anew)."""
         self.held = []
+        self._by_root, self._by_stage = {}, {}
         if self.held_bytes:
             self._give_back(self.held_bytes)
 
