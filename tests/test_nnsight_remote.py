@@ -614,3 +614,30 @@ def test_a_custom_module_of_traceable_ops_runs_remotely(trios):
         return logits
 
     same(*trios["tiny-gpt2"].run("remote", block))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", MODELS)
+def test_an_in_place_edit_of_a_piece_raises_where_nnsight_raises(trios, name, kind):
+    """``a, b = h.chunk(2, -1); a.zero_()`` in a trace: locally (grad on, trainable weights)
+    torch refuses to edit a piece of a multi-output view in place. The remote trace used to
+    run it; it raises before sending now, naming the line. Under ``torch.no_grad()`` both
+    run it, equal."""
+    def block(model, kw):
+        with model.trace(PROMPT, **kw):
+            first, _ = layers(model)[0].output.chunk(2, dim=-1)
+            first.zero_()
+            logits = model.lm_head.output.save()
+        return logits
+
+    trio = trios[name]
+    with pytest.raises(Exception, match="modified inplace"):
+        block(trio.local, {})
+    model = trio.remote if kind == "remote" else trio.own
+    extra = {} if kind == "remote" else {"remote": True}
+    with pytest.raises(TraceError, match="no_grad") as err:
+        block(model, extra)
+    assert "test_nnsight_remote.py" in str(err.value)
+    with torch.no_grad():
+        local, remote = trio.run(kind, block)
+    same(local, remote)

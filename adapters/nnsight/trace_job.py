@@ -81,6 +81,10 @@ class ForwardJob:
     def trace(self, nn_tracer) -> None:
         hw, target = self.tracer, self.target
         hw.track_grad = torch.is_grad_enabled()
+        # Locally the block's activations require grad (grad on, trainable weights): torch
+        # then refuses in-place edits of unbind/split/chunk pieces, and so does the trace.
+        hw.activations_require_grad = hw.track_grad and any(
+            p.requires_grad for p in self.envoy._module.parameters())
         hw.parameters = target.parameters
         backward = Backward(hw, self.info)
         original = nn_tracer.fn
