@@ -566,6 +566,13 @@ class ModelWorker(threading.Thread):
             with self.give_way.allowed(job.conn.user):  # the model is not in use here
                 vg = validate_structure(graph, *tables, self.limits, on_node=watch)
         on_modules = _uses_module_sites(graph)
+        if graph.forward.hf_forward and not on_modules:
+            if graph.sites or entry.hf_model is None:
+                raise GraphValidationError("hf_forward: the plain HF forward runs HF module "
+                                           "sites only" if graph.sites else
+                                           f"model {entry.hosted.name!r} has no HF forward "
+                                           "here", rule="site_kinds")
+            on_modules = True
         if not on_modules and entry.tl_refused is not None:
             if graph.sites:
                 raise UnsupportedModel(f"model {entry.hosted.name!r}: TransformerLens hook "

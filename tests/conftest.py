@@ -38,7 +38,7 @@ SLOW_FILES = RAY_FILES | {
     "test_op_costs.py", "test_progress_display.py", "test_tl_model_checks.py",
     "test_tl_cache_aliases.py", "test_integrity.py", "test_server_batching.py",
     "test_tl_gradients.py", "test_tl_nonblocking.py", "test_give_way_state.py",
-    "test_pyvene_everyday_diff.py", "test_tl_everyday_diff.py"}
+    "test_pyvene_everyday_diff.py", "test_tl_everyday_diff.py", "test_hf_everyday_diff.py"}
 
 
 @pytest.hookimpl(hookwrapper=True)

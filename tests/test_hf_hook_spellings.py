@@ -110,6 +110,10 @@ def test_a_padded_batch_runs_with_its_attention_mask(plain, name, padding):
     expected = local.run_with_hooks(IDS, hooks, attention_mask=mask).logits
     assert not torch.equal(expected, local.run_with_hooks(IDS, hooks).logits)
     assert_close(remote.run_with_hooks(IDS, hooks, attention_mask=mask).logits, expected)
+    # With no hook at all, too: the server runs the plain HF forward (TL's would derive the
+    # positions from the mask; it did, off by up to 0.7 with left padding)
+    assert_close(remote.run_with_hooks(IDS, attention_mask=mask).logits,
+                 local.run_with_hooks(IDS, attention_mask=mask).logits)
     out, cache = remote.run_with_cache(IDS, [BLOCKS[name][0]], attention_mask=mask)
     local_out, local_cache = local.run_with_cache(IDS, [BLOCKS[name][0]],
                                                   attention_mask=mask)
@@ -144,3 +148,39 @@ def test_a_partial_hook_whose_bound_store_holds_a_traced_value_runs(plain, name)
     assert len(remote_kept) == len(local_kept) == 2
     for got, exp in zip(remote_kept, local_kept):
         assert_close(got, exp)
+
+
+def test_a_hook_with_a_kwargs_signature_raises_naming_it(plain, name):
+    """A ``with_kwargs=True`` pre-hook's function, ``fn(module, args, kwargs)``, given as an
+    ``":input"`` hook (or a forward hook taking ``kwargs``): locally torch would call it with
+    ``(module, args)`` and fail with a bare ``TypeError``; remote, it is refused before
+    sending, naming the hook and what hooks are called with."""
+    block = BLOCKS[name][1]
+
+    def pre_with_kwargs(module, args, kwargs):
+        return (args[0] * 2.0,) + args[1:], kwargs
+
+    def post_with_kwargs(module, args, kwargs, output):
+        return output
+
+    for key, fn in ((f"{block}:input", pre_with_kwargs), (block, post_with_kwargs)):
+        with pytest.raises(TraceError, match=r"with_kwargs=True") as err:
+            hhf.RemoteModel(name).run_with_hooks(IDS, {key: fn})
+        assert fn.__name__ in str(err.value)
+
+
+def test_the_plain_hf_forward_is_refused_for_tl_hook_points(server, name):
+    """``forward.hf_forward`` (what the HF front sends) with a TL hook point in the graph is
+    refused before anything runs, naming the rule: TL hook points fire in TL's forward."""
+    from graphs import read_graph
+    from pipelined import PipelinedClient
+
+    g = read_graph(name, sites=["blocks.0.hook_resid_post"])
+    g["forward"]["hf_forward"] = True
+    client = PipelinedClient(server.url)
+    try:
+        rid = client.send(g, {"input_ids": IDS})
+        error = client.collect([rid])[rid].error
+    finally:
+        client.close()
+    assert error is not None and error.details.get("rule") == "site_kinds", error

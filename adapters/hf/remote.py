@@ -108,7 +108,9 @@ class RemoteModel:
             tensors["attention_mask"] = mask
         graph = {"version": 1, "model": self.name, "inputs": inputs,
                  "constants": list(tr.constants), "sites": tr.sites, "nodes": tr.nodes,
-                 "saves": tr.saves, "forward": {"return_type": "logits"}}
+                 "saves": tr.saves,
+                 # the plain HF forward even without hooks: a mask means what it does locally
+                 "forward": {"return_type": "logits", "hf_forward": True}}
         call = RemoteCall(self.name, graph, {**tensors, **tr.constants},
                           destinations=traced.destinations, tracers=[tr],
                           progress=self.progress if progress is None else progress)

@@ -14,6 +14,7 @@ their sites ("replace"), tensors edited in place are written back in place.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -101,6 +102,7 @@ class _ForwardTrace:
         args = given
         for fn in fns:
             self.tracer.context = (_label(fn), f"{path}:input")
+            _check_takes(fn, ("module", "args"), "register_forward_pre_hook")
             result = fn(module, args)
             if result is not None:
                 args = result if isinstance(result, tuple) else (result,)
@@ -138,6 +140,7 @@ class _ForwardTrace:
         inputs = [(a, a._hw_version) for a in args if isinstance(a, Proxy)]
         for fn in fns:
             self.tracer.context = (_label(fn), path)
+            _check_takes(fn, ("module", "args", "output"), "register_forward_hook")
             result = fn(module, args, output)
             if any(a._hw_version != v for a, v in inputs):
                 # Locally the module's input is often a tensor the model uses again (a
@@ -211,6 +214,22 @@ def trace_forward(info, stand_in, batch: int, seq: int, hooks: list[tuple[HookKe
             (ft.pre if kind == "input" else ft.post)(path, call, fns)
     ft = None  # our own references to proxies must be gone before counting the user's
     return Traced(tracer, Destinations.keep_escaped(tracer))
+
+
+def _check_takes(fn, params: tuple, registered_with: str) -> None:
+    """A hook is called as torch calls one registered with ``registered_with``: one that
+    takes other arguments (a ``with_kwargs=True`` hook's ``kwargs``) is refused here, naming
+    it, rather than failing with a bare ``TypeError`` from the call."""
+    try:
+        inspect.signature(fn).bind(*params)
+    except TypeError:
+        raise trace_error(
+            f"a hook that cannot be called as ({', '.join(params)})",
+            f"hooks are called as torch's {registered_with} calls them, with "
+            f"({', '.join(params)}); hooks taking kwargs (with_kwargs=True) are not "
+            "supported: read and return the positional args only") from None
+    except ValueError:  # no signature to read (a builtin): the call itself will tell
+        pass
 
 
 __all__ = ["trace_forward", "Traced", "ServerObject"]

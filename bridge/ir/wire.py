@@ -82,6 +82,10 @@ class ForwardSpec(BaseModel):
     # Start at block k: the input ``residual`` [batch, seq, d_model] enters block k (TL's
     # ``forward(start_at_layer=k)``); ``input_ids`` then only gives the batch and seq sizes.
     start_at_layer: int | None = Field(default=None, ge=-1024, le=1024)
+    # The plain HF forward even when no HF module site is used (the HF front): an
+    # attention_mask then means what HF's forward makes of it (TL's forward derives the
+    # positions from it; HF's does not).
+    hf_forward: bool = False
 
 
 class Graph(BaseModel):
