@@ -17,6 +17,7 @@ import math
 import os
 import re
 
+import einops  # a TransformerLens dependency: always there with the [tl] extra
 import numpy as np
 import pytest
 import torch
@@ -24,11 +25,6 @@ import torch.nn.functional as F
 
 from conftest import MODEL_NAMES
 from hookwire.errors import HookwireError
-
-try:
-    import einops
-except ImportError:  # pragma: no cover
-    einops = None
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -1001,9 +997,6 @@ def c_order_later_hook_uses_earlier_proxy_mutated(m):
 
 @case
 def c_einops_rearrange_edit(m):
-    if einops is None:
-        pytest.skip("no einops")
-
     def hook_rearr(z, hook):
         r = einops.rearrange(z, "b p h d -> b h p d")
         r[:, 1] = 0.0
@@ -1012,9 +1005,6 @@ def c_einops_rearrange_edit(m):
 
 @case
 def c_einops_rearrange_return(m):
-    if einops is None:
-        pytest.skip("no einops")
-
     def hook_rearr_ret(z, hook):
         flat = einops.rearrange(z, "b p h d -> b p (h d)")
         flat = flat * torch.linspace(0, 1, flat.shape[-1])
@@ -1024,9 +1014,6 @@ def c_einops_rearrange_return(m):
 
 @case
 def c_einops_reduce_repeat(m):
-    if einops is None:
-        pytest.skip("no einops")
-
     def hook_reduce(x, hook):
         mean = einops.reduce(x, "b p d -> b d", "mean")
         return x - einops.repeat(mean, "b d -> b p d", p=x.shape[1])
@@ -1035,8 +1022,6 @@ def c_einops_reduce_repeat(m):
 
 @case
 def c_einops_einsum(m):
-    if einops is None or not hasattr(einops, "einsum"):
-        pytest.skip("no einops.einsum")
     direction = torch.randn(64, generator=torch.Generator().manual_seed(3))
 
     def hook_einops_einsum(x, hook):
