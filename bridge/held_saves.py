@@ -189,9 +189,7 @@ class HeldSaves:
         views = []  # re-read views live until all are sent: a later one may be the same
         try:
             for e in held:
-                if self.hold_bytes is not None and e.nbytes:
-                    self.hold_bytes(-e.nbytes)
-                self.held_bytes -= e.nbytes
+                self._give_back(e.nbytes)
                 if isinstance(e.snapshot, torch.Tensor):
                     value, own = e.value()
                     if not own:
