@@ -40,15 +40,7 @@ from conftest import MODEL_NAMES  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:To copy construct from a tensor:UserWarning")
 
-B, S, D = 2, 7, 64
-
-
-def ids(seed, batch=B, seq=S):
-    return {"input_ids": torch.randint(0, 256, (batch, seq),
-                                       generator=torch.Generator().manual_seed(seed))}
-
-
-BASE, SRC, SRC2 = ids(11), ids(12), ids(13)
+from pyvene_inputs import BASE, SRC, SRC2, B, D, S, ids, record_sends  # noqa: E402
 
 
 def vec(seed, *shape):
@@ -63,14 +55,7 @@ def name(request):
 @pytest.fixture
 def sends(monkeypatch):
     """The shapes of ``input_ids`` of every request sent (to tell 'refused before sending')."""
-    sent = []
-    real_run = hookwire.client.Connection.run
-
-    def recording_run(self, graph, tensors, **kwargs):
-        sent.append(tuple(tensors["input_ids"].shape))
-        return real_run(self, graph, tensors, **kwargs)
-    monkeypatch.setattr(hookwire.client.Connection, "run", recording_run)
-    return sent
+    return record_sends(monkeypatch)
 
 
 def same(got, expected, where="output"):

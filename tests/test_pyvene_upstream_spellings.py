@@ -34,6 +34,7 @@ import hookwire.pyvene as hpv
 import hookwire.server as hs
 from hookwire.errors import HookwireError
 from hookwire.tokenizer import byte_level_tokenizer
+from pyvene_inputs import record_sends
 from serving import serving
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning",
@@ -670,13 +671,7 @@ def test_a_longer_source_is_cut_to_what_is_read(models, server, monkeypatch, mod
     inside the base's length: the source rows are cut there, so the base rows are not padded
     and compute on exactly the shapes they have alone. Reading past the base's length keeps
     the whole source."""
-    sent = []
-    real_run = hookwire.client.Connection.run
-
-    def recording_run(self, graph, tensors, **kwargs):
-        sent.append(tuple(tensors["input_ids"].shape))
-        return real_run(self, graph, tensors, **kwargs)
-    monkeypatch.setattr(hookwire.client.Connection, "run", recording_run)
+    sent = record_sends(monkeypatch)
     base, source = ids(20, 4, 7), ids(21, 4, 9)
     local, remote = both(models, "gpt2-pyvene", lambda: pv.IntervenableConfig(
         [{"layer": 1, "component": "block_output"}], mode=mode))
