@@ -24,6 +24,7 @@ from torch.testing import assert_close
 import hookwire.hf as hhf
 from hookwire.errors import HookwireError
 from hookwire.server.hf_modules import plain_hf_model
+from test_hf_remote import torch_hooks_run
 
 PROMPT = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(5))
 VEC = torch.randn(64, generator=torch.Generator().manual_seed(9))
@@ -66,22 +67,6 @@ def remote(server):
 
 
 # ---- the harness -----------------------------------------------------------------------
-
-def local_run(model, hooks: dict, ids):
-    handles = []
-    for key, fns in hooks.items():
-        path, _, kind = key.partition("@")[0].partition(":")
-        module = model.get_submodule(path)  # (only @0 of once-called modules is used here)
-        for fn in fns if isinstance(fns, list) else [fns]:
-            handles.append(module.register_forward_pre_hook(fn) if kind == "input"
-                           else module.register_forward_hook(fn))
-    try:
-        with torch.no_grad():
-            return model(input_ids=ids, use_cache=False).logits
-    finally:
-        for h in handles:
-            h.remove()
-
 
 def max_diff(a, b):
     try:
@@ -144,7 +129,7 @@ def differential(case, name, build, plain, remote, ids=PROMPT, hook_names=()):
         pytest.skip("no such module in this family")
     torch.manual_seed(0)
     try:
-        expected = local_run(plain[name], hooks, ids)
+        expected = torch_hooks_run(plain[name], hooks, ids)
         local_error = None
     except Exception as e:  # noqa: BLE001
         local_error = e
@@ -717,7 +702,7 @@ def test_hook_registered_on_stand_in_module(name, plain, remote):
             return
     finally:
         handle.remove()
-    expected = local_run(plain[name], {path: lambda m, a, o: o * 0.0}, PROMPT)
+    expected = torch_hooks_run(plain[name], {path: lambda m, a, o: o * 0.0}, PROMPT)
     diffs = []
     compare(got, expected, "logits", diffs)
     if diffs:

@@ -33,13 +33,16 @@ def plain(hosted, server):
 
 
 def torch_hooks_run(model, hooks: dict, ids):
-    """The reference: the same functions registered with torch, one forward."""
+    """The reference: the same functions (one, or a list, per key) registered with torch, one
+    forward. A key's "@k" is dropped: torch's hooks run at every call (tests pass "@0" only
+    for modules called once)."""
     handles = []
-    for key, fn in hooks.items():
-        path, _, kind = key.partition(":")
+    for key, fns in hooks.items():
+        path, _, kind = key.partition("@")[0].partition(":")
         module = model.get_submodule(path)
-        handles.append(module.register_forward_pre_hook(fn) if kind == "input"
-                       else module.register_forward_hook(fn))
+        for fn in fns if isinstance(fns, list) else [fns]:
+            handles.append(module.register_forward_pre_hook(fn) if kind == "input"
+                           else module.register_forward_hook(fn))
     try:
         with torch.no_grad():
             return model(input_ids=ids, use_cache=False).logits
