@@ -105,3 +105,69 @@ def test_fetching_is_bounded_on_both_sides(hosted):
     finally:
         hookwire.client.close_connections()
         srv.stop()
+
+
+def test_building_stand_ins_in_threads_leaves_weight_reads_guarded(server, local_models):
+    """Building a stand-in lets TL's readability checks pass meta weights, but only in the
+    building thread and only while it builds. They were swapped process-wide: one thread's
+    build made meta weights readable in every other thread, and two overlapping builds (A
+    starts, B starts, A ends, B ends) left the swap installed for good, after which a stand-in's
+    ``blocks[0].attn.W_O`` gave a meta tensor instead of saying how to fetch it (a CI run on
+    a3718d8 failed so, after other tests had built stand-ins from several threads)."""
+    import threading
+
+    from transformer_lens.model_bridge.generalized_components import attention
+    from transformer_lens.utilities import quantization
+
+    from hookwire.transformerlens.stand_in import _meta_weights_readable
+
+    meta = torch.empty(4, 4, device="meta")
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with _meta_weights_readable():
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def b():
+        a_in.wait(10)
+        with _meta_weights_readable():
+            assert quantization.require_readable_weight(meta) is meta  # building: passes
+            b_in.set()
+            a_out.wait(10)
+
+    def _reads_meta(fn, w):
+        try:
+            fn(w, operation="read W_O")
+        except NotImplementedError:
+            return False
+        return True
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    for fn in (quantization.require_readable_weight, attention.require_readable_weight):
+        assert not _reads_meta(fn, meta), "meta weights stay readable after the builds"
+    model = htl.RemoteModel("tiny-gpt2")
+    with pytest.raises(htl.WeightsNotFetched, match=r"fetch_weights\(model, \['blocks\.0\.attn'\]\)"):
+        model.blocks[0].attn.W_O
+    done = threading.Event()
+    errors = []
+
+    def read_while_another_builds():
+        try:
+            with pytest.raises(htl.WeightsNotFetched, match="fetch_weights"):
+                model.blocks[0].attn.W_O
+        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
+            errors.append(exc)
+        done.set()
+
+    with _meta_weights_readable():
+        reader = threading.Thread(target=read_while_another_builds)
+        reader.start()
+        done.wait(20)
+    reader.join(20)
+    assert not errors, errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 
 import torch
 
@@ -98,35 +99,53 @@ def _no_tokenizer(name: str, method: str, *args, **kwargs):
 # for packed checkpoints). The stand-in only needs the *shapes*, which meta tensors have, so
 # while the bridge is built TL's readability checks pass meta weights through -- in every TL
 # module that imported them (architecture adapters included, e.g. Phi-3's, BitNet's).
-@contextlib.contextmanager
-def _meta_weights_readable():
+#
+# The pass-through is switched on per thread, not by swapping TL's functions in and out: a
+# swap is process-wide, so a stand-in built in one thread made meta weights "readable" in
+# every other one, and two threads building at once could restore each other's replacement
+# and leave it installed for good (every later weight read on a stand-in then gave a meta
+# tensor instead of advice). The wrappers, once installed, stay: outside a build they call
+# TL's own function unchanged.
+_BUILDING = threading.local()
+_INSTALL_LOCK = threading.Lock()
+
+
+def _meta_pass_through(original, on_meta):
+    def wrapper(weight, *args, **kwargs):
+        if getattr(_BUILDING, "depth", 0) and getattr(weight, "is_meta", False):
+            return on_meta(weight)
+        return original(weight, *args, **kwargs)
+
+    functools.update_wrapper(wrapper, original)
+    wrapper._hookwire_original = original
+    return wrapper
+
+
+def _install_meta_pass_through() -> None:
+    """Wrap TL's readability checks in every TL module imported so far (idempotent)."""
     from transformer_lens.utilities import quantization
 
-    originals = {"require_readable_weight": quantization.require_readable_weight,
-                 "unreadable_weight_reason": quantization.unreadable_weight_reason}
+    with _INSTALL_LOCK:
+        wrappers = {}
+        for attr, on_meta in (("require_readable_weight", lambda w: w),
+                              ("unreadable_weight_reason", lambda w: None)):
+            current = getattr(quantization, attr)
+            original = getattr(current, "_hookwire_original", current)
+            wrappers[attr] = (original, current if current is not original
+                              else _meta_pass_through(original, on_meta))
+        for module in list(sys.modules.values()):
+            if not getattr(module, "__name__", "").startswith("transformer_lens"):
+                continue
+            for attr, (original, wrapper) in wrappers.items():
+                if getattr(module, attr, None) is original:
+                    setattr(module, attr, wrapper)
 
-    def require_readable_weight(weight, *args, **kwargs):
-        if getattr(weight, "is_meta", False):
-            return weight
-        return originals["require_readable_weight"](weight, *args, **kwargs)
 
-    def unreadable_weight_reason(weight, *args, **kwargs):
-        if getattr(weight, "is_meta", False):
-            return None
-        return originals["unreadable_weight_reason"](weight, *args, **kwargs)
-
-    replacements = {"require_readable_weight": require_readable_weight,
-                    "unreadable_weight_reason": unreadable_weight_reason}
-    patched = []
-    for module in list(sys.modules.values()):
-        if not getattr(module, "__name__", "").startswith("transformer_lens"):
-            continue
-        for attr, original in originals.items():
-            if getattr(module, attr, None) is original:
-                setattr(module, attr, replacements[attr])
-                patched.append((module, attr, original))
+@contextlib.contextmanager
+def _meta_weights_readable():
+    _install_meta_pass_through()
+    _BUILDING.depth = getattr(_BUILDING, "depth", 0) + 1
     try:
         yield
     finally:
-        for module, attr, original in patched:
-            setattr(module, attr, original)
+        _BUILDING.depth -= 1
