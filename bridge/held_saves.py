@@ -165,17 +165,18 @@ class HeldSaves:
 
     def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
         """A batched forward copied this graph's replacement ``value`` into ``into`` (its
-        rows of the batch the forward goes on with): a save of ``value`` itself follows
-        ``into``, as solo it follows ``value``, which the forward goes on with there."""
+        rows of the batch the forward goes on with): a save of ``value``, or of a part of it
+        (``y[:, 1:3]``), follows the same elements of ``into``, as solo it follows ``value``,
+        which the forward goes on with there."""
         if value._base is not None or value.dtype != into.dtype or value.shape != into.shape:
             return
-        def whole(entry):  # (a part of it stays on it: edits of the batch do not show)
-            return entry.size == tuple(value.shape) and \
-                entry.stride == tuple(value.stride()) and \
-                entry.offset == value.storage_offset()
-        for entry in self._take(value, whole):
+        for entry in self._take(value, lambda entry: True):
             changed = value._version != entry.version
-            self._follow(entry, into)
+            where = _same_part_in(value, into, entry.size, entry.stride, entry.offset)
+            if where is None:  # not a part this can name in ``into``: it stays as it was
+                entry.root = None
+                continue
+            self._follow(entry, torch.as_strided(into, entry.size, *where))
             if changed:
                 entry.version = -1  # re-read
 
@@ -216,3 +217,47 @@ class HeldSaves:
 
 
 __all__ = ["HeldSaves"]
+
+
+def _same_part_in(value: torch.Tensor, into: torch.Tensor, size: tuple, stride: tuple,
+                  offset: int) -> tuple[tuple, int] | None:
+    """(strides, storage offset) that show in ``into`` the elements the view (``size``,
+    ``stride``, ``offset``) shows of ``value``, a tensor of the same shape -- or None where
+    ``into``'s layout cannot name that view (``value`` not contiguous, a view whose steps
+    carry over from one of ``value``'s dimensions into the next).
+
+    ``value`` is contiguous, so an element's storage offset (from ``value``'s own) is its
+    row-major position, and so is each step of the view: written in the mixed radix of
+    ``value``'s shape, a step is so many positions along each dimension. Where no step carries
+    (each dimension's reach stays inside its extent, checked at the view's last element), the
+    view's elements are exactly those at ``first + i * steps``, which in ``into`` are at the
+    same multiples of its own strides."""
+    if not value.is_contiguous():
+        return None
+    shape = tuple(value.shape)
+    units = value.stride()
+
+    def digits(n: int) -> list[int] | None:
+        out = [(n // unit) % extent if extent > 1 else 0 for extent, unit in zip(shape, units)]
+        return out if sum(d * u for d, u in zip(out, units)) == n else None
+
+    first = digits(offset - value.storage_offset()) if offset >= value.storage_offset() \
+        else None
+    if first is None:
+        return None
+    reach = list(first)
+    out_strides = []
+    for n, step in zip(size, stride):
+        if n == 1 or step == 0:  # no step taken (a broadcast repeats the element)
+            out_strides.append(0)
+            continue
+        moves = digits(step)
+        if moves is None:
+            return None
+        for d, m in enumerate(moves):
+            reach[d] += (n - 1) * m
+        out_strides.append(sum(m * into.stride(d) for d, m in enumerate(moves)))
+    if any(r >= extent for r, extent in zip(reach, shape)):
+        return None
+    start = into.storage_offset() + sum(i * st for i, st in zip(first, into.stride()))
+    return tuple(out_strides), start

@@ -230,6 +230,66 @@ def test_a_kept_replacement_follows_the_batch_rows_it_was_copied_into(pair_serve
         b.close()
 
 
+def keep_parts_of_replacement_then_scale() -> dict:
+    """Replace resid_post(0) by y = 2x and keep parts of y (a position slice, a transposed
+    stepped slice, one row's position, a broadcast): views of it, as ``cache[k] = y[:, 1:3]``
+    keeps one; then scale resid_pre(1) (y itself) in place: locally each kept part shows it."""
+    every = {"slice": [None, None, None]}
+    return graph("tiny-gpt2", sites=[P0, R1],
+                 nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 2.0),
+                        node(2, "site.write", 0, ref(1), mode="replace"),
+                        node(3, "getitem", ref(1), [every, {"slice": [1, 3, None]}]),
+                        node(4, "getitem", ref(1), [every, {"slice": [0, 7, 2]},
+                                                    {"slice": [3, 40, 3]}]),
+                        node(5, "transpose", ref(4), 1, 2),
+                        node(6, "select", ref(1), 1, 4),
+                        node(7, "expand", ref(6), 3, -1),
+                        node(8, "site.read", 1), node(9, "mul", ref(8), 0.5),
+                        node(10, "site.write", 1, ref(9), mode="inplace")],
+                 saves={"y": 1, "part": 3, "stepped": 5, "row": 6, "wide": 7})
+
+
+def test_kept_parts_of_a_replacement_follow_the_batch_rows_it_was_copied_into(pair_server,
+                                                                             local_models):
+    """Views of a member's replacement followed it into the batch only when whole: a part
+    (``y[:, 1:3]``) stayed on the replacement, which the batched forward no longer uses, so a
+    later in-place edit showed solo (and locally) but not co-batched."""
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["the same tensor at two sites"])
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        ga = keep_parts_of_replacement_then_scale()
+        rid = a.send(ga, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1
+        kept = {}
+
+        def replace(x, hook):
+            y = kept["y"] = x * 2.0
+            kept["part"] = y[:, 1:3]
+            kept["stepped"] = y[:, 0:7:2, 3:40:3].transpose(1, 2)
+            kept["row"] = y.select(1, 4)
+            kept["wide"] = kept["row"].expand(3, -1)
+            return y
+
+        def halve(x, hook):
+            x.mul_(0.5)
+        with torch.no_grad():
+            local = bridge.run_with_hooks(tokens, fwd_hooks=[(P0, replace), (R1, halve)])
+        assert_close(solo.values["__logits__"], local)
+        for k in ("y", "part", "stepped", "row", "wide"):
+            assert_close(solo.values[k], kept[k], msg=k)
+        reader = graph("tiny-gpt2", sites=[P0], nodes=[node(0, "site.read", 0)],
+                       saves={"r": 0})
+        wa, wb = run_pair(a, b, ga, reader, tokens, expect_batched=True)
+        assert wa.error is None and wb.error is None and wa.batch_size == 2
+        for k in ("__logits__", "y", "part", "stepped", "row", "wide"):
+            assert torch.equal(wa.values[k], solo.values[k]), k
+    finally:
+        a.close()
+        b.close()
+
+
 def keep_view_then_scale(scale: float) -> dict:
     """Keep a view of resid_post(0) (positions 1:3, transposed), then scale resid_pre(1)."""
     return graph("tiny-gpt2", sites=[P0, R1],

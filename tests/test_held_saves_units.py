@@ -42,7 +42,7 @@ def test_a_save_of_the_written_value_follows_the_site_and_a_read_stays_as_read()
     assert torch.equal(out["written"], site)
 
 
-def test_a_copied_replacement_is_followed_into_the_batch_but_a_part_of_it_is_not():
+def test_a_copied_replacement_and_its_parts_are_followed_into_the_batch():
     value = torch.full((1, 3), 3.0)
     held = HeldSaves(last_write_stage=4)
     held.hold("whole", 2, value)
@@ -54,7 +54,57 @@ def test_a_copied_replacement_is_followed_into_the_batch_but_a_part_of_it_is_not
     batch.mul_(2)
     out = released(held)
     assert torch.equal(out["whole"], torch.full((1, 3), 6.0))
-    assert torch.equal(out["part"], torch.full((1, 1), 3.0))
+    assert torch.equal(out["part"], torch.full((1, 1), 6.0))
+
+
+def test_a_part_of_a_replacement_with_no_row_major_layout_stays_as_it_was():
+    value = torch.empty_strided((2, 3), (1, 2)).copy_(torch.full((2, 3), 3.0))
+    held = HeldSaves(last_write_stage=4)
+    held.hold("part", 2, value[:, :1])
+    batch = torch.zeros(4, 3)
+    into = batch[2:]
+    into.copy_(value)
+    held.copied(value, into)
+    batch.mul_(2)
+    assert torch.equal(released(held)["part"], torch.full((2, 1), 3.0))
+
+
+def _views(value):
+    """Views a hook makes of a kept (batch, pos, d) tensor."""
+    yield value[:, 1:3]
+    yield value[:, 0:7:2, 3:9:3].transpose(1, 2)
+    yield value.select(1, 4)
+    yield value.select(1, 4).unsqueeze(0).expand(3, -1, -1)
+    yield value[:, 2]
+    yield value[..., -1]
+    yield value.permute(2, 0, 1)[1:4]
+    yield value.reshape(-1)[5:20]                # crosses positions: not nameable
+    yield value.reshape(-1)[::7]                 # steps across dimensions: not nameable
+    yield value.diagonal(dim1=1, dim2=2)          # steps along two dimensions at once
+    yield value.unfold(1, 3, 2)
+    yield value[:, 3:4, 2:3]
+
+
+def test_each_part_named_in_the_batch_shows_the_same_elements():
+    """_same_part_in names a view of the replacement in its rows of the batch (another
+    layout: the batch's last dimension is padded here) exactly, or not at all."""
+    from hookwire.held_saves import _same_part_in
+
+    named = 0
+    for shape in ((1, 8, 10), (2, 8, 10), (3, 5, 6)):
+        value = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+        batch = torch.full((shape[0] + 2, shape[1], shape[2] + 3), -1.0)
+        into = batch[1:1 + shape[0], :, :shape[2]]
+        into.copy_(value)
+        for view in _views(value):
+            where = _same_part_in(value, into, tuple(view.shape), tuple(view.stride()),
+                                  view.storage_offset())
+            if where is None:
+                continue
+            named += 1
+            assert torch.equal(torch.as_strided(into, view.shape, *where), view), \
+                (shape, view.shape, view.stride())
+    assert named == 3 * 10  # all but the two that carry from one dimension into the next
 
 
 def test_a_lookup_concerns_only_the_saves_of_the_tensor_it_names():
@@ -71,3 +121,35 @@ def test_a_lookup_concerns_only_the_saves_of_the_tensor_it_names():
     out = released(held)
     assert torch.equal(out["one"], torch.ones(4)) and torch.equal(out["m999"], torch.zeros(4))
     assert held._by_root == {} and held.held == []
+
+
+def test_a_part_is_named_in_the_batch_only_where_it_shows_the_same_elements():
+    """Any view of the replacement (random as_strided geometries inside it): where
+    _same_part_in names one in the batch's layout, it shows exactly the same elements."""
+    from hookwire.held_saves import _same_part_in
+
+    gen = torch.Generator().manual_seed(0)
+
+    def pick(n):
+        return int(torch.randint(0, n, (), generator=gen))
+
+    shape = (2, 6, 5)
+    value = torch.arange(60, dtype=torch.float32).reshape(shape)
+    batch = torch.full((4, 6, 9), -1.0)
+    into = batch[1:3, :, 2:7]
+    into.copy_(value)
+    named = 0
+    for _ in range(2000):
+        dims = 1 + pick(3)
+        size = tuple(1 + pick(4) for _ in range(dims))
+        stride = tuple(pick(31) for _ in range(dims))
+        offset = pick(60)
+        if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= 60:
+            continue  # outside the replacement: not a view of it
+        view = torch.as_strided(value, size, stride, offset)
+        where = _same_part_in(value, into, size, stride, offset)
+        if where is not None:
+            named += 1
+            assert torch.equal(torch.as_strided(into, size, *where), view), \
+                (size, stride, offset)
+    assert named > 100
