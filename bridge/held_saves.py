@@ -153,15 +153,32 @@ class HeldSaves:
     def moved(self, old: torch.Tensor, new: torch.Tensor) -> None:
         """A batched forward goes on with ``new``, a copy of ``old`` (a batch mate replaced
         its rows): saves viewing ``old`` follow ``new``, as they would follow ``old`` in
-        this graph's solo run (where nothing replaced it)."""
-        if old._base is not None or new._base is not None or old.dtype != new.dtype or \
-                old.stride() != new.stride() or old.storage_offset() != new.storage_offset():
+        this graph's solo run (where nothing replaced it). ``old`` may itself be a view of
+        a larger tensor (an output projection's result handed on as it is): what was kept
+        of it is named in ``new``'s layout (:func:`_same_part_in`); what was kept of the
+        rest of that tensor stays on it."""
+        if old.dtype != new.dtype or old.shape != new.shape:
             return
-        for entry in self._take(old, lambda entry: True):
-            changed = old._version != entry.version
-            entry.root, entry.root_id = weakref.ref(new), id(new)
-            entry.version = -1 if changed else new._version  # -1: re-read
-            self._by_root.setdefault(entry.root_id, []).append(entry)
+        if old._base is None and new._base is None and old.stride() == new.stride() and \
+                old.storage_offset() == new.storage_offset():
+            for entry in self._take(old, lambda entry: True):  # the same layout
+                changed = old._version != entry.version
+                entry.root, entry.root_id = weakref.ref(new), id(new)
+                entry.version = -1 if changed else new._version  # -1: re-read
+                self._by_root.setdefault(entry.root_id, []).append(entry)
+            return
+        root = old._base if old._base is not None else old
+        places = {}
+
+        def inside(entry):
+            places[id(entry)] = _same_part_in(old, new, entry.size, entry.stride,
+                                              entry.offset)
+            return places[id(entry)] is not None
+        for entry in self._take(root, inside):
+            changed = root._version != entry.version
+            self._follow(entry, torch.as_strided(new, entry.size, *places[id(entry)]))
+            if changed:
+                entry.version = -1  # re-read
 
     def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
         """A batched forward copied this graph's replacement ``value`` into ``into`` (its

@@ -390,3 +390,47 @@ def test_held_saves_of_one_tensor_still_arrive_as_one_value(pair_server, local_m
             assert answer.values["r1"] is answer.values["p0"], write_at
     finally:
         client.close()
+
+
+def test_a_batch_mates_replacement_of_a_view_site_does_not_change_what_a_member_kept(
+        pair_server, local_models):
+    """The same, where the site's activation is itself a view of a larger tensor (an MLP's
+    output projection, handed on to the next hook point as it is)."""
+    s0, s1 = "blocks.0.mlp.out.hook_out", "blocks.0.mlp.hook_out"
+    tokens = local_models["tiny-gpt2"].to_tokens(["the same tensor at two sites"])
+    ga = graph("tiny-gpt2", sites=[s0, s1],
+               nodes=[node(0, "site.read", 0), node(1, "getitem", ref(0),
+                                                    [{"slice": [None, None, None]},
+                                                     {"slice": [1, 4, None]}]),
+                      node(2, "site.read", 1), node(3, "mul", ref(2), 0.5),
+                      node(4, "site.write", 1, ref(3), mode="inplace")],
+               saves={"kept": 0, "part": 1})
+    gb = graph("tiny-gpt2", sites=[s0],
+               nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 3.0),
+                      node(2, "site.write", 0, ref(1), mode="replace")],
+               saves={})
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        rid = a.send(ga, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1
+        kept = {}
+
+        def keep(x, hook):
+            kept["kept"], kept["part"] = x, x[:, 1:4]
+
+        def halve(x, hook):
+            x.mul_(0.5)
+        with torch.no_grad():
+            local = local_models["tiny-gpt2"].run_with_hooks(
+                tokens, fwd_hooks=[(s0, keep), (s1, halve)])
+        assert_close(solo.values["__logits__"], local)
+        assert_close(solo.values["kept"], kept["kept"])
+        assert_close(solo.values["part"], kept["part"])
+        wb, wa = run_pair(b, a, gb, ga, tokens, expect_batched=True)
+        assert wa.error is None and wb.error is None and wa.batch_size == 2
+        for k in ("__logits__", "kept", "part"):
+            assert torch.equal(wa.values[k], solo.values[k]), k
+    finally:
+        a.close()
+        b.close()
