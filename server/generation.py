@@ -22,6 +22,7 @@ from hookwire.executor import Interleaver
 from hookwire.generation import (finish_rows, make_generator, next_tokens, step_name,
                                  token_name)
 from hookwire.ir.special import SITE_WRITE
+from hookwire.kv_cache import cache_kwargs
 from hookwire.ir.wire import is_parameter
 from hookwire.module_sites import is_module_site
 from hookwire.server import replies
@@ -149,8 +150,8 @@ def run_generation(worker, p, forwards: list) -> None:
 
             def run_forward():
                 with embeddings_guarded(model):  # ids out of range never reach a kernel
-                    return forward(model, input_ids=inputs, past_key_values=kv,
-                                   use_cache=True).logits
+                    return forward(model, input_ids=inputs, use_cache=True,
+                                   **cache_kwargs(forward, kv)).logits
             planned = forwards[k] if k < len(forwards) else None
             if planned is None:
                 logits = run_forward()

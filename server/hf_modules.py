@@ -16,6 +16,7 @@ import re
 import torch
 
 from hookwire.families import family_for_architecture
+from hookwire.kv_cache import cache_kwargs, returned_cache
 from hookwire.module_sites import (attach, element_values, is_module_site, module_site,
                                    parse_module_site, site_value)
 from hookwire.server.attention_sites import attention_weight_sites, weight_site_modules
@@ -261,9 +262,10 @@ def probe_module_layouts(model) -> tuple[dict, dict, dict, dict, list]:
                                lists)
     try:
         with torch.no_grad():
-            cache = fwd(model, input_ids=tokens, use_cache=True).past_key_values
+            cache = returned_cache(fwd(model, input_ids=tokens, use_cache=True))
         step, step_kw = _layouts(model, lambda: fwd(model, input_ids=tokens[:, :1],
-                                                     past_key_values=cache, use_cache=True))
+                                                     use_cache=True,
+                                                     **cache_kwargs(fwd, cache)))
     except Exception:  # no KV cache: the model does not generate on the server (prepare.py)
         step, step_kw = {}, {}
     return (plain, {k: v for k, v in step.items() if plain.get(k) != v},

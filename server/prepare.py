@@ -20,6 +20,7 @@ import torch
 
 from hookwire.errors import UnsupportedModel
 from hookwire.frames import DTYPE_NAMES
+from hookwire.kv_cache import cache_kwargs
 from hookwire.module_sites import PREFIX
 from hookwire.protocol import dump
 from hookwire.server.attention_sites import eager_probe_model
@@ -350,9 +351,10 @@ def kv_cache_refusal(hosted: HostedModel, hf_model) -> str | None:
             warnings.simplefilter("ignore")  # transformers' notes on cache arguments
             full = forward(hf_model, input_ids=tokens, use_cache=False).logits[:, -1]
             kv = DynamicCache(config=hf_model.config)
-            forward(hf_model, input_ids=tokens[:, :-1], past_key_values=kv, use_cache=True)
-            step = forward(hf_model, input_ids=tokens[:, -1:], past_key_values=kv,
-                           use_cache=True).logits[:, -1]
+            forward(hf_model, input_ids=tokens[:, :-1], use_cache=True,
+                    **cache_kwargs(forward, kv))
+            step = forward(hf_model, input_ids=tokens[:, -1:], use_cache=True,
+                           **cache_kwargs(forward, kv)).logits[:, -1]
     except Exception as exc:
         first = str(exc).splitlines()[0][:200] if str(exc) else ""
         return (f"{hosted.architecture} does not run with a KV cache here "

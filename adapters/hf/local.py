@@ -14,6 +14,7 @@ from transformers import DynamicCache
 
 from hookwire.errors import HookwireError
 from hookwire.generation import GenerateSpec, finish_rows, make_generator, next_tokens
+from hookwire.kv_cache import cache_kwargs
 from hookwire.hf.hooks import hook_list, module_of
 from hookwire.hf.outputs import DEFAULT, GenerateOutput, cache_hooks, eos_options
 
@@ -95,7 +96,8 @@ class LocalModel:
                 cache: dict = {}
                 active = listed if k == 0 or intervene_on == "all" else []
                 with hooks_registered(self.model, active + cache_hooks(modules, cache)):
-                    out = self._call(step_input, past_key_values=cache_kv, use_cache=True)
+                    out = self._call(step_input, use_cache=True,
+                                     **cache_kwargs(type(self.model).forward, cache_kv))
                 caches.append(cache)
                 token = next_tokens(out.logits[:, -1], spec, generator)
                 token, unfinished = finish_rows(token, unfinished, spec)
