@@ -173,14 +173,14 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
             for m, part, value in replacements:
                 new[part] = value
                 if isinstance(value, torch.Tensor):  # solo, the forward goes on with it
-                    m.interleaver.held.copied(value, new[part])
+                    m.interleaver.copied(value, new[part])
         if new is not None and isinstance(original, torch.Tensor):
             # The forward goes on with a copy: a member that replaced nothing here would, run
             # alone, go on with `original`, and what it kept of it would show its later
             # in-place edits -- which now land in the copy (hookwire.held_saves).
             for m in members:
                 if m.active and id(m) not in replaced:
-                    m.interleaver.held.moved(original, new)
+                    m.interleaver.moved(original, new)
         if not any(m.wants_more for m in members):
             raise StopForward
         return new

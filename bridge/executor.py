@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections import defaultdict
 from typing import Callable
 
 import torch
 
 from hookwire.errors import ExecutionError
-from hookwire.held_saves import HeldSaves
+from hookwire.held_saves import HeldSaves, same_part_in
 from hookwire.ir.args import resolve, walk_refs
 from hookwire.ir.special import CONST_GRAD, SITE_GRAD, SITE_READ, SITE_WRITE
 from hookwire.ir.stages import BEFORE_FORWARD
@@ -119,6 +120,11 @@ class Interleaver:
             v.numel() * v.element_size() for nid in vg.graph.saves.values()
             if stage_of.get(nid, last + 1) <= last and
             isinstance(v := vg.shapes.get(nid), torch.Tensor))
+        # Tensors that are one tensor when this graph runs alone, two in a batch (a batch
+        # mate's replacement: the forward goes on with a copy, while the model may still
+        # hand the tensor it replaced to other sites -- an attention's q, k and v inputs):
+        # this graph's in-place writes into one reach its rows of the other (``moved``).
+        self._twins: list[tuple[_Geometry, _Geometry]] = []
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -245,6 +251,8 @@ class Interleaver:
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
                 try:
                     target.copy_(value)
+                    if self._twins and not self.needs_grad:
+                        self._write_twins(target)
                 except RuntimeError as exc:
                     # e.g. a broadcast activation (GPT-2's position embeddings, expanded over
                     # the batch): torch refuses the in-place write, as it would locally.
@@ -301,10 +309,58 @@ class Interleaver:
                                  "the model indexes with them", node=node, op=SITE_WRITE,
                                  rule="value_range", site=info.name)
 
+    # ---- in a batch: the forward goes on with a copy ---------------------------------------
+    def moved(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """A batched forward goes on with ``new``, a copy of ``old`` made at a site after a
+        batch mate replaced its rows there. Run alone, this graph's forward would go on with
+        ``old``: what it holds of ``old`` -- held saves, and its own values that view it (a
+        site read kept for a later node or a save) -- follows ``new`` instead, so a later
+        in-place edit shows in them as it would solo. (Solo, those values also keep the
+        tensor alive until the end, where a held save is re-read.)"""
+        self.held.moved(old, new)
+        self._follow_values(old, new)
+        if old.dtype == new.dtype and old.shape == new.shape:
+            self._twins.append((_Geometry.of(old), _Geometry.of(new)))
+
+    def _write_twins(self, target: torch.Tensor) -> None:
+        """``target`` (this graph's rows of a site's activation) was just written in place:
+        the same rows of its twin get the same values, as solo both are one tensor."""
+        root = target._base if target._base is not None else target
+        for pair in self._twins:
+            for mine, other in (pair, pair[::-1]):
+                if mine.root() is not root:
+                    continue
+                whole, twin = mine.tensor(), other.tensor()
+                if whole is None or twin is None:
+                    continue
+                where = same_part_in(whole, twin, tuple(target.shape), tuple(target.stride()),
+                                     target.storage_offset())
+                if where is not None:
+                    torch.as_strided(twin, target.shape, *where).copy_(target)
+
+    def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
+        """A batched forward copied this graph's replacement ``value`` into ``into`` (its
+        rows of the batch it goes on with); solo it would go on with ``value`` itself:
+        saves and values viewing ``value`` follow ``into``."""
+        self.held.copied(value, into)
+        self._follow_values(value, into)
+
+    def _follow_values(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        root = old._base if old._base is not None else old
+        for nid, v in list(self.values.items()):
+            if not isinstance(v, torch.Tensor) or v.dtype != old.dtype or \
+                    (v._base if v._base is not None else v) is not root:
+                continue
+            where = same_part_in(old, new, tuple(v.shape), tuple(v.stride()),
+                                 v.storage_offset())
+            if where is not None:
+                self.values[nid] = torch.as_strided(new, v.shape, *where)
+
     def release(self) -> None:
         """Drop every value and callback now that the request is over, so its tensors are
         freed at once instead of when the cycle collector finds the request's closures."""
         self.values.clear()
+        self._twins.clear()
         self.held.clear()
         self.constants.clear()
         self.grad_inputs.clear()
@@ -415,3 +471,21 @@ def _to(values, device: torch.device):
 
 
 __all__ = ["Interleaver"]
+
+
+class _Geometry:
+    """A tensor by weak reference to the tensor whose storage it views, and its place
+    there: a batch's activation is followed without being kept alive."""
+
+    def __init__(self, root: "weakref.ref", size: tuple, stride: tuple, offset: int):
+        self.root, self.size, self.stride, self.offset = root, size, stride, offset
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "_Geometry":
+        root = t._base if t._base is not None else t
+        return cls(weakref.ref(root), tuple(t.shape), tuple(t.stride()), t.storage_offset())
+
+    def tensor(self) -> torch.Tensor | None:
+        root = self.root()
+        return None if root is None else \
+            torch.as_strided(root, self.size, self.stride, self.offset)

@@ -155,7 +155,7 @@ class HeldSaves:
         its rows): saves viewing ``old`` follow ``new``, as they would follow ``old`` in
         this graph's solo run (where nothing replaced it). ``old`` may itself be a view of
         a larger tensor (an output projection's result handed on as it is): what was kept
-        of it is named in ``new``'s layout (:func:`_same_part_in`); what was kept of the
+        of it is named in ``new``'s layout (:func:`same_part_in`); what was kept of the
         rest of that tensor stays on it."""
         if old.dtype != new.dtype or old.shape != new.shape:
             return
@@ -171,7 +171,7 @@ class HeldSaves:
         places = {}
 
         def inside(entry):
-            places[id(entry)] = _same_part_in(old, new, entry.size, entry.stride,
+            places[id(entry)] = same_part_in(old, new, entry.size, entry.stride,
                                               entry.offset)
             return places[id(entry)] is not None
         for entry in self._take(root, inside):
@@ -189,7 +189,7 @@ class HeldSaves:
             return
         for entry in self._take(value, lambda entry: True):
             changed = value._version != entry.version
-            where = _same_part_in(value, into, entry.size, entry.stride, entry.offset)
+            where = same_part_in(value, into, entry.size, entry.stride, entry.offset)
             if where is None:  # not a part this can name in ``into``: it stays as it was
                 entry.root = None
                 continue
@@ -236,7 +236,7 @@ class HeldSaves:
 __all__ = ["HeldSaves"]
 
 
-def _same_part_in(value: torch.Tensor, into: torch.Tensor, size: tuple, stride: tuple,
+def same_part_in(value: torch.Tensor, into: torch.Tensor, size: tuple, stride: tuple,
                   offset: int) -> tuple[tuple, int] | None:
     """(strides, storage offset) that show in ``into`` the elements the view (``size``,
     ``stride``, ``offset``) shows of ``value``, a tensor of the same shape -- or None where

@@ -434,3 +434,49 @@ def test_a_batch_mates_replacement_of_a_view_site_does_not_change_what_a_member_
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("kept, later", [
+    # The model hands one tensor to three sites: a batch mate replacing q's input gives the
+    # q projection a copy, while k's and v's inputs (edited here) are still the original.
+    ("blocks.0.attn.q.hook_in", ["blocks.0.attn.k.hook_in", "blocks.0.attn.v.hook_in"]),
+    # The copy the forward went on with is freed after ln_final; the saves are re-read only
+    # after the last write (the unembedding's output): solo, the read keeps the tensor alive.
+    ("blocks.1.hook_out", ["ln_final.hook_in", "unembed.hook_out"]),
+])
+def test_what_a_member_kept_shows_its_later_edits_beside_a_replacing_batch_mate(
+        pair_server, local_models, kept, later):
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["the same tensor at two sites"])
+    nodes = [node(0, "site.read", 0)]
+    for k in range(1, len(later) + 1):
+        nodes += [node(10 * k, "site.read", k), node(10 * k + 1, "mul", ref(10 * k), 0.5),
+                  node(10 * k + 2, "site.write", k, ref(10 * k + 1), mode="inplace")]
+    ga = graph("tiny-gpt2", sites=[kept] + later, nodes=nodes, saves={"kept": 0})
+    gb = graph("tiny-gpt2", sites=[kept],
+               nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 3.0),
+                      node(2, "site.write", 0, ref(1), mode="replace")], saves={})
+    local_kept = {}
+
+    def keep(x, hook):
+        local_kept["kept"] = x
+
+    def halve(x, hook):
+        x.mul_(0.5)
+    with torch.no_grad():
+        local = bridge.run_with_hooks(tokens, fwd_hooks=[(kept, keep)] +
+                                      [(name, halve) for name in later])
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        rid = a.send(ga, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1
+        assert_close(solo.values["__logits__"], local)
+        assert_close(solo.values["kept"], local_kept["kept"])
+        wb, wa = run_pair(b, a, gb, ga, tokens, expect_batched=True)
+        assert wa.error is None and wb.error is None and wa.batch_size == 2
+        for k in ("__logits__", "kept"):
+            assert torch.equal(wa.values[k], solo.values[k]), k
+    finally:
+        a.close()
+        b.close()

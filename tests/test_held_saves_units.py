@@ -86,9 +86,9 @@ def _views(value):
 
 
 def test_each_part_named_in_the_batch_shows_the_same_elements():
-    """_same_part_in names a view of the replacement in its rows of the batch (another
+    """same_part_in names a view of the replacement in its rows of the batch (another
     layout: the batch's last dimension is padded here) exactly, or not at all."""
-    from hookwire.held_saves import _same_part_in
+    from hookwire.held_saves import same_part_in
 
     named = 0
     for shape in ((1, 8, 10), (2, 8, 10), (3, 5, 6)):
@@ -97,7 +97,7 @@ def test_each_part_named_in_the_batch_shows_the_same_elements():
         into = batch[1:1 + shape[0], :, :shape[2]]
         into.copy_(value)
         for view in _views(value):
-            where = _same_part_in(value, into, tuple(view.shape), tuple(view.stride()),
+            where = same_part_in(value, into, tuple(view.shape), tuple(view.stride()),
                                   view.storage_offset())
             if where is None:
                 continue
@@ -125,8 +125,8 @@ def test_a_lookup_concerns_only_the_saves_of_the_tensor_it_names():
 
 def test_a_part_is_named_in_the_batch_only_where_it_shows_the_same_elements():
     """Any view of the replacement (random as_strided geometries inside it): where
-    _same_part_in names one in the batch's layout, it shows exactly the same elements."""
-    from hookwire.held_saves import _same_part_in
+    same_part_in names one in the batch's layout, it shows exactly the same elements."""
+    from hookwire.held_saves import same_part_in
 
     gen = torch.Generator().manual_seed(0)
 
@@ -147,7 +147,7 @@ def test_a_part_is_named_in_the_batch_only_where_it_shows_the_same_elements():
         if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= 60:
             continue  # outside the replacement: not a view of it
         view = torch.as_strided(value, size, stride, offset)
-        where = _same_part_in(value, into, size, stride, offset)
+        where = same_part_in(value, into, size, stride, offset)
         if where is not None:
             named += 1
             assert torch.equal(torch.as_strided(into, size, *where), view), \
