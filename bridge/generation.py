@@ -15,6 +15,9 @@ generator: ``torch.manual_seed(seed)`` before a local ``model.generate`` gives t
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -101,6 +104,75 @@ def finish_rows(tokens: torch.Tensor, unfinished: torch.Tensor, spec: GenerateSp
     return tokens, unfinished & ~torch.isin(tokens, eos)
 
 
+class PaddedPrompts:
+    """The attention mask and position ids of each forward of a generation from padded
+    prompts, as HF's ``generate`` makes them from the prompts' ``attention_mask`` (and
+    ``position_ids``, where the caller passes them, as nnsight does for a padded batch):
+    positions count each row's tokens from its first one (``mask.cumsum(-1) - 1``, 0 at
+    padding) unless given; each step appends a 1 to every row's mask and takes the next
+    position. An all-ones mask is left out, as HF's generate leaves it out; a model whose
+    forward takes no ``position_ids`` gets none (HF passes none either)."""
+
+    def __init__(self, mask: torch.Tensor | None, positions: torch.Tensor,
+                 takes_positions: bool):
+        self.mask, self.positions, self.takes_positions = mask, positions, takes_positions
+
+    @classmethod
+    def of(cls, mask: torch.Tensor | None, forward,
+           positions: torch.Tensor | None = None) -> "PaddedPrompts | None":
+        """None where nothing is padded and no positions are given: the forwards then take
+        neither (as they do from HF's generate)."""
+        if mask is not None:
+            mask = mask.to(torch.int64)
+            if bool(mask.all()):
+                mask = None
+        if mask is None and positions is None:
+            return None
+        if positions is None:
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        return cls(mask, positions.to(torch.int64),
+                   _takes_positions(getattr(forward, "__func__", forward)))
+
+    def prompt(self) -> dict:
+        """Keyword arguments of the prompt's forward."""
+        return self._kwargs(self.positions)
+
+    def step(self) -> dict:
+        """Keyword arguments of the next one-token forward."""
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))],
+                                  dim=-1)
+        self.positions = self.positions[:, -1:] + 1
+        return self._kwargs(self.positions)
+
+    def _kwargs(self, positions) -> dict:
+        out = {} if self.mask is None else {"attention_mask": self.mask}
+        if self.takes_positions:
+            out["position_ids"] = positions
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_positions(forward) -> bool:
+    try:
+        return "position_ids" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def check_prompt_mask(mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """A generation's ``attention_mask``: 0/1, shaped like the prompts, every row with at
+    least one token (a row of padding only has nothing to continue)."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(input_ids.shape) or \
+            mask.dtype not in (torch.int64, torch.int32, torch.bool) or \
+            bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must be a 0/1 int or bool tensor shaped like the "
+                         f"prompts {tuple(input_ids.shape)}")
+    if mask.numel() and not bool(mask.to(torch.bool).any(dim=-1).all()):
+        raise ValueError("attention_mask has a row with no token (all padding): it has "
+                         "nothing to continue")
+
+
 def make_generator(spec: GenerateSpec, device) -> torch.Generator | None:
     if not spec.do_sample:
         return None
@@ -110,4 +182,4 @@ def make_generator(spec: GenerateSpec, device) -> torch.Generator | None:
 
 
 __all__ = ["GenerateSpec", "next_tokens", "make_generator", "token_name", "step_name",
-           "parse_step_name", "TOKEN_PREFIX", "finish_rows"]
+           "parse_step_name", "TOKEN_PREFIX", "finish_rows", "PaddedPrompts", "check_prompt_mask"]

@@ -19,8 +19,8 @@ from transformers import DynamicCache
 from hookwire.errors import (Cancelled, DeadlineExceeded, GraphValidationError, LimitExceeded,
                              ProtocolError, UnsupportedModel)
 from hookwire.executor import Interleaver
-from hookwire.generation import (finish_rows, make_generator, next_tokens, step_name,
-                                 token_name)
+from hookwire.generation import (PaddedPrompts, check_prompt_mask, finish_rows,
+                                 make_generator, next_tokens, step_name, token_name)
 from hookwire.ir.special import SITE_WRITE
 from hookwire.kv_cache import cache_kwargs
 from hookwire.ir.wire import is_parameter
@@ -77,9 +77,19 @@ def validate_generation(job, entry, limits, input_ids) -> list:
         raise GraphValidationError(f"{len(spec.steps)} step graphs for {spec.max_new_tokens} "
                                    f"new tokens: give none or {spec.max_new_tokens - 1}",
                                    rule="generate_steps")
-    if submit.graph.inputs.get("attention_mask") or submit.graph.inputs.get("position_ids"):
-        raise GraphValidationError("generation takes unpadded prompts (no attention_mask or "
-                                   "position_ids)", rule="generate_inputs")
+    positions = job.tensors.get(submit.graph.inputs.get("position_ids", ""))
+    if n_positions and positions is not None and positions.numel() and \
+            int(positions[:, -1].max()) + spec.max_new_tokens - 1 >= n_positions:
+        # (each new token takes the next position after the prompt's last)
+        raise LimitExceeded(f"the prompt's last position {int(positions[:, -1].max())} + "
+                            f"{spec.max_new_tokens} new tokens exceeds the model's "
+                            f"{n_positions} positions", rule="max_positions")
+    mask = job.tensors.get(submit.graph.inputs.get("attention_mask", ""))
+    if mask is not None:
+        try:
+            check_prompt_mask(mask, input_ids)
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
     if sum(len(g.nodes) for g in spec.steps) + len(submit.graph.nodes) > limits.max_nodes:
         raise LimitExceeded(f"the generation's graphs hold more than {limits.max_nodes} nodes",
                             rule="max_nodes")
@@ -127,6 +137,8 @@ def run_generation(worker, p, forwards: list) -> None:
     kv = DynamicCache(config=model.config)
     step_input = p.tokens
     forward = type(model).forward  # the class's forward, not an attribute set on the object
+    # Padded prompts: each forward's mask and positions, as HF's generate makes them.
+    padded = PaddedPrompts.of(p.mask, forward, p.positions)
     sent = [0]
 
     def saver(k):
@@ -147,11 +159,12 @@ def run_generation(worker, p, forwards: list) -> None:
                     watch.t_start += worker.give_way()
             watch()
             inputs = step_input
+            extra = {} if padded is None else padded.prompt() if k == 0 else padded.step()
 
             def run_forward():
                 with embeddings_guarded(model):  # ids out of range never reach a kernel
                     return forward(model, input_ids=inputs, use_cache=True,
-                                   **cache_kwargs(forward, kv)).logits
+                                   **cache_kwargs(forward, kv), **extra).logits
             planned = forwards[k] if k < len(forwards) else None
             if planned is None:
                 logits = run_forward()

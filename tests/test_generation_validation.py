@@ -110,3 +110,33 @@ def test_a_valid_crafted_request_runs(small_server, hosted):
     want = hhf.RemoteModel("tiny-gpt2").generate(PROMPT, 3, {"transformer.h.0.mlp": double},
                                                  intervene_on="all")
     assert torch.equal(torch.stack(tokens, 1), want.sequences[:, 5:])
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.tensor([[0, 0, 0, 0, 0]]), "no token"),
+    (torch.tensor([[1, 1, 2, 1, 1]]), "0/1"),
+    (torch.ones(1, 4, dtype=torch.int64), "shaped like"),
+])
+def test_a_crafted_generation_mask_is_refused_before_it_runs(small_server, mask, match):
+    """The client checks a padded generation's attention_mask; the server checks it again
+    (a crafted request skips the client): refused with a typed error, nothing runs."""
+    first = graph(5)
+    first["inputs"]["attention_mask"] = "attention_mask"
+    with pytest.raises(ProtocolError, match=match):
+        get_connection().run(first, {"input_ids": PROMPT, "attention_mask": mask,
+                                     **{c: CONSTANTS[c] for c in first["constants"]}},
+                             submit_extra={"generate": {"max_new_tokens": 2, "steps": [
+                                 graph(1, inputs=False)]}})
+    served_ok()
+    # Given positions (nnsight passes a padded batch's): each new token takes the next one,
+    # so the last must leave room for them, checked before anything runs.
+    first["inputs"]["position_ids"] = "position_ids"
+    late = torch.tensor([[0, 1, 2, 3, 255]])  # tiny-gpt2 has 256 positions
+    with pytest.raises(LimitExceeded, match="positions"):
+        get_connection().run(first, {"input_ids": PROMPT,
+                                     "attention_mask": torch.ones(1, 5, dtype=torch.int64),
+                                     "position_ids": late,
+                                     **{c: CONSTANTS[c] for c in first["constants"]}},
+                             submit_extra={"generate": {"max_new_tokens": 2, "steps": [
+                                 graph(1, inputs=False)]}})
+    served_ok()

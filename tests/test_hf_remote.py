@@ -379,3 +379,58 @@ def test_tl_generate_without_kv_cache_is_never_silent(server, local_models, name
         local = model.generate(PROMPT, use_past_kv_cache=False, **kw)
     assert torch.equal(remote, local)
     assert seen["remote"] == seen["local"] == [(2, 7 + k, 64) for k in range(3)]
+
+
+LEFT_PADDED_MASK = torch.tensor([[1] * 7, [0, 0, 0] + [1] * 4])
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_from_left_padded_prompts_equals_hf_generate(server, plain, name, do_sample):
+    """Prompts of different lengths, left-padded with their attention_mask, as
+    ``model.generate(**tokenizer(prompts, padding=True))`` passes them: each forward gets the
+    mask and the positions HF's generate derives from it (the padded row counts from its
+    first token), so the tokens and what the hooks saw equal HF's generate with the same mask.
+    Refused before this ("generation takes unpadded prompts")."""
+    mlp = PATHS[name][0]
+    ids = PROMPT.clone()
+    ids[1, :3] = 0  # pad ids (masked out)
+    remote_steps, local_steps, hf_steps = [], [], []
+    kw = dict(max_new_tokens=5, do_sample=do_sample, top_k=20, temperature=0.8)
+    out = hhf.RemoteModel(name).generate(ids, hooks=steering(name, remote_steps), seed=5,
+                                         attention_mask=LEFT_PADDED_MASK, modules=[mlp], **kw)
+    local = hhf.LocalModel(plain[name]).generate(ids, hooks=steering(name, local_steps),
+                                                 seed=5, attention_mask=LEFT_PADDED_MASK,
+                                                 modules=[mlp], **kw)
+    handles = [plain[name].get_submodule(mlp).register_forward_hook(
+        steering(name, hf_steps)[mlp])]
+    try:
+        torch.manual_seed(5)  # HF samples from the global generator
+        with torch.no_grad():
+            reference = plain[name].generate(ids, attention_mask=LEFT_PADDED_MASK,
+                                             eos_token_id=None, pad_token_id=0, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(out.sequences, reference) and torch.equal(local.sequences, reference)
+    assert len(remote_steps) == len(hf_steps) == 5
+    for a, b in zip(remote_steps, hf_steps):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(out.cache[mlp], local.cache[mlp]):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # The mask reaches the forwards: the padded row's activations change (its positions
+    # count from its first token, its padding is masked out); the full row's do not.
+    unpadded_steps = []
+    hhf.RemoteModel(name).generate(ids, hooks=steering(name, unpadded_steps), seed=5, **kw)
+    assert_close(unpadded_steps[0][0], remote_steps[0][0], rtol=1e-5, atol=1e-5)
+    assert (unpadded_steps[0][1] - remote_steps[0][1]).abs().max() > 1e-3
+
+
+def test_generate_refuses_masks_it_cannot_continue(server):
+    model = hhf.RemoteModel("tiny-gpt2")
+    with pytest.raises(HookwireError, match="no token"):
+        model.generate(PROMPT, 2, attention_mask=torch.tensor([[1] * 7, [0] * 7]))
+    with pytest.raises(HookwireError, match="shaped like"):
+        model.generate(PROMPT, 2, attention_mask=torch.ones(2, 6, dtype=torch.int64))
+    with pytest.raises(HookwireError, match="0/1"):
+        model.generate(PROMPT, 2, attention_mask=torch.full((2, 7), 2))

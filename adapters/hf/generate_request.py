@@ -34,8 +34,8 @@ class GenerationRun:
     values the hooks stored where they stored them (taking back those of forwards that never
     ran, when generation stopped early)."""
     def __init__(self, model, tokens: torch.Tensor, hooks: list, modules: list[str],
-                 intervene_on: str, options: dict):
-        self.model, self.tokens, self.hooks = model, tokens, hooks
+                 intervene_on: str, options: dict, mask: torch.Tensor | None = None):
+        self.model, self.tokens, self.hooks, self.mask = model, tokens, hooks, mask
         self.modules, self.intervene_on, self.options = list(modules), intervene_on, options
 
     def _trace(self):
@@ -48,6 +48,10 @@ class GenerationRun:
         graphs, step_destinations, caches = [], [], []
         destinations = Destinations()
         tensors = {"input_ids": self.tokens}
+        prompt_inputs = {"input_ids": "input_ids"}
+        if self.mask is not None:  # padded prompts: the server derives each forward's
+            tensors["attention_mask"] = self.mask  # mask and positions from it
+            prompt_inputs["attention_mask"] = "attention_mask"
         # id(captured tensor) -> constant id: a tensor the hooks capture (a steering vector)
         # is attached once, however many forwards use it. (The tracers keep them alive.)
         shared: dict[int, str] = {}
@@ -61,7 +65,7 @@ class GenerationRun:
             alive.append(tr)
             names = tr.export_constants(f"s{k}_", tensors, shared)
             graphs.append({"version": 1, "model": model.name,
-                           "inputs": {"input_ids": "input_ids"} if k == 0 else {},
+                           "inputs": prompt_inputs if k == 0 else {},
                            "constants": sorted(set(names.values())), "sites": tr.sites,
                            "nodes": rename_constants(tr.nodes, names), "saves": tr.saves,
                            "forward": {"return_type": None}})

@@ -13,7 +13,8 @@ import torch
 from transformers import DynamicCache
 
 from hookwire.errors import HookwireError
-from hookwire.generation import GenerateSpec, finish_rows, make_generator, next_tokens
+from hookwire.generation import (GenerateSpec, PaddedPrompts, check_prompt_mask, finish_rows,
+                                 make_generator, next_tokens)
 from hookwire.kv_cache import cache_kwargs
 from hookwire.hf.hooks import hook_list, module_of
 from hookwire.hf.outputs import DEFAULT, GenerateOutput, cache_hooks, eos_options
@@ -76,7 +77,8 @@ class LocalModel:
                  modules: list[str] | None = None, intervene_on: str = "all",
                  do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
                  top_k: int | None = 50, top_p: float = 1.0, on_token=None,
-                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, progress=None, blocking=True):
+                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, progress=None, blocking=True,
+                 attention_mask=None):
         if intervene_on not in ("prompt", "all"):
             raise HookwireError("intervene_on is 'prompt' or 'all'")
         if do_sample and seed is None:
@@ -89,6 +91,13 @@ class LocalModel:
         listed = hook_list(hooks)
         cache_kv = DynamicCache(config=self.model.config)
         step_input = input_ids.to(device)
+        if attention_mask is not None:
+            try:
+                check_prompt_mask(attention_mask, input_ids)
+            except ValueError as exc:
+                raise HookwireError(str(exc)) from None
+        padded = PaddedPrompts.of(None if attention_mask is None else attention_mask.to(device),
+                                  type(self.model).forward)
         new, caches = [], []
         unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=device)
         with torch.no_grad():
@@ -96,8 +105,10 @@ class LocalModel:
                 cache: dict = {}
                 active = listed if k == 0 or intervene_on == "all" else []
                 with hooks_registered(self.model, active + cache_hooks(modules, cache)):
+                    extra = {} if padded is None else \
+                        padded.prompt() if k == 0 else padded.step()
                     out = self._call(step_input, use_cache=True,
-                                     **cache_kwargs(type(self.model).forward, cache_kv))
+                                     **cache_kwargs(type(self.model).forward, cache_kv), **extra)
                 caches.append(cache)
                 token = next_tokens(out.logits[:, -1], spec, generator)
                 token, unfinished = finish_rows(token, unfinished, spec)

@@ -15,6 +15,7 @@ import torch
 from hookwire.client import get_connection
 from hookwire.errors import HookwireError, UnsupportedModel
 from hookwire.families import build_hf_model
+from hookwire.generation import check_prompt_mask
 from hookwire.hf.generate_request import GenerationRun
 from hookwire.hf.hooks import hook_list
 from hookwire.hf.outputs import (DEFAULT, GenerateOutput, cache_hooks, eos_options,
@@ -123,7 +124,8 @@ class RemoteModel:
                  modules: list[str] | None = None, intervene_on: str = "all",
                  do_sample: bool = False, seed: int | None = None, temperature: float = 1.0,
                  top_k: int | None = 50, top_p: float = 1.0, on_token=None,
-                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, blocking: bool = True):
+                 eos_token_id=DEFAULT, pad_token_id=DEFAULT, blocking: bool = True,
+                 attention_mask=None):
         """Generate up to ``max_new_tokens`` tokens with the KV cache, on the server -- as
         HF's ``model.generate`` does with the same functions registered as torch hooks.
 
@@ -133,7 +135,9 @@ class RemoteModel:
         with one value per forward (step). Generation stops when every row has produced an
         EOS token (``eos_token_id``, by default the model's generation config; ``None``:
         never), rows that finished earlier being padded with ``pad_token_id``, as HF does.
-        ``on_token(step, tokens)`` is called with each new token (one per row) as soon as the
+        ``attention_mask``: prompts of different lengths, padded (on the left, as HF's
+        generate wants decoder-only prompts): each forward gets the mask and positions HF's
+        generate derives from it. ``on_token(step, tokens)`` is called with each new token (one per row) as soon as the
         server sends it. ``blocking=False`` returns a ``RemoteRun`` whose ``events()`` yield
         them (and ``result()`` the output). Sampling (``do_sample``) is HF's (temperature,
         top_k, top_p) with draws from a generator seeded with ``seed`` (a random one if None:
@@ -149,11 +153,17 @@ class RemoteModel:
         if do_sample and seed is None:
             seed = secrets.randbits(62)
         tokens = _input_ids(input_ids)
+        mask = attention_mask_of(attention_mask, tokens)
+        if mask is not None:
+            try:
+                check_prompt_mask(mask, tokens)
+            except ValueError as exc:
+                raise HookwireError(str(exc)) from None
         options = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, seed=seed,
                        temperature=temperature, top_k=top_k, top_p=top_p,
                        **eos_options(self.stand_in, eos_token_id, pad_token_id))
         gen = GenerationRun(self, tokens, hook_list(hooks), modules or [], intervene_on,
-                            options)
+                            options, mask)
         if blocking:
             return gen.run(on_token=on_token)
         traced = threading.Event()

@@ -52,6 +52,8 @@ class GenerationJob:
         self.tracers: list[Tracer] = [Tracer()]
         self.escaped: list[list] = []
         self.prompt: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # padded prompts' attention_mask
+        self.positions: torch.Tensor | None = None  # and position ids, where given
         self.spec: dict | None = None
         self.tokens: list[PendingTokens] = []     # the token of each step (streamer)
         self.step_inputs: list[PendingTokens] = []   # input_ids of forwards 1, 2, ...
@@ -131,10 +133,11 @@ class GenerationJob:
             seq = given.shape[-1] if isinstance(given, torch.Tensor) else 0
             self.spec = self._options(kwargs, seq)
             inputs = model_inputs(args, kwargs, "generation")
-            if len(inputs) > 1:
-                raise trace_error("a remote generation from padded prompts",
-                                  "the server generates from prompts of one length: give "
-                                  "them in separate traces, or as equal-length token ids")
+            # Prompts of different lengths come left-padded with their attention_mask (and
+            # the position ids nnsight derives from it); the server gives each forward the
+            # mask and positions HF's generate would.
+            self.mask = inputs.get("attention_mask")
+            self.positions = inputs.get("position_ids")
             self.prompt = ids = inputs["input_ids"]
             batch, seq = ids.shape
             n = self.spec["max_new_tokens"]
@@ -182,12 +185,17 @@ class GenerationJob:
     # ---- the request ----------------------------------------------------------------------
     def _graphs(self) -> tuple[list[dict], dict]:
         tensors = {"input_ids": self.prompt}
+        prompt_inputs = {"input_ids": "input_ids"}
+        for key, value in (("attention_mask", self.mask), ("position_ids", self.positions)):
+            if value is not None:
+                tensors[key] = value
+                prompt_inputs[key] = key
         shared: dict[int, str] = {}   # one upload for a tensor several forwards capture
         graphs = []
         for k, hw in enumerate(self.tracers):
             names = hw.export_constants(f"s{k}_", tensors, shared)
             graphs.append({"version": 1, "model": self.info.name,
-                           "inputs": {"input_ids": "input_ids"} if k == 0 else {},
+                           "inputs": prompt_inputs if k == 0 else {},
                            "constants": sorted(set(names.values()) | hw.parameter_refs),
                            "sites": hw.sites,
                            "nodes": rename_constants(hw.nodes, names), "saves": hw.saves,
