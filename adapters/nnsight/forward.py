@@ -44,7 +44,8 @@ class ForwardDriver:
 
     def __init__(self, info, interleaver, tracer, events, batch: int, seq: int, *,
                  root: str, output_cls: type, lm_head: str, cached: bool = False,
-                 logits: str = "output", last_only: str | None = None):
+                 logits: str = "output", last_only: str | None = None,
+                 local_cache: bool = False):
         self.info, self.interleaver, self.tracer = info, interleaver, tracer
         self.events, self.batch, self.seq = events, batch, seq
         self.root, self.output_cls, self.lm_head, self.logits = root, output_cls, lm_head, logits
@@ -53,6 +54,8 @@ class ForwardDriver:
         if cached:
             self.layouts.update(info.step_module_layouts)
             self.kw_layouts.update(info.step_module_kwarg_layouts)
+        elif local_cache:
+            self._mark_cache_slots()
         self.final_logits = None   # lm_head's output as the forward goes on with it
         # HF's generate asks for the last position's logits only (logits_to_keep=1): locally
         # the output module then sees and returns that position alone. The server computes
@@ -60,6 +63,25 @@ class ForwardDriver:
         self.last_only = last_only
         self._full: dict[int, tuple] = {}
         self._model_output = None
+
+    def _mark_cache_slots(self) -> None:
+        """A trace called as locally (``use_cache`` on, the config's default) hands each
+        layer a KV cache object (an empty ``DynamicCache``); the server runs the forward
+        without one, so its layout says None there. Those slots -- None without a cache, an
+        object with one (the generation step's layout) -- become placeholders: saving one
+        is refused, instead of None where nnsight gives the cache."""
+        for site, step in self.info.step_module_layouts.items():
+            plain = self.layouts.get(site)
+            if plain is not None and len(plain) == len(step):
+                self.layouts[site] = [s if p == "NoneType" and s not in ("NoneType", "Tensor")
+                                      else p for p, s in zip(plain, step)]
+        for site, step in self.info.step_module_kwarg_layouts.items():
+            plain = self.kw_layouts.get(site)
+            if plain is not None:
+                self.kw_layouts[site] = {
+                    k: step[k] if t == "NoneType" and step.get(k) not in (None, "NoneType",
+                                                                          "Tensor") else t
+                    for k, t in plain.items()}
 
     # ---- helpers ------------------------------------------------------------------------
     def wanted(self, location: str) -> bool:

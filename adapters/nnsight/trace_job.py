@@ -93,9 +93,12 @@ class ForwardJob:
             args, kwargs = real_inputs(self.envoy, original, args, kwargs)
             self.inputs = model_inputs(args, kwargs)
             batch, seq = self.inputs["input_ids"].shape
+            # Locally HF makes a KV cache (and hands it to every layer) unless told not to.
+            config = getattr(self.envoy._module, "config", None)
+            local_cache = kwargs.get("use_cache", getattr(config, "use_cache", False))
             driver = ForwardDriver(self.info, self.envoy.interleaver, hw, target.events,
                                    batch, seq, root=target.root, output_cls=target.output_cls,
-                                   lm_head=target.lm_head)
+                                   lm_head=target.lm_head, local_cache=bool(local_cache))
             return driver.run(args, kwargs)
 
         forward.__name__ = getattr(original, "__name__", "forward")
