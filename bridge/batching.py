@@ -167,9 +167,11 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
                 replacements.append((m, part, result))
                 replaced.add(id(m))
         if replacements:
-            # Applied after every member's in-place edits, so none is lost in the copy.
-            if new is None:
-                new = output.clone()
+            # Applied after every member's in-place edits, so none is lost in the copy --
+            # always a fresh one: what a replacing member read of ``output`` (which may be
+            # the copy made for in-place writers above) stays as it read it, as solo, where
+            # its replacement is a tensor of its own.
+            new = output.clone()
             for m, part, value in replacements:
                 new[part] = value
                 if isinstance(value, torch.Tensor):  # solo, the forward goes on with it
@@ -177,10 +179,14 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
         if new is not None and isinstance(original, torch.Tensor):
             # The forward goes on with a copy: a member that replaced nothing here would, run
             # alone, go on with `original`, and what it kept of it would show its later
-            # in-place edits -- which now land in the copy (hookwire.held_saves).
+            # in-place edits -- which now land in the copy (hookwire.held_saves). (Where
+            # in-place writers got a copy of their own first, what members read here views
+            # that copy: it follows the forward's tensor too.)
             for m in members:
                 if m.active and id(m) not in replaced:
                     m.interleaver.moved(original, new)
+                    if output is not original and output is not new:
+                        m.interleaver.moved(output, new)
         if not any(m.wants_more for m in members):
             raise StopForward
         return new

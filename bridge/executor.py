@@ -319,7 +319,12 @@ class Interleaver:
         tensor alive until the end, where a held save is re-read.)"""
         self.held.moved(old, new)
         self._follow_values(old, new)
-        if old.dtype == new.dtype and old.shape == new.shape:
+        # (Not where either tensor has elements shared between rows -- an activation
+        # broadcast over the batch: a member's rows of it are every member's, and a write
+        # mirrored there would reach them all; nor a dtype view, whose place in the tensor
+        # it views is counted in other units.)
+        if old.dtype == new.dtype and old.shape == new.shape and \
+                _plain_layout(old) and _plain_layout(new):
             self._twins.append((_Geometry.of(old), _Geometry.of(new)))
 
     def _write_twins(self, target: torch.Tensor) -> None:
@@ -331,7 +336,7 @@ class Interleaver:
                 if mine.root() is not root:
                     continue
                 whole, twin = mine.tensor(), other.tensor()
-                if whole is None or twin is None:
+                if whole is None or twin is None or whole.dtype != target.dtype:
                     continue
                 where = same_part_in(whole, twin, tuple(target.shape), tuple(target.stride()),
                                      target.storage_offset())
@@ -471,6 +476,13 @@ def _to(values, device: torch.device):
 
 
 __all__ = ["Interleaver"]
+
+
+def _plain_layout(t: torch.Tensor) -> bool:
+    """No two of ``t``'s elements share memory, and it counts places in its storage as the
+    tensor it views does (same dtype)."""
+    root = t._base if t._base is not None else t
+    return root.dtype == t.dtype and torch._debug_has_internal_overlap(t) == 0
 
 
 class _Geometry:

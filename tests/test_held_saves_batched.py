@@ -480,3 +480,42 @@ def test_what_a_member_kept_shows_its_later_edits_beside_a_replacing_batch_mate(
     finally:
         a.close()
         b.close()
+
+
+def test_a_replacing_members_read_of_a_broadcast_site_is_not_overwritten_by_its_replacement(
+        pair_server, local_models):
+    """GPT-2's position embeddings are one row expanded over the batch (stride 0): a batch
+    mate writing them in place gets a copy of its own rows, which every member then reads.
+    A member replacing the same site had its replacement written into that very copy, so
+    what it kept of its read showed its replacement (3x) -- only when co-batched with an
+    in-place writer; solo (and locally) the replacement is a tensor of its own."""
+    s0, s1 = "pos_embed.hook_out", "blocks.0.hook_resid_pre"
+    tokens = local_models["tiny-gpt2"].to_tokens(["the same tensor at two sites"])
+    # The victim keeps its read of the position embeddings (used after a later site) and
+    # replaces them with 3x.
+    victim = graph("tiny-gpt2", sites=[s0, s1],
+                   nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 3.0),
+                          node(2, "site.write", 0, ref(1), mode="replace"),
+                          node(3, "site.read", 1), node(4, "mul", ref(3), 0.0),
+                          node(5, "add", ref(4), ref(0))],
+                   saves={"kept": 5})
+    # The co-tenant writes the position embeddings in place (hook_pos_embed: the same
+    # tensor, the copy once the victim has replaced it).
+    writer = graph("tiny-gpt2", sites=["hook_pos_embed"],
+                   nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), -7.0),
+                          node(2, "site.write", 0, ref(1), mode="inplace")], saves={})
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        rid = a.send(victim, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1
+        for order in ((a, b, victim, writer), (b, a, writer, victim)):
+            first, second, g1, g2 = order
+            w1, w2 = run_pair(first, second, g1, g2, tokens, expect_batched=True)
+            got = w1 if first is a else w2
+            assert got.error is None and got.batch_size == 2, got.error
+            for k in ("__logits__", "kept"):
+                assert torch.equal(got.values[k], solo.values[k]), k
+    finally:
+        a.close()
+        b.close()

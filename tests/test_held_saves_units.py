@@ -153,3 +153,22 @@ def test_a_part_is_named_in_the_batch_only_where_it_shows_the_same_elements():
             assert torch.equal(torch.as_strided(into, size, *where), view), \
                 (size, stride, offset)
     assert named > 100
+
+
+def test_a_write_into_a_copy_of_a_broadcast_activation_is_not_mirrored_into_every_row():
+    """A batch mate replaced an activation that is one row expanded over the batch (GPT-2's
+    position embeddings): the forward goes on with a copy. A member's in-place write into
+    its rows of the copy was mirrored into its "rows" of the replaced tensor -- the one row
+    every member's rows are -- changing what the others read of it."""
+    from hookwire.executor import Interleaver
+    shared = torch.arange(12, dtype=torch.float32).reshape(1, 3, 4)
+    before = shared.clone()
+    old = shared.expand(2, 3, 4)
+    new = old.clone()
+    il = object.__new__(Interleaver)
+    il.held, il.values, il._twins = HeldSaves(last_write_stage=None), {}, []
+    il.moved(old, new)
+    mine = new[0:1]
+    mine.mul_(-7.0)
+    il._write_twins(mine)
+    assert torch.equal(shared, before)  # the other member's row of `old` is as it was
