@@ -252,6 +252,15 @@ def same_part_in(value: torch.Tensor, into: torch.Tensor, size: tuple, stride: t
     if not value.is_contiguous():
         return None
     shape = tuple(value.shape)
+    if into.is_contiguous() and tuple(into.shape) == shape:
+        # The same row-major layout: every view of ``value`` -- one whose steps carry from a
+        # dimension into the next too (``y.view(-1)[60:70]``) -- is the same view of
+        # ``into``, shifted by the difference of their offsets.
+        start = offset - value.storage_offset()
+        if start < 0 or (all(size) and start + sum((n - 1) * st for n, st in zip(size, stride))
+                         >= value.numel()):
+            return None
+        return tuple(stride), into.storage_offset() + start
     units = value.stride()
 
     def digits(n: int) -> list[int] | None:

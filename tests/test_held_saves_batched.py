@@ -6,7 +6,7 @@ import torch
 from torch.testing import assert_close
 
 import hookwire.server as hs
-from graphs import graph, node, ref
+from graphs import FULL, graph, node, ref
 from pipelined import PipelinedClient, run_pair
 
 R1 = "blocks.1.hook_resid_pre"
@@ -516,6 +516,59 @@ def test_a_replacing_members_read_of_a_broadcast_site_is_not_overwritten_by_its_
             assert got.error is None and got.batch_size == 2, got.error
             for k in ("__logits__", "kept"):
                 assert torch.equal(got.values[k], solo.values[k]), k
+    finally:
+        a.close()
+        b.close()
+
+
+def test_flat_views_of_a_replacement_follow_the_batch_rows_it_was_copied_into(pair_server,
+                                                                             local_models):
+    """A flat view of a member's replacement (``y.view(-1)``, a slice of it that runs from one
+    position into the next, ``y.view(1, -1)``) is no view with a step per dimension: it was not
+    followed into the batch rows the replacement was copied into, so the member's later
+    in-place edit of the same tensor showed solo (and locally) but not co-batched."""
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["the same tensor at two sites"])
+    ga = graph("tiny-gpt2", sites=[P0, R1, "ln_final.hook_in"],
+               nodes=[node(0, "site.read", 0), node(1, "mul", ref(0), 2.0),
+                      node(2, "site.write", 0, ref(1), mode="replace"),
+                      node(3, "view", ref(1), -1),
+                      node(4, "getitem", ref(3), {"slice": [60, 70, None]}),
+                      node(5, "view", ref(1), 1, -1),
+                      node(8, "site.read", 1), node(9, "mul", ref(8), 0.5),
+                      node(10, "site.write", 1, ref(9), mode="inplace"),
+                      # a value of the part used after the write (at a later site)
+                      node(11, "site.read", 2), node(12, "mul", ref(11), 0.0),
+                      node(13, "getitem", ref(12), [FULL, 0, {"slice": [0, 10, None]}]),
+                      node(14, "add", ref(4), ref(13))],
+               saves={"flat": 3, "across": 4, "row": 5, "later": 14})
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        rid = a.send(ga, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is None and solo.batch_size == 1, solo.error
+        kept = {}
+
+        def replace(x, hook):
+            y = x * 2.0
+            kept["flat"], kept["row"] = y.view(-1), y.view(1, -1)
+            kept["across"] = kept["flat"][60:70]
+            return y
+
+        def halve(x, hook):
+            x.mul_(0.5)
+        with torch.no_grad():
+            local = bridge.run_with_hooks(tokens, fwd_hooks=[(P0, replace), (R1, halve)])
+        assert_close(solo.values["__logits__"], local)
+        for k in ("flat", "across", "row"):
+            assert_close(solo.values[k], kept[k], msg=k)
+        assert_close(solo.values["later"], kept["across"].unsqueeze(0))
+        reader = graph("tiny-gpt2", sites=[P0], nodes=[node(0, "site.read", 0)],
+                       saves={"r": 0})
+        wa, wb = run_pair(a, b, ga, reader, tokens, expect_batched=True)
+        assert wa.error is None and wb.error is None and wa.batch_size == 2
+        for k in ("__logits__", "flat", "across", "row", "later"):
+            assert torch.equal(wa.values[k], solo.values[k]), k
     finally:
         a.close()
         b.close()

@@ -172,3 +172,38 @@ def test_a_write_into_a_copy_of_a_broadcast_activation_is_not_mirrored_into_ever
     mine.mul_(-7.0)
     il._write_twins(mine)
     assert torch.equal(shared, before)  # the other member's row of `old` is as it was
+
+
+def test_any_part_is_named_in_rows_of_the_same_layout():
+    """Where the batch rows a replacement was copied into have its very layout (no
+    padding), every view of it is named there -- one that runs from a position into the
+    next (``y.view(-1)[60:70]``) too -- and shows the same elements."""
+    from hookwire.held_saves import same_part_in
+
+    gen = torch.Generator().manual_seed(1)
+
+    def pick(n):
+        return int(torch.randint(0, n, (), generator=gen))
+
+    shape = (2, 6, 5)
+    value = torch.arange(60, dtype=torch.float32).reshape(shape)
+    batch = torch.full((5, 6, 5), -1.0)
+    into = batch[2:4]
+    into.copy_(value)
+    for view in (value.view(-1), value.view(-1)[3:17], value.view(2, -1)[:, 4:9],
+                 value.view(-1)[::7]):
+        where = same_part_in(value, into, tuple(view.shape), tuple(view.stride()),
+                              view.storage_offset())
+        assert where is not None and torch.equal(torch.as_strided(into, view.shape, *where),
+                                                 view)
+    for _ in range(2000):
+        dims = 1 + pick(3)
+        size = tuple(1 + pick(4) for _ in range(dims))
+        stride = tuple(pick(31) for _ in range(dims))
+        offset = pick(60)
+        if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= 60:
+            continue
+        where = same_part_in(value, into, size, stride, offset)
+        assert where is not None
+        assert torch.equal(torch.as_strided(into, size, *where),
+                           torch.as_strided(value, size, stride, offset))
