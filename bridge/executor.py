@@ -124,7 +124,11 @@ class Interleaver:
         # mate's replacement: the forward goes on with a copy, while the model may still
         # hand the tensor it replaced to other sites -- an attention's q, k and v inputs):
         # this graph's in-place writes into one reach its rows of the other (``moved``).
-        self._twins: list[tuple[_Geometry, _Geometry]] = []
+        # (Both by the id of the tensor whose storage they view, as held saves are: what a
+        # batch mate's replacement or a write looks up takes time in proportion to what it
+        # concerns, not to everything this graph keeps.)
+        self._twins: dict[int, list[tuple[_Geometry, _Geometry]]] = {}
+        self._views_of: dict[int, list[int]] = {}  # id(root) -> node ids whose value views it
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -190,6 +194,8 @@ class Interleaver:
             self.on_node()  # between nodes too: nodes after the last site obey the deadline
             value = self.run_node(dn, site_value)
             self.values[dn.id] = value
+            if isinstance(value, torch.Tensor):
+                self._views_of.setdefault(id(_root(value)), []).append(dn.id)
             for name in self.saves_of.get(dn.id, ()):
                 if self.held.holds(stage):
                     self.held.hold(name, stage, value)
@@ -325,23 +331,26 @@ class Interleaver:
         # it views is counted in other units.)
         if old.dtype == new.dtype and old.shape == new.shape and \
                 _plain_layout(old) and _plain_layout(new):
-            self._twins.append((_Geometry.of(old), _Geometry.of(new)))
+            mine, other = _Geometry.of(old), _Geometry.of(new)
+            for key, pair in ((id(_root(old)), (mine, other)), (id(_root(new)), (other, mine))):
+                alive = [p for p in self._twins.get(key, ())  # (a dead tensor's id, reused)
+                         if p[0].root() is not None and p[1].root() is not None]
+                self._twins[key] = alive + [pair]
 
     def _write_twins(self, target: torch.Tensor) -> None:
         """``target`` (this graph's rows of a site's activation) was just written in place:
         the same rows of its twin get the same values, as solo both are one tensor."""
-        root = target._base if target._base is not None else target
-        for pair in self._twins:
-            for mine, other in (pair, pair[::-1]):
-                if mine.root() is not root:
-                    continue
-                whole, twin = mine.tensor(), other.tensor()
-                if whole is None or twin is None or whole.dtype != target.dtype:
-                    continue
-                where = same_part_in(whole, twin, tuple(target.shape), tuple(target.stride()),
-                                     target.storage_offset())
-                if where is not None:
-                    torch.as_strided(twin, target.shape, *where).copy_(target)
+        root = _root(target)
+        for mine, other in self._twins.get(id(root), ()):
+            if mine.root() is not root:  # (a dead tensor's id, reused)
+                continue
+            whole, twin = mine.tensor(), other.tensor()
+            if whole is None or twin is None or whole.dtype != target.dtype:
+                continue
+            where = same_part_in(whole, twin, tuple(target.shape), tuple(target.stride()),
+                                 target.storage_offset())
+            if where is not None:
+                torch.as_strided(twin, target.shape, *where).copy_(target)
 
     def copied(self, value: torch.Tensor, into: torch.Tensor) -> None:
         """A batched forward copied this graph's replacement ``value`` into ``into`` (its
@@ -351,21 +360,28 @@ class Interleaver:
         self._follow_values(value, into)
 
     def _follow_values(self, old: torch.Tensor, new: torch.Tensor) -> None:
-        root = old._base if old._base is not None else old
-        for nid, v in list(self.values.items()):
-            if not isinstance(v, torch.Tensor) or v.dtype != old.dtype or \
-                    (v._base if v._base is not None else v) is not root:
+        root = _root(old)
+        stay = []
+        for nid in self._views_of.pop(id(root), ()):
+            v = self.values.get(nid)
+            if not isinstance(v, torch.Tensor) or _root(v) is not root:
+                continue  # dropped since, re-pointed, or a dead tensor's id reused
+            where = None if v.dtype != old.dtype else \
+                same_part_in(old, new, tuple(v.shape), tuple(v.stride()), v.storage_offset())
+            if where is None:
+                stay.append(nid)
                 continue
-            where = same_part_in(old, new, tuple(v.shape), tuple(v.stride()),
-                                 v.storage_offset())
-            if where is not None:
-                self.values[nid] = torch.as_strided(new, v.shape, *where)
+            self.values[nid] = moved = torch.as_strided(new, v.shape, *where)
+            self._views_of.setdefault(id(_root(moved)), []).append(nid)
+        if stay:
+            self._views_of.setdefault(id(root), []).extend(stay)
 
     def release(self) -> None:
         """Drop every value and callback now that the request is over, so its tensors are
         freed at once instead of when the cycle collector finds the request's closures."""
         self.values.clear()
         self._twins.clear()
+        self._views_of.clear()
         self.held.clear()
         self.constants.clear()
         self.grad_inputs.clear()
@@ -476,6 +492,10 @@ def _to(values, device: torch.device):
 
 
 __all__ = ["Interleaver"]
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
 
 
 def _plain_layout(t: torch.Tensor) -> bool:
