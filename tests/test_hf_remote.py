@@ -434,3 +434,56 @@ def test_generate_refuses_masks_it_cannot_continue(server):
         model.generate(PROMPT, 2, attention_mask=torch.ones(2, 6, dtype=torch.int64))
     with pytest.raises(HookwireError, match="0/1"):
         model.generate(PROMPT, 2, attention_mask=torch.full((2, 7), 2))
+
+
+def _whole_steering(name, store):
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(9))
+
+    def steer(module, args, output):
+        store.append(output.clone())
+        return output + 0.3 * vector
+    return {PATHS[name][0]: steer}
+
+
+PADDED_MASKS = {
+    "right": torch.tensor([[1] * 7, [1] * 4 + [0] * 3]),
+    "left_bool": torch.tensor([[1] * 7, [0, 0, 0] + [1] * 4]).bool(),
+    "hole": torch.tensor([[1] * 7, [1, 1, 0, 1, 1, 1, 1]]),
+    "both_padded": torch.tensor([[0] + [1] * 6, [0, 0, 0] + [1] * 4]),
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("kind", list(PADDED_MASKS))
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_from_any_padded_mask_equals_hf_generate(server, plain, name, kind,
+                                                          do_sample):
+    """Masks HF's generate takes beside left padding (right padding, bool, a hole, every row
+    padded): the tokens and every activation the hook saw (padding positions included) equal
+    HF's generate with the same mask, on the server and in LocalModel."""
+    mask = PADDED_MASKS[kind]
+    ids = PROMPT.clone()
+    ids[mask == 0] = 0
+    remote_steps, local_steps, hf_steps = [], [], []
+    kw = dict(max_new_tokens=4, do_sample=do_sample, top_k=20, temperature=0.8)
+    out = hhf.RemoteModel(name).generate(ids, hooks=_whole_steering(name, remote_steps),
+                                         seed=5, attention_mask=mask, **kw)
+    local = hhf.LocalModel(plain[name]).generate(ids, hooks=_whole_steering(name, local_steps),
+                                                 seed=5, attention_mask=mask, **kw)
+    mlp = PATHS[name][0]
+    handles = [plain[name].get_submodule(mlp).register_forward_hook(
+        _whole_steering(name, hf_steps)[mlp])]
+    try:
+        torch.manual_seed(5)
+        with torch.no_grad():
+            reference = plain[name].generate(ids, attention_mask=mask, eos_token_id=None,
+                                             pad_token_id=0, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(out.sequences, reference), (out.sequences, reference)
+    assert torch.equal(local.sequences, reference)
+    assert len(remote_steps) == len(hf_steps) == 4
+    for a, b, c in zip(remote_steps, hf_steps, local_steps):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert_close(c, b, rtol=1e-5, atol=1e-5)

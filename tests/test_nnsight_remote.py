@@ -667,3 +667,29 @@ def test_an_in_place_edit_of_a_piece_raises_where_nnsight_raises(trios, name, ki
     with torch.no_grad():
         local, remote = trio.run(kind, block)
     same(local, remote)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_generation_from_padded_prompts_sampling_with_a_seed(trios, name, no_eos):
+    """Padded prompts (a list of different lengths), sampled with a seed: the tokens, and
+    the full hidden states of every step (padding positions included)."""
+    prompts = ["a", "The Eiffel Tower is in the city of", "xy"]
+    kw = dict(max_new_tokens=5, do_sample=True, top_k=20, temperature=0.8)
+
+    def ids_of(model, seed):
+        with model.generate(prompts, **kw, **seed) as tracer:
+            ids = tracer.result.save()
+        return ids
+
+    def hidden_of(model, seed):
+        with model.generate(prompts, **kw, **seed) as tracer:
+            hidden = nnsight.save([])
+            for step in tracer.all():
+                hidden.append(layers(model)[1].output)
+        return hidden
+
+    for block in (ids_of, hidden_of):
+        torch.manual_seed(11)
+        local = block(trios[name].local, {})
+        remote = block(trios[name].remote, {"seed": 11})
+        same(local, remote)
