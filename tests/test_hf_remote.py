@@ -487,3 +487,22 @@ def test_generate_from_any_padded_mask_equals_hf_generate(server, plain, name, k
     for a, b, c in zip(remote_steps, hf_steps, local_steps):
         assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert_close(c, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_from_padded_prompts_stops_rows_at_eos_as_hf_generate(server, plain, name):
+    """A padded row that reaches EOS early is padded with pad_token_id from then on (its
+    mask still grows, as HF's does), the other goes on: tokens equal HF's generate."""
+    mask = PADDED_MASKS["right"]
+    ids = PROMPT.clone()
+    ids[mask == 0] = 0
+    first = plain[name].generate(ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)[:, -1]
+    eos = int(first[1])
+    kw = dict(max_new_tokens=5, do_sample=False)
+    out = hhf.RemoteModel(name).generate(ids, attention_mask=mask, eos_token_id=eos,
+                                         pad_token_id=3, **kw)
+    with torch.no_grad():
+        reference = plain[name].generate(ids, attention_mask=mask, eos_token_id=eos,
+                                         pad_token_id=3, **kw)
+    assert torch.equal(out.sequences, reference), (out.sequences, reference)

@@ -171,3 +171,32 @@ def test_building_stand_ins_in_threads_leaves_weight_reads_guarded(server, local
         done.wait(20)
     reader.join(20)
     assert not errors, errors
+
+
+def test_stand_ins_built_at_once_in_several_threads_all_work(server, local_models):
+    """Several stand-ins built at the same moment (two per model, from four threads): each
+    builds, runs as its model does locally, and still says how to fetch a weight after."""
+    import threading
+
+    tokens = local_models["tiny-gpt2"].to_tokens(["built at once"])
+    names = ["tiny-gpt2", "tiny-llama"] * 2
+    start, built, errors = threading.Barrier(len(names)), {}, []
+
+    def build(k, name):
+        try:
+            start.wait(30)
+            built[k] = htl.RemoteModel(name)
+        except BaseException as exc:  # noqa: BLE001 - reported in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=build, args=(k, n)) for k, n in enumerate(names)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    for k, name in enumerate(names):
+        with torch.no_grad():
+            assert_close(built[k](tokens), local_models[name](tokens))
+        with pytest.raises(htl.WeightsNotFetched, match="fetch_weights"):
+            built[k].blocks[0].attn.W_O
