@@ -498,11 +498,15 @@ def broadcast_then_scale() -> dict:
 
 
 def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_server,
-                                                                       local_models):
+                                                                       local_models,
+                                                                       monkeypatch):
     """Solo (and locally in TL) the forward goes on with the broadcast replacement, and the
-    later in-place write into it fails; a batch copies the replacement into the member's
+    later in-place write into it fails; a batch copied the replacement into the member's
     rows, where the write succeeded -- co-batched a value came back where solo an error
-    did."""
+    did. (The shared forward now stops at such a replacement and its members run again
+    without each other, hookwire.batching.LayoutNotShared; a member left alone in its batch
+    goes on with the copy, and its write fails there as solo: Interleaver.copied.)"""
+    from hookwire.server.worker import ModelWorker
     bridge = local_models["tiny-gpt2"]
     tokens = bridge.to_tokens(["a row broadcast, then written"])
 
@@ -514,6 +518,13 @@ def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_serv
     with torch.no_grad(), pytest.raises(RuntimeError, match="single memory location"):
         bridge.run_with_hooks(tokens, fwd_hooks=[(P0, expand), (R1, scale)])
     bridge.reset_hooks(including_permanent=True)
+    retries = []
+    run_again = ModelWorker._run_again
+
+    def counted(self, ready, crash):
+        retries.append(type(crash).__name__)
+        return run_again(self, ready, crash)
+    monkeypatch.setattr(ModelWorker, "_run_again", counted)
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
         g = broadcast_then_scale()
@@ -524,12 +535,14 @@ def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_serv
                        saves={"p0": 0})
         rid = b.send(reader, {"input_ids": tokens})
         reader_solo = b.collect([rid])[rid]
-        wa, ra = run_pair(a, b, g, reader, tokens, expect_batched=True)
-        assert ra.batch_size == 2 and ra.error is None
-        assert wa.error is not None, "co-batched, the write into the broadcast succeeded"
-        assert wa.error.message == solo.error.message
-        assert torch.equal(ra.values["p0"], reader_solo.values["p0"])
-        assert torch.equal(ra.values["__logits__"], reader_solo.values["__logits__"])
+        for _ in range(4):
+            wa, ra = run_pair(a, b, g, reader, tokens, expect_batched=False)
+            assert wa.error is not None, "co-batched, the write into the broadcast succeeded"
+            assert wa.error.message == solo.error.message
+            assert ra.error is None
+            assert torch.equal(ra.values["p0"], reader_solo.values["p0"])
+            assert torch.equal(ra.values["__logits__"], reader_solo.values["__logits__"])
+        assert retries and set(retries) == {"LayoutNotShared"}, "never shared a forward"
     finally:
         a.close()
         b.close()

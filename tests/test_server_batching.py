@@ -448,3 +448,73 @@ def _pair_of_lengths(writer, reader, wgraph, rgraph, wtokens, rtokens, tries: in
         if wa.batch_size == 2:
             break
     return wa, ra
+
+
+MLP_POST = "blocks.0.mlp.hook_post"
+
+
+def broadcast_replacement_graph() -> dict:
+    """Replace GPT-2's MLP hidden activation with its first position broadcast over the
+    sequence (``x[:, :1].expand_as(x)``: one row of memory). The output projection, a
+    Conv1D, takes ``x.view(-1, d)`` of it, which torch refuses for that layout."""
+    first = [FULL, {"slice": [0, 1, None]}, FULL]
+    return {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+            "sites": [{"name": MLP_POST}],
+            "nodes": [{"id": 0, "op": "site.read", "args": [0]},
+                      {"id": 1, "op": "getitem", "args": [{"ref": 0}, first]},
+                      {"id": 2, "op": "expand_as", "args": [{"ref": 1}, {"ref": 0}]},
+                      {"id": 3, "op": "site.write", "args": [0, {"ref": 2}],
+                       "kwargs": {"mode": "replace"}}],
+            "saves": {}, "forward": {"return_type": "logits"}}
+
+
+def test_a_replacement_the_batch_would_lay_out_anew_runs_as_it_does_solo(hosted, local_models,
+                                                                          monkeypatch):
+    """Solo (and in TL) the forward goes on with the replacement itself, whose layout the
+    model's ``view`` refuses: an error. A batch copied it into the member's rows of a
+    contiguous tensor, and a value came back where solo an error did. Now the shared
+    forward stops there and its members run again without each other."""
+    from pipelined import PipelinedClient
+    from hookwire.server.worker import ModelWorker
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["one row broadcast over all", "in each of two rows"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="view size is not compatible"):
+        bridge.run_with_hooks(tokens, fwd_hooks=[
+            (MLP_POST, lambda x, hook: x[:, :1].expand_as(x))])
+    bridge.reset_hooks(including_permanent=True)
+    retries = []
+    run_again = ModelWorker._run_again
+
+    def counted(self, ready, crash):
+        retries.append(type(crash).__name__)
+        return run_again(self, ready, crash)
+    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=list(PAD_KEYS), batch_window_s=0.05)
+    a, b = PipelinedClient(srv.url, PAD_KEYS[0]), PipelinedClient(srv.url, PAD_KEYS[1])
+    try:
+        writer = broadcast_replacement_graph()
+        reader = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+                  "sites": [{"name": MLP_POST}],
+                  "nodes": [{"id": 0, "op": "site.read", "args": [0]}],
+                  "saves": {"post": 0}, "forward": {"return_type": "logits"}}
+        rid = a.send(writer, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is not None and "view size" in solo.error.message
+        rid = b.send(reader, {"input_ids": tokens})
+        reader_solo = b.collect([rid])[rid]
+        assert reader_solo.error is None
+        for _ in range(4):
+            w = a.send(writer, {"input_ids": tokens})
+            r = b.send(reader, {"input_ids": tokens})
+            wa, ra = a.collect([w])[w], b.collect([r])[r]
+            assert wa.error is not None, "co-batched, the broadcast replacement ran"
+            assert wa.error.message == solo.error.message
+            assert ra.error is None
+            for k in ("post", "__logits__"):
+                assert torch.equal(ra.values[k], reader_solo.values[k]), k
+        assert retries and set(retries) == {"LayoutNotShared"}, "never shared a forward"
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
