@@ -141,6 +141,45 @@ def _own_copy_for_inplace(output, name: str, call: int, members, full_seq: int):
     return output.clone()
 
 
+class LayoutNotShared(Exception):
+    """A member replaced a site with a tensor the batch cannot go on with as its solo
+    forward would: the batched forward stops, and its members run again without each other
+    (server/worker.py ``_run_again``: a writer alone)."""
+
+
+def _check_layout(value, own, output, members) -> None:
+    """Raise :class:`LayoutNotShared` for a replacement whose memory layout the batch's copy
+    loses: elements sharing memory (``x[:, :1].expand_as(x)``), gaps or a dim order other
+    than the activation's (``output``: a permuted one, e.g. Llama's q/k, is kept), unless it
+    is the member's own view of the site (``own``: ``return x``). Run alone, the forward goes
+    on with that very tensor, and the model's ``view`` of it (GPT-2's Conv1D:
+    ``x.view(-1, d)``) or a later in-place write fails; copied into the batch's rows, both
+    succeeded, and a value came back where solo an error did."""
+    if not isinstance(value, torch.Tensor) or value.is_contiguous() or \
+            sum(m.active for m in members) < 2:
+        return
+    if value.shape == own.shape and value.stride() == own.stride() and \
+            value.storage_offset() == own.storage_offset() and \
+            value.untyped_storage().data_ptr() == own.untyped_storage().data_ptr():
+        return  # its own rows of the site (``return x``): solo, the activation itself
+    if value.dim() == output.dim() and _dense_in_order_of(value, output):
+        return  # laid out as the activation is (solo, the same layout goes on)
+    raise LayoutNotShared(f"a replacement of shape {tuple(value.shape)} with strides "
+                          f"{tuple(value.stride())} cannot go on in a shared forward")
+
+
+def _dense_in_order_of(value: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``value`` is dense (no gaps, no shared elements) with its dims in the memory
+    order of ``like``'s (size-1 dims do not count)."""
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost first
+    expect, step = [0] * value.dim(), 1
+    for d in reversed(order):
+        expect[d] = step
+        step *= value.shape[d]
+    return all(size == 1 or st == ex for size, st, ex in
+               zip(value.shape, value.stride(), expect))
+
+
 def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
     counter = [0]
 
@@ -164,6 +203,7 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
                 m.fail(exc)
                 continue
             if result is not None:
+                _check_layout(result, output[part], output, members)
                 replacements.append((m, part, result))
                 replaced.add(id(m))
         if replacements:
@@ -193,4 +233,4 @@ def _batch_hook(name: str, members: list[BatchMember], full_seq: int):
     return hook
 
 
-__all__ = ["BatchMember", "run_batch"]
+__all__ = ["BatchMember", "LayoutNotShared", "run_batch"]

@@ -129,6 +129,10 @@ class Interleaver:
         # concerns, not to everything this graph keeps.)
         self._twins: dict[int, list[tuple[_Geometry, _Geometry]]] = {}
         self._views_of: dict[int, list[int]] = {}  # id(root) -> node ids whose value views it
+        # Where a batch copied a replacement of this graph's that has no memory of its own
+        # per element (``x[:, :1].expand_as(x)``): run alone, the forward goes on with that
+        # tensor, and an in-place write into it later fails (``copied``).
+        self._overlapping: list[_Geometry] = []
         self.grad_inputs: dict[int, torch.Tensor] = {}   # site -> tensor the model went on with
         self.grads: dict[int, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
@@ -253,6 +257,10 @@ class Interleaver:
             target = output.clone() if output.numel() and \
                 output.untyped_storage().data_ptr() in self.weights else output
             self.held.written(index, value, target)
+            if self._overlapping and self._was_overlapping(target):
+                info = self.vg.site_infos[index]
+                raise ExecutionError(f"in-place write into site {info.name!r} failed: "
+                                     f"{_OVERLAP_ERROR[:200]}", node=writes["inplace"])
             # Differentiable when a backward follows (gradients flow through the edit).
             with contextlib.nullcontext() if self.needs_grad else torch.no_grad():
                 try:
@@ -358,6 +366,18 @@ class Interleaver:
         saves and values viewing ``value`` follow ``into``."""
         self.held.copied(value, into)
         self._follow_values(value, into)
+        if torch._debug_has_internal_overlap(value) == 1:  # 1: MemOverlap.Yes
+            self._overlapping.append(_Geometry.of(into))
+
+    def _was_overlapping(self, target: torch.Tensor) -> bool:
+        """Whether ``target`` is where a batch copied a replacement of this graph's whose
+        elements share memory: run alone, the write would go into that replacement itself,
+        and torch refuses it (the batch's copy would take it, and the result differ from the
+        solo run's error). A part of the copy is not matched: solo its write may succeed."""
+        root = target._base if target._base is not None else target
+        geometry = (tuple(target.shape), tuple(target.stride()), target.storage_offset())
+        return any(g.root() is root and (g.size, g.stride, g.offset) == geometry
+                   for g in self._overlapping)
 
     def _follow_values(self, old: torch.Tensor, new: torch.Tensor) -> None:
         root = _root(old)
@@ -382,6 +402,7 @@ class Interleaver:
         self.values.clear()
         self._twins.clear()
         self._views_of.clear()
+        self._overlapping.clear()
         self.held.clear()
         self.constants.clear()
         self.grad_inputs.clear()
@@ -503,6 +524,18 @@ def _plain_layout(t: torch.Tensor) -> bool:
     tensor it views does (same dtype)."""
     root = t._base if t._base is not None else t
     return root.dtype == t.dtype and torch._debug_has_internal_overlap(t) == 0
+
+
+def _overlap_error() -> str:
+    """torch's own words for an in-place write into a tensor whose elements share memory."""
+    try:
+        torch.zeros(1).expand(2).copy_(torch.zeros(2))
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    return "more than one element of the written-to tensor refers to a single memory location"
+
+
+_OVERLAP_ERROR = _overlap_error()
 
 
 class _Geometry:

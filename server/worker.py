@@ -89,6 +89,8 @@ class Job:
     refs: list = field(default_factory=list)
     reservation: object = NO_RESERVATION  # the memory it holds (server.memory)
     key: object = "unset"            # batch_key, computed once in the worker thread
+    # Whether it writes a site indexed by key positions too (unpadded_only), computed once.
+    keys_written: object = "unset"
     on_finish: Callable[[], None] | None = None  # the front's note that it is over (once)
     # In a model process: whether the front, when it submitted this, saw a connection that
     # could still send a batch mate (server/process_engine.py).
@@ -198,6 +200,24 @@ def batch_key(job: Job, entry=None):
     # length share its forward.
     length = () if getattr(entry, "causal", True) else (_input_shape(job)[1],)
     return (graph.model, spec.output_attentions, eager, hook_mode(spec.tl_flags)) + length
+
+
+def writes_key_positions(job: Job, entry) -> bool:
+    """Whether the job writes a site with two position dims (attention scores and patterns:
+    (B, heads, S query, S key)). Right-padded beside a longer batch mate, its view of such a
+    site leaves out the padding keys, which causal masking leaves at the mask value (-3.4e38)
+    or 0: a write that puts its own keys at or below that value (a head's scores filled
+    with ``finfo.min`` or -inf to ablate it) no longer outranks them, and its positions
+    attend to the padding -- solo they attend uniformly over its own keys (or are NaN). Such
+    a job shares a forward only where it is not padded (``ModelWorker.batch_fits``)."""
+    writes = {n.args[0] for n in job.submit.graph.nodes if n.op == SITE_WRITE and n.args}
+    for i in writes:
+        site = job.submit.graph.sites[i] if isinstance(i, int) and \
+            0 <= i < len(job.submit.graph.sites) else None
+        info = None if site is None else entry.site_table.get((site.name, site.call))
+        if info is None or sum(d == "S" for d in info.shape) >= 2:
+            return True
+    return False
 
 
 def _input_shape(job: Job) -> tuple:
@@ -314,6 +334,16 @@ class ModelWorker(threading.Thread):
                 job.key = None
         return job.key
 
+    @staticmethod
+    def _writes_key_positions(job: Job, entry) -> bool:
+        if job.keys_written == "unset":  # once per job (O(graph))
+            try:
+                job.keys_written = writes_key_positions(job, entry)
+            except Exception:  # a bug of ours: it is never padded
+                log.exception("checking a request's writes for padding failed")
+                job.keys_written = True
+        return job.keys_written
+
     def batch_fits(self, jobs: list[Job]) -> bool:
         """A batch is bounded as a whole after right-padding: every row carries the longest
         member's positions, so rows x longest sequence must fit the token budget and the
@@ -328,6 +358,11 @@ class ModelWorker(threading.Thread):
         # nor is it padded to a long one's length (at most half a batch is padding).
         sizes = [b * s for b, s in shapes]
         if max(sizes) > MAX_SIZE_RATIO * min(sizes) or rows * seq > 2 * sum(sizes):
+            return False
+        # A member that writes attention scores (or patterns) is never right-padded: its
+        # write cannot reach the padding keys (writes_key_positions).
+        if any(s < seq and self._writes_key_positions(job, entry)
+               for job, (_, s) in zip(jobs, shapes)):
             return False
         try:
             check_forward_size(entry, jobs[0].submit.graph.forward, rows, seq, self.limits)
@@ -1191,4 +1226,4 @@ def output_shapes(entry, spec, batch: int, seq: int) -> dict:
             "loss": (loss_shape, dtype)}
 
 
-__all__ = ["ModelWorker", "Job", "batch_key", "output_shapes"]
+__all__ = ["ModelWorker", "Job", "batch_key", "output_shapes", "writes_key_positions"]

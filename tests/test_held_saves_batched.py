@@ -572,3 +572,69 @@ def test_flat_views_of_a_replacement_follow_the_batch_rows_it_was_copied_into(pa
     finally:
         a.close()
         b.close()
+
+
+def broadcast_then_scale() -> dict:
+    """Replace resid_post(0) with its first position broadcast over the sequence (one row
+    of memory: ``x[:, :1].expand_as(x)``), then scale resid_pre(1) -- the same tensor -- in
+    place: torch refuses the write into a tensor whose elements share memory."""
+    first = [{"slice": [None, None, None]}, {"slice": [0, 1, None]},
+             {"slice": [None, None, None]}]
+    return graph("tiny-gpt2", sites=[P0, R1],
+                 nodes=[node(0, "site.read", 0), node(1, "getitem", ref(0), first),
+                        node(2, "expand_as", ref(1), ref(0)),
+                        node(3, "site.write", 0, ref(2), mode="replace"),
+                        node(4, "site.read", 1), node(5, "mul", ref(4), 2.0),
+                        node(6, "site.write", 1, ref(5), mode="inplace")],
+                 saves={})
+
+
+def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_server,
+                                                                       local_models,
+                                                                       monkeypatch):
+    """Solo (and locally in TL) the forward goes on with the broadcast replacement, and the
+    later in-place write into it fails; a batch copied the replacement into the member's
+    rows, where the write succeeded -- co-batched a value came back where solo an error
+    did. (The shared forward now stops at such a replacement and its members run again
+    without each other, hookwire.batching.LayoutNotShared; a member left alone in its batch
+    goes on with the copy, and its write fails there as solo: Interleaver.copied.)"""
+    from hookwire.server.worker import ModelWorker
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["a row broadcast, then written"])
+
+    def expand(x, hook):
+        return x[:, :1].expand_as(x)
+
+    def scale(x, hook):
+        x.mul_(2.0)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="single memory location"):
+        bridge.run_with_hooks(tokens, fwd_hooks=[(P0, expand), (R1, scale)])
+    bridge.reset_hooks(including_permanent=True)
+    retries = []
+    run_again = ModelWorker._run_again
+
+    def counted(self, ready, crash):
+        retries.append(type(crash).__name__)
+        return run_again(self, ready, crash)
+    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
+    try:
+        g = broadcast_then_scale()
+        rid = a.send(g, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is not None and "single memory location" in solo.error.message
+        reader = graph("tiny-gpt2", sites=[P0], nodes=[node(0, "site.read", 0)],
+                       saves={"p0": 0})
+        rid = b.send(reader, {"input_ids": tokens})
+        reader_solo = b.collect([rid])[rid]
+        for _ in range(4):
+            wa, ra = run_pair(a, b, g, reader, tokens, expect_batched=False)
+            assert wa.error is not None, "co-batched, the write into the broadcast succeeded"
+            assert wa.error.message == solo.error.message
+            assert ra.error is None
+            assert torch.equal(ra.values["p0"], reader_solo.values["p0"])
+            assert torch.equal(ra.values["__logits__"], reader_solo.values["__logits__"])
+        assert retries and set(retries) == {"LayoutNotShared"}, "never shared a forward"
+    finally:
+        a.close()
+        b.close()

@@ -371,3 +371,150 @@ def test_connections_per_key_are_limited(hosted):
         Connection(srv.url, "key-one-0123456789ab").close()  # the slot is free again
     finally:
         srv.stop()
+
+
+SCORES = "blocks.0.attn.hook_attn_scores"
+PAD_KEYS = ("pad-key-a-0123456789abcdef", "pad-key-b-0123456789abcdef")
+
+
+def ablate_scores_graph(model: str) -> dict:
+    """Fill the scores of every head with the attention mask's own value (finfo.min), as an
+    ablation does: solo, each position attends uniformly to the positions up to its own
+    (and locally, as TL does)."""
+    floor = torch.finfo(torch.float32).min
+    return {"model": model, "inputs": {"input_ids": "input_ids"},
+            "sites": [{"name": SCORES}],
+            "nodes": [{"id": 0, "op": "site.read", "args": [0]},
+                      {"id": 1, "op": "mul", "args": [{"ref": 0}, 0.0]},
+                      {"id": 2, "op": "add", "args": [{"ref": 1}, floor]},
+                      {"id": 3, "op": "site.write", "args": [0, {"ref": 2}],
+                       "kwargs": {"mode": "replace"}}],
+            "saves": {}, "forward": {"return_type": "logits"}}
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+def test_a_member_that_writes_attention_scores_is_not_right_padded(hosted, local_models,
+                                                                   name):
+    """Right-padded beside a longer batch mate, a member's view of the scores leaves out the
+    padding keys, which the causal mask leaves at finfo.min: its own keys written down to
+    that value no longer outrank them, and its positions attended to the padding (logits
+    off by ~0.1; with -inf, finite where solo is NaN). Such a writer shares a forward only
+    where it is not padded: beside a shorter mate it still does, and equals its solo run."""
+    from pipelined import PipelinedClient
+    bridge = local_models[name]
+    short = bridge.to_tokens(["short one"])
+    long = bridge.to_tokens(["a longer request that the short one is padded to"])
+    floor = torch.finfo(torch.float32).min
+    with torch.no_grad():
+        local = {len_: bridge.run_with_hooks(toks, fwd_hooks=[
+            (SCORES, lambda x, hook: x * 0.0 + floor)]) for len_, toks in
+            (("short", short), ("long", long))}
+    srv = hs.start(models={name: hosted[name].bridge}, port=0, api_keys=list(PAD_KEYS),
+                   batch_window_s=0.05)
+    a, b = PipelinedClient(srv.url, PAD_KEYS[0]), PipelinedClient(srv.url, PAD_KEYS[1])
+    try:
+        writer, reader = ablate_scores_graph(name), {
+            "model": name, "inputs": {"input_ids": "input_ids"}, "sites": [], "nodes": [],
+            "saves": {}, "forward": {"return_type": "logits"}}
+        solo = {}
+        for tag, toks in (("short", short), ("long", long)):
+            rid = a.send(writer, {"input_ids": toks})
+            solo[tag] = a.collect([rid])[rid]
+            assert solo[tag].error is None and solo[tag].batch_size == 1
+            assert torch.equal(solo[tag].values["__logits__"], local[tag]), tag
+        # The short writer beside a long reader: never padded, so never co-batched.
+        for _ in range(4):
+            w = a.send(writer, {"input_ids": short})
+            r = b.send(reader, {"input_ids": long})
+            wa, ra = a.collect([w])[w], b.collect([r])[r]
+            assert wa.error is None and ra.error is None
+            assert torch.equal(wa.values["__logits__"], solo["short"].values["__logits__"])
+            assert wa.batch_size == 1, "a scores writer was right-padded"
+        # The long writer beside a short reader is not padded: it shares the forward.
+        wa, ra = _pair_of_lengths(a, b, writer, reader, long, short)
+        assert wa.error is None and ra.error is None and wa.batch_size == 2
+        assert torch.equal(wa.values["__logits__"], solo["long"].values["__logits__"])
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
+
+
+def _pair_of_lengths(writer, reader, wgraph, rgraph, wtokens, rtokens, tries: int = 6):
+    for _ in range(tries):
+        w = writer.send(wgraph, {"input_ids": wtokens})
+        r = reader.send(rgraph, {"input_ids": rtokens})
+        wa, ra = writer.collect([w])[w], reader.collect([r])[r]
+        if wa.batch_size == 2:
+            break
+    return wa, ra
+
+
+MLP_POST = "blocks.0.mlp.hook_post"
+
+
+def broadcast_replacement_graph() -> dict:
+    """Replace GPT-2's MLP hidden activation with its first position broadcast over the
+    sequence (``x[:, :1].expand_as(x)``: one row of memory). The output projection, a
+    Conv1D, takes ``x.view(-1, d)`` of it, which torch refuses for that layout."""
+    first = [FULL, {"slice": [0, 1, None]}, FULL]
+    return {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+            "sites": [{"name": MLP_POST}],
+            "nodes": [{"id": 0, "op": "site.read", "args": [0]},
+                      {"id": 1, "op": "getitem", "args": [{"ref": 0}, first]},
+                      {"id": 2, "op": "expand_as", "args": [{"ref": 1}, {"ref": 0}]},
+                      {"id": 3, "op": "site.write", "args": [0, {"ref": 2}],
+                       "kwargs": {"mode": "replace"}}],
+            "saves": {}, "forward": {"return_type": "logits"}}
+
+
+def test_a_replacement_the_batch_would_lay_out_anew_runs_as_it_does_solo(hosted, local_models,
+                                                                          monkeypatch):
+    """Solo (and in TL) the forward goes on with the replacement itself, whose layout the
+    model's ``view`` refuses: an error. A batch copied it into the member's rows of a
+    contiguous tensor, and a value came back where solo an error did. Now the shared
+    forward stops there and its members run again without each other."""
+    from pipelined import PipelinedClient
+    from hookwire.server.worker import ModelWorker
+    bridge = local_models["tiny-gpt2"]
+    tokens = bridge.to_tokens(["one row broadcast over all", "in each of two rows"])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="view size is not compatible"):
+        bridge.run_with_hooks(tokens, fwd_hooks=[
+            (MLP_POST, lambda x, hook: x[:, :1].expand_as(x))])
+    bridge.reset_hooks(including_permanent=True)
+    retries = []
+    run_again = ModelWorker._run_again
+
+    def counted(self, ready, crash):
+        retries.append(type(crash).__name__)
+        return run_again(self, ready, crash)
+    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
+                   api_keys=list(PAD_KEYS), batch_window_s=0.05)
+    a, b = PipelinedClient(srv.url, PAD_KEYS[0]), PipelinedClient(srv.url, PAD_KEYS[1])
+    try:
+        writer = broadcast_replacement_graph()
+        reader = {"model": "tiny-gpt2", "inputs": {"input_ids": "input_ids"},
+                  "sites": [{"name": MLP_POST}],
+                  "nodes": [{"id": 0, "op": "site.read", "args": [0]}],
+                  "saves": {"post": 0}, "forward": {"return_type": "logits"}}
+        rid = a.send(writer, {"input_ids": tokens})
+        solo = a.collect([rid])[rid]
+        assert solo.error is not None and "view size" in solo.error.message
+        rid = b.send(reader, {"input_ids": tokens})
+        reader_solo = b.collect([rid])[rid]
+        assert reader_solo.error is None
+        for _ in range(4):
+            w = a.send(writer, {"input_ids": tokens})
+            r = b.send(reader, {"input_ids": tokens})
+            wa, ra = a.collect([w])[w], b.collect([r])[r]
+            assert wa.error is not None, "co-batched, the broadcast replacement ran"
+            assert wa.error.message == solo.error.message
+            assert ra.error is None
+            for k in ("post", "__logits__"):
+                assert torch.equal(ra.values[k], reader_solo.values[k]), k
+        assert retries and set(retries) == {"LayoutNotShared"}, "never shared a forward"
+    finally:
+        a.close()
+        b.close()
+        srv.stop()
