@@ -707,8 +707,11 @@ class Tracer:
             return self._to(func, args, kwargs)
         if getattr(func, "__self__", None) is T.data:  # `x.data`: a fresh method-wrapper
             func = T.detach                             # each time, so never `is` a saved one
-        if func is T.contiguous:
-            return args[0]
+        if func is T.contiguous and (not isinstance(args[0], Proxy) or
+                                     args[0]._hw_meta.is_contiguous()):
+            return args[0]  # torch returns the tensor itself: later in-place edits reach it
+        # (Not contiguous -- a transposed view: torch copies, and an edit of the copy must not
+        # reach the activation; the registry's ``contiguous`` node below is that copy.)
         if func in _LOCAL_DRAWS or func in _LOCAL_FILLS or func in _DROPOUTS:
             return self._local_random(func, args, kwargs)
         if func in _VALUE_DRAWS:

@@ -280,3 +280,41 @@ def test_an_edit_through_dot_data_reaches_the_activation(local_models, remote_mo
     assert not torch.equal(ll, plain)
     assert_close(rl, ll)
     assert_close(rs["row"], ls["row"])
+
+
+@pytest.mark.parametrize("spelling", [
+    "mT_contiguous_setitem", "transpose_contiguous_setitem", "contiguous_setitem",
+    "transpose_contiguous_view", "contiguous_view_inplace"])
+def test_contiguous_copies_only_where_torch_does(local_models, remote_models, name, tokens,
+                                                 spelling):
+    """``x.mT.contiguous()`` is a copy (the view is not contiguous): locally an edit of it
+    leaves the activation alone. The tracer treated ``contiguous()`` as the tensor itself
+    everywhere, so the edit reached the activation remotely (logits off by 0.8; found by the
+    co-batching differential, nineteenth session). Of a contiguous tensor it is the tensor
+    itself: an edit of it does reach the activation, remotely as locally."""
+    def make():
+        state = {}
+
+        def hook(x, hook):
+            if spelling == "mT_contiguous_setitem":
+                x.mT.contiguous()[0] = 5.0
+            elif spelling == "transpose_contiguous_setitem":
+                y = x.transpose(1, 2).contiguous()
+                y[..., 0] = 5.0
+                state["y"] = y
+            elif spelling == "contiguous_setitem":
+                x.contiguous()[:, 1] *= -2.0
+            elif spelling == "transpose_contiguous_view":
+                state["flat"] = x.transpose(1, 2).contiguous().view(x.shape[0], -1)
+            else:
+                x.contiguous().view(-1)[x.shape[-1] + 1:x.shape[-1] + 8].mul_(-3.0)
+        return [(R1, hook)], state
+
+    (local, lstate), (remote, rstate) = both(local_models, remote_models, name, tokens, make)
+    assert_close(remote, local)
+    assert rstate.keys() == lstate.keys()
+    for key in lstate:
+        assert_close(rstate[key], lstate[key])
+    if spelling in ("contiguous_setitem", "contiguous_view_inplace"):
+        with torch.no_grad():
+            assert not torch.equal(local, local_models[name](tokens))  # the edit did reach it
