@@ -119,3 +119,18 @@ def run_pair(writer: PipelinedClient, reader: PipelinedClient, wgraph, rgraph, t
         if not expect_batched or (wa.batch_size == 2 or (wa.error and ra.batch_size == 2)):
             return wa, ra
     pytest.fail("the writer and the reader never shared a forward")
+
+
+def record_retries(monkeypatch) -> list:
+    """The crashes after which the worker ran a batch's members again without each other
+    (``ModelWorker._run_again``, called through unchanged): a list of their type names."""
+    from hookwire.server.worker import ModelWorker
+
+    retries: list = []
+    run_again = ModelWorker._run_again
+
+    def counted(self, ready, crash):
+        retries.append(type(crash).__name__)
+        return run_again(self, ready, crash)
+    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    return retries

@@ -7,7 +7,7 @@ from torch.testing import assert_close
 
 import hookwire.server as hs
 from graphs import FULL, graph, node, ref
-from pipelined import PipelinedClient, run_pair
+from pipelined import PipelinedClient, record_retries, run_pair
 
 R1 = "blocks.1.hook_resid_pre"
 P0 = "blocks.0.hook_resid_post"
@@ -598,7 +598,6 @@ def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_serv
     did. (The shared forward now stops at such a replacement and its members run again
     without each other, hookwire.batching.LayoutNotShared; a member left alone in its batch
     goes on with the copy, and its write fails there as solo: Interleaver.copied.)"""
-    from hookwire.server.worker import ModelWorker
     bridge = local_models["tiny-gpt2"]
     tokens = bridge.to_tokens(["a row broadcast, then written"])
 
@@ -610,13 +609,7 @@ def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_serv
     with torch.no_grad(), pytest.raises(RuntimeError, match="single memory location"):
         bridge.run_with_hooks(tokens, fwd_hooks=[(P0, expand), (R1, scale)])
     bridge.reset_hooks(including_permanent=True)
-    retries = []
-    run_again = ModelWorker._run_again
-
-    def counted(self, ready, crash):
-        retries.append(type(crash).__name__)
-        return run_again(self, ready, crash)
-    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    retries = record_retries(monkeypatch)
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
         g = broadcast_then_scale()

@@ -474,21 +474,14 @@ def test_a_replacement_the_batch_would_lay_out_anew_runs_as_it_does_solo(hosted,
     model's ``view`` refuses: an error. A batch copied it into the member's rows of a
     contiguous tensor, and a value came back where solo an error did. Now the shared
     forward stops there and its members run again without each other."""
-    from pipelined import PipelinedClient
-    from hookwire.server.worker import ModelWorker
+    from pipelined import PipelinedClient, record_retries
     bridge = local_models["tiny-gpt2"]
     tokens = bridge.to_tokens(["one row broadcast over all", "in each of two rows"])
     with torch.no_grad(), pytest.raises(RuntimeError, match="view size is not compatible"):
         bridge.run_with_hooks(tokens, fwd_hooks=[
             (MLP_POST, lambda x, hook: x[:, :1].expand_as(x))])
     bridge.reset_hooks(including_permanent=True)
-    retries = []
-    run_again = ModelWorker._run_again
-
-    def counted(self, ready, crash):
-        retries.append(type(crash).__name__)
-        return run_again(self, ready, crash)
-    monkeypatch.setattr(ModelWorker, "_run_again", counted)
+    retries = record_retries(monkeypatch)
     srv = hs.start(models={"tiny-gpt2": hosted["tiny-gpt2"].bridge}, port=0,
                    api_keys=list(PAD_KEYS), batch_window_s=0.05)
     a, b = PipelinedClient(srv.url, PAD_KEYS[0]), PipelinedClient(srv.url, PAD_KEYS[1])
