@@ -22,6 +22,14 @@ def pair_server(hosted):
     srv.stop()
 
 
+def solo_answer(client: PipelinedClient, g: dict, tokens):
+    """``g`` run alone (nothing else in flight): its answer."""
+    rid = client.send(g, {"input_ids": tokens})
+    answer = client.collect([rid])[rid]
+    assert answer.error is None and answer.batch_size == 1, answer.error
+    return answer
+
+
 def keep_then_scale(scale: float) -> dict:
     """Keep resid_post(0), then scale resid_pre(1) (the same tensor) in place."""
     return graph("tiny-gpt2", sites=[P0, R1],
@@ -45,9 +53,7 @@ def test_a_batch_mates_replacement_does_not_change_what_a_member_kept(pair_serve
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
         ga = keep_then_scale(0.5)
-        rid = a.send(ga, {"input_ids": tokens})
-        solo = a.collect([rid])[rid]
-        assert solo.error is None and solo.batch_size == 1
+        solo = solo_answer(a, ga, tokens)
         wb, wa = run_pair(b, a, replace_at_p0(), ga, tokens, expect_batched=True)
         assert wa.error is None and wb.error is None and wa.batch_size == 2
         assert torch.equal(wa.values["__logits__"], solo.values["__logits__"])
@@ -204,9 +210,7 @@ def test_a_kept_replacement_follows_the_batch_rows_it_was_copied_into(pair_serve
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
         ga = keep_replacement_then_scale()
-        rid = a.send(ga, {"input_ids": tokens})
-        solo = a.collect([rid])[rid]
-        assert solo.error is None and solo.batch_size == 1
+        solo = solo_answer(a, ga, tokens)
         kept = {}
 
         def replace(x, hook):
@@ -259,9 +263,7 @@ def test_kept_parts_of_a_replacement_follow_the_batch_rows_it_was_copied_into(pa
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
         ga = keep_parts_of_replacement_then_scale()
-        rid = a.send(ga, {"input_ids": tokens})
-        solo = a.collect([rid])[rid]
-        assert solo.error is None and solo.batch_size == 1
+        solo = solo_answer(a, ga, tokens)
         kept = {}
 
         def replace(x, hook):
@@ -411,9 +413,7 @@ def test_a_batch_mates_replacement_of_a_view_site_does_not_change_what_a_member_
                saves={})
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
-        rid = a.send(ga, {"input_ids": tokens})
-        solo = a.collect([rid])[rid]
-        assert solo.error is None and solo.batch_size == 1
+        solo = solo_answer(a, ga, tokens)
         kept = {}
 
         def keep(x, hook):
@@ -468,9 +468,7 @@ def test_what_a_member_kept_shows_its_later_edits_beside_a_replacing_batch_mate(
                                       [(name, halve) for name in later])
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
-        rid = a.send(ga, {"input_ids": tokens})
-        solo = a.collect([rid])[rid]
-        assert solo.error is None and solo.batch_size == 1
+        solo = solo_answer(a, ga, tokens)
         assert_close(solo.values["__logits__"], local)
         assert_close(solo.values["kept"], local_kept["kept"])
         wb, wa = run_pair(b, a, gb, ga, tokens, expect_batched=True)
@@ -506,9 +504,7 @@ def test_a_replacing_members_read_of_a_broadcast_site_is_not_overwritten_by_its_
                           node(2, "site.write", 0, ref(1), mode="inplace")], saves={})
     a, b = PipelinedClient(pair_server.url, KEY_A), PipelinedClient(pair_server.url, KEY_B)
     try:
-        rid = a.send(victim, {"input_ids": tokens})
-        solo = a.collect([rid])[rid]
-        assert solo.error is None and solo.batch_size == 1
+        solo = solo_answer(a, victim, tokens)
         for order in ((a, b, victim, writer), (b, a, writer, victim)):
             first, second, g1, g2 = order
             w1, w2 = run_pair(first, second, g1, g2, tokens, expect_batched=True)

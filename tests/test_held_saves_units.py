@@ -123,29 +123,33 @@ def test_a_lookup_concerns_only_the_saves_of_the_tensor_it_names():
     assert held._by_root == {} and held.held == []
 
 
+def _random_views(seed: int, numel: int, tries: int = 2000):
+    """(size, stride, offset) of random as_strided views inside a tensor of ``numel``
+    elements."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n):
+        return int(torch.randint(0, n, (), generator=gen))
+    for _ in range(tries):
+        dims = 1 + pick(3)
+        size = tuple(1 + pick(4) for _ in range(dims))
+        stride = tuple(pick(31) for _ in range(dims))
+        offset = pick(numel)
+        if offset + sum((n - 1) * st for n, st in zip(size, stride)) < numel:
+            yield size, stride, offset
+
+
 def test_a_part_is_named_in_the_batch_only_where_it_shows_the_same_elements():
     """Any view of the replacement (random as_strided geometries inside it): where
     same_part_in names one in the batch's layout, it shows exactly the same elements."""
     from hookwire.held_saves import same_part_in
 
-    gen = torch.Generator().manual_seed(0)
-
-    def pick(n):
-        return int(torch.randint(0, n, (), generator=gen))
-
-    shape = (2, 6, 5)
-    value = torch.arange(60, dtype=torch.float32).reshape(shape)
+    value = torch.arange(60, dtype=torch.float32).reshape(2, 6, 5)
     batch = torch.full((4, 6, 9), -1.0)
     into = batch[1:3, :, 2:7]
     into.copy_(value)
     named = 0
-    for _ in range(2000):
-        dims = 1 + pick(3)
-        size = tuple(1 + pick(4) for _ in range(dims))
-        stride = tuple(pick(31) for _ in range(dims))
-        offset = pick(60)
-        if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= 60:
-            continue  # outside the replacement: not a view of it
+    for size, stride, offset in _random_views(seed=0, numel=60):
         view = torch.as_strided(value, size, stride, offset)
         where = same_part_in(value, into, size, stride, offset)
         if where is not None:
@@ -180,13 +184,7 @@ def test_any_part_is_named_in_rows_of_the_same_layout():
     next (``y.view(-1)[60:70]``) too -- and shows the same elements."""
     from hookwire.held_saves import same_part_in
 
-    gen = torch.Generator().manual_seed(1)
-
-    def pick(n):
-        return int(torch.randint(0, n, (), generator=gen))
-
-    shape = (2, 6, 5)
-    value = torch.arange(60, dtype=torch.float32).reshape(shape)
+    value = torch.arange(60, dtype=torch.float32).reshape(2, 6, 5)
     batch = torch.full((5, 6, 5), -1.0)
     into = batch[2:4]
     into.copy_(value)
@@ -196,13 +194,7 @@ def test_any_part_is_named_in_rows_of_the_same_layout():
                               view.storage_offset())
         assert where is not None and torch.equal(torch.as_strided(into, view.shape, *where),
                                                  view)
-    for _ in range(2000):
-        dims = 1 + pick(3)
-        size = tuple(1 + pick(4) for _ in range(dims))
-        stride = tuple(pick(31) for _ in range(dims))
-        offset = pick(60)
-        if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= 60:
-            continue
+    for size, stride, offset in _random_views(seed=1, numel=60):
         where = same_part_in(value, into, size, stride, offset)
         assert where is not None
         assert torch.equal(torch.as_strided(into, size, *where),
