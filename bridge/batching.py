@@ -171,7 +171,8 @@ def _check_layout(value, own, output, members) -> None:
 def _dense_in_order_of(value: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether ``value`` is dense (no gaps, no shared elements) with its dims in the memory
     order of ``like``'s (size-1 dims do not count)."""
-    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost first
+    strides = like.stride()
+    order = sorted(range(like.dim()), key=lambda d: -strides[d])  # outermost first
     expect, step = [0] * value.dim(), 1
     for d in reversed(order):
         expect[d] = step

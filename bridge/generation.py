@@ -126,10 +126,10 @@ class PaddedPrompts:
             mask = mask.to(torch.int64)
             if bool(mask.all()):
                 mask = None
-        if mask is None and positions is None:
-            return None
         if positions is None:
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            if mask is None:
+                return None
+            positions = (mask.cumsum(-1) - 1).masked_fill(mask.eq(0), 0)
         return cls(mask, positions.to(torch.int64),
                    _takes_positions(getattr(forward, "__func__", forward)))
 
