@@ -34,6 +34,7 @@ from hookwire.errors import (Cancelled, DeadlineExceeded, ExecutionError,
                              UnsupportedModel)
 from hookwire.executor import Interleaver
 from hookwire.ir import SITE_WRITE, hook_mode, is_parameter
+from hookwire.ir.args import Ref
 from hookwire.module_sites import is_module_site
 from hookwire.server import replies
 from hookwire.server.attention_sites import (attention_weight_sites, eager_attention,
@@ -517,8 +518,8 @@ class ModelWorker(threading.Thread):
         (``_heavy``) runs after them, alone, so it slows no light batch mate down. Members
         share a forward only while their intermediates (and held saves) together fit
         ``max_total_value_bytes`` (each alone fits: validation)."""
-        light = [p for p in ready if not self._heavy(p)]
-        heavy = [[p] for p in ready if self._heavy(p)]
+        light = [p for p in ready if not self._heavy(p) and not self._replaces_overlapping(p)]
+        heavy = [[p] for p in ready if self._heavy(p) or self._replaces_overlapping(p)]
         groups, current, held = [], [], 0
         for p in light:
             # (with the copies of its saves it holds until its last in-place write)
@@ -529,6 +530,23 @@ class ModelWorker(threading.Thread):
             current.append(p)
             held += need
         return groups + ([current] if current else []) + heavy
+
+    @staticmethod
+    def _replaces_overlapping(p: Prepared) -> bool:
+        """Whether the graph replaces a site with a value whose elements share memory, as
+        validation traced it (``mean.expand_as(x)``, a mean ablation): it runs alone from
+        the start. In a shared forward the batch's copy would lose that layout, so the
+        forward stops there (``hookwire.batching.LayoutNotShared``) and its members run
+        again without each other -- a wasted forward for every batch such a member joins."""
+        vg = p.interleaver.vg
+        for dn in vg.nodes:
+            if dn.op == SITE_WRITE and dn.mode == "replace" and len(dn.args) > 1 and \
+                    isinstance(dn.args[1], Ref):
+                meta = vg.shapes.get(dn.args[1].node)
+                if isinstance(meta, torch.Tensor) and not meta.is_contiguous() and \
+                        torch._debug_has_internal_overlap(meta) == 1:  # 1: MemOverlap.Yes
+                    return True
+        return False
 
     @staticmethod
     def _heavy(p: Prepared) -> bool:

@@ -623,7 +623,10 @@ def test_a_write_into_a_broadcast_replacement_fails_co_batched_as_solo(pair_serv
             assert ra.error is None
             assert torch.equal(ra.values["p0"], reader_solo.values["p0"])
             assert torch.equal(ra.values["__logits__"], reader_solo.values["__logits__"])
-        assert retries and set(retries) == {"LayoutNotShared"}, "never shared a forward"
+            assert wa.batch_size in (0, 1) and ra.batch_size == 1
+        # Validation traced the broadcast replacement: the member runs alone from the start,
+        # no shared forward is begun and stopped (LayoutNotShared) for it.
+        assert not retries, retries
     finally:
         a.close()
         b.close()
