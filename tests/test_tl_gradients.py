@@ -411,3 +411,31 @@ def test_frozen_model_and_retain_grad_fail_as_locally(local_models, tokens):
     with pytest.raises(TraceError, match="retain_grad.*bwd_hooks"):
         model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(names[0], keep_grad)],
                              remote=True)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_frozen_stand_in_gives_what_a_frozen_local_model_gives(server, local_models,
+                                                                  tokens, name):
+    """A stand-in's weights are meta, but freezing it freezes what it stands for: its output
+    has no grad_fn and backward hooks are refused, as on a frozen local model; unfrozen (as
+    built), its output requires grad like a local one."""
+    import hookwire.transformerlens as htl
+
+    stand_in, local = htl.RemoteModel(name), local_models[name]
+    names = ["blocks.0.hook_resid_post"]
+    assert stand_in(tokens).requires_grad == local(tokens).requires_grad
+    params = list(local.parameters())
+    for model in (stand_in, local):
+        model.requires_grad_(False)
+    try:
+        remote_logits, local_logits = stand_in(tokens), local(tokens)
+        assert (remote_logits.requires_grad, remote_logits.grad_fn) == (False, None)
+        assert (local_logits.requires_grad, local_logits.grad_fn) == (False, None)
+        torch.testing.assert_close(remote_logits, local_logits, **TOL)
+        for model in (local, stand_in):  # (a stand-in's calls are all remote)
+            with pytest.raises(ValueError, match="grad_fn"):
+                model.run_with_cache(tokens, return_type="loss", names_filter=names,
+                                     incl_bwd=True)
+    finally:
+        for p in params:
+            p.requires_grad_(True)

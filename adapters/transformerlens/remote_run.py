@@ -49,8 +49,15 @@ class NothingToDifferentiate(HookwireError, ValueError):
 
 
 def _all_frozen(model) -> bool:
-    params = [p for p in model.parameters() if not p.is_meta]
-    return bool(params) and not any(p.requires_grad for p in params)
+    """Every parameter has ``requires_grad=False`` (locally the output then has no grad_fn).
+    A stand-in's meta weights count: freezing the stand-in freezes what it stands for. Stops
+    at the first trainable one (a full walk of a bridge's parameters was 0.13-0.18 ms of each
+    call's ~2 ms overhead on tiny-gpt2)."""
+    params = iter(model.parameters())
+    first = next(params, None)
+    if first is None or first.requires_grad:
+        return False
+    return not any(p.requires_grad for p in params)
 
 
 def model_name_of(model, remote_model: str | None) -> str:
