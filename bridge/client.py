@@ -28,6 +28,7 @@ from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUn
 from hookwire.ir import hook_mode
 from hookwire.frames import DTYPE_NAMES, DTYPES
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
+from hookwire.site_layout import check_layout
 from hookwire.protocol import MAX_CONTROL_BYTES, ModelInfo
 from hookwire.session import (MAX_RESULT_BYTES, ClientSession,  # noqa: F401
                               RequestDone, RequestEvent, RequestFailed, ValueReceived)
@@ -129,8 +130,12 @@ def _site_infos(descriptions) -> list[SiteInfo]:
     for s in descriptions:
         if s.dtype not in DTYPES:
             raise ProtocolError(f"server described site {s.name!r} with dtype {s.dtype!r}")
+        try:
+            layout = check_layout(s.layout, len(s.shape))
+        except ValueError as exc:
+            raise ProtocolError(f"server described site {s.name!r}: {exc}") from None
         sites.append(SiteInfo(s.name, s.call, tuple(s.shape), DTYPES[s.dtype], s.grad,
-                              s.eager))
+                              s.eager, layout))
     return sites
 
 

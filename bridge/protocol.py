@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Callable, Literal, TypeVar, Union
+from typing import Annotated, Callable, Literal, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -138,6 +138,10 @@ class SiteDescription(_Msg):
     # Fires only with eager attention (attention patterns and scores): requests that use it
     # run with eager attention, as TransformerLens's own loader always does.
     eager: bool = False
+    # How its activation lies in memory when not contiguous (hookwire.site_layout): the
+    # dims from outermost to innermost, and the broadcast (stride-0) dims.
+    layout: Optional[tuple[list[Annotated[int, Field(ge=0, le=64)]],
+                           list[Annotated[int, Field(ge=0, le=64)]]]] = None
 
 
 class ModelInfo(_Msg):

@@ -618,11 +618,15 @@ class Tracer:
         self.sites.append({"name": name, "call": call})
         return len(self.sites) - 1
 
-    def read_site(self, name: str, call: int, shape, dtype, requires_grad: bool = False
-                  ) -> Proxy:
+    def read_site(self, name: str, call: int, shape, dtype, requires_grad: bool = False,
+                  strides=None) -> Proxy:
+        """A site's value. ``strides``: its activation's (hookwire.site_layout; None:
+        contiguous), so that what depends on them (``contiguous()``, ``view``) traces as it
+        runs."""
         node = self.emit(SITE_READ, (self.add_site(name, call),))
-        return Proxy(self, node, torch.empty(shape, dtype=dtype, device="meta"),
-                     requires_grad and self.track_grad)
+        meta = torch.empty(shape, dtype=dtype, device="meta") if strides is None else \
+            torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+        return Proxy(self, node, meta, requires_grad and self.track_grad)
 
     def read_grad(self, index: int, shape, dtype) -> Proxy:
         """The gradient of the graph's ``backward`` value at site ``index``."""

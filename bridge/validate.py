@@ -382,7 +382,8 @@ class ShapeInference:
 
     # ---- one method per node kind (hookwire.ir.special) ----------------------------------
     def site_read(self, dn: DecodedNode):
-        out = self._site_value(dn)
+        # Strided as the activation is (hookwire.site_layout), as the client traced it.
+        out = self.vg.site_infos[dn.site].meta_value(self.rows, self.seq)
         self.read_at[dn.site], self.last_read = self.rows, max(self.last_read, dn.site)
         return out
 

@@ -94,7 +94,7 @@ def _mirror_dispatch(wrapped, plain) -> None:
 
 
 def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = False
-            ) -> list[tuple[str, int, tuple, torch.dtype]]:
+            ) -> list[tuple[str, int, tuple, torch.dtype, bool, tuple]]:
     fired: list = []
     counts: dict[str, int] = {}
 
@@ -102,7 +102,9 @@ def _record(model, batch: int, seq: int, vocab: int, attention_weights: bool = F
         if isinstance(value, torch.Tensor):
             call = counts.get(name, 0)
             counts[name] = call + 1
-            fired.append((name, call, tuple(value.shape), value.dtype))
+            # (grad: measured later, by _gradient_sites; strides: the site's layout)
+            fired.append((name, call, tuple(value.shape), value.dtype, False,
+                          tuple(value.stride())))
 
     handles = []
     for path, module in model.named_modules():
@@ -144,7 +146,7 @@ def probe_module_sites(model) -> tuple[list[SiteInfo], dict[str, str]]:
         # The attention-dropout sites fire only in the eager implementation requests that
         # hook them run (server.attention_sites); every other site is listed as the default
         # forward fires it (under SDPA, attention modules return no weights, for example).
-        plain = {(n, c) for n, c, _, _ in first}
+        plain = {(n, c) for n, c, *_ in first}
         first, second = ([e for e in _record(model, b, s, vocab, attention_weights=True)
                           if (e[0], e[1]) in plain or e[0] in weight_names]
                          for b, s in ((b1, s1), (b2, s2)))

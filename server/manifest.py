@@ -20,6 +20,7 @@ from hookwire.ir import SiteInfo, flat_dim, hook_mode
 from hookwire.server.devices import input_device
 from hookwire.server.tl_modes import flags_applied, tl_hooks_marked
 from hookwire.protocol import ModelInfo, SiteDescription, dump
+from hookwire.site_layout import layout_of
 from hookwire.tokenizer import tokenizer_files
 
 PROBE_SHAPES = ((3, 11), (5, 13))  # (batch, seq): distinct from each other and from small dims
@@ -59,7 +60,8 @@ def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
             if isinstance(output, torch.Tensor):
                 call = counts.get(name, 0)
                 counts[name] = call + 1
-                fired.append((name, call, tuple(output.shape), output.dtype))
+                fired.append((name, call, tuple(output.shape), output.dtype,
+                              tuple(output.stride())))
                 if output.requires_grad:
                     # A fresh tensor per site, as the executor makes for gradient sites.
                     output = output.view_as(output)
@@ -88,7 +90,8 @@ def _record(bridge, batch, seq, nontensor, mark_backward, gradients):
     finally:
         for h in handles:
             h.remove()
-    return [entry + (i in has_grad,) for i, entry in enumerate(fired)]
+    # (name, call, shape, dtype, has_gradient, strides)
+    return [entry[:4] + (i in has_grad, entry[4]) for i, entry in enumerate(fired)]
 
 
 def _bridge_device(bridge) -> torch.device:
@@ -189,16 +192,18 @@ def _probe_sites(bridge, eager_model):
                                   "get tensors; hook the HF module it wraps with "
                                   "hookwire.hf instead (torch hooks there get the whole "
                                   "tuple)")
-    return [SiteInfo(s.name, s.call, s.shape, s.dtype, s.grad, (s.name, s.call) in eager_only)
+    return [SiteInfo(s.name, s.call, s.shape, s.dtype, s.grad, (s.name, s.call) in eager_only,
+                     s.layout)
             for s in sites], unserved
 
 
 def describe_fired(first: list, second: list, probes=PROBE_SHAPES
                    ) -> tuple[list[SiteInfo], dict[str, str]]:
-    """Two probes' fired sites ``(name, call, shape, dtype[, grad])`` -> the sites a graph may
-    use, with symbolic shapes, and {name: why not} for those that fire but cannot be
-    described: a shape that follows the values rather than the input's size (tokens routed
-    to one expert), calls whose number depends on the input, dtypes that cannot travel."""
+    """Two probes' fired sites ``(name, call, shape, dtype[, grad, strides])`` -> the sites a
+    graph may use, with symbolic shapes and (from the strides) layouts, and {name: why not}
+    for those that fire but cannot be described: a shape that follows the values rather than
+    the input's size (tokens routed to one expert), calls whose number depends on the input,
+    dtypes that cannot travel."""
     unserved: dict[str, str] = {}
     calls1, calls2 = Counter(e[0] for e in first), Counter(e[0] for e in second)
     for name in calls1.keys() | calls2.keys():
@@ -211,14 +216,18 @@ def describe_fired(first: list, second: list, probes=PROBE_SHAPES
     if [(e[0], e[1]) for e in first] != [(e[0], e[1]) for e in second]:
         raise RuntimeError("hook sites fire in a different order for different input sizes")
     sites = []
-    for (name, call, shape1, dtype, *rest), (_, _, shape2, *_) in zip(first, second):
+    for (name, call, shape1, dtype, *rest), (_, _, shape2, _, *rest2) in zip(first, second):
         dims = symbolic_shape(shape1, shape2, probes) if len(shape1) == len(shape2) else None
         if dims is None:
             unserved.setdefault(name, _shape_reason(shape1, shape2, probes))
         elif dtype not in DTYPE_NAMES:
             unserved.setdefault(name, f"its values are {dtype}, which cannot travel")
         else:
-            sites.append(SiteInfo(name, call, dims, dtype, bool(rest and rest[0])))
+            # Entries with strides (TL sites): the layout both probes share, if not contiguous.
+            layout = layout_of([(shape1, rest[1]), (shape2, rest2[1])]) \
+                if len(rest) > 1 and len(rest2) > 1 else None
+            sites.append(SiteInfo(name, call, dims, dtype, bool(rest and rest[0]), False,
+                                  layout))
     served = {s.name for s in sites}
     return sites, {k: v for k, v in unserved.items() if k not in served}
 
@@ -283,7 +292,9 @@ def tl_config(bridge) -> dict:
 
 def _descriptions(sites: list[SiteInfo]) -> list[SiteDescription]:
     return [SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
-                            dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager)
+                            dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager,
+                            layout=None if s.layout is None else
+                            (list(s.layout[0]), list(s.layout[1])))
             for s in sites]
 
 

@@ -318,3 +318,67 @@ def test_contiguous_copies_only_where_torch_does(local_models, remote_models, na
     if spelling in ("contiguous_setitem", "contiguous_view_inplace"):
         with torch.no_grad():
             assert not torch.equal(local, local_models[name](tokens))  # the edit did reach it
+
+
+def _strided_sites(model, tokens) -> dict[str, tuple]:
+    """The hook points whose activation is not contiguous (before TL's conversion for its
+    hooks): {name: strides}."""
+    from transformer_lens.hook_points import HookPoint
+
+    found, handles = {}, []
+    for point_name, hp in model.hook_dict.items():
+        if isinstance(hp, HookPoint):
+            def record(module, args, out, point_name=point_name):
+                if isinstance(out, torch.Tensor) and not out.is_contiguous():
+                    found[point_name] = out.stride()
+            handles.append(hp.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+@pytest.mark.parametrize("spelling", ["contiguous_view_inplace", "view_flat"])
+def test_sites_that_are_not_contiguous_trace_with_their_strides(local_models, remote_models,
+                                                                name, tokens, spelling):
+    """Some activations are not contiguous: Llama's ``attn.hook_rot_q``/``hook_rot_k`` (heads
+    and positions swapped in memory), GPT-2's ``hook_pos_embed`` (one row broadcast over the
+    batch). The trace treated every site as contiguous: after TL's conversion ``rot_k`` looked
+    transposed, so ``rot_k.contiguous()`` became a copy where locally it is the tensor itself
+    (the edit after it was lost remotely, logits off by 1e-3), and
+    ``pos_embed.contiguous().view(-1)`` failed on the server where it works locally. The
+    server now describes each site's layout and proxies carry its strides."""
+    sites = _strided_sites(local_models[name], tokens)
+    assert sites, "no site of this model has a non-contiguous activation to check"
+    with torch.no_grad():
+        plain = local_models[name](tokens)
+    for site in sites:
+        def make():
+            state = {}
+
+            def hook(x, hook):
+                state["contiguous"] = x.is_contiguous()
+                if spelling == "contiguous_view_inplace":
+                    x.contiguous().view(-1)[1::3].mul_(-3.0)
+                else:
+                    x.view(-1)
+            return [(site, hook)], state
+        if spelling == "view_flat" and not local_models[name].hook_dict[site].hook_conversion:
+            # Locally a view of the raw strided activation fails: remotely it must fail at
+            # trace time, before anything is sent (saying it would fail locally).
+            with pytest.raises(RuntimeError, match="view size is not compatible"):
+                both(local_models, {name: local_models[name]}, name, tokens, make)
+            with pytest.raises(TraceError, match="view size is not compatible"):
+                remote_models[name].run_with_hooks(tokens, fwd_hooks=make()[0],
+                                                   progress=False)
+            continue
+        (local, lstate), (remote, rstate) = both(local_models, remote_models, name, tokens,
+                                                 make)
+        assert_close(remote, local, msg=site)
+        assert rstate == lstate, site  # (what the hook saw, remotely: the proxy's layout)
+        if spelling == "contiguous_view_inplace":
+            # The edit reaches the activation where contiguous() is the tensor itself.
+            assert torch.equal(local, plain) != lstate["contiguous"], site

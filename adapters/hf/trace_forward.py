@@ -51,7 +51,8 @@ class _ForwardTrace:
     def _read(self, name: str, call: int):
         site = self.info.sites[self.info.site_index[(name, call)]]
         proxy = self.tracer.read_site(name, call, site.concrete_shape(self.batch, self.seq),
-                                      site.dtype)
+                                      site.dtype,
+                                      strides=site.concrete_strides(self.batch, self.seq))
         return proxy, len(self.tracer.sites) - 1
 
     def _input_layout(self, path: str):

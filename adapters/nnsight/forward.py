@@ -95,7 +95,8 @@ class ForwardDriver:
         site = self.info.sites[index]
         proxy = self.tracer.read_site(site.name, site.call,
                                       site.concrete_shape(self.batch, self.seq), site.dtype,
-                                      requires_grad=site.grad)
+                                      requires_grad=site.grad,
+                                      strides=site.concrete_strides(self.batch, self.seq))
         proxy._hw_site = len(self.tracer.sites) - 1   # for .grad (hookwire.nnsight.gradients)
         if path is not None and path == self.last_only:
             served = proxy[:, -1:]

@@ -85,7 +85,8 @@ def trace_call(tasks: list[Task], layout: Layout, info, model_name: str, model_c
     with tracing(tracer), torch.set_grad_enabled(differentiable), parametrize.cached():
         for name in order:
             site = info.sites[info.site_index[(name, 0)]]
-            x = tracer.read_site(name, 0, site.concrete_shape(batch, seq), site.dtype)
+            x = tracer.read_site(name, 0, site.concrete_shape(batch, seq), site.dtype,
+                                 strides=site.concrete_strides(batch, seq))
             index = len(tracer.sites) - 1
             for _, phase, t in sorted(events[name], key=lambda e: (e[0], e[1])):
                 # a trace error names the intervention and its site

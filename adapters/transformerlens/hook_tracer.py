@@ -207,7 +207,8 @@ def _trace_site(dialect: Dialect, tracer: Tracer, site, points: list, stopping: 
             if backward_sites is not None:
                 backward_sites.append((index, site, backward))
         return False
-    x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq), site.dtype)
+    x = tracer.read_site(site.name, site.call, site.concrete_shape(batch, seq), site.dtype,
+                         strides=site.concrete_strides(batch, seq))
     index = len(tracer.sites) - 1
     # Backward hooks fire only where a gradient arrives (as locally).
     if backward and backward_sites is not None and site.grad:

@@ -17,6 +17,7 @@ import torch
 from hookwire.ir.special import node_kind
 from hookwire.ir.stages import BEFORE_FORWARD, Stages
 from hookwire.ir.wire import Graph
+from hookwire.site_layout import Layout, strides_for
 
 if TYPE_CHECKING:
     from hookwire.ops import OpSpec
@@ -63,9 +64,23 @@ class SiteInfo:
     dtype: torch.dtype
     grad: bool = False  # its value depends on the weights, so a backward pass reaches it
     eager: bool = False  # fires only when attention runs eagerly (patterns, scores)
+    # How its activation lies in memory (hookwire.site_layout; None: contiguous).
+    layout: Layout | None = None
 
     def concrete_shape(self, batch: int, seq: int) -> tuple[int, ...]:
         return tuple(_concrete_dim(d, batch, seq) for d in self.shape)
+
+    def concrete_strides(self, batch: int, seq: int) -> tuple[int, ...] | None:
+        """The strides its activation has for this request (None: contiguous)."""
+        return strides_for(self.concrete_shape(batch, seq), self.layout)
+
+    def meta_value(self, batch: int, seq: int) -> torch.Tensor:
+        """A meta tensor shaped and strided as its activation is for this request."""
+        shape = self.concrete_shape(batch, seq)
+        strides = strides_for(shape, self.layout)
+        if strides is None:
+            return torch.empty(shape, dtype=self.dtype, device="meta")
+        return torch.empty_strided(shape, strides, dtype=self.dtype, device="meta")
 
     @property
     def flattened(self) -> bool:
