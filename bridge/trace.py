@@ -192,6 +192,27 @@ def _covered(shape, index) -> list | None:
     return out
 
 
+def _refuse_edit_of_shared_memory(target: Proxy, func) -> None:
+    """An in-place edit of a tensor whose elements share memory -- an activation that is one
+    row broadcast over the batch (GPT-2's ``hook_pos_embed``, hookwire.site_layout), or a
+    view of one -- is refused: locally the edit reaches every element that shares the memory
+    (``x.unbind(0)[1].mul_(2)`` changes every row), or torch refuses it; the trace edits
+    values, not memory, and cannot carry that back (the server failed the request)."""
+    proxy: Proxy | None = target
+    while proxy is not None:
+        meta = proxy._hw_meta
+        if any(size > 1 and step == 0 for size, step in zip(meta.shape, meta.stride())):
+            what = "an activation broadcast over a dim (one value for every batch row)" \
+                if proxy._hw_view is None else "a broadcast view (`expand` and the like)"
+            raise trace_error(
+                f"`{_display_name(func)}` on {what}, whose elements share memory: locally "
+                "the edit reaches every element that shares it, or torch refuses it",
+                "build the new value out of place and return it from the hook "
+                "(`x = x.clone(); ...; return x`), or .clone() the view first if the edit "
+                "should stay in it")
+        proxy = proxy._hw_view.base if proxy._hw_view is not None else None
+
+
 def _refuse_partial_overlap(dst, src) -> None:
     """An in-place copy (``x[:, 1:] = x[:, :-1]``, ``a.copy_(b)``) whose source is another,
     overlapping part of the very tensor it writes: locally torch copies element by element
@@ -992,6 +1013,7 @@ class Tracer:
                 "index the activation itself (`x[0, :, :k] = 0`), build the new value "
                 "out of place, or run under `torch.no_grad()` / "
                 "`torch.set_grad_enabled(False)` as locally")
+        _refuse_edit_of_shared_memory(target, func)
         if func is T.__setitem__:
             fargs = (target, args[1], args[2])
             _refuse_partial_overlap((target, args[1]), _region_of(args[2]))

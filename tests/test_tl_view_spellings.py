@@ -382,3 +382,29 @@ def test_sites_that_are_not_contiguous_trace_with_their_strides(local_models, re
         if spelling == "contiguous_view_inplace":
             # The edit reaches the activation where contiguous() is the tensor itself.
             assert torch.equal(local, plain) != lstate["contiguous"], site
+
+
+@pytest.mark.parametrize("spelling", ["unbind_row_edit", "row_setitem"])
+def test_an_edit_of_part_of_a_broadcast_activation_raises_before_sending(
+        local_models, remote_models, tokens, spelling):
+    """GPT-2's ``hook_pos_embed`` is one row broadcast over the batch: locally editing one
+    batch row of it edits the one row every batch row shares. A trace edits values, not
+    memory: remotely the server failed the request. It is refused at trace time now, with
+    the way out (build the value out of place and return it)."""
+    name = "tiny-gpt2"
+    sites = [s for s, strides in _strided_sites(local_models[name], tokens).items()
+             if 0 in strides]
+    assert sites and tokens.shape[0] > 1
+
+    def hook(x, hook):
+        if spelling == "unbind_row_edit":
+            x.unbind(0)[1].mul_(-3.0)
+        else:
+            x[1] = 0.0
+    for site in sites:
+        with torch.no_grad():
+            local_models[name].run_with_hooks(tokens, fwd_hooks=[(site, hook)])  # runs
+        with torch.no_grad(), \
+                pytest.raises(TraceError, match="broadcast over a dim.*return it from the hook"):
+            remote_models[name].run_with_hooks(tokens, fwd_hooks=[(site, hook)],
+                                               progress=False)
