@@ -90,8 +90,8 @@ class Job:
     refs: list = field(default_factory=list)
     reservation: object = NO_RESERVATION  # the memory it holds (server.memory)
     key: object = "unset"            # batch_key, computed once in the worker thread
-    # Whether it writes a site indexed by key positions too (unpadded_only), computed once.
-    keys_written: object = "unset"
+    # Whether it shares a forward only at its own length (ModelWorker._never_padded), once.
+    never_padded: object = "unset"
     on_finish: Callable[[], None] | None = None  # the front's note that it is over (once)
     # In a model process: whether the front, when it submitted this, saw a connection that
     # could still send a batch mate (server/process_engine.py).
@@ -221,6 +221,20 @@ def writes_key_positions(job: Job, entry) -> bool:
     return False
 
 
+# Ops that raise on a tensor whose strides do not allow them (``view``: "view size is not
+# compatible with input tensor's size and stride"). A member right-padded beside a longer
+# batch mate reads its rows of each site as a view of the padded batch, strided otherwise than
+# its own activation is solo: ``x.view(-1)`` that runs solo failed there.
+STRIDE_BOUND_OPS = frozenset({"view", "view_as"})
+
+
+def takes_strided_views(job: Job) -> bool:
+    """Whether the job's graph has an op that depends on its input's strides
+    (:data:`STRIDE_BOUND_OPS`): it shares a forward only where it is not padded
+    (``ModelWorker.batch_fits``)."""
+    return any(n.op in STRIDE_BOUND_OPS for n in job.submit.graph.nodes)
+
+
 def _input_shape(job: Job) -> tuple:
     """(batch, seq) of the job's input ids, uploaded or referred to (1, 1 if malformed)."""
     tid = job.submit.graph.inputs.get("input_ids", "")
@@ -336,14 +350,17 @@ class ModelWorker(threading.Thread):
         return job.key
 
     @staticmethod
-    def _writes_key_positions(job: Job, entry) -> bool:
-        if job.keys_written == "unset":  # once per job (O(graph))
+    def _never_padded(job: Job, entry) -> bool:
+        """The job shares a forward only at its own length (:func:`writes_key_positions`,
+        :func:`takes_strided_views`)."""
+        if job.never_padded == "unset":  # once per job (O(graph))
             try:
-                job.keys_written = writes_key_positions(job, entry)
+                job.never_padded = writes_key_positions(job, entry) or \
+                    takes_strided_views(job)
             except Exception:  # a bug of ours: it is never padded
-                log.exception("checking a request's writes for padding failed")
-                job.keys_written = True
-        return job.keys_written
+                log.exception("checking whether a request may be padded failed")
+                job.never_padded = True
+        return bool(job.never_padded)
 
     def batch_fits(self, jobs: list[Job]) -> bool:
         """A batch is bounded as a whole after right-padding: every row carries the longest
@@ -361,8 +378,9 @@ class ModelWorker(threading.Thread):
         if max(sizes) > MAX_SIZE_RATIO * min(sizes) or rows * seq > 2 * sum(sizes):
             return False
         # A member that writes attention scores (or patterns) is never right-padded: its
-        # write cannot reach the padding keys (writes_key_positions).
-        if any(s < seq and self._writes_key_positions(job, entry)
+        # write cannot reach the padding keys (writes_key_positions); nor one whose ops
+        # depend on its rows' strides (takes_strided_views).
+        if any(s < seq and self._never_padded(job, entry)
                for job, (_, s) in zip(jobs, shapes)):
             return False
         try:
