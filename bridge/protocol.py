@@ -138,10 +138,11 @@ class SiteDescription(_Msg):
     # Fires only with eager attention (attention patterns and scores): requests that use it
     # run with eager attention, as TransformerLens's own loader always does.
     eager: bool = False
-    # How its activation lies in memory when not contiguous (hookwire.site_layout): the
-    # dims from outermost to innermost, and the broadcast (stride-0) dims.
-    layout: Optional[tuple[list[Annotated[int, Field(ge=0, le=64)]],
-                           list[Annotated[int, Field(ge=0, le=64)]]]] = None
+    # How its activation lies in memory when not contiguous (hookwire.site_layout): each
+    # dim's stride as coef * B**b * S**s, given as [coef, b, s].
+    layout: Optional[list[tuple[Annotated[int, Field(ge=0, le=1 << 40)],
+                                Annotated[int, Field(ge=0, le=1)],
+                                Annotated[int, Field(ge=0, le=2)]]]] = None
 
 
 class ModelInfo(_Msg):

@@ -224,7 +224,8 @@ def describe_fired(first: list, second: list, probes=PROBE_SHAPES
             unserved.setdefault(name, f"its values are {dtype}, which cannot travel")
         else:
             # Entries with strides (TL sites): the layout both probes share, if not contiguous.
-            layout = layout_of([(shape1, rest[1]), (shape2, rest2[1])]) \
+            layout = layout_of([(probes[0], shape1, rest[1]),
+                                (probes[1], shape2, rest2[1])]) \
                 if len(rest) > 1 and len(rest2) > 1 else None
             sites.append(SiteInfo(name, call, dims, dtype, bool(rest and rest[0]), False,
                                   layout))
@@ -294,7 +295,7 @@ def _descriptions(sites: list[SiteInfo]) -> list[SiteDescription]:
     return [SiteDescription(name=s.name, call=s.call, shape=list(s.shape),
                             dtype=DTYPE_NAMES[s.dtype], grad=s.grad, eager=s.eager,
                             layout=None if s.layout is None else
-                            (list(s.layout[0]), list(s.layout[1])))
+                            [tuple(dim) for dim in s.layout])
             for s in sites]
 
 

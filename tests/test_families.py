@@ -345,6 +345,70 @@ def test_tl_run_with_hooks(case, front):
     assert_close(remote_store[sites[1]], cpu(local_store[sites[1]]))
 
 
+# Sites whose activation's strides no coef * B^b * S^s formula describes (hookwire.site_layout):
+# they are traced as contiguous. gpt-oss's attention pattern is a slice of a row one longer
+# than the sequence (its attention sink).
+UNDESCRIBED_LAYOUTS = {"GptOssForCausalLM": "attn.hook_pattern"}
+
+
+def strided_hook_points(model, tokens) -> dict[str, tuple]:
+    """{hook point: (shape, strides)} of those whose activation is not contiguous, as the
+    model's code hands it to the hook point (first call)."""
+    from transformer_lens.hook_points import HookPoint
+
+    found, handles = {}, []
+    for name, hp in model.hook_dict.items():
+        if isinstance(hp, HookPoint):
+            def record(module, args, out, name=hp.name or name):
+                if isinstance(out, torch.Tensor) and not out.is_contiguous():
+                    found.setdefault(name, (tuple(out.shape), out.stride()))
+            handles.append(hp.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def test_tl_sites_that_are_not_contiguous_trace_with_their_strides(case):
+    """The server describes the layout of every site whose activation is not contiguous
+    (permuted heads, a row broadcast over the batch, a slice of a fused buffer), with the
+    strides the local activation has; through them ``x.contiguous()`` is a copy or the
+    tensor itself as locally, so an edit after it reaches the activation as locally."""
+    reason = tl_refusal(case)
+    if reason is not None:
+        return assert_tl_refused(case, reason)
+    info = hookwire.client.get_connection().model_info(case.name)
+    described = {s.name: s for s in info.sites if s.call == 0 and not is_module_site(s.name)}
+    strided = strided_hook_points(case.local_tl, LOCAL_TOKENS)
+    for name, (shape, strides) in strided.items():
+        site = described.get(name)
+        if site is None:
+            continue  # not served (its refusal is checked elsewhere)
+        if site.layout is None:
+            assert name.endswith(UNDESCRIBED_LAYOUTS.get(case.arch, "?")), \
+                f"{name} {shape} {strides}: not contiguous, and no layout described"
+            continue
+        assert all(n == 1 or a == b for n, a, b in
+                   zip(shape, site.concrete_strides(B, S), strides)), name
+    for name, site in described.items():
+        if site.layout is not None:
+            assert name in strided or all(n == 1 for n in site.concrete_shape(B, S)[:-1]), \
+                f"{name}: a layout is described, yet its local activation is contiguous"
+    checked = [n for n in strided if n in described and described[n].layout is not None and
+               described[n].dtype.is_floating_point][:4]
+
+    def edit(x, hook):
+        x.contiguous().view(-1)[1::3].mul_(-3.0)
+    for name in checked:
+        with torch.no_grad():
+            expected = case.local_tl.run_with_hooks(LOCAL_TOKENS, fwd_hooks=[(name, edit)])
+            got = htl.RemoteModel(case.name).run_with_hooks(TOKENS, fwd_hooks=[(name, edit)])
+        assert_close(got, cpu(expected), msg=name)
+
+
 @pytest.mark.parametrize("front", ["stand_in", "local_bridge"])
 def test_tl_run_with_cache_of_every_hook_point(case, front):
     """Every hook point that fires (every one the server serves: hooks on the others are

@@ -72,12 +72,12 @@ class SiteInfo:
 
     def concrete_strides(self, batch: int, seq: int) -> tuple[int, ...] | None:
         """The strides its activation has for this request (None: contiguous)."""
-        return strides_for(self.concrete_shape(batch, seq), self.layout)
+        return strides_for(self.layout, batch, seq)
 
     def meta_value(self, batch: int, seq: int) -> torch.Tensor:
         """A meta tensor shaped and strided as its activation is for this request."""
         shape = self.concrete_shape(batch, seq)
-        strides = strides_for(shape, self.layout)
+        strides = strides_for(self.layout, batch, seq)
         if strides is None:
             return torch.empty(shape, dtype=self.dtype, device="meta")
         return torch.empty_strided(shape, strides, dtype=self.dtype, device="meta")
