@@ -466,6 +466,48 @@ def test_hf_module_hooks_and_cache_of_every_module(case):
         same_values(cache[key], cpu(value), key)
 
 
+def test_hf_module_outputs_that_are_not_contiguous_trace_with_their_strides(case):
+    """As for TL sites (test_tl_sites_that_are_not_contiguous_trace_with_their_strides): a
+    module whose output is not contiguous is described with its layout, and a torch hook's
+    ``output.contiguous()`` is the output itself or a copy as locally."""
+    remote = hhf.RemoteModel(case.name)
+    outputs = {s.name[3:-7]: s for s in remote.info.sites
+               if s.name.startswith("hf:") and s.name.endswith(":output") and s.call == 0}
+    strided, tensors = {}, set()  # (modules returning a tuple: their elements' sites)
+
+    def record(key):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                tensors.add(key)
+                if not output.is_contiguous():
+                    strided.setdefault(key, output.stride())
+        return hook
+    handles = [case.local_hf.get_submodule(key).register_forward_hook(record(key))
+               for key in outputs]
+    try:
+        with torch.no_grad():
+            case.local_hf(input_ids=LOCAL_TOKENS, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    described = {key for key, site in outputs.items()
+                 if site.layout is not None and key in tensors}
+    assert described <= set(strided), described - set(strided)
+    for key, strides in strided.items():
+        if key in described:
+            shape = outputs[key].concrete_shape(B, S)
+            assert all(n == 1 or a == b for n, a, b in
+                       zip(shape, outputs[key].concrete_strides(B, S), strides)), key
+
+    def edit(module, args, output):
+        output.contiguous().view(-1)[1::3].mul_(-3.0)
+    field = remote.info.output
+    for key in sorted(k for k in described if outputs[k].dtype.is_floating_point)[:3]:
+        got, _ = remote.run_with_cache(TOKENS, modules=[], hooks={key: edit})
+        expected, _ = local_cache(case.local_hf, [], {key: edit})
+        assert_close(getattr(got, field), cpu(getattr(expected, field)), msg=key)
+
+
 def local_cache(model, modules, hooks):
     """Plain torch hooks; each cached value is cloned when its hook runs, as the server
     snapshots it then (a model may edit the tensor in place afterwards: Falcon's parallel
