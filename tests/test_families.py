@@ -53,6 +53,7 @@ from graphs import graph, node, read_graph, ref, write_graph
 from pipelined import PipelinedClient, equal_values
 from weight_memory import sites_sharing_weight_memory
 from serving import serving
+from strided_sites import strided_hook_points
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning",
                                          "ignore::UserWarning",
@@ -349,27 +350,6 @@ def test_tl_run_with_hooks(case, front):
 # they are traced as contiguous. gpt-oss's attention pattern is a slice of a row one longer
 # than the sequence (its attention sink).
 UNDESCRIBED_LAYOUTS = {"GptOssForCausalLM": "attn.hook_pattern"}
-
-
-def strided_hook_points(model, tokens) -> dict[str, tuple]:
-    """{hook point: (shape, strides)} of those whose activation is not contiguous, as the
-    model's code hands it to the hook point (first call)."""
-    from transformer_lens.hook_points import HookPoint
-
-    found, handles = {}, []
-    for name, hp in model.hook_dict.items():
-        if isinstance(hp, HookPoint):
-            def record(module, args, out, name=hp.name or name):
-                if isinstance(out, torch.Tensor) and not out.is_contiguous():
-                    found.setdefault(name, (tuple(out.shape), out.stride()))
-            handles.append(hp.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
 
 
 def test_tl_sites_that_are_not_contiguous_trace_with_their_strides(case):

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from conftest import MODEL_NAMES
 from hookwire.errors import TraceError
+from strided_sites import strided_hook_points
 
 R0, R1 = "blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"
 
@@ -320,27 +321,6 @@ def test_contiguous_copies_only_where_torch_does(local_models, remote_models, na
             assert not torch.equal(local, local_models[name](tokens))  # the edit did reach it
 
 
-def _strided_sites(model, tokens) -> dict[str, tuple]:
-    """The hook points whose activation is not contiguous (before TL's conversion for its
-    hooks): {name: strides}."""
-    from transformer_lens.hook_points import HookPoint
-
-    found, handles = {}, []
-    for point_name, hp in model.hook_dict.items():
-        if isinstance(hp, HookPoint):
-            def record(module, args, out, point_name=point_name):
-                if isinstance(out, torch.Tensor) and not out.is_contiguous():
-                    found[point_name] = out.stride()
-            handles.append(hp.register_forward_hook(record))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
-
-
 @pytest.mark.parametrize("spelling", ["contiguous_view_inplace", "view_flat"])
 def test_sites_that_are_not_contiguous_trace_with_their_strides(local_models, remote_models,
                                                                 name, tokens, spelling):
@@ -351,7 +331,7 @@ def test_sites_that_are_not_contiguous_trace_with_their_strides(local_models, re
     (the edit after it was lost remotely, logits off by 1e-3), and
     ``pos_embed.contiguous().view(-1)`` failed on the server where it works locally. The
     server now describes each site's layout and proxies carry its strides."""
-    sites = _strided_sites(local_models[name], tokens)
+    sites = strided_hook_points(local_models[name], tokens)
     assert sites, "no site of this model has a non-contiguous activation to check"
     with torch.no_grad():
         plain = local_models[name](tokens)
@@ -392,7 +372,7 @@ def test_an_edit_of_part_of_a_broadcast_activation_raises_before_sending(
     memory: remotely the server failed the request. It is refused at trace time now, with
     the way out (build the value out of place and return it)."""
     name = "tiny-gpt2"
-    sites = [s for s, strides in _strided_sites(local_models[name], tokens).items()
+    sites = [s for s, (_, strides) in strided_hook_points(local_models[name], tokens).items()
              if 0 in strides]
     assert sites and tokens.shape[0] > 1
 
