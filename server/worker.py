@@ -16,6 +16,7 @@ the collector).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import threading
@@ -221,20 +222,6 @@ def writes_key_positions(job: Job, entry) -> bool:
     return False
 
 
-# Ops that raise on a tensor whose strides do not allow them (``view``: "view size is not
-# compatible with input tensor's size and stride"). A member right-padded beside a longer
-# batch mate reads its rows of each site as a view of the padded batch, strided otherwise than
-# its own activation is solo: ``x.view(-1)`` that runs solo failed there.
-STRIDE_BOUND_OPS = frozenset({"view", "view_as"})
-
-
-def takes_strided_views(job: Job) -> bool:
-    """Whether the job's graph has an op that depends on its input's strides
-    (:data:`STRIDE_BOUND_OPS`): it shares a forward only where it is not padded
-    (``ModelWorker.batch_fits``)."""
-    return any(n.op in STRIDE_BOUND_OPS for n in job.submit.graph.nodes)
-
-
 def _input_shape(job: Job) -> tuple:
     """(batch, seq) of the job's input ids, uploaded or referred to (1, 1 if malformed)."""
     tid = job.submit.graph.inputs.get("input_ids", "")
@@ -351,12 +338,10 @@ class ModelWorker(threading.Thread):
 
     @staticmethod
     def _never_padded(job: Job, entry) -> bool:
-        """The job shares a forward only at its own length (:func:`writes_key_positions`,
-        :func:`takes_strided_views`)."""
+        """The job shares a forward only at its own length (:func:`writes_key_positions`)."""
         if job.never_padded == "unset":  # once per job (O(graph))
             try:
-                job.never_padded = writes_key_positions(job, entry) or \
-                    takes_strided_views(job)
+                job.never_padded = writes_key_positions(job, entry)
             except Exception:  # a bug of ours: it is never padded
                 log.exception("checking whether a request may be padded failed")
                 job.never_padded = True
@@ -378,8 +363,7 @@ class ModelWorker(threading.Thread):
         if max(sizes) > MAX_SIZE_RATIO * min(sizes) or rows * seq > 2 * sum(sizes):
             return False
         # A member that writes attention scores (or patterns) is never right-padded: its
-        # write cannot reach the padding keys (writes_key_positions); nor one whose ops
-        # depend on its rows' strides (takes_strided_views).
+        # write cannot reach the padding keys (writes_key_positions).
         if any(s < seq and self._never_padded(job, entry)
                for job, (_, s) in zip(jobs, shapes)):
             return False
@@ -929,13 +913,23 @@ class ModelWorker(threading.Thread):
         full_seq = max(p.tokens.shape[1] for p in ready)
         blocks, members, row = [], [], 0
         failed: list = []  # (job, error), answered once the TL hook marks are gone
+        alone: list = []  # padded members whose own op failed: they run again by themselves
+
+        def on_error(exc, p, padded: bool):
+            # A right-padded member's rows are a view of the padded batch, strided otherwise
+            # than its activation solo: an op bound to strides (``x.view(-1)`` merging batch
+            # and positions) can fail only here. Solo decides: it runs again alone.
+            if padded and isinstance(exc, ExecutionError):
+                alone.append(p)
+            else:
+                failed.append((p.job, exc))
         for p in ready:
             b, s = p.tokens.shape
             blocks.append(torch.nn.functional.pad(p.tokens, (0, full_seq - s), value=0))
             members.append(BatchMember(
                 p.interleaver, slice(row, row + b), s,
                 need_output=p.job.submit.graph.forward.return_type is not None,
-                on_error=lambda exc, p=p: failed.append((p.job, exc))))
+                on_error=functools.partial(on_error, p=p, padded=s < full_seq)))
             row += b
         tokens = torch.cat(blocks)
         finals: list = []
@@ -953,8 +947,18 @@ class ModelWorker(threading.Thread):
                 job.conn.send_threadsafe(done)
             failed.clear()  # (job, exception) pairs: the exceptions' frames refer to this list
             members.clear()
+        for p in alone:
+            self._run_unpadded(p)
         if again:
             self._run_again(again, crash)
+
+    def _run_unpadded(self, p: Prepared) -> None:
+        """A member whose own op failed while it was right-padded in a shared forward runs
+        again alone, at its own length (values it already streamed are not sent twice): its
+        answer, or its error, is the one it gets solo."""
+        p.interleaver.release()
+        p.interleaver = self._interleaver(p, p.interleaver.vg)
+        self._run_group([p])
 
     def _run_again(self, ready: list[Prepared], crash: BaseException) -> None:
         """The model raised on a batch: someone's data made it fail, but which member's the
