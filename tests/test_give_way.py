@@ -16,12 +16,25 @@ import hookwire.server as hs
 from hookwire.client import Connection
 from hookwire.families import build_hf_model
 from hookwire.server.device_rates import rates_for
+from hookwire.server.give_way import GiveWay
 from hookwire.server.models import BUILTIN_MODELS
 from hookwire.server.worker import IN_PLACE_SECONDS
 from hookwire.validate import Limits
 
 SITE = "blocks.0.hook_resid_post"
 CHAIN = 400  # matmuls of 256 x 256 after the forward: long next to a tiny-gpt2 forward
+
+
+def wait_until_queued(scheduler, n: int) -> None:
+    """Hold the worker (called from a hook inside a forward) until ``n`` requests are queued,
+    then for two give-way quanta more: the forward looked for light requests at its last
+    point and found none, and looks again only once a quantum has passed
+    (``GiveWay.QUANTUM_S``). Released sooner, on a loaded machine where the requests queued
+    within the quantum, the next point was skipped and they ran after the long one."""
+    deadline = time.monotonic() + 60
+    while scheduler.qsize() < n and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(2 * GiveWay.QUANTUM_S)
 
 
 def late_work_graph(n: int = CHAIN) -> dict:
@@ -505,9 +518,7 @@ def test_light_requests_run_at_a_block_site_where_a_long_graph_works(server, hos
         # here until the three light requests are queued (the worker is held meanwhile).
         if args[0].shape[0] == 5:
             started.set()
-            deadline = time.monotonic() + 60
-            while scheduler.qsize() < 3 and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_until_queued(scheduler, 3)
 
     handles = [bridge.blocks[-1].attn.register_forward_hook(hold_until_queued),
                bridge.blocks[-1].register_forward_hook(
@@ -541,9 +552,7 @@ def test_light_requests_run_inside_a_long_forwards_attention(server, hosted):
     def hold_until_queued(module, args):
         if args[0].shape[0] == 5:  # the long forward, past its last point between blocks
             started.set()
-            deadline = time.monotonic() + 60
-            while scheduler.qsize() < 3 and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_until_queued(scheduler, 3)
 
     handles = [bridge.blocks[-1].attn.hook_attn_scores.register_forward_pre_hook(
                    hold_until_queued),
@@ -579,9 +588,7 @@ def test_light_requests_run_after_the_attention_of_a_long_module_site_forward(se
     def hold_until_queued(module, args, kwargs):
         if kwargs.get("hidden_states", args[0] if args else None).shape[0] == 5:
             started.set()
-            deadline = time.monotonic() + 60
-            while scheduler.qsize() < 3 and time.monotonic() < deadline:
-                time.sleep(0.001)
+            wait_until_queued(scheduler, 3)
 
     def leaving(module, args, output):
         order.append(args[0].shape[0])
