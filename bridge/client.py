@@ -20,8 +20,6 @@ from typing import Callable
 
 import torch
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.sync.client import ClientConnection
-from websockets.sync.client import connect as ws_connect
 
 from hookwire.errors import (AuthError, ProtocolError, ResidentMissing, ServerUnavailable,
                              TooManyConnections)
@@ -29,16 +27,11 @@ from hookwire.ir import hook_mode
 from hookwire.frames import DTYPE_NAMES, DTYPES
 from hookwire.residents import MIN_REF_BYTES, ClientResidents, content_id, contiguous_strides
 from hookwire.site_layout import check_layout
+from hookwire.ws_connection import WebsocketConnection
 from hookwire.protocol import MAX_CONTROL_BYTES, ModelInfo
 from hookwire.session import (MAX_RESULT_BYTES, ClientSession,  # noqa: F401
                               RequestDone, RequestEvent, RequestFailed, ValueReceived)
 from hookwire.validate import SiteInfo
-
-
-class _BulkClientConnection(ClientConnection):
-    """Reads the socket in 4 MiB gulps instead of 64 KiB: results are mostly large tensors,
-    and per-read parsing overhead otherwise caps throughput (measured ~2x on loopback)."""
-    recv_bufsize = 1 << 22
 
 
 @dataclass
@@ -166,20 +159,15 @@ HANDSHAKE_RETRY_DELAYS_S = (0.1, 0.3, 0.9)
 
 
 def _open_websocket(url: str, headers, open_timeout: float):
-    """websockets' client connection (its context manager, entered, and the connection),
-    tried again after ``HANDSHAKE_RETRY_DELAYS_S`` when the server closed the socket before
-    any answer. A refusal with an answer (HTTP 401/429/503) or a server that cannot be
-    reached raises at once."""
+    """A websocket to ``url`` (``ws_connection.WebsocketConnection``: results' frames are
+    read straight from the socket), tried again after ``HANDSHAKE_RETRY_DELAYS_S`` when the
+    server closed the socket before any answer. A refusal with an answer (HTTP 401/429/503)
+    or a server that cannot be reached raises at once."""
     for delay in (*HANDSHAKE_RETRY_DELAYS_S, None):
-        # Entered by hand (not in a `with`): the connection lives as long as its Connection.
         # max_size: the server sends tensors in 1 MiB frames and control messages are
         # bounded (protocol.MAX_CONTROL_BYTES), so a larger message is refused unread.
-        try:  # (the sync client connects and shakes hands here)
-            cm = ws_connect(url, additional_headers=headers, compression=None,
-                            max_size=MAX_CONTROL_BYTES, open_timeout=open_timeout,
-                            ping_interval=None, max_queue=64,
-                            create_connection=_BulkClientConnection)
-            return cm, cm.__enter__()
+        try:
+            return WebsocketConnection(url, headers, open_timeout, max_size=MAX_CONTROL_BYTES)
         except (InvalidHandshake, ConnectionResetError, ConnectionClosed) as exc:
             if delay is None or isinstance(exc, InvalidStatus):
                 raise
@@ -200,7 +188,7 @@ class Connection:
     def __init__(self, url: str, api_key: str | None = None, open_timeout: float = 30):
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            self._cm, self.ws = _open_websocket(url, headers, open_timeout)
+            self.ws = _open_websocket(url, headers, open_timeout)
         except InvalidStatus as exc:
             status = exc.response.status_code
             if status == 401:
@@ -230,7 +218,7 @@ class Connection:
         self.available_models = hello_ok.models
 
     def close(self):
-        self._cm.__exit__(None, None, None)
+        self.ws.close()
 
     def _recv(self):
         try:
@@ -466,7 +454,9 @@ class ConnectionLock:
 
 
 def _usable(conn: Connection) -> bool:
-    return not conn.broken and conn.ws.protocol.state.name == "OPEN"
+    # (websockets' client read in a thread of its own and saw a close at once; this one
+    # reads in its caller's, so an idle connection's socket is looked at here)
+    return not conn.broken and conn.ws.is_open(idle=not conn.lock.locked())
 
 
 def _free_for(conn: Connection, thread: int, now: float) -> bool:
