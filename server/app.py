@@ -42,6 +42,7 @@ from websockets.http11 import Response
 from hookwire import __version__
 from hookwire.errors import HookwireError
 from hookwire.protocol import PROTOCOL_VERSION
+from hookwire.server.binary_send import send_binary
 from hookwire.server.connection_gate import ConnectionGate, Gatekeeper
 from hookwire.server.fd_limit import ensure_file_descriptors
 from hookwire.server.frame_budget import FrameBudget
@@ -378,7 +379,10 @@ class HookwireServer:
                 # send_timeout_s without progress it is disconnected. (asyncio.timeout, not
                 # wait_for: the send runs in this task, so its CPU time is measured here.)
                 async with asyncio.timeout(self.limits.send_timeout_s):
-                    await state.ws.send(item)
+                    if isinstance(item, bytes):  # a result's frame: no serialized copy
+                        await send_binary(state.ws, item)
+                    else:
+                        await state.ws.send(item)
             except (ConnectionClosed, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
                     log.warning("dropping a connection of %s: it read nothing for %g s",
