@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 
 from websockets.asyncio.connection import Connection
+from websockets.exceptions import ConnectionClosedError
 from websockets.protocol import State
 
 # Below this a frame is cheap to serialize; above it the copy is what costs.
@@ -35,11 +36,17 @@ async def send_binary(ws: Connection, data: bytes) -> None:
     if len(data) < DIRECT_BYTES or drain is None or ws.protocol.state is not State.OPEN:
         await ws.send(data)  # (a closed connection raises here, as it always did)
         return
-    # Two writes with no await between them: nothing else of this connection's (websockets
-    # writes its own frames, pings and closes, on this loop too) can come between.
-    ws.transport.write(frame_header(len(data)))
-    ws.transport.write(data)
-    await drain()
+    try:
+        # Two writes with no await between them: nothing else of this connection's
+        # (websockets writes its own frames, pings and closes, on this loop too) can come
+        # between.
+        ws.transport.write(frame_header(len(data)))
+        ws.transport.write(data)
+        await drain()
+    except OSError as exc:
+        # The connection was lost (a reset reaches the waiting drain): websockets' send
+        # raises ConnectionClosed for this, and the server's writer expects no other.
+        raise ConnectionClosedError(ws.protocol.close_rcvd, ws.protocol.close_sent) from exc
 
 
 __all__ = ["send_binary", "frame_header", "DIRECT_BYTES"]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 import threading
 import time
 
@@ -125,3 +127,27 @@ def test_a_closed_connection_raises_as_websockets_send_did():
         while not outcome and time.monotonic() < deadline:
             time.sleep(0.02)
     assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed)
+
+
+def test_a_reset_while_the_sender_waits_raises_connection_closed():
+    outcome = []
+
+    async def handler(ws):
+        await ws.recv()
+        try:
+            for _ in range(64):  # the client reads nothing: the sender waits in drain
+                await send_binary(ws, bytes(1 << 20))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with LoopServer(handler, write_limit=1 << 20) as server:
+        conn = WebsocketConnection(server.url, max_size=2 << 20)
+        conn.send("go")
+        time.sleep(0.5)
+        # An abortive close: the server's socket gets a reset, not an end of stream.
+        conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.socket.close()
+        deadline = time.monotonic() + 10
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(outcome) == 1 and isinstance(outcome[0], ConnectionClosed), outcome
