@@ -157,7 +157,9 @@ class WebsocketConnection:
     def _readable(self, timeout: float) -> bool:
         if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
             return True
-        return bool(select.select([self.socket], [], [], max(timeout, 0))[0])
+        poller = select.poll()  # (select() cannot watch descriptors past FD_SETSIZE)
+        poller.register(self.socket, select.POLLIN)
+        return bool(poller.poll(max(timeout, 0) * 1000))
 
     def _read_into(self, view: memoryview) -> None:
         while view:
