@@ -229,7 +229,8 @@ class WebsocketConnection:
             if self.protocol.state is not State.CLOSED:  # pragma: no cover - eof closes it
                 raise ConnectionClosedError(None, None) from exc
         for event in events:
-            self._on_frame(event)
+            if isinstance(event, Frame):  # (after the handshake the protocol makes no other)
+                self._on_frame(event)
         if self.protocol.state is not State.OPEN:
             # A close frame came (answered by the protocol above) or the protocol failed the
             # connection: nothing more will be read.
