@@ -16,6 +16,7 @@ from websockets.sync.server import serve
 from hookwire.client import MAX_RESULT_BYTES, Connection
 from hookwire.errors import FrameError, HookwireError, ProtocolError, ServerUnavailable
 from hookwire.protocol import MAX_CONTROL_BYTES
+from hookwire.ws_connection import DIRECT_READ_BYTES
 from hostile.runner import CORPUS_PATH, PAYLOAD_MARKER
 
 PICKLE = base64.b64decode(next(c for c in json.loads(CORPUS_PATH.read_text())["cases"]
@@ -74,6 +75,16 @@ LIES = {
         rid, "t1", 0, bytes(32)), result(rid, (1, 2, 4), "t2")], ProtocolError),
     "a result larger than the request can make": (lambda rid: [result(rid, (1, 2, 1 << 20))],
                                                   ProtocolError),
+    # Large frames, which the client's websocket reads straight from the socket
+    # (ws_connection.DIRECT_READ_BYTES), meet the same checks as small ones.
+    "a large frame for an unannounced tensor": (lambda rid: [
+        frame(rid, "t9", 0, bytes(2 * DIRECT_READ_BYTES))], ProtocolError),
+    "a large frame of another request": (lambda rid: [
+        result(rid, (1, 2, 4)), frame("other", "t1", 0, bytes(2 * DIRECT_READ_BYTES))],
+        ProtocolError),
+    "a large frame past its tensor's bytes": (lambda rid: [
+        result(rid, (1, 2, 4)), frame(rid, "t1", 0, bytes(2 * DIRECT_READ_BYTES))],
+        FrameError),
 }
 
 
