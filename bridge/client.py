@@ -4,8 +4,10 @@ accepts back, is its :class:`~hookwire.session.ClientSession`'s (``bridge/sessio
 :class:`Connection` moves the session's bytes over a websocket and hands its events to the
 caller's callbacks.
 
-Synchronous on purpose (``websockets.sync``): hooks are traced in the user's thread and
-notebooks have their own event loop, so the client does not need one of its own.
+Synchronous on purpose: hooks are traced in the user's thread and notebooks have their own
+event loop, so the client does not need one of its own. Its websocket is
+``ws_connection.WebsocketConnection`` (websockets' protocol; large result frames read straight
+from the socket, in the caller's thread).
 """
 from __future__ import annotations
 
